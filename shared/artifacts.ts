@@ -1,0 +1,103 @@
+import { ARTIFACT_FILES, type ArtifactMetadata, artifactMetadataSchema, type ModelPointer, pointerSchema } from "./contracts/artifact.ts";
+import { parseContract, parseContractJson } from "./contracts/parse.ts";
+import { ContractError, EdgetuneError, IntegrityError, NotFoundError } from "./errors.ts";
+import { sha256Hex } from "./hash.ts";
+import { keys } from "./keys.ts";
+import type { ObjectReader, ObjectStore } from "./s3/store.ts";
+
+/**
+ * Writing and reading model artifacts per `contracts/artifact.ts`. Both the training job and the edge
+ * worker go through these functions, so "verified" means the same thing on both sides.
+ */
+
+export interface ArtifactFile {
+  path: string;
+  bytes: Uint8Array;
+}
+
+export class VersionExistsError extends EdgetuneError {
+  constructor(name: string, version: string) {
+    super("version_exists", `Model ${name} version ${version} already exists; versions are immutable.`);
+  }
+}
+
+/**
+ * Writes a new immutable version: every file, then `metadata.json` (listing their sha256) last,
+ * with a conditional put so two writers cannot both create it. Returns the metadata and its sha256.
+ */
+export async function writeArtifact(
+  store: ObjectStore,
+  metadata: Omit<ArtifactMetadata, "files">,
+  files: readonly ArtifactFile[],
+): Promise<{ metadata: ArtifactMetadata; metadataSha256: string }> {
+  const listed = await Promise.all(files.map(async (f) => ({ path: f.path, sha256: await sha256Hex(f.bytes), bytes: f.bytes.byteLength })));
+  const full = parseContract(artifactMetadataSchema, { ...metadata, files: listed }, "model metadata");
+  const metadataKey = keys.metadata(full.name, full.version);
+  if (await store.head(metadataKey)) throw new VersionExistsError(full.name, full.version);
+  for (const f of files) await store.put(keys.versionFile(full.name, full.version, f.path), f.bytes);
+  const text = `${JSON.stringify(full, null, 2)}\n`;
+  if (!(await store.putIfAbsent(metadataKey, text, "application/json"))) throw new VersionExistsError(full.name, full.version);
+  return { metadata: full, metadataSha256: await sha256Hex(text) };
+}
+
+/** Points `models/<name>/current.json` at a version. The pointer is the last write of a promotion. */
+export async function writePointer(store: ObjectStore, name: string, pointer: Omit<ModelPointer, "schemaVersion">): Promise<ModelPointer> {
+  const full = parseContract(pointerSchema, { schemaVersion: 1, ...pointer }, "model pointer");
+  await store.put(keys.pointer(name), `${JSON.stringify(full, null, 2)}\n`, "application/json");
+  return full;
+}
+
+/** The current pointer, or null when no version was ever promoted. */
+export async function readPointer(store: ObjectReader, name: string): Promise<ModelPointer | null> {
+  const bytes = await store.get(keys.pointer(name));
+  if (bytes === null) return null;
+  return parseContractJson(pointerSchema, new TextDecoder().decode(bytes), `models/${name}/current.json`);
+}
+
+/** Reads a version's metadata; if `expectedSha256` is given (from a pointer) the bytes must match it. */
+export async function readMetadata(store: ObjectReader, name: string, version: string, expectedSha256?: string): Promise<ArtifactMetadata> {
+  const key = keys.metadata(name, version);
+  const bytes = await store.get(key);
+  if (bytes === null) throw new NotFoundError(`Model ${name} has no version ${version} (${key} is missing).`);
+  if (expectedSha256) {
+    const actual = await sha256Hex(bytes);
+    if (actual !== expectedSha256) throw new IntegrityError(key, expectedSha256, actual);
+  }
+  const metadata = parseContractJson(artifactMetadataSchema, new TextDecoder().decode(bytes), key);
+  if (metadata.name !== name || metadata.version !== version) {
+    throw new ContractError(key, "version", `says ${metadata.name}/${metadata.version}, but the file sits at ${name}/${version}`);
+  }
+  return metadata;
+}
+
+/** Fetches one listed file and checks its size and sha256. */
+export async function readVerifiedFile(store: ObjectReader, metadata: ArtifactMetadata, path: string): Promise<Uint8Array> {
+  const file = metadata.files.find((f) => f.path === path);
+  if (!file) throw new NotFoundError(`${path} is not part of model ${metadata.name} version ${metadata.version}.`);
+  const key = keys.versionFile(metadata.name, metadata.version, path);
+  const bytes = await store.get(key);
+  if (bytes === null) throw new NotFoundError(`${key} is missing.`);
+  const actual = await sha256Hex(bytes);
+  if (actual !== file.sha256) throw new IntegrityError(key, file.sha256, actual);
+  return bytes;
+}
+
+export interface VerifiedModel {
+  pointer: ModelPointer;
+  metadata: ArtifactMetadata;
+  /** model.json and its weight shards, verified. */
+  files: Map<string, Uint8Array>;
+}
+
+/**
+ * Follows the pointer and returns the model files (not the reports), every byte verified against the
+ * metadata that the pointer's sha256 vouches for.
+ */
+export async function readPromotedModel(store: ObjectReader, name: string, pointer?: ModelPointer): Promise<VerifiedModel> {
+  const current = pointer ?? (await readPointer(store, name));
+  if (!current) throw new NotFoundError(`Model ${name} has no promoted version yet.`);
+  const metadata = await readMetadata(store, name, current.version, current.metadataSha256);
+  const wanted = metadata.files.filter((f) => f.path !== ARTIFACT_FILES.report && f.path !== ARTIFACT_FILES.reportHtml);
+  const entries = await Promise.all(wanted.map(async (f) => [f.path, await readVerifiedFile(store, metadata, f.path)] as const));
+  return { pointer: current, metadata, files: new Map(entries) };
+}

@@ -1,0 +1,93 @@
+import { z } from "zod";
+import { ContractError } from "../errors.ts";
+import { preprocessingSchema } from "../preprocess.ts";
+import { baseIdSchema } from "./base.ts";
+import { imageSizeSchema, nameSchema, sha256Schema, strategySchema, versionSchema } from "./common.ts";
+import { labelSchema } from "./dataset.ts";
+
+/**
+ * Model artifact contract.
+ *
+ * `models/<name>/<version>/` holds `model.json`, its weight shards, `report.json`, `report.html` and,
+ * written after all of them, `metadata.json`, which lists every other file with its sha256. Versions
+ * are immutable. `models/<name>/current.json` points at the promoted version and is written last, so
+ * a reader that follows the pointer never sees a half-written version.
+ */
+export const ARTIFACT_FILES = { model: "model.json", metadata: "metadata.json", report: "report.json", reportHtml: "report.html" } as const;
+export const POINTER_FILE = "current.json";
+
+export const artifactFileSchema = z.object({
+  path: z
+    .string()
+    .regex(/^[A-Za-z0-9._-]+$/, "must be a plain file name inside the version folder")
+    .refine((p) => p !== ARTIFACT_FILES.metadata, "cannot list metadata.json itself"),
+  sha256: sha256Schema,
+  bytes: z.number().int().min(0),
+});
+
+export const classMetricsSchema = z.object({ precision: z.number(), recall: z.number(), f1: z.number(), support: z.number().int() });
+
+export const metricsSchema = z.object({
+  accuracy: z.number().min(0).max(1),
+  /** Loss on the held-out split. */
+  loss: z.number().optional(),
+  evaluatedOn: z.number().int().min(0),
+  perClass: z.record(z.string(), classMetricsSchema).default({}),
+});
+export type Metrics = z.output<typeof metricsSchema>;
+
+export const artifactMetadataSchema = z
+  .object({
+    schemaVersion: z.literal(1),
+    name: nameSchema,
+    version: versionSchema,
+    createdAt: z.iso.datetime(),
+    /** Labels in the order of the model's output units. */
+    labels: z.array(labelSchema).min(2, "must list at least 2 labels"),
+    input: z.object({ size: imageSizeSchema, channels: z.literal(3) }),
+    preprocessing: preprocessingSchema,
+    base: z.object({ id: baseIdSchema, sha256: sha256Schema, featureLayer: z.string().min(1) }),
+    strategy: strategySchema,
+    hyperparameters: z.record(z.string(), z.union([z.string(), z.number(), z.boolean(), z.null()])),
+    dataset: z.object({
+      name: nameSchema,
+      fingerprint: sha256Schema,
+      images: z.number().int().min(0),
+      skipped: z.number().int().min(0),
+    }),
+    metrics: metricsSchema,
+    /** How the weights are stored, for people and the size budget. */
+    weights: z.object({ dtype: z.enum(["float32", "float16", "uint8"]), bytes: z.number().int().min(0) }),
+    libraries: z.record(z.string(), z.string()),
+    files: z.array(artifactFileSchema).min(2, "must list model.json and at least one weight shard"),
+  })
+  .superRefine((m, ctx) => {
+    const seen = new Set<string>();
+    m.labels.forEach((label, i) => {
+      if (seen.has(label)) ctx.addIssue({ code: "custom", path: ["labels", i], message: `must be unique ("${label}" repeats)` });
+      seen.add(label);
+    });
+    if (!m.files.some((f) => f.path === ARTIFACT_FILES.model)) {
+      ctx.addIssue({ code: "custom", path: ["files"], message: "must include model.json" });
+    }
+  });
+export type ArtifactMetadata = z.output<typeof artifactMetadataSchema>;
+
+export const pointerSchema = z.object({
+  schemaVersion: z.literal(1),
+  version: versionSchema,
+  /** sha256 of the version's metadata.json: the root of trust for everything it lists. */
+  metadataSha256: sha256Schema,
+  promotedAt: z.iso.datetime(),
+  /** The version this one replaced, for rollback and the audit trail. */
+  previous: versionSchema.nullable(),
+  reason: z.string(),
+});
+export type ModelPointer = z.output<typeof pointerSchema>;
+
+/** Checks that the files a loader is about to use are exactly the ones `metadata` lists. */
+export function assertFileListed(metadata: ArtifactMetadata, path: string): { sha256: string; bytes: number } {
+  const file = metadata.files.find((f) => f.path === path);
+  if (!file) throw new ContractError("model metadata", "files", `does not list ${path}, which model.json needs`);
+  return file;
+}

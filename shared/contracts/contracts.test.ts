@@ -1,0 +1,137 @@
+import { describe, expect, it } from "vitest";
+import { ContractError } from "../errors.ts";
+import { artifactMetadataSchema, pointerSchema } from "./artifact.ts";
+import { baseMetadataSchema } from "./base.ts";
+import { classifyDatasetKeys, manifestSchema } from "./dataset.ts";
+import { validMetadata } from "./fixtures.ts";
+import { parseContract, parseContractJson } from "./parse.ts";
+
+const sha = "a".repeat(64);
+
+function fieldOf(f: () => unknown): string {
+  try {
+    f();
+  } catch (e) {
+    if (e instanceof ContractError) return e.field;
+    throw e;
+  }
+  throw new Error("expected a ContractError");
+}
+
+describe("artifact metadata", () => {
+  it("accepts a complete record and fills defaults", () => {
+    const m = parseContract(artifactMetadataSchema, validMetadata(), "metadata");
+    expect(m.labels).toEqual(["cat", "dog"]);
+    expect(m.preprocessing.fit).toBe("center-crop");
+  });
+
+  it("names the field that is wrong", () => {
+    const missingLabels = { ...validMetadata(), labels: undefined };
+    expect(fieldOf(() => parseContract(artifactMetadataSchema, missingLabels, "metadata"))).toBe("labels");
+    const oneLabel = { ...validMetadata(), labels: ["cat"] };
+    expect(fieldOf(() => parseContract(artifactMetadataSchema, oneLabel, "metadata"))).toBe("labels");
+    const dupLabel = { ...validMetadata(), labels: ["cat", "dog", "cat"] };
+    expect(fieldOf(() => parseContract(artifactMetadataSchema, dupLabel, "metadata"))).toBe("labels.2");
+    const badSha = validMetadata();
+    (badSha.files[1] as { sha256: string }).sha256 = "xyz";
+    expect(fieldOf(() => parseContract(artifactMetadataSchema, badSha, "metadata"))).toBe("files.1.sha256");
+    const badPrep = { ...validMetadata(), preprocessing: { version: 7, normalization: "0-1" } };
+    expect(fieldOf(() => parseContract(artifactMetadataSchema, badPrep, "metadata"))).toBe("preprocessing.version");
+    const noModel = {
+      ...validMetadata(),
+      files: [
+        { path: "a.bin", sha256: sha, bytes: 1 },
+        { path: "b.bin", sha256: sha, bytes: 1 },
+      ],
+    };
+    expect(fieldOf(() => parseContract(artifactMetadataSchema, noModel, "metadata"))).toBe("files");
+    const traversal = validMetadata();
+    (traversal.files[1] as { path: string }).path = "../../other/model.json";
+    expect(fieldOf(() => parseContract(artifactMetadataSchema, traversal, "metadata"))).toBe("files.1.path");
+  });
+
+  it("says which field in its message", () => {
+    expect(() => parseContract(artifactMetadataSchema, { ...validMetadata(), input: { size: 100, channels: 3 } }, "model metadata")).toThrow(
+      /model metadata: field "input.size"/,
+    );
+    expect(() => parseContractJson(artifactMetadataSchema, '{"schemaVersion":', "metadata.json")).toThrow(/not valid JSON/);
+  });
+});
+
+describe("pointer", () => {
+  it("requires a version id and the metadata sha256", () => {
+    const ok = { schemaVersion: 1, version: "v0123456789ab", metadataSha256: sha, promotedAt: "2026-11-27T10:00:00Z", previous: null, reason: "first" };
+    expect(parseContract(pointerSchema, ok, "pointer").version).toBe("v0123456789ab");
+    expect(fieldOf(() => parseContract(pointerSchema, { ...ok, version: "latest" }, "pointer"))).toBe("version");
+    expect(fieldOf(() => parseContract(pointerSchema, { ...ok, metadataSha256: "" }, "pointer"))).toBe("metadataSha256");
+  });
+});
+
+describe("base metadata", () => {
+  it("rejects an unknown normalisation with the field name", () => {
+    const base = {
+      schemaVersion: 1,
+      id: "my-base",
+      description: "x",
+      featureLayer: "out_relu",
+      inputSize: 224,
+      normalization: "caffe",
+      licence: "MIT",
+      source: "test",
+      sha256: sha,
+      files: [
+        { path: "model.json", sha256: sha, bytes: 1 },
+        { path: "w.bin", sha256: sha, bytes: 1 },
+      ],
+    };
+    expect(fieldOf(() => parseContract(baseMetadataSchema, base, "base"))).toBe("normalization");
+    expect(parseContract(baseMetadataSchema, { ...base, normalization: "minus1-1" }, "base").id).toBe("my-base");
+  });
+});
+
+describe("dataset layout", () => {
+  it("reads folder-per-label datasets and ignores what is not an image", () => {
+    const { layout, entries } = classifyDatasetKeys([
+      "manifest.json",
+      "cats/a.jpg",
+      "cats/sub/b.PNG",
+      "dogs/c.webp",
+      "dogs/notes.txt",
+      "readme.md",
+      ".DS_Store",
+      "dogs/.hidden.jpg",
+      "__MACOSX/cats/a.jpg",
+    ]);
+    expect(layout).toBe("flat");
+    const images = entries.filter((e) => e.kind === "image");
+    expect(images.map((e) => [e.key, e.kind === "image" && e.label])).toEqual([
+      ["cats/a.jpg", "cats"],
+      ["cats/sub/b.PNG", "cats"],
+      ["dogs/c.webp", "dogs"],
+    ]);
+    expect(entries.filter((e) => e.kind === "ignored").map((e) => e.key)).toEqual([
+      "dogs/notes.txt",
+      "readme.md",
+      ".DS_Store",
+      "dogs/.hidden.jpg",
+      "__MACOSX/cats/a.jpg",
+    ]);
+  });
+
+  it("recognises the split layout, with validation as val", () => {
+    const { layout, entries } = classifyDatasetKeys(["train/ants/1.jpg", "validation/bees/2.jpg", "test/ants/3.gif", "train/x.jpg"]);
+    expect(layout).toBe("split");
+    expect(entries).toEqual([
+      { kind: "image", key: "train/ants/1.jpg", label: "ants", split: "train" },
+      { kind: "image", key: "validation/bees/2.jpg", label: "bees", split: "val" },
+      { kind: "image", key: "test/ants/3.gif", label: "ants", split: "test" },
+      { kind: "ignored", key: "train/x.jpg", reason: "not inside <split>/<label>/" },
+    ]);
+  });
+
+  it("validates manifests and fills defaults", () => {
+    expect(parseContract(manifestSchema, {}, "manifest")).toEqual({ schemaVersion: 1, ignoreLabels: [] });
+    expect(fieldOf(() => parseContract(manifestSchema, { imageSize: 100 }, "manifest"))).toBe("imageSize");
+    expect(fieldOf(() => parseContract(manifestSchema, { strategy: "all" }, "manifest"))).toBe("strategy");
+  });
+});

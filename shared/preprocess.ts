@@ -1,0 +1,162 @@
+import { z } from "zod";
+
+/**
+ * The one image preprocessing of edgetune, shared by training (Node) and serving (workerd), so both
+ * feed the model the same tensors. A model records the spec it was trained with in its metadata and
+ * the edge applies exactly that spec.
+ *
+ * Version 1: take the decoded RGB(A) pixels as they are (alpha ignored, orientation already applied by
+ * the decoder), crop the centred square (or keep the whole frame with `fit: "stretch"`), resample to
+ * `size`×`size` with a separable triangle filter whose support widens with the scale factor (bilinear
+ * with antialiasing, as Pillow and `tf.image.resize(antialias=True)` do), then normalise per the base.
+ * Bump the version when any of this changes: old models keep their version and stay reproducible.
+ */
+export const PREPROCESSING_VERSIONS = [1] as const;
+
+export const NORMALIZATIONS = {
+  /** x / 127.5 − 1: Keras MobileNetV2 and MobileNet v1 ImageNet weights. */
+  "minus1-1": { scale: 1 / 127.5, offset: -1 },
+  /** x / 255: what the nsfwjs MobileNetV2 and Darknet expect. */
+  "0-1": { scale: 1 / 255, offset: 0 },
+  /** raw 0–255 floats. */
+  "0-255": { scale: 1, offset: 0 },
+} as const;
+export type Normalization = keyof typeof NORMALIZATIONS;
+
+export const preprocessingSchema = z.object({
+  version: z.union(PREPROCESSING_VERSIONS.map((v) => z.literal(v)) as [z.ZodLiteral<1>]),
+  fit: z.enum(["center-crop", "stretch"]).default("center-crop"),
+  normalization: z.enum(Object.keys(NORMALIZATIONS) as [Normalization, ...Normalization[]]),
+});
+export type PreprocessingSpec = z.output<typeof preprocessingSchema>;
+
+/** Decoded pixels, row-major, interleaved channels (3 = RGB, 4 = RGBA). */
+export interface Pixels {
+  data: Uint8Array | Uint8ClampedArray;
+  width: number;
+  height: number;
+  channels: 3 | 4;
+}
+
+/** Returns a `size`×`size`×3 float32 tensor body (HWC) ready for the model. */
+export function preprocess(pixels: Pixels, size: number, spec: PreprocessingSpec): Float32Array {
+  const { width, height } = pixels;
+  let x0 = 0;
+  let y0 = 0;
+  let w = width;
+  let h = height;
+  if (spec.fit === "center-crop") {
+    const side = Math.min(width, height);
+    x0 = (width - side) / 2;
+    y0 = (height - side) / 2;
+    w = side;
+    h = side;
+  }
+  const horizontal = filterTaps(x0, w, width, size);
+  const vertical = filterTaps(y0, h, height, size);
+  const { scale, offset } = NORMALIZATIONS[spec.normalization];
+
+  // Horizontal pass over only the rows the vertical pass will read, into a float buffer.
+  const rowFirst = vertical.first[0] ?? 0;
+  const rowLast = (vertical.first[size - 1] ?? 0) + (vertical.count[size - 1] ?? 0);
+  const rows = rowLast - rowFirst;
+  const tmp = new Float32Array(rows * size * 3);
+  const src = pixels.data;
+  const c = pixels.channels;
+  for (let y = 0; y < rows; y++) {
+    const rowBase = (y + rowFirst) * width * c;
+    for (let ox = 0; ox < size; ox++) {
+      const first = horizontal.first[ox] as number;
+      const n = horizontal.count[ox] as number;
+      const wBase = ox * horizontal.maxTaps;
+      let r = 0;
+      let g = 0;
+      let b = 0;
+      for (let k = 0; k < n; k++) {
+        const wt = horizontal.weights[wBase + k] as number;
+        const p = rowBase + (first + k) * c;
+        r += (src[p] as number) * wt;
+        g += (src[p + 1] as number) * wt;
+        b += (src[p + 2] as number) * wt;
+      }
+      const t = (y * size + ox) * 3;
+      tmp[t] = r;
+      tmp[t + 1] = g;
+      tmp[t + 2] = b;
+    }
+  }
+  // Vertical pass, then round to 8 bits (as any image resampler does) and normalise.
+  const out = new Float32Array(size * size * 3);
+  for (let oy = 0; oy < size; oy++) {
+    const first = (vertical.first[oy] as number) - rowFirst;
+    const n = vertical.count[oy] as number;
+    const wBase = oy * vertical.maxTaps;
+    for (let ox = 0; ox < size; ox++) {
+      let r = 0;
+      let g = 0;
+      let b = 0;
+      for (let k = 0; k < n; k++) {
+        const wt = vertical.weights[wBase + k] as number;
+        const t = ((first + k) * size + ox) * 3;
+        r += (tmp[t] as number) * wt;
+        g += (tmp[t + 1] as number) * wt;
+        b += (tmp[t + 2] as number) * wt;
+      }
+      const o = (oy * size + ox) * 3;
+      out[o] = clampByte(r) * scale + offset;
+      out[o + 1] = clampByte(g) * scale + offset;
+      out[o + 2] = clampByte(b) * scale + offset;
+    }
+  }
+  return out;
+}
+
+function clampByte(v: number): number {
+  const r = Math.round(v);
+  return r < 0 ? 0 : r > 255 ? 255 : r;
+}
+
+interface Taps {
+  first: Int32Array;
+  count: Int32Array;
+  weights: Float32Array;
+  maxTaps: number;
+}
+
+/**
+ * Filter taps mapping the source span [start, start + span) of an axis of length `length` onto `out`
+ * samples: a triangle filter, widened by the scale factor when shrinking (antialiasing), with
+ * pixel centres at +0.5 and edge pixels clamped.
+ */
+function filterTaps(start: number, span: number, length: number, out: number): Taps {
+  const scale = span / out;
+  const support = Math.max(scale, 1);
+  const maxTaps = Math.ceil(support) * 2 + 1;
+  const first = new Int32Array(out);
+  const count = new Int32Array(out);
+  const weights = new Float32Array(out * maxTaps);
+  for (let i = 0; i < out; i++) {
+    const centre = start + (i + 0.5) * scale;
+    const lo = Math.max(0, Math.floor(centre - support));
+    const hi = Math.min(length, Math.ceil(centre + support));
+    let total = 0;
+    let n = 0;
+    for (let j = lo; j < hi && n < maxTaps; j++) {
+      const wt = Math.max(0, 1 - Math.abs((j + 0.5 - centre) / support));
+      weights[i * maxTaps + n] = wt;
+      total += wt;
+      n++;
+    }
+    if (total === 0) {
+      // Degenerate span (a 1-pixel axis): take the nearest pixel.
+      weights[i * maxTaps] = 1;
+      first[i] = Math.min(length - 1, Math.max(0, Math.floor(centre)));
+      count[i] = 1;
+      continue;
+    }
+    for (let k = 0; k < n; k++) weights[i * maxTaps + k] = (weights[i * maxTaps + k] as number) / total;
+    first[i] = lo;
+    count[i] = n;
+  }
+  return { first, count, weights, maxTaps };
+}

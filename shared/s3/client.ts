@@ -1,0 +1,134 @@
+import {
+  DeleteObjectsCommand,
+  GetObjectCommand,
+  HeadObjectCommand,
+  ListObjectsV2Command,
+  type ListObjectsV2CommandOutput,
+  NoSuchKey,
+  NotFound,
+  PutObjectCommand,
+  S3Client,
+  S3ServiceException,
+} from "@aws-sdk/client-s3";
+import { EdgetuneError } from "../errors.ts";
+import type { S3Config } from "./config.ts";
+import type { ObjectStore } from "./store.ts";
+
+/** An S3 failure that survived the SDK's retries (network down, access denied, bucket missing). */
+export class StorageError extends EdgetuneError {
+  constructor(operation: string, key: string, cause: unknown) {
+    const detail =
+      cause instanceof S3ServiceException
+        ? `${cause.name} (HTTP ${cause.$metadata.httpStatusCode ?? "?"})`
+        : cause instanceof Error
+          ? cause.message
+          : String(cause);
+    super("storage_error", `S3 ${operation} of ${key} failed: ${detail}`, { cause });
+  }
+}
+
+/** The S3 client for a configuration; retries transient faults with exponential backoff (SDK standard mode). */
+export function createS3Client(config: S3Config): S3Client {
+  return new S3Client({
+    region: config.region,
+    endpoint: config.endpoint,
+    forcePathStyle: config.forcePathStyle,
+    credentials: config.credentials,
+    maxAttempts: 5,
+    retryMode: "standard",
+  });
+}
+
+/** `ObjectStore` over one bucket. */
+export class S3ObjectStore implements ObjectStore {
+  readonly client: S3Client;
+  readonly bucket: string;
+
+  constructor(config: S3Config, client: S3Client = createS3Client(config)) {
+    this.client = client;
+    this.bucket = config.bucket;
+  }
+
+  async get(key: string): Promise<Uint8Array | null> {
+    try {
+      const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: key }));
+      if (!res.Body) return new Uint8Array();
+      return await res.Body.transformToByteArray();
+    } catch (e) {
+      if (e instanceof NoSuchKey || isStatus(e, 404)) return null;
+      throw new StorageError("GET", key, e);
+    }
+  }
+
+  async put(key: string, body: Uint8Array | string, contentType?: string): Promise<{ etag: string }> {
+    try {
+      const res = await this.client.send(
+        new PutObjectCommand({ Bucket: this.bucket, Key: key, Body: body, ContentType: contentType ?? guessContentType(key) }),
+      );
+      return { etag: res.ETag ?? "" };
+    } catch (e) {
+      throw new StorageError("PUT", key, e);
+    }
+  }
+
+  async putIfAbsent(key: string, body: Uint8Array | string, contentType?: string): Promise<boolean> {
+    // S3 conditional writes. Emulators that ignore the header are covered by the HEAD check before it.
+    if (await this.head(key)) return false;
+    try {
+      await this.client.send(
+        new PutObjectCommand({ Bucket: this.bucket, Key: key, Body: body, ContentType: contentType ?? guessContentType(key), IfNoneMatch: "*" }),
+      );
+      return true;
+    } catch (e) {
+      if (isStatus(e, 412) || isStatus(e, 409)) return false;
+      throw new StorageError("PUT", key, e);
+    }
+  }
+
+  async head(key: string): Promise<{ etag: string; size: number } | null> {
+    try {
+      const res = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: key }));
+      return { etag: res.ETag ?? "", size: res.ContentLength ?? 0 };
+    } catch (e) {
+      if (e instanceof NotFound || isStatus(e, 404)) return null;
+      throw new StorageError("HEAD", key, e);
+    }
+  }
+
+  async *list(prefix: string): AsyncIterable<{ key: string; etag: string; size: number }> {
+    let token: string | undefined;
+    do {
+      let res: ListObjectsV2CommandOutput;
+      try {
+        res = await this.client.send(new ListObjectsV2Command({ Bucket: this.bucket, Prefix: prefix, ContinuationToken: token }));
+      } catch (e) {
+        throw new StorageError("LIST", prefix, e);
+      }
+      for (const o of res.Contents ?? []) {
+        if (o.Key) yield { key: o.Key, etag: o.ETag ?? "", size: o.Size ?? 0 };
+      }
+      token = res.IsTruncated ? res.NextContinuationToken : undefined;
+    } while (token);
+  }
+
+  async delete(keys: string[]): Promise<void> {
+    for (let i = 0; i < keys.length; i += 1000) {
+      const chunk = keys.slice(i, i + 1000);
+      try {
+        await this.client.send(new DeleteObjectsCommand({ Bucket: this.bucket, Delete: { Objects: chunk.map((Key) => ({ Key })), Quiet: true } }));
+      } catch (e) {
+        throw new StorageError("DELETE", chunk[0] ?? "", e);
+      }
+    }
+  }
+}
+
+function isStatus(e: unknown, status: number): boolean {
+  return e instanceof S3ServiceException && e.$metadata.httpStatusCode === status;
+}
+
+function guessContentType(key: string): string {
+  if (key.endsWith(".json")) return "application/json";
+  if (key.endsWith(".html")) return "text/html; charset=utf-8";
+  return "application/octet-stream";
+}

@@ -1,0 +1,23 @@
+/**
+ * The narrow view of object storage that the contracts need. The training job implements it with
+ * `@aws-sdk/client-s3` (`shared/s3/client.ts`), the edge worker with signed `fetch` (aws4fetch).
+ */
+export interface ObjectReader {
+  /** The object's bytes, or null if there is no such key. */
+  get(key: string): Promise<Uint8Array | null>;
+}
+
+export interface ObjectStore extends ObjectReader {
+  put(key: string, body: Uint8Array | string, contentType?: string): Promise<{ etag: string }>;
+  /** Writes only if the key does not exist yet; returns false if it did (S3 `If-None-Match: *`). */
+  putIfAbsent(key: string, body: Uint8Array | string, contentType?: string): Promise<boolean>;
+  head(key: string): Promise<{ etag: string; size: number } | null>;
+  /** Every key under `prefix`, in lexical order, with its ETag and size. */
+  list(prefix: string): AsyncIterable<{ key: string; etag: string; size: number }>;
+  delete(keys: string[]): Promise<void>;
+}
+
+export async function getText(store: ObjectReader, key: string): Promise<string | null> {
+  const bytes = await store.get(key);
+  return bytes === null ? null : new TextDecoder().decode(bytes);
+}
