@@ -38,14 +38,22 @@ export interface Pixels {
   channels: 3 | 4;
 }
 
+/** Training-time augmentation hooks: a source rectangle instead of `fit`, and a mirror image. */
+export interface PreprocessOptions {
+  region?: { x: number; y: number; width: number; height: number };
+  flip?: boolean;
+}
+
 /** Returns a `size`×`size`×3 float32 tensor body (HWC) ready for the model. */
-export function preprocess(pixels: Pixels, size: number, spec: PreprocessingSpec): Float32Array {
+export function preprocess(pixels: Pixels, size: number, spec: PreprocessingSpec, options: PreprocessOptions = {}): Float32Array {
   const { width, height } = pixels;
   let x0 = 0;
   let y0 = 0;
   let w = width;
   let h = height;
-  if (spec.fit === "center-crop") {
+  if (options.region) {
+    ({ x: x0, y: y0, width: w, height: h } = options.region);
+  } else if (spec.fit === "center-crop") {
     const side = Math.min(width, height);
     x0 = (width - side) / 2;
     y0 = (height - side) / 2;
@@ -102,7 +110,7 @@ export function preprocess(pixels: Pixels, size: number, spec: PreprocessingSpec
         g += (tmp[t + 1] as number) * wt;
         b += (tmp[t + 2] as number) * wt;
       }
-      const o = (oy * size + ox) * 3;
+      const o = (oy * size + (options.flip ? size - 1 - ox : ox)) * 3;
       out[o] = clampByte(r) * scale + offset;
       out[o + 1] = clampByte(g) * scale + offset;
       out[o + 2] = clampByte(b) * scale + offset;

@@ -1,0 +1,69 @@
+import * as tf from "@tensorflow/tfjs";
+import { encodeWeights, type SavedModel, saveToMemory, type WeightDtype } from "./weights.ts";
+
+/**
+ * tfjs LayersModel files (`model.json` + one weight shard) in memory, and back. Edgetune writes a
+ * single shard per model: S3 and the edge fetch one object faster than many small ones.
+ */
+export const WEIGHTS_FILE = "group1-shard1of1.bin";
+
+export interface ModelFiles {
+  modelJson: Uint8Array;
+  weights: Uint8Array;
+}
+
+interface ModelJson {
+  modelTopology: { model_config?: { config: KerasConfig }; config?: KerasConfig } & Record<string, unknown>;
+  weightsManifest: { paths: string[]; weights: tf.io.WeightsManifestEntry[] }[];
+  format?: string;
+  generatedBy?: string;
+  convertedBy?: string | null;
+}
+interface KerasConfig {
+  layers: { class_name: string; config: Record<string, unknown> }[];
+}
+
+export async function modelToFiles(model: tf.LayersModel, dtype: WeightDtype): Promise<ModelFiles> {
+  return savedToFiles(await saveToMemory(model), dtype);
+}
+
+export function savedToFiles(saved: SavedModel, dtype: WeightDtype): ModelFiles {
+  const { specs, data } = encodeWeights(saved.weightSpecs, saved.weightData, dtype);
+  const json: ModelJson = {
+    format: saved.format ?? "layers-model",
+    generatedBy: saved.generatedBy,
+    convertedBy: "edgetune",
+    modelTopology: saved.modelTopology as ModelJson["modelTopology"],
+    weightsManifest: [{ paths: [WEIGHTS_FILE], weights: specs }],
+  };
+  return { modelJson: new TextEncoder().encode(JSON.stringify(json)), weights: new Uint8Array(data) };
+}
+
+/**
+ * Loads model files, optionally fixing the input to `size`×`size` (convolutional bases run at any
+ * size; the weights do not depend on it). Weight shards are looked up by path in `shards`.
+ */
+export async function loadModel(modelJsonBytes: Uint8Array, shards: Map<string, Uint8Array>, size?: number): Promise<tf.LayersModel> {
+  const json = JSON.parse(new TextDecoder().decode(modelJsonBytes)) as ModelJson;
+  if (size !== undefined) setInputSize(json, size);
+  const specs: tf.io.WeightsManifestEntry[] = [];
+  const buffers: ArrayBuffer[] = [];
+  for (const group of json.weightsManifest) {
+    specs.push(...group.weights);
+    for (const path of group.paths) {
+      const bytes = shards.get(path);
+      if (!bytes) throw new Error(`weight shard ${path} is missing`);
+      buffers.push(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength) as ArrayBuffer);
+    }
+  }
+  return tf.loadLayersModel(tf.io.fromMemory({ modelTopology: json.modelTopology, weightSpecs: specs, weightData: tf.io.CompositeArrayBuffer.join(buffers) }));
+}
+
+function setInputSize(json: ModelJson, size: number): void {
+  const config = json.modelTopology.model_config?.config ?? json.modelTopology.config;
+  const inputs = config?.layers.filter((l) => l.class_name === "InputLayer") ?? [];
+  if (inputs.length !== 1) throw new Error(`expected one InputLayer, found ${inputs.length}`);
+  const c = (inputs[0] as { config: Record<string, unknown> }).config;
+  const key = "batch_input_shape" in c ? "batch_input_shape" : "batch_shape";
+  c[key] = [null, size, size, 3];
+}

@@ -1,0 +1,127 @@
+import * as tf from "@tensorflow/tfjs";
+
+/**
+ * Weight (de)serialisation: tfjs writes only float32 weights; edgetune exports float16 (half the
+ * bytes, predictions unchanged within 0.005, see ARCHITECTURE.md) or affine uint8 per tensor. Readers
+ * need nothing special: tfjs-core's `decodeWeights` understands both `quantization` entries.
+ * Written here because tfjs has no writer (only the Python converter quantizes); tested against
+ * tfjs's own decoder in weights.test.ts.
+ */
+export type WeightDtype = "float32" | "float16" | "uint8";
+
+export interface SavedModel {
+  /** model.json without `weightsManifest`. */
+  modelTopology: object;
+  format?: string;
+  generatedBy?: string;
+  convertedBy?: string | null;
+  weightSpecs: tf.io.WeightsManifestEntry[];
+  weightData: ArrayBuffer;
+}
+
+/** Captures a LayersModel's artifacts in memory (float32). */
+export async function saveToMemory(model: tf.LayersModel): Promise<SavedModel> {
+  let saved: SavedModel | undefined;
+  await model.save(
+    tf.io.withSaveHandler(async (artifacts) => {
+      const data = artifacts.weightData;
+      saved = {
+        modelTopology: artifacts.modelTopology as object,
+        format: artifacts.format,
+        generatedBy: artifacts.generatedBy,
+        convertedBy: artifacts.convertedBy ?? null,
+        weightSpecs: artifacts.weightSpecs ?? [],
+        weightData: data instanceof ArrayBuffer ? data : tf.io.CompositeArrayBuffer.join(data ?? []),
+      };
+      return { modelArtifactsInfo: { dateSaved: new Date(), modelTopologyType: "JSON" } };
+    }),
+  );
+  if (!saved) throw new Error("model.save produced no artifacts");
+  return saved;
+}
+
+/** Re-encodes float32 weights as `dtype`. Non-float32 tensors (int32 etc.) are kept as they are. */
+export function encodeWeights(specs: tf.io.WeightsManifestEntry[], data: ArrayBuffer, dtype: WeightDtype): { specs: tf.io.WeightsManifestEntry[]; data: ArrayBuffer } {
+  const decoded = tf.io.decodeWeights(data, specs);
+  const outSpecs: tf.io.WeightsManifestEntry[] = [];
+  const chunks: Uint8Array[] = [];
+  for (const spec of specs) {
+    const t = decoded[spec.name] as tf.Tensor;
+    const values = t.dataSync();
+    t.dispose();
+    const base = { name: spec.name, shape: spec.shape, dtype: spec.dtype };
+    if (spec.dtype !== "float32" || dtype === "float32") {
+      outSpecs.push(base);
+      chunks.push(new Uint8Array(values.buffer.slice(values.byteOffset, values.byteOffset + values.byteLength)));
+    } else if (dtype === "float16") {
+      const half = new Uint16Array(values.length);
+      for (let i = 0; i < values.length; i++) half[i] = toHalf(values[i] as number);
+      outSpecs.push({ ...base, quantization: { dtype: "float16" } });
+      chunks.push(new Uint8Array(half.buffer));
+    } else {
+      let min = Number.POSITIVE_INFINITY;
+      let max = Number.NEGATIVE_INFINITY;
+      for (const v of values as Float32Array) {
+        if (v < min) min = v;
+        if (v > max) max = v;
+      }
+      const scale = max > min ? (max - min) / 255 : 1;
+      const q = new Uint8Array(values.length);
+      for (let i = 0; i < values.length; i++) q[i] = Math.round(((values[i] as number) - min) / scale);
+      outSpecs.push({ ...base, quantization: { dtype: "uint8", min, scale } });
+      chunks.push(q);
+    }
+  }
+  return { specs: outSpecs, data: concat(chunks) };
+}
+
+function concat(chunks: Uint8Array[]): ArrayBuffer {
+  const total = chunks.reduce((n, c) => n + c.byteLength, 0);
+  const out = new Uint8Array(total);
+  let offset = 0;
+  for (const c of chunks) {
+    out.set(c, offset);
+    offset += c.byteLength;
+  }
+  return out.buffer;
+}
+
+const f32 = new Float32Array(1);
+const u32 = new Uint32Array(f32.buffer);
+
+/** IEEE 754 binary32 → binary16 bits, round to nearest even, with subnormals, ±Inf and NaN. */
+export function toHalf(value: number): number {
+  f32[0] = value;
+  const x = u32[0] as number;
+  const sign = (x >>> 16) & 0x8000;
+  const exp = (x >>> 23) & 0xff;
+  let mant = x & 0x7fffff;
+  if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0);
+  let e = exp - 127 + 15;
+  if (e >= 0x1f) return sign | 0x7c00;
+  if (e <= 0) {
+    if (e < -10) return sign;
+    mant |= 0x800000;
+    const shift = 14 - e;
+    let half = mant >>> shift;
+    const rem = mant & ((1 << shift) - 1);
+    const mid = 1 << (shift - 1);
+    if (rem > mid || (rem === mid && half & 1)) half++;
+    return sign | half;
+  }
+  let half = (e << 10) | (mant >>> 13);
+  const rem = mant & 0x1fff;
+  if (rem > 0x1000 || (rem === 0x1000 && half & 1)) half++;
+  e = half >>> 10;
+  return sign | half;
+}
+
+/** binary16 bits → number. */
+export function fromHalf(h: number): number {
+  const sign = h & 0x8000 ? -1 : 1;
+  const exp = (h >>> 10) & 0x1f;
+  const mant = h & 0x3ff;
+  if (exp === 0) return sign * mant * 2 ** -24;
+  if (exp === 0x1f) return mant ? Number.NaN : sign * Number.POSITIVE_INFINITY;
+  return sign * (1 + mant / 1024) * 2 ** (exp - 15);
+}
