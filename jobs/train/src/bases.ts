@@ -134,7 +134,8 @@ export async function loadBase(store: ObjectStore, metadata: BaseMetadata, size:
     if (actual !== f.sha256) throw new IntegrityError(key, f.sha256, actual);
     shards.set(f.path, bytes);
   }
-  return loadModel(shards.get("model.json") as Uint8Array, shards, size);
+  // BatchNorm folded into the convolutions: same function, faster, and frozen BN for fine-tuning.
+  return loadModel(shards.get("model.json") as Uint8Array, shards, size, { foldBatchNorm: true });
 }
 
 async function loadSource(source: ModelSource): Promise<tf.LayersModel> {

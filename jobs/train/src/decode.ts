@@ -1,4 +1,4 @@
-import sharp from "sharp";
+import sharp, { type Metadata } from "sharp";
 import { EdgetuneError } from "../../../shared/errors.ts";
 import type { Pixels } from "../../../shared/preprocess.ts";
 
@@ -21,7 +21,7 @@ const FORMATS = new Set(["jpeg", "png", "webp", "gif"]);
 export async function decodeImage(bytes: Uint8Array): Promise<Pixels> {
   if (bytes.byteLength === 0) throw new ImageDecodeError("empty file");
   if (bytes.byteLength > MAX_IMAGE_BYTES) throw new ImageDecodeError(`file is larger than ${MAX_IMAGE_BYTES / 1024 / 1024} MiB`);
-  let meta: sharp.Metadata;
+  let meta: Metadata;
   try {
     meta = await sharp(bytes, { limitInputPixels: false }).metadata();
   } catch {

@@ -37,7 +37,10 @@ const FETCH_CONCURRENCY = 8;
 const BATCH = 32;
 
 export async function cacheKeyOf(spec: ExtractorSpec): Promise<string> {
-  return (await sha256Hex(JSON.stringify({ v: 1, ...spec, augment: spec.views > 1 ? "crop-flip-v1" : "none" }))).slice(0, 24);
+  // `views` is not part of the key: entries are per (image, view), so a run that wants fewer views
+  // reuses the packs of one that wanted more.
+  const { views: _views, ...identity } = spec;
+  return (await sha256Hex(JSON.stringify({ v: 1, ...identity, augment: "crop-flip-v1" }))).slice(0, 24);
 }
 
 export async function extractFeatures(

@@ -1,4 +1,5 @@
 import * as tf from "@tensorflow/tfjs";
+import { foldBatchNorm } from "./fold.ts";
 import { encodeWeights, type SavedModel, saveToMemory, type WeightDtype } from "./weights.ts";
 
 /**
@@ -43,7 +44,12 @@ export function savedToFiles(saved: SavedModel, dtype: WeightDtype): ModelFiles 
  * Loads model files, optionally fixing the input to `size`×`size` (convolutional bases run at any
  * size; the weights do not depend on it). Weight shards are looked up by path in `shards`.
  */
-export async function loadModel(modelJsonBytes: Uint8Array, shards: Map<string, Uint8Array>, size?: number): Promise<tf.LayersModel> {
+export async function loadModel(
+  modelJsonBytes: Uint8Array,
+  shards: Map<string, Uint8Array>,
+  size?: number,
+  options: { foldBatchNorm?: boolean } = {},
+): Promise<tf.LayersModel> {
   const json = JSON.parse(new TextDecoder().decode(modelJsonBytes)) as ModelJson;
   if (size !== undefined) setInputSize(json, size);
   const specs: tf.io.WeightsManifestEntry[] = [];
@@ -56,7 +62,15 @@ export async function loadModel(modelJsonBytes: Uint8Array, shards: Map<string, 
       buffers.push(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength) as ArrayBuffer);
     }
   }
-  return tf.loadLayersModel(tf.io.fromMemory({ modelTopology: json.modelTopology, weightSpecs: specs, weightData: tf.io.CompositeArrayBuffer.join(buffers) }));
+  const weightData = tf.io.CompositeArrayBuffer.join(buffers);
+  if (!options.foldBatchNorm) return tf.loadLayersModel(tf.io.fromMemory({ modelTopology: json.modelTopology, weightSpecs: specs, weightData }));
+  const config = (json.modelTopology.model_config?.config ?? json.modelTopology.config) as unknown as Parameters<typeof foldBatchNorm>[0];
+  const decoded = tf.io.decodeWeights(weightData, specs);
+  const folded = foldBatchNorm(config, decoded);
+  config.layers = folded.layers;
+  const encoded = await tf.io.encodeWeights(folded.weights);
+  for (const t of new Set([...Object.values(decoded), ...Object.values(folded.weights)])) t.dispose();
+  return tf.loadLayersModel(tf.io.fromMemory({ modelTopology: json.modelTopology, weightSpecs: encoded.specs, weightData: encoded.data }));
 }
 
 function setInputSize(json: ModelJson, size: number): void {

@@ -8,7 +8,8 @@ beforeAll(async () => {
   await initBackend({ EDGETUNE_BACKEND: "wasm" });
 });
 
-type Case = { name: string; x: number[]; w: number[]; stride: number; pad: "same" | "valid"; depthwise: boolean };
+type Shape4 = [number, number, number, number];
+type Case = { name: string; x: Shape4; w: Shape4; stride: number; pad: "same" | "valid"; depthwise: boolean };
 const cases: Case[] = [
   { name: "1×1 conv (MobileNet expand/project)", x: [2, 5, 5, 8], w: [1, 1, 8, 6], stride: 1, pad: "valid", depthwise: false },
   { name: "3×3 conv, stride 2, same", x: [2, 7, 6, 3], w: [3, 3, 3, 4], stride: 2, pad: "same", depthwise: false },

@@ -1,0 +1,82 @@
+import { z } from "zod";
+import { IMAGE_SIZES, imageSizeSchema, nameSchema, STRATEGIES, strategySchema } from "../../../shared/contracts/common.ts";
+import type { DatasetManifest } from "../../../shared/contracts/dataset.ts";
+import { parseContract } from "../../../shared/contracts/parse.ts";
+import { InvalidOptionError } from "../../../shared/errors.ts";
+import { sha256Hex } from "../../../shared/hash.ts";
+import { DEFAULT_BASE } from "./bases.ts";
+
+/**
+ * Training options, with the defaults a user gets when they only name a dataset. Precedence:
+ * command-line flags (or the JSON config) > the dataset's manifest.json > these defaults.
+ */
+export const trainOptionsSchema = z.object({
+  dataset: nameSchema,
+  /** Model name to write; defaults to the manifest's `model` or the dataset name. */
+  model: nameSchema.optional(),
+  base: z.string().default(DEFAULT_BASE),
+  strategy: strategySchema.default("head"),
+  /** 160 px: ≈ 2× faster than 224 at the edge for about a point of accuracy. */
+  imageSize: imageSizeSchema.default(160),
+  seed: z.number().int().min(0).default(42),
+  valFraction: z.number().gt(0).lt(1).default(0.2),
+  /** Augmented views per training image (1 = none). */
+  views: z.number().int().min(1).max(16).default(3),
+  head: z
+    .object({
+      units: z.number().int().min(0).max(4096).default(0),
+      dropout: z.number().min(0).lt(1).default(0.2),
+      learningRate: z.number().gt(0).max(1).default(1e-3),
+      epochs: z.number().int().min(1).max(500).default(30),
+      batchSize: z.number().int().min(1).max(4096).default(32),
+      l2: z.number().min(0).default(1e-4),
+    })
+    .prefault({}),
+  fineTune: z
+    .object({
+      /** Layer whose output is cached; everything above it (to the feature layer) is retrained. Default: the base's. */
+      from: z.string().optional(),
+      learningRate: z.number().gt(0).max(0.01).default(5e-5),
+      epochs: z.number().int().min(1).max(200).default(8),
+      batchSize: z.number().int().min(1).max(512).default(16),
+    })
+    .prefault({}),
+  weights: z.enum(["float16", "uint8", "float32"]).default("float16"),
+  /** Promote only if accuracy ≥ current − tolerance on the same held-out images. */
+  promotionTolerance: z.number().min(0).max(1).default(0.01),
+  /** Train even if this exact version exists. */
+  force: z.boolean().default(false),
+});
+export type TrainOptions = z.output<typeof trainOptionsSchema>;
+export type TrainInput = z.input<typeof trainOptionsSchema>;
+
+/** Validates options; rejects unknown enum values with the list of valid ones. */
+export function resolveOptions(input: TrainInput, manifest?: DatasetManifest): TrainOptions {
+  const fromManifest: Partial<TrainInput> = {};
+  if (manifest?.base) fromManifest.base = manifest.base;
+  if (manifest?.strategy) fromManifest.strategy = manifest.strategy;
+  if (manifest?.imageSize) fromManifest.imageSize = manifest.imageSize;
+  if (manifest?.epochs) fromManifest.head = { epochs: manifest.epochs };
+  if (manifest?.model) fromManifest.model = manifest.model;
+  const merged = { ...fromManifest, ...stripUndefined(input), head: { ...fromManifest.head, ...stripUndefined(input.head ?? {}) } };
+  if (merged.strategy !== undefined && !(STRATEGIES as readonly string[]).includes(merged.strategy)) throw new InvalidOptionError("strategy", merged.strategy, STRATEGIES);
+  if (merged.imageSize !== undefined && !(IMAGE_SIZES as readonly number[]).includes(merged.imageSize)) throw new InvalidOptionError("image size", merged.imageSize, IMAGE_SIZES);
+  return parseContract(trainOptionsSchema, merged, "training options");
+}
+
+function stripUndefined<T extends object>(o: T): Partial<T> {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
+}
+
+/** Bump when training code changes what a given dataset + config produces. */
+export const TRAINER_VERSION = 1;
+
+/**
+ * The version id: a function of the data, the options that shape the model and the base weights.
+ * The same dataset fingerprint and config give the same id, so a duplicate trigger finds the version
+ * already written and does nothing.
+ */
+export async function versionId(options: TrainOptions, datasetFingerprint: string, baseSha256: string): Promise<string> {
+  const { force: _force, promotionTolerance: _tol, dataset: _dataset, ...shaping } = options;
+  return `v${(await sha256Hex(JSON.stringify({ TRAINER_VERSION, shaping, datasetFingerprint, baseSha256 }))).slice(0, 12)}`;
+}
