@@ -32,7 +32,8 @@ export interface Features {
   stats: { cached: number; computed: number; failed: number; packsRead: number; packsWritten: number; seconds: number };
 }
 
-export const PACK_IMAGES = 256;
+/** Images per pack (and so per checkpoint). EDGETUNE_PACK_IMAGES overrides it, for tests of resuming. */
+export const PACK_IMAGES = Number(process.env.EDGETUNE_PACK_IMAGES) || 256;
 const FETCH_CONCURRENCY = 8;
 const BATCH = 32;
 

@@ -1,0 +1,191 @@
+#!/usr/bin/env node
+/**
+ * `edgetune`: the one command line for training and for managing datasets and models. The local
+ * stack, the tests and the AWS Batch container all run training through `edgetune train`.
+ * S3 comes from the environment (EDGETUNE_BUCKET, AWS_REGION, EDGETUNE_S3_ENDPOINT, AWS_*), or
+ * --bucket / --endpoint.
+ */
+import { readFile } from "node:fs/promises";
+import { Command, InvalidArgumentError, Option } from "commander";
+import { IMAGE_SIZES, STRATEGIES } from "../../shared/contracts/common.ts";
+import { InvalidOptionError, userMessage } from "../../shared/errors.ts";
+import { NORMALIZATIONS, type Normalization } from "../../shared/preprocess.ts";
+import { S3ObjectStore } from "../../shared/s3/client.ts";
+import { s3ConfigFromEnv } from "../../shared/s3/config.ts";
+import { DEFAULT_BASE, importBase, KNOWN_BASES, type ModelSource } from "./src/bases.ts";
+import type { TrainInput } from "./src/config.ts";
+import { listDatasets, listModels, listVersions, pushDataset, rollback } from "./src/datasets-admin.ts";
+import { createLogger } from "./src/log.ts";
+
+const int = (name: string) => (v: string) => {
+  const n = Number(v);
+  if (!Number.isInteger(n)) throw new InvalidArgumentError(`${name} must be a whole number`);
+  return n;
+};
+const num = (name: string) => (v: string) => {
+  const n = Number(v);
+  if (!Number.isFinite(n)) throw new InvalidArgumentError(`${name} must be a number`);
+  return n;
+};
+
+function storeFrom(opts: { bucket?: string; endpoint?: string }): S3ObjectStore {
+  const overrides: Record<string, unknown> = {};
+  if (opts.bucket) overrides.bucket = opts.bucket;
+  if (opts.endpoint) Object.assign(overrides, { endpoint: opts.endpoint, forcePathStyle: true });
+  return new S3ObjectStore(s3ConfigFromEnv(process.env, overrides));
+}
+
+/** `name`, or `s3://bucket/datasets/name/` (which also sets the bucket). */
+function datasetRef(value: string, opts: { bucket?: string }): string {
+  const m = /^s3:\/\/([^/]+)\/datasets\/([^/]+)\/?$/.exec(value);
+  if (m) {
+    opts.bucket = m[1];
+    return m[2] as string;
+  }
+  if (value.startsWith("s3://")) throw new InvalidArgumentError("expected s3://<bucket>/datasets/<name>/");
+  return value;
+}
+
+const program = new Command("edgetune")
+  .description("Transfer learning for image classifiers: S3 dataset in, tfjs model out, served at the edge.")
+  .option("--bucket <name>", "S3 bucket (default: $EDGETUNE_BUCKET)")
+  .option("--endpoint <url>", "S3 endpoint for S3-compatible servers (default: $EDGETUNE_S3_ENDPOINT)")
+  .showHelpAfterError("(run with --help for usage)");
+
+program
+  .command("train")
+  .description("Train a classifier on a dataset, evaluate it, export it and promote it if it is not worse than the current one.")
+  .requiredOption("--dataset <name|s3-url>", "dataset name or s3://bucket/datasets/<name>/")
+  .option("--model <name>", "model to write (default: the dataset name)")
+  .option("--base <id>", `base model: ${KNOWN_BASES.map((b) => b.id).join(", ")} or an imported id (default ${DEFAULT_BASE})`)
+  .addOption(new Option("--strategy <strategy>", "head: frozen base + new dense head; finetune: then retrain the top blocks at a small learning rate").choices(STRATEGIES))
+  .addOption(new Option("--image-size <px>", "input size").choices(IMAGE_SIZES.map(String)).argParser(Number))
+  .option("--epochs <n>", "head epochs (default 30)", int("epochs"))
+  .option("--fine-tune-epochs <n>", "fine-tuning epochs (default 8)", int("fine-tune-epochs"))
+  .option("--fine-tune-from <layer>", "layer whose output is cached; everything above it is retrained (default: the base's)")
+  .option("--learning-rate <lr>", "head learning rate (default 0.001)", num("learning-rate"))
+  .option("--fine-tune-learning-rate <lr>", "fine-tuning learning rate (default 0.00005)", num("fine-tune-learning-rate"))
+  .option("--units <n>", "hidden units in the head, 0 for none (default 0)", int("units"))
+  .option("--dropout <rate>", "head dropout (default 0.2)", num("dropout"))
+  .option("--views <n>", "augmented views per training image, 1 for none (default 3)", int("views"))
+  .option("--seed <n>", "seed for splits, initialisation and augmentation (default 42)", int("seed"))
+  .addOption(new Option("--weights <dtype>", "exported weight type; uint8 falls back to float16 if it changes a held-out prediction").choices(["float16", "uint8", "float32"]))
+  .option("--promotion-tolerance <fraction>", "promote if accuracy >= current - tolerance (default 0.01)", num("promotion-tolerance"))
+  .option("--force", "train even if this dataset + config was already trained")
+  .option("--config <file>", "JSON file with the same options (flags win)")
+  .option("--json", "JSON log lines even on a terminal")
+  .action(async (o: Record<string, string | number | boolean | undefined>, cmd: Command) => {
+    const globals = cmd.optsWithGlobals() as { bucket?: string; endpoint?: string };
+    const fromFile = o.config ? (JSON.parse(await readFile(String(o.config), "utf8")) as Partial<TrainInput>) : {};
+    const input: TrainInput = {
+      ...fromFile,
+      dataset: datasetRef(String(o.dataset), globals),
+      model: o.model as string | undefined,
+      base: o.base as string | undefined,
+      strategy: o.strategy as TrainInput["strategy"],
+      imageSize: o.imageSize as TrainInput["imageSize"],
+      seed: o.seed as number | undefined,
+      views: o.views as number | undefined,
+      weights: o.weights as TrainInput["weights"],
+      promotionTolerance: o.promotionTolerance as number | undefined,
+      force: o.force === true ? true : undefined,
+      head: { ...fromFile.head, epochs: o.epochs as number | undefined, learningRate: o.learningRate as number | undefined, units: o.units as number | undefined, dropout: o.dropout as number | undefined },
+      fineTune: { ...fromFile.fineTune, epochs: o.fineTuneEpochs as number | undefined, learningRate: o.fineTuneLearningRate as number | undefined, from: o.fineTuneFrom as string | undefined },
+    };
+    const { train } = await import("./src/train.ts");
+    const result = await train(storeFrom(globals), clean(input), createLogger({ json: o.json === true ? true : undefined }));
+    process.stdout.write(`${JSON.stringify({ status: result.status, model: result.name, version: result.version, promoted: result.promoted, accuracy: result.accuracy, reason: result.reason })}\n`);
+  });
+
+const base = program.command("base").description("Pretrained bases");
+base
+  .command("import <source>")
+  .description("Store a Keras-style tfjs LayersModel (URL of model.json, local folder, or s3://bucket/prefix/) as a base, cut at its feature layer.")
+  .requiredOption("--id <id>", "id to store it under (bases/<id>/)")
+  .requiredOption("--feature-layer <layer>", "layer whose output feeds the head (e.g. out_relu)")
+  .addOption(new Option("--normalization <n>", "input scaling the weights expect").choices(Object.keys(NORMALIZATIONS)).makeOptionMandatory())
+  .option("--fine-tune-from <layer>", "default cut for fine-tuning")
+  .option("--licence <text>", "licence of the weights")
+  .action(async (source: string, o: { id: string; featureLayer: string; normalization: Normalization; fineTuneFrom?: string; licence?: string }, cmd: Command) => {
+    const store = storeFrom(cmd.optsWithGlobals());
+    const { initBackend } = await import("./src/backend.ts");
+    await initBackend();
+    const src: ModelSource = /^https?:\/\//.test(source)
+      ? { kind: "url", url: source }
+      : source.startsWith("s3://")
+        ? { kind: "s3", store, key: source.replace(/^s3:\/\/[^/]+\//, "") }
+        : { kind: "dir", path: source };
+    const meta = await importBase(store, src, { id: o.id, featureLayer: o.featureLayer, normalization: o.normalization, fineTuneFrom: o.fineTuneFrom, licence: o.licence });
+    process.stdout.write(`${JSON.stringify({ id: meta.id, sha256: meta.sha256, featureLayer: meta.featureLayer, bytes: meta.files.reduce((n, f) => n + f.bytes, 0) })}\n`);
+  });
+base
+  .command("list")
+  .description("Bases edgetune knows by name")
+  .action(() => {
+    for (const b of KNOWN_BASES) process.stdout.write(`${b.id.padEnd(22)} ${b.description}\n`);
+  });
+
+program
+  .command("push <folder>")
+  .description("Upload a folder (one sub-folder per label, or train/ and val/ splits) as a dataset; the manifest is written last and triggers training.")
+  .requiredOption("--dataset <name>", "dataset name")
+  .addOption(new Option("--strategy <strategy>").choices(STRATEGIES))
+  .option("--base <id>", "base model for this dataset")
+  .action(async (folder: string, o: { dataset: string; strategy?: "head" | "finetune"; base?: string }, cmd: Command) => {
+    const log = createLogger();
+    const r = await pushDataset(storeFrom(cmd.optsWithGlobals()), folder, o.dataset, { strategy: o.strategy, base: o.base }, (d, t) => log.progress("upload", d, t));
+    process.stdout.write(`${JSON.stringify({ dataset: o.dataset, uploaded: r.uploaded, notImages: r.skipped.length })}\n`);
+  });
+
+program
+  .command("datasets")
+  .description("List datasets")
+  .action(async (_o: unknown, cmd: Command) => {
+    for (const d of await listDatasets(storeFrom(cmd.optsWithGlobals()))) process.stdout.write(`${d.name.padEnd(24)} ${String(d.files).padStart(7)} files  ${d.complete ? "complete" : "uploading (no manifest)"}\n`);
+  });
+
+program
+  .command("models [name]")
+  .description("List models, or the versions of one model with their metrics")
+  .action(async (name: string | undefined, _o: unknown, cmd: Command) => {
+    const store = storeFrom(cmd.optsWithGlobals());
+    if (!name) {
+      for (const m of await listModels(store)) process.stdout.write(`${m}\n`);
+      return;
+    }
+    const { versions } = await listVersions(store, name);
+    for (const v of versions) {
+      process.stdout.write(
+        `${v.current ? "*" : " "} ${v.version}  ${v.createdAt}  acc ${(v.accuracy * 100).toFixed(1).padStart(5)} % on ${v.evaluatedOn}  ${v.strategy.padEnd(8)} ${v.base}  ${v.images} images\n`,
+      );
+    }
+  });
+
+program
+  .command("current <name>")
+  .description("Show the promoted version of a model")
+  .action(async (name: string, _o: unknown, cmd: Command) => {
+    const { pointer } = await listVersions(storeFrom(cmd.optsWithGlobals()), name);
+    process.stdout.write(`${JSON.stringify(pointer)}\n`);
+  });
+
+program
+  .command("rollback <name>")
+  .description("Point the model at an earlier version (default: the one before the current)")
+  .option("--to <version>", "version to serve")
+  .action(async (name: string, o: { to?: string }, cmd: Command) => {
+    const p = await rollback(storeFrom(cmd.optsWithGlobals()), name, o.to);
+    process.stdout.write(`${JSON.stringify(p)}\n`);
+  });
+
+function clean<T>(o: T): T {
+  return JSON.parse(JSON.stringify(o)) as T;
+}
+
+try {
+  await program.parseAsync(process.argv);
+} catch (e) {
+  process.stderr.write(`edgetune: ${e instanceof InvalidOptionError ? e.message : userMessage(e)}\n`);
+  if (process.env.EDGETUNE_DEBUG) console.error(e);
+  process.exitCode = 1;
+}

@@ -1,0 +1,171 @@
+import { spawn } from "node:child_process";
+import * as tf from "@tensorflow/tfjs";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPointer, readPromotedModel } from "../../shared/artifacts.ts";
+import { DatasetError } from "../../shared/errors.ts";
+import { keys } from "../../shared/keys.ts";
+import { preprocess } from "../../shared/preprocess.ts";
+import { uploadSample } from "../../test/support/datasets.ts";
+import { type LocalS3, startLocalS3 } from "../../test/support/s3-server.ts";
+import { decodeImage } from "./src/decode.ts";
+import { argmax } from "./src/evaluate.ts";
+import { memoryLogger } from "./src/log.ts";
+import { train } from "./src/train.ts";
+
+/**
+ * The training job end to end on a real S3 API server, real images (the Twemoji sample), the real
+ * nsfwjs MobileNetV2 base, at 96 px so it runs in seconds on 2 cores.
+ */
+let s3: LocalS3;
+beforeAll(async () => {
+  s3 = await startLocalS3();
+  await uploadSample(s3.store, "emoji", { perLabel: 15 });
+});
+afterAll(async () => {
+  await s3?.stop();
+});
+
+const quick = { imageSize: 96, views: 2, head: { epochs: 15 } } as const;
+
+describe("train (head strategy)", () => {
+  it("trains, promotes, and the export reloads with stock tf.loadLayersModel and reproduces its accuracy", async () => {
+    const log = memoryLogger();
+    const result = await train(s3.store, { dataset: "emoji", ...quick }, log);
+    expect(result).toMatchObject({ status: "trained", name: "emoji", promoted: true });
+    expect(result.accuracy).toBeGreaterThan(0.6); // 3 classes: chance is 0.33
+
+    const pointer = await readPointer(s3.store, "emoji");
+    expect(pointer?.version).toBe(result.version);
+    const { metadata } = await readPromotedModel(s3.store, "emoji");
+    expect(metadata.labels).toEqual(["animals", "food", "travel"]);
+    expect(metadata.weights.dtype).toBe("float16");
+    expect(metadata.files.map((f) => f.path).sort()).toEqual(["group1-shard1of1.bin", "model.json", "report.html", "report.json"]);
+
+    // Stock loader over plain HTTP from the S3 server, then score the held-out images ourselves.
+    const url = `${s3.endpoint}/${s3.config.bucket}/${keys.versionFile("emoji", result.version, "model.json")}`;
+    const model = await tf.loadLayersModel(tf.io.http(url, { fetchFunc: fetch }));
+    const val = (result.report?.dataset.counts ?? {}) as Record<string, { val: number }>;
+    const valCount = Object.values(val).reduce((n, c) => n + c.val, 0);
+    expect(valCount).toBe(metadata.metrics.evaluatedOn);
+    const heldOut = await heldOutKeys(result.report?.dataset.fingerprint ? "emoji" : "");
+    let correct = 0;
+    for (const { key, label } of heldOut) {
+      const input = preprocess(await decodeImage((await s3.store.get(key)) as Uint8Array), 96, metadata.preprocessing);
+      const p = tf.tidy(() => (model.predict(tf.tensor4d(input, [1, 96, 96, 3])) as tf.Tensor).dataSync());
+      if (metadata.labels[argmax(p)] === label) correct++;
+    }
+    expect(heldOut.length).toBe(metadata.metrics.evaluatedOn);
+    expect(Math.abs(correct / heldOut.length - metadata.metrics.accuracy)).toBeLessThanOrEqual(1 / heldOut.length + 1e-9);
+    model.dispose();
+
+    const report = JSON.parse(new TextDecoder().decode((await s3.store.get(keys.versionFile("emoji", result.version, "report.json"))) as Uint8Array));
+    expect(report.confusion).toHaveLength(3);
+    const html = new TextDecoder().decode((await s3.store.get(keys.versionFile("emoji", result.version, "report.html"))) as Uint8Array);
+    expect(html).toContain("<svg");
+    expect(log.lines.some((l) => l.message.startsWith("backend wasm"))).toBe(true);
+  });
+
+  it("does nothing when the same dataset and config are triggered again", async () => {
+    const again = await train(s3.store, { dataset: "emoji", ...quick }, memoryLogger());
+    expect(again.status).toBe("exists");
+  });
+
+  it("keeps the current model when the new one is worse", async () => {
+    const bad = await train(s3.store, { dataset: "emoji", ...quick, head: { epochs: 1, learningRate: 1e-7 }, views: 1, seed: 42 }, memoryLogger());
+    expect(bad.status).toBe("trained");
+    expect(bad.promoted).toBe(false);
+    expect(bad.reason).toMatch(/worse than current/);
+    const pointer = await readPointer(s3.store, "emoji");
+    expect(pointer?.version).not.toBe(bad.version);
+  });
+
+  it("computes features only for new images when retraining", async () => {
+    await uploadSample(s3.store, "emoji", { perLabel: 3, offset: 1 });
+    const log = memoryLogger();
+    await train(s3.store, { dataset: "emoji", ...quick }, log);
+    const features = log.lines.find((l) => l.message === "features done")?.fields as { cached: number; computed: number };
+    expect(features.computed).toBeGreaterThan(0);
+    expect(features.computed).toBeLessThanOrEqual(9);
+    expect(features.cached).toBeGreaterThanOrEqual(45);
+  });
+});
+
+describe("train (fine-tune strategy)", () => {
+  it("retrains the top blocks from the head and exports a reloadable model", async () => {
+    await uploadSample(s3.store, "emoji-ft", { perLabel: 10 });
+    const result = await train(s3.store, { dataset: "emoji-ft", ...quick, strategy: "finetune", fineTune: { epochs: 2 } }, memoryLogger());
+    expect(result.status).toBe("trained");
+    expect(result.report?.history.fineTune).toHaveLength(2);
+    const { metadata, files } = await readPromotedModel(s3.store, "emoji-ft");
+    expect(metadata.strategy).toBe("finetune");
+    expect(metadata.hyperparameters.fineTuneFrom).toBe("block_12_add");
+    expect(files.get("model.json")?.byteLength).toBeGreaterThan(1000);
+  });
+});
+
+describe("bad datasets", () => {
+  it("skips corrupt, empty and non-image files, reports them and still trains", async () => {
+    const images = await uploadSample(s3.store, "messy", { perLabel: 8 });
+    const good = images[0]?.bytes as Uint8Array;
+    await s3.store.put("datasets/messy/animals/truncated.jpg", good.slice(0, 200));
+    await s3.store.put("datasets/messy/food/not-really.png", "hello, I am text");
+    await s3.store.put("datasets/messy/food/empty.jpg", new Uint8Array());
+    await s3.store.put("datasets/messy/travel/notes.txt", "ignore me");
+    const result = await train(s3.store, { dataset: "messy", ...quick }, memoryLogger());
+    expect(result.status).toBe("trained");
+    const skipped = result.report?.skipped.map((s) => s.key.split("/").pop()) ?? [];
+    expect(skipped.sort()).toEqual(["not-really.png", "truncated.jpg"]);
+    const ignored = result.report?.ignored.map((s) => s.key.split("/").pop()) ?? [];
+    expect(ignored.sort()).toEqual(["empty.jpg", "notes.txt"]);
+  });
+
+  it("fails fast with a message that says what to fix", async () => {
+    await uploadSample(s3.store, "one-label", { perLabel: 6, labels: ["food"] });
+    await expect(train(s3.store, { dataset: "one-label", ...quick }, memoryLogger())).rejects.toThrow(/at least 2 label folders/);
+    await uploadSample(s3.store, "too-few", { perLabel: 6, labels: ["food"] });
+    await s3.store.put("datasets/too-few/travel/a.png", (await uploadSample(s3.store, "scratch", { perLabel: 1 }))[0]?.bytes as Uint8Array);
+    const err = await train(s3.store, { dataset: "too-few", ...quick }, memoryLogger()).catch((e) => e);
+    expect(err).toBeInstanceOf(DatasetError);
+    expect(err.message).toMatch(/"travel" has 1 image\(s\); every label needs at least 5/);
+    await expect(train(s3.store, { dataset: "no-such-dataset", ...quick }, memoryLogger())).rejects.toThrow(/has no manifest.json/);
+  });
+});
+
+describe("interrupted runs", () => {
+  it("resumes a killed job from its cached feature packs", async () => {
+    await uploadSample(s3.store, "killed", { perLabel: 12 });
+    const env = { ...process.env, EDGETUNE_BUCKET: s3.config.bucket, EDGETUNE_S3_ENDPOINT: s3.endpoint, AWS_ACCESS_KEY_ID: "x", AWS_SECRET_ACCESS_KEY: "y", EDGETUNE_PACK_IMAGES: "4" };
+    const args = ["jobs/train/cli.ts", "train", "--dataset", "killed", "--image-size", "96", "--views", "1", "--epochs", "5", "--json"];
+    const child = spawn(process.execPath, args, { env, stdio: ["ignore", "pipe", "pipe"] });
+    // Kill it (like a spot reclaim) as soon as the first packs are in the bucket.
+    await new Promise<void>((resolve, reject) => {
+      const timer = setInterval(async () => {
+        let packs = 0;
+        for await (const o of s3.store.list("cache/embeddings/")) if (o.key.endsWith(".bin")) packs++;
+        if (packs >= 2) {
+          clearInterval(timer);
+          child.kill("SIGKILL");
+          resolve();
+        }
+      }, 50);
+      child.on("exit", () => {
+        clearInterval(timer);
+        reject(new Error("the job finished before it could be killed"));
+      });
+    }).catch((e) => {
+      throw e;
+    });
+    expect(await readPointer(s3.store, "killed")).toBeNull();
+    const log = memoryLogger();
+    const result = await train(s3.store, { dataset: "killed", imageSize: 96, views: 1, head: { epochs: 5 } }, log);
+    expect(result.promoted).toBe(true);
+    const features = log.lines.find((l) => l.message === "features done")?.fields as { cached: number; computed: number };
+    expect(features.cached).toBeGreaterThanOrEqual(8);
+  });
+});
+
+async function heldOutKeys(name: string): Promise<{ key: string; label: string }[]> {
+  const { readDataset } = await import("./src/dataset.ts");
+  const d = await readDataset(s3.store, name, { seed: 42, valFraction: 0.2 });
+  return d.images.filter((i) => i.split === "val").map((i) => ({ key: i.key, label: i.label }));
+}
