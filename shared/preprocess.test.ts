@@ -77,7 +77,12 @@ describe("preprocess options", () => {
     const px = image(4, 1, 3, (x) => x * 60);
     const flipped = preprocess(px, 4, spec("0-255", "stretch"), { flip: true });
     expect([flipped[0], flipped[3], flipped[6], flipped[9]]).toEqual([180, 120, 60, 0]);
-    const region = preprocess(image(4, 4, 3, (x, y) => (x >= 2 && y >= 2 ? 200 : 10)), 2, spec("0-255"), { region: { x: 2, y: 2, width: 2, height: 2 } });
+    const region = preprocess(
+      image(4, 4, 3, (x, y) => (x >= 2 && y >= 2 ? 200 : 10)),
+      2,
+      spec("0-255"),
+      { region: { x: 2, y: 2, width: 2, height: 2 } },
+    );
     expect(new Set(region)).toEqual(new Set([200]));
   });
 });

@@ -58,7 +58,11 @@ program
   .requiredOption("--dataset <name|s3-url>", "dataset name or s3://bucket/datasets/<name>/")
   .option("--model <name>", "model to write (default: the dataset name)")
   .option("--base <id>", `base model: ${KNOWN_BASES.map((b) => b.id).join(", ")} or an imported id (default ${DEFAULT_BASE})`)
-  .addOption(new Option("--strategy <strategy>", "head: frozen base + new dense head; finetune: then retrain the top blocks at a small learning rate").choices(STRATEGIES))
+  .addOption(
+    new Option("--strategy <strategy>", "head: frozen base + new dense head; finetune: then retrain the top blocks at a small learning rate").choices(
+      STRATEGIES,
+    ),
+  )
   .addOption(new Option("--image-size <px>", "input size").choices(IMAGE_SIZES.map(String)).argParser(Number))
   .option("--epochs <n>", "head epochs (default 30)", int("epochs"))
   .option("--fine-tune-epochs <n>", "fine-tuning epochs (default 8)", int("fine-tune-epochs"))
@@ -69,7 +73,13 @@ program
   .option("--dropout <rate>", "head dropout (default 0.2)", num("dropout"))
   .option("--views <n>", "augmented views per training image, 1 for none (default 3)", int("views"))
   .option("--seed <n>", "seed for splits, initialisation and augmentation (default 42)", int("seed"))
-  .addOption(new Option("--weights <dtype>", "exported weight type; uint8 falls back to float16 if it changes a held-out prediction").choices(["float16", "uint8", "float32"]))
+  .addOption(
+    new Option("--weights <dtype>", "exported weight type; uint8 falls back to float16 if it changes a held-out prediction").choices([
+      "float16",
+      "uint8",
+      "float32",
+    ]),
+  )
   .option("--promotion-tolerance <fraction>", "promote if accuracy >= current - tolerance (default 0.01)", num("promotion-tolerance"))
   .option("--force", "train even if this dataset + config was already trained")
   .option("--config <file>", "JSON file with the same options (flags win)")
@@ -89,12 +99,25 @@ program
       weights: o.weights as TrainInput["weights"],
       promotionTolerance: o.promotionTolerance as number | undefined,
       force: o.force === true ? true : undefined,
-      head: { ...fromFile.head, epochs: o.epochs as number | undefined, learningRate: o.learningRate as number | undefined, units: o.units as number | undefined, dropout: o.dropout as number | undefined },
-      fineTune: { ...fromFile.fineTune, epochs: o.fineTuneEpochs as number | undefined, learningRate: o.fineTuneLearningRate as number | undefined, from: o.fineTuneFrom as string | undefined },
+      head: {
+        ...fromFile.head,
+        epochs: o.epochs as number | undefined,
+        learningRate: o.learningRate as number | undefined,
+        units: o.units as number | undefined,
+        dropout: o.dropout as number | undefined,
+      },
+      fineTune: {
+        ...fromFile.fineTune,
+        epochs: o.fineTuneEpochs as number | undefined,
+        learningRate: o.fineTuneLearningRate as number | undefined,
+        from: o.fineTuneFrom as string | undefined,
+      },
     };
     const { train } = await import("./src/train.ts");
     const result = await train(storeFrom(globals), clean(input), createLogger({ json: o.json === true ? true : undefined }));
-    process.stdout.write(`${JSON.stringify({ status: result.status, model: result.name, version: result.version, promoted: result.promoted, accuracy: result.accuracy, reason: result.reason })}\n`);
+    process.stdout.write(
+      `${JSON.stringify({ status: result.status, model: result.name, version: result.version, promoted: result.promoted, accuracy: result.accuracy, reason: result.reason })}\n`,
+    );
   });
 
 const base = program.command("base").description("Pretrained bases");
@@ -106,18 +129,28 @@ base
   .addOption(new Option("--normalization <n>", "input scaling the weights expect").choices(Object.keys(NORMALIZATIONS)).makeOptionMandatory())
   .option("--fine-tune-from <layer>", "default cut for fine-tuning")
   .option("--licence <text>", "licence of the weights")
-  .action(async (source: string, o: { id: string; featureLayer: string; normalization: Normalization; fineTuneFrom?: string; licence?: string }, cmd: Command) => {
-    const store = storeFrom(cmd.optsWithGlobals());
-    const { initBackend } = await import("./src/backend.ts");
-    await initBackend();
-    const src: ModelSource = /^https?:\/\//.test(source)
-      ? { kind: "url", url: source }
-      : source.startsWith("s3://")
-        ? { kind: "s3", store, key: source.replace(/^s3:\/\/[^/]+\//, "") }
-        : { kind: "dir", path: source };
-    const meta = await importBase(store, src, { id: o.id, featureLayer: o.featureLayer, normalization: o.normalization, fineTuneFrom: o.fineTuneFrom, licence: o.licence });
-    process.stdout.write(`${JSON.stringify({ id: meta.id, sha256: meta.sha256, featureLayer: meta.featureLayer, bytes: meta.files.reduce((n, f) => n + f.bytes, 0) })}\n`);
-  });
+  .action(
+    async (source: string, o: { id: string; featureLayer: string; normalization: Normalization; fineTuneFrom?: string; licence?: string }, cmd: Command) => {
+      const store = storeFrom(cmd.optsWithGlobals());
+      const { initBackend } = await import("./src/backend.ts");
+      await initBackend();
+      const src: ModelSource = /^https?:\/\//.test(source)
+        ? { kind: "url", url: source }
+        : source.startsWith("s3://")
+          ? { kind: "s3", store, key: source.replace(/^s3:\/\/[^/]+\//, "") }
+          : { kind: "dir", path: source };
+      const meta = await importBase(store, src, {
+        id: o.id,
+        featureLayer: o.featureLayer,
+        normalization: o.normalization,
+        fineTuneFrom: o.fineTuneFrom,
+        licence: o.licence,
+      });
+      process.stdout.write(
+        `${JSON.stringify({ id: meta.id, sha256: meta.sha256, featureLayer: meta.featureLayer, bytes: meta.files.reduce((n, f) => n + f.bytes, 0) })}\n`,
+      );
+    },
+  );
 base
   .command("list")
   .description("Bases edgetune knows by name")
@@ -133,7 +166,9 @@ program
   .option("--base <id>", "base model for this dataset")
   .action(async (folder: string, o: { dataset: string; strategy?: "head" | "finetune"; base?: string }, cmd: Command) => {
     const log = createLogger();
-    const r = await pushDataset(storeFrom(cmd.optsWithGlobals()), folder, o.dataset, { strategy: o.strategy, base: o.base }, (d, t) => log.progress("upload", d, t));
+    const r = await pushDataset(storeFrom(cmd.optsWithGlobals()), folder, o.dataset, { strategy: o.strategy, base: o.base }, (d, t) =>
+      log.progress("upload", d, t),
+    );
     process.stdout.write(`${JSON.stringify({ dataset: o.dataset, uploaded: r.uploaded, notImages: r.skipped.length })}\n`);
   });
 
@@ -141,7 +176,8 @@ program
   .command("datasets")
   .description("List datasets")
   .action(async (_o: unknown, cmd: Command) => {
-    for (const d of await listDatasets(storeFrom(cmd.optsWithGlobals()))) process.stdout.write(`${d.name.padEnd(24)} ${String(d.files).padStart(7)} files  ${d.complete ? "complete" : "uploading (no manifest)"}\n`);
+    for (const d of await listDatasets(storeFrom(cmd.optsWithGlobals())))
+      process.stdout.write(`${d.name.padEnd(24)} ${String(d.files).padStart(7)} files  ${d.complete ? "complete" : "uploading (no manifest)"}\n`);
   });
 
 program

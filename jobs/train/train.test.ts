@@ -134,7 +134,14 @@ describe("bad datasets", () => {
 describe("interrupted runs", () => {
   it("resumes a killed job from its cached feature packs", async () => {
     await uploadSample(s3.store, "killed", { perLabel: 12 });
-    const env = { ...process.env, EDGETUNE_BUCKET: s3.config.bucket, EDGETUNE_S3_ENDPOINT: s3.endpoint, AWS_ACCESS_KEY_ID: "x", AWS_SECRET_ACCESS_KEY: "y", EDGETUNE_PACK_IMAGES: "4" };
+    const env = {
+      ...process.env,
+      EDGETUNE_BUCKET: s3.config.bucket,
+      EDGETUNE_S3_ENDPOINT: s3.endpoint,
+      AWS_ACCESS_KEY_ID: "x",
+      AWS_SECRET_ACCESS_KEY: "y",
+      EDGETUNE_PACK_IMAGES: "4",
+    };
     const args = ["jobs/train/cli.ts", "train", "--dataset", "killed", "--image-size", "96", "--views", "1", "--epochs", "5", "--json"];
     const child = spawn(process.execPath, args, { env, stdio: ["ignore", "pipe", "pipe"] });
     // Kill it (like a spot reclaim) as soon as the first packs are in the bucket.

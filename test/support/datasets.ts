@@ -2,7 +2,11 @@ import { sampleDataset } from "../../jobs/train/src/sample-dataset.ts";
 import type { ObjectStore } from "../../shared/s3/store.ts";
 
 /** Uploads `perLabel` sample (Twemoji) images per label as dataset `name`, manifest last. */
-export async function uploadSample(store: ObjectStore, name: string, options: { perLabel: number; offset?: number; size?: number; manifest?: object; labels?: string[] }) {
+export async function uploadSample(
+  store: ObjectStore,
+  name: string,
+  options: { perLabel: number; offset?: number; size?: number; manifest?: object; labels?: string[] },
+) {
   const images = (await sampleDataset({ perLabel: options.perLabel, offset: options.offset, size: options.size ?? 96 })).filter(
     (i) => !options.labels || options.labels.includes(i.label),
   );

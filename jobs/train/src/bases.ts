@@ -146,7 +146,10 @@ async function loadSource(source: ModelSource): Promise<tf.LayersModel> {
       try {
         return await tf.loadLayersModel(source.url);
       } catch (e) {
-        throw new EdgetuneError("base_unreachable", `Could not download the base from ${source.url} (${e instanceof Error ? e.message : e}). It needs internet once; after that it is kept in the bucket.`);
+        throw new EdgetuneError(
+          "base_unreachable",
+          `Could not download the base from ${source.url} (${e instanceof Error ? e.message : e}). It needs internet once; after that it is kept in the bucket.`,
+        );
       }
     case "dir": {
       const json = await readFile(join(source.path, "model.json")).catch(() => {
@@ -197,4 +200,3 @@ function nearestSize(n: number): 96 | 128 | 160 | 192 | 224 {
   const sizes = [96, 128, 160, 192, 224] as const;
   return sizes.reduce((best, s) => (Math.abs(s - n) < Math.abs(best - n) ? s : best), 224 as (typeof sizes)[number]);
 }
-

@@ -59,8 +59,10 @@ export function resolveOptions(input: TrainInput, manifest?: DatasetManifest): T
   if (manifest?.epochs) fromManifest.head = { epochs: manifest.epochs };
   if (manifest?.model) fromManifest.model = manifest.model;
   const merged = { ...fromManifest, ...stripUndefined(input), head: { ...fromManifest.head, ...stripUndefined(input.head ?? {}) } };
-  if (merged.strategy !== undefined && !(STRATEGIES as readonly string[]).includes(merged.strategy)) throw new InvalidOptionError("strategy", merged.strategy, STRATEGIES);
-  if (merged.imageSize !== undefined && !(IMAGE_SIZES as readonly number[]).includes(merged.imageSize)) throw new InvalidOptionError("image size", merged.imageSize, IMAGE_SIZES);
+  if (merged.strategy !== undefined && !(STRATEGIES as readonly string[]).includes(merged.strategy))
+    throw new InvalidOptionError("strategy", merged.strategy, STRATEGIES);
+  if (merged.imageSize !== undefined && !(IMAGE_SIZES as readonly number[]).includes(merged.imageSize))
+    throw new InvalidOptionError("image size", merged.imageSize, IMAGE_SIZES);
   return parseContract(trainOptionsSchema, merged, "training options");
 }
 

@@ -82,7 +82,11 @@ export async function readDataset(store: ObjectStore, name: string, options: { s
  * split on every run and on every machine, and adding images never moves an existing one to the
  * other side (its rank only shifts if the fraction boundary moves past it).
  */
-export async function assignSplits(images: { key: string; id: string; label: string; split?: Split }[], seed: number, valFraction: number): Promise<DatasetImage[]> {
+export async function assignSplits(
+  images: { key: string; id: string; label: string; split?: Split }[],
+  seed: number,
+  valFraction: number,
+): Promise<DatasetImage[]> {
   const hasVal = images.some((i) => i.split === "val");
   const out: DatasetImage[] = [];
   const pending = new Map<string, { image: (typeof images)[number]; rank: string }[]>();
@@ -116,7 +120,7 @@ function checkTrainable(name: string, labels: string[], images: DatasetImage[]):
     if (i.split === "val") c.val++;
     counts.set(i.label, c);
   }
-  const tooFew = labels.filter((l) => ((counts.get(l)?.train ?? 0) + (counts.get(l)?.val ?? 0)) < MIN_IMAGES_PER_LABEL);
+  const tooFew = labels.filter((l) => (counts.get(l)?.train ?? 0) + (counts.get(l)?.val ?? 0) < MIN_IMAGES_PER_LABEL);
   if (tooFew.length > 0) {
     throw new DatasetError(
       `Dataset ${name}: ${tooFew.map((l) => `"${l}" has ${(counts.get(l)?.train ?? 0) + (counts.get(l)?.val ?? 0)}`).join(", ")} image(s); every label needs at least ${MIN_IMAGES_PER_LABEL}. Add images or list the label in the manifest's ignoreLabels.`,

@@ -102,7 +102,12 @@ export async function extractFeatures(
     const flat: { id: string; view: number; input: Float32Array }[] = ok.flatMap((l) => l.views.map((input, view) => ({ id: l.image.id, view, input })));
     for (let b = 0; b < flat.length; b += BATCH) {
       const batch = flat.slice(b, b + BATCH);
-      const out = forward(extractor, batch.map((e) => e.input), spec.size, spec.pooled);
+      const out = forward(
+        extractor,
+        batch.map((e) => e.input),
+        spec.size,
+        spec.pooled,
+      );
       pack.shape = out.shape;
       batch.forEach((e, i) => {
         pack.entries.push({ id: e.id, view: e.view, values: out.values[i] as Float32Array });

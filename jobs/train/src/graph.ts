@@ -1,4 +1,4 @@
-import * as tf from "@tensorflow/tfjs";
+import type * as tf from "@tensorflow/tfjs";
 import { EdgetuneError } from "../../../shared/errors.ts";
 
 /**
@@ -24,7 +24,13 @@ function inboundNames(layer: tf.layers.Layer): string[] {
 /** Layers needed to compute `to` from `from` (or from the model input), in topological order. */
 export function layersBetween(model: tf.LayersModel, to: string, from?: string): tf.layers.Layer[] {
   const byName = new Map(model.layers.map((l) => [l.name, l]));
-  if (!byName.has(to)) throw new GraphCutError(`Layer "${to}" is not in model ${model.name}. Some layers it has: ${model.layers.slice(-5).map((l) => l.name).join(", ")}.`);
+  if (!byName.has(to))
+    throw new GraphCutError(
+      `Layer "${to}" is not in model ${model.name}. Some layers it has: ${model.layers
+        .slice(-5)
+        .map((l) => l.name)
+        .join(", ")}.`,
+    );
   if (from !== undefined && !byName.has(from)) throw new GraphCutError(`Layer "${from}" is not in model ${model.name}.`);
   const inputNames = new Set(model.inputLayers.map((l) => l.name));
   const needed = new Set<string>();

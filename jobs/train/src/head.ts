@@ -20,7 +20,13 @@ export interface HeadConfig {
 
 export const DEFAULT_HEAD: HeadConfig = { units: 0, dropout: 0.2, learningRate: 1e-3, epochs: 30, batchSize: 32, l2: 1e-4, seed: 42 };
 
-export const LAYER_NAMES = { pool: "edgetune_pool", dropout: "edgetune_dropout", hidden: "edgetune_hidden", hiddenDropout: "edgetune_hidden_dropout", logits: "edgetune_logits" } as const;
+export const LAYER_NAMES = {
+  pool: "edgetune_pool",
+  dropout: "edgetune_dropout",
+  hidden: "edgetune_hidden",
+  hiddenDropout: "edgetune_hidden_dropout",
+  logits: "edgetune_logits",
+} as const;
 
 /** Head layers, to be applied to a pooled feature tensor (in training) or inside the full model (export). */
 export function headLayers(classes: number, cfg: HeadConfig): tf.layers.Layer[] {

@@ -34,7 +34,10 @@ export function createLogger(options: { json?: boolean; stream?: NodeJS.WriteStr
       if (!bar || barPhase !== phase) {
         stop();
         barPhase = phase;
-        bar = new cliProgress.SingleBar({ format: `${phase.padEnd(22)} [{bar}] {value}/{total} | ETA {eta_formatted}`, stream, hideCursor: true }, cliProgress.Presets.shades_classic);
+        bar = new cliProgress.SingleBar(
+          { format: `${phase.padEnd(22)} [{bar}] {value}/{total} | ETA {eta_formatted}`, stream, hideCursor: true },
+          cliProgress.Presets.shades_classic,
+        );
         bar.start(total, done);
       }
       bar.update(done);

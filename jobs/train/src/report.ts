@@ -16,7 +16,12 @@ export interface TrainingReport {
   options: Record<string, unknown>;
   phases: { name: string; seconds: number; detail?: Record<string, unknown> }[];
   history: { head: EpochLog[]; fineTune: EpochLog[] };
-  metrics: { accuracy: number; evaluatedOn: number; loss?: number; perClass: Record<string, { precision: number; recall: number; f1: number; support: number }> };
+  metrics: {
+    accuracy: number;
+    evaluatedOn: number;
+    loss?: number;
+    perClass: Record<string, { precision: number; recall: number; f1: number; support: number }>;
+  };
   confusion: number[][];
   mistakes: { key: string; label: string; predicted: string; score: number; thumbnail?: string }[];
   export: { dtype: string; bytes: number; maxDelta: number };
@@ -50,7 +55,9 @@ ${labels.map((l, j) => `<text x="${80 + j * cell + cell / 2}" y="${30 + labels.l
   const maxLoss = Math.max(0.01, ...curves.flatMap((c) => [c.loss, c.valLoss ?? 0]));
   const line = (values: (number | undefined)[], max: number, colour: string) => {
     const pts = values
-      .map((v, i) => (v === undefined ? null : `${(30 + (i / Math.max(1, values.length - 1)) * (w - 40)).toFixed(1)},${(h - 20 - (v / max) * (h - 40)).toFixed(1)}`))
+      .map((v, i) =>
+        v === undefined ? null : `${(30 + (i / Math.max(1, values.length - 1)) * (w - 40)).toFixed(1)},${(h - 20 - (v / max) * (h - 40)).toFixed(1)}`,
+      )
       .filter(Boolean)
       .join(" ");
     return `<polyline fill="none" stroke="${colour}" stroke-width="2" points="${pts}"/>`;

@@ -40,11 +40,16 @@ export async function sampleDataset(options: { perLabel: number; size?: number; 
     let taken = 0;
     for (let i = (options.offset ?? 0) % stride; i < members.length && taken < options.perLabel; i += stride) {
       const [emoji, d] = members[i] as [string, { slug: string }];
-      const code = [...emoji].map((c) => (c.codePointAt(0) as number).toString(16)).filter((c) => c !== "fe0f").join("-");
+      const code = [...emoji]
+        .map((c) => (c.codePointAt(0) as number).toString(16))
+        .filter((c) => c !== "fe0f")
+        .join("-");
       const svg = await readFile(join(svgDir, `${code}.svg`)).catch(() => null);
       if (!svg) continue;
       const jpeg = taken % 3 === 2;
-      const img = sharp(svg, { density: Math.ceil((72 * size) / 36) }).resize(size, size).flatten({ background: "#ffffff" });
+      const img = sharp(svg, { density: Math.ceil((72 * size) / 36) })
+        .resize(size, size)
+        .flatten({ background: "#ffffff" });
       const bytes = new Uint8Array(jpeg ? await img.jpeg({ quality: 90 }).toBuffer() : await img.png().toBuffer());
       out.push({ label, name: d.slug, file: `${label}/${d.slug}.${jpeg ? "jpg" : "png"}`, bytes });
       taken++;

@@ -9,7 +9,7 @@ import { initBackend } from "./backend.ts";
 import { ensureBase, loadBase } from "./bases.ts";
 import { resolveOptions, type TrainInput, type TrainOptions, versionId } from "./config.ts";
 import { type Dataset, type DatasetImage, readDataset } from "./dataset.ts";
-import { extractFeatures, type ExtractorSpec, type Features } from "./embed.ts";
+import { type ExtractorSpec, extractFeatures, type Features } from "./embed.ts";
 import { evaluate } from "./evaluate.ts";
 import { buildClassifier, exportClassifier } from "./export.ts";
 import { buildTop } from "./finetune.ts";
@@ -50,15 +50,23 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
   const backend = await initBackend();
   log.info(`backend ${backend.name}`, { reason: backend.reason });
   const preliminary = resolveOptions(input);
-  const dataset = await phase("read dataset", () => readDataset(store, preliminary.dataset, { seed: preliminary.seed, valFraction: preliminary.valFraction }), (d) => ({
-    images: d.images.length,
-    labels: d.labels.length,
-    ignored: d.ignored.length,
-  }));
+  const dataset = await phase(
+    "read dataset",
+    () => readDataset(store, preliminary.dataset, { seed: preliminary.seed, valFraction: preliminary.valFraction }),
+    (d) => ({
+      images: d.images.length,
+      labels: d.labels.length,
+      ignored: d.ignored.length,
+    }),
+  );
   const options = resolveOptions(input, dataset.manifest);
   const name = options.model ?? options.dataset;
   for (const w of dataset.warnings) log.warn(w);
-  const base = await phase("base", () => ensureBase(store, options.base), (b) => ({ id: b.id }));
+  const base = await phase(
+    "base",
+    () => ensureBase(store, options.base),
+    (b) => ({ id: b.id }),
+  );
   const version = await versionId(options, dataset.fingerprint, base.sha256);
   if (!options.force && (await store.head(keys.metadata(name, version)))) {
     log.info(`version ${version} already exists for this dataset and config; nothing to do`);
@@ -75,7 +83,15 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
     const labelIndex = new Map(dataset.labels.map((l, i) => [l, i]));
 
     // Frozen, pooled features of every image (augmented views for training images).
-    const pooledSpec: ExtractorSpec = { baseSha256: base.sha256, layer: base.featureLayer, pooled: true, size, preprocessing, views: options.views, seed: options.seed };
+    const pooledSpec: ExtractorSpec = {
+      baseSha256: base.sha256,
+      layer: base.featureLayer,
+      pooled: true,
+      size,
+      preprocessing,
+      views: options.views,
+      seed: options.seed,
+    };
     const extractor = tf.model({ inputs: baseModel.inputs, outputs: baseModel.getLayer(base.featureLayer).output as tf.SymbolicTensor });
     const pooled = await phase(
       "features",
@@ -106,7 +122,9 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
     const headModel = tf.model({ inputs: headInput, outputs: applyLayers(head, headInput) });
     const history: { head: EpochLog[]; fineTune: EpochLog[] } = { head: [], fineTune: [] };
     history.head = await phase("train head", () =>
-      fit(headModel, { x: xTrain, y: yTrain }, valData, dataset.labels.length, { ...options.head, seed: options.seed }, (e) => log.progress("train head", e.epoch, options.head.epochs)),
+      fit(headModel, { x: xTrain, y: yTrain }, valData, dataset.labels.length, { ...options.head, seed: options.seed }, (e) =>
+        log.progress("train head", e.epoch, options.head.epochs),
+      ),
     );
     let valProbs = usableVal.length > 0 ? await predictRows(headModel, xVal) : [];
 
@@ -131,8 +149,13 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
       disposables.push(xt, xv);
       const top = buildTop(baseModel, from, base.featureLayer, head);
       history.fineTune = await phase("fine-tune", () =>
-        fit(top, { x: xt, y: yt }, usableVal.length > 0 ? { x: xv, y: yVal } : undefined, dataset.labels.length, { ...options.fineTune, seed: options.seed, optimizer: "adam" }, (e) =>
-          log.progress("fine-tune", e.epoch, options.fineTune.epochs),
+        fit(
+          top,
+          { x: xt, y: yt },
+          usableVal.length > 0 ? { x: xv, y: yVal } : undefined,
+          dataset.labels.length,
+          { ...options.fineTune, seed: options.seed, optimizer: "adam" },
+          (e) => log.progress("fine-tune", e.epoch, options.fineTune.epochs),
         ),
       );
       if (usableVal.length > 0) valProbs = await predictRows(top, xv);
@@ -164,7 +187,11 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
     );
 
     const comparable = (m: ArtifactMetadata) =>
-      m.base.sha256 === base.sha256 && m.base.featureLayer === base.featureLayer && m.input.size === size && m.strategy === "head" && JSON.stringify(m.preprocessing) === JSON.stringify(preprocessing);
+      m.base.sha256 === base.sha256 &&
+      m.base.featureLayer === base.featureLayer &&
+      m.input.size === size &&
+      m.strategy === "head" &&
+      JSON.stringify(m.preprocessing) === JSON.stringify(preprocessing);
     const current = await phase("score current", () =>
       scoreCurrent(store, name, usableVal, (img) => (pooled.byId.get(img.id) as Float32Array[] | undefined)?.[0], comparable),
     );
@@ -173,9 +200,17 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
     if (current === null) promote = { promoted: true, reason: "first version of this model" };
     else if ("error" in current) promote = { promoted: true, reason: `replacing a broken current version: ${current.error}` };
     else if (accuracy + options.promotionTolerance >= current.accuracy) {
-      promote = { promoted: true, reason: `accuracy ${pct(accuracy)} vs current ${current.version} ${pct(current.accuracy)} on the same ${current.evaluatedOn} held-out images (tolerance ${pct(options.promotionTolerance)})`, current };
+      promote = {
+        promoted: true,
+        reason: `accuracy ${pct(accuracy)} vs current ${current.version} ${pct(current.accuracy)} on the same ${current.evaluatedOn} held-out images (tolerance ${pct(options.promotionTolerance)})`,
+        current,
+      };
     } else {
-      promote = { promoted: false, reason: `worse than current ${current.version}: ${pct(accuracy)} vs ${pct(current.accuracy)} on the same ${current.evaluatedOn} held-out images (tolerance ${pct(options.promotionTolerance)}); keeping it`, current };
+      promote = {
+        promoted: false,
+        reason: `worse than current ${current.version}: ${pct(accuracy)} vs ${pct(current.accuracy)} on the same ${current.evaluatedOn} held-out images (tolerance ${pct(options.promotionTolerance)}); keeping it`,
+        current,
+      };
     }
 
     const report: TrainingReport = {
@@ -314,4 +349,5 @@ function countSplits(d: Dataset): Record<string, { train: number; val: number; t
 }
 
 const pct = (v: number) => `${(v * 100).toFixed(1)} %`;
+
 export type { TrainOptions };

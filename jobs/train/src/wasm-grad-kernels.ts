@@ -43,10 +43,18 @@ export function registerWasmGradientKernels(): void {
         const { a, b } = args.inputs as { a: tf.Tensor; b: tf.Tensor };
         const { transposeA, transposeB } = args.attrs as { transposeA: boolean; transposeB: boolean };
         if (!transposeA && !transposeB) return stockMatMul.kernelFunc(args) as tf.TensorInfo;
-        const swapLast = (t: tf.Tensor) => tf.transpose(t, [...t.shape.keys()].map((i, _, all) => (i < all.length - 2 ? i : i === all.length - 2 ? all.length - 1 : all.length - 2)));
+        const swapLast = (t: tf.Tensor) =>
+          tf.transpose(
+            t,
+            [...t.shape.keys()].map((i, _, all) => (i < all.length - 2 ? i : i === all.length - 2 ? all.length - 1 : all.length - 2)),
+          );
         const at = transposeA ? swapLast(a) : a;
         const bt = transposeB ? swapLast(b) : b;
-        const result = stockMatMul.kernelFunc({ ...args, inputs: { a: at, b: bt }, attrs: { ...args.attrs, transposeA: false, transposeB: false } }) as tf.TensorInfo;
+        const result = stockMatMul.kernelFunc({
+          ...args,
+          inputs: { a: at, b: bt },
+          attrs: { ...args.attrs, transposeA: false, transposeB: false },
+        }) as tf.TensorInfo;
         if (at !== a) at.dispose();
         if (bt !== b) bt.dispose();
         return result;

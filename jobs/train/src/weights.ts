@@ -41,7 +41,11 @@ export async function saveToMemory(model: tf.LayersModel): Promise<SavedModel> {
 }
 
 /** Re-encodes float32 weights as `dtype`. Non-float32 tensors (int32 etc.) are kept as they are. */
-export function encodeWeights(specs: tf.io.WeightsManifestEntry[], data: ArrayBuffer, dtype: WeightDtype): { specs: tf.io.WeightsManifestEntry[]; data: ArrayBuffer } {
+export function encodeWeights(
+  specs: tf.io.WeightsManifestEntry[],
+  data: ArrayBuffer,
+  dtype: WeightDtype,
+): { specs: tf.io.WeightsManifestEntry[]; data: ArrayBuffer } {
   const decoded = tf.io.decodeWeights(data, specs);
   const outSpecs: tf.io.WeightsManifestEntry[] = [];
   const chunks: Uint8Array[] = [];

@@ -1,0 +1,156 @@
+import { Hono } from "hono";
+import { cors } from "hono/cors";
+import { nameSchema } from "../../../shared/contracts/common.ts";
+import { preprocess } from "../../../shared/preprocess.ts";
+import { bearerAuth } from "./http/auth.ts";
+import { readImageBody } from "./http/body.ts";
+import { ApiError, errorBody } from "./http/errors.ts";
+import { decodeImage } from "./image/decode.ts";
+import { ModelRegistry, ModelUnavailableError } from "./model/registry.ts";
+import { createModelSource } from "./model/source.ts";
+import { openapi } from "./openapi.ts";
+import { initTf, tf } from "./tf.ts";
+
+/**
+ * The classify API. One registry per isolate, created on the first request from the bindings.
+ * Configuration (vars and secrets) is documented in wrangler.jsonc.
+ */
+type AppEnv = { Bindings: Env };
+
+let registry: ModelRegistry | undefined;
+function registryFor(env: Env): ModelRegistry {
+  registry ??= new ModelRegistry(createModelSource(env), {
+    ttlMs: Number(env.POINTER_TTL_SECONDS || 30) * 1000,
+    maxModels: Number(env.MAX_MODELS || 1),
+  });
+  return registry;
+}
+
+/** For tests and benchmarks: forget the isolate's models. */
+export function resetRegistry(): void {
+  registry = undefined;
+}
+
+export const app = new Hono<AppEnv>();
+
+app.use("*", async (c, next) => {
+  const origins = (c.env.CORS_ORIGINS ?? "")
+    .split(",")
+    .map((o) => o.trim())
+    .filter(Boolean);
+  if (origins.length === 0) return next();
+  return cors({
+    origin: origins.includes("*") ? "*" : origins,
+    allowHeaders: ["Authorization", "Content-Type"],
+    allowMethods: ["GET", "POST", "OPTIONS"],
+    exposeHeaders: ["Server-Timing"],
+    maxAge: 600,
+  })(c, next);
+});
+
+app.get("/healthz", (c) => {
+  const models = registry?.status() ?? [];
+  const degraded = models.some((m) => m.lastError);
+  return c.json({
+    status: degraded ? "degraded" : "ok",
+    models: models.map((m) => ({ name: m.name, version: m.version ?? null, problem: m.lastError ?? null })),
+  });
+});
+
+app.get("/openapi.json", (c) => c.json(openapi));
+
+app.use(
+  "/v1/*",
+  bearerAuth((c) => (c.env as Env).API_KEYS),
+);
+
+app.get("/v1/models/:name", async (c) => {
+  const name = modelName(c.req.param("name"));
+  const { model, release } = await acquire(c.env, name, (p) => c.executionCtx.waitUntil(p));
+  try {
+    const m = model.metadata;
+    return c.json({
+      model: name,
+      version: m.version,
+      labels: m.labels,
+      input: m.input,
+      preprocessing: m.preprocessing,
+      strategy: m.strategy,
+      base: m.base.id,
+      metrics: { accuracy: m.metrics.accuracy, evaluatedOn: m.metrics.evaluatedOn, perClass: m.metrics.perClass },
+      trainedAt: m.createdAt,
+      promotedAt: model.pointer.promotedAt,
+    });
+  } finally {
+    release();
+  }
+});
+
+app.post("/v1/models/:name/classify", async (c) => {
+  const t0 = performance.now();
+  const name = modelName(c.req.param("name"));
+  const topK = parseTopK(c.req.query("top_k"));
+  const maxBytes = Number(c.env.MAX_IMAGE_BYTES || 10 * 1024 * 1024);
+  const maxPixels = Number(c.env.MAX_IMAGE_PIXELS || 16_000_000);
+  const [bytes] = await Promise.all([readImageBody(c.req.raw, maxBytes), initTf()]);
+  const { model, release } = await acquire(c.env, name, (p) => c.executionCtx.waitUntil(p));
+  try {
+    const t1 = performance.now();
+    const { pixels } = await decodeImage(bytes, maxPixels);
+    const t2 = performance.now();
+    const size = model.metadata.input.size;
+    const input = preprocess(pixels, size, model.metadata.preprocessing);
+    const t3 = performance.now();
+    const scores = tf.tidy(() => model.model.predict(tf.tensor4d(input, [1, size, size, 3])) as tf.Tensor).dataSync() as Float32Array;
+    const t4 = performance.now();
+    const labels = model.metadata.labels;
+    const predictions = Array.from(scores, (score, i) => ({ label: labels[i] as string, score }))
+      .sort((a, b) => b.score - a.score)
+      .slice(0, topK);
+    const timings = { decodeMs: round(t2 - t1), preprocessMs: round(t3 - t2), inferenceMs: round(t4 - t3), totalMs: round(t4 - t0) };
+    c.header(
+      "server-timing",
+      `decode;dur=${timings.decodeMs}, preprocess;dur=${timings.preprocessMs}, inference;dur=${timings.inferenceMs}, total;dur=${timings.totalMs}`,
+    );
+    return c.json({ model: name, version: model.metadata.version, predictions, timings });
+  } finally {
+    release();
+  }
+});
+
+app.notFound((c) => c.json(errorBody("not_found", `No route for ${c.req.method} ${new URL(c.req.url).pathname}.`), 404));
+
+app.onError((err, c) => {
+  if (err instanceof ApiError) {
+    for (const [k, v] of Object.entries(err.headers)) c.header(k, v);
+    return c.json(errorBody(err.code, err.message), err.status);
+  }
+  if (err instanceof ModelUnavailableError) {
+    if (err.code === "model_not_found") return c.json(errorBody(err.code, err.message), 404);
+    c.header("retry-after", "30");
+    return c.json(errorBody(err.code, err.message), 503);
+  }
+  console.error(
+    JSON.stringify({ level: "error", message: "unhandled error", path: new URL(c.req.url).pathname, error: err instanceof Error ? err.message : String(err) }),
+  );
+  return c.json(errorBody("internal_error", "Something went wrong on our side; the request can be retried."), 500);
+});
+
+function modelName(raw: string): string {
+  const parsed = nameSchema.safeParse(raw);
+  if (!parsed.success) throw new ApiError(404, "model_not_found", "No model with that name.");
+  return parsed.data;
+}
+
+function parseTopK(raw: string | undefined): number {
+  if (raw === undefined || raw === "") return 5;
+  if (!/^\d{1,3}$/.test(raw) || Number(raw) < 1 || Number(raw) > 100) throw new ApiError(422, "invalid_top_k", "top_k must be a whole number from 1 to 100.");
+  return Number(raw);
+}
+
+async function acquire(env: Env, name: string, waitUntil: (p: Promise<unknown>) => void) {
+  await initTf();
+  return registryFor(env).acquire(name, waitUntil);
+}
+
+const round = (ms: number) => Math.round(ms * 10) / 10;

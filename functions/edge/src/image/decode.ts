@@ -1,0 +1,94 @@
+import jpegWasm from "@jsquash/jpeg/codec/dec/mozjpeg_dec.wasm";
+import decodeJpeg, { init as initJpeg } from "@jsquash/jpeg/decode";
+// @ts-expect-error: wrangler's CompiledWasm rule makes the default export a WebAssembly.Module; the package's .d.ts describes wasm-bindgen exports instead
+import pngWasm from "@jsquash/png/codec/pkg/squoosh_png_bg.wasm";
+import decodePng, { init as initPng } from "@jsquash/png/decode";
+import webpWasm from "@jsquash/webp/codec/dec/webp_dec.wasm";
+import decodeWebp, { init as initWebp } from "@jsquash/webp/decode";
+import { imageSize } from "image-size";
+import type { Pixels } from "../../../../shared/preprocess.ts";
+import { ApiError } from "../http/errors.ts";
+
+/**
+ * Image decoding in the worker with @jsquash (mozjpeg, libpng via Rust, libwebp compiled to wasm,
+ * precompiled modules as Workers require). The dimensions are read from the header first and an image
+ * over `maxPixels` is refused before any pixel is decoded: a 30000×30000 PNG of a few KiB would
+ * otherwise ask for 3.6 GB. JPEG EXIF orientation is applied, as the training side does (sharp).
+ */
+export const EDGE_FORMATS = { jpeg: "image/jpeg", png: "image/png", webp: "image/webp" } as const;
+export type EdgeFormat = keyof typeof EDGE_FORMATS;
+
+// workerd has no ImageData; the decoders construct one.
+(globalThis as { ImageData?: unknown }).ImageData ??= class ImageData {
+  data: Uint8ClampedArray;
+  width: number;
+  height: number;
+  constructor(data: Uint8ClampedArray, width: number, height: number) {
+    this.data = data;
+    this.width = width;
+    this.height = height;
+  }
+};
+
+let ready: Promise<void> | undefined;
+function initDecoders(): Promise<void> {
+  ready ??= Promise.all([initJpeg(jpegWasm), initPng(pngWasm), initWebp(webpWasm)]).then(() => undefined);
+  return ready;
+}
+
+/** Format from the magic bytes; the declared content type is not trusted. */
+export function sniff(bytes: Uint8Array): EdgeFormat | "gif" | null {
+  if (bytes[0] === 0xff && bytes[1] === 0xd8 && bytes[2] === 0xff) return "jpeg";
+  if (bytes[0] === 0x89 && bytes[1] === 0x50 && bytes[2] === 0x4e && bytes[3] === 0x47) return "png";
+  if (
+    bytes[0] === 0x52 &&
+    bytes[1] === 0x49 &&
+    bytes[2] === 0x46 &&
+    bytes[3] === 0x46 &&
+    bytes[8] === 0x57 &&
+    bytes[9] === 0x45 &&
+    bytes[10] === 0x42 &&
+    bytes[11] === 0x50
+  )
+    return "webp";
+  if (bytes[0] === 0x47 && bytes[1] === 0x49 && bytes[2] === 0x46) return "gif";
+  return null;
+}
+
+export interface Decoded {
+  pixels: Pixels;
+  format: EdgeFormat;
+}
+
+export async function decodeImage(bytes: Uint8Array, maxPixels: number): Promise<Decoded> {
+  if (bytes.byteLength === 0) throw new ApiError(400, "empty_image", "The request body is empty; send the image bytes.");
+  const format = sniff(bytes);
+  if (format === "gif") throw new ApiError(415, "unsupported_media_type", "GIF is not supported; send JPEG, PNG or WebP.");
+  if (!format) throw new ApiError(400, "corrupt_image", "The body is not a JPEG, PNG or WebP image.");
+  let width: number;
+  let height: number;
+  try {
+    ({ width = 0, height = 0 } = imageSize(bytes));
+  } catch {
+    throw new ApiError(400, "corrupt_image", `The ${format.toUpperCase()} header cannot be read.`);
+  }
+  if (width <= 0 || height <= 0) throw new ApiError(400, "corrupt_image", `The ${format.toUpperCase()} header has no valid size.`);
+  if (width * height > maxPixels) {
+    throw new ApiError(
+      413,
+      "image_too_large",
+      `The image is ${width}×${height} (${((width * height) / 1e6).toFixed(1)} MP); the limit is ${(maxPixels / 1e6).toFixed(1)} MP.`,
+    );
+  }
+  await initDecoders();
+  let image: { data: Uint8ClampedArray; width: number; height: number };
+  try {
+    const buffer = bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength) as ArrayBuffer;
+    image = format === "jpeg" ? await decodeJpeg(buffer, { preserveOrientation: true }) : format === "png" ? await decodePng(buffer) : await decodeWebp(buffer);
+  } catch {
+    throw new ApiError(400, "corrupt_image", `The ${format.toUpperCase()} data is corrupt or truncated.`);
+  }
+  if (!image || image.width * image.height * 4 !== image.data.length)
+    throw new ApiError(400, "corrupt_image", `The ${format.toUpperCase()} data could not be decoded.`);
+  return { pixels: { data: image.data, width: image.width, height: image.height, channels: 4 }, format };
+}

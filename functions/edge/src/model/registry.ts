@@ -1,0 +1,226 @@
+import * as tfl from "@tensorflow/tfjs-layers";
+import { readMetadata, readVerifiedFile } from "../../../../shared/artifacts.ts";
+import type { ArtifactMetadata, ModelPointer } from "../../../../shared/contracts/artifact.ts";
+import { pointerSchema } from "../../../../shared/contracts/artifact.ts";
+import { parseContractJson } from "../../../../shared/contracts/parse.ts";
+import { keys } from "../../../../shared/keys.ts";
+import { tf } from "../tf.ts";
+import type { ModelSource } from "./source.ts";
+
+/**
+ * The models this isolate serves. A model is loaded on first use from its promoted pointer, every
+ * file verified against the metadata's sha256, and warmed up. At most every `ttlMs` a request
+ * triggers a conditional re-read of the pointer (in the background); a new version is loaded and
+ * verified beside the old one and swapped in only when ready. Requests already running keep the
+ * instance they started with; the old one is disposed when the last of them finishes. A broken new
+ * version never replaces a working one: the problem is kept for /healthz and retried at the next check.
+ */
+export interface LoadedModel {
+  name: string;
+  pointer: ModelPointer;
+  metadata: ArtifactMetadata;
+  model: tfl.LayersModel;
+  loadedAt: number;
+  timings: { fetchMs: number; parseMs: number; warmupMs: number };
+  /** Requests currently using this instance. */
+  users: number;
+  retired: boolean;
+}
+
+interface Slot {
+  current?: LoadedModel;
+  pointerEtag?: string;
+  checkedAt: number;
+  checking?: Promise<void>;
+  lastError?: { message: string; at: number };
+  /** Set when the pointer is absent: answer 404 without asking storage again until then. */
+  missingUntil?: number;
+}
+
+/** Unknown names are remembered (for the TTL) only up to this many, so requests cannot grow memory. */
+const MAX_SLOTS = 256;
+
+export class ModelUnavailableError extends Error {
+  readonly code: "model_not_found" | "model_unavailable";
+  constructor(code: "model_not_found" | "model_unavailable", message: string) {
+    super(message);
+    this.code = code;
+  }
+}
+
+export class ModelRegistry {
+  private readonly slots = new Map<string, Slot>();
+
+  private readonly source: ModelSource;
+  private readonly options: { ttlMs: number; maxModels: number; now?: () => number };
+
+  constructor(source: ModelSource, options: { ttlMs: number; maxModels: number; now?: () => number }) {
+    this.source = source;
+    this.options = options;
+  }
+
+  private now(): number {
+    return this.options.now?.() ?? Date.now();
+  }
+
+  /**
+   * The model to serve, with a lease: call `release` when done. Schedules a background pointer check
+   * through `waitUntil` when the last one is older than the TTL.
+   */
+  async acquire(name: string, waitUntil: (p: Promise<unknown>) => void): Promise<{ model: LoadedModel; release: () => void }> {
+    let slot = this.slots.get(name);
+    if (!slot) {
+      if (this.slots.size >= MAX_SLOTS) this.forgetUnloaded();
+      slot = { checkedAt: 0 };
+      this.slots.set(name, slot);
+    }
+    if (!slot.current) {
+      if (slot.missingUntil && slot.missingUntil > this.now()) throw new ModelUnavailableError("model_not_found", `No model named ${name}.`);
+      await this.check(name, slot);
+      if (!slot.current) {
+        if (slot.missingUntil) throw new ModelUnavailableError("model_not_found", `No model named ${name}.`);
+        throw new ModelUnavailableError("model_unavailable", `Model ${name} is not available yet${slot.lastError ? `: ${slot.lastError.message}` : ""}.`);
+      }
+    } else if (this.now() - slot.checkedAt >= this.options.ttlMs && !slot.checking) {
+      waitUntil(this.check(name, slot));
+    }
+    const model = slot.current as LoadedModel;
+    model.users++;
+    let released = false;
+    return {
+      model,
+      release: () => {
+        if (released) return;
+        released = true;
+        model.users--;
+        if (model.retired && model.users === 0) model.model.dispose();
+      },
+    };
+  }
+
+  private forgetUnloaded(): void {
+    for (const [name, s] of this.slots) if (!s.current && !s.checking) this.slots.delete(name);
+  }
+
+  /** Models this isolate serves or tried to load (not names that simply do not exist), for /healthz. */
+  status(): { name: string; version?: string; loadedAt?: string; lastError?: string }[] {
+    return [...this.slots.entries()]
+      .filter(([, s]) => s.current || (s.lastError && !s.missingUntil))
+      .map(([name, s]) => ({
+        name,
+        version: s.current?.pointer.version,
+        loadedAt: s.current ? new Date(s.current.loadedAt).toISOString() : undefined,
+        lastError: s.lastError?.message,
+      }));
+  }
+
+  /** Forces a pointer check now (tests, and the first request after the TTL). */
+  refresh(name: string): Promise<void> {
+    const slot = this.slots.get(name) ?? { checkedAt: 0 };
+    this.slots.set(name, slot);
+    return this.check(name, slot);
+  }
+
+  private check(name: string, slot: Slot): Promise<void> {
+    slot.checking ??= this.checkNow(name, slot).finally(() => {
+      slot.checking = undefined;
+    });
+    return slot.checking;
+  }
+
+  private async checkNow(name: string, slot: Slot): Promise<void> {
+    const started = this.now();
+    try {
+      const res = await this.source.getIfChanged(keys.pointer(name), slot.current ? slot.pointerEtag : undefined);
+      slot.checkedAt = started;
+      if (res.status === 304) return;
+      if (res.status === 404) {
+        if (!slot.current) slot.missingUntil = started + this.options.ttlMs;
+        else slot.lastError = { message: "current.json has disappeared; still serving the last good version", at: started };
+        return;
+      }
+      slot.missingUntil = undefined;
+      const pointer = parseContractJson(pointerSchema, new TextDecoder().decode(res.bytes), keys.pointer(name));
+      if (slot.current && slot.current.pointer.version === pointer.version && slot.current.pointer.metadataSha256 === pointer.metadataSha256) {
+        slot.pointerEtag = res.etag;
+        slot.lastError = undefined;
+        return;
+      }
+      const loaded = await this.load(name, pointer);
+      this.evictOthers(name);
+      const old = slot.current;
+      slot.current = loaded;
+      slot.pointerEtag = res.etag;
+      slot.lastError = undefined;
+      if (old) {
+        old.retired = true;
+        if (old.users === 0) old.model.dispose();
+      }
+    } catch (e) {
+      // Keep serving what we have; say what went wrong in /healthz; try again after the TTL.
+      slot.checkedAt = started;
+      slot.lastError = { message: e instanceof Error ? e.message : String(e), at: started };
+    }
+  }
+
+  private async load(name: string, pointer: ModelPointer): Promise<LoadedModel> {
+    const t0 = performance.now();
+    const metadata = await readMetadata(this.source, name, pointer.version, pointer.metadataSha256);
+    const modelJsonBytes = await readVerifiedFile(this.source, metadata, "model.json");
+    const modelJson = JSON.parse(new TextDecoder().decode(modelJsonBytes)) as {
+      modelTopology: object;
+      weightsManifest: { paths: string[]; weights: tf.io.WeightsManifestEntry[] }[];
+    };
+    const paths = modelJson.weightsManifest.flatMap((g) => g.paths);
+    const shards = await Promise.all(paths.map((p) => readVerifiedFile(this.source, metadata, p)));
+    const t1 = performance.now();
+    const weightData = concat(shards);
+    const model = await tfl.loadLayersModel(
+      tf.io.fromMemory({ modelTopology: modelJson.modelTopology, weightSpecs: modelJson.weightsManifest.flatMap((g) => g.weights), weightData }),
+    );
+    const t2 = performance.now();
+    const size = metadata.input.size;
+    const out = tf.tidy(() => model.predict(tf.zeros([1, size, size, 3])) as tf.Tensor);
+    const shape = out.shape;
+    out.dataSync();
+    out.dispose();
+    if (shape[1] !== metadata.labels.length) {
+      model.dispose();
+      throw new Error(`model ${name} ${pointer.version} has ${shape[1]} outputs but ${metadata.labels.length} labels`);
+    }
+    const t3 = performance.now();
+    return {
+      name,
+      pointer,
+      metadata,
+      model,
+      loadedAt: Date.now(),
+      timings: { fetchMs: t1 - t0, parseMs: t2 - t1, warmupMs: t3 - t2 },
+      users: 0,
+      retired: false,
+    };
+  }
+
+  /** One model per isolate by default: the wasm heap never shrinks and isolates have 128 MB. */
+  private evictOthers(keep: string): void {
+    const loaded = [...this.slots.entries()].filter(([n, s]) => n !== keep && s.current);
+    while (loaded.length >= this.options.maxModels) {
+      const [, slot] = loaded.shift() as [string, Slot];
+      const old = slot.current as LoadedModel;
+      slot.current = undefined;
+      old.retired = true;
+      if (old.users === 0) old.model.dispose();
+    }
+  }
+}
+
+function concat(chunks: Uint8Array[]): ArrayBuffer {
+  const total = chunks.reduce((n, c) => n + c.byteLength, 0);
+  const out = new Uint8Array(total);
+  let o = 0;
+  for (const c of chunks) {
+    out.set(c, o);
+    o += c.byteLength;
+  }
+  return out.buffer;
+}

@@ -1,0 +1,112 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { mkdtemp, rm } from "node:fs/promises";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+/**
+ * The edge worker running in real workerd through `wrangler dev` with the production
+ * wrangler.jsonc (no nodejs_compat, the production bundle), pointed at a local S3 server.
+ * Used by the worker tests, the end-to-end test and `npm start`.
+ */
+export interface EdgeWorker {
+  url: string;
+  apiKey: string;
+  stop(): Promise<void>;
+  /** Everything wrangler printed, for debugging a failed start. */
+  output(): string;
+}
+
+export interface EdgeOptions {
+  s3Endpoint: string;
+  bucket: string;
+  accessKeyId?: string;
+  secretAccessKey?: string;
+  apiKey?: string;
+  pointerTtlSeconds?: number;
+  vars?: Record<string, string>;
+  port?: number;
+}
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.listen(0, "127.0.0.1", () => {
+      const { port } = srv.address() as { port: number };
+      srv.close(() => resolve(port));
+    });
+    srv.on("error", reject);
+  });
+}
+
+export async function startEdgeWorker(options: EdgeOptions): Promise<EdgeWorker> {
+  const port = options.port ?? (await freePort());
+  const apiKey = options.apiKey ?? `test-${Math.random().toString(36).slice(2)}`;
+  const state = await mkdtemp(join(tmpdir(), "edgetune-wrangler-"));
+  const vars: Record<string, string> = {
+    S3_ENDPOINT: options.s3Endpoint,
+    S3_BUCKET: options.bucket,
+    API_KEYS: apiKey,
+    AWS_ACCESS_KEY_ID: options.accessKeyId ?? "local",
+    AWS_SECRET_ACCESS_KEY: options.secretAccessKey ?? "local-secret",
+    POINTER_TTL_SECONDS: String(options.pointerTtlSeconds ?? 30),
+    ...options.vars,
+  };
+  const args = [
+    "wrangler",
+    "dev",
+    "--config",
+    "functions/edge/wrangler.jsonc",
+    "--ip",
+    "127.0.0.1",
+    "--port",
+    String(port),
+    "--persist-to",
+    state,
+    "--show-interactive-dev-session=false",
+    "--log-level",
+    process.env.EDGETUNE_WRANGLER_LOG ?? "warn",
+    ...Object.entries(vars).flatMap(([k, v]) => ["--var", `${k}:${v}`]),
+  ];
+  const child: ChildProcess = spawn(process.execPath, [join("node_modules", "wrangler", "bin", "wrangler.js"), ...args.slice(1)], {
+    env: { ...process.env, CLOUDFLARE_CF_FETCH_ENABLED: "false", WRANGLER_SEND_METRICS: "false", CI: "true" },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let log = "";
+  child.stdout?.on("data", (d) => {
+    log += d;
+  });
+  child.stderr?.on("data", (d) => {
+    log += d;
+  });
+  const url = `http://127.0.0.1:${port}`;
+  const deadline = Date.now() + 90_000;
+  for (;;) {
+    if (child.exitCode !== null) throw new Error(`wrangler dev exited (${child.exitCode}):\n${log}`);
+    try {
+      const res = await fetch(`${url}/healthz`);
+      if (res.ok) break;
+    } catch {
+      // not listening yet
+    }
+    if (Date.now() > deadline) {
+      child.kill("SIGKILL");
+      throw new Error(`wrangler dev did not answer within 90 s:\n${log}`);
+    }
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  return {
+    url,
+    apiKey,
+    output: () => log,
+    async stop() {
+      if (child.exitCode === null) {
+        const exited = new Promise((r) => child.once("exit", r));
+        child.kill("SIGTERM");
+        await Promise.race([exited, new Promise((r) => setTimeout(r, 5000))]);
+        if (child.exitCode === null) child.kill("SIGKILL");
+      }
+      await rm(state, { recursive: true, force: true });
+    },
+  };
+}
