@@ -121,7 +121,7 @@ export function preprocess(pixels: Pixels, size: number, spec: PreprocessingSpec
 
 function clampByte(v: number): number {
   const r = Math.round(v);
-  return r < 0 ? 0 : r > 255 ? 255 : r;
+  return Math.max(0, Math.min(255, r));
 }
 
 interface Taps {

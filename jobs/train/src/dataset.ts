@@ -103,7 +103,9 @@ export async function assignSplits(
   for (const list of pending.values()) {
     list.sort((a, b) => (a.rank < b.rank ? -1 : a.rank > b.rank ? 1 : 0));
     const nVal = list.length >= 2 ? Math.max(1, Math.round(list.length * valFraction)) : 0;
-    list.forEach(({ image }, i) => out.push({ key: image.key, id: image.id, label: image.label, split: i < nVal ? "val" : "train" }));
+    list.forEach(({ image }, i) => {
+      out.push({ key: image.key, id: image.id, label: image.label, split: i < nVal ? "val" : "train" });
+    });
   }
   return out.sort((a, b) => a.key.localeCompare(b.key));
 }

@@ -4,7 +4,7 @@ import type { Pixels } from "../../../shared/preprocess.ts";
 
 /**
  * Image decoding for training: JPEG, PNG, WebP and the first frame of GIF, with EXIF orientation
- * applied, CMYK/greyscale/16-bit converted to 8-bit sRGB, alpha dropped. The result goes through the
+ * applied, CMYK/greyscale/16-bit converted to 8-bit RGB, embedded ICC profiles ignored, alpha dropped. The result goes through the
  * shared `preprocess`, exactly as on the edge (which decodes with @jsquash; the skew is tested).
  */
 export const MAX_IMAGE_PIXELS = 50_000_000; // a 7000×7000 photo; larger is refused before decoding
@@ -32,7 +32,9 @@ export async function decodeImage(bytes: Uint8Array): Promise<Pixels> {
     throw new ImageDecodeError(`image is ${meta.width}×${meta.height}, more than ${MAX_IMAGE_PIXELS / 1e6} megapixels`);
   }
   try {
-    const { data, info } = await sharp(bytes, { failOn: "error", limitInputPixels: MAX_IMAGE_PIXELS, pages: 1 })
+    // ignoreIcc: the edge decoder (@jsquash) does no colour management, so neither may training:
+    // otherwise a photo with a wide-gamut profile is seen with different colours by the two sides.
+    const { data, info } = await sharp(bytes, { failOn: "error", limitInputPixels: MAX_IMAGE_PIXELS, pages: 1, ignoreIcc: true })
       .rotate()
       .toColourspace("srgb")
       .removeAlpha()

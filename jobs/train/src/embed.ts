@@ -167,7 +167,7 @@ async function loadChunk(store: ObjectStore, chunk: DatasetImage[], spec: Extrac
 function forward(model: tf.LayersModel, inputs: Float32Array[], size: number, pooled: boolean): { shape: number[]; values: Float32Array[] } {
   const per = size * size * 3;
   const body = new Float32Array(inputs.length * per);
-  inputs.forEach((x, i) => body.set(x, i * per));
+  for (const [i, x] of inputs.entries()) body.set(x, i * per);
   const result = tf.tidy(() => {
     let y = model.predict(tf.tensor4d(body, [inputs.length, size, size, 3])) as tf.Tensor;
     if (pooled && y.rank === 4) y = tf.mean(y, [1, 2]);

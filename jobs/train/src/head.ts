@@ -77,7 +77,7 @@ export interface TrainData {
  * Trains `model` (input → softmax) with Adam, shuffling with a seeded generator, class-weighted for
  * lopsided data, keeping the weights of the epoch with the best validation loss.
  */
-export async function fit(
+export async function trainModel(
   model: tf.LayersModel,
   train: TrainData,
   val: TrainData | undefined,

@@ -93,6 +93,6 @@ function accuracyOf(predicted: (string | undefined)[], truth: string[]): number 
 export function concatRows(rows: readonly Float32Array[]): Float32Array {
   const dim = rows[0]?.length ?? 0;
   const out = new Float32Array(rows.length * dim);
-  rows.forEach((r, i) => out.set(r, i * dim));
+  for (const [i, r] of rows.entries()) out.set(r, i * dim);
   return out;
 }

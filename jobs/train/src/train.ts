@@ -13,7 +13,7 @@ import { type ExtractorSpec, extractFeatures, type Features } from "./embed.ts";
 import { evaluate } from "./evaluate.ts";
 import { buildClassifier, exportClassifier } from "./export.ts";
 import { buildTop } from "./finetune.ts";
-import { applyLayers, type EpochLog, fit, headLayers } from "./head.ts";
+import { applyLayers, type EpochLog, headLayers, trainModel } from "./head.ts";
 import type { Logger } from "./log.ts";
 import { WEIGHTS_FILE } from "./model-io.ts";
 import { concatRows, scoreCurrent } from "./promote.ts";
@@ -122,7 +122,7 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
     const headModel = tf.model({ inputs: headInput, outputs: applyLayers(head, headInput) });
     const history: { head: EpochLog[]; fineTune: EpochLog[] } = { head: [], fineTune: [] };
     history.head = await phase("train head", () =>
-      fit(headModel, { x: xTrain, y: yTrain }, valData, dataset.labels.length, { ...options.head, seed: options.seed }, (e) =>
+      trainModel(headModel, { x: xTrain, y: yTrain }, valData, dataset.labels.length, { ...options.head, seed: options.seed }, (e) =>
         log.progress("train head", e.epoch, options.head.epochs),
       ),
     );
@@ -149,7 +149,7 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
       disposables.push(xt, xv);
       const top = buildTop(baseModel, from, base.featureLayer, head);
       history.fineTune = await phase("fine-tune", () =>
-        fit(
+        trainModel(
           top,
           { x: xt, y: yt },
           usableVal.length > 0 ? { x: xv, y: yVal } : undefined,

@@ -1,0 +1,249 @@
+import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import * as tf from "@tensorflow/tfjs";
+import sharp from "sharp";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { decodeImage } from "../../../jobs/train/src/decode.ts";
+import { memoryLogger } from "../../../jobs/train/src/log.ts";
+import { train } from "../../../jobs/train/src/train.ts";
+import { readPointer, readPromotedModel, writePointer } from "../../../shared/artifacts.ts";
+import { keys } from "../../../shared/keys.ts";
+import { preprocess } from "../../../shared/preprocess.ts";
+import { uploadSample } from "../../../test/support/datasets.ts";
+import { type EdgeWorker, startEdgeWorker } from "../../../test/support/edge-worker.ts";
+import { type LocalS3, startLocalS3 } from "../../../test/support/s3-server.ts";
+
+/**
+ * The edge worker in real workerd (`wrangler dev`, production wrangler.jsonc and bundle) against a
+ * real S3 API server holding a really trained artifact.
+ */
+let s3: LocalS3;
+let edge: EdgeWorker;
+let images: Awaited<ReturnType<typeof uploadSample>>;
+let firstVersion: string;
+
+beforeAll(async () => {
+  s3 = await startLocalS3();
+  images = await uploadSample(s3.store, "emoji", { perLabel: 15, size: 128 });
+  const r = await train(s3.store, { dataset: "emoji", imageSize: 96, views: 2, head: { epochs: 20 } }, memoryLogger());
+  firstVersion = r.version;
+  edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, pointerTtlSeconds: 1 });
+});
+afterAll(async () => {
+  await edge?.stop();
+  await s3?.stop();
+});
+
+const auth = () => ({ authorization: `Bearer ${edge.apiKey}` });
+const classify = (body: Uint8Array, type: string | null, query = "", headers: Record<string, string> = auth(), name = "emoji") =>
+  fetch(`${edge.url}/v1/models/${name}/classify${query}`, {
+    method: "POST",
+    headers: { ...headers, ...(type ? { "content-type": type } : {}) },
+    body: body as BodyInit,
+  });
+const jpegOf = (i: { bytes: Uint8Array; file: string }) => (i.file.endsWith(".jpg") ? "image/jpeg" : "image/png");
+type ErrorJson = { error: { code: string; message: string } };
+
+describe("classify", () => {
+  it("returns sorted predictions from the promoted version with timings", async () => {
+    const img = images.find((i) => i.label === "food") as (typeof images)[number];
+    const res = await classify(img.bytes, jpegOf(img), "?top_k=2");
+    expect(res.status).toBe(200);
+    const body = (await res.json()) as { model: string; version: string; predictions: { label: string; score: number }[]; timings: Record<string, number> };
+    expect(body.model).toBe("emoji");
+    expect(body.version).toBe(firstVersion);
+    expect(body.predictions).toHaveLength(2);
+    expect(body.predictions[0]?.score).toBeGreaterThanOrEqual(body.predictions[1]?.score ?? 1);
+    expect(res.headers.get("server-timing")).toMatch(/decode;dur=[\d.]+, preprocess;dur=[\d.]+, inference;dur=[\d.]+/);
+    expect(Object.keys(body.timings)).toEqual(["decodeMs", "preprocessMs", "inferenceMs", "totalMs"]);
+  });
+
+  it("classifies training images of every label correctly (the model works end to end)", async () => {
+    let correct = 0;
+    const sample = images.filter((_, i) => i % 3 === 0);
+    for (const img of sample) {
+      const body = (await (await classify(img.bytes, jpegOf(img))).json()) as { predictions: { label: string }[] };
+      if (body.predictions[0]?.label === img.label) correct++;
+    }
+    expect(correct / sample.length).toBeGreaterThan(0.7);
+  });
+
+  it("accepts multipart with an image field", async () => {
+    const form = new FormData();
+    form.append("image", new Blob([images[0]?.bytes as BlobPart], { type: "image/png" }), "x.png");
+    const res = await fetch(`${edge.url}/v1/models/emoji/classify`, { method: "POST", headers: auth(), body: form });
+    expect(res.status).toBe(200);
+  });
+
+  it("describes the served model", async () => {
+    const res = await fetch(`${edge.url}/v1/models/emoji`, { headers: auth() });
+    const body = (await res.json()) as { version: string; labels: string[]; input: { size: number }; metrics: { accuracy: number }; trainedAt: string };
+    expect(body).toMatchObject({ version: firstVersion, labels: ["animals", "food", "travel"], input: { size: 96, channels: 3 } });
+    expect(body.metrics.accuracy).toBeGreaterThan(0);
+    expect(Date.parse(body.trainedAt)).toBeGreaterThan(0);
+  });
+});
+
+describe("errors", () => {
+  const expectError = async (res: Response, status: number, code: string) => {
+    expect(res.status).toBe(status);
+    expect(res.headers.get("content-type")).toMatch(/application\/json/);
+    const body = (await res.json()) as ErrorJson;
+    expect(body.error.code).toBe(code);
+    expect(body.error.message).not.toMatch(/at .*\.js:\d+/);
+    return body;
+  };
+
+  it("401 without a valid key, and never echoes the key", async () => {
+    await expectError(await classify(images[0]?.bytes as Uint8Array, "image/png", "", {}), 401, "unauthorized");
+    const body = await expectError(
+      await classify(images[0]?.bytes as Uint8Array, "image/png", "", { authorization: "Bearer wrong-key-123" }),
+      401,
+      "unauthorized",
+    );
+    expect(JSON.stringify(body)).not.toContain("wrong-key-123");
+    expect(JSON.stringify(body)).not.toContain(edge.apiKey);
+    await expectError(await fetch(`${edge.url}/v1/models/emoji`), 401, "unauthorized");
+  });
+
+  it("400 for corrupt or truncated images", async () => {
+    await expectError(await classify(new TextEncoder().encode("definitely not an image"), "image/jpeg"), 400, "corrupt_image");
+    const jpeg = images.find((i) => i.file.endsWith(".jpg"))?.bytes as Uint8Array;
+    await expectError(await classify(jpeg.slice(0, 100), "image/jpeg"), 400, "corrupt_image");
+    await expectError(await classify(new Uint8Array(), "image/png"), 400, "empty_image");
+  });
+
+  it("404 for an unknown model or route", async () => {
+    await expectError(await classify(images[0]?.bytes as Uint8Array, "image/png", "", auth(), "no-such-model"), 404, "model_not_found");
+    await expectError(await classify(images[0]?.bytes as Uint8Array, "image/png", "", auth(), "..%2F..%2Fsecrets"), 404, "model_not_found");
+    await expectError(await fetch(`${edge.url}/nowhere`, { headers: auth() }), 404, "not_found");
+  });
+
+  it("413 for bodies over the limit and images with too many pixels (refused before decoding)", async () => {
+    await expectError(await classify(new Uint8Array(11 * 1024 * 1024), "image/png"), 413, "payload_too_large");
+    const bomb = await sharp({ create: { width: 1, height: 1, channels: 3, background: "#000" } })
+      .png()
+      .toBuffer();
+    // Rewrite the IHDR size to 30000×30000 (the CRC is not checked by the header reader).
+    const huge = new Uint8Array(bomb);
+    new DataView(huge.buffer).setUint32(16, 30000);
+    new DataView(huge.buffer).setUint32(20, 30000);
+    const body = await expectError(await classify(huge, "image/png"), 413, "image_too_large");
+    expect(body.error.message).toContain("30000×30000");
+  });
+
+  it("415 for unsupported content types and formats", async () => {
+    await expectError(await classify(images[0]?.bytes as Uint8Array, "text/plain"), 415, "unsupported_media_type");
+    await expectError(await classify(images[0]?.bytes as Uint8Array, null), 415, "unsupported_media_type");
+    const gif = await sharp({ create: { width: 8, height: 8, channels: 3, background: "#f00" } })
+      .gif()
+      .toBuffer();
+    await expectError(await classify(new Uint8Array(gif), "image/png"), 415, "unsupported_media_type");
+  });
+
+  it("422 for bad parameters", async () => {
+    for (const q of ["?top_k=0", "?top_k=abc", "?top_k=1000", "?top_k=-1", "?top_k=2.5"]) {
+      await expectError(await classify(images[0]?.bytes as Uint8Array, "image/png", q), 422, "invalid_top_k");
+    }
+    const form = new FormData();
+    form.append("picture", new Blob([images[0]?.bytes as BlobPart]), "x.png");
+    await expectError(await fetch(`${edge.url}/v1/models/emoji/classify`, { method: "POST", headers: auth(), body: form }), 422, "missing_image_field");
+  });
+});
+
+describe("public endpoints", () => {
+  it("/healthz needs no key and reveals no secrets; /openapi.json documents the API", async () => {
+    const res = await fetch(`${edge.url}/healthz`);
+    expect(res.status).toBe(200);
+    const text = await res.text();
+    expect(text).not.toContain(edge.apiKey);
+    expect(text).not.toContain("local-secret");
+    const doc = (await (await fetch(`${edge.url}/openapi.json`)).json()) as { openapi: string; paths: Record<string, unknown> };
+    expect(doc.openapi).toBe("3.1.0");
+    expect(Object.keys(doc.paths)).toContain("/v1/models/{name}/classify");
+  });
+});
+
+describe("model updates", () => {
+  it("hot-swaps a new version without failing concurrent requests, keeps serving through a corrupt one, and recovers", async () => {
+    const img = images[0] as (typeof images)[number];
+    // A second, different version: more images.
+    await uploadSample(s3.store, "emoji", { perLabel: 3, offset: 1, size: 128 });
+    const second = await train(s3.store, { dataset: "emoji", imageSize: 96, views: 2, head: { epochs: 20 }, promotionTolerance: 1 }, memoryLogger());
+    expect(second.promoted).toBe(true);
+    await new Promise((r) => setTimeout(r, 1100)); // pointer TTL
+    const versions = new Set<string>();
+    for (let round = 0; round < 6; round++) {
+      const results = await Promise.all(Array.from({ length: 4 }, () => classify(img.bytes, jpegOf(img))));
+      for (const r of results) {
+        expect(r.status).toBe(200);
+        versions.add(((await r.json()) as { version: string }).version);
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    expect(versions.has(second.version)).toBe(true);
+    const last = (await (await classify(img.bytes, jpegOf(img))).json()) as { version: string };
+    expect(last.version).toBe(second.version);
+
+    // A corrupt version: the pointer names a version whose shard does not match its sha256.
+    const good = await readPointer(s3.store, "emoji");
+    const { metadata } = await readPromotedModel(s3.store, "emoji");
+    const bad = "v0badbadbad00";
+    for (const f of [...metadata.files.map((x) => x.path), "metadata.json"]) {
+      const bytes = (await s3.store.get(keys.versionFile("emoji", second.version, f))) as Uint8Array;
+      const text = f === "metadata.json" ? new TextDecoder().decode(bytes).replace(second.version, bad) : undefined;
+      await s3.store.put(keys.versionFile("emoji", bad, f), text ?? (f.endsWith(".bin") ? bytes.map((b) => b ^ 1) : bytes));
+    }
+    const { sha256Hex } = await import("../../../shared/hash.ts");
+    const metaBytes = (await s3.store.get(keys.metadata("emoji", bad))) as Uint8Array;
+    await writePointer(s3.store, "emoji", {
+      version: bad,
+      metadataSha256: await sha256Hex(metaBytes),
+      promotedAt: new Date().toISOString(),
+      previous: good?.version ?? null,
+      reason: "test",
+    });
+    await new Promise((r) => setTimeout(r, 1100));
+    await classify(img.bytes, jpegOf(img)); // triggers the check
+    await new Promise((r) => setTimeout(r, 1500));
+    const during = await classify(img.bytes, jpegOf(img));
+    expect(during.status).toBe(200);
+    expect(((await during.json()) as { version: string }).version).toBe(second.version);
+    const health = (await (await fetch(`${edge.url}/healthz`)).json()) as { status: string; models: { name: string; problem: string | null }[] };
+    expect(health.status).toBe("degraded");
+    expect(health.models.find((m) => m.name === "emoji")?.problem).toMatch(/corrupt or was tampered/);
+
+    // Recovery: point back at a good version.
+    await writePointer(s3.store, "emoji", { ...(good as NonNullable<typeof good>), promotedAt: new Date().toISOString() });
+    await new Promise((r) => setTimeout(r, 1100));
+    await classify(img.bytes, jpegOf(img));
+    await new Promise((r) => setTimeout(r, 1000));
+    const after = (await (await fetch(`${edge.url}/healthz`)).json()) as { status: string };
+    expect(after.status).toBe("ok");
+  });
+});
+
+describe("training/serving skew", () => {
+  const photosDir = join(import.meta.dirname, "../../../../shared/photos");
+  const photos = existsSync(photosDir) ? readdirSync(photosDir, { recursive: true, encoding: "utf8" }).filter((f) => /\.(jpe?g|png)$/i.test(f)) : [];
+
+  it.skipIf(photos.length === 0)("the worker's probabilities match the training pipeline's on real photos within 0.01 (measured: below 1e-4)", async () => {
+    const { metadata, files } = await readPromotedModel(s3.store, "emoji");
+    const { loadModel } = await import("../../../jobs/train/src/model-io.ts");
+    const model = await loadModel(files.get("model.json") as Uint8Array, files);
+    let worst = 0;
+    for (const p of photos) {
+      const bytes = new Uint8Array(readFileSync(join(photosDir, p)));
+      const type = p.toLowerCase().endsWith(".png") ? "image/png" : "image/jpeg";
+      const res = await classify(bytes, type, "?top_k=3");
+      if (res.status === 413) continue; // larger than the worker's pixel limit
+      expect(res.status).toBe(200);
+      const edgeScores = ((await res.json()) as { predictions: { label: string; score: number }[] }).predictions;
+      const input = preprocess(await decodeImage(bytes), metadata.input.size, metadata.preprocessing);
+      const node = tf.tidy(() => (model.predict(tf.tensor4d(input, [1, 96, 96, 3])) as tf.Tensor).dataSync());
+      for (const s of edgeScores) worst = Math.max(worst, Math.abs(s.score - (node[metadata.labels.indexOf(s.label)] as number)));
+    }
+    model.dispose();
+    expect(worst).toBeLessThan(0.01);
+  });
+});
