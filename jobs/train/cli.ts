@@ -8,7 +8,8 @@
 import { readFile } from "node:fs/promises";
 import { Command, InvalidArgumentError, Option } from "commander";
 import { IMAGE_SIZES, STRATEGIES } from "../../shared/contracts/common.ts";
-import { InvalidOptionError, userMessage } from "../../shared/errors.ts";
+import { EdgetuneError, InvalidOptionError, userMessage } from "../../shared/errors.ts";
+import { datasetNameFromManifestKey } from "../../shared/keys.ts";
 import { NORMALIZATIONS, type Normalization } from "../../shared/preprocess.ts";
 import { S3ObjectStore } from "../../shared/s3/client.ts";
 import { s3ConfigFromEnv } from "../../shared/s3/config.ts";
@@ -35,15 +36,18 @@ function storeFrom(opts: { bucket?: string; endpoint?: string }): S3ObjectStore 
   return new S3ObjectStore(s3ConfigFromEnv(process.env, overrides));
 }
 
-/** `name`, or `s3://bucket/datasets/name/` (which also sets the bucket). */
+/**
+ * `name`; `s3://bucket/datasets/name/` (which also sets the bucket); `datasets/name/manifest.json`
+ * (the key an S3 trigger passes); or `*` for every complete dataset (the nightly schedule).
+ */
 function datasetRef(value: string, opts: { bucket?: string }): string {
-  const m = /^s3:\/\/([^/]+)\/datasets\/([^/]+)\/?$/.exec(value);
-  if (m) {
-    opts.bucket = m[1];
-    return m[2] as string;
+  const url = /^s3:\/\/([^/]+)\/datasets\/([^/]+)\/?$/.exec(value);
+  if (url) {
+    opts.bucket = url[1];
+    return url[2] as string;
   }
   if (value.startsWith("s3://")) throw new InvalidArgumentError("expected s3://<bucket>/datasets/<name>/");
-  return value;
+  return datasetNameFromManifestKey(value) ?? value;
 }
 
 const program = new Command("edgetune")
@@ -55,7 +59,7 @@ const program = new Command("edgetune")
 program
   .command("train")
   .description("Train a classifier on a dataset, evaluate it, export it and promote it if it is not worse than the current one.")
-  .requiredOption("--dataset <name|s3-url>", "dataset name or s3://bucket/datasets/<name>/")
+  .requiredOption("--dataset <name|s3-url|key|*>", "dataset name, s3://bucket/datasets/<name>/, datasets/<name>/manifest.json, or * for every complete dataset")
   .option("--model <name>", "model to write (default: the dataset name)")
   .option("--base <id>", `base model: ${KNOWN_BASES.map((b) => b.id).join(", ")} or an imported id (default ${DEFAULT_BASE})`)
   .addOption(

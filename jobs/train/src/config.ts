@@ -14,7 +14,8 @@ export const trainOptionsSchema = z.object({
   dataset: nameSchema,
   /** Model name to write; defaults to the manifest's `model` or the dataset name. */
   model: nameSchema.optional(),
-  base: z.string().default(DEFAULT_BASE),
+  /** EDGETUNE_DEFAULT_BASE (set by the CDK stack) overrides the built-in default. */
+  base: z.string().default(() => process.env.EDGETUNE_DEFAULT_BASE || DEFAULT_BASE),
   strategy: strategySchema.default("head"),
   /** 160 px: ≈ 2× faster than 224 at the edge for about a point of accuracy. */
   imageSize: imageSizeSchema.default(160),

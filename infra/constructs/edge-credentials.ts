@@ -1,0 +1,31 @@
+import { SecretValue } from "aws-cdk-lib";
+import * as iam from "aws-cdk-lib/aws-iam";
+import type * as s3 from "aws-cdk-lib/aws-s3";
+import * as secretsmanager from "aws-cdk-lib/aws-secretsmanager";
+import { Construct } from "constructs";
+
+/**
+ * Read-only credentials for the Cloudflare Worker, which lives outside AWS and so cannot assume a
+ * role: an IAM user allowed only s3:GetObject on `models/*`, its access key kept in Secrets Manager
+ * (`npm run deploy` copies it into Worker secrets). Rotate by replacing the key and redeploying.
+ */
+export class EdgeCredentials extends Construct {
+  readonly user: iam.User;
+  readonly secret: secretsmanager.Secret;
+
+  constructor(scope: Construct, id: string, props: { bucket: s3.IBucket }) {
+    super(scope, id);
+    this.user = new iam.User(this, "EdgeReader");
+    const policy = new iam.ManagedPolicy(this, "ReadModels", {
+      description: "edgetune edge worker: read promoted models only",
+      statements: [new iam.PolicyStatement({ actions: ["s3:GetObject"], resources: [props.bucket.arnForObjects("models/*")] })],
+    });
+    this.user.addManagedPolicy(policy);
+    const key = new iam.AccessKey(this, "Key", { user: this.user });
+    this.secret = new secretsmanager.Secret(this, "Secret", {
+      description: "edgetune edge worker read-only S3 credentials",
+      // The key id is not secret; the secret key goes straight from the AccessKey into the secret.
+      secretObjectValue: { accessKeyId: SecretValue.unsafePlainText(key.accessKeyId), secretAccessKey: key.secretAccessKey },
+    });
+  }
+}

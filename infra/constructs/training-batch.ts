@@ -1,0 +1,103 @@
+import * as path from "node:path";
+import { Duration, Size } from "aws-cdk-lib";
+import * as batch from "aws-cdk-lib/aws-batch";
+import * as ec2 from "aws-cdk-lib/aws-ec2";
+import * as ecs from "aws-cdk-lib/aws-ecs";
+import * as iam from "aws-cdk-lib/aws-iam";
+import * as logs from "aws-cdk-lib/aws-logs";
+import type * as s3 from "aws-cdk-lib/aws-s3";
+import { Construct } from "constructs";
+import type { EdgetuneConfig } from "../config.ts";
+
+/**
+ * The GPU training job on AWS Batch: managed EC2 compute environments on the current NVIDIA ECS AMI
+ * (spot first, on-demand as fallback, both scaling to zero), one queue, and a job definition that
+ * runs `edgetune train` from the image built out of jobs/train/Dockerfile with 1 GPU. Retries happen
+ * only when spot reclaims the host; any other failure is final and notified.
+ */
+export class TrainingBatch extends Construct {
+  readonly queue: batch.JobQueue;
+  readonly jobDefinition: batch.EcsJobDefinition;
+  readonly logGroup: logs.LogGroup;
+
+  constructor(
+    scope: Construct,
+    id: string,
+    props: { config: EdgetuneConfig; vpc: ec2.IVpc; securityGroup: ec2.ISecurityGroup; bucket: s3.IBucket; logRetention: logs.RetentionDays },
+  ) {
+    super(scope, id);
+    const { config } = props;
+    const instanceTypes = config.instanceTypes.map((t) => new ec2.InstanceType(t));
+    const common = {
+      vpc: props.vpc,
+      vpcSubnets: { subnetType: ec2.SubnetType.PUBLIC },
+      securityGroups: [props.securityGroup],
+      instanceTypes,
+      useOptimalInstanceClasses: false,
+      minvCpus: 0,
+      maxvCpus: config.maxVcpus,
+      images: [{ imageType: batch.EcsMachineImageType.ECS_AL2023_NVIDIA }],
+      updateToLatestImageVersion: true,
+    } satisfies Partial<batch.ManagedEc2EcsComputeEnvironmentProps>;
+    const computeEnvironments: batch.OrderedComputeEnvironment[] = [];
+    if (config.spot) {
+      computeEnvironments.push({
+        order: 1,
+        computeEnvironment: new batch.ManagedEc2EcsComputeEnvironment(this, "Spot", {
+          ...common,
+          spot: true,
+          allocationStrategy: batch.AllocationStrategy.SPOT_PRICE_CAPACITY_OPTIMIZED,
+        }),
+      });
+    }
+    computeEnvironments.push({
+      order: computeEnvironments.length + 1,
+      computeEnvironment: new batch.ManagedEc2EcsComputeEnvironment(this, "OnDemand", {
+        ...common,
+        spot: false,
+        allocationStrategy: batch.AllocationStrategy.BEST_FIT_PROGRESSIVE,
+      }),
+    });
+    this.queue = new batch.JobQueue(this, "Queue", { computeEnvironments, priority: 1 });
+
+    this.logGroup = new logs.LogGroup(this, "Logs", { retention: props.logRetention });
+    const jobRole = new iam.Role(this, "JobRole", {
+      assumedBy: new iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
+      description: "edgetune training job: read datasets and bases, write models, cache and run state",
+    });
+    // Least privilege by prefix: datasets/ is read-only for the job; it writes only what it produces.
+    props.bucket.grantRead(jobRole, "datasets/*");
+    props.bucket.grantReadWrite(jobRole, "bases/*");
+    props.bucket.grantReadWrite(jobRole, "models/*");
+    props.bucket.grantReadWrite(jobRole, "cache/*");
+    props.bucket.grantReadWrite(jobRole, "runs/*");
+    props.bucket.grantReadWrite(jobRole, "locks/*");
+    props.bucket.grantDelete(jobRole, "runs/*");
+    props.bucket.grantDelete(jobRole, "locks/*");
+    jobRole.addToPolicy(new iam.PolicyStatement({ actions: ["s3:ListBucket"], resources: [props.bucket.bucketArn] }));
+
+    const repoRoot = path.join(import.meta.dirname, "..", "..");
+    this.jobDefinition = new batch.EcsJobDefinition(this, "Train", {
+      timeout: Duration.hours(config.jobTimeoutHours),
+      retryAttempts: 3,
+      retryStrategies: [
+        batch.RetryStrategy.of(batch.Action.RETRY, batch.Reason.SPOT_INSTANCE_RECLAIMED),
+        batch.RetryStrategy.of(batch.Action.EXIT, batch.Reason.custom({ onReason: "*" })),
+      ],
+      parameters: { dataset: "*" },
+      container: new batch.EcsEc2ContainerDefinition(this, "Container", {
+        image: ecs.ContainerImage.fromAsset(repoRoot, { file: "jobs/train/Dockerfile" }),
+        cpu: config.jobVcpus,
+        memory: Size.gibibytes(config.jobMemoryGiB),
+        gpu: 1,
+        jobRole,
+        // `Ref::dataset` is a manifest key from the S3 trigger, or "*" (every complete dataset) from the nightly schedule.
+        command: ["train", "--dataset", "Ref::dataset", "--json"],
+        environment: { EDGETUNE_BUCKET: props.bucket.bucketName, EDGETUNE_DEFAULT_BASE: config.defaultBase },
+        logging: ecs.LogDriver.awsLogs({ streamPrefix: "train", logGroup: this.logGroup }),
+        readonlyRootFilesystem: false,
+        user: "node",
+      }),
+    });
+  }
+}

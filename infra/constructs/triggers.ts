@@ -1,0 +1,68 @@
+import { TimeZone } from "aws-cdk-lib";
+import type * as batch from "aws-cdk-lib/aws-batch";
+import * as events from "aws-cdk-lib/aws-events";
+import * as targets from "aws-cdk-lib/aws-events-targets";
+import * as iam from "aws-cdk-lib/aws-iam";
+import type * as s3 from "aws-cdk-lib/aws-s3";
+import * as scheduler from "aws-cdk-lib/aws-scheduler";
+import * as schedulerTargets from "aws-cdk-lib/aws-scheduler-targets";
+import { Construct } from "constructs";
+
+/**
+ * What starts training:
+ *  - a dataset becoming complete: S3 "Object Created" for `datasets/<name>/manifest.json` (written
+ *    last by the uploader) submits one job with that key. S3 events may be delivered twice; the job
+ *    is idempotent (same data + options → same version id → nothing to do);
+ *  - the nightly schedule (EventBridge Scheduler: cron + time zone) submits one job that retrains
+ *    every complete dataset, which costs only what the new images cost (cached features).
+ * The local stand-in (infra/local/dispatcher.ts) implements the same two rules.
+ */
+export const MANIFEST_KEY_PATTERN = "datasets/*/manifest.json";
+
+export class TrainingTriggers extends Construct {
+  readonly manifestRule: events.Rule;
+  readonly nightly: scheduler.Schedule;
+
+  constructor(
+    scope: Construct,
+    id: string,
+    props: { bucket: s3.IBucket; queue: batch.IJobQueue; jobDefinition: batch.IJobDefinition; schedule: string; timeZone: string },
+  ) {
+    super(scope, id);
+    this.manifestRule = new events.Rule(this, "DatasetComplete", {
+      description: "A dataset's manifest.json was written: train that dataset",
+      eventPattern: {
+        source: ["aws.s3"],
+        detailType: ["Object Created"],
+        detail: { bucket: { name: [props.bucket.bucketName] }, object: { key: [{ wildcard: MANIFEST_KEY_PATTERN }] } },
+      },
+    });
+    this.manifestRule.addTarget(
+      new targets.BatchJob(props.queue.jobQueueArn, props.queue, props.jobDefinition.jobDefinitionArn, props.jobDefinition, {
+        jobName: "edgetune-dataset-complete",
+        event: events.RuleTargetInput.fromObject({ Parameters: { dataset: events.EventField.fromPath("$.detail.object.key") } }),
+        retryAttempts: 3,
+      }),
+    );
+
+    const [, timeExpression] = /^cron\((.*)\)$/.exec(props.schedule) ?? [];
+    if (!timeExpression) throw new Error(`schedule must be cron(…), got ${props.schedule}`);
+    this.nightly = new scheduler.Schedule(this, "Nightly", {
+      description: "Nightly retraining of every complete dataset",
+      schedule: scheduler.ScheduleExpression.expression(props.schedule, TimeZone.of(props.timeZone)),
+      target: new schedulerTargets.Universal({
+        service: "batch",
+        action: "submitJob",
+        input: scheduler.ScheduleTargetInput.fromObject({
+          JobName: "edgetune-nightly",
+          JobQueue: props.queue.jobQueueArn,
+          JobDefinition: props.jobDefinition.jobDefinitionArn,
+          Parameters: { dataset: "*" },
+        }),
+        policyStatements: [
+          new iam.PolicyStatement({ actions: ["batch:SubmitJob"], resources: [props.queue.jobQueueArn, props.jobDefinition.jobDefinitionArn] }),
+        ],
+      }),
+    });
+  }
+}

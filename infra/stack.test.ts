@@ -1,0 +1,203 @@
+import { Stack } from "aws-cdk-lib";
+import { Annotations, Match, Template } from "aws-cdk-lib/assertions";
+import * as s3 from "aws-cdk-lib/aws-s3";
+import { beforeAll, describe, expect, it } from "vitest";
+import { buildApp } from "./app.ts";
+
+/**
+ * The synthesized template, checked resource by resource, plus cdk-nag's AwsSolutions rules (a
+ * violation makes synth throw). Synth is offline: the training image is staged, not built.
+ */
+let template: Template;
+let stack: Stack;
+beforeAll(() => {
+  const built = buildApp({ edgetune: { alarmEmail: "ops@example.com", timeZone: "Europe/Paris" } });
+  stack = built.stack;
+  built.app.synth(); // runs cdk-nag; throws on any unacknowledged finding
+  template = Template.fromStack(stack);
+}, 120_000);
+
+type Statement = { Effect: string; Action: string | string[]; Resource: unknown; Principal?: unknown; Condition?: unknown };
+function statements(): Statement[] {
+  const out: Statement[] = [];
+  for (const type of ["AWS::IAM::Policy", "AWS::IAM::ManagedPolicy"]) {
+    for (const r of Object.values(template.findResources(type)))
+      out.push(...((r.Properties as { PolicyDocument: { Statement: Statement[] } }).PolicyDocument.Statement ?? []));
+  }
+  return out;
+}
+const actions = (s: Statement) => (Array.isArray(s.Action) ? s.Action : [s.Action]);
+
+describe("data bucket", () => {
+  it("is encrypted, versioned, private, TLS-only, logs access and sends EventBridge events", () => {
+    template.hasResourceProperties("AWS::S3::Bucket", {
+      BucketEncryption: { ServerSideEncryptionConfiguration: [{ ServerSideEncryptionByDefault: { SSEAlgorithm: "AES256" } }] },
+      VersioningConfiguration: { Status: "Enabled" },
+      PublicAccessBlockConfiguration: { BlockPublicAcls: true, BlockPublicPolicy: true, IgnorePublicAcls: true, RestrictPublicBuckets: true },
+      LoggingConfiguration: Match.objectLike({ LogFilePrefix: "data/" }),
+    });
+    // CDK turns EventBridge notifications on through its notifications custom resource.
+    template.hasResourceProperties("Custom::S3BucketNotifications", { NotificationConfiguration: { EventBridgeConfiguration: {} } });
+    template.hasResourceProperties("AWS::S3::BucketPolicy", {
+      PolicyDocument: { Statement: Match.arrayWith([Match.objectLike({ Effect: "Deny", Condition: { Bool: { "aws:SecureTransport": "false" } } })]) },
+    });
+  });
+
+  it("has lifecycle rules for multipart uploads, noncurrent versions, the cache and run state, and none that expires models", () => {
+    const buckets = template.findResources("AWS::S3::Bucket", { Properties: { VersioningConfiguration: { Status: "Enabled" } } });
+    const rules = (Object.values(buckets)[0]?.Properties as { LifecycleConfiguration: { Rules: Record<string, unknown>[] } }).LifecycleConfiguration.Rules;
+    const ids = rules.map((r) => r.Id);
+    expect(ids).toEqual(expect.arrayContaining(["abort-incomplete-multipart", "noncurrent-versions", "embedding-cache", "run-state"]));
+    for (const r of rules)
+      expect(r.Prefix === "models/" || r.Prefix === "datasets/" || (r.Prefix === undefined && r.ExpirationInDays !== undefined)).toBe(false);
+  });
+
+  it("grants nothing public and no access to any other bucket", () => {
+    for (const s of statements()) {
+      expect(s.Principal).not.toBe("*");
+      // ECR's token call has no resource-level permissions: the one "*" allowed.
+      if (JSON.stringify(s.Action) === '"ecr:GetAuthorizationToken"') continue;
+      expect(JSON.stringify(s.Resource)).not.toMatch(/"arn:aws:s3:::\*"|^"\*"$/);
+      if (actions(s).some((a) => a.startsWith("s3:"))) expect(JSON.stringify(s.Resource)).toMatch(/Data178AD3D0|AccessLogs/);
+    }
+    for (const p of Object.values(template.findResources("AWS::S3::BucketPolicy"))) {
+      for (const s of (p.Properties as { PolicyDocument: { Statement: Statement[] } }).PolicyDocument.Statement) {
+        if (s.Effect === "Allow") expect(JSON.stringify(s.Principal)).not.toBe('"*"');
+      }
+    }
+  });
+});
+
+describe("GPU batch job", () => {
+  it("uses spot first and on-demand second, scaling to zero, on the NVIDIA ECS AMI", () => {
+    const envs = Object.values(template.findResources("AWS::Batch::ComputeEnvironment")).map(
+      (r) => r.Properties as { ComputeResources: Record<string, unknown> },
+    );
+    expect(envs).toHaveLength(2);
+    const types = envs.map((e) => e.ComputeResources.Type).sort();
+    expect(types).toEqual(["EC2", "SPOT"]);
+    for (const e of envs) {
+      expect(e.ComputeResources.MinvCpus).toBe(0);
+      expect(e.ComputeResources.InstanceTypes).toEqual(["g4dn.xlarge", "g5.xlarge"]);
+      expect(e.ComputeResources.Ec2Configuration).toEqual([{ ImageType: "ECS_AL2023_NVIDIA" }]);
+    }
+    template.hasResourceProperties("AWS::Batch::JobQueue", {
+      ComputeEnvironmentOrder: Match.arrayWith([Match.objectLike({ Order: 1 }), Match.objectLike({ Order: 2 })]),
+    });
+  });
+
+  it("requests 1 GPU, less memory than a g4dn.xlarge, a timeout, and retries only spot reclaims", () => {
+    template.hasResourceProperties("AWS::Batch::JobDefinition", {
+      ContainerProperties: Match.objectLike({
+        ResourceRequirements: Match.arrayWith([
+          { Type: "MEMORY", Value: String(14 * 1024) },
+          { Type: "GPU", Value: "1" },
+        ]),
+        Command: ["train", "--dataset", "Ref::dataset", "--json"],
+        User: "node",
+      }),
+      Timeout: { AttemptDurationSeconds: 4 * 3600 },
+      RetryStrategy: {
+        Attempts: 3,
+        EvaluateOnExit: [
+          { Action: "RETRY", OnStatusReason: "Host EC2*" },
+          { Action: "EXIT", OnReason: "*" },
+        ],
+      },
+    });
+  });
+
+  it("runs in public subnets without a NAT gateway, with an S3 gateway endpoint and no inbound rule", () => {
+    template.resourceCountIs("AWS::EC2::NatGateway", 0);
+    template.hasResourceProperties("AWS::EC2::VPCEndpoint", { VpcEndpointType: "Gateway", ServiceName: Match.objectLike({}) });
+    for (const sg of Object.values(template.findResources("AWS::EC2::SecurityGroup")))
+      expect((sg.Properties as { SecurityGroupIngress?: unknown }).SecurityGroupIngress).toBeUndefined();
+  });
+
+  it("gives the job read-only access to datasets and no delete there", () => {
+    const datasetStatements = statements().filter((s) => JSON.stringify(s.Resource).includes("/datasets/*"));
+    expect(datasetStatements.length).toBeGreaterThan(0);
+    for (const s of datasetStatements) for (const a of actions(s)) expect(a).toMatch(/^s3:(GetObject\*|GetBucket\*|List\*)$/);
+  });
+});
+
+describe("triggers", () => {
+  it("submits a job when a dataset manifest is created, with the key as parameter", () => {
+    template.hasResourceProperties("AWS::Events::Rule", {
+      EventPattern: { source: ["aws.s3"], "detail-type": ["Object Created"], detail: { object: { key: [{ wildcard: "datasets/*/manifest.json" }] } } },
+      Targets: [
+        Match.objectLike({
+          BatchParameters: Match.objectLike({ JobName: "edgetune-dataset-complete" }),
+          InputTransformer: Match.objectLike({ InputPathsMap: { "detail-object-key": "$.detail.object.key" } }),
+        }),
+      ],
+    });
+  });
+
+  it("retrains every dataset nightly on a cron in the configured time zone", () => {
+    template.hasResourceProperties("AWS::Scheduler::Schedule", {
+      ScheduleExpression: "cron(0 3 * * ? *)",
+      ScheduleExpressionTimezone: "Europe/Paris",
+    });
+    const schedule = JSON.stringify(Object.values(template.findResources("AWS::Scheduler::Schedule"))[0]);
+    expect(schedule).toContain(":scheduler:::aws-sdk:batch:submitJob");
+    expect(schedule).toContain('\\"Parameters\\":{\\"dataset\\":\\"*\\"}');
+  });
+});
+
+describe("alerts and edge credentials", () => {
+  it("notifies failed jobs on an encrypted topic with an e-mail subscription", () => {
+    template.hasResourceProperties("AWS::Events::Rule", { EventPattern: { source: ["aws.batch"], detail: { status: ["FAILED"] } } });
+    template.hasResourceProperties("AWS::SNS::Topic", { KmsMasterKeyId: Match.anyValue() });
+    template.hasResourceProperties("AWS::SNS::Subscription", { Protocol: "email", Endpoint: "ops@example.com" });
+    template.hasResourceProperties("AWS::Logs::LogGroup", { RetentionInDays: 30 });
+  });
+
+  it("gives the edge s3:GetObject on models/* and nothing else, its key in Secrets Manager, exported", () => {
+    template.hasResourceProperties("AWS::IAM::ManagedPolicy", {
+      PolicyDocument: { Statement: [{ Effect: "Allow", Action: "s3:GetObject", Resource: { "Fn::Join": ["", [Match.anyValue(), "/models/*"]] } }] },
+    });
+    template.resourceCountIs("AWS::IAM::User", 1);
+    template.resourceCountIs("AWS::SecretsManager::Secret", 1);
+    const outputs = Object.keys(template.findOutputs("*"));
+    expect(outputs).toEqual(expect.arrayContaining(["BucketName", "Region", "EdgeCredentialsSecretArn"]));
+  });
+});
+
+describe("cdk-nag", () => {
+  it("reports no unacknowledged AwsSolutions finding", () => {
+    expect(Annotations.fromStack(stack).findError("*", Match.stringLikeRegexp("AwsSolutions"))).toEqual([]);
+  });
+
+  it("fails synth for a deliberately bad change (a public bucket)", () => {
+    const { app, stack: bad } = buildApp({});
+    new s3.Bucket(bad, "Oops", { publicReadAccess: true, blockPublicAccess: s3.BlockPublicAccess.BLOCK_ACLS_ONLY });
+    expect(() => app.synth()).toThrow(/AwsSolutions-S(1|2|10)/);
+  });
+
+  it("rejects invalid settings with the field named", () => {
+    expect(() => buildApp({ edgetune: { instanceTypes: [] } })).toThrow(/instanceTypes/);
+    expect(() => buildApp({ edgetune: { alarmEmail: "not-an-email" } })).toThrow(/alarmEmail/);
+  });
+});
+
+void Stack;
+
+describe("npm run synth", () => {
+  it("synthesizes offline and stages the training image's build context without node_modules", async () => {
+    const { spawnSync } = await import("node:child_process");
+    const { mkdtempSync, readdirSync, existsSync } = await import("node:fs");
+    const { join } = await import("node:path");
+    const { tmpdir } = await import("node:os");
+    const out = mkdtempSync(join(tmpdir(), "cdk-out-"));
+    const r = spawnSync("npx", ["cdk", "synth", "--quiet", "--output", out], { encoding: "utf8", timeout: 120_000 });
+    expect(r.status, r.stderr).toBe(0);
+    expect(existsSync(join(out, "Edgetune.template.json"))).toBe(true);
+    const asset = readdirSync(out).find((d) => d.startsWith("asset."));
+    expect(asset).toBeDefined();
+    const staged = readdirSync(join(out, asset as string));
+    expect(staged).toEqual(expect.arrayContaining(["package.json", "package-lock.json", "jobs", "shared"]));
+    expect(staged).not.toContain("node_modules");
+    expect(existsSync(join(out, asset as string, "jobs/train/Dockerfile"))).toBe(true);
+  }, 180_000);
+});

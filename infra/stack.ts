@@ -1,0 +1,41 @@
+import { CfnOutput, Stack, type StackProps } from "aws-cdk-lib";
+import type * as logs from "aws-cdk-lib/aws-logs";
+import type { Construct } from "constructs";
+import type { EdgetuneConfig } from "./config.ts";
+import { TrainingAlerts } from "./constructs/alerts.ts";
+import { DataBucket } from "./constructs/data-bucket.ts";
+import { EdgeCredentials } from "./constructs/edge-credentials.ts";
+import { BatchNetwork } from "./constructs/network.ts";
+import { TrainingBatch } from "./constructs/training-batch.ts";
+import { TrainingTriggers } from "./constructs/triggers.ts";
+
+/** edgetune in one stack: bucket → triggers → GPU Batch job → models the edge reads. */
+export class EdgetuneStack extends Stack {
+  constructor(scope: Construct, id: string, props: StackProps & { config: EdgetuneConfig }) {
+    super(scope, id, props);
+    const { config } = props;
+    const logRetention = config.logRetentionDays as logs.RetentionDays;
+    const data = new DataBucket(this, "Data", config);
+    const network = new BatchNetwork(this, "Network", { logRetention });
+    const training = new TrainingBatch(this, "Training", { config, vpc: network.vpc, securityGroup: network.securityGroup, bucket: data.bucket, logRetention });
+    new TrainingTriggers(this, "Triggers", {
+      bucket: data.bucket,
+      queue: training.queue,
+      jobDefinition: training.jobDefinition,
+      schedule: config.schedule,
+      timeZone: config.timeZone,
+    });
+    const alerts = new TrainingAlerts(this, "Alerts", { queue: training.queue, email: config.alarmEmail });
+    const edge = new EdgeCredentials(this, "Edge", { bucket: data.bucket });
+
+    new CfnOutput(this, "BucketName", { value: data.bucket.bucketName, description: "EDGETUNE_BUCKET / the worker's S3_BUCKET" });
+    new CfnOutput(this, "Region", { value: this.region, description: "the worker's S3_REGION" });
+    new CfnOutput(this, "EdgeCredentialsSecretArn", {
+      value: edge.secret.secretArn,
+      description: "read-only S3 key for the worker (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
+    });
+    new CfnOutput(this, "JobQueueArn", { value: training.queue.jobQueueArn });
+    new CfnOutput(this, "JobDefinitionArn", { value: training.jobDefinition.jobDefinitionArn });
+    new CfnOutput(this, "FailureTopicArn", { value: alerts.topic.topicArn });
+  }
+}
