@@ -45,7 +45,8 @@ describe("data bucket", () => {
 
   it("has lifecycle rules for multipart uploads, noncurrent versions, the cache and run state, and none that expires models", () => {
     const buckets = template.findResources("AWS::S3::Bucket", { Properties: { VersioningConfiguration: { Status: "Enabled" } } });
-    const rules = (Object.values(buckets)[0]?.Properties as { LifecycleConfiguration: { Rules: Record<string, unknown>[] } }).LifecycleConfiguration.Rules;
+    const bucket = Object.values(buckets)[0] as { Properties: { LifecycleConfiguration: { Rules: Record<string, unknown>[] } } };
+    const rules = bucket.Properties.LifecycleConfiguration.Rules;
     const ids = rules.map((r) => r.Id);
     expect(ids).toEqual(expect.arrayContaining(["abort-incomplete-multipart", "noncurrent-versions", "embedding-cache", "run-state"]));
     for (const r of rules)
