@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type LocalS3, startLocalS3 } from "../test/support/s3-server.ts";
+import { type LocalS3, startLocalS3 } from "../infra/local/s3-server.ts";
 import { readMetadata, readPointer, readPromotedModel, VersionExistsError, writeArtifact, writePointer } from "./artifacts.ts";
 import { validMetadata } from "./contracts/fixtures.ts";
 import { ContractError, IntegrityError, NotFoundError } from "./errors.ts";

@@ -6,7 +6,7 @@ import { DatasetError } from "../../shared/errors.ts";
 import { keys } from "../../shared/keys.ts";
 import { preprocess } from "../../shared/preprocess.ts";
 import { uploadSample } from "../../test/support/datasets.ts";
-import { type LocalS3, startLocalS3 } from "../../test/support/s3-server.ts";
+import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
 import { decodeImage } from "./src/decode.ts";
 import { argmax } from "./src/evaluate.ts";
 import { memoryLogger } from "./src/log.ts";

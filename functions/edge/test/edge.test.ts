@@ -10,8 +10,8 @@ import { readPointer, readPromotedModel, writePointer } from "../../../shared/ar
 import { keys } from "../../../shared/keys.ts";
 import { preprocess } from "../../../shared/preprocess.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
-import { type EdgeWorker, startEdgeWorker } from "../../../test/support/edge-worker.ts";
-import { type LocalS3, startLocalS3 } from "../../../test/support/s3-server.ts";
+import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-worker.ts";
+import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 
 /**
  * The edge worker in real workerd (`wrangler dev`, production wrangler.jsonc and bundle) against a

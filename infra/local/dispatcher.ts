@@ -1,0 +1,136 @@
+import { spawn } from "node:child_process";
+import { join } from "node:path";
+import { datasetNameFromManifestKey, keys } from "../../shared/keys.ts";
+import type { S3Config } from "../../shared/s3/config.ts";
+import type { ObjectStore } from "../../shared/s3/store.ts";
+
+/**
+ * The local stand-in for the cloud wiring in infra/constructs/triggers.ts, with the same rules:
+ *  - "Object Created" for `datasets/<name>/manifest.json` → one job with that key as its `dataset`
+ *    parameter (here: found by polling ListObjectsV2 for new keys or ETags, as no local S3 server
+ *    emits bucket events);
+ *  - the nightly schedule → one job with `dataset` = `*` (here: every `nightlyMs`, if set).
+ * A job is exactly what the Batch container runs: `edgetune train --dataset <param> --json`, as a
+ * child process. Jobs run one at a time, in order, like a queue with one host.
+ */
+export interface JobRecord {
+  dataset: string;
+  reason: "dataset-complete" | "nightly";
+  status: "queued" | "running" | "succeeded" | "failed";
+  exitCode?: number;
+  results: { status: string; model: string; version: string; promoted: boolean; accuracy?: number; reason: string }[];
+  startedAt?: number;
+  finishedAt?: number;
+}
+
+export interface DispatcherOptions {
+  store: ObjectStore;
+  s3: S3Config;
+  pollMs?: number;
+  nightlyMs?: number;
+  /** Extra `edgetune train` flags (the local default trains small and fast). */
+  trainArgs?: string[];
+  /** Where job output goes: inherit the terminal, or collect it. */
+  output?: "inherit" | "collect";
+  onJob?: (job: JobRecord) => void;
+}
+
+export class Dispatcher {
+  readonly jobs: JobRecord[] = [];
+  private readonly seen = new Map<string, string>();
+  private timer?: NodeJS.Timeout;
+  private nightly?: NodeJS.Timeout;
+  private queue: Promise<void> = Promise.resolve();
+  private polling = false;
+  private stopped = false;
+  private current?: ReturnType<typeof spawn>;
+  readonly options: DispatcherOptions;
+
+  constructor(options: DispatcherOptions) {
+    this.options = options;
+  }
+
+  /** Starts polling. Manifests already present count as new (like a fresh deployment's first events). */
+  start(): void {
+    this.timer = setInterval(() => void this.poll(), this.options.pollMs ?? 1000);
+    if (this.options.nightlyMs) this.nightly = setInterval(() => this.submit("*", "nightly"), this.options.nightlyMs);
+    void this.poll();
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    clearInterval(this.timer);
+    clearInterval(this.nightly);
+    this.current?.kill("SIGTERM");
+    await this.queue.catch(() => {});
+  }
+
+  /** Resolves when every job queued so far has finished. */
+  idle(): Promise<void> {
+    return this.queue;
+  }
+
+  async poll(): Promise<void> {
+    if (this.polling || this.stopped) return;
+    this.polling = true;
+    try {
+      for await (const o of this.options.store.list(keys.datasetsRoot)) {
+        if (!datasetNameFromManifestKey(o.key)) continue;
+        if (this.seen.get(o.key) === o.etag) continue;
+        this.seen.set(o.key, o.etag);
+        this.submit(o.key, "dataset-complete");
+      }
+    } catch {
+      // the local S3 server is stopping or briefly unreachable: try again at the next tick
+    } finally {
+      this.polling = false;
+    }
+  }
+
+  submit(dataset: string, reason: JobRecord["reason"]): JobRecord {
+    const job: JobRecord = { dataset, reason, status: "queued", results: [] };
+    this.jobs.push(job);
+    this.options.onJob?.(job);
+    this.queue = this.queue.then(() => this.run(job));
+    return job;
+  }
+
+  private run(job: JobRecord): Promise<void> {
+    if (this.stopped) return Promise.resolve();
+    job.status = "running";
+    job.startedAt = Date.now();
+    this.options.onJob?.(job);
+    const s3 = this.options.s3;
+    const env = {
+      ...process.env,
+      EDGETUNE_BUCKET: s3.bucket,
+      EDGETUNE_S3_ENDPOINT: s3.endpoint ?? "",
+      AWS_REGION: s3.region,
+      AWS_ACCESS_KEY_ID: s3.credentials?.accessKeyId ?? "local",
+      AWS_SECRET_ACCESS_KEY: s3.credentials?.secretAccessKey ?? "local-secret",
+    };
+    const cli = join(import.meta.dirname, "..", "..", "jobs", "train", "cli.ts");
+    const args = [cli, "train", "--dataset", job.dataset, ...(this.options.trainArgs ?? [])];
+    return new Promise((resolve) => {
+      const child = spawn(process.execPath, args, { env, stdio: ["ignore", "pipe", this.options.output === "inherit" ? "inherit" : "pipe"] });
+      this.current = child;
+      let stdout = "";
+      child.stdout?.on("data", (d) => {
+        stdout += d;
+      });
+      child.stderr?.on("data", () => {});
+      child.on("exit", (code) => {
+        job.exitCode = code ?? -1;
+        job.status = code === 0 ? "succeeded" : "failed";
+        job.finishedAt = Date.now();
+        job.results = stdout
+          .split("\n")
+          .filter((l) => l.startsWith("{"))
+          .map((l) => JSON.parse(l) as JobRecord["results"][number]);
+        this.current = undefined;
+        this.options.onJob?.(job);
+        resolve();
+      });
+    });
+  }
+}

@@ -1,0 +1,124 @@
+#!/usr/bin/env node
+/**
+ * `npm start`: the whole edgetune loop on this machine, no AWS or Cloudflare account needed.
+ *   1. a local S3 API server (fauxqs) on loopback, with the bucket;
+ *   2. the bundled base model (MobileNetV2 from the nsfwjs package) and a real sample dataset
+ *      (Twemoji images in 3 labels) pushed into it, manifest last;
+ *   3. the dispatcher sees the manifest, as the EventBridge rule would, and runs the training job
+ *      through the same CLI as the Batch container; the model is evaluated and promoted;
+ *   4. the edge worker starts in local workerd (wrangler dev) against the bucket;
+ *   5. held-out images are classified over HTTP, and a ready-to-paste curl command is printed.
+ * Then it serves until Ctrl-C, with the nightly stand-in retraining every EDGETUNE_NIGHTLY_MINUTES.
+ */
+import { mkdtemp, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { readPointer } from "../../shared/artifacts.ts";
+import { userMessage } from "../../shared/errors.ts";
+import { keys } from "../../shared/keys.ts";
+import { initBackend } from "../../jobs/train/src/backend.ts";
+import { DEFAULT_BASE, ensureBase } from "../../jobs/train/src/bases.ts";
+import { SAMPLE_CREDIT, sampleDataset } from "../../jobs/train/src/sample-dataset.ts";
+import { Dispatcher } from "./dispatcher.ts";
+import { freePort, startEdgeWorker } from "./edge-worker.ts";
+import { startLocalS3 } from "./s3-server.ts";
+
+const t0 = performance.now();
+const elapsed = () => `${((performance.now() - t0) / 1000).toFixed(1)} s`;
+const say = (m: string) => process.stdout.write(`[${elapsed().padStart(7)}] ${m}\n`);
+const DATASET = "emoji";
+const once = process.argv.includes("--once");
+
+const cleanups: (() => Promise<void>)[] = [];
+async function shutdown(code: number): Promise<never> {
+  for (const c of cleanups.reverse()) await c().catch(() => {});
+  process.exit(code);
+}
+process.on("SIGINT", () => {
+  process.stdout.write("\nStopping…\n");
+  void shutdown(0);
+});
+process.on("SIGTERM", () => void shutdown(0));
+
+try {
+  const s3 = await startLocalS3({ bucket: "edgetune-local", port: Number(process.env.EDGETUNE_LOCAL_S3_PORT ?? 0) });
+  cleanups.push(() => s3.stop());
+  say(`local S3 API on ${s3.endpoint} (bucket ${s3.config.bucket})`);
+
+  await initBackend();
+  const base = await ensureBase(s3.store, DEFAULT_BASE);
+  say(`base model ${base.id} stored under ${keys.base(base.id)} (${(base.files.reduce((n, f) => n + f.bytes, 0) / 1e6).toFixed(1)} MB)`);
+
+  const dispatcher = new Dispatcher({
+    store: s3.store,
+    s3: s3.config,
+    pollMs: 500,
+    nightlyMs: Number(process.env.EDGETUNE_NIGHTLY_MINUTES ?? 0) * 60_000 || undefined,
+    trainArgs: ["--image-size", "128"],
+    output: "inherit",
+    onJob: (job) => {
+      if (job.status === "running") say(`training job started for ${job.dataset} (${job.reason})`);
+      if (job.status === "succeeded") for (const r of job.results) say(`job done: ${r.model} ${r.version} ${r.promoted ? "promoted" : "not promoted"}, accuracy ${((r.accuracy ?? 0) * 100).toFixed(1)} % (${r.reason})`);
+      if (job.status === "failed") say(`training job for ${job.dataset} failed (exit ${job.exitCode})`);
+    },
+  });
+  dispatcher.start();
+  cleanups.push(() => dispatcher.stop());
+
+  // A real sample dataset: 30 Twemoji images per label to train on, 4 more per label held out.
+  const train = await sampleDataset({ perLabel: 30, size: 128 });
+  const unseen = (await sampleDataset({ perLabel: 40, size: 128 })).filter((h) => !train.some((t) => t.file === h.file));
+  const heldOut = ["animals", "food", "travel"].flatMap((label) => unseen.filter((h) => h.label === label).slice(0, 4));
+  await Promise.all(train.map((i) => s3.store.put(`${keys.dataset(DATASET)}${i.file}`, i.bytes)));
+  await s3.store.put(keys.manifest(DATASET), JSON.stringify({ schemaVersion: 1, imageCount: train.length }));
+  say(`pushed dataset ${DATASET}: ${train.length} images in 3 labels (${SAMPLE_CREDIT}); manifest written last`);
+
+  while (!(await readPointer(s3.store, DATASET))) {
+    if (dispatcher.jobs.some((j) => j.status === "failed")) throw new Error("training failed; see the log above");
+    await new Promise((r) => setTimeout(r, 300));
+  }
+  say(`model ${DATASET} promoted`);
+
+  const port = Number(process.env.EDGETUNE_EDGE_PORT ?? 0) || (await freePort());
+  const edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, port, apiKey: process.env.EDGETUNE_API_KEY ?? "local-dev-key", pointerTtlSeconds: 10 });
+  cleanups.push(() => edge.stop());
+  say(`edge worker (workerd) on ${edge.url}`);
+
+  let first = true;
+  let correct = 0;
+  const rows: string[] = [];
+  for (const img of heldOut) {
+    const res = await fetch(`${edge.url}/v1/models/${DATASET}/classify?top_k=2`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${edge.apiKey}`, "content-type": img.file.endsWith(".jpg") ? "image/jpeg" : "image/png" },
+      body: img.bytes as BodyInit,
+    });
+    const body = (await res.json()) as { predictions?: { label: string; score: number }[]; timings?: { totalMs: number }; error?: { message: string } };
+    if (first) {
+      say(`first classification from the edge (time from start: ${elapsed()})`);
+      first = false;
+    }
+    const top = body.predictions?.[0];
+    if (top?.label === img.label) correct++;
+    rows.push(
+      `  ${img.file.padEnd(34)} ${res.status}  ${top ? `${top.label.padEnd(8)} ${(top.score * 100).toFixed(1).padStart(5)} %` : body.error?.message}  ${top?.label === img.label ? "✓" : "✗"}  ${body.timings?.totalMs ?? "-"} ms`,
+    );
+  }
+  process.stdout.write(`\nHeld-out images classified by the edge worker (${correct}/${heldOut.length} correct):\n${rows.join("\n")}\n`);
+  const sampleDir = await mkdtemp(join(tmpdir(), "edgetune-sample-"));
+  const sample = heldOut[0] as (typeof heldOut)[number];
+  const samplePath = join(sampleDir, sample.file.replace("/", "-"));
+  await writeFile(samplePath, sample.bytes);
+  process.stdout.write(
+    `\nTry it:\n  curl -s -X POST '${edge.url}/v1/models/${DATASET}/classify?top_k=3' \\\n    -H 'Authorization: Bearer ${edge.apiKey}' -H 'Content-Type: ${sample.file.endsWith(".jpg") ? "image/jpeg" : "image/png"}' \\\n    --data-binary @${samplePath}\n`,
+  );
+  process.stdout.write(
+    `\nThe CLI against this bucket:\n  EDGETUNE_BUCKET=${s3.config.bucket} EDGETUNE_S3_ENDPOINT=${s3.endpoint} AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local npx edgetune models ${DATASET}\n`,
+  );
+  if (once) await shutdown(correct > 0 ? 0 : 1);
+  process.stdout.write("\nServing until Ctrl-C.\n");
+} catch (e) {
+  process.stderr.write(`edgetune start: ${userMessage(e)}\n`);
+  if (process.env.EDGETUNE_DEBUG) console.error(e);
+  await shutdown(1);
+}
