@@ -19,6 +19,8 @@ export interface JobRecord {
   status: "queued" | "running" | "succeeded" | "failed";
   exitCode?: number;
   results: { status: string; model: string; version: string; promoted: boolean; accuracy?: number; reason: string }[];
+  /** The end of the job's log when its output is collected (for the user, and for a failed test). */
+  logTail?: string;
   startedAt?: number;
   finishedAt?: number;
 }
@@ -118,11 +120,15 @@ export class Dispatcher {
       child.stdout?.on("data", (d) => {
         stdout += d;
       });
-      child.stderr?.on("data", () => {});
+      let stderr = "";
+      child.stderr?.on("data", (d) => {
+        stderr = (stderr + d).slice(-4000);
+      });
       child.on("exit", (code) => {
         job.exitCode = code ?? -1;
         job.status = code === 0 ? "succeeded" : "failed";
         job.finishedAt = Date.now();
+        if (stderr) job.logTail = stderr;
         job.results = stdout
           .split("\n")
           .filter((l) => l.startsWith("{"))

@@ -13,12 +13,12 @@
 import { mkdtemp, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { readPointer } from "../../shared/artifacts.ts";
-import { userMessage } from "../../shared/errors.ts";
-import { keys } from "../../shared/keys.ts";
 import { initBackend } from "../../jobs/train/src/backend.ts";
 import { DEFAULT_BASE, ensureBase } from "../../jobs/train/src/bases.ts";
 import { SAMPLE_CREDIT, sampleDataset } from "../../jobs/train/src/sample-dataset.ts";
+import { readPointer } from "../../shared/artifacts.ts";
+import { userMessage } from "../../shared/errors.ts";
+import { keys } from "../../shared/keys.ts";
 import { Dispatcher } from "./dispatcher.ts";
 import { freePort, startEdgeWorker } from "./edge-worker.ts";
 import { startLocalS3 } from "./s3-server.ts";
@@ -58,7 +58,11 @@ try {
     output: "inherit",
     onJob: (job) => {
       if (job.status === "running") say(`training job started for ${job.dataset} (${job.reason})`);
-      if (job.status === "succeeded") for (const r of job.results) say(`job done: ${r.model} ${r.version} ${r.promoted ? "promoted" : "not promoted"}, accuracy ${((r.accuracy ?? 0) * 100).toFixed(1)} % (${r.reason})`);
+      if (job.status === "succeeded")
+        for (const r of job.results)
+          say(
+            `job done: ${r.model} ${r.version} ${r.promoted ? "promoted" : "not promoted"}, accuracy ${((r.accuracy ?? 0) * 100).toFixed(1)} % (${r.reason})`,
+          );
       if (job.status === "failed") say(`training job for ${job.dataset} failed (exit ${job.exitCode})`);
     },
   });
@@ -80,7 +84,13 @@ try {
   say(`model ${DATASET} promoted`);
 
   const port = Number(process.env.EDGETUNE_EDGE_PORT ?? 0) || (await freePort());
-  const edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, port, apiKey: process.env.EDGETUNE_API_KEY ?? "local-dev-key", pointerTtlSeconds: 10 });
+  const edge = await startEdgeWorker({
+    s3Endpoint: s3.endpoint,
+    bucket: s3.config.bucket,
+    port,
+    apiKey: process.env.EDGETUNE_API_KEY ?? "local-dev-key",
+    pointerTtlSeconds: 10,
+  });
   cleanups.push(() => edge.stop());
   say(`edge worker (workerd) on ${edge.url}`);
 

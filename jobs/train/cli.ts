@@ -118,10 +118,25 @@ program
       },
     };
     const { train } = await import("./src/train.ts");
-    const result = await train(storeFrom(globals), clean(input), createLogger({ json: o.json === true ? true : undefined }));
-    process.stdout.write(
-      `${JSON.stringify({ status: result.status, model: result.name, version: result.version, promoted: result.promoted, accuracy: result.accuracy, reason: result.reason })}\n`,
-    );
+    const store = storeFrom(globals);
+    const log = createLogger({ json: o.json === true ? true : undefined });
+    // "*" (the nightly schedule): every complete dataset, one after the other.
+    const names = input.dataset === "*" ? (await listDatasets(store)).filter((d) => d.complete).map((d) => d.name) : [input.dataset];
+    let failed = 0;
+    for (const dataset of names) {
+      try {
+        const result = await train(store, clean({ ...input, dataset }), log);
+        process.stdout.write(
+          `${JSON.stringify({ status: result.status, model: result.name, version: result.version, promoted: result.promoted, accuracy: result.accuracy, reason: result.reason })}\n`,
+        );
+      } catch (e) {
+        // One bad dataset must not stop the nightly run of the others; it still fails the job.
+        if (names.length === 1) throw e;
+        failed++;
+        log.warn(`training ${dataset} failed: ${userMessage(e)}`);
+      }
+    }
+    if (failed > 0) throw new EdgetuneError("some_failed", `${failed} of ${names.length} datasets failed to train (see the log above).`);
   });
 
 const base = program.command("base").description("Pretrained bases");

@@ -1,12 +1,12 @@
 import { spawn } from "node:child_process";
 import * as tf from "@tensorflow/tfjs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
 import { readPointer, readPromotedModel } from "../../shared/artifacts.ts";
 import { DatasetError } from "../../shared/errors.ts";
 import { keys } from "../../shared/keys.ts";
 import { preprocess } from "../../shared/preprocess.ts";
 import { uploadSample } from "../../test/support/datasets.ts";
-import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
 import { decodeImage } from "./src/decode.ts";
 import { argmax } from "./src/evaluate.ts";
 import { memoryLogger } from "./src/log.ts";

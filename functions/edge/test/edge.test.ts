@@ -3,6 +3,8 @@ import { join } from "node:path";
 import * as tf from "@tensorflow/tfjs";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-worker.ts";
+import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 import { decodeImage } from "../../../jobs/train/src/decode.ts";
 import { memoryLogger } from "../../../jobs/train/src/log.ts";
 import { train } from "../../../jobs/train/src/train.ts";
@@ -10,8 +12,6 @@ import { readPointer, readPromotedModel, writePointer } from "../../../shared/ar
 import { keys } from "../../../shared/keys.ts";
 import { preprocess } from "../../../shared/preprocess.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
-import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-worker.ts";
-import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 
 /**
  * The edge worker in real workerd (`wrangler dev`, production wrangler.jsonc and bundle) against a
