@@ -1,0 +1,71 @@
+#!/usr/bin/env node
+/**
+ * `npm run bench:accuracy` — accuracy of every base available here × both strategies on the
+ * reference datasets in ../shared/data, next to the published numbers. Slow (tens of minutes at
+ * 224 px on 2 cores); `--datasets hymenoptera_data --bases nsfwjs-mobilenet-v2 --size 160` narrows it.
+ * Results: bench/results/accuracy.json (appended) and a markdown table on stdout.
+ */
+import { appendFile, readFile } from "node:fs/promises";
+import { join } from "node:path";
+import { importBase, ensureBase } from "../jobs/train/src/bases.ts";
+import { initBackend } from "../jobs/train/src/backend.ts";
+import { pushDataset } from "../jobs/train/src/datasets-admin.ts";
+import { createLogger } from "../jobs/train/src/log.ts";
+import { train } from "../jobs/train/src/train.ts";
+import { startLocalS3 } from "../infra/local/s3-server.ts";
+import { arg, hasShared, machine, SHARED } from "./common.ts";
+
+const DATASETS: Record<string, { reference: string }> = {
+  hymenoptera_data: { reference: "95.4 % (ResNet-18 fixed features), 92.8 % fine-tuned" },
+  cats_and_dogs_filtered: { reference: "94–95 % frozen MobileNetV2 160 px, 97–98 % fine-tuned" },
+  flowers128: { reference: "85–92 % (MobileNetV2 transfer)" },
+};
+const BASES: Record<string, { dir?: string; featureLayer?: string; fineTuneFrom?: string; normalization?: "minus1-1" | "0-1" }> = {
+  "nsfwjs-mobilenet-v2": {},
+  "mobilenet-v1-025": { dir: "models/mobilenet_v1_0.25_224", featureLayer: "conv_pw_13_relu", fineTuneFrom: "conv_pw_11_relu", normalization: "minus1-1" },
+  "darknet-tiny": { dir: "models/darknet_tiny", featureLayer: "conv2d_16", fineTuneFrom: "leaky_re_lu_14", normalization: "0-1" },
+};
+
+const datasets = (arg("datasets") ?? Object.keys(DATASETS).join(",")).split(",");
+const bases = (arg("bases") ?? Object.keys(BASES).join(",")).split(",");
+const strategies = (arg("strategies") ?? "head,finetune").split(",") as ("head" | "finetune")[];
+const size = Number(arg("size", "224")) as 224;
+const views = Number(arg("views", "3"));
+
+if (!hasShared("data")) {
+  console.log("../shared/data is absent: nothing to benchmark.");
+  process.exit(0);
+}
+const backend = await initBackend();
+const s3 = await startLocalS3();
+const log = createLogger({ json: true, quiet: true, stream: { write: () => true } as unknown as NodeJS.WriteStream });
+const rows: string[] = [];
+for (const base of bases) {
+  const spec = BASES[base];
+  if (!spec) throw new Error(`unknown base ${base}; known: ${Object.keys(BASES).join(", ")}`);
+  if (spec.dir) {
+    if (!hasShared(spec.dir)) continue;
+    await importBase(s3.store, { kind: "dir", path: join(SHARED, spec.dir) }, { id: base, featureLayer: spec.featureLayer as string, normalization: spec.normalization as "0-1", fineTuneFrom: spec.fineTuneFrom, licence: "see ../shared/README.md" });
+  } else {
+    await ensureBase(s3.store, base);
+  }
+  for (const dataset of datasets) {
+    if (!hasShared("data", dataset)) continue;
+    const name = dataset.replaceAll("_", "-");
+    if (!(await s3.store.head(`datasets/${name}/manifest.json`))) await pushDataset(s3.store, join(SHARED, "data", dataset), name);
+    for (const strategy of strategies) {
+      const t0 = performance.now();
+      const r = await train(s3.store, { dataset: name, model: `${name}-${base}-${strategy}`, base, strategy, imageSize: size, views, force: true }, log);
+      const seconds = (performance.now() - t0) / 1000;
+      const features = r.report?.phases.find((p) => p.name === "features")?.detail;
+      const row = { date: new Date().toISOString(), dataset, base, strategy, size, views, accuracy: r.accuracy, evaluatedOn: r.report?.metrics.evaluatedOn, seconds, features, backend: backend.name, machine: machine() };
+      await appendFile(join(import.meta.dirname, "results", "accuracy.jsonl"), `${JSON.stringify(row)}\n`);
+      const line = `| ${dataset} | ${base} | ${strategy} | ${size} | ${((r.accuracy ?? 0) * 100).toFixed(1)} % (${r.report?.metrics.evaluatedOn}) | ${seconds.toFixed(0)} s | ${DATASETS[dataset]?.reference ?? ""} |`;
+      rows.push(line);
+      console.log(line);
+    }
+  }
+}
+await s3.stop();
+console.log(`\n| dataset | base | strategy | px | val accuracy (n) | wall | published reference |\n|---|---|---|---|---|---|---|\n${rows.join("\n")}`);
+void readFile;
