@@ -5,14 +5,14 @@
  * 224 px on 2 cores); `--datasets hymenoptera_data --bases nsfwjs-mobilenet-v2 --size 160` narrows it.
  * Results: bench/results/accuracy.json (appended) and a markdown table on stdout.
  */
-import { appendFile, readFile } from "node:fs/promises";
+import { appendFile } from "node:fs/promises";
 import { join } from "node:path";
-import { importBase, ensureBase } from "../jobs/train/src/bases.ts";
+import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { initBackend } from "../jobs/train/src/backend.ts";
+import { ensureBase, importBase } from "../jobs/train/src/bases.ts";
 import { pushDataset } from "../jobs/train/src/datasets-admin.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { arg, hasShared, machine, SHARED } from "./common.ts";
 
 const DATASETS: Record<string, { reference: string }> = {
@@ -45,7 +45,17 @@ for (const base of bases) {
   if (!spec) throw new Error(`unknown base ${base}; known: ${Object.keys(BASES).join(", ")}`);
   if (spec.dir) {
     if (!hasShared(spec.dir)) continue;
-    await importBase(s3.store, { kind: "dir", path: join(SHARED, spec.dir) }, { id: base, featureLayer: spec.featureLayer as string, normalization: spec.normalization as "0-1", fineTuneFrom: spec.fineTuneFrom, licence: "see ../shared/README.md" });
+    await importBase(
+      s3.store,
+      { kind: "dir", path: join(SHARED, spec.dir) },
+      {
+        id: base,
+        featureLayer: spec.featureLayer as string,
+        normalization: spec.normalization as "0-1",
+        fineTuneFrom: spec.fineTuneFrom,
+        licence: "see ../shared/README.md",
+      },
+    );
   } else {
     await ensureBase(s3.store, base);
   }
@@ -58,7 +68,20 @@ for (const base of bases) {
       const r = await train(s3.store, { dataset: name, model: `${name}-${base}-${strategy}`, base, strategy, imageSize: size, views, force: true }, log);
       const seconds = (performance.now() - t0) / 1000;
       const features = r.report?.phases.find((p) => p.name === "features")?.detail;
-      const row = { date: new Date().toISOString(), dataset, base, strategy, size, views, accuracy: r.accuracy, evaluatedOn: r.report?.metrics.evaluatedOn, seconds, features, backend: backend.name, machine: machine() };
+      const row = {
+        date: new Date().toISOString(),
+        dataset,
+        base,
+        strategy,
+        size,
+        views,
+        accuracy: r.accuracy,
+        evaluatedOn: r.report?.metrics.evaluatedOn,
+        seconds,
+        features,
+        backend: backend.name,
+        machine: machine(),
+      };
       await appendFile(join(import.meta.dirname, "results", "accuracy.jsonl"), `${JSON.stringify(row)}\n`);
       const line = `| ${dataset} | ${base} | ${strategy} | ${size} | ${((r.accuracy ?? 0) * 100).toFixed(1)} % (${r.report?.metrics.evaluatedOn}) | ${seconds.toFixed(0)} s | ${DATASETS[dataset]?.reference ?? ""} |`;
       rows.push(line);
@@ -68,4 +91,3 @@ for (const base of bases) {
 }
 await s3.stop();
 console.log(`\n| dataset | base | strategy | px | val accuracy (n) | wall | published reference |\n|---|---|---|---|---|---|---|\n${rows.join("\n")}`);
-void readFile;
