@@ -1,4 +1,4 @@
-import * as tf from "@tensorflow/tfjs";
+import type * as tf from "@tensorflow/tfjs";
 import { sha256Hex } from "../../../shared/hash.ts";
 import { keys } from "../../../shared/keys.ts";
 import { type PreprocessingSpec, preprocess } from "../../../shared/preprocess.ts";
@@ -6,13 +6,17 @@ import type { ObjectStore } from "../../../shared/s3/store.ts";
 import { augmentation } from "./augment.ts";
 import type { DatasetImage } from "./dataset.ts";
 import { decodeImage } from "./decode.ts";
-import { decodePack, encodePack, type Pack, type PackEntry } from "./packs.ts";
+import { createForwardPool, type ForwardPool } from "./forward-pool.ts";
+import { decodePack, encodePack, type Pack } from "./packs.ts";
 
 /**
  * Features of every image, computed once. The cache key covers everything that changes the numbers
  * (base weights, cut layer, pooling, size, preprocessing, augmentation recipe and seed); the entries
  * are keyed by image content. A retrain reads the packs, fetches only images it has not seen and
  * writes their features as new packs, which also checkpoints a long extraction as it goes.
+ *
+ * The pipeline streams: while the forward pass of one pack runs (on every core, see forward-pool.ts),
+ * the next pack's images are fetched and decoded (sharp decodes on libuv threads).
  */
 export interface ExtractorSpec {
   baseSha256: string;
@@ -34,6 +38,8 @@ export interface Features {
 
 /** Images per pack (and so per checkpoint). EDGETUNE_PACK_IMAGES overrides it, for tests of resuming. */
 export const PACK_IMAGES = Number(process.env.EDGETUNE_PACK_IMAGES) || 256;
+/** Packs stay well below a single PUT's comfortable size (unpooled fine-tuning maps are large). */
+export const PACK_MAX_BYTES = 8 * 1024 * 1024;
 const FETCH_CONCURRENCY = 8;
 const BATCH = 32;
 
@@ -50,13 +56,55 @@ export async function extractFeatures(
   spec: ExtractorSpec,
   images: readonly DatasetImage[],
   onProgress: (done: number, total: number) => void = () => {},
+  options: { threads?: number } = {},
 ): Promise<Features> {
   const started = performance.now();
   const prefix = keys.embeddingCache(await cacheKeyOf(spec));
-  const byId = new Map<string, Float32Array[]>();
-  const failed = new Map<string, { key: string; reason: string }>();
-  let shape: number[] = [];
-  let packsRead = 0;
+  const features = await readCache(store, prefix);
+  const todo = uniqueById(images.filter((image) => !isComplete(features, image.id, spec.views)));
+  const cached = images.length - todo.length;
+  let computed = 0;
+  let packsWritten = 0;
+  onProgress(cached, images.length);
+
+  const perPack = imagesPerPack(extractor, spec);
+  const chunks: DatasetImage[][] = [];
+  for (let i = 0; i < todo.length; i += perPack) chunks.push(todo.slice(i, i + perPack));
+  if (chunks.length > 0) {
+    const pool = await createForwardPool(extractor, { size: spec.size, pooled: spec.pooled, threads: options.threads });
+    try {
+      let next = loadChunk(store, chunks[0] as DatasetImage[], spec);
+      for (let c = 0; c < chunks.length; c++) {
+        const loaded = await next;
+        if (c + 1 < chunks.length) next = loadChunk(store, chunks[c + 1] as DatasetImage[], spec);
+        const pack = await embedChunk(pool, loaded, features.shape);
+        addPack(features, pack);
+        await writePack(store, prefix, pack);
+        packsWritten++;
+        computed += pack.entries.length / spec.views;
+        onProgress(cached + computed + pack.failed.length, images.length);
+      }
+    } finally {
+      await pool.close();
+    }
+  }
+  return {
+    ...features,
+    stats: {
+      cached,
+      computed,
+      failed: images.filter((i) => features.failed.has(i.id)).length,
+      packsRead: features.packsRead,
+      packsWritten,
+      seconds: (performance.now() - started) / 1000,
+    },
+  };
+}
+
+type CacheState = Omit<Features, "stats"> & { packsRead: number };
+
+async function readCache(store: ObjectStore, prefix: string): Promise<CacheState> {
+  const state: CacheState = { shape: [], byId: new Map(), failed: new Map(), packsRead: 0 };
   for await (const o of store.list(prefix)) {
     const bytes = await store.get(o.key);
     if (!bytes) continue;
@@ -66,73 +114,39 @@ export async function extractFeatures(
     } catch {
       continue; // a torn pack from a killed run: its images are simply computed again
     }
-    packsRead++;
-    shape = pack.shape;
-    for (const e of pack.entries) {
-      const views = byId.get(e.id) ?? [];
-      views[e.view] = e.values;
-      byId.set(e.id, views);
-    }
-    for (const f of pack.failed) failed.set(f.id, { key: f.key, reason: f.reason });
+    state.packsRead++;
+    addPack(state, pack);
   }
-  const wanted = new Map<string, DatasetImage>();
-  for (const image of images) {
-    const have = byId.get(image.id);
-    const complete = have !== undefined && have.length >= spec.views && have.slice(0, spec.views).every(Boolean);
-    if (!complete && !failed.has(image.id)) wanted.set(image.id, image);
-  }
-  const todo = [...wanted.values()];
-  const cached = images.length - todo.length;
-  let packsWritten = 0;
-  let computed = 0;
-  onProgress(cached, images.length);
+  return state;
+}
 
-  // Fetch + decode run ahead of the forward pass (sharp decodes on libuv threads, off this one).
-  const chunks: DatasetImage[][] = [];
-  for (let i = 0; i < todo.length; i += PACK_IMAGES) chunks.push(todo.slice(i, i + PACK_IMAGES));
-  let next = chunks.length > 0 ? loadChunk(store, chunks[0] as DatasetImage[], spec) : undefined;
-  for (let c = 0; c < chunks.length; c++) {
-    const loaded = await (next as Promise<LoadedImage[]>);
-    next = c + 1 < chunks.length ? loadChunk(store, chunks[c + 1] as DatasetImage[], spec) : undefined;
-    const pack: Pack = { shape: [], entries: [], failed: [] };
-    const ok = loaded.filter((l): l is LoadedImage & { views: Float32Array[] } => {
-      if (l.error !== undefined) pack.failed.push({ id: l.image.id, key: l.image.key, reason: l.error });
-      return l.error === undefined;
-    });
-    const flat: { id: string; view: number; input: Float32Array }[] = ok.flatMap((l) => l.views.map((input, view) => ({ id: l.image.id, view, input })));
-    for (let b = 0; b < flat.length; b += BATCH) {
-      const batch = flat.slice(b, b + BATCH);
-      const out = forward(
-        extractor,
-        batch.map((e) => e.input),
-        spec.size,
-        spec.pooled,
-      );
-      pack.shape = out.shape;
-      batch.forEach((e, i) => {
-        pack.entries.push({ id: e.id, view: e.view, values: out.values[i] as Float32Array });
-      });
-    }
-    for (const f of pack.failed) failed.set(f.id, { key: f.key, reason: f.reason });
-    for (const e of pack.entries) {
-      const views = byId.get(e.id) ?? [];
-      views[e.view] = e.values;
-      byId.set(e.id, views);
-    }
-    if (pack.shape.length > 0) shape = pack.shape;
-    else pack.shape = shape;
-    await writePack(store, prefix, pack);
-    packsWritten++;
-    computed += ok.length;
-    onProgress(cached + computed + pack.failed.length, images.length);
+function addPack(state: Pick<CacheState, "shape" | "byId" | "failed">, pack: Pack): void {
+  if (pack.shape.length > 0) state.shape = pack.shape;
+  for (const e of pack.entries) {
+    const views = state.byId.get(e.id) ?? [];
+    views[e.view] = e.values;
+    state.byId.set(e.id, views);
   }
-  if (shape.length === 0 && byId.size === 0) shape = [];
-  return {
-    shape,
-    byId,
-    failed,
-    stats: { cached, computed, failed: images.filter((i) => failed.has(i.id)).length, packsRead, packsWritten, seconds: (performance.now() - started) / 1000 },
-  };
+  for (const f of pack.failed) state.failed.set(f.id, { key: f.key, reason: f.reason });
+}
+
+function isComplete(state: CacheState, id: string, views: number): boolean {
+  if (state.failed.has(id)) return true;
+  const have = state.byId.get(id);
+  return have !== undefined && have.length >= views && have.slice(0, views).every(Boolean);
+}
+
+function uniqueById(images: DatasetImage[]): DatasetImage[] {
+  const seen = new Map<string, DatasetImage>();
+  for (const image of images) if (!seen.has(image.id)) seen.set(image.id, image);
+  return [...seen.values()];
+}
+
+function imagesPerPack(extractor: tf.LayersModel, spec: ExtractorSpec): number {
+  const shape = (extractor.outputs[0]?.shape ?? []).slice(1).map((d) => d ?? 1);
+  const values = spec.pooled ? (shape.at(-1) ?? 1) : shape.reduce((a, b) => a * b, 1);
+  const bytesPerImage = values * 2 * spec.views;
+  return Math.max(1, Math.min(PACK_IMAGES, Math.floor(PACK_MAX_BYTES / bytesPerImage)));
 }
 
 interface LoadedImage {
@@ -141,6 +155,7 @@ interface LoadedImage {
   error?: string;
 }
 
+/** Fetches, decodes and preprocesses (every view of) a chunk of images, a few at a time. */
 async function loadChunk(store: ObjectStore, chunk: DatasetImage[], spec: ExtractorSpec): Promise<LoadedImage[]> {
   const results: LoadedImage[] = new Array(chunk.length);
   let cursor = 0;
@@ -164,24 +179,36 @@ async function loadChunk(store: ObjectStore, chunk: DatasetImage[], spec: Extrac
   return results;
 }
 
-function forward(model: tf.LayersModel, inputs: Float32Array[], size: number, pooled: boolean): { shape: number[]; values: Float32Array[] } {
-  const per = size * size * 3;
+/** The features of a loaded chunk as one pack; all its batches go to the pool at once. */
+async function embedChunk(pool: ForwardPool, loaded: LoadedImage[], knownShape: number[]): Promise<Pack> {
+  const pack: Pack = { shape: knownShape, entries: [], failed: [] };
+  const rows: { id: string; view: number; input: Float32Array }[] = [];
+  for (const l of loaded) {
+    if (l.views) l.views.forEach((input, view) => rows.push({ id: l.image.id, view, input }));
+    else pack.failed.push({ id: l.image.id, key: l.image.key, reason: l.error ?? "unknown error" });
+  }
+  const batches: (typeof rows)[] = [];
+  for (let b = 0; b < rows.length; b += BATCH) batches.push(rows.slice(b, b + BATCH));
+  const outputs = await Promise.all(batches.map((batch) => pool.run(concat(batch.map((r) => r.input)), batch.length)));
+  batches.forEach((batch, b) => {
+    const out = outputs[b] as { shape: number[]; values: Float32Array[] };
+    pack.shape = out.shape;
+    batch.forEach((r, i) => {
+      pack.entries.push({ id: r.id, view: r.view, values: out.values[i] as Float32Array });
+    });
+  });
+  return pack;
+}
+
+function concat(inputs: Float32Array[]): Float32Array {
+  const per = inputs[0]?.length ?? 0;
   const body = new Float32Array(inputs.length * per);
   for (const [i, x] of inputs.entries()) body.set(x, i * per);
-  const result = tf.tidy(() => {
-    let y = model.predict(tf.tensor4d(body, [inputs.length, size, size, 3])) as tf.Tensor;
-    if (pooled && y.rank === 4) y = tf.mean(y, [1, 2]);
-    return y;
-  });
-  const data = result.dataSync() as Float32Array;
-  const shape = result.shape.slice(1);
-  result.dispose();
-  const dim = shape.reduce((a, b) => a * b, 1);
-  return { shape, values: inputs.map((_, i) => data.slice(i * dim, (i + 1) * dim)) };
+  return body;
 }
 
 async function writePack(store: ObjectStore, prefix: string, pack: Pack): Promise<void> {
-  const ids = [...pack.entries.map((e: PackEntry) => `${e.id}/${e.view}`), ...pack.failed.map((f) => f.id)].sort();
+  const ids = [...pack.entries.map((e) => `${e.id}/${e.view}`), ...pack.failed.map((f) => f.id)].sort();
   const name = (await sha256Hex(ids.join("\n"))).slice(0, 20);
   await store.put(`${prefix}${name}.bin`, encodePack(pack));
 }

@@ -1,0 +1,85 @@
+#!/usr/bin/env node
+/**
+ * `npm run bench:embedding` — throughput of the feature pipeline (S3 GET + decode + preprocess +
+ * forward) against the bare forward pass of the same model and backend, measured side by side in one
+ * run: single thread, then the per-core pool. Images: the first N of cats_and_dogs_filtered/train from
+ * ../shared/data (or the bundled Twemoji sample if absent).
+ */
+import { readdir, readFile } from "node:fs/promises";
+import { join } from "node:path";
+import * as tf from "@tensorflow/tfjs";
+import { startLocalS3 } from "../infra/local/s3-server.ts";
+import { initBackend } from "../jobs/train/src/backend.ts";
+import { DEFAULT_BASE, ensureBase, loadBase } from "../jobs/train/src/bases.ts";
+import type { DatasetImage } from "../jobs/train/src/dataset.ts";
+import { extractFeatures } from "../jobs/train/src/embed.ts";
+import { createForwardPool } from "../jobs/train/src/forward-pool.ts";
+import { sampleDataset } from "../jobs/train/src/sample-dataset.ts";
+import { arg, hasShared, machine, SHARED } from "./common.ts";
+
+const N = Number(arg("images", "256"));
+const size = Number(arg("size", "224"));
+const backend = await initBackend();
+const s3 = await startLocalS3();
+const base = await ensureBase(s3.store, DEFAULT_BASE);
+const model = await loadBase(s3.store, base, size);
+const extractor = tf.model({ inputs: model.inputs, outputs: model.getLayer(base.featureLayer).output as tf.SymbolicTensor });
+
+// Upload the images.
+const images: DatasetImage[] = [];
+if (hasShared("data", "cats_and_dogs_filtered")) {
+  const dir = join(SHARED, "data", "cats_and_dogs_filtered", "train", "cats");
+  for (const f of (await readdir(dir)).slice(0, N)) {
+    const key = `datasets/bench/cats/${f}`;
+    const { etag } = await s3.store.put(key, await readFile(join(dir, f)));
+    images.push({ key, id: `${etag.replaceAll('"', "")}-bench`, label: "cats", split: "train" });
+  }
+} else {
+  for (const i of (await sampleDataset({ perLabel: Math.ceil(N / 3), size: 256 })).slice(0, N)) {
+    const key = `datasets/bench/${i.file}`;
+    const { etag } = await s3.store.put(key, i.bytes);
+    images.push({ key, id: `${etag.replaceAll('"', "")}-bench`, label: i.label, split: "train" });
+  }
+}
+
+const cores = (await import("node:os")).availableParallelism();
+const results: Record<string, number> = {};
+for (const threads of [1, cores]) {
+  // Bare forward: the same number of preprocessed-size inputs, no I/O, no decoding.
+  const pool = await createForwardPool(extractor, { size, pooled: true, threads });
+  const batch = 32;
+  const warm = new Float32Array(batch * size * size * 3);
+  await Promise.all(Array.from({ length: threads }, () => pool.run(warm.slice(), batch)));
+  let t = performance.now();
+  const runs: Promise<unknown>[] = [];
+  for (let i = 0; i < images.length; i += batch)
+    runs.push(pool.run(new Float32Array(Math.min(batch, images.length - i) * size * size * 3).fill(0.5), Math.min(batch, images.length - i)));
+  await Promise.all(runs);
+  results[`bare forward, ${threads} thread(s)`] = images.length / ((performance.now() - t) / 1000);
+  await pool.close();
+
+  // The pipeline, cold cache (a fresh seed gives a fresh cache key).
+  t = performance.now();
+  const spec = {
+    baseSha256: base.sha256,
+    layer: base.featureLayer,
+    pooled: true,
+    size,
+    preprocessing: { version: 1 as const, fit: "center-crop" as const, normalization: base.normalization },
+    views: 1,
+    seed: 1000 + threads,
+  };
+  const f = await extractFeatures(s3.store, extractor, spec, images, () => {}, { threads });
+  if (f.stats.computed !== images.length) throw new Error(`computed ${f.stats.computed} of ${images.length}`);
+  results[`pipeline (S3 + decode + preprocess + forward), ${threads} thread(s)`] = images.length / ((performance.now() - t) / 1000);
+}
+await s3.stop();
+
+const lines = Object.entries(results).map(([k, v]) => `| ${k} | ${v.toFixed(1)} images/s |`);
+const bareMulti = results[`bare forward, ${cores} thread(s)`] as number;
+const pipeMulti = results[`pipeline (S3 + decode + preprocess + forward), ${cores} thread(s)`] as number;
+const bare1 = results["bare forward, 1 thread(s)"] as number;
+console.log(`Embedding throughput, ${images.length} images at ${size} px, base ${base.id}, backend ${backend.name} (${machine()})\n`);
+console.log(`| measurement | throughput |\n|---|---|\n${lines.join("\n")}`);
+console.log(`\npipeline / bare forward (${cores} threads): ${(pipeMulti / bareMulti).toFixed(2)}`);
+console.log(`bare forward ${cores} threads / 1 thread: ${(bareMulti / bare1).toFixed(2)}`);

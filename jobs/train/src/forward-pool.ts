@@ -1,0 +1,86 @@
+import { availableParallelism } from "node:os";
+import { Worker } from "node:worker_threads";
+import * as tf from "@tensorflow/tfjs";
+import { saveToMemory } from "./weights.ts";
+
+/**
+ * Runs a frozen model's forward pass on every core. tfjs-backend-wasm is single-threaded in Node
+ * (its threads need SharedArrayBuffer workers it cannot start there), so on CPU edgetune starts one
+ * worker thread per core, each with its own wasm backend and a copy of the model, and spreads batches
+ * over them. With a native TensorFlow backend (GPU or tfjs-node), which is multi-threaded already,
+ * the pool has no workers and runs batches in this thread.
+ */
+export interface ForwardPool {
+  readonly threads: number;
+  /** Forward of `n` inputs packed in `data` (n × inputSize), pooled over space if `pooled`; values per row. */
+  run(data: Float32Array, n: number): Promise<{ shape: number[]; values: Float32Array[] }>;
+  close(): Promise<void>;
+}
+
+export async function createForwardPool(model: tf.LayersModel, options: { size: number; pooled: boolean; threads?: number }): Promise<ForwardPool> {
+  const threads = options.threads ?? (tf.getBackend() === "wasm" ? availableParallelism() : 0);
+  if (threads <= 1) return localPool(model, options);
+  const saved = await saveToMemory(model);
+  const workers = await Promise.all(
+    Array.from({ length: threads }, async () => {
+      const w = new Worker(new URL("./forward-worker.ts", import.meta.url), { workerData: { saved, size: options.size, pooled: options.pooled } });
+      await new Promise<void>((resolve, reject) => {
+        w.once("message", (m: { ready?: boolean; error?: string }) => (m.ready ? resolve() : reject(new Error(m.error))));
+        w.once("error", reject);
+      });
+      return w;
+    }),
+  );
+  const idle = [...workers];
+  const waiting: ((w: Worker) => void)[] = [];
+  const acquire = () => new Promise<Worker>((resolve) => (idle.length > 0 ? resolve(idle.pop() as Worker) : waiting.push(resolve)));
+  const release = (w: Worker) => {
+    const next = waiting.shift();
+    if (next) next(w);
+    else idle.push(w);
+  };
+  return {
+    threads,
+    async run(data, n) {
+      const w = await acquire();
+      try {
+        return await new Promise((resolve, reject) => {
+          w.once("message", (m: { shape: number[]; values: Float32Array; error?: string }) => {
+            if (m.error) return reject(new Error(m.error));
+            const dim = m.shape.reduce((a, b) => a * b, 1);
+            resolve({ shape: m.shape, values: Array.from({ length: n }, (_, i) => m.values.subarray(i * dim, (i + 1) * dim)) });
+          });
+          w.postMessage({ data, n }, [data.buffer as ArrayBuffer]);
+        });
+      } finally {
+        release(w);
+      }
+    },
+    async close() {
+      await Promise.all(workers.map((w) => w.terminate()));
+    },
+  };
+}
+
+function localPool(model: tf.LayersModel, options: { size: number; pooled: boolean }): ForwardPool {
+  return {
+    threads: 1,
+    async run(data, n) {
+      return forwardLocal(model, data, n, options.size, options.pooled);
+    },
+    async close() {},
+  };
+}
+
+export function forwardLocal(model: tf.LayersModel, data: Float32Array, n: number, size: number, pooled: boolean): { shape: number[]; values: Float32Array[] } {
+  const result = tf.tidy(() => {
+    let y = model.predict(tf.tensor4d(data, [n, size, size, 3])) as tf.Tensor;
+    if (pooled && y.rank === 4) y = tf.mean(y, [1, 2]);
+    return y;
+  });
+  const flat = result.dataSync() as Float32Array;
+  const shape = result.shape.slice(1);
+  result.dispose();
+  const dim = shape.reduce((a, b) => a * b, 1);
+  return { shape, values: Array.from({ length: n }, (_, i) => flat.slice(i * dim, (i + 1) * dim)) };
+}
