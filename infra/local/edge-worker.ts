@@ -12,6 +12,8 @@ import { join } from "node:path";
 export interface EdgeWorker {
   url: string;
   apiKey: string;
+  /** The wrangler process (workerd runs as its child). */
+  pid: number;
   stop(): Promise<void>;
   /** Everything wrangler printed, for debugging a failed start. */
   output(): string;
@@ -26,6 +28,8 @@ export interface EdgeOptions {
   pointerTtlSeconds?: number;
   vars?: Record<string, string>;
   port?: number;
+  /** wrangler config; default the production one. */
+  config?: string;
 }
 
 export async function freePort(): Promise<number> {
@@ -56,7 +60,7 @@ export async function startEdgeWorker(options: EdgeOptions): Promise<EdgeWorker>
     "wrangler",
     "dev",
     "--config",
-    "functions/edge/wrangler.jsonc",
+    options.config ?? "functions/edge/wrangler.jsonc",
     "--ip",
     "127.0.0.1",
     "--port",
@@ -98,6 +102,7 @@ export async function startEdgeWorker(options: EdgeOptions): Promise<EdgeWorker>
   return {
     url,
     apiKey,
+    pid: child.pid as number,
     output: () => log,
     async stop() {
       if (child.exitCode === null) {

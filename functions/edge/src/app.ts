@@ -80,6 +80,8 @@ app.get("/v1/models/:name", async (c) => {
       metrics: { accuracy: m.metrics.accuracy, evaluatedOn: m.metrics.evaluatedOn, perClass: m.metrics.perClass },
       trainedAt: m.createdAt,
       promotedAt: model.pointer.promotedAt,
+      // How this isolate loaded it (cold-start breakdown).
+      load: { loadedAt: new Date(model.loadedAt).toISOString(), ...model.timings },
     });
   } finally {
     release();

@@ -1,0 +1,114 @@
+#!/usr/bin/env node
+/**
+ * `npm run bench:edge` — the edge worker in local workerd (wrangler dev, production config), in one
+ * run: warm end-to-end classify latency of a real JPEG (p50/p95/p99 over many requests) against the
+ * bare inference of the same weights in workerd (bench/edge/bare-worker.ts); where inference time
+ * goes (top kernels); cold start (first classify after isolate start, split into model fetch, parse,
+ * warm-up); peak memory of the workerd process around a 12-megapixel JPEG.
+ * `--size 160` benchmarks a model trained at 160 px.
+ */
+import { readFile } from "node:fs/promises";
+import { join } from "node:path";
+import sharp from "sharp";
+import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts";
+import { startLocalS3 } from "../infra/local/s3-server.ts";
+import { createLogger } from "../jobs/train/src/log.ts";
+import { sampleDataset } from "../jobs/train/src/sample-dataset.ts";
+import { train } from "../jobs/train/src/train.ts";
+import { arg, hasShared, machine, percentile, SHARED } from "./common.ts";
+
+const size = Number(arg("size", "224")) as 224;
+const requests = Number(arg("requests", "200"));
+const s3 = await startLocalS3();
+const log = createLogger({ json: true, quiet: true, stream: { write: () => true } as unknown as NodeJS.WriteStream });
+for (const i of await sampleDataset({ perLabel: 12, size: 128 })) await s3.store.put(`datasets/bench/${i.file}`, i.bytes);
+await s3.store.put("datasets/bench/manifest.json", "{}");
+await train(s3.store, { dataset: "bench", imageSize: size, views: 1, head: { epochs: 5 } }, log);
+
+// A real photo at the model's size, as a client that resizes before upload would send it.
+const photo = hasShared("photos", "tfjs-models", "mobilenet_demo_coffee.jpg")
+  ? await readFile(join(SHARED, "photos", "tfjs-models", "mobilenet_demo_coffee.jpg"))
+  : Buffer.from((await sampleDataset({ perLabel: 1, size: 512 }))[0]?.bytes ?? []);
+const jpeg = new Uint8Array(await sharp(photo).resize(size, size, { fit: "cover" }).jpeg({ quality: 90 }).toBuffer());
+const big = new Uint8Array(await sharp(photo).resize(4000, 3000, { fit: "fill" }).jpeg({ quality: 90 }).toBuffer());
+
+const workerOptions = { s3Endpoint: s3.endpoint, bucket: s3.config.bucket, pointerTtlSeconds: 3600 };
+const classify = async (edge: EdgeWorker, body: Uint8Array) => {
+  const t = performance.now();
+  const res = await fetch(`${edge.url}/v1/models/bench/classify`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${edge.apiKey}`, "content-type": "image/jpeg" },
+    body: body as BodyInit,
+  });
+  const json = (await res.json()) as { timings?: Record<string, number>; error?: unknown };
+  if (res.status !== 200) throw new Error(`classify: ${res.status} ${JSON.stringify(json)}`);
+  return { ms: performance.now() - t, timings: json.timings as Record<string, number> };
+};
+
+// Cold starts: a fresh isolate each time.
+const cold: { firstMs: number; fetchMs: number; parseMs: number; warmupMs: number; inferenceMs: number }[] = [];
+for (let i = 0; i < 3; i++) {
+  const edge = await startEdgeWorker(workerOptions);
+  const first = await classify(edge, jpeg);
+  const desc = (await (await fetch(`${edge.url}/v1/models/bench`, { headers: { authorization: `Bearer ${edge.apiKey}` } })).json()) as {
+    load: { fetchMs: number; parseMs: number; warmupMs: number };
+  };
+  cold.push({ firstMs: first.ms, ...desc.load, inferenceMs: first.timings.inferenceMs as number });
+  await edge.stop();
+}
+
+// Warm latency, then memory around a 12 MP JPEG.
+const edge = await startEdgeWorker(workerOptions);
+for (let i = 0; i < 10; i++) await classify(edge, jpeg);
+const e2e: number[] = [];
+const server: number[] = [];
+for (let i = 0; i < requests; i++) {
+  const r = await classify(edge, jpeg);
+  e2e.push(r.ms);
+  server.push(r.timings.inferenceMs as number);
+}
+const { execSync } = await import("node:child_process");
+const workerdPid = Number(execSync(`pgrep -P ${edge.pid} -f workerd || pgrep -f "workerd serve" | tail -1`).toString().trim().split("\n")[0]);
+const mem = () => {
+  const status = execSync(`cat /proc/${workerdPid}/status`).toString();
+  const kb = (k: string) => Number(new RegExp(`${k}:\\s+(\\d+)`).exec(status)?.[1] ?? Number.NaN) / 1024;
+  return { rss: kb("VmRSS"), peak: kb("VmHWM") };
+};
+const before = mem();
+const bigResult = await classify(edge, big);
+const after = mem();
+await edge.stop();
+
+const bare = await startEdgeWorker({ ...workerOptions, config: "bench/edge/wrangler.jsonc" });
+const bareRes = (await (await fetch(`${bare.url}/?model=bench&n=${requests}`)).json()) as { times: number[]; kernels: Record<string, number> };
+await bare.stop();
+await s3.stop();
+
+const sorted = (a: number[]) => [...a].sort((x, y) => x - y);
+const e2eS = sorted(e2e);
+const bareS = sorted(bareRes.times);
+const serverS = sorted(server);
+const fmt = (a: number[]) => `${percentile(a, 50).toFixed(1)} / ${percentile(a, 95).toFixed(1)} / ${percentile(a, 99).toFixed(1)} ms`;
+console.log(
+  `Edge worker in local workerd, model trained at ${size} px (MobileNetV2 nsfwjs base, BN folded, float16), ${requests} sequential requests (${machine()})\n`,
+);
+console.log("| measurement | p50 / p95 / p99 |\n|---|---|");
+console.log(`| end-to-end classify of a ${size}×${size} JPEG (client-side: HTTP + decode + preprocess + inference + JSON) | ${fmt(e2eS)} |`);
+console.log(`| inference inside the classify request (Server-Timing) | ${fmt(serverS)} |`);
+console.log(`| bare inference of the same weights in workerd | ${fmt(bareS)} |`);
+console.log(
+  `\nend-to-end p50 / bare inference p50: ${(percentile(e2eS, 50) / percentile(bareS, 50)).toFixed(2)} (overhead ${((percentile(e2eS, 50) / percentile(bareS, 50) - 1) * 100).toFixed(0)} %)`,
+);
+console.log(
+  `where inference time goes (one inference, ms per kernel): ${Object.entries(bareRes.kernels)
+    .map(([k, v]) => `${k} ${v.toFixed(1)}`)
+    .join(", ")}`,
+);
+console.log("\n| cold start (fresh isolate) | first classify | model fetch | parse | warm-up | first inference |\n|---|---|---|---|---|---|");
+for (const c of cold)
+  console.log(
+    `| run | ${c.firstMs.toFixed(0)} ms | ${c.fetchMs.toFixed(0)} ms | ${c.parseMs.toFixed(0)} ms | ${c.warmupMs.toFixed(0)} ms | ${c.inferenceMs.toFixed(0)} ms |`,
+  );
+console.log(
+  `\n12 MP JPEG (4000×3000, ${(big.byteLength / 1e6).toFixed(1)} MB): classify ${bigResult.ms.toFixed(0)} ms (decode ${bigResult.timings.decodeMs} ms); workerd RSS ${before.rss.toFixed(0)} → ${after.rss.toFixed(0)} MB, peak RSS ${before.peak.toFixed(0)} → ${after.peak.toFixed(0)} MB (whole process: runtime + isolate)`,
+);
