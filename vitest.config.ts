@@ -7,5 +7,7 @@ export default defineConfig({
     fileParallelism: false,
     testTimeout: 120_000,
     hookTimeout: 300_000,
+    // Training locks go stale after 3 heartbeats; tests kill jobs and resume at once.
+    env: { EDGETUNE_LOCK_HEARTBEAT_MS: "300" },
   },
 });

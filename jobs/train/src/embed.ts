@@ -8,6 +8,7 @@ import type { DatasetImage } from "./dataset.ts";
 import { decodeImage } from "./decode.ts";
 import { createForwardPool, type ForwardPool } from "./forward-pool.ts";
 import { decodePack, encodePack, type Pack } from "./packs.ts";
+import { fromHalf, toHalf } from "./weights.ts";
 
 /**
  * Features of every image, computed once. The cache key covers everything that changes the numbers
@@ -194,7 +195,9 @@ async function embedChunk(pool: ForwardPool, loaded: LoadedImage[], knownShape: 
     const out = outputs[b] as { shape: number[]; values: Float32Array[] };
     pack.shape = out.shape;
     batch.forEach((r, i) => {
-      pack.entries.push({ id: r.id, view: r.view, values: out.values[i] as Float32Array });
+      // Rounded to float16 now, as the pack stores them: a run that reads them back from the cache
+      // (a resumed or repeated run) trains on exactly the same numbers as the one that computed them.
+      pack.entries.push({ id: r.id, view: r.view, values: roundToHalf(out.values[i] as Float32Array) });
     });
   });
   return pack;
@@ -211,4 +214,9 @@ async function writePack(store: ObjectStore, prefix: string, pack: Pack): Promis
   const ids = [...pack.entries.map((e) => `${e.id}/${e.view}`), ...pack.failed.map((f) => f.id)].sort();
   const name = (await sha256Hex(ids.join("\n"))).slice(0, 20);
   await store.put(`${prefix}${name}.bin`, encodePack(pack));
+}
+
+function roundToHalf(values: Float32Array): Float32Array {
+  for (let i = 0; i < values.length; i++) values[i] = fromHalf(toHalf(values[i] as number));
+  return values;
 }

@@ -1,6 +1,6 @@
 import * as tf from "@tensorflow/tfjs";
 import sharp from "sharp";
-import { writeArtifact, writePointer } from "../../../shared/artifacts.ts";
+import { VersionExistsError, writeArtifact, writePointer } from "../../../shared/artifacts.ts";
 import type { ArtifactMetadata } from "../../../shared/contracts/artifact.ts";
 import { keys } from "../../../shared/keys.ts";
 import { PREPROCESSING_VERSIONS, type PreprocessingSpec } from "../../../shared/preprocess.ts";
@@ -14,6 +14,7 @@ import { evaluate } from "./evaluate.ts";
 import { buildClassifier, exportClassifier } from "./export.ts";
 import { buildTop } from "./finetune.ts";
 import { applyLayers, type EpochLog, headLayers, trainModel } from "./head.ts";
+import { acquireLock } from "./lock.ts";
 import type { Logger } from "./log.ts";
 import { WEIGHTS_FILE } from "./model-io.ts";
 import { concatRows, scoreCurrent } from "./promote.ts";
@@ -73,211 +74,235 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
     return { status: "exists", name, version, promoted: false, reason: "already trained (same dataset fingerprint and options)" };
   }
 
-  const preprocessing: PreprocessingSpec = { version: PREPROCESSING_VERSIONS[0], fit: "center-crop", normalization: base.normalization };
-  const size = options.imageSize;
-  const baseModel = await loadBase(store, base, size);
-  const disposables: { dispose(): void }[] = [baseModel];
+  // One run per model at a time; a duplicate trigger waits here, then finds its version written.
+  const lock = await acquireLock(store, name);
   try {
-    const train = dataset.images.filter((i) => i.split === "train");
-    const val = dataset.images.filter((i) => i.split === "val");
-    const labelIndex = new Map(dataset.labels.map((l, i) => [l, i]));
-
-    // Frozen, pooled features of every image (augmented views for training images).
-    const pooledSpec: ExtractorSpec = {
-      baseSha256: base.sha256,
-      layer: base.featureLayer,
-      pooled: true,
-      size,
-      preprocessing,
-      views: options.views,
-      seed: options.seed,
-    };
-    const extractor = tf.model({ inputs: baseModel.inputs, outputs: baseModel.getLayer(base.featureLayer).output as tf.SymbolicTensor });
-    const pooled = await phase(
-      "features",
-      async () => {
-        const trainF = await extractFeatures(store, extractor, pooledSpec, train, (d, t) => log.progress("features (train)", d, t));
-        const valF = await extractFeatures(store, extractor, { ...pooledSpec, views: 1 }, val, (d, t) => log.progress("features (val)", d, t));
-        return mergeFeatures(trainF, valF);
-      },
-      (f) => ({ ...f.stats }),
-    );
-    const usableTrain = train.filter((i) => pooled.byId.has(i.id));
-    const usableVal = val.filter((i) => pooled.byId.has(i.id));
-    const skipped = [...pooled.failed.entries()].map(([, f]) => f);
-    for (const s of skipped) log.warn(`skipped ${s.key}: ${s.reason}`);
-    if (usableTrain.length === 0) throw new Error("no training image could be decoded");
-
-    const dim = pooled.shape.reduce((a, b) => a * b, 1);
-    const trainViews = usableTrain.flatMap((img) => (pooled.byId.get(img.id) as Float32Array[]).slice(0, options.views).map((v) => ({ img, v })));
-    const xTrain = tf.tensor2d(concatRows(trainViews.map((t) => t.v)), [trainViews.length, dim]);
-    const yTrain = Int32Array.from(trainViews.map((t) => labelIndex.get(t.img.label) as number));
-    const xVal = tf.tensor2d(concatRows(usableVal.map((i) => (pooled.byId.get(i.id) as Float32Array[])[0] as Float32Array)), [usableVal.length, dim]);
-    const yVal = Int32Array.from(usableVal.map((i) => labelIndex.get(i.label) as number));
-    disposables.push(xTrain, xVal);
-    const valData = usableVal.length > 0 ? { x: xVal, y: yVal } : undefined;
-
-    const head = headLayers(dataset.labels.length, { ...options.head, seed: options.seed });
-    const headInput = tf.input({ shape: [dim] });
-    const headModel = tf.model({ inputs: headInput, outputs: applyLayers(head, headInput) });
-    const history: { head: EpochLog[]; fineTune: EpochLog[] } = { head: [], fineTune: [] };
-    history.head = await phase("train head", () =>
-      trainModel(headModel, { x: xTrain, y: yTrain }, valData, dataset.labels.length, { ...options.head, seed: options.seed }, (e) =>
-        log.progress("train head", e.epoch, options.head.epochs),
-      ),
-    );
-    let valProbs = usableVal.length > 0 ? await predictRows(headModel, xVal) : [];
-
-    if (options.strategy === "finetune") {
-      const from = options.fineTune.from ?? base.fineTuneFrom;
-      if (!from) throw new Error(`base ${base.id} names no fine-tuning cut; pass --fine-tune-from <layer>`);
-      const bottom = tf.model({ inputs: baseModel.inputs, outputs: baseModel.getLayer(from).output as tf.SymbolicTensor });
-      const bottomSpec: ExtractorSpec = { ...pooledSpec, layer: from, pooled: false };
-      const maps = await phase(
-        "bottom features",
-        async () =>
-          mergeFeatures(
-            await extractFeatures(store, bottom, bottomSpec, usableTrain, (d, t) => log.progress("bottom (train)", d, t)),
-            await extractFeatures(store, bottom, { ...bottomSpec, views: 1 }, usableVal, (d, t) => log.progress("bottom (val)", d, t)),
-          ),
-        (f) => ({ ...f.stats, shape: f.shape.join("×") }),
-      );
-      const tv = usableTrain.flatMap((img) => (maps.byId.get(img.id) ?? []).slice(0, options.views).map((v) => ({ img, v })));
-      const xt = tf.tensor(concatRows(tv.map((t) => t.v)), [tv.length, ...maps.shape]);
-      const yt = Int32Array.from(tv.map((t) => labelIndex.get(t.img.label) as number));
-      const xv = tf.tensor(concatRows(usableVal.map((i) => (maps.byId.get(i.id) as Float32Array[])[0] as Float32Array)), [usableVal.length, ...maps.shape]);
-      disposables.push(xt, xv);
-      const top = buildTop(baseModel, from, base.featureLayer, head);
-      history.fineTune = await phase("fine-tune", () =>
-        trainModel(
-          top,
-          { x: xt, y: yt },
-          usableVal.length > 0 ? { x: xv, y: yVal } : undefined,
-          dataset.labels.length,
-          { ...options.fineTune, seed: options.seed, optimizer: "adam" },
-          (e) => log.progress("fine-tune", e.epoch, options.fineTune.epochs),
-        ),
-      );
-      if (usableVal.length > 0) valProbs = await predictRows(top, xv);
+    if (!options.force && (await store.head(keys.metadata(name, version)))) {
+      log.info(`version ${version} was written by a concurrent run; nothing to do`);
+      return { status: "exists", name, version, promoted: false, reason: "written by a concurrent run of the same dataset and config" };
     }
+    return await trainLocked();
+  } finally {
+    await lock.release();
+  }
 
-    const evaluation = evaluate(
-      dataset.labels,
-      Array.from(yVal),
-      valProbs,
-      usableVal.map((i) => i.key),
-      history.fineTune.at(-1)?.valLoss ?? history.head.at(-1)?.valLoss,
-    );
-    log.info("evaluation", { accuracy: evaluation.metrics.accuracy, evaluatedOn: evaluation.metrics.evaluatedOn });
+  async function trainLocked(): Promise<TrainResult> {
+    const preprocessing: PreprocessingSpec = { version: PREPROCESSING_VERSIONS[0], fit: "center-crop", normalization: base.normalization };
+    const size = options.imageSize;
+    const baseModel = await loadBase(store, base, size);
+    const disposables: { dispose(): void }[] = [baseModel];
+    try {
+      const train = dataset.images.filter((i) => i.split === "train");
+      const val = dataset.images.filter((i) => i.split === "val");
+      const labelIndex = new Map(dataset.labels.map((l, i) => [l, i]));
 
-    const classifier = buildClassifier(baseModel, base.featureLayer, size, head);
-    const probe = await probeInputs(store, usableVal.length > 0 ? usableVal : usableTrain, size, preprocessing);
-    disposables.push(probe);
-    const exported = await phase(
-      "export",
-      async () => {
-        const attempt = await exportClassifier(classifier, options.weights, probe, options.weights === "uint8" ? 1 : 0.02);
-        if (options.weights === "uint8" && attempt.argmaxChanged > 0) {
-          log.warn(`uint8 weights changed ${attempt.argmaxChanged} prediction(s) on held-out images; exporting float16 instead`);
-          return { ...(await exportClassifier(classifier, "float16", probe, 0.02)), dtype: "float16" as const };
-        }
-        return { ...attempt, dtype: options.weights };
-      },
-      (e) => ({ dtype: e.dtype, bytes: e.files.weights.byteLength, maxDelta: e.maxDelta }),
-    );
-
-    const comparable = (m: ArtifactMetadata) =>
-      m.base.sha256 === base.sha256 &&
-      m.base.featureLayer === base.featureLayer &&
-      m.input.size === size &&
-      m.strategy === "head" &&
-      JSON.stringify(m.preprocessing) === JSON.stringify(preprocessing);
-    const current = await phase("score current", () =>
-      scoreCurrent(store, name, usableVal, (img) => (pooled.byId.get(img.id) as Float32Array[] | undefined)?.[0], comparable),
-    );
-    const accuracy = evaluation.metrics.accuracy;
-    let promote: { promoted: boolean; reason: string; current?: { version: string; accuracy: number } };
-    if (current === null) promote = { promoted: true, reason: "first version of this model" };
-    else if ("error" in current) promote = { promoted: true, reason: `replacing a broken current version: ${current.error}` };
-    else if (accuracy + options.promotionTolerance >= current.accuracy) {
-      promote = {
-        promoted: true,
-        reason: `accuracy ${pct(accuracy)} vs current ${current.version} ${pct(current.accuracy)} on the same ${current.evaluatedOn} held-out images (tolerance ${pct(options.promotionTolerance)})`,
-        current,
-      };
-    } else {
-      promote = {
-        promoted: false,
-        reason: `worse than current ${current.version}: ${pct(accuracy)} vs ${pct(current.accuracy)} on the same ${current.evaluatedOn} held-out images (tolerance ${pct(options.promotionTolerance)}); keeping it`,
-        current,
-      };
-    }
-
-    const report: TrainingReport = {
-      name,
-      version,
-      dataset: { name: dataset.name, layout: dataset.layout, fingerprint: dataset.fingerprint, labels: dataset.labels, counts: countSplits(dataset) },
-      skipped,
-      ignored: dataset.ignored,
-      warnings: dataset.warnings,
-      backend: { name: backend.name, reason: backend.reason },
-      base: { id: base.id, featureLayer: base.featureLayer, sha256: base.sha256 },
-      options: options as unknown as Record<string, unknown>,
-      phases,
-      history,
-      metrics: evaluation.metrics,
-      confusion: evaluation.confusion,
-      mistakes: await withThumbnails(store, evaluation.mistakes),
-      export: { dtype: exported.dtype, bytes: exported.files.weights.byteLength, maxDelta: exported.maxDelta },
-      promotion: promote,
-    };
-    const metadata: Omit<ArtifactMetadata, "files"> = {
-      schemaVersion: 1,
-      name,
-      version,
-      createdAt: new Date().toISOString(),
-      labels: dataset.labels,
-      input: { size, channels: 3 },
-      preprocessing,
-      base: { id: base.id, sha256: base.sha256, featureLayer: base.featureLayer },
-      strategy: options.strategy,
-      hyperparameters: {
+      // Frozen, pooled features of every image (augmented views for training images).
+      const pooledSpec: ExtractorSpec = {
+        baseSha256: base.sha256,
+        layer: base.featureLayer,
+        pooled: true,
+        size,
+        preprocessing,
         views: options.views,
         seed: options.seed,
-        headUnits: options.head.units,
-        headDropout: options.head.dropout,
-        headLearningRate: options.head.learningRate,
-        headEpochs: options.head.epochs,
-        fineTuneFrom: options.strategy === "finetune" ? (options.fineTune.from ?? base.fineTuneFrom ?? null) : null,
-        fineTuneLearningRate: options.strategy === "finetune" ? options.fineTune.learningRate : null,
-        fineTuneEpochs: options.strategy === "finetune" ? options.fineTune.epochs : null,
-      },
-      dataset: { name: dataset.name, fingerprint: dataset.fingerprint, images: usableTrain.length + usableVal.length, skipped: skipped.length },
-      metrics: evaluation.metrics,
-      weights: { dtype: exported.dtype, bytes: exported.files.weights.byteLength },
-      libraries: LIBRARIES,
-    };
-    const written = await phase("write version", () =>
-      writeArtifact(store, metadata, [
-        { path: "model.json", bytes: exported.files.modelJson },
-        { path: WEIGHTS_FILE, bytes: exported.files.weights },
-        { path: "report.json", bytes: new TextEncoder().encode(JSON.stringify(report, null, 2)) },
-        { path: "report.html", bytes: new TextEncoder().encode(renderReportHtml(report)) },
-      ]),
-    );
-    if (promote.promoted) {
-      await writePointer(store, name, {
+      };
+      const extractor = tf.model({ inputs: baseModel.inputs, outputs: baseModel.getLayer(base.featureLayer).output as tf.SymbolicTensor });
+      const pooled = await phase(
+        "features",
+        async () => {
+          const trainF = await extractFeatures(store, extractor, pooledSpec, train, (d, t) => log.progress("features (train)", d, t));
+          const valF = await extractFeatures(store, extractor, { ...pooledSpec, views: 1 }, val, (d, t) => log.progress("features (val)", d, t));
+          return mergeFeatures(trainF, valF);
+        },
+        (f) => ({ ...f.stats }),
+      );
+      const usableTrain = train.filter((i) => pooled.byId.has(i.id));
+      const usableVal = val.filter((i) => pooled.byId.has(i.id));
+      const skipped = [...pooled.failed.entries()].map(([, f]) => f);
+      for (const s of skipped) log.warn(`skipped ${s.key}: ${s.reason}`);
+      if (usableTrain.length === 0) throw new Error("no training image could be decoded");
+
+      const dim = pooled.shape.reduce((a, b) => a * b, 1);
+      const trainViews = usableTrain.flatMap((img) => (pooled.byId.get(img.id) as Float32Array[]).slice(0, options.views).map((v) => ({ img, v })));
+      const xTrain = tf.tensor2d(concatRows(trainViews.map((t) => t.v)), [trainViews.length, dim]);
+      const yTrain = Int32Array.from(trainViews.map((t) => labelIndex.get(t.img.label) as number));
+      const xVal = tf.tensor2d(concatRows(usableVal.map((i) => (pooled.byId.get(i.id) as Float32Array[])[0] as Float32Array)), [usableVal.length, dim]);
+      const yVal = Int32Array.from(usableVal.map((i) => labelIndex.get(i.label) as number));
+      disposables.push(xTrain, xVal);
+      const valData = usableVal.length > 0 ? { x: xVal, y: yVal } : undefined;
+
+      const head = headLayers(dataset.labels.length, { ...options.head, seed: options.seed });
+      const headInput = tf.input({ shape: [dim] });
+      const headModel = tf.model({ inputs: headInput, outputs: applyLayers(head, headInput) });
+      const history: { head: EpochLog[]; fineTune: EpochLog[] } = { head: [], fineTune: [] };
+      history.head = await phase("train head", () =>
+        trainModel(headModel, { x: xTrain, y: yTrain }, valData, dataset.labels.length, { ...options.head, seed: options.seed }, (e) =>
+          log.progress("train head", e.epoch, options.head.epochs),
+        ),
+      );
+      let valProbs = usableVal.length > 0 ? await predictRows(headModel, xVal) : [];
+
+      if (options.strategy === "finetune") {
+        const from = options.fineTune.from ?? base.fineTuneFrom;
+        if (!from) throw new Error(`base ${base.id} names no fine-tuning cut; pass --fine-tune-from <layer>`);
+        const bottom = tf.model({ inputs: baseModel.inputs, outputs: baseModel.getLayer(from).output as tf.SymbolicTensor });
+        const bottomSpec: ExtractorSpec = { ...pooledSpec, layer: from, pooled: false };
+        const maps = await phase(
+          "bottom features",
+          async () =>
+            mergeFeatures(
+              await extractFeatures(store, bottom, bottomSpec, usableTrain, (d, t) => log.progress("bottom (train)", d, t)),
+              await extractFeatures(store, bottom, { ...bottomSpec, views: 1 }, usableVal, (d, t) => log.progress("bottom (val)", d, t)),
+            ),
+          (f) => ({ ...f.stats, shape: f.shape.join("×") }),
+        );
+        const tv = usableTrain.flatMap((img) => (maps.byId.get(img.id) ?? []).slice(0, options.views).map((v) => ({ img, v })));
+        const xt = tf.tensor(concatRows(tv.map((t) => t.v)), [tv.length, ...maps.shape]);
+        const yt = Int32Array.from(tv.map((t) => labelIndex.get(t.img.label) as number));
+        const xv = tf.tensor(concatRows(usableVal.map((i) => (maps.byId.get(i.id) as Float32Array[])[0] as Float32Array)), [usableVal.length, ...maps.shape]);
+        disposables.push(xt, xv);
+        const top = buildTop(baseModel, from, base.featureLayer, head);
+        history.fineTune = await phase("fine-tune", () =>
+          trainModel(
+            top,
+            { x: xt, y: yt },
+            usableVal.length > 0 ? { x: xv, y: yVal } : undefined,
+            dataset.labels.length,
+            { ...options.fineTune, seed: options.seed, optimizer: "adam" },
+            (e) => log.progress("fine-tune", e.epoch, options.fineTune.epochs),
+          ),
+        );
+        if (usableVal.length > 0) valProbs = await predictRows(top, xv);
+      }
+
+      const evaluation = evaluate(
+        dataset.labels,
+        Array.from(yVal),
+        valProbs,
+        usableVal.map((i) => i.key),
+        history.fineTune.at(-1)?.valLoss ?? history.head.at(-1)?.valLoss,
+      );
+      log.info("evaluation", { accuracy: evaluation.metrics.accuracy, evaluatedOn: evaluation.metrics.evaluatedOn });
+
+      const classifier = buildClassifier(baseModel, base.featureLayer, size, head);
+      const probe = await probeInputs(store, usableVal.length > 0 ? usableVal : usableTrain, size, preprocessing);
+      disposables.push(probe);
+      const exported = await phase(
+        "export",
+        async () => {
+          const attempt = await exportClassifier(classifier, options.weights, probe, options.weights === "uint8" ? 1 : 0.02);
+          if (options.weights === "uint8" && attempt.argmaxChanged > 0) {
+            log.warn(`uint8 weights changed ${attempt.argmaxChanged} prediction(s) on held-out images; exporting float16 instead`);
+            return { ...(await exportClassifier(classifier, "float16", probe, 0.02)), dtype: "float16" as const };
+          }
+          return { ...attempt, dtype: options.weights };
+        },
+        (e) => ({ dtype: e.dtype, bytes: e.files.weights.byteLength, maxDelta: e.maxDelta }),
+      );
+
+      const comparable = (m: ArtifactMetadata) =>
+        m.base.sha256 === base.sha256 &&
+        m.base.featureLayer === base.featureLayer &&
+        m.input.size === size &&
+        m.strategy === "head" &&
+        JSON.stringify(m.preprocessing) === JSON.stringify(preprocessing);
+      const current = await phase("score current", () =>
+        scoreCurrent(store, name, usableVal, (img) => (pooled.byId.get(img.id) as Float32Array[] | undefined)?.[0], comparable),
+      );
+      const accuracy = evaluation.metrics.accuracy;
+      let promote: { promoted: boolean; reason: string; current?: { version: string; accuracy: number } };
+      if (current === null) promote = { promoted: true, reason: "first version of this model" };
+      else if ("error" in current) promote = { promoted: true, reason: `replacing a broken current version: ${current.error}` };
+      else if (accuracy + options.promotionTolerance >= current.accuracy) {
+        promote = {
+          promoted: true,
+          reason: `accuracy ${pct(accuracy)} vs current ${current.version} ${pct(current.accuracy)} on the same ${current.evaluatedOn} held-out images (tolerance ${pct(options.promotionTolerance)})`,
+          current,
+        };
+      } else {
+        promote = {
+          promoted: false,
+          reason: `worse than current ${current.version}: ${pct(accuracy)} vs ${pct(current.accuracy)} on the same ${current.evaluatedOn} held-out images (tolerance ${pct(options.promotionTolerance)}); keeping it`,
+          current,
+        };
+      }
+
+      const report: TrainingReport = {
+        name,
         version,
-        metadataSha256: written.metadataSha256,
-        promotedAt: new Date().toISOString(),
-        previous: current && !("error" in current) ? current.version : null,
-        reason: promote.reason,
-      });
+        dataset: { name: dataset.name, layout: dataset.layout, fingerprint: dataset.fingerprint, labels: dataset.labels, counts: countSplits(dataset) },
+        skipped,
+        ignored: dataset.ignored,
+        warnings: dataset.warnings,
+        backend: { name: backend.name, reason: backend.reason },
+        base: { id: base.id, featureLayer: base.featureLayer, sha256: base.sha256 },
+        options: options as unknown as Record<string, unknown>,
+        phases,
+        history,
+        metrics: evaluation.metrics,
+        confusion: evaluation.confusion,
+        mistakes: await withThumbnails(store, evaluation.mistakes),
+        export: { dtype: exported.dtype, bytes: exported.files.weights.byteLength, maxDelta: exported.maxDelta },
+        promotion: promote,
+      };
+      const metadata: Omit<ArtifactMetadata, "files"> = {
+        schemaVersion: 1,
+        name,
+        version,
+        createdAt: new Date().toISOString(),
+        labels: dataset.labels,
+        input: { size, channels: 3 },
+        preprocessing,
+        base: { id: base.id, sha256: base.sha256, featureLayer: base.featureLayer },
+        strategy: options.strategy,
+        hyperparameters: {
+          views: options.views,
+          seed: options.seed,
+          headUnits: options.head.units,
+          headDropout: options.head.dropout,
+          headLearningRate: options.head.learningRate,
+          headEpochs: options.head.epochs,
+          fineTuneFrom: options.strategy === "finetune" ? (options.fineTune.from ?? base.fineTuneFrom ?? null) : null,
+          fineTuneLearningRate: options.strategy === "finetune" ? options.fineTune.learningRate : null,
+          fineTuneEpochs: options.strategy === "finetune" ? options.fineTune.epochs : null,
+        },
+        dataset: { name: dataset.name, fingerprint: dataset.fingerprint, images: usableTrain.length + usableVal.length, skipped: skipped.length },
+        metrics: evaluation.metrics,
+        weights: { dtype: exported.dtype, bytes: exported.files.weights.byteLength },
+        libraries: LIBRARIES,
+      };
+      let written: Awaited<ReturnType<typeof writeArtifact>>;
+      try {
+        written = await phase("write version", () =>
+          writeArtifact(store, metadata, [
+            { path: "model.json", bytes: exported.files.modelJson },
+            { path: WEIGHTS_FILE, bytes: exported.files.weights },
+            { path: "report.json", bytes: new TextEncoder().encode(JSON.stringify(report, null, 2)) },
+            { path: "report.html", bytes: new TextEncoder().encode(renderReportHtml(report)) },
+          ]),
+        );
+      } catch (e) {
+        // The same trigger delivered twice, running at once: the other run wrote this version first.
+        if (e instanceof VersionExistsError) {
+          log.info(`version ${version} was written by a concurrent run; nothing to do`);
+          return { status: "exists", name, version, promoted: false, reason: "written by a concurrent run of the same dataset and config" };
+        }
+        throw e;
+      }
+      if (promote.promoted) {
+        await writePointer(store, name, {
+          version,
+          metadataSha256: written.metadataSha256,
+          promotedAt: new Date().toISOString(),
+          previous: current && !("error" in current) ? current.version : null,
+          reason: promote.reason,
+        });
+      }
+      log.info(promote.promoted ? `promoted ${name} ${version}` : `kept the current version of ${name}`, { reason: promote.reason, accuracy });
+      return { status: "trained", name, version, promoted: promote.promoted, reason: promote.reason, accuracy, report };
+    } finally {
+      for (const d of disposables) d.dispose();
     }
-    log.info(promote.promoted ? `promoted ${name} ${version}` : `kept the current version of ${name}`, { reason: promote.reason, accuracy });
-    return { status: "trained", name, version, promoted: promote.promoted, reason: promote.reason, accuracy, report };
-  } finally {
-    for (const d of disposables) d.dispose();
   }
 }
 

@@ -1,0 +1,109 @@
+import { spawn } from "node:child_process";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
+import { readPointer, readPromotedModel } from "../../shared/artifacts.ts";
+import { DatasetError } from "../../shared/errors.ts";
+import { keys } from "../../shared/keys.ts";
+import { S3ObjectStore } from "../../shared/s3/client.ts";
+import { uploadSample } from "../../test/support/datasets.ts";
+import { startFaultProxy } from "../../test/support/fault-proxy.ts";
+import { memoryLogger } from "./src/log.ts";
+import { train } from "./src/train.ts";
+
+/** Training under faults: S3 errors, duplicate triggers, kills at random points, half-uploaded datasets. */
+let s3: LocalS3;
+beforeAll(async () => {
+  s3 = await startLocalS3();
+});
+afterAll(async () => {
+  await s3?.stop();
+});
+
+const quick = { imageSize: 96, views: 2, head: { epochs: 10 } } as const;
+
+/** Every version under models/<name>/ is complete: its metadata verifies and every file it lists is intact. */
+async function expectNoPartialVersions(store: S3ObjectStore, name: string): Promise<string[]> {
+  const versions = new Set<string>();
+  for await (const o of store.list(keys.model(name))) {
+    const m = /^models\/[^/]+\/(v[0-9a-f]{12})\//.exec(o.key);
+    if (m) versions.add(m[1] as string);
+  }
+  const { readMetadata, readVerifiedFile } = await import("../../shared/artifacts.ts");
+  for (const v of versions) {
+    const meta = await readMetadata(store, name, v);
+    for (const f of meta.files) await readVerifiedFile(store, meta, f.path);
+  }
+  return [...versions];
+}
+
+describe("training faults", () => {
+  it("retries transient S3 errors with backoff and leaves no partial version or dangling pointer", async () => {
+    await uploadSample(s3.store, "flaky", { perLabel: 8 });
+    const proxy = await startFaultProxy(s3.endpoint, { every: 7 });
+    try {
+      const store = new S3ObjectStore({ ...s3.config, endpoint: proxy.endpoint });
+      const result = await train(store, { dataset: "flaky", ...quick }, memoryLogger());
+      expect(result.promoted).toBe(true);
+      expect(proxy.injected.slowDown + proxy.injected.internal + proxy.injected.reset).toBeGreaterThanOrEqual(5);
+      expect(await expectNoPartialVersions(s3.store, "flaky")).toEqual([result.version]);
+      expect((await readPromotedModel(s3.store, "flaky")).metadata.version).toBe(result.version);
+    } finally {
+      await proxy.stop();
+    }
+  });
+
+  it("the same dataset triggered twice at once yields one version", async () => {
+    await uploadSample(s3.store, "twice", { perLabel: 8 });
+    const [a, b] = await Promise.all([
+      train(s3.store, { dataset: "twice", ...quick }, memoryLogger()),
+      train(s3.store, { dataset: "twice", ...quick }, memoryLogger()),
+    ]);
+    expect([a.status, b.status].sort()).toEqual(["exists", "trained"]);
+    expect(a.version).toBe(b.version);
+    expect(await expectNoPartialVersions(s3.store, "twice")).toEqual([a.version]);
+    expect((await readPromotedModel(s3.store, "twice")).metadata.version).toBe(a.version);
+  });
+
+  it("a job killed at random points resumes and produces the same model as an uninterrupted run", async () => {
+    // The uninterrupted reference, in a bucket of its own (same dataset name, so same version id).
+    const reference = await startLocalS3({ bucket: "reference" });
+    await uploadSample(reference.store, "killed", { perLabel: 10 });
+    const ref = await train(reference.store, { dataset: "killed", imageSize: 96, views: 2, head: { epochs: 10 } }, memoryLogger());
+    const refWeights = (await readPromotedModel(reference.store, "killed")).metadata.files.find((f) => f.path === "group1-shard1of1.bin")?.sha256;
+    await reference.stop();
+
+    await uploadSample(s3.store, "killed", { perLabel: 10 });
+    const env = {
+      ...process.env,
+      EDGETUNE_BUCKET: s3.config.bucket,
+      EDGETUNE_S3_ENDPOINT: s3.endpoint,
+      AWS_ACCESS_KEY_ID: "x",
+      AWS_SECRET_ACCESS_KEY: "y",
+      EDGETUNE_PACK_IMAGES: "4",
+    };
+    const args = ["jobs/train/cli.ts", "train", "--dataset", "killed", "--image-size", "96", "--views", "2", "--epochs", "10", "--json"];
+    for (const afterMs of [700, 1500, 2500]) {
+      const child = spawn(process.execPath, args, { env, stdio: "ignore" });
+      await new Promise((r) => setTimeout(r, afterMs));
+      child.kill("SIGKILL");
+      await new Promise((r) => child.once("exit", r));
+    }
+    const resumed = await train(s3.store, { dataset: "killed", imageSize: 96, views: 2, head: { epochs: 10 } }, memoryLogger());
+    expect(resumed.version).toBe(ref.version);
+    const weights = (await readPromotedModel(s3.store, "killed")).metadata.files.find((f) => f.path === "group1-shard1of1.bin")?.sha256;
+    expect(weights).toBe(refWeights);
+    expect(resumed.accuracy).toBe(ref.accuracy);
+    await expectNoPartialVersions(s3.store, "killed");
+  });
+
+  it("a dataset still uploading when its manifest lands is not trained; complete, it is", async () => {
+    const images = await uploadSample(s3.store, "uploading", { perLabel: 6, manifest: {} });
+    await s3.store.put(keys.manifest("uploading"), JSON.stringify({ imageCount: images.length + 10 }));
+    const err = await train(s3.store, { dataset: "uploading", ...quick }, memoryLogger()).catch((e) => e);
+    expect(err).toBeInstanceOf(DatasetError);
+    expect(err.message).toMatch(/upload is incomplete/);
+    expect(await readPointer(s3.store, "uploading")).toBeNull();
+    await s3.store.put(keys.manifest("uploading"), JSON.stringify({ imageCount: images.length }));
+    expect((await train(s3.store, { dataset: "uploading", ...quick }, memoryLogger())).promoted).toBe(true);
+  });
+});

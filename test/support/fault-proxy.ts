@@ -1,0 +1,52 @@
+import { createServer, request } from "node:http";
+import type { AddressInfo } from "node:net";
+
+/**
+ * An HTTP proxy in front of the local S3 server that fails some requests the way S3 and networks do:
+ * 503 SlowDown (S3's "reduce your request rate"), 500 InternalError, or a connection reset. Which
+ * requests fail is decided by a counter (every `every`-th), so runs are reproducible.
+ */
+export interface FaultProxy {
+  endpoint: string;
+  injected: { slowDown: number; internal: number; reset: number };
+  total: number;
+  stop(): Promise<void>;
+}
+
+export async function startFaultProxy(upstream: string, options: { every: number }): Promise<FaultProxy> {
+  const target = new URL(upstream);
+  const state: FaultProxy = { endpoint: "", injected: { slowDown: 0, internal: 0, reset: 0 }, total: 0, stop: async () => {} };
+  const server = createServer((req, res) => {
+    state.total++;
+    const n = state.total;
+    if (n % options.every === 0) {
+      const kind = (n / options.every) % 3;
+      if (kind === 0) {
+        state.injected.reset++;
+        req.socket.destroy();
+        return;
+      }
+      const [status, code] = kind === 1 ? [503, "SlowDown"] : [500, "InternalError"];
+      if (kind === 1) state.injected.slowDown++;
+      else state.injected.internal++;
+      req.resume();
+      res.writeHead(status, { "content-type": "application/xml" });
+      res.end(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>${code}</Code><Message>injected fault</Message><RequestId>fault</RequestId></Error>`);
+      return;
+    }
+    const up = request({ host: target.hostname, port: target.port, method: req.method, path: req.url, headers: req.headers }, (upRes) => {
+      res.writeHead(upRes.statusCode ?? 502, upRes.headers);
+      upRes.pipe(res);
+    });
+    up.on("error", () => res.destroy());
+    req.pipe(up);
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  state.endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  state.stop = () =>
+    new Promise((resolve) => {
+      server.closeAllConnections();
+      server.close(() => resolve());
+    });
+  return state;
+}
