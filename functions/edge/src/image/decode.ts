@@ -6,6 +6,7 @@ import decodePng, { init as initPng } from "@jsquash/png/decode";
 import webpWasm from "@jsquash/webp/codec/dec/webp_dec.wasm";
 import decodeWebp, { init as initWebp } from "@jsquash/webp/decode";
 import { imageSize } from "image-size";
+import { decode as decodeJpegJs } from "jpeg-js";
 import type { Pixels } from "../../../../shared/preprocess.ts";
 import { ApiError } from "../http/errors.ts";
 
@@ -86,9 +87,35 @@ export async function decodeImage(bytes: Uint8Array, maxPixels: number): Promise
     const buffer = bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength) as ArrayBuffer;
     image = format === "jpeg" ? await decodeJpeg(buffer, { preserveOrientation: true }) : format === "png" ? await decodePng(buffer) : await decodeWebp(buffer);
   } catch {
-    throw new ApiError(400, "corrupt_image", `The ${format.toUpperCase()} data is corrupt or truncated.`);
+    // mozjpeg's RGBA output cannot take CMYK/YCCK JPEGs (print workflows, some scanners); the pure-JS
+    // decoder converts them (without a colour profile, as sharp does with ignoreIcc on the training side).
+    const cmyk = format === "jpeg" ? decodeCmykJpeg(bytes, maxPixels) : null;
+    if (!cmyk) throw new ApiError(400, "corrupt_image", `The ${format.toUpperCase()} data is corrupt or truncated.`);
+    image = cmyk;
   }
   if (!image || image.width * image.height * 4 !== image.data.length)
     throw new ApiError(400, "corrupt_image", `The ${format.toUpperCase()} data could not be decoded.`);
   return { pixels: { data: image.data, width: image.width, height: image.height, channels: 4 }, format };
+}
+
+function decodeCmykJpeg(bytes: Uint8Array, maxPixels: number): { data: Uint8ClampedArray; width: number; height: number } | null {
+  if (jpegComponents(bytes) !== 4) return null;
+  try {
+    const d = decodeJpegJs(bytes, { useTArray: true, formatAsRGBA: true, tolerantDecoding: false, maxResolutionInMP: maxPixels / 1e6, maxMemoryUsageInMB: 96 });
+    return { data: new Uint8ClampedArray(d.data.buffer, d.data.byteOffset, d.data.byteLength), width: d.width, height: d.height };
+  } catch {
+    return null;
+  }
+}
+
+/** Number of components in the JPEG's frame header (SOFn), or 0. */
+function jpegComponents(bytes: Uint8Array): number {
+  for (let i = 2; i + 9 < bytes.length; ) {
+    if (bytes[i] !== 0xff) return 0;
+    const marker = bytes[i + 1] as number;
+    const length = ((bytes[i + 2] as number) << 8) | (bytes[i + 3] as number);
+    if (marker >= 0xc0 && marker <= 0xcf && marker !== 0xc4 && marker !== 0xc8 && marker !== 0xcc) return bytes[i + 9] as number;
+    i += 2 + length;
+  }
+  return 0;
 }
