@@ -27,6 +27,7 @@ for (const i of await sampleDataset({ perLabel: 3, offset: 1, size: 128 })) awai
 const v2 = await train(s3.store, { dataset: "load", imageSize: size, views: 1, head: { epochs: 5 }, promotionTolerance: 1 }, log);
 const p2 = await readPointer(s3.store, "load");
 if (!p1 || !p2 || v1.version === v2.version) throw new Error("expected two versions");
+const [first, second] = [p1, p2];
 await writePointer(s3.store, "load", { ...p1, promotedAt: new Date().toISOString() }); // serve v1 first
 
 const edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, pointerTtlSeconds: 1 });
@@ -40,7 +41,7 @@ async function client() {
     const n = sent++;
     if (n === Math.floor(total * 0.4)) {
       swappedAt = performance.now();
-      void writePointer(s3.store, "load", { ...p2, promotedAt: new Date().toISOString(), previous: p1.version, reason: "load test hot swap" });
+      void writePointer(s3.store, "load", { ...second, promotedAt: new Date().toISOString(), previous: first.version, reason: "load test hot swap" });
     }
     const img = bodies[n % bodies.length] as (typeof bodies)[number];
     const t = performance.now();
