@@ -63,65 +63,75 @@ export function preprocess(pixels: Pixels, size: number, spec: PreprocessingSpec
   const horizontal = filterTaps(x0, w, width, size);
   const vertical = filterTaps(y0, h, height, size);
   const { scale, offset } = NORMALIZATIONS[spec.normalization];
+  // Hot loops: every array in a local, no property lookups or bounds-checked helpers inside.
+  const hFirst = horizontal.first;
+  const hCount = horizontal.count;
+  const hWeights = horizontal.weights;
+  const hMax = horizontal.maxTaps;
+  const vFirst = vertical.first;
+  const vCount = vertical.count;
+  const vWeights = vertical.weights;
+  const vMax = vertical.maxTaps;
 
   // Horizontal pass over only the rows the vertical pass will read, into a float buffer.
-  const rowFirst = vertical.first[0] ?? 0;
-  const rowLast = (vertical.first[size - 1] ?? 0) + (vertical.count[size - 1] ?? 0);
+  const rowFirst = vFirst[0] as number;
+  const rowLast = (vFirst[size - 1] as number) + (vCount[size - 1] as number);
   const rows = rowLast - rowFirst;
   const tmp = new Float32Array(rows * size * 3);
   const src = pixels.data;
   const c = pixels.channels;
+  const rowStride = width * c;
   for (let y = 0; y < rows; y++) {
-    const rowBase = (y + rowFirst) * width * c;
+    const rowBase = (y + rowFirst) * rowStride;
+    let t = y * size * 3;
     for (let ox = 0; ox < size; ox++) {
-      const first = horizontal.first[ox] as number;
-      const n = horizontal.count[ox] as number;
-      const wBase = ox * horizontal.maxTaps;
+      const n = hCount[ox] as number;
+      const wBase = ox * hMax;
+      let p = rowBase + (hFirst[ox] as number) * c;
       let r = 0;
       let g = 0;
       let b = 0;
-      for (let k = 0; k < n; k++) {
-        const wt = horizontal.weights[wBase + k] as number;
-        const p = rowBase + (first + k) * c;
+      for (let k = 0; k < n; k++, p += c) {
+        const wt = hWeights[wBase + k] as number;
         r += (src[p] as number) * wt;
         g += (src[p + 1] as number) * wt;
         b += (src[p + 2] as number) * wt;
       }
-      const t = (y * size + ox) * 3;
-      tmp[t] = r;
-      tmp[t + 1] = g;
-      tmp[t + 2] = b;
+      tmp[t++] = r;
+      tmp[t++] = g;
+      tmp[t++] = b;
     }
   }
-  // Vertical pass, then round to 8 bits (as any image resampler does) and normalise.
+  // Vertical pass, row by row (sequential memory), then round to 8 bits and normalise.
   const out = new Float32Array(size * size * 3);
+  const flip = options.flip === true;
+  const rowLen = size * 3;
+  const acc = new Float32Array(rowLen);
   for (let oy = 0; oy < size; oy++) {
-    const first = (vertical.first[oy] as number) - rowFirst;
-    const n = vertical.count[oy] as number;
-    const wBase = oy * vertical.maxTaps;
+    acc.fill(0);
+    const first = (vFirst[oy] as number) - rowFirst;
+    const n = vCount[oy] as number;
+    const wBase = oy * vMax;
+    for (let k = 0; k < n; k++) {
+      const wt = vWeights[wBase + k] as number;
+      const base = (first + k) * rowLen;
+      for (let i = 0; i < rowLen; i++) acc[i] = (acc[i] as number) + (tmp[base + i] as number) * wt;
+    }
+    const outRow = oy * rowLen;
     for (let ox = 0; ox < size; ox++) {
-      let r = 0;
-      let g = 0;
-      let b = 0;
-      for (let k = 0; k < n; k++) {
-        const wt = vertical.weights[wBase + k] as number;
-        const t = ((first + k) * size + ox) * 3;
-        r += (tmp[t] as number) * wt;
-        g += (tmp[t + 1] as number) * wt;
-        b += (tmp[t + 2] as number) * wt;
-      }
-      const o = (oy * size + (options.flip ? size - 1 - ox : ox)) * 3;
-      out[o] = clampByte(r) * scale + offset;
-      out[o + 1] = clampByte(g) * scale + offset;
-      out[o + 2] = clampByte(b) * scale + offset;
+      const a = ox * 3;
+      const o = outRow + (flip ? size - 1 - ox : ox) * 3;
+      out[o] = clampByte(acc[a] as number) * scale + offset;
+      out[o + 1] = clampByte(acc[a + 1] as number) * scale + offset;
+      out[o + 2] = clampByte(acc[a + 2] as number) * scale + offset;
     }
   }
   return out;
 }
 
+/** Round half up to an integer in [0, 255] (Math.round on the non-negative range, without the call). */
 function clampByte(v: number): number {
-  const r = Math.round(v);
-  return Math.max(0, Math.min(255, r));
+  return v <= 0 ? 0 : v >= 255 ? 255 : (v + 0.5) | 0;
 }
 
 interface Taps {
@@ -149,12 +159,16 @@ function filterTaps(start: number, span: number, length: number, out: number): T
     const hi = Math.min(length, Math.ceil(centre + support));
     let total = 0;
     let n = 0;
+    let firstTap = -1;
     for (let j = lo; j < hi && n < maxTaps; j++) {
       const wt = Math.max(0, 1 - Math.abs((j + 0.5 - centre) / support));
+      if (wt === 0 && n === 0) continue; // skip leading zero taps (the hot loops run over n)
+      if (firstTap < 0) firstTap = j;
       weights[i * maxTaps + n] = wt;
       total += wt;
       n++;
     }
+    while (n > 0 && weights[i * maxTaps + n - 1] === 0) n--;
     if (total === 0) {
       // Degenerate span (a 1-pixel axis): take the nearest pixel.
       weights[i * maxTaps] = 1;
@@ -163,7 +177,7 @@ function filterTaps(start: number, span: number, length: number, out: number): T
       continue;
     }
     for (let k = 0; k < n; k++) weights[i * maxTaps + k] = (weights[i * maxTaps + k] as number) / total;
-    first[i] = lo;
+    first[i] = firstTap;
     count[i] = n;
   }
   return { first, count, weights, maxTaps };
