@@ -28,8 +28,10 @@ export const trainOptionsSchema = z.object({
       units: z.number().int().min(0).max(4096).default(0),
       dropout: z.number().min(0).lt(1).default(0.2),
       learningRate: z.number().gt(0).max(1).default(1e-3),
-      epochs: z.number().int().min(1).max(500).default(30),
-      batchSize: z.number().int().min(1).max(4096).default(32),
+      /** Most epochs; training stops earlier when validation loss stops improving (`patience`). */
+      epochs: z.number().int().min(1).max(500).default(40),
+      patience: z.number().int().min(1).max(500).default(6),
+      batchSize: z.number().int().min(1).max(4096).default(64),
       l2: z.number().min(0).default(1e-4),
     })
     .prefault({}),
@@ -39,6 +41,7 @@ export const trainOptionsSchema = z.object({
       from: z.string().optional(),
       learningRate: z.number().gt(0).max(0.01).default(5e-5),
       epochs: z.number().int().min(1).max(200).default(8),
+      patience: z.number().int().min(1).max(200).default(3),
       batchSize: z.number().int().min(1).max(512).default(16),
     })
     .prefault({}),

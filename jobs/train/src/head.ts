@@ -75,14 +75,15 @@ export interface TrainData {
 
 /**
  * Trains `model` (input → softmax) with Adam, shuffling with a seeded generator, class-weighted for
- * lopsided data, keeping the weights of the epoch with the best validation loss.
+ * lopsided data, keeping the weights of the epoch with the best validation loss, and stopping when
+ * that loss has not improved for `patience` epochs.
  */
 export async function trainModel(
   model: tf.LayersModel,
   train: TrainData,
   val: TrainData | undefined,
   classes: number,
-  cfg: { learningRate: number; epochs: number; batchSize: number; seed: number; optimizer?: "adam" | "rmsprop" },
+  cfg: { learningRate: number; epochs: number; batchSize: number; seed: number; optimizer?: "adam" | "rmsprop"; patience?: number },
   onEpoch: (log: EpochLog) => void = () => {},
 ): Promise<EpochLog[]> {
   model.compile({
@@ -101,7 +102,7 @@ export async function trainModel(
   const yTrain = tf.oneHot(tf.tensor1d(train.y, "int32"), classes);
   const yVal = val ? tf.oneHot(tf.tensor1d(val.y, "int32"), classes) : undefined;
   const history: EpochLog[] = [];
-  let best: { loss: number; weights: tf.Tensor[] } | undefined;
+  let best: { loss: number; epoch: number; weights: tf.Tensor[] } | undefined;
   try {
     for (let epoch = 1; epoch <= cfg.epochs; epoch++) {
       const order = Int32Array.from({ length: n }, (_, i) => i);
@@ -123,13 +124,15 @@ export async function trainModel(
         log.valAccuracy = (await a?.data())?.[0];
         l?.dispose();
         a?.dispose();
-        if (log.valLoss !== undefined && (!best || log.valLoss < best.loss)) {
+        if (log.valLoss !== undefined && (!best || log.valLoss < best.loss - 1e-4)) {
           for (const w of best?.weights ?? []) w.dispose();
-          best = { loss: log.valLoss, weights: model.getWeights().map((w) => w.clone()) };
+          best = { loss: log.valLoss, epoch, weights: model.getWeights().map((w) => w.clone()) };
         }
       }
       history.push(log);
       onEpoch(log);
+      // Early stopping: no better validation loss for `patience` epochs.
+      if (best && cfg.patience !== undefined && epoch - best.epoch >= cfg.patience) break;
     }
     if (best) model.setWeights(best.weights);
   } finally {

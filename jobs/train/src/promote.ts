@@ -96,3 +96,40 @@ export function concatRows(rows: readonly Float32Array[]): Float32Array {
   for (const [i, r] of rows.entries()) out.set(r, i * dim);
   return out;
 }
+
+/**
+ * The current version's head weights, when the current version has the same base, cut, size,
+ * preprocessing and labels, so that a retrain starts from what is already served and converges in a
+ * few epochs (the cheap nightly run). Null when there is nothing compatible to start from.
+ */
+export async function currentHeadWeights(
+  store: ObjectStore,
+  name: string,
+  labels: readonly string[],
+  comparable: (m: ArtifactMetadata) => boolean,
+): Promise<{ version: string; weights: Map<string, tf.Tensor[]> } | null> {
+  const pointer = await readPointer(store, name);
+  if (!pointer) return null;
+  let current: Awaited<ReturnType<typeof readPromotedModel>>;
+  try {
+    current = await readPromotedModel(store, name, pointer);
+  } catch {
+    return null;
+  }
+  if (!comparable(current.metadata) || current.metadata.labels.join("\n") !== labels.join("\n")) return null;
+  const model = await loadModel(current.files.get("model.json") as Uint8Array, new Map([[WEIGHTS_FILE, current.files.get(WEIGHTS_FILE) as Uint8Array]]));
+  try {
+    const weights = new Map<string, tf.Tensor[]>();
+    for (const name of Object.values(LAYER_NAMES)) {
+      const layer = model.layers.find((l) => l.name === name);
+      if (layer && layer.getWeights().length > 0)
+        weights.set(
+          name,
+          layer.getWeights().map((w) => w.clone()),
+        );
+    }
+    return { version: pointer.version, weights };
+  } finally {
+    model.dispose();
+  }
+}

@@ -17,7 +17,7 @@ import { applyLayers, type EpochLog, headLayers, trainModel } from "./head.ts";
 import { acquireLock } from "./lock.ts";
 import type { Logger } from "./log.ts";
 import { WEIGHTS_FILE } from "./model-io.ts";
-import { concatRows, scoreCurrent } from "./promote.ts";
+import { concatRows, currentHeadWeights, scoreCurrent } from "./promote.ts";
 import { renderReportHtml, type TrainingReport } from "./report.ts";
 
 /**
@@ -134,6 +134,22 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
       const head = headLayers(dataset.labels.length, { ...options.head, seed: options.seed });
       const headInput = tf.input({ shape: [dim] });
       const headModel = tf.model({ inputs: headInput, outputs: applyLayers(head, headInput) });
+      // Warm start: a retrain of the same labels on the same features starts from the served head.
+      const comparable = (m: ArtifactMetadata) =>
+        m.base.sha256 === base.sha256 &&
+        m.base.featureLayer === base.featureLayer &&
+        m.input.size === size &&
+        m.strategy === "head" &&
+        JSON.stringify(m.preprocessing) === JSON.stringify(preprocessing);
+      const warm = await currentHeadWeights(store, name, dataset.labels, comparable);
+      if (warm) {
+        for (const layer of head) {
+          const w = warm.weights.get(layer.name);
+          if (w && w.length === layer.getWeights().length && w.every((t, i) => t.shape.join() === layer.getWeights()[i]?.shape.join())) layer.setWeights(w);
+        }
+        for (const ts of warm.weights.values()) for (const t of ts) t.dispose();
+        log.info(`head starts from version ${warm.version}`);
+      }
       const history: { head: EpochLog[]; fineTune: EpochLog[] } = { head: [], fineTune: [] };
       history.head = await phase("train head", () =>
         trainModel(headModel, { x: xTrain, y: yTrain }, valData, dataset.labels.length, { ...options.head, seed: options.seed }, (e) =>
@@ -200,12 +216,6 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
         (e) => ({ dtype: e.dtype, bytes: e.files.weights.byteLength, maxDelta: e.maxDelta }),
       );
 
-      const comparable = (m: ArtifactMetadata) =>
-        m.base.sha256 === base.sha256 &&
-        m.base.featureLayer === base.featureLayer &&
-        m.input.size === size &&
-        m.strategy === "head" &&
-        JSON.stringify(m.preprocessing) === JSON.stringify(preprocessing);
       const current = await phase("score current", () =>
         scoreCurrent(store, name, usableVal, (img) => (pooled.byId.get(img.id) as Float32Array[] | undefined)?.[0], comparable),
       );
