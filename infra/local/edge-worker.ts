@@ -1,4 +1,4 @@
-import { type ChildProcess, spawn } from "node:child_process";
+import { type ChildProcess, execSync, spawn } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -12,8 +12,10 @@ import { join } from "node:path";
 export interface EdgeWorker {
   url: string;
   apiKey: string;
-  /** The wrangler process (workerd runs as its child). */
+  /** The wrangler process; it leads a process group that includes workerd. */
   pid: number;
+  /** The workerd processes of this dev server (wrangler runs one for its proxy, one for the worker). */
+  workerdPids(): number[];
   stop(): Promise<void>;
   /** Everything wrangler printed, for debugging a failed start. */
   output(): string;
@@ -75,7 +77,20 @@ export async function startEdgeWorker(options: EdgeOptions): Promise<EdgeWorker>
   const child: ChildProcess = spawn(process.execPath, [join("node_modules", "wrangler", "bin", "wrangler.js"), ...args.slice(1)], {
     env: { ...process.env, CLOUDFLARE_CF_FETCH_ENABLED: "false", WRANGLER_SEND_METRICS: "false", CI: "true" },
     stdio: ["ignore", "pipe", "pipe"],
+    // Its own process group: wrangler's bin starts a second node process and workerd, and stopping
+    // must take all of them (killing only the bin leaves workerd serving).
+    detached: true,
   });
+  const killGroup = (signal: NodeJS.Signals) => {
+    try {
+      process.kill(-(child.pid as number), signal);
+    } catch {
+      // already gone
+    }
+  };
+  // If this process dies without calling stop(), do not leave workerd behind.
+  const onExit = () => killGroup("SIGKILL");
+  process.once("exit", onExit);
   let log = "";
   child.stdout?.on("data", (d) => {
     log += d;
@@ -86,7 +101,10 @@ export async function startEdgeWorker(options: EdgeOptions): Promise<EdgeWorker>
   const url = `http://127.0.0.1:${port}`;
   const deadline = Date.now() + 90_000;
   for (;;) {
-    if (child.exitCode !== null) throw new Error(`wrangler dev exited (${child.exitCode}):\n${log}`);
+    if (child.exitCode !== null) {
+      killGroup("SIGKILL");
+      throw new Error(`wrangler dev exited (${child.exitCode}):\n${log}`);
+    }
     try {
       const res = await fetch(`${url}/healthz`);
       if (res.ok) break;
@@ -94,7 +112,7 @@ export async function startEdgeWorker(options: EdgeOptions): Promise<EdgeWorker>
       // not listening yet
     }
     if (Date.now() > deadline) {
-      child.kill("SIGKILL");
+      killGroup("SIGKILL");
       throw new Error(`wrangler dev did not answer within 90 s:\n${log}`);
     }
     await new Promise((r) => setTimeout(r, 250));
@@ -107,11 +125,20 @@ export async function startEdgeWorker(options: EdgeOptions): Promise<EdgeWorker>
     async stop() {
       if (child.exitCode === null) {
         const exited = new Promise((r) => child.once("exit", r));
-        child.kill("SIGTERM");
+        killGroup("SIGTERM");
         await Promise.race([exited, new Promise((r) => setTimeout(r, 5000))]);
-        if (child.exitCode === null) child.kill("SIGKILL");
       }
+      killGroup("SIGKILL"); // whatever is left of the group (workerd)
+      process.off("exit", onExit);
       await rm(state, { recursive: true, force: true });
+    },
+    workerdPids() {
+      const pids: number[] = [];
+      for (const line of execSync("ps -eo pid,pgid,comm").toString().split("\n")) {
+        const [pid, pgid, comm] = line.trim().split(/\s+/);
+        if (Number(pgid) === child.pid && comm === "workerd") pids.push(Number(pid));
+      }
+      return pids;
     },
   };
 }

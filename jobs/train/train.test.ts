@@ -73,7 +73,11 @@ describe("train (head strategy)", () => {
   it("keeps the current model when the new one is worse", async () => {
     // A barely trained head at another input size (so it cannot warm-start from the served one, and
     // the served model is scored end to end on the same held-out images).
-    const bad = await train(s3.store, { dataset: "emoji", ...quick, imageSize: 128, head: { epochs: 1, learningRate: 1e-7 }, views: 1, seed: 42 }, memoryLogger());
+    const bad = await train(
+      s3.store,
+      { dataset: "emoji", ...quick, imageSize: 128, head: { epochs: 1, learningRate: 1e-7 }, views: 1, seed: 42 },
+      memoryLogger(),
+    );
     expect(bad.status).toBe("trained");
     expect(bad.promoted).toBe(false);
     expect(bad.reason).toMatch(/worse than current/);

@@ -93,7 +93,7 @@ app.post("/v1/models/:name/classify", async (c) => {
   const name = modelName(c.req.param("name"));
   const topK = parseTopK(c.req.query("top_k"));
   const maxBytes = Number(c.env.MAX_IMAGE_BYTES || 10 * 1024 * 1024);
-  const maxPixels = Number(c.env.MAX_IMAGE_PIXELS || 16_000_000);
+  const maxPixels = Number(c.env.MAX_IMAGE_PIXELS || 8_000_000);
   const [bytes] = await Promise.all([readImageBody(c.req.raw, maxBytes), initTf()]);
   const { model, release } = await acquire(c.env, name, (p) => c.executionCtx.waitUntil(p));
   try {
