@@ -107,3 +107,58 @@ describe("training faults", () => {
     expect((await train(s3.store, { dataset: "uploading", ...quick }, memoryLogger())).promoted).toBe(true);
   });
 });
+
+describe("fine-tuning checkpoints", () => {
+  it("a job killed during fine-tuning continues after its last finished epoch", async () => {
+    await uploadSample(s3.store, "ft-killed", { perLabel: 10 });
+    const env = { ...process.env, EDGETUNE_BUCKET: s3.config.bucket, EDGETUNE_S3_ENDPOINT: s3.endpoint, AWS_ACCESS_KEY_ID: "x", AWS_SECRET_ACCESS_KEY: "y" };
+    const args = [
+      "jobs/train/cli.ts",
+      "train",
+      "--dataset",
+      "ft-killed",
+      "--strategy",
+      "finetune",
+      "--image-size",
+      "96",
+      "--views",
+      "1",
+      "--epochs",
+      "5",
+      "--fine-tune-epochs",
+      "6",
+      "--json",
+    ];
+    const child = spawn(process.execPath, args, { env, stdio: "ignore" });
+    // Wait for the second epoch's checkpoint, then kill.
+    await new Promise<void>((resolve, reject) => {
+      const timer = setInterval(async () => {
+        for await (const o of s3.store.list("runs/ft-killed/")) {
+          if (o.key.endsWith("finetune-e2.bin")) {
+            clearInterval(timer);
+            child.kill("SIGKILL");
+            resolve();
+            return;
+          }
+        }
+      }, 50);
+      child.on("exit", () => {
+        clearInterval(timer);
+        reject(new Error("the job finished before it could be killed"));
+      });
+    });
+    await new Promise((r) => setTimeout(r, 200));
+    const log = memoryLogger();
+    const result = await train(
+      s3.store,
+      { dataset: "ft-killed", strategy: "finetune", imageSize: 96, views: 1, head: { epochs: 5 }, fineTune: { epochs: 6 } },
+      log,
+    );
+    expect(result.status).toBe("trained");
+    const resumedAt = log.lines.find((l) => l.message.startsWith("fine-tuning resumes after epoch"));
+    expect(resumedAt?.message).toMatch(/after epoch [1-6]$/);
+    const left: string[] = [];
+    for await (const o of s3.store.list("runs/ft-killed/")) left.push(o.key);
+    expect(left).toEqual([]);
+  });
+});

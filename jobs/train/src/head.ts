@@ -61,6 +61,8 @@ export function applyLayers(layers: tf.layers.Layer[], x: tf.SymbolicTensor): tf
 
 export interface EpochLog {
   epoch: number;
+  /** Set on the notice that training continues from a checkpoint after this epoch. */
+  resumed?: boolean;
   loss: number;
   accuracy: number;
   valLoss?: number;
@@ -85,6 +87,7 @@ export async function trainModel(
   classes: number,
   cfg: { learningRate: number; epochs: number; batchSize: number; seed: number; optimizer?: "adam" | "rmsprop"; patience?: number },
   onEpoch: (log: EpochLog) => void = () => {},
+  checkpoint?: Checkpointer,
 ): Promise<EpochLog[]> {
   model.compile({
     optimizer: cfg.optimizer === "rmsprop" ? tf.train.rmsprop(cfg.learningRate) : tf.train.adam(cfg.learningRate),
@@ -101,15 +104,33 @@ export async function trainModel(
   const n = train.y.length;
   const yTrain = tf.oneHot(tf.tensor1d(train.y, "int32"), classes);
   const yVal = val ? tf.oneHot(tf.tensor1d(val.y, "int32"), classes) : undefined;
-  const history: EpochLog[] = [];
+  let history: EpochLog[] = [];
   let best: { loss: number; epoch: number; weights: tf.Tensor[] } | undefined;
+  const shuffled = () => {
+    const order = Int32Array.from({ length: n }, (_, i) => i);
+    for (let i = n - 1; i > 0; i--) {
+      const j = Math.floor(rand() * (i + 1));
+      [order[i], order[j]] = [order[j] as number, order[i] as number];
+    }
+    return order;
+  };
+  let firstEpoch = 1;
+  const resumed = await checkpoint?.load();
+  if (resumed) {
+    // Continue after the last finished epoch: same weights, same shuffles from here on. The
+    // optimizer's moments start afresh (they are not checkpointed).
+    model.setWeights(resumed.weights);
+    history = resumed.history;
+    if (resumed.best) best = { loss: resumed.best.loss, epoch: resumed.best.epoch, weights: resumed.best.weights };
+    for (let e = 1; e <= resumed.epoch; e++) shuffled();
+    firstEpoch = resumed.epoch + 1;
+    for (const w of resumed.weights) w.dispose();
+    onEpoch({ ...(history.at(-1) as EpochLog), resumed: true });
+  }
   try {
-    for (let epoch = 1; epoch <= cfg.epochs; epoch++) {
-      const order = Int32Array.from({ length: n }, (_, i) => i);
-      for (let i = n - 1; i > 0; i--) {
-        const j = Math.floor(rand() * (i + 1));
-        [order[i], order[j]] = [order[j] as number, order[i] as number];
-      }
+    for (let epoch = firstEpoch; epoch <= cfg.epochs; epoch++) {
+      if (best && cfg.patience !== undefined && epoch - 1 - best.epoch >= cfg.patience) break;
+      const order = shuffled();
       const idx = tf.tensor1d(order, "int32");
       const xs = tf.gather(train.x, idx);
       const ys = tf.gather(yTrain, idx);
@@ -131,6 +152,7 @@ export async function trainModel(
       }
       history.push(log);
       onEpoch(log);
+      await checkpoint?.save({ epoch, history, weights: model.getWeights(), best: best && { loss: best.loss, epoch: best.epoch, weights: best.weights } });
       // Early stopping: no better validation loss for `patience` epochs.
       if (best && cfg.patience !== undefined && epoch - best.epoch >= cfg.patience) break;
     }
@@ -141,4 +163,16 @@ export async function trainModel(
     for (const w of best?.weights ?? []) w.dispose();
   }
   return history;
+}
+
+/** Where a long training run keeps its state after every epoch, so a killed job resumes. */
+export interface TrainingState {
+  epoch: number;
+  history: EpochLog[];
+  weights: tf.Tensor[];
+  best?: { loss: number; epoch: number; weights: tf.Tensor[] };
+}
+export interface Checkpointer {
+  load(): Promise<TrainingState | null>;
+  save(state: TrainingState): Promise<void>;
 }

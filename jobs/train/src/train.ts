@@ -7,6 +7,7 @@ import { PREPROCESSING_VERSIONS, type PreprocessingSpec } from "../../../shared/
 import type { ObjectStore } from "../../../shared/s3/store.ts";
 import { initBackend } from "./backend.ts";
 import { ensureBase, loadBase } from "./bases.ts";
+import { s3Checkpointer } from "./checkpoint.ts";
 import { resolveOptions, type TrainInput, type TrainOptions, versionId } from "./config.ts";
 import { type Dataset, type DatasetImage, readDataset } from "./dataset.ts";
 import { type ExtractorSpec, extractFeatures, type Features } from "./embed.ts";
@@ -178,6 +179,7 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
         const xv = tf.tensor(concatRows(usableVal.map((i) => (maps.byId.get(i.id) as Float32Array[])[0] as Float32Array)), [usableVal.length, ...maps.shape]);
         disposables.push(xt, xv);
         const top = buildTop(baseModel, from, base.featureLayer, head);
+        const fineTuneCheckpoint = s3Checkpointer(store, name, version, "finetune");
         history.fineTune = await phase("fine-tune", () =>
           trainModel(
             top,
@@ -185,7 +187,8 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
             usableVal.length > 0 ? { x: xv, y: yVal } : undefined,
             dataset.labels.length,
             { ...options.fineTune, seed: options.seed, optimizer: "adam" },
-            (e) => log.progress("fine-tune", e.epoch, options.fineTune.epochs),
+            (e) => (e.resumed ? log.info(`fine-tuning resumes after epoch ${e.epoch}`) : log.progress("fine-tune", e.epoch, options.fineTune.epochs)),
+            fineTuneCheckpoint,
           ),
         );
         if (usableVal.length > 0) valProbs = await predictRows(top, xv);
@@ -299,6 +302,7 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
         }
         throw e;
       }
+      await s3Checkpointer(store, name, version, "finetune").clear();
       if (promote.promoted) {
         await writePointer(store, name, {
           version,
