@@ -1,4 +1,3 @@
-import { spawn } from "node:child_process";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
 import { readPointer, readPromotedModel } from "../../shared/artifacts.ts";
@@ -7,6 +6,7 @@ import { keys } from "../../shared/keys.ts";
 import { S3ObjectStore } from "../../shared/s3/client.ts";
 import { uploadSample } from "../../test/support/datasets.ts";
 import { startFaultProxy } from "../../test/support/fault-proxy.ts";
+import { killWhen, spawnTrainJob } from "../../test/support/jobs.ts";
 import { memoryLogger } from "./src/log.ts";
 import { train } from "./src/train.ts";
 
@@ -73,17 +73,8 @@ describe("training faults", () => {
     await reference.stop();
 
     await uploadSample(s3.store, "killed", { perLabel: 10 });
-    const env = {
-      ...process.env,
-      EDGETUNE_BUCKET: s3.config.bucket,
-      EDGETUNE_S3_ENDPOINT: s3.endpoint,
-      AWS_ACCESS_KEY_ID: "x",
-      AWS_SECRET_ACCESS_KEY: "y",
-      EDGETUNE_PACK_IMAGES: "4",
-    };
-    const args = ["jobs/train/cli.ts", "train", "--dataset", "killed", "--image-size", "96", "--views", "2", "--epochs", "10", "--json"];
     for (const afterMs of [700, 1500, 2500]) {
-      const child = spawn(process.execPath, args, { env, stdio: "ignore" });
+      const child = spawnTrainJob(s3, ["--dataset", "killed", "--image-size", "96", "--views", "2", "--epochs", "10"], { EDGETUNE_PACK_IMAGES: "4" });
       await new Promise((r) => setTimeout(r, afterMs));
       child.kill("SIGKILL");
       await new Promise((r) => child.once("exit", r));
@@ -111,10 +102,7 @@ describe("training faults", () => {
 describe("fine-tuning checkpoints", () => {
   it("a job killed during fine-tuning continues after its last finished epoch", async () => {
     await uploadSample(s3.store, "ft-killed", { perLabel: 10 });
-    const env = { ...process.env, EDGETUNE_BUCKET: s3.config.bucket, EDGETUNE_S3_ENDPOINT: s3.endpoint, AWS_ACCESS_KEY_ID: "x", AWS_SECRET_ACCESS_KEY: "y" };
-    const args = [
-      "jobs/train/cli.ts",
-      "train",
+    const child = spawnTrainJob(s3, [
       "--dataset",
       "ft-killed",
       "--strategy",
@@ -127,26 +115,9 @@ describe("fine-tuning checkpoints", () => {
       "5",
       "--fine-tune-epochs",
       "6",
-      "--json",
-    ];
-    const child = spawn(process.execPath, args, { env, stdio: "ignore" });
-    // Wait for the second epoch's checkpoint, then kill.
-    await new Promise<void>((resolve, reject) => {
-      const timer = setInterval(async () => {
-        for await (const o of s3.store.list("runs/ft-killed/")) {
-          if (o.key.endsWith("finetune-e2.bin")) {
-            clearInterval(timer);
-            child.kill("SIGKILL");
-            resolve();
-            return;
-          }
-        }
-      }, 50);
-      child.on("exit", () => {
-        clearInterval(timer);
-        reject(new Error("the job finished before it could be killed"));
-      });
-    });
+    ]);
+    // Kill it after the second epoch's checkpoint is written.
+    await killWhen(s3, child, "runs/ft-killed/", (keys) => keys.some((k) => k.endsWith("finetune-e2.bin")));
     await new Promise((r) => setTimeout(r, 200));
     const log = memoryLogger();
     const result = await train(

@@ -1,4 +1,3 @@
-import { spawn } from "node:child_process";
 import * as tf from "@tensorflow/tfjs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
@@ -7,6 +6,7 @@ import { DatasetError } from "../../shared/errors.ts";
 import { keys } from "../../shared/keys.ts";
 import { preprocess } from "../../shared/preprocess.ts";
 import { uploadSample } from "../../test/support/datasets.ts";
+import { killWhen, spawnTrainJob } from "../../test/support/jobs.ts";
 import { decodeImage } from "./src/decode.ts";
 import { argmax } from "./src/evaluate.ts";
 import { memoryLogger } from "./src/log.ts";
@@ -140,34 +140,9 @@ describe("bad datasets", () => {
 describe("interrupted runs", () => {
   it("resumes a killed job from its cached feature packs", async () => {
     await uploadSample(s3.store, "killed", { perLabel: 12 });
-    const env = {
-      ...process.env,
-      EDGETUNE_BUCKET: s3.config.bucket,
-      EDGETUNE_S3_ENDPOINT: s3.endpoint,
-      AWS_ACCESS_KEY_ID: "x",
-      AWS_SECRET_ACCESS_KEY: "y",
-      EDGETUNE_PACK_IMAGES: "4",
-    };
-    const args = ["jobs/train/cli.ts", "train", "--dataset", "killed", "--image-size", "96", "--views", "1", "--epochs", "5", "--json"];
-    const child = spawn(process.execPath, args, { env, stdio: ["ignore", "pipe", "pipe"] });
+    const child = spawnTrainJob(s3, ["--dataset", "killed", "--image-size", "96", "--views", "1", "--epochs", "5"], { EDGETUNE_PACK_IMAGES: "4" });
     // Kill it (like a spot reclaim) as soon as the first packs are in the bucket.
-    await new Promise<void>((resolve, reject) => {
-      const timer = setInterval(async () => {
-        let packs = 0;
-        for await (const o of s3.store.list("cache/embeddings/")) if (o.key.endsWith(".bin")) packs++;
-        if (packs >= 2) {
-          clearInterval(timer);
-          child.kill("SIGKILL");
-          resolve();
-        }
-      }, 50);
-      child.on("exit", () => {
-        clearInterval(timer);
-        reject(new Error("the job finished before it could be killed"));
-      });
-    }).catch((e) => {
-      throw e;
-    });
+    await killWhen(s3, child, "cache/embeddings/", (keys) => keys.filter((k) => k.endsWith(".bin")).length >= 2);
     expect(await readPointer(s3.store, "killed")).toBeNull();
     const log = memoryLogger();
     const result = await train(s3.store, { dataset: "killed", imageSize: 96, views: 1, head: { epochs: 5 } }, log);

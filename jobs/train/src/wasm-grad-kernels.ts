@@ -199,42 +199,44 @@ function conv2dBackpropFilter(x: tf.Tensor4D, dy: tf.Tensor4D, filterShape: [num
 function depthwiseBackpropFilter(x: tf.Tensor4D, dy: tf.Tensor4D, filterShape: [number, number, number, number], a: ConvAttrs): tf.Tensor {
   const [kH, kW, inC, mult] = filterShape;
   if (mult !== 1) throw new Error("DepthwiseConv2dNativeBackpropFilter (wasm): channel multiplier must be 1");
-  const info = convInfo(x.shape, filterShape, a, true);
-  const { strideHeight: sh, strideWidth: sw, outHeight: oH, outWidth: oW, padInfo } = info;
-  const [batch, h, w] = x.shape;
   const xs = x.dataSync() as Float32Array;
   const g = dy.dataSync() as Float32Array;
   const dw = new Float32Array(kH * kW * inC);
-  for (let n = 0; n < batch; n++) {
-    for (let oh = 0; oh < oH; oh++) {
-      for (let ow = 0; ow < oW; ow++) {
-        const gBase = ((n * oH + oh) * oW + ow) * inC;
-        for (let kh = 0; kh < kH; kh++) {
-          const ih = oh * sh + kh - padInfo.top;
-          if (ih < 0 || ih >= h) continue;
-          for (let kw = 0; kw < kW; kw++) {
-            const iw = ow * sw + kw - padInfo.left;
-            if (iw < 0 || iw >= w) continue;
-            const xBase = ((n * h + ih) * w + iw) * inC;
-            const wBase = (kh * kW + kw) * inC;
-            for (let c = 0; c < inC; c++) dw[wBase + c] = (dw[wBase + c] as number) + (xs[xBase + c] as number) * (g[gBase + c] as number);
-          }
-        }
-      }
-    }
-  }
+  // dW[tap, c] += x[input pixel, c] · dy[output pixel, c]
+  forEachTap(x.shape, filterShape, a, (xBase, gBase, wBase) => {
+    for (let c = 0; c < inC; c++) dw[wBase + c] = (dw[wBase + c] as number) + (xs[xBase + c] as number) * (g[gBase + c] as number);
+  });
   return tf.tensor4d(dw, [kH, kW, inC, 1]);
 }
 
 function depthwiseBackpropInput(dy: tf.Tensor4D, filter: tf.Tensor4D, inputShape: [number, number, number, number], a: ConvAttrs): tf.Tensor {
-  const [kH, kW, inC, mult] = filter.shape;
+  const [, , inC, mult] = filter.shape;
   if (mult !== 1) throw new Error("DepthwiseConv2dNativeBackpropInput (wasm): channel multiplier must be 1");
-  const info = convInfo(inputShape, filter.shape, a, true);
-  const { strideHeight: sh, strideWidth: sw, outHeight: oH, outWidth: oW, padInfo } = info;
-  const [batch, h, w] = inputShape;
   const g = dy.dataSync() as Float32Array;
   const f = filter.dataSync() as Float32Array;
-  const dx = new Float32Array(batch * h * w * inC);
+  const dx = new Float32Array(inputShape.reduce((p, d) => p * d, 1));
+  // dX[input pixel, c] += W[tap, c] · dy[output pixel, c]
+  forEachTap(inputShape, filter.shape, a, (xBase, gBase, wBase) => {
+    for (let c = 0; c < inC; c++) dx[xBase + c] = (dx[xBase + c] as number) + (f[wBase + c] as number) * (g[gBase + c] as number);
+  });
+  return tf.tensor4d(dx, inputShape);
+}
+
+/**
+ * Calls `visit` for every (output pixel, filter tap) pair of a depthwise convolution whose input pixel
+ * lies inside the image, with the flat offsets (channel 0) of the input pixel, the output pixel and
+ * the tap's weights.
+ */
+function forEachTap(
+  inputShape: [number, number, number, number],
+  filterShape: [number, number, number, number],
+  a: ConvAttrs,
+  visit: (xBase: number, gBase: number, wBase: number) => void,
+): void {
+  const info = convInfo(inputShape, filterShape, a, true);
+  const { strideHeight: sh, strideWidth: sw, outHeight: oH, outWidth: oW, padInfo } = info;
+  const [batch, h, w, inC] = inputShape;
+  const [kH, kW] = filterShape;
   for (let n = 0; n < batch; n++) {
     for (let oh = 0; oh < oH; oh++) {
       for (let ow = 0; ow < oW; ow++) {
@@ -245,13 +247,10 @@ function depthwiseBackpropInput(dy: tf.Tensor4D, filter: tf.Tensor4D, inputShape
           for (let kw = 0; kw < kW; kw++) {
             const iw = ow * sw + kw - padInfo.left;
             if (iw < 0 || iw >= w) continue;
-            const xBase = ((n * h + ih) * w + iw) * inC;
-            const wBase = (kh * kW + kw) * inC;
-            for (let c = 0; c < inC; c++) dx[xBase + c] = (dx[xBase + c] as number) + (f[wBase + c] as number) * (g[gBase + c] as number);
+            visit(((n * h + ih) * w + iw) * inC, gBase, (kh * kW + kw) * inC);
           }
         }
       }
     }
   }
-  return tf.tensor4d(dx, inputShape);
 }

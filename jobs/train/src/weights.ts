@@ -1,4 +1,5 @@
 import * as tf from "@tensorflow/tfjs";
+import { concatBytes } from "../../../shared/bytes.ts";
 
 /**
  * Weight (de)serialisation: tfjs writes only float32 weights; edgetune exports float16 (half the
@@ -76,18 +77,7 @@ export function encodeWeights(
       chunks.push(q);
     }
   }
-  return { specs: outSpecs, data: concat(chunks) };
-}
-
-function concat(chunks: Uint8Array[]): ArrayBuffer {
-  const total = chunks.reduce((n, c) => n + c.byteLength, 0);
-  const out = new Uint8Array(total);
-  let offset = 0;
-  for (const c of chunks) {
-    out.set(c, offset);
-    offset += c.byteLength;
-  }
-  return out.buffer;
+  return { specs: outSpecs, data: concatBytes(chunks).buffer };
 }
 
 const f32 = new Float32Array(1);

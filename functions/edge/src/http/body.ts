@@ -1,3 +1,4 @@
+import { concatBytes } from "../../../../shared/bytes.ts";
 import { ApiError } from "./errors.ts";
 
 /**
@@ -52,13 +53,7 @@ async function readLimited(req: Request, limit: number, maxBytes: number): Promi
     }
     chunks.push(value);
   }
-  const out = new Uint8Array(total);
-  let o = 0;
-  for (const c of chunks) {
-    out.set(c, o);
-    o += c.byteLength;
-  }
-  return out;
+  return concatBytes(chunks);
 }
 
 function tooLarge(maxBytes: number): ApiError {

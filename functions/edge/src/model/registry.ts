@@ -1,5 +1,6 @@
 import * as tfl from "@tensorflow/tfjs-layers";
 import { readMetadata, readVerifiedFile } from "../../../../shared/artifacts.ts";
+import { concatBytes } from "../../../../shared/bytes.ts";
 import type { ArtifactMetadata, ModelPointer } from "../../../../shared/contracts/artifact.ts";
 import { pointerSchema } from "../../../../shared/contracts/artifact.ts";
 import { parseContractJson } from "../../../../shared/contracts/parse.ts";
@@ -174,7 +175,7 @@ export class ModelRegistry {
     const paths = modelJson.weightsManifest.flatMap((g) => g.paths);
     const shards = await Promise.all(paths.map((p) => readVerifiedFile(this.source, metadata, p)));
     const t1 = performance.now();
-    const weightData = concat(shards);
+    const weightData = concatBytes(shards).buffer;
     const model = await tfl.loadLayersModel(
       tf.io.fromMemory({ modelTopology: modelJson.modelTopology, weightSpecs: modelJson.weightsManifest.flatMap((g) => g.weights), weightData }),
     );
@@ -212,15 +213,4 @@ export class ModelRegistry {
       if (old.users === 0) old.model.dispose();
     }
   }
-}
-
-function concat(chunks: Uint8Array[]): ArrayBuffer {
-  const total = chunks.reduce((n, c) => n + c.byteLength, 0);
-  const out = new Uint8Array(total);
-  let o = 0;
-  for (const c of chunks) {
-    out.set(c, o);
-    o += c.byteLength;
-  }
-  return out.buffer;
 }
