@@ -247,3 +247,41 @@ describe("training/serving skew", () => {
     expect(worst).toBeLessThan(0.01);
   });
 });
+
+describe("EXIF orientation", () => {
+  it("is applied the same way by the worker and by training (a rotated JPEG gets the same probabilities)", async () => {
+    const { metadata, files } = await readPromotedModel(s3.store, "emoji");
+    const { loadModel } = await import("../../../jobs/train/src/model-io.ts");
+    const model = await loadModel(files.get("model.json") as Uint8Array, files);
+    // An asymmetric crop of a sample image, stored sideways with orientation 6 (rotate 90° to view).
+    const upright = await sharp(images[0]?.bytes as Uint8Array)
+      .extract({ left: 0, top: 0, width: 128, height: 80 })
+      .toBuffer();
+    const sideways = new Uint8Array(await sharp(upright).rotate(-90).jpeg({ quality: 95 }).withMetadata({ orientation: 6 }).toBuffer());
+    const res = await classify(sideways, "image/jpeg", "?top_k=3");
+    expect(res.status).toBe(200);
+    const edgeScores = ((await res.json()) as { predictions: { label: string; score: number }[] }).predictions;
+    const input = preprocess(await decodeImage(sideways), metadata.input.size, metadata.preprocessing);
+    const node = tf.tidy(() => (model.predict(tf.tensor4d(input, [1, 96, 96, 3])) as tf.Tensor).dataSync());
+    for (const p of edgeScores) expect(Math.abs(p.score - (node[metadata.labels.indexOf(p.label)] as number))).toBeLessThan(0.01);
+    model.dispose();
+  });
+});
+
+describe("public or R2-fronted buckets", () => {
+  it("serves models from a plain HTTPS base URL without signing", async () => {
+    const plain = await startEdgeWorker({ s3Endpoint: "", bucket: "", vars: { MODELS_BASE_URL: `${s3.endpoint}/${s3.config.bucket}` } });
+    try {
+      const img = images[0] as (typeof images)[number];
+      const res = await fetch(`${plain.url}/v1/models/emoji/classify`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${plain.apiKey}`, "content-type": jpegOf(img) },
+        body: img.bytes as BodyInit,
+      });
+      expect(res.status).toBe(200);
+      expect(((await res.json()) as { predictions: unknown[] }).predictions.length).toBeGreaterThan(0);
+    } finally {
+      await plain.stop();
+    }
+  });
+});
