@@ -268,9 +268,13 @@ describe("EXIF orientation", () => {
   });
 });
 
-describe("public or R2-fronted buckets", () => {
-  it("serves models from a plain HTTPS base URL without signing", async () => {
-    const plain = await startEdgeWorker({ s3Endpoint: "", bucket: "", vars: { MODELS_BASE_URL: `${s3.endpoint}/${s3.config.bucket}` } });
+describe("public or R2-fronted buckets, and CORS", () => {
+  it("serves models from a plain HTTPS base URL without signing, with CORS for the configured origin only", async () => {
+    const plain = await startEdgeWorker({
+      s3Endpoint: "",
+      bucket: "",
+      vars: { MODELS_BASE_URL: `${s3.endpoint}/${s3.config.bucket}`, CORS_ORIGINS: "https://app.example" },
+    });
     try {
       const img = images[0] as (typeof images)[number];
       const res = await fetch(`${plain.url}/v1/models/emoji/classify`, {
@@ -280,6 +284,13 @@ describe("public or R2-fronted buckets", () => {
       });
       expect(res.status).toBe(200);
       expect(((await res.json()) as { predictions: unknown[] }).predictions.length).toBeGreaterThan(0);
+      const preflight = (origin: string) =>
+        fetch(`${plain.url}/v1/models/emoji/classify`, {
+          method: "OPTIONS",
+          headers: { origin, "access-control-request-method": "POST", "access-control-request-headers": "authorization,content-type" },
+        });
+      expect((await preflight("https://app.example")).headers.get("access-control-allow-origin")).toBe("https://app.example");
+      expect((await preflight("https://evil.example")).headers.get("access-control-allow-origin")).not.toBe("https://evil.example");
     } finally {
       await plain.stop();
     }
