@@ -26,11 +26,6 @@ function registryFor(env: Env): ModelRegistry {
   return registry;
 }
 
-/** For tests and benchmarks: forget the isolate's models. */
-export function resetRegistry(): void {
-  registry = undefined;
-}
-
 export const app = new Hono<AppEnv>();
 
 app.use("*", async (c, next) => {

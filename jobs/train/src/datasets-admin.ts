@@ -6,6 +6,7 @@ import { nameSchema } from "../../../shared/contracts/common.ts";
 import { type DatasetManifest, IMAGE_EXTENSIONS, manifestSchema } from "../../../shared/contracts/dataset.ts";
 import { parseContract } from "../../../shared/contracts/parse.ts";
 import { NotFoundError } from "../../../shared/errors.ts";
+import { sha256Hex } from "../../../shared/hash.ts";
 import { keys } from "../../../shared/keys.ts";
 import type { ObjectStore } from "../../../shared/s3/store.ts";
 
@@ -128,7 +129,6 @@ export async function rollback(store: ObjectStore, name: string, to?: string): P
   const bytes = await store.get(metaKey);
   if (!bytes) throw new NotFoundError(`Model ${name} has no version ${target}.`);
   await readMetadata(store, name, target); // validates before pointing at it
-  const { sha256Hex } = await import("../../../shared/hash.ts");
   return writePointer(store, name, {
     version: target,
     metadataSha256: await sha256Hex(bytes),

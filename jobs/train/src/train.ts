@@ -3,13 +3,14 @@ import sharp from "sharp";
 import { VersionExistsError, writeArtifact, writePointer } from "../../../shared/artifacts.ts";
 import type { ArtifactMetadata } from "../../../shared/contracts/artifact.ts";
 import { keys } from "../../../shared/keys.ts";
-import { PREPROCESSING_VERSIONS, type PreprocessingSpec } from "../../../shared/preprocess.ts";
+import { PREPROCESSING_VERSIONS, type PreprocessingSpec, preprocess } from "../../../shared/preprocess.ts";
 import type { ObjectStore } from "../../../shared/s3/store.ts";
 import { initBackend } from "./backend.ts";
 import { ensureBase, loadBase } from "./bases.ts";
 import { s3Checkpointer } from "./checkpoint.ts";
 import { resolveOptions, type TrainInput, type TrainOptions, versionId } from "./config.ts";
 import { type Dataset, type DatasetImage, readDataset } from "./dataset.ts";
+import { decodeImage } from "./decode.ts";
 import { type ExtractorSpec, extractFeatures, type Features } from "./embed.ts";
 import { evaluate } from "./evaluate.ts";
 import { buildClassifier, exportClassifier } from "./export.ts";
@@ -347,8 +348,6 @@ async function predictRows(model: tf.LayersModel, x: tf.Tensor): Promise<Float32
 
 /** A few real preprocessed images to check the export against. */
 async function probeInputs(store: ObjectStore, images: DatasetImage[], size: number, spec: PreprocessingSpec): Promise<tf.Tensor4D> {
-  const { decodeImage } = await import("./decode.ts");
-  const { preprocess } = await import("../../../shared/preprocess.ts");
   const rows: Float32Array[] = [];
   for (const image of images) {
     if (rows.length >= 8) break;
