@@ -185,7 +185,7 @@ async function embedChunk(pool: ForwardPool, loaded: LoadedImage[], knownShape: 
   const pack: Pack = { shape: knownShape, entries: [], failed: [] };
   const rows: { id: string; view: number; input: Float32Array }[] = [];
   for (const l of loaded) {
-    if (l.views) l.views.forEach((input, view) => rows.push({ id: l.image.id, view, input }));
+    if (l.views) for (const [view, input] of l.views.entries()) rows.push({ id: l.image.id, view, input });
     else pack.failed.push({ id: l.image.id, key: l.image.key, reason: l.error ?? "unknown error" });
   }
   const batches: (typeof rows)[] = [];
