@@ -27,11 +27,14 @@ const MIN_HELD_OUT_ACCURACY = 0.6; // 3 labels: chance is 0.33
 
 beforeAll(async () => {
   s3 = await startLocalS3();
+  // Training is deterministic (seeded splits, init, shuffles and augmentation; float16-rounded
+  // features), so these outcomes repeat run after run. The 10 % promotion tolerance is what 12–15
+  // held-out images can resolve: one image is 7–8 points.
   dispatcher = new Dispatcher({
     store: s3.store,
     s3: s3.config,
     pollMs: 200,
-    trainArgs: ["--image-size", "96", "--views", "2", "--json", "--promotion-tolerance", "0.2"],
+    trainArgs: ["--image-size", "96", "--views", "2", "--json", "--promotion-tolerance", "0.1"],
     output: "collect",
   });
   dispatcher.start();

@@ -98,13 +98,15 @@ export function concatRows(rows: readonly Float32Array[]): Float32Array {
 }
 
 /**
- * The current version's head weights, when the current version has the same base, cut, size,
- * preprocessing and labels, so that a retrain starts from what is already served and converges in a
- * few epochs (the cheap nightly run). Null when there is nothing compatible to start from.
+ * The current version's head weights, when the current version was trained on the same dataset with
+ * the same base, cut, size, preprocessing and labels, so that a retrain after new images starts from
+ * what is already served and converges in a few epochs (the cheap nightly run). Another dataset
+ * trained into the same model starts from scratch. Null when there is nothing compatible.
  */
 export async function currentHeadWeights(
   store: ObjectStore,
   name: string,
+  datasetName: string,
   labels: readonly string[],
   comparable: (m: ArtifactMetadata) => boolean,
 ): Promise<{ version: string; weights: Map<string, tf.Tensor[]> } | null> {
@@ -116,7 +118,8 @@ export async function currentHeadWeights(
   } catch {
     return null;
   }
-  if (!comparable(current.metadata) || current.metadata.labels.join("\n") !== labels.join("\n")) return null;
+  const m = current.metadata;
+  if (!comparable(m) || m.dataset.name !== datasetName || m.labels.join("\n") !== labels.join("\n")) return null;
   const model = await loadModel(current.files.get("model.json") as Uint8Array, new Map([[WEIGHTS_FILE, current.files.get(WEIGHTS_FILE) as Uint8Array]]));
   try {
     const weights = new Map<string, tf.Tensor[]>();

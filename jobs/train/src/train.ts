@@ -136,14 +136,14 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
       const head = headLayers(dataset.labels.length, { ...options.head, seed: options.seed });
       const headInput = tf.input({ shape: [dim] });
       const headModel = tf.model({ inputs: headInput, outputs: applyLayers(head, headInput) });
-      // Warm start: a retrain of the same labels on the same features starts from the served head.
+      // Warm start: a retrain of the same dataset (same labels, same features) starts from the served head.
       const comparable = (m: ArtifactMetadata) =>
         m.base.sha256 === base.sha256 &&
         m.base.featureLayer === base.featureLayer &&
         m.input.size === size &&
         m.strategy === "head" &&
         JSON.stringify(m.preprocessing) === JSON.stringify(preprocessing);
-      const warm = await currentHeadWeights(store, name, dataset.labels, comparable);
+      const warm = await currentHeadWeights(store, name, dataset.name, dataset.labels, comparable);
       if (warm) {
         for (const layer of head) {
           const w = warm.weights.get(layer.name);
