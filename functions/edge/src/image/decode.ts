@@ -31,16 +31,6 @@ export type EdgeFormat = keyof typeof EDGE_FORMATS;
   }
 };
 
-/**
- * A decoder's wasm memory grows to hold the largest image it has decoded and never shrinks; after a
- * large image the decoders are instantiated afresh so the grown memory can be collected and the
- * isolate stays within its 128 MB.
- */
-const RELEASE_ABOVE_PIXELS = 2_000_000;
-function releaseDecoders(): void {
-  ready = Promise.all([initJpeg(jpegWasm), initPng(pngWasm), initWebp(webpWasm)]).then(() => undefined);
-}
-
 let ready: Promise<void> | undefined;
 function initDecoders(): Promise<void> {
   ready ??= Promise.all([initJpeg(jpegWasm), initPng(pngWasm), initWebp(webpWasm)]).then(() => undefined);
@@ -103,7 +93,6 @@ export async function decodeImage(bytes: Uint8Array, maxPixels: number): Promise
     if (!cmyk) throw new ApiError(400, "corrupt_image", `The ${format.toUpperCase()} data is corrupt or truncated.`);
     image = cmyk;
   }
-  if (width * height > RELEASE_ABOVE_PIXELS) releaseDecoders();
   if (!image || image.width * image.height * 4 !== image.data.length)
     throw new ApiError(400, "corrupt_image", `The ${format.toUpperCase()} data could not be decoded.`);
   return { pixels: { data: image.data, width: image.width, height: image.height, channels: 4 }, format };
