@@ -20,12 +20,13 @@ export function acknowledgeNagFindings(stack: Stack): void {
   for (const action of ["s3:GetObject*", "s3:GetBucket*", "s3:List*", "s3:DeleteObject*", "s3:Abort*"]) {
     ack(jobRole, `AwsSolutions-IAM5[Action::${action}]`, `${action} is the action group CDK's bucket grants use, limited to the prefixes above.`);
   }
-  const execution = stack.node.findChild("Training").node.findChild("Container");
-  ack(
-    execution,
-    "AwsSolutions-IAM5[Resource::*]",
-    "ecr:GetAuthorizationToken has no resource-level permissions; the image pull itself is limited to the asset repository.",
-  );
+  for (const id of ["Container", "EmbedContainer"]) {
+    ack(
+      stack.node.findChild("Training").node.findChild(id),
+      "AwsSolutions-IAM5[Resource::*]",
+      "ecr:GetAuthorizationToken has no resource-level permissions; the image pull itself is limited to the asset repository.",
+    );
+  }
   for (const ce of ["Spot", "OnDemand"]) {
     const node = stack.node.findChild("Training").node.tryFindChild(ce);
     if (node) {

@@ -108,6 +108,17 @@ describe("GPU batch job", () => {
     });
   });
 
+  it("has an array-capable embedding job for very large datasets, on the same image and role", () => {
+    template.hasResourceProperties("AWS::Batch::JobDefinition", {
+      ContainerProperties: Match.objectLike({
+        Command: ["embed", "--dataset", "Ref::dataset", "--shards", "Ref::shards", "--json"],
+        ResourceRequirements: Match.arrayWith([{ Type: "GPU", Value: "1" }]),
+      }),
+      Parameters: { dataset: "*", shards: "1" },
+    });
+    template.resourceCountIs("AWS::Batch::JobDefinition", 2);
+  });
+
   it("runs in public subnets without a NAT gateway, with an S3 gateway endpoint and no inbound rule", () => {
     template.resourceCountIs("AWS::EC2::NatGateway", 0);
     template.hasResourceProperties("AWS::EC2::VPCEndpoint", { VpcEndpointType: "Gateway", ServiceName: Match.objectLike({}) });

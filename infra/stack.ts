@@ -36,6 +36,10 @@ export class EdgetuneStack extends Stack {
     });
     new CfnOutput(this, "JobQueueArn", { value: training.queue.jobQueueArn });
     new CfnOutput(this, "JobDefinitionArn", { value: training.jobDefinition.jobDefinitionArn });
+    new CfnOutput(this, "EmbedJobDefinitionArn", {
+      value: training.embedJobDefinition.jobDefinitionArn,
+      description: "array job: edgetune embed --shards N, for very large datasets",
+    });
     new CfnOutput(this, "FailureTopicArn", { value: alerts.topic.topicArn });
   }
 }

@@ -18,6 +18,7 @@ import type { EdgetuneConfig } from "../config.ts";
 export class TrainingBatch extends Construct {
   readonly queue: batch.JobQueue;
   readonly jobDefinition: batch.EcsJobDefinition;
+  readonly embedJobDefinition: batch.EcsJobDefinition;
   readonly logGroup: logs.LogGroup;
 
   constructor(
@@ -77,27 +78,41 @@ export class TrainingBatch extends Construct {
     jobRole.addToPolicy(new iam.PolicyStatement({ actions: ["s3:ListBucket"], resources: [props.bucket.bucketArn] }));
 
     const repoRoot = path.join(import.meta.dirname, "..", "..");
-    this.jobDefinition = new batch.EcsJobDefinition(this, "Train", {
-      timeout: Duration.hours(config.jobTimeoutHours),
+    const image = ecs.ContainerImage.fromAsset(repoRoot, { file: "jobs/train/Dockerfile" });
+    const container = (id: string, command: string[]) =>
+      new batch.EcsEc2ContainerDefinition(this, id, {
+        image,
+        cpu: config.jobVcpus,
+        memory: Size.gibibytes(config.jobMemoryGiB),
+        gpu: 1,
+        jobRole,
+        command,
+        environment: { EDGETUNE_BUCKET: props.bucket.bucketName, EDGETUNE_DEFAULT_BASE: config.defaultBase },
+        logging: ecs.LogDriver.awsLogs({ streamPrefix: id.toLowerCase(), logGroup: this.logGroup }),
+        readonlyRootFilesystem: false,
+        user: "node",
+      });
+    const retries = {
       retryAttempts: 3,
       retryStrategies: [
         batch.RetryStrategy.of(batch.Action.RETRY, batch.Reason.SPOT_INSTANCE_RECLAIMED),
         batch.RetryStrategy.of(batch.Action.EXIT, batch.Reason.custom({ onReason: "*" })),
       ],
+    };
+    this.jobDefinition = new batch.EcsJobDefinition(this, "Train", {
+      timeout: Duration.hours(config.jobTimeoutHours),
+      ...retries,
       parameters: { dataset: "*" },
-      container: new batch.EcsEc2ContainerDefinition(this, "Container", {
-        image: ecs.ContainerImage.fromAsset(repoRoot, { file: "jobs/train/Dockerfile" }),
-        cpu: config.jobVcpus,
-        memory: Size.gibibytes(config.jobMemoryGiB),
-        gpu: 1,
-        jobRole,
-        // `Ref::dataset` is a manifest key from the S3 trigger, or "*" (every complete dataset) from the nightly schedule.
-        command: ["train", "--dataset", "Ref::dataset", "--json"],
-        environment: { EDGETUNE_BUCKET: props.bucket.bucketName, EDGETUNE_DEFAULT_BASE: config.defaultBase },
-        logging: ecs.LogDriver.awsLogs({ streamPrefix: "train", logGroup: this.logGroup }),
-        readonlyRootFilesystem: false,
-        user: "node",
-      }),
+      // `Ref::dataset` is a manifest key from the S3 trigger, or "*" (every complete dataset) from the nightly schedule.
+      container: container("Container", ["train", "--dataset", "Ref::dataset", "--json"]),
+    });
+    // For datasets too large for one machine: submit this as an array job (size = shards) first; each
+    // child embeds its shard (AWS_BATCH_JOB_ARRAY_INDEX), then the train job finds every feature cached.
+    this.embedJobDefinition = new batch.EcsJobDefinition(this, "Embed", {
+      timeout: Duration.hours(config.jobTimeoutHours),
+      ...retries,
+      parameters: { dataset: "*", shards: "1" },
+      container: container("EmbedContainer", ["embed", "--dataset", "Ref::dataset", "--shards", "Ref::shards", "--json"]),
     });
   }
 }

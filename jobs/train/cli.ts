@@ -139,6 +139,36 @@ program
     if (failed > 0) throw new EdgetuneError("some_failed", `${failed} of ${names.length} datasets failed to train (see the log above).`);
   });
 
+program
+  .command("embed")
+  .description("Compute the frozen features of one shard of a dataset (an AWS Batch array job child); train then finds them cached.")
+  .requiredOption("--dataset <name|s3-url|key>", "dataset name, s3://bucket/datasets/<name>/ or datasets/<name>/manifest.json")
+  .option("--shard <i>", "this child's index (default: $AWS_BATCH_JOB_ARRAY_INDEX)", int("shard"))
+  .requiredOption("--shards <n>", "number of children", int("shards"))
+  .option("--base <id>", "base model (as for train)")
+  .addOption(new Option("--image-size <px>", "input size (as for train)").choices(IMAGE_SIZES.map(String)).argParser(Number))
+  .option("--views <n>", "augmented views per training image (as for train)", int("views"))
+  .option("--seed <n>", "seed (as for train)", int("seed"))
+  .option("--json", "JSON log lines even on a terminal")
+  .action(
+    async (
+      o: { dataset: string; shard?: number; shards: number; base?: string; imageSize?: 96; views?: number; seed?: number; json?: boolean },
+      cmd: Command,
+    ) => {
+      const globals = cmd.optsWithGlobals() as { bucket?: string; endpoint?: string };
+      const shard = o.shard ?? Number(process.env.AWS_BATCH_JOB_ARRAY_INDEX ?? Number.NaN);
+      const { embedShard } = await import("./src/embed-shard.ts");
+      const stats = await embedShard(
+        storeFrom(globals),
+        clean({ dataset: datasetRef(o.dataset, globals), base: o.base, imageSize: o.imageSize, views: o.views, seed: o.seed }),
+        shard,
+        o.shards,
+        createLogger({ json: o.json === true ? true : undefined }),
+      );
+      process.stdout.write(`${JSON.stringify(stats)}\n`);
+    },
+  );
+
 const base = program.command("base").description("Pretrained bases");
 base
   .command("import <source>")

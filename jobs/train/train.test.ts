@@ -157,3 +157,22 @@ async function heldOutKeys(name: string): Promise<{ key: string; label: string }
   const d = await readDataset(s3.store, name, { seed: 42, valFraction: 0.2 });
   return d.images.filter((i) => i.split === "val").map((i) => ({ key: i.key, label: i.label }));
 }
+
+describe("sharded feature extraction (AWS Batch array jobs)", () => {
+  it("children embed disjoint shards that cover the dataset; training then computes nothing", async () => {
+    const { embedShard } = await import("./src/embed-shard.ts");
+    await uploadSample(s3.store, "sharded", { perLabel: 8 });
+    const opts = { dataset: "sharded", imageSize: 96 as const, views: 2 };
+    const a = await embedShard(s3.store, opts, 0, 3, memoryLogger());
+    const b = await embedShard(s3.store, opts, 1, 3, memoryLogger());
+    const c = await embedShard(s3.store, opts, 2, 3, memoryLogger());
+    expect(a.images + b.images + c.images).toBe(24);
+    expect(a.computed + b.computed + c.computed).toBe(24);
+    expect((await embedShard(s3.store, opts, 1, 3, memoryLogger())).computed).toBe(0);
+    const log = memoryLogger();
+    await train(s3.store, { ...opts, head: { epochs: 5 } }, log);
+    const features = log.lines.find((l) => l.message === "features done")?.fields as { cached: number; computed: number };
+    expect(features).toMatchObject({ computed: 0, cached: 24 });
+    await expect(embedShard(s3.store, opts, 3, 3, memoryLogger())).rejects.toThrow(/shard must be 0…2 of 3/);
+  });
+});

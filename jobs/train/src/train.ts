@@ -2,6 +2,8 @@ import * as tf from "@tensorflow/tfjs";
 import sharp from "sharp";
 import { VersionExistsError, writeArtifact, writePointer } from "../../../shared/artifacts.ts";
 import type { ArtifactMetadata } from "../../../shared/contracts/artifact.ts";
+import type { BaseMetadata } from "../../../shared/contracts/base.ts";
+import { DatasetError, EdgetuneError } from "../../../shared/errors.ts";
 import { keys } from "../../../shared/keys.ts";
 import { PREPROCESSING_VERSIONS, type PreprocessingSpec, preprocess } from "../../../shared/preprocess.ts";
 import type { ObjectStore } from "../../../shared/s3/store.ts";
@@ -89,7 +91,7 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
   }
 
   async function trainLocked(): Promise<TrainResult> {
-    const preprocessing: PreprocessingSpec = { version: PREPROCESSING_VERSIONS[0], fit: "center-crop", normalization: base.normalization };
+    const { preprocessing, pooledSpec } = featureSpec(base, options);
     const size = options.imageSize;
     const baseModel = await loadBase(store, base, size);
     const disposables: { dispose(): void }[] = [baseModel];
@@ -99,15 +101,6 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
       const labelIndex = new Map(dataset.labels.map((l, i) => [l, i]));
 
       // Frozen, pooled features of every image (augmented views for training images).
-      const pooledSpec: ExtractorSpec = {
-        baseSha256: base.sha256,
-        layer: base.featureLayer,
-        pooled: true,
-        size,
-        preprocessing,
-        views: options.views,
-        seed: options.seed,
-      };
       const extractor = tf.model({ inputs: baseModel.inputs, outputs: baseModel.getLayer(base.featureLayer).output as tf.SymbolicTensor });
       const pooled = await phase(
         "features",
@@ -122,7 +115,8 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
       const usableVal = val.filter((i) => pooled.byId.has(i.id));
       const skipped = [...pooled.failed.entries()].map(([, f]) => f);
       for (const s of skipped) log.warn(`skipped ${s.key}: ${s.reason}`);
-      if (usableTrain.length === 0) throw new Error("no training image could be decoded");
+      if (usableTrain.length === 0)
+        throw new DatasetError(`Dataset ${dataset.name}: none of its training images could be decoded (see the skipped files above).`);
 
       const dim = pooled.shape.reduce((a, b) => a * b, 1);
       const trainViews = usableTrain.flatMap((img) => (pooled.byId.get(img.id) as Float32Array[]).slice(0, options.views).map((v) => ({ img, v })));
@@ -162,7 +156,7 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
 
       if (options.strategy === "finetune") {
         const from = options.fineTune.from ?? base.fineTuneFrom;
-        if (!from) throw new Error(`base ${base.id} names no fine-tuning cut; pass --fine-tune-from <layer>`);
+        if (!from) throw new EdgetuneError("invalid_option", `Base ${base.id} names no fine-tuning cut; pass --fine-tune-from <layer>.`);
         const bottom = tf.model({ inputs: baseModel.inputs, outputs: baseModel.getLayer(from).output as tf.SymbolicTensor });
         const bottomSpec: ExtractorSpec = { ...pooledSpec, layer: from, pooled: false };
         const maps = await phase(
@@ -389,3 +383,24 @@ function countSplits(d: Dataset): Record<string, { train: number; val: number; t
 const pct = (v: number) => `${(v * 100).toFixed(1)} %`;
 
 export type { TrainOptions };
+
+/**
+ * What the frozen features of a run are made of: the preprocessing the base expects and the extractor
+ * spec (which is also the cache key of the feature packs). Shared by `train` and `embedShard`, so an
+ * array job's packs are the ones training looks for.
+ */
+export function featureSpec(base: BaseMetadata, options: TrainOptions): { preprocessing: PreprocessingSpec; pooledSpec: ExtractorSpec } {
+  const preprocessing: PreprocessingSpec = { version: PREPROCESSING_VERSIONS[0], fit: "center-crop", normalization: base.normalization };
+  return {
+    preprocessing,
+    pooledSpec: {
+      baseSha256: base.sha256,
+      layer: base.featureLayer,
+      pooled: true,
+      size: options.imageSize,
+      preprocessing,
+      views: options.views,
+      seed: options.seed,
+    },
+  };
+}

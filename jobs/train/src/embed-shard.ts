@@ -1,0 +1,60 @@
+import * as tf from "@tensorflow/tfjs";
+import { sha256Hex } from "../../../shared/hash.ts";
+import type { ObjectStore } from "../../../shared/s3/store.ts";
+import { initBackend } from "./backend.ts";
+import { ensureBase, loadBase } from "./bases.ts";
+import { resolveOptions, type TrainInput } from "./config.ts";
+import { readDataset } from "./dataset.ts";
+import { extractFeatures } from "./embed.ts";
+import type { Logger } from "./log.ts";
+import { featureSpec } from "./train.ts";
+
+/**
+ * One shard of the feature extraction, for AWS Batch array jobs on datasets too large for one
+ * machine: child `shard` of `shards` embeds the images whose content id hashes to it and writes the
+ * packs; `edgetune train` afterwards finds them all in the cache and only trains. Shards are disjoint
+ * and cover the dataset, and a shard run twice does nothing the second time.
+ */
+export async function embedShard(store: ObjectStore, input: TrainInput, shard: number, shards: number, log: Logger) {
+  if (!Number.isInteger(shards) || shards < 1 || !Number.isInteger(shard) || shard < 0 || shard >= shards) {
+    throw new RangeError(`shard must be 0…${shards - 1} of ${shards}`);
+  }
+  await initBackend();
+  const preliminary = resolveOptions(input);
+  const dataset = await readDataset(store, preliminary.dataset, { seed: preliminary.seed, valFraction: preliminary.valFraction });
+  const options = resolveOptions(input, dataset.manifest);
+  const base = await ensureBase(store, options.base);
+  const { pooledSpec } = featureSpec(base, options);
+  const mine = [];
+  for (const image of dataset.images) if (Number.parseInt((await sha256Hex(image.id)).slice(0, 8), 16) % shards === shard) mine.push(image);
+  const model = await loadBase(store, base, options.imageSize);
+  try {
+    const extractor = tf.model({ inputs: model.inputs, outputs: model.getLayer(base.featureLayer).output as tf.SymbolicTensor });
+    const train = await extractFeatures(
+      store,
+      extractor,
+      pooledSpec,
+      mine.filter((i) => i.split === "train"),
+      (d, t) => log.progress(`shard ${shard} (train)`, d, t),
+    );
+    const val = await extractFeatures(
+      store,
+      extractor,
+      { ...pooledSpec, views: 1 },
+      mine.filter((i) => i.split !== "train"),
+      (d, t) => log.progress(`shard ${shard} (val)`, d, t),
+    );
+    const stats = {
+      shard,
+      shards,
+      images: mine.length,
+      computed: train.stats.computed + val.stats.computed,
+      cached: train.stats.cached + val.stats.cached,
+      failed: train.stats.failed + val.stats.failed,
+    };
+    log.info("shard done", stats);
+    return stats;
+  } finally {
+    model.dispose();
+  }
+}
