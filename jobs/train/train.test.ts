@@ -161,6 +161,9 @@ async function heldOutKeys(name: string): Promise<{ key: string; label: string }
 describe("sharded feature extraction (AWS Batch array jobs)", () => {
   it("children embed disjoint shards that cover the dataset; training then computes nothing", async () => {
     const { embedShard } = await import("./src/embed-shard.ts");
+    // A bucket of its own: the other tests' runs have cached the features of these images already.
+    const own = await startLocalS3({ bucket: "sharded" });
+    const s3 = own;
     await uploadSample(s3.store, "sharded", { perLabel: 8 });
     const opts = { dataset: "sharded", imageSize: 96 as const, views: 2 };
     const a = await embedShard(s3.store, opts, 0, 3, memoryLogger());
@@ -174,5 +177,6 @@ describe("sharded feature extraction (AWS Batch array jobs)", () => {
     const features = log.lines.find((l) => l.message === "features done")?.fields as { cached: number; computed: number };
     expect(features).toMatchObject({ computed: 0, cached: 24 });
     await expect(embedShard(s3.store, opts, 3, 3, memoryLogger())).rejects.toThrow(/shard must be 0…2 of 3/);
+    await own.stop();
   });
 });
