@@ -72,19 +72,29 @@ describe("training faults", () => {
     const refWeights = (await readPromotedModel(reference.store, "killed")).metadata.files.find((f) => f.path === "group1-shard1of1.bin")?.sha256;
     await reference.stop();
 
-    await uploadSample(s3.store, "killed", { perLabel: 10 });
-    for (const afterMs of [700, 1500, 2500]) {
-      const child = spawnTrainJob(s3, ["--dataset", "killed", "--image-size", "96", "--views", "2", "--epochs", "10"], { EDGETUNE_PACK_IMAGES: "4" });
-      await new Promise((r) => setTimeout(r, afterMs));
-      child.kill("SIGKILL");
-      await new Promise((r) => child.once("exit", r));
+    // The interrupted runs, in a bucket of their own too: no other test's features are cached there.
+    const own = await startLocalS3({ bucket: "killed" });
+    try {
+      await uploadSample(own.store, "killed", { perLabel: 10 });
+      // Three kills at three points of the extraction (30 images, 4 per pack: 8 packs in all), each run
+      // picking up the packs the previous ones left. Points by progress, not by clock, so a fast machine
+      // cannot finish the job before the kill.
+      for (const packs of [2, 4, 6]) {
+        const child = spawnTrainJob(own, ["--dataset", "killed", "--image-size", "96", "--views", "2", "--epochs", "10"], { EDGETUNE_PACK_IMAGES: "4" });
+        await killWhen(own, child, "cache/embeddings/", (keys) => keys.filter((k) => k.endsWith(".bin")).length >= packs);
+      }
+      const log = memoryLogger();
+      const resumed = await train(own.store, { dataset: "killed", imageSize: 96, views: 2, head: { epochs: 10 } }, log);
+      const features = log.lines.find((l) => l.message === "features done")?.fields as { cached: number; computed: number };
+      expect(features.cached).toBeGreaterThanOrEqual(24); // the 6 packs the killed runs left
+      expect(resumed.version).toBe(ref.version);
+      const weights = (await readPromotedModel(own.store, "killed")).metadata.files.find((f) => f.path === "group1-shard1of1.bin")?.sha256;
+      expect(weights).toBe(refWeights);
+      expect(resumed.accuracy).toBe(ref.accuracy);
+      await expectNoPartialVersions(own.store, "killed");
+    } finally {
+      await own.stop();
     }
-    const resumed = await train(s3.store, { dataset: "killed", imageSize: 96, views: 2, head: { epochs: 10 } }, memoryLogger());
-    expect(resumed.version).toBe(ref.version);
-    const weights = (await readPromotedModel(s3.store, "killed")).metadata.files.find((f) => f.path === "group1-shard1of1.bin")?.sha256;
-    expect(weights).toBe(refWeights);
-    expect(resumed.accuracy).toBe(ref.accuracy);
-    await expectNoPartialVersions(s3.store, "killed");
   });
 
   it("a dataset still uploading when its manifest lands is not trained; complete, it is", async () => {

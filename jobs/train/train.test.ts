@@ -139,16 +139,22 @@ describe("bad datasets", () => {
 
 describe("interrupted runs", () => {
   it("resumes a killed job from its cached feature packs", async () => {
-    await uploadSample(s3.store, "killed", { perLabel: 12 });
-    const child = spawnTrainJob(s3, ["--dataset", "killed", "--image-size", "96", "--views", "1", "--epochs", "5"], { EDGETUNE_PACK_IMAGES: "4" });
-    // Kill it (like a spot reclaim) as soon as the first packs are in the bucket.
-    await killWhen(s3, child, "cache/embeddings/", (keys) => keys.filter((k) => k.endsWith(".bin")).length >= 2);
-    expect(await readPointer(s3.store, "killed")).toBeNull();
-    const log = memoryLogger();
-    const result = await train(s3.store, { dataset: "killed", imageSize: 96, views: 1, head: { epochs: 5 } }, log);
-    expect(result.promoted).toBe(true);
-    const features = log.lines.find((l) => l.message === "features done")?.fields as { cached: number; computed: number };
-    expect(features.cached).toBeGreaterThanOrEqual(8);
+    // A bucket of its own: nothing cached there, so the packs can only come from the killed run.
+    const own = await startLocalS3({ bucket: "resume" });
+    try {
+      await uploadSample(own.store, "killed", { perLabel: 12 });
+      const child = spawnTrainJob(own, ["--dataset", "killed", "--image-size", "96", "--views", "1", "--epochs", "5"], { EDGETUNE_PACK_IMAGES: "4" });
+      // Kill it (like a spot reclaim) as soon as the first packs are in the bucket.
+      await killWhen(own, child, "cache/embeddings/", (keys) => keys.filter((k) => k.endsWith(".bin")).length >= 2);
+      expect(await readPointer(own.store, "killed")).toBeNull();
+      const log = memoryLogger();
+      const result = await train(own.store, { dataset: "killed", imageSize: 96, views: 1, head: { epochs: 5 } }, log);
+      expect(result.promoted).toBe(true);
+      const features = log.lines.find((l) => l.message === "features done")?.fields as { cached: number; computed: number };
+      expect(features.cached).toBeGreaterThanOrEqual(8);
+    } finally {
+      await own.stop();
+    }
   });
 });
 

@@ -1,6 +1,6 @@
 import * as tf from "@tensorflow/tfjs";
 import { readPointer, readPromotedModel } from "../../../shared/artifacts.ts";
-import type { ArtifactMetadata } from "../../../shared/contracts/artifact.ts";
+import type { ArtifactMetadata, ModelPointer } from "../../../shared/contracts/artifact.ts";
 import { preprocess } from "../../../shared/preprocess.ts";
 import type { ObjectStore } from "../../../shared/s3/store.ts";
 import type { DatasetImage } from "./dataset.ts";
@@ -11,10 +11,29 @@ import { LAYER_NAMES } from "./head.ts";
 import { loadModel, WEIGHTS_FILE } from "./model-io.ts";
 
 /**
- * Scores the currently promoted model on the new run's held-out images, so promotion compares like
- * with like. When the current model shares the new run's base, cut and preprocessing and only its
- * head was trained, it is scored on the cached pooled features (its head only: cheap); otherwise
- * it runs end to end on (at most `maxImages` of) the held-out images.
+ * The currently promoted version, read (every byte verified) and loaded once per training run: it
+ * seeds the warm start and is scored against the new version. `error` when the pointer exists but the
+ * version cannot be read, null when nothing was ever promoted. The caller disposes `model`.
+ */
+export type CurrentModel = { pointer: ModelPointer; metadata: ArtifactMetadata; model: tf.LayersModel } | { error: string } | null;
+
+export async function loadCurrent(store: ObjectStore, name: string): Promise<CurrentModel> {
+  const pointer = await readPointer(store, name);
+  if (!pointer) return null;
+  try {
+    const { metadata, files } = await readPromotedModel(store, name, pointer);
+    const model = await loadModel(files.get("model.json") as Uint8Array, new Map([[WEIGHTS_FILE, files.get(WEIGHTS_FILE) as Uint8Array]]));
+    return { pointer, metadata, model };
+  } catch (e) {
+    return { error: `the current version ${pointer.version} cannot be read (${e instanceof Error ? e.message : e})` };
+  }
+}
+
+/**
+ * Scores the current model on the new run's held-out images, so promotion compares like with like.
+ * When it shares the new run's base, cut and preprocessing and only its head was trained, it is scored
+ * on the cached pooled features (its head only: cheap); otherwise it runs end to end on (at most
+ * `maxImages` of) the held-out images.
  */
 export interface CurrentScore {
   version: string;
@@ -25,60 +44,47 @@ export interface CurrentScore {
 
 export async function scoreCurrent(
   store: ObjectStore,
-  name: string,
+  current: { pointer: ModelPointer; metadata: ArtifactMetadata; model: tf.LayersModel },
   val: readonly DatasetImage[],
   pooledFeatures: (image: DatasetImage) => Float32Array | undefined,
   comparable: (m: ArtifactMetadata) => boolean,
   maxImages = 2000,
-): Promise<CurrentScore | { error: string } | null> {
-  const pointer = await readPointer(store, name);
-  if (!pointer) return null;
-  let current: Awaited<ReturnType<typeof readPromotedModel>>;
-  try {
-    current = await readPromotedModel(store, name, pointer);
-  } catch (e) {
-    return { error: `the current version ${pointer.version} cannot be read (${e instanceof Error ? e.message : e})` };
+): Promise<CurrentScore> {
+  const { pointer, metadata, model } = current;
+  if (comparable(metadata) && model.layers.some((l) => l.name === LAYER_NAMES.pool)) {
+    const dim = (model.getLayer(LAYER_NAMES.pool).outputShape as number[])[1] as number;
+    const input = tf.input({ shape: [dim] });
+    const head = tf.model({ inputs: input, outputs: applyBetween(model, input, model.outputLayers[0]?.name as string, LAYER_NAMES.pool) });
+    const rows = val.map((v) => pooledFeatures(v)).filter((f): f is Float32Array => f !== undefined);
+    const truth = val.filter((v) => pooledFeatures(v) !== undefined).map((v) => v.label);
+    const probs = tf.tidy(() => head.predict(tf.tensor2d(concatRows(rows), [rows.length, dim])) as tf.Tensor2D);
+    const predicted = (await probs.array()).map((p) => metadata.labels[argmax(p)]);
+    probs.dispose();
+    return { version: pointer.version, accuracy: accuracyOf(predicted, truth), evaluatedOn: truth.length, method: "features" };
   }
-  const { metadata } = current;
-  const model = await loadModel(current.files.get("model.json") as Uint8Array, new Map([[WEIGHTS_FILE, current.files.get(WEIGHTS_FILE) as Uint8Array]]));
-  try {
-    if (comparable(metadata) && model.layers.some((l) => l.name === LAYER_NAMES.pool)) {
-      const dim = (model.getLayer(LAYER_NAMES.pool).outputShape as number[])[1] as number;
-      const input = tf.input({ shape: [dim] });
-      const head = tf.model({ inputs: input, outputs: applyBetween(model, input, model.outputLayers[0]?.name as string, LAYER_NAMES.pool) });
-      const rows = val.map((v) => pooledFeatures(v)).filter((f): f is Float32Array => f !== undefined);
-      const truth = val.filter((v) => pooledFeatures(v) !== undefined).map((v) => v.label);
-      const probs = tf.tidy(() => head.predict(tf.tensor2d(concatRows(rows), [rows.length, dim])) as tf.Tensor2D);
-      const predicted = (await probs.array()).map((p) => metadata.labels[argmax(p)]);
-      probs.dispose();
-      return { version: pointer.version, accuracy: accuracyOf(predicted, truth), evaluatedOn: truth.length, method: "features" };
-    }
-    const size = metadata.input.size;
-    const sample = val.slice(0, maxImages);
-    const predicted: (string | undefined)[] = [];
-    const truth: string[] = [];
-    for (let i = 0; i < sample.length; i += 16) {
-      const batch = sample.slice(i, i + 16);
-      const inputs: Float32Array[] = [];
-      for (const image of batch) {
-        const bytes = await store.get(image.key);
-        if (!bytes) continue;
-        try {
-          inputs.push(preprocess(await decodeImage(bytes), size, metadata.preprocessing));
-          truth.push(image.label);
-        } catch {
-          // undecodable images are skipped for both models alike
-        }
+  const size = metadata.input.size;
+  const sample = val.slice(0, maxImages);
+  const predicted: (string | undefined)[] = [];
+  const truth: string[] = [];
+  for (let i = 0; i < sample.length; i += 16) {
+    const batch = sample.slice(i, i + 16);
+    const inputs: Float32Array[] = [];
+    for (const image of batch) {
+      const bytes = await store.get(image.key);
+      if (!bytes) continue;
+      try {
+        inputs.push(preprocess(await decodeImage(bytes), size, metadata.preprocessing));
+        truth.push(image.label);
+      } catch {
+        // undecodable images are skipped for both models alike
       }
-      if (inputs.length === 0) continue;
-      const probs = tf.tidy(() => model.predict(tf.tensor4d(concatRows(inputs), [inputs.length, size, size, 3])) as tf.Tensor2D);
-      for (const p of await probs.array()) predicted.push(metadata.labels[argmax(p)]);
-      probs.dispose();
     }
-    return { version: pointer.version, accuracy: accuracyOf(predicted, truth), evaluatedOn: truth.length, method: "images" };
-  } finally {
-    model.dispose();
+    if (inputs.length === 0) continue;
+    const probs = tf.tidy(() => model.predict(tf.tensor4d(concatRows(inputs), [inputs.length, size, size, 3])) as tf.Tensor2D);
+    for (const p of await probs.array()) predicted.push(metadata.labels[argmax(p)]);
+    probs.dispose();
   }
+  return { version: pointer.version, accuracy: accuracyOf(predicted, truth), evaluatedOn: truth.length, method: "images" };
 }
 
 function accuracyOf(predicted: (string | undefined)[], truth: string[]): number {
@@ -103,36 +109,23 @@ export function concatRows(rows: readonly Float32Array[]): Float32Array {
  * what is already served and converges in a few epochs (the cheap nightly run). Another dataset
  * trained into the same model starts from scratch. Null when there is nothing compatible.
  */
-export async function currentHeadWeights(
-  store: ObjectStore,
-  name: string,
+export function currentHeadWeights(
+  current: CurrentModel,
   datasetName: string,
   labels: readonly string[],
   comparable: (m: ArtifactMetadata) => boolean,
-): Promise<{ version: string; weights: Map<string, tf.Tensor[]> } | null> {
-  const pointer = await readPointer(store, name);
-  if (!pointer) return null;
-  let current: Awaited<ReturnType<typeof readPromotedModel>>;
-  try {
-    current = await readPromotedModel(store, name, pointer);
-  } catch {
-    return null;
-  }
+): { version: string; weights: Map<string, tf.Tensor[]> } | null {
+  if (!current || "error" in current) return null;
   const m = current.metadata;
   if (!comparable(m) || m.dataset.name !== datasetName || m.labels.join("\n") !== labels.join("\n")) return null;
-  const model = await loadModel(current.files.get("model.json") as Uint8Array, new Map([[WEIGHTS_FILE, current.files.get(WEIGHTS_FILE) as Uint8Array]]));
-  try {
-    const weights = new Map<string, tf.Tensor[]>();
-    for (const name of Object.values(LAYER_NAMES)) {
-      const layer = model.layers.find((l) => l.name === name);
-      if (layer && layer.getWeights().length > 0)
-        weights.set(
-          name,
-          layer.getWeights().map((w) => w.clone()),
-        );
-    }
-    return { version: pointer.version, weights };
-  } finally {
-    model.dispose();
+  const weights = new Map<string, tf.Tensor[]>();
+  for (const name of Object.values(LAYER_NAMES)) {
+    const layer = current.model.layers.find((l) => l.name === name);
+    if (layer && layer.getWeights().length > 0)
+      weights.set(
+        name,
+        layer.getWeights().map((w) => w.clone()),
+      );
   }
+  return { version: current.pointer.version, weights };
 }

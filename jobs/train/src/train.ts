@@ -21,7 +21,7 @@ import { applyLayers, type EpochLog, headLayers, trainModel } from "./head.ts";
 import { acquireLock } from "./lock.ts";
 import type { Logger } from "./log.ts";
 import { WEIGHTS_FILE } from "./model-io.ts";
-import { concatRows, currentHeadWeights, scoreCurrent } from "./promote.ts";
+import { concatRows, currentHeadWeights, loadCurrent, scoreCurrent } from "./promote.ts";
 import { renderReportHtml, type TrainingReport } from "./report.ts";
 
 /**
@@ -137,7 +137,10 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
         m.input.size === size &&
         m.strategy === "head" &&
         JSON.stringify(m.preprocessing) === JSON.stringify(preprocessing);
-      const warm = await currentHeadWeights(store, name, dataset.name, dataset.labels, comparable);
+      // The served version, read once: it seeds the warm start and is scored against the new one.
+      const current = await loadCurrent(store, name);
+      if (current && "model" in current) disposables.push(current.model);
+      const warm = currentHeadWeights(current, dataset.name, dataset.labels, comparable);
       if (warm) {
         for (const layer of head) {
           const w = warm.weights.get(layer.name);
@@ -214,24 +217,30 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
         (e) => ({ dtype: e.dtype, bytes: e.files.weights.byteLength, maxDelta: e.maxDelta }),
       );
 
-      const current = await phase("score current", () =>
-        scoreCurrent(store, name, usableVal, (img) => (pooled.byId.get(img.id) as Float32Array[] | undefined)?.[0], comparable),
-      );
+      const score =
+        current && "model" in current
+          ? await phase("score current", () =>
+              scoreCurrent(store, current, usableVal, (img) => (pooled.byId.get(img.id) as Float32Array[] | undefined)?.[0], comparable),
+            )
+          : null;
       const accuracy = evaluation.metrics.accuracy;
       let promote: { promoted: boolean; reason: string; current?: { version: string; accuracy: number } };
-      if (current === null) promote = { promoted: true, reason: "first version of this model" };
-      else if ("error" in current) promote = { promoted: true, reason: `replacing a broken current version: ${current.error}` };
-      else if (accuracy + options.promotionTolerance >= current.accuracy) {
+      if (current === null || score === null) {
+        promote =
+          current && "error" in current
+            ? { promoted: true, reason: `replacing a broken current version: ${current.error}` }
+            : { promoted: true, reason: "first version of this model" };
+      } else if (accuracy + options.promotionTolerance >= score.accuracy) {
         promote = {
           promoted: true,
-          reason: `accuracy ${pct(accuracy)} vs current ${current.version} ${pct(current.accuracy)} on the same ${current.evaluatedOn} held-out images (tolerance ${pct(options.promotionTolerance)})`,
-          current,
+          reason: `accuracy ${pct(accuracy)} vs current ${score.version} ${pct(score.accuracy)} on the same ${score.evaluatedOn} held-out images (tolerance ${pct(options.promotionTolerance)})`,
+          current: score,
         };
       } else {
         promote = {
           promoted: false,
-          reason: `worse than current ${current.version}: ${pct(accuracy)} vs ${pct(current.accuracy)} on the same ${current.evaluatedOn} held-out images (tolerance ${pct(options.promotionTolerance)}); keeping it`,
-          current,
+          reason: `worse than current ${score.version}: ${pct(accuracy)} vs ${pct(score.accuracy)} on the same ${score.evaluatedOn} held-out images (tolerance ${pct(options.promotionTolerance)}); keeping it`,
+          current: score,
         };
       }
 
@@ -303,7 +312,7 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
           version,
           metadataSha256: written.metadataSha256,
           promotedAt: new Date().toISOString(),
-          previous: current && !("error" in current) ? current.version : null,
+          previous: score?.version ?? null,
           reason: promote.reason,
         });
       }

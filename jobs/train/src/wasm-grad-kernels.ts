@@ -4,13 +4,12 @@
  * `DepthwiseConv2dNativeBackpropInput`.
  *
  * Written here because tfjs lacks them (see ARCHITECTURE.md), small on purpose and tested against
- * tfjs-backend-cpu's reference kernels in `wasm-grad-kernels.test.ts`. Each is expressed with ops the
- * wasm backend runs natively, one filter tap at a time:
- *   - a filter gradient is, per tap (kh, kw), the strided window of x that the tap saw, contracted
- *     with dy: a matmul for Conv2D (a 1×1 conv is exactly one), an elementwise product summed over
- *     batch and space for depthwise;
- *   - the depthwise input gradient is, per tap, dy scaled by that tap's weights, dilated by the
- *     stride and shifted back to where the tap read its input.
+ * tfjs-backend-cpu's reference kernels in `wasm-grad-kernels.test.ts`:
+ *   - the Conv2D filter gradient is, per tap (kh, kw), the strided window of x that the tap saw
+ *     contracted with dy: one matmul for a 1×1 convolution (most of MobileNet), one per tap otherwise;
+ *   - the depthwise filter and input gradients are plain loops over the flat arrays (see below);
+ *   - two stock wasm kernels are wrapped because they are 10–20× slow on what backprop asks of them:
+ *     BatchMatMul with transposed operands, and Conv2DBackpropInput of 1×1 convolutions.
  * Ops run inside a kernel are not recorded on the gradient tape (the engine records at kernel depth 0).
  * Dilated convolutions and channel multipliers > 1 are not needed by MobileNets and are rejected.
  */
