@@ -4,8 +4,9 @@ import type { ObjectStore } from "../../../shared/s3/store.ts";
 import { initBackend } from "./backend.ts";
 import { ensureBase, loadBase } from "./bases.ts";
 import { resolveOptions, type TrainInput } from "./config.ts";
-import { readDataset } from "./dataset.ts";
-import { extractFeatures } from "./embed.ts";
+import { type DatasetImage, readDataset } from "./dataset.ts";
+import { extractFeatures, type Features } from "./embed.ts";
+import { lazyForwardPool } from "./forward-pool.ts";
 import type { Logger } from "./log.ts";
 import { featureSpec } from "./train.ts";
 
@@ -25,25 +26,30 @@ export async function embedShard(store: ObjectStore, input: TrainInput, shard: n
   const options = resolveOptions(input, dataset.manifest);
   const base = await ensureBase(store, options.base);
   const { pooledSpec } = featureSpec(base, options);
-  const mine = [];
+  const mine: DatasetImage[] = [];
   for (const image of dataset.images) if (Number.parseInt((await sha256Hex(image.id)).slice(0, 8), 16) % shards === shard) mine.push(image);
   const model = await loadBase(store, base, options.imageSize);
   try {
     const extractor = tf.model({ inputs: model.inputs, outputs: model.getLayer(base.featureLayer).output as tf.SymbolicTensor });
-    const train = await extractFeatures(
-      store,
-      extractor,
-      pooledSpec,
-      mine.filter((i) => i.split === "train"),
-      (d, t) => log.progress(`shard ${shard} (train)`, d, t),
-    );
-    const val = await extractFeatures(
-      store,
-      extractor,
-      { ...pooledSpec, views: 1 },
-      mine.filter((i) => i.split !== "train"),
-      (d, t) => log.progress(`shard ${shard} (val)`, d, t),
-    );
+    const pool = lazyForwardPool(extractor, { size: options.imageSize, pooled: true });
+    const extract = (spec: typeof pooledSpec, images: typeof mine, label: string) =>
+      extractFeatures(store, extractor, spec, images, (d, t) => log.progress(`shard ${shard} (${label})`, d, t), { pool });
+    let train: Features;
+    let val: Features;
+    try {
+      train = await extract(
+        pooledSpec,
+        mine.filter((i) => i.split === "train"),
+        "train",
+      );
+      val = await extract(
+        { ...pooledSpec, views: 1 },
+        mine.filter((i) => i.split !== "train"),
+        "val",
+      );
+    } finally {
+      await pool.close();
+    }
     const stats = {
       shard,
       shards,

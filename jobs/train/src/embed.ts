@@ -57,7 +57,7 @@ export async function extractFeatures(
   spec: ExtractorSpec,
   images: readonly DatasetImage[],
   onProgress: (done: number, total: number) => void = () => {},
-  options: { threads?: number } = {},
+  options: { threads?: number; pool?: ForwardPool } = {},
 ): Promise<Features> {
   const started = performance.now();
   const prefix = keys.embeddingCache(await cacheKeyOf(spec));
@@ -68,25 +68,20 @@ export async function extractFeatures(
   let packsWritten = 0;
   onProgress(cached, images.length);
 
-  const perPack = imagesPerPack(extractor, spec);
-  const chunks: DatasetImage[][] = [];
-  for (let i = 0; i < todo.length; i += perPack) chunks.push(todo.slice(i, i + perPack));
-  if (chunks.length > 0) {
-    const pool = await createForwardPool(extractor, { size: spec.size, pooled: spec.pooled, threads: options.threads });
+  if (todo.length > 0) {
+    // A pool handed in belongs to the caller (it may serve several calls); one made here is closed here.
+    const pool = options.pool ?? (await createForwardPool(extractor, { size: spec.size, pooled: spec.pooled, threads: options.threads }));
     try {
-      let next = loadChunk(store, chunks[0] as DatasetImage[], spec);
-      for (let c = 0; c < chunks.length; c++) {
-        const loaded = await next;
-        if (c + 1 < chunks.length) next = loadChunk(store, chunks[c + 1] as DatasetImage[], spec);
-        const pack = await embedChunk(pool, loaded, features.shape);
+      let done = cached;
+      await streamPacks(store, prefix, pool, spec, todo, imagesPerPack(extractor, spec), (pack) => {
         addPack(features, pack);
-        await writePack(store, prefix, pack);
         packsWritten++;
         computed += pack.entries.length / spec.views;
-        onProgress(cached + computed + pack.failed.length, images.length);
-      }
+        done += pack.entries.length / spec.views + pack.failed.length;
+        onProgress(done, images.length);
+      });
     } finally {
-      await pool.close();
+      if (!options.pool) await pool.close();
     }
   }
   return {
@@ -156,51 +151,135 @@ interface LoadedImage {
   error?: string;
 }
 
-/** Fetches, decodes and preprocesses (every view of) a chunk of images, a few at a time. */
-async function loadChunk(store: ObjectStore, chunk: DatasetImage[], spec: ExtractorSpec): Promise<LoadedImage[]> {
-  const results: LoadedImage[] = new Array(chunk.length);
-  let cursor = 0;
-  const worker = async () => {
-    while (cursor < chunk.length) {
-      const i = cursor++;
-      const image = chunk[i] as DatasetImage;
-      try {
-        const bytes = await store.get(image.key);
-        if (!bytes) throw new Error("deleted while training");
-        const pixels = await decodeImage(bytes);
-        const views: Float32Array[] = [];
-        for (let v = 0; v < spec.views; v++) views.push(preprocess(pixels, spec.size, spec.preprocessing, augmentation(pixels, v, spec.seed, image.id)));
-        results[i] = { image, views };
-      } catch (e) {
-        results[i] = { image, error: e instanceof Error ? e.message : String(e) };
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(FETCH_CONCURRENCY, chunk.length) }, worker));
-  return results;
-}
+/** Batches waiting for or running on the pool, beyond one per thread: keeps every thread fed. */
+const QUEUED_BATCHES = 1;
 
-/** The features of a loaded chunk as one pack; all its batches go to the pool at once. */
-async function embedChunk(pool: ForwardPool, loaded: LoadedImage[], knownShape: number[]): Promise<Pack> {
-  const pack: Pack = { shape: knownShape, entries: [], failed: [] };
-  const rows: { id: string; view: number; input: Float32Array }[] = [];
-  for (const l of loaded) {
+/**
+ * The pipeline: images are fetched, decoded and preprocessed a few at a time, ahead of the forward
+ * pass; every full batch goes to the pool at once; a pack is written (and reported) when all of its
+ * batches are back, while the next pack's images are already being computed. There is no barrier
+ * between packs, so the cores stay busy from the first batch to the last, and memory stays bounded
+ * (FETCH_CONCURRENCY decoded images plus threads + QUEUED_BATCHES batches).
+ */
+async function streamPacks(
+  store: ObjectStore,
+  prefix: string,
+  pool: ForwardPool,
+  spec: ExtractorSpec,
+  todo: DatasetImage[],
+  perPack: number,
+  onPack: (pack: Pack) => void,
+): Promise<void> {
+  const slots = semaphore(pool.threads + QUEUED_BATCHES);
+  const packDone: Promise<void>[] = [];
+  let failure: unknown;
+  let pack: Pack = { shape: [], entries: [], failed: [] };
+  let packImages = 0;
+  let batches: Promise<void>[] = [];
+  const rows: Row[] = [];
+
+  const sendBatch = async () => {
+    const batch = rows.splice(0, BATCH);
+    await slots.acquire();
+    const target = pack;
+    batches.push(
+      pool
+        .run(concat(batch.map((r) => r.input)), batch.length)
+        .then((out) => {
+          target.shape = out.shape;
+          // Rounded to float16 now, as the pack stores them: a run that reads them back from the cache
+          // (a resumed or repeated run) trains on exactly the same numbers as the one that computed them.
+          batch.forEach((r, i) => {
+            target.entries.push({ id: r.id, view: r.view, values: roundToHalf(out.values[i] as Float32Array) });
+          });
+        })
+        .finally(slots.release),
+    );
+  };
+  const closePack = async () => {
+    while (rows.length > 0) await sendBatch();
+    const finished = pack;
+    const done = Promise.all(batches).then(async () => {
+      // Batches come back in any order; a pack's bytes should not depend on it.
+      finished.entries.sort((a, b) => (a.id === b.id ? a.view - b.view : a.id < b.id ? -1 : 1));
+      await writePack(store, prefix, finished);
+      onPack(finished);
+    });
+    done.catch((e: unknown) => {
+      failure ??= e; // surfaced below; the handler also keeps it from being an unhandled rejection
+    });
+    packDone.push(done);
+    pack = { shape: [], entries: [], failed: [] };
+    packImages = 0;
+    batches = [];
+  };
+
+  for await (const l of loadInOrder(store, todo, spec)) {
+    if (failure) break;
     if (l.views) for (const [view, input] of l.views.entries()) rows.push({ id: l.image.id, view, input });
     else pack.failed.push({ id: l.image.id, key: l.image.key, reason: l.error ?? "unknown error" });
+    packImages++;
+    while (rows.length >= BATCH) await sendBatch();
+    if (packImages === perPack) await closePack();
   }
-  const batches: (typeof rows)[] = [];
-  for (let b = 0; b < rows.length; b += BATCH) batches.push(rows.slice(b, b + BATCH));
-  const outputs = await Promise.all(batches.map((batch) => pool.run(concat(batch.map((r) => r.input)), batch.length)));
-  batches.forEach((batch, b) => {
-    const out = outputs[b] as { shape: number[]; values: Float32Array[] };
-    pack.shape = out.shape;
-    batch.forEach((r, i) => {
-      // Rounded to float16 now, as the pack stores them: a run that reads them back from the cache
-      // (a resumed or repeated run) trains on exactly the same numbers as the one that computed them.
-      pack.entries.push({ id: r.id, view: r.view, values: roundToHalf(out.values[i] as Float32Array) });
-    });
-  });
-  return pack;
+  if (packImages > 0) await closePack();
+  await Promise.allSettled(packDone);
+  if (failure) throw failure;
+}
+
+interface Row {
+  id: string;
+  view: number;
+  input: Float32Array;
+}
+
+/**
+ * Fetches, decodes and preprocesses (every view of) each image, FETCH_CONCURRENCY at a time, and
+ * yields them in order (so packs hold the same images run after run). A failed image is yielded with
+ * its reason, never thrown.
+ */
+async function* loadInOrder(store: ObjectStore, images: DatasetImage[], spec: ExtractorSpec): AsyncGenerator<LoadedImage> {
+  const ahead: Promise<LoadedImage>[] = [];
+  let next = 0;
+  while (next < images.length && ahead.length < FETCH_CONCURRENCY) ahead.push(loadImage(store, images[next++] as DatasetImage, spec));
+  while (ahead.length > 0) {
+    const loaded = await (ahead.shift() as Promise<LoadedImage>);
+    if (next < images.length) ahead.push(loadImage(store, images[next++] as DatasetImage, spec));
+    yield loaded;
+  }
+}
+
+async function loadImage(store: ObjectStore, image: DatasetImage, spec: ExtractorSpec): Promise<LoadedImage> {
+  try {
+    const bytes = await store.get(image.key);
+    if (!bytes) throw new Error("deleted while training");
+    const pixels = await decodeImage(bytes);
+    const views: Float32Array[] = [];
+    for (let v = 0; v < spec.views; v++) views.push(preprocess(pixels, spec.size, spec.preprocessing, augmentation(pixels, v, spec.seed, image.id)));
+    return { image, views };
+  } catch (e) {
+    return { image, error: e instanceof Error ? e.message : String(e) };
+  }
+}
+
+/** A counting semaphore: `acquire` waits while `n` holders are out. */
+function semaphore(n: number): { acquire: () => Promise<void>; release: () => void } {
+  let free = n;
+  const waiting: (() => void)[] = [];
+  return {
+    acquire: () =>
+      new Promise<void>((resolve) => {
+        if (free > 0) {
+          free--;
+          resolve();
+        } else waiting.push(resolve);
+      }),
+    release: () => {
+      const next = waiting.shift();
+      if (next) next();
+      else free++;
+    },
+  };
 }
 
 function concat(inputs: Float32Array[]): Float32Array {

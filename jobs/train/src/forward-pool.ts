@@ -17,8 +17,37 @@ export interface ForwardPool {
   close(): Promise<void>;
 }
 
-export async function createForwardPool(model: tf.LayersModel, options: { size: number; pooled: boolean; threads?: number }): Promise<ForwardPool> {
-  const threads = options.threads ?? (tf.getBackend() === "wasm" ? availableParallelism() : 0);
+export interface ForwardPoolOptions {
+  size: number;
+  pooled: boolean;
+  /** Worker threads; default: one per core on wasm, none (this thread) on a native backend. */
+  threads?: number;
+}
+
+function threadsFor(options: ForwardPoolOptions): number {
+  return options.threads ?? (tf.getBackend() === "wasm" ? availableParallelism() : 0);
+}
+
+/**
+ * A pool that starts its workers (and copies the model into them) on its first batch, so a run whose
+ * features are all cached pays nothing, and the train and validation passes share one start-up.
+ */
+export function lazyForwardPool(model: tf.LayersModel, options: ForwardPoolOptions): ForwardPool {
+  let pool: Promise<ForwardPool> | undefined;
+  return {
+    threads: Math.max(1, threadsFor(options)),
+    async run(data, n) {
+      pool ??= createForwardPool(model, options);
+      return (await pool).run(data, n);
+    },
+    async close() {
+      if (pool) await (await pool).close();
+    },
+  };
+}
+
+export async function createForwardPool(model: tf.LayersModel, options: ForwardPoolOptions): Promise<ForwardPool> {
+  const threads = threadsFor(options);
   if (threads <= 1) return localPool(model, options);
   const saved = await saveToMemory(model);
   const workers = await Promise.all(

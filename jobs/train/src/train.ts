@@ -17,6 +17,7 @@ import { type ExtractorSpec, extractFeatures, type Features } from "./embed.ts";
 import { evaluate } from "./evaluate.ts";
 import { buildClassifier, exportClassifier } from "./export.ts";
 import { buildTop } from "./finetune.ts";
+import { lazyForwardPool } from "./forward-pool.ts";
 import { applyLayers, type EpochLog, headLayers, trainModel } from "./head.ts";
 import { acquireLock } from "./lock.ts";
 import type { Logger } from "./log.ts";
@@ -105,9 +106,14 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
       const pooled = await phase(
         "features",
         async () => {
-          const trainF = await extractFeatures(store, extractor, pooledSpec, train, (d, t) => log.progress("features (train)", d, t));
-          const valF = await extractFeatures(store, extractor, { ...pooledSpec, views: 1 }, val, (d, t) => log.progress("features (val)", d, t));
-          return mergeFeatures(trainF, valF);
+          const pool = lazyForwardPool(extractor, { size, pooled: true });
+          try {
+            const trainF = await extractFeatures(store, extractor, pooledSpec, train, (d, t) => log.progress("features (train)", d, t), { pool });
+            const valF = await extractFeatures(store, extractor, { ...pooledSpec, views: 1 }, val, (d, t) => log.progress("features (val)", d, t), { pool });
+            return mergeFeatures(trainF, valF);
+          } finally {
+            await pool.close();
+          }
         },
         (f) => ({ ...f.stats }),
       );
@@ -164,11 +170,17 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
         const bottomSpec: ExtractorSpec = { ...pooledSpec, layer: from, pooled: false };
         const maps = await phase(
           "bottom features",
-          async () =>
-            mergeFeatures(
-              await extractFeatures(store, bottom, bottomSpec, usableTrain, (d, t) => log.progress("bottom (train)", d, t)),
-              await extractFeatures(store, bottom, { ...bottomSpec, views: 1 }, usableVal, (d, t) => log.progress("bottom (val)", d, t)),
-            ),
+          async () => {
+            const pool = lazyForwardPool(bottom, { size, pooled: false });
+            try {
+              return mergeFeatures(
+                await extractFeatures(store, bottom, bottomSpec, usableTrain, (d, t) => log.progress("bottom (train)", d, t), { pool }),
+                await extractFeatures(store, bottom, { ...bottomSpec, views: 1 }, usableVal, (d, t) => log.progress("bottom (val)", d, t), { pool }),
+              );
+            } finally {
+              await pool.close();
+            }
+          },
           (f) => ({ ...f.stats, shape: f.shape.join("×") }),
         );
         const tv = usableTrain.flatMap((img) => (maps.byId.get(img.id) ?? []).slice(0, options.views).map((v) => ({ img, v })));
