@@ -28,6 +28,12 @@ export const edgetuneConfigSchema = z.object({
   /** Days to keep embedding packs not touched (rewritten) by a run. */
   embeddingCacheRetentionDays: z.number().int().min(1).default(90),
   noncurrentVersionRetentionDays: z.number().int().min(1).default(30),
+  /**
+   * Scale-out of feature extraction: a training run with more images to embed than this submits the
+   * Embed job as an array job, one child per this many images, at most `fanOutMaxShards` children.
+   */
+  fanOutImagesPerShard: z.number().int().min(1000).default(20_000),
+  fanOutMaxShards: z.number().int().min(2).max(10_000).default(20),
   /** Base model id trained by default (see `edgetune base list`). */
   defaultBase: z.string().default("nsfwjs-mobilenet-v2"),
 });

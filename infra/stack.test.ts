@@ -26,6 +26,13 @@ function statements(): Statement[] {
   }
   return out;
 }
+/** The statements of the policies attached to the training job's role. */
+function jobRoleStatements(t: Template): Statement[] {
+  const [roleId] = Object.entries(t.findResources("AWS::IAM::Role")).find(([id]) => id.startsWith("TrainingJobRole")) ?? [];
+  return Object.values(t.findResources("AWS::IAM::Policy"))
+    .filter((p) => JSON.stringify((p.Properties as { Roles: unknown }).Roles).includes(`"${roleId}"`))
+    .flatMap((p) => (p.Properties as { PolicyDocument: { Statement: Statement[] } }).PolicyDocument.Statement);
+}
 const actions = (s: Statement) => (Array.isArray(s.Action) ? s.Action : [s.Action]);
 
 describe("data bucket", () => {
@@ -56,8 +63,8 @@ describe("data bucket", () => {
   it("grants nothing public and no access to any other bucket", () => {
     for (const s of statements()) {
       expect(s.Principal).not.toBe("*");
-      // ECR's token call has no resource-level permissions: the one "*" allowed.
-      if (JSON.stringify(s.Action) === '"ecr:GetAuthorizationToken"') continue;
+      // ECR's token call and Batch's DescribeJobs have no resource-level permissions: the only "*" allowed.
+      if (['"ecr:GetAuthorizationToken"', '"batch:DescribeJobs"'].includes(JSON.stringify(s.Action))) continue;
       expect(JSON.stringify(s.Resource)).not.toMatch(/"arn:aws:s3:::\*"|^"\*"$/);
       if (actions(s).some((a) => a.startsWith("s3:"))) expect(JSON.stringify(s.Resource)).toMatch(/Data178AD3D0|AccessLogs/);
     }
@@ -117,6 +124,28 @@ describe("GPU batch job", () => {
       Parameters: { dataset: "*", shards: "1" },
     });
     template.resourceCountIs("AWS::Batch::JobDefinition", 2);
+  });
+
+  it("lets the train job fan out to the embedding job on its own queue, and nothing more", () => {
+    const defs = template.findResources("AWS::Batch::JobDefinition");
+    const [embedId] = Object.entries(defs).find(([, d]) => JSON.stringify(d).includes('"embed"')) ?? [];
+    const train = Object.values(defs).find((d) => JSON.stringify(d).includes('"train"'));
+    const env = (train?.Properties as { ContainerProperties: { Environment: { Name: string; Value: unknown }[] } }).ContainerProperties.Environment;
+    const byName = Object.fromEntries(env.map((e) => [e.Name, e.Value]));
+    expect(byName.EDGETUNE_EMBED_JOB_DEFINITION).toEqual({ Ref: embedId });
+    expect(byName).toMatchObject({ EDGETUNE_FAN_OUT_IMAGES_PER_SHARD: "20000", EDGETUNE_FAN_OUT_MAX_SHARDS: "3" }); // 16 vCPUs / 4 per job − the parent
+    const submit = jobRoleStatements(template).filter((st) => actions(st).some((a) => a.startsWith("batch:")));
+    expect(submit.flatMap(actions).sort()).toEqual(["batch:DescribeJobs", "batch:SubmitJob"]);
+    const resources = submit.find((st) => actions(st).includes("batch:SubmitJob"))?.Resource as unknown[];
+    expect(resources).toContainEqual({ Ref: embedId });
+    expect(resources).toHaveLength(2); // the embedding job definition and the queue, no wildcard
+  });
+
+  it("does not fan out where the queue has room for one job only (the parent would wait forever)", () => {
+    const small = buildApp({ edgetune: { maxVcpus: 4, jobVcpus: 4 } });
+    const t = Template.fromStack(small.stack);
+    expect(JSON.stringify(t.findResources("AWS::Batch::JobDefinition"))).not.toContain("EDGETUNE_EMBED_JOB_DEFINITION");
+    expect(JSON.stringify(jobRoleStatements(t))).not.toContain("batch:");
   });
 
   it("runs in public subnets without a NAT gateway, with an S3 gateway endpoint and no inbound rule", () => {

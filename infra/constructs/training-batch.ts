@@ -79,7 +79,7 @@ export class TrainingBatch extends Construct {
 
     const repoRoot = path.join(import.meta.dirname, "..", "..");
     const image = ecs.ContainerImage.fromAsset(repoRoot, { file: "jobs/train/Dockerfile" });
-    const container = (id: string, command: string[]) =>
+    const container = (id: string, command: string[], environment: Record<string, string> = {}) =>
       new batch.EcsEc2ContainerDefinition(this, id, {
         image,
         cpu: config.jobVcpus,
@@ -87,7 +87,7 @@ export class TrainingBatch extends Construct {
         gpu: 1,
         jobRole,
         command,
-        environment: { EDGETUNE_BUCKET: props.bucket.bucketName, EDGETUNE_DEFAULT_BASE: config.defaultBase },
+        environment: { EDGETUNE_BUCKET: props.bucket.bucketName, EDGETUNE_DEFAULT_BASE: config.defaultBase, ...environment },
         logging: ecs.LogDriver.awsLogs({ streamPrefix: id.toLowerCase(), logGroup: this.logGroup }),
         readonlyRootFilesystem: false,
         user: "node",
@@ -99,20 +99,40 @@ export class TrainingBatch extends Construct {
         batch.RetryStrategy.of(batch.Action.EXIT, batch.Reason.custom({ onReason: "*" })),
       ],
     };
-    this.jobDefinition = new batch.EcsJobDefinition(this, "Train", {
-      timeout: Duration.hours(config.jobTimeoutHours),
-      ...retries,
-      parameters: { dataset: "*" },
-      // `Ref::dataset` is a manifest key from the S3 trigger, or "*" (every complete dataset) from the nightly schedule.
-      container: container("Container", ["train", "--dataset", "Ref::dataset", "--json"]),
-    });
-    // For datasets too large for one machine: submit this as an array job (size = shards) first; each
-    // child embeds its shard (AWS_BATCH_JOB_ARRAY_INDEX), then the train job finds every feature cached.
+    // For datasets too large for one machine: the train job submits this as an array job (size =
+    // shards, see jobs/train/src/fan-out.ts); each child embeds its shard (AWS_BATCH_JOB_ARRAY_INDEX),
+    // then the train job finds every feature cached. An operator may also submit it by hand.
     this.embedJobDefinition = new batch.EcsJobDefinition(this, "Embed", {
       timeout: Duration.hours(config.jobTimeoutHours),
       ...retries,
       parameters: { dataset: "*", shards: "1" },
       container: container("EmbedContainer", ["embed", "--dataset", "Ref::dataset", "--shards", "Ref::shards", "--json"]),
     });
+    this.jobDefinition = new batch.EcsJobDefinition(this, "Train", {
+      timeout: Duration.hours(config.jobTimeoutHours),
+      ...retries,
+      parameters: { dataset: "*" },
+      // `Ref::dataset` is a manifest key from the S3 trigger, or "*" (every complete dataset) from the nightly schedule.
+      container: container("Container", ["train", "--dataset", "Ref::dataset", "--json"], this.fanOut(config, jobRole)),
+    });
+  }
+
+  /**
+   * Lets the train job submit the Embed array job to its own queue and watch it, and tells it how.
+   * Only where the queue can run a child beside the waiting parent: with room for one job, the parent
+   * would wait for children that never start, so it embeds everything itself.
+   */
+  private fanOut(config: EdgetuneConfig, jobRole: iam.IRole): Record<string, string> {
+    if (config.maxVcpus < 2 * config.jobVcpus) return {};
+    jobRole.addToPrincipalPolicy(
+      new iam.PolicyStatement({ actions: ["batch:SubmitJob"], resources: [this.embedJobDefinition.jobDefinitionArn, this.queue.jobQueueArn] }),
+    );
+    jobRole.addToPrincipalPolicy(new iam.PolicyStatement({ actions: ["batch:DescribeJobs"], resources: ["*"] }));
+    return {
+      EDGETUNE_EMBED_JOB_DEFINITION: this.embedJobDefinition.jobDefinitionArn,
+      EDGETUNE_JOB_QUEUE: this.queue.jobQueueArn,
+      EDGETUNE_FAN_OUT_IMAGES_PER_SHARD: String(config.fanOutImagesPerShard),
+      EDGETUNE_FAN_OUT_MAX_SHARDS: String(Math.min(config.fanOutMaxShards, Math.floor(config.maxVcpus / config.jobVcpus) - 1)),
+    };
   }
 }

@@ -118,6 +118,9 @@ program
       },
     };
     const { train } = await import("./src/train.ts");
+    const { batchFanOut } = await import("./src/fan-out.ts");
+    // Inside AWS Batch the stack names an Embed job definition: large extractions fan out over it.
+    const context = { fanOut: batchFanOut() };
     const store = storeFrom(globals);
     const log = createLogger({ json: o.json === true ? true : undefined });
     // "*" (the nightly schedule): every complete dataset, one after the other.
@@ -125,7 +128,7 @@ program
     let failed = 0;
     for (const dataset of names) {
       try {
-        const result = await train(store, clean({ ...input, dataset }), log);
+        const result = await train(store, clean({ ...input, dataset }), log, context);
         process.stdout.write(
           `${JSON.stringify({ status: result.status, model: result.name, version: result.version, promoted: result.promoted, accuracy: result.accuracy, reason: result.reason })}\n`,
         );

@@ -185,4 +185,19 @@ describe("sharded feature extraction (AWS Batch array jobs)", () => {
     await expect(embedShard(s3.store, opts, 3, 3, memoryLogger())).rejects.toThrow(/shard must be 0…2 of 3/);
     await own.stop();
   });
+
+  it("a run with more images to embed than one machine should fans out to array children, then computes nothing", async () => {
+    const { localFanOut } = await import("../../infra/local/fan-out.ts");
+    const own = await startLocalS3({ bucket: "fanned" });
+    await uploadSample(own.store, "fanned", { perLabel: 8 });
+    // The children are the real CLI in processes of their own, as Batch would run them.
+    const fanOut = localFanOut(own.config, { imagesPerShard: 6, maxShards: 3 });
+    const log = memoryLogger();
+    const result = await train(own.store, { dataset: "fanned", imageSize: 96, views: 2, head: { epochs: 5 } }, log, { fanOut });
+    expect(result.status).toBe("trained");
+    expect(fanOut.exits).toEqual([0, 0, 0]); // 19 training images / 6 per child, capped at 3 children
+    const features = log.lines.find((l) => l.message === "features done")?.fields as { cached: number; computed: number };
+    expect(features).toMatchObject({ computed: 0, cached: 24 });
+    await own.stop();
+  });
 });

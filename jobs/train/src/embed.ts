@@ -57,12 +57,21 @@ export async function extractFeatures(
   spec: ExtractorSpec,
   images: readonly DatasetImage[],
   onProgress: (done: number, total: number) => void = () => {},
-  options: { threads?: number; pool?: ForwardPool } = {},
+  options: {
+    threads?: number;
+    pool?: ForwardPool;
+    /** Sees what is left to compute; returns true if it had it computed elsewhere (fan-out.ts), so the cache is read again. */
+    beforeCompute?: (todo: readonly DatasetImage[]) => Promise<boolean>;
+  } = {},
 ): Promise<Features> {
   const started = performance.now();
   const prefix = keys.embeddingCache(await cacheKeyOf(spec));
-  const features = await readCache(store, prefix);
-  const todo = uniqueById(images.filter((image) => !isComplete(features, image.id, spec.views)));
+  let features = await readCache(store, prefix);
+  let todo = uniqueById(images.filter((image) => !isComplete(features, image.id, spec.views)));
+  if (todo.length > 0 && (await options.beforeCompute?.(todo))) {
+    features = await readCache(store, prefix);
+    todo = uniqueById(images.filter((image) => !isComplete(features, image.id, spec.views)));
+  }
   const cached = images.length - todo.length;
   let computed = 0;
   let packsWritten = 0;

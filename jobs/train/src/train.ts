@@ -16,6 +16,7 @@ import { decodeImage } from "./decode.ts";
 import { type ExtractorSpec, extractFeatures, type Features } from "./embed.ts";
 import { evaluate } from "./evaluate.ts";
 import { buildClassifier, exportClassifier } from "./export.ts";
+import { type EmbedFanOut, shardsFor } from "./fan-out.ts";
 import { buildTop } from "./finetune.ts";
 import { lazyForwardPool } from "./forward-pool.ts";
 import { applyLayers, type EpochLog, headLayers, trainModel } from "./head.ts";
@@ -42,7 +43,12 @@ export interface TrainResult {
 
 const LIBRARIES = { "@tensorflow/tfjs": tf.version.tfjs, edgetune: "0.1.0" };
 
-export async function train(store: ObjectStore, input: TrainInput, log: Logger): Promise<TrainResult> {
+export interface TrainContext {
+  /** Where a large extraction may be spread over other machines (AWS Batch array jobs); none: this machine does it all. */
+  fanOut?: EmbedFanOut;
+}
+
+export async function train(store: ObjectStore, input: TrainInput, log: Logger, context: TrainContext = {}): Promise<TrainResult> {
   const phases: TrainingReport["phases"] = [];
   const phase = async <T>(name: string, f: () => Promise<T>, detail?: (r: T) => Record<string, unknown>): Promise<T> => {
     const t0 = performance.now();
@@ -108,7 +114,26 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger):
         async () => {
           const pool = lazyForwardPool(extractor, { size, pooled: true });
           try {
-            const trainF = await extractFeatures(store, extractor, pooledSpec, train, (d, t) => log.progress("features (train)", d, t), { pool });
+            const { fanOut } = context;
+            const beforeCompute = fanOut
+              ? async (todo: readonly DatasetImage[]) => {
+                  const shards = shardsFor(todo.length, fanOut);
+                  if (shards === 0) return false;
+                  log.info(`${todo.length} images to embed: spreading them over ${shards} Batch array children`);
+                  const request = { dataset: dataset.name, shards, base: base.id, imageSize: size, views: options.views, seed: options.seed };
+                  try {
+                    const r = await fanOut.run(request, log);
+                    if (r.failed > 0) log.warn(`${r.failed} of ${shards} embedding children failed; this run computes what they left`);
+                  } catch (e) {
+                    log.warn(`the fan-out could not run (${e instanceof Error ? e.message : e}); this run computes what is missing`);
+                  }
+                  return true;
+                }
+              : undefined;
+            const trainF = await extractFeatures(store, extractor, pooledSpec, train, (d, t) => log.progress("features (train)", d, t), {
+              pool,
+              beforeCompute,
+            });
             const valF = await extractFeatures(store, extractor, { ...pooledSpec, views: 1 }, val, (d, t) => log.progress("features (val)", d, t), { pool });
             return mergeFeatures(trainF, valF);
           } finally {

@@ -1,0 +1,46 @@
+import { spawn } from "node:child_process";
+import { join } from "node:path";
+import { type EmbedFanOut, embedCommand } from "../../jobs/train/src/fan-out.ts";
+import type { S3Config } from "../../shared/s3/config.ts";
+
+/**
+ * The local stand-in for the Embed array job of infra/constructs/training-batch.ts: each child is the
+ * command Batch would run (`edgetune embed … --shards N`) in a process of its own, told its index by
+ * AWS_BATCH_JOB_ARRAY_INDEX as Batch tells it, at most `parallel` at a time.
+ */
+export function localFanOut(s3: S3Config, options: { imagesPerShard: number; maxShards: number; parallel?: number }): EmbedFanOut & { exits: number[] } {
+  const cli = join(import.meta.dirname, "..", "..", "jobs", "train", "cli.ts");
+  const exits: number[] = [];
+  return {
+    imagesPerShard: options.imagesPerShard,
+    maxShards: options.maxShards,
+    exits,
+    async run(request) {
+      const child = (index: number) =>
+        new Promise<number>((resolve) => {
+          const env = {
+            ...process.env,
+            AWS_BATCH_JOB_ARRAY_INDEX: String(index),
+            EDGETUNE_BUCKET: s3.bucket,
+            EDGETUNE_S3_ENDPOINT: s3.endpoint ?? "",
+            AWS_REGION: s3.region,
+            AWS_ACCESS_KEY_ID: s3.credentials?.accessKeyId ?? "local",
+            AWS_SECRET_ACCESS_KEY: s3.credentials?.secretAccessKey ?? "local-secret",
+          };
+          const p = spawn(process.execPath, [cli, ...embedCommand(request)], { env, stdio: "ignore" });
+          p.once("exit", (code) => resolve(code ?? 1));
+          p.once("error", () => resolve(1));
+        });
+      let next = 0;
+      const lane = async () => {
+        while (next < request.shards) {
+          const index = next++;
+          exits[index] = await child(index);
+        }
+      };
+      await Promise.all(Array.from({ length: Math.min(options.parallel ?? 2, request.shards) }, lane));
+      const failed = exits.filter((c) => c !== 0).length;
+      return { succeeded: request.shards - failed, failed };
+    },
+  };
+}
