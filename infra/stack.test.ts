@@ -130,8 +130,9 @@ describe("GPU batch job", () => {
     const defs = template.findResources("AWS::Batch::JobDefinition");
     const [embedId] = Object.entries(defs).find(([, d]) => JSON.stringify(d).includes('"embed"')) ?? [];
     const train = Object.values(defs).find((d) => JSON.stringify(d).includes('"train"'));
-    const env = (train?.Properties as { ContainerProperties: { Environment: { Name: string; Value: unknown }[] } }).ContainerProperties.Environment;
-    const byName = Object.fromEntries(env.map((e) => [e.Name, e.Value]));
+    expect(train).toBeDefined();
+    const env = (train?.Properties ?? {}) as { ContainerProperties: { Environment: { Name: string; Value: unknown }[] } };
+    const byName = Object.fromEntries(env.ContainerProperties.Environment.map((e) => [e.Name, e.Value]));
     expect(byName.EDGETUNE_EMBED_JOB_DEFINITION).toEqual({ Ref: embedId });
     expect(byName).toMatchObject({ EDGETUNE_FAN_OUT_IMAGES_PER_SHARD: "20000", EDGETUNE_FAN_OUT_MAX_SHARDS: "3" }); // 16 vCPUs / 4 per job − the parent
     const submit = jobRoleStatements(template).filter((st) => actions(st).some((a) => a.startsWith("batch:")));
