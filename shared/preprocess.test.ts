@@ -85,4 +85,15 @@ describe("preprocess options", () => {
     );
     expect(new Set(region)).toEqual(new Set([200]));
   });
+
+  it("writes into a batch at an offset, the same numbers as on its own, and refuses a target too small", () => {
+    const px = image(7, 5, 3, (x, y, c) => (x * 31 + y * 17 + c * 5) % 256);
+    const alone = preprocess(px, 4, spec("minus1-1"));
+    const batch = new Float32Array(3 * 48).fill(9);
+    const view = preprocess(px, 4, spec("minus1-1"), { into: { data: batch, offset: 48 } });
+    expect(view).toEqual(alone);
+    expect(batch.subarray(48, 96)).toEqual(alone);
+    expect(new Set([...batch.subarray(0, 48), ...batch.subarray(96)])).toEqual(new Set([9]));
+    expect(() => preprocess(px, 4, spec("minus1-1"), { into: { data: batch, offset: 100 } })).toThrow(RangeError);
+  });
 });

@@ -42,6 +42,8 @@ export interface Pixels {
 export interface PreprocessOptions {
   region?: { x: number; y: number; width: number; height: number };
   flip?: boolean;
+  /** Write the result here, at `offset` (a batch being assembled), instead of a new array. */
+  into?: { data: Float32Array; offset: number };
 }
 
 /** Returns a `size`×`size`×3 float32 tensor body (HWC) ready for the model. */
@@ -103,7 +105,8 @@ export function preprocess(pixels: Pixels, size: number, spec: PreprocessingSpec
     }
   }
   // Vertical pass, row by row (sequential memory), then round to 8 bits and normalise.
-  const out = new Float32Array(size * size * 3);
+  const out = options.into ? options.into.data.subarray(options.into.offset, options.into.offset + size * size * 3) : new Float32Array(size * size * 3);
+  if (out.length !== size * size * 3) throw new RangeError("preprocess: the target has no room for the image");
   const flip = options.flip === true;
   const rowLen = size * 3;
   const acc = new Float32Array(rowLen);

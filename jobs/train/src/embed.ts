@@ -1,7 +1,7 @@
 import type * as tf from "@tensorflow/tfjs";
 import { sha256Hex } from "../../../shared/hash.ts";
 import { keys } from "../../../shared/keys.ts";
-import { type PreprocessingSpec, preprocess } from "../../../shared/preprocess.ts";
+import { type Pixels, type PreprocessingSpec, preprocess } from "../../../shared/preprocess.ts";
 import type { ObjectStore } from "../../../shared/s3/store.ts";
 import { augmentation } from "./augment.ts";
 import type { DatasetImage } from "./dataset.ts";
@@ -16,8 +16,8 @@ import { fromHalf, toHalf } from "./weights.ts";
  * are keyed by image content. A retrain reads the packs, fetches only images it has not seen and
  * writes their features as new packs, which also checkpoints a long extraction as it goes.
  *
- * The pipeline streams: while the forward pass of one pack runs (on every core, see forward-pool.ts),
- * the next pack's images are fetched and decoded (sharp decodes on libuv threads).
+ * The pipeline streams: while the forward pass of one batch runs (on every core, see forward-pool.ts),
+ * the next images are fetched, decoded (sharp, on libuv threads) and preprocessed (see streamPacks).
  */
 export interface ExtractorSpec {
   baseSha256: string;
@@ -156,7 +156,7 @@ function imagesPerPack(extractor: tf.LayersModel, spec: ExtractorSpec): number {
 
 interface LoadedImage {
   image: DatasetImage;
-  views?: Float32Array[];
+  pixels?: Pixels;
   error?: string;
 }
 
@@ -164,11 +164,12 @@ interface LoadedImage {
 const QUEUED_BATCHES = 1;
 
 /**
- * The pipeline: images are fetched, decoded and preprocessed a few at a time, ahead of the forward
- * pass; every full batch goes to the pool at once; a pack is written (and reported) when all of its
- * batches are back, while the next pack's images are already being computed. There is no barrier
- * between packs, so the cores stay busy from the first batch to the last, and memory stays bounded
- * (FETCH_CONCURRENCY decoded images plus threads + QUEUED_BATCHES batches).
+ * The pipeline: images are fetched and decoded a few at a time, ahead of the forward pass, and their
+ * views preprocessed straight into the batch being filled; every full batch goes to the pool at once;
+ * a pack is written (and reported) when all of its batches are back, while the next pack's images
+ * are already being computed. There is no barrier between packs, so the cores stay busy from the
+ * first batch to the last, and memory stays bounded (FETCH_CONCURRENCY decoded images plus
+ * threads + QUEUED_BATCHES + 1 batches).
  */
 async function streamPacks(
   store: ObjectStore,
@@ -185,15 +186,22 @@ async function streamPacks(
   let pack: Pack = { shape: [], entries: [], failed: [] };
   let packImages = 0;
   let batches: Promise<void>[] = [];
-  const rows: Row[] = [];
+  // Views are preprocessed straight into the batch being filled (no per-view arrays, no copy).
+  const perRow = spec.size * spec.size * 3;
+  let body = new Float32Array(BATCH * perRow);
+  let rows: { id: string; view: number }[] = [];
 
   const sendBatch = async () => {
-    const batch = rows.splice(0, BATCH);
+    if (rows.length === 0) return;
+    const batch = rows;
+    const data = batch.length === BATCH ? body : body.slice(0, batch.length * perRow);
+    rows = [];
+    body = new Float32Array(BATCH * perRow); // the full one is handed (transferred) to the pool
     await slots.acquire();
     const target = pack;
     batches.push(
       pool
-        .run(concat(batch.map((r) => r.input)), batch.length)
+        .run(data, batch.length)
         .then((out) => {
           target.shape = out.shape;
           // Rounded to float16 now, as the pack stores them: a run that reads them back from the cache
@@ -206,7 +214,7 @@ async function streamPacks(
     );
   };
   const closePack = async () => {
-    while (rows.length > 0) await sendBatch();
+    await sendBatch();
     const finished = pack;
     const done = Promise.all(batches).then(async () => {
       // Batches come back in any order; a pack's bytes should not depend on it.
@@ -223,12 +231,17 @@ async function streamPacks(
     batches = [];
   };
 
-  for await (const l of loadInOrder(store, todo, spec)) {
+  for await (const l of loadInOrder(store, todo)) {
     if (failure) break;
-    if (l.views) for (const [view, input] of l.views.entries()) rows.push({ id: l.image.id, view, input });
-    else pack.failed.push({ id: l.image.id, key: l.image.key, reason: l.error ?? "unknown error" });
+    if (l.pixels) {
+      for (let view = 0; view < spec.views; view++) {
+        const into = { data: body, offset: rows.length * perRow };
+        preprocess(l.pixels, spec.size, spec.preprocessing, { ...augmentation(l.pixels, view, spec.seed, l.image.id), into });
+        rows.push({ id: l.image.id, view });
+        if (rows.length === BATCH) await sendBatch();
+      }
+    } else pack.failed.push({ id: l.image.id, key: l.image.key, reason: l.error ?? "unknown error" });
     packImages++;
-    while (rows.length >= BATCH) await sendBatch();
     if (packImages === perPack) await closePack();
   }
   if (packImages > 0) await closePack();
@@ -236,36 +249,27 @@ async function streamPacks(
   if (failure) throw failure;
 }
 
-interface Row {
-  id: string;
-  view: number;
-  input: Float32Array;
-}
-
 /**
- * Fetches, decodes and preprocesses (every view of) each image, FETCH_CONCURRENCY at a time, and
+ * Fetches and decodes each image, FETCH_CONCURRENCY at a time (sharp decodes off this thread), and
  * yields them in order (so packs hold the same images run after run). A failed image is yielded with
  * its reason, never thrown.
  */
-async function* loadInOrder(store: ObjectStore, images: DatasetImage[], spec: ExtractorSpec): AsyncGenerator<LoadedImage> {
+async function* loadInOrder(store: ObjectStore, images: DatasetImage[]): AsyncGenerator<LoadedImage> {
   const ahead: Promise<LoadedImage>[] = [];
   let next = 0;
-  while (next < images.length && ahead.length < FETCH_CONCURRENCY) ahead.push(loadImage(store, images[next++] as DatasetImage, spec));
+  while (next < images.length && ahead.length < FETCH_CONCURRENCY) ahead.push(loadImage(store, images[next++] as DatasetImage));
   while (ahead.length > 0) {
     const loaded = await (ahead.shift() as Promise<LoadedImage>);
-    if (next < images.length) ahead.push(loadImage(store, images[next++] as DatasetImage, spec));
+    if (next < images.length) ahead.push(loadImage(store, images[next++] as DatasetImage));
     yield loaded;
   }
 }
 
-async function loadImage(store: ObjectStore, image: DatasetImage, spec: ExtractorSpec): Promise<LoadedImage> {
+async function loadImage(store: ObjectStore, image: DatasetImage): Promise<LoadedImage> {
   try {
     const bytes = await store.get(image.key);
     if (!bytes) throw new Error("deleted while training");
-    const pixels = await decodeImage(bytes);
-    const views: Float32Array[] = [];
-    for (let v = 0; v < spec.views; v++) views.push(preprocess(pixels, spec.size, spec.preprocessing, augmentation(pixels, v, spec.seed, image.id)));
-    return { image, views };
+    return { image, pixels: await decodeImage(bytes) };
   } catch (e) {
     return { image, error: e instanceof Error ? e.message : String(e) };
   }
@@ -289,13 +293,6 @@ function semaphore(n: number): { acquire: () => Promise<void>; release: () => vo
       else free++;
     },
   };
-}
-
-function concat(inputs: Float32Array[]): Float32Array {
-  const per = inputs[0]?.length ?? 0;
-  const body = new Float32Array(inputs.length * per);
-  for (const [i, x] of inputs.entries()) body.set(x, i * per);
-  return body;
 }
 
 async function writePack(store: ObjectStore, prefix: string, pack: Pack): Promise<void> {
