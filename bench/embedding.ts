@@ -17,7 +17,7 @@ import { createForwardPool } from "../jobs/train/src/forward-pool.ts";
 import { sampleDataset } from "../jobs/train/src/sample-dataset.ts";
 import { arg, hasShared, machine, SHARED } from "./common.ts";
 
-const N = Number(arg("images", "256"));
+const N = Number(arg("images", "512"));
 const size = Number(arg("size", "224"));
 const backend = await initBackend();
 const s3 = await startLocalS3();

@@ -3,6 +3,7 @@ import { join } from "node:path";
 import { datasetNameFromManifestKey, keys } from "../../shared/keys.ts";
 import type { S3Config } from "../../shared/s3/config.ts";
 import type { ObjectStore } from "../../shared/s3/store.ts";
+import { jobEnvironment } from "./job-env.ts";
 
 /**
  * The local stand-in for the cloud wiring in infra/constructs/triggers.ts, with the same rules:
@@ -103,14 +104,7 @@ export class Dispatcher {
     job.startedAt = Date.now();
     this.options.onJob?.(job);
     const s3 = this.options.s3;
-    const env = {
-      ...process.env,
-      EDGETUNE_BUCKET: s3.bucket,
-      EDGETUNE_S3_ENDPOINT: s3.endpoint ?? "",
-      AWS_REGION: s3.region,
-      AWS_ACCESS_KEY_ID: s3.credentials?.accessKeyId ?? "local",
-      AWS_SECRET_ACCESS_KEY: s3.credentials?.secretAccessKey ?? "local-secret",
-    };
+    const env = jobEnvironment(s3);
     const cli = join(import.meta.dirname, "..", "..", "jobs", "train", "cli.ts");
     const args = [cli, "train", "--dataset", job.dataset, ...(this.options.trainArgs ?? [])];
     return new Promise((resolve) => {

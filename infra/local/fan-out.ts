@@ -2,6 +2,7 @@ import { spawn } from "node:child_process";
 import { join } from "node:path";
 import { type EmbedFanOut, embedCommand } from "../../jobs/train/src/fan-out.ts";
 import type { S3Config } from "../../shared/s3/config.ts";
+import { jobEnvironment } from "./job-env.ts";
 
 /**
  * The local stand-in for the Embed array job of infra/constructs/training-batch.ts: each child is the
@@ -18,15 +19,7 @@ export function localFanOut(s3: S3Config, options: { imagesPerShard: number; max
     async run(request) {
       const child = (index: number) =>
         new Promise<number>((resolve) => {
-          const env = {
-            ...process.env,
-            AWS_BATCH_JOB_ARRAY_INDEX: String(index),
-            EDGETUNE_BUCKET: s3.bucket,
-            EDGETUNE_S3_ENDPOINT: s3.endpoint ?? "",
-            AWS_REGION: s3.region,
-            AWS_ACCESS_KEY_ID: s3.credentials?.accessKeyId ?? "local",
-            AWS_SECRET_ACCESS_KEY: s3.credentials?.secretAccessKey ?? "local-secret",
-          };
+          const env = jobEnvironment(s3, { AWS_BATCH_JOB_ARRAY_INDEX: String(index) });
           const p = spawn(process.execPath, [cli, ...embedCommand(request)], { env, stdio: "ignore" });
           p.once("exit", (code) => resolve(code ?? 1));
           p.once("error", () => resolve(1));
