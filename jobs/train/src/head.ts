@@ -69,10 +69,70 @@ export interface EpochLog {
   valAccuracy?: number;
 }
 
+/**
+ * Training rows (features or bottom maps) kept in host memory and handed to the backend one batch at a
+ * time: the wasm heap is capped at 4 GiB, and a training set of maps held there whole (plus the
+ * shuffled copy of each epoch) overflowed it on flowers128.
+ */
 export interface TrainData {
-  x: tf.Tensor;
+  rows: readonly Float32Array[];
+  /** The shape of one row: [1280] for pooled features, [h, w, c] for maps. */
+  shape: number[];
   /** Class index per row. */
   y: Int32Array;
+}
+
+/** The rows at `ids` as one tensor [ids.length, ...shape]. */
+export function rowsTensor(data: Pick<TrainData, "rows" | "shape">, ids: ArrayLike<number>): tf.Tensor {
+  const per = data.shape.reduce((a, b) => a * b, 1);
+  const body = new Float32Array(ids.length * per);
+  for (let i = 0; i < ids.length; i++) body.set(data.rows[ids[i] as number] as Float32Array, i * per);
+  return tf.tensor(body, [ids.length, ...data.shape]);
+}
+
+/** Predictions for every row, a batch at a time. */
+export async function predictRows(model: tf.LayersModel, data: Pick<TrainData, "rows" | "shape">, batchSize = 256): Promise<Float32Array[]> {
+  const out: Float32Array[] = [];
+  for (let b = 0; b < data.rows.length; b += batchSize) {
+    const ids = range(b, Math.min(data.rows.length, b + batchSize));
+    const p = tf.tidy(() => model.predict(rowsTensor(data, ids)) as tf.Tensor2D);
+    const flat = (await p.data()) as Float32Array;
+    const classes = p.shape[1];
+    p.dispose();
+    for (let i = 0; i < ids.length; i++) out.push(flat.slice(i * classes, (i + 1) * classes));
+  }
+  return out;
+}
+
+/** Mean loss and accuracy over every row, a batch at a time. */
+async function evaluateRows(model: tf.LayersModel, data: TrainData, classes: number, batchSize = 256): Promise<{ loss: number; accuracy: number }> {
+  let loss = 0;
+  let accuracy = 0;
+  for (let b = 0; b < data.rows.length; b += batchSize) {
+    const ids = range(b, Math.min(data.rows.length, b + batchSize));
+    const [l, a] = tf.tidy(() => model.evaluate(rowsTensor(data, ids), oneHotRows(data, ids, classes), { batchSize }) as tf.Scalar[]);
+    loss += ((await l?.data())?.[0] ?? 0) * ids.length;
+    accuracy += ((await a?.data())?.[0] ?? 0) * ids.length;
+    l?.dispose();
+    a?.dispose();
+  }
+  return { loss: loss / data.rows.length, accuracy: accuracy / data.rows.length };
+}
+
+function oneHotRows(data: Pick<TrainData, "y">, ids: ArrayLike<number>, classes: number): tf.Tensor {
+  return tf.tidy(() =>
+    tf.oneHot(
+      tf.tensor1d(
+        Int32Array.from(ids, (i) => data.y[i] as number),
+        "int32",
+      ),
+      classes,
+    ),
+  );
+}
+
+function range(from: number, to: number): Int32Array {
+  return Int32Array.from({ length: to - from }, (_, i) => from + i);
 }
 
 /**
@@ -102,8 +162,6 @@ export async function trainModel(
   });
   const rand = mulberry32(cfg.seed);
   const n = train.y.length;
-  const yTrain = tf.oneHot(tf.tensor1d(train.y, "int32"), classes);
-  const yVal = val ? tf.oneHot(tf.tensor1d(val.y, "int32"), classes) : undefined;
   let history: EpochLog[] = [];
   let best: { loss: number; epoch: number; weights: tf.Tensor[] } | undefined;
   const shuffled = () => {
@@ -131,20 +189,20 @@ export async function trainModel(
     for (let epoch = firstEpoch; epoch <= cfg.epochs; epoch++) {
       if (best && cfg.patience !== undefined && epoch - 1 - best.epoch >= cfg.patience) break;
       const order = shuffled();
-      const idx = tf.tensor1d(order, "int32");
-      const xs = tf.gather(train.x, idx);
-      const ys = tf.gather(yTrain, idx);
-      idx.dispose();
-      const h = await model.fit(xs, ys, { epochs: 1, batchSize: cfg.batchSize, shuffle: false, verbose: 0, classWeight });
-      xs.dispose();
-      ys.dispose();
+      const batchSize = cfg.batchSize;
+      // One tensor per batch, built from host memory and disposed by fitDataset after its step.
+      const batches = tf.data.generator(function* () {
+        for (let b = 0; b < n; b += batchSize) {
+          const ids = order.subarray(b, Math.min(n, b + batchSize));
+          yield tf.tidy(() => ({ xs: rowsTensor(train, ids), ys: oneHotRows(train, ids, classes) }));
+        }
+      });
+      const h = await model.fitDataset(batches, { epochs: 1, verbose: 0, classWeight });
       const log: EpochLog = { epoch, loss: h.history.loss?.[0] as number, accuracy: (h.history.acc?.[0] ?? h.history.accuracy?.[0]) as number };
-      if (val && yVal) {
-        const [l, a] = model.evaluate(val.x, yVal, { batchSize: 256 }) as tf.Scalar[];
-        log.valLoss = (await l?.data())?.[0];
-        log.valAccuracy = (await a?.data())?.[0];
-        l?.dispose();
-        a?.dispose();
+      if (val && val.rows.length > 0) {
+        const v = await evaluateRows(model, val, classes);
+        log.valLoss = v.loss;
+        log.valAccuracy = v.accuracy;
         if (log.valLoss !== undefined && (!best || log.valLoss < best.loss - 1e-4)) {
           for (const w of best?.weights ?? []) w.dispose();
           best = { loss: log.valLoss, epoch, weights: model.getWeights().map((w) => w.clone()) };
@@ -158,9 +216,10 @@ export async function trainModel(
     }
     if (best) model.setWeights(best.weights);
   } finally {
-    yTrain.dispose();
-    yVal?.dispose();
     for (const w of best?.weights ?? []) w.dispose();
+    // The optimizer was handed in, so model.dispose() would not free its moments: one process may
+    // train many datasets in a row (the nightly run).
+    model.optimizer.dispose();
   }
   return history;
 }

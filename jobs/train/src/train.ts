@@ -19,7 +19,7 @@ import { buildClassifier, exportClassifier } from "./export.ts";
 import { type EmbedFanOut, shardsFor } from "./fan-out.ts";
 import { buildTop } from "./finetune.ts";
 import { lazyForwardPool } from "./forward-pool.ts";
-import { applyLayers, type EpochLog, headLayers, trainModel } from "./head.ts";
+import { applyLayers, type EpochLog, headLayers, predictRows, type TrainData, trainModel } from "./head.ts";
 import { acquireLock } from "./lock.ts";
 import type { Logger } from "./log.ts";
 import { WEIGHTS_FILE } from "./model-io.ts";
@@ -151,12 +151,13 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger, 
 
       const dim = pooled.shape.reduce((a, b) => a * b, 1);
       const trainViews = usableTrain.flatMap((img) => (pooled.byId.get(img.id) as Float32Array[]).slice(0, options.views).map((v) => ({ img, v })));
-      const xTrain = tf.tensor2d(concatRows(trainViews.map((t) => t.v)), [trainViews.length, dim]);
-      const yTrain = Int32Array.from(trainViews.map((t) => labelIndex.get(t.img.label) as number));
-      const xVal = tf.tensor2d(concatRows(usableVal.map((i) => (pooled.byId.get(i.id) as Float32Array[])[0] as Float32Array)), [usableVal.length, dim]);
+      const trainData: TrainData = {
+        rows: trainViews.map((t) => t.v),
+        shape: [dim],
+        y: Int32Array.from(trainViews.map((t) => labelIndex.get(t.img.label) as number)),
+      };
       const yVal = Int32Array.from(usableVal.map((i) => labelIndex.get(i.label) as number));
-      disposables.push(xTrain, xVal);
-      const valData = usableVal.length > 0 ? { x: xVal, y: yVal } : undefined;
+      const valData: TrainData = { rows: usableVal.map((i) => (pooled.byId.get(i.id) as Float32Array[])[0] as Float32Array), shape: [dim], y: yVal };
 
       const head = headLayers(dataset.labels.length, { ...options.head, seed: options.seed });
       const headInput = tf.input({ shape: [dim] });
@@ -182,11 +183,11 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger, 
       }
       const history: { head: EpochLog[]; fineTune: EpochLog[] } = { head: [], fineTune: [] };
       history.head = await phase("train head", () =>
-        trainModel(headModel, { x: xTrain, y: yTrain }, valData, dataset.labels.length, { ...options.head, seed: options.seed }, (e) =>
+        trainModel(headModel, trainData, usableVal.length > 0 ? valData : undefined, dataset.labels.length, { ...options.head, seed: options.seed }, (e) =>
           log.progress("train head", e.epoch, options.head.epochs),
         ),
       );
-      let valProbs = usableVal.length > 0 ? await predictRows(headModel, xVal) : [];
+      let valProbs = await predictRows(headModel, valData);
 
       if (options.strategy === "finetune") {
         const from = options.fineTune.from ?? base.fineTuneFrom;
@@ -209,24 +210,22 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger, 
           (f) => ({ ...f.stats, shape: f.shape.join("×") }),
         );
         const tv = usableTrain.flatMap((img) => (maps.byId.get(img.id) ?? []).slice(0, options.views).map((v) => ({ img, v })));
-        const xt = tf.tensor(concatRows(tv.map((t) => t.v)), [tv.length, ...maps.shape]);
-        const yt = Int32Array.from(tv.map((t) => labelIndex.get(t.img.label) as number));
-        const xv = tf.tensor(concatRows(usableVal.map((i) => (maps.byId.get(i.id) as Float32Array[])[0] as Float32Array)), [usableVal.length, ...maps.shape]);
-        disposables.push(xt, xv);
+        const mapsTrain: TrainData = { rows: tv.map((t) => t.v), shape: maps.shape, y: Int32Array.from(tv.map((t) => labelIndex.get(t.img.label) as number)) };
+        const mapsVal: TrainData = { rows: usableVal.map((i) => (maps.byId.get(i.id) as Float32Array[])[0] as Float32Array), shape: maps.shape, y: yVal };
         const top = buildTop(baseModel, from, base.featureLayer, head);
         const fineTuneCheckpoint = s3Checkpointer(store, name, version, "finetune");
         history.fineTune = await phase("fine-tune", () =>
           trainModel(
             top,
-            { x: xt, y: yt },
-            usableVal.length > 0 ? { x: xv, y: yVal } : undefined,
+            mapsTrain,
+            usableVal.length > 0 ? mapsVal : undefined,
             dataset.labels.length,
             { ...options.fineTune, seed: options.seed, optimizer: "adam" },
             (e) => (e.resumed ? log.info(`fine-tuning resumes after epoch ${e.epoch}`) : log.progress("fine-tune", e.epoch, options.fineTune.epochs)),
             fineTuneCheckpoint,
           ),
         );
-        if (usableVal.length > 0) valProbs = await predictRows(top, xv);
+        valProbs = await predictRows(top, mapsVal);
       }
 
       const evaluation = evaluate(
@@ -377,13 +376,6 @@ function mergeFeatures(a: Features, b: Features): Features {
       seconds: a.stats.seconds + b.stats.seconds,
     },
   };
-}
-
-async function predictRows(model: tf.LayersModel, x: tf.Tensor): Promise<Float32Array[]> {
-  const p = model.predict(x, { batchSize: 256 }) as tf.Tensor2D;
-  const rows = (await p.array()).map((r) => Float32Array.from(r));
-  p.dispose();
-  return rows;
 }
 
 /** A few real preprocessed images to check the export against. */
