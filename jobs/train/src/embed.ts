@@ -110,17 +110,24 @@ type CacheState = Omit<Features, "stats"> & { packsRead: number };
 
 async function readCache(store: ObjectStore, prefix: string): Promise<CacheState> {
   const state: CacheState = { shape: [], byId: new Map(), failed: new Map(), packsRead: 0 };
-  for await (const o of store.list(prefix)) {
-    const bytes = await store.get(o.key);
-    if (!bytes) continue;
-    let pack: Pack;
+  const keysToRead: string[] = [];
+  for await (const o of store.list(prefix)) keysToRead.push(o.key);
+  // A large dataset has hundreds of packs: read them FETCH_CONCURRENCY at a time, apply them in order.
+  const read = async (key: string) => {
+    const bytes = await store.get(key);
+    if (!bytes) return undefined;
     try {
-      pack = decodePack(bytes);
+      return decodePack(bytes);
     } catch {
-      continue; // a torn pack from a killed run: its images are simply computed again
+      return undefined; // a torn pack from a killed run: its images are simply computed again
     }
-    state.packsRead++;
-    addPack(state, pack);
+  };
+  for (let i = 0; i < keysToRead.length; i += FETCH_CONCURRENCY) {
+    for (const pack of await Promise.all(keysToRead.slice(i, i + FETCH_CONCURRENCY).map(read))) {
+      if (!pack) continue;
+      state.packsRead++;
+      addPack(state, pack);
+    }
   }
   return state;
 }
