@@ -5,6 +5,7 @@ import type { ObjectStore } from "../../../shared/s3/store.ts";
 import { initBackend } from "./backend.ts";
 import type { DatasetImage } from "./dataset.ts";
 import type { ExtractorSpec } from "./embed.ts";
+import { createForwardPool } from "./forward-pool.ts";
 import { sampleDataset } from "./sample-dataset.ts";
 
 // Small packs, so that a handful of images spans several packs and batches (read at import).
@@ -64,6 +65,18 @@ describe("extractFeatures", () => {
     const pooled = await extractFeatures(s3.store, extractor, spec(3), images, () => {}, { threads: 2 });
     // Different seeds give different augmented views; view 0 (the image as served) is the same.
     for (const image of images.slice(0, -1)) expect(pooled.byId.get(image.id)?.[0]).toEqual(local.byId.get(image.id)?.[0]);
+  });
+
+  it("fails with the reason when a forward-pass worker dies, and writes no pack it could not finish", async () => {
+    const workerScript = new URL("../../../test/support/crashing-forward-worker.ts", import.meta.url);
+    const pool = await createForwardPool(extractor, { size: 32, pooled: true, threads: 2, workerScript });
+    try {
+      await expect(extractFeatures(s3.store, extractor, spec(5), images, () => {}, { pool })).rejects.toThrow(/worker stopped \(exit code 7\)/);
+    } finally {
+      await pool.close();
+    }
+    const after = await extractFeatures(s3.store, extractor, spec(5), images, () => {}, { threads: 1 });
+    expect(after.stats.packsRead).toBe(0);
   });
 
   it("fails when a pack cannot be written, after the packs that could be", async () => {

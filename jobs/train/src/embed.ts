@@ -206,19 +206,22 @@ async function streamPacks(
     body = new Float32Array(BATCH * perRow); // the full one is handed (transferred) to the pool
     await slots.acquire();
     const target = pack;
-    batches.push(
-      pool
-        .run(data, batch.length)
-        .then((out) => {
-          target.shape = out.shape;
-          // Rounded to float16 now, as the pack stores them: a run that reads them back from the cache
-          // (a resumed or repeated run) trains on exactly the same numbers as the one that computed them.
-          batch.forEach((r, i) => {
-            target.entries.push({ id: r.id, view: r.view, values: roundToHalf(out.values[i] as Float32Array) });
-          });
-        })
-        .finally(slots.release),
-    );
+    const computed = pool
+      .run(data, batch.length)
+      .then((out) => {
+        target.shape = out.shape;
+        // Rounded to float16 now, as the pack stores them: a run that reads them back from the cache
+        // (a resumed or repeated run) trains on exactly the same numbers as the one that computed them.
+        batch.forEach((r, i) => {
+          target.entries.push({ id: r.id, view: r.view, values: roundToHalf(out.values[i] as Float32Array) });
+        });
+      })
+      .finally(slots.release);
+    // Noted at once (and so never an unhandled rejection): the loop below stops feeding the pool.
+    computed.catch((e: unknown) => {
+      failure ??= e;
+    });
+    batches.push(computed);
   };
   const closePack = async () => {
     await sendBatch();

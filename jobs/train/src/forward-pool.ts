@@ -22,6 +22,8 @@ export interface ForwardPoolOptions {
   pooled: boolean;
   /** Worker threads; default: one per core on wasm, none (this thread) on a native backend. */
   threads?: number;
+  /** The worker's script; default forward-worker.ts (tests swap in one that crashes). */
+  workerScript?: URL;
 }
 
 function threadsFor(options: ForwardPoolOptions): number {
@@ -52,7 +54,8 @@ export async function createForwardPool(model: tf.LayersModel, options: ForwardP
   const saved = await saveToMemory(model);
   const workers = await Promise.all(
     Array.from({ length: threads }, async () => {
-      const w = new Worker(new URL("./forward-worker.ts", import.meta.url), { workerData: { saved, size: options.size, pooled: options.pooled } });
+      const script = options.workerScript ?? new URL("./forward-worker.ts", import.meta.url);
+      const w = new Worker(script, { workerData: { saved, size: options.size, pooled: options.pooled } });
       await new Promise<void>((resolve, reject) => {
         w.once("message", (m: { ready?: boolean; error?: string }) => (m.ready ? resolve() : reject(new Error(m.error))));
         w.once("error", reject);
@@ -61,31 +64,69 @@ export async function createForwardPool(model: tf.LayersModel, options: ForwardP
     }),
   );
   const idle = [...workers];
-  const waiting: ((w: Worker) => void)[] = [];
-  const acquire = () => new Promise<Worker>((resolve) => (idle.length > 0 ? resolve(idle.pop() as Worker) : waiting.push(resolve)));
+  const waiting: { resolve: (w: Worker) => void; reject: (e: Error) => void }[] = [];
+  // A worker that dies (not an exception in the forward pass: those come back as messages) breaks the
+  // pool: every batch waiting or to come fails with the reason, instead of waiting forever. The
+  // extraction then fails and resumes from its written packs.
+  let broken: Error | undefined;
+  let closing = false;
+  const breakPool = (reason: Error) => {
+    broken ??= reason;
+    for (const w of waiting.splice(0)) w.reject(broken);
+  };
+  for (const w of workers) {
+    // An idle worker can die too; its next batch would never be answered.
+    w.once("exit", (code) => closing || breakPool(new Error(`a forward-pass worker stopped (exit code ${code})`)));
+    w.on("error", (e) => breakPool(new Error(`a forward-pass worker failed: ${e.message}`)));
+  }
+  const acquire = () =>
+    new Promise<Worker>((resolve, reject) => {
+      if (broken) reject(broken);
+      else if (idle.length > 0) resolve(idle.pop() as Worker);
+      else waiting.push({ resolve, reject });
+    });
   const release = (w: Worker) => {
     const next = waiting.shift();
-    if (next) next(w);
+    if (next) next.resolve(w);
     else idle.push(w);
   };
   return {
     threads,
     async run(data, n) {
       const w = await acquire();
-      try {
-        return await new Promise((resolve, reject) => {
-          w.once("message", (m: { shape: number[]; values: Float32Array; error?: string }) => {
-            if (m.error) return reject(new Error(m.error));
-            const dim = m.shape.reduce((a, b) => a * b, 1);
-            resolve({ shape: m.shape, values: Array.from({ length: n }, (_, i) => m.values.subarray(i * dim, (i + 1) * dim)) });
-          });
-          w.postMessage({ data, n }, [data.buffer as ArrayBuffer]);
-        });
-      } finally {
-        release(w);
-      }
+      const result = await new Promise<{ shape: number[]; values: Float32Array[] }>((resolve, reject) => {
+        const stop = () => {
+          w.off("message", onMessage);
+          w.off("error", onError);
+          w.off("exit", onExit);
+        };
+        const onMessage = (m: { shape: number[]; values: Float32Array; error?: string }) => {
+          stop();
+          if (m.error) return reject(new Error(m.error));
+          const dim = m.shape.reduce((a, b) => a * b, 1);
+          resolve({ shape: m.shape, values: Array.from({ length: n }, (_, i) => m.values.subarray(i * dim, (i + 1) * dim)) });
+        };
+        const onError = (e: Error) => {
+          stop();
+          breakPool(new Error(`a forward-pass worker failed: ${e.message}`));
+          reject(broken);
+        };
+        const onExit = (code: number) => {
+          stop();
+          breakPool(new Error(`a forward-pass worker stopped (exit code ${code})`));
+          reject(broken);
+        };
+        w.on("message", onMessage);
+        w.on("error", onError);
+        w.on("exit", onExit);
+        w.postMessage({ data, n }, [data.buffer as ArrayBuffer]);
+      }).finally(() => {
+        if (!broken) release(w);
+      });
+      return result;
     },
     async close() {
+      closing = true;
       await Promise.all(workers.map((w) => w.terminate()));
     },
   };
