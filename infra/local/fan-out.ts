@@ -1,6 +1,7 @@
 import { spawn } from "node:child_process";
 import { join } from "node:path";
 import { type EmbedFanOut, embedCommand } from "../../jobs/train/src/fan-out.ts";
+import { mapInOrder } from "../../jobs/train/src/in-order.ts";
 import type { S3Config } from "../../shared/s3/config.ts";
 import { jobEnvironment } from "./job-env.ts";
 
@@ -24,14 +25,8 @@ export function localFanOut(s3: S3Config, options: { imagesPerShard: number; max
           p.once("exit", (code) => resolve(code ?? 1));
           p.once("error", () => resolve(1));
         });
-      let next = 0;
-      const lane = async () => {
-        while (next < request.shards) {
-          const index = next++;
-          exits[index] = await child(index);
-        }
-      };
-      await Promise.all(Array.from({ length: Math.min(options.parallel ?? 2, request.shards) }, lane));
+      const indices = Array.from({ length: request.shards }, (_, i) => i);
+      for await (const code of mapInOrder(indices, options.parallel ?? 2, child)) exits.push(code);
       const failed = exits.filter((c) => c !== 0).length;
       return { succeeded: request.shards - failed, failed };
     },

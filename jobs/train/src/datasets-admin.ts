@@ -9,6 +9,7 @@ import { NotFoundError } from "../../../shared/errors.ts";
 import { sha256Hex } from "../../../shared/hash.ts";
 import { keys } from "../../../shared/keys.ts";
 import type { ObjectStore } from "../../../shared/s3/store.ts";
+import { mapInOrder } from "./in-order.ts";
 
 /**
  * The user-facing operations around training: push a folder as a dataset, list datasets and model
@@ -27,16 +28,12 @@ export async function pushDataset(
   const files = await walk(dir);
   const images = files.filter((f) => IMAGE_EXTENSIONS.some((e) => f.toLowerCase().endsWith(e)));
   const skipped = files.filter((f) => !images.includes(f));
-  let done = 0;
-  const queue = [...images];
-  const worker = async () => {
-    for (let f = queue.shift(); f !== undefined; f = queue.shift()) {
-      const rel = relative(dir, f).split(sep).join("/");
-      await store.put(keys.dataset(name) + rel, await readFile(f), contentTypeOf(f));
-      onProgress(++done, images.length);
-    }
+  const upload = async (f: string) => {
+    const rel = relative(dir, f).split(sep).join("/");
+    await store.put(keys.dataset(name) + rel, await readFile(f), contentTypeOf(f));
   };
-  await Promise.all(Array.from({ length: 8 }, worker));
+  let done = 0;
+  for await (const _ of mapInOrder(images, 8, upload)) onProgress(++done, images.length);
   const full = parseContract(manifestSchema, { ...manifest, imageCount: images.length }, "manifest");
   await store.put(keys.manifest(name), `${JSON.stringify(full, null, 2)}\n`, "application/json");
   return { uploaded: images.length, skipped };

@@ -7,6 +7,7 @@ import { augmentation } from "./augment.ts";
 import type { DatasetImage } from "./dataset.ts";
 import { decodeImage } from "./decode.ts";
 import { createForwardPool, type ForwardPool } from "./forward-pool.ts";
+import { mapInOrder } from "./in-order.ts";
 import { decodePack, encodePack, type Pack } from "./packs.ts";
 import { fromHalf, toHalf } from "./weights.ts";
 
@@ -122,12 +123,10 @@ async function readCache(store: ObjectStore, prefix: string): Promise<CacheState
       return undefined; // a torn pack from a killed run: its images are simply computed again
     }
   };
-  for (let i = 0; i < keysToRead.length; i += FETCH_CONCURRENCY) {
-    for (const pack of await Promise.all(keysToRead.slice(i, i + FETCH_CONCURRENCY).map(read))) {
-      if (!pack) continue;
-      state.packsRead++;
-      addPack(state, pack);
-    }
+  for await (const pack of mapInOrder(keysToRead, FETCH_CONCURRENCY, read)) {
+    if (!pack) continue;
+    state.packsRead++;
+    addPack(state, pack);
   }
   return state;
 }
@@ -241,7 +240,7 @@ async function streamPacks(
     batches = [];
   };
 
-  for await (const l of loadInOrder(store, todo)) {
+  for await (const l of mapInOrder(todo, FETCH_CONCURRENCY, (image) => loadImage(store, image))) {
     if (failure) break;
     if (l.pixels) {
       for (let view = 0; view < spec.views; view++) {
@@ -260,21 +259,10 @@ async function streamPacks(
 }
 
 /**
- * Fetches and decodes each image, FETCH_CONCURRENCY at a time (sharp decodes off this thread), and
- * yields them in order (so packs hold the same images run after run). A failed image is yielded with
+ * Fetches and decodes one image (sharp decodes off this thread); the pipeline runs FETCH_CONCURRENCY
+ * of these ahead, in order, so packs hold the same images run after run. A failure is returned with
  * its reason, never thrown.
  */
-async function* loadInOrder(store: ObjectStore, images: DatasetImage[]): AsyncGenerator<LoadedImage> {
-  const ahead: Promise<LoadedImage>[] = [];
-  let next = 0;
-  while (next < images.length && ahead.length < FETCH_CONCURRENCY) ahead.push(loadImage(store, images[next++] as DatasetImage));
-  while (ahead.length > 0) {
-    const loaded = await (ahead.shift() as Promise<LoadedImage>);
-    if (next < images.length) ahead.push(loadImage(store, images[next++] as DatasetImage));
-    yield loaded;
-  }
-}
-
 async function loadImage(store: ObjectStore, image: DatasetImage): Promise<LoadedImage> {
   try {
     const bytes = await store.get(image.key);
