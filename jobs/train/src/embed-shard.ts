@@ -5,8 +5,7 @@ import { initBackend } from "./backend.ts";
 import { ensureBase, loadBase } from "./bases.ts";
 import { resolveOptions, type TrainInput } from "./config.ts";
 import { type DatasetImage, readDataset } from "./dataset.ts";
-import { extractFeatures, type Features } from "./embed.ts";
-import { lazyForwardPool } from "./forward-pool.ts";
+import { extractSplits } from "./embed.ts";
 import type { Logger } from "./log.ts";
 import { featureSpec } from "./train.ts";
 
@@ -31,32 +30,20 @@ export async function embedShard(store: ObjectStore, input: TrainInput, shard: n
   const model = await loadBase(store, base, options.imageSize);
   try {
     const extractor = tf.model({ inputs: model.inputs, outputs: model.getLayer(base.featureLayer).output as tf.SymbolicTensor });
-    const pool = lazyForwardPool(extractor, { size: options.imageSize, pooled: true });
-    const extract = (spec: typeof pooledSpec, images: typeof mine, label: string) =>
-      extractFeatures(store, extractor, spec, images, (d, t) => log.progress(`shard ${shard} (${label})`, d, t), { pool });
-    let train: Features;
-    let val: Features;
-    try {
-      train = await extract(
-        pooledSpec,
-        mine.filter((i) => i.split === "train"),
-        "train",
-      );
-      val = await extract(
-        { ...pooledSpec, views: 1 },
-        mine.filter((i) => i.split !== "train"),
-        "val",
-      );
-    } finally {
-      await pool.close();
-    }
+    const features = await extractSplits(
+      store,
+      extractor,
+      pooledSpec,
+      { train: mine.filter((i) => i.split === "train"), heldOut: mine.filter((i) => i.split !== "train") },
+      (split, d, t) => log.progress(`shard ${shard} (${split})`, d, t),
+    );
     const stats = {
       shard,
       shards,
       images: mine.length,
-      computed: train.stats.computed + val.stats.computed,
-      cached: train.stats.cached + val.stats.cached,
-      failed: train.stats.failed + val.stats.failed,
+      computed: features.stats.computed,
+      cached: features.stats.cached,
+      failed: features.stats.failed,
     };
     log.info("shard done", stats);
     return stats;

@@ -6,7 +6,7 @@ import type { ObjectStore } from "../../../shared/s3/store.ts";
 import { augmentation } from "./augment.ts";
 import type { DatasetImage } from "./dataset.ts";
 import { decodeImage } from "./decode.ts";
-import { createForwardPool, type ForwardPool } from "./forward-pool.ts";
+import { createForwardPool, type ForwardPool, lazyForwardPool } from "./forward-pool.ts";
 import { mapInOrder } from "./in-order.ts";
 import { decodePack, encodePack, type Pack } from "./packs.ts";
 import { fromHalf, toHalf } from "./weights.ts";
@@ -103,6 +103,47 @@ export async function extractFeatures(
       packsRead: features.packsRead,
       packsWritten,
       seconds: (performance.now() - started) / 1000,
+    },
+  };
+}
+
+/**
+ * The features of a run's training images (every view) and held-out images (view 0 only, as served),
+ * on one worker pool started on demand, merged. Used by training (pooled features, and the bottom maps
+ * of fine-tuning) and by every array-job child, so all of them read and write the same packs.
+ */
+export async function extractSplits(
+  store: ObjectStore,
+  extractor: tf.LayersModel,
+  spec: ExtractorSpec,
+  images: { train: readonly DatasetImage[]; heldOut: readonly DatasetImage[] },
+  onProgress: (split: "train" | "held-out", done: number, total: number) => void,
+  options: { beforeCompute?: (todo: readonly DatasetImage[]) => Promise<boolean> } = {},
+): Promise<Features> {
+  const pool = lazyForwardPool(extractor, { size: spec.size, pooled: spec.pooled });
+  try {
+    const train = await extractFeatures(store, extractor, spec, images.train, (d, t) => onProgress("train", d, t), { pool, ...options });
+    const heldOut = await extractFeatures(store, extractor, { ...spec, views: 1 }, images.heldOut, (d, t) => onProgress("held-out", d, t), { pool });
+    return mergeFeatures(train, heldOut);
+  } finally {
+    await pool.close();
+  }
+}
+
+function mergeFeatures(a: Features, b: Features): Features {
+  const byId = new Map(a.byId);
+  for (const [k, v] of b.byId) if (!byId.has(k)) byId.set(k, v);
+  return {
+    shape: a.shape.length > 0 ? a.shape : b.shape,
+    byId,
+    failed: new Map([...a.failed, ...b.failed]),
+    stats: {
+      cached: a.stats.cached + b.stats.cached,
+      computed: a.stats.computed + b.stats.computed,
+      failed: a.stats.failed + b.stats.failed,
+      packsRead: a.stats.packsRead + b.stats.packsRead,
+      packsWritten: a.stats.packsWritten + b.stats.packsWritten,
+      seconds: a.stats.seconds + b.stats.seconds,
     },
   };
 }

@@ -95,3 +95,22 @@ export function batchFanOut(
     },
   };
 }
+
+/**
+ * The hook `extractSplits` calls with what is left to compute: above the threshold it runs the array
+ * job and returns true (read the cache again); a failed fan-out is logged, never fatal.
+ */
+export function fanOutHook(fanOut: EmbedFanOut, request: Omit<FanOutRequest, "shards">, log: Logger): (todo: readonly unknown[]) => Promise<boolean> {
+  return async (todo) => {
+    const shards = shardsFor(todo.length, fanOut);
+    if (shards === 0) return false;
+    log.info(`${todo.length} images to embed: spreading them over ${shards} Batch array children`);
+    try {
+      const r = await fanOut.run({ ...request, shards }, log);
+      if (r.failed > 0) log.warn(`${r.failed} of ${shards} embedding children failed; this run computes what they left`);
+    } catch (e) {
+      log.warn(`the fan-out could not run (${e instanceof Error ? e.message : e}); this run computes what is missing`);
+    }
+    return true;
+  };
+}

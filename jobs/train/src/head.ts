@@ -82,12 +82,17 @@ export interface TrainData {
   y: Int32Array;
 }
 
+/** Equal-length rows, one after the other in one array (a tensor body). */
+export function concatRows(rows: readonly Float32Array[]): Float32Array {
+  const dim = rows[0]?.length ?? 0;
+  const out = new Float32Array(rows.length * dim);
+  for (const [i, r] of rows.entries()) out.set(r, i * dim);
+  return out;
+}
+
 /** The rows at `ids` as one tensor [ids.length, ...shape]. */
 export function rowsTensor(data: Pick<TrainData, "rows" | "shape">, ids: ArrayLike<number>): tf.Tensor {
-  const per = data.shape.reduce((a, b) => a * b, 1);
-  const body = new Float32Array(ids.length * per);
-  for (let i = 0; i < ids.length; i++) body.set(data.rows[ids[i] as number] as Float32Array, i * per);
-  return tf.tensor(body, [ids.length, ...data.shape]);
+  return tf.tensor(concatRows(Array.from(ids, (i) => data.rows[i] as Float32Array)), [ids.length, ...data.shape]);
 }
 
 /** Predictions for every row, a batch at a time. */

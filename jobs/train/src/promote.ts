@@ -7,7 +7,7 @@ import type { DatasetImage } from "./dataset.ts";
 import { decodeImage } from "./decode.ts";
 import { argmax } from "./evaluate.ts";
 import { applyBetween } from "./graph.ts";
-import { LAYER_NAMES } from "./head.ts";
+import { concatRows, LAYER_NAMES, predictRows } from "./head.ts";
 import { loadModel, WEIGHTS_FILE } from "./model-io.ts";
 
 /**
@@ -57,9 +57,7 @@ export async function scoreCurrent(
     const head = tf.model({ inputs: input, outputs: applyBetween(model, input, model.outputLayers[0]?.name as string, LAYER_NAMES.pool) });
     const rows = val.map((v) => pooledFeatures(v)).filter((f): f is Float32Array => f !== undefined);
     const truth = val.filter((v) => pooledFeatures(v) !== undefined).map((v) => v.label);
-    const probs = tf.tidy(() => head.predict(tf.tensor2d(concatRows(rows), [rows.length, dim])) as tf.Tensor2D);
-    const predicted = (await probs.array()).map((p) => metadata.labels[argmax(p)]);
-    probs.dispose();
+    const predicted = (await predictRows(head, { rows, shape: [dim] })).map((p) => metadata.labels[argmax(p)]);
     return { version: pointer.version, accuracy: accuracyOf(predicted, truth), evaluatedOn: truth.length, method: "features" };
   }
   const size = metadata.input.size;
@@ -94,13 +92,6 @@ function accuracyOf(predicted: (string | undefined)[], truth: string[]): number 
     if (predicted[i] === t) ok++;
   });
   return ok / truth.length;
-}
-
-export function concatRows(rows: readonly Float32Array[]): Float32Array {
-  const dim = rows[0]?.length ?? 0;
-  const out = new Float32Array(rows.length * dim);
-  for (const [i, r] of rows.entries()) out.set(r, i * dim);
-  return out;
 }
 
 /**

@@ -13,17 +13,16 @@ import { s3Checkpointer } from "./checkpoint.ts";
 import { resolveOptions, type TrainInput, type TrainOptions, versionId } from "./config.ts";
 import { type Dataset, type DatasetImage, readDataset } from "./dataset.ts";
 import { decodeImage } from "./decode.ts";
-import { type ExtractorSpec, extractFeatures, type Features } from "./embed.ts";
+import { type ExtractorSpec, extractSplits, type Features } from "./embed.ts";
 import { evaluate } from "./evaluate.ts";
 import { buildClassifier, exportClassifier } from "./export.ts";
-import { type EmbedFanOut, shardsFor } from "./fan-out.ts";
+import { type EmbedFanOut, fanOutHook } from "./fan-out.ts";
 import { buildTop } from "./finetune.ts";
-import { lazyForwardPool } from "./forward-pool.ts";
-import { applyLayers, type EpochLog, headLayers, predictRows, type TrainData, trainModel } from "./head.ts";
+import { applyLayers, concatRows, type EpochLog, headLayers, predictRows, type TrainData, trainModel } from "./head.ts";
 import { acquireLock } from "./lock.ts";
 import type { Logger } from "./log.ts";
 import { WEIGHTS_FILE } from "./model-io.ts";
-import { concatRows, currentHeadWeights, loadCurrent, scoreCurrent } from "./promote.ts";
+import { currentHeadWeights, loadCurrent, scoreCurrent } from "./promote.ts";
 import { renderReportHtml, type TrainingReport } from "./report.ts";
 
 /**
@@ -111,35 +110,12 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger, 
       const extractor = tf.model({ inputs: baseModel.inputs, outputs: baseModel.getLayer(base.featureLayer).output as tf.SymbolicTensor });
       const pooled = await phase(
         "features",
-        async () => {
-          const pool = lazyForwardPool(extractor, { size, pooled: true });
-          try {
-            const { fanOut } = context;
-            const beforeCompute = fanOut
-              ? async (todo: readonly DatasetImage[]) => {
-                  const shards = shardsFor(todo.length, fanOut);
-                  if (shards === 0) return false;
-                  log.info(`${todo.length} images to embed: spreading them over ${shards} Batch array children`);
-                  const request = { dataset: dataset.name, shards, base: base.id, imageSize: size, views: options.views, seed: options.seed };
-                  try {
-                    const r = await fanOut.run(request, log);
-                    if (r.failed > 0) log.warn(`${r.failed} of ${shards} embedding children failed; this run computes what they left`);
-                  } catch (e) {
-                    log.warn(`the fan-out could not run (${e instanceof Error ? e.message : e}); this run computes what is missing`);
-                  }
-                  return true;
-                }
-              : undefined;
-            const trainF = await extractFeatures(store, extractor, pooledSpec, train, (d, t) => log.progress("features (train)", d, t), {
-              pool,
-              beforeCompute,
-            });
-            const valF = await extractFeatures(store, extractor, { ...pooledSpec, views: 1 }, val, (d, t) => log.progress("features (val)", d, t), { pool });
-            return mergeFeatures(trainF, valF);
-          } finally {
-            await pool.close();
-          }
-        },
+        () =>
+          extractSplits(store, extractor, pooledSpec, { train, heldOut: val }, (split, d, t) => log.progress(`features (${split})`, d, t), {
+            beforeCompute:
+              context.fanOut &&
+              fanOutHook(context.fanOut, { dataset: dataset.name, base: base.id, imageSize: size, views: options.views, seed: options.seed }, log),
+          }),
         (f) => ({ ...f.stats }),
       );
       const usableTrain = train.filter((i) => pooled.byId.has(i.id));
@@ -149,15 +125,15 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger, 
       if (usableTrain.length === 0)
         throw new DatasetError(`Dataset ${dataset.name}: none of its training images could be decoded (see the skipped files above).`);
 
-      const dim = pooled.shape.reduce((a, b) => a * b, 1);
-      const trainViews = usableTrain.flatMap((img) => (pooled.byId.get(img.id) as Float32Array[]).slice(0, options.views).map((v) => ({ img, v })));
-      const trainData: TrainData = {
-        rows: trainViews.map((t) => t.v),
-        shape: [dim],
-        y: Int32Array.from(trainViews.map((t) => labelIndex.get(t.img.label) as number)),
+      // Training rows: every augmented view of a training image; held-out rows: view 0, as served.
+      const rowsOf = (f: Features, images: readonly DatasetImage[], views: number): TrainData => {
+        const picked = images.flatMap((img) => (f.byId.get(img.id) ?? []).slice(0, views).map((v) => ({ img, v })));
+        return { rows: picked.map((p) => p.v), shape: f.shape, y: Int32Array.from(picked, (p) => labelIndex.get(p.img.label) as number) };
       };
-      const yVal = Int32Array.from(usableVal.map((i) => labelIndex.get(i.label) as number));
-      const valData: TrainData = { rows: usableVal.map((i) => (pooled.byId.get(i.id) as Float32Array[])[0] as Float32Array), shape: [dim], y: yVal };
+      const dim = pooled.shape.reduce((a, b) => a * b, 1);
+      const trainData = rowsOf(pooled, usableTrain, options.views);
+      const valData = rowsOf(pooled, usableVal, 1);
+      const yVal = valData.y;
 
       const head = headLayers(dataset.labels.length, { ...options.head, seed: options.seed });
       const headInput = tf.input({ shape: [dim] });
@@ -196,22 +172,11 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger, 
         const bottomSpec: ExtractorSpec = { ...pooledSpec, layer: from, pooled: false };
         const maps = await phase(
           "bottom features",
-          async () => {
-            const pool = lazyForwardPool(bottom, { size, pooled: false });
-            try {
-              return mergeFeatures(
-                await extractFeatures(store, bottom, bottomSpec, usableTrain, (d, t) => log.progress("bottom (train)", d, t), { pool }),
-                await extractFeatures(store, bottom, { ...bottomSpec, views: 1 }, usableVal, (d, t) => log.progress("bottom (val)", d, t), { pool }),
-              );
-            } finally {
-              await pool.close();
-            }
-          },
+          () => extractSplits(store, bottom, bottomSpec, { train: usableTrain, heldOut: usableVal }, (split, d, t) => log.progress(`bottom (${split})`, d, t)),
           (f) => ({ ...f.stats, shape: f.shape.join("×") }),
         );
-        const tv = usableTrain.flatMap((img) => (maps.byId.get(img.id) ?? []).slice(0, options.views).map((v) => ({ img, v })));
-        const mapsTrain: TrainData = { rows: tv.map((t) => t.v), shape: maps.shape, y: Int32Array.from(tv.map((t) => labelIndex.get(t.img.label) as number)) };
-        const mapsVal: TrainData = { rows: usableVal.map((i) => (maps.byId.get(i.id) as Float32Array[])[0] as Float32Array), shape: maps.shape, y: yVal };
+        const mapsTrain = rowsOf(maps, usableTrain, options.views);
+        const mapsVal = rowsOf(maps, usableVal, 1);
         const top = buildTop(baseModel, from, base.featureLayer, head);
         const fineTuneCheckpoint = s3Checkpointer(store, name, version, "finetune");
         history.fineTune = await phase("fine-tune", () =>
@@ -358,24 +323,6 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger, 
       for (const d of disposables) d.dispose();
     }
   }
-}
-
-function mergeFeatures(a: Features, b: Features): Features {
-  const byId = new Map(a.byId);
-  for (const [k, v] of b.byId) if (!byId.has(k)) byId.set(k, v);
-  return {
-    shape: a.shape.length > 0 ? a.shape : b.shape,
-    byId,
-    failed: new Map([...a.failed, ...b.failed]),
-    stats: {
-      cached: a.stats.cached + b.stats.cached,
-      computed: a.stats.computed + b.stats.computed,
-      failed: a.stats.failed + b.stats.failed,
-      packsRead: a.stats.packsRead + b.stats.packsRead,
-      packsWritten: a.stats.packsWritten + b.stats.packsWritten,
-      seconds: a.stats.seconds + b.stats.seconds,
-    },
-  };
 }
 
 /** A few real preprocessed images to check the export against. */
