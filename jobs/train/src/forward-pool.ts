@@ -70,12 +70,15 @@ export async function createForwardPool(model: tf.LayersModel, options: ForwardP
   // extraction then fails and resumes from its written packs.
   let broken: Error | undefined;
   let closing = false;
+  const inFlight = new Map<Worker, (e: Error) => void>();
   const breakPool = (reason: Error) => {
     broken ??= reason;
     for (const w of waiting.splice(0)) w.reject(broken);
+    for (const reject of inFlight.values()) reject(broken);
+    inFlight.clear();
   };
   for (const w of workers) {
-    // An idle worker can die too; its next batch would never be answered.
+    // Busy or idle: a dead worker's batch (or its next one) would never be answered.
     w.once("exit", (code) => closing || breakPool(new Error(`a forward-pass worker stopped (exit code ${code})`)));
     w.on("error", (e) => breakPool(new Error(`a forward-pass worker failed: ${e.message}`)));
   }
@@ -94,36 +97,20 @@ export async function createForwardPool(model: tf.LayersModel, options: ForwardP
     threads,
     async run(data, n) {
       const w = await acquire();
-      const result = await new Promise<{ shape: number[]; values: Float32Array[] }>((resolve, reject) => {
-        const stop = () => {
-          w.off("message", onMessage);
-          w.off("error", onError);
-          w.off("exit", onExit);
-        };
-        const onMessage = (m: { shape: number[]; values: Float32Array; error?: string }) => {
-          stop();
-          if (m.error) return reject(new Error(m.error));
-          const dim = m.shape.reduce((a, b) => a * b, 1);
-          resolve({ shape: m.shape, values: Array.from({ length: n }, (_, i) => m.values.subarray(i * dim, (i + 1) * dim)) });
-        };
-        const onError = (e: Error) => {
-          stop();
-          breakPool(new Error(`a forward-pass worker failed: ${e.message}`));
-          reject(broken);
-        };
-        const onExit = (code: number) => {
-          stop();
-          breakPool(new Error(`a forward-pass worker stopped (exit code ${code})`));
-          reject(broken);
-        };
-        w.on("message", onMessage);
-        w.on("error", onError);
-        w.on("exit", onExit);
-        w.postMessage({ data, n }, [data.buffer as ArrayBuffer]);
-      }).finally(() => {
+      try {
+        return await new Promise((resolve, reject) => {
+          inFlight.set(w, reject);
+          w.once("message", (m: { shape: number[]; values: Float32Array; error?: string }) => {
+            inFlight.delete(w);
+            if (m.error) return reject(new Error(m.error));
+            const dim = m.shape.reduce((a, b) => a * b, 1);
+            resolve({ shape: m.shape, values: Array.from({ length: n }, (_, i) => m.values.subarray(i * dim, (i + 1) * dim)) });
+          });
+          w.postMessage({ data, n }, [data.buffer as ArrayBuffer]);
+        });
+      } finally {
         if (!broken) release(w);
-      });
-      return result;
+      }
     },
     async close() {
       closing = true;
