@@ -1,10 +1,11 @@
 import { type ChildProcess, spawn } from "node:child_process";
+import { jobEnvironment } from "../../infra/local/job-env.ts";
 import type { LocalS3 } from "../../infra/local/s3-server.ts";
 
 /** The training job as the Batch container runs it — `edgetune train …` in its own process — for kill tests. */
 export function spawnTrainJob(s3: LocalS3, args: string[], env: Record<string, string> = {}): ChildProcess {
   return spawn(process.execPath, ["jobs/train/cli.ts", "train", ...args, "--json"], {
-    env: { ...process.env, EDGETUNE_BUCKET: s3.config.bucket, EDGETUNE_S3_ENDPOINT: s3.endpoint, AWS_ACCESS_KEY_ID: "x", AWS_SECRET_ACCESS_KEY: "y", ...env },
+    env: jobEnvironment(s3.config, env),
     stdio: "ignore",
   });
 }
