@@ -1,14 +1,14 @@
-import { Hono } from "hono";
+import { OpenAPIHono } from "@hono/zod-openapi";
 import { cors } from "hono/cors";
-import { nameSchema } from "../../../shared/contracts/common.ts";
+import { HTTPException } from "hono/http-exception";
 import { preprocess } from "../../../shared/preprocess.ts";
-import { bearerAuth } from "./http/auth.ts";
+import { apiKeyAuth } from "./http/auth.ts";
 import { readImageBody } from "./http/body.ts";
 import { ApiError, errorBody } from "./http/errors.ts";
 import { decodeImage } from "./image/decode.ts";
 import { ModelRegistry, ModelUnavailableError } from "./model/registry.ts";
 import { createModelSource } from "./model/source.ts";
-import { openapi } from "./openapi.ts";
+import { classifyRoute, healthRoute, modelParams, modelRoute, serveOpenApi } from "./openapi.ts";
 import { initTf, tf } from "./tf.ts";
 
 /**
@@ -26,7 +26,15 @@ function registryFor(env: Env): ModelRegistry {
   return registry;
 }
 
-export const app = new Hono<AppEnv>();
+export const app = new OpenAPIHono<AppEnv>({
+  // Invalid inputs answer in the API's error shape, not with zod's issue list.
+  defaultHook: (result, c) => {
+    if (result.success) return;
+    // zod-openapi checks the query before the path; a name that cannot exist still answers 404 first.
+    if (result.target === "param" || !modelParams.safeParse(c.req.param()).success) throw new ApiError(404, "model_not_found", "No model with that name.");
+    throw new ApiError(422, "invalid_top_k", "top_k must be a whole number from 1 to 100.");
+  },
+});
 
 app.use("*", async (c, next) => {
   const origins = (c.env.CORS_ORIGINS ?? "")
@@ -43,53 +51,54 @@ app.use("*", async (c, next) => {
   })(c, next);
 });
 
-app.get("/healthz", (c) => {
+app.openapi(healthRoute, (c) => {
   const models = registry?.status() ?? [];
   const degraded = models.some((m) => m.lastError);
-  return c.json({
-    status: degraded ? "degraded" : "ok",
-    models: models.map((m) => ({ name: m.name, version: m.version ?? null, problem: m.lastError ?? null })),
-  });
+  return c.json(
+    {
+      status: degraded ? "degraded" : "ok",
+      models: models.map((m) => ({ name: m.name, version: m.version ?? null, problem: m.lastError ?? null })),
+    },
+    200,
+  );
 });
 
-app.get("/openapi.json", (c) => c.json(openapi));
+app.use("/v1/*", apiKeyAuth());
 
-app.use(
-  "/v1/*",
-  bearerAuth((c) => (c.env as Env).API_KEYS),
-);
-
-app.get("/v1/models/:name", async (c) => {
-  const name = modelName(c.req.param("name"));
+app.openapi(modelRoute, async (c) => {
+  const { name } = c.req.valid("param");
   const { model, release } = await acquire(c.env, name, (p) => c.executionCtx.waitUntil(p));
   try {
     const m = model.metadata;
-    return c.json({
-      model: name,
-      version: m.version,
-      labels: m.labels,
-      input: m.input,
-      preprocessing: m.preprocessing,
-      strategy: m.strategy,
-      base: m.base.id,
-      metrics: { accuracy: m.metrics.accuracy, evaluatedOn: m.metrics.evaluatedOn, perClass: m.metrics.perClass },
-      trainedAt: m.createdAt,
-      promotedAt: model.pointer.promotedAt,
-      // How this isolate loaded it (cold-start breakdown).
-      load: { loadedAt: new Date(model.loadedAt).toISOString(), ...model.timings },
-    });
+    return c.json(
+      {
+        model: name,
+        version: m.version,
+        labels: m.labels,
+        input: m.input,
+        preprocessing: m.preprocessing,
+        strategy: m.strategy,
+        base: m.base.id,
+        metrics: { accuracy: m.metrics.accuracy, evaluatedOn: m.metrics.evaluatedOn, perClass: m.metrics.perClass },
+        trainedAt: m.createdAt,
+        promotedAt: model.pointer.promotedAt,
+        // How this isolate loaded it (cold-start breakdown).
+        load: { loadedAt: new Date(model.loadedAt).toISOString(), ...model.timings },
+      },
+      200,
+    );
   } finally {
     release();
   }
 });
 
-app.post("/v1/models/:name/classify", async (c) => {
+app.openapi(classifyRoute, async (c) => {
   const t0 = performance.now();
-  const name = modelName(c.req.param("name"));
-  const topK = parseTopK(c.req.query("top_k"));
+  const { name } = c.req.valid("param");
+  const { top_k: topK } = c.req.valid("query");
   const maxBytes = Number(c.env.MAX_IMAGE_BYTES || 10 * 1024 * 1024);
   const maxPixels = Number(c.env.MAX_IMAGE_PIXELS || 8_000_000);
-  const [bytes] = await Promise.all([readImageBody(c.req.raw, maxBytes), initTf()]);
+  const [bytes] = await Promise.all([readImageBody(c, maxBytes), initTf()]);
   const { model, release } = await acquire(c.env, name, (p) => c.executionCtx.waitUntil(p));
   try {
     const t1 = performance.now();
@@ -109,15 +118,19 @@ app.post("/v1/models/:name/classify", async (c) => {
       "server-timing",
       `decode;dur=${timings.decodeMs}, preprocess;dur=${timings.preprocessMs}, inference;dur=${timings.inferenceMs}, total;dur=${timings.totalMs}`,
     );
-    return c.json({ model: name, version: model.metadata.version, predictions, timings });
+    return c.json({ model: name, version: model.metadata.version, predictions, timings }, 200);
   } finally {
     release();
   }
 });
 
+serveOpenApi(app);
+
 app.notFound((c) => c.json(errorBody("not_found", `No route for ${c.req.method} ${new URL(c.req.url).pathname}.`), 404));
 
 app.onError((err, c) => {
+  // Thrown by bearerAuth with the finished 401 response (see http/auth.ts).
+  if (err instanceof HTTPException) return err.getResponse();
   if (err instanceof ApiError) {
     for (const [k, v] of Object.entries(err.headers)) c.header(k, v);
     return c.json(errorBody(err.code, err.message), err.status);
@@ -132,18 +145,6 @@ app.onError((err, c) => {
   );
   return c.json(errorBody("internal_error", "Something went wrong on our side; the request can be retried."), 500);
 });
-
-function modelName(raw: string): string {
-  const parsed = nameSchema.safeParse(raw);
-  if (!parsed.success) throw new ApiError(404, "model_not_found", "No model with that name.");
-  return parsed.data;
-}
-
-function parseTopK(raw: string | undefined): number {
-  if (raw === undefined || raw === "") return 5;
-  if (!/^\d{1,3}$/.test(raw) || Number(raw) < 1 || Number(raw) > 100) throw new ApiError(422, "invalid_top_k", "top_k must be a whole number from 1 to 100.");
-  return Number(raw);
-}
 
 async function acquire(env: Env, name: string, waitUntil: (p: Promise<unknown>) => void) {
   await initTf();

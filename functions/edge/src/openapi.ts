@@ -1,78 +1,137 @@
-/** The API, described for people and client generators; served at GET /openapi.json. */
-const error = { $ref: "#/components/schemas/Error" };
-const errorResponse = (description: string) => ({ description, content: { "application/json": { schema: error } } });
-const name = { name: "name", in: "path", required: true, schema: { type: "string", pattern: "^[a-z0-9][a-z0-9._-]{0,62}$" } };
+import { createRoute, type OpenAPIHono, z } from "@hono/zod-openapi";
+import { artifactMetadataSchema, metricsSchema } from "../../../shared/contracts/artifact.ts";
+import { nameSchema } from "../../../shared/contracts/common.ts";
+import { RAW_TYPES } from "./http/body.ts";
 
-export const openapi = {
-  openapi: "3.1.0",
-  info: { title: "edgetune classify API", version: "1.0.0", description: "Image classification with models trained by edgetune, served at the edge." },
-  components: {
-    securitySchemes: { bearer: { type: "http", scheme: "bearer" } },
-    schemas: {
-      Error: {
-        type: "object",
-        required: ["error"],
-        properties: { error: { type: "object", required: ["code", "message"], properties: { code: { type: "string" }, message: { type: "string" } } } },
-      },
-      Prediction: {
-        type: "object",
-        required: ["label", "score"],
-        properties: { label: { type: "string" }, score: { type: "number", minimum: 0, maximum: 1 } },
+/**
+ * The API's routes with the zod schemas their inputs are validated with (app.ts); the OpenAPI
+ * document served at GET /openapi.json is generated from the same definitions, so it cannot drift.
+ */
+const errorSchema = z.object({ error: z.object({ code: z.string(), message: z.string() }) }).openapi("Error");
+const errorResponse = (description: string) => ({ description, content: { "application/json": { schema: errorSchema } } });
+
+export const modelParams = z.object({ name: nameSchema });
+
+/**
+ * 1–100, default 5 when absent or empty. Only plain digits count (`Number` would also take " 5", "1e2"
+ * or "0x10"); when the parameter is repeated the first one counts, as `c.req.query` reads it.
+ */
+const topKSchema = z.preprocess((raw) => {
+  const v: unknown = Array.isArray(raw) ? raw[0] : raw;
+  if (v === undefined || v === "") return undefined;
+  return typeof v === "string" && /^\d{1,3}$/.test(v) ? Number(v) : v;
+}, z.number().int().min(1).max(100).default(5));
+
+const predictionSchema = z.object({ label: z.string(), score: z.number().min(0).max(1) }).openapi("Prediction");
+
+const metadata = artifactMetadataSchema.shape;
+const modelSchema = z.object({
+  model: nameSchema,
+  version: metadata.version,
+  labels: metadata.labels,
+  input: metadata.input,
+  preprocessing: metadata.preprocessing,
+  strategy: metadata.strategy,
+  base: metadata.base.shape.id,
+  metrics: metricsSchema.pick({ accuracy: true, evaluatedOn: true, perClass: true }),
+  trainedAt: metadata.createdAt,
+  promotedAt: z.iso.datetime(),
+  load: z
+    .object({ loadedAt: z.iso.datetime(), fetchMs: z.number(), parseMs: z.number(), warmupMs: z.number() })
+    .describe("How this isolate loaded the model (cold-start breakdown)"),
+});
+
+/**
+ * The body is only described here and read by `readImageBody`: plain schema objects, because a zod
+ * schema on multipart/form-data would make zod-openapi parse the whole body first, past the size limit.
+ */
+const binary = { schema: { type: "string" as const, format: "binary" } };
+
+export const classifyRoute = createRoute({
+  method: "post",
+  path: "/v1/models/{name}/classify",
+  summary: "Classify one image",
+  request: {
+    params: modelParams,
+    query: z.object({ top_k: topKSchema }),
+    body: {
+      required: true,
+      content: {
+        ...Object.fromEntries(RAW_TYPES.map((t) => [t, binary])),
+        "multipart/form-data": { schema: { type: "object", required: ["image"], properties: { image: binary.schema } } },
       },
     },
   },
-  security: [{ bearer: [] }],
-  paths: {
-    "/v1/models/{name}/classify": {
-      post: {
-        summary: "Classify one image",
-        parameters: [name, { name: "top_k", in: "query", schema: { type: "integer", minimum: 1, maximum: 100, default: 5 } }],
-        requestBody: {
-          required: true,
-          content: {
-            "image/jpeg": { schema: { type: "string", format: "binary" } },
-            "image/png": { schema: { type: "string", format: "binary" } },
-            "image/webp": { schema: { type: "string", format: "binary" } },
-            "multipart/form-data": { schema: { type: "object", required: ["image"], properties: { image: { type: "string", format: "binary" } } } },
-          },
-        },
-        responses: {
-          "200": {
-            description: "Predictions, best first. Also a Server-Timing header (decode, preprocess, inference).",
-            content: {
-              "application/json": {
-                schema: {
-                  type: "object",
-                  properties: {
-                    model: { type: "string" },
-                    version: { type: "string" },
-                    predictions: { type: "array", items: { $ref: "#/components/schemas/Prediction" } },
-                    timings: { type: "object", additionalProperties: { type: "number" } },
-                  },
-                },
-              },
-            },
-          },
-          "400": errorResponse("Corrupt or unreadable image"),
-          "401": errorResponse("Missing or invalid API key"),
-          "404": errorResponse("Unknown model"),
-          "413": errorResponse("Image too large (bytes or pixels)"),
-          "415": errorResponse("Unsupported content type or image format"),
-          "422": errorResponse("Invalid parameters (top_k, multipart field)"),
-          "503": errorResponse("Model not available yet (Retry-After)"),
+  responses: {
+    200: {
+      description: "Predictions, best first. Also a Server-Timing header (decode, preprocess, inference).",
+      content: {
+        "application/json": {
+          schema: z.object({
+            model: nameSchema,
+            version: z.string(),
+            predictions: z.array(predictionSchema),
+            timings: z.object({ decodeMs: z.number(), preprocessMs: z.number(), inferenceMs: z.number(), totalMs: z.number() }),
+          }),
         },
       },
     },
-    "/v1/models/{name}": {
-      get: {
-        summary: "The served version of a model: labels, input size, metrics, training date",
-        parameters: [name],
-        responses: { "200": { description: "Model description" }, "401": errorResponse("Missing or invalid API key"), "404": errorResponse("Unknown model") },
-      },
-    },
-    "/healthz": {
-      get: { summary: "Liveness and model status (no key needed; reveals no secrets)", security: [], responses: { "200": { description: "OK" } } },
-    },
-    "/openapi.json": { get: { summary: "This document", security: [], responses: { "200": { description: "OpenAPI 3.1" } } } },
+    400: errorResponse("Corrupt or unreadable image"),
+    401: errorResponse("Missing or invalid API key"),
+    404: errorResponse("Unknown model"),
+    413: errorResponse("Image too large (bytes or pixels)"),
+    415: errorResponse("Unsupported content type or image format"),
+    422: errorResponse("Invalid parameters (top_k, multipart field)"),
+    503: errorResponse("Model not available yet (Retry-After)"),
   },
-} as const;
+});
+
+export const modelRoute = createRoute({
+  method: "get",
+  path: "/v1/models/{name}",
+  summary: "The served version of a model: labels, input size, metrics, training date",
+  request: { params: modelParams },
+  responses: {
+    200: { description: "Model description", content: { "application/json": { schema: modelSchema } } },
+    401: errorResponse("Missing or invalid API key"),
+    404: errorResponse("Unknown model"),
+    503: errorResponse("Model not available yet (Retry-After)"),
+  },
+});
+
+export const healthRoute = createRoute({
+  method: "get",
+  path: "/healthz",
+  summary: "Liveness and model status (no key needed; reveals no secrets)",
+  security: [],
+  responses: {
+    200: {
+      description: "OK",
+      content: {
+        "application/json": {
+          schema: z.object({
+            status: z.enum(["ok", "degraded"]),
+            models: z.array(z.object({ name: nameSchema, version: z.string().nullable(), problem: z.string().nullable() })),
+          }),
+        },
+      },
+    },
+  },
+});
+
+/** Adds the security scheme and serves the document; call after the routes are registered. */
+export function serveOpenApi<E extends { Bindings: Env }>(app: OpenAPIHono<E>): void {
+  app.openAPIRegistry.registerComponent("securitySchemes", "bearer", { type: "http", scheme: "bearer" });
+  app.openAPIRegistry.registerPath({
+    method: "get",
+    path: "/openapi.json",
+    summary: "This document",
+    security: [],
+    responses: { 200: { description: "OpenAPI 3.1" } },
+  });
+  app.doc31("/openapi.json", {
+    openapi: "3.1.0",
+    info: { title: "edgetune classify API", version: "1.0.0", description: "Image classification with models trained by edgetune, served at the edge." },
+    security: [{ bearer: [] }],
+  });
+}

@@ -1,15 +1,16 @@
-import { concatBytes } from "../../../../shared/bytes.ts";
+import type { Context } from "hono";
+import { bodyLimit } from "hono/body-limit";
 import { ApiError } from "./errors.ts";
 
 /**
  * Reads the image from a classify request: a raw `image/jpeg|png|webp` body, or multipart form data
- * with an `image` field. The size limit is enforced while streaming, so a chunked body without
- * Content-Length cannot exhaust memory.
+ * with an `image` field. Hono's bodyLimit enforces the size limit while the body streams in, so a
+ * chunked body without Content-Length cannot exhaust memory.
  */
 export const RAW_TYPES = ["image/jpeg", "image/png", "image/webp"];
 
-export async function readImageBody(req: Request, maxBytes: number): Promise<Uint8Array> {
-  const type = (req.headers.get("content-type") ?? "").split(";")[0]?.trim().toLowerCase() ?? "";
+export async function readImageBody(c: Context, maxBytes: number): Promise<Uint8Array> {
+  const type = (c.req.header("content-type") ?? "").split(";")[0]?.trim().toLowerCase() ?? "";
   const isMultipart = type === "multipart/form-data";
   if (!isMultipart && !RAW_TYPES.includes(type)) {
     throw new ApiError(
@@ -20,40 +21,26 @@ export async function readImageBody(req: Request, maxBytes: number): Promise<Uin
   }
   // Multipart adds a little framing around the image.
   const limit = isMultipart ? maxBytes + 64 * 1024 : maxBytes;
-  const declared = Number(req.headers.get("content-length") ?? Number.NaN);
-  if (Number.isFinite(declared) && declared > limit) throw tooLarge(maxBytes);
-  const bytes = await readLimited(req, limit, maxBytes);
-  if (!isMultipart) return bytes;
+  // Called from the handler, not mounted as route middleware: route middleware would run before the
+  // model name, top_k and content type are checked, and the body would no longer load while tf starts.
+  await bodyLimit({
+    maxSize: limit,
+    onError: () => {
+      throw tooLarge(maxBytes);
+    },
+  })(c, async () => {});
+  if (!isMultipart) return c.req.bytes();
   let form: FormData;
   try {
-    form = await new Response(bytes, { headers: { "content-type": req.headers.get("content-type") ?? "" } }).formData();
+    form = await c.req.formData();
   } catch {
     throw new ApiError(400, "invalid_multipart", "The multipart body cannot be parsed.");
   }
   const field = form.get("image");
   if (field === null) throw new ApiError(422, "missing_image_field", 'The multipart body has no "image" field.');
   if (typeof field === "string") throw new ApiError(422, "invalid_image_field", 'The "image" field must be a file, not text.');
-  const image = new Uint8Array(await field.arrayBuffer());
-  if (image.byteLength > maxBytes) throw tooLarge(maxBytes);
-  return image;
-}
-
-async function readLimited(req: Request, limit: number, maxBytes: number): Promise<Uint8Array> {
-  if (!req.body) return new Uint8Array();
-  const reader = req.body.getReader();
-  const chunks: Uint8Array[] = [];
-  let total = 0;
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    total += value.byteLength;
-    if (total > limit) {
-      await reader.cancel();
-      throw tooLarge(maxBytes);
-    }
-    chunks.push(value);
-  }
-  return concatBytes(chunks);
+  if (field.size > maxBytes) throw tooLarge(maxBytes);
+  return new Uint8Array(await field.arrayBuffer());
 }
 
 function tooLarge(maxBytes: number): ApiError {
