@@ -9,10 +9,10 @@
 import { appendFile } from "node:fs/promises";
 import { join } from "node:path";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
-import { initBackend } from "../jobs/train/src/backend.ts";
-import { ensureBase, importBase } from "../jobs/train/src/bases.ts";
-import { pushDataset } from "../jobs/train/src/datasets-admin.ts";
+import { pushDataset } from "../jobs/train/src/catalog/catalog.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
+import { initBackend } from "../jobs/train/src/model/backend.ts";
+import { ensureBase, importBase } from "../jobs/train/src/model/bases.ts";
 import { train } from "../jobs/train/src/train.ts";
 import { arg, hasShared, machine, SHARED } from "./common.ts";
 

@@ -12,8 +12,8 @@ import { join } from "node:path";
 import sharp from "sharp";
 import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
+import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
-import { sampleDataset } from "../jobs/train/src/sample-dataset.ts";
 import { train } from "../jobs/train/src/train.ts";
 import { arg, hasShared, machine, percentile, SHARED } from "./common.ts";
 

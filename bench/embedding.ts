@@ -9,12 +9,12 @@ import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import * as tf from "@tensorflow/tfjs";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
-import { initBackend } from "../jobs/train/src/backend.ts";
-import { DEFAULT_BASE, ensureBase, loadBase } from "../jobs/train/src/bases.ts";
-import type { DatasetImage } from "../jobs/train/src/dataset.ts";
-import { extractFeatures } from "../jobs/train/src/embed.ts";
-import { createForwardPool } from "../jobs/train/src/forward-pool.ts";
-import { sampleDataset } from "../jobs/train/src/sample-dataset.ts";
+import type { DatasetImage } from "../jobs/train/src/dataset/read.ts";
+import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
+import { extractFeatures } from "../jobs/train/src/features/extract.ts";
+import { createForwardPool } from "../jobs/train/src/features/forward-pool.ts";
+import { initBackend } from "../jobs/train/src/model/backend.ts";
+import { DEFAULT_BASE, ensureBase, loadBase } from "../jobs/train/src/model/bases.ts";
 import { arg, hasShared, machine, SHARED } from "./common.ts";
 
 const N = Number(arg("images", "512"));

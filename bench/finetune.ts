@@ -6,11 +6,11 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
-import { initBackend } from "../jobs/train/src/backend.ts";
-import { DEFAULT_BASE, ensureBase, loadBase } from "../jobs/train/src/bases.ts";
-import { buildTop } from "../jobs/train/src/finetune.ts";
-import { applyBetween, layersBetween } from "../jobs/train/src/graph.ts";
-import { DEFAULT_HEAD, headLayers, LAYER_NAMES } from "../jobs/train/src/head.ts";
+import { buildTop } from "../jobs/train/src/fit/finetune.ts";
+import { DEFAULT_HEAD, headLayers, LAYER_NAMES } from "../jobs/train/src/fit/head.ts";
+import { initBackend } from "../jobs/train/src/model/backend.ts";
+import { DEFAULT_BASE, ensureBase, loadBase } from "../jobs/train/src/model/bases.ts";
+import { applyBetween, layersBetween } from "../jobs/train/src/model/graph.ts";
 import { arg, machine } from "./common.ts";
 
 const size = Number(arg("size", "224"));

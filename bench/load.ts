@@ -7,8 +7,8 @@
  */
 import { startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
+import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
-import { sampleDataset } from "../jobs/train/src/sample-dataset.ts";
 import { train } from "../jobs/train/src/train.ts";
 import { readPointer, writePointer } from "../shared/artifacts.ts";
 import { arg, machine, percentile } from "./common.ts";

@@ -7,10 +7,10 @@
 import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
-import { initBackend } from "../jobs/train/src/backend.ts";
-import { DEFAULT_BASE, ensureBase } from "../jobs/train/src/bases.ts";
+import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
-import { sampleDataset } from "../jobs/train/src/sample-dataset.ts";
+import { initBackend } from "../jobs/train/src/model/backend.ts";
+import { DEFAULT_BASE, ensureBase } from "../jobs/train/src/model/bases.ts";
 import { train } from "../jobs/train/src/train.ts";
 import { sha256Hex } from "../shared/hash.ts";
 import { arg, hasShared, machine, SHARED } from "./common.ts";

@@ -6,8 +6,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Dispatcher } from "../infra/local/dispatcher.ts";
 import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../infra/local/s3-server.ts";
-import { pushDataset } from "../jobs/train/src/datasets-admin.ts";
-import { type SampleImage, sampleDataset } from "../jobs/train/src/sample-dataset.ts";
+import { pushDataset } from "../jobs/train/src/catalog/catalog.ts";
+import { type SampleImage, sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { readPointer } from "../shared/artifacts.ts";
 
 /**

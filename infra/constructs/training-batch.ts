@@ -100,7 +100,7 @@ export class TrainingBatch extends Construct {
       ],
     };
     // For datasets too large for one machine: the train job submits this as an array job (size =
-    // shards, see jobs/train/src/fan-out.ts); each child embeds its shard (AWS_BATCH_JOB_ARRAY_INDEX),
+    // shards, see jobs/train/src/features/fan-out.ts); each child embeds its shard (AWS_BATCH_JOB_ARRAY_INDEX),
     // then the train job finds every feature cached. An operator may also submit it by hand.
     this.embedJobDefinition = new batch.EcsJobDefinition(this, "Embed", {
       timeout: Duration.hours(config.jobTimeoutHours),

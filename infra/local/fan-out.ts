@@ -1,7 +1,7 @@
 import { spawn } from "node:child_process";
 import { join } from "node:path";
-import { type EmbedFanOut, embedCommand } from "../../jobs/train/src/fan-out.ts";
-import { mapInOrder } from "../../jobs/train/src/in-order.ts";
+import { type EmbedFanOut, embedCommand } from "../../jobs/train/src/features/fan-out.ts";
+import { mapInOrder } from "../../jobs/train/src/features/in-order.ts";
 import type { S3Config } from "../../shared/s3/config.ts";
 import { jobEnvironment } from "./job-env.ts";
 

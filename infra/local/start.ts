@@ -13,9 +13,9 @@
 import { mkdtemp, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { initBackend } from "../../jobs/train/src/backend.ts";
-import { DEFAULT_BASE, ensureBase } from "../../jobs/train/src/bases.ts";
-import { SAMPLE_CREDIT, sampleDataset } from "../../jobs/train/src/sample-dataset.ts";
+import { SAMPLE_CREDIT, sampleDataset } from "../../jobs/train/src/dataset/sample.ts";
+import { initBackend } from "../../jobs/train/src/model/backend.ts";
+import { DEFAULT_BASE, ensureBase } from "../../jobs/train/src/model/bases.ts";
 import { readPointer } from "../../shared/artifacts.ts";
 import { userMessage } from "../../shared/errors.ts";
 import { keys } from "../../shared/keys.ts";

@@ -13,10 +13,10 @@ import { datasetNameFromManifestKey } from "../../shared/keys.ts";
 import { NORMALIZATIONS, type Normalization } from "../../shared/preprocess.ts";
 import { S3ObjectStore } from "../../shared/s3/client.ts";
 import { s3ConfigFromEnv } from "../../shared/s3/config.ts";
-import { DEFAULT_BASE, importBase, KNOWN_BASES, type ModelSource } from "./src/bases.ts";
+import { listDatasets, listModels, listVersions, pushDataset, rollback } from "./src/catalog/catalog.ts";
 import type { TrainInput } from "./src/config.ts";
-import { listDatasets, listModels, listVersions, pushDataset, rollback } from "./src/datasets-admin.ts";
 import { createLogger } from "./src/log.ts";
+import { DEFAULT_BASE, importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
 
 const int = (name: string) => (v: string) => {
   const n = Number(v);
@@ -118,7 +118,7 @@ program
       },
     };
     const { train } = await import("./src/train.ts");
-    const { batchFanOut } = await import("./src/fan-out.ts");
+    const { batchFanOut } = await import("./src/features/fan-out.ts");
     // Inside AWS Batch the stack names an Embed job definition: large extractions fan out over it.
     const context = { fanOut: batchFanOut() };
     const store = storeFrom(globals);
@@ -160,7 +160,7 @@ program
     ) => {
       const globals = cmd.optsWithGlobals() as { bucket?: string; endpoint?: string };
       const shard = o.shard ?? Number(process.env.AWS_BATCH_JOB_ARRAY_INDEX ?? Number.NaN);
-      const { embedShard } = await import("./src/embed-shard.ts");
+      const { embedShard } = await import("./src/features/shard.ts");
       const stats = await embedShard(
         storeFrom(globals),
         clean({ dataset: datasetRef(o.dataset, globals), base: o.base, imageSize: o.imageSize, views: o.views, seed: o.seed }),
@@ -184,7 +184,7 @@ base
   .action(
     async (source: string, o: { id: string; featureLayer: string; normalization: Normalization; fineTuneFrom?: string; licence?: string }, cmd: Command) => {
       const store = storeFrom(cmd.optsWithGlobals());
-      const { initBackend } = await import("./src/backend.ts");
+      const { initBackend } = await import("./src/model/backend.ts");
       await initBackend();
       const src: ModelSource = /^https?:\/\//.test(source)
         ? { kind: "url", url: source }

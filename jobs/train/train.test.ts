@@ -7,9 +7,9 @@ import { keys } from "../../shared/keys.ts";
 import { preprocess } from "../../shared/preprocess.ts";
 import { uploadSample } from "../../test/support/datasets.ts";
 import { killWhen, spawnTrainJob } from "../../test/support/jobs.ts";
-import { decodeImage } from "./src/decode.ts";
-import { argmax } from "./src/evaluate.ts";
+import { decodeImage } from "./src/dataset/decode.ts";
 import { memoryLogger } from "./src/log.ts";
+import { argmax } from "./src/release/evaluate.ts";
 import { train } from "./src/train.ts";
 
 /**
@@ -159,14 +159,14 @@ describe("interrupted runs", () => {
 });
 
 async function heldOutKeys(name: string): Promise<{ key: string; label: string }[]> {
-  const { readDataset } = await import("./src/dataset.ts");
+  const { readDataset } = await import("./src/dataset/read.ts");
   const d = await readDataset(s3.store, name, { seed: 42, valFraction: 0.2 });
   return d.images.filter((i) => i.split === "val").map((i) => ({ key: i.key, label: i.label }));
 }
 
 describe("sharded feature extraction (AWS Batch array jobs)", () => {
   it("children embed disjoint shards that cover the dataset; training then computes nothing", async () => {
-    const { embedShard } = await import("./src/embed-shard.ts");
+    const { embedShard } = await import("./src/features/shard.ts");
     // A bucket of its own: the other tests' runs have cached the features of these images already.
     const own = await startLocalS3({ bucket: "sharded" });
     const s3 = own;

@@ -1,4 +1,4 @@
-import { sampleDataset } from "../../jobs/train/src/sample-dataset.ts";
+import { sampleDataset } from "../../jobs/train/src/dataset/sample.ts";
 import type { ObjectStore } from "../../shared/s3/store.ts";
 
 /** Uploads `perLabel` sample (Twemoji) images per label as dataset `name`, manifest last. */

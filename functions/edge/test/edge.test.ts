@@ -5,7 +5,7 @@ import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
-import { decodeImage } from "../../../jobs/train/src/decode.ts";
+import { decodeImage } from "../../../jobs/train/src/dataset/decode.ts";
 import { memoryLogger } from "../../../jobs/train/src/log.ts";
 import { train } from "../../../jobs/train/src/train.ts";
 import { readPointer, readPromotedModel, writePointer } from "../../../shared/artifacts.ts";
@@ -229,7 +229,7 @@ describe("training/serving skew", () => {
 
   it.skipIf(photos.length === 0)("the worker's probabilities match the training pipeline's on real photos within 0.01 (measured: below 1e-4)", async () => {
     const { metadata, files } = await readPromotedModel(s3.store, "emoji");
-    const { loadModel } = await import("../../../jobs/train/src/model-io.ts");
+    const { loadModel } = await import("../../../jobs/train/src/model/io.ts");
     const model = await loadModel(files.get("model.json") as Uint8Array, files);
     let worst = 0;
     for (const p of photos) {
@@ -251,7 +251,7 @@ describe("training/serving skew", () => {
 describe("EXIF orientation", () => {
   it("is applied the same way by the worker and by training (a rotated JPEG gets the same probabilities)", async () => {
     const { metadata, files } = await readPromotedModel(s3.store, "emoji");
-    const { loadModel } = await import("../../../jobs/train/src/model-io.ts");
+    const { loadModel } = await import("../../../jobs/train/src/model/io.ts");
     const model = await loadModel(files.get("model.json") as Uint8Array, files);
     // An asymmetric crop of a sample image, stored sideways with orientation 6 (rotate 90° to view).
     const upright = await sharp(images[0]?.bytes as Uint8Array)

@@ -4,7 +4,7 @@ import type { DatasetManifest } from "../../../shared/contracts/dataset.ts";
 import { parseContract } from "../../../shared/contracts/parse.ts";
 import { InvalidOptionError } from "../../../shared/errors.ts";
 import { sha256Hex } from "../../../shared/hash.ts";
-import { DEFAULT_BASE } from "./bases.ts";
+import { DEFAULT_BASE } from "./model/bases.ts";
 
 /**
  * Training options, with the defaults a user gets when they only name a dataset. Precedence:

@@ -1,0 +1,136 @@
+import { readdir, readFile, stat } from "node:fs/promises";
+import { join, relative, sep } from "node:path";
+import { readMetadata, readPointer, writePointer } from "../../../../shared/artifacts.ts";
+import type { ArtifactMetadata, ModelPointer } from "../../../../shared/contracts/artifact.ts";
+import { nameSchema } from "../../../../shared/contracts/common.ts";
+import { type DatasetManifest, IMAGE_EXTENSIONS, manifestSchema } from "../../../../shared/contracts/dataset.ts";
+import { parseContract } from "../../../../shared/contracts/parse.ts";
+import { NotFoundError } from "../../../../shared/errors.ts";
+import { sha256Hex } from "../../../../shared/hash.ts";
+import { keys } from "../../../../shared/keys.ts";
+import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { mapInOrder } from "../features/in-order.ts";
+
+/**
+ * The user-facing operations around training: push a folder as a dataset, list datasets and model
+ * versions, show and move the promoted pointer.
+ */
+
+/** Uploads `dir` (one folder per label, or train/val splits) and writes the manifest last. */
+export async function pushDataset(
+  store: ObjectStore,
+  dir: string,
+  name: string,
+  manifest: Partial<DatasetManifest> = {},
+  onProgress: (done: number, total: number) => void = () => {},
+): Promise<{ uploaded: number; skipped: string[] }> {
+  parseContract(nameSchema, name, "dataset name");
+  const files = await walk(dir);
+  const images = files.filter((f) => IMAGE_EXTENSIONS.some((e) => f.toLowerCase().endsWith(e)));
+  const skipped = files.filter((f) => !images.includes(f));
+  const upload = async (f: string) => {
+    const rel = relative(dir, f).split(sep).join("/");
+    await store.put(keys.dataset(name) + rel, await readFile(f), contentTypeOf(f));
+  };
+  let done = 0;
+  for await (const _ of mapInOrder(images, 8, upload)) onProgress(++done, images.length);
+  const full = parseContract(manifestSchema, { ...manifest, imageCount: images.length }, "manifest");
+  await store.put(keys.manifest(name), `${JSON.stringify(full, null, 2)}\n`, "application/json");
+  return { uploaded: images.length, skipped };
+}
+
+async function walk(dir: string): Promise<string[]> {
+  const info = await stat(dir).catch(() => null);
+  if (!info?.isDirectory()) throw new NotFoundError(`${dir} is not a folder.`);
+  const out: string[] = [];
+  for (const entry of await readdir(dir, { withFileTypes: true })) {
+    if (entry.name.startsWith(".")) continue;
+    const p = join(dir, entry.name);
+    if (entry.isDirectory()) out.push(...(await walk(p)));
+    else if (entry.isFile()) out.push(p);
+  }
+  return out.sort();
+}
+
+function contentTypeOf(file: string): string {
+  const ext = file.toLowerCase().split(".").pop();
+  return { jpg: "image/jpeg", jpeg: "image/jpeg", png: "image/png", webp: "image/webp", gif: "image/gif" }[ext ?? ""] ?? "application/octet-stream";
+}
+
+export async function listDatasets(store: ObjectStore): Promise<{ name: string; complete: boolean; files: number }[]> {
+  const byName = new Map<string, { complete: boolean; files: number }>();
+  for await (const o of store.list(keys.datasetsRoot)) {
+    const [name, ...rest] = o.key.slice(keys.datasetsRoot.length).split("/");
+    if (!name) continue;
+    const entry = byName.get(name) ?? { complete: false, files: 0 };
+    if (rest.join("/") === "manifest.json") entry.complete = true;
+    else entry.files++;
+    byName.set(name, entry);
+  }
+  return [...byName.entries()].map(([name, v]) => ({ name, ...v }));
+}
+
+export interface VersionSummary {
+  version: string;
+  createdAt: string;
+  accuracy: number;
+  evaluatedOn: number;
+  strategy: string;
+  base: string;
+  images: number;
+  current: boolean;
+}
+
+export async function listVersions(store: ObjectStore, name: string): Promise<{ pointer: ModelPointer | null; versions: VersionSummary[] }> {
+  const pointer = await readPointer(store, name);
+  const versions: VersionSummary[] = [];
+  for await (const o of store.list(keys.model(name))) {
+    const m = /^models\/[^/]+\/(v[0-9a-f]{12})\/metadata\.json$/.exec(o.key);
+    if (!m) continue;
+    let meta: ArtifactMetadata;
+    try {
+      meta = await readMetadata(store, name, m[1] as string);
+    } catch {
+      continue;
+    }
+    versions.push({
+      version: meta.version,
+      createdAt: meta.createdAt,
+      accuracy: meta.metrics.accuracy,
+      evaluatedOn: meta.metrics.evaluatedOn,
+      strategy: meta.strategy,
+      base: meta.base.id,
+      images: meta.dataset.images,
+      current: pointer?.version === meta.version,
+    });
+  }
+  versions.sort((a, b) => a.createdAt.localeCompare(b.createdAt));
+  return { pointer, versions };
+}
+
+export async function listModels(store: ObjectStore): Promise<string[]> {
+  const names = new Set<string>();
+  for await (const o of store.list(keys.modelsRoot)) {
+    const name = o.key.slice(keys.modelsRoot.length).split("/")[0];
+    if (name) names.add(name);
+  }
+  return [...names].sort();
+}
+
+/** Points `current.json` at an earlier (or any existing) version; defaults to the previous one. */
+export async function rollback(store: ObjectStore, name: string, to?: string): Promise<ModelPointer> {
+  const pointer = await readPointer(store, name);
+  const target = to ?? pointer?.previous;
+  if (!target) throw new NotFoundError(`Model ${name} has no earlier version to roll back to; name one with --to.`);
+  const metaKey = keys.metadata(name, target);
+  const bytes = await store.get(metaKey);
+  if (!bytes) throw new NotFoundError(`Model ${name} has no version ${target}.`);
+  await readMetadata(store, name, target); // validates before pointing at it
+  return writePointer(store, name, {
+    version: target,
+    metadataSha256: await sha256Hex(bytes),
+    promotedAt: new Date().toISOString(),
+    previous: pointer?.version ?? null,
+    reason: `rollback from ${pointer?.version ?? "nothing"}`,
+  });
+}

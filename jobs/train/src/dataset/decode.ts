@@ -1,0 +1,49 @@
+import sharp, { type Metadata } from "sharp";
+import { EdgetuneError } from "../../../../shared/errors.ts";
+import type { Pixels } from "../../../../shared/preprocess.ts";
+
+/**
+ * Image decoding for training: JPEG, PNG, WebP and the first frame of GIF, with EXIF orientation
+ * applied, CMYK/greyscale/16-bit converted to 8-bit RGB, embedded ICC profiles ignored, alpha dropped. The result goes through the
+ * shared `preprocess`, exactly as on the edge (which decodes with @jsquash; the skew is tested).
+ */
+export const MAX_IMAGE_PIXELS = 50_000_000; // a 7000×7000 photo; larger is refused before decoding
+export const MAX_IMAGE_BYTES = 50 * 1024 * 1024;
+
+export class ImageDecodeError extends EdgetuneError {
+  constructor(reason: string) {
+    super("image_undecodable", reason);
+  }
+}
+
+const FORMATS = new Set(["jpeg", "png", "webp", "gif"]);
+
+export async function decodeImage(bytes: Uint8Array): Promise<Pixels> {
+  if (bytes.byteLength === 0) throw new ImageDecodeError("empty file");
+  if (bytes.byteLength > MAX_IMAGE_BYTES) throw new ImageDecodeError(`file is larger than ${MAX_IMAGE_BYTES / 1024 / 1024} MiB`);
+  let meta: Metadata;
+  try {
+    meta = await sharp(bytes, { limitInputPixels: false }).metadata();
+  } catch {
+    throw new ImageDecodeError("not a readable image");
+  }
+  if (!meta.format || !FORMATS.has(meta.format)) throw new ImageDecodeError(`unsupported format ${meta.format ?? "unknown"} (expected JPEG, PNG, WebP or GIF)`);
+  if ((meta.width ?? 0) * (meta.height ?? 0) > MAX_IMAGE_PIXELS) {
+    throw new ImageDecodeError(`image is ${meta.width}×${meta.height}, more than ${MAX_IMAGE_PIXELS / 1e6} megapixels`);
+  }
+  try {
+    // ignoreIcc: the edge decoder (@jsquash) does no colour management, so neither may training:
+    // otherwise a photo with a wide-gamut profile is seen with different colours by the two sides.
+    const { data, info } = await sharp(bytes, { failOn: "error", limitInputPixels: MAX_IMAGE_PIXELS, pages: 1, ignoreIcc: true })
+      .rotate()
+      .toColourspace("srgb")
+      .removeAlpha()
+      .raw({ depth: "uchar" })
+      .toBuffer({ resolveWithObject: true });
+    if (info.channels !== 3) throw new ImageDecodeError(`unexpected ${info.channels} channels after conversion`);
+    return { data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength), width: info.width, height: info.height, channels: 3 };
+  } catch (e) {
+    if (e instanceof ImageDecodeError) throw e;
+    throw new ImageDecodeError(`corrupt ${meta.format} (${e instanceof Error ? e.message.split("\n")[0] : e})`);
+  }
+}

@@ -1,0 +1,368 @@
+import type * as tf from "@tensorflow/tfjs";
+import type { BaseMetadata } from "../../../../shared/contracts/base.ts";
+import { sha256Hex } from "../../../../shared/hash.ts";
+import { keys } from "../../../../shared/keys.ts";
+import { type Pixels, PREPROCESSING_VERSIONS, type PreprocessingSpec, preprocess } from "../../../../shared/preprocess.ts";
+import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import type { TrainOptions } from "../config.ts";
+import { augmentation } from "../dataset/augment.ts";
+import { decodeImage } from "../dataset/decode.ts";
+import type { DatasetImage } from "../dataset/read.ts";
+import { createForwardPool, type ForwardPool, lazyForwardPool } from "./forward-pool.ts";
+import { mapInOrder } from "./in-order.ts";
+import { decodePack, encodePack, type Pack } from "./packs.ts";
+
+/**
+ * Features of every image, computed once. The cache key covers everything that changes the numbers
+ * (base weights, cut layer, pooling, size, preprocessing, augmentation recipe and seed); the entries
+ * are keyed by image content. A retrain reads the packs, fetches only images it has not seen and
+ * writes their features as new packs, which also checkpoints a long extraction as it goes.
+ *
+ * The pipeline streams: while the forward pass of one batch runs (on every core, see forward-pool.ts),
+ * the next images are fetched, decoded (sharp, on libuv threads) and preprocessed (see streamPacks).
+ */
+export interface ExtractorSpec {
+  baseSha256: string;
+  layer: string;
+  pooled: boolean;
+  size: number;
+  preprocessing: PreprocessingSpec;
+  views: number;
+  seed: number;
+}
+
+/**
+ * What the frozen features of a run are made of: the preprocessing the base expects and the extractor
+ * spec (which is also the cache key of the feature packs). Shared by training and `embedShard`, so an
+ * array job's packs are the ones training looks for.
+ */
+export function featureSpec(base: BaseMetadata, options: TrainOptions): { preprocessing: PreprocessingSpec; pooledSpec: ExtractorSpec } {
+  const preprocessing: PreprocessingSpec = { version: PREPROCESSING_VERSIONS[0], fit: "center-crop", normalization: base.normalization };
+  return {
+    preprocessing,
+    pooledSpec: {
+      baseSha256: base.sha256,
+      layer: base.featureLayer,
+      pooled: true,
+      size: options.imageSize,
+      preprocessing,
+      views: options.views,
+      seed: options.seed,
+    },
+  };
+}
+
+export interface Features {
+  shape: number[];
+  /** id → one array per view (view 0 first). */
+  byId: Map<string, Float32Array[]>;
+  failed: Map<string, { key: string; reason: string }>;
+  stats: { cached: number; computed: number; failed: number; packsRead: number; packsWritten: number; seconds: number };
+}
+
+/** Images per pack (and so per checkpoint). EDGETUNE_PACK_IMAGES overrides it, for tests of resuming. */
+export const PACK_IMAGES = Number(process.env.EDGETUNE_PACK_IMAGES) || 256;
+/** Packs stay well below a single PUT's comfortable size (unpooled fine-tuning maps are large). */
+export const PACK_MAX_BYTES = 8 * 1024 * 1024;
+const FETCH_CONCURRENCY = 8;
+const BATCH = 32;
+
+export async function cacheKeyOf(spec: ExtractorSpec): Promise<string> {
+  // `views` is not part of the key: entries are per (image, view), so a run that wants fewer views
+  // reuses the packs of one that wanted more.
+  const { views: _views, ...identity } = spec;
+  return (await sha256Hex(JSON.stringify({ v: 1, ...identity, augment: "crop-flip-v1" }))).slice(0, 24);
+}
+
+export async function extractFeatures(
+  store: ObjectStore,
+  extractor: tf.LayersModel,
+  spec: ExtractorSpec,
+  images: readonly DatasetImage[],
+  onProgress: (done: number, total: number) => void = () => {},
+  options: {
+    threads?: number;
+    pool?: ForwardPool;
+    /** Sees what is left to compute; returns true if it had it computed elsewhere (fan-out.ts), so the cache is read again. */
+    beforeCompute?: (todo: readonly DatasetImage[]) => Promise<boolean>;
+  } = {},
+): Promise<Features> {
+  const started = performance.now();
+  const prefix = keys.embeddingCache(await cacheKeyOf(spec));
+  let features = await readCache(store, prefix);
+  let todo = uniqueById(images.filter((image) => !isComplete(features, image.id, spec.views)));
+  if (todo.length > 0 && (await options.beforeCompute?.(todo))) {
+    features = await readCache(store, prefix);
+    todo = uniqueById(images.filter((image) => !isComplete(features, image.id, spec.views)));
+  }
+  const cached = images.length - todo.length;
+  let computed = 0;
+  let packsWritten = 0;
+  onProgress(cached, images.length);
+
+  if (todo.length > 0) {
+    // A pool handed in belongs to the caller (it may serve several calls); one made here is closed here.
+    const pool = options.pool ?? (await createForwardPool(extractor, { size: spec.size, pooled: spec.pooled, threads: options.threads }));
+    try {
+      let done = cached;
+      await streamPacks(store, prefix, pool, spec, todo, imagesPerPack(extractor, spec), (pack) => {
+        addPack(features, pack);
+        packsWritten++;
+        computed += pack.entries.length / spec.views;
+        done += pack.entries.length / spec.views + pack.failed.length;
+        onProgress(done, images.length);
+      });
+    } finally {
+      if (!options.pool) await pool.close();
+    }
+  }
+  return {
+    ...features,
+    stats: {
+      cached,
+      computed,
+      failed: images.filter((i) => features.failed.has(i.id)).length,
+      packsRead: features.packsRead,
+      packsWritten,
+      seconds: (performance.now() - started) / 1000,
+    },
+  };
+}
+
+/**
+ * The features of a run's training images (every view) and held-out images (view 0 only, as served),
+ * on one worker pool started on demand, merged. Used by training (pooled features, and the bottom maps
+ * of fine-tuning) and by every array-job child, so all of them read and write the same packs.
+ */
+export async function extractSplits(
+  store: ObjectStore,
+  extractor: tf.LayersModel,
+  spec: ExtractorSpec,
+  images: { train: readonly DatasetImage[]; heldOut: readonly DatasetImage[] },
+  onProgress: (split: "train" | "held-out", done: number, total: number) => void,
+  options: { beforeCompute?: (todo: readonly DatasetImage[]) => Promise<boolean> } = {},
+): Promise<Features> {
+  const pool = lazyForwardPool(extractor, { size: spec.size, pooled: spec.pooled });
+  try {
+    const train = await extractFeatures(store, extractor, spec, images.train, (d, t) => onProgress("train", d, t), { pool, ...options });
+    const heldOut = await extractFeatures(store, extractor, { ...spec, views: 1 }, images.heldOut, (d, t) => onProgress("held-out", d, t), { pool });
+    return mergeFeatures(train, heldOut);
+  } finally {
+    await pool.close();
+  }
+}
+
+function mergeFeatures(a: Features, b: Features): Features {
+  const byId = new Map(a.byId);
+  for (const [k, v] of b.byId) if (!byId.has(k)) byId.set(k, v);
+  return {
+    shape: a.shape.length > 0 ? a.shape : b.shape,
+    byId,
+    failed: new Map([...a.failed, ...b.failed]),
+    stats: {
+      cached: a.stats.cached + b.stats.cached,
+      computed: a.stats.computed + b.stats.computed,
+      failed: a.stats.failed + b.stats.failed,
+      packsRead: a.stats.packsRead + b.stats.packsRead,
+      packsWritten: a.stats.packsWritten + b.stats.packsWritten,
+      seconds: a.stats.seconds + b.stats.seconds,
+    },
+  };
+}
+
+type CacheState = Omit<Features, "stats"> & { packsRead: number };
+
+async function readCache(store: ObjectStore, prefix: string): Promise<CacheState> {
+  const state: CacheState = { shape: [], byId: new Map(), failed: new Map(), packsRead: 0 };
+  const keysToRead: string[] = [];
+  for await (const o of store.list(prefix)) keysToRead.push(o.key);
+  // A large dataset has hundreds of packs: read them FETCH_CONCURRENCY at a time, apply them in order.
+  const read = async (key: string) => {
+    const bytes = await store.get(key);
+    if (!bytes) return undefined;
+    try {
+      return decodePack(bytes);
+    } catch {
+      return undefined; // a torn pack from a killed run: its images are simply computed again
+    }
+  };
+  for await (const pack of mapInOrder(keysToRead, FETCH_CONCURRENCY, read)) {
+    if (!pack) continue;
+    state.packsRead++;
+    addPack(state, pack);
+  }
+  return state;
+}
+
+function addPack(state: Pick<CacheState, "shape" | "byId" | "failed">, pack: Pack): void {
+  if (pack.shape.length > 0) state.shape = pack.shape;
+  for (const e of pack.entries) {
+    const views = state.byId.get(e.id) ?? [];
+    views[e.view] = e.values;
+    state.byId.set(e.id, views);
+  }
+  for (const f of pack.failed) state.failed.set(f.id, { key: f.key, reason: f.reason });
+}
+
+function isComplete(state: CacheState, id: string, views: number): boolean {
+  if (state.failed.has(id)) return true;
+  const have = state.byId.get(id);
+  return have !== undefined && have.length >= views && have.slice(0, views).every(Boolean);
+}
+
+function uniqueById(images: DatasetImage[]): DatasetImage[] {
+  const seen = new Map<string, DatasetImage>();
+  for (const image of images) if (!seen.has(image.id)) seen.set(image.id, image);
+  return [...seen.values()];
+}
+
+function imagesPerPack(extractor: tf.LayersModel, spec: ExtractorSpec): number {
+  const shape = (extractor.outputs[0]?.shape ?? []).slice(1).map((d) => d ?? 1);
+  const values = spec.pooled ? (shape.at(-1) ?? 1) : shape.reduce((a, b) => a * b, 1);
+  const bytesPerImage = values * 2 * spec.views;
+  return Math.max(1, Math.min(PACK_IMAGES, Math.floor(PACK_MAX_BYTES / bytesPerImage)));
+}
+
+interface LoadedImage {
+  image: DatasetImage;
+  pixels?: Pixels;
+  error?: string;
+}
+
+/** Batches waiting for or running on the pool, beyond one per thread: keeps every thread fed. */
+const QUEUED_BATCHES = 1;
+
+/**
+ * The pipeline: images are fetched and decoded a few at a time, ahead of the forward pass, and their
+ * views preprocessed straight into the batch being filled; every full batch goes to the pool at once;
+ * a pack is written (and reported) when all of its batches are back, while the next pack's images
+ * are already being computed. There is no barrier between packs, so the cores stay busy from the
+ * first batch to the last, and memory stays bounded (FETCH_CONCURRENCY decoded images plus
+ * threads + QUEUED_BATCHES + 1 batches).
+ */
+async function streamPacks(
+  store: ObjectStore,
+  prefix: string,
+  pool: ForwardPool,
+  spec: ExtractorSpec,
+  todo: DatasetImage[],
+  perPack: number,
+  onPack: (pack: Pack) => void,
+): Promise<void> {
+  const slots = semaphore(pool.threads + QUEUED_BATCHES);
+  const packDone: Promise<void>[] = [];
+  let failure: unknown;
+  let pack: Pack = { shape: [], entries: [], failed: [] };
+  let packImages = 0;
+  let batches: Promise<void>[] = [];
+  // Views are preprocessed straight into the batch being filled (no per-view arrays, no copy).
+  const perRow = spec.size * spec.size * 3;
+  let body = new Float32Array(BATCH * perRow);
+  let rows: { id: string; view: number }[] = [];
+
+  const sendBatch = async () => {
+    if (rows.length === 0) return;
+    const batch = rows;
+    const data = batch.length === BATCH ? body : body.slice(0, batch.length * perRow);
+    rows = [];
+    body = new Float32Array(BATCH * perRow); // the full one is handed (transferred) to the pool
+    await slots.acquire();
+    const target = pack;
+    const computed = pool
+      .run(data, batch.length)
+      .then((out) => {
+        target.shape = out.shape;
+        // Rounded to float16 now, as the pack stores them: a run that reads them back from the cache
+        // (a resumed or repeated run) trains on exactly the same numbers as the one that computed them.
+        batch.forEach((r, i) => {
+          target.entries.push({ id: r.id, view: r.view, values: roundToHalf(out.values[i] as Float32Array) });
+        });
+      })
+      .finally(slots.release);
+    // Noted at once (and so never an unhandled rejection): the loop below stops feeding the pool.
+    computed.catch((e: unknown) => {
+      failure ??= e;
+    });
+    batches.push(computed);
+  };
+  const closePack = async () => {
+    await sendBatch();
+    const finished = pack;
+    const done = Promise.all(batches).then(async () => {
+      // Batches come back in any order; a pack's bytes should not depend on it.
+      finished.entries.sort((a, b) => (a.id === b.id ? a.view - b.view : a.id < b.id ? -1 : 1));
+      await writePack(store, prefix, finished);
+      onPack(finished);
+    });
+    done.catch((e: unknown) => {
+      failure ??= e; // surfaced below; the handler also keeps it from being an unhandled rejection
+    });
+    packDone.push(done);
+    pack = { shape: [], entries: [], failed: [] };
+    packImages = 0;
+    batches = [];
+  };
+
+  for await (const l of mapInOrder(todo, FETCH_CONCURRENCY, (image) => loadImage(store, image))) {
+    if (failure) break;
+    if (l.pixels) {
+      for (let view = 0; view < spec.views; view++) {
+        const into = { data: body, offset: rows.length * perRow };
+        preprocess(l.pixels, spec.size, spec.preprocessing, { ...augmentation(l.pixels, view, spec.seed, l.image.id), into });
+        rows.push({ id: l.image.id, view });
+        if (rows.length === BATCH) await sendBatch();
+      }
+    } else pack.failed.push({ id: l.image.id, key: l.image.key, reason: l.error ?? "unknown error" });
+    packImages++;
+    if (packImages === perPack) await closePack();
+  }
+  if (packImages > 0) await closePack();
+  await Promise.allSettled(packDone);
+  if (failure) throw failure;
+}
+
+/**
+ * Fetches and decodes one image (sharp decodes off this thread); the pipeline runs FETCH_CONCURRENCY
+ * of these ahead, in order, so packs hold the same images run after run. A failure is returned with
+ * its reason, never thrown.
+ */
+async function loadImage(store: ObjectStore, image: DatasetImage): Promise<LoadedImage> {
+  try {
+    const bytes = await store.get(image.key);
+    if (!bytes) throw new Error("deleted while training");
+    return { image, pixels: await decodeImage(bytes) };
+  } catch (e) {
+    return { image, error: e instanceof Error ? e.message : String(e) };
+  }
+}
+
+/** A counting semaphore: `acquire` waits while `n` holders are out. */
+function semaphore(n: number): { acquire: () => Promise<void>; release: () => void } {
+  let free = n;
+  const waiting: (() => void)[] = [];
+  return {
+    acquire: () =>
+      new Promise<void>((resolve) => {
+        if (free > 0) {
+          free--;
+          resolve();
+        } else waiting.push(resolve);
+      }),
+    release: () => {
+      const next = waiting.shift();
+      if (next) next();
+      else free++;
+    },
+  };
+}
+
+async function writePack(store: ObjectStore, prefix: string, pack: Pack): Promise<void> {
+  const ids = [...pack.entries.map((e) => `${e.id}/${e.view}`), ...pack.failed.map((f) => f.id)].sort();
+  const name = (await sha256Hex(ids.join("\n"))).slice(0, 20);
+  await store.put(`${prefix}${name}.bin`, encodePack(pack));
+}
+
+function roundToHalf(values: Float32Array): Float32Array {
+  for (let i = 0; i < values.length; i++) values[i] = Math.f16round(values[i] as number);
+  return values;
+}

@@ -1,0 +1,60 @@
+import { DescribeJobsCommand, SubmitJobCommand } from "@aws-sdk/client-batch";
+import { Command } from "commander";
+import { describe, expect, it } from "vitest";
+import { memoryLogger } from "../log.ts";
+import { batchFanOut, embedCommand, shardsFor } from "./fan-out.ts";
+
+const request = { dataset: "flowers", shards: 4, base: "mobilenet-v2-100", imageSize: 224, views: 3, seed: 7 };
+
+describe("fan-out", () => {
+  it("fans out only above the threshold, with 2…maxShards children", () => {
+    const f = { imagesPerShard: 1000, maxShards: 8 };
+    expect(shardsFor(1000, f)).toBe(0);
+    expect(shardsFor(1001, f)).toBe(2);
+    expect(shardsFor(4500, f)).toBe(5);
+    expect(shardsFor(100_000, f)).toBe(8);
+  });
+
+  it("passes every option that keys the feature cache to the children", () => {
+    const args = embedCommand(request);
+    const parsed = new Command().exitOverride().option("--dataset <d>").option("--shards <n>").option("--base <b>").option("--image-size <px>");
+    parsed.option("--views <n>").option("--seed <n>").option("--json").parse(args.slice(1), { from: "user" });
+    expect(args[0]).toBe("embed");
+    expect(parsed.opts()).toEqual({ dataset: "flowers", shards: "4", base: "mobilenet-v2-100", imageSize: "224", views: "3", seed: "7", json: true });
+  });
+
+  it("exists only inside Batch, with the stack's job definition and queue", () => {
+    expect(batchFanOut({})).toBeUndefined();
+    expect(batchFanOut({ AWS_BATCH_JOB_ID: "p", EDGETUNE_JOB_QUEUE: "q" })).toBeUndefined();
+    const f = batchFanOut({ AWS_BATCH_JOB_ID: "p", EDGETUNE_JOB_QUEUE: "q", EDGETUNE_EMBED_JOB_DEFINITION: "d", EDGETUNE_FAN_OUT_IMAGES_PER_SHARD: "500" });
+    expect(f).toMatchObject({ imagesPerShard: 500, maxShards: 20 });
+  });
+
+  it("submits one array job and waits for its children (AWS Batch faked at the SDK boundary)", async () => {
+    const sent: unknown[] = [];
+    const states = [
+      { status: "RUNNING", arrayProperties: { statusSummary: { SUCCEEDED: 1 } } },
+      { status: "FAILED", arrayProperties: { statusSummary: { SUCCEEDED: 3, FAILED: 1 } } },
+    ];
+    const client = {
+      send: async (command: unknown) => {
+        sent.push(command);
+        if (command instanceof SubmitJobCommand) return { jobId: "job-1" };
+        if (command instanceof DescribeJobsCommand) return { jobs: [states.shift()] };
+        throw new Error("unexpected command");
+      },
+    };
+    const env = { AWS_BATCH_JOB_ID: "parent-9", EDGETUNE_JOB_QUEUE: "arn:queue", EDGETUNE_EMBED_JOB_DEFINITION: "arn:embed:3" };
+    const f = batchFanOut(env, client as never, async () => {});
+    const result = await f?.run(request, memoryLogger());
+    expect(result).toEqual({ succeeded: 3, failed: 1 });
+    const submit = (sent[0] as SubmitJobCommand).input;
+    expect(submit).toMatchObject({
+      jobQueue: "arn:queue",
+      jobDefinition: "arn:embed:3",
+      arrayProperties: { size: 4 },
+      containerOverrides: { command: embedCommand(request), environment: [{ name: "EDGETUNE_FAN_OUT_PARENT", value: "parent-9" }] },
+    });
+    expect(sent.filter((c) => c instanceof DescribeJobsCommand)).toHaveLength(2);
+  });
+});

@@ -1,0 +1,116 @@
+import { BatchClient, DescribeJobsCommand, SubmitJobCommand } from "@aws-sdk/client-batch";
+import type { Logger } from "../log.ts";
+
+/**
+ * Scale-out of feature extraction over AWS Batch. A training run (itself a Batch job) that finds more
+ * images without cached features than one machine should embed submits the `Embed` job definition as
+ * an array job — one child per shard, each running `edgetune embed --shard $AWS_BATCH_JOB_ARRAY_INDEX`
+ * (see embed-shard.ts) — waits for it, and then finds those features in the cache. A child that fails
+ * costs only time: the training run computes whatever is still missing itself.
+ */
+export interface FanOutRequest {
+  dataset: string;
+  shards: number;
+  /** The options that make the features' cache key: the children must compute exactly what the run reads. */
+  base: string;
+  imageSize: number;
+  views: number;
+  seed: number;
+}
+
+export interface EmbedFanOut {
+  /** Above this many images to embed, a run fans out, one child per this many images. */
+  readonly imagesPerShard: number;
+  readonly maxShards: number;
+  run(request: FanOutRequest, log: Logger): Promise<{ succeeded: number; failed: number }>;
+}
+
+/** Children for `todo` images to embed: 0 means the run embeds them itself. */
+export function shardsFor(todo: number, fanOut: Pick<EmbedFanOut, "imagesPerShard" | "maxShards">): number {
+  if (todo <= fanOut.imagesPerShard) return 0;
+  // Batch array jobs have 2…10 000 children.
+  return Math.max(2, Math.min(fanOut.maxShards, 10_000, Math.ceil(todo / fanOut.imagesPerShard)));
+}
+
+/** A child's command line (after the CLI's program name); the child's index comes from its environment. */
+export function embedCommand(r: FanOutRequest): string[] {
+  return [
+    "embed",
+    "--dataset",
+    r.dataset,
+    "--shards",
+    String(r.shards),
+    "--base",
+    r.base,
+    "--image-size",
+    String(r.imageSize),
+    "--views",
+    String(r.views),
+    "--seed",
+    String(r.seed),
+    "--json",
+  ];
+}
+
+export const FAN_OUT_DEFAULTS = { imagesPerShard: 20_000, maxShards: 20, pollSeconds: 30 };
+
+/**
+ * The fan-out of a run inside AWS Batch, configured by the stack through the environment; undefined
+ * elsewhere (a local or CLI run embeds everything itself).
+ */
+export function batchFanOut(
+  env: NodeJS.ProcessEnv = process.env,
+  client: Pick<BatchClient, "send"> = new BatchClient({}),
+  sleep: (ms: number) => Promise<void> = (ms) => new Promise((r) => setTimeout(r, ms)),
+): EmbedFanOut | undefined {
+  const { AWS_BATCH_JOB_ID: parent, EDGETUNE_EMBED_JOB_DEFINITION: jobDefinition, EDGETUNE_JOB_QUEUE: jobQueue } = env;
+  if (!parent || !jobDefinition || !jobQueue) return undefined;
+  const number = (v: string | undefined, fallback: number) => (v && Number.isInteger(Number(v)) && Number(v) > 0 ? Number(v) : fallback);
+  const pollSeconds = number(env.EDGETUNE_FAN_OUT_POLL_SECONDS, FAN_OUT_DEFAULTS.pollSeconds);
+  return {
+    imagesPerShard: number(env.EDGETUNE_FAN_OUT_IMAGES_PER_SHARD, FAN_OUT_DEFAULTS.imagesPerShard),
+    maxShards: number(env.EDGETUNE_FAN_OUT_MAX_SHARDS, FAN_OUT_DEFAULTS.maxShards),
+    async run(r, log) {
+      const submitted = await client.send(
+        new SubmitJobCommand({
+          jobName: `edgetune-embed-${r.dataset}`.replaceAll(/[^A-Za-z0-9_-]/g, "-").slice(0, 128),
+          jobQueue,
+          jobDefinition,
+          arrayProperties: { size: r.shards },
+          containerOverrides: { command: embedCommand(r), environment: [{ name: "EDGETUNE_FAN_OUT_PARENT", value: parent }] },
+        }),
+      );
+      const jobId = submitted.jobId as string;
+      log.info("fan-out submitted", { jobId, shards: r.shards });
+      for (;;) {
+        await sleep(pollSeconds * 1000);
+        const job = (await client.send(new DescribeJobsCommand({ jobs: [jobId] }))).jobs?.[0];
+        const summary = job?.arrayProperties?.statusSummary ?? {};
+        log.progress("fan-out children", (summary.SUCCEEDED ?? 0) + (summary.FAILED ?? 0), r.shards);
+        if (job?.status === "SUCCEEDED" || job?.status === "FAILED") {
+          return { succeeded: summary.SUCCEEDED ?? 0, failed: summary.FAILED ?? (job.status === "FAILED" ? r.shards : 0) };
+        }
+        if (!job) throw new Error(`Batch no longer knows the fan-out job ${jobId}`);
+      }
+    },
+  };
+}
+
+/**
+ * The hook `extractSplits` calls with what is left to compute: above the threshold it runs the array
+ * job and returns true (read the cache again); a failed fan-out is logged, never fatal.
+ */
+export function fanOutHook(fanOut: EmbedFanOut, request: Omit<FanOutRequest, "shards">, log: Logger): (todo: readonly unknown[]) => Promise<boolean> {
+  return async (todo) => {
+    const shards = shardsFor(todo.length, fanOut);
+    if (shards === 0) return false;
+    log.info(`${todo.length} images to embed: spreading them over ${shards} Batch array children`);
+    try {
+      const r = await fanOut.run({ ...request, shards }, log);
+      if (r.failed > 0) log.warn(`${r.failed} of ${shards} embedding children failed; this run computes what they left`);
+    } catch (e) {
+      log.warn(`the fan-out could not run (${e instanceof Error ? e.message : e}); this run computes what is missing`);
+    }
+    return true;
+  };
+}

@@ -1,0 +1,143 @@
+import { availableParallelism } from "node:os";
+import { Worker } from "node:worker_threads";
+import * as tf from "@tensorflow/tfjs";
+import { saveToMemory } from "../model/weights.ts";
+
+/**
+ * Runs a frozen model's forward pass on every core. tfjs-backend-wasm is single-threaded in Node
+ * (its threads need SharedArrayBuffer workers it cannot start there), so on CPU edgetune starts one
+ * worker thread per core, each with its own wasm backend and a copy of the model, and spreads batches
+ * over them. With a native TensorFlow backend (GPU or tfjs-node), which is multi-threaded already,
+ * the pool has no workers and runs batches in this thread.
+ */
+export interface ForwardPool {
+  readonly threads: number;
+  /** Forward of `n` inputs packed in `data` (n × inputSize), pooled over space if `pooled`; values per row. */
+  run(data: Float32Array, n: number): Promise<{ shape: number[]; values: Float32Array[] }>;
+  close(): Promise<void>;
+}
+
+export interface ForwardPoolOptions {
+  size: number;
+  pooled: boolean;
+  /** Worker threads; default: one per core on wasm, none (this thread) on a native backend. */
+  threads?: number;
+  /** The worker's script; default forward-worker.ts (tests swap in one that crashes). */
+  workerScript?: URL;
+}
+
+function threadsFor(options: ForwardPoolOptions): number {
+  return options.threads ?? (tf.getBackend() === "wasm" ? availableParallelism() : 0);
+}
+
+/**
+ * A pool that starts its workers (and copies the model into them) on its first batch, so a run whose
+ * features are all cached pays nothing, and the train and validation passes share one start-up.
+ */
+export function lazyForwardPool(model: tf.LayersModel, options: ForwardPoolOptions): ForwardPool {
+  let pool: Promise<ForwardPool> | undefined;
+  return {
+    threads: Math.max(1, threadsFor(options)),
+    async run(data, n) {
+      pool ??= createForwardPool(model, options);
+      return (await pool).run(data, n);
+    },
+    async close() {
+      if (pool) await (await pool).close();
+    },
+  };
+}
+
+export async function createForwardPool(model: tf.LayersModel, options: ForwardPoolOptions): Promise<ForwardPool> {
+  const threads = threadsFor(options);
+  if (threads <= 1) return localPool(model, options);
+  const saved = await saveToMemory(model);
+  const workers = await Promise.all(
+    Array.from({ length: threads }, async () => {
+      const script = options.workerScript ?? new URL("./forward-worker.ts", import.meta.url);
+      const w = new Worker(script, { workerData: { saved, size: options.size, pooled: options.pooled } });
+      await new Promise<void>((resolve, reject) => {
+        w.once("message", (m: { ready?: boolean; error?: string }) => (m.ready ? resolve() : reject(new Error(m.error))));
+        w.once("error", reject);
+      });
+      return w;
+    }),
+  );
+  const idle = [...workers];
+  const waiting: { resolve: (w: Worker) => void; reject: (e: Error) => void }[] = [];
+  // A worker that dies (not an exception in the forward pass: those come back as messages) breaks the
+  // pool: every batch waiting or to come fails with the reason, instead of waiting forever. The
+  // extraction then fails and resumes from its written packs.
+  let broken: Error | undefined;
+  let closing = false;
+  const inFlight = new Map<Worker, (e: Error) => void>();
+  const breakPool = (reason: Error) => {
+    broken ??= reason;
+    for (const w of waiting.splice(0)) w.reject(broken);
+    for (const reject of inFlight.values()) reject(broken);
+    inFlight.clear();
+  };
+  for (const w of workers) {
+    // Busy or idle: a dead worker's batch (or its next one) would never be answered.
+    w.once("exit", (code) => closing || breakPool(new Error(`a forward-pass worker stopped (exit code ${code})`)));
+    w.on("error", (e) => breakPool(new Error(`a forward-pass worker failed: ${e.message}`)));
+  }
+  const acquire = () =>
+    new Promise<Worker>((resolve, reject) => {
+      if (broken) reject(broken);
+      else if (idle.length > 0) resolve(idle.pop() as Worker);
+      else waiting.push({ resolve, reject });
+    });
+  const release = (w: Worker) => {
+    const next = waiting.shift();
+    if (next) next.resolve(w);
+    else idle.push(w);
+  };
+  return {
+    threads,
+    async run(data, n) {
+      const w = await acquire();
+      try {
+        return await new Promise((resolve, reject) => {
+          inFlight.set(w, reject);
+          w.once("message", (m: { shape: number[]; values: Float32Array; error?: string }) => {
+            inFlight.delete(w);
+            if (m.error) return reject(new Error(m.error));
+            const dim = m.shape.reduce((a, b) => a * b, 1);
+            resolve({ shape: m.shape, values: Array.from({ length: n }, (_, i) => m.values.subarray(i * dim, (i + 1) * dim)) });
+          });
+          w.postMessage({ data, n }, [data.buffer as ArrayBuffer]);
+        });
+      } finally {
+        if (!broken) release(w);
+      }
+    },
+    async close() {
+      closing = true;
+      await Promise.all(workers.map((w) => w.terminate()));
+    },
+  };
+}
+
+function localPool(model: tf.LayersModel, options: { size: number; pooled: boolean }): ForwardPool {
+  return {
+    threads: 1,
+    async run(data, n) {
+      return forwardLocal(model, data, n, options.size, options.pooled);
+    },
+    async close() {},
+  };
+}
+
+export function forwardLocal(model: tf.LayersModel, data: Float32Array, n: number, size: number, pooled: boolean): { shape: number[]; values: Float32Array[] } {
+  const result = tf.tidy(() => {
+    let y = model.predict(tf.tensor4d(data, [n, size, size, 3])) as tf.Tensor;
+    if (pooled && y.rank === 4) y = tf.mean(y, [1, 2]);
+    return y;
+  });
+  const flat = result.dataSync() as Float32Array;
+  const shape = result.shape.slice(1);
+  result.dispose();
+  const dim = shape.reduce((a, b) => a * b, 1);
+  return { shape, values: Array.from({ length: n }, (_, i) => flat.slice(i * dim, (i + 1) * dim)) };
+}

@@ -1,0 +1,42 @@
+import * as tf from "@tensorflow/tfjs";
+import { DatasetError } from "../../../../shared/errors.ts";
+import type { DatasetImage } from "../dataset/read.ts";
+import type { RunPlan } from "../plan.ts";
+import type { RunContext } from "../run.ts";
+import { extractSplits, type Features } from "./extract.ts";
+import { type EmbedFanOut, fanOutHook } from "./fan-out.ts";
+
+/**
+ * Stage 2: the frozen base's pooled features of every image (every augmented view of a training
+ * image, view 0 of a held-out one), from the cache where they exist, computed and cached where not,
+ * possibly by an array job (`fanOut`). Images that cannot be decoded are dropped here and reported.
+ */
+export interface PooledFeatures {
+  features: Features;
+  /** The images that have features, per split. */
+  train: DatasetImage[];
+  val: DatasetImage[];
+  skipped: { key: string; reason: string }[];
+}
+
+export async function pooledFeatures(ctx: RunContext, plan: RunPlan, baseModel: tf.LayersModel, fanOut?: EmbedFanOut): Promise<PooledFeatures> {
+  const { dataset, base, options } = plan;
+  const train = dataset.images.filter((i) => i.split === "train");
+  const val = dataset.images.filter((i) => i.split === "val");
+  const extractor = tf.model({ inputs: baseModel.inputs, outputs: baseModel.getLayer(base.featureLayer).output as tf.SymbolicTensor });
+  const features = await ctx.stage(
+    "features",
+    () =>
+      extractSplits(ctx.store, extractor, plan.pooledSpec, { train, heldOut: val }, (split, d, t) => ctx.log.progress(`features (${split})`, d, t), {
+        beforeCompute:
+          fanOut &&
+          fanOutHook(fanOut, { dataset: dataset.name, base: base.id, imageSize: options.imageSize, views: options.views, seed: options.seed }, ctx.log),
+      }),
+    (f) => ({ ...f.stats }),
+  );
+  const skipped = [...features.failed.values()];
+  for (const s of skipped) ctx.log.warn(`skipped ${s.key}: ${s.reason}`);
+  const usableTrain = train.filter((i) => features.byId.has(i.id));
+  if (usableTrain.length === 0) throw new DatasetError(`Dataset ${dataset.name}: none of its training images could be decoded (see the skipped files above).`);
+  return { features, train: usableTrain, val: val.filter((i) => features.byId.has(i.id)), skipped };
+}

@@ -1,0 +1,85 @@
+import * as tf from "@tensorflow/tfjs";
+import { EdgetuneError } from "../../../../shared/errors.ts";
+import type { DatasetImage } from "../dataset/read.ts";
+import { type ExtractorSpec, extractSplits, type Features } from "../features/extract.ts";
+import type { PooledFeatures } from "../features/pooled.ts";
+import type { RunPlan } from "../plan.ts";
+import { type CurrentModel, currentHeadWeights, isComparable } from "../release/promote.ts";
+import type { RunContext } from "../run.ts";
+import { s3Checkpointer } from "./checkpoint.ts";
+import { buildTop } from "./finetune.ts";
+import { applyLayers, type EpochLog, headLayers, predictRows, type TrainData, trainModel } from "./head.ts";
+
+/**
+ * Stage 3: the classifier's trainable parts. Strategy `head`: a new dense head on the pooled features,
+ * warm-started from the served version when it is a retrain of the same dataset. Strategy `finetune`:
+ * then the base's top blocks together with that head, at a very small learning rate, on the cached
+ * output of the frozen bottom (see finetune.ts). The base model's layers are trained in place.
+ */
+export interface Fitted {
+  /** The head's layers (trained), applied after global pooling in the exported model. */
+  head: tf.layers.Layer[];
+  history: { head: EpochLog[]; fineTune: EpochLog[] };
+  /** Class probabilities of every held-out image (`pooled.val`, in order) and their true classes. */
+  valProbs: Float32Array[];
+  yVal: Int32Array;
+}
+
+export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: tf.LayersModel, pooled: PooledFeatures, current: CurrentModel): Promise<Fitted> {
+  const { options, dataset, base } = plan;
+  const classes = dataset.labels.length;
+  const labelIndex = new Map(dataset.labels.map((l, i) => [l, i]));
+  // Training rows: every augmented view of a training image; held-out rows: view 0, as served.
+  const rowsOf = (f: Features, images: readonly DatasetImage[], views: number): TrainData => {
+    const picked = images.flatMap((img) => (f.byId.get(img.id) ?? []).slice(0, views).map((v) => ({ img, v })));
+    return { rows: picked.map((p) => p.v), shape: f.shape, y: Int32Array.from(picked, (p) => labelIndex.get(p.img.label) as number) };
+  };
+  const hasVal = pooled.val.length > 0;
+  const trainData = rowsOf(pooled.features, pooled.train, options.views);
+  const valData = rowsOf(pooled.features, pooled.val, 1);
+
+  const head = headLayers(classes, { ...options.head, seed: options.seed });
+  const headInput = tf.input({ shape: [pooled.features.shape.reduce((a, b) => a * b, 1)] });
+  const headModel = tf.model({ inputs: headInput, outputs: applyLayers(head, headInput) });
+  const warm = currentHeadWeights(current, dataset.name, dataset.labels, isComparable(plan));
+  if (warm) {
+    for (const layer of head) {
+      const w = warm.weights.get(layer.name);
+      if (w && w.length === layer.getWeights().length && w.every((t, i) => t.shape.join() === layer.getWeights()[i]?.shape.join())) layer.setWeights(w);
+    }
+    for (const ts of warm.weights.values()) for (const t of ts) t.dispose();
+    ctx.log.info(`head starts from version ${warm.version}`);
+  }
+  const history: Fitted["history"] = { head: [], fineTune: [] };
+  history.head = await ctx.stage("train head", () =>
+    trainModel(headModel, trainData, hasVal ? valData : undefined, classes, { ...options.head, seed: options.seed }, (e) =>
+      ctx.log.progress("train head", e.epoch, options.head.epochs),
+    ),
+  );
+  if (options.strategy !== "finetune") return { head, history, valProbs: await predictRows(headModel, valData), yVal: valData.y };
+
+  const from = options.fineTune.from ?? base.fineTuneFrom;
+  if (!from) throw new EdgetuneError("invalid_option", `Base ${base.id} names no fine-tuning cut; pass --fine-tune-from <layer>.`);
+  const bottom = tf.model({ inputs: baseModel.inputs, outputs: baseModel.getLayer(from).output as tf.SymbolicTensor });
+  const bottomSpec: ExtractorSpec = { ...plan.pooledSpec, layer: from, pooled: false };
+  const maps = await ctx.stage(
+    "bottom features",
+    () =>
+      extractSplits(ctx.store, bottom, bottomSpec, { train: pooled.train, heldOut: pooled.val }, (split, d, t) => ctx.log.progress(`bottom (${split})`, d, t)),
+    (f) => ({ ...f.stats, shape: f.shape.join("×") }),
+  );
+  const mapsVal = rowsOf(maps, pooled.val, 1);
+  const top = buildTop(baseModel, from, base.featureLayer, head);
+  history.fineTune = await ctx.stage("fine-tune", () =>
+    trainModel(
+      top,
+      rowsOf(maps, pooled.train, options.views),
+      hasVal ? mapsVal : undefined,
+      classes,
+      { ...options.fineTune, seed: options.seed, optimizer: "adam" },
+      (e) => (e.resumed ? ctx.log.info(`fine-tuning resumes after epoch ${e.epoch}`) : ctx.log.progress("fine-tune", e.epoch, options.fineTune.epochs)),
+      s3Checkpointer(ctx.store, plan.name, plan.version, "finetune"),
+    ),
+  );
+  return { head, history, valProbs: await predictRows(top, mapsVal), yVal: valData.y };
+}

@@ -1,0 +1,93 @@
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import * as tf from "@tensorflow/tfjs";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
+import { EdgetuneError, IntegrityError, InvalidOptionError } from "../../../../shared/errors.ts";
+import { keys } from "../../../../shared/keys.ts";
+import { preprocess } from "../../../../shared/preprocess.ts";
+import { decodeImage } from "../dataset/decode.ts";
+import { argmax } from "../release/evaluate.ts";
+import { initBackend } from "./backend.ts";
+import { ensureBase, importBase, loadBase } from "./bases.ts";
+import { loadModel } from "./io.ts";
+
+let s3: LocalS3;
+beforeAll(async () => {
+  await initBackend();
+  s3 = await startLocalS3();
+});
+afterAll(async () => {
+  await s3?.stop();
+});
+
+const SHARED = join(import.meta.dirname, "../../../../shared");
+
+describe("bases", () => {
+  it("stores the bundled nsfwjs MobileNetV2 cut at its feature layer, and loads it at any size", async () => {
+    const meta = await ensureBase(s3.store, "nsfwjs-mobilenet-v2");
+    expect(meta).toMatchObject({ id: "nsfwjs-mobilenet-v2", featureLayer: "block_16_project_BN", normalization: "0-1", fineTuneFrom: "block_12_add" });
+    for (const size of [96, 160]) {
+      const model = await loadBase(s3.store, meta, size);
+      expect(model.outputs[0]?.shape).toEqual([null, size / 32, size / 32, 320]);
+      // BatchNorm is folded into the convolutions on load.
+      expect(model.layers.some((l) => l.getClassName() === "BatchNormalization")).toBe(false);
+      model.dispose();
+    }
+    expect((await ensureBase(s3.store, "nsfwjs-mobilenet-v2")).sha256).toBe(meta.sha256); // idempotent
+  });
+
+  it("refuses a tampered base", async () => {
+    const s3b = await startLocalS3({ bucket: "tamper" });
+    try {
+      const meta = await ensureBase(s3b.store, "nsfwjs-mobilenet-v2");
+      const key = `${keys.base(meta.id)}group1-shard1of1.bin`;
+      const bytes = (await s3b.store.get(key)) as Uint8Array;
+      bytes[100] = (bytes[100] as number) ^ 0xff;
+      await s3b.store.put(key, bytes);
+      await expect(loadBase(s3b.store, meta, 96)).rejects.toBeInstanceOf(IntegrityError);
+    } finally {
+      await s3b.stop();
+    }
+  });
+
+  it("rejects an unknown base with the list of valid ones", async () => {
+    const err = await ensureBase(s3.store, "resnet-9000").catch((e) => e);
+    expect(err).toBeInstanceOf(InvalidOptionError);
+    expect(err.message).toMatch(/nsfwjs-mobilenet-v2, mobilenet-v2-035, mobilenet-v2-050, mobilenet-v2-075, mobilenet-v2-100/);
+  });
+
+  it("knows the Teachable Machine ImageNet bases by name (downloaded once when online; a clear error offline)", async () => {
+    const result = await ensureBase(s3.store, "mobilenet-v2-035").catch((e) => e);
+    if (result instanceof Error) {
+      expect(result).toBeInstanceOf(EdgetuneError);
+      expect((result as EdgetuneError).code).toBe("base_unreachable");
+      expect(result.message).toContain("mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top");
+    } else {
+      expect(result).toMatchObject({ id: "mobilenet-v2-035", featureLayer: "out_relu", normalization: "minus1-1" });
+    }
+  });
+
+  const v1 = join(SHARED, "models/mobilenet_v1_0.25_224");
+  const photo = join(SHARED, "photos/tfjs-models/mobilenet_demo_coffee.jpg");
+  it.skipIf(!existsSync(v1) || !existsSync(photo))(
+    "imports a Keras-style ImageNet model from a folder; its weights classify a real photo correctly",
+    async () => {
+      const meta = await importBase(
+        s3.store,
+        { kind: "dir", path: v1 },
+        { id: "mobilenet-v1-025", featureLayer: "conv_pw_13_relu", normalization: "minus1-1" },
+      );
+      expect(meta.files.map((f) => f.path)).toEqual(["model.json", "group1-shard1of1.bin"]);
+      // Top-1 sanity of the full classifier with edgetune's own decoding and preprocessing.
+      const json = readFileSync(join(v1, "model.json"));
+      const manifest = JSON.parse(json.toString()) as { weightsManifest: { paths: string[] }[] };
+      const shards = new Map(manifest.weightsManifest.flatMap((g) => g.paths).map((p) => [p, new Uint8Array(readFileSync(join(v1, p)))]));
+      const full = await loadModel(new Uint8Array(json), shards);
+      const input = preprocess(await decodeImage(new Uint8Array(readFileSync(photo))), 224, { version: 1, fit: "center-crop", normalization: "minus1-1" });
+      const top1 = argmax(tf.tidy(() => (full.predict(tf.tensor4d(input, [1, 224, 224, 3])) as tf.Tensor).reshape([-1]).dataSync()));
+      expect([967, 968, 504]).toContain(top1); // espresso, cup, coffee mug
+      full.dispose();
+    },
+  );
+});

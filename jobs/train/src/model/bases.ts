@@ -1,0 +1,202 @@
+import { readFile } from "node:fs/promises";
+import { createRequire } from "node:module";
+import { join } from "node:path";
+import * as tf from "@tensorflow/tfjs";
+import { type BaseMetadata, baseMetadataSchema } from "../../../../shared/contracts/base.ts";
+import { parseContract, parseContractJson } from "../../../../shared/contracts/parse.ts";
+import { EdgetuneError, IntegrityError, InvalidOptionError, NotFoundError } from "../../../../shared/errors.ts";
+import { sha256Hex } from "../../../../shared/hash.ts";
+import { keys } from "../../../../shared/keys.ts";
+import type { Normalization } from "../../../../shared/preprocess.ts";
+import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { loadModel, modelToFiles, WEIGHTS_FILE } from "./io.ts";
+
+/**
+ * Pretrained bases. A base is stored once under `bases/<id>/` (contract: shared/contracts/base.ts),
+ * already cut at its feature layer, with input size left open, weights in float16. Training loads it
+ * from there, so every job in a run uses byte-identical weights, recorded by sha256 in the model.
+ */
+
+/** Bases edgetune knows by name. `builtin` installs with the project; the others need internet once. */
+export interface KnownBase {
+  id: string;
+  description: string;
+  source: { kind: "nsfwjs" } | { kind: "url"; url: string };
+  featureLayer: string;
+  fineTuneFrom: string;
+  normalization: Normalization;
+  licence: string;
+}
+
+const TM_URL = (alpha: string) =>
+  `https://storage.googleapis.com/teachable-machine-models/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_${alpha}_224_no_top/model.json`;
+
+export const KNOWN_BASES: readonly KnownBase[] = [
+  {
+    id: "nsfwjs-mobilenet-v2",
+    description:
+      "MobileNetV2 1.0 shipped in the nsfwjs npm package (offline default). Not a clean ImageNet base: blocks 11–16 were tuned for NSFW detection and the weights are uint8.",
+    source: { kind: "nsfwjs" },
+    featureLayer: "block_16_project_BN",
+    fineTuneFrom: "block_12_add",
+    normalization: "0-1",
+    licence: "MIT (nsfwjs, Infinite Red)",
+  },
+  ...(["0.35", "0.50", "0.75", "1.00"] as const).map(
+    (alpha): KnownBase => ({
+      id: `mobilenet-v2-${alpha.replace(".", "")}`,
+      description: `Keras MobileNetV2 α=${alpha} ImageNet weights without top, as published for Teachable Machine (needs internet once).`,
+      source: { kind: "url", url: TM_URL(alpha) },
+      featureLayer: "out_relu",
+      fineTuneFrom: "block_12_add",
+      normalization: "minus1-1",
+      licence: "Apache-2.0 (Keras applications weights)",
+    }),
+  ),
+];
+export const DEFAULT_BASE = "nsfwjs-mobilenet-v2";
+
+export interface ImportOptions {
+  id: string;
+  featureLayer: string;
+  normalization: Normalization;
+  fineTuneFrom?: string;
+  description?: string;
+  licence?: string;
+  source?: string;
+}
+
+/** A LayersModel source: an http(s) URL of model.json, a local folder holding model.json, or s3://. */
+export type ModelSource = { kind: "nsfwjs" } | { kind: "url"; url: string } | { kind: "dir"; path: string } | { kind: "s3"; store: ObjectStore; key: string };
+
+/** Reads, cuts at the feature layer, re-encodes and stores a base. Idempotent for identical bytes. */
+export async function importBase(store: ObjectStore, source: ModelSource, options: ImportOptions): Promise<BaseMetadata> {
+  const full = await loadSource(source);
+  try {
+    const layer = full.getLayer(options.featureLayer);
+    if (!layer) throw new NotFoundError(`Layer ${options.featureLayer} is not in the model.`);
+    const cut = tf.model({ inputs: full.inputs, outputs: layer.output as tf.SymbolicTensor, name: options.id });
+    const files = await modelToFiles(cut, "float16");
+    const json = JSON.parse(new TextDecoder().decode(files.modelJson));
+    // Leave the input size open: the job fixes it per training run.
+    const config = json.modelTopology.config ?? json.modelTopology.model_config?.config;
+    for (const l of config.layers) if (l.class_name === "InputLayer") l.config.batch_input_shape = [null, null, null, 3];
+    const modelJson = new TextEncoder().encode(JSON.stringify(json));
+    const list = [
+      { path: "model.json", bytes: modelJson },
+      { path: WEIGHTS_FILE, bytes: files.weights },
+    ];
+    const described = await Promise.all(list.map(async (f) => ({ path: f.path, sha256: await sha256Hex(f.bytes), bytes: f.bytes.byteLength })));
+    const metadata = parseContract(
+      baseMetadataSchema,
+      {
+        schemaVersion: 1,
+        id: options.id,
+        description: options.description ?? `Imported from ${describeSource(source)}`,
+        featureLayer: options.featureLayer,
+        inputSize: nearestSize((full.inputs[0]?.shape[1] as number | null) ?? 224),
+        normalization: options.normalization,
+        fineTuneFrom: options.fineTuneFrom,
+        licence: options.licence ?? "unknown (set --licence)",
+        source: options.source ?? describeSource(source),
+        sha256: await sha256Hex(described.map((d) => d.sha256).join("")),
+        files: described,
+      },
+      `base ${options.id}`,
+    );
+    for (const f of list) await store.put(keys.base(options.id) + f.path, f.bytes);
+    await store.put(keys.baseMetadata(options.id), `${JSON.stringify(metadata, null, 2)}\n`, "application/json");
+    return metadata;
+  } finally {
+    full.dispose();
+  }
+}
+
+/** Makes sure a known base is in the bucket (downloading or unpacking it once), returns its metadata. */
+export async function ensureBase(store: ObjectStore, id: string): Promise<BaseMetadata> {
+  const existing = await store.get(keys.baseMetadata(id));
+  if (existing) return parseContractJson(baseMetadataSchema, new TextDecoder().decode(existing), keys.baseMetadata(id));
+  const known = KNOWN_BASES.find((b) => b.id === id);
+  if (!known) {
+    throw new InvalidOptionError("base", id, [...KNOWN_BASES.map((b) => b.id), "(or any id imported with `edgetune base import`)"]);
+  }
+  return importBase(store, known.source, { ...known, source: known.source.kind === "url" ? known.source.url : "npm nsfwjs dist/models/mobilenet_v2" });
+}
+
+/** A stored base, verified, loaded at `size`×`size`. The caller disposes it. */
+export async function loadBase(store: ObjectStore, metadata: BaseMetadata, size: number): Promise<tf.LayersModel> {
+  const shards = new Map<string, Uint8Array>();
+  for (const f of metadata.files) {
+    const key = keys.base(metadata.id) + f.path;
+    const bytes = await store.get(key);
+    if (!bytes) throw new NotFoundError(`Base ${metadata.id} is incomplete: ${key} is missing. Re-import it.`);
+    const actual = await sha256Hex(bytes);
+    if (actual !== f.sha256) throw new IntegrityError(key, f.sha256, actual);
+    shards.set(f.path, bytes);
+  }
+  // BatchNorm folded into the convolutions: same function, faster, and frozen BN for fine-tuning.
+  return loadModel(shards.get("model.json") as Uint8Array, shards, size, { foldBatchNorm: true });
+}
+
+async function loadSource(source: ModelSource): Promise<tf.LayersModel> {
+  switch (source.kind) {
+    case "nsfwjs":
+      return loadNsfwjs();
+    case "url":
+      try {
+        return await tf.loadLayersModel(source.url);
+      } catch (e) {
+        throw new EdgetuneError(
+          "base_unreachable",
+          `Could not download the base from ${source.url} (${e instanceof Error ? e.message : e}). It needs internet once; after that it is kept in the bucket.`,
+        );
+      }
+    case "dir": {
+      const json = await readFile(join(source.path, "model.json")).catch(() => {
+        throw new NotFoundError(`No model.json in ${source.path}.`);
+      });
+      const manifest = JSON.parse(json.toString()) as { weightsManifest: { paths: string[] }[] };
+      const shards = new Map<string, Uint8Array>();
+      for (const p of manifest.weightsManifest.flatMap((g) => g.paths)) shards.set(p, await readFile(join(source.path, p)));
+      return loadModel(new Uint8Array(json), shards);
+    }
+    case "s3": {
+      const prefix = source.key.endsWith("model.json") ? source.key.slice(0, -"model.json".length) : source.key.replace(/\/?$/, "/");
+      const json = await source.store.get(`${prefix}model.json`);
+      if (!json) throw new NotFoundError(`No model.json under ${prefix}.`);
+      const manifest = JSON.parse(new TextDecoder().decode(json)) as { weightsManifest: { paths: string[] }[] };
+      const shards = new Map<string, Uint8Array>();
+      for (const p of manifest.weightsManifest.flatMap((g) => g.paths)) {
+        const bytes = await source.store.get(prefix + p);
+        if (!bytes) throw new NotFoundError(`Weight shard ${prefix + p} is missing.`);
+        shards.set(p, bytes);
+      }
+      return loadModel(json, shards);
+    }
+  }
+}
+
+/** The MobileNetV2 inside the nsfwjs package: UMD modules holding model.json and base64 weights. */
+async function loadNsfwjs(): Promise<tf.LayersModel> {
+  const require = createRequire(import.meta.url);
+  const entry = require.resolve("nsfwjs");
+  const dir = `${entry.slice(0, entry.lastIndexOf("/dist/"))}/dist/models/mobilenet_v2/`;
+  const model = require(`${dir}model.min.js`) as { modelTopology: object; weightsManifest: { weights: tf.io.WeightsManifestEntry[] }[] };
+  const weights = Buffer.from(require(`${dir}group1-shard1of1.min.js`) as string, "base64");
+  return tf.loadLayersModel(
+    tf.io.fromMemory({
+      modelTopology: model.modelTopology,
+      weightSpecs: model.weightsManifest.flatMap((g) => g.weights),
+      weightData: weights.buffer.slice(weights.byteOffset, weights.byteOffset + weights.byteLength),
+    }),
+  );
+}
+
+function describeSource(source: ModelSource): string {
+  return source.kind === "url" ? source.url : source.kind === "dir" ? source.path : source.kind === "s3" ? `s3 ${source.key}` : "nsfwjs";
+}
+
+function nearestSize(n: number): 96 | 128 | 160 | 192 | 224 {
+  const sizes = [96, 128, 160, 192, 224] as const;
+  return sizes.reduce((best, s) => (Math.abs(s - n) < Math.abs(best - n) ? s : best), 224 as (typeof sizes)[number]);
+}

@@ -1,0 +1,81 @@
+import * as tf from "@tensorflow/tfjs";
+import { concatBytes } from "../../../../shared/bytes.ts";
+
+/**
+ * Weight (de)serialisation: tfjs writes only float32 weights; edgetune exports float16 (half the
+ * bytes, predictions unchanged within 0.005, see ARCHITECTURE.md) or affine uint8 per tensor. Readers
+ * need nothing special: tfjs-core's `decodeWeights` understands both `quantization` entries.
+ * Written here because tfjs has no writer (only the Python converter quantizes); tested against
+ * tfjs's own decoder in weights.test.ts.
+ */
+export type WeightDtype = "float32" | "float16" | "uint8";
+
+export interface SavedModel {
+  /** model.json without `weightsManifest`. */
+  modelTopology: object;
+  format?: string;
+  generatedBy?: string;
+  convertedBy?: string | null;
+  weightSpecs: tf.io.WeightsManifestEntry[];
+  weightData: ArrayBuffer;
+}
+
+/** Captures a LayersModel's artifacts in memory (float32). */
+export async function saveToMemory(model: tf.LayersModel): Promise<SavedModel> {
+  let saved: SavedModel | undefined;
+  await model.save(
+    tf.io.withSaveHandler(async (artifacts) => {
+      const data = artifacts.weightData;
+      saved = {
+        modelTopology: artifacts.modelTopology as object,
+        format: artifacts.format,
+        generatedBy: artifacts.generatedBy,
+        convertedBy: artifacts.convertedBy ?? null,
+        weightSpecs: artifacts.weightSpecs ?? [],
+        weightData: data instanceof ArrayBuffer ? data : tf.io.CompositeArrayBuffer.join(data ?? []),
+      };
+      return { modelArtifactsInfo: { dateSaved: new Date(), modelTopologyType: "JSON" } };
+    }),
+  );
+  if (!saved) throw new Error("model.save produced no artifacts");
+  return saved;
+}
+
+/** Re-encodes float32 weights as `dtype`. Non-float32 tensors (int32 etc.) are kept as they are. */
+export function encodeWeights(
+  specs: tf.io.WeightsManifestEntry[],
+  data: ArrayBuffer,
+  dtype: WeightDtype,
+): { specs: tf.io.WeightsManifestEntry[]; data: ArrayBuffer } {
+  const decoded = tf.io.decodeWeights(data, specs);
+  const outSpecs: tf.io.WeightsManifestEntry[] = [];
+  const chunks: Uint8Array[] = [];
+  for (const spec of specs) {
+    const t = decoded[spec.name] as tf.Tensor;
+    const values = t.dataSync();
+    t.dispose();
+    const base = { name: spec.name, shape: spec.shape, dtype: spec.dtype };
+    if (spec.dtype !== "float32" || dtype === "float32") {
+      outSpecs.push(base);
+      chunks.push(new Uint8Array(values.buffer.slice(values.byteOffset, values.byteOffset + values.byteLength)));
+    } else if (dtype === "float16") {
+      // IEEE binary16, round to nearest even (Node 24's Float16Array); tfjs reads it as `quantization: float16`.
+      const half = Float16Array.from(values as Float32Array);
+      outSpecs.push({ ...base, quantization: { dtype: "float16" } });
+      chunks.push(new Uint8Array(half.buffer));
+    } else {
+      let min = Number.POSITIVE_INFINITY;
+      let max = Number.NEGATIVE_INFINITY;
+      for (const v of values as Float32Array) {
+        if (v < min) min = v;
+        if (v > max) max = v;
+      }
+      const scale = max > min ? (max - min) / 255 : 1;
+      const q = new Uint8Array(values.length);
+      for (let i = 0; i < values.length; i++) q[i] = Math.round(((values[i] as number) - min) / scale);
+      outSpecs.push({ ...base, quantization: { dtype: "uint8", min, scale } });
+      chunks.push(q);
+    }
+  }
+  return { specs: outSpecs, data: concatBytes(chunks).buffer };
+}

@@ -1,0 +1,48 @@
+import type { BaseMetadata } from "../../../shared/contracts/base.ts";
+import { keys } from "../../../shared/keys.ts";
+import type { PreprocessingSpec } from "../../../shared/preprocess.ts";
+import { resolveOptions, type TrainInput, type TrainOptions, versionId } from "./config.ts";
+import { type Dataset, readDataset } from "./dataset/read.ts";
+import { type ExtractorSpec, featureSpec } from "./features/extract.ts";
+import { ensureBase } from "./model/bases.ts";
+import type { RunContext } from "./run.ts";
+
+/**
+ * Stage 1: what this run will do, decided before anything heavy. The dataset is listed and split
+ * (its manifest may set options), the options resolved, the base imported if needed, and the version
+ * id derived from all of them, so a repeated trigger can see at once that its version exists.
+ */
+export interface RunPlan {
+  options: TrainOptions;
+  dataset: Dataset;
+  base: BaseMetadata;
+  /** The model written to: the manifest's or options' `model`, else the dataset's name. */
+  name: string;
+  version: string;
+  /** The preprocessing the base expects, and the identity of its pooled features (their cache key). */
+  preprocessing: PreprocessingSpec;
+  pooledSpec: ExtractorSpec;
+}
+
+export async function planRun(ctx: RunContext, input: TrainInput): Promise<RunPlan> {
+  const preliminary = resolveOptions(input);
+  const dataset = await ctx.stage(
+    "read dataset",
+    () => readDataset(ctx.store, preliminary.dataset, { seed: preliminary.seed, valFraction: preliminary.valFraction }),
+    (d) => ({ images: d.images.length, labels: d.labels.length, ignored: d.ignored.length }),
+  );
+  const options = resolveOptions(input, dataset.manifest);
+  for (const w of dataset.warnings) ctx.log.warn(w);
+  const base = await ctx.stage(
+    "base",
+    () => ensureBase(ctx.store, options.base),
+    (b) => ({ id: b.id }),
+  );
+  const version = await versionId(options, dataset.fingerprint, base.sha256);
+  return { options, dataset, base, name: options.model ?? options.dataset, version, ...featureSpec(base, options) };
+}
+
+/** True when the planned version was written already (by an earlier or a concurrent run). */
+export async function versionExists(ctx: RunContext, plan: RunPlan): Promise<boolean> {
+  return !plan.options.force && (await ctx.store.head(keys.metadata(plan.name, plan.version))) !== null;
+}

@@ -1,0 +1,66 @@
+import { randomUUID } from "node:crypto";
+import { EdgetuneError } from "../../../../shared/errors.ts";
+import { keys } from "../../../../shared/keys.ts";
+import type { ObjectStore } from "../../../../shared/s3/store.ts";
+
+/**
+ * One training run per model at a time: `locks/<model>.json` holds an owner token and a heartbeat.
+ * A second run of the same trigger (S3 events can arrive twice) waits for the first and then finds
+ * its version written; a run killed by a spot reclaim stops beating and its lock goes stale after
+ * three heartbeats, so the retry takes over. Taking the lock is a conditional write where S3 supports
+ * it, then a read-back after a short pause (last writer wins), which also covers S3-compatible
+ * servers that ignore conditional writes.
+ */
+export interface Lock {
+  release(): Promise<void>;
+}
+
+export class LockTimeoutError extends EdgetuneError {
+  constructor(name: string) {
+    super("lock_timeout", `Another training run of ${name} is still going; try again later.`);
+  }
+}
+
+const beatMs = () => Number(process.env.EDGETUNE_LOCK_HEARTBEAT_MS) || 15_000;
+
+interface LockBody {
+  owner: string;
+  beatAt: number;
+}
+
+export async function acquireLock(store: ObjectStore, name: string, options: { waitMs?: number } = {}): Promise<Lock> {
+  const key = keys.lock(name);
+  const owner = `${process.env.AWS_BATCH_JOB_ID ?? "local"}:${randomUUID()}`;
+  const deadline = Date.now() + (options.waitMs ?? 6 * 60 * 60 * 1000);
+  const body = () => JSON.stringify({ owner, beatAt: Date.now() } satisfies LockBody);
+  for (;;) {
+    const current = await read(store, key);
+    const stale = !current || Date.now() - current.beatAt > 3 * beatMs();
+    if (stale) {
+      if (current) await store.put(key, body(), "application/json");
+      else await store.putIfAbsent(key, body(), "application/json");
+      await new Promise((r) => setTimeout(r, Math.min(250, beatMs())));
+      if ((await read(store, key))?.owner === owner) break;
+    }
+    if (Date.now() > deadline) throw new LockTimeoutError(name);
+    await new Promise((r) => setTimeout(r, Math.min(beatMs(), 2000)));
+  }
+  const timer = setInterval(() => void store.put(key, body(), "application/json").catch(() => {}), beatMs());
+  timer.unref();
+  return {
+    async release() {
+      clearInterval(timer);
+      if ((await read(store, key))?.owner === owner) await store.delete([key]);
+    },
+  };
+}
+
+async function read(store: ObjectStore, key: string): Promise<LockBody | null> {
+  const bytes = await store.get(key);
+  if (!bytes) return null;
+  try {
+    return JSON.parse(new TextDecoder().decode(bytes)) as LockBody;
+  } catch {
+    return null;
+  }
+}

@@ -1,0 +1,168 @@
+import * as tf from "@tensorflow/tfjs";
+import sharp from "sharp";
+import { VersionExistsError, writeArtifact, writePointer } from "../../../../shared/artifacts.ts";
+import type { ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
+import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import type { Dataset } from "../dataset/read.ts";
+import type { PooledFeatures } from "../features/pooled.ts";
+import { s3Checkpointer } from "../fit/checkpoint.ts";
+import type { Fitted } from "../fit/fit.ts";
+import type { BackendInfo } from "../model/backend.ts";
+import type { Exported } from "../model/export.ts";
+import { WEIGHTS_FILE } from "../model/io.ts";
+import type { RunPlan } from "../plan.ts";
+import type { RunContext } from "../run.ts";
+import type { Evaluation } from "./evaluate.ts";
+import type { Promotion } from "./promote.ts";
+import { renderReportHtml, type TrainingReport } from "./report.ts";
+
+/** What a training run ends with; the CLI prints it, the dispatcher logs it. */
+export interface TrainResult {
+  status: "trained" | "exists";
+  name: string;
+  version: string;
+  promoted: boolean;
+  reason: string;
+  accuracy?: number;
+  report?: TrainingReport;
+}
+
+/** Everything the earlier stages produced that goes into the version. */
+export interface RunOutcome {
+  backend: BackendInfo;
+  pooled: PooledFeatures;
+  fitted: Fitted;
+  evaluation: Evaluation;
+  exported: Exported;
+  promotion: Promotion;
+}
+
+const LIBRARIES = { "@tensorflow/tfjs": tf.version.tfjs, edgetune: "0.1.0" };
+
+/**
+ * Stage 7: the new immutable version — model files, report, and `metadata.json` written last with a
+ * conditional put — then the pointer `current.json`, only if promoted. A concurrent run of the same
+ * trigger that wrote the version first turns this run into `exists`.
+ */
+export async function publishVersion(ctx: RunContext, plan: RunPlan, outcome: RunOutcome): Promise<TrainResult> {
+  const { name, version } = plan;
+  const { evaluation, exported, promotion } = outcome;
+  const report = await buildReport(ctx, plan, outcome);
+  let written: Awaited<ReturnType<typeof writeArtifact>>;
+  try {
+    written = await ctx.stage("write version", () =>
+      writeArtifact(ctx.store, metadataOf(plan, outcome), [
+        { path: "model.json", bytes: exported.files.modelJson },
+        { path: WEIGHTS_FILE, bytes: exported.files.weights },
+        { path: "report.json", bytes: new TextEncoder().encode(JSON.stringify(report, null, 2)) },
+        { path: "report.html", bytes: new TextEncoder().encode(renderReportHtml(report)) },
+      ]),
+    );
+  } catch (e) {
+    // The same trigger delivered twice, running at once: the other run wrote this version first.
+    if (e instanceof VersionExistsError) return existsResult(ctx, plan, "written by a concurrent run of the same dataset and config");
+    throw e;
+  }
+  await s3Checkpointer(ctx.store, name, version, "finetune").clear();
+  if (promotion.promoted) {
+    await writePointer(ctx.store, name, {
+      version,
+      metadataSha256: written.metadataSha256,
+      promotedAt: new Date().toISOString(),
+      previous: promotion.current?.version ?? null,
+      reason: promotion.reason,
+    });
+  }
+  const accuracy = evaluation.metrics.accuracy;
+  ctx.log.info(promotion.promoted ? `promoted ${name} ${version}` : `kept the current version of ${name}`, { reason: promotion.reason, accuracy });
+  return { status: "trained", name, version, promoted: promotion.promoted, reason: promotion.reason, accuracy, report };
+}
+
+/** The result of a run that found its version already written: nothing to do. */
+export function existsResult(ctx: RunContext, plan: RunPlan, reason: string): TrainResult {
+  ctx.log.info(`version ${plan.version} ${reason}; nothing to do`);
+  return { status: "exists", name: plan.name, version: plan.version, promoted: false, reason };
+}
+
+async function buildReport(ctx: RunContext, plan: RunPlan, outcome: RunOutcome): Promise<TrainingReport> {
+  const { dataset, base, options } = plan;
+  const { backend, pooled, fitted, evaluation, exported, promotion } = outcome;
+  return {
+    name: plan.name,
+    version: plan.version,
+    dataset: { name: dataset.name, layout: dataset.layout, fingerprint: dataset.fingerprint, labels: dataset.labels, counts: countSplits(dataset) },
+    skipped: pooled.skipped,
+    ignored: dataset.ignored,
+    warnings: dataset.warnings,
+    backend: { name: backend.name, reason: backend.reason },
+    base: { id: base.id, featureLayer: base.featureLayer, sha256: base.sha256 },
+    options: options as unknown as Record<string, unknown>,
+    phases: ctx.phases,
+    history: fitted.history,
+    metrics: evaluation.metrics,
+    confusion: evaluation.confusion,
+    mistakes: await withThumbnails(ctx.store, evaluation.mistakes),
+    export: { dtype: exported.dtype, bytes: exported.files.weights.byteLength, maxDelta: exported.maxDelta },
+    promotion,
+  };
+}
+
+function metadataOf(plan: RunPlan, outcome: RunOutcome): Omit<ArtifactMetadata, "files"> {
+  const { dataset, base, options } = plan;
+  const finetune = options.strategy === "finetune";
+  return {
+    schemaVersion: 1,
+    name: plan.name,
+    version: plan.version,
+    createdAt: new Date().toISOString(),
+    labels: dataset.labels,
+    input: { size: options.imageSize, channels: 3 },
+    preprocessing: plan.preprocessing,
+    base: { id: base.id, sha256: base.sha256, featureLayer: base.featureLayer },
+    strategy: options.strategy,
+    hyperparameters: {
+      views: options.views,
+      seed: options.seed,
+      headUnits: options.head.units,
+      headDropout: options.head.dropout,
+      headLearningRate: options.head.learningRate,
+      headEpochs: options.head.epochs,
+      fineTuneFrom: finetune ? (options.fineTune.from ?? base.fineTuneFrom ?? null) : null,
+      fineTuneLearningRate: finetune ? options.fineTune.learningRate : null,
+      fineTuneEpochs: finetune ? options.fineTune.epochs : null,
+    },
+    dataset: {
+      name: dataset.name,
+      fingerprint: dataset.fingerprint,
+      images: outcome.pooled.train.length + outcome.pooled.val.length,
+      skipped: outcome.pooled.skipped.length,
+    },
+    metrics: outcome.evaluation.metrics,
+    weights: { dtype: outcome.exported.dtype, bytes: outcome.exported.files.weights.byteLength },
+    libraries: LIBRARIES,
+  };
+}
+
+async function withThumbnails(store: ObjectStore, mistakes: TrainingReport["mistakes"]): Promise<TrainingReport["mistakes"]> {
+  return Promise.all(
+    mistakes.map(async (m) => {
+      const bytes = await store.get(m.key).catch(() => null);
+      if (!bytes) return m;
+      try {
+        const jpeg = await sharp(bytes, { pages: 1 }).rotate().resize(96, 96, { fit: "cover" }).jpeg({ quality: 70 }).toBuffer();
+        return { ...m, thumbnail: `data:image/jpeg;base64,${jpeg.toString("base64")}` };
+      } catch {
+        return m;
+      }
+    }),
+  );
+}
+
+function countSplits(d: Dataset): Record<string, { train: number; val: number; test: number }> {
+  const counts: Record<string, { train: number; val: number; test: number }> = {};
+  for (const i of d.images) {
+    counts[i.label] ??= { train: 0, val: 0, test: 0 };
+    (counts[i.label] as { train: number; val: number; test: number })[i.split]++;
+  }
+  return counts;
+}
