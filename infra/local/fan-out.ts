@@ -1,7 +1,7 @@
 import { spawn } from "node:child_process";
 import { join } from "node:path";
+import { pMapIterable } from "p-map";
 import { type EmbedFanOut, embedCommand } from "../../jobs/train/src/features/fan-out.ts";
-import { mapInOrder } from "../../jobs/train/src/features/in-order.ts";
 import type { S3Config } from "../../shared/s3/config.ts";
 import { jobEnvironment } from "./job-env.ts";
 
@@ -26,7 +26,7 @@ export function localFanOut(s3: S3Config, options: { imagesPerShard: number; max
           p.once("error", () => resolve(1));
         });
       const indices = Array.from({ length: request.shards }, (_, i) => i);
-      for await (const code of mapInOrder(indices, options.parallel ?? 2, child)) exits.push(code);
+      for await (const code of pMapIterable(indices, child, { concurrency: options.parallel ?? 2 })) exits.push(code);
       const failed = exits.filter((c) => c !== 0).length;
       return { succeeded: request.shards - failed, failed };
     },

@@ -1,5 +1,6 @@
 import { readdir, readFile, stat } from "node:fs/promises";
 import { join, relative, sep } from "node:path";
+import { pMapIterable } from "p-map";
 import { readMetadata, readPointer, writePointer } from "../../../../shared/artifacts.ts";
 import type { ArtifactMetadata, ModelPointer } from "../../../../shared/contracts/artifact.ts";
 import { nameSchema } from "../../../../shared/contracts/common.ts";
@@ -9,7 +10,6 @@ import { NotFoundError } from "../../../../shared/errors.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
 import { keys } from "../../../../shared/keys.ts";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
-import { mapInOrder } from "../features/in-order.ts";
 
 /**
  * The user-facing operations around training: push a folder as a dataset, list datasets and model
@@ -33,7 +33,7 @@ export async function pushDataset(
     await store.put(keys.dataset(name) + rel, await readFile(f), contentTypeOf(f));
   };
   let done = 0;
-  for await (const _ of mapInOrder(images, 8, upload)) onProgress(++done, images.length);
+  for await (const _ of pMapIterable(images, upload, { concurrency: 8 })) onProgress(++done, images.length);
   const full = parseContract(manifestSchema, { ...manifest, imageCount: images.length }, "manifest");
   await store.put(keys.manifest(name), `${JSON.stringify(full, null, 2)}\n`, "application/json");
   return { uploaded: images.length, skipped };

@@ -1,4 +1,5 @@
 import type * as tf from "@tensorflow/tfjs";
+import { pMapIterable } from "p-map";
 import type { BaseMetadata } from "../../../../shared/contracts/base.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
 import { keys } from "../../../../shared/keys.ts";
@@ -9,7 +10,6 @@ import { augmentation } from "../dataset/augment.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import type { DatasetImage } from "../dataset/read.ts";
 import { createForwardPool, type ForwardPool, lazyForwardPool } from "./forward-pool.ts";
-import { mapInOrder } from "./in-order.ts";
 import { decodePack, encodePack, type Pack } from "./packs.ts";
 
 /**
@@ -186,7 +186,7 @@ async function readCache(store: ObjectStore, prefix: string): Promise<CacheState
       return undefined; // a torn pack from a killed run: its images are simply computed again
     }
   };
-  for await (const pack of mapInOrder(keysToRead, FETCH_CONCURRENCY, read)) {
+  for await (const pack of pMapIterable(keysToRead, read, { concurrency: FETCH_CONCURRENCY })) {
     if (!pack) continue;
     state.packsRead++;
     addPack(state, pack);
@@ -303,7 +303,7 @@ async function streamPacks(
     batches = [];
   };
 
-  for await (const l of mapInOrder(todo, FETCH_CONCURRENCY, (image) => loadImage(store, image))) {
+  for await (const l of pMapIterable(todo, (image) => loadImage(store, image), { concurrency: FETCH_CONCURRENCY })) {
     if (failure) break;
     if (l.pixels) {
       for (let view = 0; view < spec.views; view++) {
