@@ -21,7 +21,7 @@ afterAll(async () => {
   await s3?.stop();
 });
 
-const SHARED = join(import.meta.dirname, "../../../../shared");
+const SHARED = join(import.meta.dirname, "../../../../../shared");
 
 describe("bases", () => {
   it("stores the bundled nsfwjs MobileNetV2 cut at its feature layer, and loads it at any size", async () => {
