@@ -23,7 +23,7 @@ const s3 = await startLocalS3();
 const log = createLogger({ json: true, quiet: true, stream: { write: () => true } as unknown as NodeJS.WriteStream });
 for (const i of await sampleDataset({ perLabel: 12, size: 128 })) await s3.store.put(`datasets/bench/${i.file}`, i.bytes);
 await s3.store.put("datasets/bench/manifest.json", "{}");
-await train(s3.store, { dataset: "bench", imageSize: size, views: 1, head: { epochs: 5 } }, log);
+await train(s3.store, { dataset: "bench", imageSize: size, views: 1, head: { epochs: 5 }, promote: "always" }, log);
 
 // A real photo at the model's size, as a client that resizes before upload would send it.
 const photo = hasShared("photos", "tfjs-models", "mobilenet_demo_coffee.jpg")

@@ -21,10 +21,10 @@ const log = createLogger({ json: true, quiet: true, stream: { write: () => true 
 const images = await sampleDataset({ perLabel: 12, size: 128 });
 for (const i of images) await s3.store.put(`datasets/load/${i.file}`, i.bytes);
 await s3.store.put("datasets/load/manifest.json", "{}");
-const v1 = await train(s3.store, { dataset: "load", imageSize: size, views: 1, head: { epochs: 5 } }, log);
+const v1 = await train(s3.store, { dataset: "load", imageSize: size, views: 1, head: { epochs: 5 }, promote: "always" }, log);
 const p1 = await readPointer(s3.store, "load");
 for (const i of await sampleDataset({ perLabel: 3, offset: 1, size: 128 })) await s3.store.put(`datasets/load/${i.file}`, i.bytes);
-const v2 = await train(s3.store, { dataset: "load", imageSize: size, views: 1, head: { epochs: 5 }, promotionTolerance: 1 }, log);
+const v2 = await train(s3.store, { dataset: "load", imageSize: size, views: 1, head: { epochs: 5 }, promote: "always" }, log);
 const p2 = await readPointer(s3.store, "load");
 if (!p1 || !p2 || v1.version === v2.version) throw new Error("expected two versions");
 const [first, second] = [p1, p2];

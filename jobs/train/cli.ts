@@ -85,6 +85,13 @@ program
     ]),
   )
   .option("--promotion-tolerance <fraction>", "promote if accuracy >= current - tolerance (default 0.01)", num("promotion-tolerance"))
+  .option("--min-held-out-per-label <n>", "promote only with at least this many evaluated held-out images per label (default 2)", int("min-held-out-per-label"))
+  .addOption(
+    new Option(
+      "--promote <when>",
+      "if-better: only when the promotion rules hold; always: without checking them; never: keep for review (default if-better)",
+    ).choices(["if-better", "always", "never"]),
+  )
   .option("--force", "train even if this dataset + config was already trained")
   .option("--config <file>", "JSON file with the same options (flags win)")
   .option("--json", "JSON log lines even on a terminal")
@@ -102,6 +109,8 @@ program
       views: o.views as number | undefined,
       weights: o.weights as TrainInput["weights"],
       promotionTolerance: o.promotionTolerance as number | undefined,
+      minHeldOutPerLabel: o.minHeldOutPerLabel as number | undefined,
+      promote: o.promote as TrainInput["promote"],
       force: o.force === true ? true : undefined,
       head: {
         ...fromFile.head,

@@ -19,7 +19,8 @@ afterAll(async () => {
   await s3?.stop();
 });
 
-const quick = { imageSize: 96, views: 2, head: { epochs: 10 } } as const;
+// Served regardless of held-out accuracy (tiny datasets at 96 px): these tests are about faults, not model quality.
+const quick = { imageSize: 96, views: 2, head: { epochs: 10 }, promote: "always" } as const;
 
 /** Every version under models/<name>/ is complete: its metadata verifies and every file it lists is intact. */
 async function expectNoPartialVersions(store: S3ObjectStore, name: string): Promise<string[]> {
@@ -68,7 +69,7 @@ describe("training faults", () => {
     // The uninterrupted reference, in a bucket of its own (same dataset name, so same version id).
     const reference = await startLocalS3({ bucket: "reference" });
     await uploadSample(reference.store, "killed", { perLabel: 10 });
-    const ref = await train(reference.store, { dataset: "killed", imageSize: 96, views: 2, head: { epochs: 10 } }, memoryLogger());
+    const ref = await train(reference.store, { dataset: "killed", imageSize: 96, views: 2, head: { epochs: 10 }, promote: "always" }, memoryLogger());
     const refWeights = (await readPromotedModel(reference.store, "killed")).metadata.files.find((f) => f.path === "group1-shard1of1.bin")?.sha256;
     await reference.stop();
 
@@ -84,7 +85,7 @@ describe("training faults", () => {
         await killWhen(own, child, "cache/embeddings/", (keys) => keys.filter((k) => k.endsWith(".bin")).length >= packs);
       }
       const log = memoryLogger();
-      const resumed = await train(own.store, { dataset: "killed", imageSize: 96, views: 2, head: { epochs: 10 } }, log);
+      const resumed = await train(own.store, { dataset: "killed", imageSize: 96, views: 2, head: { epochs: 10 }, promote: "always" }, log);
       const features = log.lines.find((l) => l.message === "features done")?.fields as { cached: number; computed: number };
       expect(features.cached).toBeGreaterThanOrEqual(24); // the 6 packs the killed runs left
       expect(resumed.version).toBe(ref.version);

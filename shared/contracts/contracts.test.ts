@@ -129,6 +129,12 @@ describe("dataset layout", () => {
     ]);
   });
 
+  it("treats folders named like Object.prototype members as labels, not as splits", () => {
+    const { layout, entries } = classifyDatasetKeys(["__proto__/a.jpg", "constructor/b.jpg", "toString/c.jpg"]);
+    expect(layout).toBe("flat");
+    expect(entries.map((e) => e.kind === "image" && e.label)).toEqual(["__proto__", "constructor", "toString"]);
+  });
+
   it("validates manifests and fills defaults", () => {
     expect(parseContract(manifestSchema, {}, "manifest")).toEqual({ schemaVersion: 1, ignoreLabels: [] });
     expect(fieldOf(() => parseContract(manifestSchema, { imageSize: 100 }, "manifest"))).toBe("imageSize");

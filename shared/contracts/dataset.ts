@@ -57,7 +57,8 @@ export function classifyDatasetKeys(relativeKeys: readonly string[]): { layout: 
     const parts = key.split("/");
     if (parts.length >= 2 && !isHidden(parts[0] as string)) firstLevel.add((parts[0] as string).toLowerCase());
   }
-  const split = firstLevel.size > 0 && [...firstLevel].every((f) => f in SPLIT_FOLDERS);
+  // Own keys only: folders named "__proto__" or "constructor" are labels, not splits.
+  const split = firstLevel.size > 0 && [...firstLevel].every((f) => Object.hasOwn(SPLIT_FOLDERS, f));
   const entries: DatasetEntry[] = [];
   for (const key of relativeKeys) {
     if (key === MANIFEST_FILE || key.endsWith("/")) continue;

@@ -21,7 +21,7 @@ beforeAll(async () => {
   s3 = await startLocalS3();
   const imgs = await uploadSample(s3.store, "fuzz", { perLabel: 6, size: 96 });
   seedImages = imgs.slice(0, 2).map((i) => i.bytes);
-  await train(s3.store, { dataset: "fuzz", imageSize: 96, views: 1, head: { epochs: 3 } }, memoryLogger());
+  await train(s3.store, { dataset: "fuzz", imageSize: 96, views: 1, head: { epochs: 3 }, promote: "always" }, memoryLogger());
   edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, vars: { MAX_IMAGE_BYTES: String(MAX_IMAGE_BYTES) } });
 });
 afterAll(async () => {

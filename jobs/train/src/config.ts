@@ -48,6 +48,16 @@ export const trainOptionsSchema = z.object({
   weights: z.enum(["float16", "uint8", "float32"]).default("float16"),
   /** Promote only if accuracy ≥ current − tolerance on the same held-out images. */
   promotionTolerance: z.number().min(0).max(1).default(0.01),
+  /**
+   * Promote only if every label has at least this many held-out images that could be evaluated:
+   * below that, an accuracy says nothing (20 % of 8 images per label gives 2).
+   */
+  minHeldOutPerLabel: z.number().int().min(0).max(10_000).default(2),
+  /**
+   * `if-better`: promote when the rules above hold; `always`: promote without checking them (an
+   * operator's explicit choice, e.g. a first model from a handful of images); `never`: keep for review.
+   */
+  promote: z.enum(["if-better", "always", "never"]).default("if-better"),
   /** Train even if this exact version exists. */
   force: z.boolean().default(false),
 });
@@ -83,6 +93,7 @@ export const TRAINER_VERSION = 1;
  * already written and does nothing.
  */
 export async function versionId(options: TrainOptions, datasetFingerprint: string, baseSha256: string): Promise<string> {
-  const { force: _force, promotionTolerance: _tol, dataset: _dataset, ...shaping } = options;
+  // Promotion policy does not shape the model: a changed policy finds the version already trained.
+  const { force: _force, promotionTolerance: _tol, minHeldOutPerLabel: _min, promote: _promote, dataset: _dataset, ...shaping } = options;
   return `v${(await sha256Hex(JSON.stringify({ TRAINER_VERSION, shaping, datasetFingerprint, baseSha256 }))).slice(0, 12)}`;
 }

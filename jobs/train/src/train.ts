@@ -54,7 +54,7 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger, 
       );
       log.info("evaluation", { accuracy: evaluation.metrics.accuracy, evaluatedOn: evaluation.metrics.evaluatedOn });
       const exported = await exportVersion(ctx, plan, baseModel, fitted.head, pooled);
-      const promotion = await decidePromotion(ctx, plan, current, pooled, evaluation.metrics.accuracy);
+      const promotion = await decidePromotion(ctx, plan, current, pooled, evaluation);
       return await publishVersion(ctx, plan, { backend, pooled, fitted, evaluation, exported, promotion });
     } finally {
       baseModel.dispose();

@@ -1,4 +1,4 @@
-import { classifyDatasetKeys, type DatasetManifest, manifestSchema, type Split } from "../../../../shared/contracts/dataset.ts";
+import { classifyDatasetKeys, type DatasetManifest, labelSchema, manifestSchema, type Split } from "../../../../shared/contracts/dataset.ts";
 import { parseContractJson } from "../../../../shared/contracts/parse.ts";
 import { DatasetError, NotFoundError } from "../../../../shared/errors.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
@@ -112,6 +112,16 @@ export async function assignSplits(
 
 function checkTrainable(name: string, labels: string[], images: DatasetImage[]): string[] {
   if (images.length === 0) throw new DatasetError(`Dataset ${name} has no images. Put them in one folder per label: datasets/${name}/<label>/<image>.jpg`);
+  // Checked here, before any image is fetched: a label is written into the model's metadata, whose
+  // contract would refuse it only after the whole training.
+  const invalid = labels.find((l) => !labelSchema.safeParse(l).success);
+  if (invalid !== undefined) {
+    const folder =
+      invalid === ""
+        ? 'an empty folder name (a key with "//")'
+        : `"${invalid.length > 40 ? `${invalid.slice(0, 40)}…` : invalid}" (${invalid.length} characters)`;
+    throw new DatasetError(`Dataset ${name}: label folder ${folder} is not a valid label: 1–100 characters, not starting with "."; rename the folder.`);
+  }
   if (labels.length < 2) {
     throw new DatasetError(`Dataset ${name} has ${labels.length} label (${labels.join(", ")}); a classifier needs at least 2 label folders.`);
   }

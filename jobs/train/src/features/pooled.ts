@@ -34,7 +34,12 @@ export async function pooledFeatures(ctx: RunContext, plan: RunPlan, baseModel: 
       }),
     (f) => ({ ...f.stats }),
   );
-  const skipped = [...features.failed.values()];
+  // The cache is shared by every dataset on the same base and spec, and so is its list of undecodable
+  // images: report only this dataset's, under this dataset's keys.
+  const skipped = [...train, ...val].flatMap((i) => {
+    const failure = features.failed.get(i.id);
+    return failure ? [{ key: i.key, reason: failure.reason }] : [];
+  });
   for (const s of skipped) ctx.log.warn(`skipped ${s.key}: ${s.reason}`);
   const usableTrain = train.filter((i) => features.byId.has(i.id));
   if (usableTrain.length === 0) throw new DatasetError(`Dataset ${dataset.name}: none of its training images could be decoded (see the skipped files above).`);

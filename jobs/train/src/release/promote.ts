@@ -11,6 +11,7 @@ import { applyBetween } from "../model/graph.ts";
 import { loadModel, WEIGHTS_FILE } from "../model/io.ts";
 import type { RunPlan } from "../plan.ts";
 import type { RunContext } from "../run.ts";
+import type { Evaluation } from "./evaluate.ts";
 import { argmax } from "./evaluate.ts";
 import { pct } from "./report.ts";
 
@@ -147,23 +148,72 @@ export interface Promotion {
 }
 
 /**
- * Stage 6: promote the new version only if it is not worse (within `promotionTolerance`) than the
- * served one on the same held-out images. A first version, or one replacing a broken current one,
- * is promoted.
+ * Stage 6: whether the new version may replace what is served. It needs evidence — at least
+ * `minHeldOutPerLabel` evaluated held-out images in every label — and must beat always answering the
+ * most common held-out label, and must not be worse (within `promotionTolerance`) than the served
+ * version on the same held-out images. The first rule that fails is the reason it is kept back.
  */
-export async function decidePromotion(ctx: RunContext, plan: RunPlan, current: CurrentModel, pooled: PooledFeatures, accuracy: number): Promise<Promotion> {
-  if (current === null) return { promoted: true, reason: "first version of this model" };
-  if ("error" in current) return { promoted: true, reason: `replacing a broken current version: ${current.error}` };
-  const score = await ctx.stage("score current", () =>
-    scoreCurrent(ctx.store, current, pooled.val, (img) => pooled.features.byId.get(img.id)?.[0], isComparable(plan)),
-  );
-  const tolerance = plan.options.promotionTolerance;
-  const comparison = `on the same ${score.evaluatedOn} held-out images (tolerance ${pct(tolerance)})`;
-  if (accuracy + tolerance >= score.accuracy)
-    return { promoted: true, reason: `accuracy ${pct(accuracy)} vs current ${score.version} ${pct(score.accuracy)} ${comparison}`, current: score };
+export async function decidePromotion(
+  ctx: RunContext,
+  plan: RunPlan,
+  current: CurrentModel,
+  pooled: PooledFeatures,
+  evaluation: Evaluation,
+): Promise<Promotion> {
+  const { metrics } = evaluation;
+  const evaluated = `${pct(metrics.accuracy)} on ${metrics.evaluatedOn} held-out images`;
+  if (plan.options.promote === "never") return { promoted: false, reason: `promote is "never": ${evaluated}, kept for review` };
+  if (plan.options.promote === "always") return { promoted: true, reason: `promote is "always" (rules not checked): ${evaluated}` };
+  const min = plan.options.minHeldOutPerLabel;
+  const thin = plan.dataset.labels.filter((l) => (metrics.perClass[l]?.support ?? 0) < min);
+  if (thin.length > 0) {
+    const counts = thin.map((l) => `"${l}" ${metrics.perClass[l]?.support ?? 0}`).join(", ");
+    return {
+      promoted: false,
+      reason: `not enough held-out evidence: ${counts} held-out image(s) could be evaluated, at least ${min} per label are needed (add images, or lower minHeldOutPerLabel); keeping it`,
+    };
+  }
+  let score: CurrentScore | undefined;
+  if (current !== null && !("error" in current)) {
+    const served = current;
+    score = await ctx.stage("score current", () =>
+      scoreCurrent(ctx.store, served, pooled.val, (img) => pooled.features.byId.get(img.id)?.[0], isComparable(plan)),
+    );
+    const tolerance = plan.options.promotionTolerance;
+    const comparison = `on the same ${score.evaluatedOn} held-out images (tolerance ${pct(tolerance)})`;
+    if (metrics.accuracy + tolerance < score.accuracy)
+      return {
+        promoted: false,
+        reason: `worse than current ${score.version}: ${pct(metrics.accuracy)} vs ${pct(score.accuracy)} ${comparison}; keeping it`,
+        current: score,
+      };
+  }
+  const baseline = majorityBaseline(metrics.perClass);
+  if (metrics.accuracy <= baseline.accuracy)
+    return {
+      promoted: false,
+      reason: `no better than always answering "${baseline.label}": ${pct(metrics.accuracy)} vs ${pct(baseline.accuracy)} on ${metrics.evaluatedOn} held-out images; keeping it`,
+      current: score,
+    };
+  const vs = `${evaluated} (majority-class baseline ${pct(baseline.accuracy)})`;
+  if (current === null) return { promoted: true, reason: `first version of this model: ${vs}` };
+  if ("error" in current) return { promoted: true, reason: `replacing a broken current version: ${current.error}; ${vs}` };
+  const s = score as CurrentScore;
   return {
-    promoted: false,
-    reason: `worse than current ${score.version}: ${pct(accuracy)} vs ${pct(score.accuracy)} ${comparison}; keeping it`,
-    current: score,
+    promoted: true,
+    reason: `accuracy ${pct(metrics.accuracy)} vs current ${s.version} ${pct(s.accuracy)} on the same ${s.evaluatedOn} held-out images (tolerance ${pct(plan.options.promotionTolerance)})`,
+    current: s,
   };
+}
+
+/** The accuracy of always answering the most common held-out label. */
+export function majorityBaseline(perClass: Evaluation["metrics"]["perClass"]): { label: string; accuracy: number } {
+  let label = "";
+  let most = 0;
+  let total = 0;
+  for (const [l, m] of Object.entries(perClass)) {
+    total += m.support;
+    if (m.support > most) [label, most] = [l, m.support];
+  }
+  return { label, accuracy: total > 0 ? most / total : 1 };
 }
