@@ -2,6 +2,7 @@ import { OpenAPIHono } from "@hono/zod-openapi";
 import { cors } from "hono/cors";
 import { HTTPException } from "hono/http-exception";
 import { preprocess } from "../../../shared/preprocess.ts";
+import { type Admission, createAdmission } from "./http/admission.ts";
 import { apiKeyAuth } from "./http/auth.ts";
 import { readImageBody } from "./http/body.ts";
 import { ApiError, errorBody } from "./http/errors.ts";
@@ -18,6 +19,11 @@ import { initTf, tf } from "./tf.ts";
 type AppEnv = { Bindings: Env };
 
 let registry: ModelRegistry | undefined;
+let admission: Admission | undefined;
+function admissionFor(env: Env): Admission {
+  admission ??= createAdmission({ concurrent: Number(env.MAX_CONCURRENT_IMAGES || 2), queued: Number(env.MAX_QUEUED_IMAGES || 16) });
+  return admission;
+}
 function registryFor(env: Env): ModelRegistry {
   registry ??= new ModelRegistry(createModelSource(env), {
     ttlMs: Number(env.POINTER_TTL_SECONDS || 30) * 1000,
@@ -58,6 +64,9 @@ app.openapi(healthRoute, (c) => {
     {
       status: degraded ? "degraded" : "ok",
       models: models.map((m) => ({ name: m.name, version: m.version ?? null, problem: m.lastError ?? null })),
+      // Live tensors and their bytes in this isolate: constant between requests unless something leaks.
+      memory: registry ? { tensors: tf.memory().numTensors, bytes: tf.memory().numBytes } : null,
+      requests: admission?.stats() ?? { active: 0, queued: 0 },
     },
     200,
   );
@@ -98,30 +107,39 @@ app.openapi(classifyRoute, async (c) => {
   const { top_k: topK } = c.req.valid("query");
   const maxBytes = Number(c.env.MAX_IMAGE_BYTES || 10 * 1024 * 1024);
   const maxPixels = Number(c.env.MAX_IMAGE_PIXELS || 8_000_000);
-  const [bytes] = await Promise.all([readImageBody(c, maxBytes), initTf()]);
-  const { model, release } = await acquire(c.env, name, (p) => c.executionCtx.waitUntil(p));
-  try {
-    const t1 = performance.now();
-    const { pixels } = await decodeImage(bytes, maxPixels);
-    const t2 = performance.now();
-    const size = model.metadata.input.size;
-    const input = preprocess(pixels, size, model.metadata.preprocessing);
-    const t3 = performance.now();
-    const scores = tf.tidy(() => model.model.predict(tf.tensor4d(input, [1, size, size, 3])) as tf.Tensor).dataSync() as Float32Array;
-    const t4 = performance.now();
-    const labels = model.metadata.labels;
-    const predictions = Array.from(scores, (score, i) => ({ label: labels[i] as string, score }))
-      .sort((a, b) => b.score - a.score)
-      .slice(0, topK);
-    const timings = { decodeMs: round(t2 - t1), preprocessMs: round(t3 - t2), inferenceMs: round(t4 - t3), totalMs: round(t4 - t0) };
-    c.header(
-      "server-timing",
-      `decode;dur=${timings.decodeMs}, preprocess;dur=${timings.preprocessMs}, inference;dur=${timings.inferenceMs}, total;dur=${timings.totalMs}`,
-    );
-    return c.json({ model: name, version: model.metadata.version, predictions, timings }, 200);
-  } finally {
-    release();
-  }
+  const places = admissionFor(c.env);
+  return places.admit(async () => {
+    const [bytes] = await Promise.all([readImageBody(c, maxBytes), initTf()]);
+    const { model, release } = await acquire(c.env, name, (p) => c.executionCtx.waitUntil(p));
+    try {
+      const { t1, t2, t3, scores } = await places.exclusive(async () => {
+        const t1 = performance.now();
+        const { pixels } = await decodeImage(bytes, maxPixels);
+        const t2 = performance.now();
+        const size = model.metadata.input.size;
+        const input = preprocess(pixels, size, model.metadata.preprocessing);
+        const t3 = performance.now();
+        // The tensor tf.tidy returns is kept alive by design: read it, then dispose it.
+        const output = tf.tidy(() => model.model.predict(tf.tensor4d(input, [1, size, size, 3])) as tf.Tensor);
+        const scores = output.dataSync() as Float32Array;
+        output.dispose();
+        return { t1, t2, t3, scores };
+      });
+      const t4 = performance.now();
+      const labels = model.metadata.labels;
+      const predictions = Array.from(scores, (score, i) => ({ label: labels[i] as string, score }))
+        .sort((a, b) => b.score - a.score)
+        .slice(0, topK);
+      const timings = { decodeMs: round(t2 - t1), preprocessMs: round(t3 - t2), inferenceMs: round(t4 - t3), totalMs: round(t4 - t0) };
+      c.header(
+        "server-timing",
+        `decode;dur=${timings.decodeMs}, preprocess;dur=${timings.preprocessMs}, inference;dur=${timings.inferenceMs}, total;dur=${timings.totalMs}`,
+      );
+      return c.json({ model: name, version: model.metadata.version, predictions, timings }, 200);
+    } finally {
+      release();
+    }
+  });
 });
 
 serveOpenApi(app);
@@ -137,7 +155,7 @@ app.onError((err, c) => {
   }
   if (err instanceof ModelUnavailableError) {
     if (err.code === "model_not_found") return c.json(errorBody(err.code, err.message), 404);
-    c.header("retry-after", "30");
+    c.header("retry-after", String(err.retryAfterSeconds));
     return c.json(errorBody(err.code, err.message), 503);
   }
   console.error(

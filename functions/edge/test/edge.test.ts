@@ -1,4 +1,5 @@
 import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { request } from "node:http";
 import { join } from "node:path";
 import * as tf from "@tensorflow/tfjs";
 import sharp from "sharp";
@@ -76,6 +77,33 @@ describe("classify", () => {
     expect(res.status).toBe(200);
   });
 
+  it("leaks no tensor: the isolate's live tensors are the same after 20 classifications", async () => {
+    const tensors = async () => ((await (await fetch(`${edge.url}/healthz`)).json()) as { memory: { tensors: number } }).memory.tensors;
+    const img = images[0] as (typeof images)[number];
+    expect((await classify(img.bytes, jpegOf(img))).status).toBe(200);
+    const before = await tensors();
+    for (let i = 0; i < 20; i++) expect((await classify(img.bytes, jpegOf(img))).status).toBe(200);
+    expect(await tensors()).toBe(before);
+  });
+
+  it("classifies a GIF (first frame) with the probabilities training computes for it", async () => {
+    const { metadata, files } = await readPromotedModel(s3.store, "emoji");
+    const { loadModel } = await import("../../../jobs/train/src/model/io.ts");
+    const model = await loadModel(files.get("model.json") as Uint8Array, files);
+    const gif = new Uint8Array(
+      await sharp(images[1]?.bytes as Uint8Array)
+        .gif()
+        .toBuffer(),
+    );
+    const res = await classify(gif, "image/gif", "?top_k=3");
+    expect(res.status).toBe(200);
+    const edgeScores = ((await res.json()) as { predictions: { label: string; score: number }[] }).predictions;
+    const input = preprocess(await decodeImage(gif), metadata.input.size, metadata.preprocessing);
+    const node = tf.tidy(() => (model.predict(tf.tensor4d(input, [1, 96, 96, 3])) as tf.Tensor).dataSync());
+    for (const p of edgeScores) expect(Math.abs(p.score - (node[metadata.labels.indexOf(p.label)] as number))).toBeLessThan(1e-4);
+    model.dispose();
+  });
+
   it("describes the served model", async () => {
     const res = await fetch(`${edge.url}/v1/models/emoji`, { headers: auth() });
     const body = (await res.json()) as { version: string; labels: string[]; input: { size: number }; metrics: { accuracy: number }; trainedAt: string };
@@ -136,10 +164,11 @@ describe("errors", () => {
   it("415 for unsupported content types and formats", async () => {
     await expectError(await classify(images[0]?.bytes as Uint8Array, "text/plain"), 415, "unsupported_media_type");
     await expectError(await classify(images[0]?.bytes as Uint8Array, null), 415, "unsupported_media_type");
-    const gif = await sharp({ create: { width: 8, height: 8, channels: 3, background: "#f00" } })
-      .gif()
+    const tiff = await sharp({ create: { width: 8, height: 8, channels: 3, background: "#f00" } })
+      .tiff()
       .toBuffer();
-    await expectError(await classify(new Uint8Array(gif), "image/png"), 415, "unsupported_media_type");
+    const body = await expectError(await classify(new Uint8Array(tiff), "image/png"), 415, "unsupported_media_type");
+    expect(body.error.message).toMatch(/^TIFF is not supported/);
   });
 
   it("422 for bad parameters", async () => {
@@ -188,6 +217,7 @@ describe("model updates", () => {
 
     // A corrupt version: the pointer names a version whose shard does not match its sha256.
     const good = await readPointer(s3.store, "emoji");
+    const goodPointerBytes = (await s3.store.get(keys.pointer("emoji"))) as Uint8Array;
     const { metadata } = await readPromotedModel(s3.store, "emoji");
     const bad = "v0badbadbad00";
     for (const f of [...metadata.files.map((x) => x.path), "metadata.json"]) {
@@ -213,6 +243,13 @@ describe("model updates", () => {
     const health = (await (await fetch(`${edge.url}/healthz`)).json()) as { status: string; models: { name: string; problem: string | null }[] };
     expect(health.status).toBe("degraded");
     expect(health.models.find((m) => m.name === "emoji")?.problem).toMatch(/corrupt or was tampered/);
+
+    // Recovery, byte for byte: the exact pointer that was there before (same ETag, so a 304).
+    await s3.store.put(keys.pointer("emoji"), goodPointerBytes);
+    await new Promise((r) => setTimeout(r, 1100));
+    await classify(img.bytes, jpegOf(img));
+    await new Promise((r) => setTimeout(r, 1000));
+    expect(((await (await fetch(`${edge.url}/healthz`)).json()) as { status: string }).status).toBe("ok");
 
     // Recovery: point back at a good version.
     await writePointer(s3.store, "emoji", { ...(good as NonNullable<typeof good>), promotedAt: new Date().toISOString() });
@@ -266,6 +303,44 @@ describe("EXIF orientation", () => {
     const node = tf.tidy(() => (model.predict(tf.tensor4d(input, [1, 96, 96, 3])) as tf.Tensor).dataSync());
     for (const p of edgeScores) expect(Math.abs(p.score - (node[metadata.labels.indexOf(p.label)] as number))).toBeLessThan(0.01);
     model.dispose();
+  });
+});
+
+describe("admission control", () => {
+  it("holds two images at a time, queues sixteen, and answers 503 with Retry-After beyond, before reading the body", async () => {
+    const img = images.find((i) => i.file.endsWith(".png")) as (typeof images)[number];
+    const health = async () => ((await (await fetch(`${edge.url}/healthz`)).json()) as { requests: { active: number; queued: number } }).requests;
+    const until = async (ok: (r: { active: number; queued: number }) => boolean) => {
+      for (let i = 0; i < 200 && !ok(await health()); i++) await new Promise((r) => setTimeout(r, 50));
+      expect(ok(await health())).toBe(true);
+    };
+    // Two uploads that send half their image and wait: they hold both places.
+    const held = [0, 1].map(() => {
+      const req = request(`${edge.url}/v1/models/emoji/classify`, {
+        method: "POST",
+        headers: { ...auth(), "content-type": "image/png", "transfer-encoding": "chunked" },
+      });
+      const answer = new Promise<number>((resolve, reject) => {
+        req.on("response", (res) => {
+          res.resume();
+          res.on("end", () => resolve(res.statusCode ?? 0));
+        });
+        req.on("error", reject);
+      });
+      req.write(img.bytes.slice(0, 100));
+      return { req, answer };
+    });
+    await until((r) => r.active === 2);
+    const queued = Array.from({ length: 16 }, () => classify(img.bytes, "image/png"));
+    await until((r) => r.queued === 16);
+    const refused = await classify(img.bytes, "image/png");
+    expect(refused.status).toBe(503);
+    expect(refused.headers.get("retry-after")).toBe("1");
+    expect(((await refused.json()) as ErrorJson).error.code).toBe("busy");
+    for (const h of held) h.req.end(img.bytes.slice(100));
+    expect(await Promise.all(held.map((h) => h.answer))).toEqual([200, 200]);
+    expect((await Promise.all(queued)).map((r) => r.status)).toEqual(Array(16).fill(200));
+    await until((r) => r.active === 0 && r.queued === 0);
   });
 });
 

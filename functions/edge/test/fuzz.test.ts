@@ -6,6 +6,7 @@ import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-work
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 import { memoryLogger } from "../../../jobs/train/src/log.ts";
 import { train } from "../../../jobs/train/src/train.ts";
+import { repeatedScans, sofBehindFillByte } from "../../../test/support/crafted-images.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
 
 /**
@@ -76,7 +77,8 @@ async function corpus(): Promise<Case[]> {
     .png()
     .toBuffer();
   await add("webp animated", sharp(frames, { pages: -1 }).webp({ loop: 0 }), "image/webp");
-  await add("gif", photo.clone().gif(), "image/gif", [415]);
+  await add("gif", photo.clone().gif(), "image/gif");
+  await add("gif animated", sharp(await photo.clone().raw().toBuffer(), { raw: { width: 160, height: 120, channels: 3, pageHeight: 40 } }).gif(), "image/gif");
 
   const cases: Case[] = [];
   for (const v of valid) cases.push({ name: v.name, body: v.bytes, type: v.type, expect: v.expect ?? [200] });
@@ -113,6 +115,16 @@ async function corpus(): Promise<Case[]> {
   cases.push({ name: "jpeg SOF 30000×30000", body: hugeJpeg, type: "image/jpeg", expect: [413] });
   const webp = valid.find((v) => v.name === "webp lossless alpha")?.bytes as Uint8Array;
   cases.push({ name: "webp (VP8L) 16384×16384 header", body: patchVp8l(webp, 16384, 16384), type: "image/webp", expect: [413, 400] });
+  // A real frame of 20000×20000 behind a fill byte, with a 16×16 decoy for sniffers; a progressive
+  // JPEG whose last scan repeats 500 times (each repeat a full pass over the image).
+  const tiny = new Uint8Array(
+    await sharp({ create: { width: 16, height: 16, channels: 3, background: "#08f" } })
+      .jpeg()
+      .toBuffer(),
+  );
+  cases.push({ name: "jpeg SOF behind a fill byte, 20000×20000 with a decoy", body: sofBehindFillByte(tiny, 20000, 20000), type: "image/jpeg", expect: [413] });
+  const progressive = valid.find((v) => v.name === "jpeg progressive")?.bytes as Uint8Array;
+  cases.push({ name: "jpeg progressive, a scan repeated 500 times", body: repeatedScans(progressive, 500), type: "image/jpeg", expect: [422] });
   // Bodies and content types.
   cases.push({ name: "zero bytes", body: new Uint8Array(), type: "image/jpeg", expect: [400] });
   cases.push({ name: "random bytes", body: Uint8Array.from({ length: 5000 }, () => Math.floor(rand() * 256)), type: "image/png", expect: [400] });

@@ -7,7 +7,7 @@ import { ApiError } from "./errors.ts";
  * with an `image` field. Hono's bodyLimit enforces the size limit while the body streams in, so a
  * chunked body without Content-Length cannot exhaust memory.
  */
-export const RAW_TYPES = ["image/jpeg", "image/png", "image/webp"];
+export const RAW_TYPES = ["image/jpeg", "image/png", "image/webp", "image/gif"];
 
 export async function readImageBody(c: Context, maxBytes: number): Promise<Uint8Array> {
   const type = (c.req.header("content-type") ?? "").split(";")[0]?.trim().toLowerCase() ?? "";

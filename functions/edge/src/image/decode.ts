@@ -7,16 +7,20 @@ import webpWasm from "@jsquash/webp/codec/dec/webp_dec.wasm";
 import decodeWebp, { init as initWebp } from "@jsquash/webp/decode";
 import { imageSize } from "image-size";
 import { decode as decodeJpegJs } from "jpeg-js";
+import { decodeGifFirstFrame, gifSize } from "../../../../shared/image/gif.ts";
+import { inspectJpeg, JpegStructureError, JpegTooManyScansError, MAX_JPEG_SCANS } from "../../../../shared/image/jpeg.ts";
 import type { Pixels } from "../../../../shared/preprocess.ts";
 import { ApiError } from "../http/errors.ts";
 
 /**
  * Image decoding in the worker with @jsquash (mozjpeg, libpng via Rust, libwebp compiled to wasm,
- * precompiled modules as Workers require). The dimensions are read from the header first and an image
- * over `maxPixels` is refused before any pixel is decoded: a 30000×30000 PNG of a few KiB would
- * otherwise ask for 3.6 GB. JPEG EXIF orientation is applied, as the training side does (sharp).
+ * precompiled modules as Workers require) and omggif for GIF (first frame, as training reads it). The
+ * dimensions are read first, the way the decoder will read them, and an image over `maxPixels` is
+ * refused before any pixel is decoded: a 30000×30000 PNG of a few KiB would otherwise ask for 3.6 GB.
+ * JPEGs are walked marker by marker as libjpeg does (shared/image/jpeg.ts), which also bounds the scans
+ * of a progressive JPEG. JPEG EXIF orientation is applied, as the training side does (sharp).
  */
-export const EDGE_FORMATS = { jpeg: "image/jpeg", png: "image/png", webp: "image/webp" } as const;
+export const EDGE_FORMATS = { jpeg: "image/jpeg", png: "image/png", webp: "image/webp", gif: "image/gif" } as const;
 export type EdgeFormat = keyof typeof EDGE_FORMATS;
 
 // workerd has no ImageData; the decoders construct one.
@@ -38,7 +42,7 @@ function initDecoders(): Promise<void> {
 }
 
 /** Format from the magic bytes; the declared content type is not trusted. */
-export function sniff(bytes: Uint8Array): EdgeFormat | "gif" | null {
+export function sniff(bytes: Uint8Array): EdgeFormat | null {
   if (bytes[0] === 0xff && bytes[1] === 0xd8 && bytes[2] === 0xff) return "jpeg";
   if (bytes[0] === 0x89 && bytes[1] === 0x50 && bytes[2] === 0x4e && bytes[3] === 0x47) return "png";
   if (
@@ -56,6 +60,19 @@ export function sniff(bytes: Uint8Array): EdgeFormat | "gif" | null {
   return null;
 }
 
+/** Real image formats this worker does not decode, so the client hears "unsupported", not "corrupt". */
+function knownUnsupported(bytes: Uint8Array): string | null {
+  const ascii = (from: number, to: number) => String.fromCharCode(...bytes.subarray(from, to));
+  if (ascii(0, 2) === "BM") return "BMP";
+  if (ascii(0, 4) === "II*\0" || ascii(0, 4) === "MM\0*") return "TIFF";
+  if (ascii(4, 8) === "ftyp") {
+    const brand = ascii(8, 12);
+    if (brand.startsWith("avi")) return "AVIF";
+    if (brand.startsWith("hei") || brand.startsWith("hev") || brand === "mif1" || brand === "msf1") return "HEIC";
+  }
+  return null;
+}
+
 export interface Decoded {
   pixels: Pixels;
   format: EdgeFormat;
@@ -64,15 +81,12 @@ export interface Decoded {
 export async function decodeImage(bytes: Uint8Array, maxPixels: number): Promise<Decoded> {
   if (bytes.byteLength === 0) throw new ApiError(400, "empty_image", "The request body is empty; send the image bytes.");
   const format = sniff(bytes);
-  if (format === "gif") throw new ApiError(415, "unsupported_media_type", "GIF is not supported; send JPEG, PNG or WebP.");
-  if (!format) throw new ApiError(400, "corrupt_image", "The body is not a JPEG, PNG or WebP image.");
-  let width: number;
-  let height: number;
-  try {
-    ({ width = 0, height = 0 } = imageSize(bytes));
-  } catch {
-    throw new ApiError(400, "corrupt_image", `The ${format.toUpperCase()} header cannot be read.`);
+  if (!format) {
+    const other = knownUnsupported(bytes);
+    if (other) throw new ApiError(415, "unsupported_media_type", `${other} is not supported; send JPEG, PNG, WebP or GIF.`);
+    throw new ApiError(400, "corrupt_image", "The body is not a JPEG, PNG, WebP or GIF image.");
   }
+  const { width, height } = declaredSize(bytes, format);
   if (width <= 0 || height <= 0) throw new ApiError(400, "corrupt_image", `The ${format.toUpperCase()} header has no valid size.`);
   if (width * height > maxPixels) {
     throw new ApiError(
@@ -80,6 +94,13 @@ export async function decodeImage(bytes: Uint8Array, maxPixels: number): Promise
       "image_too_large",
       `The image is ${width}×${height} (${((width * height) / 1e6).toFixed(1)} MP); the limit is ${(maxPixels / 1e6).toFixed(1)} MP.`,
     );
+  }
+  if (format === "gif") {
+    try {
+      return { pixels: decodeGifFirstFrame(bytes, maxPixels), format };
+    } catch {
+      throw new ApiError(400, "corrupt_image", "The GIF data is corrupt or truncated.");
+    }
   }
   await initDecoders();
   let image: { data: Uint8ClampedArray; width: number; height: number };
@@ -93,29 +114,33 @@ export async function decodeImage(bytes: Uint8Array, maxPixels: number): Promise
     if (!cmyk) throw new ApiError(400, "corrupt_image", `The ${format.toUpperCase()} data is corrupt or truncated.`);
     image = cmyk;
   }
-  if (!image || image.width * image.height * 4 !== image.data.length)
+  // EXIF orientation may swap the sides; anything else means the decoder read another frame than the check.
+  const sameSize = (image?.width === width && image.height === height) || (image?.width === height && image.height === width);
+  if (!image || !sameSize || image.width * image.height * 4 !== image.data.length)
     throw new ApiError(400, "corrupt_image", `The ${format.toUpperCase()} data could not be decoded.`);
   return { pixels: { data: image.data, width: image.width, height: image.height, channels: 4 }, format };
 }
 
+/** The size the decoder will allocate for, read the way the decoder reads it. */
+function declaredSize(bytes: Uint8Array, format: EdgeFormat): { width: number; height: number } {
+  try {
+    if (format === "jpeg") return inspectJpeg(bytes);
+    if (format === "gif") return gifSize(bytes);
+    const { width = 0, height = 0 } = imageSize(bytes);
+    return { width, height };
+  } catch (e) {
+    if (e instanceof JpegTooManyScansError)
+      throw new ApiError(422, "image_too_complex", `The JPEG has more than ${MAX_JPEG_SCANS} scans (a normal progressive JPEG has about 10); re-encode it.`);
+    throw new ApiError(400, "corrupt_image", `The ${format.toUpperCase()} header cannot be read${e instanceof JpegStructureError ? ` (${e.message})` : ""}.`);
+  }
+}
+
 function decodeCmykJpeg(bytes: Uint8Array, maxPixels: number): { data: Uint8ClampedArray; width: number; height: number } | null {
-  if (jpegComponents(bytes) !== 4) return null;
+  if (inspectJpeg(bytes).components !== 4) return null;
   try {
     const d = decodeJpegJs(bytes, { useTArray: true, formatAsRGBA: true, tolerantDecoding: false, maxResolutionInMP: maxPixels / 1e6, maxMemoryUsageInMB: 96 });
     return { data: new Uint8ClampedArray(d.data.buffer, d.data.byteOffset, d.data.byteLength), width: d.width, height: d.height };
   } catch {
     return null;
   }
-}
-
-/** Number of components in the JPEG's frame header (SOFn), or 0. */
-function jpegComponents(bytes: Uint8Array): number {
-  for (let i = 2; i + 9 < bytes.length; ) {
-    if (bytes[i] !== 0xff) return 0;
-    const marker = bytes[i + 1] as number;
-    const length = ((bytes[i + 2] as number) << 8) | (bytes[i + 3] as number);
-    if (marker >= 0xc0 && marker <= 0xcf && marker !== 0xc4 && marker !== 0xc8 && marker !== 0xcc) return bytes[i + 9] as number;
-    i += 2 + length;
-  }
-  return 0;
 }

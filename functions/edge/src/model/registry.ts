@@ -14,7 +14,10 @@ import type { ModelSource } from "./source.ts";
  * triggers a conditional re-read of the pointer (in the background); a new version is loaded and
  * verified beside the old one and swapped in only when ready. Requests already running keep the
  * instance they started with; the old one is disposed when the last of them finishes. A broken new
- * version never replaces a working one: the problem is kept for /healthz and retried at the next check.
+ * version never replaces a working one: the problem is kept for /healthz. Failures back off with
+ * jitter: a model that cannot be loaded is not fetched again on every request (its pointer is asked
+ * for again after 0.5–1 s, then 1–2 s, … up to the TTL), and a pointer whose version already failed to
+ * load is loaded again only after a longer back-off (up to 10 TTLs) unless it changes.
  */
 export interface LoadedModel {
   name: string;
@@ -36,6 +39,11 @@ interface Slot {
   lastError?: { message: string; at: number };
   /** Set when the pointer is absent: answer 404 without asking storage again until then. */
   missingUntil?: number;
+  /** Failures in a row (pointer or version), and when the pointer may be asked for again. */
+  failures: number;
+  nextCheckAt?: number;
+  /** The pointer (ETag) whose version failed to load, and when loading it may be tried again. */
+  failed?: { etag?: string; retryAt: number };
 }
 
 /** Unknown names are remembered (for the TTL) only up to this many, so requests cannot grow memory. */
@@ -43,9 +51,12 @@ const MAX_SLOTS = 256;
 
 export class ModelUnavailableError extends Error {
   readonly code: "model_not_found" | "model_unavailable";
-  constructor(code: "model_not_found" | "model_unavailable", message: string) {
+  /** When asking again makes sense (the Retry-After of a 503). */
+  readonly retryAfterSeconds: number;
+  constructor(code: "model_not_found" | "model_unavailable", message: string, retryAfterSeconds = 30) {
     super(message);
     this.code = code;
+    this.retryAfterSeconds = retryAfterSeconds;
   }
 }
 
@@ -72,15 +83,21 @@ export class ModelRegistry {
     let slot = this.slots.get(name);
     if (!slot) {
       if (this.slots.size >= MAX_SLOTS) this.forgetUnloaded();
-      slot = { checkedAt: 0 };
+      slot = { checkedAt: 0, failures: 0 };
       this.slots.set(name, slot);
     }
     if (!slot.current) {
       if (slot.missingUntil && slot.missingUntil > this.now()) throw new ModelUnavailableError("model_not_found", `No model named ${name}.`);
-      await this.check(name, slot);
+      // Backing off after a failure: answer from what is known, without asking storage again.
+      if (!(slot.nextCheckAt && slot.nextCheckAt > this.now())) await this.check(name, slot);
       if (!slot.current) {
         if (slot.missingUntil) throw new ModelUnavailableError("model_not_found", `No model named ${name}.`);
-        throw new ModelUnavailableError("model_unavailable", `Model ${name} is not available yet${slot.lastError ? `: ${slot.lastError.message}` : ""}.`);
+        const retryAfter = Math.max(1, Math.ceil(((slot.nextCheckAt ?? this.now()) - this.now()) / 1000));
+        throw new ModelUnavailableError(
+          "model_unavailable",
+          `Model ${name} is not available yet${slot.lastError ? `: ${slot.lastError.message}` : ""}.`,
+          retryAfter,
+        );
       }
     } else if (this.now() - slot.checkedAt >= this.options.ttlMs && !slot.checking) {
       waitUntil(this.check(name, slot));
@@ -117,7 +134,7 @@ export class ModelRegistry {
 
   /** Forces a pointer check now (tests, and the first request after the TTL). */
   refresh(name: string): Promise<void> {
-    const slot = this.slots.get(name) ?? { checkedAt: 0 };
+    const slot = this.slots.get(name) ?? { checkedAt: 0, failures: 0 };
     this.slots.set(name, slot);
     return this.check(name, slot);
   }
@@ -134,34 +151,65 @@ export class ModelRegistry {
     try {
       const res = await this.source.getIfChanged(keys.pointer(name), slot.current ? slot.pointerEtag : undefined);
       slot.checkedAt = started;
-      if (res.status === 304) return;
+      if (res.status === 304) {
+        // The pointer is again the one the served model was loaded from (say, a bad pointer was put
+        // back to the good one, byte for byte): whatever failed since is no longer the current state.
+        this.healthy(slot);
+        return;
+      }
       if (res.status === 404) {
         if (!slot.current) slot.missingUntil = started + this.options.ttlMs;
         else slot.lastError = { message: "current.json has disappeared; still serving the last good version", at: started };
         return;
       }
       slot.missingUntil = undefined;
+      // This very pointer failed to load a moment ago: not again until its back-off has passed.
+      if (slot.failed && res.etag !== undefined && slot.failed.etag === res.etag && slot.failed.retryAt > started) {
+        slot.nextCheckAt = started + this.backoff(slot.failures, this.options.ttlMs);
+        return;
+      }
       const pointer = parseContractJson(pointerSchema, new TextDecoder().decode(res.bytes), keys.pointer(name));
       if (slot.current && slot.current.pointer.version === pointer.version && slot.current.pointer.metadataSha256 === pointer.metadataSha256) {
         slot.pointerEtag = res.etag;
-        slot.lastError = undefined;
+        this.healthy(slot);
         return;
       }
-      const loaded = await this.load(name, pointer);
+      let loaded: LoadedModel;
+      try {
+        loaded = await this.load(name, pointer);
+      } catch (e) {
+        // Twice the pointer's back-off: the pointer is cheap to ask for, the version is megabytes.
+        slot.failed = { etag: res.etag, retryAt: started + this.backoff(slot.failures + 2, 10 * this.options.ttlMs) };
+        throw e;
+      }
       this.evictOthers(name);
       const old = slot.current;
       slot.current = loaded;
       slot.pointerEtag = res.etag;
-      slot.lastError = undefined;
+      this.healthy(slot);
       if (old) {
         old.retired = true;
         if (old.users === 0) old.model.dispose();
       }
     } catch (e) {
-      // Keep serving what we have; say what went wrong in /healthz; try again after the TTL.
+      // Keep serving what we have; say what went wrong in /healthz; try again after a back-off.
       slot.checkedAt = started;
       slot.lastError = { message: e instanceof Error ? e.message : String(e), at: started };
+      slot.failures++;
+      slot.nextCheckAt = started + this.backoff(slot.failures, this.options.ttlMs);
     }
+  }
+
+  private healthy(slot: Slot): void {
+    slot.lastError = undefined;
+    slot.failures = 0;
+    slot.nextCheckAt = undefined;
+    slot.failed = undefined;
+  }
+
+  /** 1 s, 2 s, 4 s … capped at `capMs`, each scaled by a random 0.5–1 so isolates do not retry in step. */
+  private backoff(failures: number, capMs: number): number {
+    return Math.min(capMs, 1000 * 2 ** (failures - 1)) * (0.5 + 0.5 * Math.random());
   }
 
   private async load(name: string, pointer: ModelPointer): Promise<LoadedModel> {

@@ -1,5 +1,6 @@
 import sharp, { type Metadata } from "sharp";
 import { EdgetuneError } from "../../../../shared/errors.ts";
+import { inspectJpeg, JpegStructureError, JpegTooManyScansError } from "../../../../shared/image/jpeg.ts";
 import type { Pixels } from "../../../../shared/preprocess.ts";
 
 /**
@@ -21,6 +22,17 @@ const FORMATS = new Set(["jpeg", "png", "webp", "gif"]);
 export async function decodeImage(bytes: Uint8Array): Promise<Pixels> {
   if (bytes.byteLength === 0) throw new ImageDecodeError("empty file");
   if (bytes.byteLength > MAX_IMAGE_BYTES) throw new ImageDecodeError(`file is larger than ${MAX_IMAGE_BYTES / 1024 / 1024} MiB`);
+  // The same structural check as the edge (first SOF as libjpeg reads it, bounded scans), so an image
+  // the worker refuses is not trained on either.
+  if (bytes[0] === 0xff && bytes[1] === 0xd8) {
+    try {
+      inspectJpeg(bytes);
+    } catch (e) {
+      if (e instanceof JpegTooManyScansError) throw new ImageDecodeError(`JPEG refused: ${e.message} (a normal progressive JPEG has about 10)`);
+      if (e instanceof JpegStructureError) throw new ImageDecodeError(`corrupt jpeg (${e.message})`);
+      throw e;
+    }
+  }
   let meta: Metadata;
   try {
     meta = await sharp(bytes, { limitInputPixels: false }).metadata();

@@ -1,0 +1,97 @@
+import { describe, expect, it, vi } from "vitest";
+import { sha256Hex } from "../../../../shared/hash.ts";
+import { keys } from "../../../../shared/keys.ts";
+import { ModelRegistry, ModelUnavailableError } from "./registry.ts";
+import type { ConditionalResult, ModelSource } from "./source.ts";
+
+// The registry's storage boundary is faked here; loading a real model in workerd is edge.test.ts's job.
+// Nothing below reaches TensorFlow: every load fails before it (that is what is tested).
+vi.mock("../tf.ts", () => ({ tf: {}, initTf: async () => {} }));
+
+/** An in-memory bucket that counts GETs, and can fail every request like an S3 outage. */
+function fakeSource() {
+  const objects = new Map<string, Uint8Array>();
+  const state = { gets: 0, down: false };
+  const source: ModelSource = {
+    async get(key) {
+      return (await source.getIfChanged(key)).bytes ?? null;
+    },
+    async getIfChanged(key, etag): Promise<ConditionalResult> {
+      state.gets++;
+      if (state.down) throw new Error("S3 answered 500 InternalError");
+      const bytes = objects.get(key);
+      if (!bytes) return { status: 404 };
+      const tag = `"${(await sha256Hex(bytes)).slice(0, 16)}"`;
+      return tag === etag ? { status: 304, etag } : { status: 200, bytes, etag: tag };
+    },
+  };
+  const put = (key: string, value: unknown) => objects.set(key, new TextEncoder().encode(JSON.stringify(value)));
+  return { source, state, put };
+}
+
+/** A pointer to a version whose metadata does not match the pointer's sha256 (tampered or half-written). */
+function brokenModel(put: (key: string, value: unknown) => void) {
+  put(keys.pointer("m"), {
+    schemaVersion: 1,
+    version: "v0123456789ab",
+    metadataSha256: "0".repeat(64),
+    promotedAt: new Date(0).toISOString(),
+    previous: null,
+    reason: "test",
+  });
+  put(keys.metadata("m", "v0123456789ab"), { not: "the metadata the pointer vouches for" });
+}
+
+async function unavailable(registry: ModelRegistry): Promise<ModelUnavailableError> {
+  const e = await registry.acquire("m", () => {}).catch((err: unknown) => err);
+  expect(e).toBeInstanceOf(ModelUnavailableError);
+  return e as ModelUnavailableError;
+}
+
+describe("model registry back-off", () => {
+  it("does not fetch a broken model again on every request; retries after a jittered back-off", async () => {
+    vi.spyOn(Math, "random").mockReturnValue(0.999); // the longest jitter: back-offs of ≈ 1 s and 2 s
+
+    const { source, state, put } = fakeSource();
+    brokenModel(put);
+    let now = 1_000_000;
+    const registry = new ModelRegistry(source, { ttlMs: 30_000, maxModels: 1, now: () => now });
+    const first = await unavailable(registry);
+    expect(first.code).toBe("model_unavailable");
+    expect(first.message).toMatch(/tampered|does not match/);
+    expect(state.gets).toBe(2); // the pointer and the metadata
+    for (let i = 0; i < 10; i++) expect((await unavailable(registry)).retryAfterSeconds).toBe(1);
+    expect(state.gets).toBe(2);
+    // After the first back-off (1 s) the pointer is asked for again; its version, which failed with this
+    // very pointer, is not fetched again until its own back-off (2 s) has passed.
+    now += 1_001;
+    await unavailable(registry);
+    expect(state.gets).toBe(3);
+    now += 1_001;
+    await unavailable(registry);
+    expect(state.gets).toBe(5); // pointer + metadata
+    vi.restoreAllMocks();
+  });
+
+  it("asks an S3 that is down once, not once per request, and says when to come back", async () => {
+    const { source, state, put } = fakeSource();
+    brokenModel(put);
+    state.down = true;
+    let now = 5_000_000;
+    const registry = new ModelRegistry(source, { ttlMs: 30_000, maxModels: 1, now: () => now });
+    for (let i = 0; i < 20; i++) await unavailable(registry);
+    expect(state.gets).toBe(1);
+    // Failures in a row back off further: 0.5–1 s, then 1–2 s, then 2–4 s.
+    for (const [wait, gets] of [
+      [1_001, 2],
+      [2_001, 3],
+      [4_001, 4],
+    ] as const) {
+      now += wait - 1;
+      await unavailable(registry);
+      now += 1;
+      await unavailable(registry);
+      expect(state.gets).toBe(gets);
+    }
+  });
+});
