@@ -7,6 +7,7 @@ import { apiKeyAuth } from "./http/auth.ts";
 import { readImageBody } from "./http/body.ts";
 import { ApiError, errorBody } from "./http/errors.ts";
 import { decodeImage } from "./image/decode.ts";
+import { wasmMemoryBytes } from "./memory.ts";
 import { ModelRegistry, ModelUnavailableError } from "./model/registry.ts";
 import { createModelSource } from "./model/source.ts";
 import { classifyRoute, healthRoute, modelParams, modelRoute, serveOpenApi } from "./openapi.ts";
@@ -21,7 +22,7 @@ type AppEnv = { Bindings: Env };
 let registry: ModelRegistry | undefined;
 let admission: Admission | undefined;
 function admissionFor(env: Env): Admission {
-  admission ??= createAdmission({ concurrent: Number(env.MAX_CONCURRENT_IMAGES || 2), queued: Number(env.MAX_QUEUED_IMAGES || 16) });
+  admission ??= createAdmission({ concurrent: Number(env.MAX_CONCURRENT_IMAGES || 1), queued: Number(env.MAX_QUEUED_IMAGES || 16) });
   return admission;
 }
 function registryFor(env: Env): ModelRegistry {
@@ -65,7 +66,7 @@ app.openapi(healthRoute, (c) => {
       status: degraded ? "degraded" : "ok",
       models: models.map((m) => ({ name: m.name, version: m.version ?? null, problem: m.lastError ?? null })),
       // Live tensors and their bytes in this isolate: constant between requests unless something leaks.
-      memory: registry ? { tensors: tf.memory().numTensors, bytes: tf.memory().numBytes } : null,
+      memory: registry ? { tensors: tf.memory().numTensors, bytes: tf.memory().numBytes, wasm: wasmMemoryBytes() } : null,
       requests: admission?.stats() ?? { active: 0, queued: 0 },
     },
     200,
@@ -105,8 +106,8 @@ app.openapi(classifyRoute, async (c) => {
   const t0 = performance.now();
   const { name } = c.req.valid("param");
   const { top_k: topK } = c.req.valid("query");
-  const maxBytes = Number(c.env.MAX_IMAGE_BYTES || 10 * 1024 * 1024);
-  const maxPixels = Number(c.env.MAX_IMAGE_PIXELS || 8_000_000);
+  const maxBytes = Number(c.env.MAX_IMAGE_BYTES || 4 * 1024 * 1024);
+  const maxPixels = Number(c.env.MAX_IMAGE_PIXELS || 2_100_000);
   const places = admissionFor(c.env);
   return places.admit(async () => {
     const [bytes] = await Promise.all([readImageBody(c, maxBytes), initTf()]);

@@ -112,7 +112,13 @@ export const healthRoute = createRoute({
           schema: z.object({
             status: z.enum(["ok", "degraded"]),
             models: z.array(z.object({ name: nameSchema, version: z.string().nullable(), problem: z.string().nullable() })),
-            memory: z.object({ tensors: z.number().int(), bytes: z.number().int() }).nullable(),
+            memory: z
+              .object({
+                tensors: z.number().int(),
+                bytes: z.number().int(),
+                wasm: z.object({ total: z.number().int(), byModule: z.record(z.string(), z.number().int()) }),
+              })
+              .nullable(),
             requests: z.object({ active: z.number().int(), queued: z.number().int() }),
           }),
         },

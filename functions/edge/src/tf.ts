@@ -13,6 +13,7 @@ import { BackendWasm } from "@tensorflow/tfjs-backend-wasm";
 import wasmFactory from "@tensorflow/tfjs-backend-wasm/wasm-out/tfjs-backend-wasm.js";
 import simdModule from "@tensorflow/tfjs-backend-wasm/wasm-out/tfjs-backend-wasm-simd.wasm";
 import * as tf from "@tensorflow/tfjs-core";
+import { instantiateTracked } from "./memory.ts";
 
 interface EmscriptenModule {
   cwrap(name: string, ret: string | null, args: string[]): (...args: number[]) => number;
@@ -23,10 +24,7 @@ let ready: Promise<void> | undefined;
 
 async function createBackend(): Promise<BackendWasm> {
   const module = (await (wasmFactory as unknown as (config: object) => Promise<EmscriptenModule>)({
-    instantiateWasm(imports: WebAssembly.Imports, done: (instance: WebAssembly.Instance, module: WebAssembly.Module) => void) {
-      WebAssembly.instantiate(simdModule, imports).then((instance) => done(instance, simdModule));
-      return {};
-    },
+    instantiateWasm: instantiateTracked("tfjs", simdModule),
   })) as EmscriptenModule;
   module.tfjs = {
     init: module.cwrap("init", null, []),

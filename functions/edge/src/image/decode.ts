@@ -11,6 +11,7 @@ import { decodeGifFirstFrame, gifSize } from "../../../../shared/image/gif.ts";
 import { inspectJpeg, JpegStructureError, JpegTooManyScansError, MAX_JPEG_SCANS } from "../../../../shared/image/jpeg.ts";
 import type { Pixels } from "../../../../shared/preprocess.ts";
 import { ApiError } from "../http/errors.ts";
+import { instantiateTracked, trackWasmMemory } from "../memory.ts";
 
 /**
  * Image decoding in the worker with @jsquash (mozjpeg, libpng via Rust, libwebp compiled to wasm,
@@ -35,9 +36,16 @@ export type EdgeFormat = keyof typeof EDGE_FORMATS;
   }
 };
 
+/** jsquash's typings list only the option overrides; at run time `init` takes the precompiled module first. */
+const emscriptenInit = (init: unknown) => init as (module: WebAssembly.Module, overrides: object) => Promise<void>;
+
 let ready: Promise<void> | undefined;
 function initDecoders(): Promise<void> {
-  ready ??= Promise.all([initJpeg(jpegWasm), initPng(pngWasm), initWebp(webpWasm)]).then(() => undefined);
+  ready ??= Promise.all([
+    emscriptenInit(initJpeg)(jpegWasm, { instantiateWasm: instantiateTracked("jpeg", jpegWasm) }),
+    initPng(pngWasm).then((exports) => trackWasmMemory("png", exports as unknown as WebAssembly.Exports)),
+    emscriptenInit(initWebp)(webpWasm, { instantiateWasm: instantiateTracked("webp", webpWasm) }),
+  ]).then(() => undefined);
   return ready;
 }
 
