@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+import { execSync } from "node:child_process";
 /**
  * `npm run bench:edge` — the edge worker in local workerd (wrangler dev, production config), in one
  * run: warm end-to-end classify latency of a real JPEG (p50/p95/p99 over many requests) against the
@@ -8,6 +9,7 @@
  * `--size 160` benchmarks a model trained at 160 px.
  */
 import { readFile } from "node:fs/promises";
+import { loadavg } from "node:os";
 import { join } from "node:path";
 import sharp from "sharp";
 import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts";
@@ -18,6 +20,7 @@ import { train } from "../jobs/train/src/train.ts";
 import { arg, hasShared, machine, percentile, SHARED } from "./common.ts";
 
 const size = Number(arg("size", "224")) as 224;
+const coldRuns = Number(arg("cold", "5"));
 const requests = Number(arg("requests", "200"));
 const s3 = await startLocalS3();
 const log = createLogger({ json: true, quiet: true, stream: { write: () => true } as unknown as NodeJS.WriteStream });
@@ -48,7 +51,8 @@ const classify = async (edge: EdgeWorker, body: Uint8Array) => {
 
 // Cold starts: a fresh isolate each time.
 const cold: { firstMs: number; fetchMs: number; parseMs: number; warmupMs: number; inferenceMs: number }[] = [];
-for (let i = 0; i < 3; i++) {
+const coldLoad = loadavg()[0] as number;
+for (let i = 0; i < coldRuns; i++) {
   const edge = await startEdgeWorker(workerOptions);
   const first = await classify(edge, jpeg);
   const desc = (await (await fetch(`${edge.url}/v1/models/bench`, { headers: { authorization: `Bearer ${edge.apiKey}` } })).json()) as {
@@ -70,7 +74,6 @@ for (let i = 0; i < requests; i++) {
   server.push(r.timings.inferenceMs as number);
   serverTotal.push(r.timings.totalMs as number);
 }
-const { execSync } = await import("node:child_process");
 // The workerd process that hosts the isolate is the larger of the dev server's two (proxy, worker).
 const mem = () => {
   let best = { rss: 0, peak: 0 };
@@ -99,8 +102,11 @@ const e2eS = sorted(e2e);
 const bareS = sorted(bareRes.times);
 const serverS = sorted(server);
 const fmt = (a: number[]) => `${percentile(a, 50).toFixed(1)} / ${percentile(a, 95).toFixed(1)} / ${percentile(a, 99).toFixed(1)} ms`;
+const commit = execSync("git describe --always --dirty", { encoding: "utf8" }).trim();
 console.log(
-  `Edge worker in local workerd, model trained at ${size} px (MobileNetV2 nsfwjs base, BN folded, float16), ${requests} sequential requests (${machine()})\n`,
+  `Edge worker in local workerd, model trained at ${size} px (MobileNetV2 nsfwjs base, BN folded, float16), ${requests} sequential requests (${machine()}; commit ${commit}; load average ${loadavg()
+    .map((l) => l.toFixed(2))
+    .join(" ")} at the end)\n`,
 );
 console.log("| measurement | p50 / p95 / p99 |\n|---|---|");
 console.log(`| end-to-end classify of a ${size}×${size} JPEG (client-side: HTTP + decode + preprocess + inference + JSON) | ${fmt(e2eS)} |`);
@@ -116,11 +122,22 @@ console.log(
     .map(([k, v]) => `${k} ${v.toFixed(1)}`)
     .join(", ")}`,
 );
-console.log("\n| cold start (fresh isolate) | first classify | model fetch | parse | warm-up | first inference |\n|---|---|---|---|---|---|");
-for (const c of cold)
-  console.log(
-    `| run | ${c.firstMs.toFixed(0)} ms | ${c.fetchMs.toFixed(0)} ms | ${c.parseMs.toFixed(0)} ms | ${c.warmupMs.toFixed(0)} ms | ${c.inferenceMs.toFixed(0)} ms |`,
-  );
+console.log(
+  `\n| cold start (fresh isolate; load average ${coldLoad.toFixed(2)} before) | first classify | model fetch | parse | warm-up | first inference |\n|---|---|---|---|---|---|`,
+);
+const row = (label: string, c: (typeof cold)[number]) =>
+  `| ${label} | ${c.firstMs.toFixed(0)} ms | ${c.fetchMs.toFixed(0)} ms | ${c.parseMs.toFixed(0)} ms | ${c.warmupMs.toFixed(0)} ms | ${c.inferenceMs.toFixed(0)} ms |`;
+for (const c of cold) console.log(row("run", c));
+const median = (k: keyof (typeof cold)[number]) => percentile(sorted(cold.map((c) => c[k])), 50);
+console.log(
+  row(`median of ${cold.length}`, {
+    firstMs: median("firstMs"),
+    fetchMs: median("fetchMs"),
+    parseMs: median("parseMs"),
+    warmupMs: median("warmupMs"),
+    inferenceMs: median("inferenceMs"),
+  }),
+);
 console.log(
   `\n12 MP JPEG (4000×3000, ${(big.byteLength / 1e6).toFixed(1)} MB): classify ${bigResult.ms.toFixed(0)} ms (decode ${bigResult.timings.decodeMs} ms); workerd RSS ${before.rss.toFixed(0)} → ${after.rss.toFixed(0)} MB (→ ${afterSecond.rss.toFixed(0)} MB after a second one), peak RSS ${before.peak.toFixed(0)} → ${afterSecond.peak.toFixed(0)} MB (whole process: runtime + isolate)`,
 );
