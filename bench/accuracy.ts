@@ -12,7 +12,7 @@ import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { pushDataset } from "../jobs/train/src/catalog/catalog.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
 import { initBackend } from "../jobs/train/src/model/backend.ts";
-import { ensureBase, importBase } from "../jobs/train/src/model/bases.ts";
+import { ensureBase, KNOWN_BASES } from "../jobs/train/src/model/bases.ts";
 import { train } from "../jobs/train/src/train.ts";
 import { arg, hasShared, machine, SHARED } from "./common.ts";
 
@@ -21,20 +21,13 @@ const DATASETS: Record<string, { reference: string }> = {
   cats_and_dogs_filtered: { reference: "94–95 % frozen MobileNetV2 160 px, 97–98 % fine-tuned" },
   flowers128: { reference: "85–92 % (MobileNetV2 transfer)" },
 };
-const BASES: Record<string, { dir?: string; featureLayer?: string; fineTuneFrom?: string; normalization?: "minus1-1" | "0-1"; online?: boolean }> = {
-  "nsfwjs-mobilenet-v2": {},
-  // The production-quality base: downloaded once (needs the internet), so only when asked for by name.
-  "mobilenet-v2-100": { online: true },
-  "mobilenet-v1-025": { dir: "models/mobilenet_v1_0.25_224", featureLayer: "conv_pw_13_relu", fineTuneFrom: "conv_pw_11_relu", normalization: "minus1-1" },
-  "darknet-tiny": { dir: "models/darknet_tiny", featureLayer: "conv2d_16", fineTuneFrom: "leaky_re_lu_14", normalization: "0-1" },
-};
-
+// Every base edgetune knows by name; the ones downloaded from the internet only when asked for by name.
+const online = (id: string) => KNOWN_BASES.find((b) => b.id === id)?.source.kind === "url";
 const datasets = (arg("datasets") ?? Object.keys(DATASETS).join(",")).split(",");
 const bases = (
   arg("bases") ??
-  Object.entries(BASES)
-    .filter(([, b]) => !b.online)
-    .map(([id]) => id)
+  KNOWN_BASES.filter((b) => !online(b.id))
+    .map((b) => b.id)
     .join(",")
 ).split(",");
 const strategies = (arg("strategies") ?? "head,finetune").split(",") as ("head" | "finetune")[];
@@ -50,29 +43,12 @@ const s3 = await startLocalS3();
 const log = createLogger({ json: true, quiet: true, stream: { write: () => true } as unknown as NodeJS.WriteStream });
 const rows: string[] = [];
 for (const base of bases) {
-  const spec = BASES[base];
-  if (!spec) throw new Error(`unknown base ${base}; known: ${Object.keys(BASES).join(", ")}`);
-  if (spec.dir) {
-    if (!hasShared(spec.dir)) continue;
-    await importBase(
-      s3.store,
-      { kind: "dir", path: join(SHARED, spec.dir) },
-      {
-        id: base,
-        featureLayer: spec.featureLayer as string,
-        normalization: spec.normalization as "0-1",
-        fineTuneFrom: spec.fineTuneFrom,
-        licence: "see ../shared/README.md",
-      },
-    );
-  } else {
-    try {
-      await ensureBase(s3.store, base);
-    } catch (e) {
-      if (!spec.online) throw e;
-      console.log(`skipped ${base}: ${e instanceof Error ? e.message : e}`);
-      continue;
-    }
+  try {
+    await ensureBase(s3.store, base);
+  } catch (e) {
+    if (!online(base)) throw e;
+    console.log(`skipped ${base}: ${e instanceof Error ? e.message : e}`);
+    continue;
   }
   for (const dataset of datasets) {
     if (!hasShared("data", dataset)) continue;

@@ -6,7 +6,8 @@ import { execSync } from "node:child_process";
  * bare inference of the same weights in workerd (bench/edge/bare-worker.ts); where inference time
  * goes (top kernels); cold start (first classify after isolate start, split into model fetch, parse,
  * warm-up); peak memory of the workerd process around a 12-megapixel JPEG.
- * `--size 160` benchmarks a model trained at 160 px.
+ * `--size 160` benchmarks a model trained at 160 px, `--base darknet-tiny` one on another base, `--cold 5`
+ * sets the number of fresh isolates.
  */
 import { readFile } from "node:fs/promises";
 import { loadavg } from "node:os";
@@ -16,17 +17,19 @@ import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts"
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
+import { DEFAULT_BASE } from "../jobs/train/src/model/bases.ts";
 import { train } from "../jobs/train/src/train.ts";
 import { arg, hasShared, machine, percentile, SHARED } from "./common.ts";
 
 const size = Number(arg("size", "224")) as 224;
 const coldRuns = Number(arg("cold", "5"));
+const base = arg("base", DEFAULT_BASE) as string;
 const requests = Number(arg("requests", "200"));
 const s3 = await startLocalS3();
 const log = createLogger({ json: true, quiet: true, stream: { write: () => true } as unknown as NodeJS.WriteStream });
 for (const i of await sampleDataset({ perLabel: 12, size: 128 })) await s3.store.put(`datasets/bench/${i.file}`, i.bytes);
 await s3.store.put("datasets/bench/manifest.json", "{}");
-await train(s3.store, { dataset: "bench", imageSize: size, views: 1, head: { epochs: 5 }, promote: "always" }, log);
+await train(s3.store, { dataset: "bench", base, imageSize: size, views: 1, head: { epochs: 5 }, promote: "always" }, log);
 
 // A real photo at the model's size, as a client that resizes before upload would send it.
 const photo = hasShared("photos", "tfjs-models", "mobilenet_demo_coffee.jpg")
@@ -104,7 +107,7 @@ const serverS = sorted(server);
 const fmt = (a: number[]) => `${percentile(a, 50).toFixed(1)} / ${percentile(a, 95).toFixed(1)} / ${percentile(a, 99).toFixed(1)} ms`;
 const commit = execSync("git describe --always --dirty", { encoding: "utf8" }).trim();
 console.log(
-  `Edge worker in local workerd, model trained at ${size} px (MobileNetV2 nsfwjs base, BN folded, float16), ${requests} sequential requests (${machine()}; commit ${commit}; load average ${loadavg()
+  `Edge worker in local workerd, model trained at ${size} px (base ${base}, BN folded, float16), ${requests} sequential requests (${machine()}; commit ${commit}; load average ${loadavg()
     .map((l) => l.toFixed(2))
     .join(" ")} at the end)\n`,
 );

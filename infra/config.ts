@@ -34,8 +34,8 @@ export const edgetuneConfigSchema = z.object({
    */
   fanOutImagesPerShard: z.number().int().min(1000).default(20_000),
   fanOutMaxShards: z.number().int().min(2).max(10_000).default(20),
-  /** Base model id trained by default (see `edgetune base list`). */
-  defaultBase: z.string().default("nsfwjs-mobilenet-v2"),
+  /** Base model id trained by default (see `edgetune base list`); empty: the job's own default. */
+  defaultBase: z.string().default(""),
 });
 export type EdgetuneConfig = z.output<typeof edgetuneConfigSchema>;
 

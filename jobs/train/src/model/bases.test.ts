@@ -1,6 +1,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import * as tf from "@tensorflow/tfjs";
+import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
 import { EdgetuneError, IntegrityError, InvalidOptionError } from "../../../../shared/errors.ts";
@@ -35,6 +36,34 @@ describe("bases", () => {
       model.dispose();
     }
     expect((await ensureBase(s3.store, "nsfwjs-mobilenet-v2")).sha256).toBe(meta.sha256); // idempotent
+  });
+
+  it("installs the clean ImageNet bases bundled with the project, offline, with their licences", async () => {
+    const pixels = await decodeImage(
+      new Uint8Array(
+        await sharp({ create: { width: 64, height: 64, channels: 3, background: "#c33" } })
+          .png()
+          .toBuffer(),
+      ),
+    );
+    for (const [id, layer, channels] of [
+      ["darknet-tiny", "conv2d_16", 1000],
+      ["mobilenet-v1-025", "conv_pw_13_relu", 256],
+    ] as const) {
+      const meta = await ensureBase(s3.store, id);
+      expect(meta).toMatchObject({ id, featureLayer: layer });
+      expect(meta.licence).toMatch(/MIT|Apache-2.0/);
+      expect(meta.source).toBe(`edgetune jobs/train/bases/${id}`);
+      const model = await loadBase(s3.store, meta, 96);
+      expect(model.outputs[0]?.shape?.[3]).toBe(channels);
+      // Real weights: features of an image are not constant over the channels.
+      const input = preprocess(pixels, 96, { version: 1, fit: "center-crop", normalization: meta.normalization });
+      const features = tf.tidy(() => tf.mean(model.predict(tf.tensor4d(input, [1, 96, 96, 3])) as tf.Tensor, [0, 1, 2]));
+      const values = (await features.data()) as Float32Array;
+      features.dispose();
+      expect(Math.max(...values) - Math.min(...values)).toBeGreaterThan(0.01);
+      model.dispose();
+    }
   });
 
   it("refuses a tampered base", async () => {

@@ -17,11 +17,11 @@ import { loadModel, modelToFiles, WEIGHTS_FILE } from "./io.ts";
  * from there, so every job in a run uses byte-identical weights, recorded by sha256 in the model.
  */
 
-/** Bases edgetune knows by name. `builtin` installs with the project; the others need internet once. */
+/** Bases edgetune knows by name. `nsfwjs` and `bundled` install with the project; `url` needs internet once. */
 export interface KnownBase {
   id: string;
   description: string;
-  source: { kind: "nsfwjs" } | { kind: "url"; url: string };
+  source: { kind: "nsfwjs" } | { kind: "bundled"; dir: string } | { kind: "url"; url: string };
   featureLayer: string;
   fineTuneFrom: string;
   normalization: Normalization;
@@ -31,7 +31,29 @@ export interface KnownBase {
 const TM_URL = (alpha: string) =>
   `https://storage.googleapis.com/teachable-machine-models/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_${alpha}_224_no_top/model.json`;
 
+/** Bases committed with the project (jobs/train/bases/<id>/, each with its licence and provenance). */
+const BUNDLED_DIR = join(import.meta.dirname, "..", "..", "bases");
+
 export const KNOWN_BASES: readonly KnownBase[] = [
+  {
+    id: "darknet-tiny",
+    description:
+      "Tiny Darknet, ImageNet-1k (ml5's tfjs port, as in ../shared/models/darknet_tiny); cut at its last 1×1 convolution. The clean ImageNet base that installs with the project.",
+    source: { kind: "bundled", dir: "darknet-tiny" },
+    featureLayer: "conv2d_16",
+    fineTuneFrom: "leaky_re_lu_14",
+    normalization: "0-1",
+    licence: "MIT (ml5 models, see jobs/train/bases/darknet-tiny/LICENSE.ml5-data-and-models)",
+  },
+  {
+    id: "mobilenet-v1-025",
+    description: "MobileNet v1 α=0.25, ImageNet-1k (Google's weights; topology rebuilt, see its README-rebuild.md). Smallest and fastest.",
+    source: { kind: "bundled", dir: "mobilenet-v1-025" },
+    featureLayer: "conv_pw_13_relu",
+    fineTuneFrom: "conv_pw_11_relu",
+    normalization: "minus1-1",
+    licence: "Apache-2.0 (Google MobileNet weights, see jobs/train/bases/mobilenet-v1-025/LICENSE)",
+  },
   {
     id: "nsfwjs-mobilenet-v2",
     description:
@@ -54,7 +76,11 @@ export const KNOWN_BASES: readonly KnownBase[] = [
     }),
   ),
 ];
-export const DEFAULT_BASE = "nsfwjs-mobilenet-v2";
+/**
+ * The default, chosen by measurement (bench/RESULTS.md, "Which base by default"): the best accuracy on
+ * the reference datasets among the bases that install with the project, at an edge p50 ≤ 50 ms.
+ */
+export const DEFAULT_BASE = "darknet-tiny";
 
 export interface ImportOptions {
   id: string;
@@ -120,7 +146,14 @@ export async function ensureBase(store: ObjectStore, id: string): Promise<BaseMe
   if (!known) {
     throw new InvalidOptionError("base", id, [...KNOWN_BASES.map((b) => b.id), "(or any id imported with `edgetune base import`)"]);
   }
-  return importBase(store, known.source, { ...known, source: known.source.kind === "url" ? known.source.url : "npm nsfwjs dist/models/mobilenet_v2" });
+  const source: ModelSource = known.source.kind === "bundled" ? { kind: "dir", path: join(BUNDLED_DIR, known.source.dir) } : known.source;
+  const provenance =
+    known.source.kind === "url"
+      ? known.source.url
+      : known.source.kind === "bundled"
+        ? `edgetune jobs/train/bases/${known.source.dir}`
+        : "npm nsfwjs dist/models/mobilenet_v2";
+  return importBase(store, source, { ...known, source: provenance });
 }
 
 /** A stored base, verified, loaded at `size`×`size`. The caller disposes it. */
