@@ -1,5 +1,4 @@
 #!/usr/bin/env node
-import { execSync } from "node:child_process";
 /**
  * `npm run bench:edge` — the edge worker in local workerd (wrangler dev, production config), in one
  * run: warm end-to-end classify latency of a real JPEG (p50/p95/p99 over many requests) against the
@@ -9,8 +8,8 @@ import { execSync } from "node:child_process";
  * `--size 160` benchmarks a model trained at 160 px, `--base darknet-tiny` one on another base, `--cold 5`
  * sets the number of fresh isolates.
  */
-import { readFile } from "node:fs/promises";
-import { loadavg } from "node:os";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import sharp from "sharp";
 import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts";
@@ -52,18 +51,31 @@ const classify = async (edge: EdgeWorker, body: Uint8Array) => {
   return { ms: performance.now() - t, timings: json.timings as Record<string, number> };
 };
 
-// Cold starts: a fresh isolate each time.
-const cold: { firstMs: number; fetchMs: number; parseMs: number; warmupMs: number; inferenceMs: number }[] = [];
+const { execSync } = await import("node:child_process"); // a static import would sort above this file's doc comment
+
+// Cold starts: a fresh isolate each time; first with an empty Cache API (the first isolate of a
+// location), then with the verified model bytes already in the location's cache (every later one).
+type Cold = { firstMs: number; fetchMs: number; parseMs: number; warmupMs: number; inferenceMs: number };
 const coldLoad = loadavg()[0] as number;
-for (let i = 0; i < coldRuns; i++) {
-  const edge = await startEdgeWorker(workerOptions);
-  const first = await classify(edge, jpeg);
-  const desc = (await (await fetch(`${edge.url}/v1/models/bench`, { headers: { authorization: `Bearer ${edge.apiKey}` } })).json()) as {
-    load: { fetchMs: number; parseMs: number; warmupMs: number };
-  };
-  cold.push({ firstMs: first.ms, ...desc.load, inferenceMs: first.timings.inferenceMs as number });
-  await edge.stop();
-}
+const coldStart = async (persistTo?: string): Promise<Cold> => {
+  const edge = await startEdgeWorker({ ...workerOptions, persistTo });
+  try {
+    const first = await classify(edge, jpeg);
+    const desc = (await (await fetch(`${edge.url}/v1/models/bench`, { headers: { authorization: `Bearer ${edge.apiKey}` } })).json()) as {
+      load: { fetchMs: number; parseMs: number; warmupMs: number };
+    };
+    return { firstMs: first.ms, ...desc.load, inferenceMs: first.timings.inferenceMs as number };
+  } finally {
+    await edge.stop();
+  }
+};
+const cold: Cold[] = [];
+for (let i = 0; i < coldRuns; i++) cold.push(await coldStart());
+const location = await mkdtemp(join(tmpdir(), "edgetune-bench-cache-"));
+await coldStart(location); // fills the location's cache
+const coldCached: Cold[] = [];
+for (let i = 0; i < coldRuns; i++) coldCached.push(await coldStart(location));
+await rm(location, { recursive: true, force: true });
 
 // Warm latency, then memory around a 12 MP JPEG.
 const edge = await startEdgeWorker(workerOptions);
@@ -128,19 +140,16 @@ console.log(
 console.log(
   `\n| cold start (fresh isolate; load average ${coldLoad.toFixed(2)} before) | first classify | model fetch | parse | warm-up | first inference |\n|---|---|---|---|---|---|`,
 );
-const row = (label: string, c: (typeof cold)[number]) =>
+const row = (label: string, c: Cold) =>
   `| ${label} | ${c.firstMs.toFixed(0)} ms | ${c.fetchMs.toFixed(0)} ms | ${c.parseMs.toFixed(0)} ms | ${c.warmupMs.toFixed(0)} ms | ${c.inferenceMs.toFixed(0)} ms |`;
-for (const c of cold) console.log(row("run", c));
-const median = (k: keyof (typeof cold)[number]) => percentile(sorted(cold.map((c) => c[k])), 50);
-console.log(
-  row(`median of ${cold.length}`, {
-    firstMs: median("firstMs"),
-    fetchMs: median("fetchMs"),
-    parseMs: median("parseMs"),
-    warmupMs: median("warmupMs"),
-    inferenceMs: median("inferenceMs"),
-  }),
-);
+const medianOf = (runs: Cold[]): Cold => {
+  const m = (k: keyof Cold) => percentile(sorted(runs.map((c) => c[k])), 50);
+  return { firstMs: m("firstMs"), fetchMs: m("fetchMs"), parseMs: m("parseMs"), warmupMs: m("warmupMs"), inferenceMs: m("inferenceMs") };
+};
+for (const c of cold) console.log(row("run, empty cache", c));
+for (const c of coldCached) console.log(row("run, model in the location's cache", c));
+console.log(row(`median of ${cold.length}, empty cache`, medianOf(cold)));
+console.log(row(`median of ${coldCached.length}, cache warm`, medianOf(coldCached)));
 console.log(
   `\n12 MP JPEG (4000×3000, ${(big.byteLength / 1e6).toFixed(1)} MB): classify ${bigResult.ms.toFixed(0)} ms (decode ${bigResult.timings.decodeMs} ms); workerd RSS ${before.rss.toFixed(0)} → ${after.rss.toFixed(0)} MB (→ ${afterSecond.rss.toFixed(0)} MB after a second one), peak RSS ${before.peak.toFixed(0)} → ${afterSecond.peak.toFixed(0)} MB (whole process: runtime + isolate)`,
 );

@@ -1,9 +1,10 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type LocalS3, startLocalS3 } from "../infra/local/s3-server.ts";
-import { readMetadata, readPointer, readPromotedModel, VersionExistsError, writeArtifact, writePointer } from "./artifacts.ts";
+import { readMetadata, readPointer, readPromotedModel, readVerifiedFile, VersionExistsError, writeArtifact, writePointer } from "./artifacts.ts";
 import { validMetadata } from "./contracts/fixtures.ts";
 import { ContractError, IntegrityError, NotFoundError } from "./errors.ts";
 import { keys } from "./keys.ts";
+import type { ObjectReader } from "./s3/store.ts";
 
 /** Contracts against a real S3 API server: write an artifact, read it back, reject tampering. */
 let s3: LocalS3;
@@ -79,5 +80,37 @@ describe("model artifacts on S3", () => {
     const err = await readMetadata(s3.store, "malformed", "v000000000006").catch((e) => e);
     expect(err).toBeInstanceOf(ContractError);
     expect((err as ContractError).field).toBe("labels");
+  });
+});
+
+describe("verified bytes cache", () => {
+  const memoryCache = () => {
+    const entries = new Map<string, Uint8Array>();
+    return { entries, get: async (sha: string) => entries.get(sha) ?? null, put: async (sha: string, bytes: Uint8Array) => void entries.set(sha, bytes) };
+  };
+
+  it("serves verified bytes from the cache, refetches a corrupt entry, and never caches tampered bytes", async () => {
+    const written = await publish("cached", "v0000000000c1");
+    const cache = memoryCache();
+    const metadata = await readMetadata(s3.store, "cached", "v0000000000c1", written.metadataSha256, cache);
+    const shard = metadata.files.find((f) => f.path === "group1-shard1of1.bin") as { sha256: string };
+    expect(await readVerifiedFile(s3.store, metadata, "group1-shard1of1.bin", cache)).toEqual(files()[1]?.bytes);
+    expect([...cache.entries.keys()].sort()).toEqual([written.metadataSha256, shard.sha256].sort());
+
+    // Hits need no storage at all.
+    const nowhere: ObjectReader = { get: async () => Promise.reject(new Error("storage should not be asked")) };
+    expect(await readVerifiedFile(nowhere, metadata, "group1-shard1of1.bin", cache)).toEqual(files()[1]?.bytes);
+    expect((await readMetadata(nowhere, "cached", "v0000000000c1", written.metadataSha256, cache)).version).toBe("v0000000000c1");
+
+    // A corrupt entry is a miss: the bytes come from storage, verified, and replace it.
+    cache.entries.set(shard.sha256, new Uint8Array([1, 2, 3]));
+    expect(await readVerifiedFile(s3.store, metadata, "group1-shard1of1.bin", cache)).toEqual(files()[1]?.bytes);
+    expect(cache.entries.get(shard.sha256)).toEqual(files()[1]?.bytes);
+
+    // Tampered storage with an empty cache: refused, and nothing is cached.
+    const empty = memoryCache();
+    await s3.store.put(keys.versionFile("cached", "v0000000000c1", "group1-shard1of1.bin"), new Uint8Array(4096));
+    await expect(readVerifiedFile(s3.store, metadata, "group1-shard1of1.bin", empty)).rejects.toBeInstanceOf(IntegrityError);
+    expect(empty.entries.size).toBe(0);
   });
 });

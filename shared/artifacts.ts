@@ -54,14 +54,47 @@ export async function readPointer(store: ObjectReader, name: string): Promise<Mo
   return parseContractJson(pointerSchema, new TextDecoder().decode(bytes), `models/${name}/current.json`);
 }
 
+/**
+ * Verified bytes kept by their sha256 (content-addressed), e.g. the Workers Cache API, so a fresh edge
+ * isolate does not fetch a model from the bucket again. A hit is hashed again before use: a bad entry
+ * can cost a fetch, never serve wrong bytes. Only bytes that passed verification are put.
+ */
+export interface VerifiedBytesCache {
+  get(sha256: string): Promise<Uint8Array | null>;
+  put(sha256: string, bytes: Uint8Array): Promise<void>;
+}
+
+/** `sha256`'s bytes from the cache if present and intact; otherwise `fetch` them (the caller verifies). */
+async function cachedOr(
+  cache: VerifiedBytesCache | undefined,
+  sha256: string,
+  fetch: () => Promise<Uint8Array | null>,
+): Promise<{ bytes: Uint8Array | null; hit: boolean }> {
+  const hit = cache ? await cache.get(sha256).catch(() => null) : null;
+  if (hit && (await sha256Hex(hit)) === sha256) return { bytes: hit, hit: true };
+  return { bytes: await fetch(), hit: false };
+}
+
+/** Keeps verified bytes; a cache that fails only costs the next isolate a fetch. */
+async function remember(cache: VerifiedBytesCache | undefined, sha256: string, bytes: Uint8Array): Promise<void> {
+  await cache?.put(sha256, bytes).catch(() => {});
+}
+
 /** Reads a version's metadata; if `expectedSha256` is given (from a pointer) the bytes must match it. */
-export async function readMetadata(store: ObjectReader, name: string, version: string, expectedSha256?: string): Promise<ArtifactMetadata> {
+export async function readMetadata(
+  store: ObjectReader,
+  name: string,
+  version: string,
+  expectedSha256?: string,
+  cache?: VerifiedBytesCache,
+): Promise<ArtifactMetadata> {
   const key = keys.metadata(name, version);
-  const bytes = await store.get(key);
+  const { bytes, hit } = expectedSha256 ? await cachedOr(cache, expectedSha256, () => store.get(key)) : { bytes: await store.get(key), hit: false };
   if (bytes === null) throw new NotFoundError(`Model ${name} has no version ${version} (${key} is missing).`);
-  if (expectedSha256) {
+  if (expectedSha256 && !hit) {
     const actual = await sha256Hex(bytes);
     if (actual !== expectedSha256) throw new IntegrityError(key, expectedSha256, actual);
+    await remember(cache, expectedSha256, bytes);
   }
   const metadata = parseContractJson(artifactMetadataSchema, new TextDecoder().decode(bytes), key);
   if (metadata.name !== name || metadata.version !== version) {
@@ -71,14 +104,16 @@ export async function readMetadata(store: ObjectReader, name: string, version: s
 }
 
 /** Fetches one listed file and checks its size and sha256. */
-export async function readVerifiedFile(store: ObjectReader, metadata: ArtifactMetadata, path: string): Promise<Uint8Array> {
+export async function readVerifiedFile(store: ObjectReader, metadata: ArtifactMetadata, path: string, cache?: VerifiedBytesCache): Promise<Uint8Array> {
   const file = metadata.files.find((f) => f.path === path);
   if (!file) throw new NotFoundError(`${path} is not part of model ${metadata.name} version ${metadata.version}.`);
   const key = keys.versionFile(metadata.name, metadata.version, path);
-  const bytes = await store.get(key);
+  const { bytes, hit } = await cachedOr(cache, file.sha256, () => store.get(key));
   if (bytes === null) throw new NotFoundError(`${key} is missing.`);
+  if (hit) return bytes;
   const actual = await sha256Hex(bytes);
   if (actual !== file.sha256) throw new IntegrityError(key, file.sha256, actual);
+  await remember(cache, file.sha256, bytes);
   return bytes;
 }
 

@@ -32,6 +32,8 @@ export interface EdgeOptions {
   port?: number;
   /** wrangler config; default the production one. */
   config?: string;
+  /** Where local state (the Cache API among it) is kept; default a fresh folder removed on stop. */
+  persistTo?: string;
 }
 
 export async function freePort(): Promise<number> {
@@ -48,7 +50,7 @@ export async function freePort(): Promise<number> {
 export async function startEdgeWorker(options: EdgeOptions): Promise<EdgeWorker> {
   const port = options.port ?? (await freePort());
   const apiKey = options.apiKey ?? `test-${Math.random().toString(36).slice(2)}`;
-  const state = await mkdtemp(join(tmpdir(), "edgetune-wrangler-"));
+  const state = options.persistTo ?? (await mkdtemp(join(tmpdir(), "edgetune-wrangler-")));
   const vars: Record<string, string> = {
     S3_ENDPOINT: options.s3Endpoint,
     S3_BUCKET: options.bucket,
@@ -130,7 +132,7 @@ export async function startEdgeWorker(options: EdgeOptions): Promise<EdgeWorker>
       }
       killGroup("SIGKILL"); // whatever is left of the group (workerd)
       process.off("exit", onExit);
-      await rm(state, { recursive: true, force: true });
+      if (!options.persistTo) await rm(state, { recursive: true, force: true });
     },
     workerdPids() {
       const pids: number[] = [];

@@ -8,6 +8,7 @@ import { readImageBody } from "./http/body.ts";
 import { ApiError, errorBody } from "./http/errors.ts";
 import { decodeImage } from "./image/decode.ts";
 import { wasmMemoryBytes } from "./memory.ts";
+import { workersCache } from "./model/cache.ts";
 import { ModelRegistry, ModelUnavailableError } from "./model/registry.ts";
 import { createModelSource } from "./model/source.ts";
 import { classifyRoute, healthRoute, modelParams, modelRoute, serveOpenApi } from "./openapi.ts";
@@ -29,6 +30,7 @@ function registryFor(env: Env): ModelRegistry {
   registry ??= new ModelRegistry(createModelSource(env), {
     ttlMs: Number(env.POINTER_TTL_SECONDS || 30) * 1000,
     maxModels: Number(env.MAX_MODELS || 1),
+    cache: workersCache(),
   });
   return registry;
 }

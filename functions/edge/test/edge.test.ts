@@ -1,5 +1,7 @@
 import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { mkdtemp, rm } from "node:fs/promises";
 import { request } from "node:http";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as tf from "@tensorflow/tfjs";
 import sharp from "sharp";
@@ -13,6 +15,7 @@ import { readPointer, readPromotedModel, writePointer } from "../../../shared/ar
 import { keys } from "../../../shared/keys.ts";
 import { preprocess } from "../../../shared/preprocess.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
+import { startFaultProxy } from "../../../test/support/fault-proxy.ts";
 
 /**
  * The edge worker in real workerd (`wrangler dev`, production wrangler.jsonc and bundle) against a
@@ -347,6 +350,40 @@ describe("admission control", () => {
     expect(await held).toBe(200);
     expect((await Promise.all(queued)).map((r) => r.status)).toEqual(Array(16).fill(200));
     await until((r) => r.active === 0 && r.queued === 0);
+  });
+});
+
+describe("model cache", () => {
+  it("a fresh isolate loads a model from the Cache API, verified, without fetching it from the bucket again", async () => {
+    const state = await mkdtemp(join(tmpdir(), "edgetune-cache-"));
+    const img = images[0] as (typeof images)[number];
+    const first = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, persistTo: state });
+    try {
+      const res = await fetch(`${first.url}/v1/models/emoji/classify`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${first.apiKey}`, "content-type": jpegOf(img) },
+        body: img.bytes as BodyInit,
+      });
+      expect(res.status).toBe(200);
+    } finally {
+      await first.stop();
+    }
+    // A new workerd process (a fresh isolate), the same location's cache, the bucket behind a counting proxy.
+    const proxy = await startFaultProxy(s3.endpoint, { every: 1_000_000 });
+    const second = await startEdgeWorker({ s3Endpoint: proxy.endpoint, bucket: s3.config.bucket, persistTo: state });
+    try {
+      const res = await fetch(`${second.url}/v1/models/emoji/classify`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${second.apiKey}`, "content-type": jpegOf(img) },
+        body: img.bytes as BodyInit,
+      });
+      expect(res.status).toBe(200);
+      expect(proxy.total).toBe(1); // current.json only: metadata, model.json and weights came from the cache
+    } finally {
+      await second.stop();
+      await proxy.stop();
+      await rm(state, { recursive: true, force: true });
+    }
   });
 });
 

@@ -1,5 +1,5 @@
 import * as tfl from "@tensorflow/tfjs-layers";
-import { readMetadata, readVerifiedFile } from "../../../../shared/artifacts.ts";
+import { readMetadata, readVerifiedFile, type VerifiedBytesCache } from "../../../../shared/artifacts.ts";
 import { concatBytes } from "../../../../shared/bytes.ts";
 import type { ArtifactMetadata, ModelPointer } from "../../../../shared/contracts/artifact.ts";
 import { pointerSchema } from "../../../../shared/contracts/artifact.ts";
@@ -60,13 +60,21 @@ export class ModelUnavailableError extends Error {
   }
 }
 
+export interface RegistryOptions {
+  ttlMs: number;
+  maxModels: number;
+  /** Verified model bytes shared by the isolates of a location (the Workers Cache API); none: always the bucket. */
+  cache?: VerifiedBytesCache;
+  now?: () => number;
+}
+
 export class ModelRegistry {
   private readonly slots = new Map<string, Slot>();
 
   private readonly source: ModelSource;
-  private readonly options: { ttlMs: number; maxModels: number; now?: () => number };
+  private readonly options: RegistryOptions;
 
-  constructor(source: ModelSource, options: { ttlMs: number; maxModels: number; now?: () => number }) {
+  constructor(source: ModelSource, options: RegistryOptions) {
     this.source = source;
     this.options = options;
   }
@@ -89,7 +97,7 @@ export class ModelRegistry {
     if (!slot.current) {
       if (slot.missingUntil && slot.missingUntil > this.now()) throw new ModelUnavailableError("model_not_found", `No model named ${name}.`);
       // Backing off after a failure: answer from what is known, without asking storage again.
-      if (!(slot.nextCheckAt && slot.nextCheckAt > this.now())) await this.check(name, slot);
+      if (!(slot.nextCheckAt && slot.nextCheckAt > this.now())) await this.check(name, slot, waitUntil);
       if (!slot.current) {
         if (slot.missingUntil) throw new ModelUnavailableError("model_not_found", `No model named ${name}.`);
         const retryAfter = Math.max(1, Math.ceil(((slot.nextCheckAt ?? this.now()) - this.now()) / 1000));
@@ -100,7 +108,7 @@ export class ModelRegistry {
         );
       }
     } else if (this.now() - slot.checkedAt >= this.options.ttlMs && !slot.checking) {
-      waitUntil(this.check(name, slot));
+      waitUntil(this.check(name, slot, waitUntil));
     }
     const model = slot.current as LoadedModel;
     model.users++;
@@ -139,14 +147,14 @@ export class ModelRegistry {
     return this.check(name, slot);
   }
 
-  private check(name: string, slot: Slot): Promise<void> {
-    slot.checking ??= this.checkNow(name, slot).finally(() => {
+  private check(name: string, slot: Slot, waitUntil: (p: Promise<unknown>) => void = () => {}): Promise<void> {
+    slot.checking ??= this.checkNow(name, slot, waitUntil).finally(() => {
       slot.checking = undefined;
     });
     return slot.checking;
   }
 
-  private async checkNow(name: string, slot: Slot): Promise<void> {
+  private async checkNow(name: string, slot: Slot, waitUntil: (p: Promise<unknown>) => void): Promise<void> {
     const started = this.now();
     try {
       const res = await this.source.getIfChanged(keys.pointer(name), slot.current ? slot.pointerEtag : undefined);
@@ -176,7 +184,7 @@ export class ModelRegistry {
       }
       let loaded: LoadedModel;
       try {
-        loaded = await this.load(name, pointer);
+        loaded = await this.load(name, pointer, waitUntil);
       } catch (e) {
         // Twice the pointer's back-off: the pointer is cheap to ask for, the version is megabytes.
         slot.failed = { etag: res.etag, retryAt: started + this.backoff(slot.failures + 2, 10 * this.options.ttlMs) };
@@ -212,16 +220,22 @@ export class ModelRegistry {
     return Math.min(capMs, 1000 * 2 ** (failures - 1)) * (0.5 + 0.5 * Math.random());
   }
 
-  private async load(name: string, pointer: ModelPointer): Promise<LoadedModel> {
+  private async load(name: string, pointer: ModelPointer, waitUntil: (p: Promise<unknown>) => void): Promise<LoadedModel> {
     const t0 = performance.now();
-    const metadata = await readMetadata(this.source, name, pointer.version, pointer.metadataSha256);
-    const modelJsonBytes = await readVerifiedFile(this.source, metadata, "model.json");
+    // Filling the location's cache is not on this request's path: the put finishes in the background.
+    const shared = this.options.cache;
+    const cache = shared && {
+      get: (sha: string) => shared.get(sha),
+      put: async (sha: string, bytes: Uint8Array) => waitUntil(shared.put(sha, bytes).catch(() => {})),
+    };
+    const metadata = await readMetadata(this.source, name, pointer.version, pointer.metadataSha256, cache);
+    const modelJsonBytes = await readVerifiedFile(this.source, metadata, "model.json", cache);
     const modelJson = JSON.parse(new TextDecoder().decode(modelJsonBytes)) as {
       modelTopology: object;
       weightsManifest: { paths: string[]; weights: tf.io.WeightsManifestEntry[] }[];
     };
     const paths = modelJson.weightsManifest.flatMap((g) => g.paths);
-    const shards = await Promise.all(paths.map((p) => readVerifiedFile(this.source, metadata, p)));
+    const shards = await Promise.all(paths.map((p) => readVerifiedFile(this.source, metadata, p, cache)));
     const t1 = performance.now();
     const weightData = concatBytes(shards).buffer;
     const model = await tfl.loadLayersModel(
