@@ -241,5 +241,10 @@ describe("npm run synth", () => {
     expect(staged).toEqual(expect.arrayContaining(["package.json", "package-lock.json", "jobs", "shared"]));
     expect(staged).not.toContain("node_modules");
     expect(existsSync(join(out, asset as string, "jobs/train/Dockerfile"))).toBe(true);
+    expect(existsSync(join(out, asset as string, "jobs/train/bases/darknet-tiny/model.json"))).toBe(true); // the bundled bases
+    // Built for the GPU hosts (x86) whatever machine runs `cdk deploy`.
+    const { readFileSync } = await import("node:fs");
+    const manifest = JSON.parse(readFileSync(join(out, "Edgetune.assets.json"), "utf8")) as { dockerImages: Record<string, { source: { platform?: string } }> };
+    expect(Object.values(manifest.dockerImages).map((i) => i.source.platform)).toEqual(["linux/amd64"]);
   }, 180_000);
 });

@@ -2,6 +2,7 @@ import * as path from "node:path";
 import { Duration, Size } from "aws-cdk-lib";
 import * as batch from "aws-cdk-lib/aws-batch";
 import * as ec2 from "aws-cdk-lib/aws-ec2";
+import { Platform } from "aws-cdk-lib/aws-ecr-assets";
 import * as ecs from "aws-cdk-lib/aws-ecs";
 import * as iam from "aws-cdk-lib/aws-iam";
 import * as logs from "aws-cdk-lib/aws-logs";
@@ -78,7 +79,8 @@ export class TrainingBatch extends Construct {
     jobRole.addToPolicy(new iam.PolicyStatement({ actions: ["s3:ListBucket"], resources: [props.bucket.bucketArn] }));
 
     const repoRoot = path.join(import.meta.dirname, "..", "..");
-    const image = ecs.ContainerImage.fromAsset(repoRoot, { file: "jobs/train/Dockerfile" });
+    // linux/amd64 whatever machine builds it: the GPU hosts are x86 (an arm64 laptop would build arm64).
+    const image = ecs.ContainerImage.fromAsset(repoRoot, { file: "jobs/train/Dockerfile", platform: Platform.LINUX_AMD64 });
     const container = (id: string, command: string[], environment: Record<string, string> = {}) =>
       new batch.EcsEc2ContainerDefinition(this, id, {
         image,

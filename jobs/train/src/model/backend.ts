@@ -1,6 +1,7 @@
 import { createRequire } from "node:module";
 import * as tf from "@tensorflow/tfjs";
 import "@tensorflow/tfjs-backend-wasm";
+import { restoreIsNullOrUndefined } from "./node-compat.ts";
 import { registerWasmGradientKernels } from "./wasm-grad-kernels.ts";
 
 /**
@@ -22,17 +23,24 @@ export interface BackendInfo {
 let selected: Promise<BackendInfo> | undefined;
 
 export function initBackend(env: Record<string, string | undefined> = process.env): Promise<BackendInfo> {
-  selected ??= choose(env.EDGETUNE_BACKEND);
+  selected ??= chooseBackend(env.EDGETUNE_BACKEND);
   return selected;
 }
 
-async function choose(forced: string | undefined): Promise<BackendInfo> {
+/** The native packages, in order of preference; optional: present only in the GPU image (or where a user installed them). */
+export const NATIVE_PACKAGES = ["@tensorflow/tfjs-node-gpu", "@tensorflow/tfjs-node"] as const;
+
+/**
+ * Chooses and initialises the backend. `load` imports a native package (tests pass a stand-in; a
+ * native package registers the "tensorflow" backend when imported).
+ */
+export async function chooseBackend(forced: string | undefined, load: (pkg: string) => Promise<unknown> = (pkg) => import(pkg)): Promise<BackendInfo> {
   const tried: string[] = [];
   if (forced !== "wasm") {
-    for (const pkg of ["@tensorflow/tfjs-node-gpu", "@tensorflow/tfjs-node"]) {
+    for (const pkg of NATIVE_PACKAGES) {
       try {
-        // Optional native packages: present only in the GPU container (or where a user installed them).
-        await import(pkg);
+        restoreIsNullOrUndefined(); // before tfjs-node first runs an op, see node-compat.ts
+        await load(pkg);
         if (await tf.setBackend("tensorflow")) {
           return { name: "tensorflow", gpu: pkg.endsWith("-gpu"), reason: `${pkg} is installed` };
         }

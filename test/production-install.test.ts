@@ -1,0 +1,72 @@
+import { execFile } from "node:child_process";
+import { existsSync } from "node:fs";
+import { cp, mkdtemp, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { jobEnvironment } from "../infra/local/job-env.ts";
+import { type LocalS3, startLocalS3 } from "../infra/local/s3-server.ts";
+import { readPointer } from "../shared/artifacts.ts";
+import { uploadSample } from "./support/datasets.ts";
+
+const run = promisify(execFile);
+
+/**
+ * The training image's install, made the way jobs/train/Dockerfile makes it — its build context (what
+ * .dockerignore lets through) and `npm ci --omit=dev` in a folder of its own — then `edgetune train`
+ * from that folder, on the Node major the image uses, against a real S3 API server. What stays
+ * unverified here is the GPU itself (tfjs-node-gpu's kernels on CUDA): see infra/README.md.
+ */
+const root = join(import.meta.dirname, "..");
+let staging: string;
+let s3: LocalS3;
+
+beforeAll(async () => {
+  staging = await mkdtemp(join(tmpdir(), "edgetune-image-"));
+  for (const path of ["package.json", "package-lock.json", "shared", "jobs/train"])
+    await cp(join(root, path), join(staging, path), { recursive: true, filter: (src) => !src.endsWith(".test.ts") });
+  await run("npm", ["ci", "--omit=dev", "--no-audit", "--no-fund"], { cwd: staging, timeout: 600_000 });
+  s3 = await startLocalS3({ bucket: "image" });
+}, 900_000);
+afterAll(async () => {
+  await s3?.stop();
+  if (staging) await rm(staging, { recursive: true, force: true });
+});
+
+describe("the training image's production install", () => {
+  it("holds production dependencies only, and runs on the Node major the image is built from", async () => {
+    for (const dev of ["wrangler", "aws-cdk-lib", "vitest", "node", "@biomejs/biome", "@twemoji/svg"])
+      expect([dev, existsSync(join(staging, "node_modules", dev))]).toEqual([dev, false]);
+    for (const prod of ["@tensorflow/tfjs", "@tensorflow/tfjs-backend-wasm", "sharp", "nsfwjs", "@aws-sdk/client-s3"])
+      expect([prod, existsSync(join(staging, "node_modules", prod))]).toEqual([prod, true]);
+    const dockerfile = await readFile(join(root, "jobs/train/Dockerfile"), "utf8");
+    const imageMajor = /FROM [^\n]*node:(\d+)-/.exec(dockerfile)?.[1];
+    expect(process.versions.node.split(".")[0]).toBe(imageMajor);
+  });
+
+  it("trains a real dataset from that folder, as the Batch container runs it", async () => {
+    await uploadSample(s3.store, "image-check", { perLabel: 8 });
+    const { stdout, stderr } = await run(
+      process.execPath,
+      [
+        join(staging, "jobs/train/cli.ts"),
+        "train",
+        "--dataset",
+        "image-check",
+        "--image-size",
+        "96",
+        "--views",
+        "1",
+        "--epochs",
+        "3",
+        "--promote",
+        "always",
+        "--json",
+      ],
+      { cwd: staging, env: jobEnvironment(s3.config, { NODE_ENV: "production" }), timeout: 300_000 },
+    );
+    expect(`${stdout}${stderr}`).toMatch(/"message":"backend wasm"/); // no GPU here: the same code on wasm
+    expect((await readPointer(s3.store, "image-check"))?.version).toMatch(/^v[0-9a-f]{12}$/);
+  }, 300_000);
+});
