@@ -20,6 +20,17 @@ export const edgetuneConfigSchema = z.object({
   jobMemoryGiB: z.number().int().min(2).default(14),
   jobVcpus: z.number().int().min(1).default(4),
   jobTimeoutHours: z.number().min(0.25).max(48).default(4),
+  /**
+   * A job that waits this long in RUNNABLE (no capacity: a G-instance quota of 0 on a new account, a
+   * compute environment too small for the job) is cancelled with the reason, which the failure alert
+   * reports, instead of waiting forever.
+   */
+  runnableTimeoutMinutes: z
+    .number()
+    .int()
+    .min(10)
+    .max(24 * 60)
+    .default(60),
   /** Nightly retraining, EventBridge Scheduler cron (minutes hours day month weekday year) and IANA time zone. */
   schedule: z.string().default("cron(0 3 * * ? *)"),
   timeZone: z.string().default("UTC"),

@@ -47,6 +47,11 @@ export function acknowledgeNagFindings(stack: Stack): void {
     "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole]",
     "CDK's own BucketNotificationsHandler (turns on EventBridge notifications) only writes its logs.",
   );
+  ack(
+    stack.node.findChild("Triggers").node.findChild("DeadLetters"),
+    "AwsSolutions-SQS3",
+    "This queue is the dead-letter queue of the training triggers (EventBridge rule and schedule targets); it is alarmed on, not drained.",
+  );
   const edge = stack.node.findChild("Edge");
   ack(
     edge.node.findChild("ReadModels"),

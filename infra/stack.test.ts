@@ -156,6 +156,34 @@ describe("GPU batch job", () => {
       expect((sg.Properties as { SecurityGroupIngress?: unknown }).SecurityGroupIngress).toBeUndefined();
   });
 
+  it("cancels a job stuck in RUNNABLE (no capacity, a quota of 0, a misfit) after an hour, with the reason", () => {
+    template.hasResourceProperties("AWS::Batch::JobQueue", {
+      JobStateTimeLimitActions: [
+        "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY",
+        "MISCONFIGURATION:COMPUTE_ENVIRONMENT_MAX_RESOURCE",
+        "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT",
+      ].map((Reason) => ({ Action: "CANCEL", MaxTimeSeconds: 3600, Reason, State: "RUNNABLE" })),
+    });
+  });
+
+  it("lets a run waiting for another run of its model give up before its own timeout", () => {
+    template.hasResourceProperties("AWS::Batch::JobDefinition", {
+      Timeout: { AttemptDurationSeconds: 4 * 3600 },
+      ContainerProperties: Match.objectLike({ Environment: Match.arrayWith([{ Name: "EDGETUNE_LOCK_WAIT_MS", Value: String(3.5 * 3600 * 1000) }]) }),
+    });
+  });
+
+  it("lets the job delete only its run state (runs/, locks/): never a model, a base or the feature cache", () => {
+    const deletes = jobRoleStatements(template).filter((s) => actions(s).some((a) => a.startsWith("s3:Delete")));
+    expect(deletes.length).toBeGreaterThan(0);
+    for (const s of deletes) expect(JSON.stringify(s.Resource)).toMatch(/\/(runs|locks)\/\*"/);
+    const writes = jobRoleStatements(template).filter((s) => actions(s).includes("s3:PutObject"));
+    expect(writes.map((s) => /\/(\w+)\/\*"/.exec(JSON.stringify(s.Resource))?.[1]).sort()).toEqual(["bases", "cache", "locks", "models", "runs"]);
+    // Listing only under the prefixes it uses.
+    const list = jobRoleStatements(template).find((s) => actions(s).includes("s3:ListBucket"));
+    expect(list?.Condition).toEqual({ StringLike: { "s3:prefix": ["datasets/*", "bases/*", "models/*", "cache/*", "runs/*", "locks/*"] } });
+  });
+
   it("gives the job read-only access to datasets and no delete there", () => {
     const datasetStatements = statements().filter((s) => JSON.stringify(s.Resource).includes("/datasets/*"));
     expect(datasetStatements.length).toBeGreaterThan(0);
@@ -184,6 +212,23 @@ describe("triggers", () => {
     const schedule = JSON.stringify(Object.values(template.findResources("AWS::Scheduler::Schedule"))[0]);
     expect(schedule).toContain(":scheduler:::aws-sdk:batch:submitJob");
     expect(schedule).toContain('\\"Parameters\\":{\\"dataset\\":\\"*\\"}');
+  });
+});
+
+describe("triggers that cannot submit", () => {
+  it("send what they could not deliver to a dead-letter queue, which raises an alarm on the failure topic", () => {
+    const [dlq] = Object.keys(template.findResources("AWS::SQS::Queue"));
+    const arn = { "Fn::GetAtt": [dlq, "Arn"] };
+    template.hasResourceProperties("AWS::Events::Rule", {
+      EventPattern: Match.objectLike({ source: ["aws.s3"] }),
+      Targets: [Match.objectLike({ DeadLetterConfig: { Arn: arn }, RetryPolicy: Match.objectLike({ MaximumRetryAttempts: 3 }) })],
+    });
+    template.hasResourceProperties("AWS::Scheduler::Schedule", { Target: Match.objectLike({ DeadLetterConfig: { Arn: arn } }) });
+    template.hasResourceProperties("AWS::CloudWatch::Alarm", {
+      MetricName: "ApproximateNumberOfMessagesVisible",
+      Threshold: 1,
+      AlarmActions: [{ Ref: Match.stringLikeRegexp("^AlertsFailures") }],
+    });
   });
 });
 

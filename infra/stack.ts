@@ -18,14 +18,14 @@ export class EdgetuneStack extends Stack {
     const data = new DataBucket(this, "Data", config);
     const network = new BatchNetwork(this, "Network", { logRetention });
     const training = new TrainingBatch(this, "Training", { config, vpc: network.vpc, securityGroup: network.securityGroup, bucket: data.bucket, logRetention });
-    new TrainingTriggers(this, "Triggers", {
+    const triggers = new TrainingTriggers(this, "Triggers", {
       bucket: data.bucket,
       queue: training.queue,
       jobDefinition: training.jobDefinition,
       schedule: config.schedule,
       timeZone: config.timeZone,
     });
-    const alerts = new TrainingAlerts(this, "Alerts", { queue: training.queue, email: config.alarmEmail });
+    const alerts = new TrainingAlerts(this, "Alerts", { queue: training.queue, deadLetters: triggers.deadLetters, email: config.alarmEmail });
     const edge = new EdgeCredentials(this, "Edge", { bucket: data.bucket });
 
     new CfnOutput(this, "BucketName", { value: data.bucket.bucketName, description: "EDGETUNE_BUCKET / the worker's S3_BUCKET" });

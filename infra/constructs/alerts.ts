@@ -1,20 +1,26 @@
+import { Duration } from "aws-cdk-lib";
 import type * as batch from "aws-cdk-lib/aws-batch";
+import * as cloudwatch from "aws-cdk-lib/aws-cloudwatch";
+import * as cloudwatchActions from "aws-cdk-lib/aws-cloudwatch-actions";
 import * as events from "aws-cdk-lib/aws-events";
 import * as targets from "aws-cdk-lib/aws-events-targets";
 import * as iam from "aws-cdk-lib/aws-iam";
 import * as kms from "aws-cdk-lib/aws-kms";
 import * as sns from "aws-cdk-lib/aws-sns";
 import * as subscriptions from "aws-cdk-lib/aws-sns-subscriptions";
+import type * as sqs from "aws-cdk-lib/aws-sqs";
 import { Construct } from "constructs";
 
 /**
- * Failure visibility: every training job of our queue that ends FAILED is published to an encrypted,
- * TLS-only SNS topic, with an optional e-mail subscription.
+ * Failure visibility: every training job of our queue that ends FAILED — including one cancelled
+ * after waiting too long in RUNNABLE (no GPU capacity, a quota of 0) — is published to an encrypted,
+ * TLS-only SNS topic, with an optional e-mail subscription; so is any trigger that could not submit
+ * its job (a message in the triggers' dead-letter queue).
  */
 export class TrainingAlerts extends Construct {
   readonly topic: sns.Topic;
 
-  constructor(scope: Construct, id: string, props: { queue: batch.IJobQueue; email?: string }) {
+  constructor(scope: Construct, id: string, props: { queue: batch.IJobQueue; deadLetters: sqs.IQueue; email?: string }) {
     super(scope, id);
     const key = new kms.Key(this, "TopicKey", { enableKeyRotation: true, description: "edgetune training alerts" });
     key.grant(new iam.ServicePrincipal("events.amazonaws.com"), "kms:Decrypt", "kms:GenerateDataKey*");
@@ -25,5 +31,14 @@ export class TrainingAlerts extends Construct {
       eventPattern: { source: ["aws.batch"], detailType: ["Batch Job State Change"], detail: { status: ["FAILED"], jobQueue: [props.queue.jobQueueArn] } },
       targets: [new targets.SnsTopic(this.topic)],
     });
+    key.grant(new iam.ServicePrincipal("cloudwatch.amazonaws.com"), "kms:Decrypt", "kms:GenerateDataKey*");
+    new cloudwatch.Alarm(this, "TriggerNotDelivered", {
+      alarmDescription: "A dataset upload or the nightly schedule could not submit its training job (see the dead-letter queue)",
+      metric: props.deadLetters.metricApproximateNumberOfMessagesVisible({ period: Duration.minutes(5), statistic: "Maximum" }),
+      threshold: 1,
+      evaluationPeriods: 1,
+      comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+      treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
+    }).addAlarmAction(new cloudwatchActions.SnsAction(this.topic));
   }
 }

@@ -16,6 +16,9 @@ import type { EdgetuneConfig } from "../config.ts";
  * runs `edgetune train` from the image built out of jobs/train/Dockerfile with 1 GPU. Retries happen
  * only when spot reclaims the host; any other failure is final and notified.
  */
+/** The bucket prefixes the job lists (shared/keys.ts). */
+export const JOB_PREFIXES = ["datasets/", "bases/", "models/", "cache/", "runs/", "locks/"] as const;
+
 export class TrainingBatch extends Construct {
   readonly queue: batch.JobQueue;
   readonly jobDefinition: batch.EcsJobDefinition;
@@ -60,23 +63,46 @@ export class TrainingBatch extends Construct {
         allocationStrategy: batch.AllocationStrategy.BEST_FIT_PROGRESSIVE,
       }),
     });
-    this.queue = new batch.JobQueue(this, "Queue", { computeEnvironments, priority: 1 });
+    this.queue = new batch.JobQueue(this, "Queue", {
+      computeEnvironments,
+      priority: 1,
+      // Stuck in RUNNABLE for want of capacity or by misconfiguration: cancelled (→ FAILED, alerted) with the reason.
+      jobStateTimeLimitActions: [
+        batch.JobStateTimeLimitActionsReason.INSUFFICIENT_INSTANCE_CAPACITY,
+        batch.JobStateTimeLimitActionsReason.COMPUTE_ENVIRONMENT_MAX_RESOURCE,
+        batch.JobStateTimeLimitActionsReason.JOB_RESOURCE_REQUIREMENT,
+      ].map((reason) => ({
+        reason,
+        maxTime: Duration.minutes(config.runnableTimeoutMinutes),
+        action: batch.JobStateTimeLimitActionsAction.CANCEL,
+        state: batch.JobStateTimeLimitActionsState.RUNNABLE,
+      })),
+    });
 
     this.logGroup = new logs.LogGroup(this, "Logs", { retention: props.logRetention });
     const jobRole = new iam.Role(this, "JobRole", {
       assumedBy: new iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
       description: "edgetune training job: read datasets and bases, write models, cache and run state",
     });
-    // Least privilege by prefix: datasets/ is read-only for the job; it writes only what it produces.
+    // Least privilege by prefix: datasets/ is read-only for the job; bases, models and the feature
+    // cache are read and written but never deleted (versions are immutable, and a bug must not be
+    // able to destroy what is served); only its own run state (checkpoints, locks) may be deleted.
     props.bucket.grantRead(jobRole, "datasets/*");
-    props.bucket.grantReadWrite(jobRole, "bases/*");
-    props.bucket.grantReadWrite(jobRole, "models/*");
-    props.bucket.grantReadWrite(jobRole, "cache/*");
-    props.bucket.grantReadWrite(jobRole, "runs/*");
-    props.bucket.grantReadWrite(jobRole, "locks/*");
-    props.bucket.grantDelete(jobRole, "runs/*");
-    props.bucket.grantDelete(jobRole, "locks/*");
-    jobRole.addToPolicy(new iam.PolicyStatement({ actions: ["s3:ListBucket"], resources: [props.bucket.bucketArn] }));
+    for (const prefix of ["bases/*", "models/*", "cache/*"]) {
+      props.bucket.grantRead(jobRole, prefix);
+      props.bucket.grantPut(jobRole, prefix);
+    }
+    for (const prefix of ["runs/*", "locks/*"]) {
+      props.bucket.grantReadWrite(jobRole, prefix);
+      props.bucket.grantDelete(jobRole, prefix);
+    }
+    jobRole.addToPolicy(
+      new iam.PolicyStatement({
+        actions: ["s3:ListBucket"],
+        resources: [props.bucket.bucketArn],
+        conditions: { StringLike: { "s3:prefix": JOB_PREFIXES.map((p) => `${p}*`) } },
+      }),
+    );
 
     const repoRoot = path.join(import.meta.dirname, "..", "..");
     // linux/amd64 whatever machine builds it: the GPU hosts are x86 (an arm64 laptop would build arm64).
@@ -89,7 +115,13 @@ export class TrainingBatch extends Construct {
         gpu: 1,
         jobRole,
         command,
-        environment: { EDGETUNE_BUCKET: props.bucket.bucketName, EDGETUNE_DEFAULT_BASE: config.defaultBase, ...environment },
+        environment: {
+          EDGETUNE_BUCKET: props.bucket.bucketName,
+          EDGETUNE_DEFAULT_BASE: config.defaultBase,
+          // A run waiting for another run of the same model gives up 30 min before its own timeout.
+          EDGETUNE_LOCK_WAIT_MS: String(Math.max(15, config.jobTimeoutHours * 60 - 30) * 60_000),
+          ...environment,
+        },
         logging: ecs.LogDriver.awsLogs({ streamPrefix: id.toLowerCase(), logGroup: this.logGroup }),
         readonlyRootFilesystem: false,
         user: "node",

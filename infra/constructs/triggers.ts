@@ -1,4 +1,4 @@
-import { TimeZone } from "aws-cdk-lib";
+import { Duration, TimeZone } from "aws-cdk-lib";
 import type * as batch from "aws-cdk-lib/aws-batch";
 import * as events from "aws-cdk-lib/aws-events";
 import * as targets from "aws-cdk-lib/aws-events-targets";
@@ -6,6 +6,7 @@ import * as iam from "aws-cdk-lib/aws-iam";
 import type * as s3 from "aws-cdk-lib/aws-s3";
 import * as scheduler from "aws-cdk-lib/aws-scheduler";
 import * as schedulerTargets from "aws-cdk-lib/aws-scheduler-targets";
+import * as sqs from "aws-cdk-lib/aws-sqs";
 import { Construct } from "constructs";
 
 /**
@@ -15,6 +16,8 @@ import { Construct } from "constructs";
  *    is idempotent (same data + options → same version id → nothing to do);
  *  - the nightly schedule (EventBridge Scheduler: cron + time zone) submits one job that retrains
  *    every complete dataset, which costs only what the new images cost (cached features).
+ * A trigger that cannot submit its job (Batch throttling, a deleted queue, missing permissions) is not
+ * lost: after its retries it lands in a dead-letter queue, which the alerts watch.
  * The local stand-in (infra/local/dispatcher.ts) implements the same two rules.
  */
 export const MANIFEST_KEY_PATTERN = "datasets/*/manifest.json";
@@ -22,6 +25,7 @@ export const MANIFEST_KEY_PATTERN = "datasets/*/manifest.json";
 export class TrainingTriggers extends Construct {
   readonly manifestRule: events.Rule;
   readonly nightly: scheduler.Schedule;
+  readonly deadLetters: sqs.Queue;
 
   constructor(
     scope: Construct,
@@ -29,6 +33,11 @@ export class TrainingTriggers extends Construct {
     props: { bucket: s3.IBucket; queue: batch.IJobQueue; jobDefinition: batch.IJobDefinition; schedule: string; timeZone: string },
   ) {
     super(scope, id);
+    this.deadLetters = new sqs.Queue(this, "DeadLetters", {
+      encryption: sqs.QueueEncryption.SQS_MANAGED,
+      enforceSSL: true,
+      retentionPeriod: Duration.days(14),
+    });
     this.manifestRule = new events.Rule(this, "DatasetComplete", {
       description: "A dataset's manifest.json was written: train that dataset",
       eventPattern: {
@@ -42,6 +51,7 @@ export class TrainingTriggers extends Construct {
         jobName: "edgetune-dataset-complete",
         event: events.RuleTargetInput.fromObject({ Parameters: { dataset: events.EventField.fromPath("$.detail.object.key") } }),
         retryAttempts: 3,
+        deadLetterQueue: this.deadLetters,
       }),
     );
 
@@ -59,6 +69,8 @@ export class TrainingTriggers extends Construct {
           JobDefinition: props.jobDefinition.jobDefinitionArn,
           Parameters: { dataset: "*" },
         }),
+        deadLetterQueue: this.deadLetters,
+        retryAttempts: 3,
         policyStatements: [
           new iam.PolicyStatement({ actions: ["batch:SubmitJob"], resources: [props.queue.jobQueueArn, props.jobDefinition.jobDefinitionArn] }),
         ],

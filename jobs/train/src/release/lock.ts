@@ -31,7 +31,9 @@ interface LockBody {
 export async function acquireLock(store: ObjectStore, name: string, options: { waitMs?: number } = {}): Promise<Lock> {
   const key = keys.lock(name);
   const owner = `${process.env.AWS_BATCH_JOB_ID ?? "local"}:${randomUUID()}`;
-  const deadline = Date.now() + (options.waitMs ?? 6 * 60 * 60 * 1000);
+  // A waiting run gives up (with a message) before Batch would kill it at its own timeout: the stack
+  // sets EDGETUNE_LOCK_WAIT_MS below the job timeout.
+  const deadline = Date.now() + (options.waitMs ?? (Number(process.env.EDGETUNE_LOCK_WAIT_MS) || 3 * 60 * 60 * 1000));
   const body = () => JSON.stringify({ owner, beatAt: Date.now() } satisfies LockBody);
   for (;;) {
     const current = await read(store, key);
