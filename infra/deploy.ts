@@ -1,19 +1,27 @@
 #!/usr/bin/env node
 /**
  * `npm run deploy`: the AWS stack, then the edge worker wired to it.
- *   1. cdk deploy (bucket, GPU Batch job, triggers, schedule, alerts, edge credentials);
- *   2. read the stack outputs and the edge's read-only key from Secrets Manager;
- *   3. put the Worker secrets (AWS key, API keys) and `wrangler deploy` with the bucket and region.
+ *   0. preflight: CDK bootstrapped in this account and region, GPU quotas a job can run in, and what
+ *      the Worker needs (infra/deploy-steps.ts); a problem stops here with the one command to run;
+ *   1. cdk deploy (bucket, GPU Batch job, triggers, schedule, alerts, edge credentials, API keys);
+ *   2. the Worker's secrets in one step (`wrangler secret bulk`): the edge's read-only key and the API
+ *      keys, which the stack generated once and every later deploy keeps;
+ *   3. `wrangler deploy` with the bucket and region.
  * Needs AWS credentials (any the AWS SDK finds) and a Cloudflare login (`wrangler login` or
- * CLOUDFLARE_API_TOKEN). API keys: EDGETUNE_API_KEYS, or one is generated and printed once.
- * `npm run deploy -- --dry-run` synthesizes and bundles without deploying anything.
+ * CLOUDFLARE_API_TOKEN). `--rotate-api-key` puts a new API key in front of the current one (which
+ * stays valid until the next rotation). `--dry-run` synthesizes and bundles without deploying anything.
  */
 import { spawnSync } from "node:child_process";
-import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { GetSecretValueCommand, SecretsManagerClient } from "@aws-sdk/client-secrets-manager";
+import { CloudFormationClient } from "@aws-sdk/client-cloudformation";
+import { SecretsManagerClient } from "@aws-sdk/client-secrets-manager";
+import { ServiceQuotasClient } from "@aws-sdk/client-service-quotas";
+import { GetCallerIdentityCommand, STSClient } from "@aws-sdk/client-sts";
+import { configFromContext } from "./config.ts";
+import { type AwsClients, preflight, workerSecrets } from "./deploy-steps.ts";
 
 const dryRun = process.argv.includes("--dry-run");
+const rotate = process.argv.includes("--rotate-api-key");
 const wranglerConfig = "functions/edge/wrangler.jsonc";
 
 function run(cmd: string, args: string[], input?: string): void {
@@ -32,25 +40,28 @@ if (dryRun) {
   process.exit(0);
 }
 
+const config = configFromContext((JSON.parse(readFileSync("cdk.json", "utf8")) as { context?: { edgetune?: unknown } }).context?.edgetune);
+const sts = new STSClient({});
+const region = await sts.config.region();
+const { Account: account = "?" } = await sts.send(new GetCallerIdentityCommand({}));
+const clients: AwsClients = {
+  cloudformation: new CloudFormationClient({ region }),
+  quotas: new ServiceQuotasClient({ region }),
+  secrets: new SecretsManagerClient({ region }),
+};
+const check = await preflight(clients, config, { account, region });
+for (const note of check.notes) process.stderr.write(`note: ${note}\n`);
+if (check.problems.length > 0) {
+  for (const problem of check.problems) process.stderr.write(`deploy: ${problem}\n`);
+  process.exit(1);
+}
+
 run("npx", ["cdk", "deploy", "Edgetune", "--require-approval", "broadening", "--outputs-file", "cdk.out/outputs.json"]);
 const outputs = (JSON.parse(readFileSync("cdk.out/outputs.json", "utf8")) as Record<string, Record<string, string>>).Edgetune ?? {};
-const { BucketName: bucket, Region: region, EdgeCredentialsSecretArn: secretArn } = outputs;
-if (!bucket || !region || !secretArn) throw new Error("stack outputs BucketName, Region, EdgeCredentialsSecretArn are missing");
-
-const secret = await new SecretsManagerClient({ region }).send(new GetSecretValueCommand({ SecretId: secretArn }));
-const key = JSON.parse(secret.SecretString ?? "{}") as { accessKeyId?: string; secretAccessKey?: string };
-if (!key.accessKeyId || !key.secretAccessKey) throw new Error("the edge credentials secret is incomplete");
-
-let apiKeys = process.env.EDGETUNE_API_KEYS;
-if (!apiKeys) {
-  apiKeys = randomBytes(24).toString("base64url");
-  process.stderr.write(`Generated an API key (shown once; set EDGETUNE_API_KEYS to choose your own):\n  ${apiKeys}\n`);
-}
-for (const [name, value] of [
-  ["AWS_ACCESS_KEY_ID", key.accessKeyId],
-  ["AWS_SECRET_ACCESS_KEY", key.secretAccessKey],
-  ["API_KEYS", apiKeys],
-] as const) {
-  run("npx", ["wrangler", "secret", "put", name, "--config", wranglerConfig], value);
-}
-run("npx", ["wrangler", "deploy", "--config", wranglerConfig, "--var", `S3_BUCKET:${bucket}`, "--var", `S3_REGION:${region}`]);
+const { BucketName: bucket, ApiKeysSecretArn: keysArn } = outputs;
+if (!bucket) throw new Error("the stack output BucketName is missing");
+const { secrets, created } = await workerSecrets(clients, outputs, rotate);
+run("npx", ["wrangler", "secret", "bulk", "--config", wranglerConfig], JSON.stringify(secrets));
+run("npx", ["wrangler", "deploy", "--config", wranglerConfig, "--var", `S3_BUCKET:${bucket}`, "--var", `S3_REGION:${outputs.Region ?? region}`]);
+if (created) process.stderr.write(`New API key (the previous one stays valid until the next rotation):\n  ${created}\n`);
+process.stderr.write(`API keys: aws secretsmanager get-secret-value --secret-id ${keysArn} --query SecretString --output text\n`);

@@ -59,6 +59,11 @@ export function acknowledgeNagFindings(stack: Stack): void {
     "The edge reads any promoted model: s3:GetObject on models/* only, nothing else.",
   );
   ack(
+    edge.node.findChild("ApiKeys"),
+    "AwsSolutions-SMG4",
+    "Clients hold these keys: rotation is an operator's explicit step (npm run deploy -- --rotate-api-key keeps the previous key valid for one more rotation), not a schedule.",
+  );
+  ack(
     edge.node.findChild("Secret"),
     "AwsSolutions-SMG4",
     "The key must be copied into Cloudflare Worker secrets, so it cannot rotate automatically; rotate by replacing the key and running npm run deploy (infra/README.md).",

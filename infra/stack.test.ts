@@ -245,9 +245,16 @@ describe("alerts and edge credentials", () => {
       PolicyDocument: { Statement: [{ Effect: "Allow", Action: "s3:GetObject", Resource: { "Fn::Join": ["", [Match.anyValue(), "/models/*"]] } }] },
     });
     template.resourceCountIs("AWS::IAM::User", 1);
-    template.resourceCountIs("AWS::SecretsManager::Secret", 1);
+    template.resourceCountIs("AWS::SecretsManager::Secret", 2); // the read-only key, and the API keys
     const outputs = Object.keys(template.findOutputs("*"));
     expect(outputs).toEqual(expect.arrayContaining(["BucketName", "Region", "EdgeCredentialsSecretArn"]));
+  });
+
+  it("generates the Worker's API keys once, in Secrets Manager, as bearer-token characters", () => {
+    template.hasResourceProperties("AWS::SecretsManager::Secret", {
+      GenerateSecretString: { PasswordLength: 40, ExcludePunctuation: true, IncludeSpace: false },
+    });
+    expect(Object.keys(template.findOutputs("*"))).toContain("ApiKeysSecretArn");
   });
 });
 

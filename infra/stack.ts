@@ -34,6 +34,7 @@ export class EdgetuneStack extends Stack {
       value: edge.secret.secretArn,
       description: "read-only S3 key for the worker (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
     });
+    new CfnOutput(this, "ApiKeysSecretArn", { value: edge.apiKeys.secretArn, description: "the Worker's API_KEYS, generated once" });
     new CfnOutput(this, "JobQueueArn", { value: training.queue.jobQueueArn });
     new CfnOutput(this, "JobDefinitionArn", { value: training.jobDefinition.jobDefinitionArn });
     new CfnOutput(this, "EmbedJobDefinitionArn", {

@@ -8,10 +8,13 @@ import { Construct } from "constructs";
  * Read-only credentials for the Cloudflare Worker, which lives outside AWS and so cannot assume a
  * role: an IAM user allowed only s3:GetObject on `models/*`, its access key kept in Secrets Manager
  * (`npm run deploy` copies it into Worker secrets). Rotate by replacing the key and redeploying.
+ * Also the API keys clients present to the Worker: generated once by CloudFormation, so every later
+ * deploy keeps them; `npm run deploy -- --rotate-api-key` rotates them explicitly.
  */
 export class EdgeCredentials extends Construct {
   readonly user: iam.User;
   readonly secret: secretsmanager.Secret;
+  readonly apiKeys: secretsmanager.Secret;
 
   constructor(scope: Construct, id: string, props: { bucket: s3.IBucket }) {
     super(scope, id);
@@ -26,6 +29,11 @@ export class EdgeCredentials extends Construct {
       description: "edgetune edge worker read-only S3 credentials",
       // The key id is not secret; the secret key goes straight from the AccessKey into the secret.
       secretObjectValue: { accessKeyId: SecretValue.unsafePlainText(key.accessKeyId), secretAccessKey: key.secretAccessKey },
+    });
+    // Comma-separated bearer keys (RFC 6750 token characters: letters and digits only here).
+    this.apiKeys = new secretsmanager.Secret(this, "ApiKeys", {
+      description: "edgetune edge worker API keys (comma-separated); kept across deploys, rotated by npm run deploy -- --rotate-api-key",
+      generateSecretString: { passwordLength: 40, excludePunctuation: true, includeSpace: false },
     });
   }
 }
