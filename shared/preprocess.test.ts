@@ -67,7 +67,7 @@ describe("preprocess", () => {
   });
 
   it("rejects an unknown preprocessing version or normalisation", () => {
-    expect(preprocessingSchema.safeParse({ version: 2, normalization: "0-1" }).success).toBe(false);
+    expect(preprocessingSchema.safeParse({ version: 3, normalization: "0-1" }).success).toBe(false); // 1 and 2 exist
     expect(preprocessingSchema.safeParse({ version: 1, normalization: "imagenet" }).success).toBe(false);
   });
 });
@@ -95,5 +95,36 @@ describe("preprocess options", () => {
     expect(batch.subarray(48, 96)).toEqual(alone);
     expect(new Set([...batch.subarray(0, 48), ...batch.subarray(96)])).toEqual(new Set([9]));
     expect(() => preprocess(px, 4, spec("minus1-1"), { into: { data: batch, offset: 100 } })).toThrow(RangeError);
+  });
+});
+
+describe("preprocessing version 2: transparency", () => {
+  const v2 = preprocessingSchema.parse({ version: 2, normalization: "0-255", background: [255, 255, 255] });
+  // The same visible picture (a green square on a transparent field) with different colours hidden
+  // under the transparent pixels, as two tools or sources write them.
+  const icon = (hidden: [number, number, number]) =>
+    image(24, 24, 4, (x, y, c) => {
+      const inside = x >= 6 && x < 18 && y >= 6 && y < 18;
+      if (c === 3) return inside ? 255 : 0;
+      return inside ? ([20, 180, 40][c] as number) : (hidden[c] as number);
+    });
+
+  it("composites onto the background, so colours hidden under transparent pixels do not matter", () => {
+    const black = preprocess(icon([0, 0, 0]), 12, v2);
+    const magenta = preprocess(icon([255, 0, 255]), 12, v2);
+    expect(Array.from(magenta)).toEqual(Array.from(black));
+    expect(Array.from(black.subarray(0, 3))).toEqual([255, 255, 255]); // a corner: the background
+    // Version 1 read the hidden colours (what old models were trained with, and keep).
+    const v1 = preprocessingSchema.parse({ version: 1, normalization: "0-255" });
+    expect(Array.from(preprocess(icon([255, 0, 255]), 12, v1))).not.toEqual(Array.from(preprocess(icon([0, 0, 0]), 12, v1)));
+  });
+
+  it("blends partial alpha with the background before resampling, and leaves opaque RGB images as version 1 does", () => {
+    const half = image(4, 4, 4, (_x, _y, c) => [255, 0, 0, 128][c] as number);
+    const out = preprocess(half, 4, v2);
+    expect(Array.from(out.subarray(0, 3))).toEqual([255, 127, 127]); // 255·128/255 + 255·127/255, 0 + 255·127/255
+    const rgb = image(9, 7, 3, (x, y, c) => (x * 29 + y * 11 + c * 60) % 256);
+    const v1 = preprocessingSchema.parse({ version: 1, normalization: "0-255" });
+    expect(Array.from(preprocess(rgb, 5, v2))).toEqual(Array.from(preprocess(rgb, 5, v1)));
   });
 });

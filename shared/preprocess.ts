@@ -10,8 +10,14 @@ import { z } from "zod";
  * `size`×`size` with a separable triangle filter whose support widens with the scale factor (bilinear
  * with antialiasing, as Pillow and `tf.image.resize(antialias=True)` do), then normalise per the base.
  * Bump the version when any of this changes: old models keep their version and stay reproducible.
+ *
+ * Version 2: the same, except that transparency is composited onto a fixed background (white by
+ * default) before resampling. Version 1 read whatever RGB sits under transparent pixels, which differs
+ * from one tool or source to the next (icons, cut-outs), so the model saw arbitrary colours there.
+ * Training and the edge composite here, in the same code, never in a decoder.
  */
-export const PREPROCESSING_VERSIONS = [1] as const;
+export const PREPROCESSING_VERSIONS = [1, 2] as const;
+export const LATEST_PREPROCESSING = 2 as const;
 
 export const NORMALIZATIONS = {
   /** x / 127.5 − 1: Keras MobileNetV2 and MobileNet v1 ImageNet weights. */
@@ -23,10 +29,14 @@ export const NORMALIZATIONS = {
 } as const;
 export type Normalization = keyof typeof NORMALIZATIONS;
 
+const byte = z.number().int().min(0).max(255);
+
 export const preprocessingSchema = z.object({
-  version: z.union(PREPROCESSING_VERSIONS.map((v) => z.literal(v)) as [z.ZodLiteral<1>]),
+  version: z.union(PREPROCESSING_VERSIONS.map((v) => z.literal(v)) as [z.ZodLiteral<1>, z.ZodLiteral<2>]),
   fit: z.enum(["center-crop", "stretch"]).default("center-crop"),
   normalization: z.enum(Object.keys(NORMALIZATIONS) as [Normalization, ...Normalization[]]),
+  /** Version 2: the RGB that transparent pixels are composited onto. */
+  background: z.tuple([byte, byte, byte]).optional(),
 });
 export type PreprocessingSpec = z.output<typeof preprocessingSchema>;
 
@@ -83,7 +93,33 @@ export function preprocess(pixels: Pixels, size: number, spec: PreprocessingSpec
   const src = pixels.data;
   const c = pixels.channels;
   const rowStride = width * c;
-  for (let y = 0; y < rows; y++) {
+  // Version 2 composites alpha onto the background, pixel by pixel, before any resampling.
+  const composite = c === 4 && spec.version >= 2;
+  const [bgR, bgG, bgB] = spec.background ?? WHITE;
+  for (let y = 0; y < rows && composite; y++) {
+    const rowBase = (y + rowFirst) * rowStride;
+    let t = y * size * 3;
+    for (let ox = 0; ox < size; ox++) {
+      const n = hCount[ox] as number;
+      const wBase = ox * hMax;
+      let p = rowBase + (hFirst[ox] as number) * c;
+      let r = 0;
+      let g = 0;
+      let b = 0;
+      for (let k = 0; k < n; k++, p += c) {
+        const wt = hWeights[wBase + k] as number;
+        const a = (src[p + 3] as number) / 255;
+        const under = 1 - a;
+        r += ((src[p] as number) * a + bgR * under) * wt;
+        g += ((src[p + 1] as number) * a + bgG * under) * wt;
+        b += ((src[p + 2] as number) * a + bgB * under) * wt;
+      }
+      tmp[t++] = r;
+      tmp[t++] = g;
+      tmp[t++] = b;
+    }
+  }
+  for (let y = 0; y < rows && !composite; y++) {
     const rowBase = (y + rowFirst) * rowStride;
     let t = y * size * 3;
     for (let ox = 0; ox < size; ox++) {
@@ -131,6 +167,8 @@ export function preprocess(pixels: Pixels, size: number, spec: PreprocessingSpec
   }
   return out;
 }
+
+const WHITE = [255, 255, 255] as const;
 
 /** Round half up to an integer in [0, 255] (Math.round on the non-negative range, without the call). */
 function clampByte(v: number): number {

@@ -5,7 +5,7 @@ import type { Pixels } from "../../../../shared/preprocess.ts";
 
 /**
  * Image decoding for training: JPEG, PNG, WebP and the first frame of GIF, with EXIF orientation
- * applied, CMYK/greyscale/16-bit converted to 8-bit RGB, embedded ICC profiles ignored, alpha dropped. The result goes through the
+ * applied, CMYK/greyscale/16-bit converted to 8-bit RGB, embedded ICC profiles ignored, alpha kept. The result goes through the
  * shared `preprocess`, exactly as on the edge (which decodes with @jsquash; the skew is tested).
  */
 export const MAX_IMAGE_PIXELS = 50_000_000; // a 7000×7000 photo; larger is refused before decoding
@@ -46,14 +46,12 @@ export async function decodeImage(bytes: Uint8Array): Promise<Pixels> {
   try {
     // ignoreIcc: the edge decoder (@jsquash) does no colour management, so neither may training:
     // otherwise a photo with a wide-gamut profile is seen with different colours by the two sides.
-    const { data, info } = await sharp(bytes, { failOn: "error", limitInputPixels: MAX_IMAGE_PIXELS, pages: 1, ignoreIcc: true })
-      .rotate()
-      .toColourspace("srgb")
-      .removeAlpha()
-      .raw({ depth: "uchar" })
-      .toBuffer({ resolveWithObject: true });
-    if (info.channels !== 3) throw new ImageDecodeError(`unexpected ${info.channels} channels after conversion`);
-    return { data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength), width: info.width, height: info.height, channels: 3 };
+    // Alpha is kept: the shared preprocess composites it (version 2) or ignores it (version 1), exactly
+    // as the edge does with its decoders' RGBA.
+    const pipeline = sharp(bytes, { failOn: "error", limitInputPixels: MAX_IMAGE_PIXELS, pages: 1, ignoreIcc: true }).rotate().toColourspace("srgb");
+    const { data, info } = await (meta.hasAlpha ? pipeline : pipeline.removeAlpha()).raw({ depth: "uchar" }).toBuffer({ resolveWithObject: true });
+    if (info.channels !== 3 && info.channels !== 4) throw new ImageDecodeError(`unexpected ${info.channels} channels after conversion`);
+    return { data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength), width: info.width, height: info.height, channels: info.channels };
   } catch (e) {
     if (e instanceof ImageDecodeError) throw e;
     throw new ImageDecodeError(`corrupt ${meta.format} (${e instanceof Error ? e.message.split("\n")[0] : e})`);

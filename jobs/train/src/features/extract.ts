@@ -3,7 +3,7 @@ import { pMapIterable } from "p-map";
 import type { BaseMetadata } from "../../../../shared/contracts/base.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
 import { keys } from "../../../../shared/keys.ts";
-import { type Pixels, PREPROCESSING_VERSIONS, type PreprocessingSpec, preprocess } from "../../../../shared/preprocess.ts";
+import { LATEST_PREPROCESSING, type Pixels, type PreprocessingSpec, preprocess } from "../../../../shared/preprocess.ts";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
 import type { TrainOptions } from "../config.ts";
 import { augmentation } from "../dataset/augment.ts";
@@ -37,7 +37,12 @@ export interface ExtractorSpec {
  * array job's packs are the ones training looks for.
  */
 export function featureSpec(base: BaseMetadata, options: TrainOptions): { preprocessing: PreprocessingSpec; pooledSpec: ExtractorSpec } {
-  const preprocessing: PreprocessingSpec = { version: PREPROCESSING_VERSIONS[0], fit: "center-crop", normalization: base.normalization };
+  const preprocessing: PreprocessingSpec = {
+    version: LATEST_PREPROCESSING,
+    fit: "center-crop",
+    normalization: base.normalization,
+    background: [255, 255, 255],
+  };
   return {
     preprocessing,
     pooledSpec: {
