@@ -10,7 +10,7 @@ const ack = (scope: IConstruct, finding: string, reason: string) => Validations.
 
 export function acknowledgeNagFindings(stack: Stack): void {
   const jobRole = stack.node.findChild("Training").node.findChild("JobRole");
-  for (const prefix of ["datasets", "bases", "models", "cache", "runs", "locks"]) {
+  for (const prefix of ["datasets", "bases", "models", "cache", "runs", "locks", "status"]) {
     ack(
       jobRole,
       `AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/${prefix}/*]`,

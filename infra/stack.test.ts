@@ -55,7 +55,7 @@ describe("data bucket", () => {
     const bucket = Object.values(buckets)[0] as { Properties: { LifecycleConfiguration: { Rules: Record<string, unknown>[] } } };
     const rules = bucket.Properties.LifecycleConfiguration.Rules;
     const ids = rules.map((r) => r.Id);
-    expect(ids).toEqual(expect.arrayContaining(["abort-incomplete-multipart", "noncurrent-versions", "embedding-cache", "run-state"]));
+    expect(ids).toEqual(expect.arrayContaining(["abort-incomplete-multipart", "noncurrent-versions", "embedding-cache", "run-state", "run-status"]));
     for (const r of rules)
       expect(r.Prefix === "models/" || r.Prefix === "datasets/" || (r.Prefix === undefined && r.ExpirationInDays !== undefined)).toBe(false);
   });
@@ -178,10 +178,10 @@ describe("GPU batch job", () => {
     expect(deletes.length).toBeGreaterThan(0);
     for (const s of deletes) expect(JSON.stringify(s.Resource)).toMatch(/\/(runs|locks)\/\*"/);
     const writes = jobRoleStatements(template).filter((s) => actions(s).includes("s3:PutObject"));
-    expect(writes.map((s) => /\/(\w+)\/\*"/.exec(JSON.stringify(s.Resource))?.[1]).sort()).toEqual(["bases", "cache", "locks", "models", "runs"]);
+    expect(writes.map((s) => /\/(\w+)\/\*"/.exec(JSON.stringify(s.Resource))?.[1]).sort()).toEqual(["bases", "cache", "locks", "models", "runs", "status"]);
     // Listing only under the prefixes it uses.
     const list = jobRoleStatements(template).find((s) => actions(s).includes("s3:ListBucket"));
-    expect(list?.Condition).toEqual({ StringLike: { "s3:prefix": ["datasets/*", "bases/*", "models/*", "cache/*", "runs/*", "locks/*"] } });
+    expect(list?.Condition).toEqual({ StringLike: { "s3:prefix": ["datasets/*", "bases/*", "models/*", "cache/*", "runs/*", "locks/*", "status/*"] } });
   });
 
   it("gives the job read-only access to datasets and no delete there", () => {

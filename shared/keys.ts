@@ -8,6 +8,7 @@
  *   models/<name>/current.json                 the promoted version, written last
  *   cache/embeddings/<cacheKey>/<pack>.bin     embedding packs: features of images already seen
  *   runs/<name>/<version>/checkpoint.json      resumable training state, deleted on success
+ *   status/<dataset>/<runId>.json              what a training run of the dataset is doing, or did
  *   locks/<name>.json                          one training run per model at a time
  */
 
@@ -30,6 +31,9 @@ export const keys = {
   checkpoint: (name: string, version: string) => `runs/${name}/${version}/checkpoint.json`,
   run: (name: string, version: string) => `runs/${name}/${version}/`,
   lock: (name: string) => `locks/${name}.json`,
+  statusRoot: "status/",
+  runStatuses: (dataset: string) => `status/${dataset}/`,
+  runStatus: (dataset: string, runId: string) => `status/${dataset}/${runId}.json`,
 } as const;
 
 /** Dataset name from a manifest key, or null if the key is not a manifest. */

@@ -17,7 +17,7 @@ import type { EdgetuneConfig } from "../config.ts";
  * only when spot reclaims the host; any other failure is final and notified.
  */
 /** The bucket prefixes the job lists (shared/keys.ts). */
-export const JOB_PREFIXES = ["datasets/", "bases/", "models/", "cache/", "runs/", "locks/"] as const;
+export const JOB_PREFIXES = ["datasets/", "bases/", "models/", "cache/", "runs/", "locks/", "status/"] as const;
 
 export class TrainingBatch extends Construct {
   readonly queue: batch.JobQueue;
@@ -85,10 +85,10 @@ export class TrainingBatch extends Construct {
       description: "edgetune training job: read datasets and bases, write models, cache and run state",
     });
     // Least privilege by prefix: datasets/ is read-only for the job; bases, models and the feature
-    // cache are read and written but never deleted (versions are immutable, and a bug must not be
+    // cache (and run status records) are read and written but never deleted (versions are immutable, and a bug must not be
     // able to destroy what is served); only its own run state (checkpoints, locks) may be deleted.
     props.bucket.grantRead(jobRole, "datasets/*");
-    for (const prefix of ["bases/*", "models/*", "cache/*"]) {
+    for (const prefix of ["bases/*", "models/*", "cache/*", "status/*"]) {
       props.bucket.grantRead(jobRole, prefix);
       props.bucket.grantPut(jobRole, prefix);
     }

@@ -7,7 +7,7 @@
  */
 import { readFile } from "node:fs/promises";
 import { Command, InvalidArgumentError, Option } from "commander";
-import { IMAGE_SIZES, STRATEGIES } from "../../shared/contracts/common.ts";
+import { IMAGE_SIZES, nameSchema, STRATEGIES } from "../../shared/contracts/common.ts";
 import { EdgetuneError, InvalidOptionError, userMessage } from "../../shared/errors.ts";
 import { datasetNameFromManifestKey } from "../../shared/keys.ts";
 import { NORMALIZATIONS, type Normalization } from "../../shared/preprocess.ts";
@@ -17,6 +17,7 @@ import { listDatasets, listModels, listVersions, pushDataset, rollback } from ".
 import type { TrainInput } from "./src/config.ts";
 import { createLogger } from "./src/log.ts";
 import { DEFAULT_BASE, importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
+import { followRun, listRunStatuses, type RunStatus, StatusRecorder } from "./src/status.ts";
 
 const int = (name: string) => (v: string) => {
   const n = Number(v);
@@ -225,20 +226,53 @@ program
   .requiredOption("--dataset <name>", "dataset name")
   .addOption(new Option("--strategy <strategy>").choices(STRATEGIES))
   .option("--base <id>", "base model for this dataset")
-  .action(async (folder: string, o: { dataset: string; strategy?: "head" | "finetune"; base?: string }, cmd: Command) => {
+  .option("--wait", "follow the training run this push triggers to its end; exit 0 if promoted, 2 if kept back, 1 if it failed")
+  .action(async (folder: string, o: { dataset: string; strategy?: "head" | "finetune"; base?: string; wait?: boolean }, cmd: Command) => {
     const log = createLogger();
-    const r = await pushDataset(storeFrom(cmd.optsWithGlobals()), folder, o.dataset, { strategy: o.strategy, base: o.base }, (d, t) =>
-      log.progress("upload", d, t),
-    );
-    process.stdout.write(`${JSON.stringify({ dataset: o.dataset, uploaded: r.uploaded, notImages: r.skipped.length })}\n`);
+    const store = storeFrom(cmd.optsWithGlobals());
+    const since = new Date().toISOString();
+    const r = await pushDataset(store, folder, o.dataset, { strategy: o.strategy, base: o.base }, (d, t) => log.progress("upload", d, t));
+    await new StatusRecorder(store, o.dataset, "queued").update({}, true);
+    process.stdout.write(`${JSON.stringify({ dataset: o.dataset, uploaded: r.uploaded, notImages: r.skipped.length, state: "queued" })}\n`);
+    process.stderr.write(`Training of ${o.dataset} is triggered (the manifest was written last). Follow it: edgetune status ${o.dataset} --follow\n`);
+    if (!o.wait) return;
+    const final = await followRun(store, o.dataset, since, (s) => process.stderr.write(`${describeRun(s)}\n`));
+    if (!final) throw new EdgetuneError("wait_timeout", `No run of ${o.dataset} finished within 6 hours; see edgetune status ${o.dataset}.`);
+    process.exitCode = exitCodeOf(final);
+  });
+
+program
+  .command("status [dataset]")
+  .description("Recent training runs (of one dataset, or of all): queued, running with its phase, done (promoted or not, and why) or failed")
+  .option("--follow", "follow the newest run of the dataset until it ends; exit 0 if promoted, 2 if kept back, 1 if it failed")
+  .option("--json", "one JSON object per run")
+  .action(async (dataset: string | undefined, o: { follow?: boolean; json?: boolean }, cmd: Command) => {
+    const store = storeFrom(cmd.optsWithGlobals());
+    if (dataset !== undefined && !nameSchema.safeParse(dataset).success)
+      throw new InvalidOptionError("dataset name", dataset, ["a name of 1–63 characters a-z, 0-9, '.', '_', '-'"]);
+    const runs = await listRunStatuses(store, dataset);
+    if (!o.follow) {
+      if (runs.length === 0) process.stderr.write(dataset ? `No runs of ${dataset} yet (runs are kept 30 days).\n` : "No runs yet.\n");
+      for (const s of runs) process.stdout.write(`${o.json ? JSON.stringify(s) : describeRun(s)}\n`);
+      return;
+    }
+    if (!dataset) throw new EdgetuneError("invalid_option", "--follow needs a dataset: edgetune status <dataset> --follow");
+    const newest = runs[0];
+    if (!newest) throw new EdgetuneError("not_found", `No runs of ${dataset} yet; push it, or wait for the trigger.`);
+    const final = await followRun(store, dataset, newest.startedAt, (s) => process.stdout.write(`${o.json ? JSON.stringify(s) : describeRun(s)}\n`));
+    if (final) process.exitCode = exitCodeOf(final);
   });
 
 program
   .command("datasets")
   .description("List datasets")
   .action(async (_o: unknown, cmd: Command) => {
-    for (const d of await listDatasets(storeFrom(cmd.optsWithGlobals())))
-      process.stdout.write(`${d.name.padEnd(24)} ${String(d.files).padStart(7)} files  ${d.complete ? "complete" : "uploading (no manifest)"}\n`);
+    const store = storeFrom(cmd.optsWithGlobals());
+    for (const d of await listDatasets(store)) {
+      const [last] = await listRunStatuses(store, d.name, 1);
+      const outcome = last ? `  last run: ${runOutcome(last)}` : "";
+      process.stdout.write(`${d.name.padEnd(24)} ${String(d.files).padStart(7)} files  ${d.complete ? "complete" : "uploading (no manifest)"}${outcome}\n`);
+    }
   });
 
 program
@@ -274,6 +308,24 @@ program
     const p = await rollback(storeFrom(cmd.optsWithGlobals()), name, o.to);
     process.stdout.write(`${JSON.stringify(p)}\n`);
   });
+
+/** One line a person can read: when, which dataset, what state, and why. */
+function describeRun(s: RunStatus): string {
+  return `${s.startedAt.replace("T", " ").slice(0, 19)}  ${s.dataset.padEnd(20)} ${runOutcome(s)}`;
+}
+
+/** What state a run is in, and why. */
+function runOutcome(s: RunStatus): string {
+  return s.state === "running"
+    ? `running: ${s.phase ?? "starting"}${s.progress ? ` ${s.progress.done}/${s.progress.total}` : ""}`
+    : s.state === "done"
+      ? `${s.promoted ? "promoted" : "not promoted"} ${s.model ?? ""} ${s.version ?? ""}${s.accuracy !== undefined ? ` (${(s.accuracy * 100).toFixed(1)} %)` : ""}: ${s.reason ?? ""}${s.report ? `; report: ${s.report}` : ""}`
+      : s.state === "failed"
+        ? `failed: ${s.reason ?? "unknown reason"}`
+        : "queued";
+}
+
+const exitCodeOf = (s: RunStatus) => (s.state === "failed" ? 1 : s.promoted ? 0 : 2);
 
 function clean<T>(o: T): T {
   return JSON.parse(JSON.stringify(o)) as T;

@@ -18,13 +18,15 @@ export interface PhaseRecord {
   detail?: Record<string, unknown>;
 }
 
-export function runContext(store: ObjectStore, log: Logger): RunContext {
+/** `onStage` hears each stage's name as it starts (the run's status record). */
+export function runContext(store: ObjectStore, log: Logger, onStage: (name: string) => void = () => {}): RunContext {
   const phases: PhaseRecord[] = [];
   return {
     store,
     log,
     phases,
     async stage(name, run, detail) {
+      onStage(name);
       const t0 = performance.now();
       const result = await run();
       const seconds = (performance.now() - t0) / 1000;

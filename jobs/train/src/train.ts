@@ -1,3 +1,5 @@
+import { userMessage } from "../../../shared/errors.ts";
+import { keys } from "../../../shared/keys.ts";
 import type { ObjectStore } from "../../../shared/s3/store.ts";
 import type { TrainInput } from "./config.ts";
 import type { EmbedFanOut } from "./features/fan-out.ts";
@@ -12,7 +14,8 @@ import { evaluate } from "./release/evaluate.ts";
 import { acquireLock } from "./release/lock.ts";
 import { decidePromotion, loadCurrent } from "./release/promote.ts";
 import { existsResult, publishVersion, type TrainResult } from "./release/publish.ts";
-import { runContext } from "./run.ts";
+import { type RunContext, runContext } from "./run.ts";
+import { StatusRecorder } from "./status.ts";
 
 export type { TrainOptions } from "./config.ts";
 export type { TrainResult } from "./release/publish.ts";
@@ -29,7 +32,27 @@ export interface TrainContext {
  * promoted). The CLI, the local dispatcher, the tests and the Batch container all call this function.
  */
 export async function train(store: ObjectStore, input: TrainInput, log: Logger, context: TrainContext = {}): Promise<TrainResult> {
-  const ctx = runContext(store, log);
+  // The run's status record (status.ts): running with its stage and progress, then done or failed.
+  const status = new StatusRecorder(store, input.dataset, "running");
+  await status.update({}, true);
+  try {
+    const result = await trainRun(
+      runContext(store, status.logger(log), (phase) => void status.update({ phase, progress: undefined })),
+      input,
+      context,
+    );
+    const { name: model, version, promoted, accuracy, reason } = result;
+    const report = result.status === "trained" ? keys.versionFile(model, version, "report.html") : undefined;
+    await status.update({ state: "done", model, version, promoted, accuracy, reason, report, phase: undefined, progress: undefined }, true);
+    return result;
+  } catch (e) {
+    await status.update({ state: "failed", reason: userMessage(e) }, true);
+    throw e;
+  }
+}
+
+async function trainRun(ctx: RunContext, input: TrainInput, context: TrainContext): Promise<TrainResult> {
+  const { store, log } = ctx;
   const backend = await initBackend();
   log.info(`backend ${backend.name}`, { reason: backend.reason });
   const plan = await planRun(ctx, input);

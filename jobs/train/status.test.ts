@@ -1,0 +1,77 @@
+import { execFile } from "node:child_process";
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { promisify } from "node:util";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { jobEnvironment } from "../../infra/local/job-env.ts";
+import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
+import { uploadSample } from "../../test/support/datasets.ts";
+import { sampleDataset } from "./src/dataset/sample.ts";
+import { memoryLogger } from "./src/log.ts";
+import { followRun, listRunStatuses, type RunStatus } from "./src/status.ts";
+import { train } from "./src/train.ts";
+
+/** Runs you can follow: the status records a run writes, `edgetune status`, and `push`'s hand-over. */
+const run = promisify(execFile);
+let s3: LocalS3;
+beforeAll(async () => {
+  s3 = await startLocalS3({ bucket: "status" });
+});
+afterAll(async () => {
+  await s3?.stop();
+});
+const cli = (args: string[]) =>
+  run(process.execPath, ["jobs/train/cli.ts", ...args], { env: jobEnvironment(s3.config), timeout: 120_000 }).catch(
+    (e: { code: number; stdout: string; stderr: string }) => ({ ...e, failed: e.code }),
+  );
+
+describe("run status", () => {
+  it("a run records itself: running with its stages and progress, then done with the outcome and the report", async () => {
+    await uploadSample(s3.store, "followed", { perLabel: 8 });
+    const seen: RunStatus[] = [];
+    const since = new Date().toISOString();
+    const [final, result] = await Promise.all([
+      followRun(s3.store, "followed", since, (s) => seen.push(s), { pollMs: 50, timeoutMs: 120_000 }),
+      train(s3.store, { dataset: "followed", imageSize: 96, views: 1, head: { epochs: 3 }, promote: "always" }, memoryLogger()),
+    ]);
+    expect(final).toMatchObject({ state: "done", dataset: "followed", model: "followed", version: result.version, promoted: true });
+    expect(seen.some((s) => s.state === "running" && s.phase !== undefined)).toBe(true);
+    expect(await s3.store.head(final?.report as string)).not.toBeNull();
+    const [newest] = await listRunStatuses(s3.store, "followed");
+    expect(newest?.runId).toBe(final?.runId);
+  }, 180_000);
+
+  it("a run that fails records the reason a user can act on", async () => {
+    await expect(train(s3.store, { dataset: "never-pushed" }, memoryLogger())).rejects.toThrow(/has no manifest.json/);
+    const [failed] = await listRunStatuses(s3.store, "never-pushed");
+    expect(failed).toMatchObject({ state: "failed", dataset: "never-pushed" });
+    expect(failed?.reason).toMatch(/has no manifest.json yet/);
+  });
+
+  it("edgetune status lists runs for people and for scripts; push records the queued run and says how to follow it", async () => {
+    const table = await cli(["status"]);
+    expect(table.stdout).toMatch(/followed\s+promoted followed v[0-9a-f]{12} \([\d.]+ %\): .*; report: models\/followed\/v[0-9a-f]{12}\/report\.html/);
+    expect(table.stdout).toMatch(/never-pushed\s+failed: Dataset never-pushed has no manifest.json yet/);
+    const json = (await cli(["status", "followed", "--json"])).stdout
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as RunStatus);
+    expect(json[0]).toMatchObject({ dataset: "followed", state: "done" });
+    expect((await cli(["status", "nobody"])).stderr).toMatch(/No runs of nobody yet/);
+
+    const folder = await mkdtemp(join(tmpdir(), "edgetune-push-"));
+    try {
+      for (const i of await sampleDataset({ perLabel: 5, size: 64 })) {
+        await mkdir(dirname(join(folder, i.file)), { recursive: true });
+        await writeFile(join(folder, i.file), i.bytes);
+      }
+      const pushed = await cli(["push", folder, "--dataset", "pushed"]);
+      expect(JSON.parse(pushed.stdout)).toMatchObject({ dataset: "pushed", uploaded: 15, state: "queued" });
+      expect(pushed.stderr).toMatch(/Training of pushed is triggered .* edgetune status pushed --follow/);
+      expect((await listRunStatuses(s3.store, "pushed"))[0]?.state).toBe("queued");
+    } finally {
+      await rm(folder, { recursive: true, force: true });
+    }
+  }, 180_000);
+});
