@@ -47,6 +47,14 @@ export async function writePointer(store: ObjectStore, name: string, pointer: Om
   return full;
 }
 
+/** Versions kept in a pointer's history. */
+export const HISTORY = 20;
+
+/** The versions served before the pointer's, newest first (pointers written before `history` existed: `previous`). */
+export function historyOf(pointer: ModelPointer): string[] {
+  return pointer.history ?? (pointer.previous ? [pointer.previous] : []);
+}
+
 /** The current pointer, or null when no version was ever promoted. */
 export async function readPointer(store: ObjectReader, name: string): Promise<ModelPointer | null> {
   const bytes = await store.get(keys.pointer(name));

@@ -2,22 +2,24 @@
 /**
  * `npm start`: the whole edgetune loop on this machine, no AWS or Cloudflare account needed.
  *   1. a local S3 API server (fauxqs) on loopback, with the bucket;
- *   2. the bundled base model (MobileNetV2 from the nsfwjs package) and a real sample dataset
- *      (Twemoji images in 3 labels) pushed into it, manifest last;
+ *   2. the default base model (bundled with the project) and a real sample dataset (Twemoji images in
+ *      3 labels) pushed into it, manifest last (it asks for 128 px: small icons);
  *   3. the dispatcher sees the manifest, as the EventBridge rule would, and runs the training job
  *      through the same CLI as the Batch container; the model is evaluated and promoted;
  *   4. the edge worker starts in local workerd (wrangler dev) against the bucket;
  *   5. held-out images are classified over HTTP, and a ready-to-paste curl command is printed.
  * Then it serves until Ctrl-C, with the nightly stand-in retraining every EDGETUNE_NIGHTLY_MINUTES.
+ * Ports: EDGETUNE_LOCAL_S3_PORT and EDGETUNE_EDGE_PORT (default: free ones), checked before anything starts.
  */
-import { mkdtemp, writeFile } from "node:fs/promises";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { SAMPLE_CREDIT, sampleDataset } from "../../jobs/train/src/dataset/sample.ts";
 import { initBackend } from "../../jobs/train/src/model/backend.ts";
 import { DEFAULT_BASE, ensureBase } from "../../jobs/train/src/model/bases.ts";
 import { readPointer } from "../../shared/artifacts.ts";
-import { userMessage } from "../../shared/errors.ts";
+import { EdgetuneError, userMessage } from "../../shared/errors.ts";
 import { keys } from "../../shared/keys.ts";
 import { Dispatcher } from "./dispatcher.ts";
 import { freePort, startEdgeWorker } from "./edge-worker.ts";
@@ -40,8 +42,31 @@ process.on("SIGINT", () => {
 });
 process.on("SIGTERM", () => void shutdown(0));
 
+/** A port asked for by a variable must be free now, not after a minute of training. */
+async function checkPort(variable: string): Promise<number> {
+  const raw = process.env[variable];
+  if (!raw) return 0;
+  const port = Number(raw);
+  if (!Number.isInteger(port) || port < 1 || port > 65535) throw new EdgetuneError("invalid_option", `${variable}=${raw} is not a port number (1–65535).`);
+  await new Promise<void>((resolve, reject) => {
+    const probe = createServer();
+    probe.once("error", () =>
+      reject(
+        new EdgetuneError(
+          "port_busy",
+          `Port ${port} (${variable}) is in use: stop what uses it, or set ${variable} to another port (or unset it for a free one).`,
+        ),
+      ),
+    );
+    probe.listen(port, "127.0.0.1", () => probe.close(() => resolve()));
+  });
+  return port;
+}
+
 try {
-  const s3 = await startLocalS3({ bucket: "edgetune-local", port: Number(process.env.EDGETUNE_LOCAL_S3_PORT ?? 0) });
+  const s3Port = await checkPort("EDGETUNE_LOCAL_S3_PORT");
+  const edgePort = await checkPort("EDGETUNE_EDGE_PORT");
+  const s3 = await startLocalS3({ bucket: "edgetune-local", port: s3Port });
   cleanups.push(() => s3.stop());
   say(`local S3 API on ${s3.endpoint} (bucket ${s3.config.bucket})`);
 
@@ -54,7 +79,7 @@ try {
     s3: s3.config,
     pollMs: 500,
     nightlyMs: Number(process.env.EDGETUNE_NIGHTLY_MINUTES ?? 0) * 60_000 || undefined,
-    trainArgs: ["--image-size", "128"],
+    trainArgs: [],
     output: "inherit",
     onJob: (job) => {
       if (job.status === "running") say(`training job started for ${job.dataset} (${job.reason})`);
@@ -74,7 +99,8 @@ try {
   const unseen = (await sampleDataset({ perLabel: 40, size: 128 })).filter((h) => !train.some((t) => t.file === h.file));
   const heldOut = ["animals", "food", "travel"].flatMap((label) => unseen.filter((h) => h.label === label).slice(0, 4));
   await Promise.all(train.map((i) => s3.store.put(`${keys.dataset(DATASET)}${i.file}`, i.bytes)));
-  await s3.store.put(keys.manifest(DATASET), JSON.stringify({ schemaVersion: 1, imageCount: train.length }));
+  // 128 px for 128 px icons, said where any later run (CLI, nightly) reads it: the manifest.
+  await s3.store.put(keys.manifest(DATASET), JSON.stringify({ schemaVersion: 1, imageCount: train.length, imageSize: 128 }));
   say(`pushed dataset ${DATASET}: ${train.length} images in 3 labels (${SAMPLE_CREDIT}); manifest written last`);
 
   while (!(await readPointer(s3.store, DATASET))) {
@@ -83,7 +109,7 @@ try {
   }
   say(`model ${DATASET} promoted`);
 
-  const port = Number(process.env.EDGETUNE_EDGE_PORT ?? 0) || (await freePort());
+  const port = edgePort || (await freePort());
   const edge = await startEdgeWorker({
     s3Endpoint: s3.endpoint,
     bucket: s3.config.bucket,
@@ -116,6 +142,7 @@ try {
   }
   process.stdout.write(`\nHeld-out images classified by the edge worker (${correct}/${heldOut.length} correct):\n${rows.join("\n")}\n`);
   const sampleDir = await mkdtemp(join(tmpdir(), "edgetune-sample-"));
+  cleanups.push(() => rm(sampleDir, { recursive: true, force: true }));
   const sample = heldOut[0] as (typeof heldOut)[number];
   const samplePath = join(sampleDir, sample.file.replace("/", "-"));
   await writeFile(samplePath, sample.bytes);

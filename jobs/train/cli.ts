@@ -5,18 +5,17 @@
  * S3 comes from the environment (EDGETUNE_BUCKET, AWS_REGION, EDGETUNE_S3_ENDPOINT, AWS_*), or
  * --bucket / --endpoint.
  */
-import { readFile } from "node:fs/promises";
 import { Command, InvalidArgumentError, Option } from "commander";
 import { IMAGE_SIZES, nameSchema, STRATEGIES } from "../../shared/contracts/common.ts";
-import { EdgetuneError, InvalidOptionError, userMessage } from "../../shared/errors.ts";
+import { EdgetuneError, InvalidOptionError, NotFoundError, userMessage } from "../../shared/errors.ts";
 import { datasetNameFromManifestKey } from "../../shared/keys.ts";
 import { NORMALIZATIONS, type Normalization } from "../../shared/preprocess.ts";
 import { S3ObjectStore } from "../../shared/s3/client.ts";
 import { s3ConfigFromEnv } from "../../shared/s3/config.ts";
 import { listDatasets, listModels, listVersions, pushDataset, rollback } from "./src/catalog/catalog.ts";
-import type { TrainInput } from "./src/config.ts";
+import { DEFAULT_OPTIONS, readConfigFile, type TrainInput } from "./src/config.ts";
 import { createLogger } from "./src/log.ts";
-import { DEFAULT_BASE, importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
+import { importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
 import { followRun, listRunStatuses, type RunStatus, StatusRecorder } from "./src/status.ts";
 
 const int = (name: string) => (v: string) => {
@@ -62,22 +61,26 @@ program
   .description("Train a classifier on a dataset, evaluate it, export it and promote it if it is not worse than the current one.")
   .requiredOption("--dataset <name|s3-url|key|*>", "dataset name, s3://bucket/datasets/<name>/, datasets/<name>/manifest.json, or * for every complete dataset")
   .option("--model <name>", "model to write (default: the dataset name)")
-  .option("--base <id>", `base model: ${KNOWN_BASES.map((b) => b.id).join(", ")} or an imported id (default ${DEFAULT_BASE})`)
+  .option("--base <id>", `base model: ${KNOWN_BASES.map((b) => b.id).join(", ")} or an imported id (default ${DEFAULT_OPTIONS.base})`)
   .addOption(
     new Option("--strategy <strategy>", "head: frozen base + new dense head; finetune: then retrain the top blocks at a small learning rate").choices(
       STRATEGIES,
     ),
   )
-  .addOption(new Option("--image-size <px>", "input size").choices(IMAGE_SIZES.map(String)).argParser(Number))
-  .option("--epochs <n>", "head epochs (default 30)", int("epochs"))
-  .option("--fine-tune-epochs <n>", "fine-tuning epochs (default 8)", int("fine-tune-epochs"))
+  .addOption(
+    new Option("--image-size <px>", `input size (default ${DEFAULT_OPTIONS.imageSize}, or the manifest's imageSize)`)
+      .choices(IMAGE_SIZES.map(String))
+      .argParser(Number),
+  )
+  .option("--epochs <n>", `most head epochs; stops earlier when validation loss stops improving (default ${DEFAULT_OPTIONS.head.epochs})`, int("epochs"))
+  .option("--fine-tune-epochs <n>", `fine-tuning epochs (default ${DEFAULT_OPTIONS.fineTune.epochs})`, int("fine-tune-epochs"))
   .option("--fine-tune-from <layer>", "layer whose output is cached; everything above it is retrained (default: the base's)")
-  .option("--learning-rate <lr>", "head learning rate (default 0.001)", num("learning-rate"))
-  .option("--fine-tune-learning-rate <lr>", "fine-tuning learning rate (default 0.00005)", num("fine-tune-learning-rate"))
-  .option("--units <n>", "hidden units in the head, 0 for none (default 0)", int("units"))
-  .option("--dropout <rate>", "head dropout (default 0.2)", num("dropout"))
-  .option("--views <n>", "augmented views per training image, 1 for none (default 3)", int("views"))
-  .option("--seed <n>", "seed for splits, initialisation and augmentation (default 42)", int("seed"))
+  .option("--learning-rate <lr>", `head learning rate (default ${DEFAULT_OPTIONS.head.learningRate})`, num("learning-rate"))
+  .option("--fine-tune-learning-rate <lr>", `fine-tuning learning rate (default ${DEFAULT_OPTIONS.fineTune.learningRate})`, num("fine-tune-learning-rate"))
+  .option("--units <n>", `hidden units in the head, 0 for none (default ${DEFAULT_OPTIONS.head.units})`, int("units"))
+  .option("--dropout <rate>", `head dropout (default ${DEFAULT_OPTIONS.head.dropout})`, num("dropout"))
+  .option("--views <n>", `augmented views per training image, 1 for none (default ${DEFAULT_OPTIONS.views})`, int("views"))
+  .option("--seed <n>", `seed for splits, initialisation and augmentation (default ${DEFAULT_OPTIONS.seed})`, int("seed"))
   .addOption(
     new Option("--weights <dtype>", "exported weight type; uint8 falls back to float16 if it changes a held-out prediction").choices([
       "float16",
@@ -85,8 +88,16 @@ program
       "float32",
     ]),
   )
-  .option("--promotion-tolerance <fraction>", "promote if accuracy >= current - tolerance (default 0.01)", num("promotion-tolerance"))
-  .option("--min-held-out-per-label <n>", "promote only with at least this many evaluated held-out images per label (default 2)", int("min-held-out-per-label"))
+  .option(
+    "--promotion-tolerance <fraction>",
+    `promote if accuracy >= current - tolerance (default ${DEFAULT_OPTIONS.promotionTolerance})`,
+    num("promotion-tolerance"),
+  )
+  .option(
+    "--min-held-out-per-label <n>",
+    `promote only with at least this many evaluated held-out images per label (default ${DEFAULT_OPTIONS.minHeldOutPerLabel})`,
+    int("min-held-out-per-label"),
+  )
   .addOption(
     new Option(
       "--promote <when>",
@@ -98,7 +109,7 @@ program
   .option("--json", "JSON log lines even on a terminal")
   .action(async (o: Record<string, string | number | boolean | undefined>, cmd: Command) => {
     const globals = cmd.optsWithGlobals() as { bucket?: string; endpoint?: string };
-    const fromFile = o.config ? (JSON.parse(await readFile(String(o.config), "utf8")) as Partial<TrainInput>) : {};
+    const fromFile = o.config ? await readConfigFile(String(o.config)) : {};
     const input: TrainInput = {
       ...fromFile,
       dataset: datasetRef(String(o.dataset), globals),
@@ -297,6 +308,7 @@ program
   .description("Show the promoted version of a model")
   .action(async (name: string, _o: unknown, cmd: Command) => {
     const { pointer } = await listVersions(storeFrom(cmd.optsWithGlobals()), name);
+    if (!pointer) throw new NotFoundError(`Model ${name} has versions but none is promoted; promote one with edgetune rollback ${name} --to <version>.`);
     process.stdout.write(`${JSON.stringify(pointer)}\n`);
   });
 

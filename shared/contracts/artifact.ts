@@ -82,6 +82,8 @@ export const pointerSchema = z.object({
   /** The version this one replaced, for rollback and the audit trail. */
   previous: versionSchema.nullable(),
   reason: z.string(),
+  /** The versions served before this one, newest first (what `rollback` walks back through). */
+  history: z.array(versionSchema).max(50).optional(),
 });
 export type ModelPointer = z.output<typeof pointerSchema>;
 

@@ -1,10 +1,31 @@
+import { readFile } from "node:fs/promises";
 import { z } from "zod";
 import { IMAGE_SIZES, imageSizeSchema, nameSchema, STRATEGIES, strategySchema } from "../../../shared/contracts/common.ts";
 import type { DatasetManifest } from "../../../shared/contracts/dataset.ts";
 import { parseContract } from "../../../shared/contracts/parse.ts";
-import { InvalidOptionError } from "../../../shared/errors.ts";
+import { EdgetuneError, InvalidOptionError } from "../../../shared/errors.ts";
 import { sha256Hex } from "../../../shared/hash.ts";
 import { DEFAULT_BASE } from "./model/bases.ts";
+
+const headSchema = z.object({
+  units: z.number().int().min(0).max(4096).default(0),
+  dropout: z.number().min(0).lt(1).default(0.2),
+  learningRate: z.number().gt(0).max(1).default(1e-3),
+  /** Most epochs; training stops earlier when validation loss stops improving (`patience`). */
+  epochs: z.number().int().min(1).max(500).default(40),
+  patience: z.number().int().min(1).max(500).default(6),
+  batchSize: z.number().int().min(1).max(4096).default(64),
+  l2: z.number().min(0).default(1e-4),
+});
+
+const fineTuneSchema = z.object({
+  /** Layer whose output is cached; everything above it (to the feature layer) is retrained. Default: the base's. */
+  from: z.string().optional(),
+  learningRate: z.number().gt(0).max(0.01).default(5e-5),
+  epochs: z.number().int().min(1).max(200).default(8),
+  patience: z.number().int().min(1).max(200).default(3),
+  batchSize: z.number().int().min(1).max(512).default(16),
+});
 
 /**
  * Training options, with the defaults a user gets when they only name a dataset. Precedence:
@@ -23,28 +44,8 @@ export const trainOptionsSchema = z.object({
   valFraction: z.number().gt(0).lt(1).default(0.2),
   /** Augmented views per training image (1 = none). */
   views: z.number().int().min(1).max(16).default(3),
-  head: z
-    .object({
-      units: z.number().int().min(0).max(4096).default(0),
-      dropout: z.number().min(0).lt(1).default(0.2),
-      learningRate: z.number().gt(0).max(1).default(1e-3),
-      /** Most epochs; training stops earlier when validation loss stops improving (`patience`). */
-      epochs: z.number().int().min(1).max(500).default(40),
-      patience: z.number().int().min(1).max(500).default(6),
-      batchSize: z.number().int().min(1).max(4096).default(64),
-      l2: z.number().min(0).default(1e-4),
-    })
-    .prefault({}),
-  fineTune: z
-    .object({
-      /** Layer whose output is cached; everything above it (to the feature layer) is retrained. Default: the base's. */
-      from: z.string().optional(),
-      learningRate: z.number().gt(0).max(0.01).default(5e-5),
-      epochs: z.number().int().min(1).max(200).default(8),
-      patience: z.number().int().min(1).max(200).default(3),
-      batchSize: z.number().int().min(1).max(512).default(16),
-    })
-    .prefault({}),
+  head: headSchema.prefault({}),
+  fineTune: fineTuneSchema.prefault({}),
   weights: z.enum(["float16", "uint8", "float32"]).default("float16"),
   /** Promote only if accuracy ≥ current − tolerance on the same held-out images. */
   promotionTolerance: z.number().min(0).max(1).default(0.01),
@@ -96,4 +97,52 @@ export async function versionId(options: TrainOptions, datasetFingerprint: strin
   // Promotion policy does not shape the model: a changed policy finds the version already trained.
   const { force: _force, promotionTolerance: _tol, minHeldOutPerLabel: _min, promote: _promote, dataset: _dataset, ...shaping } = options;
   return `v${(await sha256Hex(JSON.stringify({ TRAINER_VERSION, shaping, datasetFingerprint, baseSha256 }))).slice(0, 12)}`;
+}
+
+/** The defaults a run gets when only a dataset is named (the CLI's help shows these). */
+export const DEFAULT_OPTIONS = trainOptionsSchema.parse({ dataset: "defaults" });
+
+/**
+ * Training options from a JSON file (`edgetune train --config`), checked before anything runs: a missing
+ * file, invalid JSON and unknown keys are errors that say what to fix (a flat `{"epochs": 5}` would
+ * otherwise be dropped silently, and the run report "exists").
+ */
+export async function readConfigFile(path: string): Promise<Partial<TrainInput>> {
+  let text: string;
+  try {
+    text = await readFile(path, "utf8");
+  } catch {
+    throw new EdgetuneError("config_not_found", `Config file ${path} cannot be read (does it exist?).`);
+  }
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (e) {
+    throw new EdgetuneError("config_invalid", `Config file ${path} is not valid JSON (${e instanceof Error ? e.message : e}).`);
+  }
+  if (typeof value !== "object" || value === null || Array.isArray(value))
+    throw new EdgetuneError("config_invalid", `Config file ${path} must hold a JSON object of options.`);
+  const unknown = unknownKeys(value as Record<string, unknown>);
+  if (unknown.length > 0) {
+    throw new EdgetuneError(
+      "config_invalid",
+      `Config file ${path}: unknown option${unknown.length > 1 ? "s" : ""} ${unknown.join(", ")}. Options: ${Object.keys(trainOptionsSchema.shape).join(", ")}; head.{${Object.keys(headSchema.shape).join(", ")}}; fineTune.{${Object.keys(fineTuneSchema.shape).join(", ")}}.`,
+    );
+  }
+  return value as Partial<TrainInput>;
+}
+
+function unknownKeys(value: Record<string, unknown>): string[] {
+  const nested = { head: Object.keys(headSchema.shape), fineTune: Object.keys(fineTuneSchema.shape) };
+  const out: string[] = [];
+  for (const key of Object.keys(value)) {
+    if (Object.hasOwn(trainOptionsSchema.shape, key)) continue;
+    const home = Object.entries(nested).find(([, keys]) => keys.includes(key))?.[0];
+    out.push(home ? `${key} (did you mean ${home}.${key}?)` : key);
+  }
+  for (const [group, keys] of Object.entries(nested)) {
+    const inner = value[group];
+    if (inner && typeof inner === "object") for (const key of Object.keys(inner)) if (!keys.includes(key)) out.push(`${group}.${key}`);
+  }
+  return out;
 }

@@ -1,7 +1,7 @@
 import { readdir, readFile, stat } from "node:fs/promises";
 import { join, relative, sep } from "node:path";
 import { pMapIterable } from "p-map";
-import { readMetadata, readPointer, writePointer } from "../../../../shared/artifacts.ts";
+import { HISTORY, historyOf, readMetadata, readPointer, writePointer } from "../../../../shared/artifacts.ts";
 import type { ArtifactMetadata, ModelPointer } from "../../../../shared/contracts/artifact.ts";
 import { nameSchema } from "../../../../shared/contracts/common.ts";
 import { type DatasetManifest, IMAGE_EXTENSIONS, manifestSchema } from "../../../../shared/contracts/dataset.ts";
@@ -105,6 +105,7 @@ export async function listVersions(store: ObjectStore, name: string): Promise<{ 
     });
   }
   versions.sort((a, b) => a.createdAt.localeCompare(b.createdAt));
+  if (!pointer && versions.length === 0) throw await unknownModel(store, name);
   return { pointer, versions };
 }
 
@@ -117,20 +118,33 @@ export async function listModels(store: ObjectStore): Promise<string[]> {
   return [...names].sort();
 }
 
-/** Points `current.json` at an earlier (or any existing) version; defaults to the previous one. */
+/**
+ * Points `current.json` at an earlier version: by default the one served before the current, and again
+ * the one before that on the next call (it walks back through the pointer's history); `to` picks any
+ * existing version.
+ */
 export async function rollback(store: ObjectStore, name: string, to?: string): Promise<ModelPointer> {
   const pointer = await readPointer(store, name);
-  const target = to ?? pointer?.previous;
-  if (!target) throw new NotFoundError(`Model ${name} has no earlier version to roll back to; name one with --to.`);
+  if (!pointer) throw await unknownModel(store, name, "has no promoted version to roll back from");
+  const history = historyOf(pointer);
+  const target = to ?? history[0];
+  if (!target) throw new NotFoundError(`Model ${name} has no earlier served version to roll back to; name one with --to (see edgetune models ${name}).`);
   const metaKey = keys.metadata(name, target);
   const bytes = await store.get(metaKey);
-  if (!bytes) throw new NotFoundError(`Model ${name} has no version ${target}.`);
+  if (!bytes) throw new NotFoundError(`Model ${name} has no version ${target} (see edgetune models ${name}).`);
   await readMetadata(store, name, target); // validates before pointing at it
   return writePointer(store, name, {
     version: target,
     metadataSha256: await sha256Hex(bytes),
     promotedAt: new Date().toISOString(),
-    previous: pointer?.version ?? null,
-    reason: `rollback from ${pointer?.version ?? "nothing"}`,
+    previous: pointer.version,
+    reason: `rollback from ${pointer.version}`,
+    history: to ? [pointer.version, ...history].filter((v) => v !== target).slice(0, HISTORY) : history.slice(1),
   });
+}
+
+/** The error for a model name that is not there, listing the ones that are. */
+export async function unknownModel(store: ObjectStore, name: string, what = "does not exist"): Promise<NotFoundError> {
+  const models = await listModels(store);
+  return new NotFoundError(`Model ${name} ${what}. ${models.length > 0 ? `Models: ${models.join(", ")}.` : "There are no models yet: push a dataset."}`);
 }

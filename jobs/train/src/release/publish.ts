@@ -1,6 +1,6 @@
 import * as tf from "@tensorflow/tfjs";
 import sharp from "sharp";
-import { VersionExistsError, writeArtifact, writePointer } from "../../../../shared/artifacts.ts";
+import { HISTORY, historyOf, readPointer, VersionExistsError, writeArtifact, writePointer } from "../../../../shared/artifacts.ts";
 import type { ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
 import type { Dataset } from "../dataset/read.ts";
@@ -65,12 +65,14 @@ export async function publishVersion(ctx: RunContext, plan: RunPlan, outcome: Ru
   }
   await s3Checkpointer(ctx.store, name, version, "finetune").clear();
   if (promotion.promoted) {
+    const served = await readPointer(ctx.store, name);
     await writePointer(ctx.store, name, {
       version,
       metadataSha256: written.metadataSha256,
       promotedAt: new Date().toISOString(),
-      previous: promotion.current?.version ?? null,
+      previous: served?.version ?? null,
       reason: promotion.reason,
+      history: served ? [served.version, ...historyOf(served)].slice(0, HISTORY) : [],
     });
   }
   const accuracy = evaluation.metrics.accuracy;

@@ -1,0 +1,103 @@
+import { execFile } from "node:child_process";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { createServer, type Server } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { jobEnvironment } from "../../infra/local/job-env.ts";
+import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
+import { readPointer } from "../../shared/artifacts.ts";
+import { uploadSample } from "../../test/support/datasets.ts";
+import { DEFAULT_OPTIONS } from "./src/config.ts";
+import { memoryLogger } from "./src/log.ts";
+import { train } from "./src/train.ts";
+
+/** The CLI as a user meets it, against a real S3 API server: errors that say what to do, true defaults, rollback. */
+const run = promisify(execFile);
+let s3: LocalS3;
+let work: string;
+beforeAll(async () => {
+  s3 = await startLocalS3({ bucket: "cli" });
+  work = await mkdtemp(join(tmpdir(), "edgetune-cli-"));
+});
+afterAll(async () => {
+  await s3?.stop();
+  await rm(work, { recursive: true, force: true });
+});
+
+async function edgetune(args: string[], script = "jobs/train/cli.ts", env: Record<string, string> = {}) {
+  try {
+    const { stdout, stderr } = await run(process.execPath, [script, ...args], { env: jobEnvironment(s3.config, env), timeout: 120_000 });
+    return { code: 0, stdout, stderr };
+  } catch (e) {
+    const { code, stdout, stderr } = e as { code: number; stdout: string; stderr: string };
+    return { code, stdout, stderr };
+  }
+}
+
+describe("edgetune, for a person", () => {
+  it("explains a bad --config file in one line: missing, not JSON, unknown or misplaced keys", async () => {
+    const missing = await edgetune(["train", "--dataset", "x", "--config", join(work, "nope.json")]);
+    expect([missing.code, missing.stderr.trim()]).toEqual([1, `edgetune: Config file ${join(work, "nope.json")} cannot be read (does it exist?).`]);
+    await writeFile(join(work, "broken.json"), "{ epochs: 5 ");
+    expect((await edgetune(["train", "--dataset", "x", "--config", join(work, "broken.json")])).stderr).toMatch(/is not valid JSON \(/);
+    await writeFile(join(work, "flat.json"), JSON.stringify({ epochs: 5, colour: "red", head: { epoch: 3 } }));
+    const flat = await edgetune(["train", "--dataset", "x", "--config", join(work, "flat.json")]);
+    expect(flat.stderr).toMatch(/unknown options epochs \(did you mean head\.epochs\?\), colour, head\.epoch\. Options: dataset, model, base/);
+    for (const r of [missing, flat]) expect(r.stderr).not.toMatch(/Internal error/);
+  });
+
+  it("shows the defaults a run really gets", async () => {
+    const help = (await edgetune(["train", "--help"])).stdout.replace(/\s+/g, " ");
+    expect(help).toContain(`(default ${DEFAULT_OPTIONS.head.epochs})`);
+    expect(help).toContain(`input size (default ${DEFAULT_OPTIONS.imageSize}, or the manifest's imageSize)`);
+    expect(help).toContain(`(default ${DEFAULT_OPTIONS.base})`);
+  });
+
+  it("names the models there are when asked about one that is not", async () => {
+    await uploadSample(s3.store, "pets", { perLabel: 8 });
+    await train(s3.store, { dataset: "pets", imageSize: 96, views: 1, head: { epochs: 3 }, promote: "always" }, memoryLogger());
+    for (const args of [
+      ["models", "cats"],
+      ["current", "cats"],
+      ["rollback", "cats"],
+    ]) {
+      const r = await edgetune(args);
+      expect([args.join(" "), r.code]).toEqual([args.join(" "), 1]);
+      expect(r.stderr).toMatch(/^edgetune: Model cats (does not exist|has no promoted version to roll back from)\. Models: pets\.\n$/);
+    }
+  });
+
+  it("rolls back one served version at a time, not back and forth; --to picks any version", async () => {
+    const versions: string[] = [];
+    for (const seed of [1, 2, 3]) {
+      const r = await train(s3.store, { dataset: "pets", imageSize: 96, views: 1, seed, head: { epochs: 3 }, promote: "always" }, memoryLogger());
+      versions.push(r.version);
+    }
+    const [v1, v2, v3] = versions;
+    expect((await readPointer(s3.store, "pets"))?.version).toBe(v3);
+    await edgetune(["rollback", "pets"]);
+    expect((await readPointer(s3.store, "pets"))?.version).toBe(v2);
+    await edgetune(["rollback", "pets"]);
+    expect((await readPointer(s3.store, "pets"))?.version).toBe(v1);
+    await edgetune(["rollback", "pets", "--to", v3 as string]);
+    expect((await readPointer(s3.store, "pets"))?.version).toBe(v3);
+    await edgetune(["rollback", "pets"]);
+    expect((await readPointer(s3.store, "pets"))?.version).toBe(v1); // v3 replaced v1, so back to v1
+  }, 180_000);
+
+  it("npm start says at once that a port it was given is busy, before any training", async () => {
+    const busy: Server = createServer();
+    await new Promise<void>((resolve) => busy.listen(0, "127.0.0.1", resolve));
+    const port = String((busy.address() as { port: number }).port);
+    try {
+      const r = await edgetune([], "infra/local/start.ts", { EDGETUNE_EDGE_PORT: port });
+      expect(r.code).toBe(1);
+      expect(r.stderr).toContain(`edgetune start: Port ${port} (EDGETUNE_EDGE_PORT) is in use: stop what uses it, or set EDGETUNE_EDGE_PORT to another port`);
+      expect(r.stdout).not.toMatch(/training job started/);
+    } finally {
+      busy.close();
+    }
+  });
+});
