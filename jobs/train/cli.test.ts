@@ -1,10 +1,11 @@
 import { execFile } from "node:child_process";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { createServer, type Server } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { startEdgeWorker } from "../../infra/local/edge-worker.ts";
 import { jobEnvironment } from "../../infra/local/job-env.ts";
 import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
 import { readPointer } from "../../shared/artifacts.ts";
@@ -86,6 +87,30 @@ describe("edgetune, for a person", () => {
     await edgetune(["rollback", "pets"]);
     expect((await readPointer(s3.store, "pets"))?.version).toBe(v1); // v3 replaced v1, so back to v1
   }, 180_000);
+
+  it("saves a version's report and says where it is; classifies images through the edge worker", async () => {
+    const out = join(work, "report.html");
+    const saved = await edgetune(["report", "pets", "--out", out]);
+    expect(saved.code).toBe(0);
+    expect(saved.stderr).toMatch(/Report of pets v[0-9a-f]{12} \(s3:\/\/cli\/models\/pets\/v[0-9a-f]{12}\/report\.html\) saved to/);
+    expect(await readFile(out, "utf8")).toContain("<svg");
+    expect(JSON.parse((await edgetune(["report", "pets", "--json"])).stdout)).toMatchObject({ name: "pets" });
+    expect((await edgetune(["report", "pets", "v000000000000"])).stderr).toMatch(/Model pets has no version v000000000000\. Versions: v/);
+
+    const edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket });
+    try {
+      const [image] = await uploadSample(s3.store, "scratch", { perLabel: 1 });
+      const file = join(work, "picture.png");
+      await writeFile(file, (image as { bytes: Uint8Array }).bytes);
+      const r = await edgetune(["classify", "pets", file, "--top", "2"], "jobs/train/cli.ts", { EDGETUNE_EDGE_URL: edge.url, EDGETUNE_API_KEY: edge.apiKey });
+      expect(r.code).toBe(0);
+      expect(r.stdout).toMatch(/picture\.png: \w+ [\d.]+ %, \w+ [\d.]+ %\n$/);
+      const refused = await edgetune(["classify", "pets", file], "jobs/train/cli.ts", { EDGETUNE_EDGE_URL: edge.url, EDGETUNE_API_KEY: "wrong" });
+      expect([refused.code, refused.stdout]).toEqual([1, `${file}: HTTP 401: The API key is not valid.\n`]);
+    } finally {
+      await edge.stop();
+    }
+  });
 
   it("npm start says at once that a port it was given is busy, before any training", async () => {
     const busy: Server = createServer();

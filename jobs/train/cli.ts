@@ -5,10 +5,11 @@
  * S3 comes from the environment (EDGETUNE_BUCKET, AWS_REGION, EDGETUNE_S3_ENDPOINT, AWS_*), or
  * --bucket / --endpoint.
  */
+import { readFile, writeFile } from "node:fs/promises";
 import { Command, InvalidArgumentError, Option } from "commander";
 import { IMAGE_SIZES, nameSchema, STRATEGIES } from "../../shared/contracts/common.ts";
 import { EdgetuneError, InvalidOptionError, NotFoundError, userMessage } from "../../shared/errors.ts";
-import { datasetNameFromManifestKey } from "../../shared/keys.ts";
+import { datasetNameFromManifestKey, keys } from "../../shared/keys.ts";
 import { NORMALIZATIONS, type Normalization } from "../../shared/preprocess.ts";
 import { S3ObjectStore } from "../../shared/s3/client.ts";
 import { s3ConfigFromEnv } from "../../shared/s3/config.ts";
@@ -338,6 +339,71 @@ function runOutcome(s: RunStatus): string {
 }
 
 const exitCodeOf = (s: RunStatus) => (s.state === "failed" ? 1 : s.promoted ? 0 : 2);
+
+program
+  .command("report <model> [version]")
+  .description("Save a version's training report (default: the served one) as HTML and say where it is; --json prints report.json")
+  .option("--out <file>", "where to write the HTML (default: ./<model>-<version>-report.html)")
+  .option("--json", "print report.json instead")
+  .action(async (model: string, version: string | undefined, o: { out?: string; json?: boolean }, cmd: Command) => {
+    const store = storeFrom(cmd.optsWithGlobals());
+    const { pointer, versions } = await listVersions(store, model);
+    const chosen = version ?? pointer?.version ?? versions.at(-1)?.version;
+    if (!chosen || !versions.some((v) => v.version === chosen))
+      throw new NotFoundError(`Model ${model} has no version ${chosen ?? "yet"}. Versions: ${versions.map((v) => v.version).join(", ") || "none"}.`);
+    const key = keys.versionFile(model, chosen, o.json ? "report.json" : "report.html");
+    const bytes = await store.get(key);
+    if (!bytes) throw new NotFoundError(`Version ${chosen} of ${model} has no report (${key}).`);
+    if (o.json) {
+      process.stdout.write(new TextDecoder().decode(bytes));
+      return;
+    }
+    const out = o.out ?? `${model}-${chosen}-report.html`;
+    await writeFile(out, bytes);
+    process.stdout.write(`${out}\n`);
+    process.stderr.write(`Report of ${model} ${chosen} (s3://${s3ConfigFromEnv(process.env).bucket}/${key}) saved to ${out}; open it in a browser.\n`);
+  });
+
+program
+  .command("classify <model> <images...>")
+  .description("Classify image files with the edge worker, as a client would")
+  .option("--url <url>", "the worker's URL (default: $EDGETUNE_EDGE_URL)")
+  .option("--key <key>", "an API key (default: $EDGETUNE_API_KEY)")
+  .option("--top <k>", "labels per image", int("top"), 3)
+  .option("--json", "the worker's JSON answer per image")
+  .action(async (model: string, images: string[], o: { url?: string; key?: string; top: number; json?: boolean }) => {
+    const url = (o.url ?? process.env.EDGETUNE_EDGE_URL)?.replace(/\/$/, "");
+    const key = o.key ?? process.env.EDGETUNE_API_KEY;
+    if (!url || !key)
+      throw new EdgetuneError("invalid_option", "Say where the worker is and how to get in: --url (or EDGETUNE_EDGE_URL) and --key (or EDGETUNE_API_KEY).");
+    let failed = 0;
+    for (const file of images) {
+      const bytes = await readFile(file).catch(() => {
+        throw new NotFoundError(`Cannot read ${file}.`);
+      });
+      const res = await fetch(`${url}/v1/models/${encodeURIComponent(model)}/classify?top_k=${o.top}`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${key}`, "content-type": contentTypeOf(file) },
+        body: bytes,
+      }).catch((e: unknown) => {
+        throw new EdgetuneError("edge_unreachable", `The worker at ${url} cannot be reached (${e instanceof Error ? e.message : e}).`);
+      });
+      const body = (await res.json()) as { predictions?: { label: string; score: number }[]; error?: { message: string } };
+      if (!res.ok) failed++;
+      if (o.json) process.stdout.write(`${JSON.stringify({ file, status: res.status, ...body })}\n`);
+      else
+        process.stdout.write(
+          `${file}: ${res.ok ? (body.predictions ?? []).map((p) => `${p.label} ${(p.score * 100).toFixed(1)} %`).join(", ") : `HTTP ${res.status}: ${body.error?.message ?? ""}`}\n`,
+        );
+    }
+    if (failed > 0) process.exitCode = 1;
+  });
+
+/** The content type the worker expects, from the file name (the worker checks the bytes anyway). */
+function contentTypeOf(file: string): string {
+  const ext = file.toLowerCase().split(".").pop() ?? "";
+  return ({ jpg: "image/jpeg", jpeg: "image/jpeg", png: "image/png", webp: "image/webp", gif: "image/gif" } as Record<string, string>)[ext] ?? "image/jpeg";
+}
 
 function clean<T>(o: T): T {
   return JSON.parse(JSON.stringify(o)) as T;
