@@ -55,7 +55,9 @@ describe("data bucket", () => {
     const bucket = Object.values(buckets)[0] as { Properties: { LifecycleConfiguration: { Rules: Record<string, unknown>[] } } };
     const rules = bucket.Properties.LifecycleConfiguration.Rules;
     const ids = rules.map((r) => r.Id);
-    expect(ids).toEqual(expect.arrayContaining(["abort-incomplete-multipart", "noncurrent-versions", "embedding-cache", "run-state", "run-status"]));
+    expect(ids).toEqual(
+      expect.arrayContaining(["abort-incomplete-multipart", "noncurrent-versions", "embedding-cache", "run-state", "run-status", "lock-heartbeats"]),
+    );
     for (const r of rules)
       expect(r.Prefix === "models/" || r.Prefix === "datasets/" || (r.Prefix === undefined && r.ExpirationInDays !== undefined)).toBe(false);
   });

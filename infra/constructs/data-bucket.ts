@@ -38,6 +38,8 @@ export class DataBucket extends Construct {
         { id: "embedding-cache", prefix: "cache/", expiration: Duration.days(config.embeddingCacheRetentionDays) },
         { id: "run-state", prefix: "runs/", expiration: Duration.days(14) },
         { id: "run-status", prefix: "status/", expiration: Duration.days(30) },
+        // The training lock's heartbeats (one object version a minute while a run holds it).
+        { id: "lock-heartbeats", prefix: "locks/", noncurrentVersionExpiration: Duration.days(1) },
         // No age-based expiry under models/ or datasets/: the promoted version may be old, and
         // expiring it would take the edge's model away. Versions are only written when the data or
         // options change (a nightly run on unchanged data writes nothing), and overwritten pointers

@@ -6,10 +6,12 @@ import type { ObjectStore } from "../../../../shared/s3/store.ts";
 /**
  * One training run per model at a time: `locks/<model>.json` holds an owner token and a heartbeat.
  * A second run of the same trigger (S3 events can arrive twice) waits for the first and then finds
- * its version written; a run killed by a spot reclaim stops beating and its lock goes stale after
- * three heartbeats, so the retry takes over. Taking the lock is a conditional write where S3 supports
- * it, then a read-back after a short pause (last writer wins), which also covers S3-compatible
- * servers that ignore conditional writes.
+ * its version written. A run killed by a spot reclaim stops beating; Batch's retry of the same job
+ * (same job id, a later attempt) takes the lock over at once, anyone else after three missed heartbeats.
+ * Taking the lock is a conditional write where S3 supports it, then a read-back after a short pause
+ * (last writer wins), which also covers S3-compatible servers that ignore conditional writes.
+ * The heartbeat is once a minute: every beat is a new object version in the versioned bucket (60 an
+ * hour, expired a day later by the bucket's lifecycle), not one every 15 s.
  */
 export interface Lock {
   release(): Promise<void>;
@@ -21,7 +23,7 @@ export class LockTimeoutError extends EdgetuneError {
   }
 }
 
-const beatMs = () => Number(process.env.EDGETUNE_LOCK_HEARTBEAT_MS) || 15_000;
+const beatMs = () => Number(process.env.EDGETUNE_LOCK_HEARTBEAT_MS) || 60_000;
 
 interface LockBody {
   owner: string;
@@ -30,14 +32,18 @@ interface LockBody {
 
 export async function acquireLock(store: ObjectStore, name: string, options: { waitMs?: number } = {}): Promise<Lock> {
   const key = keys.lock(name);
-  const owner = `${process.env.AWS_BATCH_JOB_ID ?? "local"}:${randomUUID()}`;
+  const job = process.env.AWS_BATCH_JOB_ID;
+  const owner = `${job ?? "local"}#${process.env.AWS_BATCH_JOB_ATTEMPT ?? "1"}:${randomUUID()}`;
+  // A lock held by an earlier attempt of this very job: Batch starts an attempt only after the last one
+  // ended (a spot reclaim), so nobody holds it any more.
+  const earlierAttempt = (holder: LockBody) => job !== undefined && holder.owner.startsWith(`${job}#`) && holder.owner !== owner;
   // A waiting run gives up (with a message) before Batch would kill it at its own timeout: the stack
   // sets EDGETUNE_LOCK_WAIT_MS below the job timeout.
   const deadline = Date.now() + (options.waitMs ?? (Number(process.env.EDGETUNE_LOCK_WAIT_MS) || 3 * 60 * 60 * 1000));
   const body = () => JSON.stringify({ owner, beatAt: Date.now() } satisfies LockBody);
   for (;;) {
     const current = await read(store, key);
-    const stale = !current || Date.now() - current.beatAt > 3 * beatMs();
+    const stale = !current || Date.now() - current.beatAt > 3 * beatMs() || earlierAttempt(current);
     if (stale) {
       if (current) await store.put(key, body(), "application/json");
       else await store.putIfAbsent(key, body(), "application/json");
