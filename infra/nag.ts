@@ -25,7 +25,7 @@ export function acknowledgeNagFindings(stack: Stack): void {
     "AwsSolutions-IAM5[Resource::*]",
     "batch:DescribeJobs has no resource-level permissions; the train job uses it only to watch the Embed array job it submitted.",
   );
-  for (const id of ["Container", "EmbedContainer"]) {
+  for (const id of ["Container", "EmbedContainer", "NightlyContainer"]) {
     ack(
       stack.node.findChild("Training").node.findChild(id),
       "AwsSolutions-IAM5[Resource::*]",

@@ -125,21 +125,22 @@ describe("GPU batch job", () => {
       }),
       Parameters: { dataset: "*", shards: "1" },
     });
-    template.resourceCountIs("AWS::Batch::JobDefinition", 2);
+    template.resourceCountIs("AWS::Batch::JobDefinition", 3); // train, embed, nightly
   });
 
   it("lets the train job fan out to the embedding job on its own queue, and nothing more", () => {
     const defs = template.findResources("AWS::Batch::JobDefinition");
     const [embedId] = Object.entries(defs).find(([, d]) => JSON.stringify(d).includes('"embed"')) ?? [];
-    const train = Object.values(defs).find((d) => JSON.stringify(d).includes('"train"'));
+    const train = Object.values(defs).find((d) => JSON.stringify(d).includes('"train","--dataset","Ref::dataset"'));
     expect(train).toBeDefined();
     const env = (train?.Properties ?? {}) as { ContainerProperties: { Environment: { Name: string; Value: unknown }[] } };
     const byName = Object.fromEntries(env.ContainerProperties.Environment.map((e) => [e.Name, e.Value]));
     expect(byName.EDGETUNE_EMBED_JOB_DEFINITION).toEqual({ Ref: embedId });
     expect(byName).toMatchObject({ EDGETUNE_FAN_OUT_IMAGES_PER_SHARD: "20000", EDGETUNE_FAN_OUT_MAX_SHARDS: "3" }); // 16 vCPUs / 4 per job − the parent
     const submit = jobRoleStatements(template).filter((st) => actions(st).some((a) => a.startsWith("batch:")));
-    expect(submit.flatMap(actions).sort()).toEqual(["batch:DescribeJobs", "batch:SubmitJob"]);
-    const resources = submit.find((st) => actions(st).includes("batch:SubmitJob"))?.Resource as unknown[];
+    // DescribeJobs to watch the array job; SubmitJob for it, and (the nightly dispatcher) for Train jobs.
+    expect(submit.flatMap(actions).sort()).toEqual(["batch:DescribeJobs", "batch:SubmitJob", "batch:SubmitJob"]);
+    const resources = submit.find((st) => JSON.stringify(st.Resource).includes(embedId as string))?.Resource as unknown[];
     expect(resources).toContainEqual({ Ref: embedId });
     expect(resources).toHaveLength(2); // the embedding job definition and the queue, no wildcard
   });
@@ -148,7 +149,9 @@ describe("GPU batch job", () => {
     const small = buildApp({ edgetune: { maxVcpus: 4, jobVcpus: 4 } });
     const t = Template.fromStack(small.stack);
     expect(JSON.stringify(t.findResources("AWS::Batch::JobDefinition"))).not.toContain("EDGETUNE_EMBED_JOB_DEFINITION");
-    expect(JSON.stringify(jobRoleStatements(t))).not.toContain("batch:");
+    const batchStatements = jobRoleStatements(t).filter((st) => actions(st).some((a) => a.startsWith("batch:")));
+    expect(batchStatements.flatMap(actions)).toEqual(["batch:SubmitJob"]); // only the nightly dispatcher's, for Train jobs
+    expect(JSON.stringify(batchStatements)).not.toMatch(/Embed/);
   });
 
   it("runs in public subnets without a NAT gateway, with an S3 gateway endpoint and no inbound rule", () => {
@@ -206,14 +209,20 @@ describe("triggers", () => {
     });
   });
 
-  it("retrains every dataset nightly on a cron in the configured time zone", () => {
+  it("nightly, submits a small CPU job that submits one training job per changed dataset", () => {
     template.hasResourceProperties("AWS::Scheduler::Schedule", {
       ScheduleExpression: "cron(0 3 * * ? *)",
       ScheduleExpressionTimezone: "Europe/Paris",
     });
     const schedule = JSON.stringify(Object.values(template.findResources("AWS::Scheduler::Schedule"))[0]);
     expect(schedule).toContain(":scheduler:::aws-sdk:batch:submitJob");
-    expect(schedule).toContain('\\"Parameters\\":{\\"dataset\\":\\"*\\"}');
+    const defs = template.findResources("AWS::Batch::JobDefinition");
+    const [nightlyId, nightly] = Object.entries(defs).find(([, d]) => JSON.stringify(d).includes('"train","--dataset","*"')) ?? [];
+    expect(schedule).toContain(nightlyId as string);
+    const props = JSON.stringify(nightly);
+    expect(props).not.toContain('"GPU"');
+    expect(props).toContain("EDGETUNE_TRAIN_JOB_DEFINITION");
+    expect(props).toContain("EDGETUNE_JOB_QUEUE");
   });
 });
 

@@ -22,6 +22,7 @@ export class EdgetuneStack extends Stack {
       bucket: data.bucket,
       queue: training.queue,
       jobDefinition: training.jobDefinition,
+      nightlyJobDefinition: training.nightlyJobDefinition,
       schedule: config.schedule,
       timeZone: config.timeZone,
     });

@@ -23,6 +23,7 @@ export class TrainingBatch extends Construct {
   readonly queue: batch.JobQueue;
   readonly jobDefinition: batch.EcsJobDefinition;
   readonly embedJobDefinition: batch.EcsJobDefinition;
+  readonly nightlyJobDefinition: batch.EcsJobDefinition;
   readonly logGroup: logs.LogGroup;
 
   constructor(
@@ -107,12 +108,17 @@ export class TrainingBatch extends Construct {
     const repoRoot = path.join(import.meta.dirname, "..", "..");
     // linux/amd64 whatever machine builds it: the GPU hosts are x86 (an arm64 laptop would build arm64).
     const image = ecs.ContainerImage.fromAsset(repoRoot, { file: "jobs/train/Dockerfile", platform: Platform.LINUX_AMD64 });
-    const container = (id: string, command: string[], environment: Record<string, string> = {}) =>
+    const container = (
+      id: string,
+      command: string[],
+      environment: Record<string, string> = {},
+      size = { cpu: config.jobVcpus, memoryGiB: config.jobMemoryGiB, gpu: 1 },
+    ) =>
       new batch.EcsEc2ContainerDefinition(this, id, {
         image,
-        cpu: config.jobVcpus,
-        memory: Size.gibibytes(config.jobMemoryGiB),
-        gpu: 1,
+        cpu: size.cpu,
+        memory: Size.gibibytes(size.memoryGiB),
+        gpu: size.gpu || undefined,
         jobRole,
         command,
         environment: {
@@ -149,6 +155,22 @@ export class TrainingBatch extends Construct {
       // `Ref::dataset` is a manifest key from the S3 trigger, or "*" (every complete dataset) from the nightly schedule.
       container: container("Container", ["train", "--dataset", "Ref::dataset", "--json"], this.fanOut(config, jobRole)),
     });
+    // The nightly schedule's job: no GPU, small, short. It submits one Train job per dataset whose data
+    // or options changed (jobs/train/src/nightly.ts), so one slow or failing dataset cannot starve or
+    // fail the others, and unchanged ones cost nothing.
+    this.nightlyJobDefinition = new batch.EcsJobDefinition(this, "Nightly", {
+      timeout: Duration.minutes(30),
+      ...retries,
+      container: container(
+        "NightlyContainer",
+        ["train", "--dataset", "*", "--json"],
+        { EDGETUNE_JOB_QUEUE: this.queue.jobQueueArn, EDGETUNE_TRAIN_JOB_DEFINITION: this.jobDefinition.jobDefinitionArn },
+        { cpu: 1, memoryGiB: 2, gpu: 0 },
+      ),
+    });
+    jobRole.addToPrincipalPolicy(
+      new iam.PolicyStatement({ actions: ["batch:SubmitJob"], resources: [this.jobDefinition.jobDefinitionArn, this.queue.jobQueueArn] }),
+    );
   }
 
   /**

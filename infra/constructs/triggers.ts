@@ -14,8 +14,9 @@ import { Construct } from "constructs";
  *  - a dataset becoming complete: S3 "Object Created" for `datasets/<name>/manifest.json` (written
  *    last by the uploader) submits one job with that key. S3 events may be delivered twice; the job
  *    is idempotent (same data + options → same version id → nothing to do);
- *  - the nightly schedule (EventBridge Scheduler: cron + time zone) submits one job that retrains
- *    every complete dataset, which costs only what the new images cost (cached features).
+ *  - the nightly schedule (EventBridge Scheduler: cron + time zone) submits the small Nightly job,
+ *    which submits one training job per dataset that changed (cached features: each costs what its
+ *    new images cost).
  * A trigger that cannot submit its job (Batch throttling, a deleted queue, missing permissions) is not
  * lost: after its retries it lands in a dead-letter queue, which the alerts watch.
  * The local stand-in (infra/local/dispatcher.ts) implements the same two rules.
@@ -30,7 +31,14 @@ export class TrainingTriggers extends Construct {
   constructor(
     scope: Construct,
     id: string,
-    props: { bucket: s3.IBucket; queue: batch.IJobQueue; jobDefinition: batch.IJobDefinition; schedule: string; timeZone: string },
+    props: {
+      bucket: s3.IBucket;
+      queue: batch.IJobQueue;
+      jobDefinition: batch.IJobDefinition;
+      nightlyJobDefinition: batch.IJobDefinition;
+      schedule: string;
+      timeZone: string;
+    },
   ) {
     super(scope, id);
     this.deadLetters = new sqs.Queue(this, "DeadLetters", {
@@ -58,7 +66,7 @@ export class TrainingTriggers extends Construct {
     const [, timeExpression] = /^cron\((.*)\)$/.exec(props.schedule) ?? [];
     if (!timeExpression) throw new Error(`schedule must be cron(…), got ${props.schedule}`);
     this.nightly = new scheduler.Schedule(this, "Nightly", {
-      description: "Nightly retraining of every complete dataset",
+      description: "Nightly: one training job per changed dataset",
       schedule: scheduler.ScheduleExpression.expression(props.schedule, TimeZone.of(props.timeZone)),
       target: new schedulerTargets.Universal({
         service: "batch",
@@ -66,13 +74,12 @@ export class TrainingTriggers extends Construct {
         input: scheduler.ScheduleTargetInput.fromObject({
           JobName: "edgetune-nightly",
           JobQueue: props.queue.jobQueueArn,
-          JobDefinition: props.jobDefinition.jobDefinitionArn,
-          Parameters: { dataset: "*" },
+          JobDefinition: props.nightlyJobDefinition.jobDefinitionArn,
         }),
         deadLetterQueue: this.deadLetters,
         retryAttempts: 3,
         policyStatements: [
-          new iam.PolicyStatement({ actions: ["batch:SubmitJob"], resources: [props.queue.jobQueueArn, props.jobDefinition.jobDefinitionArn] }),
+          new iam.PolicyStatement({ actions: ["batch:SubmitJob"], resources: [props.queue.jobQueueArn, props.nightlyJobDefinition.jobDefinitionArn] }),
         ],
       }),
     });

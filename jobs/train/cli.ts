@@ -17,6 +17,7 @@ import { listDatasets, listModels, listVersions, pushDataset, rollback } from ".
 import { DEFAULT_OPTIONS, readConfigFile, type TrainInput } from "./src/config.ts";
 import { createLogger } from "./src/log.ts";
 import { importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
+import { batchSubmitter, dispatchNightly } from "./src/nightly.ts";
 import { followRun, listRunStatuses, type RunStatus, StatusRecorder } from "./src/status.ts";
 
 const int = (name: string) => (v: string) => {
@@ -145,7 +146,22 @@ program
     const context = { fanOut: batchFanOut() };
     const store = storeFrom(globals);
     const log = createLogger({ json: o.json === true ? true : undefined });
-    // "*" (the nightly schedule): every complete dataset, one after the other.
+    // "*" (the nightly schedule). In AWS Batch: one training job per changed dataset (nightly.ts);
+    // elsewhere: every complete dataset here, one after the other.
+    const submit = input.dataset === "*" ? batchSubmitter() : undefined;
+    if (submit) {
+      const { initBackend } = await import("./src/model/backend.ts");
+      await initBackend(); // a base not yet in the bucket is imported while planning
+      const { dataset: _all, ...options } = input;
+      const r = await dispatchNightly(store, clean(options), submit, log);
+      process.stdout.write(`${JSON.stringify(r)}\n`);
+      if (r.failed.length > 0)
+        throw new EdgetuneError(
+          "some_failed",
+          `${r.failed.length} dataset(s) could not be planned: ${r.failed.map((f) => f.dataset).join(", ")} (see the log above).`,
+        );
+      return;
+    }
     const names = input.dataset === "*" ? (await listDatasets(store)).filter((d) => d.complete).map((d) => d.name) : [input.dataset];
     let failed = 0;
     for (const dataset of names) {
