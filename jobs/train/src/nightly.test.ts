@@ -25,7 +25,15 @@ describe("nightly dispatch", () => {
     await uploadSample(s3.store, "one-label", { perLabel: 6, labels: ["food"] });
     await s3.store.put("datasets/uploading/food/a.png", new Uint8Array([1])); // no manifest yet
     const submitted: string[] = [];
-    const r = await dispatchNightly(s3.store, options, async (dataset) => (submitted.push(dataset), `job-${dataset}`), memoryLogger());
+    const r = await dispatchNightly(
+      s3.store,
+      options,
+      async (dataset) => {
+        submitted.push(dataset);
+        return `job-${dataset}`;
+      },
+      memoryLogger(),
+    );
     expect(r.submitted).toEqual([{ dataset: "changed", jobId: "job-changed" }]);
     expect(r.unchanged).toEqual(["unchanged"]);
     expect(r.failed).toEqual([{ dataset: "one-label", reason: expect.stringMatching(/at least 2 label folders/) }]);
@@ -35,7 +43,12 @@ describe("nightly dispatch", () => {
   it("submits to the stack's queue and Train definition, only inside AWS Batch (AWS Batch faked at the SDK boundary)", async () => {
     expect(batchSubmitter({ EDGETUNE_JOB_QUEUE: "q", EDGETUNE_TRAIN_JOB_DEFINITION: "d" })).toBeUndefined(); // not in Batch
     const sent: SubmitJobCommand[] = [];
-    const client = { send: async (c: SubmitJobCommand) => (sent.push(c), { jobId: "j-1" }) };
+    const client = {
+      send: async (c: SubmitJobCommand) => {
+        sent.push(c);
+        return { jobId: "j-1" };
+      },
+    };
     const submit = batchSubmitter(
       { AWS_BATCH_JOB_ID: "nightly-1", EDGETUNE_JOB_QUEUE: "arn:queue", EDGETUNE_TRAIN_JOB_DEFINITION: "arn:train:4" },
       client as never,
