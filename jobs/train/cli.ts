@@ -141,7 +141,7 @@ program
       },
     };
     const { train } = await import("./src/train.ts");
-    const { batchFanOut } = await import("./src/features/fan-out.ts");
+    const { batchFanOut, FanOutHandedOver } = await import("./src/features/fan-out.ts");
     // Inside AWS Batch the stack names an Embed job definition: large extractions fan out over it.
     const context = { fanOut: batchFanOut() };
     const store = storeFrom(globals);
@@ -171,6 +171,12 @@ program
           `${JSON.stringify({ status: result.status, model: result.name, version: result.version, promoted: result.promoted, accuracy: result.accuracy, reason: result.reason })}\n`,
         );
       } catch (e) {
+        if (e instanceof FanOutHandedOver) {
+          // This job's work goes on in its continuation, after the array children: it ends here, successfully.
+          log.info(e.message);
+          process.stdout.write(`${JSON.stringify({ status: "handed-over", dataset, arrayJobId: e.arrayJobId, continuationJobId: e.continuationJobId })}\n`);
+          continue;
+        }
         // One bad dataset must not stop the nightly run of the others; it still fails the job.
         if (names.length === 1) throw e;
         failed++;
@@ -199,13 +205,21 @@ program
       const globals = cmd.optsWithGlobals() as { bucket?: string; endpoint?: string };
       const shard = o.shard ?? Number(process.env.AWS_BATCH_JOB_ARRAY_INDEX ?? Number.NaN);
       const { embedShard } = await import("./src/features/shard.ts");
+      const log = createLogger({ json: o.json === true ? true : undefined });
+      // A child of a training run's fan-out ends successfully even when its shard failed: the run's
+      // continuation waits for every child and computes what is missing; a failed child would fail it.
+      const child = process.env.EDGETUNE_FAN_OUT_PARENT !== undefined;
       const stats = await embedShard(
         storeFrom(globals),
         clean({ dataset: datasetRef(o.dataset, globals), base: o.base, imageSize: o.imageSize, views: o.views, seed: o.seed }),
         shard,
         o.shards,
-        createLogger({ json: o.json === true ? true : undefined }),
-      );
+        log,
+      ).catch((e: unknown) => {
+        if (!child) throw e;
+        log.warn(`shard ${shard} could not be embedded (${userMessage(e)}); the training run will compute it`);
+        return { shard, failed: true };
+      });
       process.stdout.write(`${JSON.stringify(stats)}\n`);
     },
   );

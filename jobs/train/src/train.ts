@@ -2,7 +2,7 @@ import { userMessage } from "../../../shared/errors.ts";
 import { keys } from "../../../shared/keys.ts";
 import type { ObjectStore } from "../../../shared/s3/store.ts";
 import type { TrainInput } from "./config.ts";
-import type { EmbedFanOut } from "./features/fan-out.ts";
+import { type EmbedFanOut, FanOutHandedOver } from "./features/fan-out.ts";
 import { pooledFeatures } from "./features/pooled.ts";
 import { fitClassifier } from "./fit/fit.ts";
 import type { Logger } from "./log.ts";
@@ -46,7 +46,8 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger, 
     await status.update({ state: "done", model, version, promoted, accuracy, reason, report, phase: undefined, progress: undefined }, true);
     return result;
   } catch (e) {
-    await status.update({ state: "failed", reason: userMessage(e) }, true);
+    // Handed over to array children and a continuation (fan-out.ts): not over, the continuation reports.
+    await status.update({ state: e instanceof FanOutHandedOver ? "queued" : "failed", reason: userMessage(e) }, true);
     throw e;
   }
 }

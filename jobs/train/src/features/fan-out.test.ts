@@ -2,7 +2,7 @@ import { DescribeJobsCommand, SubmitJobCommand } from "@aws-sdk/client-batch";
 import { Command } from "commander";
 import { describe, expect, it } from "vitest";
 import { memoryLogger } from "../log.ts";
-import { batchFanOut, embedCommand, shardsFor } from "./fan-out.ts";
+import { batchFanOut, embedCommand, FanOutHandedOver, fanOutHook, shardsFor } from "./fan-out.ts";
 
 const request = { dataset: "flowers", shards: 4, base: "mobilenet-v2-100", imageSize: 224, views: 3, seed: 7 };
 
@@ -56,5 +56,39 @@ describe("fan-out", () => {
       containerOverrides: { command: embedCommand(request), environment: [{ name: "EDGETUNE_FAN_OUT_PARENT", value: "parent-9" }] },
     });
     expect(sent.filter((c) => c instanceof DescribeJobsCommand)).toHaveLength(2);
+  });
+
+  it("in Batch, hands over instead of holding its GPU host: children, then a continuation that depends on them", async () => {
+    const sent: (SubmitJobCommand | DescribeJobsCommand)[] = [];
+    const client = {
+      send: async (command: SubmitJobCommand | DescribeJobsCommand) => {
+        sent.push(command);
+        if (command instanceof DescribeJobsCommand) return { jobs: [{ jobId: "parent-9", jobDefinition: "arn:train:7", parameters: { dataset: "*" } }] };
+        return { jobId: command.input.arrayProperties ? "array-1" : "continuation-1" };
+      },
+    };
+    const env = {
+      AWS_BATCH_JOB_ID: "parent-9",
+      EDGETUNE_JOB_QUEUE: "arn:queue",
+      EDGETUNE_EMBED_JOB_DEFINITION: "arn:embed:3",
+      EDGETUNE_FAN_OUT_IMAGES_PER_SHARD: "10",
+    };
+    const f = batchFanOut(env, client as never, async () => {});
+    const hook = fanOutHook(f as NonNullable<typeof f>, { dataset: "flowers", base: "b", imageSize: 160, views: 3, seed: 42 }, memoryLogger());
+    const e = await hook(Array.from({ length: 35 })).catch((err: unknown) => err);
+    expect(e).toBeInstanceOf(FanOutHandedOver);
+    expect(e).toMatchObject({ arrayJobId: "array-1", continuationJobId: "continuation-1" });
+    const [children, , continuation] = sent as SubmitJobCommand[];
+    expect(children?.input.arrayProperties).toEqual({ size: 4 });
+    expect(continuation?.input).toEqual({
+      jobName: "edgetune-flowers-after-embed",
+      jobQueue: "arn:queue",
+      jobDefinition: "arn:train:7",
+      parameters: { dataset: "flowers" },
+      dependsOn: [{ jobId: "array-1" }],
+      containerOverrides: { environment: [{ name: "EDGETUNE_FAN_OUT", value: "off" }] },
+    });
+    // The continuation itself never fans out again.
+    expect(batchFanOut({ ...env, EDGETUNE_FAN_OUT: "off" }, client as never)).toBeUndefined();
   });
 });
