@@ -1,8 +1,8 @@
 import { execFile } from "node:child_process";
-import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { createServer, type Server } from "node:net";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startEdgeWorker } from "../../infra/local/edge-worker.ts";
@@ -110,6 +110,42 @@ describe("edgetune, for a person", () => {
     } finally {
       await edge.stop();
     }
+  });
+
+  it("push checks the folder with the job's rules before uploading anything; --dry-run only checks", async () => {
+    const folder = async (name: string, files: Record<string, Uint8Array>) => {
+      const dir = join(work, name);
+      for (const [file, bytes] of Object.entries(files)) {
+        await mkdir(dirname(join(dir, file)), { recursive: true });
+        await writeFile(join(dir, file), bytes);
+      }
+      await mkdir(dir, { recursive: true });
+      return dir;
+    };
+    const images = await uploadSample(s3.store, "scratch2", { perLabel: 6 });
+    const byLabel = (labels: string[]) => Object.fromEntries(images.filter((i) => labels.includes(i.label)).map((i) => [i.file, i.bytes]));
+    const uploadedTo = async (dataset: string) => {
+      const found: string[] = [];
+      for await (const o of s3.store.list(`datasets/${dataset}/`)) found.push(o.key);
+      return found;
+    };
+    const cases: [string, Record<string, Uint8Array>, RegExp][] = [
+      ["one-label", byLabel(["food"]), /has 1 label \(food\); a classifier needs at least 2 label folders/],
+      ["flat", Object.fromEntries(images.slice(0, 3).map((i, n) => [`${n}.png`, i.bytes])), /has no images\. Put them in one folder per label/],
+      ["empty", {}, /has no images/],
+    ];
+    for (const [name, files, message] of cases) {
+      const r = await edgetune(["push", await folder(name, files), "--dataset", name]);
+      expect([name, r.code]).toEqual([name, 1]);
+      expect(r.stderr).toMatch(message);
+      expect(await uploadedTo(name)).toEqual([]);
+    }
+    const ok = await folder("ok", { ...byLabel(["food", "travel"]), "travel/broken.png": new Uint8Array([137, 80, 78, 71, 1, 2]) });
+    const dry = await edgetune(["push", ok, "--dataset", "ok", "--dry-run"]);
+    expect(dry.code).toBe(0);
+    expect(JSON.parse(dry.stdout)).toMatchObject({ dataset: "ok", labels: { food: 6, travel: 7 } });
+    expect(dry.stderr).toMatch(/ready to push \(nothing was uploaded\)/);
+    expect(await uploadedTo("ok")).toEqual([]);
   });
 
   it("npm start says at once that a port it was given is busy, before any training", async () => {

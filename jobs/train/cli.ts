@@ -269,11 +269,24 @@ program
   .addOption(new Option("--strategy <strategy>").choices(STRATEGIES))
   .option("--base <id>", "base model for this dataset")
   .option("--wait", "follow the training run this push triggers to its end; exit 0 if promoted, 2 if kept back, 1 if it failed")
-  .action(async (folder: string, o: { dataset: string; strategy?: "head" | "finetune"; base?: string; wait?: boolean }, cmd: Command) => {
+  .option("--dry-run", "check the folder with the training job's rules (and decode a sample) without uploading")
+  .action(async (folder: string, o: { dataset: string; strategy?: "head" | "finetune"; base?: string; wait?: boolean; dryRun?: boolean }, cmd: Command) => {
     const log = createLogger();
     const store = storeFrom(cmd.optsWithGlobals());
     const since = new Date().toISOString();
-    const r = await pushDataset(store, folder, o.dataset, { strategy: o.strategy, base: o.base }, (d, t) => log.progress("upload", d, t));
+    const r = await pushDataset(store, folder, o.dataset, { strategy: o.strategy, base: o.base }, (d, t) => log.progress("upload", d, t), {
+      dryRun: o.dryRun,
+    });
+    for (const w of r.warnings) process.stderr.write(`warning: ${w}\n`);
+    if (o.dryRun) {
+      process.stdout.write(`${JSON.stringify({ dataset: o.dataset, labels: r.labels, notImages: r.skipped.length, warnings: r.warnings })}\n`);
+      process.stderr.write(
+        `${o.dataset}: ${Object.entries(r.labels)
+          .map(([l, n]) => `${l} ${n}`)
+          .join(", ")} — ready to push (nothing was uploaded).\n`,
+      );
+      return;
+    }
     await new StatusRecorder(store, o.dataset, "queued").update({}, true);
     process.stdout.write(`${JSON.stringify({ dataset: o.dataset, uploaded: r.uploaded, notImages: r.skipped.length, state: "queued" })}\n`);
     process.stderr.write(`Training of ${o.dataset} is triggered (the manifest was written last). Follow it: edgetune status ${o.dataset} --follow\n`);

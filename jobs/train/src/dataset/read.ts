@@ -110,7 +110,8 @@ export async function assignSplits(
   return out.sort((a, b) => a.key.localeCompare(b.key));
 }
 
-function checkTrainable(name: string, labels: string[], images: DatasetImage[]): string[] {
+/** The rules a dataset must meet to be trained; throws a DatasetError saying what to fix, returns warnings. Also run by `push` before uploading. */
+export function checkTrainable(name: string, labels: string[], images: DatasetImage[]): string[] {
   if (images.length === 0) throw new DatasetError(`Dataset ${name} has no images. Put them in one folder per label: datasets/${name}/<label>/<image>.jpg`);
   // Checked here, before any image is fetched: a label is written into the model's metadata, whose
   // contract would refuse it only after the whole training.
