@@ -1,3 +1,5 @@
+import { concatBytes } from "../../shared/bytes.ts";
+
 /**
  * Hostile JPEGs, built from a real small JPEG by rearranging its segments (issue #12's attacks, kept
  * small enough to generate in a test).
@@ -28,15 +30,7 @@ export function jpegSegments(jpeg: Uint8Array): Segment[] {
   return out;
 }
 
-const join = (parts: (Uint8Array | number[])[]) => {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
-};
+const join = (parts: (Uint8Array | number[])[]) => concatBytes(parts.map((p) => Uint8Array.from(p)));
 
 /**
  * The frame header moved behind a 0xFF fill byte and rewritten to `width`×`height`, with the original
