@@ -89,22 +89,12 @@ for (let i = 0; i < requests; i++) {
   server.push(r.timings.inferenceMs as number);
   serverTotal.push(r.timings.totalMs as number);
 }
-// The workerd process that hosts the isolate is the larger of the dev server's two (proxy, worker).
-const mem = () => {
-  let best = { rss: 0, peak: 0 };
-  for (const pid of edge.workerdPids()) {
-    const status = execSync(`cat /proc/${pid}/status`).toString();
-    const kb = (k: string) => Number(new RegExp(`${k}:\\s+(\\d+)`).exec(status)?.[1] ?? Number.NaN) / 1024;
-    if (kb("VmRSS") > best.rss) best = { rss: kb("VmRSS"), peak: kb("VmHWM") };
-  }
-  return best;
-};
-const before = mem();
+const before = edge.memoryMb();
 const bigResult = await classify(edge, big);
-const after = mem();
+const after = edge.memoryMb();
 // A second one: does the isolate keep what the first one grew, or was it released?
 await classify(edge, big);
-const afterSecond = mem();
+const afterSecond = edge.memoryMb();
 await edge.stop();
 
 const bare = await startEdgeWorker({ ...workerOptions, config: "bench/edge/wrangler.jsonc" });

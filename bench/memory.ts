@@ -8,7 +8,7 @@
  * worst case (a body of MAX_IMAGE_BYTES held, one decoded RGBA copy of the limit), and the workerd
  * process's RSS growth over the fresh isolate (which also holds compiled code and the runtime: an upper
  * bound, not what Workers count). `--pixels 1000000,2100000,8000000` (default) sets the limits compared side by side;
- * `--size 224` the model's input size.
+ * `--size 224` the model's input size, `--base <id>` its base (default: the default base).
  */
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
@@ -17,34 +17,24 @@ import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts"
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
+import { DEFAULT_BASE } from "../jobs/train/src/model/bases.ts";
 import { train } from "../jobs/train/src/train.ts";
 import { arg, hasShared, machine, SHARED } from "./common.ts";
 
 const size = Number(arg("size", "224")) as 224;
+const base = arg("base", DEFAULT_BASE) as string;
 const limits = (arg("pixels", "1000000,2100000,8000000") as string).split(",").map(Number);
 const burst = 50;
 const s3 = await startLocalS3();
 const log = createLogger({ json: true, quiet: true, stream: { write: () => true } as unknown as NodeJS.WriteStream });
 for (const i of await sampleDataset({ perLabel: 12, size: 128 })) await s3.store.put(`datasets/bench/${i.file}`, i.bytes);
 await s3.store.put("datasets/bench/manifest.json", "{}");
-await train(s3.store, { dataset: "bench", imageSize: size, views: 1, head: { epochs: 5 }, promote: "always" }, log);
+await train(s3.store, { dataset: "bench", base, imageSize: size, views: 1, head: { epochs: 5 }, promote: "always" }, log);
 
 const photoPath = join(SHARED, "photos", "tfjs-models", "mobilenet_demo_coffee.jpg");
 const photo = hasShared("photos", "tfjs-models", "mobilenet_demo_coffee.jpg")
   ? readFileSync(photoPath)
   : Buffer.from((await sampleDataset({ perLabel: 1, size: 512 }))[0]?.bytes ?? []);
-
-/** workerd's memory in MB: current RSS and peak (VmHWM) of the largest workerd process of this dev server. */
-function memory(edge: EdgeWorker): { rss: number; peak: number } {
-  let rss = 0;
-  let peak = 0;
-  for (const pid of edge.workerdPids()) {
-    const status = readFileSync(`/proc/${pid}/status`, "utf8");
-    const kb = (field: string) => Number(new RegExp(`${field}:\\s+(\\d+)`).exec(status)?.[1] ?? 0) / 1024;
-    if (kb("VmRSS") > rss) [rss, peak] = [kb("VmRSS"), kb("VmHWM")];
-  }
-  return { rss, peak };
-}
 
 const wasm = async (edge: EdgeWorker) =>
   ((await (await fetch(`${edge.url}/healthz`)).json()) as { memory: { wasm: { total: number; byModule: Record<string, number> } } | null }).memory?.wasm ?? {
@@ -80,18 +70,18 @@ for (const limit of limits) {
   });
   try {
     await fetch(`${edge.url}/healthz`);
-    const start = memory(edge);
+    const start = edge.memoryMb();
     const steps: [string, { rss: number; peak: number }, string, { total: number; byModule: Record<string, number> }][] = [];
     const small = new Uint8Array(await sharp(photo).resize(size, size).jpeg().toBuffer());
     const first = await classify(edge, small, "image/jpeg");
-    steps.push(["model loaded (first classify)", memory(edge), String(first.status), await wasm(edge)]);
+    steps.push(["model loaded (first classify)", edge.memoryMb(), String(first.status), await wasm(edge)]);
     for (const [format, bytes] of Object.entries(images)) {
       const r = await classify(edge, bytes, `image/${format}`);
-      steps.push([`${format} ${side}×${side} (${(bytes.byteLength / 1e6).toFixed(1)} MB)`, memory(edge), String(r.status), await wasm(edge)]);
+      steps.push([`${format} ${side}×${side} (${(bytes.byteLength / 1e6).toFixed(1)} MB)`, edge.memoryMb(), String(r.status), await wasm(edge)]);
     }
     const statuses = await Promise.all(Array.from({ length: burst }, () => classify(edge, images.jpeg, "image/jpeg").then((r) => r.status)));
     const counts = [...new Set(statuses)].map((s) => `${statuses.filter((x) => x === s).length}×${s}`).join(" ");
-    steps.push([`${burst} concurrent JPEGs at the limit`, memory(edge), counts, await wasm(edge)]);
+    steps.push([`${burst} concurrent JPEGs at the limit`, edge.memoryMb(), counts, await wasm(edge)]);
     // What JS holds besides the wasm memories, at worst: the bodies of the admitted requests (each up to
     // MAX_IMAGE_BYTES), and the decoded RGBA copy of one image at the limit (decoding runs one at a time).
     const jsWorst = concurrent * maxBytes + 4 * side * side;
@@ -110,7 +100,7 @@ for (const limit of limits) {
 }
 await s3.stop();
 
-console.log(`Edge isolate memory, model trained at ${size} px (${machine()})\n`);
+console.log(`Edge isolate memory, model trained at ${size} px on ${base} (${machine()})\n`);
 console.log(
   "| pixel limit | step | HTTP | wasm memories (MB) | budget: wasm + 1 body + 1 decoded copy | workerd RSS growth / peak |\n|---|---|---|---|---|---|",
 );

@@ -1,4 +1,5 @@
 import { type ChildProcess, execSync, spawn } from "node:child_process";
+import { readFileSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -16,6 +17,8 @@ export interface EdgeWorker {
   pid: number;
   /** The workerd processes of this dev server (wrangler runs one for its proxy, one for the worker). */
   workerdPids(): number[];
+  /** The worker's workerd process (the larger of the two): resident and peak memory in MB, NaN if gone. */
+  memoryMb(): { rss: number; peak: number };
   stop(): Promise<void>;
   /** Everything wrangler printed, for debugging a failed start. */
   output(): string;
@@ -119,6 +122,14 @@ export async function startEdgeWorker(options: EdgeOptions): Promise<EdgeWorker>
     }
     await new Promise((r) => setTimeout(r, 250));
   }
+  const workerdPids = () => {
+    const pids: number[] = [];
+    for (const line of execSync("ps -eo pid,pgid,comm").toString().split("\n")) {
+      const [pid, pgid, comm] = line.trim().split(/\s+/);
+      if (Number(pgid) === child.pid && comm === "workerd") pids.push(Number(pid));
+    }
+    return pids;
+  };
   return {
     url,
     apiKey,
@@ -134,13 +145,15 @@ export async function startEdgeWorker(options: EdgeOptions): Promise<EdgeWorker>
       process.off("exit", onExit);
       if (!options.persistTo) await rm(state, { recursive: true, force: true });
     },
-    workerdPids() {
-      const pids: number[] = [];
-      for (const line of execSync("ps -eo pid,pgid,comm").toString().split("\n")) {
-        const [pid, pgid, comm] = line.trim().split(/\s+/);
-        if (Number(pgid) === child.pid && comm === "workerd") pids.push(Number(pid));
+    memoryMb() {
+      let best = { rss: Number.NaN, peak: Number.NaN };
+      for (const pid of workerdPids()) {
+        const status = readFileSync(`/proc/${pid}/status`, "utf8");
+        const mb = (field: string) => Number(new RegExp(`${field}:\\s+(\\d+)`).exec(status)?.[1]) / 1024;
+        if (!(mb("VmRSS") <= best.rss)) best = { rss: mb("VmRSS"), peak: mb("VmHWM") };
       }
-      return pids;
+      return best;
     },
+    workerdPids,
   };
 }
