@@ -13,7 +13,7 @@ import { datasetNameFromManifestKey, keys } from "../../shared/keys.ts";
 import { NORMALIZATIONS, type Normalization } from "../../shared/preprocess.ts";
 import { S3ObjectStore } from "../../shared/s3/client.ts";
 import { s3ConfigFromEnv } from "../../shared/s3/config.ts";
-import { listDatasets, listModels, listVersions, pushDataset, rollback } from "./src/catalog/catalog.ts";
+import { contentTypeOf, listDatasets, listModels, listVersions, pushDataset, rollback } from "./src/catalog/catalog.ts";
 import { DEFAULT_OPTIONS, readConfigFile, type TrainInput } from "./src/config.ts";
 import { createLogger } from "./src/log.ts";
 import { importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
@@ -441,12 +441,6 @@ program
     }
     if (failed > 0) process.exitCode = 1;
   });
-
-/** The content type the worker expects, from the file name (the worker checks the bytes anyway). */
-function contentTypeOf(file: string): string {
-  const ext = file.toLowerCase().split(".").pop() ?? "";
-  return ({ jpg: "image/jpeg", jpeg: "image/jpeg", png: "image/png", webp: "image/webp", gif: "image/gif" } as Record<string, string>)[ext] ?? "image/jpeg";
-}
 
 function clean<T>(o: T): T {
   return JSON.parse(JSON.stringify(o)) as T;

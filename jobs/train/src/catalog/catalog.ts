@@ -87,7 +87,8 @@ async function walk(dir: string): Promise<string[]> {
   return out.sort();
 }
 
-function contentTypeOf(file: string): string {
+/** The image content type for a file name (upload metadata; the worker's classify request). */
+export function contentTypeOf(file: string): string {
   const ext = file.toLowerCase().split(".").pop();
   return { jpg: "image/jpeg", jpeg: "image/jpeg", png: "image/png", webp: "image/webp", gif: "image/gif" }[ext ?? ""] ?? "application/octet-stream";
 }
