@@ -1,6 +1,7 @@
 import sharp from "sharp";
 import { describe, expect, it } from "vitest";
-import { decodeGifFirstFrame, gifSize } from "./gif.ts";
+import { gifWithSizes } from "../../test/support/crafted-images.ts";
+import { decodeGifFirstFrame, GifStructureError, inspectGif } from "./gif.ts";
 
 /** RGB of every pixel as training decodes it (sharp, first page, alpha dropped). */
 async function trainingRgb(gif: Uint8Array): Promise<Uint8Array> {
@@ -30,8 +31,9 @@ describe("GIF first frame", () => {
       .toBuffer();
     expect((await sharp(animated).metadata()).pages).toBe(3);
     for (const gif of [photo, transparent, animated].map((b) => new Uint8Array(b))) {
-      const mine = decodeGifFirstFrame(gif, 1e6);
-      expect(gifSize(gif)).toEqual({ width: mine.width, height: mine.height });
+      const inspected = inspectGif(gif);
+      const mine = decodeGifFirstFrame(inspected, 1e6);
+      expect({ width: inspected.width, height: inspected.height }).toEqual({ width: mine.width, height: mine.height });
       expect(rgbOf(mine.data)).toEqual(await trainingRgb(gif));
     }
   });
@@ -45,7 +47,18 @@ describe("GIF first frame", () => {
     const huge = gif.slice();
     new DataView(huge.buffer).setUint16(6, 30000, true);
     new DataView(huge.buffer).setUint16(8, 30000, true);
-    expect(gifSize(huge)).toEqual({ width: 30000, height: 30000 });
-    expect(() => decodeGifFirstFrame(huge, 8_000_000)).toThrow(/30000×30000/);
+    expect(inspectGif(huge)).toMatchObject({ width: 30000, height: 30000 });
+    expect(() => decodeGifFirstFrame(inspectGif(huge), 8_000_000)).toThrow(/30000×30000/);
+  });
+
+  it("refuses a first frame larger than its screen (what omggif would allocate and walk), before decoding", async () => {
+    const gif = new Uint8Array(
+      await sharp({ create: { width: 8, height: 8, channels: 3, background: "#000" } })
+        .gif()
+        .toBuffer(),
+    );
+    const crafted = gifWithSizes(gif, [1, 1], [20000, 20000]); // a 1×1 screen around a 20000×20000 frame
+    expect(() => inspectGif(crafted)).toThrow(GifStructureError);
+    expect(() => inspectGif(crafted)).toThrow(/first frame \(20000×20000 at 0,0\) does not fit the 1×1 screen/);
   });
 });

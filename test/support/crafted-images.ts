@@ -66,3 +66,22 @@ export function repeatedScans(progressiveJpeg: Uint8Array, times: number): Uint8
   const last = segments.filter((s) => s.marker === 0xda).at(-1) as Segment;
   return join([[0xff, 0xd8], ...segments.map((s) => s.bytes), ...Array.from({ length: times }, () => last.bytes), [0xff, 0xd9]]);
 }
+
+/** A GIF with its logical screen set to `screen` and its first frame's size to `frame` (offset kept). */
+export function gifWithSizes(gif: Uint8Array, screen: [number, number], frame: [number, number]): Uint8Array {
+  const out = gif.slice();
+  const view = new DataView(out.buffer);
+  view.setUint16(6, screen[0], true);
+  view.setUint16(8, screen[1], true);
+  // Past the header and screen descriptor, the global colour table if any, and any extension blocks.
+  let i = 13 + ((out[10] as number) & 0x80 ? 3 * 2 ** (((out[10] as number) & 7) + 1) : 0);
+  while (out[i] === 0x21) {
+    i += 2;
+    while ((out[i] as number) > 0) i += (out[i] as number) + 1;
+    i += 1;
+  }
+  if (out[i] !== 0x2c) throw new Error("no image descriptor where one was expected");
+  view.setUint16(i + 5, frame[0], true);
+  view.setUint16(i + 7, frame[1], true);
+  return out;
+}

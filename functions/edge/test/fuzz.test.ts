@@ -5,7 +5,7 @@ import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-work
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 import { memoryLogger } from "../../../jobs/train/src/log.ts";
 import { train } from "../../../jobs/train/src/train.ts";
-import { repeatedScans, sofBehindFillByte } from "../../../test/support/crafted-images.ts";
+import { gifWithSizes, repeatedScans, sofBehindFillByte } from "../../../test/support/crafted-images.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
 
 /**
@@ -124,6 +124,10 @@ async function corpus(): Promise<Case[]> {
   cases.push({ name: "jpeg SOF behind a fill byte, 20000×20000 with a decoy", body: sofBehindFillByte(tiny, 20000, 20000), type: "image/jpeg", expect: [413] });
   const progressive = valid.find((v) => v.name === "jpeg progressive")?.bytes as Uint8Array;
   cases.push({ name: "jpeg progressive, a scan repeated 500 times", body: repeatedScans(progressive, 500), type: "image/jpeg", expect: [422] });
+  // A GIF whose 1×1 screen holds a 20000×20000 first frame (the decoder would allocate the frame).
+  const gif = valid.find((v) => v.name === "gif")?.bytes as Uint8Array;
+  const gifBomb = gifWithSizes(gif, [1, 1], [20000, 20000]);
+  cases.push({ name: "gif first frame 20000×20000 on a 1×1 screen", body: gifBomb, type: "image/gif", expect: [400] });
   // Bodies and content types.
   cases.push({ name: "zero bytes", body: new Uint8Array(), type: "image/jpeg", expect: [400] });
   cases.push({ name: "random bytes", body: Uint8Array.from({ length: 5000 }, () => Math.floor(rand() * 256)), type: "image/png", expect: [400] });

@@ -7,7 +7,7 @@ import webpWasm from "@jsquash/webp/codec/dec/webp_dec.wasm";
 import decodeWebp, { init as initWebp } from "@jsquash/webp/decode";
 import { imageSize } from "image-size";
 import { decode as decodeJpegJs } from "jpeg-js";
-import { decodeGifFirstFrame, gifSize } from "../../../../shared/image/gif.ts";
+import { decodeGifFirstFrame, type GifFirstFrame, inspectGif } from "../../../../shared/image/gif.ts";
 import { inspectJpeg, JpegStructureError, JpegTooManyScansError, MAX_JPEG_SCANS } from "../../../../shared/image/jpeg.ts";
 import type { Pixels } from "../../../../shared/preprocess.ts";
 import { ApiError } from "../http/errors.ts";
@@ -94,7 +94,8 @@ export async function decodeImage(bytes: Uint8Array, maxPixels: number): Promise
     if (other) throw new ApiError(415, "unsupported_media_type", `${other} is not supported; send JPEG, PNG, WebP or GIF.`);
     throw new ApiError(400, "corrupt_image", "The body is not a JPEG, PNG, WebP or GIF image.");
   }
-  const { width, height } = declaredSize(bytes, format);
+  const declared = declaredSize(bytes, format);
+  const { width, height } = declared;
   if (width <= 0 || height <= 0) throw new ApiError(400, "corrupt_image", `The ${format.toUpperCase()} header has no valid size.`);
   if (width * height > maxPixels) {
     throw new ApiError(
@@ -105,7 +106,7 @@ export async function decodeImage(bytes: Uint8Array, maxPixels: number): Promise
   }
   if (format === "gif") {
     try {
-      return { pixels: decodeGifFirstFrame(bytes, maxPixels), format };
+      return { pixels: decodeGifFirstFrame(declared as GifFirstFrame, maxPixels), format };
     } catch {
       throw new ApiError(400, "corrupt_image", "The GIF data is corrupt or truncated.");
     }
@@ -130,10 +131,10 @@ export async function decodeImage(bytes: Uint8Array, maxPixels: number): Promise
 }
 
 /** The size the decoder will allocate for, read the way the decoder reads it. */
-function declaredSize(bytes: Uint8Array, format: EdgeFormat): { width: number; height: number } {
+function declaredSize(bytes: Uint8Array, format: EdgeFormat): { width: number; height: number } | GifFirstFrame {
   try {
     if (format === "jpeg") return inspectJpeg(bytes);
-    if (format === "gif") return gifSize(bytes);
+    if (format === "gif") return inspectGif(bytes);
     const { width = 0, height = 0 } = imageSize(bytes);
     return { width, height };
   } catch (e) {

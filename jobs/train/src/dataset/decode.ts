@@ -1,5 +1,6 @@
 import sharp, { type Metadata } from "sharp";
 import { EdgetuneError } from "../../../../shared/errors.ts";
+import { inspectGif } from "../../../../shared/image/gif.ts";
 import { inspectJpeg, JpegStructureError, JpegTooManyScansError } from "../../../../shared/image/jpeg.ts";
 import type { Pixels } from "../../../../shared/preprocess.ts";
 
@@ -31,6 +32,13 @@ export async function decodeImage(bytes: Uint8Array): Promise<Pixels> {
       if (e instanceof JpegTooManyScansError) throw new ImageDecodeError(`JPEG refused: ${e.message} (a normal progressive JPEG has about 10)`);
       if (e instanceof JpegStructureError) throw new ImageDecodeError(`corrupt jpeg (${e.message})`);
       throw e;
+    }
+  }
+  if (bytes[0] === 0x47 && bytes[1] === 0x49 && bytes[2] === 0x46) {
+    try {
+      inspectGif(bytes); // the edge's check: a first frame that does not fit its screen is refused on both sides
+    } catch (e) {
+      throw new ImageDecodeError(`corrupt gif (${e instanceof Error ? e.message : e})`);
     }
   }
   let meta: Metadata;
