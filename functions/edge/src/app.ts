@@ -111,8 +111,10 @@ app.openapi(classifyRoute, async (c) => {
   const maxBytes = Number(c.env.MAX_IMAGE_BYTES || 4 * 1024 * 1024);
   const maxPixels = Number(c.env.MAX_IMAGE_PIXELS || 2_100_000);
   const places = admissionFor(c.env);
+  // A body that trickles in holds the isolate's place: it gets MAX_BODY_SECONDS, then 408.
+  const bodySeconds = Number(c.env.MAX_BODY_SECONDS || 10);
   return places.admit(async () => {
-    const [bytes] = await Promise.all([readImageBody(c, maxBytes), initTf()]);
+    const [bytes] = await Promise.all([withDeadline(readImageBody(c, maxBytes), bodySeconds), initTf()]);
     const { model, release } = await acquire(c.env, name, (p) => c.executionCtx.waitUntil(p));
     try {
       const { t1, t2, t3, scores } = await places.exclusive(async () => {
@@ -173,3 +175,21 @@ async function acquire(env: Env, name: string, waitUntil: (p: Promise<unknown>) 
 }
 
 const round = (ms: number) => Math.round(ms * 10) / 10;
+
+/** `body`, or a 408 after `seconds` (a timer of this request's own: see http/admission.ts). */
+async function withDeadline<T>(body: Promise<T>, seconds: number): Promise<T> {
+  let fail = (_e: ApiError) => {};
+  const late = new Promise<never>((_, reject) => {
+    fail = reject;
+  });
+  const timer = setTimeout(
+    () => fail(new ApiError(408, "body_timeout", `The image did not arrive within ${seconds} s; send it again (resized images arrive faster).`)),
+    seconds * 1000,
+  );
+  body.catch(() => {}); // if the deadline wins, the read's own failure is of no interest
+  try {
+    return await Promise.race([body, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}

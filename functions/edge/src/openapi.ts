@@ -79,10 +79,11 @@ export const classifyRoute = createRoute({
     400: errorResponse("Corrupt or unreadable image"),
     401: errorResponse("Missing or invalid API key"),
     404: errorResponse("Unknown model"),
+    408: errorResponse("The body did not arrive within MAX_BODY_SECONDS"),
     413: errorResponse("Image too large (bytes or pixels)"),
     415: errorResponse("Unsupported content type or image format"),
     422: errorResponse("Invalid parameters (top_k, multipart field)"),
-    503: errorResponse("Model not available yet (Retry-After)"),
+    503: errorResponse("Model not available yet, or the instance is busy (Retry-After)"),
   },
 });
 

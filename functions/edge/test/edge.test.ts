@@ -37,7 +37,8 @@ beforeAll(async () => {
     memoryLogger(),
   );
   firstVersion = r.version;
-  edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, pointerTtlSeconds: 1 });
+  // A generous body deadline: the admission test holds an upload open while it queues sixteen others.
+  edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, pointerTtlSeconds: 1, vars: { MAX_BODY_SECONDS: "120" } });
 });
 afterAll(async () => {
   await edge?.stop();

@@ -22,7 +22,11 @@ beforeAll(async () => {
   const imgs = await uploadSample(s3.store, "fuzz", { perLabel: 6, size: 96 });
   seedImages = imgs.slice(0, 2).map((i) => i.bytes);
   await train(s3.store, { dataset: "fuzz", imageSize: 96, views: 1, head: { epochs: 3 }, promote: "always" }, memoryLogger());
-  edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, vars: { MAX_IMAGE_BYTES: String(MAX_IMAGE_BYTES) } });
+  edge = await startEdgeWorker({
+    s3Endpoint: s3.endpoint,
+    bucket: s3.config.bucket,
+    vars: { MAX_IMAGE_BYTES: String(MAX_IMAGE_BYTES), MAX_BODY_SECONDS: "2" },
+  });
 });
 afterAll(async () => {
   await edge?.stop();
@@ -167,6 +171,14 @@ async function corpus(): Promise<Case[]> {
     type: "image/png",
     expect: [413],
     send: (url, headers) => postChunkedHeldOpen(url, headers, MAX_IMAGE_BYTES + 1),
+  });
+  // Under the limit but never finished: it may hold the isolate's place only MAX_BODY_SECONDS (2 here).
+  cases.push({
+    name: "chunked body that never ends",
+    body: new Uint8Array(),
+    type: "image/png",
+    expect: [408],
+    send: (url, headers) => postChunkedHeldOpen(url, headers, 1000),
   });
   for (const q of ["0", "-1", "abc", "1.5", "101", "99999999999999999999", "", "%00", "1&top_k=2"]) {
     cases.push({ name: `top_k=${q}`, body: png, type: "image/png", query: `?top_k=${q}`, expect: q === "" || q === "1&top_k=2" ? [200] : [422] });

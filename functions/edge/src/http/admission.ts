@@ -22,13 +22,22 @@ const MAX_WAIT_MS = 20_000;
 export function createAdmission(options: { concurrent: number; queued: number }): Admission {
   const places = pLimit(options.concurrent);
   const compute = pLimit(1);
+  // Requests waiting now. p-limit's own pending count also keeps those that gave up (their entries
+  // leave its queue only when a place frees), which would refuse new requests for nothing.
+  let waiting = 0;
   return {
     async admit(work) {
-      if (places.activeCount >= options.concurrent && places.pendingCount >= options.queued) throw busy();
-      return within(places, work, MAX_WAIT_MS);
+      if (places.activeCount >= options.concurrent && waiting >= options.queued) throw busy();
+      waiting++;
+      let counted = true;
+      const done = () => {
+        if (counted) waiting--;
+        counted = false;
+      };
+      return within(places, work, MAX_WAIT_MS, done);
     },
     exclusive: (work) => within(compute, work, MAX_WAIT_MS),
-    stats: () => ({ active: places.activeCount, queued: places.pendingCount }),
+    stats: () => ({ active: places.activeCount, queued: waiting }),
   };
 }
 
@@ -40,7 +49,7 @@ export function createAdmission(options: { concurrent: number; queued: number })
  * nothing of its own is cancelled as hung — so the wait also has its own timer, which is the bound
  * on how long a request waits in the queue.
  */
-async function within<T>(limit: LimitFunction, work: () => Promise<T>, maxWaitMs: number): Promise<T> {
+async function within<T>(limit: LimitFunction, work: () => Promise<T>, maxWaitMs: number, stoppedWaiting: () => void = () => {}): Promise<T> {
   let leave = () => {};
   const held = new Promise<void>((resolve) => {
     leave = resolve;
@@ -56,6 +65,7 @@ async function within<T>(limit: LimitFunction, work: () => Promise<T>, maxWaitMs
   });
   const entered = await waited;
   clearTimeout(timer);
+  stoppedWaiting();
   try {
     if (!entered) throw busy();
     return await work();
