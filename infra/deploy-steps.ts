@@ -32,9 +32,13 @@ export async function preflight(clients: AwsClients, config: EdgetuneConfig, whe
   const notes: string[] = [];
   try {
     await clients.cloudformation.send(new DescribeStacksCommand({ StackName: "CDKToolkit" }));
-  } catch {
+  } catch (e) {
+    const message = e instanceof Error ? e.message : String(e);
+    // Only "does not exist" means not bootstrapped; anything else (no permission, throttling) is said as it is.
     problems.push(
-      `CDK is not bootstrapped in ${where.account}/${where.region} (no CDKToolkit stack): run  npx cdk bootstrap aws://${where.account}/${where.region}`,
+      /does not exist/.test(message)
+        ? `CDK is not bootstrapped in ${where.account}/${where.region} (no CDKToolkit stack): run  npx cdk bootstrap aws://${where.account}/${where.region}`
+        : `Cannot check the CDK bootstrap stack in ${where.account}/${where.region}: ${message}`,
     );
   }
   const quota = async (code: string) =>

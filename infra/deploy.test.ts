@@ -46,6 +46,17 @@ describe("deploy preflight", () => {
     expect(problems).toEqual(["CDK is not bootstrapped in 123456789012/eu-west-1 (no CDKToolkit stack): run  npx cdk bootstrap aws://123456789012/eu-west-1"]);
   });
 
+  it("says what went wrong when the bootstrap check itself fails, instead of advising a bootstrap", async () => {
+    const { clients } = fakeAws({ bootstrapped: true, quotas: { [GPU_QUOTAS.spot.code]: 8, [GPU_QUOTAS.onDemand.code]: 8 } });
+    clients.cloudformation.send = async () => {
+      throw new Error("User is not authorized to perform: cloudformation:DescribeStacks");
+    };
+    const { problems } = await preflight(clients, config, where);
+    expect(problems).toEqual([
+      "Cannot check the CDK bootstrap stack in 123456789012/eu-west-1: User is not authorized to perform: cloudformation:DescribeStacks",
+    ]);
+  });
+
   it("stops when no GPU job could ever start (a new account's G quotas are 0), naming both quotas", async () => {
     const { clients } = fakeAws({ bootstrapped: true, quotas: { [GPU_QUOTAS.spot.code]: 0, [GPU_QUOTAS.onDemand.code]: 0 } });
     const { problems } = await preflight(clients, config, where);

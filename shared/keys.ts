@@ -30,6 +30,8 @@ export const keys = {
   embeddingCache: (cacheKey: string) => `cache/embeddings/${cacheKey}/`,
   checkpoint: (name: string, version: string) => `runs/${name}/${version}/checkpoint.json`,
   run: (name: string, version: string) => `runs/${name}/${version}/`,
+  /** A run that handed its feature extraction over to an array job (features/fan-out.ts). */
+  handOver: (name: string, version: string) => `runs/${name}/${version}/handed-over.json`,
   lock: (name: string) => `locks/${name}.json`,
   statusRoot: "status/",
   runStatuses: (dataset: string) => `status/${dataset}/`,

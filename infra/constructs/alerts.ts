@@ -34,7 +34,9 @@ export class TrainingAlerts extends Construct {
     key.grant(new iam.ServicePrincipal("cloudwatch.amazonaws.com"), "kms:Decrypt", "kms:GenerateDataKey*");
     new cloudwatch.Alarm(this, "TriggerNotDelivered", {
       alarmDescription: "A dataset upload or the nightly schedule could not submit its training job (see the dead-letter queue)",
-      metric: props.deadLetters.metricApproximateNumberOfMessagesVisible({ period: Duration.minutes(5), statistic: "Maximum" }),
+      // Messages sent, not visible: they stay 14 days, and an alarm on what is visible would stay in ALARM
+      // after the first one and never notify again.
+      metric: props.deadLetters.metricNumberOfMessagesSent({ period: Duration.minutes(5), statistic: "Sum" }),
       threshold: 1,
       evaluationPeriods: 1,
       comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,

@@ -16,9 +16,6 @@ import type { EdgetuneConfig } from "../config.ts";
  * runs `edgetune train` from the image built out of jobs/train/Dockerfile with 1 GPU. Retries happen
  * only when spot reclaims the host; any other failure is final and notified.
  */
-/** The bucket prefixes the job lists (shared/keys.ts). */
-export const JOB_PREFIXES = ["datasets/", "bases/", "models/", "cache/", "runs/", "locks/", "status/"] as const;
-
 export class TrainingBatch extends Construct {
   readonly queue: batch.JobQueue;
   readonly jobDefinition: batch.EcsJobDefinition;
@@ -97,13 +94,11 @@ export class TrainingBatch extends Construct {
       props.bucket.grantReadWrite(jobRole, prefix);
       props.bucket.grantDelete(jobRole, prefix);
     }
-    jobRole.addToPolicy(
-      new iam.PolicyStatement({
-        actions: ["s3:ListBucket"],
-        resources: [props.bucket.bucketArn],
-        conditions: { StringLike: { "s3:prefix": JOB_PREFIXES.map((p) => `${p}*`) } },
-      }),
-    );
+    // ListBucket on the whole bucket, deliberately without an s3:prefix condition: S3 answers 404 for a
+    // missing key only to a caller that may list the bucket, else 403, and the job relies on 404 (a first
+    // model has no pointer, a new version no metadata). A GET has no s3:prefix, so a prefix condition
+    // would turn those 404s into 403s.
+    jobRole.addToPolicy(new iam.PolicyStatement({ actions: ["s3:ListBucket"], resources: [props.bucket.bucketArn] }));
 
     const repoRoot = path.join(import.meta.dirname, "..", "..");
     // linux/amd64 whatever machine builds it: the GPU hosts are x86 (an arm64 laptop would build arm64).

@@ -1,4 +1,4 @@
-import { describe, expect, it, vi } from "vitest";
+import { afterEach, describe, expect, it, vi } from "vitest";
 import { sha256Hex } from "../../../../shared/hash.ts";
 import { keys } from "../../../../shared/keys.ts";
 import { ModelRegistry, ModelUnavailableError } from "./registry.ts";
@@ -48,6 +48,10 @@ async function unavailable(registry: ModelRegistry): Promise<ModelUnavailableErr
   return e as ModelUnavailableError;
 }
 
+afterEach(() => {
+  vi.restoreAllMocks();
+});
+
 describe("model registry back-off", () => {
   it("does not fetch a broken model again on every request; retries after a jittered back-off", async () => {
     vi.spyOn(Math, "random").mockReturnValue(0.999); // the longest jitter: back-offs of ≈ 1 s and 2 s
@@ -70,7 +74,6 @@ describe("model registry back-off", () => {
     now += 1_001;
     await unavailable(registry);
     expect(state.gets).toBe(5); // pointer + metadata
-    vi.restoreAllMocks();
   });
 
   it("asks an S3 that is down once, not once per request, and says when to come back", async () => {

@@ -92,3 +92,27 @@ describe("fan-out", () => {
     expect(batchFanOut({ ...env, EDGETUNE_FAN_OUT: "off" }, client as never)).toBeUndefined();
   });
 });
+
+describe("fan-out once per version", () => {
+  it("a duplicate trigger of a version already handed over ends too, instead of submitting a second array job", async () => {
+    const { startLocalS3 } = await import("../../../../infra/local/s3-server.ts");
+    const { fanOutOnce } = await import("./pooled.ts");
+    const s3 = await startLocalS3({ bucket: "fan-out-once" });
+    try {
+      let submitted = 0;
+      const hook = async () => {
+        submitted++;
+        throw new FanOutHandedOver(`array-${submitted}`, `continuation-${submitted}`, 4);
+      };
+      const plan = { name: "flowers", version: "v0123456789ab" };
+      const first = await fanOutOnce({ store: s3.store }, plan, hook)([]).catch((e: unknown) => e);
+      const duplicate = await fanOutOnce({ store: s3.store }, plan, hook)([]).catch((e: unknown) => e);
+      expect(submitted).toBe(1);
+      expect(first).toMatchObject({ arrayJobId: "array-1", continuationJobId: "continuation-1" });
+      expect(duplicate).toBeInstanceOf(FanOutHandedOver);
+      expect(duplicate).toMatchObject({ arrayJobId: "array-1", continuationJobId: "continuation-1" });
+    } finally {
+      await s3.stop();
+    }
+  });
+});

@@ -1,10 +1,11 @@
 import * as tf from "@tensorflow/tfjs";
 import { DatasetError } from "../../../../shared/errors.ts";
+import { keys } from "../../../../shared/keys.ts";
 import type { DatasetImage } from "../dataset/read.ts";
 import type { RunPlan } from "../plan.ts";
 import type { RunContext } from "../run.ts";
 import { extractSplits, type Features } from "./extract.ts";
-import { type EmbedFanOut, fanOutHook } from "./fan-out.ts";
+import { type EmbedFanOut, FanOutHandedOver, fanOutHook } from "./fan-out.ts";
 
 /**
  * Stage 2: the frozen base's pooled features of every image (every augmented view of a training
@@ -30,7 +31,11 @@ export async function pooledFeatures(ctx: RunContext, plan: RunPlan, baseModel: 
       extractSplits(ctx.store, extractor, plan.pooledSpec, { train, heldOut: val }, (split, d, t) => ctx.log.progress(`features (${split})`, d, t), {
         beforeCompute:
           fanOut &&
-          fanOutHook(fanOut, { dataset: dataset.name, base: base.id, imageSize: options.imageSize, views: options.views, seed: options.seed }, ctx.log),
+          fanOutOnce(
+            ctx,
+            plan,
+            fanOutHook(fanOut, { dataset: dataset.name, base: base.id, imageSize: options.imageSize, views: options.views, seed: options.seed }, ctx.log),
+          ),
       }),
     (f) => ({ ...f.stats }),
   );
@@ -44,4 +49,32 @@ export async function pooledFeatures(ctx: RunContext, plan: RunPlan, baseModel: 
   const usableTrain = train.filter((i) => features.byId.has(i.id));
   if (usableTrain.length === 0) throw new DatasetError(`Dataset ${dataset.name}: none of its training images could be decoded (see the skipped files above).`);
   return { features, train: usableTrain, val: val.filter((i) => features.byId.has(i.id)), skipped };
+}
+
+/**
+ * The fan-out, at most once per version: a run that hands its extraction over leaves a marker (its
+ * continuation is on the way), and a duplicate trigger of the same version, which finds the lock free
+ * once the first run has ended, ends too instead of submitting a second array job. The marker is kept
+ * a day (a continuation that never came, e.g. failed children, does not block the next try for longer).
+ */
+export function fanOutOnce(ctx: Pick<RunContext, "store">, plan: Pick<RunPlan, "name" | "version">, hook: (todo: readonly unknown[]) => Promise<boolean>) {
+  const key = keys.handOver(plan.name, plan.version);
+  return async (todo: readonly unknown[]) => {
+    const marker = await ctx.store.get(key);
+    if (marker) {
+      const earlier = JSON.parse(new TextDecoder().decode(marker)) as { at: string; continuationJobId: string; arrayJobId: string };
+      if (Date.now() - Date.parse(earlier.at) < 24 * 60 * 60 * 1000) throw new FanOutHandedOver(earlier.arrayJobId, earlier.continuationJobId, 0);
+    }
+    try {
+      return await hook(todo);
+    } catch (e) {
+      if (e instanceof FanOutHandedOver)
+        await ctx.store.put(
+          key,
+          JSON.stringify({ at: new Date().toISOString(), arrayJobId: e.arrayJobId, continuationJobId: e.continuationJobId }),
+          "application/json",
+        );
+      throw e;
+    }
+  };
 }
