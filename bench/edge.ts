@@ -37,7 +37,7 @@ const photo = hasShared("photos", "tfjs-models", "mobilenet_demo_coffee.jpg")
 const jpeg = new Uint8Array(await sharp(photo).resize(size, size, { fit: "cover" }).jpeg({ quality: 90 }).toBuffer());
 const big = new Uint8Array(await sharp(photo).resize(4000, 3000, { fit: "fill" }).jpeg({ quality: 90 }).toBuffer());
 
-// The 12 MP measurement needs the pixel limit above its 8 MP default.
+// The 12 MP measurement needs the pixel limit (and the body limit) above their defaults (2.1 MP, 4 MiB).
 const workerOptions = { s3Endpoint: s3.endpoint, bucket: s3.config.bucket, pointerTtlSeconds: 3600, vars: { MAX_IMAGE_PIXELS: "16000000" } };
 const classify = async (edge: EdgeWorker, body: Uint8Array) => {
   const t = performance.now();

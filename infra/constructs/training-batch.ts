@@ -119,8 +119,9 @@ export class TrainingBatch extends Construct {
         environment: {
           EDGETUNE_BUCKET: props.bucket.bucketName,
           EDGETUNE_DEFAULT_BASE: config.defaultBase,
-          // A run waiting for another run of the same model gives up 30 min before its own timeout.
-          EDGETUNE_LOCK_WAIT_MS: String(Math.max(15, config.jobTimeoutHours * 60 - 30) * 60_000),
+          // A run waiting for another run of the same model gives up before its own timeout: 30 min
+          // before it, or at half of it for jobs shorter than an hour.
+          EDGETUNE_LOCK_WAIT_MS: String(Math.round(Math.max(config.jobTimeoutHours * 30, config.jobTimeoutHours * 60 - 30)) * 60_000),
           ...environment,
         },
         logging: ecs.LogDriver.awsLogs({ streamPrefix: id.toLowerCase(), logGroup: this.logGroup }),

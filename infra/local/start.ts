@@ -104,7 +104,10 @@ try {
   say(`pushed dataset ${DATASET}: ${train.length} images in 3 labels (${SAMPLE_CREDIT}); manifest written last`);
 
   while (!(await readPointer(s3.store, DATASET))) {
-    if (dispatcher.jobs.some((j) => j.status === "failed")) throw new Error("training failed; see the log above");
+    if (dispatcher.jobs.some((j) => j.status === "failed")) throw new EdgetuneError("training_failed", "Training failed; see the log above.");
+    // A run that ended without promoting (the promotion rules kept it back) will not promote later.
+    const kept = dispatcher.jobs.flatMap((j) => (j.status === "succeeded" ? j.results : [])).find((r) => !r.promoted);
+    if (kept) throw new EdgetuneError("not_promoted", `The model was trained but not promoted: ${kept.reason}`);
     await new Promise((r) => setTimeout(r, 300));
   }
   say(`model ${DATASET} promoted`);

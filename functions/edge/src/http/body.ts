@@ -1,5 +1,6 @@
 import type { Context } from "hono";
 import { bodyLimit } from "hono/body-limit";
+import { EDGE_FORMATS } from "../image/decode.ts";
 import { ApiError } from "./errors.ts";
 
 /**
@@ -7,7 +8,7 @@ import { ApiError } from "./errors.ts";
  * with an `image` field. Hono's bodyLimit enforces the size limit while the body streams in, so a
  * chunked body without Content-Length cannot exhaust memory.
  */
-export const RAW_TYPES = ["image/jpeg", "image/png", "image/webp", "image/gif"];
+export const RAW_TYPES: string[] = Object.values(EDGE_FORMATS);
 
 export async function readImageBody(c: Context, maxBytes: number): Promise<Uint8Array> {
   const type = (c.req.header("content-type") ?? "").split(";")[0]?.trim().toLowerCase() ?? "";

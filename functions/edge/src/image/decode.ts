@@ -114,7 +114,9 @@ export async function decodeImage(bytes: Uint8Array, maxPixels: number): Promise
   await initDecoders();
   let image: { data: Uint8ClampedArray; width: number; height: number };
   try {
-    const buffer = bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength) as ArrayBuffer;
+    // The body's own buffer when the bytes are all of it (they are, from the request): no second copy.
+    const whole = bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength;
+    const buffer = (whole ? bytes.buffer : bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength)) as ArrayBuffer;
     image = format === "jpeg" ? await decodeJpeg(buffer, { preserveOrientation: true }) : format === "png" ? await decodePng(buffer) : await decodeWebp(buffer);
   } catch {
     // mozjpeg's RGBA output cannot take CMYK/YCCK JPEGs (print workflows, some scanners); the pure-JS

@@ -3,8 +3,9 @@ import type { VerifiedBytesCache } from "../../../../shared/artifacts.ts";
 /**
  * Verified model bytes in the Workers Cache API, keyed by sha256, so every isolate of a location after
  * the first loads a model without fetching it from the bucket (versions are immutable; the key is the
- * content). Each hit is hashed again before use (shared/artifacts.ts). The Cache API stores nothing on
- * workers.dev hostnames: there, and where `caches` is absent, this is simply a miss every time.
+ * content). Each hit is hashed again before use (shared/artifacts.ts). The Cache API stores nothing for
+ * a Worker served from *.workers.dev (add a custom-domain route to benefit): there, and where `caches`
+ * is absent, this is simply a miss every time.
  */
 export function workersCache(): VerifiedBytesCache | undefined {
   if (typeof caches === "undefined") return undefined;
