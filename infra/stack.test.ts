@@ -252,9 +252,14 @@ describe("alerts and edge credentials", () => {
     template.hasResourceProperties("AWS::Logs::LogGroup", { RetentionInDays: 30 });
   });
 
-  it("gives the edge s3:GetObject on models/* and nothing else, its key in Secrets Manager, exported", () => {
+  it("gives the edge s3:GetObject on models/* and a listing of models/ and nothing else, its key in Secrets Manager, exported", () => {
     template.hasResourceProperties("AWS::IAM::ManagedPolicy", {
-      PolicyDocument: { Statement: [{ Effect: "Allow", Action: "s3:GetObject", Resource: { "Fn::Join": ["", [Match.anyValue(), "/models/*"]] } }] },
+      PolicyDocument: {
+        Statement: [
+          { Effect: "Allow", Action: "s3:GetObject", Resource: { "Fn::Join": ["", [Match.anyValue(), "/models/*"]] } },
+          { Effect: "Allow", Action: "s3:ListBucket", Resource: Match.anyValue(), Condition: { StringLike: { "s3:prefix": ["models/", "models/*"] } } },
+        ],
+      },
     });
     template.resourceCountIs("AWS::IAM::User", 1);
     template.resourceCountIs("AWS::SecretsManager::Secret", 2); // the read-only key, and the API keys

@@ -6,7 +6,8 @@ import { Construct } from "constructs";
 
 /**
  * Read-only credentials for the Cloudflare Worker, which lives outside AWS and so cannot assume a
- * role: an IAM user allowed only s3:GetObject on `models/*`, its access key kept in Secrets Manager
+ * role: an IAM user allowed only s3:GetObject on `models/*` and a listing of `models/` (the web
+ * console's model and version lists), its access key kept in Secrets Manager
  * (`npm run deploy` copies it into Worker secrets). Rotate by replacing the key and redeploying.
  * Also the API keys clients present to the Worker: generated once by CloudFormation, so every later
  * deploy keeps them; `npm run deploy -- --rotate-api-key` rotates them explicitly.
@@ -20,8 +21,15 @@ export class EdgeCredentials extends Construct {
     super(scope, id);
     this.user = new iam.User(this, "EdgeReader");
     const policy = new iam.ManagedPolicy(this, "ReadModels", {
-      description: "edgetune edge worker: read promoted models only",
-      statements: [new iam.PolicyStatement({ actions: ["s3:GetObject"], resources: [props.bucket.arnForObjects("models/*")] })],
+      description: "edgetune edge worker: read and list models only",
+      statements: [
+        new iam.PolicyStatement({ actions: ["s3:GetObject"], resources: [props.bucket.arnForObjects("models/*")] }),
+        new iam.PolicyStatement({
+          actions: ["s3:ListBucket"],
+          resources: [props.bucket.bucketArn],
+          conditions: { StringLike: { "s3:prefix": ["models/", "models/*"] } },
+        }),
+      ],
     });
     this.user.addManagedPolicy(policy);
     const key = new iam.AccessKey(this, "Key", { user: this.user });

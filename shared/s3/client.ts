@@ -111,6 +111,22 @@ export class S3ObjectStore implements ObjectStore {
     } while (token);
   }
 
+  async *listFolders(prefix: string): AsyncIterable<string> {
+    let token: string | undefined;
+    do {
+      let res: ListObjectsV2CommandOutput;
+      try {
+        res = await this.client.send(new ListObjectsV2Command({ Bucket: this.bucket, Prefix: prefix, Delimiter: "/", ContinuationToken: token }));
+      } catch (e) {
+        throw new StorageError("LIST", prefix, e);
+      }
+      for (const p of res.CommonPrefixes ?? []) {
+        if (p.Prefix) yield p.Prefix;
+      }
+      token = res.IsTruncated ? res.NextContinuationToken : undefined;
+    } while (token);
+  }
+
   async delete(keys: string[]): Promise<void> {
     for (let i = 0; i < keys.length; i += 1000) {
       const chunk = keys.slice(i, i + 1000);

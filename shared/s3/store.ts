@@ -14,6 +14,8 @@ export interface ObjectStore extends ObjectReader {
   head(key: string): Promise<{ etag: string; size: number } | null>;
   /** Every key under `prefix`, in lexical order, with its ETag and size. */
   list(prefix: string): AsyncIterable<{ key: string; etag: string; size: number }>;
+  /** The immediate sub-folders of `prefix`, as full prefixes ending in "/" (a delimiter listing). */
+  listFolders(prefix: string): AsyncIterable<string>;
   delete(keys: string[]): Promise<void>;
 }
 

@@ -1,6 +1,10 @@
 import { OpenAPIHono } from "@hono/zod-openapi";
 import { cors } from "hono/cors";
 import { HTTPException } from "hono/http-exception";
+import { readMetadata, readPointer, readVerifiedFile } from "../../../shared/artifacts.ts";
+import { listModels, listVersions } from "../../../shared/catalog.ts";
+import { ARTIFACT_FILES } from "../../../shared/contracts/artifact.ts";
+import { NotFoundError } from "../../../shared/errors.ts";
 import { preprocess } from "../../../shared/preprocess.ts";
 import { type Admission, createAdmission } from "./http/admission.ts";
 import { apiKeyAuth } from "./http/auth.ts";
@@ -10,8 +14,8 @@ import { decodeImage } from "./image/decode.ts";
 import { wasmMemoryBytes } from "./memory.ts";
 import { workersCache } from "./model/cache.ts";
 import { ModelRegistry, ModelUnavailableError } from "./model/registry.ts";
-import { createModelSource } from "./model/source.ts";
-import { classifyRoute, healthRoute, modelParams, modelRoute, serveOpenApi } from "./openapi.ts";
+import { createModelSource, ListingUnavailableError, type ModelSource, SourceError } from "./model/source.ts";
+import { classifyRoute, healthRoute, modelParams, modelRoute, modelsRoute, reportRoute, serveOpenApi, versionsRoute } from "./openapi.ts";
 import { initTf, tf } from "./tf.ts";
 
 /**
@@ -21,6 +25,14 @@ import { initTf, tf } from "./tf.ts";
 type AppEnv = { Bindings: Env };
 
 let registry: ModelRegistry | undefined;
+let catalog: ModelSource | undefined;
+/** The bucket as the console sees it: listings and small JSON files, no model loading. */
+function catalogFor(env: Env): ModelSource {
+  catalog ??= createModelSource(env);
+  return catalog;
+}
+/** Subrequests one catalog call may spend on pointers or metadata (Workers allows 50 on Free, 1000 on Paid). */
+const CATALOG_READS = 40;
 let admission: Admission | undefined;
 function admissionFor(env: Env): Admission {
   admission ??= createAdmission({ concurrent: Number(env.MAX_CONCURRENT_IMAGES || 1), queued: Number(env.MAX_QUEUED_IMAGES || 16) });
@@ -40,7 +52,9 @@ export const app = new OpenAPIHono<AppEnv>({
   defaultHook: (result, c) => {
     if (result.success) return;
     // zod-openapi checks the query before the path; a name that cannot exist still answers 404 first.
-    if (result.target === "param" || !modelParams.safeParse(c.req.param()).success) throw new ApiError(404, "model_not_found", "No model with that name.");
+    const nameOk = modelParams.safeParse({ name: c.req.param("name") }).success;
+    if (!nameOk) throw new ApiError(404, "model_not_found", "No model with that name.");
+    if (result.target === "param") throw new ApiError(404, "version_not_found", "No version with that name (versions look like v0123456789ab).");
     throw new ApiError(422, "invalid_top_k", "top_k must be a whole number from 1 to 100.");
   },
 });
@@ -104,6 +118,36 @@ app.openapi(modelRoute, async (c) => {
   }
 });
 
+app.openapi(modelsRoute, async (c) => {
+  const source = catalogFor(c.env);
+  const names = await listModels(source);
+  const shown = names.slice(0, CATALOG_READS);
+  const pointers = await Promise.all(shown.map((name) => readPointer(source, name).catch(() => null)));
+  const models = shown.map((name, i) => ({ name, version: pointers[i]?.version ?? null, promotedAt: pointers[i]?.promotedAt ?? null }));
+  return c.json({ models, truncated: shown.length < names.length }, 200);
+});
+
+app.openapi(versionsRoute, async (c) => {
+  const { name } = c.req.valid("param");
+  const { pointer, versions, truncated } = await listVersions(catalogFor(c.env), name, CATALOG_READS);
+  if (!pointer && versions.length === 0) throw new ApiError(404, "model_not_found", `No model named ${name}.`);
+  return c.json({ model: name, current: pointer?.version ?? null, history: pointer?.history ?? [], versions, truncated }, 200);
+});
+
+app.openapi(reportRoute, async (c) => {
+  const { name, version } = c.req.valid("param");
+  const source = catalogFor(c.env);
+  let report: Uint8Array;
+  try {
+    const metadata = await readMetadata(source, name, version);
+    report = await readVerifiedFile(source, metadata, ARTIFACT_FILES.report);
+  } catch (e) {
+    if (e instanceof NotFoundError) throw new ApiError(404, "version_not_found", `Model ${name} has no version ${version} with a report.`);
+    throw e;
+  }
+  return c.json(JSON.parse(new TextDecoder().decode(report)) as Record<string, unknown>, 200);
+});
+
 app.openapi(classifyRoute, async (c) => {
   const t0 = performance.now();
   const { name } = c.req.valid("param");
@@ -157,6 +201,11 @@ app.onError((err, c) => {
   if (err instanceof ApiError) {
     for (const [k, v] of Object.entries(err.headers)) c.header(k, v);
     return c.json(errorBody(err.code, err.message), err.status);
+  }
+  if (err instanceof ListingUnavailableError) return c.json(errorBody("listing_unavailable", `The console cannot list models: ${err.message}.`), 501);
+  if (err instanceof SourceError) {
+    c.header("retry-after", "5");
+    return c.json(errorBody("storage_unavailable", `Model storage is not answering (${err.message}); try again shortly.`), 503);
   }
   if (err instanceof ModelUnavailableError) {
     if (err.code === "model_not_found") return c.json(errorBody(err.code, err.message), 404);

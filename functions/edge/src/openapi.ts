@@ -100,6 +100,85 @@ export const modelRoute = createRoute({
   },
 });
 
+const versionSchema = z.string().regex(/^v[0-9a-f]{12}$/);
+export const versionParams = z.object({ name: nameSchema, version: versionSchema });
+
+export const modelsRoute = createRoute({
+  method: "get",
+  path: "/v1/models",
+  summary: "Every model in the bucket with its served version (the console's first page)",
+  responses: {
+    200: {
+      description: "Models, by name",
+      content: {
+        "application/json": {
+          schema: z.object({
+            models: z.array(z.object({ name: nameSchema, version: z.string().nullable(), promotedAt: z.string().nullable() })),
+            truncated: z.boolean(),
+          }),
+        },
+      },
+    },
+    401: errorResponse("Missing or invalid API key"),
+    501: errorResponse("Listing needs the S3 API (not available with MODELS_BASE_URL)"),
+    503: errorResponse("Model storage unavailable"),
+  },
+});
+
+export const versionsRoute = createRoute({
+  method: "get",
+  path: "/v1/models/{name}/versions",
+  summary: "A model's versions with their metrics, oldest first, and the promotion history",
+  request: { params: modelParams },
+  responses: {
+    200: {
+      description: "Versions",
+      content: {
+        "application/json": {
+          schema: z.object({
+            model: nameSchema,
+            current: z.string().nullable(),
+            history: z.array(z.string()),
+            versions: z.array(
+              z.object({
+                version: versionSchema,
+                createdAt: z.string(),
+                accuracy: z.number(),
+                evaluatedOn: z.number().int(),
+                strategy: z.string(),
+                base: z.string(),
+                images: z.number().int(),
+                current: z.boolean(),
+              }),
+            ),
+            truncated: z.boolean(),
+          }),
+        },
+      },
+    },
+    401: errorResponse("Missing or invalid API key"),
+    404: errorResponse("Unknown model"),
+    501: errorResponse("Listing needs the S3 API (not available with MODELS_BASE_URL)"),
+    503: errorResponse("Model storage unavailable"),
+  },
+});
+
+export const reportRoute = createRoute({
+  method: "get",
+  path: "/v1/models/{name}/versions/{version}/report",
+  summary: "A version's training report (report.json, checked against the version's sha256 list)",
+  request: { params: versionParams },
+  responses: {
+    200: {
+      description: "The report: metrics, confusion matrix, mistakes, phases, promotion decision",
+      content: { "application/json": { schema: z.looseObject({}) } },
+    },
+    401: errorResponse("Missing or invalid API key"),
+    404: errorResponse("Unknown model or version"),
+    503: errorResponse("Model storage unavailable"),
+  },
+});
+
 export const healthRoute = createRoute({
   method: "get",
   path: "/healthz",

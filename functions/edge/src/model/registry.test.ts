@@ -13,6 +13,7 @@ function fakeSource() {
   const objects = new Map<string, Uint8Array>();
   const state = { gets: 0, down: false };
   const source: ModelSource = {
+    async *listFolders() {},
     async get(key) {
       return (await source.getIfChanged(key)).bytes ?? null;
     },

@@ -1,5 +1,5 @@
 import { AwsClient } from "aws4fetch";
-import type { ObjectReader } from "../../../../shared/s3/store.ts";
+import type { FolderLister } from "../../../../shared/catalog.ts";
 
 /**
  * Where the worker reads models from: the training job's S3 bucket, signed with SigV4 using
@@ -13,7 +13,7 @@ export interface ConditionalResult {
   etag?: string;
 }
 
-export interface ModelSource extends ObjectReader {
+export interface ModelSource extends FolderLister {
   /** GET with If-None-Match: 304 when the object still has `etag`. */
   getIfChanged(key: string, etag?: string): Promise<ConditionalResult>;
 }
@@ -35,22 +35,25 @@ export interface SourceConfig {
   AWS_SECRET_ACCESS_KEY?: string;
 }
 
+/** Listing needs the S3 API: a plain HTTPS origin (MODELS_BASE_URL) serves files, not folder listings. */
+export class ListingUnavailableError extends SourceError {}
+
 export function createModelSource(env: SourceConfig): ModelSource {
   if (env.MODELS_BASE_URL) {
     const base = env.MODELS_BASE_URL.replace(/\/$/, "");
     return new HttpSource(
       (key) => `${base}/${key}`,
       (req) => fetch(req),
+      null,
     );
   }
   if (!env.S3_BUCKET) throw new SourceError("S3_BUCKET (or MODELS_BASE_URL) is not configured");
   const region = env.S3_REGION || "us-east-1";
-  const urlOf = env.S3_ENDPOINT
-    ? (key: string) => `${env.S3_ENDPOINT?.replace(/\/$/, "")}/${env.S3_BUCKET}/${encodeKey(key)}`
-    : (key: string) => `https://${env.S3_BUCKET}.s3.${region}.amazonaws.com/${encodeKey(key)}`;
+  const bucketUrl = env.S3_ENDPOINT ? `${env.S3_ENDPOINT.replace(/\/$/, "")}/${env.S3_BUCKET}` : `https://${env.S3_BUCKET}.s3.${region}.amazonaws.com`;
+  const urlOf = (key: string) => `${bucketUrl}/${encodeKey(key)}`;
   if (!env.AWS_ACCESS_KEY_ID || !env.AWS_SECRET_ACCESS_KEY) throw new SourceError("AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY secrets are not set");
   const aws = new AwsClient({ accessKeyId: env.AWS_ACCESS_KEY_ID, secretAccessKey: env.AWS_SECRET_ACCESS_KEY, region, service: "s3", retries: 2 });
-  return new HttpSource(urlOf, (req) => aws.fetch(req));
+  return new HttpSource(urlOf, (req) => aws.fetch(req), bucketUrl);
 }
 
 function encodeKey(key: string): string {
@@ -60,10 +63,41 @@ function encodeKey(key: string): string {
 class HttpSource implements ModelSource {
   private readonly urlOf: (key: string) => string;
   private readonly send: (req: Request) => Promise<Response>;
+  /** The bucket's URL for ListObjectsV2, or null where the origin is not the S3 API. */
+  private readonly bucketUrl: string | null;
 
-  constructor(urlOf: (key: string) => string, send: (req: Request) => Promise<Response>) {
+  constructor(urlOf: (key: string) => string, send: (req: Request) => Promise<Response>, bucketUrl: string | null) {
     this.urlOf = urlOf;
     this.send = send;
+    this.bucketUrl = bucketUrl;
+  }
+
+  /** ListObjectsV2 with delimiter "/"; only prefixes under `models/` are ever asked for (catalog.ts). */
+  async *listFolders(prefix: string): AsyncIterable<string> {
+    if (!this.bucketUrl) throw new ListingUnavailableError("listing models needs the S3 API (S3_BUCKET); MODELS_BASE_URL serves files only");
+    let token: string | undefined;
+    do {
+      const query = new URLSearchParams({ "list-type": "2", prefix, delimiter: "/" });
+      if (token) query.set("continuation-token", token);
+      let res: Response;
+      try {
+        res = await this.send(new Request(`${this.bucketUrl}/?${query}`));
+      } catch (e) {
+        throw new SourceError(`model storage unreachable (${e instanceof Error ? e.message : e})`);
+      }
+      if (!res.ok) {
+        await res.body?.cancel();
+        throw new SourceError(`model storage answered HTTP ${res.status} to a listing of ${prefix}`, res.status);
+      }
+      const xml = await res.text();
+      for (const block of xml.match(/<CommonPrefixes>[\s\S]*?<\/CommonPrefixes>/g) ?? []) {
+        const p = /<Prefix>([\s\S]*?)<\/Prefix>/.exec(block)?.[1];
+        if (p) yield unescapeXml(p);
+      }
+      token = /<IsTruncated>true<\/IsTruncated>/.test(xml)
+        ? unescapeXml(/<NextContinuationToken>([\s\S]*?)<\/NextContinuationToken>/.exec(xml)?.[1] ?? "")
+        : undefined;
+    } while (token);
   }
 
   async get(key: string): Promise<Uint8Array | null> {
@@ -92,4 +126,13 @@ class HttpSource implements ModelSource {
     }
     return { status: 200, bytes: new Uint8Array(await res.arrayBuffer()), etag: res.headers.get("etag") ?? undefined };
   }
+}
+
+/** The five predefined XML entities and numeric references: all S3 puts in a listing. */
+function unescapeXml(s: string): string {
+  return s.replace(/&(amp|lt|gt|quot|apos|#\d+|#x[0-9a-fA-F]+);/g, (_, e: string) => {
+    if (e.startsWith("#x")) return String.fromCodePoint(Number.parseInt(e.slice(2), 16));
+    if (e.startsWith("#")) return String.fromCodePoint(Number(e.slice(1)));
+    return { amp: "&", lt: "<", gt: ">", quot: '"', apos: "'" }[e] as string;
+  });
 }

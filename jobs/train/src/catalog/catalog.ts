@@ -2,7 +2,8 @@ import { readdir, readFile, stat } from "node:fs/promises";
 import { join, relative, sep } from "node:path";
 import { pMapIterable } from "p-map";
 import { HISTORY, historyOf, readMetadata, readPointer, writePointer } from "../../../../shared/artifacts.ts";
-import type { ArtifactMetadata, ModelPointer } from "../../../../shared/contracts/artifact.ts";
+import { listModels, listVersions as listModelVersions, type VersionSummary } from "../../../../shared/catalog.ts";
+import type { ModelPointer } from "../../../../shared/contracts/artifact.ts";
 import { nameSchema } from "../../../../shared/contracts/common.ts";
 import { classifyDatasetKeys, type DatasetManifest, IMAGE_EXTENSIONS, manifestSchema } from "../../../../shared/contracts/dataset.ts";
 import { parseContract } from "../../../../shared/contracts/parse.ts";
@@ -17,6 +18,8 @@ import { assignSplits, checkTrainable, DEFAULT_VAL_FRACTION } from "../dataset/r
  * The user-facing operations around training: push a folder as a dataset, list datasets and model
  * versions, show and move the promoted pointer.
  */
+
+export { listModels, type VersionSummary };
 
 export interface PushResult {
   uploaded: number;
@@ -106,52 +109,11 @@ export async function listDatasets(store: ObjectStore): Promise<{ name: string; 
   return [...byName.entries()].map(([name, v]) => ({ name, ...v }));
 }
 
-export interface VersionSummary {
-  version: string;
-  createdAt: string;
-  accuracy: number;
-  evaluatedOn: number;
-  strategy: string;
-  base: string;
-  images: number;
-  current: boolean;
-}
-
-export async function listVersions(store: ObjectStore, name: string): Promise<{ pointer: ModelPointer | null; versions: VersionSummary[] }> {
-  const pointer = await readPointer(store, name);
-  const versions: VersionSummary[] = [];
-  for await (const o of store.list(keys.model(name))) {
-    const m = /^models\/[^/]+\/(v[0-9a-f]{12})\/metadata\.json$/.exec(o.key);
-    if (!m) continue;
-    let meta: ArtifactMetadata;
-    try {
-      meta = await readMetadata(store, name, m[1] as string);
-    } catch {
-      continue;
-    }
-    versions.push({
-      version: meta.version,
-      createdAt: meta.createdAt,
-      accuracy: meta.metrics.accuracy,
-      evaluatedOn: meta.metrics.evaluatedOn,
-      strategy: meta.strategy,
-      base: meta.base.id,
-      images: meta.dataset.images,
-      current: pointer?.version === meta.version,
-    });
-  }
-  versions.sort((a, b) => a.createdAt.localeCompare(b.createdAt));
-  if (!pointer && versions.length === 0) throw await unknownModel(store, name);
-  return { pointer, versions };
-}
-
-export async function listModels(store: ObjectStore): Promise<string[]> {
-  const names = new Set<string>();
-  for await (const o of store.list(keys.modelsRoot)) {
-    const name = o.key.slice(keys.modelsRoot.length).split("/")[0];
-    if (name) names.add(name);
-  }
-  return [...names].sort();
+/** The model's versions; a name with neither pointer nor versions is an error listing the models there are. */
+export async function listVersions(store: ObjectStore, name: string): ReturnType<typeof listModelVersions> {
+  const found = await listModelVersions(store, name);
+  if (!found.pointer && found.versions.length === 0) throw await unknownModel(store, name);
+  return found;
 }
 
 /**

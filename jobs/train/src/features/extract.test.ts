@@ -86,6 +86,7 @@ describe("extractFeatures", () => {
       get: (k) => real.get(k),
       head: (k) => real.head(k),
       list: (p) => real.list(p),
+      listFolders: (p) => real.listFolders(p),
       delete: (k) => real.delete(k),
       putIfAbsent: (k, b, t) => real.putIfAbsent(k, b, t),
       put: async (key, body, type) => {

@@ -1,0 +1,314 @@
+// The edgetune web console: plain browser JavaScript, no build step, no dependencies. It calls the
+// same API as every client (/v1/*) with the key typed into the page, which is kept in sessionStorage
+// (this tab only, gone when it closes). Every text from the API goes into the page through
+// textContent, never as HTML: labels and model names are user data.
+
+const KEY = "edgetune.apiKey";
+const view = document.getElementById("view");
+const status = document.getElementById("status");
+
+/** An element with attributes (on* are listeners) and children (strings become text nodes). */
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const child of children.flat()) if (child !== null && child !== undefined) node.append(child);
+  return node;
+}
+
+const pct = (v) => `${(v * 100).toFixed(1)} %`;
+const when = (iso) => (iso ? new Date(iso).toLocaleString() : "—");
+const route = (...parts) => `#/${parts.map(encodeURIComponent).join("/")}`;
+
+class ApiFailure extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+/** GET or POST under /v1 with the session's key; errors carry the API's own message. */
+async function api(path, init = {}) {
+  const key = sessionStorage.getItem(KEY);
+  if (!key) throw new ApiFailure(401, "no_key", "Paste an API key above to see models.");
+  const res = await fetch(path, { ...init, headers: { ...init.headers, authorization: `Bearer ${key}` } });
+  const body = await res.json().catch(() => null);
+  if (!res.ok) throw new ApiFailure(res.status, body?.error?.code ?? "http_error", body?.error?.message ?? `HTTP ${res.status}`);
+  return body;
+}
+
+function show(...nodes) {
+  view.replaceChildren(...nodes.flat().filter((n) => n !== null && n !== undefined));
+}
+
+function say(message, isError = false) {
+  status.textContent = message;
+  status.className = isError ? "error" : "muted";
+}
+
+// --- pages -------------------------------------------------------------------------------------
+
+async function modelsPage() {
+  const { models, truncated } = await api("/v1/models");
+  if (models.length === 0) return show(el("h2", {}, "Models"), el("p", {}, "No models yet: push a dataset (edgetune push <folder> --name <model>)."));
+  show(
+    el("h2", {}, "Models"),
+    el(
+      "table",
+      { id: "models" },
+      el("thead", {}, el("tr", {}, el("th", {}, "Model"), el("th", {}, "Served version"), el("th", {}, "Promoted"))),
+      el(
+        "tbody",
+        {},
+        models.map((m) =>
+          el(
+            "tr",
+            {},
+            el("td", {}, el("a", { href: route("models", m.name) }, m.name)),
+            el("td", {}, m.version ?? el("span", { class: "muted" }, "none promoted")),
+            el("td", {}, when(m.promotedAt)),
+          ),
+        ),
+      ),
+    ),
+    truncated ? el("p", { class: "muted" }, "Only the first models are shown; use edgetune models for all.") : null,
+  );
+}
+
+async function modelPage(name) {
+  const data = await api(`/v1/models/${encodeURIComponent(name)}/versions`);
+  const newestFirst = [...data.versions].reverse();
+  show(
+    el("h2", {}, name),
+    classifyPanel(name, data.current),
+    el("h3", {}, "Versions"),
+    el(
+      "table",
+      { id: "versions" },
+      el(
+        "thead",
+        {},
+        el(
+          "tr",
+          {},
+          ["Version", "Trained", "Accuracy", "Held-out images", "Strategy", "Base", "Images", ""].map((h, i) =>
+            el("th", { class: i >= 2 && i <= 3 ? "num" : null }, h),
+          ),
+        ),
+      ),
+      el(
+        "tbody",
+        {},
+        newestFirst.map((v) =>
+          el(
+            "tr",
+            { "data-version": v.version },
+            el("td", {}, el("a", { href: route("models", name, v.version) }, v.version), " ", v.current ? el("span", { class: "badge" }, "served") : null),
+            el("td", {}, when(v.createdAt)),
+            el("td", { class: "num" }, pct(v.accuracy)),
+            el("td", { class: "num" }, String(v.evaluatedOn)),
+            el("td", {}, v.strategy),
+            el("td", {}, v.base),
+            el("td", { class: "num" }, String(v.images)),
+            el("td", {}, el("a", { href: route("models", name, v.version) }, "report")),
+          ),
+        ),
+      ),
+    ),
+    data.truncated ? el("p", { class: "muted" }, "Older versions are not shown; edgetune models lists them all.") : null,
+  );
+}
+
+async function reportPage(name, version) {
+  const r = await api(`/v1/models/${encodeURIComponent(name)}/versions/${encodeURIComponent(version)}/report`);
+  const labels = r.dataset.labels;
+  show(
+    el("p", {}, el("a", { href: route("models", name) }, `← ${name}`)),
+    el("h2", {}, `${name} ${version}`),
+    el(
+      "div",
+      { class: "panel", id: "summary" },
+      el("p", {}, "Accuracy ", el("strong", {}, pct(r.metrics.accuracy)), ` on ${r.metrics.evaluatedOn} held-out images.`),
+      el("p", {}, r.promotion.promoted ? "Promoted: " : "Kept back: ", r.promotion.reason),
+      el("p", { class: "muted" }, `Base ${r.base.id} · ${r.options.strategy ?? ""} · backend ${r.backend.name} · ${r.export.dtype} weights`),
+      r.warnings.length
+        ? el(
+            "ul",
+            {},
+            r.warnings.map((w) => el("li", {}, w)),
+          )
+        : null,
+    ),
+    el("h3", {}, "Per label"),
+    el(
+      "table",
+      { id: "per-class" },
+      el(
+        "thead",
+        {},
+        el(
+          "tr",
+          {},
+          ["Label", "Precision", "Recall", "F1", "Held-out"].map((h, i) => el("th", { class: i ? "num" : null }, h)),
+        ),
+      ),
+      el(
+        "tbody",
+        {},
+        Object.entries(r.metrics.perClass).map(([label, m]) =>
+          el(
+            "tr",
+            {},
+            el("td", {}, label),
+            el("td", { class: "num" }, pct(m.precision)),
+            el("td", { class: "num" }, pct(m.recall)),
+            el("td", { class: "num" }, pct(m.f1)),
+            el("td", { class: "num" }, String(m.support)),
+          ),
+        ),
+      ),
+    ),
+    el("h3", {}, "Confusion (rows: true label, columns: predicted)"),
+    el(
+      "table",
+      { class: "confusion", id: "confusion" },
+      el(
+        "thead",
+        {},
+        el(
+          "tr",
+          {},
+          el("th", {}, ""),
+          labels.map((l) => el("th", {}, l)),
+        ),
+      ),
+      el(
+        "tbody",
+        {},
+        r.confusion.map((row, i) =>
+          el(
+            "tr",
+            {},
+            el("th", {}, labels[i]),
+            row.map((v, j) => el("td", { class: i === j ? "diag" : null }, String(v))),
+          ),
+        ),
+      ),
+    ),
+    r.mistakes.length
+      ? [
+          el("h3", {}, "Most confident mistakes"),
+          el(
+            "div",
+            { class: "mistakes" },
+            r.mistakes.map((m) =>
+              el(
+                "figure",
+                {},
+                m.thumbnail?.startsWith("data:image/") ? el("img", { src: m.thumbnail, alt: m.key }) : null,
+                el("figcaption", {}, `${m.label} → ${m.predicted} (${pct(m.score)})`),
+              ),
+            ),
+          ),
+        ]
+      : null,
+    el("h3", {}, "Phases"),
+    el(
+      "ul",
+      {},
+      r.phases.map((p) => el("li", {}, `${p.name}: ${p.seconds.toFixed(1)} s`)),
+    ),
+  );
+}
+
+/** A drop-an-image box that posts the file to the classify endpoint and draws the scores. */
+function classifyPanel(name, servedVersion) {
+  const result = el("div", { class: "result", id: "classify-result" });
+  const input = el("input", { type: "file", accept: "image/*", id: "classify-file" });
+  async function classify(file) {
+    if (!file) return;
+    result.replaceChildren(el("p", { class: "muted" }, "Classifying…"));
+    const preview = URL.createObjectURL(file);
+    try {
+      const body = await api(`/v1/models/${encodeURIComponent(name)}/classify?top_k=5`, {
+        method: "POST",
+        headers: { "content-type": file.type || "application/octet-stream" },
+        body: file,
+      });
+      result.replaceChildren(
+        el("img", { src: preview, alt: file.name }),
+        el(
+          "div",
+          { class: "bars" },
+          body.predictions.map((p) =>
+            el("div", { class: "bar" }, el("span", {}, p.label), el("meter", { min: 0, max: 1, value: p.score }), el("span", {}, pct(p.score))),
+          ),
+          el("p", { class: "muted" }, `version ${body.version} · ${body.timings.totalMs} ms in the worker`),
+        ),
+      );
+    } catch (e) {
+      URL.revokeObjectURL(preview);
+      result.replaceChildren(el("p", { class: "error" }, e.message));
+    }
+  }
+  input.addEventListener("change", () => classify(input.files[0]));
+  const drop = el("div", { class: "drop", id: "drop" }, el("p", {}, "Drop an image here, or "), el("label", {}, "choose one: ", input));
+  drop.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    drop.classList.add("over");
+  });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    classify(e.dataTransfer.files[0]);
+  });
+  return el(
+    "div",
+    { class: "panel" },
+    el("h3", {}, "Classify"),
+    servedVersion ? null : el("p", { class: "muted" }, "No version of this model is promoted yet; classify will answer 404."),
+    drop,
+    result,
+  );
+}
+
+// --- routing and key handling ----------------------------------------------------------------------
+
+async function render() {
+  const [, page, name, version] = location.hash.split("/").map(decodeURIComponent);
+  say("");
+  try {
+    if (page === "models" && name && version) await reportPage(name, version);
+    else if (page === "models" && name) await modelPage(name);
+    else await modelsPage();
+  } catch (e) {
+    show();
+    say(e.message, true);
+  }
+}
+
+const keyForm = document.getElementById("key-form");
+const forget = document.getElementById("forget-key");
+function keyChanged() {
+  const has = Boolean(sessionStorage.getItem(KEY));
+  forget.hidden = !has;
+  keyForm.key.placeholder = has ? "key set for this tab" : "paste a key (kept for this tab only)";
+  render();
+}
+keyForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  sessionStorage.setItem(KEY, keyForm.key.value.trim());
+  keyForm.key.value = "";
+  keyChanged();
+});
+forget.addEventListener("click", () => {
+  sessionStorage.removeItem(KEY);
+  keyChanged();
+});
+window.addEventListener("hashchange", render);
+keyChanged();
