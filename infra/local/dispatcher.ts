@@ -1,5 +1,6 @@
 import { spawn } from "node:child_process";
 import { join } from "node:path";
+import { formatLogLine } from "../../jobs/train/src/log.ts";
 import { datasetNameFromManifestKey, keys } from "../../shared/keys.ts";
 import type { S3Config } from "../../shared/s3/config.ts";
 import type { ObjectStore } from "../../shared/s3/store.ts";
@@ -33,8 +34,8 @@ export interface DispatcherOptions {
   nightlyMs?: number;
   /** Extra `edgetune train` flags (the local default trains small and fast). */
   trainArgs?: string[];
-  /** Where job output goes: inherit the terminal, or collect it. */
-  output?: "inherit" | "collect";
+  /** Where job output goes: to the terminal as readable lines, or only collected. */
+  output?: "pretty" | "collect";
   onJob?: (job: JobRecord) => void;
 }
 
@@ -106,17 +107,24 @@ export class Dispatcher {
     const s3 = this.options.s3;
     const env = jobEnvironment(s3);
     const cli = join(import.meta.dirname, "..", "..", "jobs", "train", "cli.ts");
-    const args = [cli, "train", "--dataset", job.dataset, ...(this.options.trainArgs ?? [])];
+    // --json as in the Batch container: the result line on stdout is read below.
+    const args = [cli, "train", "--dataset", job.dataset, "--json", ...(this.options.trainArgs ?? []).filter((a) => a !== "--json")];
     return new Promise((resolve) => {
-      const child = spawn(process.execPath, args, { env, stdio: ["ignore", "pipe", this.options.output === "inherit" ? "inherit" : "pipe"] });
+      const child = spawn(process.execPath, args, { env, stdio: ["ignore", "pipe", "pipe"] });
       this.current = child;
       let stdout = "";
       child.stdout?.on("data", (d) => {
         stdout += d;
       });
       let stderr = "";
+      let partial = "";
       child.stderr?.on("data", (d) => {
         stderr = (stderr + d).slice(-4000);
+        if (this.options.output !== "pretty") return;
+        // The job logs JSON lines (for CloudWatch); a person at `npm start` reads them as sentences.
+        const lines = (partial + d).split("\n");
+        partial = lines.pop() ?? "";
+        for (const l of lines) if (l) process.stderr.write(`          │ ${formatLogLine(l)}\n`);
       });
       child.on("exit", (code) => {
         job.exitCode = code ?? -1;

@@ -18,6 +18,7 @@ import { join } from "node:path";
 import { SAMPLE_CREDIT, sampleDataset } from "../../jobs/train/src/dataset/sample.ts";
 import { initBackend } from "../../jobs/train/src/model/backend.ts";
 import { DEFAULT_BASE, ensureBase } from "../../jobs/train/src/model/bases.ts";
+import { percent, table } from "../../jobs/train/src/output.ts";
 import { readPointer } from "../../shared/artifacts.ts";
 import { EdgetuneError, userMessage } from "../../shared/errors.ts";
 import { keys } from "../../shared/keys.ts";
@@ -80,7 +81,7 @@ try {
     pollMs: 500,
     nightlyMs: Number(process.env.EDGETUNE_NIGHTLY_MINUTES ?? 0) * 60_000 || undefined,
     trainArgs: [],
-    output: "inherit",
+    output: "pretty",
     onJob: (job) => {
       if (job.status === "running") say(`training job started for ${job.dataset} (${job.reason})`);
       if (job.status === "succeeded")
@@ -125,7 +126,7 @@ try {
 
   let first = true;
   let correct = 0;
-  const rows: string[] = [];
+  const rows: string[][] = [];
   for (const img of heldOut) {
     const res = await fetch(`${edge.url}/v1/models/${DATASET}/classify?top_k=2`, {
       method: "POST",
@@ -139,11 +140,17 @@ try {
     }
     const top = body.predictions?.[0];
     if (top?.label === img.label) correct++;
-    rows.push(
-      `  ${img.file.padEnd(34)} ${res.status}  ${top ? `${top.label.padEnd(8)} ${(top.score * 100).toFixed(1).padStart(5)} %` : body.error?.message}  ${top?.label === img.label ? "✓" : "✗"}  ${body.timings?.totalMs ?? "-"} ms`,
-    );
+    rows.push([
+      img.file,
+      String(res.status),
+      top?.label ?? body.error?.message ?? "",
+      top ? percent(top.score) : "",
+      top?.label === img.label ? "✓" : "✗",
+      `${body.timings?.totalMs ?? "-"} ms`,
+    ]);
   }
-  process.stdout.write(`\nHeld-out images classified by the edge worker (${correct}/${heldOut.length} correct):\n${rows.join("\n")}\n`);
+  const heldOutTable = table(["IMAGE", "HTTP", "PREDICTED", "SCORE", "", "WORKER"], rows).replace(/^/gm, "  ");
+  process.stdout.write(`\nHeld-out images classified by the edge worker (${correct}/${heldOut.length} correct):\n${heldOutTable}\n`);
   const sampleDir = await mkdtemp(join(tmpdir(), "edgetune-sample-"));
   cleanups.push(() => rm(sampleDir, { recursive: true, force: true }));
   const sample = heldOut[0] as (typeof heldOut)[number];
@@ -155,6 +162,7 @@ try {
   process.stdout.write(
     `\nThe CLI against this bucket:\n  EDGETUNE_BUCKET=${s3.config.bucket} EDGETUNE_S3_ENDPOINT=${s3.endpoint} AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local npx edgetune models ${DATASET}\n`,
   );
+  process.stdout.write(`\nThe web console: ${edge.url}/ (API key ${edge.apiKey})\n`);
   if (once) await shutdown(correct > 0 ? 0 : 1);
   process.stdout.write("\nServing until Ctrl-C.\n");
 } catch (e) {

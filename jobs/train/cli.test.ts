@@ -84,8 +84,36 @@ describe("edgetune, for a person", () => {
     expect((await readPointer(s3.store, "pets"))?.version).toBe(v1);
     await edgetune(["rollback", "pets", "--to", v3 as string]);
     expect((await readPointer(s3.store, "pets"))?.version).toBe(v3);
-    await edgetune(["rollback", "pets"]);
+    const back = await edgetune(["rollback", "pets"]);
     expect((await readPointer(s3.store, "pets"))?.version).toBe(v1); // v3 replaced v1, so back to v1
+    expect(back.stdout).toBe(`pets now serves ${v1} (was ${v3}); the edge picks it up within POINTER_TTL_SECONDS.\n`);
+
+    // For people: sentences and aligned tables; for scripts: --json on every command, one object a line.
+    const current = await edgetune(["current", "pets"]);
+    expect(current.stdout).toMatch(
+      new RegExp(
+        `^pets serves ${v1} since \\d{4}-\\d\\d-\\d\\d \\d\\d:\\d\\d:\\d\\d UTC \\(rollback from ${v3}\\)(; edgetune rollback pets would serve v[0-9a-f]{12})?\\n$`,
+      ),
+    );
+    expect(JSON.parse((await edgetune(["current", "pets", "--json"])).stdout)).toMatchObject({ version: v1, previous: v3 });
+    const table = (await edgetune(["models", "pets"])).stdout.split("\n");
+    expect(table[0]).toMatch(/^\s+VERSION\s+TRAINED\s+ACCURACY\s+HELD-OUT\s+STRATEGY\s+BASE\s+IMAGES$/);
+    const served = table.filter((l) => l.startsWith("*"));
+    expect(served).toHaveLength(1);
+    expect(served[0]).toContain(v1);
+    // Columns line up: every row's version starts where the header's does.
+    const col = (table[0] as string).indexOf("VERSION");
+    for (const row of table.slice(1).filter(Boolean)) expect(row.slice(col, col + 1)).toBe("v");
+    const json = (await edgetune(["models", "pets", "--json"])).stdout
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as { version: string; current: boolean });
+    expect(json.map((v) => v.version).sort()).toEqual([...versions, ...json.map((v) => v.version).filter((v) => !versions.includes(v))].sort());
+    expect(json.filter((v) => v.current).map((v) => v.version)).toEqual([v1]);
+    expect((await edgetune(["models"])).stdout).toMatch(new RegExp(`^MODEL\\s+SERVED\\s+PROMOTED\\s+VERSIONS\npets\\s+${v1}\\s`));
+    expect(JSON.parse((await edgetune(["models", "--json"])).stdout)).toMatchObject({ name: "pets", current: v1 });
+    expect(JSON.parse((await edgetune(["datasets", "--json"])).stdout)).toMatchObject({ name: "pets", complete: true });
+    expect(JSON.parse((await edgetune(["base", "list", "--json"])).stdout.split("\n")[0] as string)).toHaveProperty("id");
   }, 180_000);
 
   it("saves a version's report and says where it is; classifies images through the edge worker", async () => {
@@ -143,8 +171,9 @@ describe("edgetune, for a person", () => {
     const ok = await folder("ok", { ...byLabel(["food", "travel"]), "travel/broken.png": new Uint8Array([137, 80, 78, 71, 1, 2]) });
     const dry = await edgetune(["push", ok, "--dataset", "ok", "--dry-run"]);
     expect(dry.code).toBe(0);
-    expect(JSON.parse(dry.stdout)).toMatchObject({ dataset: "ok", labels: { food: 6, travel: 7 } });
-    expect(dry.stderr).toMatch(/ready to push \(nothing was uploaded\)/);
+    expect(dry.stdout).toBe("ok: food 6, travel 7 — ready to push (nothing was uploaded).\n");
+    const dryJson = await edgetune(["push", ok, "--dataset", "ok", "--dry-run", "--json"]);
+    expect(JSON.parse(dryJson.stdout)).toMatchObject({ dataset: "ok", labels: { food: 6, travel: 7 } });
     expect(await uploadedTo("ok")).toEqual([]);
   });
 

@@ -7,6 +7,7 @@
  */
 import { readFile, writeFile } from "node:fs/promises";
 import { Command, InvalidArgumentError, Option } from "commander";
+import type { ModelPointer } from "../../shared/contracts/artifact.ts";
 import { IMAGE_SIZES, nameSchema, STRATEGIES } from "../../shared/contracts/common.ts";
 import { EdgetuneError, InvalidOptionError, NotFoundError, userMessage } from "../../shared/errors.ts";
 import { datasetNameFromManifestKey, keys } from "../../shared/keys.ts";
@@ -18,6 +19,7 @@ import { DEFAULT_OPTIONS, readConfigFile, type TrainInput } from "./src/config.t
 import { createLogger } from "./src/log.ts";
 import { importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
 import { batchSubmitter, dispatchNightly } from "./src/nightly.ts";
+import { emit, percent, table } from "./src/output.ts";
 import { followRun, listRunStatuses, type RunStatus, StatusRecorder } from "./src/status.ts";
 
 const int = (name: string) => (v: string) => {
@@ -108,7 +110,7 @@ program
   )
   .option("--force", "train even if this dataset + config was already trained")
   .option("--config <file>", "JSON file with the same options (flags win)")
-  .option("--json", "JSON log lines even on a terminal")
+  .option("--json", "JSON log lines even on a terminal, and the result as JSON")
   .action(async (o: Record<string, string | number | boolean | undefined>, cmd: Command) => {
     const globals = cmd.optsWithGlobals() as { bucket?: string; endpoint?: string };
     const fromFile = o.config ? await readConfigFile(String(o.config)) : {};
@@ -154,7 +156,7 @@ program
       await initBackend(); // a base not yet in the bucket is imported while planning
       const { dataset: _all, ...options } = input;
       const r = await dispatchNightly(store, clean(options), submit, log);
-      process.stdout.write(`${JSON.stringify(r)}\n`);
+      emit({ json: o.json === true }, r, JSON.stringify(r, null, 2));
       if (r.failed.length > 0)
         throw new EdgetuneError(
           "some_failed",
@@ -167,14 +169,23 @@ program
     for (const dataset of names) {
       try {
         const result = await train(store, clean({ ...input, dataset }), log, context);
-        process.stdout.write(
-          `${JSON.stringify({ status: result.status, model: result.name, version: result.version, promoted: result.promoted, accuracy: result.accuracy, reason: result.reason })}\n`,
+        const { status, name: model, version, promoted, accuracy, reason } = result;
+        emit(
+          { json: o.json === true },
+          { status, model, version, promoted, accuracy, reason },
+          status === "exists"
+            ? `${model} ${version}: ${reason}.`
+            : `${model} ${version} ${promoted ? "promoted" : "kept back"} (${percent(accuracy)}): ${reason}. Report: edgetune report ${model} ${version}`,
         );
       } catch (e) {
         if (e instanceof FanOutHandedOver) {
           // This job's work goes on in its continuation, after the array children: it ends here, successfully.
           log.info(e.message);
-          process.stdout.write(`${JSON.stringify({ status: "handed-over", dataset, arrayJobId: e.arrayJobId, continuationJobId: e.continuationJobId })}\n`);
+          emit(
+            { json: o.json === true },
+            { status: "handed-over", dataset, arrayJobId: e.arrayJobId, continuationJobId: e.continuationJobId },
+            `${dataset}: feature extraction handed over to array job ${e.arrayJobId}; training goes on in job ${e.continuationJobId}.`,
+          );
           continue;
         }
         // One bad dataset must not stop the nightly run of the others; it still fails the job.
@@ -220,7 +231,7 @@ program
         log.warn(`shard ${shard} could not be embedded (${userMessage(e)}); the training run will compute it`);
         return { shard, failed: true };
       });
-      process.stdout.write(`${JSON.stringify(stats)}\n`);
+      emit({ json: o.json === true }, stats, JSON.stringify(stats));
     },
   );
 
@@ -233,8 +244,13 @@ base
   .addOption(new Option("--normalization <n>", "input scaling the weights expect").choices(Object.keys(NORMALIZATIONS)).makeOptionMandatory())
   .option("--fine-tune-from <layer>", "default cut for fine-tuning")
   .option("--licence <text>", "licence of the weights")
+  .option("--json", "the stored base as JSON")
   .action(
-    async (source: string, o: { id: string; featureLayer: string; normalization: Normalization; fineTuneFrom?: string; licence?: string }, cmd: Command) => {
+    async (
+      source: string,
+      o: { id: string; featureLayer: string; normalization: Normalization; fineTuneFrom?: string; licence?: string; json?: boolean },
+      cmd: Command,
+    ) => {
       const store = storeFrom(cmd.optsWithGlobals());
       const { initBackend } = await import("./src/model/backend.ts");
       await initBackend();
@@ -250,16 +266,29 @@ base
         fineTuneFrom: o.fineTuneFrom,
         licence: o.licence,
       });
-      process.stdout.write(
-        `${JSON.stringify({ id: meta.id, sha256: meta.sha256, featureLayer: meta.featureLayer, bytes: meta.files.reduce((n, f) => n + f.bytes, 0) })}\n`,
+      const bytes = meta.files.reduce((n, f) => n + f.bytes, 0);
+      emit(
+        o,
+        { id: meta.id, sha256: meta.sha256, featureLayer: meta.featureLayer, bytes },
+        `Base ${meta.id} stored (${(bytes / 1e6).toFixed(1)} MB, features from ${meta.featureLayer}); train with --base ${meta.id}.`,
       );
     },
   );
 base
   .command("list")
   .description("Bases edgetune knows by name")
-  .action(() => {
-    for (const b of KNOWN_BASES) process.stdout.write(`${b.id.padEnd(22)} ${b.description}\n`);
+  .option("--json", "one JSON object per base")
+  .action((o: { json?: boolean }) => {
+    if (o.json) for (const b of KNOWN_BASES) emit(o, { id: b.id, description: b.description, default: b.id === DEFAULT_OPTIONS.base }, "");
+    else
+      emit(
+        o,
+        null,
+        table(
+          ["BASE", "DESCRIPTION"],
+          KNOWN_BASES.map((b) => [b.id + (b.id === DEFAULT_OPTIONS.base ? " (default)" : ""), b.description]),
+        ),
+      );
   });
 
 program
@@ -268,33 +297,45 @@ program
   .requiredOption("--dataset <name>", "dataset name")
   .addOption(new Option("--strategy <strategy>").choices(STRATEGIES))
   .option("--base <id>", "base model for this dataset")
-  .option("--wait", "follow the training run this push triggers to its end; exit 0 if promoted, 2 if kept back, 1 if it failed")
+  .option("--wait", "follow the training run this push triggers to its end; exit 0 if its version is served, 2 if kept back, 1 if it failed")
   .option("--dry-run", "check the folder with the training job's rules (and decode a sample) without uploading")
-  .action(async (folder: string, o: { dataset: string; strategy?: "head" | "finetune"; base?: string; wait?: boolean; dryRun?: boolean }, cmd: Command) => {
-    const log = createLogger();
-    const store = storeFrom(cmd.optsWithGlobals());
-    const since = new Date().toISOString();
-    const r = await pushDataset(store, folder, o.dataset, { strategy: o.strategy, base: o.base }, (d, t) => log.progress("upload", d, t), {
-      dryRun: o.dryRun,
-    });
-    for (const w of r.warnings) process.stderr.write(`warning: ${w}\n`);
-    if (o.dryRun) {
-      process.stdout.write(`${JSON.stringify({ dataset: o.dataset, labels: r.labels, notImages: r.skipped.length, warnings: r.warnings })}\n`);
-      process.stderr.write(
-        `${o.dataset}: ${Object.entries(r.labels)
-          .map(([l, n]) => `${l} ${n}`)
-          .join(", ")} — ready to push (nothing was uploaded).\n`,
+  .option("--json", "the result (and with --wait the run's states) as JSON lines")
+  .action(
+    async (
+      folder: string,
+      o: { dataset: string; strategy?: "head" | "finetune"; base?: string; wait?: boolean; dryRun?: boolean; json?: boolean },
+      cmd: Command,
+    ) => {
+      const log = createLogger();
+      const store = storeFrom(cmd.optsWithGlobals());
+      const since = new Date().toISOString();
+      const r = await pushDataset(store, folder, o.dataset, { strategy: o.strategy, base: o.base }, (d, t) => log.progress("upload", d, t), {
+        dryRun: o.dryRun,
+      });
+      for (const w of r.warnings) process.stderr.write(`warning: ${w}\n`);
+      const labels = Object.entries(r.labels)
+        .map(([l, n]) => `${l} ${n}`)
+        .join(", ");
+      if (o.dryRun) {
+        emit(
+          o,
+          { dataset: o.dataset, labels: r.labels, notImages: r.skipped.length, warnings: r.warnings },
+          `${o.dataset}: ${labels} — ready to push (nothing was uploaded).`,
+        );
+        return;
+      }
+      await new StatusRecorder(store, o.dataset, "queued").update({}, true);
+      emit(
+        o,
+        { dataset: o.dataset, uploaded: r.uploaded, notImages: r.skipped.length, state: "queued" },
+        `Uploaded ${r.uploaded} images of ${o.dataset} (${labels}); training is triggered (the manifest was written last).${o.wait ? "" : ` Follow it: edgetune status ${o.dataset} --follow`}`,
       );
-      return;
-    }
-    await new StatusRecorder(store, o.dataset, "queued").update({}, true);
-    process.stdout.write(`${JSON.stringify({ dataset: o.dataset, uploaded: r.uploaded, notImages: r.skipped.length, state: "queued" })}\n`);
-    process.stderr.write(`Training of ${o.dataset} is triggered (the manifest was written last). Follow it: edgetune status ${o.dataset} --follow\n`);
-    if (!o.wait) return;
-    const final = await followRun(store, o.dataset, since, (s) => process.stderr.write(`${describeRun(s)}\n`));
-    if (!final) throw new EdgetuneError("wait_timeout", `No run of ${o.dataset} finished within 6 hours; see edgetune status ${o.dataset}.`);
-    process.exitCode = exitCodeOf(final);
-  });
+      if (!o.wait) return;
+      const final = await followRun(store, o.dataset, since, (s) => emit(o, s, describeRun(s)));
+      if (!final) throw new EdgetuneError("wait_timeout", `No run of ${o.dataset} finished within 6 hours; see edgetune status ${o.dataset}.`);
+      process.exitCode = exitCodeOf(final);
+    },
+  );
 
 program
   .command("status [dataset]")
@@ -320,50 +361,98 @@ program
 
 program
   .command("datasets")
-  .description("List datasets")
-  .action(async (_o: unknown, cmd: Command) => {
+  .description("List datasets with their last training run")
+  .option("--json", "one JSON object per dataset")
+  .action(async (o: { json?: boolean }, cmd: Command) => {
     const store = storeFrom(cmd.optsWithGlobals());
-    for (const d of await listDatasets(store)) {
-      const [last] = await listRunStatuses(store, d.name, 1);
-      const outcome = last ? `  last run: ${runOutcome(last)}` : "";
-      process.stdout.write(`${d.name.padEnd(24)} ${String(d.files).padStart(7)} files  ${d.complete ? "complete" : "uploading (no manifest)"}${outcome}\n`);
-    }
+    const rows = [];
+    for (const d of await listDatasets(store)) rows.push({ ...d, lastRun: (await listRunStatuses(store, d.name, 1))[0] ?? null });
+    if (o.json) for (const r of rows) emit(o, r, "");
+    else if (rows.length === 0) process.stderr.write("No datasets yet: edgetune push <folder> --dataset <name>.\n");
+    else
+      emit(
+        o,
+        null,
+        table(
+          ["DATASET", "FILES", "STATE", "LAST RUN"],
+          rows.map((d) => [d.name, String(d.files), d.complete ? "complete" : "uploading (no manifest)", d.lastRun ? runOutcome(d.lastRun) : "—"]),
+        ),
+      );
   });
 
 program
   .command("models [name]")
-  .description("List models, or the versions of one model with their metrics")
-  .action(async (name: string | undefined, _o: unknown, cmd: Command) => {
+  .description("List models, or the versions of one model with their metrics (* marks the served one)")
+  .option("--json", "one JSON object per model or version")
+  .action(async (name: string | undefined, o: { json?: boolean }, cmd: Command) => {
     const store = storeFrom(cmd.optsWithGlobals());
     if (!name) {
-      for (const m of await listModels(store)) process.stdout.write(`${m}\n`);
+      const models = await Promise.all(
+        (await listModels(store)).map(async (m) => {
+          const { pointer, versions } = await listVersions(store, m);
+          return { name: m, current: pointer?.version ?? null, promotedAt: pointer?.promotedAt ?? null, versions: versions.length };
+        }),
+      );
+      if (o.json) for (const m of models) emit(o, m, "");
+      else if (models.length === 0) process.stderr.write("No models yet: push a dataset (edgetune push <folder> --dataset <name>).\n");
+      else
+        emit(
+          o,
+          null,
+          table(
+            ["MODEL", "SERVED", "PROMOTED", "VERSIONS"],
+            models.map((m) => [m.name, m.current ?? "none", m.promotedAt?.replace("T", " ").slice(0, 19) ?? "—", String(m.versions)]),
+          ),
+        );
       return;
     }
     const { versions } = await listVersions(store, name);
-    for (const v of versions) {
-      process.stdout.write(
-        `${v.current ? "*" : " "} ${v.version}  ${v.createdAt}  acc ${(v.accuracy * 100).toFixed(1).padStart(5)} % on ${v.evaluatedOn}  ${v.strategy.padEnd(8)} ${v.base}  ${v.images} images\n`,
+    if (o.json) for (const v of versions) emit(o, v, "");
+    else
+      emit(
+        o,
+        null,
+        table(
+          ["", "VERSION", "TRAINED", "ACCURACY", "HELD-OUT", "STRATEGY", "BASE", "IMAGES"],
+          versions.map((v) => [
+            v.current ? "*" : "",
+            v.version,
+            v.createdAt.replace("T", " ").slice(0, 19),
+            percent(v.accuracy),
+            String(v.evaluatedOn),
+            v.strategy,
+            v.base,
+            String(v.images),
+          ]),
+        ),
       );
-    }
   });
 
 program
   .command("current <name>")
   .description("Show the promoted version of a model")
-  .action(async (name: string, _o: unknown, cmd: Command) => {
+  .option("--json", "the pointer (current.json) as JSON")
+  .action(async (name: string, o: { json?: boolean }, cmd: Command) => {
     const { pointer } = await listVersions(storeFrom(cmd.optsWithGlobals()), name);
     if (!pointer) throw new NotFoundError(`Model ${name} has versions but none is promoted; promote one with edgetune rollback ${name} --to <version>.`);
-    process.stdout.write(`${JSON.stringify(pointer)}\n`);
+    emit(o, pointer, describePointer(name, pointer));
   });
 
 program
   .command("rollback <name>")
   .description("Point the model at an earlier version (default: the one before the current)")
   .option("--to <version>", "version to serve")
-  .action(async (name: string, o: { to?: string }, cmd: Command) => {
+  .option("--json", "the new pointer (current.json) as JSON")
+  .action(async (name: string, o: { to?: string; json?: boolean }, cmd: Command) => {
     const p = await rollback(storeFrom(cmd.optsWithGlobals()), name, o.to);
-    process.stdout.write(`${JSON.stringify(p)}\n`);
+    emit(o, p, `${name} now serves ${p.version} (was ${p.previous}); the edge picks it up within POINTER_TTL_SECONDS.`);
   });
+
+/** The served version of a model, for people. */
+function describePointer(name: string, p: ModelPointer): string {
+  const back = p.history?.[0] ? `; edgetune rollback ${name} would serve ${p.history[0]}` : "";
+  return `${name} serves ${p.version} since ${p.promotedAt.replace("T", " ").slice(0, 19)} UTC (${p.reason})${back}`;
+}
 
 /** One line a person can read: when, which dataset, what state, and why. */
 function describeRun(s: RunStatus): string {
@@ -374,13 +463,16 @@ function describeRun(s: RunStatus): string {
 function runOutcome(s: RunStatus): string {
   return s.state === "running"
     ? `running: ${s.phase ?? "starting"}${s.progress ? ` ${s.progress.done}/${s.progress.total}` : ""}`
-    : s.state === "done"
-      ? `${s.promoted ? "promoted" : "not promoted"} ${s.model ?? ""} ${s.version ?? ""}${s.accuracy !== undefined ? ` (${(s.accuracy * 100).toFixed(1)} %)` : ""}: ${s.reason ?? ""}${s.report ? `; report: ${s.report}` : ""}`
-      : s.state === "failed"
-        ? `failed: ${s.reason ?? "unknown reason"}`
-        : "queued";
+    : s.state === "done" && s.unchanged
+      ? `already trained: ${s.model ?? ""} ${s.version ?? ""} (${s.promoted ? "served" : "not served"})`
+      : s.state === "done"
+        ? `${s.promoted ? "promoted" : "not promoted"} ${s.model ?? ""} ${s.version ?? ""}${s.accuracy !== undefined ? ` (${(s.accuracy * 100).toFixed(1)} %)` : ""}: ${s.reason ?? ""}${s.report ? `; report: ${s.report}` : ""}`
+        : s.state === "failed"
+          ? `failed: ${s.reason ?? "unknown reason"}`
+          : "queued";
 }
 
+/** 0: the run's version is served (promoted now, or already trained and served); 2: kept back; 1: failed. */
 const exitCodeOf = (s: RunStatus) => (s.state === "failed" ? 1 : s.promoted ? 0 : 2);
 
 program

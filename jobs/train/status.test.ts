@@ -67,9 +67,31 @@ describe("run status", () => {
         await writeFile(join(folder, i.file), i.bytes);
       }
       const pushed = await cli(["push", folder, "--dataset", "pushed"]);
-      expect(JSON.parse(pushed.stdout)).toMatchObject({ dataset: "pushed", uploaded: 15, state: "queued" });
-      expect(pushed.stderr).toMatch(/Training of pushed is triggered .* edgetune status pushed --follow/);
-      expect((await listRunStatuses(s3.store, "pushed"))[0]?.state).toBe("queued");
+      expect(pushed.stdout).toMatch(
+        /^Uploaded 15 images of pushed \(animals 5, food 5, travel 5\); training is triggered .* Follow it: edgetune status pushed --follow\n$/,
+      );
+      const [queued] = await listRunStatuses(s3.store, "pushed");
+      expect(queued?.state).toBe("queued");
+      // The run the push triggered (here called as the dispatcher would) takes the queued record over:
+      // one run, one record, from push to end.
+      await train(s3.store, { dataset: "pushed", imageSize: 96, views: 1, head: { epochs: 3 }, promote: "always" }, memoryLogger());
+      const after = await listRunStatuses(s3.store, "pushed");
+      expect(after).toHaveLength(1);
+      expect(after[0]).toMatchObject({ runId: queued?.runId, startedAt: queued?.startedAt, state: "done", promoted: true });
+      // Pushed again unchanged: the run finds its version trained and served; --wait exits 0, not 2.
+      const again = cli(["push", folder, "--dataset", "pushed", "--wait", "--json"]);
+      // The dispatcher would start the run when the manifest lands: here, once the push's record is there.
+      for (let i = 0; i < 600 && (await listRunStatuses(s3.store, "pushed", 1))[0]?.state !== "queued"; i++) await new Promise((r) => setTimeout(r, 100));
+      await train(s3.store, { dataset: "pushed", imageSize: 96, views: 1, head: { epochs: 3 }, promote: "always" }, memoryLogger());
+      const waited = await again;
+      expect(waited.code ?? 0).toBe(0);
+      const lines = waited.stdout
+        .trim()
+        .split("\n")
+        .map((l) => JSON.parse(l) as RunStatus & { uploaded?: number });
+      expect(lines[0]).toMatchObject({ dataset: "pushed", state: "queued", uploaded: 15 });
+      expect(lines.at(-1)).toMatchObject({ state: "done", unchanged: true, promoted: true });
+      expect((await cli(["status", "pushed"])).stdout).toMatch(/pushed\s+already trained: pushed v[0-9a-f]{12} \(served\)/);
     } finally {
       await rm(folder, { recursive: true, force: true });
     }

@@ -65,6 +65,20 @@ function jsonLogger(stream: NodeJS.WritableStream, quiet: boolean): Logger {
   };
 }
 
+/** One of the job's JSON log lines as a person reads it ("message key=value …"); other lines as they are. */
+export function formatLogLine(line: string): string {
+  if (!line.startsWith("{")) return line;
+  try {
+    const { time: _time, level, message, ...fields } = JSON.parse(line) as Record<string, unknown>;
+    if (typeof message !== "string") return line;
+    if (level === "progress") return `${message} ${fields.done}/${fields.total}`;
+    const rest = Object.keys(fields).length ? ` ${formatFields(fields)}` : "";
+    return `${level === "warn" ? "warning: " : ""}${message}${rest}`;
+  } catch {
+    return line;
+  }
+}
+
 function formatFields(fields: Record<string, unknown>): string {
   return Object.entries(fields)
     .map(([k, v]) => `${k}=${typeof v === "number" ? (Number.isInteger(v) ? v : v.toFixed(3)) : typeof v === "string" ? v : JSON.stringify(v)}`)

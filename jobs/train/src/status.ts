@@ -7,8 +7,9 @@ import type { Logger } from "./log.ts";
 /**
  * What a training run is doing, or did, as a small record in the bucket — `status/<dataset>/<runId>.json`
  * (run ids sort by time) — so anyone can follow a run without its log: `edgetune status`, `push --wait`.
- * `push` writes a "queued" record; the run writes "running" with its phase and progress, then "done"
- * (promoted or not, and why) or "failed" (the reason a user can act on).
+ * `push` writes a "queued" record, which the run it triggered takes over (`adoptQueued`); the run writes
+ * "running" with its phase and progress, then "done" (promoted or not, and why) or "failed" (the reason a
+ * user can act on).
  */
 export type RunState = "queued" | "running" | "done" | "failed";
 
@@ -24,6 +25,8 @@ export interface RunStatus {
   promoted?: boolean;
   accuracy?: number;
   reason?: string;
+  /** True when the run found its version already trained (same dataset and options): nothing changed. */
+  unchanged?: boolean;
   /** Where the report is, when the run wrote a version. */
   report?: string;
   /** AWS Batch job id, when the run is one. */
@@ -47,7 +50,7 @@ export class StatusRecorder {
   private readonly minIntervalMs: number;
   private readonly enabled: boolean;
 
-  constructor(store: ObjectStore, dataset: string, state: RunState, options: { runId?: string; minIntervalMs?: number } = {}) {
+  constructor(store: ObjectStore, dataset: string, state: RunState, options: { runId?: string; startedAt?: string; minIntervalMs?: number } = {}) {
     this.store = store;
     this.minIntervalMs = options.minIntervalMs ?? 2000;
     // A name that is no dataset name (the run will refuse it) gets no record: it would be no key either.
@@ -59,7 +62,7 @@ export class StatusRecorder {
       dataset,
       state,
       jobId: process.env.AWS_BATCH_JOB_ID,
-      startedAt: now,
+      startedAt: options.startedAt ?? now,
       updatedAt: now,
     };
   }
@@ -97,6 +100,17 @@ export class StatusRecorder {
       },
     };
   }
+}
+
+/**
+ * The run id a starting run should write to: the newest record of `dataset` if it is still "queued"
+ * (a push, or a run that handed over to array jobs), so that one run is one record from push to end.
+ * A queued record that a newer record already follows is left alone (its run is accounted for).
+ */
+export async function adoptQueued(store: ObjectStore, dataset: string): Promise<{ runId: string; startedAt: string } | undefined> {
+  if (!nameSchema.safeParse(dataset).success) return undefined;
+  const [newest] = await listRunStatuses(store, dataset, 1).catch(() => []);
+  return newest?.state === "queued" ? { runId: newest.runId, startedAt: newest.startedAt } : undefined;
 }
 
 /** Recent runs, newest first: of one dataset, or of every dataset. */

@@ -1,3 +1,4 @@
+import { readPointer } from "../../../shared/artifacts.ts";
 import { userMessage } from "../../../shared/errors.ts";
 import { keys } from "../../../shared/keys.ts";
 import type { ObjectStore } from "../../../shared/s3/store.ts";
@@ -15,7 +16,7 @@ import { acquireLock } from "./release/lock.ts";
 import { decidePromotion, loadCurrent } from "./release/promote.ts";
 import { existsResult, publishVersion, type TrainResult } from "./release/publish.ts";
 import { type RunContext, runContext } from "./run.ts";
-import { StatusRecorder } from "./status.ts";
+import { adoptQueued, StatusRecorder } from "./status.ts";
 
 export type { TrainOptions } from "./config.ts";
 export type { TrainResult } from "./release/publish.ts";
@@ -33,7 +34,7 @@ export interface TrainContext {
  */
 export async function train(store: ObjectStore, input: TrainInput, log: Logger, context: TrainContext = {}): Promise<TrainResult> {
   // The run's status record (status.ts): running with its stage and progress, then done or failed.
-  const status = new StatusRecorder(store, input.dataset, "running");
+  const status = new StatusRecorder(store, input.dataset, "running", await adoptQueued(store, input.dataset));
   await status.update({}, true);
   try {
     const result = await trainRun(
@@ -42,8 +43,11 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger, 
       context,
     );
     const { name: model, version, promoted, accuracy, reason } = result;
-    const report = result.status === "trained" ? keys.versionFile(model, version, "report.html") : undefined;
-    await status.update({ state: "done", model, version, promoted, accuracy, reason, report, phase: undefined, progress: undefined }, true);
+    const report = keys.versionFile(model, version, "report.html");
+    // Already trained: nothing changed; "promoted" says whether that version is the one served.
+    const unchanged = result.status === "exists" ? true : undefined;
+    const served = unchanged ? (await readPointer(store, model).catch(() => null))?.version === version : promoted;
+    await status.update({ state: "done", model, version, promoted: served, unchanged, accuracy, reason, report, phase: undefined, progress: undefined }, true);
     return result;
   } catch (e) {
     // Handed over to array children and a continuation (fan-out.ts): not over, the continuation reports.
