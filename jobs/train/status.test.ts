@@ -84,7 +84,7 @@ describe("run status", () => {
       for (let i = 0; i < 600 && (await listRunStatuses(s3.store, "pushed", 1))[0]?.state !== "queued"; i++) await new Promise((r) => setTimeout(r, 100));
       await train(s3.store, { dataset: "pushed", imageSize: 96, views: 1, head: { epochs: 3 }, promote: "always" }, memoryLogger());
       const waited = await again;
-      expect(waited.code ?? 0).toBe(0);
+      expect("failed" in waited ? waited.failed : 0).toBe(0);
       const lines = waited.stdout
         .trim()
         .split("\n")
