@@ -23,7 +23,10 @@ let work: string;
 let train: SampleImage[];
 let heldOut: SampleImage[];
 
-const MIN_HELD_OUT_ACCURACY = 0.6; // 3 labels: chance is 0.33
+// 3 labels: chance is 1/3. At least 7 of the 12 held-out images right: by chance that happens with
+// p ≈ 0.066 (binomial). One image is 8 points here, and which images a model this small gets right
+// moves with any change of the shuffle order, so the bar is "clearly above chance", not a tuned score.
+const MIN_HELD_OUT_ACCURACY = 7 / 12;
 
 beforeAll(async () => {
   s3 = await startLocalS3();

@@ -10,7 +10,7 @@ import { augmentation } from "../dataset/augment.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import type { DatasetImage } from "../dataset/read.ts";
 import { createForwardPool, type ForwardPool, lazyForwardPool } from "./forward-pool.ts";
-import { decodePack, encodePack, type Pack } from "./packs.ts";
+import { decodePack, decodePackHeader, encodePack, type Pack, type PackHeader } from "./packs.ts";
 
 /**
  * Features of every image, computed once. The cache key covers everything that changes the numbers
@@ -90,14 +90,20 @@ export async function extractFeatures(
     pool?: ForwardPool;
     /** Sees what is left to compute; returns true if it had it computed elsewhere (fan-out.ts), so the cache is read again. */
     beforeCompute?: (todo: readonly DatasetImage[]) => Promise<boolean>;
+    /**
+     * false: only note which images have features (`byId` holds empty arrays) and leave the values in
+     * their packs, for training to stream (fit/rows.ts): fine-tuning's bottom maps do not fit in memory.
+     */
+    retain?: boolean;
   } = {},
 ): Promise<Features> {
+  const retain = options.retain ?? true;
   const started = performance.now();
   const prefix = keys.embeddingCache(await cacheKeyOf(spec));
-  let features = await readCache(store, prefix);
+  let features = await readCache(store, prefix, retain);
   let todo = uniqueById(images.filter((image) => !isComplete(features, image.id, spec.views)));
   if (todo.length > 0 && (await options.beforeCompute?.(todo))) {
-    features = await readCache(store, prefix);
+    features = await readCache(store, prefix, retain);
     todo = uniqueById(images.filter((image) => !isComplete(features, image.id, spec.views)));
   }
   const cached = images.length - todo.length;
@@ -111,7 +117,7 @@ export async function extractFeatures(
     try {
       let done = cached;
       await streamPacks(store, prefix, pool, spec, todo, imagesPerPack(extractor, spec), (pack) => {
-        addPack(features, pack);
+        addPack(features, pack, retain);
         packsWritten++;
         computed += pack.entries.length / spec.views;
         done += pack.entries.length / spec.views + pack.failed.length;
@@ -145,12 +151,15 @@ export async function extractSplits(
   spec: ExtractorSpec,
   images: { train: readonly DatasetImage[]; heldOut: readonly DatasetImage[] },
   onProgress: (split: "train" | "held-out", done: number, total: number) => void,
-  options: { beforeCompute?: (todo: readonly DatasetImage[]) => Promise<boolean> } = {},
+  options: { beforeCompute?: (todo: readonly DatasetImage[]) => Promise<boolean>; retain?: boolean } = {},
 ): Promise<Features> {
   const pool = lazyForwardPool(extractor, { size: spec.size, pooled: spec.pooled });
   try {
     const train = await extractFeatures(store, extractor, spec, images.train, (d, t) => onProgress("train", d, t), { pool, ...options });
-    const heldOut = await extractFeatures(store, extractor, { ...spec, views: 1 }, images.heldOut, (d, t) => onProgress("held-out", d, t), { pool });
+    const heldOut = await extractFeatures(store, extractor, { ...spec, views: 1 }, images.heldOut, (d, t) => onProgress("held-out", d, t), {
+      pool,
+      retain: options.retain,
+    });
     return mergeFeatures(train, heldOut);
   } finally {
     await pool.close();
@@ -177,7 +186,7 @@ function mergeFeatures(a: Features, b: Features): Features {
 
 type CacheState = Omit<Features, "stats"> & { packsRead: number };
 
-async function readCache(store: ObjectStore, prefix: string): Promise<CacheState> {
+async function readCache(store: ObjectStore, prefix: string, retain: boolean): Promise<CacheState> {
   const state: CacheState = { shape: [], byId: new Map(), failed: new Map(), packsRead: 0 };
   const keysToRead: string[] = [];
   for await (const o of store.list(prefix)) keysToRead.push(o.key);
@@ -186,7 +195,7 @@ async function readCache(store: ObjectStore, prefix: string): Promise<CacheState
     const bytes = await store.get(key);
     if (!bytes) return undefined;
     try {
-      return decodePack(bytes);
+      return retain ? decodePack(bytes) : headerOnly(decodePackHeader(bytes));
     } catch {
       return undefined; // a torn pack from a killed run: its images are simply computed again
     }
@@ -194,16 +203,23 @@ async function readCache(store: ObjectStore, prefix: string): Promise<CacheState
   for await (const pack of pMapIterable(keysToRead, read, { concurrency: FETCH_CONCURRENCY })) {
     if (!pack) continue;
     state.packsRead++;
-    addPack(state, pack);
+    addPack(state, pack, retain);
   }
   return state;
 }
 
-function addPack(state: Pick<CacheState, "shape" | "byId" | "failed">, pack: Pack): void {
+const NOT_RETAINED = new Float32Array(0);
+
+/** A pack without its values: what `retain: false` needs to know. */
+function headerOnly(h: PackHeader): Pack {
+  return { shape: h.shape, entries: h.entries.map(([id, view]) => ({ id, view, values: NOT_RETAINED })), failed: h.failed };
+}
+
+function addPack(state: Pick<CacheState, "shape" | "byId" | "failed">, pack: Pack, retain: boolean): void {
   if (pack.shape.length > 0) state.shape = pack.shape;
   for (const e of pack.entries) {
     const views = state.byId.get(e.id) ?? [];
-    views[e.view] = e.values;
+    views[e.view] = retain ? e.values : NOT_RETAINED;
     state.byId.set(e.id, views);
   }
   for (const f of pack.failed) state.failed.set(f.id, { key: f.key, reason: f.reason });

@@ -34,18 +34,29 @@ export function encodePack(pack: Pack): Uint8Array {
   return out;
 }
 
-export function decodePack(bytes: Uint8Array): Pack {
+export interface PackHeader {
+  shape: number[];
+  /** [image id, view] per entry, in the order of the values. */
+  entries: [string, number][];
+  failed: Pack["failed"];
+  headerLength: number;
+}
+
+/** The header only (which images and views, their shape), checked against the pack's length. */
+export function decodePackHeader(bytes: Uint8Array): PackHeader {
   if (bytes.byteLength < 8 || MAGIC.some((m, i) => bytes[i] !== m)) throw new Error("not an embedding pack");
-  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const headerLength = view.getUint32(4, true);
-  const header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + headerLength))) as {
-    shape: number[];
-    entries: [string, number][];
-    failed: Pack["failed"];
-  };
+  const headerLength = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength).getUint32(4, true);
+  const header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + headerLength))) as Omit<PackHeader, "headerLength">;
   const dim = header.shape.reduce((a, b) => a * b, 1);
   if (bytes.byteLength !== 8 + headerLength + header.entries.length * dim * 2) throw new Error("embedding pack is truncated");
-  let o = 8 + headerLength;
+  return { ...header, headerLength };
+}
+
+export function decodePack(bytes: Uint8Array): Pack {
+  const header = decodePackHeader(bytes);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const dim = header.shape.reduce((a, b) => a * b, 1);
+  let o = 8 + header.headerLength;
   const entries = header.entries.map(([id, v]) => {
     const values = new Float32Array(dim);
     for (let i = 0; i < dim; i++, o += 2) values[i] = view.getFloat16(o, true);

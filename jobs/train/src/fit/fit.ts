@@ -1,14 +1,16 @@
 import * as tf from "@tensorflow/tfjs";
 import { EdgetuneError } from "../../../../shared/errors.ts";
 import type { DatasetImage } from "../dataset/read.ts";
-import { type ExtractorSpec, extractSplits, type Features } from "../features/extract.ts";
+import { keys } from "../../../../shared/keys.ts";
+import { cacheKeyOf, type ExtractorSpec, extractSplits, type Features } from "../features/extract.ts";
 import type { PooledFeatures } from "../features/pooled.ts";
 import type { RunPlan } from "../plan.ts";
 import { type CurrentModel, currentHeadWeights, isComparable } from "../release/promote.ts";
 import type { RunContext } from "../run.ts";
 import { s3Checkpointer } from "./checkpoint.ts";
 import { buildTop } from "./finetune.ts";
-import { applyLayers, type EpochLog, headLayers, predictRows, type TrainData, trainModel } from "./head.ts";
+import { applyLayers, type EpochLog, headLayers, predictRows, trainModel } from "./head.ts";
+import { memoryRows, packRows, type RowSource } from "./rows.ts";
 
 /**
  * Stage 3: the classifier's trainable parts. Strategy `head`: a new dense head on the pooled features,
@@ -30,9 +32,13 @@ export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: t
   const classes = dataset.labels.length;
   const labelIndex = new Map(dataset.labels.map((l, i) => [l, i]));
   // Training rows: every augmented view of a training image; held-out rows: view 0, as served.
-  const rowsOf = (f: Features, images: readonly DatasetImage[], views: number): TrainData => {
+  const rowsOf = (f: Features, images: readonly DatasetImage[], views: number): RowSource => {
     const picked = images.flatMap((img) => (f.byId.get(img.id) ?? []).slice(0, views).map((v) => ({ img, v })));
-    return { rows: picked.map((p) => p.v), shape: f.shape, y: Int32Array.from(picked, (p) => labelIndex.get(p.img.label) as number) };
+    return memoryRows(
+      picked.map((p) => p.v),
+      f.shape,
+      Int32Array.from(picked, (p) => labelIndex.get(p.img.label) as number),
+    );
   };
   const hasVal = pooled.val.length > 0;
   const trainData = rowsOf(pooled.features, pooled.train, options.views);
@@ -62,18 +68,30 @@ export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: t
   if (!from) throw new EdgetuneError("invalid_option", `Base ${base.id} names no fine-tuning cut; pass --fine-tune-from <layer>.`);
   const bottom = tf.model({ inputs: baseModel.inputs, outputs: baseModel.getLayer(from).output as tf.SymbolicTensor });
   const bottomSpec: ExtractorSpec = { ...plan.pooledSpec, layer: from, pooled: false };
-  const maps = await ctx.stage(
+  // The maps are computed into their packs (or found there) and not kept: every epoch streams them
+  // back (rows.ts), so memory does not grow with the dataset.
+  await ctx.stage(
     "bottom features",
     () =>
-      extractSplits(ctx.store, bottom, bottomSpec, { train: pooled.train, heldOut: pooled.val }, (split, d, t) => ctx.log.progress(`bottom (${split})`, d, t)),
+      extractSplits(
+        ctx.store,
+        bottom,
+        bottomSpec,
+        { train: pooled.train, heldOut: pooled.val },
+        (split, d, t) => ctx.log.progress(`bottom (${split})`, d, t),
+        { retain: false },
+      ),
     (f) => ({ ...f.stats, shape: f.shape.join("×") }),
   );
-  const mapsVal = rowsOf(maps, pooled.val, 1);
+  const mapsPrefix = keys.embeddingCache(await cacheKeyOf(bottomSpec));
+  const classOf = (images: readonly DatasetImage[]) => new Map(images.map((i) => [i.id, labelIndex.get(i.label) as number]));
+  const mapsTrain = await packRows(ctx.store, mapsPrefix, classOf(pooled.train), options.views);
+  const mapsVal = await packRows(ctx.store, mapsPrefix, classOf(pooled.val), 1);
   const top = buildTop(baseModel, from, base.featureLayer, head);
   history.fineTune = await ctx.stage("fine-tune", () =>
     trainModel(
       top,
-      rowsOf(maps, pooled.train, options.views),
+      mapsTrain,
       hasVal ? mapsVal : undefined,
       classes,
       { ...options.fineTune, seed: options.seed, optimizer: "adam" },
@@ -81,5 +99,13 @@ export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: t
       s3Checkpointer(ctx.store, plan.name, plan.version, "finetune"),
     ),
   );
-  return { head, history, valProbs: await predictRows(top, mapsVal), yVal: valData.y };
+  // Held-out rows come in pack order; the evaluation wants them in the order of pooled.val.
+  const probs = await predictRows(top, mapsVal);
+  const byId = new Map((mapsVal.ids ?? []).map((id, row) => [id, probs[row] as Float32Array]));
+  const valProbs = pooled.val.map((img) => {
+    const p = byId.get(img.id);
+    if (!p) throw new EdgetuneError("cache_incomplete", `The cached bottom map of ${img.key} is missing; run the training again.`);
+    return p;
+  });
+  return { head, history, valProbs, yVal: valData.y };
 }

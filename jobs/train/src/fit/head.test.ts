@@ -2,19 +2,20 @@ import * as tf from "@tensorflow/tfjs";
 import { beforeAll, describe, expect, it } from "vitest";
 import { mulberry32 } from "../dataset/augment.ts";
 import { initBackend } from "../model/backend.ts";
-import { applyLayers, DEFAULT_HEAD, headLayers, predictRows, type TrainData, trainModel } from "./head.ts";
+import { applyLayers, DEFAULT_HEAD, headLayers, predictRows, trainModel } from "./head.ts";
+import { memoryRows, type RowSource } from "./rows.ts";
 
 beforeAll(async () => {
   await initBackend();
 });
 
 /** Two Gaussian clusters in 8 dimensions, one per class. */
-function clusters(n: number, seed: number): TrainData {
+function clusters(n: number, seed: number): RowSource {
   const rand = mulberry32(seed);
   const gauss = () => Math.sqrt(-2 * Math.log(rand() + 1e-12)) * Math.cos(2 * Math.PI * rand());
   const y = Int32Array.from({ length: n }, (_, i) => i % 2);
   const rows = Array.from(y, (c) => Float32Array.from({ length: 8 }, (_, d) => (d < 2 ? (c === 0 ? -1.5 : 1.5) : 0) + gauss() * 0.5));
-  return { rows, shape: [8], y };
+  return memoryRows(rows, [8], y);
 }
 
 describe("trainModel", () => {

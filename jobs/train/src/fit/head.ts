@@ -1,5 +1,6 @@
 import * as tf from "@tensorflow/tfjs";
 import { mulberry32 } from "../dataset/augment.ts";
+import type { RowSource } from "./rows.ts";
 
 /**
  * Strategy 1: a new dense head (random init, seeded) on frozen, pooled base features.
@@ -69,19 +70,6 @@ export interface EpochLog {
   valAccuracy?: number;
 }
 
-/**
- * Training rows (features or bottom maps) kept in host memory and handed to the backend one batch at a
- * time: the wasm heap is capped at 4 GiB, and a training set of maps held there whole (plus the
- * shuffled copy of each epoch) overflowed it on flowers128.
- */
-export interface TrainData {
-  rows: readonly Float32Array[];
-  /** The shape of one row: [1280] for pooled features, [h, w, c] for maps. */
-  shape: number[];
-  /** Class index per row. */
-  y: Int32Array;
-}
-
 /** Equal-length rows, one after the other in one array (a tensor body). */
 export function concatRows(rows: readonly Float32Array[]): Float32Array {
   const dim = rows[0]?.length ?? 0;
@@ -90,41 +78,42 @@ export function concatRows(rows: readonly Float32Array[]): Float32Array {
   return out;
 }
 
-/** The rows at `ids` as one tensor [ids.length, ...shape]. */
-export function rowsTensor(data: Pick<TrainData, "rows" | "shape">, ids: ArrayLike<number>): tf.Tensor {
-  return tf.tensor(concatRows(Array.from(ids, (i) => data.rows[i] as Float32Array)), [ids.length, ...data.shape]);
-}
-
-/** Predictions for every row, a batch at a time. */
-export async function predictRows(model: tf.LayersModel, data: Pick<TrainData, "rows" | "shape">, batchSize = 256): Promise<Float32Array[]> {
-  const out: Float32Array[] = [];
-  for (let b = 0; b < data.rows.length; b += batchSize) {
-    const ids = range(b, Math.min(data.rows.length, b + batchSize));
-    const p = tf.tidy(() => model.predict(rowsTensor(data, ids)) as tf.Tensor2D);
+/**
+ * Predictions for every row of `data`, in row order, a batch at a time. Rows stay in host memory or
+ * in their packs (rows.ts) and reach the backend one batch at a time: the wasm heap is capped at
+ * 4 GiB, and a training set of maps held there whole overflowed it on flowers128.
+ */
+export async function predictRows(model: tf.LayersModel, data: RowSource, batchSize = 256): Promise<Float32Array[]> {
+  const out: Float32Array[] = new Array(data.y.length);
+  for await (const { ids, values } of data.batches(batchSize, null)) {
+    const p = tf.tidy(() => model.predict(tf.tensor(values, [ids.length, ...data.shape])) as tf.Tensor2D);
     const flat = (await p.data()) as Float32Array;
     const classes = p.shape[1];
     p.dispose();
-    for (let i = 0; i < ids.length; i++) out.push(flat.slice(i * classes, (i + 1) * classes));
+    ids.forEach((row, i) => {
+      out[row] = flat.slice(i * classes, (i + 1) * classes);
+    });
   }
   return out;
 }
 
 /** Mean loss and accuracy over every row, a batch at a time. */
-async function evaluateRows(model: tf.LayersModel, data: TrainData, classes: number, batchSize = 256): Promise<{ loss: number; accuracy: number }> {
+async function evaluateRows(model: tf.LayersModel, data: RowSource, classes: number, batchSize = 256): Promise<{ loss: number; accuracy: number }> {
   let loss = 0;
   let accuracy = 0;
-  for (let b = 0; b < data.rows.length; b += batchSize) {
-    const ids = range(b, Math.min(data.rows.length, b + batchSize));
-    const [l, a] = tf.tidy(() => model.evaluate(rowsTensor(data, ids), oneHotRows(data, ids, classes), { batchSize }) as tf.Scalar[]);
+  for await (const { ids, values } of data.batches(batchSize, null)) {
+    const [l, a] = tf.tidy(
+      () => model.evaluate(tf.tensor(values, [ids.length, ...data.shape]), oneHotRows(data, ids, classes), { batchSize }) as tf.Scalar[],
+    );
     loss += ((await l?.data())?.[0] ?? 0) * ids.length;
     accuracy += ((await a?.data())?.[0] ?? 0) * ids.length;
     l?.dispose();
     a?.dispose();
   }
-  return { loss: loss / data.rows.length, accuracy: accuracy / data.rows.length };
+  return { loss: loss / data.y.length, accuracy: accuracy / data.y.length };
 }
 
-function oneHotRows(data: Pick<TrainData, "y">, ids: ArrayLike<number>, classes: number): tf.Tensor {
+function oneHotRows(data: Pick<RowSource, "y">, ids: ArrayLike<number>, classes: number): tf.Tensor {
   return tf.tidy(() =>
     tf.oneHot(
       tf.tensor1d(
@@ -136,10 +125,6 @@ function oneHotRows(data: Pick<TrainData, "y">, ids: ArrayLike<number>, classes:
   );
 }
 
-function range(from: number, to: number): Int32Array {
-  return Int32Array.from({ length: to - from }, (_, i) => from + i);
-}
-
 /**
  * Trains `model` (input → softmax) with Adam, shuffling with a seeded generator, class-weighted for
  * lopsided data, keeping the weights of the epoch with the best validation loss, and stopping when
@@ -147,8 +132,8 @@ function range(from: number, to: number): Int32Array {
  */
 export async function trainModel(
   model: tf.LayersModel,
-  train: TrainData,
-  val: TrainData | undefined,
+  train: RowSource,
+  val: RowSource | undefined,
   classes: number,
   cfg: { learningRate: number; epochs: number; batchSize: number; seed: number; optimizer?: "adam" | "rmsprop"; patience?: number },
   onEpoch: (log: EpochLog) => void = () => {},
@@ -165,18 +150,11 @@ export async function trainModel(
   counts.forEach((n, c) => {
     classWeight[c] = n > 0 ? train.y.length / (classes * n) : 1;
   });
-  const rand = mulberry32(cfg.seed);
   const n = train.y.length;
   let history: EpochLog[] = [];
   let best: { loss: number; epoch: number; weights: tf.Tensor[] } | undefined;
-  const shuffled = () => {
-    const order = Int32Array.from({ length: n }, (_, i) => i);
-    for (let i = n - 1; i > 0; i--) {
-      const j = Math.floor(rand() * (i + 1));
-      [order[i], order[j]] = [order[j] as number, order[i] as number];
-    }
-    return order;
-  };
+  // One seeded generator per epoch: a resumed run shuffles exactly as the uninterrupted one would.
+  const randOf = (epoch: number) => mulberry32(cfg.seed + epoch * 7919);
   let firstEpoch = 1;
   const resumed = await checkpoint?.load();
   if (resumed) {
@@ -185,7 +163,6 @@ export async function trainModel(
     model.setWeights(resumed.weights);
     history = resumed.history;
     if (resumed.best) best = { loss: resumed.best.loss, epoch: resumed.best.epoch, weights: resumed.best.weights };
-    for (let e = 1; e <= resumed.epoch; e++) shuffled();
     firstEpoch = resumed.epoch + 1;
     for (const w of resumed.weights) w.dispose();
     onEpoch({ ...(history.at(-1) as EpochLog), resumed: true });
@@ -193,18 +170,16 @@ export async function trainModel(
   try {
     for (let epoch = firstEpoch; epoch <= cfg.epochs; epoch++) {
       if (best && cfg.patience !== undefined && epoch - 1 - best.epoch >= cfg.patience) break;
-      const order = shuffled();
-      const batchSize = cfg.batchSize;
-      // One tensor per batch, built from host memory and disposed by fitDataset after its step.
-      const batches = tf.data.generator(function* () {
-        for (let b = 0; b < n; b += batchSize) {
-          const ids = order.subarray(b, Math.min(n, b + batchSize));
-          yield tf.tidy(() => ({ xs: rowsTensor(train, ids), ys: oneHotRows(train, ids, classes) }));
+      const rows = train.batches(cfg.batchSize, randOf(epoch));
+      // One tensor per batch, built from host memory (or a pack) and disposed by fitDataset after its step.
+      const batches = tf.data.generator(async function* () {
+        for await (const { ids, values } of rows) {
+          yield tf.tidy(() => ({ xs: tf.tensor(values, [ids.length, ...train.shape]), ys: oneHotRows(train, ids, classes) }));
         }
       });
       const h = await model.fitDataset(batches, { epochs: 1, verbose: 0, classWeight });
       const log: EpochLog = { epoch, loss: h.history.loss?.[0] as number, accuracy: (h.history.acc?.[0] ?? h.history.accuracy?.[0]) as number };
-      if (val && val.rows.length > 0) {
+      if (val && val.y.length > 0) {
         const v = await evaluateRows(model, val, classes);
         log.valLoss = v.loss;
         log.valAccuracy = v.accuracy;

@@ -7,6 +7,7 @@ import { decodeImage } from "../dataset/decode.ts";
 import type { DatasetImage } from "../dataset/read.ts";
 import type { PooledFeatures } from "../features/pooled.ts";
 import { concatRows, LAYER_NAMES, predictRows } from "../fit/head.ts";
+import { memoryRows } from "../fit/rows.ts";
 import { applyBetween } from "../model/graph.ts";
 import { loadModel, WEIGHTS_FILE } from "../model/io.ts";
 import type { RunPlan } from "../plan.ts";
@@ -62,7 +63,7 @@ export async function scoreCurrent(
     const head = tf.model({ inputs: input, outputs: applyBetween(model, input, model.outputLayers[0]?.name as string, LAYER_NAMES.pool) });
     const rows = val.map((v) => pooledFeatures(v)).filter((f): f is Float32Array => f !== undefined);
     const truth = val.filter((v) => pooledFeatures(v) !== undefined).map((v) => v.label);
-    const predicted = (await predictRows(head, { rows, shape: [dim] })).map((p) => metadata.labels[argmax(p)]);
+    const predicted = (await predictRows(head, memoryRows(rows, [dim], new Int32Array(rows.length)))).map((p) => metadata.labels[argmax(p)]);
     return { version: pointer.version, accuracy: accuracyOf(predicted, truth), evaluatedOn: truth.length, method: "features" };
   }
   const size = metadata.input.size;
