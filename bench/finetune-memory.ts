@@ -50,7 +50,9 @@ async function parent(): Promise<void> {
   }
   const first = rows[0] as (typeof rows)[number];
   console.log(`Fine-tuning peak live memory by dataset size, ${size} px, 1 view, darknet-tiny, 2 + 2 epochs (${machine()})\n`);
-  console.log("| images | maps (float32) | live memory, maps streamed (now) | × smallest | live memory, maps held (before) | × smallest | RSS after GC, streamed / held | run |");
+  console.log(
+    "| images | maps (float32) | live memory, maps streamed (now) | × smallest | live memory, maps held (before) | × smallest | RSS after GC, streamed / held | run |",
+  );
   console.log("|---|---|---|---|---|---|---|---|");
   for (const r of rows)
     console.log(
@@ -60,12 +62,24 @@ async function parent(): Promise<void> {
 
 /** `n` small noisy images whose colour is their label, manifest last. */
 async function upload(store: import("../shared/s3/store.ts").ObjectStore, dataset: string, n: number): Promise<void> {
-  const colours: Record<string, { r: number; g: number; b: number }> = { red: { r: 200, g: 40, b: 40 }, green: { r: 40, g: 200, b: 40 }, blue: { r: 40, g: 40, b: 200 } };
+  const colours: Record<string, { r: number; g: number; b: number }> = {
+    red: { r: 200, g: 40, b: 40 },
+    green: { r: 40, g: 200, b: 40 },
+    blue: { r: 40, g: 40, b: 200 },
+  };
   const files = Array.from({ length: n }, (_, i) => ({ label: LABELS[i % 3] as string, i }));
   for (let b = 0; b < files.length; b += 64) {
     await Promise.all(
       files.slice(b, b + 64).map(async ({ label, i }) => {
-        const png = await sharp({ create: { width: 64, height: 64, channels: 3, background: colours[label] as { r: number; g: number; b: number }, noise: { type: "gaussian", mean: 128, sigma: 40 + (i % 17) } } })
+        const png = await sharp({
+          create: {
+            width: 64,
+            height: 64,
+            channels: 3,
+            background: colours[label] as { r: number; g: number; b: number },
+            noise: { type: "gaussian", mean: 128, sigma: 40 + (i % 17) },
+          },
+        })
           .png()
           .toBuffer();
         await store.put(`datasets/${dataset}/${label}/${i}.png`, png);
@@ -92,7 +106,15 @@ async function child(dataset: string): Promise<void> {
     rss = Math.max(rss, m.rss);
   };
   const sampler = setInterval(sample, 250);
-  const options = { dataset, strategy: "finetune" as const, imageSize: size as 96, views: 1, head: { epochs: 2 }, fineTune: { epochs: 2 }, promote: "always" as const };
+  const options = {
+    dataset,
+    strategy: "finetune" as const,
+    imageSize: size as 96,
+    views: 1,
+    head: { epochs: 2 },
+    fineTune: { epochs: 2 },
+    promote: "always" as const,
+  };
   await train(store, options, createLogger({ json: true, quiet: true, stream: process.stderr }));
   sample();
   const streamedMb = live / 1024 / 1024;

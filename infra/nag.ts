@@ -25,6 +25,17 @@ export function acknowledgeNagFindings(stack: Stack): void {
     "AwsSolutions-IAM5[Resource::*]",
     "batch:DescribeJobs has no resource-level permissions; the train job uses it only to watch the Embed array job it submitted.",
   );
+  const nightlyRole = stack.node.findChild("Training").node.findChild("NightlyRole");
+  for (const prefix of ["datasets", "models", "bases"]) {
+    ack(
+      nightlyRole,
+      `AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/${prefix}/*]`,
+      `The nightly dispatcher plans every dataset: it reads ${prefix}/ (and may store a base it plans with under bases/).`,
+    );
+  }
+  for (const action of ["s3:GetObject*", "s3:GetBucket*", "s3:List*", "s3:Abort*"]) {
+    ack(nightlyRole, `AwsSolutions-IAM5[Action::${action}]`, `${action} is the action group CDK's bucket grants use, limited to the prefixes above.`);
+  }
   for (const id of ["Container", "EmbedContainer", "NightlyContainer"]) {
     ack(
       stack.node.findChild("Training").node.findChild(id),

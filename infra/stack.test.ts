@@ -27,8 +27,8 @@ function statements(): Statement[] {
   return out;
 }
 /** The statements of the policies attached to the training job's role. */
-function jobRoleStatements(t: Template): Statement[] {
-  const [roleId] = Object.entries(t.findResources("AWS::IAM::Role")).find(([id]) => id.startsWith("TrainingJobRole")) ?? [];
+function jobRoleStatements(t: Template, role = "TrainingJobRole"): Statement[] {
+  const [roleId] = Object.entries(t.findResources("AWS::IAM::Role")).find(([id]) => id.startsWith(role)) ?? [];
   return Object.values(t.findResources("AWS::IAM::Policy"))
     .filter((p) => JSON.stringify((p.Properties as { Roles: unknown }).Roles).includes(`"${roleId}"`))
     .flatMap((p) => (p.Properties as { PolicyDocument: { Statement: Statement[] } }).PolicyDocument.Statement);
@@ -80,9 +80,9 @@ describe("data bucket", () => {
 
 describe("GPU batch job", () => {
   it("uses spot first and on-demand second, scaling to zero, on the NVIDIA ECS AMI", () => {
-    const envs = Object.values(template.findResources("AWS::Batch::ComputeEnvironment")).map(
-      (r) => r.Properties as { ComputeResources: Record<string, unknown> },
-    );
+    const envs = Object.values(template.findResources("AWS::Batch::ComputeEnvironment"))
+      .map((r) => r.Properties as { ComputeResources: Record<string, unknown> })
+      .filter((e) => !String(e.ComputeResources.Type).startsWith("FARGATE")); // the CPU queue's: see "nightly"
     expect(envs).toHaveLength(2);
     const types = envs.map((e) => e.ComputeResources.Type).sort();
     expect(types).toEqual(["EC2", "SPOT"]);
@@ -138,8 +138,8 @@ describe("GPU batch job", () => {
     expect(byName.EDGETUNE_EMBED_JOB_DEFINITION).toEqual({ Ref: embedId });
     expect(byName).toMatchObject({ EDGETUNE_FAN_OUT_IMAGES_PER_SHARD: "20000", EDGETUNE_FAN_OUT_MAX_SHARDS: "3" }); // 16 vCPUs / 4 per job − the parent
     const submit = jobRoleStatements(template).filter((st) => actions(st).some((a) => a.startsWith("batch:")));
-    // DescribeJobs to watch the array job; SubmitJob for it, and (the nightly dispatcher) for Train jobs.
-    expect(submit.flatMap(actions).sort()).toEqual(["batch:DescribeJobs", "batch:SubmitJob", "batch:SubmitJob"]);
+    // DescribeJobs to watch the array job, SubmitJob for it; submitting Train jobs is the nightly role's.
+    expect(submit.flatMap(actions).sort()).toEqual(["batch:DescribeJobs", "batch:SubmitJob"]);
     const resources = submit.find((st) => JSON.stringify(st.Resource).includes(embedId as string))?.Resource as unknown[];
     expect(resources).toContainEqual({ Ref: embedId });
     expect(resources).toHaveLength(2); // the embedding job definition and the queue, no wildcard
@@ -150,7 +150,7 @@ describe("GPU batch job", () => {
     const t = Template.fromStack(small.stack);
     expect(JSON.stringify(t.findResources("AWS::Batch::JobDefinition"))).not.toContain("EDGETUNE_EMBED_JOB_DEFINITION");
     const batchStatements = jobRoleStatements(t).filter((st) => actions(st).some((a) => a.startsWith("batch:")));
-    expect(batchStatements.flatMap(actions)).toEqual(["batch:SubmitJob"]); // only the nightly dispatcher's, for Train jobs
+    expect(batchStatements.flatMap(actions)).toEqual([]);
     expect(JSON.stringify(batchStatements)).not.toMatch(/Embed/);
   });
 
@@ -223,6 +223,30 @@ describe("triggers", () => {
     expect(props).not.toContain('"GPU"');
     expect(props).toContain("EDGETUNE_TRAIN_JOB_DEFINITION");
     expect(props).toContain("EDGETUNE_JOB_QUEUE");
+    expect((nightly?.Properties as { PlatformCapabilities: string[] }).PlatformCapabilities).toEqual(["FARGATE"]);
+  });
+
+  it("runs the nightly dispatcher on a CPU queue (Fargate Spot first) with a role that cannot write models or the cache", () => {
+    const queues = template.findResources("AWS::Batch::JobQueue");
+    const envs = template.findResources("AWS::Batch::ComputeEnvironment");
+    const idOf = (ref: unknown) => (ref as { Ref?: string }).Ref ?? (ref as { "Fn::GetAtt": string[] })["Fn::GetAtt"][0];
+    const typeOf = (ref: unknown) => (envs[idOf(ref) as string]?.Properties as { ComputeResources: { Type: string } }).ComputeResources.Type;
+    const cpu = Object.entries(queues).find(([id]) => id.startsWith("TrainingCpuQueue"));
+    const order = (cpu?.[1].Properties as { ComputeEnvironmentOrder: { Order: number; ComputeEnvironment: unknown }[] }).ComputeEnvironmentOrder;
+    expect(order.sort((a, b) => a.Order - b.Order).map((o) => typeOf(o.ComputeEnvironment))).toEqual(["FARGATE_SPOT", "FARGATE"]);
+    // The schedule submits to the CPU queue, never to the GPU one.
+    const schedule = JSON.stringify(Object.values(template.findResources("AWS::Scheduler::Schedule"))[0]);
+    expect(schedule).toContain(cpu?.[0] as string);
+    expect(schedule).not.toMatch(/"TrainingQueue[0-9A-F]+"/);
+    const nightly = jobRoleStatements(template, "TrainingNightlyRole");
+    const text = JSON.stringify(nightly);
+    expect(text).toContain("batch:SubmitJob");
+    expect(text).not.toMatch(/DeleteObject/);
+    const puts = nightly.filter((st) => actions(st).some((a) => a.startsWith("s3:PutObject")));
+    expect(JSON.stringify(puts)).toContain("/bases/*");
+    expect(JSON.stringify(puts)).not.toMatch(/\/(models|cache|datasets|runs|status)\//);
+    // The job role no longer submits Train jobs: only the nightly role does.
+    expect(JSON.stringify(jobRoleStatements(template))).not.toMatch(/TrainingTrain/);
   });
 });
 

@@ -22,11 +22,16 @@ export class EdgetuneStack extends Stack {
       bucket: data.bucket,
       queue: training.queue,
       jobDefinition: training.jobDefinition,
+      cpuQueue: training.cpuQueue,
       nightlyJobDefinition: training.nightlyJobDefinition,
       schedule: config.schedule,
       timeZone: config.timeZone,
     });
-    const alerts = new TrainingAlerts(this, "Alerts", { queue: training.queue, deadLetters: triggers.deadLetters, email: config.alarmEmail });
+    const alerts = new TrainingAlerts(this, "Alerts", {
+      queues: [training.queue, training.cpuQueue],
+      deadLetters: triggers.deadLetters,
+      email: config.alarmEmail,
+    });
     const edge = new EdgeCredentials(this, "Edge", { bucket: data.bucket });
 
     new CfnOutput(this, "BucketName", { value: data.bucket.bucketName, description: "EDGETUNE_BUCKET / the worker's S3_BUCKET" });

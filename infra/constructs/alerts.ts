@@ -12,7 +12,7 @@ import type * as sqs from "aws-cdk-lib/aws-sqs";
 import { Construct } from "constructs";
 
 /**
- * Failure visibility: every training job of our queue that ends FAILED — including one cancelled
+ * Failure visibility: every job of our queues (GPU training, CPU nightly) that ends FAILED — including one cancelled
  * after waiting too long in RUNNABLE (no GPU capacity, a quota of 0) — is published to an encrypted,
  * TLS-only SNS topic, with an optional e-mail subscription; so is any trigger that could not submit
  * its job (a message in the triggers' dead-letter queue).
@@ -20,7 +20,7 @@ import { Construct } from "constructs";
 export class TrainingAlerts extends Construct {
   readonly topic: sns.Topic;
 
-  constructor(scope: Construct, id: string, props: { queue: batch.IJobQueue; deadLetters: sqs.IQueue; email?: string }) {
+  constructor(scope: Construct, id: string, props: { queues: batch.IJobQueue[]; deadLetters: sqs.IQueue; email?: string }) {
     super(scope, id);
     const key = new kms.Key(this, "TopicKey", { enableKeyRotation: true, description: "edgetune training alerts" });
     key.grant(new iam.ServicePrincipal("events.amazonaws.com"), "kms:Decrypt", "kms:GenerateDataKey*");
@@ -28,7 +28,11 @@ export class TrainingAlerts extends Construct {
     if (props.email) this.topic.addSubscription(new subscriptions.EmailSubscription(props.email));
     new events.Rule(this, "JobFailed", {
       description: "An edgetune training job failed",
-      eventPattern: { source: ["aws.batch"], detailType: ["Batch Job State Change"], detail: { status: ["FAILED"], jobQueue: [props.queue.jobQueueArn] } },
+      eventPattern: {
+        source: ["aws.batch"],
+        detailType: ["Batch Job State Change"],
+        detail: { status: ["FAILED"], jobQueue: props.queues.map((q) => q.jobQueueArn) },
+      },
       targets: [new targets.SnsTopic(this.topic)],
     });
     key.grant(new iam.ServicePrincipal("cloudwatch.amazonaws.com"), "kms:Decrypt", "kms:GenerateDataKey*");

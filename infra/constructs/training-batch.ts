@@ -14,10 +14,13 @@ import type { EdgetuneConfig } from "../config.ts";
  * The GPU training job on AWS Batch: managed EC2 compute environments on the current NVIDIA ECS AMI
  * (spot first, on-demand as fallback, both scaling to zero), one queue, and a job definition that
  * runs `edgetune train` from the image built out of jobs/train/Dockerfile with 1 GPU. Retries happen
- * only when spot reclaims the host; any other failure is final and notified.
+ * only when spot reclaims the host; any other failure is final and notified. The nightly dispatcher,
+ * which only plans and submits, runs on a CPU queue of its own (Fargate Spot, then Fargate) with a role
+ * of its own: it never holds a GPU host, and it cannot write models or the feature cache.
  */
 export class TrainingBatch extends Construct {
   readonly queue: batch.JobQueue;
+  readonly cpuQueue: batch.JobQueue;
   readonly jobDefinition: batch.EcsJobDefinition;
   readonly embedJobDefinition: batch.EcsJobDefinition;
   readonly nightlyJobDefinition: batch.EcsJobDefinition;
@@ -61,20 +64,27 @@ export class TrainingBatch extends Construct {
         allocationStrategy: batch.AllocationStrategy.BEST_FIT_PROGRESSIVE,
       }),
     });
-    this.queue = new batch.JobQueue(this, "Queue", {
-      computeEnvironments,
+    // Stuck in RUNNABLE for want of capacity or by misconfiguration: cancelled (→ FAILED, alerted) with the reason.
+    const jobStateTimeLimitActions = [
+      batch.JobStateTimeLimitActionsReason.INSUFFICIENT_INSTANCE_CAPACITY,
+      batch.JobStateTimeLimitActionsReason.COMPUTE_ENVIRONMENT_MAX_RESOURCE,
+      batch.JobStateTimeLimitActionsReason.JOB_RESOURCE_REQUIREMENT,
+    ].map((reason) => ({
+      reason,
+      maxTime: Duration.minutes(config.runnableTimeoutMinutes),
+      action: batch.JobStateTimeLimitActionsAction.CANCEL,
+      state: batch.JobStateTimeLimitActionsState.RUNNABLE,
+    }));
+    this.queue = new batch.JobQueue(this, "Queue", { computeEnvironments, priority: 1, jobStateTimeLimitActions });
+    // Small CPU work (the nightly dispatcher): Fargate, no instances to manage, no GPU quota needed.
+    const fargate = { vpc: props.vpc, vpcSubnets: { subnetType: ec2.SubnetType.PUBLIC }, securityGroups: [props.securityGroup], maxvCpus: 4 };
+    this.cpuQueue = new batch.JobQueue(this, "CpuQueue", {
       priority: 1,
-      // Stuck in RUNNABLE for want of capacity or by misconfiguration: cancelled (→ FAILED, alerted) with the reason.
-      jobStateTimeLimitActions: [
-        batch.JobStateTimeLimitActionsReason.INSUFFICIENT_INSTANCE_CAPACITY,
-        batch.JobStateTimeLimitActionsReason.COMPUTE_ENVIRONMENT_MAX_RESOURCE,
-        batch.JobStateTimeLimitActionsReason.JOB_RESOURCE_REQUIREMENT,
-      ].map((reason) => ({
-        reason,
-        maxTime: Duration.minutes(config.runnableTimeoutMinutes),
-        action: batch.JobStateTimeLimitActionsAction.CANCEL,
-        state: batch.JobStateTimeLimitActionsState.RUNNABLE,
-      })),
+      jobStateTimeLimitActions,
+      computeEnvironments: [
+        { order: 1, computeEnvironment: new batch.FargateComputeEnvironment(this, "CpuSpot", { ...fargate, spot: true }) },
+        { order: 2, computeEnvironment: new batch.FargateComputeEnvironment(this, "CpuOnDemand", { ...fargate, spot: false }) },
+      ],
     });
 
     this.logGroup = new logs.LogGroup(this, "Logs", { retention: props.logRetention });
@@ -151,22 +161,44 @@ export class TrainingBatch extends Construct {
       // `Ref::dataset` is a manifest key from the S3 trigger, or "*" (every complete dataset) from the nightly schedule.
       container: container("Container", ["train", "--dataset", "Ref::dataset", "--json"], this.fanOut(config, jobRole)),
     });
-    // The nightly schedule's job: no GPU, small, short. It submits one Train job per dataset whose data
-    // or options changed (jobs/train/src/nightly.ts), so one slow or failing dataset cannot starve or
-    // fail the others, and unchanged ones cost nothing.
+    // The nightly schedule's job: no GPU, small, short, on the CPU queue. It submits one Train job per
+    // dataset whose data or options changed (jobs/train/src/nightly.ts), so one slow or failing dataset
+    // cannot starve or fail the others, and unchanged ones cost nothing. Its role reads datasets and
+    // models, may store a base it plans with (bases/), and submits Train jobs; nothing else.
+    const nightlyRole = new iam.Role(this, "NightlyRole", {
+      assumedBy: new iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
+      description: "edgetune nightly dispatcher: read datasets and models, submit training jobs",
+    });
+    props.bucket.grantRead(nightlyRole, "datasets/*");
+    props.bucket.grantRead(nightlyRole, "models/*");
+    props.bucket.grantRead(nightlyRole, "bases/*");
+    props.bucket.grantPut(nightlyRole, "bases/*");
+    nightlyRole.addToPolicy(new iam.PolicyStatement({ actions: ["s3:ListBucket"], resources: [props.bucket.bucketArn] }));
+    nightlyRole.addToPolicy(
+      new iam.PolicyStatement({ actions: ["batch:SubmitJob"], resources: [this.jobDefinition.jobDefinitionArn, this.queue.jobQueueArn] }),
+    );
     this.nightlyJobDefinition = new batch.EcsJobDefinition(this, "Nightly", {
       timeout: Duration.minutes(30),
       ...retries,
-      container: container(
-        "NightlyContainer",
-        ["train", "--dataset", "*", "--json"],
-        { EDGETUNE_JOB_QUEUE: this.queue.jobQueueArn, EDGETUNE_TRAIN_JOB_DEFINITION: this.jobDefinition.jobDefinitionArn },
-        { cpu: 1, memoryGiB: 2, gpu: 0 },
-      ),
+      container: new batch.EcsFargateContainerDefinition(this, "NightlyContainer", {
+        image,
+        cpu: 1,
+        memory: Size.gibibytes(2),
+        jobRole: nightlyRole,
+        // Public subnets without a NAT gateway (network.ts): the task needs a public IP to pull the image.
+        assignPublicIp: true,
+        fargateCpuArchitecture: ecs.CpuArchitecture.X86_64,
+        command: ["train", "--dataset", "*", "--json"],
+        environment: {
+          EDGETUNE_BUCKET: props.bucket.bucketName,
+          EDGETUNE_DEFAULT_BASE: config.defaultBase,
+          EDGETUNE_JOB_QUEUE: this.queue.jobQueueArn,
+          EDGETUNE_TRAIN_JOB_DEFINITION: this.jobDefinition.jobDefinitionArn,
+        },
+        logging: ecs.LogDriver.awsLogs({ streamPrefix: "nightly", logGroup: this.logGroup }),
+        user: "node",
+      }),
     });
-    jobRole.addToPrincipalPolicy(
-      new iam.PolicyStatement({ actions: ["batch:SubmitJob"], resources: [this.jobDefinition.jobDefinitionArn, this.queue.jobQueueArn] }),
-    );
   }
 
   /**

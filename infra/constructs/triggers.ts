@@ -35,6 +35,8 @@ export class TrainingTriggers extends Construct {
       bucket: s3.IBucket;
       queue: batch.IJobQueue;
       jobDefinition: batch.IJobDefinition;
+      /** The CPU queue the nightly dispatcher runs on. */
+      cpuQueue: batch.IJobQueue;
       nightlyJobDefinition: batch.IJobDefinition;
       schedule: string;
       timeZone: string;
@@ -73,13 +75,13 @@ export class TrainingTriggers extends Construct {
         action: "submitJob",
         input: scheduler.ScheduleTargetInput.fromObject({
           JobName: "edgetune-nightly",
-          JobQueue: props.queue.jobQueueArn,
+          JobQueue: props.cpuQueue.jobQueueArn,
           JobDefinition: props.nightlyJobDefinition.jobDefinitionArn,
         }),
         deadLetterQueue: this.deadLetters,
         retryAttempts: 3,
         policyStatements: [
-          new iam.PolicyStatement({ actions: ["batch:SubmitJob"], resources: [props.queue.jobQueueArn, props.nightlyJobDefinition.jobDefinitionArn] }),
+          new iam.PolicyStatement({ actions: ["batch:SubmitJob"], resources: [props.cpuQueue.jobQueueArn, props.nightlyJobDefinition.jobDefinitionArn] }),
         ],
       }),
     });

@@ -1,7 +1,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { EdgetuneError } from "../../../../shared/errors.ts";
-import type { DatasetImage } from "../dataset/read.ts";
 import { keys } from "../../../../shared/keys.ts";
+import type { DatasetImage } from "../dataset/read.ts";
 import { cacheKeyOf, type ExtractorSpec, extractSplits, type Features } from "../features/extract.ts";
 import type { PooledFeatures } from "../features/pooled.ts";
 import type { RunPlan } from "../plan.ts";
@@ -73,14 +73,9 @@ export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: t
   await ctx.stage(
     "bottom features",
     () =>
-      extractSplits(
-        ctx.store,
-        bottom,
-        bottomSpec,
-        { train: pooled.train, heldOut: pooled.val },
-        (split, d, t) => ctx.log.progress(`bottom (${split})`, d, t),
-        { retain: false },
-      ),
+      extractSplits(ctx.store, bottom, bottomSpec, { train: pooled.train, heldOut: pooled.val }, (split, d, t) => ctx.log.progress(`bottom (${split})`, d, t), {
+        retain: false,
+      }),
     (f) => ({ ...f.stats, shape: f.shape.join("×") }),
   );
   const mapsPrefix = keys.embeddingCache(await cacheKeyOf(bottomSpec));

@@ -102,9 +102,7 @@ async function evaluateRows(model: tf.LayersModel, data: RowSource, classes: num
   let loss = 0;
   let accuracy = 0;
   for await (const { ids, values } of data.batches(batchSize, null)) {
-    const [l, a] = tf.tidy(
-      () => model.evaluate(tf.tensor(values, [ids.length, ...data.shape]), oneHotRows(data, ids, classes), { batchSize }) as tf.Scalar[],
-    );
+    const [l, a] = tf.tidy(() => model.evaluate(tf.tensor(values, [ids.length, ...data.shape]), oneHotRows(data, ids, classes), { batchSize }) as tf.Scalar[]);
     loss += ((await l?.data())?.[0] ?? 0) * ids.length;
     accuracy += ((await a?.data())?.[0] ?? 0) * ids.length;
     l?.dispose();
