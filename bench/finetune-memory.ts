@@ -106,8 +106,11 @@ async function child(dataset: string): Promise<void> {
     rss = Math.max(rss, m.rss);
   };
   const sampler = setInterval(sample, 250);
+  // A seed per dataset gives each run a feature cache of its own (the seed is part of the cache key), so
+  // the maps counted below are this dataset's only.
   const options = {
     dataset,
+    seed: Number(dataset.replace(/\D/g, "")),
     strategy: "finetune" as const,
     imageSize: size as 96,
     views: 1,
