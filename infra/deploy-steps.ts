@@ -86,5 +86,9 @@ export async function workerSecrets(
   };
   if (!key.accessKeyId || !key.secretAccessKey) throw new Error("the edge credentials secret is incomplete");
   const { keys, created } = await apiKeys(clients, keysArn, rotate);
-  return { secrets: { AWS_ACCESS_KEY_ID: key.accessKeyId, AWS_SECRET_ACCESS_KEY: key.secretAccessKey, API_KEYS: keys }, created };
+  const secrets: Record<string, string> = { AWS_ACCESS_KEY_ID: key.accessKeyId, AWS_SECRET_ACCESS_KEY: key.secretAccessKey, API_KEYS: keys };
+  // Stacks deployed before the console have no operator keys: the console's listings then stay off.
+  const consoleArn = outputs.ConsoleKeysSecretArn;
+  if (consoleArn) secrets.CONSOLE_API_KEYS = (await clients.secrets.send(new GetSecretValueCommand({ SecretId: consoleArn }))).SecretString ?? "";
+  return { secrets, created };
 }

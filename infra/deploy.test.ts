@@ -9,6 +9,7 @@ function fakeAws(options: { bootstrapped: boolean; quotas: Record<string, number
   const secrets = new Map<string, string>([
     ["arn:creds", JSON.stringify({ accessKeyId: "AKIAEDGE", secretAccessKey: "edge-secret" })],
     ["arn:keys", "GeneratedOnceByCloudFormation0123456789ab"],
+    ["arn:console", "OperatorKeyGeneratedOnce0123456789abcdef"],
   ]);
   const clients: AwsClients = {
     cloudformation: {
@@ -37,7 +38,7 @@ function fakeAws(options: { bootstrapped: boolean; quotas: Record<string, number
 
 const config = configFromContext({});
 const where = { account: "123456789012", region: "eu-west-1" };
-const outputs = { EdgeCredentialsSecretArn: "arn:creds", ApiKeysSecretArn: "arn:keys" };
+const outputs = { EdgeCredentialsSecretArn: "arn:creds", ApiKeysSecretArn: "arn:keys", ConsoleKeysSecretArn: "arn:console" };
 
 describe("deploy preflight", () => {
   it("stops a first deploy on an account that is not bootstrapped, with the one command to run", async () => {
@@ -84,7 +85,11 @@ describe("worker secrets", () => {
       AWS_ACCESS_KEY_ID: "AKIAEDGE",
       AWS_SECRET_ACCESS_KEY: "edge-secret",
       API_KEYS: "GeneratedOnceByCloudFormation0123456789ab",
+      CONSOLE_API_KEYS: "OperatorKeyGeneratedOnce0123456789abcdef",
     });
+    // A stack from before the console: no operator keys, the console's listings stay off.
+    const { ConsoleKeysSecretArn: _none, ...older } = outputs;
+    expect((await workerSecrets(clients, older, false)).secrets).not.toHaveProperty("CONSOLE_API_KEYS");
     expect(second.secrets.API_KEYS).toBe(first.secrets.API_KEYS);
     expect(second.created).toBeUndefined();
 

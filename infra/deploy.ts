@@ -65,3 +65,7 @@ run("npx", ["wrangler", "secret", "bulk", "--config", wranglerConfig], JSON.stri
 run("npx", ["wrangler", "deploy", "--config", wranglerConfig, "--var", `S3_BUCKET:${bucket}`, "--var", `S3_REGION:${outputs.Region ?? region}`]);
 if (created) process.stderr.write(`New API key (the previous one stays valid until the next rotation):\n  ${created}\n`);
 process.stderr.write(`API keys: aws secretsmanager get-secret-value --secret-id ${keysArn} --query SecretString --output text\n`);
+if (outputs.ConsoleKeysSecretArn)
+  process.stderr.write(
+    `Web console (the worker's URL, /), operator key: aws secretsmanager get-secret-value --secret-id ${outputs.ConsoleKeysSecretArn} --query SecretString --output text\n`,
+  );

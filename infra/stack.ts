@@ -41,6 +41,10 @@ export class EdgetuneStack extends Stack {
       description: "read-only S3 key for the worker (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
     });
     new CfnOutput(this, "ApiKeysSecretArn", { value: edge.apiKeys.secretArn, description: "the Worker's API_KEYS, generated once" });
+    new CfnOutput(this, "ConsoleKeysSecretArn", {
+      value: edge.consoleKeys.secretArn,
+      description: "the Worker's CONSOLE_API_KEYS (operators), generated once",
+    });
     new CfnOutput(this, "JobQueueArn", { value: training.queue.jobQueueArn });
     new CfnOutput(this, "JobDefinitionArn", { value: training.jobDefinition.jobDefinitionArn });
     new CfnOutput(this, "EmbedJobDefinitionArn", {

@@ -21,6 +21,7 @@ let edge: EdgeWorker;
 let browser: Browser;
 let images: Awaited<ReturnType<typeof uploadSample>>;
 let version: string;
+const OPERATOR = "operator-key-0123456789";
 
 describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
   beforeAll(async () => {
@@ -28,7 +29,8 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     images = await uploadSample(s3.store, "emoji", { perLabel: 12, size: 96 });
     const r = await train(s3.store, { dataset: "emoji", imageSize: 96, views: 1, head: { epochs: 15 }, promote: "always" }, memoryLogger());
     version = r.version;
-    edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket });
+    // edge.apiKey is a client's (classify only); OPERATOR also opens the console's listings.
+    edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, vars: { CONSOLE_API_KEYS: OPERATOR } });
     // The flags the machine notes ask for: no sandbox as root, and no background connections that a
     // closed network would refuse.
     browser = await chromium.launch({
@@ -62,7 +64,7 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     return { page, problems };
   }
 
-  async function withKey(page: Page, key = edge.apiKey) {
+  async function withKey(page: Page, key = OPERATOR) {
     await page.fill("#api-key", key);
     await page.click("#key-form button[type=submit]");
   }
@@ -133,11 +135,36 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     await page.close();
   });
 
+  it("opens listings to operator keys only; a client's key classifies but cannot list", async () => {
+    const list = (key: string) => fetch(`${edge.url}/v1/models`, { headers: { authorization: `Bearer ${key}` } });
+    expect((await list(OPERATOR)).status).toBe(200);
+    const refused = await list(edge.apiKey);
+    expect(refused.status).toBe(403);
+    expect(((await refused.json()) as { error: { code: string } }).error.code).toBe("forbidden");
+    for (const path of [`/v1/models/emoji/versions`, `/v1/models/emoji/versions/${version}/report`]) {
+      expect((await fetch(`${edge.url}${path}`, { headers: { authorization: `Bearer ${edge.apiKey}` } })).status).toBe(403);
+    }
+    // The route's own errors still come through for an operator (not turned into 403).
+    expect((await fetch(`${edge.url}/v1/models/nope/versions`, { headers: { authorization: `Bearer ${OPERATOR}` } })).status).toBe(404);
+    expect((await list("not-a-key")).status).toBe(401);
+    const img = images[0] as (typeof images)[number];
+    for (const key of [edge.apiKey, OPERATOR]) {
+      const res = await fetch(`${edge.url}/v1/models/emoji/classify`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${key}`, "content-type": img.file.endsWith(".jpg") ? "image/jpeg" : "image/png" },
+        body: img.bytes as BodyInit,
+      });
+      expect(res.status).toBe(200);
+    }
+  });
+
   it("says what is wrong with a bad key or an unknown model, and forgets the key on request", async () => {
     const { page } = await open();
     await withKey(page, "not-a-real-key");
     await page.waitForSelector("#status.error");
     expect(await page.textContent("#status")).toMatch(/key/i);
+    await withKey(page, edge.apiKey);
+    await page.waitForFunction(() => document.querySelector("#status")?.textContent?.includes("may classify but not list"));
     await withKey(page);
     await page.goto(`${edge.url}/#/models/nope`);
     await page.waitForFunction(() => document.querySelector("#status")?.textContent?.includes("nope"));

@@ -16,6 +16,7 @@ export class EdgeCredentials extends Construct {
   readonly user: iam.User;
   readonly secret: secretsmanager.Secret;
   readonly apiKeys: secretsmanager.Secret;
+  readonly consoleKeys: secretsmanager.Secret;
 
   constructor(scope: Construct, id: string, props: { bucket: s3.IBucket }) {
     super(scope, id);
@@ -41,6 +42,11 @@ export class EdgeCredentials extends Construct {
     // Comma-separated bearer keys (RFC 6750 token characters: letters and digits only here).
     this.apiKeys = new secretsmanager.Secret(this, "ApiKeys", {
       description: "edgetune edge worker API keys (comma-separated); kept across deploys, rotated by npm run deploy -- --rotate-api-key",
+      generateSecretString: { passwordLength: 40, excludePunctuation: true, includeSpace: false },
+    });
+    // Operators' keys: they also open the web console's listings and reports (CONSOLE_API_KEYS).
+    this.consoleKeys = new secretsmanager.Secret(this, "ConsoleKeys", {
+      description: "edgetune edge worker operator keys for the web console (comma-separated); kept across deploys",
       generateSecretString: { passwordLength: 40, excludePunctuation: true, includeSpace: false },
     });
   }

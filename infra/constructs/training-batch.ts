@@ -179,7 +179,12 @@ export class TrainingBatch extends Construct {
     );
     this.nightlyJobDefinition = new batch.EcsJobDefinition(this, "Nightly", {
       timeout: Duration.minutes(30),
-      ...retries,
+      retryAttempts: 3,
+      retryStrategies: [
+        // Fargate Spot reclaims a task with this status reason (the EC2 rule above does not match it).
+        batch.RetryStrategy.of(batch.Action.RETRY, batch.Reason.custom({ onStatusReason: "Your Spot Task was interrupted*" })),
+        batch.RetryStrategy.of(batch.Action.EXIT, batch.Reason.custom({ onReason: "*" })),
+      ],
       container: new batch.EcsFargateContainerDefinition(this, "NightlyContainer", {
         image,
         cpu: 1,
@@ -208,8 +213,12 @@ export class TrainingBatch extends Construct {
    */
   private fanOut(config: EdgetuneConfig, jobRole: iam.IRole): Record<string, string> {
     if (config.maxVcpus < 2 * config.jobVcpus) return {};
+    // The Embed array job, and the continuation of the run itself (a Train job that dependsOn it).
     jobRole.addToPrincipalPolicy(
-      new iam.PolicyStatement({ actions: ["batch:SubmitJob"], resources: [this.embedJobDefinition.jobDefinitionArn, this.queue.jobQueueArn] }),
+      new iam.PolicyStatement({
+        actions: ["batch:SubmitJob"],
+        resources: [this.embedJobDefinition.jobDefinitionArn, this.jobDefinition.jobDefinitionArn, this.queue.jobQueueArn],
+      }),
     );
     jobRole.addToPrincipalPolicy(new iam.PolicyStatement({ actions: ["batch:DescribeJobs"], resources: ["*"] }));
     return {

@@ -58,6 +58,8 @@ export async function startEdgeWorker(options: EdgeOptions): Promise<EdgeWorker>
     S3_ENDPOINT: options.s3Endpoint,
     S3_BUCKET: options.bucket,
     API_KEYS: apiKey,
+    // Locally the one key is also the operator's (the console).
+    CONSOLE_API_KEYS: apiKey,
     AWS_ACCESS_KEY_ID: options.accessKeyId ?? "local",
     AWS_SECRET_ACCESS_KEY: options.secretAccessKey ?? "local-secret",
     POINTER_TTL_SECONDS: String(options.pointerTtlSeconds ?? 30),

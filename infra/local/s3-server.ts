@@ -1,5 +1,6 @@
 import type { AddressInfo } from "node:net";
 import { CreateBucketCommand } from "@aws-sdk/client-s3";
+import type { FastifyReply, FastifyRequest } from "fastify";
 import { buildApp } from "fauxqs";
 import { createS3Client, S3ObjectStore } from "../../shared/s3/client.ts";
 import type { S3Config } from "../../shared/s3/config.ts";
@@ -18,6 +19,7 @@ export interface LocalS3 {
 
 export async function startLocalS3(options: { bucket?: string; port?: number } = {}): Promise<LocalS3> {
   const app = buildApp({ logger: false });
+  conditionalPuts(app);
   await app.listen({ port: options.port ?? 0, host: "127.0.0.1" });
   const { port } = app.server.address() as AddressInfo;
   const endpoint = `http://127.0.0.1:${port}`;
@@ -39,4 +41,45 @@ export async function startLocalS3(options: { bucket?: string; port?: number } =
       await app.close();
     },
   };
+}
+
+type FauxqsApp = ReturnType<typeof buildApp>;
+
+/**
+ * fauxqs ignores `If-None-Match: *` on PUT (shared FACTS: the one S3 conditional write it lacks); real
+ * S3 answers 412 Precondition Failed when the key exists. This hook gives the local server S3's
+ * semantics, atomically per key (conditional puts of one key run one at a time), so locks and
+ * run-record claims behave here as they do in AWS.
+ */
+function conditionalPuts(app: FauxqsApp): void {
+  const queues = new Map<string, Promise<void>>();
+  const releases = new WeakMap<object, () => void>();
+  app.addHook("onRequest", async (req: FastifyRequest, reply: FastifyReply) => {
+    if (req.method !== "PUT" || req.headers["if-none-match"] !== "*") return;
+    const path = req.url.split("?")[0] as string;
+    const before = queues.get(path) ?? Promise.resolve();
+    let release = () => {};
+    const mine = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    const tail = before.then(() => mine);
+    queues.set(path, tail);
+    const done = () => {
+      release();
+      if (queues.get(path) === tail) queues.delete(path);
+    };
+    releases.set(req.raw, done);
+    await before;
+    const head = await app.inject({ method: "HEAD", url: path });
+    if (head.statusCode === 200) {
+      done();
+      return reply
+        .code(412)
+        .type("application/xml")
+        .send("<Error><Code>PreconditionFailed</Code><Message>At least one of the pre-conditions you specified did not hold</Message></Error>");
+    }
+  });
+  const finish = async (req: { raw: object }) => releases.get(req.raw)?.();
+  app.addHook("onResponse", finish);
+  app.addHook("onRequestAbort", finish);
 }

@@ -7,6 +7,7 @@
  */
 import { readFile, writeFile } from "node:fs/promises";
 import { Command, InvalidArgumentError, Option } from "commander";
+import { listVersions as listModelVersions } from "../../shared/catalog.ts";
 import type { ModelPointer } from "../../shared/contracts/artifact.ts";
 import { IMAGE_SIZES, nameSchema, STRATEGIES } from "../../shared/contracts/common.ts";
 import { EdgetuneError, InvalidOptionError, NotFoundError, userMessage } from "../../shared/errors.ts";
@@ -311,6 +312,8 @@ program
       const since = new Date().toISOString();
       const r = await pushDataset(store, folder, o.dataset, { strategy: o.strategy, base: o.base }, (d, t) => log.progress("upload", d, t), {
         dryRun: o.dryRun,
+        // The queued record exists before the trigger does: a run that starts at once still finds it.
+        beforeManifest: () => new StatusRecorder(store, o.dataset, "queued").update({}, true),
       });
       for (const w of r.warnings) process.stderr.write(`warning: ${w}\n`);
       const labels = Object.entries(r.labels)
@@ -324,7 +327,6 @@ program
         );
         return;
       }
-      await new StatusRecorder(store, o.dataset, "queued").update({}, true);
       emit(
         o,
         { dataset: o.dataset, uploaded: r.uploaded, notImages: r.skipped.length, state: "queued" },
@@ -389,7 +391,8 @@ program
     if (!name) {
       const models = await Promise.all(
         (await listModels(store)).map(async (m) => {
-          const { pointer, versions } = await listVersions(store, m);
+          // The shared reader, which does not throw for a model folder left half-written.
+          const { pointer, versions } = await listModelVersions(store, m);
           return { name: m, current: pointer?.version ?? null, promotedAt: pointer?.promotedAt ?? null, versions: versions.length };
         }),
       );

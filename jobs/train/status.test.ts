@@ -9,7 +9,7 @@ import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
 import { uploadSample } from "../../test/support/datasets.ts";
 import { sampleDataset } from "./src/dataset/sample.ts";
 import { memoryLogger } from "./src/log.ts";
-import { followRun, listRunStatuses, type RunStatus } from "./src/status.ts";
+import { adoptQueued, followRun, listRunStatuses, type RunStatus, StatusRecorder } from "./src/status.ts";
 import { train } from "./src/train.ts";
 
 /** Runs you can follow: the status records a run writes, `edgetune status`, and `push`'s hand-over. */
@@ -41,6 +41,21 @@ describe("run status", () => {
     const [newest] = await listRunStatuses(s3.store, "followed");
     expect(newest?.runId).toBe(final?.runId);
   }, 180_000);
+
+  it("one queued record is adopted by one run only; a stale one by none", async () => {
+    const queued = new StatusRecorder(s3.store, "twice", "queued");
+    await queued.update({}, true);
+    const [a, b] = await Promise.all([adoptQueued(s3.store, "twice"), adoptQueued(s3.store, "twice")]);
+    expect([a, b].filter(Boolean)).toEqual([{ runId: queued.current.runId, startedAt: queued.current.startedAt }]);
+    // Handed over to array jobs (queued again): the continuation may claim it once more.
+    await queued.update({ state: "queued", handOvers: 1 }, true);
+    expect(await adoptQueued(s3.store, "twice")).toMatchObject({ runId: queued.current.runId });
+    expect(await adoptQueued(s3.store, "twice")).toBeUndefined();
+    const then = new Date(Date.now() - 7 * 3600_000).toISOString();
+    const stale: RunStatus = { schemaVersion: 1, runId: "20200101T000000000Z-abcdef", dataset: "stale", state: "queued", startedAt: then, updatedAt: then };
+    await s3.store.put(`status/stale/${stale.runId}.json`, JSON.stringify(stale));
+    expect(await adoptQueued(s3.store, "stale")).toBeUndefined();
+  });
 
   it("a run that fails records the reason a user can act on", async () => {
     await expect(train(s3.store, { dataset: "never-pushed" }, memoryLogger())).rejects.toThrow(/has no manifest.json/);

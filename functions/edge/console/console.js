@@ -34,7 +34,7 @@ class ApiFailure extends Error {
 /** GET or POST under /v1 with the session's key; errors carry the API's own message. */
 async function api(path, init = {}) {
   const key = sessionStorage.getItem(KEY);
-  if (!key) throw new ApiFailure(401, "no_key", "Paste an API key above to see models.");
+  if (!key) throw new ApiFailure(401, "no_key", "Paste an API key above to see models: an operator key (CONSOLE_API_KEYS).");
   const res = await fetch(path, { ...init, headers: { ...init.headers, authorization: `Bearer ${key}` } });
   const body = await res.json().catch(() => null);
   if (!res.ok) throw new ApiFailure(res.status, body?.error?.code ?? "http_error", body?.error?.message ?? `HTTP ${res.status}`);
@@ -119,7 +119,9 @@ async function modelPage(name) {
         ),
       ),
     ),
-    data.truncated ? el("p", { class: "muted" }, "Older versions are not shown; edgetune models lists them all.") : null,
+    data.truncated
+      ? el("p", { class: "muted" }, "Not every version is shown (the served one and its history come first); edgetune models lists them all.")
+      : null,
   );
 }
 
@@ -239,8 +241,10 @@ function classifyPanel(name, servedVersion) {
         headers: { "content-type": file.type || "application/octet-stream" },
         body: file,
       });
+      const img = el("img", { src: preview, alt: file.name });
+      img.addEventListener("load", () => URL.revokeObjectURL(preview), { once: true });
       result.replaceChildren(
-        el("img", { src: preview, alt: file.name }),
+        img,
         el(
           "div",
           { class: "bars" },
@@ -280,9 +284,9 @@ function classifyPanel(name, servedVersion) {
 // --- routing and key handling ----------------------------------------------------------------------
 
 async function render() {
-  const [, page, name, version] = location.hash.split("/").map(decodeURIComponent);
   say("");
   try {
+    const [, page, name, version] = location.hash.split("/").map(decodeURIComponent);
     if (page === "models" && name && version) await reportPage(name, version);
     else if (page === "models" && name) await modelPage(name);
     else await modelsPage();
@@ -297,7 +301,7 @@ const forget = document.getElementById("forget-key");
 function keyChanged() {
   const has = Boolean(sessionStorage.getItem(KEY));
   forget.hidden = !has;
-  keyForm.key.placeholder = has ? "key set for this tab" : "paste a key (kept for this tab only)";
+  keyForm.key.placeholder = has ? "key set for this tab" : "an operator key (kept for this tab only)";
   render();
 }
 keyForm.addEventListener("submit", (e) => {

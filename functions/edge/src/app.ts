@@ -7,7 +7,7 @@ import { ARTIFACT_FILES } from "../../../shared/contracts/artifact.ts";
 import { NotFoundError } from "../../../shared/errors.ts";
 import { preprocess } from "../../../shared/preprocess.ts";
 import { type Admission, createAdmission } from "./http/admission.ts";
-import { apiKeyAuth } from "./http/auth.ts";
+import { apiKeyAuth, consoleAuth } from "./http/auth.ts";
 import { readImageBody } from "./http/body.ts";
 import { ApiError, errorBody } from "./http/errors.ts";
 import { decodeImage } from "./image/decode.ts";
@@ -90,6 +90,7 @@ app.openapi(healthRoute, (c) => {
 });
 
 app.use("/v1/*", apiKeyAuth());
+for (const path of ["/v1/models", "/v1/models/:name/versions", "/v1/models/:name/versions/*"]) app.use(path, consoleAuth());
 
 app.openapi(modelRoute, async (c) => {
   const { name } = c.req.valid("param");

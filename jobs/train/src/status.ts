@@ -29,6 +29,8 @@ export interface RunStatus {
   unchanged?: boolean;
   /** Where the report is, when the run wrote a version. */
   report?: string;
+  /** How many times the run handed its extraction over to array jobs (a continuation adopts it again). */
+  handOvers?: number;
   /** AWS Batch job id, when the run is one. */
   jobId?: string;
   startedAt: string;
@@ -102,15 +104,23 @@ export class StatusRecorder {
   }
 }
 
+/** A queued record older than this is not adopted: its trigger was lost, and a new run is its own. */
+const ADOPT_WITHIN_MS = 6 * 60 * 60 * 1000;
+
 /**
  * The run id a starting run should write to: the newest record of `dataset` if it is still "queued"
- * (a push, or a run that handed over to array jobs), so that one run is one record from push to end.
- * A queued record that a newer record already follows is left alone (its run is accounted for).
+ * (a push, or a run that handed over to array jobs) and recent, so that one run is one record from push
+ * to end. Exactly one run adopts a record: it claims it first with a conditional create of
+ * `<runId>.claim-<n>` (n counts hand-overs, so a continuation can claim its parent's record again);
+ * a second run of the same trigger loses the claim and writes a record of its own.
  */
 export async function adoptQueued(store: ObjectStore, dataset: string): Promise<{ runId: string; startedAt: string } | undefined> {
   if (!nameSchema.safeParse(dataset).success) return undefined;
   const [newest] = await listRunStatuses(store, dataset, 1).catch(() => []);
-  return newest?.state === "queued" ? { runId: newest.runId, startedAt: newest.startedAt } : undefined;
+  if (newest?.state !== "queued" || Date.now() - Date.parse(newest.updatedAt) > ADOPT_WITHIN_MS) return undefined;
+  const claim = `${keys.runStatus(dataset, newest.runId).replace(/\.json$/, "")}.claim-${newest.handOvers ?? 0}`;
+  const won = await store.putIfAbsent(claim, JSON.stringify({ jobId: process.env.AWS_BATCH_JOB_ID ?? null, at: new Date().toISOString() })).catch(() => false);
+  return won ? { runId: newest.runId, startedAt: newest.startedAt } : undefined;
 }
 
 /** Recent runs, newest first: of one dataset, or of every dataset. */

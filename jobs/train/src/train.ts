@@ -51,7 +51,9 @@ export async function train(store: ObjectStore, input: TrainInput, log: Logger, 
     return result;
   } catch (e) {
     // Handed over to array children and a continuation (fan-out.ts): not over, the continuation reports.
-    await status.update({ state: e instanceof FanOutHandedOver ? "queued" : "failed", reason: userMessage(e) }, true);
+    const handedOver = e instanceof FanOutHandedOver;
+    const handOvers = (status.current.handOvers ?? 0) + (handedOver ? 1 : 0);
+    await status.update({ state: handedOver ? "queued" : "failed", reason: userMessage(e), handOvers }, true);
     throw e;
   }
 }

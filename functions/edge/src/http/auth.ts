@@ -10,6 +10,36 @@ import { errorBody } from "./errors.ts";
  * / and trailing =; generated keys are base64url). With no keys configured every request is refused.
  */
 export function apiKeyAuth(): MiddlewareHandler<{ Bindings: Env }> {
+  return keyAuth((env) => `${env.API_KEYS ?? ""},${env.CONSOLE_API_KEYS ?? ""}`);
+}
+
+/**
+ * The console's listings (every model, its versions, reports with thumbnails of training images) are
+ * for operators: only `CONSOLE_API_KEYS` open them, not the clients' classify keys. Runs after
+ * `apiKeyAuth`, so a client key gets a 403 that says why, and an unset secret says how to turn it on.
+ */
+export function consoleAuth(): MiddlewareHandler<{ Bindings: Env }> {
+  const operators = keyAuth((env) => env.CONSOLE_API_KEYS ?? "");
+  return async (c, next) => {
+    if (!(c.env.CONSOLE_API_KEYS ?? "").trim())
+      return c.json(
+        errorBody("console_disabled", "Listing models is for operators: set the CONSOLE_API_KEYS secret on the worker and use one of its keys."),
+        403,
+      );
+    let admitted = false;
+    try {
+      return await operators(c, async () => {
+        admitted = true;
+        await next();
+      });
+    } catch (e) {
+      if (admitted) throw e; // the route's own error, not the key's
+      return c.json(errorBody("forbidden", "This key may classify but not list models or read reports; use an operator key (CONSOLE_API_KEYS)."), 403);
+    }
+  };
+}
+
+function keyAuth(source: (env: Env) => string): MiddlewareHandler<{ Bindings: Env }> {
   return bearerAuth<{ Bindings: Env }>({
     realm: "edgetune",
     verifyToken: async (token, c) => {
@@ -19,7 +49,7 @@ export function apiKeyAuth(): MiddlewareHandler<{ Bindings: Env }> {
       if (presented === null) return false;
       let ok = false;
       // No early exit: the time does not depend on which key matched either.
-      for (const key of await keyDigests(c.env.API_KEYS ?? "")) if (await timingSafeEqual(key, presented)) ok = true;
+      for (const key of await keyDigests(source(c.env))) if (await timingSafeEqual(key, presented)) ok = true;
       return ok;
     },
     // Hono's own answers are plain text, and 400 for a malformed header; this API has always answered
@@ -35,16 +65,18 @@ const MISSING = "Send an API key as 'Authorization: Bearer <key>'.";
 /** A Response rather than a plain object: Hono then keeps its status instead of using its own 400. */
 const unauthorized = (message: string) => Response.json(errorBody("unauthorized", message), { status: 401 });
 
-/** Digests of the configured keys, computed again only when the secret changes. */
-let cached: { source: string; digests: Promise<string[]> } | undefined;
+/** Digests of the configured keys, computed again only when a secret changes. */
+const cached = new Map<string, Promise<string[]>>();
 function keyDigests(source: string): Promise<string[]> {
-  if (cached?.source !== source) {
+  let digests = cached.get(source);
+  if (!digests) {
     const keys = source
       .split(",")
       .map((k) => k.trim())
       .filter(Boolean);
-    const digests = Promise.all(keys.map(sha256)).then((d) => d.filter((x): x is string => x !== null));
-    cached = { source, digests };
+    digests = Promise.all(keys.map(sha256)).then((d) => d.filter((x): x is string => x !== null));
+    if (cached.size > 8) cached.clear();
+    cached.set(source, digests);
   }
-  return cached.digests;
+  return digests;
 }

@@ -85,6 +85,11 @@ class HttpSource implements ModelSource {
       } catch (e) {
         throw new SourceError(`model storage unreachable (${e instanceof Error ? e.message : e})`);
       }
+      if (res.status === 403) {
+        await res.body?.cancel();
+        // Credentials made before the console may read but not list: retrying will not help.
+        throw new ListingUnavailableError("the worker's S3 credentials may not list models/ (deploy the stack again: the edge key gains s3:ListBucket)");
+      }
       if (!res.ok) {
         await res.body?.cancel();
         throw new SourceError(`model storage answered HTTP ${res.status} to a listing of ${prefix}`, res.status);

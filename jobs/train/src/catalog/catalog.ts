@@ -41,7 +41,11 @@ export async function pushDataset(
   name: string,
   manifest: Partial<DatasetManifest> = {},
   onProgress: (done: number, total: number) => void = () => {},
-  options: { dryRun?: boolean } = {},
+  options: {
+    dryRun?: boolean;
+    /** Runs after the images are uploaded and before the manifest (the trigger) is written. */
+    beforeManifest?: () => Promise<void>;
+  } = {},
 ): Promise<PushResult> {
   parseContract(nameSchema, name, "dataset name");
   const files = await walk(dir);
@@ -56,6 +60,7 @@ export async function pushDataset(
   let done = 0;
   for await (const _ of pMapIterable(images, upload, { concurrency: 8 })) onProgress(++done, images.length);
   const full = parseContract(manifestSchema, { ...manifest, imageCount: images.length }, "manifest");
+  await options.beforeManifest?.();
   await store.put(keys.manifest(name), `${JSON.stringify(full, null, 2)}\n`, "application/json");
   return { uploaded: images.length, skipped, labels, warnings };
 }

@@ -76,7 +76,10 @@ export async function cacheKeyOf(spec: ExtractorSpec): Promise<string> {
   // `views` is not part of the key: entries are per (image, view), so a run that wants fewer views
   // reuses the packs of one that wanted more.
   const { views: _views, ...identity } = spec;
-  return (await sha256Hex(JSON.stringify({ v: 1, ...identity, augment: "crop-flip-v1" }))).slice(0, 24);
+  // Unpooled maps (fine-tuning) are streamed from their packs: packs written label by label, as before
+  // "packOrder", would make label-pure batches, so those caches are not reused.
+  const order = spec.pooled ? {} : { packOrder: "content-hash" };
+  return (await sha256Hex(JSON.stringify({ v: 1, ...identity, ...order, augment: "crop-flip-v1" }))).slice(0, 24);
 }
 
 export async function extractFeatures(
@@ -106,6 +109,9 @@ export async function extractFeatures(
     features = await readCache(store, prefix, retain);
     todo = uniqueById(images.filter((image) => !isComplete(features, image.id, spec.views)));
   }
+  // In content-hash order, not key order (which is label by label): every pack then mixes labels, so
+  // fine-tuning's shuffle buffer of a few packs (fit/rows.ts) draws batches from all of them.
+  todo.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
   const cached = images.length - todo.length;
   let computed = 0;
   let packsWritten = 0;

@@ -80,8 +80,10 @@ export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: t
   );
   const mapsPrefix = keys.embeddingCache(await cacheKeyOf(bottomSpec));
   const classOf = (images: readonly DatasetImage[]) => new Map(images.map((i) => [i.id, labelIndex.get(i.label) as number]));
-  const mapsTrain = await packRows(ctx.store, mapsPrefix, classOf(pooled.train), options.views);
-  const mapsVal = await packRows(ctx.store, mapsPrefix, classOf(pooled.val), 1);
+  const [mapsTrain, mapsVal] = (await packRows(ctx.store, mapsPrefix, [
+    { classOf: classOf(pooled.train), views: options.views },
+    { classOf: classOf(pooled.val), views: 1 },
+  ])) as [RowSource, RowSource];
   const top = buildTop(baseModel, from, base.featureLayer, head);
   history.fineTune = await ctx.stage("fine-tune", () =>
     trainModel(

@@ -148,7 +148,6 @@ export async function trainModel(
   counts.forEach((n, c) => {
     classWeight[c] = n > 0 ? train.y.length / (classes * n) : 1;
   });
-  const n = train.y.length;
   let history: EpochLog[] = [];
   let best: { loss: number; epoch: number; weights: tf.Tensor[] } | undefined;
   // One seeded generator per epoch: a resumed run shuffles exactly as the uninterrupted one would.

@@ -2,7 +2,7 @@ import { describe, expect, it } from "vitest";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
 import { mulberry32 } from "../dataset/augment.ts";
 import { encodePack, type Pack } from "../features/packs.ts";
-import { packRows } from "./rows.ts";
+import { packRows, type RowSource } from "./rows.ts";
 
 /** An in-memory bucket (the storage boundary is faked here; training on real packs is train.test.ts's job) that counts GETs. */
 function memoryStore() {
@@ -35,11 +35,13 @@ function fill(objects: Map<string, Uint8Array>, packs: number, perPack: number):
   return classOf;
 }
 
-async function pass(source: Awaited<ReturnType<typeof packRows>>, batchSize: number, seed: number | null) {
+async function pass(source: RowSource, batchSize: number, seed: number | null) {
   const rows: { row: number; image: number; view: number }[] = [];
   for await (const b of source.batches(batchSize, seed === null ? null : mulberry32(seed))) {
     expect(b.values.length).toBe(b.ids.length * 4);
-    b.ids.forEach((row, i) => rows.push({ row, image: b.values[i * 4] as number, view: b.values[i * 4 + 1] as number }));
+    b.ids.forEach((row, i) => {
+      rows.push({ row, image: b.values[i * 4] as number, view: b.values[i * 4 + 1] as number });
+    });
   }
   return rows;
 }
@@ -51,7 +53,7 @@ describe("packRows (fine-tuning maps streamed from their packs)", () => {
     // Wanted: the even images, first view only; a duplicate pack of the same entries adds nothing.
     const wanted = new Map([...classOf].filter(([id]) => Number(id.slice(3)) % 2 === 0));
     objects.set("cache/embeddings/k/zzz.bin", objects.get("cache/embeddings/k/p000.bin") as Uint8Array);
-    const source = await packRows(store, "cache/embeddings/k/", wanted, 1);
+    const source = (await packRows(store, "cache/embeddings/k/", [{ classOf: wanted, views: 1 }]))[0] as RowSource;
     expect(source.shape).toEqual([2, 2]);
     expect(source.y.length).toBe(30);
     for (const seed of [null, 1]) {
@@ -68,7 +70,7 @@ describe("packRows (fine-tuning maps streamed from their packs)", () => {
 
   it("shuffles across packs, the same way for the same seed", async () => {
     const { store, objects } = memoryStore();
-    const source = await packRows(store, "cache/embeddings/k/", fill(objects, 8, 16), 2);
+    const source = (await packRows(store, "cache/embeddings/k/", [{ classOf: fill(objects, 8, 16), views: 2 }]))[0] as RowSource;
     const a = (await pass(source, 16, 5)).map((r) => r.row);
     const b = (await pass(source, 16, 5)).map((r) => r.row);
     const c = (await pass(source, 16, 6)).map((r) => r.row);
@@ -83,7 +85,7 @@ describe("packRows (fine-tuning maps streamed from their packs)", () => {
 
   it("reads packs as it goes: the first batch needs a few packs, not the dataset", async () => {
     const { store, objects, stats } = memoryStore();
-    const source = await packRows(store, "cache/embeddings/k/", fill(objects, 40, 8), 2);
+    const source = (await packRows(store, "cache/embeddings/k/", [{ classOf: fill(objects, 40, 8), views: 2 }]))[0] as RowSource;
     stats.gets = 0;
     const it = source.batches(8, mulberry32(1))[Symbol.asyncIterator]();
     await it.next();

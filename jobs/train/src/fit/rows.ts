@@ -6,7 +6,8 @@ import { decodePack, decodePackHeader } from "../features/packs.ts";
  * Where training rows come from, a batch at a time. Pooled features are small and sit in memory
  * (`memoryRows`); the bottom maps of fine-tuning are ~75 KB per view at 224 px — 22 GB for 100 000
  * images × 3 views — so they are streamed from their cached packs every epoch (`packRows`), with a
- * shuffle buffer of a few packs: memory stays flat whatever the dataset size.
+ * shuffle buffer of a few packs: memory stays flat whatever the dataset size. Packs mix labels (their
+ * images are in content-hash order, see extract.ts), so a buffer of a few packs is a fair sample.
  */
 export interface RowSource {
   /** The shape of one row: [1280] for pooled features, [h, w, c] for maps. */
@@ -44,37 +45,52 @@ const PREFETCH = 2;
 const BUFFER_PACKS = 2;
 
 /**
- * Rows streamed from the embedding packs under `prefix` (features/extract.ts): the entries of the
- * wanted images (`classOf`: id → class) and views `< views`. Reads every pack's header once to index
- * the rows; each pass then reads the packs again, in a shuffled order, a few at a time. Packs of other
- * runs that share the cache key are skipped after their header.
+ * Rows streamed from the embedding packs under `prefix` (features/extract.ts), one source per wanted
+ * set (training rows, held-out rows): the entries of its images (`classOf`: id → class) and views
+ * `< views`. One pass reads every pack's header to index the rows of all sets; each training pass then
+ * reads the packs again, in a shuffled order, a few at a time. Packs of other runs that share the cache
+ * key are skipped after their header.
  */
-export async function packRows(store: ObjectStore, prefix: string, classOf: ReadonlyMap<string, number>, views: number): Promise<RowSource> {
+export async function packRows(
+  store: ObjectStore,
+  prefix: string,
+  sets: readonly { classOf: ReadonlyMap<string, number>; views: number }[],
+): Promise<RowSource[]> {
   const keys: string[] = [];
   for await (const o of store.list(prefix)) keys.push(o.key);
-  const packs: { key: string; rows: { entry: number; row: number }[] }[] = [];
-  const y: number[] = [];
-  const ids: string[] = [];
+  const index = sets.map(() => ({ packs: [] as PackRows[], y: [] as number[], ids: [] as string[], seen: new Set<string>() }));
   let shape: number[] = [];
-  const seen = new Set<string>();
   for await (const h of pMapIterable(keys, async (key) => ({ key, header: await readHeader(store, key) }), { concurrency: 8 })) {
     if (!h.header) continue;
     if (h.header.shape.length > 0) shape = h.header.shape;
-    const rows: { entry: number; row: number }[] = [];
-    h.header.entries.forEach(([id, view], entry) => {
-      const cls = classOf.get(id);
-      const tag = `${id}/${view}`;
-      if (cls === undefined || view >= views || seen.has(tag)) return;
-      seen.add(tag); // the same view in two packs (a repeated extraction): one row
-      rows.push({ entry, row: y.length });
-      y.push(cls);
-      ids.push(id);
+    sets.forEach((set, s) => {
+      const into = index[s] as (typeof index)[number];
+      const rows: PackRows["rows"] = [];
+      h.header?.entries.forEach(([id, view], entry) => {
+        const cls = set.classOf.get(id);
+        const tag = `${id}/${view}`;
+        if (cls === undefined || view >= set.views || into.seen.has(tag)) return;
+        into.seen.add(tag); // the same view in two packs (a repeated extraction): one row
+        rows.push({ entry, row: into.y.length });
+        into.y.push(cls);
+        into.ids.push(id);
+      });
+      if (rows.length > 0) into.packs.push({ key: h.key, rows });
     });
-    if (rows.length > 0) packs.push({ key: h.key, rows });
   }
+  return index.map((i) => streamedSource(store, shape, i.packs, Int32Array.from(i.y), i.ids));
+}
+
+interface PackRows {
+  key: string;
+  /** Which entries of the pack are rows of this source, and their row numbers. */
+  rows: { entry: number; row: number }[];
+}
+
+function streamedSource(store: ObjectStore, shape: number[], packs: PackRows[], y: Int32Array, ids: string[]): RowSource {
   return {
     shape,
-    y: Int32Array.from(y),
+    y,
     ids,
     async *batches(batchSize, rand) {
       const order = packs.slice();
@@ -94,18 +110,19 @@ export async function packRows(store: ObjectStore, prefix: string, classOf: Read
       let bufferTarget = 0;
       const take = (n: number) => {
         const out = new Float32Array(n * dim);
-        const ids = new Int32Array(n);
+        const rows = new Int32Array(n);
         for (let i = 0; i < n; i++) {
           // Shuffled: a random row of the buffer (swap-remove); in order: the oldest.
           const j = rand ? Math.floor(rand() * buffer.length) : 0;
           const picked = buffer[j] as { row: number; values: Float32Array };
-          if (rand) buffer[j] = buffer[buffer.length - 1] as (typeof buffer)[number];
-          if (rand) buffer.pop();
-          else buffer.shift();
-          ids[i] = picked.row;
+          if (rand) {
+            buffer[j] = buffer[buffer.length - 1] as (typeof buffer)[number];
+            buffer.pop();
+          } else buffer.shift();
+          rows[i] = picked.row;
           out.set(picked.values, i * dim);
         }
-        return { ids, values: out };
+        return { ids: rows, values: out };
       };
       for await (const rows of loaded) {
         buffer.push(...rows);
