@@ -75,6 +75,11 @@ export function acknowledgeNagFindings(stack: Stack): void {
     "Clients hold these keys: rotation is an operator's explicit step (npm run deploy -- --rotate-api-key keeps the previous key valid for one more rotation), not a schedule.",
   );
   ack(
+    edge.node.findChild("ConsoleKeys"),
+    "AwsSolutions-SMG4",
+    "Operators type these keys into the web console; they live in Worker secrets, so a new value takes a deploy (npm run deploy), not a schedule.",
+  );
+  ack(
     edge.node.findChild("Secret"),
     "AwsSolutions-SMG4",
     "The key must be copied into Cloudflare Worker secrets, so it cannot rotate automatically; rotate by replacing the key and running npm run deploy (infra/README.md).",

@@ -289,7 +289,7 @@ describe("alerts and edge credentials", () => {
       },
     });
     template.resourceCountIs("AWS::IAM::User", 1);
-    template.resourceCountIs("AWS::SecretsManager::Secret", 2); // the read-only key, and the API keys
+    template.resourceCountIs("AWS::SecretsManager::Secret", 3); // the read-only key, the API keys, the operators' console keys
     const outputs = Object.keys(template.findOutputs("*"));
     expect(outputs).toEqual(expect.arrayContaining(["BucketName", "Region", "EdgeCredentialsSecretArn"]));
   });
@@ -298,7 +298,7 @@ describe("alerts and edge credentials", () => {
     template.hasResourceProperties("AWS::SecretsManager::Secret", {
       GenerateSecretString: { PasswordLength: 40, ExcludePunctuation: true, IncludeSpace: false },
     });
-    expect(Object.keys(template.findOutputs("*"))).toContain("ApiKeysSecretArn");
+    expect(Object.keys(template.findOutputs("*"))).toEqual(expect.arrayContaining(["ApiKeysSecretArn", "ConsoleKeysSecretArn"]));
   });
 });
 

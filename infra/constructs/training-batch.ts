@@ -1,5 +1,5 @@
 import * as path from "node:path";
-import { Duration, Size } from "aws-cdk-lib";
+import { Duration, Lazy, Size } from "aws-cdk-lib";
 import * as batch from "aws-cdk-lib/aws-batch";
 import * as ec2 from "aws-cdk-lib/aws-ec2";
 import { Platform } from "aws-cdk-lib/aws-ecr-assets";
@@ -213,11 +213,12 @@ export class TrainingBatch extends Construct {
    */
   private fanOut(config: EdgetuneConfig, jobRole: iam.IRole): Record<string, string> {
     if (config.maxVcpus < 2 * config.jobVcpus) return {};
-    // The Embed array job, and the continuation of the run itself (a Train job that dependsOn it).
+    // The Embed array job, and the continuation of the run itself (a Train job that dependsOn it): the
+    // Train definition's ARN is read lazily, as it is made after its container's environment.
     jobRole.addToPrincipalPolicy(
       new iam.PolicyStatement({
         actions: ["batch:SubmitJob"],
-        resources: [this.embedJobDefinition.jobDefinitionArn, this.jobDefinition.jobDefinitionArn, this.queue.jobQueueArn],
+        resources: [this.embedJobDefinition.jobDefinitionArn, Lazy.string({ produce: () => this.jobDefinition.jobDefinitionArn }), this.queue.jobQueueArn],
       }),
     );
     jobRole.addToPrincipalPolicy(new iam.PolicyStatement({ actions: ["batch:DescribeJobs"], resources: ["*"] }));
