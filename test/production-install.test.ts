@@ -24,7 +24,7 @@ let s3: LocalS3;
 
 beforeAll(async () => {
   staging = await mkdtemp(join(tmpdir(), "edgetune-image-"));
-  for (const path of ["package.json", "package-lock.json", "shared", "jobs/train"])
+  for (const path of ["package.json", "package-lock.json", ".npmrc", "shared", "jobs/train"])
     await cp(join(root, path), join(staging, path), { recursive: true, filter: (src) => !src.endsWith(".test.ts") });
   await run("npm", ["ci", "--omit=dev", "--no-audit", "--no-fund"], { cwd: staging, timeout: 600_000 });
   s3 = await startLocalS3({ bucket: "image" });

@@ -9,7 +9,7 @@ import type { TrainOptions } from "../config.ts";
 import { augmentation } from "../dataset/augment.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import type { DatasetImage } from "../dataset/read.ts";
-import { createForwardPool, type ForwardPool, lazyForwardPool } from "./forward-pool.ts";
+import { createForwardPool, type ForwardPool, lazyForwardPool, onnxFallbackReason } from "./forward-pool.ts";
 import { decodePack, decodePackHeader, encodePack, type Pack, type PackHeader } from "./packs.ts";
 
 /**
@@ -62,7 +62,18 @@ export interface Features {
   /** id → one array per view (view 0 first). */
   byId: Map<string, Float32Array[]>;
   failed: Map<string, { key: string; reason: string }>;
-  stats: { cached: number; computed: number; failed: number; packsRead: number; packsWritten: number; seconds: number };
+  stats: {
+    cached: number;
+    computed: number;
+    failed: number;
+    packsRead: number;
+    packsWritten: number;
+    seconds: number;
+    /** What computed the new features ("onnxruntime", "tfjs-wasm"…), when any were computed. */
+    engine?: string;
+    /** Why ONNX Runtime was not used where it would have been. */
+    engineFallback?: string;
+  };
 }
 
 /** Images per pack (and so per checkpoint). EDGETUNE_PACK_IMAGES overrides it, for tests of resuming. */
@@ -115,6 +126,7 @@ export async function extractFeatures(
   const cached = images.length - todo.length;
   let computed = 0;
   let packsWritten = 0;
+  let engine: string | undefined;
   onProgress(cached, images.length);
 
   if (todo.length > 0) {
@@ -122,6 +134,7 @@ export async function extractFeatures(
     const pool = options.pool ?? (await createForwardPool(extractor, { size: spec.size, pooled: spec.pooled, threads: options.threads }));
     try {
       let done = cached;
+      engine = pool.engine;
       await streamPacks(store, prefix, pool, spec, todo, imagesPerPack(extractor, spec), (pack) => {
         addPack(features, pack, retain);
         packsWritten++;
@@ -142,6 +155,8 @@ export async function extractFeatures(
       packsRead: features.packsRead,
       packsWritten,
       seconds: (performance.now() - started) / 1000,
+      ...(engine ? { engine } : {}),
+      ...(engine && !engine.startsWith("onnx") && onnxFallbackReason ? { engineFallback: onnxFallbackReason } : {}),
     },
   };
 }
@@ -186,6 +201,8 @@ function mergeFeatures(a: Features, b: Features): Features {
       packsRead: a.stats.packsRead + b.stats.packsRead,
       packsWritten: a.stats.packsWritten + b.stats.packsWritten,
       seconds: a.stats.seconds + b.stats.seconds,
+      ...((a.stats.engine ?? b.stats.engine) ? { engine: a.stats.engine ?? b.stats.engine } : {}),
+      ...((a.stats.engineFallback ?? b.stats.engineFallback) ? { engineFallback: a.stats.engineFallback ?? b.stats.engineFallback } : {}),
     },
   };
 }

@@ -12,6 +12,8 @@ import { saveToMemory } from "../model/weights.ts";
  */
 export interface ForwardPool {
   readonly threads: number;
+  /** What computes the forward pass: "onnxruntime", or "tfjs-<backend>". */
+  readonly engine: string;
   /** Forward of `n` inputs packed in `data` (n × inputSize), pooled over space if `pooled`; values per row. */
   run(data: Float32Array, n: number): Promise<{ shape: number[]; values: Float32Array[] }>;
   close(): Promise<void>;
@@ -31,15 +33,38 @@ function threadsFor(options: ForwardPoolOptions): number {
 }
 
 /**
+ * ONNX Runtime where tfjs has no native backend (wasm or cpu: the CPU path, 3–7× faster, see
+ * bench/RESULTS.md); a GPU or tfjs-node backend keeps tfjs. EDGETUNE_FEATURE_ENGINE=tfjs or
+ * onnxruntime forces one.
+ */
+function wantsOnnx(): boolean {
+  const forced = process.env.EDGETUNE_FEATURE_ENGINE;
+  if (forced === "tfjs") return false;
+  if (forced === "onnxruntime") return true;
+  return tf.getBackend() === "wasm" || tf.getBackend() === "cpu";
+}
+
+/** Why the last ONNX Runtime pool could not be made (the run then used tfjs); for the log. */
+export let onnxFallbackReason: string | undefined;
+
+/**
  * A pool that starts its workers (and copies the model into them) on its first batch, so a run whose
  * features are all cached pays nothing, and the train and validation passes share one start-up.
  */
 export function lazyForwardPool(model: tf.LayersModel, options: ForwardPoolOptions): ForwardPool {
   let pool: Promise<ForwardPool> | undefined;
+  let created: ForwardPool | undefined;
   return {
-    threads: Math.max(1, threadsFor(options)),
+    // The extraction keeps threads + 1 batches in flight: with ONNX Runtime one runs, one waits.
+    threads: wantsOnnx() ? 1 : Math.max(1, threadsFor(options)),
+    get engine() {
+      return created?.engine ?? (wantsOnnx() ? "onnxruntime" : `tfjs-${tf.getBackend()}`);
+    },
     async run(data, n) {
-      pool ??= createForwardPool(model, options);
+      pool ??= createForwardPool(model, options).then((p) => {
+        created = p;
+        return p;
+      });
       return (await pool).run(data, n);
     },
     async close() {
@@ -49,6 +74,19 @@ export function lazyForwardPool(model: tf.LayersModel, options: ForwardPoolOptio
 }
 
 export async function createForwardPool(model: tf.LayersModel, options: ForwardPoolOptions): Promise<ForwardPool> {
+  if (wantsOnnx() && !options.workerScript) {
+    try {
+      const { createOnnxPool } = await import("./onnx-pool.ts");
+      return await createOnnxPool(model, options);
+    } catch (e) {
+      onnxFallbackReason = e instanceof Error ? e.message : String(e);
+      if (process.env.EDGETUNE_FEATURE_ENGINE === "onnxruntime") throw e;
+    }
+  }
+  return tfjsPool(model, options);
+}
+
+async function tfjsPool(model: tf.LayersModel, options: ForwardPoolOptions): Promise<ForwardPool> {
   const threads = threadsFor(options);
   if (threads <= 1) return localPool(model, options);
   const saved = await saveToMemory(model);
@@ -95,6 +133,7 @@ export async function createForwardPool(model: tf.LayersModel, options: ForwardP
   };
   return {
     threads,
+    engine: `tfjs-${tf.getBackend()}`,
     async run(data, n) {
       const w = await acquire();
       try {
@@ -122,6 +161,7 @@ export async function createForwardPool(model: tf.LayersModel, options: ForwardP
 function localPool(model: tf.LayersModel, options: { size: number; pooled: boolean }): ForwardPool {
   return {
     threads: 1,
+    engine: `tfjs-${tf.getBackend()}`,
     async run(data, n) {
       return forwardLocal(model, data, n, options.size, options.pooled);
     },
