@@ -134,7 +134,8 @@ function convert(out: Built, layer: tf.layers.Layer, inputs: string[]): void {
       return;
     }
     case "Activation":
-      return activate(out, name, cfg.activation as string, x, name);
+      activate(out, name, cfg.activation as string, x, name);
+      return;
     case "ReLU": {
       const max = cfg.maxValue as number | null | undefined;
       if (max == null) node(out, "Relu", [x], [name]);
