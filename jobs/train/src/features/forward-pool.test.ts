@@ -15,7 +15,7 @@ const batch = (n: number) => Float32Array.from({ length: n * 8 * 8 * 3 }, (_, i)
 
 describe("forward pool", () => {
   it("spreads batches over worker threads and answers as this thread would", async () => {
-    const pool = await createForwardPool(model, { size: 8, pooled: true, threads: 2 });
+    const pool = await createForwardPool(model, { size: 8, pooled: true, threads: 2, engine: "tfjs" });
     try {
       const outs = await Promise.all([pool.run(batch(3), 3), pool.run(batch(5), 5), pool.run(batch(2), 2)]);
       expect(outs.map((o) => o.values.length)).toEqual([3, 5, 2]);
@@ -27,7 +27,7 @@ describe("forward pool", () => {
 
   it("fails every batch, in flight or to come, when a worker dies, instead of waiting forever", async () => {
     const workerScript = new URL("../../../../test/support/crashing-forward-worker.ts", import.meta.url);
-    const pool = await createForwardPool(model, { size: 8, pooled: true, threads: 2, workerScript });
+    const pool = await createForwardPool(model, { size: 8, pooled: true, threads: 2, workerScript, engine: "tfjs" });
     try {
       const runs = [pool.run(batch(1), 1), pool.run(batch(1), 1), pool.run(batch(1), 1)];
       const outcomes = await Promise.all(

@@ -26,6 +26,8 @@ export interface ForwardPoolOptions {
   threads?: number;
   /** The worker's script; default forward-worker.ts (tests swap in one that crashes). */
   workerScript?: URL;
+  /** Which engine; default: ONNX Runtime where it helps (see wantsOnnx). */
+  engine?: "tfjs" | "onnxruntime";
 }
 
 function threadsFor(options: ForwardPoolOptions): number {
@@ -74,7 +76,7 @@ export function lazyForwardPool(model: tf.LayersModel, options: ForwardPoolOptio
 }
 
 export async function createForwardPool(model: tf.LayersModel, options: ForwardPoolOptions): Promise<ForwardPool> {
-  if (wantsOnnx() && !options.workerScript) {
+  if ((options.engine ?? (wantsOnnx() ? "onnxruntime" : "tfjs")) === "onnxruntime") {
     try {
       const { createOnnxPool } = await import("./onnx-pool.ts");
       return await createOnnxPool(model, options);

@@ -16,7 +16,7 @@ import { applyBetween } from "../model/graph.ts";
 import { toOnnx, UnsupportedLayerError } from "../model/onnx.ts";
 import { train } from "../train.ts";
 import type { featureSpec } from "./extract.ts";
-import { forwardLocal } from "./forward-pool.ts";
+import { createForwardPool, forwardLocal, onnxFallbackReason } from "./forward-pool.ts";
 import { createOnnxPool } from "./onnx-pool.ts";
 
 /**
@@ -77,11 +77,20 @@ describe("ONNX export of the frozen base", () => {
     });
   }
 
-  it("refuses a layer it has no export for, by name", () => {
+  it("refuses a layer it has no export for, by name; extraction then falls back to tfjs and says why", async () => {
     const input = tf.input({ shape: [8, 8, 3] });
     const out = tf.layers.conv2dTranspose({ filters: 2, kernelSize: 3, name: "upsample" }).apply(input) as tf.SymbolicTensor;
-    expect(() => toOnnx(tf.model({ inputs: input, outputs: out }), { size: 8, pooled: true })).toThrow(UnsupportedLayerError);
-    expect(() => toOnnx(tf.model({ inputs: input, outputs: out }), { size: 8, pooled: true })).toThrow(/upsample \(Conv2DTranspose\)/);
+    const model = tf.model({ inputs: input, outputs: out });
+    expect(() => toOnnx(model, { size: 8, pooled: true })).toThrow(UnsupportedLayerError);
+    expect(() => toOnnx(model, { size: 8, pooled: true })).toThrow(/upsample \(Conv2DTranspose\)/);
+    const pool = await createForwardPool(model, { size: 8, pooled: true, threads: 1 });
+    try {
+      expect(pool.engine).toBe(`tfjs-${tf.getBackend()}`);
+      expect(onnxFallbackReason).toMatch(/upsample \(Conv2DTranspose\)/);
+      expect((await pool.run(new Float32Array(8 * 8 * 3), 1)).shape).toEqual([2]);
+    } finally {
+      await pool.close();
+    }
   });
 });
 
