@@ -2,8 +2,11 @@
 /**
  * `npm run bench:embedding` — throughput of the feature pipeline (S3 GET + decode + preprocess +
  * forward) against the bare forward pass of the same model and backend, measured side by side in one
- * run: single thread, then the per-core pool. Images: the first N of cats_and_dogs_filtered/train from
- * ../shared/data (or the bundled Twemoji sample if absent).
+ * run: single thread, then every core; on tfjs (wasm: one worker thread per core) and on ONNX Runtime
+ * (its native CPU kernels, one session with that many intra-op threads). Images: the first N of
+ * cats_and_dogs_filtered/train from ../shared/data (or the bundled Twemoji sample if absent).
+ *
+ *   npm run bench:embedding -- --images 512 --size 224 --base nsfwjs-mobilenet-v2
  */
 import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
@@ -21,7 +24,7 @@ const N = Number(arg("images", "512"));
 const size = Number(arg("size", "224"));
 const backend = await initBackend();
 const s3 = await startLocalS3();
-const base = await ensureBase(s3.store, DEFAULT_BASE);
+const base = await ensureBase(s3.store, arg("base", DEFAULT_BASE) as string);
 const model = await loadBase(s3.store, base, size);
 const extractor = tf.model({ inputs: model.inputs, outputs: model.getLayer(base.featureLayer).output as tf.SymbolicTensor });
 
@@ -44,29 +47,31 @@ if (hasShared("data", "cats_and_dogs_filtered")) {
 
 const cores = (await import("node:os")).availableParallelism();
 const results: Record<string, number> = {};
-const startup: Record<number, number> = {};
+const startup: Record<string, number> = {};
 /** CPU time of the whole process (every thread) per image: where a ratio below 1 comes from. */
 const cpuMs: Record<string, number> = {};
 const cpuPerImage = (since: NodeJS.CpuUsage) => {
   const d = process.cpuUsage(since);
   return (d.user + d.system) / 1000 / images.length;
 };
-for (const threads of [1, cores]) {
+const engines = ["tfjs", "onnxruntime"] as const;
+for (const [engine, threads] of engines.flatMap((e) => [1, cores].map((t) => [e, t] as const))) {
+  const label = (what: string) => `${what}, ${engine === "tfjs" ? backend.name : "onnxruntime"}, ${threads} thread(s)`;
   // Bare forward: the same number of preprocessed-size inputs, no I/O, no decoding.
   const t0 = performance.now();
-  const pool = await createForwardPool(extractor, { size, pooled: true, threads });
+  const pool = await createForwardPool(extractor, { size, pooled: true, threads, engine });
   const startedIn = (performance.now() - t0) / 1000;
   const batch = 32;
   const warm = new Float32Array(batch * size * size * 3);
-  await Promise.all(Array.from({ length: threads }, () => pool.run(warm.slice(), batch)));
+  await Promise.all(Array.from({ length: pool.threads }, () => pool.run(warm.slice(), batch)));
   let cpu = process.cpuUsage();
   let t = performance.now();
   const runs: Promise<unknown>[] = [];
   for (let i = 0; i < images.length; i += batch)
     runs.push(pool.run(new Float32Array(Math.min(batch, images.length - i) * size * size * 3).fill(0.5), Math.min(batch, images.length - i)));
   await Promise.all(runs);
-  results[`bare forward, ${threads} thread(s)`] = images.length / ((performance.now() - t) / 1000);
-  cpuMs[`bare forward, ${threads} thread(s)`] = cpuPerImage(cpu);
+  results[label("bare forward")] = images.length / ((performance.now() - t) / 1000);
+  cpuMs[label("bare forward")] = cpuPerImage(cpu);
 
   // The pipeline on the same warm pool, cold cache (a fresh seed gives a fresh cache key). The pool's
   // start-up (workers, model copies) is paid once per training run, not per image; it is timed apart.
@@ -79,27 +84,30 @@ for (const threads of [1, cores]) {
     size,
     preprocessing: { version: 1 as const, fit: "center-crop" as const, normalization: base.normalization },
     views: 1,
-    seed: 1000 + threads,
+    seed: 1000 + threads + (engine === "tfjs" ? 0 : 100),
   };
   const f = await extractFeatures(s3.store, extractor, spec, images, () => {}, { pool });
   if (f.stats.computed !== images.length) throw new Error(`computed ${f.stats.computed} of ${images.length}`);
-  results[`pipeline (S3 + decode + preprocess + forward), ${threads} thread(s)`] = images.length / ((performance.now() - t) / 1000);
-  cpuMs[`pipeline (S3 + decode + preprocess + forward), ${threads} thread(s)`] = cpuPerImage(cpu);
+  results[label("pipeline (S3 + decode + preprocess + forward)")] = images.length / ((performance.now() - t) / 1000);
+  cpuMs[label("pipeline (S3 + decode + preprocess + forward)")] = cpuPerImage(cpu);
   await pool.close();
-  startup[threads] = startedIn;
+  startup[label("start-up")] = startedIn;
 }
 await s3.stop();
 
 const lines = Object.entries(results).map(([k, v]) => `| ${k} | ${v.toFixed(1)} images/s | ${cpuMs[k]?.toFixed(1)} ms |`);
-const bareMulti = results[`bare forward, ${cores} thread(s)`] as number;
-const pipeMulti = results[`pipeline (S3 + decode + preprocess + forward), ${cores} thread(s)`] as number;
-const bare1 = results["bare forward, 1 thread(s)"] as number;
-console.log(`Embedding throughput, ${images.length} images at ${size} px, base ${base.id}, backend ${backend.name} (${machine()})\n`);
+const get = (what: string, engine: string, threads: number) => results[`${what}, ${engine}, ${threads} thread(s)`] as number;
+const pipe = (e: string) => get("pipeline (S3 + decode + preprocess + forward)", e, cores);
+const bare = (e: string) => get("bare forward", e, cores);
+console.log(`Embedding throughput, ${images.length} images at ${size} px, base ${base.id} (${machine()})\n`);
 console.log(`| measurement | throughput | CPU per image (all threads) |\n|---|---|---|\n${lines.join("\n")}`);
-console.log(`\npipeline / bare forward (${cores} threads): ${(pipeMulti / bareMulti).toFixed(2)}`);
-console.log(`bare forward ${cores} threads / 1 thread: ${(bareMulti / bare1).toFixed(2)}`);
+console.log(`\npipeline / bare forward (${cores} threads): ${backend.name} ${(pipe(backend.name) / bare(backend.name)).toFixed(2)}, onnxruntime ${(pipe("onnxruntime") / bare("onnxruntime")).toFixed(2)}`);
+console.log(`pipeline onnxruntime / pipeline ${backend.name} (${cores} threads): ${(pipe("onnxruntime") / pipe(backend.name)).toFixed(2)}`);
+console.log(
+  `bare forward ${cores} threads / 1 thread: ${backend.name} ${(bare(backend.name) / get("bare forward", backend.name, 1)).toFixed(2)}, onnxruntime ${(bare("onnxruntime") / get("bare forward", "onnxruntime", 1)).toFixed(2)}`,
+);
 console.log(
   `pool start-up (once per run): ${Object.entries(startup)
-    .map(([n, s]) => `${n} thread(s) ${s.toFixed(2)} s`)
-    .join(", ")}`,
+    .map(([k, s]) => `${k.replace("start-up, ", "")} ${s.toFixed(2)} s`)
+    .join("; ")}`,
 );
