@@ -101,7 +101,9 @@ const pipe = (e: string) => get("pipeline (S3 + decode + preprocess + forward)",
 const bare = (e: string) => get("bare forward", e, cores);
 console.log(`Embedding throughput, ${images.length} images at ${size} px, base ${base.id} (${machine()})\n`);
 console.log(`| measurement | throughput | CPU per image (all threads) |\n|---|---|---|\n${lines.join("\n")}`);
-console.log(`\npipeline / bare forward (${cores} threads): ${backend.name} ${(pipe(backend.name) / bare(backend.name)).toFixed(2)}, onnxruntime ${(pipe("onnxruntime") / bare("onnxruntime")).toFixed(2)}`);
+console.log(
+  `\npipeline / bare forward (${cores} threads): ${backend.name} ${(pipe(backend.name) / bare(backend.name)).toFixed(2)}, onnxruntime ${(pipe("onnxruntime") / bare("onnxruntime")).toFixed(2)}`,
+);
 console.log(`pipeline onnxruntime / pipeline ${backend.name} (${cores} threads): ${(pipe("onnxruntime") / pipe(backend.name)).toFixed(2)}`);
 console.log(
   `bare forward ${cores} threads / 1 thread: ${backend.name} ${(bare(backend.name) / get("bare forward", backend.name, 1)).toFixed(2)}, onnxruntime ${(bare("onnxruntime") / get("bare forward", "onnxruntime", 1)).toFixed(2)}`,
