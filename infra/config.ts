@@ -21,6 +21,13 @@ export const edgetuneConfigSchema = z.object({
   jobVcpus: z.number().int().min(1).default(4),
   jobTimeoutHours: z.number().min(0.25).max(48).default(4),
   /**
+   * The CPU queue (Fargate Spot, then Fargate): the dispatcher, head-only training (features on ONNX
+   * Runtime) and the embedding array jobs. Fargate sizes: 4 vCPU takes 8–30 GiB.
+   */
+  cpuMaxVcpus: z.number().int().min(4).default(32),
+  cpuJobVcpus: z.union([z.literal(1), z.literal(2), z.literal(4), z.literal(8), z.literal(16)]).default(4),
+  cpuJobMemoryGiB: z.number().int().min(2).max(120).default(16),
+  /**
    * A job that waits this long in RUNNABLE (no capacity: a G-instance quota of 0 on a new account, a
    * compute environment too small for the job) is cancelled with the reason, which the failure alert
    * reports, instead of waiting forever.

@@ -49,8 +49,9 @@ export async function preflight(clients: AwsClients, config: EdgetuneConfig, whe
   const describe = (q: { code: string; name: string }, v: number | undefined) => `"${q.name}" (${q.code}) is ${v ?? "unknown"} vCPU`;
   const request = `request at least ${config.jobVcpus} vCPU in the Service Quotas console (EC2), in ${where.region}`;
   if (!fits(spot) && !fits(onDemand)) {
-    problems.push(
-      `No training job could ever start: ${describe(GPU_QUOTAS.spot, spot)} and ${describe(GPU_QUOTAS.onDemand, onDemand)}, a job needs ${config.jobVcpus}; ${request} (new accounts start at 0).`,
+    // Not a blocker: head-only training (the default strategy) runs on the CPU queue (Fargate).
+    notes.push(
+      `No fine-tuning job can start yet: ${describe(GPU_QUOTAS.spot, spot)} and ${describe(GPU_QUOTAS.onDemand, onDemand)}, a GPU job needs ${config.jobVcpus}; ${request} (new accounts start at 0). Head-only training, the default, runs on the CPU queue meanwhile; a finetune run is cancelled after runnableTimeoutMinutes and reported.`,
     );
   } else if (config.spot && !fits(spot)) {
     notes.push(`${describe(GPU_QUOTAS.spot, spot)}: jobs will run on-demand only, at about 3× the price; ${request} for Spot.`);

@@ -58,12 +58,12 @@ describe("deploy preflight", () => {
     ]);
   });
 
-  it("stops when no GPU job could ever start (a new account's G quotas are 0), naming both quotas", async () => {
+  it("goes ahead on a new account whose G quotas are 0 (head training runs on CPU), naming both quotas for fine-tuning", async () => {
     const { clients } = fakeAws({ bootstrapped: true, quotas: { [GPU_QUOTAS.spot.code]: 0, [GPU_QUOTAS.onDemand.code]: 0 } });
-    const { problems } = await preflight(clients, config, where);
-    expect(problems).toHaveLength(1);
-    expect(problems[0]).toMatch(
-      /"All G and VT Spot Instance Requests" \(L-3819A6DF\) is 0 vCPU and "Running On-Demand G and VT instances" \(L-DB2E81BA\) is 0 vCPU, a job needs 4/,
+    const { problems, notes } = await preflight(clients, config, where);
+    expect(problems).toEqual([]);
+    expect(notes.join("\n")).toMatch(
+      /No fine-tuning job can start yet: "All G and VT Spot Instance Requests" \(L-3819A6DF\) is 0 vCPU and "Running On-Demand G and VT instances" \(L-DB2E81BA\) is 0 vCPU, a GPU job needs 4.*Head-only training, the default, runs on the CPU queue/,
     );
   });
 

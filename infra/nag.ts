@@ -36,7 +36,7 @@ export function acknowledgeNagFindings(stack: Stack): void {
   for (const action of ["s3:GetObject*", "s3:GetBucket*", "s3:List*", "s3:Abort*"]) {
     ack(nightlyRole, `AwsSolutions-IAM5[Action::${action}]`, `${action} is the action group CDK's bucket grants use, limited to the prefixes above.`);
   }
-  for (const id of ["Container", "EmbedContainer", "NightlyContainer"]) {
+  for (const id of ["Container", "EmbedContainer", "CpuContainer", "NightlyContainer"]) {
     ack(
       stack.node.findChild("Training").node.findChild(id),
       "AwsSolutions-IAM5[Resource::*]",

@@ -117,44 +117,58 @@ describe("GPU batch job", () => {
     });
   });
 
-  it("has an array-capable embedding job for very large datasets, on the same image and role", () => {
-    template.hasResourceProperties("AWS::Batch::JobDefinition", {
-      ContainerProperties: Match.objectLike({
-        Command: ["embed", "--dataset", "Ref::dataset", "--shards", "Ref::shards", "--json"],
-        ResourceRequirements: Match.arrayWith([{ Type: "GPU", Value: "1" }]),
-      }),
-      Parameters: { dataset: "*", shards: "1" },
-    });
-    template.resourceCountIs("AWS::Batch::JobDefinition", 3); // train, embed, nightly
-  });
-
-  it("lets the train job fan out to the embedding job on its own queue, and nothing more", () => {
+  it("has array-capable embedding and head-only training jobs on the CPU queue (Fargate), same image and role", () => {
     const defs = template.findResources("AWS::Batch::JobDefinition");
-    const [embedId] = Object.entries(defs).find(([, d]) => JSON.stringify(d).includes('"embed"')) ?? [];
-    const train = Object.values(defs).find((d) => JSON.stringify(d).includes('"train","--dataset","Ref::dataset"'));
-    expect(train).toBeDefined();
-    const env = (train?.Properties ?? {}) as { ContainerProperties: { Environment: { Name: string; Value: unknown }[] } };
-    const byName = Object.fromEntries(env.ContainerProperties.Environment.map((e) => [e.Name, e.Value]));
-    expect(byName.EDGETUNE_EMBED_JOB_DEFINITION).toEqual({ Ref: embedId });
-    expect(byName).toMatchObject({ EDGETUNE_FAN_OUT_IMAGES_PER_SHARD: "20000", EDGETUNE_FAN_OUT_MAX_SHARDS: "3" }); // 16 vCPUs / 4 per job − the parent
-    const submit = jobRoleStatements(template).filter((st) => actions(st).some((a) => a.startsWith("batch:")));
-    // DescribeJobs to watch the array job, SubmitJob for it; submitting Train jobs is the nightly role's.
-    expect(submit.flatMap(actions).sort()).toEqual(["batch:DescribeJobs", "batch:SubmitJob"]);
-    const resources = submit.find((st) => JSON.stringify(st.Resource).includes(embedId as string))?.Resource as unknown[];
-    expect(resources).toContainEqual({ Ref: embedId });
-    // The continuation of the run (fan-out.ts submits the Train definition itself, dependsOn the array job).
-    const [trainId] = Object.entries(defs).find(([, d]) => d === train) ?? [];
-    expect(resources).toContainEqual({ Ref: trainId });
-    expect(resources).toHaveLength(3); // the two job definitions and the queue, no wildcard
+    const byCommand = (c: string) => Object.entries(defs).find(([, d]) => JSON.stringify(d).includes(c)) ?? [];
+    const [, embed] = byCommand('"embed","--dataset","Ref::dataset","--shards","Ref::shards"');
+    const cpuTrain = Object.entries(defs).find(([id]) => id.startsWith("TrainingTrainCpu"))?.[1];
+    for (const d of [embed, cpuTrain]) {
+      const text = JSON.stringify(d);
+      expect(text).toContain('"PlatformCapabilities":["FARGATE"]');
+      expect(text).not.toContain('"GPU"');
+      // No GPU: tfjs on wasm, the frozen base on ONNX Runtime.
+      expect(text).toContain('{"Name":"EDGETUNE_BACKEND","Value":"wasm"}');
+      expect(text).toMatch(/"JobRoleArn":\{"Fn::GetAtt":\["TrainingJobRole/);
+    }
+    expect(JSON.stringify(cpuTrain)).toContain('"Command":["train","--dataset","Ref::dataset","--json"]');
+    template.resourceCountIs("AWS::Batch::JobDefinition", 4); // train (GPU), train (CPU), embed, dispatcher
   });
 
-  it("does not fan out where the queue has room for one job only (the parent would wait forever)", () => {
-    const small = buildApp({ edgetune: { maxVcpus: 4, jobVcpus: 4 } });
+  it("lets a training job fan out to embedding children on the CPU queue, its continuation on its own queue, and nothing more", () => {
+    const defs = template.findResources("AWS::Batch::JobDefinition");
+    const queues = template.findResources("AWS::Batch::JobQueue");
+    const queueId = (prefix: string) => Object.keys(queues).find((id) => id.startsWith(prefix)) as string;
+    const [embedId] = Object.entries(defs).find(([, d]) => JSON.stringify(d).includes('"embed"')) ?? [];
+    const envOf = (prefix: string) => {
+      const d = Object.entries(defs).find(([id]) => id.startsWith(prefix))?.[1] as {
+        Properties: { ContainerProperties: { Environment: { Name: string; Value: unknown }[] } };
+      };
+      return Object.fromEntries(d.Properties.ContainerProperties.Environment.map((e) => [e.Name, e.Value]));
+    };
+    const gpu = envOf("TrainingTrain");
+    const cpu = envOf("TrainingTrainCpu");
+    for (const env of [gpu, cpu]) {
+      expect(env.EDGETUNE_EMBED_JOB_DEFINITION).toEqual({ Ref: embedId });
+      expect(JSON.stringify(env.EDGETUNE_EMBED_JOB_QUEUE)).toContain(queueId("TrainingCpuQueue"));
+      expect(env.EDGETUNE_FAN_OUT_IMAGES_PER_SHARD).toBe("20000");
+    }
+    expect(JSON.stringify(gpu.EDGETUNE_JOB_QUEUE)).toContain(`"${queueId("TrainingQueue")}"`);
+    expect(JSON.stringify(cpu.EDGETUNE_JOB_QUEUE)).toContain(`"${queueId("TrainingCpuQueue")}"`);
+    // 32 CPU vCPUs / 4 per job: 8 children beside a GPU parent, 7 beside a CPU parent.
+    expect([gpu.EDGETUNE_FAN_OUT_MAX_SHARDS, cpu.EDGETUNE_FAN_OUT_MAX_SHARDS]).toEqual(["8", "7"]);
+    const submit = jobRoleStatements(template).filter((st) => actions(st).some((a) => a.startsWith("batch:")));
+    expect(submit.flatMap(actions).sort()).toEqual(["batch:DescribeJobs", "batch:SubmitJob"]);
+    const resources = submit.find((st) => actions(st).includes("batch:SubmitJob"))?.Resource as unknown[];
+    // The Embed definition, both Train definitions (continuations) and both queues; no wildcard.
+    expect(resources).toHaveLength(5);
+    expect(JSON.stringify(resources)).not.toContain("*");
+  });
+
+  it("does not fan out where the CPU queue has no room for a child beside the parent", () => {
+    const small = buildApp({ edgetune: { cpuMaxVcpus: 4, cpuJobVcpus: 4 } });
     const t = Template.fromStack(small.stack);
-    expect(JSON.stringify(t.findResources("AWS::Batch::JobDefinition"))).not.toContain("EDGETUNE_EMBED_JOB_DEFINITION");
-    const batchStatements = jobRoleStatements(t).filter((st) => actions(st).some((a) => a.startsWith("batch:")));
-    expect(batchStatements.flatMap(actions)).toEqual([]);
-    expect(JSON.stringify(batchStatements)).not.toMatch(/Embed/);
+    const cpuTrain = Object.entries(t.findResources("AWS::Batch::JobDefinition")).find(([id]) => id.startsWith("TrainingTrainCpu"))?.[1];
+    expect(JSON.stringify(cpuTrain)).not.toContain("EDGETUNE_EMBED_JOB_DEFINITION");
   });
 
   it("runs in public subnets without a NAT gateway, with an S3 gateway endpoint and no inbound rule", () => {
@@ -200,12 +214,13 @@ describe("GPU batch job", () => {
 });
 
 describe("triggers", () => {
-  it("submits a job when a dataset manifest is created, with the key as parameter", () => {
+  it("submits the dispatcher when a dataset manifest is created, with the key as parameter", () => {
     template.hasResourceProperties("AWS::Events::Rule", {
       EventPattern: { source: ["aws.s3"], "detail-type": ["Object Created"], detail: { object: { key: [{ wildcard: "datasets/*/manifest.json" }] } } },
       Targets: [
         Match.objectLike({
           BatchParameters: Match.objectLike({ JobName: "edgetune-dataset-complete" }),
+          Arn: { "Fn::GetAtt": [Match.stringLikeRegexp("^TrainingCpuQueue"), "JobQueueArn"] },
           InputTransformer: Match.objectLike({ InputPathsMap: { "detail-object-key": "$.detail.object.key" } }),
         }),
       ],
@@ -220,12 +235,13 @@ describe("triggers", () => {
     const schedule = JSON.stringify(Object.values(template.findResources("AWS::Scheduler::Schedule"))[0]);
     expect(schedule).toContain(":scheduler:::aws-sdk:batch:submitJob");
     const defs = template.findResources("AWS::Batch::JobDefinition");
-    const [nightlyId, nightly] = Object.entries(defs).find(([, d]) => JSON.stringify(d).includes('"train","--dataset","*"')) ?? [];
+    const [nightlyId, nightly] = Object.entries(defs).find(([, d]) => JSON.stringify(d).includes('"EDGETUNE_DISPATCH"')) ?? [];
     expect(schedule).toContain(nightlyId as string);
     const props = JSON.stringify(nightly);
     expect(props).not.toContain('"GPU"');
-    expect(props).toContain("EDGETUNE_TRAIN_JOB_DEFINITION");
-    expect(props).toContain("EDGETUNE_JOB_QUEUE");
+    expect(props).toContain('"Parameters":{"dataset":"*"}');
+    for (const v of ["EDGETUNE_TRAIN_JOB_DEFINITION", "EDGETUNE_JOB_QUEUE", "EDGETUNE_CPU_TRAIN_JOB_DEFINITION", "EDGETUNE_CPU_JOB_QUEUE"])
+      expect(props).toContain(v);
     expect(JSON.stringify(nightly?.Properties)).toContain(`"PlatformCapabilities":["FARGATE"]`);
   });
 

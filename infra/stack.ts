@@ -20,8 +20,6 @@ export class EdgetuneStack extends Stack {
     const training = new TrainingBatch(this, "Training", { config, vpc: network.vpc, securityGroup: network.securityGroup, bucket: data.bucket, logRetention });
     const triggers = new TrainingTriggers(this, "Triggers", {
       bucket: data.bucket,
-      queue: training.queue,
-      jobDefinition: training.jobDefinition,
       cpuQueue: training.cpuQueue,
       nightlyJobDefinition: training.nightlyJobDefinition,
       schedule: config.schedule,

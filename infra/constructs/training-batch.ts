@@ -21,6 +21,7 @@ import type { EdgetuneConfig } from "../config.ts";
 export class TrainingBatch extends Construct {
   readonly queue: batch.JobQueue;
   readonly cpuQueue: batch.JobQueue;
+  readonly cpuJobDefinition: batch.EcsJobDefinition;
   readonly jobDefinition: batch.EcsJobDefinition;
   readonly embedJobDefinition: batch.EcsJobDefinition;
   readonly nightlyJobDefinition: batch.EcsJobDefinition;
@@ -77,7 +78,7 @@ export class TrainingBatch extends Construct {
     }));
     this.queue = new batch.JobQueue(this, "Queue", { computeEnvironments, priority: 1, jobStateTimeLimitActions });
     // Small CPU work (the nightly dispatcher): Fargate, no instances to manage, no GPU quota needed.
-    const fargate = { vpc: props.vpc, vpcSubnets: { subnetType: ec2.SubnetType.PUBLIC }, securityGroups: [props.securityGroup], maxvCpus: 4 };
+    const fargate = { vpc: props.vpc, vpcSubnets: { subnetType: ec2.SubnetType.PUBLIC }, securityGroups: [props.securityGroup], maxvCpus: config.cpuMaxVcpus };
     this.cpuQueue = new batch.JobQueue(this, "CpuQueue", {
       priority: 1,
       jobStateTimeLimitActions,
@@ -145,29 +146,91 @@ export class TrainingBatch extends Construct {
         batch.RetryStrategy.of(batch.Action.EXIT, batch.Reason.custom({ onReason: "*" })),
       ],
     };
-    // For datasets too large for one machine: the train job submits this as an array job (size =
-    // shards, see jobs/train/src/features/fan-out.ts); each child embeds its shard (AWS_BATCH_JOB_ARRAY_INDEX),
-    // then the train job finds every feature cached. An operator may also submit it by hand.
+    const fargateRetries = {
+      retryAttempts: 3,
+      retryStrategies: [
+        // Fargate Spot reclaims a task with this status reason (the EC2 rule above does not match it).
+        batch.RetryStrategy.of(batch.Action.RETRY, batch.Reason.custom({ onStatusReason: "Your Spot Task was interrupted*" })),
+        batch.RetryStrategy.of(batch.Action.EXIT, batch.Reason.custom({ onReason: "*" })),
+      ],
+    };
+    const cpuContainer = (
+      id: string,
+      command: string[],
+      role: iam.IRole,
+      environment: Record<string, string>,
+      size = { cpu: config.cpuJobVcpus, memoryGiB: config.cpuJobMemoryGiB },
+    ) =>
+      new batch.EcsFargateContainerDefinition(this, id, {
+        image,
+        cpu: size.cpu,
+        memory: Size.gibibytes(size.memoryGiB),
+        jobRole: role,
+        // Public subnets without a NAT gateway (network.ts): the task needs a public IP to pull the image.
+        assignPublicIp: true,
+        fargateCpuArchitecture: ecs.CpuArchitecture.X86_64,
+        command,
+        environment: {
+          EDGETUNE_BUCKET: props.bucket.bucketName,
+          EDGETUNE_DEFAULT_BASE: config.defaultBase,
+          // No GPU here: tfjs on wasm, and the frozen base on ONNX Runtime's native CPU kernels.
+          EDGETUNE_BACKEND: "wasm",
+          ...environment,
+        },
+        logging: ecs.LogDriver.awsLogs({ streamPrefix: id.toLowerCase(), logGroup: this.logGroup }),
+        user: "node",
+      });
+    // For datasets too large for one machine: a training run submits this as an array job on the CPU
+    // queue (size = shards, see jobs/train/src/features/fan-out.ts); each child embeds its shard
+    // (AWS_BATCH_JOB_ARRAY_INDEX) on ONNX Runtime, then the run finds every feature cached. An
+    // operator may also submit it by hand.
     this.embedJobDefinition = new batch.EcsJobDefinition(this, "Embed", {
       timeout: Duration.hours(config.jobTimeoutHours),
-      ...retries,
+      ...fargateRetries,
       parameters: { dataset: "*", shards: "1" },
-      container: container("EmbedContainer", ["embed", "--dataset", "Ref::dataset", "--shards", "Ref::shards", "--json"]),
+      container: cpuContainer("EmbedContainer", ["embed", "--dataset", "Ref::dataset", "--shards", "Ref::shards", "--json"], jobRole, {}),
     });
+    const lockWait = { EDGETUNE_LOCK_WAIT_MS: String(Math.round(Math.max(config.jobTimeoutHours * 30, config.jobTimeoutHours * 60 - 30)) * 60_000) };
     this.jobDefinition = new batch.EcsJobDefinition(this, "Train", {
       timeout: Duration.hours(config.jobTimeoutHours),
       ...retries,
       parameters: { dataset: "*" },
-      // `Ref::dataset` is a manifest key from the S3 trigger, or "*" (every complete dataset) from the nightly schedule.
-      container: container("Container", ["train", "--dataset", "Ref::dataset", "--json"], this.fanOut(config, jobRole)),
+      // `Ref::dataset`: the dataset the dispatcher submits (a name, or a manifest key).
+      container: container("Container", ["train", "--dataset", "Ref::dataset", "--json"], this.fanOut(config, jobRole, "gpu")),
     });
-    // The nightly schedule's job: no GPU, small, short, on the CPU queue. It submits one Train job per
-    // dataset whose data or options changed (jobs/train/src/nightly.ts), so one slow or failing dataset
-    // cannot starve or fail the others, and unchanged ones cost nothing. Its role reads datasets and
-    // models, may store a base it plans with (bases/), and submits Train jobs; nothing else.
+    // Head-only training needs no GPU: the frozen base's features on ONNX Runtime, the head on tfjs.
+    // CPU Spot capacity is plentiful and cheap, and not subject to the G-instance quota (0 on new accounts).
+    this.cpuJobDefinition = new batch.EcsJobDefinition(this, "TrainCpu", {
+      timeout: Duration.hours(config.jobTimeoutHours),
+      ...fargateRetries,
+      parameters: { dataset: "*" },
+      container: cpuContainer("CpuContainer", ["train", "--dataset", "Ref::dataset", "--json"], jobRole, {
+        ...lockWait,
+        ...this.fanOut(config, jobRole, "cpu"),
+      }),
+    });
+    // The continuation of a fanned-out run is the run's own definition again, on its own queue.
+    jobRole.addToPrincipalPolicy(
+      new iam.PolicyStatement({
+        actions: ["batch:SubmitJob"],
+        resources: [
+          this.embedJobDefinition.jobDefinitionArn,
+          this.jobDefinition.jobDefinitionArn,
+          this.cpuJobDefinition.jobDefinitionArn,
+          this.queue.jobQueueArn,
+          this.cpuQueue.jobQueueArn,
+        ],
+      }),
+    );
+    jobRole.addToPrincipalPolicy(new iam.PolicyStatement({ actions: ["batch:DescribeJobs"], resources: ["*"] }));
+    // The dispatcher, on the CPU queue: run by every dataset upload (one dataset) and by the nightly
+    // schedule ("*"). It plans and submits one Train job per changed dataset (jobs/train/src/nightly.ts):
+    // `head` to the CPU queue, `finetune` to the GPU queue; one slow or failing dataset cannot starve or
+    // fail the others, and unchanged ones cost nothing. Its role reads datasets and models, may store a
+    // base it plans with (bases/), and submits Train jobs; nothing else.
     const nightlyRole = new iam.Role(this, "NightlyRole", {
       assumedBy: new iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
-      description: "edgetune nightly dispatcher: read datasets and models, submit training jobs",
+      description: "edgetune dispatcher: read datasets and models, submit training jobs",
     });
     props.bucket.grantRead(nightlyRole, "datasets/*");
     props.bucket.grantRead(nightlyRole, "models/*");
@@ -175,58 +238,45 @@ export class TrainingBatch extends Construct {
     props.bucket.grantPut(nightlyRole, "bases/*");
     nightlyRole.addToPolicy(new iam.PolicyStatement({ actions: ["s3:ListBucket"], resources: [props.bucket.bucketArn] }));
     nightlyRole.addToPolicy(
-      new iam.PolicyStatement({ actions: ["batch:SubmitJob"], resources: [this.jobDefinition.jobDefinitionArn, this.queue.jobQueueArn] }),
+      new iam.PolicyStatement({
+        actions: ["batch:SubmitJob"],
+        resources: [this.jobDefinition.jobDefinitionArn, this.cpuJobDefinition.jobDefinitionArn, this.queue.jobQueueArn, this.cpuQueue.jobQueueArn],
+      }),
     );
     this.nightlyJobDefinition = new batch.EcsJobDefinition(this, "Nightly", {
       timeout: Duration.minutes(30),
-      retryAttempts: 3,
-      retryStrategies: [
-        // Fargate Spot reclaims a task with this status reason (the EC2 rule above does not match it).
-        batch.RetryStrategy.of(batch.Action.RETRY, batch.Reason.custom({ onStatusReason: "Your Spot Task was interrupted*" })),
-        batch.RetryStrategy.of(batch.Action.EXIT, batch.Reason.custom({ onReason: "*" })),
-      ],
-      container: new batch.EcsFargateContainerDefinition(this, "NightlyContainer", {
-        image,
-        cpu: 1,
-        memory: Size.gibibytes(2),
-        jobRole: nightlyRole,
-        // Public subnets without a NAT gateway (network.ts): the task needs a public IP to pull the image.
-        assignPublicIp: true,
-        fargateCpuArchitecture: ecs.CpuArchitecture.X86_64,
-        command: ["train", "--dataset", "*", "--json"],
-        environment: {
-          EDGETUNE_BUCKET: props.bucket.bucketName,
-          EDGETUNE_DEFAULT_BASE: config.defaultBase,
+      ...fargateRetries,
+      parameters: { dataset: "*" },
+      container: cpuContainer(
+        "NightlyContainer",
+        ["train", "--dataset", "Ref::dataset", "--json"],
+        nightlyRole,
+        {
+          EDGETUNE_DISPATCH: "1",
           EDGETUNE_JOB_QUEUE: this.queue.jobQueueArn,
           EDGETUNE_TRAIN_JOB_DEFINITION: this.jobDefinition.jobDefinitionArn,
+          EDGETUNE_CPU_JOB_QUEUE: this.cpuQueue.jobQueueArn,
+          EDGETUNE_CPU_TRAIN_JOB_DEFINITION: this.cpuJobDefinition.jobDefinitionArn,
         },
-        logging: ecs.LogDriver.awsLogs({ streamPrefix: "nightly", logGroup: this.logGroup }),
-        user: "node",
-      }),
+        { cpu: 1, memoryGiB: 2 },
+      ),
     });
   }
 
   /**
-   * Lets the train job submit the Embed array job to its own queue and watch it, and tells it how.
-   * Only where the queue can run a child beside the waiting parent: with room for one job, the parent
-   * would wait for children that never start, so it embeds everything itself.
+   * Tells a training job how to fan its feature extraction out to Embed array jobs on the CPU queue.
+   * Only where the CPU queue can run a child beside the waiting parent (a CPU parent takes a place on
+   * it too): otherwise the parent would wait for children that never start, so it embeds everything itself.
    */
-  private fanOut(config: EdgetuneConfig, jobRole: iam.IRole): Record<string, string> {
-    if (config.maxVcpus < 2 * config.jobVcpus) return {};
-    // The Embed array job, and the continuation of the run itself (a Train job that dependsOn it): the
-    // Train definition's ARN is read lazily, as it is made after its container's environment.
-    jobRole.addToPrincipalPolicy(
-      new iam.PolicyStatement({
-        actions: ["batch:SubmitJob"],
-        resources: [this.embedJobDefinition.jobDefinitionArn, Lazy.string({ produce: () => this.jobDefinition.jobDefinitionArn }), this.queue.jobQueueArn],
-      }),
-    );
-    jobRole.addToPrincipalPolicy(new iam.PolicyStatement({ actions: ["batch:DescribeJobs"], resources: ["*"] }));
+  private fanOut(config: EdgetuneConfig, _jobRole: iam.IRole, parent: "gpu" | "cpu"): Record<string, string> {
+    const places = Math.floor(config.cpuMaxVcpus / config.cpuJobVcpus) - (parent === "cpu" ? 1 : 0);
+    if (places < 1) return {};
     return {
       EDGETUNE_EMBED_JOB_DEFINITION: this.embedJobDefinition.jobDefinitionArn,
-      EDGETUNE_JOB_QUEUE: this.queue.jobQueueArn,
+      EDGETUNE_EMBED_JOB_QUEUE: this.cpuQueue.jobQueueArn,
+      EDGETUNE_JOB_QUEUE: (parent === "cpu" ? this.cpuQueue : this.queue).jobQueueArn,
       EDGETUNE_FAN_OUT_IMAGES_PER_SHARD: String(config.fanOutImagesPerShard),
-      EDGETUNE_FAN_OUT_MAX_SHARDS: String(Math.min(config.fanOutMaxShards, Math.floor(config.maxVcpus / config.jobVcpus) - 1)),
+      EDGETUNE_FAN_OUT_MAX_SHARDS: String(Math.min(config.fanOutMaxShards, places)),
     };
   }
 }

@@ -12,11 +12,12 @@ import { Construct } from "constructs";
 /**
  * What starts training:
  *  - a dataset becoming complete: S3 "Object Created" for `datasets/<name>/manifest.json` (written
- *    last by the uploader) submits one job with that key. S3 events may be delivered twice; the job
- *    is idempotent (same data + options → same version id → nothing to do);
- *  - the nightly schedule (EventBridge Scheduler: cron + time zone) submits the small Nightly job,
- *    which submits one training job per dataset that changed (cached features: each costs what its
- *    new images cost).
+ *    last by the uploader) submits the dispatcher with that key; it plans the run and submits it to
+ *    the CPU queue (`head`) or the GPU queue (`finetune`). S3 events may be delivered twice; runs are
+ *    idempotent (same data + options → same version id → nothing to do);
+ *  - the nightly schedule (EventBridge Scheduler: cron + time zone) submits the same dispatcher for
+ *    every dataset, which submits one training job per dataset that changed (cached features: each
+ *    costs what its new images cost).
  * A trigger that cannot submit its job (Batch throttling, a deleted queue, missing permissions) is not
  * lost: after its retries it lands in a dead-letter queue, which the alerts watch.
  * The local stand-in (infra/local/dispatcher.ts) implements the same two rules.
@@ -33,10 +34,9 @@ export class TrainingTriggers extends Construct {
     id: string,
     props: {
       bucket: s3.IBucket;
-      queue: batch.IJobQueue;
-      jobDefinition: batch.IJobDefinition;
-      /** The CPU queue the nightly dispatcher runs on. */
+      /** The CPU queue the dispatcher runs on. */
       cpuQueue: batch.IJobQueue;
+      /** The dispatcher (plans, then submits training jobs), for one dataset or for "*". */
       nightlyJobDefinition: batch.IJobDefinition;
       schedule: string;
       timeZone: string;
@@ -57,7 +57,7 @@ export class TrainingTriggers extends Construct {
       },
     });
     this.manifestRule.addTarget(
-      new targets.BatchJob(props.queue.jobQueueArn, props.queue, props.jobDefinition.jobDefinitionArn, props.jobDefinition, {
+      new targets.BatchJob(props.cpuQueue.jobQueueArn, props.cpuQueue, props.nightlyJobDefinition.jobDefinitionArn, props.nightlyJobDefinition, {
         jobName: "edgetune-dataset-complete",
         event: events.RuleTargetInput.fromObject({ Parameters: { dataset: events.EventField.fromPath("$.detail.object.key") } }),
         retryAttempts: 3,

@@ -149,14 +149,15 @@ program
     const context = { fanOut: batchFanOut() };
     const store = storeFrom(globals);
     const log = createLogger({ json: o.json === true ? true : undefined });
-    // "*" (the nightly schedule). In AWS Batch: one training job per changed dataset (nightly.ts);
-    // elsewhere: every complete dataset here, one after the other.
-    const submit = input.dataset === "*" ? batchSubmitter() : undefined;
+    // The dispatcher job in AWS Batch (EDGETUNE_DISPATCH, nightly.ts): plan, then submit one training
+    // job per changed dataset to the CPU or GPU queue. Elsewhere "*" trains every complete dataset here,
+    // one after the other.
+    const submit = process.env.EDGETUNE_DISPATCH === "1" ? batchSubmitter() : undefined;
     if (submit) {
       const { initBackend } = await import("./src/model/backend.ts");
       await initBackend(); // a base not yet in the bucket is imported while planning
-      const { dataset: _all, ...options } = input;
-      const r = await dispatchNightly(store, clean(options), submit, log);
+      const { dataset, ...options } = input;
+      const r = await dispatchNightly(store, clean(options), submit, log, dataset === "*" ? "*" : [dataset]);
       emit({ json: o.json === true }, r, JSON.stringify(r, null, 2));
       if (r.failed.length > 0)
         throw new EdgetuneError(

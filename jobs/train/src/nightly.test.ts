@@ -28,8 +28,8 @@ describe("nightly dispatch", () => {
     const r = await dispatchNightly(
       s3.store,
       options,
-      async (dataset) => {
-        submitted.push(dataset);
+      async (dataset, strategy) => {
+        submitted.push(`${dataset}:${strategy}`);
         return `job-${dataset}`;
       },
       memoryLogger(),
@@ -37,10 +37,14 @@ describe("nightly dispatch", () => {
     expect(r.submitted).toEqual([{ dataset: "changed", jobId: "job-changed" }]);
     expect(r.unchanged).toEqual(["unchanged"]);
     expect(r.failed).toEqual([{ dataset: "one-label", reason: expect.stringMatching(/at least 2 label folders/) }]);
-    expect(submitted).toEqual(["changed"]);
+    expect(submitted).toEqual(["changed:head"]);
+    // One dataset (an upload's trigger): planned and submitted the same way, with its strategy.
+    await uploadSample(s3.store, "tuned", { perLabel: 8, manifest: { strategy: "finetune" } });
+    const one = await dispatchNightly(s3.store, options, async (dataset, strategy) => `job-${dataset}-${strategy}`, memoryLogger(), ["tuned"]);
+    expect(one.submitted).toEqual([{ dataset: "tuned", jobId: "job-tuned-finetune" }]);
   });
 
-  it("submits to the stack's queue and Train definition, only inside AWS Batch (AWS Batch faked at the SDK boundary)", async () => {
+  it("submits head runs to the CPU queue and fine-tuning to the GPU queue, only inside AWS Batch (AWS Batch faked at the SDK boundary)", async () => {
     expect(batchSubmitter({ EDGETUNE_JOB_QUEUE: "q", EDGETUNE_TRAIN_JOB_DEFINITION: "d" })).toBeUndefined(); // not in Batch
     const sent: SubmitJobCommand[] = [];
     const client = {
@@ -49,11 +53,24 @@ describe("nightly dispatch", () => {
         return { jobId: "j-1" };
       },
     };
-    const submit = batchSubmitter(
-      { AWS_BATCH_JOB_ID: "nightly-1", EDGETUNE_JOB_QUEUE: "arn:queue", EDGETUNE_TRAIN_JOB_DEFINITION: "arn:train:4" },
+    const gpuOnly = batchSubmitter({ AWS_BATCH_JOB_ID: "d-1", EDGETUNE_JOB_QUEUE: "arn:queue", EDGETUNE_TRAIN_JOB_DEFINITION: "arn:train:4" }, client as never);
+    expect(await gpuOnly?.("pets", "head")).toBe("j-1");
+    expect(sent[0]?.input).toEqual({ jobName: "edgetune-head-pets", jobQueue: "arn:queue", jobDefinition: "arn:train:4", parameters: { dataset: "pets" } });
+    const both = batchSubmitter(
+      {
+        AWS_BATCH_JOB_ID: "d-1",
+        EDGETUNE_JOB_QUEUE: "arn:queue",
+        EDGETUNE_TRAIN_JOB_DEFINITION: "arn:train:4",
+        EDGETUNE_CPU_JOB_QUEUE: "arn:cpu-queue",
+        EDGETUNE_CPU_TRAIN_JOB_DEFINITION: "arn:train-cpu:2",
+      },
       client as never,
     );
-    expect(await submit?.("pets")).toBe("j-1");
-    expect(sent[0]?.input).toEqual({ jobName: "edgetune-nightly-pets", jobQueue: "arn:queue", jobDefinition: "arn:train:4", parameters: { dataset: "pets" } });
+    await both?.("pets", "head");
+    await both?.("pets", "finetune");
+    expect(sent.slice(1).map((c) => [c.input.jobQueue, c.input.jobDefinition])).toEqual([
+      ["arn:cpu-queue", "arn:train-cpu:2"],
+      ["arn:queue", "arn:train:4"],
+    ]);
   });
 });

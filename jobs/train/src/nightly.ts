@@ -8,10 +8,12 @@ import { planRun, versionExists } from "./plan.ts";
 import { runContext } from "./run.ts";
 
 /**
- * The nightly run in AWS: not one long job that trains every dataset in turn (one slow or failing
- * dataset would starve or fail the others, all inside one timeout), but a small CPU job that submits
- * one training job per dataset whose data or options changed since its last version — each with its own
- * timeout, retries, status record and alert. Unchanged datasets cost nothing (their version exists).
+ * The dispatcher in AWS, for the nightly run and for every dataset upload: not one long job that trains
+ * every dataset in turn (one slow or failing dataset would starve or fail the others, all inside one
+ * timeout), but a small CPU job that plans and submits one training job per dataset whose data or
+ * options changed since its last version — each with its own timeout, retries, status record and alert.
+ * Unchanged datasets cost nothing (their version exists). A `head` run goes to the CPU queue (features on
+ * ONNX Runtime, no GPU needed), a `finetune` run to the GPU queue.
  */
 export interface NightlyResult {
   submitted: { dataset: string; jobId: string }[];
@@ -19,20 +21,27 @@ export interface NightlyResult {
   failed: { dataset: string; reason: string }[];
 }
 
-export type SubmitTraining = (dataset: string) => Promise<string>;
+export type SubmitTraining = (dataset: string, strategy: "head" | "finetune") => Promise<string>;
 
-export async function dispatchNightly(store: ObjectStore, input: Omit<TrainInput, "dataset">, submit: SubmitTraining, log: Logger): Promise<NightlyResult> {
+/** Plans `datasets` ("*": every complete one) and submits a training job for each that changed. */
+export async function dispatchNightly(
+  store: ObjectStore,
+  input: Omit<TrainInput, "dataset">,
+  submit: SubmitTraining,
+  log: Logger,
+  datasets: string[] | "*" = "*",
+): Promise<NightlyResult> {
   const result: NightlyResult = { submitted: [], unchanged: [], failed: [] };
-  for (const { name, complete } of await listDatasets(store)) {
-    if (!complete) continue;
+  const names = datasets === "*" ? (await listDatasets(store)).filter((d) => d.complete).map((d) => d.name) : datasets;
+  for (const name of names) {
     try {
       const plan = await planRun(runContext(store, log), { ...input, dataset: name });
       if (await versionExists(runContext(store, log), plan)) {
         result.unchanged.push(name);
         continue;
       }
-      result.submitted.push({ dataset: name, jobId: await submit(name) });
-      log.info(`submitted the training of ${name}`);
+      result.submitted.push({ dataset: name, jobId: await submit(name, plan.options.strategy) });
+      log.info(`submitted the training of ${name}`, { strategy: plan.options.strategy });
     } catch (e) {
       // A dataset that cannot even be planned (no images, bad manifest) is reported; the others go on.
       result.failed.push({ dataset: name, reason: userMessage(e) });
@@ -42,16 +51,21 @@ export async function dispatchNightly(store: ObjectStore, input: Omit<TrainInput
   return result;
 }
 
-/** Submits training jobs to the stack's queue, when this process is the nightly dispatcher in AWS Batch. */
+/**
+ * Submits training jobs to the stack's queues, when this process is the dispatcher in AWS Batch:
+ * `head` runs to the CPU queue where the stack has one, `finetune` runs to the GPU queue.
+ */
 export function batchSubmitter(env: NodeJS.ProcessEnv = process.env, client: Pick<BatchClient, "send"> = new BatchClient({})): SubmitTraining | undefined {
-  const { EDGETUNE_JOB_QUEUE: jobQueue, EDGETUNE_TRAIN_JOB_DEFINITION: jobDefinition } = env;
-  if (!env.AWS_BATCH_JOB_ID || !jobQueue || !jobDefinition) return undefined;
-  return async (dataset) => {
+  const { EDGETUNE_JOB_QUEUE: gpuQueue, EDGETUNE_TRAIN_JOB_DEFINITION: gpuDefinition } = env;
+  if (!env.AWS_BATCH_JOB_ID || !gpuQueue || !gpuDefinition) return undefined;
+  const { EDGETUNE_CPU_JOB_QUEUE: cpuQueue, EDGETUNE_CPU_TRAIN_JOB_DEFINITION: cpuDefinition } = env;
+  return async (dataset, strategy) => {
+    const cpu = strategy === "head" && cpuQueue && cpuDefinition;
     const r = await client.send(
       new SubmitJobCommand({
-        jobName: `edgetune-nightly-${dataset}`.replaceAll(/[^A-Za-z0-9_-]/g, "-").slice(0, 128),
-        jobQueue,
-        jobDefinition,
+        jobName: `edgetune-${strategy}-${dataset}`.replaceAll(/[^A-Za-z0-9_-]/g, "-").slice(0, 128),
+        jobQueue: cpu ? cpuQueue : gpuQueue,
+        jobDefinition: cpu ? cpuDefinition : gpuDefinition,
         parameters: { dataset },
       }),
     );

@@ -71,6 +71,8 @@ describe("fan-out", () => {
       AWS_BATCH_JOB_ID: "parent-9",
       EDGETUNE_JOB_QUEUE: "arn:queue",
       EDGETUNE_EMBED_JOB_DEFINITION: "arn:embed:3",
+      // Children on the CPU queue (embedding needs no GPU); the continuation on the job's own.
+      EDGETUNE_EMBED_JOB_QUEUE: "arn:cpu-queue",
       EDGETUNE_FAN_OUT_IMAGES_PER_SHARD: "10",
     };
     const f = batchFanOut(env, client as never, async () => {});
@@ -80,6 +82,7 @@ describe("fan-out", () => {
     expect(e).toMatchObject({ arrayJobId: "array-1", continuationJobId: "continuation-1" });
     const [children, , continuation] = sent as SubmitJobCommand[];
     expect(children?.input.arrayProperties).toEqual({ size: 4 });
+    expect(children?.input.jobQueue).toBe("arn:cpu-queue");
     expect(continuation?.input).toEqual({
       jobName: "edgetune-flowers-after-embed",
       jobQueue: "arn:queue",

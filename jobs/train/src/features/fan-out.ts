@@ -86,13 +86,15 @@ export function batchFanOut(
   sleep: (ms: number) => Promise<void> = (ms) => new Promise((r) => setTimeout(r, ms)),
 ): EmbedFanOut | undefined {
   const { AWS_BATCH_JOB_ID: parent, EDGETUNE_EMBED_JOB_DEFINITION: jobDefinition, EDGETUNE_JOB_QUEUE: jobQueue } = env;
+  // The children may run on another queue (CPU: embedding needs no GPU); the continuation runs on the job's own.
+  const childQueue = env.EDGETUNE_EMBED_JOB_QUEUE ?? jobQueue;
   // A continuation (see handOver) computes what its children left itself: it never fans out again.
   if (!parent || !jobDefinition || !jobQueue || env.EDGETUNE_FAN_OUT === "off") return undefined;
   const submitChildren = async (r: FanOutRequest, log: Logger): Promise<string> => {
     const submitted = await client.send(
       new SubmitJobCommand({
         jobName: `edgetune-embed-${r.dataset}`.replaceAll(/[^A-Za-z0-9_-]/g, "-").slice(0, 128),
-        jobQueue,
+        jobQueue: childQueue,
         jobDefinition,
         arrayProperties: { size: r.shards },
         containerOverrides: { command: embedCommand(r), environment: [{ name: "EDGETUNE_FAN_OUT_PARENT", value: parent }] },
