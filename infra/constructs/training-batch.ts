@@ -1,5 +1,5 @@
 import * as path from "node:path";
-import { Duration, Lazy, Size } from "aws-cdk-lib";
+import { Duration, Size } from "aws-cdk-lib";
 import * as batch from "aws-cdk-lib/aws-batch";
 import * as ec2 from "aws-cdk-lib/aws-ec2";
 import { Platform } from "aws-cdk-lib/aws-ecr-assets";
@@ -196,7 +196,7 @@ export class TrainingBatch extends Construct {
       ...retries,
       parameters: { dataset: "*" },
       // `Ref::dataset`: the dataset the dispatcher submits (a name, or a manifest key).
-      container: container("Container", ["train", "--dataset", "Ref::dataset", "--json"], this.fanOut(config, jobRole, "gpu")),
+      container: container("Container", ["train", "--dataset", "Ref::dataset", "--json"], this.fanOut(config, "gpu")),
     });
     // Head-only training needs no GPU: the frozen base's features on ONNX Runtime, the head on tfjs.
     // CPU Spot capacity is plentiful and cheap, and not subject to the G-instance quota (0 on new accounts).
@@ -206,7 +206,7 @@ export class TrainingBatch extends Construct {
       parameters: { dataset: "*" },
       container: cpuContainer("CpuContainer", ["train", "--dataset", "Ref::dataset", "--json"], jobRole, {
         ...lockWait,
-        ...this.fanOut(config, jobRole, "cpu"),
+        ...this.fanOut(config, "cpu"),
       }),
     });
     // The continuation of a fanned-out run is the run's own definition again, on its own queue.
@@ -268,7 +268,7 @@ export class TrainingBatch extends Construct {
    * Only where the CPU queue can run a child beside the waiting parent (a CPU parent takes a place on
    * it too): otherwise the parent would wait for children that never start, so it embeds everything itself.
    */
-  private fanOut(config: EdgetuneConfig, _jobRole: iam.IRole, parent: "gpu" | "cpu"): Record<string, string> {
+  private fanOut(config: EdgetuneConfig, parent: "gpu" | "cpu"): Record<string, string> {
     const places = Math.floor(config.cpuMaxVcpus / config.cpuJobVcpus) - (parent === "cpu" ? 1 : 0);
     if (places < 1) return {};
     return {
