@@ -140,7 +140,7 @@ describe("GPU batch job", () => {
     const queueId = (prefix: string) => Object.keys(queues).find((id) => id.startsWith(prefix)) as string;
     const [embedId] = Object.entries(defs).find(([, d]) => JSON.stringify(d).includes('"embed"')) ?? [];
     const envOf = (prefix: string) => {
-      const d = Object.entries(defs).find(([id]) => id.startsWith(prefix))?.[1] as {
+      const d = Object.entries(defs).find(([id]) => new RegExp(`^${prefix}[0-9A-F]{8}$`).test(id))?.[1] as {
         Properties: { ContainerProperties: { Environment: { Name: string; Value: unknown }[] } };
       };
       return Object.fromEntries(d.Properties.ContainerProperties.Environment.map((e) => [e.Name, e.Value]));
@@ -161,7 +161,9 @@ describe("GPU batch job", () => {
     const resources = submit.find((st) => actions(st).includes("batch:SubmitJob"))?.Resource as unknown[];
     // The Embed definition, both Train definitions (continuations) and both queues; no wildcard.
     expect(resources).toHaveLength(5);
-    expect(JSON.stringify(resources)).not.toContain("*");
+    // Wildcards only for the revision of the two Train definitions (a continuation submits the revision it started with).
+    expect(JSON.stringify(resources).match(/\*/g)).toHaveLength(2);
+    expect(JSON.stringify(resources)).toMatch(/job-definition\/.*TrainingTrainD.*:\*".*job-definition\/.*TrainingTrainCpu.*:\*"/);
   });
 
   it("does not fan out where the CPU queue has no room for a child beside the parent", () => {
@@ -219,8 +221,9 @@ describe("triggers", () => {
       EventPattern: { source: ["aws.s3"], "detail-type": ["Object Created"], detail: { object: { key: [{ wildcard: "datasets/*/manifest.json" }] } } },
       Targets: [
         Match.objectLike({
-          BatchParameters: Match.objectLike({ JobName: "edgetune-dataset-complete" }),
           Arn: { "Fn::GetAtt": [Match.stringLikeRegexp("^TrainingCpuQueue"), "JobQueueArn"] },
+          // The dispatcher (which routes to the CPU or GPU queue), not a training definition.
+          BatchParameters: Match.objectLike({ JobName: "edgetune-dataset-complete", JobDefinition: { Ref: Match.stringLikeRegexp("^TrainingNightly") } }),
           InputTransformer: Match.objectLike({ InputPathsMap: { "detail-object-key": "$.detail.object.key" } }),
         }),
       ],
@@ -332,6 +335,9 @@ describe("cdk-nag", () => {
   it("rejects invalid settings with the field named", () => {
     expect(() => buildApp({ edgetune: { instanceTypes: [] } })).toThrow(/instanceTypes/);
     expect(() => buildApp({ edgetune: { alarmEmail: "not-an-email" } })).toThrow(/alarmEmail/);
+    // Fargate pairs 16 vCPU with 32–120 GiB; a queue smaller than one job would run nothing.
+    expect(() => buildApp({ edgetune: { cpuJobVcpus: 16 } })).toThrow(/cpuJobMemoryGiB.*16 vCPU with 32–120 GiB/);
+    expect(() => buildApp({ edgetune: { cpuJobVcpus: 8, cpuJobMemoryGiB: 32, cpuMaxVcpus: 4 } })).toThrow(/cpuMaxVcpus/);
   });
 });
 

@@ -1,5 +1,5 @@
 import * as path from "node:path";
-import { Duration, Size } from "aws-cdk-lib";
+import { Duration, Size, Stack } from "aws-cdk-lib";
 import * as batch from "aws-cdk-lib/aws-batch";
 import * as ec2 from "aws-cdk-lib/aws-ec2";
 import { Platform } from "aws-cdk-lib/aws-ecr-assets";
@@ -209,14 +209,17 @@ export class TrainingBatch extends Construct {
         ...this.fanOut(config, "cpu"),
       }),
     });
-    // The continuation of a fanned-out run is the run's own definition again, on its own queue.
+    // The continuation of a fanned-out run is the run's own definition again, on its own queue — at the
+    // revision the run started with (Batch describes it so), which a redeploy may have superseded.
+    const anyRevision = (d: batch.EcsJobDefinition) =>
+      Stack.of(this).formatArn({ service: "batch", resource: "job-definition", resourceName: `${d.jobDefinitionName}:*` });
     jobRole.addToPrincipalPolicy(
       new iam.PolicyStatement({
         actions: ["batch:SubmitJob"],
         resources: [
           this.embedJobDefinition.jobDefinitionArn,
-          this.jobDefinition.jobDefinitionArn,
-          this.cpuJobDefinition.jobDefinitionArn,
+          anyRevision(this.jobDefinition),
+          anyRevision(this.cpuJobDefinition),
           this.queue.jobQueueArn,
           this.cpuQueue.jobQueueArn,
         ],

@@ -20,7 +20,8 @@ import { Construct } from "constructs";
  *    costs what its new images cost).
  * A trigger that cannot submit its job (Batch throttling, a deleted queue, missing permissions) is not
  * lost: after its retries it lands in a dead-letter queue, which the alerts watch.
- * The local stand-in (infra/local/dispatcher.ts) implements the same two rules.
+ * The local stand-in (infra/local/dispatcher.ts) implements the same two rules, running the training
+ * itself where AWS has the dispatcher submit it (one record per run either way: the run closes it).
  */
 export const MANIFEST_KEY_PATTERN = "datasets/*/manifest.json";
 

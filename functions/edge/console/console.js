@@ -41,8 +41,15 @@ async function api(path, init = {}) {
   return body;
 }
 
-function show(...nodes) {
-  view.replaceChildren(...nodes.flat().filter((n) => n !== null && n !== undefined));
+/**
+ * Renders overlap (a key typed, then a link clicked before the first answer came back): each gets a
+ * number, and only the latest one may change the page, so a slow earlier answer cannot replace it.
+ */
+let latest = 0;
+function showFor(render) {
+  return (...nodes) => {
+    if (render === latest) view.replaceChildren(...nodes.flat().filter((n) => n !== null && n !== undefined));
+  };
 }
 
 function say(message, isError = false) {
@@ -52,7 +59,7 @@ function say(message, isError = false) {
 
 // --- pages -------------------------------------------------------------------------------------
 
-async function modelsPage() {
+async function modelsPage(show) {
   const { models, truncated } = await api("/v1/models");
   if (models.length === 0) return show(el("h2", {}, "Models"), el("p", {}, "No models yet: push a dataset (edgetune push <folder> --name <model>)."));
   show(
@@ -79,7 +86,7 @@ async function modelsPage() {
   );
 }
 
-async function modelPage(name) {
+async function modelPage(show, name) {
   const data = await api(`/v1/models/${encodeURIComponent(name)}/versions`);
   const newestFirst = [...data.versions].reverse();
   show(
@@ -125,7 +132,7 @@ async function modelPage(name) {
   );
 }
 
-async function reportPage(name, version) {
+async function reportPage(show, name, version) {
   const r = await api(`/v1/models/${encodeURIComponent(name)}/versions/${encodeURIComponent(version)}/report`);
   const labels = r.dataset.labels;
   show(
@@ -284,13 +291,16 @@ function classifyPanel(name, servedVersion) {
 // --- routing and key handling ----------------------------------------------------------------------
 
 async function render() {
+  const mine = ++latest;
+  const show = showFor(mine);
   say("");
   try {
     const [, page, name, version] = location.hash.split("/").map(decodeURIComponent);
-    if (page === "models" && name && version) await reportPage(name, version);
-    else if (page === "models" && name) await modelPage(name);
-    else await modelsPage();
+    if (page === "models" && name && version) await reportPage(show, name, version);
+    else if (page === "models" && name) await modelPage(show, name);
+    else await modelsPage(show);
   } catch (e) {
+    if (mine !== latest) return; // a newer page is on its way
     show();
     say(e.message, true);
   }

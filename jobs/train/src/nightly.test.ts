@@ -38,10 +38,20 @@ describe("nightly dispatch", () => {
     expect(r.unchanged).toEqual(["unchanged"]);
     expect(r.failed).toEqual([{ dataset: "one-label", reason: expect.stringMatching(/at least 2 label folders/) }]);
     expect(submitted).toEqual(["changed:head"]);
-    // One dataset (an upload's trigger): planned and submitted the same way, with its strategy.
+    // Uploads (named datasets): always submitted, with the strategy the plan says, even when nothing
+    // changed or the dataset cannot train — the job closes the upload's status record either way.
     await uploadSample(s3.store, "tuned", { perLabel: 8, manifest: { strategy: "finetune" } });
-    const one = await dispatchNightly(s3.store, options, async (dataset, strategy) => `job-${dataset}-${strategy}`, memoryLogger(), ["tuned"]);
-    expect(one.submitted).toEqual([{ dataset: "tuned", jobId: "job-tuned-finetune" }]);
+    const one = await dispatchNightly(s3.store, options, async (dataset, strategy) => `job-${dataset}-${strategy}`, memoryLogger(), [
+      "tuned",
+      "unchanged",
+      "one-label",
+    ]);
+    expect(one.submitted).toEqual([
+      { dataset: "tuned", jobId: "job-tuned-finetune" },
+      { dataset: "unchanged", jobId: "job-unchanged-head" },
+      { dataset: "one-label", jobId: "job-one-label-head" },
+    ]);
+    expect(one.failed).toEqual([]);
   });
 
   it("submits head runs to the CPU queue and fine-tuning to the GPU queue, only inside AWS Batch (AWS Batch faked at the SDK boundary)", async () => {

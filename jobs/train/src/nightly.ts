@@ -32,20 +32,34 @@ export async function dispatchNightly(
   datasets: string[] | "*" = "*",
 ): Promise<NightlyResult> {
   const result: NightlyResult = { submitted: [], unchanged: [], failed: [] };
-  const names = datasets === "*" ? (await listDatasets(store)).filter((d) => d.complete).map((d) => d.name) : datasets;
+  // An upload (named datasets) always gets its training job: the job then closes the upload's queued
+  // status record — "already trained" or the reason it cannot train — which `push --wait` is following.
+  const uploads = datasets !== "*";
+  const names = uploads ? datasets : (await listDatasets(store)).filter((d) => d.complete).map((d) => d.name);
   for (const name of names) {
+    let strategy: "head" | "finetune" = "head";
     try {
       const plan = await planRun(runContext(store, log), { ...input, dataset: name });
-      if (await versionExists(runContext(store, log), plan)) {
+      strategy = plan.options.strategy;
+      if (!uploads && (await versionExists(runContext(store, log), plan))) {
         result.unchanged.push(name);
         continue;
       }
-      result.submitted.push({ dataset: name, jobId: await submit(name, plan.options.strategy) });
-      log.info(`submitted the training of ${name}`, { strategy: plan.options.strategy });
     } catch (e) {
-      // A dataset that cannot even be planned (no images, bad manifest) is reported; the others go on.
-      result.failed.push({ dataset: name, reason: userMessage(e) });
+      // Nightly: a dataset that cannot even be planned (no images, bad manifest) is reported; the others
+      // go on. An upload: its job (on the CPU queue) records the reason where the uploader looks.
       log.warn(`${name}: ${userMessage(e)}`);
+      if (!uploads) {
+        result.failed.push({ dataset: name, reason: userMessage(e) });
+        continue;
+      }
+    }
+    try {
+      result.submitted.push({ dataset: name, jobId: await submit(name, strategy) });
+      log.info(`submitted the training of ${name}`, { strategy });
+    } catch (e) {
+      result.failed.push({ dataset: name, reason: userMessage(e) });
+      log.warn(`${name}: could not submit its training (${userMessage(e)})`);
     }
   }
   return result;

@@ -9,7 +9,7 @@ import type { TrainOptions } from "../config.ts";
 import { augmentation } from "../dataset/augment.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import type { DatasetImage } from "../dataset/read.ts";
-import { createForwardPool, type ForwardPool, lazyForwardPool, onnxFallbackReason } from "./forward-pool.ts";
+import { createForwardPool, type ForwardPool, lazyForwardPool } from "./forward-pool.ts";
 import { decodePack, decodePackHeader, encodePack, type Pack, type PackHeader } from "./packs.ts";
 
 /**
@@ -127,6 +127,7 @@ export async function extractFeatures(
   let computed = 0;
   let packsWritten = 0;
   let engine: string | undefined;
+  let engineFallback: string | undefined;
   onProgress(cached, images.length);
 
   if (todo.length > 0) {
@@ -134,7 +135,7 @@ export async function extractFeatures(
     const pool = options.pool ?? (await createForwardPool(extractor, { size: spec.size, pooled: spec.pooled, threads: options.threads }));
     try {
       let done = cached;
-      engine = pool.engine;
+      await pool.ready?.(); // a lazy pool: its thread count and engine are known from here
       await streamPacks(store, prefix, pool, spec, todo, imagesPerPack(extractor, spec), (pack) => {
         addPack(features, pack, retain);
         packsWritten++;
@@ -142,6 +143,8 @@ export async function extractFeatures(
         done += pack.entries.length / spec.views + pack.failed.length;
         onProgress(done, images.length);
       });
+      engine = pool.engine;
+      engineFallback = pool.fallback;
     } finally {
       if (!options.pool) await pool.close();
     }
@@ -156,7 +159,7 @@ export async function extractFeatures(
       packsWritten,
       seconds: (performance.now() - started) / 1000,
       ...(engine ? { engine } : {}),
-      ...(engine && !engine.startsWith("onnx") && onnxFallbackReason ? { engineFallback: onnxFallbackReason } : {}),
+      ...(engineFallback ? { engineFallback } : {}),
     },
   };
 }

@@ -14,6 +14,10 @@ export interface ForwardPool {
   readonly threads: number;
   /** What computes the forward pass: "onnxruntime", or "tfjs-<backend>". */
   readonly engine: string;
+  /** Why ONNX Runtime is not used where it would have been (the export or the runtime failed). */
+  readonly fallback?: string;
+  /** Makes the pool (a lazy one starts it here); `threads` and `engine` are final afterwards. */
+  ready?(): Promise<void>;
   /** Forward of `n` inputs packed in `data` (n × inputSize), pooled over space if `pooled`; values per row. */
   run(data: Float32Array, n: number): Promise<{ shape: number[]; values: Float32Array[] }>;
   close(): Promise<void>;
@@ -35,8 +39,8 @@ function threadsFor(options: ForwardPoolOptions): number {
 }
 
 /**
- * ONNX Runtime where tfjs has no native backend (wasm or cpu: the CPU path, 3–7× faster, see
- * bench/RESULTS.md); a GPU or tfjs-node backend keeps tfjs. EDGETUNE_FEATURE_ENGINE=tfjs or
+ * ONNX Runtime where tfjs has no native backend (wasm or cpu: its forward pass is 3–4.4× faster
+ * here, see bench/RESULTS.md); a GPU or tfjs-node backend keeps tfjs. EDGETUNE_FEATURE_ENGINE=tfjs or
  * onnxruntime forces one.
  */
 function wantsOnnx(): boolean {
@@ -46,9 +50,6 @@ function wantsOnnx(): boolean {
   return tf.getBackend() === "wasm" || tf.getBackend() === "cpu";
 }
 
-/** Why the last ONNX Runtime pool could not be made (the run then used tfjs); for the log. */
-export let onnxFallbackReason: string | undefined;
-
 /**
  * A pool that starts its workers (and copies the model into them) on its first batch, so a run whose
  * features are all cached pays nothing, and the train and validation passes share one start-up.
@@ -56,18 +57,30 @@ export let onnxFallbackReason: string | undefined;
 export function lazyForwardPool(model: tf.LayersModel, options: ForwardPoolOptions): ForwardPool {
   let pool: Promise<ForwardPool> | undefined;
   let created: ForwardPool | undefined;
+  const start = () => {
+    pool ??= createForwardPool(model, options).then((p) => {
+      created = p;
+      return p;
+    });
+    return pool;
+  };
   return {
-    // The extraction keeps threads + 1 batches in flight: with ONNX Runtime one runs, one waits.
-    threads: wantsOnnx() ? 1 : Math.max(1, threadsFor(options)),
+    // The extraction keeps threads + 1 batches in flight (one per tfjs worker; with ONNX Runtime one runs,
+    // one waits): after `ready`, the created pool's own figures.
+    get threads() {
+      return created?.threads ?? (wantsOnnx() ? 1 : Math.max(1, threadsFor(options)));
+    },
     get engine() {
       return created?.engine ?? (wantsOnnx() ? "onnxruntime" : `tfjs-${tf.getBackend()}`);
     },
+    get fallback() {
+      return created?.fallback;
+    },
+    async ready() {
+      await start();
+    },
     async run(data, n) {
-      pool ??= createForwardPool(model, options).then((p) => {
-        created = p;
-        return p;
-      });
-      return (await pool).run(data, n);
+      return (await start()).run(data, n);
     },
     async close() {
       if (pool) await (await pool).close();
@@ -76,21 +89,22 @@ export function lazyForwardPool(model: tf.LayersModel, options: ForwardPoolOptio
 }
 
 export async function createForwardPool(model: tf.LayersModel, options: ForwardPoolOptions): Promise<ForwardPool> {
-  if ((options.engine ?? (wantsOnnx() ? "onnxruntime" : "tfjs")) === "onnxruntime") {
+  // A worker script is a tfjs pool's (tests swap in one that crashes): it implies tfjs.
+  if ((options.engine ?? (wantsOnnx() && !options.workerScript ? "onnxruntime" : "tfjs")) === "onnxruntime") {
     try {
       const { createOnnxPool } = await import("./onnx-pool.ts");
       return await createOnnxPool(model, options);
     } catch (e) {
-      onnxFallbackReason = e instanceof Error ? e.message : String(e);
-      if (process.env.EDGETUNE_FEATURE_ENGINE === "onnxruntime") throw e;
+      if (options.engine === "onnxruntime" || process.env.EDGETUNE_FEATURE_ENGINE === "onnxruntime") throw e;
+      return tfjsPool(model, options, e instanceof Error ? e.message : String(e));
     }
   }
   return tfjsPool(model, options);
 }
 
-async function tfjsPool(model: tf.LayersModel, options: ForwardPoolOptions): Promise<ForwardPool> {
+async function tfjsPool(model: tf.LayersModel, options: ForwardPoolOptions, fallback?: string): Promise<ForwardPool> {
   const threads = threadsFor(options);
-  if (threads <= 1) return localPool(model, options);
+  if (threads <= 1) return { ...localPool(model, options), fallback };
   const saved = await saveToMemory(model);
   const workers = await Promise.all(
     Array.from({ length: threads }, async () => {
@@ -136,6 +150,7 @@ async function tfjsPool(model: tf.LayersModel, options: ForwardPoolOptions): Pro
   return {
     threads,
     engine: `tfjs-${tf.getBackend()}`,
+    fallback,
     async run(data, n) {
       const w = await acquire();
       try {

@@ -29,7 +29,8 @@ export async function createOnnxPool(model: tf.LayersModel, options: ForwardPool
         const features = out.features as { dims: readonly number[]; data: Float32Array };
         const shape = features.dims.slice(1);
         const dim = shape.reduce((a, b) => a * b, 1);
-        return { shape, values: Array.from({ length: n }, (_, i) => features.data.slice(i * dim, (i + 1) * dim)) };
+        // Views of the output buffer (a new one per run): no second copy of a batch of maps.
+        return { shape, values: Array.from({ length: n }, (_, i) => features.data.subarray(i * dim, (i + 1) * dim)) };
       });
       turn = result.catch(() => {});
       return result;

@@ -1,4 +1,5 @@
 import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
 import { join } from "node:path";
 import * as tf from "@tensorflow/tfjs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -16,7 +17,7 @@ import { applyBetween } from "../model/graph.ts";
 import { toOnnx, UnsupportedLayerError } from "../model/onnx.ts";
 import { train } from "../train.ts";
 import type { featureSpec } from "./extract.ts";
-import { createForwardPool, forwardLocal, onnxFallbackReason } from "./forward-pool.ts";
+import { createForwardPool, forwardLocal, lazyForwardPool } from "./forward-pool.ts";
 import { createOnnxPool } from "./onnx-pool.ts";
 
 /**
@@ -86,10 +87,18 @@ describe("ONNX export of the frozen base", () => {
     const pool = await createForwardPool(model, { size: 8, pooled: true, threads: 1 });
     try {
       expect(pool.engine).toBe(`tfjs-${tf.getBackend()}`);
-      expect(onnxFallbackReason).toMatch(/upsample \(Conv2DTranspose\)/);
+      expect(pool.fallback).toMatch(/upsample \(Conv2DTranspose\)/);
       expect((await pool.run(new Float32Array(8 * 8 * 3), 1)).shape).toEqual([2]);
     } finally {
       await pool.close();
+    }
+    // The lazy pool (what training uses) reports the created pool's engine, threads and reason once ready.
+    const lazy = lazyForwardPool(model, { size: 8, pooled: true });
+    try {
+      await lazy.ready?.();
+      expect([lazy.engine, lazy.threads, lazy.fallback]).toEqual([`tfjs-${tf.getBackend()}`, availableParallelism(), expect.stringMatching(/upsample/)]);
+    } finally {
+      await lazy.close();
     }
   });
 });

@@ -37,12 +37,18 @@ export function toOnnx(model: tf.LayersModel, options: { size: number; pooled: b
   const out: Built = { nodes: [], initializers: [] };
   const inputLayer = model.inputLayers[0];
   if (!inputLayer || model.inputLayers.length !== 1 || model.outputs.length !== 1) throw new UnsupportedLayerError(model.name, "not one input and one output");
-  // Each layer's output is named after the layer; the input layer's is the NCHW transpose of the input.
-  node(out, "Transpose", [INPUT], [inputLayer.name], { perm: [0, 3, 1, 2] });
-  const last = model.outputs[0]?.sourceLayer.name as string;
+  // Each layer's output is named after the layer (prefixed, so no layer name can collide with the
+  // graph's "input" and "features"); the input layer's is the NCHW transpose of the input.
+  node(out, "Transpose", [INPUT], [tensor(inputLayer.name)], { perm: [0, 3, 1, 2] });
+  const last = tensor(model.outputs[0]?.sourceLayer.name as string);
   for (const layer of model.layers) {
     if (layer === inputLayer) continue;
-    const inputs = (layer.inboundNodes[0]?.inboundLayers ?? []).map((l) => l.name);
+    // The models exported are cut from a freshly loaded base: each layer applied once. A layer applied
+    // twice (shared weights) would make inboundNodes[0] ambiguous: refused rather than guessed.
+    if (layer.inboundNodes.length !== 1) throw new UnsupportedLayerError(layer.name, `${layer.getClassName()} applied ${layer.inboundNodes.length} times`);
+    const cfg = layer.getConfig() as Record<string, unknown>;
+    if (cfg.dataFormat !== undefined && cfg.dataFormat !== "channelsLast") throw new UnsupportedLayerError(layer.name, `data format ${String(cfg.dataFormat)}`);
+    const inputs = (layer.inboundNodes[0]?.inboundLayers ?? []).map((l) => tensor(l.name));
     convert(out, layer, inputs);
   }
   if (options.pooled) node(out, "ReduceMean", [last], [OUTPUT], { axes: [2, 3], keepdims: 0 });
@@ -75,11 +81,13 @@ function outputDims(model: tf.LayersModel, pooled: boolean): number[] {
   return pooled ? shape.slice(-1) : shape;
 }
 
+const tensor = (layer: string) => `layer:${layer}`;
+
 function convert(out: Built, layer: tf.layers.Layer, inputs: string[]): void {
   const cls = layer.getClassName();
   // tfjs serialises layer configs with camelCase keys (poolSize, useBias, maxValue…).
   const cfg = layer.getConfig() as Record<string, unknown>;
-  const name = layer.name;
+  const name = tensor(layer.name);
   const [x] = inputs as [string];
   const weights = layer.getWeights();
   switch (cls) {
@@ -103,15 +111,15 @@ function convert(out: Built, layer: tf.layers.Layer, inputs: string[]): void {
         strides: pair(cfg.strides),
         dilations: pair(cfg.dilationRate),
         group: cls === "Conv2D" ? 1 : cin,
-        auto_pad: padding(name, cfg.padding),
+        auto_pad: padding(layer.name, cfg.padding),
       });
-      if (activation !== "linear") activate(out, name, activation, convOut, name);
+      if (activation !== "linear") activate(out, layer.name, activation, convOut, name);
       return;
     }
     case "BatchNormalization": {
       const axis = cfg.axis as number | number[];
       if (!(axis === -1 || axis === 3 || (Array.isArray(axis) && (axis[0] === -1 || axis[0] === 3))))
-        throw new UnsupportedLayerError(name, `BatchNormalization on axis ${axis}`);
+        throw new UnsupportedLayerError(layer.name, `BatchNormalization on axis ${axis}`);
       const byName = new Map(layer.weights.map((v, i) => [v.originalName.split("/").at(-1) as string, weights[i] as tf.Tensor]));
       const mean = byName.get("moving_mean") as tf.Tensor;
       const ones = tf.onesLike(mean);
@@ -134,7 +142,7 @@ function convert(out: Built, layer: tf.layers.Layer, inputs: string[]): void {
       return;
     }
     case "Activation":
-      activate(out, name, cfg.activation as string, x, name);
+      activate(out, layer.name, cfg.activation as string, x, name);
       return;
     case "ReLU": {
       const max = cfg.maxValue as number | null | undefined;
@@ -155,7 +163,7 @@ function convert(out: Built, layer: tf.layers.Layer, inputs: string[]): void {
       node(out, cls === "MaxPooling2D" ? "MaxPool" : "AveragePool", [x], [name], {
         kernel_shape: pair(cfg.poolSize),
         strides: pair(cfg.strides ?? cfg.poolSize),
-        auto_pad: padding(name, cfg.padding),
+        auto_pad: padding(layer.name, cfg.padding),
         // TF's SAME average pooling divides by the pixels inside the image only.
         ...(cls === "AveragePooling2D" ? { count_include_pad: 0 } : {}),
       });
@@ -168,7 +176,7 @@ function convert(out: Built, layer: tf.layers.Layer, inputs: string[]): void {
       node(out, "Identity", [x], [name]);
       return;
     default:
-      throw new UnsupportedLayerError(name, cls);
+      throw new UnsupportedLayerError(layer.name, cls);
   }
 }
 
