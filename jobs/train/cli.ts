@@ -20,7 +20,7 @@ import { DEFAULT_OPTIONS, readConfigFile, type TrainInput } from "./src/config.t
 import { createLogger } from "./src/log.ts";
 import { importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
 import { batchSubmitter, dispatchNightly } from "./src/nightly.ts";
-import { emit, percent, table } from "./src/output.ts";
+import { emit, emitList, percent } from "./src/output.ts";
 import { followRun, listRunStatuses, type RunStatus, StatusRecorder } from "./src/status.ts";
 
 const int = (name: string) => (v: string) => {
@@ -281,16 +281,8 @@ base
   .description("Bases edgetune knows by name")
   .option("--json", "one JSON object per base")
   .action((o: { json?: boolean }) => {
-    if (o.json) for (const b of KNOWN_BASES) emit(o, { id: b.id, description: b.description, default: b.id === DEFAULT_OPTIONS.base }, "");
-    else
-      emit(
-        o,
-        null,
-        table(
-          ["BASE", "DESCRIPTION"],
-          KNOWN_BASES.map((b) => [b.id + (b.id === DEFAULT_OPTIONS.base ? " (default)" : ""), b.description]),
-        ),
-      );
+    const bases = KNOWN_BASES.map((b) => ({ id: b.id, description: b.description, default: b.id === DEFAULT_OPTIONS.base }));
+    emitList(o, bases, "", ["BASE", "DESCRIPTION"], (b) => [b.id + (b.default ? " (default)" : ""), b.description]);
   });
 
 program
@@ -370,17 +362,12 @@ program
     const store = storeFrom(cmd.optsWithGlobals());
     const rows = [];
     for (const d of await listDatasets(store)) rows.push({ ...d, lastRun: (await listRunStatuses(store, d.name, 1))[0] ?? null });
-    if (o.json) for (const r of rows) emit(o, r, "");
-    else if (rows.length === 0) process.stderr.write("No datasets yet: edgetune push <folder> --dataset <name>.\n");
-    else
-      emit(
-        o,
-        null,
-        table(
-          ["DATASET", "FILES", "STATE", "LAST RUN"],
-          rows.map((d) => [d.name, String(d.files), d.complete ? "complete" : "uploading (no manifest)", d.lastRun ? runOutcome(d.lastRun) : "—"]),
-        ),
-      );
+    emitList(o, rows, "No datasets yet: edgetune push <folder> --dataset <name>.", ["DATASET", "FILES", "STATE", "LAST RUN"], (d) => [
+      d.name,
+      String(d.files),
+      d.complete ? "complete" : "uploading (no manifest)",
+      d.lastRun ? runOutcome(d.lastRun) : "—",
+    ]);
   });
 
 program
@@ -397,39 +384,31 @@ program
           return { name: m, current: pointer?.version ?? null, promotedAt: pointer?.promotedAt ?? null, versions: versions.length };
         }),
       );
-      if (o.json) for (const m of models) emit(o, m, "");
-      else if (models.length === 0) process.stderr.write("No models yet: push a dataset (edgetune push <folder> --dataset <name>).\n");
-      else
-        emit(
-          o,
-          null,
-          table(
-            ["MODEL", "SERVED", "PROMOTED", "VERSIONS"],
-            models.map((m) => [m.name, m.current ?? "none", m.promotedAt?.replace("T", " ").slice(0, 19) ?? "—", String(m.versions)]),
-          ),
-        );
+      emitList(o, models, "No models yet: push a dataset (edgetune push <folder> --dataset <name>).", ["MODEL", "SERVED", "PROMOTED", "VERSIONS"], (m) => [
+        m.name,
+        m.current ?? "none",
+        m.promotedAt?.replace("T", " ").slice(0, 19) ?? "—",
+        String(m.versions),
+      ]);
       return;
     }
     const { versions } = await listVersions(store, name);
-    if (o.json) for (const v of versions) emit(o, v, "");
-    else
-      emit(
-        o,
-        null,
-        table(
-          ["", "VERSION", "TRAINED", "ACCURACY", "HELD-OUT", "STRATEGY", "BASE", "IMAGES"],
-          versions.map((v) => [
-            v.current ? "*" : "",
-            v.version,
-            v.createdAt.replace("T", " ").slice(0, 19),
-            percent(v.accuracy),
-            String(v.evaluatedOn),
-            v.strategy,
-            v.base,
-            String(v.images),
-          ]),
-        ),
-      );
+    emitList(
+      o,
+      versions,
+      `Model ${name} has no version with metadata yet.`,
+      ["", "VERSION", "TRAINED", "ACCURACY", "HELD-OUT", "STRATEGY", "BASE", "IMAGES"],
+      (v) => [
+        v.current ? "*" : "",
+        v.version,
+        v.createdAt.replace("T", " ").slice(0, 19),
+        percent(v.accuracy),
+        String(v.evaluatedOn),
+        v.strategy,
+        v.base,
+        String(v.images),
+      ],
+    );
   });
 
 program

@@ -101,6 +101,13 @@ export const modelRoute = createRoute({
 });
 
 const versionSchema = z.string().regex(/^v[0-9a-f]{12}$/);
+
+/** What every console listing may answer besides its own errors (operator keys only: http/auth.ts consoleAuth). */
+const consoleErrors = {
+  401: errorResponse("Missing or invalid API key"),
+  403: errorResponse("Not an operator key (CONSOLE_API_KEYS), or the worker has none"),
+  503: errorResponse("Model storage unavailable"),
+};
 export const versionParams = z.object({ name: nameSchema, version: versionSchema });
 
 export const modelsRoute = createRoute({
@@ -119,9 +126,8 @@ export const modelsRoute = createRoute({
         },
       },
     },
-    401: errorResponse("Missing or invalid API key"),
+    ...consoleErrors,
     501: errorResponse("Listing needs the S3 API (not available with MODELS_BASE_URL)"),
-    503: errorResponse("Model storage unavailable"),
   },
 });
 
@@ -156,10 +162,9 @@ export const versionsRoute = createRoute({
         },
       },
     },
-    401: errorResponse("Missing or invalid API key"),
+    ...consoleErrors,
     404: errorResponse("Unknown model"),
     501: errorResponse("Listing needs the S3 API (not available with MODELS_BASE_URL)"),
-    503: errorResponse("Model storage unavailable"),
   },
 });
 
@@ -173,9 +178,8 @@ export const reportRoute = createRoute({
       description: "The report: metrics, confusion matrix, mistakes, phases, promotion decision",
       content: { "application/json": { schema: z.looseObject({}) } },
     },
-    401: errorResponse("Missing or invalid API key"),
+    ...consoleErrors,
     404: errorResponse("Unknown model or version"),
-    503: errorResponse("Model storage unavailable"),
   },
 });
 

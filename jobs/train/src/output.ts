@@ -12,6 +12,16 @@ export function emit(o: OutputOptions, value: unknown, human: string): void {
   process.stdout.write(o.json ? `${JSON.stringify(value)}\n` : `${human}\n`);
 }
 
+/**
+ * A list: one JSON object per item with --json; else a table, or `empty` (on stderr: nothing to parse)
+ * when there are no items.
+ */
+export function emitList<T>(o: OutputOptions, items: readonly T[], empty: string, header: string[], row: (item: T) => string[]): void {
+  if (o.json) for (const item of items) emit(o, item, "");
+  else if (items.length === 0) process.stderr.write(`${empty}\n`);
+  else emit(o, null, table(header, items.map(row)));
+}
+
 /** Columns padded to their widest cell; the last column is not padded (long reasons stay readable). */
 export function table(header: string[], rows: string[][]): string {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
