@@ -131,6 +131,11 @@ describe("GPU batch job", () => {
       expect(text).toMatch(/"JobRoleArn":\{"Fn::GetAtt":\["TrainingJobRole/);
     }
     expect(JSON.stringify(cpuTrain)).toContain('"Command":["train","--dataset","Ref::dataset","--json"]');
+    // The CPU jobs run their own image (no CUDA): a different asset from the GPU definition's.
+    const imageOf = (d: unknown) => JSON.stringify((d as { Properties: { ContainerProperties: { Image: unknown } } }).Properties.ContainerProperties.Image);
+    const gpuTrain = Object.entries(defs).find(([id]) => /^TrainingTrain[0-9A-F]{8}$/.test(id))?.[1];
+    expect(imageOf(cpuTrain)).toBe(imageOf(embed));
+    expect(imageOf(cpuTrain)).not.toBe(imageOf(gpuTrain));
     template.resourceCountIs("AWS::Batch::JobDefinition", 4); // train (GPU), train (CPU), embed, dispatcher
   });
 
@@ -359,10 +364,16 @@ describe("npm run synth", () => {
     expect(staged).toEqual(expect.arrayContaining(["package.json", "package-lock.json", "jobs", "shared"]));
     expect(staged).not.toContain("node_modules");
     expect(existsSync(join(out, asset as string, "jobs/train/Dockerfile"))).toBe(true);
+    expect(existsSync(join(out, asset as string, "jobs/train/Dockerfile.cpu"))).toBe(true);
+    expect(staged).toContain(".npmrc"); // both images' npm ci reads it (no CUDA download by onnxruntime-node)
     expect(existsSync(join(out, asset as string, "jobs/train/bases/darknet-tiny/model.json"))).toBe(true); // the bundled bases
     // Built for the GPU hosts (x86) whatever machine runs `cdk deploy`.
     const { readFileSync } = await import("node:fs");
-    const manifest = JSON.parse(readFileSync(join(out, "Edgetune.assets.json"), "utf8")) as { dockerImages: Record<string, { source: { platform?: string } }> };
-    expect(Object.values(manifest.dockerImages).map((i) => i.source.platform)).toEqual(["linux/amd64"]);
+    const manifest = JSON.parse(readFileSync(join(out, "Edgetune.assets.json"), "utf8")) as {
+      dockerImages: Record<string, { source: { platform?: string; dockerFile?: string } }>;
+    };
+    // Two images, both for the x86 hosts: the GPU one (EC2) and the CPU one (Fargate).
+    const images = Object.values(manifest.dockerImages).map((i) => `${i.source.dockerFile} ${i.source.platform}`);
+    expect(images.sort()).toEqual(["jobs/train/Dockerfile linux/amd64", "jobs/train/Dockerfile.cpu linux/amd64"]);
   }, 180_000);
 });

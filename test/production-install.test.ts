@@ -13,7 +13,8 @@ import { uploadSample } from "./support/datasets.ts";
 const run = promisify(execFile);
 
 /**
- * The training image's install, made the way jobs/train/Dockerfile makes it — its build context (what
+ * The training images' install (jobs/train/Dockerfile.cpu is exactly this; jobs/train/Dockerfile adds
+ * tfjs-node-gpu on top), made the way the Dockerfiles make it — its build context (what
  * .dockerignore lets through) and `npm ci --omit=dev` in a folder of its own — then `edgetune train`
  * from that folder, on the Node major the image uses, against a real S3 API server. What stays
  * unverified here is the GPU itself (tfjs-node-gpu's kernels on CUDA): see infra/README.md.

@@ -114,6 +114,8 @@ export class TrainingBatch extends Construct {
     const repoRoot = path.join(import.meta.dirname, "..", "..");
     // linux/amd64 whatever machine builds it: the GPU hosts are x86 (an arm64 laptop would build arm64).
     const image = ecs.ContainerImage.fromAsset(repoRoot, { file: "jobs/train/Dockerfile", platform: Platform.LINUX_AMD64 });
+    // The Fargate jobs' image: the same code without CUDA or libtensorflow (jobs/train/Dockerfile.cpu).
+    const cpuImage = ecs.ContainerImage.fromAsset(repoRoot, { file: "jobs/train/Dockerfile.cpu", platform: Platform.LINUX_AMD64 });
     const container = (
       id: string,
       command: string[],
@@ -162,7 +164,7 @@ export class TrainingBatch extends Construct {
       size = { cpu: config.cpuJobVcpus, memoryGiB: config.cpuJobMemoryGiB },
     ) =>
       new batch.EcsFargateContainerDefinition(this, id, {
-        image,
+        image: cpuImage,
         cpu: size.cpu,
         memory: Size.gibibytes(size.memoryGiB),
         jobRole: role,
