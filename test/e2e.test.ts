@@ -9,6 +9,7 @@ import { type LocalS3, startLocalS3 } from "../infra/local/s3-server.ts";
 import { pushDataset } from "../jobs/train/src/catalog/catalog.ts";
 import { type SampleImage, sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { readPointer } from "../shared/artifacts.ts";
+import { keys } from "../shared/keys.ts";
 
 /**
  * The whole loop, as a user lives it: push a folder → the dispatcher (the EventBridge rule's local
@@ -165,5 +166,15 @@ describe("end to end", () => {
     expect(job?.status, job?.logTail).toBe("succeeded");
     expect(job?.results.map((r) => r.status).sort()).toEqual(["exists", "exists"]);
     expect((await readPointer(s3.store, "emoji"))?.version).toBe(before?.version);
+  });
+
+  it("a dataset pushed again unchanged gets a run (as S3 sends an event for every write), which finds it trained", async () => {
+    const jobs = dispatcher.jobs.length;
+    const manifest = await s3.store.get(keys.manifest("emoji"));
+    await new Promise((r) => setTimeout(r, 1100)); // S3 list times have a resolution of a second at worst
+    await s3.store.put(keys.manifest("emoji"), manifest as Uint8Array); // the same bytes: the same ETag
+    await settle();
+    expect(dispatcher.jobs.length).toBe(jobs + 1);
+    expect(dispatcher.jobs.at(-1)?.results.map((r) => r.status)).toEqual(["exists"]);
   });
 });

@@ -80,8 +80,11 @@ export class Dispatcher {
     try {
       for await (const o of this.options.store.list(keys.datasetsRoot)) {
         if (!datasetNameFromManifestKey(o.key)) continue;
-        if (this.seen.get(o.key) === o.etag) continue;
-        this.seen.set(o.key, o.etag);
+        // S3 sends an event for every write, even of the same bytes (a dataset pushed again): the
+        // write time tells those apart where the ETag alone would not.
+        const version = `${o.etag}|${o.modified ?? ""}`;
+        if (this.seen.get(o.key) === version) continue;
+        this.seen.set(o.key, version);
         this.submit(o.key, "dataset-complete");
       }
     } catch {

@@ -95,7 +95,7 @@ export class S3ObjectStore implements ObjectStore {
     }
   }
 
-  async *list(prefix: string): AsyncIterable<{ key: string; etag: string; size: number }> {
+  async *list(prefix: string): AsyncIterable<{ key: string; etag: string; size: number; modified?: string }> {
     let token: string | undefined;
     do {
       let res: ListObjectsV2CommandOutput;
@@ -105,7 +105,7 @@ export class S3ObjectStore implements ObjectStore {
         throw new StorageError("LIST", prefix, e);
       }
       for (const o of res.Contents ?? []) {
-        if (o.Key) yield { key: o.Key, etag: o.ETag ?? "", size: o.Size ?? 0 };
+        if (o.Key) yield { key: o.Key, etag: o.ETag ?? "", size: o.Size ?? 0, modified: o.LastModified?.toISOString() };
       }
       token = res.IsTruncated ? res.NextContinuationToken : undefined;
     } while (token);

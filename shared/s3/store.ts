@@ -12,8 +12,8 @@ export interface ObjectStore extends ObjectReader {
   /** Writes only if the key does not exist yet; returns false if it did (S3 `If-None-Match: *`). */
   putIfAbsent(key: string, body: Uint8Array | string, contentType?: string): Promise<boolean>;
   head(key: string): Promise<{ etag: string; size: number } | null>;
-  /** Every key under `prefix`, in lexical order, with its ETag and size. */
-  list(prefix: string): AsyncIterable<{ key: string; etag: string; size: number }>;
+  /** Every key under `prefix`, in lexical order, with its ETag, size and (where the server says) last write. */
+  list(prefix: string): AsyncIterable<{ key: string; etag: string; size: number; modified?: string }>;
   /** The immediate sub-folders of `prefix`, as full prefixes ending in "/" (a delimiter listing). */
   listFolders(prefix: string): AsyncIterable<string>;
   delete(keys: string[]): Promise<void>;
