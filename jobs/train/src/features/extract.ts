@@ -62,6 +62,11 @@ export interface Features {
   /** id → one array per view (view 0 first). */
   byId: Map<string, Float32Array[]>;
   failed: Map<string, { key: string; reason: string }>;
+  /**
+   * With `retain: false`: where the values are — pack key → its entries ([image id, view], in the order
+   * of the values) — for training to stream them (fit/rows.ts) without reading every pack again.
+   */
+  packs: Map<string, [string, number][]>;
   stats: {
     cached: number;
     computed: number;
@@ -136,8 +141,9 @@ export async function extractFeatures(
     try {
       let done = cached;
       await pool.ready?.(); // a lazy pool: its thread count and engine are known from here
-      await streamPacks(store, prefix, pool, spec, todo, imagesPerPack(extractor, spec), (pack) => {
+      await streamPacks(store, prefix, pool, spec, todo, imagesPerPack(extractor, spec), (pack, key) => {
         addPack(features, pack, retain);
+        if (!retain) features.packs.set(key, entriesOf(pack));
         packsWritten++;
         computed += pack.entries.length / spec.views;
         done += pack.entries.length / spec.views + pack.failed.length;
@@ -197,6 +203,7 @@ function mergeFeatures(a: Features, b: Features): Features {
     shape: a.shape.length > 0 ? a.shape : b.shape,
     byId,
     failed: new Map([...a.failed, ...b.failed]),
+    packs: new Map([...a.packs, ...b.packs]),
     stats: {
       cached: a.stats.cached + b.stats.cached,
       computed: a.stats.computed + b.stats.computed,
@@ -213,7 +220,7 @@ function mergeFeatures(a: Features, b: Features): Features {
 type CacheState = Omit<Features, "stats"> & { packsRead: number };
 
 async function readCache(store: ObjectStore, prefix: string, retain: boolean): Promise<CacheState> {
-  const state: CacheState = { shape: [], byId: new Map(), failed: new Map(), packsRead: 0 };
+  const state: CacheState = { shape: [], byId: new Map(), failed: new Map(), packs: new Map(), packsRead: 0 };
   const keysToRead: string[] = [];
   for await (const o of store.list(prefix)) keysToRead.push(o.key);
   // A large dataset has hundreds of packs: read them FETCH_CONCURRENCY at a time, apply them in order.
@@ -221,20 +228,23 @@ async function readCache(store: ObjectStore, prefix: string, retain: boolean): P
     const bytes = await store.get(key);
     if (!bytes) return undefined;
     try {
-      return retain ? decodePack(bytes) : headerOnly(decodePackHeader(bytes));
+      return { key, pack: retain ? decodePack(bytes) : headerOnly(decodePackHeader(bytes)) };
     } catch {
       return undefined; // a torn pack from a killed run: its images are simply computed again
     }
   };
-  for await (const pack of pMapIterable(keysToRead, read, { concurrency: FETCH_CONCURRENCY })) {
-    if (!pack) continue;
+  for await (const found of pMapIterable(keysToRead, read, { concurrency: FETCH_CONCURRENCY })) {
+    if (!found) continue;
     state.packsRead++;
-    addPack(state, pack, retain);
+    addPack(state, found.pack, retain);
+    if (!retain) state.packs.set(found.key, entriesOf(found.pack));
   }
   return state;
 }
 
 const NOT_RETAINED = new Float32Array(0);
+
+const entriesOf = (pack: Pack): [string, number][] => pack.entries.map((e) => [e.id, e.view]);
 
 /** A pack without its values: what `retain: false` needs to know. */
 function headerOnly(h: PackHeader): Pack {
@@ -294,7 +304,7 @@ async function streamPacks(
   spec: ExtractorSpec,
   todo: DatasetImage[],
   perPack: number,
-  onPack: (pack: Pack) => void,
+  onPack: (pack: Pack, key: string) => void,
 ): Promise<void> {
   const slots = semaphore(pool.threads + QUEUED_BATCHES);
   const packDone: Promise<void>[] = [];
@@ -338,8 +348,7 @@ async function streamPacks(
     const done = Promise.all(batches).then(async () => {
       // Batches come back in any order; a pack's bytes should not depend on it.
       finished.entries.sort((a, b) => (a.id === b.id ? a.view - b.view : a.id < b.id ? -1 : 1));
-      await writePack(store, prefix, finished);
-      onPack(finished);
+      onPack(finished, await writePack(store, prefix, finished));
     });
     done.catch((e: unknown) => {
       failure ??= e; // surfaced below; the handler also keeps it from being an unhandled rejection
@@ -403,10 +412,13 @@ function semaphore(n: number): { acquire: () => Promise<void>; release: () => vo
   };
 }
 
-async function writePack(store: ObjectStore, prefix: string, pack: Pack): Promise<void> {
+/** Writes the pack under a name made of its contents; returns its key. */
+async function writePack(store: ObjectStore, prefix: string, pack: Pack): Promise<string> {
   const ids = [...pack.entries.map((e) => `${e.id}/${e.view}`), ...pack.failed.map((f) => f.id)].sort();
   const name = (await sha256Hex(ids.join("\n"))).slice(0, 20);
-  await store.put(`${prefix}${name}.bin`, encodePack(pack));
+  const key = `${prefix}${name}.bin`;
+  await store.put(key, encodePack(pack));
+  return key;
 }
 
 function roundToHalf(values: Float32Array): Float32Array {

@@ -1,8 +1,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { EdgetuneError } from "../../../../shared/errors.ts";
-import { keys } from "../../../../shared/keys.ts";
 import type { DatasetImage } from "../dataset/read.ts";
-import { cacheKeyOf, type ExtractorSpec, extractSplits, type Features } from "../features/extract.ts";
+import { type ExtractorSpec, extractSplits, type Features } from "../features/extract.ts";
 import type { PooledFeatures } from "../features/pooled.ts";
 import type { RunPlan } from "../plan.ts";
 import { type CurrentModel, currentHeadWeights, isComparable } from "../release/promote.ts";
@@ -70,7 +69,7 @@ export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: t
   const bottomSpec: ExtractorSpec = { ...plan.pooledSpec, layer: from, pooled: false };
   // The maps are computed into their packs (or found there) and not kept: every epoch streams them
   // back (rows.ts), so memory does not grow with the dataset.
-  await ctx.stage(
+  const maps = await ctx.stage(
     "bottom features",
     () =>
       extractSplits(ctx.store, bottom, bottomSpec, { train: pooled.train, heldOut: pooled.val }, (split, d, t) => ctx.log.progress(`bottom (${split})`, d, t), {
@@ -78,12 +77,11 @@ export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: t
       }),
     (f) => ({ ...f.stats, shape: f.shape.join("×") }),
   );
-  const mapsPrefix = keys.embeddingCache(await cacheKeyOf(bottomSpec));
   const classOf = (images: readonly DatasetImage[]) => new Map(images.map((i) => [i.id, labelIndex.get(i.label) as number]));
-  const [mapsTrain, mapsVal] = (await packRows(ctx.store, mapsPrefix, [
+  const [mapsTrain, mapsVal] = packRows(ctx.store, maps.packs, maps.shape, [
     { classOf: classOf(pooled.train), views: options.views },
     { classOf: classOf(pooled.val), views: 1 },
-  ])) as [RowSource, RowSource];
+  ]) as [RowSource, RowSource];
   const top = buildTop(baseModel, from, base.featureLayer, head);
   history.fineTune = await ctx.stage("fine-tune", () =>
     trainModel(

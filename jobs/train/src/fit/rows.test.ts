@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
 import { mulberry32 } from "../dataset/augment.ts";
-import { encodePack, type Pack } from "../features/packs.ts";
+import { decodePackHeader, encodePack, type Pack } from "../features/packs.ts";
 import { packRows, type RowSource } from "./rows.ts";
 
 /** An in-memory bucket (the storage boundary is faked here; training on real packs is train.test.ts's job) that counts GETs. */
@@ -46,6 +46,11 @@ async function pass(source: RowSource, batchSize: number, seed: number | null) {
   return rows;
 }
 
+/** The index the extraction hands over (Features.packs): pack key → its entries. */
+function indexOf(objects: Map<string, Uint8Array>): Map<string, [string, number][]> {
+  return new Map([...objects].map(([key, bytes]) => [key, decodePackHeader(bytes).entries]));
+}
+
 describe("packRows (fine-tuning maps streamed from their packs)", () => {
   it("gives every wanted row once per pass, with its class, and nothing else", async () => {
     const { store, objects } = memoryStore();
@@ -53,7 +58,7 @@ describe("packRows (fine-tuning maps streamed from their packs)", () => {
     // Wanted: the even images, first view only; a duplicate pack of the same entries adds nothing.
     const wanted = new Map([...classOf].filter(([id]) => Number(id.slice(3)) % 2 === 0));
     objects.set("cache/embeddings/k/zzz.bin", objects.get("cache/embeddings/k/p000.bin") as Uint8Array);
-    const source = (await packRows(store, "cache/embeddings/k/", [{ classOf: wanted, views: 1 }]))[0] as RowSource;
+    const source = packRows(store, indexOf(objects), [2, 2], [{ classOf: wanted, views: 1 }])[0] as RowSource;
     expect(source.shape).toEqual([2, 2]);
     expect(source.y.length).toBe(30);
     for (const seed of [null, 1]) {
@@ -70,7 +75,8 @@ describe("packRows (fine-tuning maps streamed from their packs)", () => {
 
   it("shuffles across packs, the same way for the same seed", async () => {
     const { store, objects } = memoryStore();
-    const source = (await packRows(store, "cache/embeddings/k/", [{ classOf: fill(objects, 8, 16), views: 2 }]))[0] as RowSource;
+    const classOf = fill(objects, 8, 16);
+    const source = packRows(store, indexOf(objects), [2, 2], [{ classOf, views: 2 }])[0] as RowSource;
     const a = (await pass(source, 16, 5)).map((r) => r.row);
     const b = (await pass(source, 16, 5)).map((r) => r.row);
     const c = (await pass(source, 16, 6)).map((r) => r.row);
@@ -83,10 +89,11 @@ describe("packRows (fine-tuning maps streamed from their packs)", () => {
     expect((await pass(source, 16, null)).map((r) => r.row)).toEqual([...Array(256).keys()]);
   });
 
-  it("reads packs as it goes: the first batch needs a few packs, not the dataset", async () => {
+  it("reads no pack to index the rows, and then packs as it goes: the first batch needs a few, not the dataset", async () => {
     const { store, objects, stats } = memoryStore();
-    const source = (await packRows(store, "cache/embeddings/k/", [{ classOf: fill(objects, 40, 8), views: 2 }]))[0] as RowSource;
-    stats.gets = 0;
+    const classOf = fill(objects, 40, 8);
+    const source = packRows(store, indexOf(objects), [2, 2], [{ classOf, views: 2 }])[0] as RowSource;
+    expect(stats.gets).toBe(0); // the index says where every row is: no pack is read to find them
     const it = source.batches(8, mulberry32(1))[Symbol.asyncIterator]();
     await it.next();
     expect(stats.gets).toBeLessThanOrEqual(6); // PREFETCH + BUFFER_PACKS + what the pipeline keeps ahead

@@ -1,6 +1,6 @@
 import { pMapIterable } from "p-map";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
-import { decodePack, decodePackHeader } from "../features/packs.ts";
+import { decodePack } from "../features/packs.ts";
 
 /**
  * Where training rows come from, a batch at a time. Pooled features are small and sit in memory
@@ -45,28 +45,27 @@ const PREFETCH = 2;
 const BUFFER_PACKS = 2;
 
 /**
- * Rows streamed from the embedding packs under `prefix` (features/extract.ts), one source per wanted
- * set (training rows, held-out rows): the entries of its images (`classOf`: id → class) and views
- * `< views`. One pass reads every pack's header to index the rows of all sets; each training pass then
- * reads the packs again, in a shuffled order, a few at a time. Packs of other runs that share the cache
- * key are skipped after their header.
+ * Rows streamed from embedding packs (features/extract.ts), one source per wanted set (training rows,
+ * held-out rows): the entries of its images (`classOf`: id → class) and views `< views`. The index —
+ * pack key → its entries, which the extraction already read or wrote (`Features.packs`) — says where
+ * every row is, so no pack is read to find them; each training pass then reads the packs in a shuffled
+ * order, a few at a time. Packs of other runs that share the cache key contribute no rows and are not read.
  */
-export async function packRows(
+export function packRows(
   store: ObjectStore,
-  prefix: string,
+  index: ReadonlyMap<string, readonly (readonly [string, number])[]>,
+  shape: number[],
   sets: readonly { classOf: ReadonlyMap<string, number>; views: number }[],
-): Promise<RowSource[]> {
-  const keys: string[] = [];
-  for await (const o of store.list(prefix)) keys.push(o.key);
-  const index = sets.map(() => ({ packs: [] as PackRows[], y: [] as number[], ids: [] as string[], seen: new Set<string>() }));
-  let shape: number[] = [];
-  for await (const h of pMapIterable(keys, async (key) => ({ key, header: await readHeader(store, key) }), { concurrency: 8 })) {
-    if (!h.header) continue;
-    if (h.header.shape.length > 0) shape = h.header.shape;
+): RowSource[] {
+  const built = sets.map(() => ({ packs: [] as PackRows[], y: [] as number[], ids: [] as string[], seen: new Set<string>() }));
+  // In key order, whatever order the extraction met the packs in: a resumed run numbers its rows (and
+  // so shuffles them) exactly as the run it resumes.
+  for (const key of [...index.keys()].sort()) {
+    const entries = index.get(key) ?? [];
     sets.forEach((set, s) => {
-      const into = index[s] as (typeof index)[number];
+      const into = built[s] as (typeof built)[number];
       const rows: PackRows["rows"] = [];
-      h.header?.entries.forEach(([id, view], entry) => {
+      entries.forEach(([id, view], entry) => {
         const cls = set.classOf.get(id);
         const tag = `${id}/${view}`;
         if (cls === undefined || view >= set.views || into.seen.has(tag)) return;
@@ -75,10 +74,10 @@ export async function packRows(
         into.y.push(cls);
         into.ids.push(id);
       });
-      if (rows.length > 0) into.packs.push({ key: h.key, rows });
+      if (rows.length > 0) into.packs.push({ key, rows });
     });
   }
-  return index.map((i) => streamedSource(store, shape, i.packs, Int32Array.from(i.y), i.ids));
+  return built.map((i) => streamedSource(store, shape, i.packs, Int32Array.from(i.y), i.ids));
 }
 
 interface PackRows {
@@ -132,16 +131,6 @@ function streamedSource(store: ObjectStore, shape: number[], packs: PackRows[], 
       while (buffer.length > 0) yield take(Math.min(batchSize, buffer.length));
     },
   };
-}
-
-async function readHeader(store: ObjectStore, key: string) {
-  const bytes = await store.get(key);
-  if (!bytes) return null;
-  try {
-    return decodePackHeader(bytes);
-  } catch {
-    return null; // a torn pack: extraction computes its images again into a new pack
-  }
 }
 
 function shuffle<T>(a: { length: number; [i: number]: T }, rand: () => number): void {
