@@ -93,7 +93,9 @@ export function preprocess(pixels: Pixels, size: number, spec: PreprocessingSpec
   const src = pixels.data;
   const c = pixels.channels;
   const rowStride = width * c;
-  // Version 2 composites alpha onto the background, pixel by pixel, before any resampling.
+  // Version 2 composites alpha onto the background, pixel by pixel, before any resampling. Two copies
+  // of the horizontal loop on purpose: one loop with the alpha term behind a flag gives identical output
+  // but measured 0.5–4 % slower on a 500×375 photo (2026-11-29), on the hot path of training and the edge.
   const composite = c === 4 && spec.version >= 2;
   const [bgR, bgG, bgB] = spec.background ?? WHITE;
   for (let y = 0; y < rows && composite; y++) {
