@@ -46,6 +46,8 @@ export const edgetuneConfigSchema = z
     logRetentionDays: z.number().int().default(30),
     /** Days to keep embedding packs not touched (rewritten) by a run. */
     embeddingCacheRetentionDays: z.number().int().min(1).default(90),
+    /** Days the edge's captured inputs and counters are kept (reviewed ones are moved out before). */
+    captureRetentionDays: z.number().int().min(1).max(3650).default(30),
     noncurrentVersionRetentionDays: z.number().int().min(1).default(30),
     /**
      * Scale-out of feature extraction: a training run with more images to embed than this submits the

@@ -45,7 +45,17 @@ export function acknowledgeNagFindings(stack: Stack): void {
       `The nightly dispatcher plans every dataset: it reads ${prefix}/ (and may store a base it plans with under bases/).`,
     );
   }
-  for (const action of ["s3:GetObject*", "s3:GetBucket*", "s3:List*", "s3:Abort*"]) {
+  ack(
+    nightlyRole,
+    "AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/captures/*]",
+    "The nightly step of the traffic loop reads the edge's captures and counters, writes their roll-ups and deletes what was reviewed.",
+  );
+  ack(
+    nightlyRole,
+    "AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/datasets/*/captured-*]",
+    "Reviewed captures join their dataset as captured-* files: the only keys under datasets/ the dispatcher may write.",
+  );
+  for (const action of ["s3:GetObject*", "s3:GetBucket*", "s3:List*", "s3:Abort*", "s3:DeleteObject*"]) {
     ack(nightlyRole, `AwsSolutions-IAM5[Action::${action}]`, `${action} is the action group CDK's bucket grants use, limited to the prefixes above.`);
   }
   for (const id of ["Container", "EmbedContainer", "CpuContainer", "NightlyContainer"]) {
@@ -80,6 +90,11 @@ export function acknowledgeNagFindings(stack: Stack): void {
     edge.node.findChild("ReadModels"),
     "AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/models/*]",
     "The edge reads any promoted model: s3:GetObject on models/* only, nothing else.",
+  );
+  ack(
+    edge.node.findChild("ReadModels"),
+    "AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/captures/*]",
+    "The traffic loop: the edge stores captured inputs and counters under captures/ (PutObject and GetObject there only; no delete, nothing outside captures/).",
   );
   ack(
     edge.node.findChild("ApiKeys"),

@@ -56,8 +56,22 @@ describe("data bucket", () => {
     const rules = bucket.Properties.LifecycleConfiguration.Rules;
     const ids = rules.map((r) => r.Id);
     expect(ids).toEqual(
-      expect.arrayContaining(["abort-incomplete-multipart", "noncurrent-versions", "embedding-cache", "run-state", "run-status", "lock-heartbeats"]),
+      expect.arrayContaining([
+        "abort-incomplete-multipart",
+        "noncurrent-versions",
+        "embedding-cache",
+        "run-state",
+        "run-status",
+        "lock-heartbeats",
+        "captures",
+      ]),
     );
+    // Captured traffic expires after 30 days by default, its overwritten versions after one.
+    expect(rules.find((r) => r.Id === "captures")).toMatchObject({
+      Prefix: "captures/",
+      ExpirationInDays: 30,
+      NoncurrentVersionExpiration: { NoncurrentDays: 1 },
+    });
     for (const r of rules)
       expect(r.Prefix === "models/" || r.Prefix === "datasets/" || (r.Prefix === undefined && r.ExpirationInDays !== undefined)).toBe(false);
   });
@@ -213,10 +227,20 @@ describe("GPU batch job", () => {
     expect(list?.Condition).toBeUndefined();
   });
 
-  it("gives the job read-only access to datasets and no delete there", () => {
-    const datasetStatements = statements().filter((s) => JSON.stringify(s.Resource).includes("/datasets/*"));
+  it("gives the job read-only access to datasets and no delete there; only reviewed captures may be added", () => {
+    const datasetStatements = statements().filter((s) => JSON.stringify(s.Resource).includes("/datasets/"));
     expect(datasetStatements.length).toBeGreaterThan(0);
-    for (const s of datasetStatements) for (const a of actions(s)) expect(a).toMatch(/^s3:(GetObject\*|GetBucket\*|List\*)$/);
+    for (const s of datasetStatements) {
+      // The one write under datasets/: the dispatcher adding reviewed captures as captured-* files.
+      const captured = JSON.stringify(s.Resource).includes("/datasets/*/captured-*");
+      for (const a of actions(s))
+        expect(a).toMatch(
+          captured
+            ? /^s3:(PutObject|PutObjectLegalHold|PutObjectRetention|PutObjectTagging|PutObjectVersionTagging|Abort\*)$/
+            : /^s3:(GetObject\*|GetBucket\*|List\*)$/,
+        );
+      if (captured) expect(JSON.stringify(s.Resource)).not.toMatch(/\/datasets\/\*"/);
+    }
   });
 });
 
@@ -270,10 +294,14 @@ describe("triggers", () => {
     const nightly = jobRoleStatements(template, "TrainingNightlyRole");
     const text = JSON.stringify(nightly);
     expect(text).toContain("batch:SubmitJob");
-    expect(text).not.toMatch(/DeleteObject/);
+    // Deletes only what the traffic loop reviewed or rolled up, under captures/.
+    const deletes = nightly.filter((st) => actions(st).some((a) => a.startsWith("s3:DeleteObject")));
+    expect(JSON.stringify(deletes)).toContain("/captures/*");
+    expect(JSON.stringify(deletes)).not.toMatch(/\/(models|cache|datasets|bases|runs|status)\//);
     const puts = nightly.filter((st) => actions(st).some((a) => a.startsWith("s3:PutObject")));
     expect(JSON.stringify(puts)).toContain("/bases/*");
-    expect(JSON.stringify(puts)).not.toMatch(/\/(models|cache|datasets|runs|status)\//);
+    expect(JSON.stringify(puts)).not.toMatch(/\/(models|cache|runs|status)\//);
+    expect(JSON.stringify(puts).match(/\/datasets\/[^"]*/g)).toEqual(["/datasets/*/captured-*"]);
   });
 });
 
@@ -303,19 +331,54 @@ describe("alerts and edge credentials", () => {
     template.hasResourceProperties("AWS::Logs::LogGroup", { RetentionInDays: 30 });
   });
 
-  it("gives the edge s3:GetObject on models/* and a listing of models/ and nothing else, its key in Secrets Manager, exported", () => {
+  it("gives the edge reads of models/* and captures/*, writes to captures/* only, their listings, its key in Secrets Manager, exported", () => {
+    const objects = (prefix: string) => ({ "Fn::Join": ["", [Match.anyValue(), `/${prefix}`]] });
     template.hasResourceProperties("AWS::IAM::ManagedPolicy", {
       PolicyDocument: {
         Statement: [
-          { Effect: "Allow", Action: "s3:GetObject", Resource: { "Fn::Join": ["", [Match.anyValue(), "/models/*"]] } },
-          { Effect: "Allow", Action: "s3:ListBucket", Resource: Match.anyValue(), Condition: { StringLike: { "s3:prefix": ["models/", "models/*"] } } },
+          { Effect: "Allow", Action: "s3:GetObject", Resource: [objects("models/*"), objects("captures/*")] },
+          { Sid: "WriteCapturesOnly", Effect: "Allow", Action: "s3:PutObject", Resource: objects("captures/*") },
+          {
+            Effect: "Allow",
+            Action: "s3:ListBucket",
+            Resource: Match.anyValue(),
+            Condition: { StringLike: { "s3:prefix": ["models/", "models/*", "captures/", "captures/*"] } },
+          },
         ],
       },
     });
     template.resourceCountIs("AWS::IAM::User", 1);
-    template.resourceCountIs("AWS::SecretsManager::Secret", 3); // the read-only key, the API keys, the operators' console keys
+    template.resourceCountIs("AWS::SecretsManager::Secret", 3); // the edge's key, the API keys, the operators' console keys
     const outputs = Object.keys(template.findOutputs("*"));
     expect(outputs).toEqual(expect.arrayContaining(["BucketName", "Region", "EdgeCredentialsSecretArn"]));
+  });
+
+  it("lets the edge's user change nothing outside captures/ (every action but reads and listings, on any policy it has)", () => {
+    const userId = Object.keys(template.findResources("AWS::IAM::User"))[0] as string;
+    // Every policy that can reach the user: managed ones attached to it, inline ones naming it.
+    const users = template.findResources("AWS::IAM::User");
+    const attachedRefs = JSON.stringify((users[userId] as { Properties: { ManagedPolicyArns?: unknown } }).Properties.ManagedPolicyArns ?? []);
+    const managed = Object.entries(template.findResources("AWS::IAM::ManagedPolicy"))
+      .filter(
+        ([id, p]) =>
+          attachedRefs.includes(`"${id}"`) || JSON.stringify((p as { Properties: { Users?: unknown } }).Properties.Users ?? []).includes(`"${userId}"`),
+      )
+      .map(([, p]) => p);
+    const inline = Object.values(template.findResources("AWS::IAM::Policy")).filter((p) =>
+      JSON.stringify((p as { Properties: { Users?: unknown } }).Properties.Users ?? []).includes(`"${userId}"`),
+    );
+    const edgePolicies = [...managed, ...inline];
+    expect(edgePolicies.length).toBeGreaterThan(0);
+    type Statement = { Action: string | string[]; Resource: unknown; Effect: string };
+    const statements = edgePolicies.flatMap((p) => (p as { Properties: { PolicyDocument: { Statement: Statement[] } } }).Properties.PolicyDocument.Statement);
+    const writes = statements.filter((st) => st.Effect === "Allow" && [st.Action].flat().some((a) => !/^s3:(Get|List)/.test(a)));
+    expect(writes.length).toBe(1);
+    for (const st of writes) {
+      expect([st.Action].flat()).toEqual(["s3:PutObject"]);
+      const resources = JSON.stringify(st.Resource);
+      expect(resources).toMatch(/\/captures\/\*"/);
+      expect(resources).not.toMatch(/models|datasets|bases|cache|runs|status|locks/);
+    }
   });
 
   it("generates the Worker's API keys once, in Secrets Manager, as bearer-token characters", () => {

@@ -10,6 +10,9 @@
  *   runs/<name>/<version>/checkpoint.json      resumable training state, deleted on success
  *   status/<dataset>/<runId>.json              what a training run of the dataset is doing, or did
  *   locks/<name>.json                          one training run per model at a time
+ *   models/<name>/capture.json                 the edge's capture settings for the model
+ *   captures/<model>/...                       what the edge captured and counted (contracts/capture.ts);
+ *                                              the only prefix the edge may write
  */
 
 import { ARTIFACT_FILES, POINTER_FILE } from "./contracts/artifact.ts";
@@ -36,7 +39,37 @@ export const keys = {
   statusRoot: "status/",
   runStatuses: (dataset: string) => `status/${dataset}/`,
   runStatus: (dataset: string, runId: string) => `status/${dataset}/${runId}.json`,
+  captureConfig: (model: string) => `models/${model}/capture.json`,
+  capturesRoot: "captures/",
+  captures: (model: string) => `captures/${model}/`,
+  captureImages: (model: string) => `captures/${model}/images/`,
+  captureFile: (model: string, day: string, id: string, ext: string) => `captures/${model}/images/${day}/${id}.${ext}`,
+  captureQuota: (model: string, day: string) => `captures/${model}/quota/${day}.json`,
+  captureDecisions: (model: string) => `captures/${model}/decisions/`,
+  captureDecision: (model: string, id: string) => `captures/${model}/decisions/${id}.json`,
+  captureCounters: (model: string) => `captures/${model}/counters/`,
+  captureCounterFile: (model: string, day: string, stamp: string) => `captures/${model}/counters/${day}/${stamp}.json`,
+  captureMonitor: (model: string) => `captures/${model}/monitor.json`,
 } as const;
+
+/**
+ * True for a key of the capture layout (contracts/capture.ts): `captures/<model>/` for a valid model
+ * name, then exactly one of the shapes the key builders make, with no empty, `.` or `..` segment. A
+ * name carrying a slash cannot reach another model's folder: the shape would be wrong. The edge's
+ * writer refuses every other key; `prefix` checks a listing prefix (`captures/<model>/<kind>/`) instead.
+ */
+export function isCaptureKey(key: string, prefix = false): boolean {
+  const s = key.split("/");
+  if (s[0] !== "captures" || !/^[a-z0-9][a-z0-9._-]{0,62}$/.test(s[1] ?? "")) return false;
+  const day = (x: string | undefined) => /^\d{4}-\d{2}-\d{2}$/.test(x ?? "");
+  const file = (x: string | undefined) => x !== undefined && x !== "." && x !== ".." && /^[A-Za-z0-9._-]+$/.test(x);
+  const kind = s[2];
+  if (prefix) return s.length === 4 && s[3] === "" && (kind === "images" || kind === "decisions" || kind === "counters");
+  if (kind === "images" || kind === "counters") return s.length === 5 && day(s[3]) && file(s[4]);
+  if (kind === "quota") return s.length === 4 && day(s[3]?.replace(/\.json$/, "")) && s[3]?.endsWith(".json") === true;
+  if (kind === "decisions") return s.length === 4 && file(s[3]);
+  return s.length === 3 && kind === "monitor.json";
+}
 
 /** Dataset name from a manifest key, or null if the key is not a manifest. */
 export function datasetNameFromManifestKey(key: string): string | null {

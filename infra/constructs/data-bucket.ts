@@ -38,6 +38,14 @@ export class DataBucket extends Construct {
         { id: "embedding-cache", prefix: "cache/", expiration: Duration.days(config.embeddingCacheRetentionDays) },
         { id: "run-state", prefix: "runs/", expiration: Duration.days(14) },
         { id: "run-status", prefix: "status/", expiration: Duration.days(30) },
+        // What the edge captured for review and counted: personal data, possibly; kept a bounded time,
+        // and its overwritten versions (the daily quota is rewritten with every capture) for one day.
+        {
+          id: "captures",
+          prefix: "captures/",
+          expiration: Duration.days(config.captureRetentionDays),
+          noncurrentVersionExpiration: Duration.days(1),
+        },
         // The training lock's heartbeats (one object version a minute while a run holds it).
         { id: "lock-heartbeats", prefix: "locks/", noncurrentVersionExpiration: Duration.days(1) },
         // No age-based expiry under models/ or datasets/: the promoted version may be old, and

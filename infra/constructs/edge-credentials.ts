@@ -5,9 +5,10 @@ import * as secretsmanager from "aws-cdk-lib/aws-secretsmanager";
 import { Construct } from "constructs";
 
 /**
- * Read-only credentials for the Cloudflare Worker, which lives outside AWS and so cannot assume a
- * role: an IAM user allowed only s3:GetObject on `models/*` and a listing of `models/` (the web
- * console's model and version lists), its access key kept in Secrets Manager
+ * Credentials for the Cloudflare Worker, which lives outside AWS and so cannot assume a role: an IAM
+ * user allowed s3:GetObject on `models/*` and a listing of `models/` (the web console's model and
+ * version lists), and — for the traffic loop — s3:GetObject and s3:PutObject on `captures/*` and its
+ * listing. It can write nothing outside `captures/` and delete nothing. Its access key is kept in Secrets Manager
  * (`npm run deploy` copies it into Worker secrets). Rotate by replacing the key and redeploying.
  * Also the API keys clients present to the Worker: generated once by CloudFormation, so every later
  * deploy keeps them; `npm run deploy -- --rotate-api-key` rotates them explicitly.
@@ -22,20 +23,21 @@ export class EdgeCredentials extends Construct {
     super(scope, id);
     this.user = new iam.User(this, "EdgeReader");
     const policy = new iam.ManagedPolicy(this, "ReadModels", {
-      description: "edgetune edge worker: read and list models only",
+      description: "edgetune edge worker: read and list models; read, list and write captures only",
       statements: [
-        new iam.PolicyStatement({ actions: ["s3:GetObject"], resources: [props.bucket.arnForObjects("models/*")] }),
+        new iam.PolicyStatement({ actions: ["s3:GetObject"], resources: [props.bucket.arnForObjects("models/*"), props.bucket.arnForObjects("captures/*")] }),
+        new iam.PolicyStatement({ sid: "WriteCapturesOnly", actions: ["s3:PutObject"], resources: [props.bucket.arnForObjects("captures/*")] }),
         new iam.PolicyStatement({
           actions: ["s3:ListBucket"],
           resources: [props.bucket.bucketArn],
-          conditions: { StringLike: { "s3:prefix": ["models/", "models/*"] } },
+          conditions: { StringLike: { "s3:prefix": ["models/", "models/*", "captures/", "captures/*"] } },
         }),
       ],
     });
     this.user.addManagedPolicy(policy);
     const key = new iam.AccessKey(this, "Key", { user: this.user });
     this.secret = new secretsmanager.Secret(this, "Secret", {
-      description: "edgetune edge worker read-only S3 credentials",
+      description: "edgetune edge worker S3 credentials (read models, write captures)",
       // The key id is not secret; the secret key goes straight from the AccessKey into the secret.
       secretObjectValue: { accessKeyId: SecretValue.unsafePlainText(key.accessKeyId), secretAccessKey: key.secretAccessKey },
     });

@@ -241,6 +241,12 @@ export class TrainingBatch extends Construct {
     props.bucket.grantRead(nightlyRole, "models/*");
     props.bucket.grantRead(nightlyRole, "bases/*");
     props.bucket.grantPut(nightlyRole, "bases/*");
+    // The traffic loop's nightly step (traffic/traffic.ts): reviewed captures move into their dataset —
+    // the only writes under datasets/ any role has, and only of files named captured-* — and the edge's
+    // captures and counters are rolled up and cleaned.
+    props.bucket.grantReadWrite(nightlyRole, "captures/*");
+    props.bucket.grantDelete(nightlyRole, "captures/*");
+    props.bucket.grantPut(nightlyRole, "datasets/*/captured-*");
     nightlyRole.addToPolicy(new iam.PolicyStatement({ actions: ["s3:ListBucket"], resources: [props.bucket.bucketArn] }));
     nightlyRole.addToPolicy(
       new iam.PolicyStatement({

@@ -46,16 +46,17 @@ export async function startLocalS3(options: { bucket?: string; port?: number } =
 type FauxqsApp = ReturnType<typeof buildApp>;
 
 /**
- * fauxqs ignores `If-None-Match: *` on PUT (shared FACTS: the one S3 conditional write it lacks); real
- * S3 answers 412 Precondition Failed when the key exists. This hook gives the local server S3's
- * semantics, atomically per key (conditional puts of one key run one at a time), so locks and
- * run-record claims behave here as they do in AWS.
+ * fauxqs ignores conditional PUTs (`If-None-Match: *`, `If-Match: <etag>`); real S3 answers 412
+ * Precondition Failed when the key exists, or when it no longer has that ETag. This hook gives the local
+ * server S3's semantics, atomically per key (conditional puts of one key run one at a time), so locks,
+ * run-record claims and the edge's capture quota (a compare-and-swap) behave here as they do in AWS.
  */
 function conditionalPuts(app: FauxqsApp): void {
   const queues = new Map<string, Promise<void>>();
   const releases = new WeakMap<object, () => void>();
   app.addHook("onRequest", async (req: FastifyRequest, reply: FastifyReply) => {
-    if (req.method !== "PUT" || req.headers["if-none-match"] !== "*") return;
+    const ifMatch = req.headers["if-match"];
+    if (req.method !== "PUT" || (req.headers["if-none-match"] !== "*" && typeof ifMatch !== "string")) return;
     const path = req.url.split("?")[0] as string;
     const before = queues.get(path) ?? Promise.resolve();
     let release = () => {};
@@ -71,7 +72,9 @@ function conditionalPuts(app: FauxqsApp): void {
     releases.set(req.raw, done);
     await before;
     const head = await app.inject({ method: "HEAD", url: path });
-    if (head.statusCode === 200) {
+    // If-None-Match: * fails when the key exists; If-Match fails unless it exists with that ETag.
+    const failed = typeof ifMatch === "string" ? head.statusCode !== 200 || head.headers.etag !== ifMatch : head.statusCode === 200;
+    if (failed) {
       done();
       return reply
         .code(412)

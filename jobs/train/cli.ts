@@ -22,6 +22,7 @@ import { importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts"
 import { batchSubmitter, dispatchNightly } from "./src/nightly.ts";
 import { emit, emitList, percent } from "./src/output.ts";
 import { followRun, listRunStatuses, type RunStatus, StatusRecorder } from "./src/status.ts";
+import { applyDecisions, decide, listCaptures, monitor, parseRate, processTraffic, readCaptureConfig, writeCaptureConfig } from "./src/traffic/traffic.ts";
 
 const int = (name: string) => (v: string) => {
   const n = Number(v);
@@ -166,6 +167,7 @@ program
         );
       return;
     }
+    if (input.dataset === "*") await processTraffic(store, log);
     const names = input.dataset === "*" ? (await listDatasets(store)).filter((d) => d.complete).map((d) => d.name) : [input.dataset];
     let failed = 0;
     for (const dataset of names) {
@@ -368,6 +370,129 @@ program
       d.complete ? "complete" : "uploading (no manifest)",
       d.lastRun ? runOutcome(d.lastRun) : "—",
     ]);
+  });
+
+program
+  .command("capture <model>")
+  .description("Show or change what the edge stores of a model's traffic for review (off until turned on; README: Learning from traffic)")
+  .option("--on", "turn capture on")
+  .option("--off", "turn capture off (nothing more is stored; what was stored expires)")
+  .option("--below <score>", "store inputs whose top score is below this (0–1)")
+  .option("--sample <rate>", "and this share of the other inputs (0–1 or a percentage)")
+  .option("--max-per-day <n>", "at most this many inputs a day, all edge isolates together", int("--max-per-day"))
+  .option("--max-mb-per-day <n>", "at most this many MB a day", int("the value"))
+  .option("--json", "the settings as JSON")
+  .action(
+    async (
+      model: string,
+      o: { on?: boolean; off?: boolean; below?: string; sample?: string; maxPerDay?: number; maxMbPerDay?: number; json?: boolean },
+      cmd: Command,
+    ) => {
+      const store = storeFrom(cmd.optsWithGlobals());
+      const changes = {
+        ...(o.on ? { enabled: true } : {}),
+        ...(o.off ? { enabled: false } : {}),
+        ...(o.below !== undefined ? { belowConfidence: parseRate(o.below, "--below") } : {}),
+        ...(o.sample !== undefined ? { sampleRate: parseRate(o.sample, "--sample") } : {}),
+        ...(o.maxPerDay !== undefined ? { maxPerDay: o.maxPerDay } : {}),
+        ...(o.maxMbPerDay !== undefined ? { maxBytesPerDay: o.maxMbPerDay * 1024 * 1024 } : {}),
+      };
+      const config = Object.keys(changes).length > 0 ? await writeCaptureConfig(store, model, changes) : await readCaptureConfig(store, model);
+      emit(
+        o,
+        { model, ...config },
+        config.enabled
+          ? `Capture of ${model} is on: inputs scored below ${config.belowConfidence} and ${percent(config.sampleRate)} of the others, at most ${config.maxPerDay} a day (${Math.round(config.maxBytesPerDay / 1048576)} MB), kept ${config.maxSide} px at most. Review: edgetune review ${model}.`
+          : `Capture of ${model} is off. Turn it on: edgetune capture ${model} --on.`,
+      );
+    },
+  );
+
+program
+  .command("review <model>")
+  .description("The inputs the edge captured for review; accept (into the dataset, under the predicted or a corrected label) or discard them")
+  .option("--accept <ids>", "comma-separated capture ids to add to the dataset")
+  .option("--as <label>", "with --accept: the true label (default: the predicted one)")
+  .option("--discard <ids>", "comma-separated capture ids to drop")
+  .option("--json", "one JSON object per capture, or the applied decisions")
+  .action(async (model: string, o: { accept?: string; as?: string; discard?: string; json?: boolean }, cmd: Command) => {
+    const store = storeFrom(cmd.optsWithGlobals());
+    const ids = (list?: string) =>
+      (list ?? "")
+        .split(",")
+        .map((x) => x.trim())
+        .filter(Boolean);
+    if (o.as && !o.accept) throw new InvalidArgumentError("--as goes with --accept.");
+    if (!o.accept && !o.discard) {
+      const pending = await listCaptures(store, model);
+      emitList(
+        o,
+        pending,
+        `Nothing of ${model} is waiting for review${(await readCaptureConfig(store, model)).enabled ? "" : ` (capture is off: edgetune capture ${model} --on)`}.`,
+        ["ID", "CAPTURED", "VERSION", "PREDICTED", "SCORE", "WHY", "DECIDED"],
+        (c) => [
+          c.id,
+          c.capturedAt.replace("T", " ").slice(0, 19),
+          c.version,
+          c.predictions[0]?.label ?? "",
+          percent(c.predictions[0]?.score),
+          c.reason === "low_confidence" ? "unsure" : "sampled",
+          c.decision ? `${c.decision.action}${c.decision.label ? ` as ${c.decision.label}` : ""} (${c.decision.by})` : "",
+        ],
+      );
+      return;
+    }
+    for (const id of ids(o.accept)) await decide(store, model, id, "accept", o.as);
+    for (const id of ids(o.discard)) await decide(store, model, id, "discard");
+    // The CLI applies at once (it has the job's rights); decisions made in the console wait for the nightly run.
+    const r = await applyDecisions(store, model, createLogger());
+    for (const f of r.refused) process.stderr.write(`not added: ${f.id}: ${f.reason}\n`);
+    emit(
+      o,
+      r,
+      `${r.accepted.length} added to the dataset, ${r.discarded.length} discarded${r.refused.length ? `, ${r.refused.length} refused` : ""}. The next nightly run trains on the added images (or now: edgetune train --dataset <name>).`,
+    );
+    if (r.refused.length > 0) process.exitCode = 1;
+  });
+
+program
+  .command("monitor <model>")
+  .description("The served model's traffic per day (answers, low-confidence share, predicted labels) against its held-out split, with drift flags")
+  .option("--days <n>", "how many days back", int("--days"), 7)
+  .option("--json", "the summary as JSON")
+  .action(async (model: string, o: { days: number; json?: boolean }, cmd: Command) => {
+    const store = storeFrom(cmd.optsWithGlobals());
+    const s = await monitor(store, model, { days: o.days });
+    if (o.json) {
+      emit(o, s, "");
+      return;
+    }
+    const ref = s.reference;
+    const share = (labels: Record<string, number>, total: number) =>
+      Object.entries(labels)
+        .sort((a, b) => b[1] - a[1])
+        .slice(0, 3)
+        .map(([l, n]) => `${l} ${Math.round((100 * n) / Math.max(1, total))}%`)
+        .join(", ");
+    emitList(
+      o,
+      s.days,
+      `No traffic of ${model} counted in the last ${o.days} days (edge isolates flush their counters every minute or so).`,
+      ["DAY", "ANSWERS", `UNDER ${s.threshold}`, "TOP PREDICTED", "CAPTURED", "DRIFT"],
+      (d) => [
+        d.day,
+        String(d.requests),
+        percent(d.lowConfidence / Math.max(1, d.requests)),
+        share(d.labels, d.requests),
+        String(d.captured),
+        d.drift.join("; ") || "—",
+      ],
+    );
+    if (ref) {
+      process.stdout.write(
+        `Held-out split of ${ref.version} (${ref.evaluatedOn} images): under ${s.threshold} ${ref.lowConfidence === null ? "not recorded" : percent(ref.lowConfidence)}; predicted ${share(Object.fromEntries(Object.entries(ref.labels).map(([l, v]) => [l, v * 100])), 100)}.\n`,
+      );
+    }
   });
 
 program

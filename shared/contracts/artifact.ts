@@ -33,6 +33,8 @@ export const metricsSchema = z.object({
   loss: z.number().optional(),
   evaluatedOn: z.number().int().min(0),
   perClass: z.record(z.string(), classMetricsSchema).default({}),
+  /** Held-out answers by top-1 score, 10 bins from [0, 0.1) to [0.9, 1]: what the edge's traffic is compared with. */
+  confidence: z.array(z.number().int().min(0)).length(10).optional(),
 });
 export type Metrics = z.output<typeof metricsSchema>;
 

@@ -60,10 +60,10 @@ export class S3ObjectStore implements ObjectStore {
     }
   }
 
-  async put(key: string, body: Uint8Array | string, contentType?: string): Promise<{ etag: string }> {
+  async put(key: string, body: Uint8Array | string, contentType?: string, metadata?: Record<string, string>): Promise<{ etag: string }> {
     try {
       const res = await this.client.send(
-        new PutObjectCommand({ Bucket: this.bucket, Key: key, Body: body, ContentType: contentType ?? guessContentType(key) }),
+        new PutObjectCommand({ Bucket: this.bucket, Key: key, Body: body, ContentType: contentType ?? guessContentType(key), Metadata: metadata }),
       );
       return { etag: res.ETag ?? "" };
     } catch (e) {
@@ -85,10 +85,10 @@ export class S3ObjectStore implements ObjectStore {
     }
   }
 
-  async head(key: string): Promise<{ etag: string; size: number } | null> {
+  async head(key: string): Promise<{ etag: string; size: number; metadata?: Record<string, string> } | null> {
     try {
       const res = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: key }));
-      return { etag: res.ETag ?? "", size: res.ContentLength ?? 0 };
+      return { etag: res.ETag ?? "", size: res.ContentLength ?? 0, metadata: res.Metadata };
     } catch (e) {
       if (e instanceof NotFound || isStatus(e, 404)) return null;
       throw new StorageError("HEAD", key, e);

@@ -8,10 +8,11 @@ export interface ObjectReader {
 }
 
 export interface ObjectStore extends ObjectReader {
-  put(key: string, body: Uint8Array | string, contentType?: string): Promise<{ etag: string }>;
+  /** `metadata`: S3 user metadata (x-amz-meta-*), e.g. a captured image's provenance. */
+  put(key: string, body: Uint8Array | string, contentType?: string, metadata?: Record<string, string>): Promise<{ etag: string }>;
   /** Writes only if the key does not exist yet; returns false if it did (S3 `If-None-Match: *`). */
   putIfAbsent(key: string, body: Uint8Array | string, contentType?: string): Promise<boolean>;
-  head(key: string): Promise<{ etag: string; size: number } | null>;
+  head(key: string): Promise<{ etag: string; size: number; metadata?: Record<string, string> } | null>;
   /** Every key under `prefix`, in lexical order, with its ETag, size and (where the server says) last write. */
   list(prefix: string): AsyncIterable<{ key: string; etag: string; size: number; modified?: string }>;
   /** The immediate sub-folders of `prefix`, as full prefixes ending in "/" (a delimiter listing). */

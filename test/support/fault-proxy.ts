@@ -4,7 +4,8 @@ import type { AddressInfo } from "node:net";
 /**
  * An HTTP proxy in front of the local S3 server that fails some requests the way S3 and networks do:
  * 503 SlowDown (S3's "reduce your request rate"), 500 InternalError, or a connection reset. Which
- * requests fail is decided by a counter (every `every`-th), so runs are reproducible.
+ * requests fail is decided by a counter (every `every`-th), so runs are reproducible — or, with `down`,
+ * by a predicate: matching requests get their connection reset (that part of S3 is down).
  */
 export interface FaultProxy {
   endpoint: string;
@@ -13,12 +14,20 @@ export interface FaultProxy {
   stop(): Promise<void>;
 }
 
-export async function startFaultProxy(upstream: string, options: { every: number }): Promise<FaultProxy> {
+export async function startFaultProxy(
+  upstream: string,
+  options: { every: number; down?: (req: { method: string; path: string }) => boolean },
+): Promise<FaultProxy> {
   const target = new URL(upstream);
   const state: FaultProxy = { endpoint: "", injected: { slowDown: 0, internal: 0, reset: 0 }, total: 0, stop: async () => {} };
   const server = createServer((req, res) => {
     state.total++;
     const n = state.total;
+    if (options.down?.({ method: req.method ?? "GET", path: req.url ?? "/" })) {
+      state.injected.reset++;
+      req.socket.destroy();
+      return;
+    }
     if (n % options.every === 0) {
       const kind = (n / options.every) % 3;
       if (kind === 0) {

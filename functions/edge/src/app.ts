@@ -4,18 +4,43 @@ import { HTTPException } from "hono/http-exception";
 import { readMetadata, readPointer, readVerifiedFile } from "../../../shared/artifacts.ts";
 import { listModels, listVersions } from "../../../shared/catalog.ts";
 import { ARTIFACT_FILES } from "../../../shared/contracts/artifact.ts";
+import {
+  CAPTURE_OFF,
+  type CaptureConfig,
+  type CaptureRecord,
+  captureConfigSchema,
+  captureDecisionSchema,
+  captureRecordSchema,
+} from "../../../shared/contracts/capture.ts";
 import { NotFoundError } from "../../../shared/errors.ts";
+import { keys } from "../../../shared/keys.ts";
+import { monitorSummarySchema } from "../../../shared/monitor.ts";
 import { preprocess } from "../../../shared/preprocess.ts";
+import { Capturer, isOptOut } from "./capture/capture.ts";
+import { type CaptureStore, CaptureStoreError, createCaptureStore } from "./capture/store.ts";
 import { type Admission, createAdmission } from "./http/admission.ts";
 import { apiKeyAuth, consoleAuth } from "./http/auth.ts";
 import { readImageBody } from "./http/body.ts";
 import { ApiError, errorBody } from "./http/errors.ts";
-import { decodeImage } from "./image/decode.ts";
+import { decodeImage, EDGE_FORMATS, encodePng } from "./image/decode.ts";
 import { wasmMemoryBytes } from "./memory.ts";
 import { workersCache } from "./model/cache.ts";
 import { ModelRegistry, ModelUnavailableError } from "./model/registry.ts";
 import { createModelSource, ListingUnavailableError, type ModelSource, SourceError } from "./model/source.ts";
-import { classifyRoute, healthRoute, modelParams, modelRoute, modelsRoute, reportRoute, serveOpenApi, versionsRoute } from "./openapi.ts";
+import {
+  captureImageRoute,
+  capturesRoute,
+  classifyRoute,
+  decisionRoute,
+  healthRoute,
+  modelParams,
+  modelRoute,
+  modelsRoute,
+  monitorRoute,
+  reportRoute,
+  serveOpenApi,
+  versionsRoute,
+} from "./openapi.ts";
 import { initTf, tf } from "./tf.ts";
 
 /**
@@ -47,6 +72,18 @@ function registryFor(env: Env): ModelRegistry {
   return registry;
 }
 
+let capturer: Capturer | undefined;
+function capturerFor(env: Env): Capturer {
+  capturer ??= new Capturer(createModelSource(env), createCaptureStore(env), {
+    ttlMs: Number(env.POINTER_TTL_SECONDS || 30) * 1000,
+    flushMs: Number(env.COUNTERS_FLUSH_SECONDS || 60) * 1000,
+    encodePng,
+    exclusive: (work) => admissionFor(env).exclusive(work),
+    log: (fields) => console.warn(JSON.stringify(fields)),
+  });
+  return capturer;
+}
+
 export const app = new OpenAPIHono<AppEnv>({
   // Invalid inputs answer in the API's error shape, not with zod's issue list.
   defaultHook: (result, c) => {
@@ -54,6 +91,15 @@ export const app = new OpenAPIHono<AppEnv>({
     // zod-openapi checks the query before the path; a name that cannot exist still answers 404 first.
     const nameOk = modelParams.safeParse({ name: c.req.param("name") }).success;
     if (!nameOk) throw new ApiError(404, "model_not_found", "No model with that name.");
+    if (result.target === "param" && c.req.param("id") !== undefined) throw new ApiError(404, "capture_not_found", "No capture with that id.");
+    if (result.target === "json") {
+      const issue = result.error.issues[0];
+      throw new ApiError(
+        422,
+        "invalid_decision",
+        `A decision is {"action": "accept", "label": "<label>"} or {"action": "discard"} (${issue?.path.join(".") || "body"}: ${issue?.message}).`,
+      );
+    }
     if (result.target === "param") throw new ApiError(404, "version_not_found", "No version with that name (versions look like v0123456789ab).");
     throw new ApiError(422, "invalid_top_k", "top_k must be a whole number from 1 to 100.");
   },
@@ -67,7 +113,7 @@ app.use("*", async (c, next) => {
   if (origins.length === 0) return next();
   return cors({
     origin: origins.includes("*") ? "*" : origins,
-    allowHeaders: ["Authorization", "Content-Type"],
+    allowHeaders: ["Authorization", "Content-Type", "X-Edgetune-Capture"],
     allowMethods: ["GET", "POST", "OPTIONS"],
     exposeHeaders: ["Server-Timing"],
     maxAge: 600,
@@ -84,13 +130,23 @@ app.openapi(healthRoute, (c) => {
       // Live tensors and their bytes in this isolate: constant between requests unless something leaks.
       memory: registry ? { tensors: tf.memory().numTensors, bytes: tf.memory().numBytes, wasm: wasmMemoryBytes() } : null,
       requests: admission?.stats() ?? { active: 0, queued: 0 },
+      // What capture did in this isolate (failures never reach a classification; they are counted here).
+      capture: capturer?.stats() ?? null,
     },
     200,
   );
 });
 
 app.use("/v1/*", apiKeyAuth());
-for (const path of ["/v1/models", "/v1/models/:name/versions", "/v1/models/:name/versions/*"]) app.use(path, consoleAuth());
+for (const path of [
+  "/v1/models",
+  "/v1/models/:name/versions",
+  "/v1/models/:name/versions/*",
+  "/v1/models/:name/captures",
+  "/v1/models/:name/captures/*",
+  "/v1/models/:name/monitor",
+])
+  app.use(path, consoleAuth());
 
 app.openapi(modelRoute, async (c) => {
   const { name } = c.req.valid("param");
@@ -149,6 +205,67 @@ app.openapi(reportRoute, async (c) => {
   return c.json(JSON.parse(new TextDecoder().decode(report)) as Record<string, unknown>, 200);
 });
 
+/** The review queue: listings of the model's captures and decisions, then the newest undecided records. */
+app.openapi(capturesRoute, async (c) => {
+  const { name } = c.req.valid("param");
+  const store = captureStoreFor(c.env);
+  const [recordKeys, decided, settings] = await Promise.all([
+    store.list(keys.captureImages(name), 1000).then((ks) => ks.filter((k) => k.endsWith(".json")).reverse()),
+    store.list(keys.captureDecisions(name), 1000),
+    readCaptureConfig(catalogFor(c.env), name),
+  ]);
+  const decidedIds = new Set(decided.map((k) => k.slice(keys.captureDecisions(name).length, -".json".length)));
+  const pending = recordKeys.filter((k) => !decidedIds.has(idOfRecordKey(k)));
+  const shown = pending.slice(0, CATALOG_READS - 4);
+  const records = await Promise.all(
+    shown.map(async (k) => {
+      const got = await store.get(k);
+      const parsed = got ? captureRecordSchema.safeParse(JSON.parse(new TextDecoder().decode(got.bytes))) : null;
+      return parsed?.success ? { ...parsed.data, decision: null, label: null } : null;
+    }),
+  );
+  const captures = records.filter((r) => r !== null);
+  return c.json({ model: name, settings, captures, truncated: shown.length < pending.length }, 200);
+});
+
+app.openapi(captureImageRoute, async (c) => {
+  const { name, id } = c.req.valid("param");
+  const store = captureStoreFor(c.env);
+  const record = await readCaptureRecord(store, name, id);
+  const image = await store.get(record.image.key);
+  if (!image) throw new ApiError(404, "capture_not_found", `Capture ${id} has no stored image.`);
+  c.header("content-type", record.image.contentType);
+  c.header("cache-control", "private, max-age=3600");
+  c.header("x-content-type-options", "nosniff");
+  return c.body(image.bytes as Uint8Array<ArrayBuffer>, 200);
+});
+
+app.openapi(decisionRoute, async (c) => {
+  const { name, id } = c.req.valid("param");
+  const body = c.req.valid("json");
+  const store = captureStoreFor(c.env);
+  await readCaptureRecord(store, name, id);
+  const decision = captureDecisionSchema.parse({
+    id,
+    action: body.action,
+    label: body.action === "accept" ? body.label : undefined,
+    decidedAt: new Date().toISOString(),
+    by: "console",
+  });
+  await store.put(keys.captureDecision(name, id), JSON.stringify(decision), "application/json");
+  return c.json({ id, action: decision.action, label: decision.label ?? null }, 200);
+});
+
+app.openapi(monitorRoute, async (c) => {
+  const { name } = c.req.valid("param");
+  const store = captureStoreFor(c.env);
+  const got = await store.get(keys.captureMonitor(name));
+  const parsed = got ? monitorSummarySchema.safeParse(JSON.parse(new TextDecoder().decode(got.bytes))) : null;
+  if (!parsed?.success)
+    throw new ApiError(404, "no_summary", `No monitoring summary for ${name} yet: the nightly job writes one once the edge has counted traffic.`);
+  return c.json(parsed.data, 200);
+});
+
 app.openapi(classifyRoute, async (c) => {
   const t0 = performance.now();
   const { name } = c.req.valid("param");
@@ -162,9 +279,9 @@ app.openapi(classifyRoute, async (c) => {
     const [bytes] = await Promise.all([withDeadline(readImageBody(c, maxBytes), bodySeconds), initTf()]);
     const { model, release } = await acquire(c.env, name, (p) => c.executionCtx.waitUntil(p));
     try {
-      const { t1, t2, t3, scores } = await places.exclusive(async () => {
+      const { t1, t2, t3, scores, pixels, format } = await places.exclusive(async () => {
         const t1 = performance.now();
-        const { pixels } = await decodeImage(bytes, maxPixels);
+        const { pixels, format } = await decodeImage(bytes, maxPixels);
         const t2 = performance.now();
         const size = model.metadata.input.size;
         const input = preprocess(pixels, size, model.metadata.preprocessing);
@@ -173,7 +290,7 @@ app.openapi(classifyRoute, async (c) => {
         const output = tf.tidy(() => model.model.predict(tf.tensor4d(input, [1, size, size, 3])) as tf.Tensor);
         const scores = output.dataSync() as Float32Array;
         output.dispose();
-        return { t1, t2, t3, scores };
+        return { t1, t2, t3, scores, pixels, format };
       });
       const t4 = performance.now();
       const labels = model.metadata.labels;
@@ -181,6 +298,19 @@ app.openapi(classifyRoute, async (c) => {
         .sort((a, b) => b.score - a.score)
         .slice(0, topK);
       const timings = { decodeMs: round(t2 - t1), preprocessMs: round(t3 - t2), inferenceMs: round(t4 - t3), totalMs: round(t4 - t0) };
+      // The traffic loop (capture/capture.ts): after the answer, never in its way.
+      c.executionCtx.waitUntil(
+        capturerFor(c.env).observe({
+          model: name,
+          version: model.metadata.version,
+          labels,
+          scores,
+          bytes,
+          contentType: EDGE_FORMATS[format],
+          pixels,
+          optOut: isOptOut(c.req.raw.headers),
+        }),
+      );
       c.header(
         "server-timing",
         `decode;dur=${timings.decodeMs}, preprocess;dur=${timings.preprocessMs}, inference;dur=${timings.inferenceMs}, total;dur=${timings.totalMs}`,
@@ -204,6 +334,10 @@ app.onError((err, c) => {
     return c.json(errorBody(err.code, err.message), err.status);
   }
   if (err instanceof ListingUnavailableError) return c.json(errorBody("listing_unavailable", `The console cannot list models: ${err.message}.`), 501);
+  if (err instanceof CaptureStoreError) {
+    c.header("retry-after", "5");
+    return c.json(errorBody("storage_unavailable", "Capture storage is not answering; try again shortly."), 503);
+  }
   if (err instanceof SourceError) {
     c.header("retry-after", "5");
     return c.json(errorBody("storage_unavailable", `Model storage is not answering (${err.message}); try again shortly.`), 503);
@@ -218,6 +352,30 @@ app.onError((err, c) => {
   );
   return c.json(errorBody("internal_error", "Something went wrong on our side; the request can be retried."), 500);
 });
+
+function captureStoreFor(env: Env): CaptureStore {
+  const store = createCaptureStore(env);
+  if (!store) throw new ListingUnavailableError("traffic capture needs the S3 API (S3_BUCKET and credentials); MODELS_BASE_URL serves files only");
+  return store;
+}
+
+async function readCaptureConfig(source: ModelSource, name: string): Promise<CaptureConfig> {
+  const r = await source.getIfChanged(keys.captureConfig(name));
+  if (r.status !== 200) return CAPTURE_OFF;
+  const parsed = captureConfigSchema.safeParse(JSON.parse(new TextDecoder().decode(r.bytes)));
+  return parsed.success ? parsed.data : CAPTURE_OFF;
+}
+
+/** `captures/<model>/images/<day>/<id>.json` → id */
+const idOfRecordKey = (key: string) => key.slice(key.lastIndexOf("/") + 1, -".json".length);
+
+async function readCaptureRecord(store: CaptureStore, name: string, id: string): Promise<CaptureRecord> {
+  const day = `${id.slice(0, 4)}-${id.slice(4, 6)}-${id.slice(6, 8)}`;
+  const got = await store.get(keys.captureFile(name, day, id, "json"));
+  const parsed = got ? captureRecordSchema.safeParse(JSON.parse(new TextDecoder().decode(got.bytes))) : null;
+  if (!parsed?.success) throw new ApiError(404, "capture_not_found", `Model ${name} has no capture ${id} (it may have been reviewed already, or expired).`);
+  return parsed.data;
+}
 
 async function acquire(env: Env, name: string, waitUntil: (p: Promise<unknown>) => void) {
   await initTf();

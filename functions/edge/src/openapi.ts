@@ -1,6 +1,9 @@
 import { createRoute, type OpenAPIHono, z } from "@hono/zod-openapi";
 import { artifactMetadataSchema, metricsSchema } from "../../../shared/contracts/artifact.ts";
+import { captureConfigSchema, captureIdSchema, captureRecordSchema } from "../../../shared/contracts/capture.ts";
 import { nameSchema } from "../../../shared/contracts/common.ts";
+import { labelSchema } from "../../../shared/contracts/dataset.ts";
+import { monitorSummarySchema } from "../../../shared/monitor.ts";
 import { RAW_TYPES } from "./http/body.ts";
 
 /**
@@ -183,6 +186,76 @@ export const reportRoute = createRoute({
   },
 });
 
+export const captureParams = z.object({ name: nameSchema, id: captureIdSchema });
+
+export const capturesRoute = createRoute({
+  method: "get",
+  path: "/v1/models/{name}/captures",
+  summary: "Captured inputs waiting for review, newest first (operators)",
+  request: { params: modelParams },
+  responses: {
+    200: {
+      description: "The review queue and the model's capture settings",
+      content: {
+        "application/json": {
+          schema: z.object({
+            model: nameSchema,
+            settings: captureConfigSchema,
+            captures: z.array(captureRecordSchema.extend({ decision: z.enum(["accept", "discard"]).nullable(), label: z.string().nullable() })),
+            truncated: z.boolean(),
+          }),
+        },
+      },
+    },
+    ...consoleErrors,
+    501: errorResponse("Capture needs the S3 API (not available with MODELS_BASE_URL)"),
+  },
+});
+
+export const captureImageRoute = createRoute({
+  method: "get",
+  path: "/v1/models/{name}/captures/{id}/image",
+  summary: "A captured input's stored image (operators)",
+  request: { params: captureParams },
+  responses: {
+    200: { description: "The image as stored", content: { "image/png": binary, "image/jpeg": binary, "image/webp": binary, "image/gif": binary } },
+    ...consoleErrors,
+    404: errorResponse("No such capture"),
+  },
+});
+
+export const decisionBodySchema = z
+  .object({ action: z.enum(["accept", "discard"]), label: labelSchema.optional() })
+  .refine((d) => d.action === "discard" || d.label !== undefined, { message: "an accepted capture needs its label", path: ["label"] });
+
+export const decisionRoute = createRoute({
+  method: "post",
+  path: "/v1/models/{name}/captures/{id}/decision",
+  summary: "Accept a capture into the dataset under a label, or discard it (operators; applied by the next nightly run)",
+  request: { params: captureParams, body: { required: true, content: { "application/json": { schema: decisionBodySchema } } } },
+  responses: {
+    200: {
+      description: "The decision as recorded",
+      content: { "application/json": { schema: z.object({ id: captureIdSchema, action: z.enum(["accept", "discard"]), label: z.string().nullable() }) } },
+    },
+    ...consoleErrors,
+    404: errorResponse("No such capture"),
+    422: errorResponse("Invalid decision"),
+  },
+});
+
+export const monitorRoute = createRoute({
+  method: "get",
+  path: "/v1/models/{name}/monitor",
+  summary: "The served model's traffic per day against its held-out split, with drift flags (operators; written by the nightly job)",
+  request: { params: modelParams },
+  responses: {
+    200: { description: "The monitoring summary", content: { "application/json": { schema: monitorSummarySchema } } },
+    ...consoleErrors,
+    404: errorResponse("No summary yet"),
+  },
+});
+
 export const healthRoute = createRoute({
   method: "get",
   path: "/healthz",
@@ -204,6 +277,16 @@ export const healthRoute = createRoute({
               })
               .nullable(),
             requests: z.object({ active: z.number().int(), queued: z.number().int() }),
+            capture: z
+              .object({
+                captured: z.number().int(),
+                overCap: z.number().int(),
+                failed: z.number().int(),
+                optedOut: z.number().int(),
+                flushed: z.number().int(),
+              })
+              .nullable()
+              .describe("What traffic capture did in this isolate; null before the first classification"),
           }),
         },
       },

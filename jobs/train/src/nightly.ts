@@ -6,6 +6,7 @@ import type { TrainInput } from "./config.ts";
 import type { Logger } from "./log.ts";
 import { planRun, versionExists } from "./plan.ts";
 import { runContext } from "./run.ts";
+import { processTraffic } from "./traffic/traffic.ts";
 
 /**
  * The dispatcher in AWS, for the nightly run and for every dataset upload: not one long job that trains
@@ -35,6 +36,9 @@ export async function dispatchNightly(
   // An upload (named datasets) always gets its training job: the job then closes the upload's queued
   // status record — "already trained" or the reason it cannot train — which `push --wait` is following.
   const uploads = datasets !== "*";
+  // Nightly: reviewed captures join their datasets first (so they are trained on tonight) and the
+  // monitoring summaries are written (traffic/traffic.ts).
+  if (!uploads) await processTraffic(store, log);
   const names = uploads ? datasets : (await listDatasets(store)).filter((d) => d.complete).map((d) => d.name);
   for (const name of names) {
     let strategy: "head" | "finetune" = "head";

@@ -3,6 +3,7 @@ import decodeJpeg, { init as initJpeg } from "@jsquash/jpeg/decode";
 // @ts-expect-error: wrangler's CompiledWasm rule makes the default export a WebAssembly.Module; the package's .d.ts describes wasm-bindgen exports instead
 import pngWasm from "@jsquash/png/codec/pkg/squoosh_png_bg.wasm";
 import decodePng, { init as initPng } from "@jsquash/png/decode";
+import encodePngData from "@jsquash/png/encode";
 import webpWasm from "@jsquash/webp/codec/dec/webp_dec.wasm";
 import decodeWebp, { init as initWebp } from "@jsquash/webp/decode";
 import { imageSize } from "image-size";
@@ -84,6 +85,15 @@ function knownUnsupported(bytes: Uint8Array): string | null {
 export interface Decoded {
   pixels: Pixels;
   format: EdgeFormat;
+}
+
+/** RGBA pixels as a PNG file, with the same libpng module the decoder uses (captured copies). */
+export async function encodePng(pixels: Pixels): Promise<Uint8Array> {
+  if (pixels.channels !== 4) throw new TypeError("encodePng takes RGBA pixels");
+  await initDecoders();
+  const data = new Uint8ClampedArray(pixels.data.buffer, pixels.data.byteOffset, pixels.data.byteLength);
+  const image = { data, width: pixels.width, height: pixels.height, colorSpace: "srgb" } as const;
+  return new Uint8Array(await encodePngData(image as Parameters<typeof encodePngData>[0]));
 }
 
 export async function decodeImage(bytes: Uint8Array, maxPixels: number): Promise<Decoded> {

@@ -47,16 +47,21 @@ export function createModelSource(env: SourceConfig): ModelSource {
       null,
     );
   }
+  const { bucketUrl, send } = signedBucket(env);
+  return new HttpSource((key) => `${bucketUrl}/${encodeKey(key)}`, send, bucketUrl);
+}
+
+/** The bucket's URL and a SigV4-signing fetch, from the worker's S3 settings and secrets. */
+export function signedBucket(env: SourceConfig): { bucketUrl: string; send: (req: Request) => Promise<Response> } {
   if (!env.S3_BUCKET) throw new SourceError("S3_BUCKET (or MODELS_BASE_URL) is not configured");
   const region = env.S3_REGION || "us-east-1";
   const bucketUrl = env.S3_ENDPOINT ? `${env.S3_ENDPOINT.replace(/\/$/, "")}/${env.S3_BUCKET}` : `https://${env.S3_BUCKET}.s3.${region}.amazonaws.com`;
-  const urlOf = (key: string) => `${bucketUrl}/${encodeKey(key)}`;
   if (!env.AWS_ACCESS_KEY_ID || !env.AWS_SECRET_ACCESS_KEY) throw new SourceError("AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY secrets are not set");
   const aws = new AwsClient({ accessKeyId: env.AWS_ACCESS_KEY_ID, secretAccessKey: env.AWS_SECRET_ACCESS_KEY, region, service: "s3", retries: 2 });
-  return new HttpSource(urlOf, (req) => aws.fetch(req), bucketUrl);
+  return { bucketUrl, send: (req) => aws.fetch(req) };
 }
 
-function encodeKey(key: string): string {
+export function encodeKey(key: string): string {
   return key.split("/").map(encodeURIComponent).join("/");
 }
 
@@ -134,7 +139,7 @@ class HttpSource implements ModelSource {
 }
 
 /** The five predefined XML entities and numeric references: all S3 puts in a listing. */
-function unescapeXml(s: string): string {
+export function unescapeXml(s: string): string {
   return s.replace(/&(amp|lt|gt|quot|apos|#\d+|#x[0-9a-fA-F]+);/g, (_, e: string) => {
     if (e.startsWith("#x")) return String.fromCodePoint(Number.parseInt(e.slice(2), 16));
     if (e.startsWith("#")) return String.fromCodePoint(Number(e.slice(1)));

@@ -1,4 +1,5 @@
 import type { Metrics } from "../../../../shared/contracts/artifact.ts";
+import { CONFIDENCE_BINS, confidenceBin } from "../../../../shared/contracts/capture.ts";
 
 /**
  * Classification metrics on the held-out split: accuracy, per-class precision/recall/F1, the
@@ -21,10 +22,13 @@ export function evaluate(
   const k = labels.length;
   const confusion = Array.from({ length: k }, () => new Array<number>(k).fill(0));
   const mistakes: Evaluation["mistakes"] = [];
+  const confidence = new Array<number>(CONFIDENCE_BINS).fill(0);
   let correct = 0;
   truth.forEach((t, i) => {
     const p = probabilities[i] as Float32Array;
     const predicted = argmax(p);
+    const bin = confidenceBin(p[predicted] as number);
+    confidence[bin] = (confidence[bin] ?? 0) + 1;
     (confusion[t] as number[])[predicted] = ((confusion[t] as number[])[predicted] ?? 0) + 1;
     if (predicted === t) correct++;
     else mistakes.push({ key: keysOf[i] as string, label: labels[t] as string, predicted: labels[predicted] as string, score: p[predicted] as number });
@@ -41,7 +45,7 @@ export function evaluate(
   });
   mistakes.sort((a, b) => b.score - a.score);
   return {
-    metrics: { accuracy: truth.length > 0 ? correct / truth.length : 0, loss, evaluatedOn: truth.length, perClass },
+    metrics: { accuracy: truth.length > 0 ? correct / truth.length : 0, loss, evaluatedOn: truth.length, perClass, confidence },
     confusion,
     mistakes: mistakes.slice(0, topMistakes),
   };

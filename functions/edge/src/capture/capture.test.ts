@@ -1,0 +1,226 @@
+import { afterEach, describe, expect, it, vi } from "vitest";
+import { captureRecordSchema, countersSchema } from "../../../../shared/contracts/capture.ts";
+import { isCaptureKey, keys } from "../../../../shared/keys.ts";
+import type { ModelSource } from "../model/source.ts";
+import { Capturer, type Observation } from "./capture.ts";
+import { type CaptureStore, createCaptureStore } from "./store.ts";
+
+/**
+ * The capture logic with its two boundaries faked: the bucket (a map with S3's conditional-write rules)
+ * and the settings source. The worker in workerd against the local S3 server is tested in
+ * test/traffic.test.ts.
+ */
+function fakeBucket(options: { failPuts?: boolean } = {}) {
+  const objects = new Map<string, { body: Uint8Array | string; etag: string }>();
+  let n = 0;
+  const store: CaptureStore & { objects: typeof objects } = {
+    objects,
+    async put(key, body, _type, condition = {}) {
+      await Promise.resolve();
+      if (options.failPuts) throw new Error("connection reset");
+      const current = objects.get(key);
+      if (condition.ifNoneMatch === "*" && current) return false;
+      if (condition.ifMatch && current?.etag !== condition.ifMatch) return false;
+      objects.set(key, { body, etag: `"${++n}"` });
+      return true;
+    },
+    async get(key) {
+      await Promise.resolve();
+      const o = objects.get(key);
+      if (!o) return null;
+      return { bytes: typeof o.body === "string" ? new TextEncoder().encode(o.body) : o.body, etag: o.etag, contentType: "application/json" };
+    },
+    async list(prefix, limit) {
+      return [...objects.keys()]
+        .filter((k) => k.startsWith(prefix))
+        .sort()
+        .slice(0, limit);
+    },
+  };
+  return store;
+}
+
+function settings(config: object | null): ModelSource & { reads: number } {
+  const source = {
+    reads: 0,
+    async getIfChanged(key: string) {
+      source.reads++;
+      expect(key).toBe(keys.captureConfig("pets"));
+      return config ? { status: 200 as const, bytes: new TextEncoder().encode(JSON.stringify(config)), etag: '"c"' } : { status: 404 as const };
+    },
+    async get() {
+      return null;
+    },
+    async *listFolders() {},
+  };
+  return source;
+}
+
+const capturer = (source: ModelSource, store: CaptureStore | null, extra: Partial<ConstructorParameters<typeof Capturer>[2]> = {}) =>
+  new Capturer(source, store, {
+    ttlMs: 60_000,
+    flushMs: 60_000,
+    encodePng: async (p) => new Uint8Array(p.width * p.height),
+    exclusive: (work) => work(),
+    log: () => {},
+    random: () => 0.99,
+    ...extra,
+  });
+
+function observation(top: number, extra: Partial<Observation> = {}): Observation {
+  return {
+    model: "pets",
+    version: "v0123456789ab",
+    labels: ["cat", "dog"],
+    scores: new Float32Array([top, 1 - top]),
+    bytes: new Uint8Array([0xff, 0xd8, 0xff, 1, 2, 3]),
+    contentType: "image/jpeg",
+    pixels: { data: new Uint8Array(40 * 30 * 3), width: 40, height: 30, channels: 3 },
+    optOut: false,
+    ...extra,
+  };
+}
+
+const records = (store: ReturnType<typeof fakeBucket>) =>
+  [...store.objects.entries()]
+    .filter(([k]) => k.includes("/images/") && k.endsWith(".json"))
+    .map(([, o]) => captureRecordSchema.parse(JSON.parse(o.body as string)));
+
+afterEach(() => vi.unstubAllGlobals());
+
+describe("Capturer", () => {
+  it("stores nothing while capture is off (no capture.json), but counts", async () => {
+    const store = fakeBucket();
+    const c = capturer(settings(null), store, { flushMs: 0 });
+    await c.observe(observation(0.45, { labels: ["cat", "dog", "fox"], scores: new Float32Array([0.45, 0.3, 0.25]) }));
+    expect(records(store)).toEqual([]);
+    const counters = [...store.objects.entries()].filter(([k]) => k.includes("/counters/"));
+    expect(counters.length).toBe(1);
+    const delta = countersSchema.parse(JSON.parse(counters[0]?.[1].body as string));
+    expect(delta).toMatchObject({ requests: 1, labels: { cat: 1 }, lowConfidence: 1, captured: 0 });
+    expect(delta.confidence[4]).toBe(1);
+  });
+
+  it("stores an unsure answer with its record (image first), the original bytes when small", async () => {
+    const store = fakeBucket();
+    const c = capturer(settings({ enabled: true, belowConfidence: 0.6 }), store);
+    await c.observe(observation(0.55));
+    await c.observe(observation(0.9)); // sure, and not sampled (random 0.99 ≥ 0)
+    const [r] = records(store);
+    expect(records(store).length).toBe(1);
+    expect(r).toMatchObject({ reason: "low_confidence", version: "v0123456789ab", image: { contentType: "image/jpeg", resized: false, width: 40 } });
+    expect(r?.predictions[0]).toMatchObject({ label: "cat" });
+    expect(store.objects.get(r?.image.key as string)?.body).toEqual(observation(0).bytes);
+    expect(c.stats()).toMatchObject({ captured: 1, failed: 0 });
+    for (const k of store.objects.keys()) expect(isCaptureKey(k)).toBe(true);
+  });
+
+  it("samples sure answers at the configured rate and resizes large inputs to a PNG within maxSide", async () => {
+    const store = fakeBucket();
+    const c = capturer(settings({ enabled: true, belowConfidence: 0, sampleRate: 0.5, maxSide: 32 }), store, { random: () => 0.2 });
+    await c.observe(observation(0.99));
+    const [r] = records(store);
+    expect(r).toMatchObject({ reason: "sampled", image: { contentType: "image/png", resized: true, width: 32, height: 24 } });
+  });
+
+  it("honours the opt-out: nothing stored, counted as opted out", async () => {
+    const store = fakeBucket();
+    const c = capturer(settings({ enabled: true, belowConfidence: 1.01 }), store);
+    await c.observe(observation(0.5, { optOut: true }));
+    expect(records(store)).toEqual([]);
+    expect(c.stats()).toMatchObject({ optedOut: 1, captured: 0 });
+  });
+
+  it("keeps the daily count cap across isolates (compare-and-swap on one quota object)", async () => {
+    const store = fakeBucket();
+    const config = settings({ enabled: true, belowConfidence: 1.01, maxPerDay: 5 });
+    const isolates = [capturer(config, store), capturer(config, store), capturer(config, store)];
+    await Promise.all(isolates.flatMap((c) => Array.from({ length: 4 }, () => c.observe(observation(0.5)))));
+    expect(records(store).length).toBe(5);
+    const quota = JSON.parse(store.objects.get(keys.captureQuota("pets", new Date().toISOString().slice(0, 10)))?.body as string);
+    expect(quota.count).toBe(5);
+    expect(isolates.reduce((a, c) => a + c.stats().overCap + c.stats().captured + c.stats().failed, 0)).toBe(12);
+  });
+
+  it("keeps the daily byte cap", async () => {
+    const store = fakeBucket();
+    const c = capturer(settings({ enabled: true, belowConfidence: 1.01, maxBytesPerDay: 13 }), store);
+    for (let i = 0; i < 4; i++) await c.observe(observation(0.5)); // 6 bytes each
+    expect(records(store).length).toBe(2);
+    expect(c.stats().overCap).toBe(2);
+  });
+
+  it("never rejects when storage is down: failures are counted, counters kept for the next flush", async () => {
+    const store = fakeBucket({ failPuts: true });
+    const c = capturer(settings({ enabled: true, belowConfidence: 1.01 }), store, { flushMs: 0 });
+    await expect(c.observe(observation(0.5))).resolves.toBeUndefined();
+    expect(c.stats().failed).toBeGreaterThanOrEqual(1);
+    expect(c.stats().captured).toBe(0);
+  });
+
+  it("reads capture.json once per TTL", async () => {
+    const source = settings({ enabled: false });
+    const c = capturer(source, fakeBucket());
+    for (let i = 0; i < 5; i++) await c.observe(observation(0.5));
+    expect(source.reads).toBe(1);
+  });
+});
+
+describe("the edge's writes", () => {
+  const hostile = [
+    "../models/pets",
+    "pets/../../models",
+    "a/b",
+    "pets/images",
+    "",
+    ".",
+    "..",
+    "pets%2f..",
+    "PETS",
+    "pets\u0000",
+    "x".repeat(80),
+    "captures/../models",
+  ];
+
+  it("isCaptureKey accepts only keys under captures/<valid model>/ without dot segments", () => {
+    expect(isCaptureKey(keys.captureFile("pets", "2026-11-29", "20261129T101500-abcd12340001", "png"))).toBe(true);
+    expect(isCaptureKey(keys.captureQuota("a.b_c-9", "2026-11-29"))).toBe(true);
+    for (const name of hostile) expect(isCaptureKey(keys.captureQuota(name, "2026-11-29")), name).toBe(false);
+    expect(isCaptureKey(keys.captureMonitor("pets"))).toBe(true);
+    expect(isCaptureKey(keys.captureDecisions("pets"), true)).toBe(true);
+    for (const key of [
+      "models/pets/current.json",
+      "captures/pets",
+      "captures//x",
+      "captures/pets/../x",
+      "captures/pets/images/../../models/x",
+      "captures/a/b/quota/2026-11-29.json",
+      "captures/pets/images/2026-11-29/../x",
+      "captures/pets/other/2026-11-29/x",
+      "datasets/pets/cat/a.png",
+      "/captures/pets/x",
+    ]) {
+      expect(isCaptureKey(key), key).toBe(false);
+    }
+  });
+
+  it("sends no write outside captures/ whatever the model name: every PUT the worker's store builds is checked", async () => {
+    const requests: { method: string; url: string }[] = [];
+    vi.stubGlobal("fetch", async (req: Request) => {
+      requests.push({ method: req.method, url: req.url });
+      return new Response(null, { status: req.method === "GET" ? 404 : 200 });
+    });
+    const store = createCaptureStore({ S3_BUCKET: "b", S3_ENDPOINT: "http://s3.test", AWS_ACCESS_KEY_ID: "k", AWS_SECRET_ACCESS_KEY: "s" }) as CaptureStore;
+    const names = [...hostile, "pets", "a.b", "9-lives"];
+    const config: ModelSource = {
+      getIfChanged: async () => ({ status: 200, bytes: new TextEncoder().encode('{"enabled":true,"belowConfidence":1.01}'), etag: '"c"' }),
+      get: async () => null,
+      async *listFolders() {},
+    };
+    for (const model of names) await capturer(config, store, { flushMs: 0 }).observe(observation(0.5, { model }));
+    const writes = requests.filter((r) => r.method === "PUT");
+    expect(writes.length).toBeGreaterThan(0); // the valid names did write
+    for (const w of writes) expect(new URL(w.url).pathname).toMatch(/^\/b\/captures\/(pets|a\.b|9-lives)\//);
+    for (const r of requests) expect(new URL(r.url).pathname.startsWith("/b/captures/")).toBe(true);
+  });
+});

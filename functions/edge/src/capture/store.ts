@@ -1,0 +1,87 @@
+import { isCaptureKey } from "../../../../shared/keys.ts";
+import { encodeKey, type SourceConfig, signedBucket, unescapeXml } from "../model/source.ts";
+
+/**
+ * The worker's only way to write to the bucket. Every key is checked with `isCaptureKey` before a request
+ * is built — a key outside `captures/<model>/` throws, whatever produced it — and the IAM policy of the
+ * edge's credentials says the same (infra/constructs/edge-credentials.ts). Reads and listings here are
+ * of `captures/` too (the quota, the review queue).
+ */
+export class CaptureKeyError extends Error {}
+
+export interface CaptureStore {
+  /** PUT; `ifMatch` makes it a compare-and-swap, `ifNoneMatch` a create: false when the condition failed. */
+  put(key: string, body: Uint8Array | string, contentType: string, condition?: { ifMatch?: string; ifNoneMatch?: "*" }): Promise<boolean>;
+  get(key: string): Promise<{ bytes: Uint8Array; etag: string; contentType: string } | null>;
+  /** Keys under a prefix, in lexical order, at most `limit`. */
+  list(prefix: string, limit: number): Promise<string[]>;
+}
+
+export class CaptureStoreError extends Error {}
+
+export function assertCaptureKey(key: string): void {
+  if (!isCaptureKey(key)) throw new CaptureKeyError(`refusing to touch ${JSON.stringify(key)}: the edge writes under captures/<model>/ only`);
+}
+
+/** Null where the worker reads models from a plain HTTPS origin (no credentials to write with). */
+export function createCaptureStore(env: SourceConfig): CaptureStore | null {
+  if (env.MODELS_BASE_URL || !env.S3_BUCKET || !env.AWS_ACCESS_KEY_ID) return null;
+  const { bucketUrl, send } = signedBucket(env);
+  const call = async (req: Request) => {
+    try {
+      return await send(req);
+    } catch (e) {
+      throw new CaptureStoreError(`capture storage unreachable (${e instanceof Error ? e.message : e})`);
+    }
+  };
+  return {
+    async put(key, body, contentType, condition = {}) {
+      assertCaptureKey(key);
+      const headers: Record<string, string> = { "content-type": contentType };
+      if (condition.ifMatch) headers["if-match"] = condition.ifMatch;
+      if (condition.ifNoneMatch) headers["if-none-match"] = condition.ifNoneMatch;
+      const res = await call(new Request(`${bucketUrl}/${encodeKey(key)}`, { method: "PUT", headers, body }));
+      await res.body?.cancel();
+      if (res.status === 412 || res.status === 409) return false;
+      if (!res.ok) throw new CaptureStoreError(`capture storage answered HTTP ${res.status} to a write`);
+      return true;
+    },
+    async get(key) {
+      assertCaptureKey(key);
+      const res = await call(new Request(`${bucketUrl}/${encodeKey(key)}`));
+      if (res.status === 404 || res.status === 403) {
+        await res.body?.cancel();
+        return null;
+      }
+      if (!res.ok) {
+        await res.body?.cancel();
+        throw new CaptureStoreError(`capture storage answered HTTP ${res.status} to a read`);
+      }
+      return {
+        bytes: new Uint8Array(await res.arrayBuffer()),
+        etag: res.headers.get("etag") ?? "",
+        contentType: res.headers.get("content-type") ?? "application/octet-stream",
+      };
+    },
+    async list(prefix, limit) {
+      if (!isCaptureKey(prefix, true)) throw new CaptureKeyError(`refusing to list ${JSON.stringify(prefix)}: not a captures/<model>/<kind>/ prefix`);
+      const out: string[] = [];
+      let token: string | undefined;
+      do {
+        const query = new URLSearchParams({ "list-type": "2", prefix, "max-keys": String(Math.min(1000, limit - out.length)) });
+        if (token) query.set("continuation-token", token);
+        const res = await call(new Request(`${bucketUrl}/?${query}`));
+        if (!res.ok) {
+          await res.body?.cancel();
+          throw new CaptureStoreError(`capture storage answered HTTP ${res.status} to a listing`);
+        }
+        const xml = await res.text();
+        for (const m of xml.matchAll(/<Key>([\s\S]*?)<\/Key>/g)) out.push(unescapeXml(m[1] as string));
+        token = /<IsTruncated>true<\/IsTruncated>/.test(xml)
+          ? unescapeXml(/<NextContinuationToken>([\s\S]*?)<\/NextContinuationToken>/.exec(xml)?.[1] ?? "")
+          : undefined;
+      } while (token && out.length < limit);
+      return out.slice(0, limit);
+    },
+  };
+}

@@ -1,0 +1,256 @@
+import { readMetadata, readPointer, readVerifiedFile } from "../../../../shared/artifacts.ts";
+import { ARTIFACT_FILES, type ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
+import {
+  CAPTURE_OFF,
+  type CaptureConfig,
+  type CaptureDecision,
+  type CaptureRecord,
+  type Counters,
+  captureConfigSchema,
+  captureDecisionSchema,
+  captureRecordSchema,
+} from "../../../../shared/contracts/capture.ts";
+import { classifyDatasetKeys } from "../../../../shared/contracts/dataset.ts";
+import { parseContract } from "../../../../shared/contracts/parse.ts";
+import { DatasetError, InvalidOptionError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
+import { keys } from "../../../../shared/keys.ts";
+import { type MonitorSummary, parseCounters, referenceOf, summarize } from "../../../../shared/monitor.ts";
+import { getText, type ObjectStore } from "../../../../shared/s3/store.ts";
+import { decodeImage } from "../dataset/decode.ts";
+import type { Logger } from "../log.ts";
+
+/**
+ * The job's half of the traffic loop (shared/contracts/capture.ts): capture settings, the review queue,
+ * decisions applied to the dataset, and the daily monitoring summary. The edge only ever adds files under
+ * `captures/`; moving an accepted image into `datasets/` and cleaning up happens here, with the job's
+ * rights and the same checks an upload gets.
+ */
+
+export async function readCaptureConfig(store: ObjectStore, model: string): Promise<CaptureConfig> {
+  const text = await getText(store, keys.captureConfig(model));
+  return text === null ? CAPTURE_OFF : parseContract(captureConfigSchema, JSON.parse(text), `capture settings of ${model}`);
+}
+
+/** Turns capture on or off for a model, or changes its settings (checked; the edge picks them up within its TTL). */
+export async function writeCaptureConfig(store: ObjectStore, model: string, changes: Partial<CaptureConfig>): Promise<CaptureConfig> {
+  if (!(await readPointer(store, model))) throw new NotFoundError(`Model ${model} has no served version: capture applies to a served model.`);
+  const config = parseContract(captureConfigSchema, { ...(await readCaptureConfig(store, model)), ...changes }, "capture settings");
+  await store.put(keys.captureConfig(model), `${JSON.stringify(config, null, 2)}\n`, "application/json");
+  return config;
+}
+
+export interface PendingCapture extends CaptureRecord {
+  decision: CaptureDecision | null;
+}
+
+/** Every capture of `model` not applied yet, oldest first, with its decision if one was recorded. */
+export async function listCaptures(store: ObjectStore, model: string): Promise<PendingCapture[]> {
+  const decisions = new Map<string, CaptureDecision>();
+  for await (const o of store.list(keys.captureDecisions(model))) {
+    const text = await getText(store, o.key);
+    const parsed = text === null ? null : captureDecisionSchema.safeParse(JSON.parse(text));
+    if (parsed?.success) decisions.set(parsed.data.id, parsed.data);
+  }
+  const out: PendingCapture[] = [];
+  for await (const o of store.list(keys.captureImages(model))) {
+    if (!o.key.endsWith(".json")) continue;
+    const text = await getText(store, o.key);
+    const parsed = text === null ? null : captureRecordSchema.safeParse(JSON.parse(text));
+    if (parsed?.success) out.push({ ...parsed.data, decision: decisions.get(parsed.data.id) ?? null });
+  }
+  return out;
+}
+
+/** Records a decision (the CLI's; the console records its own through the worker). */
+export async function decide(store: ObjectStore, model: string, id: string, action: "accept" | "discard", label?: string): Promise<CaptureDecision> {
+  const pending = (await listCaptures(store, model)).find((c) => c.id === id);
+  if (!pending) throw new NotFoundError(`Model ${model} has no capture ${id} waiting for review (see edgetune review ${model}).`);
+  const decision = parseContract(
+    captureDecisionSchema,
+    { id, action, label: action === "accept" ? (label ?? pending.predictions[0]?.label) : undefined, decidedAt: new Date().toISOString(), by: "cli" },
+    "decision",
+  );
+  await store.put(keys.captureDecision(model, id), JSON.stringify(decision), "application/json");
+  return decision;
+}
+
+export interface ApplyResult {
+  accepted: { id: string; key: string }[];
+  discarded: string[];
+  refused: { id: string; reason: string }[];
+}
+
+/**
+ * Applies every recorded decision of `model`: an accepted capture is checked as an upload is (a label the
+ * dataset has, an image the job decodes) and copied into the served version's dataset as
+ * `<label>/captured-<id>.<ext>` (under `train/` in a dataset with splits), its provenance in the object's
+ * metadata; then the capture, its image and its decision are deleted. Discards are deleted. A refused
+ * accept keeps its files and says why. The dataset's manifest is not rewritten: the next nightly run sees
+ * the new images (its version fingerprint covers the listing) and trains on them.
+ */
+export async function applyDecisions(store: ObjectStore, model: string, log: Logger): Promise<ApplyResult> {
+  const result: ApplyResult = { accepted: [], discarded: [], refused: [] };
+  const decided = (await listCaptures(store, model)).filter((c) => c.decision);
+  if (decided.length === 0) return result;
+  const served = await servedMetadata(store, model);
+  const dataset = served.dataset.name;
+  const layout = await datasetLayout(store, dataset);
+  for (const capture of decided) {
+    const decision = capture.decision as CaptureDecision;
+    const captureKeys = [
+      capture.image.key,
+      keys.captureFile(model, capture.capturedAt.slice(0, 10), capture.id, "json"),
+      keys.captureDecision(model, capture.id),
+    ];
+    if (decision.action === "discard") {
+      await store.delete(captureKeys);
+      result.discarded.push(capture.id);
+      continue;
+    }
+    try {
+      const label = decision.label as string;
+      if (!layout.labels.has(label)) {
+        throw new DatasetError(
+          `label ${label} is not one of dataset ${dataset}'s labels (${[...layout.labels].sort().join(", ")}); push new labels with edgetune push`,
+        );
+      }
+      const bytes = await store.get(capture.image.key);
+      if (!bytes) throw new NotFoundError(`its image ${capture.image.key} is gone (expired?)`);
+      await decodeImage(bytes);
+      const ext = capture.image.contentType.split("/")[1] === "jpeg" ? "jpg" : (capture.image.contentType.split("/")[1] as string);
+      const key = `${keys.dataset(dataset)}${layout.split ? "train/" : ""}${label}/captured-${capture.id}.${ext}`;
+      await store.put(key, bytes, capture.image.contentType, {
+        "edgetune-captured-from": `${model}@${capture.version}`,
+        "edgetune-captured-at": capture.capturedAt,
+        "edgetune-predicted": `${capture.predictions[0]?.label}:${capture.predictions[0]?.score.toFixed(4)}`,
+        "edgetune-reviewed": `${decision.by} ${decision.decidedAt}`,
+      });
+      await store.delete(captureKeys);
+      result.accepted.push({ id: capture.id, key });
+      log.info(`capture ${capture.id} of ${model} added to dataset ${dataset} as ${label}`);
+    } catch (e) {
+      result.refused.push({ id: capture.id, reason: userMessage(e) });
+      log.warn(`capture ${capture.id} of ${model} was not added: ${userMessage(e)}`);
+    }
+  }
+  return result;
+}
+
+async function servedMetadata(store: ObjectStore, model: string): Promise<ArtifactMetadata> {
+  const pointer = await readPointer(store, model);
+  if (!pointer) throw new NotFoundError(`Model ${model} has no served version.`);
+  return readMetadata(store, model, pointer.version);
+}
+
+async function datasetLayout(store: ObjectStore, dataset: string): Promise<{ split: boolean; labels: Set<string> }> {
+  const rel: string[] = [];
+  for await (const o of store.list(keys.dataset(dataset))) rel.push(o.key.slice(keys.dataset(dataset).length));
+  if (rel.length === 0) throw new NotFoundError(`Dataset ${dataset} is gone: accepted captures have nowhere to go.`);
+  const { layout, entries } = classifyDatasetKeys(rel);
+  return { split: layout === "split", labels: new Set(entries.flatMap((e) => (e.kind === "image" ? [e.label] : []))) };
+}
+
+/** Counter deltas older than this many days are rolled up into one file per day by the nightly job. */
+const KEEP_DELTAS_DAYS = 1;
+
+/**
+ * Adds up the edge's counter deltas of the last `days` days and compares them with the served version's
+ * held-out split. Past days' deltas are rolled up into one file per day as they are read (`rollUp`), so
+ * the file count stays one per day however many isolates flushed.
+ */
+export async function monitor(store: ObjectStore, model: string, options: { days?: number; rollUp?: boolean; now?: Date } = {}): Promise<MonitorSummary> {
+  const now = options.now ?? new Date();
+  const since = new Date(now.getTime() - ((options.days ?? 30) - 1) * 86_400_000).toISOString().slice(0, 10);
+  const byDay = new Map<string, { key: string; counters: Counters }[]>();
+  for await (const o of store.list(keys.captureCounters(model))) {
+    const day = o.key.slice(keys.captureCounters(model).length, keys.captureCounters(model).length + 10);
+    if (day < since) continue;
+    const bytes = await store.get(o.key);
+    const counters = bytes ? parseCounters(bytes) : null;
+    if (!counters) continue;
+    byDay.set(day, [...(byDay.get(day) ?? []), { key: o.key, counters }]);
+  }
+  const deltas: Counters[] = [];
+  const cutoff = new Date(now.getTime() - KEEP_DELTAS_DAYS * 86_400_000).toISOString().slice(0, 10);
+  for (const [day, files] of byDay) {
+    deltas.push(...files.map((f) => f.counters));
+    if (!options.rollUp || day >= cutoff || files.length < 2) continue;
+    // One file per version and day, written before the deltas it replaces are deleted.
+    const versions = new Map<string, Counters[]>();
+    for (const f of files) versions.set(f.counters.version, [...(versions.get(f.counters.version) ?? []), f.counters]);
+    for (const [version, list] of versions) {
+      const [sum] = summarizeCounters(list);
+      await store.put(keys.captureCounterFile(model, day, `rollup-${version}`), JSON.stringify(sum), "application/json");
+    }
+    await store.delete(files.map((f) => f.key).filter((k) => !k.includes("/rollup-")));
+  }
+  let reference = null;
+  let threshold = CAPTURE_OFF.belowConfidence;
+  try {
+    const served = await servedMetadata(store, model);
+    const config = await readCaptureConfig(store, model);
+    threshold = config.enabled ? config.belowConfidence : CAPTURE_OFF.belowConfidence;
+    const report = JSON.parse(new TextDecoder().decode(await readVerifiedFile(store, served, ARTIFACT_FILES.report))) as { confusion?: number[][] };
+    reference = referenceOf(served, report.confusion ?? null, threshold);
+  } catch (e) {
+    if (!(e instanceof NotFoundError)) throw e;
+  }
+  return summarize(model, deltas, reference, threshold, now);
+}
+
+/** Counter deltas of one version added into one (for roll-ups). */
+function summarizeCounters(list: Counters[]): Counters[] {
+  const first = list[0] as Counters;
+  const sum: Counters = { ...first, labels: { ...first.labels }, confidence: [...first.confidence] };
+  for (const c of list.slice(1)) {
+    if (c.from < sum.from) sum.from = c.from;
+    if (c.to > sum.to) sum.to = c.to;
+    sum.requests += c.requests;
+    for (const [l, n] of Object.entries(c.labels)) sum.labels[l] = (sum.labels[l] ?? 0) + n;
+    c.confidence.forEach((n, i) => {
+      sum.confidence[i] = (sum.confidence[i] ?? 0) + n;
+    });
+    sum.lowConfidence += c.lowConfidence;
+    sum.captured += c.captured;
+    sum.overCap += c.overCap;
+    sum.failed += c.failed;
+    sum.optedOut += c.optedOut;
+  }
+  return [sum];
+}
+
+/** Models with anything under `captures/`. */
+export async function modelsWithTraffic(store: ObjectStore): Promise<string[]> {
+  const out: string[] = [];
+  for await (const prefix of store.listFolders(keys.capturesRoot)) out.push(prefix.slice(keys.capturesRoot.length, -1));
+  return out;
+}
+
+/**
+ * The nightly step before planning: for every model the edge has seen traffic for, apply the review
+ * decisions (so tonight's run trains on accepted images) and write the monitoring summary the console
+ * shows. One model's failure is logged and does not stop the others or the training.
+ */
+export async function processTraffic(store: ObjectStore, log: Logger): Promise<{ model: string; applied?: ApplyResult; drift: string[] }[]> {
+  const out: { model: string; applied?: ApplyResult; drift: string[] }[] = [];
+  for (const model of await modelsWithTraffic(store)) {
+    try {
+      const applied = await applyDecisions(store, model, log);
+      const summary = await monitor(store, model, { rollUp: true });
+      await store.put(keys.captureMonitor(model), JSON.stringify(summary), "application/json");
+      const drift = summary.days.at(-1)?.drift ?? [];
+      for (const d of drift) log.warn(`${model}: drift on ${summary.days.at(-1)?.day}: ${d}`);
+      out.push({ model, applied, drift });
+    } catch (e) {
+      log.warn(`${model}: traffic not processed (${userMessage(e)})`);
+      out.push({ model, drift: [] });
+    }
+  }
+  return out;
+}
+
+export function parseRate(value: string, what: string): number {
+  const n = Number(value.endsWith("%") ? Number(value.slice(0, -1)) / 100 : value);
+  if (!Number.isFinite(n) || n < 0 || n > 1) throw new InvalidOptionError(what, value, ["a number from 0 to 1", "a percentage such as 5%"]);
+  return n;
+}

@@ -1,0 +1,108 @@
+import { z } from "zod";
+import { nameSchema, versionSchema } from "./common.ts";
+import { labelSchema } from "./dataset.ts";
+
+/**
+ * The traffic loop's contracts: what the edge captures, what a reviewer decides, what the edge counts.
+ *
+ *   models/<model>/capture.json                        capture settings (written by `edgetune capture`)
+ *   captures/<model>/images/<day>/<id>.<ext>|.json     a captured input and its record
+ *   captures/<model>/quota/<day>.json                  captures stored that day (compare-and-swap)
+ *   captures/<model>/decisions/<id>.json               a reviewer's decision, applied by the job
+ *   captures/<model>/counters/<day>/<stamp>.json       counter deltas flushed by edge isolates
+ *   captures/<model>/monitor.json                      daily summary written by the nightly job
+ *
+ * Everything the edge writes is under `captures/` (its credentials may write nothing else); the settings
+ * live beside the model, which the edge may read but not change.
+ */
+
+/** Capture settings of one model. Off unless a `capture.json` turns it on. */
+export const captureConfigSchema = z.object({
+  schemaVersion: z.literal(1).default(1),
+  enabled: z.boolean().default(false),
+  /** Store an input when the top score is below this (0 stores none for that reason; 1.01 stores all). */
+  belowConfidence: z.number().min(0).max(1.01).default(0.5),
+  /** And a random share of all other inputs (0–1), for an unbiased view of the traffic. */
+  sampleRate: z.number().min(0).max(1).default(0),
+  /** At most this many inputs per UTC day, all isolates together. */
+  maxPerDay: z.number().int().min(0).max(1_000_000).default(500),
+  /** At most this many bytes stored per UTC day. */
+  maxBytesPerDay: z
+    .number()
+    .int()
+    .min(0)
+    .default(200 * 1024 * 1024),
+  /** Inputs larger than this (either side) are stored as a PNG copy resized to fit; smaller ones as sent. */
+  maxSide: z.number().int().min(32).max(2048).default(512),
+});
+export type CaptureConfig = z.output<typeof captureConfigSchema>;
+export const CAPTURE_OFF: CaptureConfig = captureConfigSchema.parse({});
+
+export const CAPTURE_REASONS = ["low_confidence", "sampled"] as const;
+export const captureIdSchema = z.string().regex(/^[0-9]{8}T[0-9]{6}-[0-9a-z]{8,16}$/, "must look like 20261129T101500-abcd1234");
+
+/** The record stored beside a captured input. */
+export const captureRecordSchema = z.object({
+  schemaVersion: z.literal(1),
+  id: captureIdSchema,
+  model: nameSchema,
+  version: versionSchema,
+  capturedAt: z.iso.datetime(),
+  reason: z.enum(CAPTURE_REASONS),
+  /** The model's answer, best first (at most 5). */
+  predictions: z.array(z.object({ label: z.string(), score: z.number() })).min(1),
+  image: z.object({
+    key: z.string(),
+    contentType: z.enum(["image/jpeg", "image/png", "image/webp", "image/gif"]),
+    bytes: z.number().int().min(0),
+    width: z.number().int().min(1),
+    height: z.number().int().min(1),
+    /** True when the stored copy was resized from a larger original. */
+    resized: z.boolean(),
+  }),
+});
+export type CaptureRecord = z.output<typeof captureRecordSchema>;
+
+/** A reviewer's decision on one capture: into the dataset under `label`, or discarded. */
+export const captureDecisionSchema = z
+  .object({
+    schemaVersion: z.literal(1).default(1),
+    id: captureIdSchema,
+    action: z.enum(["accept", "discard"]),
+    /** Required to accept: the true label (the predicted one, or a correction). */
+    label: labelSchema.optional(),
+    decidedAt: z.iso.datetime(),
+    by: z.enum(["console", "cli"]),
+  })
+  .refine((d) => d.action === "discard" || d.label !== undefined, { message: "an accepted capture needs its label", path: ["label"] });
+export type CaptureDecision = z.output<typeof captureDecisionSchema>;
+
+/** Captures stored on one UTC day: the edge's daily caps, shared by every isolate through a conditional write. */
+export const captureQuotaSchema = z.object({ day: z.string(), count: z.number().int().min(0), bytes: z.number().int().min(0) });
+export type CaptureQuota = z.output<typeof captureQuotaSchema>;
+
+/** Top-1 confidence histogram bins: [0, 0.1), [0.1, 0.2), … [0.9, 1]. */
+export const CONFIDENCE_BINS = 10;
+export const confidenceBin = (score: number) => Math.min(CONFIDENCE_BINS - 1, Math.max(0, Math.floor(score * CONFIDENCE_BINS)));
+
+/** What an isolate counted for one served version since its last flush (deltas: they add up). */
+export const countersSchema = z.object({
+  schemaVersion: z.literal(1),
+  model: nameSchema,
+  version: versionSchema,
+  from: z.iso.datetime(),
+  to: z.iso.datetime(),
+  requests: z.number().int().min(0),
+  /** Predicted (top-1) label → answers. */
+  labels: z.record(z.string(), z.number().int().min(0)),
+  confidence: z.array(z.number().int().min(0)).length(CONFIDENCE_BINS),
+  /** Answers whose top score was below the capture threshold (0.5 when capture is off). */
+  lowConfidence: z.number().int().min(0),
+  captured: z.number().int().min(0),
+  /** Not stored because a daily cap was reached. */
+  overCap: z.number().int().min(0),
+  /** Capture or counter writes that failed (the classification was not affected). */
+  failed: z.number().int().min(0),
+  optedOut: z.number().int().min(0),
+});
+export type Counters = z.output<typeof countersSchema>;
