@@ -41,6 +41,13 @@ async function api(path, init = {}) {
   return body;
 }
 
+/** An image from the API (it needs the key, so not a plain <img src>) as a blob: URL. */
+async function apiImage(path) {
+  const res = await fetch(path, { headers: { authorization: `Bearer ${sessionStorage.getItem(KEY)}` } });
+  if (!res.ok) throw new ApiFailure(res.status, "image_unavailable", `The image could not be loaded (HTTP ${res.status}).`);
+  return URL.createObjectURL(await res.blob());
+}
+
 /**
  * Renders overlap (a key typed, then a link clicked before the first answer came back): each gets a
  * number, and only the latest one may change the page, so a slow earlier answer cannot replace it.
@@ -91,6 +98,7 @@ async function modelPage(show, name) {
   const newestFirst = [...data.versions].reverse();
   show(
     el("h2", {}, name),
+    el("p", {}, el("a", { href: route("review", name), id: "review-link" }, "Review captured traffic"), " · ", el("a", { href: route("monitor", name), id: "monitor-link" }, "Monitor")),
     classifyPanel(name, data.current),
     el("h3", {}, "Versions"),
     el(
@@ -234,6 +242,123 @@ async function reportPage(show, name, version) {
   );
 }
 
+/**
+ * The review queue: what the edge captured (unsure or sampled answers), each with its image, the model's
+ * answer and a label to accept it under. Decisions are recorded at once and applied by the nightly run,
+ * which moves accepted images into the dataset and retrains.
+ */
+async function reviewPage(show, name) {
+  const [queue, model] = await Promise.all([api(`/v1/models/${encodeURIComponent(name)}/captures`), api(`/v1/models/${encodeURIComponent(name)}`)]);
+  const s = queue.settings;
+  const settings = s.enabled
+    ? `Capture is on: answers scored below ${s.belowConfidence} and ${pct(s.sampleRate)} of the others, at most ${s.maxPerDay} a day.`
+    : `Capture is off (edgetune capture ${name} --on).`;
+  const cards = queue.captures.map((c) => {
+    const top = c.predictions[0];
+    const img = el("img", { alt: `capture ${c.id}` });
+    apiImage(`/v1/models/${encodeURIComponent(name)}/captures/${encodeURIComponent(c.id)}/image`)
+      .then((url) => {
+        img.addEventListener("load", () => URL.revokeObjectURL(url), { once: true });
+        img.src = url;
+      })
+      .catch((e) => img.replaceWith(el("p", { class: "error" }, e.message)));
+    const select = el(
+      "select",
+      { "aria-label": "true label" },
+      model.labels.map((l) => el("option", { value: l, selected: l === top.label }, l)),
+    );
+    const outcome = el("p", { class: "muted outcome" });
+    const decide = async (action) => {
+      try {
+        const body = action === "accept" ? { action, label: select.value } : { action };
+        const r = await api(`/v1/models/${encodeURIComponent(name)}/captures/${encodeURIComponent(c.id)}/decision`, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify(body),
+        });
+        card.classList.add("decided");
+        outcome.textContent = r.action === "accept" ? `Accepted as ${r.label}: joins the dataset at the next nightly run.` : "Discarded.";
+      } catch (e) {
+        outcome.textContent = e.message;
+        outcome.className = "error outcome";
+      }
+    };
+    const card = el(
+      "figure",
+      { class: "capture", "data-id": c.id },
+      img,
+      el("figcaption", {}, `${top.label} (${pct(top.score)}) · ${c.reason === "sampled" ? "sampled" : "unsure"} · ${when(c.capturedAt)} · ${c.version}`),
+      el(
+        "div",
+        { class: "decide" },
+        select,
+        el("button", { type: "button", class: "accept", onclick: () => decide("accept") }, "Accept"),
+        el("button", { type: "button", class: "discard", onclick: () => decide("discard") }, "Discard"),
+      ),
+      outcome,
+    );
+    return card;
+  });
+  show(
+    el("p", {}, el("a", { href: route("models", name) }, `← ${name}`)),
+    el("h2", {}, `Review ${name}`),
+    el("p", { class: "muted", id: "capture-settings" }, settings),
+    cards.length ? el("div", { class: "captures", id: "captures" }, cards) : el("p", { id: "captures-empty" }, "Nothing is waiting for review."),
+    queue.truncated ? el("p", { class: "muted" }, "Only the newest captures are shown; decide on these and reload for more (or use edgetune review).") : null,
+  );
+}
+
+/** Traffic per day against the served version's held-out split, with the drift flags of the nightly summary. */
+async function monitorPage(show, name) {
+  let m;
+  try {
+    m = await api(`/v1/models/${encodeURIComponent(name)}/monitor`);
+  } catch (e) {
+    if (e.status !== 404) throw e;
+    return show(el("p", {}, el("a", { href: route("models", name) }, `← ${name}`)), el("h2", {}, `Monitor ${name}`), el("p", { id: "monitor-empty" }, e.message));
+  }
+  const top = (labels, total) =>
+    Object.entries(labels)
+      .sort((a, b) => b[1] - a[1])
+      .slice(0, 3)
+      .map(([l, n]) => `${l} ${pct(n / Math.max(1, total))}`)
+      .join(", ");
+  const ref = m.reference;
+  show(
+    el("p", {}, el("a", { href: route("models", name) }, `← ${name}`)),
+    el("h2", {}, `Monitor ${name}`),
+    el("p", { class: "muted" }, `Summary written ${when(m.writtenAt)} by the nightly run.`),
+    ref
+      ? el(
+          "p",
+          { id: "reference" },
+          `Held-out split of ${ref.version} (${ref.evaluatedOn} images): ${ref.lowConfidence === null ? "confidence not recorded" : `${pct(ref.lowConfidence)} under ${m.threshold}`}; predicted ${top(ref.labels, 1)}.`,
+        )
+      : null,
+    el(
+      "table",
+      { id: "monitor" },
+      el("thead", {}, el("tr", {}, ["Day", "Answers", `Under ${m.threshold}`, "Top predicted", "Captured", "Drift"].map((h, i) => el("th", { class: i === 1 || i === 2 || i === 4 ? "num" : null }, h)))),
+      el(
+        "tbody",
+        {},
+        [...m.days].reverse().map((d) =>
+          el(
+            "tr",
+            { class: d.drift.length ? "drift" : null },
+            el("td", {}, d.day),
+            el("td", { class: "num" }, String(d.requests)),
+            el("td", { class: "num" }, pct(d.lowConfidence / Math.max(1, d.requests))),
+            el("td", {}, top(d.labels, d.requests)),
+            el("td", { class: "num" }, String(d.captured)),
+            el("td", {}, d.drift.length ? d.drift.join("; ") : "—"),
+          ),
+        ),
+      ),
+    ),
+  );
+}
+
 /** A drop-an-image box that posts the file to the classify endpoint and draws the scores. */
 function classifyPanel(name, servedVersion) {
   const result = el("div", { class: "result", id: "classify-result" });
@@ -296,7 +421,9 @@ async function render() {
   say("");
   try {
     const [, page, name, version] = location.hash.split("/").map(decodeURIComponent);
-    if (page === "models" && name && version) await reportPage(show, name, version);
+    if (page === "review" && name) await reviewPage(show, name);
+    else if (page === "monitor" && name) await monitorPage(show, name);
+    else if (page === "models" && name && version) await reportPage(show, name, version);
     else if (page === "models" && name) await modelPage(show, name);
     else await modelsPage(show);
   } catch (e) {
