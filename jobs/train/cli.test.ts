@@ -27,6 +27,12 @@ afterAll(async () => {
   await rm(work, { recursive: true, force: true });
 });
 
+/** The file name of one image of `label` in a dataset. */
+async function firstImage(dataset: string, label: string): Promise<string> {
+  for await (const o of s3.store.list(`datasets/${dataset}/${label}/`)) return o.key.split("/").pop() as string;
+  throw new Error(`no image of ${label}`);
+}
+
 async function edgetune(args: string[], script = "jobs/train/cli.ts", env: Record<string, string> = {}) {
   try {
     const { stdout, stderr } = await run(process.execPath, [script, ...args], { env: jobEnvironment(s3.config, env), timeout: 120_000 });
@@ -68,6 +74,65 @@ describe("edgetune, for a person", () => {
       expect([args.join(" "), r.code]).toEqual([args.join(" "), 1]);
       expect(r.stderr).toMatch(/^edgetune: Model cats (does not exist|has no promoted version to roll back from)\. Models: pets\.\n$/);
     }
+  });
+
+  it("turns capture on, lists the review queue, applies a decision and shows the traffic (capture, review, monitor)", async () => {
+    expect((await edgetune(["capture", "pets"])).stdout).toContain("Capture of pets is off. Turn it on: edgetune capture pets --on.");
+    const on = await edgetune(["capture", "pets", "--on", "--below", "0.7", "--sample", "5%"]);
+    expect([on.code, on.stdout.trim()]).toEqual([
+      0,
+      "Capture of pets is on: inputs scored below 0.7 and 5.0 % of the others, at most 500 a day (200 MB), kept 512 px at most. Review: edgetune review pets.",
+    ]);
+    expect(JSON.parse((await edgetune(["capture", "pets", "--json"])).stdout)).toMatchObject({
+      model: "pets",
+      enabled: true,
+      belowConfidence: 0.7,
+      sampleRate: 0.05,
+    });
+    const bad = await edgetune(["capture", "pets", "--below", "2"]);
+    expect([bad.code, bad.stderr.trim()]).toEqual([1, 'edgetune: Invalid --below "2". Valid values: a number from 0 to 1, a percentage such as 5%.']);
+    // Nothing to list: said on stderr, so stdout stays empty for scripts.
+    expect((await edgetune(["review", "pets"])).stderr).toContain("Nothing of pets is waiting for review.");
+    expect((await edgetune(["monitor", "pets"])).stderr).toContain("No traffic of pets counted in the last 7 days");
+    // What the edge writes: a capture and a counter delta.
+    const { version } = (await readPointer(s3.store, "pets")) as { version: string };
+    const day = new Date().toISOString().slice(0, 10);
+    const id = `${day.replaceAll("-", "")}T101500-cli00001`;
+    const image = (await s3.store.get("datasets/pets/food/" + (await firstImage("pets", "food")))) as Uint8Array;
+    const imageKey = `captures/pets/images/${day}/${id}.png`;
+    await s3.store.put(imageKey, image);
+    await s3.store.put(
+      `captures/pets/images/${day}/${id}.json`,
+      JSON.stringify({
+        schemaVersion: 1,
+        id,
+        model: "pets",
+        version,
+        capturedAt: new Date().toISOString(),
+        reason: "low_confidence",
+        predictions: [{ label: "travel", score: 0.41 }],
+        image: { key: imageKey, contentType: "image/png", bytes: image.length, width: 96, height: 96, resized: false },
+      }),
+    );
+    const counters = {
+      schemaVersion: 1,
+      model: "pets",
+      version,
+      from: `${day}T00:00:00.000Z`,
+      to: `${day}T00:01:00.000Z`,
+      requests: 40,
+      labels: { travel: 40 },
+    };
+    const rest = { confidence: [0, 0, 0, 0, 40, 0, 0, 0, 0, 0], lowConfidence: 40, captured: 1, overCap: 0, failed: 0, optedOut: 0 };
+    await s3.store.put(`captures/pets/counters/${day}/x.json`, JSON.stringify({ ...counters, ...rest }));
+    const queue = await edgetune(["review", "pets"]);
+    expect(queue.stdout).toMatch(new RegExp(`${id} .* ${version} +travel +41\\.0 % +unsure`));
+    const applied = await edgetune(["review", "pets", "--accept", id, "--as", "food"]);
+    expect([applied.code, applied.stdout]).toEqual([0, expect.stringContaining("1 added to the dataset, 0 discarded.")]);
+    expect(await s3.store.head(`datasets/pets/food/captured-${id}.png`)).not.toBeNull();
+    const watched = await edgetune(["monitor", "pets"]);
+    expect(watched.stdout).toMatch(new RegExp(`${day} +40 +100\\.0 % +travel 100% +1 +low-confidence answers 100\\.0 %`));
+    expect(watched.stdout).toContain(`Held-out split of ${version}`);
   });
 
   it("rolls back one served version at a time, not back and forth; --to picks any version", async () => {

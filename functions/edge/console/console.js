@@ -98,7 +98,13 @@ async function modelPage(show, name) {
   const newestFirst = [...data.versions].reverse();
   show(
     el("h2", {}, name),
-    el("p", {}, el("a", { href: route("review", name), id: "review-link" }, "Review captured traffic"), " · ", el("a", { href: route("monitor", name), id: "monitor-link" }, "Monitor")),
+    el(
+      "p",
+      {},
+      el("a", { href: route("review", name), id: "review-link" }, "Review captured traffic"),
+      " · ",
+      el("a", { href: route("monitor", name), id: "monitor-link" }, "Monitor"),
+    ),
     classifyPanel(name, data.current),
     el("h3", {}, "Versions"),
     el(
@@ -315,7 +321,11 @@ async function monitorPage(show, name) {
     m = await api(`/v1/models/${encodeURIComponent(name)}/monitor`);
   } catch (e) {
     if (e.status !== 404) throw e;
-    return show(el("p", {}, el("a", { href: route("models", name) }, `← ${name}`)), el("h2", {}, `Monitor ${name}`), el("p", { id: "monitor-empty" }, e.message));
+    return show(
+      el("p", {}, el("a", { href: route("models", name) }, `← ${name}`)),
+      el("h2", {}, `Monitor ${name}`),
+      el("p", { id: "monitor-empty" }, e.message),
+    );
   }
   const top = (labels, total) =>
     Object.entries(labels)
@@ -338,22 +348,34 @@ async function monitorPage(show, name) {
     el(
       "table",
       { id: "monitor" },
-      el("thead", {}, el("tr", {}, ["Day", "Answers", `Under ${m.threshold}`, "Top predicted", "Captured", "Drift"].map((h, i) => el("th", { class: i === 1 || i === 2 || i === 4 ? "num" : null }, h)))),
+      el(
+        "thead",
+        {},
+        el(
+          "tr",
+          {},
+          ["Day", "Answers", `Under ${m.threshold}`, "Top predicted", "Captured", "Drift"].map((h, i) =>
+            el("th", { class: i === 1 || i === 2 || i === 4 ? "num" : null }, h),
+          ),
+        ),
+      ),
       el(
         "tbody",
         {},
-        [...m.days].reverse().map((d) =>
-          el(
-            "tr",
-            { class: d.drift.length ? "drift" : null },
-            el("td", {}, d.day),
-            el("td", { class: "num" }, String(d.requests)),
-            el("td", { class: "num" }, pct(d.lowConfidence / Math.max(1, d.requests))),
-            el("td", {}, top(d.labels, d.requests)),
-            el("td", { class: "num" }, String(d.captured)),
-            el("td", {}, d.drift.length ? d.drift.join("; ") : "—"),
+        [...m.days]
+          .reverse()
+          .map((d) =>
+            el(
+              "tr",
+              { class: d.drift.length ? "drift" : null },
+              el("td", {}, d.day),
+              el("td", { class: "num" }, String(d.requests)),
+              el("td", { class: "num" }, pct(d.lowConfidence / Math.max(1, d.requests))),
+              el("td", {}, top(d.labels, d.requests)),
+              el("td", { class: "num" }, String(d.captured)),
+              el("td", {}, d.drift.length ? d.drift.join("; ") : "—"),
+            ),
           ),
-        ),
       ),
     ),
   );

@@ -190,8 +190,12 @@ export async function monitor(store: ObjectStore, model: string, options: { days
     const served = await servedMetadata(store, model);
     const config = await readCaptureConfig(store, model);
     threshold = config.enabled ? config.belowConfidence : CAPTURE_OFF.belowConfidence;
-    const report = JSON.parse(new TextDecoder().decode(await readVerifiedFile(store, served, ARTIFACT_FILES.report))) as { confusion?: number[][] };
-    reference = referenceOf(served, report.confusion ?? null, threshold);
+    // The confusion matrix gives the held-out predicted-label shares; without a readable report, the
+    // true-label shares (per-class support) stand in.
+    const confusion = await readVerifiedFile(store, served, ARTIFACT_FILES.report)
+      .then((bytes) => (JSON.parse(new TextDecoder().decode(bytes)) as { confusion?: number[][] }).confusion ?? null)
+      .catch(() => null);
+    reference = referenceOf(served, confusion, threshold);
   } catch (e) {
     if (!(e instanceof NotFoundError)) throw e;
   }

@@ -1,0 +1,188 @@
+import sharp from "sharp";
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
+import { writePointer } from "../../../../shared/artifacts.ts";
+import type { CaptureRecord, Counters } from "../../../../shared/contracts/capture.ts";
+import { validMetadata } from "../../../../shared/contracts/fixtures.ts";
+import { sha256Hex } from "../../../../shared/hash.ts";
+import { keys } from "../../../../shared/keys.ts";
+import { driftOf, MIN_REQUESTS, referenceOf } from "../../../../shared/monitor.ts";
+import { memoryLogger } from "../log.ts";
+import { applyDecisions, decide, listCaptures, monitor, writeCaptureConfig } from "./traffic.ts";
+
+/** The job's half of the traffic loop against the local S3 server; the whole loop is in test/traffic.test.ts. */
+let s3: LocalS3;
+const png = async (color: string) =>
+  new Uint8Array(
+    await sharp({ create: { width: 20, height: 20, channels: 3, background: color } })
+      .png()
+      .toBuffer(),
+  );
+
+beforeAll(async () => {
+  s3 = await startLocalS3();
+});
+afterAll(async () => {
+  await s3?.stop();
+});
+
+let n = 0;
+/** A served model `pets` trained on dataset `dataset` (layout as given), and one capture of it. */
+async function setup(dataset: string, layout: "flat" | "split") {
+  const metadata = { ...validMetadata(), dataset: { ...validMetadata().dataset, name: dataset } };
+  const bytes = new TextEncoder().encode(JSON.stringify(metadata));
+  await s3.store.put(keys.metadata("pets", metadata.version), bytes);
+  await writePointer(s3.store, "pets", {
+    version: metadata.version,
+    metadataSha256: await sha256Hex(bytes),
+    promotedAt: new Date().toISOString(),
+    previous: null,
+    reason: "test",
+  });
+  for (const label of ["cat", "dog"]) await s3.store.put(`${keys.dataset(dataset)}${layout === "split" ? "train/" : ""}${label}/a.png`, await png("#888"));
+}
+
+async function capture(image: Uint8Array, day = "2026-11-29"): Promise<CaptureRecord> {
+  const id = `${day.replaceAll("-", "")}T101500-abcd${String(n++).padStart(8, "0")}`;
+  const record: CaptureRecord = {
+    schemaVersion: 1,
+    id,
+    model: "pets",
+    version: "v0123456789ab",
+    capturedAt: `${day}T10:15:00.000Z`,
+    reason: "low_confidence",
+    predictions: [
+      { label: "cat", score: 0.4 },
+      { label: "dog", score: 0.35 },
+    ],
+    image: { key: keys.captureFile("pets", day, id, "png"), contentType: "image/png", bytes: image.length, width: 20, height: 20, resized: false },
+  };
+  await s3.store.put(record.image.key, image);
+  await s3.store.put(keys.captureFile("pets", day, id, "json"), JSON.stringify(record));
+  return record;
+}
+
+describe("review", () => {
+  beforeEach(async () => {
+    const all: string[] = [];
+    for await (const o of s3.store.list("")) all.push(o.key);
+    if (all.length) await s3.store.delete(all);
+  });
+
+  it("accepts into the served version's dataset with provenance, discards, and empties the queue", async () => {
+    await setup("pets-data", "flat");
+    const a = await capture(await png("#f00"));
+    const b = await capture(await png("#0f0"));
+    await decide(s3.store, "pets", a.id, "accept", "dog");
+    await decide(s3.store, "pets", b.id, "discard");
+    const r = await applyDecisions(s3.store, "pets", memoryLogger());
+    expect(r.accepted).toEqual([{ id: a.id, key: `datasets/pets-data/dog/captured-${a.id}.png` }]);
+    expect(r.discarded).toEqual([b.id]);
+    const head = await s3.store.head(`datasets/pets-data/dog/captured-${a.id}.png`);
+    expect(head?.metadata).toMatchObject({ "edgetune-captured-from": "pets@v0123456789ab", "edgetune-predicted": "cat:0.4000" });
+    expect(await listCaptures(s3.store, "pets")).toEqual([]);
+    expect(await s3.store.get(b.image.key)).toBeNull();
+  });
+
+  it("puts accepted images under train/ in a dataset with splits, the predicted label by default", async () => {
+    await setup("split-data", "split");
+    const a = await capture(await png("#00f"));
+    await decide(s3.store, "pets", a.id, "accept");
+    const r = await applyDecisions(s3.store, "pets", memoryLogger());
+    expect(r.accepted[0]?.key).toBe(`datasets/split-data/train/cat/captured-${a.id}.png`);
+  });
+
+  it("refuses a label the dataset does not have and an image the job cannot decode, keeping both for another decision", async () => {
+    await setup("pets-data", "flat");
+    const a = await capture(await png("#f0f"));
+    const b = await capture(new TextEncoder().encode("not an image at all"));
+    await decide(s3.store, "pets", a.id, "accept", "hamster");
+    await decide(s3.store, "pets", b.id, "accept", "cat");
+    const r = await applyDecisions(s3.store, "pets", memoryLogger());
+    expect(r.accepted).toEqual([]);
+    expect(r.refused.map((x) => x.id).sort()).toEqual([a.id, b.id].sort());
+    expect(r.refused.find((x) => x.id === a.id)?.reason).toContain("hamster is not one of dataset pets-data's labels (cat, dog)");
+    expect((await listCaptures(s3.store, "pets")).length).toBe(2);
+    let added = 0;
+    for await (const o of s3.store.list("datasets/")) if (o.key.includes("captured-")) added++;
+    expect(added).toBe(0);
+  });
+
+  it("refuses to decide on a capture that does not exist, and capture settings for a model that is not served", async () => {
+    await setup("pets-data", "flat");
+    await expect(decide(s3.store, "pets", "20261129T101500-zzzzzzzz", "discard")).rejects.toThrow(/no capture 20261129T101500-zzzzzzzz/);
+    await expect(writeCaptureConfig(s3.store, "nope", { enabled: true })).rejects.toThrow(/no served version/);
+    await expect(writeCaptureConfig(s3.store, "pets", { belowConfidence: 3 })).rejects.toThrow(/belowConfidence/);
+  });
+});
+
+describe("monitor", () => {
+  const delta = (day: string, version: string, requests: number, lowConfidence: number, labels: Record<string, number>): Counters => ({
+    schemaVersion: 1,
+    model: "pets",
+    version,
+    from: `${day}T01:00:00.000Z`,
+    to: `${day}T01:01:00.000Z`,
+    requests,
+    labels,
+    confidence: [0, 0, 0, 0, lowConfidence, 0, 0, 0, 0, requests - lowConfidence],
+    lowConfidence,
+    captured: 1,
+    overCap: 0,
+    failed: 0,
+    optedOut: 0,
+  });
+
+  it("adds deltas up per day and rolls past days up into one file per version", async () => {
+    const put = (day: string, i: number, d: Counters) => s3.store.put(keys.captureCounterFile("pets", day, `s${i}`), JSON.stringify(d));
+    await put("2026-11-20", 1, delta("2026-11-20", "v0123456789ab", 10, 2, { cat: 6, dog: 4 }));
+    await put("2026-11-20", 2, delta("2026-11-20", "v0123456789ab", 5, 1, { cat: 5 }));
+    await put("2026-11-20", 3, delta("2026-11-20", "v0000000000ff", 3, 0, { dog: 3 }));
+    await put("2026-11-22", 1, delta("2026-11-22", "v0123456789ab", 4, 4, { dog: 4 }));
+    await put("2026-11-22", 2, delta("2026-11-22", "v0123456789ab", 4, 0, { dog: 4 }));
+    const now = new Date("2026-11-22T12:00:00Z");
+    const s = await monitor(s3.store, "pets", { rollUp: true, now, days: 7 });
+    expect(s.days.map((d) => [d.day, d.requests, d.lowConfidence, d.labels])).toEqual([
+      ["2026-11-20", 18, 3, { cat: 11, dog: 7 }],
+      ["2026-11-22", 8, 4, { dog: 8 }],
+    ]);
+    const files: string[] = [];
+    for await (const o of s3.store.list(keys.captureCounters("pets"))) files.push(o.key.split("/").slice(-2).join("/"));
+    // The 20th is rolled up per version; the 22nd (yesterday or later) keeps its deltas.
+    expect(files.sort()).toEqual(["2026-11-20/rollup-v0000000000ff.json", "2026-11-20/rollup-v0123456789ab.json", "2026-11-22/s1.json", "2026-11-22/s2.json"]);
+    // Reading again gives the same sums.
+    const again = await monitor(s3.store, "pets", { rollUp: true, now, days: 7 });
+    expect(again.days.map((d) => d.requests)).toEqual([18, 8]);
+  });
+
+  it("flags a rise of unsure answers and a moved label distribution, given enough answers", () => {
+    const metadata = { ...validMetadata(), metrics: { ...validMetadata().metrics, evaluatedOn: 20, confidence: [0, 0, 0, 0, 0, 2, 0, 0, 0, 18] } };
+    // Held-out: 10 predicted cat, 10 dog; 10 % under 0.6 (the bin [0.5, 0.6) is wholly under it).
+    const reference = referenceOf(
+      metadata,
+      [
+        [9, 1],
+        [1, 9],
+      ],
+      0.6,
+    );
+    expect(reference.lowConfidence).toBeCloseTo(0.1);
+    expect(reference.labels).toEqual({ cat: 0.5, dog: 0.5 });
+    const day = (requests: number, low: number, labels: Record<string, number>) => ({
+      day: "2026-11-29",
+      versions: [],
+      requests,
+      labels,
+      confidence: new Array(10).fill(0),
+      lowConfidence: low,
+      captured: 0,
+      overCap: 0,
+      failed: 0,
+      optedOut: 0,
+    });
+    expect(driftOf(day(100, 10, { cat: 50, dog: 50 }), reference)).toEqual([]);
+    expect(driftOf(day(100, 35, { cat: 50, dog: 50 }), reference)).toEqual(["low-confidence answers 35.0 % (held-out: 10.0 %)"]);
+    expect(driftOf(day(100, 10, { cat: 90, dog: 10 }), reference)).toEqual(["label shift: cat is 90.0 % of answers (held-out: 50.0 %)"]);
+    expect(driftOf(day(MIN_REQUESTS - 1, MIN_REQUESTS - 1, { cat: MIN_REQUESTS - 1 }), reference)).toEqual([]);
+  });
+});
