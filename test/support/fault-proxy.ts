@@ -11,6 +11,8 @@ export interface FaultProxy {
   endpoint: string;
   injected: { slowDown: number; internal: number; reset: number };
   total: number;
+  /** Every request seen, in order. */
+  requests: { method: string; path: string }[];
   stop(): Promise<void>;
 }
 
@@ -19,9 +21,10 @@ export async function startFaultProxy(
   options: { every: number; down?: (req: { method: string; path: string }) => boolean },
 ): Promise<FaultProxy> {
   const target = new URL(upstream);
-  const state: FaultProxy = { endpoint: "", injected: { slowDown: 0, internal: 0, reset: 0 }, total: 0, stop: async () => {} };
+  const state: FaultProxy = { endpoint: "", injected: { slowDown: 0, internal: 0, reset: 0 }, total: 0, requests: [], stop: async () => {} };
   const server = createServer((req, res) => {
     state.total++;
+    state.requests.push({ method: req.method ?? "GET", path: req.url ?? "/" });
     const n = state.total;
     if (options.down?.({ method: req.method ?? "GET", path: req.url ?? "/" })) {
       state.injected.reset++;
