@@ -1,4 +1,5 @@
 import { z } from "zod";
+import { isCaptureKey } from "../keys.ts";
 import { nameSchema, versionSchema } from "./common.ts";
 import { labelSchema } from "./dataset.ts";
 
@@ -62,6 +63,27 @@ export const captureRecordSchema = z.object({
   }),
 });
 export type CaptureRecord = z.output<typeof captureRecordSchema>;
+
+/**
+ * A capture record of `model` read from the bucket, or null when it is not one: it must parse, name that
+ * model, and point at its own image (`captures/<model>/images/<day>/<id>.<ext>`). A record crafted to
+ * point elsewhere (another model's capture, a dataset image, a model file) is ignored: the review copies
+ * and deletes what the record names.
+ */
+export function parseCaptureRecord(model: string, bytes: Uint8Array): CaptureRecord | null {
+  let parsed: ReturnType<typeof captureRecordSchema.safeParse>;
+  try {
+    parsed = captureRecordSchema.safeParse(JSON.parse(new TextDecoder().decode(bytes)));
+  } catch {
+    return null;
+  }
+  if (!parsed.success) return null;
+  const r = parsed.data;
+  const day = `${r.id.slice(0, 4)}-${r.id.slice(4, 6)}-${r.id.slice(6, 8)}`;
+  const ext = r.image.contentType.split("/")[1];
+  const own = r.model === model && r.image.key === `captures/${model}/images/${day}/${r.id}.${ext}` && isCaptureKey(r.image.key);
+  return own ? r : null;
+}
 
 /** A reviewer's decision on one capture: into the dataset under `label`, or discarded. */
 export const captureDecisionSchema = z

@@ -10,7 +10,7 @@ import {
   type CaptureRecord,
   captureConfigSchema,
   captureDecisionSchema,
-  captureRecordSchema,
+  parseCaptureRecord,
 } from "../../../shared/contracts/capture.ts";
 import { NotFoundError } from "../../../shared/errors.ts";
 import { keys } from "../../../shared/keys.ts";
@@ -220,8 +220,8 @@ app.openapi(capturesRoute, async (c) => {
   const records = await Promise.all(
     shown.map(async (k) => {
       const got = await store.get(k);
-      const parsed = got ? captureRecordSchema.safeParse(JSON.parse(new TextDecoder().decode(got.bytes))) : null;
-      return parsed?.success ? { ...parsed.data, decision: null, label: null } : null;
+      const record = got ? parseCaptureRecord(name, got.bytes) : null;
+      return record ? { ...record, decision: null, label: null } : null;
     }),
   );
   const captures = records.filter((r) => r !== null);
@@ -372,9 +372,10 @@ const idOfRecordKey = (key: string) => key.slice(key.lastIndexOf("/") + 1, -".js
 async function readCaptureRecord(store: CaptureStore, name: string, id: string): Promise<CaptureRecord> {
   const day = `${id.slice(0, 4)}-${id.slice(4, 6)}-${id.slice(6, 8)}`;
   const got = await store.get(keys.captureFile(name, day, id, "json"));
-  const parsed = got ? captureRecordSchema.safeParse(JSON.parse(new TextDecoder().decode(got.bytes))) : null;
-  if (!parsed?.success) throw new ApiError(404, "capture_not_found", `Model ${name} has no capture ${id} (it may have been reviewed already, or expired).`);
-  return parsed.data;
+  const record = got ? parseCaptureRecord(name, got.bytes) : null;
+  if (!record || record.id !== id)
+    throw new ApiError(404, "capture_not_found", `Model ${name} has no capture ${id} (it may have been reviewed already, or expired).`);
+  return record;
 }
 
 async function acquire(env: Env, name: string, waitUntil: (p: Promise<unknown>) => void) {

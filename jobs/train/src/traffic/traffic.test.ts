@@ -108,6 +108,18 @@ describe("review", () => {
     expect(added).toBe(0);
   });
 
+  it("ignores a record crafted to point at another object: nothing is copied or deleted", async () => {
+    await setup("pets-data", "flat");
+    const real = await capture(await png("#123"));
+    const forged = { ...real, id: real.id.replace(/.{4}$/, "9999"), image: { ...real.image, key: "datasets/pets-data/cat/a.png" } };
+    await s3.store.put(keys.captureFile("pets", "2026-11-29", forged.id, "json"), JSON.stringify(forged));
+    await s3.store.put(keys.captureDecision("pets", forged.id), JSON.stringify({ schemaVersion: 1, id: forged.id, action: "discard", decidedAt: new Date().toISOString(), by: "console" }));
+    expect((await listCaptures(s3.store, "pets")).map((c) => c.id)).toEqual([real.id]);
+    const r = await applyDecisions(s3.store, "pets", memoryLogger());
+    expect(r).toEqual({ accepted: [], discarded: [], refused: [] });
+    expect(await s3.store.head("datasets/pets-data/cat/a.png")).not.toBeNull();
+  });
+
   it("refuses to decide on a capture that does not exist, and capture settings for a model that is not served", async () => {
     await setup("pets-data", "flat");
     await expect(decide(s3.store, "pets", "20261129T101500-zzzzzzzz", "discard")).rejects.toThrow(/no capture 20261129T101500-zzzzzzzz/);

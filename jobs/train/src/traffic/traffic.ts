@@ -8,7 +8,7 @@ import {
   type Counters,
   captureConfigSchema,
   captureDecisionSchema,
-  captureRecordSchema,
+  parseCaptureRecord,
 } from "../../../../shared/contracts/capture.ts";
 import { classifyDatasetKeys } from "../../../../shared/contracts/dataset.ts";
 import { parseContract } from "../../../../shared/contracts/parse.ts";
@@ -54,9 +54,12 @@ export async function listCaptures(store: ObjectStore, model: string): Promise<P
   const out: PendingCapture[] = [];
   for await (const o of store.list(keys.captureImages(model))) {
     if (!o.key.endsWith(".json")) continue;
-    const text = await getText(store, o.key);
-    const parsed = text === null ? null : captureRecordSchema.safeParse(JSON.parse(text));
-    if (parsed?.success) out.push({ ...parsed.data, decision: decisions.get(parsed.data.id) ?? null });
+    const bytes = await store.get(o.key);
+    const record = bytes ? parseCaptureRecord(model, bytes) : null;
+    // A record must sit where its id says (the review deletes that key after applying it).
+    if (record && o.key === keys.captureFile(model, record.capturedAt.slice(0, 10), record.id, "json")) {
+      out.push({ ...record, decision: decisions.get(record.id) ?? null });
+    }
   }
   return out;
 }
