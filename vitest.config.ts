@@ -8,6 +8,8 @@ export default defineConfig({
     testTimeout: 120_000,
     hookTimeout: 300_000,
     // Training locks go stale after 3 heartbeats; tests kill jobs and resume at once.
-    env: { EDGETUNE_LOCK_HEARTBEAT_MS: "300" },
+    // The suite never depends on the internet: runs that do not name a base get the best bundled one
+    // (the `auto` default is tested on its own, against a local HTTP server: bases.test.ts).
+    env: { EDGETUNE_LOCK_HEARTBEAT_MS: "300", EDGETUNE_DEFAULT_BASE: "darknet-tiny" },
   },
 });

@@ -17,7 +17,7 @@ import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { extractFeatures } from "../jobs/train/src/features/extract.ts";
 import { createForwardPool } from "../jobs/train/src/features/forward-pool.ts";
 import { initBackend } from "../jobs/train/src/model/backend.ts";
-import { DEFAULT_BASE, ensureBase, loadBase } from "../jobs/train/src/model/bases.ts";
+import { BEST_BUNDLED_BASE, ensureBase, loadBase } from "../jobs/train/src/model/bases.ts";
 import type { ObjectStore } from "../shared/s3/store.ts";
 import { arg, hasShared, machine, SHARED } from "./common.ts";
 
@@ -25,7 +25,7 @@ const N = Number(arg("images", "512"));
 const size = Number(arg("size", "224"));
 const backend = await initBackend();
 const s3 = await startLocalS3();
-const base = await ensureBase(s3.store, arg("base", DEFAULT_BASE) as string);
+const base = await ensureBase(s3.store, arg("base", BEST_BUNDLED_BASE) as string);
 const model = await loadBase(s3.store, base, size);
 const extractor = tf.model({ inputs: model.inputs, outputs: model.getLayer(base.featureLayer).output as tf.SymbolicTensor });
 

@@ -9,7 +9,7 @@ import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { buildTop } from "../jobs/train/src/fit/finetune.ts";
 import { DEFAULT_HEAD, headLayers, LAYER_NAMES } from "../jobs/train/src/fit/head.ts";
 import { initBackend } from "../jobs/train/src/model/backend.ts";
-import { DEFAULT_BASE, ensureBase, loadBase } from "../jobs/train/src/model/bases.ts";
+import { BEST_BUNDLED_BASE, ensureBase, loadBase } from "../jobs/train/src/model/bases.ts";
 import { applyBetween, layersBetween } from "../jobs/train/src/model/graph.ts";
 import { arg, machine } from "./common.ts";
 
@@ -18,7 +18,7 @@ const n = Number(arg("samples", "64"));
 const batchSize = 16;
 const backend = await initBackend();
 const s3 = await startLocalS3();
-const meta = await ensureBase(s3.store, DEFAULT_BASE);
+const meta = await ensureBase(s3.store, BEST_BUNDLED_BASE);
 const base = await loadBase(s3.store, meta, size);
 const from = meta.fineTuneFrom as string;
 const head = headLayers(2, { ...DEFAULT_HEAD });

@@ -17,7 +17,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { SAMPLE_CREDIT, sampleDataset } from "../../jobs/train/src/dataset/sample.ts";
 import { initBackend } from "../../jobs/train/src/model/backend.ts";
-import { DEFAULT_BASE, ensureBase } from "../../jobs/train/src/model/bases.ts";
+import { BEST_BUNDLED_BASE, ensureBase } from "../../jobs/train/src/model/bases.ts";
 import { percent, table } from "../../jobs/train/src/output.ts";
 import { readPointer } from "../../shared/artifacts.ts";
 import { EdgetuneError, userMessage } from "../../shared/errors.ts";
@@ -64,6 +64,10 @@ async function checkPort(variable: string): Promise<number> {
   return port;
 }
 
+// The local stack runs on the bundled base (no download), unless EDGETUNE_DEFAULT_BASE says otherwise
+// (`auto` tries the ImageNet MobileNetV2 first, as the cloud does). Job processes inherit it.
+process.env.EDGETUNE_DEFAULT_BASE ||= BEST_BUNDLED_BASE;
+
 try {
   const s3Port = await checkPort("EDGETUNE_LOCAL_S3_PORT");
   const edgePort = await checkPort("EDGETUNE_EDGE_PORT");
@@ -72,7 +76,7 @@ try {
   say(`local S3 API on ${s3.endpoint} (bucket ${s3.config.bucket})`);
 
   await initBackend();
-  const base = await ensureBase(s3.store, DEFAULT_BASE);
+  const base = await ensureBase(s3.store, process.env.EDGETUNE_DEFAULT_BASE === "auto" ? BEST_BUNDLED_BASE : process.env.EDGETUNE_DEFAULT_BASE);
   say(`base model ${base.id} stored under ${keys.base(base.id)} (${(base.files.reduce((n, f) => n + f.bytes, 0) / 1e6).toFixed(1)} MB)`);
 
   const dispatcher = new Dispatcher({

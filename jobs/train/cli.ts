@@ -67,7 +67,10 @@ program
   .description("Train a classifier on a dataset, evaluate it, export it and promote it if it is not worse than the current one.")
   .requiredOption("--dataset <name|s3-url|key|*>", "dataset name, s3://bucket/datasets/<name>/, datasets/<name>/manifest.json, or * for every complete dataset")
   .option("--model <name>", "model to write (default: the dataset name)")
-  .option("--base <id>", `base model: ${KNOWN_BASES.map((b) => b.id).join(", ")} or an imported id (default ${DEFAULT_OPTIONS.base})`)
+  .option(
+    "--base <id>",
+    `base model: auto (the ImageNet MobileNetV2 where it can be downloaded once, else the best bundled base), ${KNOWN_BASES.map((b) => b.id).join(", ")} or an imported id (default ${DEFAULT_OPTIONS.base})`,
+  )
   .addOption(
     new Option("--strategy <strategy>", "head: frozen base + new dense head; finetune: then retrain the top blocks at a small learning rate").choices(
       STRATEGIES,

@@ -48,7 +48,13 @@ export const artifactMetadataSchema = z
     labels: z.array(labelSchema).min(2, "must list at least 2 labels"),
     input: z.object({ size: imageSizeSchema, channels: z.literal(3) }),
     preprocessing: preprocessingSchema,
-    base: z.object({ id: baseIdSchema, sha256: sha256Schema, featureLayer: z.string().min(1) }),
+    base: z.object({
+      id: baseIdSchema,
+      sha256: sha256Schema,
+      featureLayer: z.string().min(1),
+      /** How the base was chosen when the run asked for `auto`: what was asked and why this one. */
+      choice: z.object({ requested: z.string(), reason: z.string() }).optional(),
+    }),
     strategy: strategySchema,
     hyperparameters: z.record(z.string(), z.union([z.string(), z.number(), z.boolean(), z.null()])),
     dataset: z.object({

@@ -5,7 +5,7 @@ import type { DatasetManifest } from "../../../shared/contracts/dataset.ts";
 import { parseContract } from "../../../shared/contracts/parse.ts";
 import { EdgetuneError, InvalidOptionError } from "../../../shared/errors.ts";
 import { sha256Hex } from "../../../shared/hash.ts";
-import { DEFAULT_BASE } from "./model/bases.ts";
+import { AUTO_BASE } from "./model/bases.ts";
 
 const headSchema = z.object({
   units: z.number().int().min(0).max(4096).default(0),
@@ -35,8 +35,11 @@ export const trainOptionsSchema = z.object({
   dataset: nameSchema,
   /** Model name to write; defaults to the manifest's `model` or the dataset name. */
   model: nameSchema.optional(),
-  /** EDGETUNE_DEFAULT_BASE (set by the CDK stack) overrides the built-in default. */
-  base: z.string().default(() => process.env.EDGETUNE_DEFAULT_BASE || DEFAULT_BASE),
+  /**
+   * `auto` (the default): the ImageNet MobileNetV2 where it can be downloaded once, else the best bundled
+   * base (model/bases.ts resolveBase). EDGETUNE_DEFAULT_BASE (the stack's `defaultBase`) overrides it.
+   */
+  base: z.string().default(() => process.env.EDGETUNE_DEFAULT_BASE || AUTO_BASE),
   strategy: strategySchema.default("head"),
   /** 160 px: ≈ 2× faster than 224 at the edge for about a point of accuracy. */
   imageSize: imageSizeSchema.default(160),

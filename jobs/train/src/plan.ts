@@ -4,7 +4,7 @@ import type { PreprocessingSpec } from "../../../shared/preprocess.ts";
 import { resolveOptions, type TrainInput, type TrainOptions, versionId } from "./config.ts";
 import { type Dataset, readDataset } from "./dataset/read.ts";
 import { type ExtractorSpec, featureSpec } from "./features/extract.ts";
-import { ensureBase } from "./model/bases.ts";
+import { type BaseChoice, resolveBase } from "./model/bases.ts";
 import type { RunContext } from "./run.ts";
 
 /**
@@ -16,6 +16,8 @@ export interface RunPlan {
   options: TrainOptions;
   dataset: Dataset;
   base: BaseMetadata;
+  /** How `auto` was resolved (absent when a base was named). */
+  baseChoice?: BaseChoice;
   /** The model written to: the manifest's or options' `model`, else the dataset's name. */
   name: string;
   version: string;
@@ -33,13 +35,13 @@ export async function planRun(ctx: RunContext, input: TrainInput): Promise<RunPl
   );
   const options = resolveOptions(input, dataset.manifest);
   for (const w of dataset.warnings) ctx.log.warn(w);
-  const base = await ctx.stage(
+  const { base, choice } = await ctx.stage(
     "base",
-    () => ensureBase(ctx.store, options.base),
-    (b) => ({ id: b.id }),
+    () => resolveBase(ctx.store, options.base),
+    (b) => ({ id: b.base.id, ...(b.choice ? { chosen: b.choice.reason } : {}) }),
   );
   const version = await versionId(options, dataset.fingerprint, base.sha256);
-  return { options, dataset, base, name: options.model ?? options.dataset, version, ...featureSpec(base, options) };
+  return { options, dataset, base, baseChoice: choice, name: options.model ?? options.dataset, version, ...featureSpec(base, options) };
 }
 
 /** True when the planned version was written already (by an earlier or a concurrent run). */

@@ -28,8 +28,10 @@ export interface KnownBase {
   licence: string;
 }
 
-const TM_URL = (alpha: string) =>
-  `https://storage.googleapis.com/teachable-machine-models/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_${alpha}_224_no_top/model.json`;
+/** Where Teachable Machine publishes its ImageNet bases; EDGETUNE_BASE_MIRROR replaces it (a mirror, or a test server). */
+export const TM_ORIGIN = "https://storage.googleapis.com/teachable-machine-models";
+const TM_URL = (alpha: string) => `${TM_ORIGIN}/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_${alpha}_224_no_top/model.json`;
+const mirrored = (url: string) => (process.env.EDGETUNE_BASE_MIRROR ? url.replace(TM_ORIGIN, process.env.EDGETUNE_BASE_MIRROR.replace(/\/$/, "")) : url);
 
 /** Bases committed with the project (jobs/train/bases/<id>/, each with its licence and provenance). */
 const BUNDLED_DIR = join(import.meta.dirname, "..", "..", "bases");
@@ -77,10 +79,16 @@ export const KNOWN_BASES: readonly KnownBase[] = [
   ),
 ];
 /**
- * The default, chosen by measurement (bench/RESULTS.md, "Which base by default"): the best accuracy on
- * the reference datasets among the bases that install with the project, at an edge p50 ≤ 50 ms.
+ * The best base that installs with the project, chosen by measurement (bench/RESULTS.md, "Which base by
+ * default"): the best accuracy on the reference datasets among the bundled bases, at an edge p50 ≤ 50 ms.
  */
-export const DEFAULT_BASE = "darknet-tiny";
+export const BEST_BUNDLED_BASE = "darknet-tiny";
+/** The clean Keras ImageNet MobileNetV2 (α 1.0): published 94–98 % on the reference datasets; 22 ms at 224 px at the edge. */
+export const PREFERRED_DOWNLOADED_BASE = "mobilenet-v2-100";
+/** The default: the preferred downloadable base where it can be fetched (once, into the bucket), else the best bundled one. */
+export const AUTO_BASE = "auto";
+/** A failed download is not tried again for this long (each run would otherwise wait for it). */
+const AUTO_RETRY_MS = 24 * 3600_000;
 
 export interface ImportOptions {
   id: string;
@@ -138,6 +146,45 @@ export async function importBase(store: ObjectStore, source: ModelSource, option
   }
 }
 
+/** Which base `auto` resolved to, and why (recorded in the version's metadata and report). */
+export interface BaseChoice {
+  requested: string;
+  reason: string;
+}
+
+/**
+ * The base a run uses: `requested` itself, or for `auto` the clean ImageNet MobileNetV2 when it is in
+ * the bucket or can be downloaded into it now, else the best bundled base. A failed download is
+ * remembered in the bucket (`bases/auto-unreachable.json`) and not tried again for a day.
+ */
+export async function resolveBase(store: ObjectStore, requested: string): Promise<{ base: BaseMetadata; choice?: BaseChoice }> {
+  if (requested !== AUTO_BASE) return { base: await ensureBase(store, requested) };
+  const preferred = PREFERRED_DOWNLOADED_BASE;
+  const stored = await store.get(keys.baseMetadata(preferred));
+  if (stored) {
+    const base = parseContractJson(baseMetadataSchema, new TextDecoder().decode(stored), keys.baseMetadata(preferred));
+    return { base, choice: { requested, reason: `${preferred} (ImageNet MobileNetV2) is in the bucket` } };
+  }
+  const fallback = async (why: string) => ({
+    base: await ensureBase(store, BEST_BUNDLED_BASE),
+    choice: { requested, reason: `${preferred} could not be downloaded (${why}); using the best bundled base, ${BEST_BUNDLED_BASE}` },
+  });
+  const marker = await store.get(AUTO_MARKER);
+  if (marker) {
+    const last = JSON.parse(new TextDecoder().decode(marker)) as { at: string; reason: string };
+    if (Date.now() - Date.parse(last.at) < AUTO_RETRY_MS) return fallback(`${last.reason}, at ${last.at}; tried again a day later`);
+  }
+  try {
+    const base = await ensureBase(store, preferred);
+    return { base, choice: { requested, reason: `${preferred} (ImageNet MobileNetV2) was downloaded once into the bucket` } };
+  } catch (e) {
+    const reason = e instanceof EdgetuneError && e.code === "base_unreachable" ? (e.cause instanceof Error ? e.cause.message : "unreachable") : String(e);
+    await store.put(AUTO_MARKER, JSON.stringify({ at: new Date().toISOString(), reason }), "application/json");
+    return fallback(reason);
+  }
+}
+const AUTO_MARKER = "bases/auto-unreachable.json";
+
 /** Makes sure a known base is in the bucket (downloading or unpacking it once), returns its metadata. */
 export async function ensureBase(store: ObjectStore, id: string): Promise<BaseMetadata> {
   const existing = await store.get(keys.baseMetadata(id));
@@ -146,7 +193,12 @@ export async function ensureBase(store: ObjectStore, id: string): Promise<BaseMe
   if (!known) {
     throw new InvalidOptionError("base", id, [...KNOWN_BASES.map((b) => b.id), "(or any id imported with `edgetune base import`)"]);
   }
-  const source: ModelSource = known.source.kind === "bundled" ? { kind: "dir", path: join(BUNDLED_DIR, known.source.dir) } : known.source;
+  const source: ModelSource =
+    known.source.kind === "bundled"
+      ? { kind: "dir", path: join(BUNDLED_DIR, known.source.dir) }
+      : known.source.kind === "url"
+        ? { kind: "url", url: mirrored(known.source.url) }
+        : known.source;
   const provenance =
     known.source.kind === "url"
       ? known.source.url
@@ -177,11 +229,19 @@ async function loadSource(source: ModelSource): Promise<tf.LayersModel> {
       return loadNsfwjs();
     case "url":
       try {
-        return await tf.loadLayersModel(source.url);
+        // Each request gets DOWNLOAD_TIMEOUT_MS: a network that drops packets must not hold a run for long.
+        const timeout = Number(process.env.EDGETUNE_DOWNLOAD_TIMEOUT_MS || 60_000);
+        return await tf.loadLayersModel(
+          tf.io.http(source.url, {
+            fetchFunc: ((url: string | URL | Request, init?: RequestInit) => fetch(url, { ...init, signal: AbortSignal.timeout(timeout) })) as typeof fetch,
+          }),
+        );
       } catch (e) {
+        const detail = e instanceof Error ? (e.cause instanceof Error ? `${e.message}: ${e.cause.message}` : e.message) : String(e);
         throw new EdgetuneError(
           "base_unreachable",
-          `Could not download the base from ${source.url} (${e instanceof Error ? e.message : e}). It needs internet once; after that it is kept in the bucket.`,
+          `Could not download the base from ${source.url} (${detail}). It needs internet once; after that it is kept in the bucket.`,
+          { cause: new Error(detail) },
         );
       }
     case "dir": {

@@ -12,7 +12,7 @@ export interface TrainingReport {
   ignored: { key: string; reason: string }[];
   warnings: string[];
   backend: { name: string; reason: string };
-  base: { id: string; featureLayer: string; sha256: string };
+  base: { id: string; featureLayer: string; sha256: string; choice?: { requested: string; reason: string } };
   options: Record<string, unknown>;
   phases: { name: string; seconds: number; detail?: Record<string, unknown> }[];
   history: { head: EpochLog[]; fineTune: EpochLog[] };
@@ -94,7 +94,7 @@ ${line(
   return `<!doctype html><html lang="en"><meta charset="utf-8"><title>edgetune ${esc(r.name)} ${esc(r.version)}</title>
 <style>body{font:14px system-ui,sans-serif;margin:2em;max-width:1000px}table{border-collapse:collapse}td,th{padding:2px 10px;border-bottom:1px solid #ddd;text-align:left}figure{display:inline-block;margin:4px;width:140px;font-size:11px;vertical-align:top}img{width:96px;height:96px;object-fit:cover}</style>
 <h1>${esc(r.name)} · ${esc(r.version)}</h1>
-<p>Accuracy <b>${pct(r.metrics.accuracy)}</b> on ${r.metrics.evaluatedOn} held-out images · strategy ${esc(String(r.options.strategy))} · base ${esc(r.base.id)} (${esc(r.base.featureLayer)}) · ${esc(String(r.options.imageSize))} px · backend ${esc(r.backend.name)}</p>
+<p>Accuracy <b>${pct(r.metrics.accuracy)}</b> on ${r.metrics.evaluatedOn} held-out images · strategy ${esc(String(r.options.strategy))} · base ${esc(r.base.id)} (${esc(r.base.featureLayer)}${r.base.choice ? `; ${esc(r.base.choice.requested)}: ${esc(r.base.choice.reason)}` : ""}) · ${esc(String(r.options.imageSize))} px · backend ${esc(r.backend.name)}</p>
 <p>${r.promotion.promoted ? "Promoted" : "Not promoted"}: ${esc(r.promotion.reason)}</p>
 ${r.warnings.length ? `<ul>${r.warnings.map((w2) => `<li>${esc(w2)}</li>`).join("")}</ul>` : ""}
 <h2>Training curves</h2>${chart}

@@ -113,7 +113,10 @@ describe("review", () => {
     const real = await capture(await png("#123"));
     const forged = { ...real, id: real.id.replace(/.{4}$/, "9999"), image: { ...real.image, key: "datasets/pets-data/cat/a.png" } };
     await s3.store.put(keys.captureFile("pets", "2026-11-29", forged.id, "json"), JSON.stringify(forged));
-    await s3.store.put(keys.captureDecision("pets", forged.id), JSON.stringify({ schemaVersion: 1, id: forged.id, action: "discard", decidedAt: new Date().toISOString(), by: "console" }));
+    await s3.store.put(
+      keys.captureDecision("pets", forged.id),
+      JSON.stringify({ schemaVersion: 1, id: forged.id, action: "discard", decidedAt: new Date().toISOString(), by: "console" }),
+    );
     expect((await listCaptures(s3.store, "pets")).map((c) => c.id)).toEqual([real.id]);
     const r = await applyDecisions(s3.store, "pets", memoryLogger());
     expect(r).toEqual({ accepted: [], discarded: [], refused: [] });
