@@ -294,6 +294,13 @@ describe("triggers", () => {
     const nightly = jobRoleStatements(template, "TrainingNightlyRole");
     const text = JSON.stringify(nightly);
     expect(text).toContain("batch:SubmitJob");
+    // Console review decisions are applied only if signed with an operator's key: the dispatcher gets those keys.
+    template.hasResourceProperties("AWS::Batch::JobDefinition", {
+      ContainerProperties: Match.objectLike({
+        Secrets: [{ Name: "EDGETUNE_CONSOLE_KEYS", ValueFrom: { Ref: Match.stringLikeRegexp("^EdgeConsoleKeys") } }],
+        Environment: Match.arrayWith([{ Name: "EDGETUNE_DISPATCH", Value: "1" }]),
+      }),
+    });
     // Deletes only what the traffic loop reviewed or rolled up, under captures/.
     const deletes = nightly.filter((st) => actions(st).some((a) => a.startsWith("s3:DeleteObject")));
     expect(JSON.stringify(deletes)).toContain("/captures/*");

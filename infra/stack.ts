@@ -17,7 +17,15 @@ export class EdgetuneStack extends Stack {
     const logRetention = config.logRetentionDays as logs.RetentionDays;
     const data = new DataBucket(this, "Data", config);
     const network = new BatchNetwork(this, "Network", { logRetention });
-    const training = new TrainingBatch(this, "Training", { config, vpc: network.vpc, securityGroup: network.securityGroup, bucket: data.bucket, logRetention });
+    const edge = new EdgeCredentials(this, "Edge", { bucket: data.bucket });
+    const training = new TrainingBatch(this, "Training", {
+      config,
+      vpc: network.vpc,
+      securityGroup: network.securityGroup,
+      bucket: data.bucket,
+      logRetention,
+      operatorKeys: edge.consoleKeys,
+    });
     const triggers = new TrainingTriggers(this, "Triggers", {
       bucket: data.bucket,
       cpuQueue: training.cpuQueue,
@@ -30,7 +38,6 @@ export class EdgetuneStack extends Stack {
       deadLetters: triggers.deadLetters,
       email: config.alarmEmail,
     });
-    const edge = new EdgeCredentials(this, "Edge", { bucket: data.bucket });
 
     new CfnOutput(this, "BucketName", { value: data.bucket.bucketName, description: "EDGETUNE_BUCKET / the worker's S3_BUCKET" });
     new CfnOutput(this, "Region", { value: this.region, description: "the worker's S3_REGION" });

@@ -64,7 +64,11 @@ export function isCaptureKey(key: string, prefix = false): boolean {
   const day = (x: string | undefined) => /^\d{4}-\d{2}-\d{2}$/.test(x ?? "");
   const file = (x: string | undefined) => x !== undefined && x !== "." && x !== ".." && /^[A-Za-z0-9._-]+$/.test(x);
   const kind = s[2];
-  if (prefix) return s.length === 4 && s[3] === "" && (kind === "images" || kind === "decisions" || kind === "counters");
+  if (prefix) {
+    // captures/<model>/<kind>/, or one day of it: captures/<model>/<images|counters>/<day>/
+    if (s.length === 4) return s[3] === "" && (kind === "images" || kind === "decisions" || kind === "counters");
+    return s.length === 5 && s[4] === "" && (kind === "images" || kind === "counters") && day(s[3]);
+  }
   if (kind === "images" || kind === "counters") return s.length === 5 && day(s[3]) && file(s[4]);
   if (kind === "quota") return s.length === 4 && day(s[3]?.replace(/\.json$/, "")) && s[3]?.endsWith(".json") === true;
   if (kind === "decisions") return s.length === 4 && file(s[3]);

@@ -24,6 +24,7 @@ export const daySummarySchema = z.object({
   lowConfidence: z.number().int(),
   captured: z.number().int(),
   overCap: z.number().int(),
+  busy: z.number().int().default(0),
   failed: z.number().int(),
   optedOut: z.number().int(),
   drift: z.array(z.string()),
@@ -66,6 +67,7 @@ export function sumByDay(deltas: readonly Counters[]): Omit<DaySummary, "drift">
         lowConfidence: 0,
         captured: 0,
         overCap: 0,
+        busy: 0,
         failed: 0,
         optedOut: 0,
       };
@@ -80,6 +82,7 @@ export function sumByDay(deltas: readonly Counters[]): Omit<DaySummary, "drift">
     s.lowConfidence += d.lowConfidence;
     s.captured += d.captured;
     s.overCap += d.overCap;
+    s.busy += d.busy;
     s.failed += d.failed;
     s.optedOut += d.optedOut;
   }

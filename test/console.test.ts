@@ -166,7 +166,14 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
 
   it("reviews captured traffic (images, accept under a corrected label, discard) and shows the monitoring summary", async () => {
     await writeCaptureConfig(s3.store, "emoji", { enabled: true, belowConfidence: 1.01 });
-    await new Promise((r) => setTimeout(r, 1100)); // the worker re-reads capture settings after its TTL (1 s here)
+    // The worker re-reads capture settings after its TTL (1 s here), after an answer: one answer to start it.
+    await new Promise((r) => setTimeout(r, 1100));
+    await fetch(`${edge.url}/v1/models/emoji/classify`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${edge.apiKey}`, "content-type": "image/png", "x-edgetune-capture": "off" },
+      body: images.find((i) => i.file.endsWith(".png"))?.bytes as BodyInit,
+    });
+    await new Promise((r) => setTimeout(r, 300));
     const sent = images.slice(0, 3);
     for (const img of sent) {
       const res = await fetch(`${edge.url}/v1/models/emoji/classify`, {
@@ -200,7 +207,7 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     // No summary before the nightly step; then the day's traffic with the held-out reference.
     await page.goto(`${edge.url}/#/monitor/emoji`);
     await page.waitForSelector("#monitor-empty");
-    await processTraffic(s3.store, memoryLogger());
+    await processTraffic(s3.store, memoryLogger(), [OPERATOR]);
     await page.reload();
     await page.waitForSelector("#monitor tbody tr");
     expect(await page.textContent("#monitor tbody tr")).toMatch(/\d{4}-\d{2}-\d{2}/);

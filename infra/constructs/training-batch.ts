@@ -7,6 +7,7 @@ import * as ecs from "aws-cdk-lib/aws-ecs";
 import * as iam from "aws-cdk-lib/aws-iam";
 import * as logs from "aws-cdk-lib/aws-logs";
 import type * as s3 from "aws-cdk-lib/aws-s3";
+import type * as secretsmanager from "aws-cdk-lib/aws-secretsmanager";
 import { Construct } from "constructs";
 import type { EdgetuneConfig } from "../config.ts";
 
@@ -30,7 +31,15 @@ export class TrainingBatch extends Construct {
   constructor(
     scope: Construct,
     id: string,
-    props: { config: EdgetuneConfig; vpc: ec2.IVpc; securityGroup: ec2.ISecurityGroup; bucket: s3.IBucket; logRetention: logs.RetentionDays },
+    props: {
+      config: EdgetuneConfig;
+      vpc: ec2.IVpc;
+      securityGroup: ec2.ISecurityGroup;
+      bucket: s3.IBucket;
+      logRetention: logs.RetentionDays;
+      /** The operators' console keys: the dispatcher applies only review decisions signed with one of them. */
+      operatorKeys?: secretsmanager.ISecret;
+    },
   ) {
     super(scope, id);
     const { config } = props;
@@ -162,8 +171,10 @@ export class TrainingBatch extends Construct {
       role: iam.IRole,
       environment: Record<string, string>,
       size = { cpu: config.cpuJobVcpus, memoryGiB: config.cpuJobMemoryGiB },
+      secrets: Record<string, batch.Secret> = {},
     ) =>
       new batch.EcsFargateContainerDefinition(this, id, {
+        secrets,
         image: cpuImage,
         cpu: size.cpu,
         memory: Size.gibibytes(size.memoryGiB),
@@ -270,6 +281,9 @@ export class TrainingBatch extends Construct {
           EDGETUNE_CPU_TRAIN_JOB_DEFINITION: this.cpuJobDefinition.jobDefinitionArn,
         },
         { cpu: 1, memoryGiB: 2 },
+        // Review decisions recorded through the console carry an HMAC made with the operator's key; the
+        // dispatcher verifies them with these keys, so the edge's S3 key alone cannot accept images.
+        props.operatorKeys ? { EDGETUNE_CONSOLE_KEYS: batch.Secret.fromSecretsManager(props.operatorKeys) } : {},
       ),
     });
   }

@@ -67,6 +67,9 @@ async function checkPort(variable: string): Promise<number> {
 // The local stack runs on the bundled base (no download), unless EDGETUNE_DEFAULT_BASE says otherwise
 // (`auto` tries the ImageNet MobileNetV2 first, as the cloud does). Job processes inherit it.
 process.env.EDGETUNE_DEFAULT_BASE ||= BEST_BUNDLED_BASE;
+// The operator key (also the console's): nightly runs apply review decisions signed with it.
+process.env.EDGETUNE_API_KEY ||= "local-dev-key";
+process.env.EDGETUNE_CONSOLE_KEYS ||= process.env.EDGETUNE_API_KEY;
 
 try {
   const s3Port = await checkPort("EDGETUNE_LOCAL_S3_PORT");
@@ -122,7 +125,7 @@ try {
     s3Endpoint: s3.endpoint,
     bucket: s3.config.bucket,
     port,
-    apiKey: process.env.EDGETUNE_API_KEY ?? "local-dev-key",
+    apiKey: process.env.EDGETUNE_API_KEY,
     pointerTtlSeconds: 10,
   });
   cleanups.push(() => edge.stop());

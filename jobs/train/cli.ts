@@ -170,7 +170,7 @@ program
         );
       return;
     }
-    if (input.dataset === "*") await processTraffic(store, log);
+    if (input.dataset === "*") await processTraffic(store, log).catch((e) => log.warn(`traffic not processed: ${userMessage(e)}`));
     const names = input.dataset === "*" ? (await listDatasets(store)).filter((d) => d.complete).map((d) => d.name) : [input.dataset];
     let failed = 0;
     for (const dataset of names) {
@@ -445,10 +445,12 @@ program
       );
       return;
     }
-    for (const id of ids(o.accept)) await decide(store, model, id, "accept", o.as);
-    for (const id of ids(o.discard)) await decide(store, model, id, "discard");
-    // The CLI applies at once (it has the job's rights); decisions made in the console wait for the nightly run.
-    const r = await applyDecisions(store, model, createLogger());
+    const mine = new Set<string>();
+    for (const id of ids(o.accept)) mine.add((await decide(store, model, id, "accept", o.as)).id);
+    for (const id of ids(o.discard)) mine.add((await decide(store, model, id, "discard")).id);
+    // The CLI applies its own decisions at once (it has the job's rights); the console's are applied by
+    // the nightly run, or here too when EDGETUNE_CONSOLE_KEYS lets their signatures be checked.
+    const r = await applyDecisions(store, model, createLogger(), { trusted: mine });
     for (const f of r.refused) process.stderr.write(`not added: ${f.id}: ${f.reason}\n`);
     emit(
       o,

@@ -61,6 +61,8 @@ export const captureRecordSchema = z.object({
     /** True when the stored copy was resized from a larger original. */
     resized: z.boolean(),
   }),
+  /** Set by the job when a decision on this capture could not be applied: it is back in the review queue. */
+  refused: z.object({ reason: z.string(), at: z.iso.datetime() }).optional(),
 });
 export type CaptureRecord = z.output<typeof captureRecordSchema>;
 
@@ -95,9 +97,22 @@ export const captureDecisionSchema = z
     label: labelSchema.optional(),
     decidedAt: z.iso.datetime(),
     by: z.enum(["console", "cli"]),
+    /**
+     * Console decisions: HMAC-SHA256 of `decisionMessage` keyed with the operator key that made it. The
+     * job applies a stored decision only if it verifies with one of the operators' keys, so the edge's S3
+     * credentials alone (which may write under captures/) cannot put images into a dataset.
+     */
+    signature: z
+      .string()
+      .regex(/^[0-9a-f]{64}$/)
+      .optional(),
   })
   .refine((d) => d.action === "discard" || d.label !== undefined, { message: "an accepted capture needs its label", path: ["label"] });
 export type CaptureDecision = z.output<typeof captureDecisionSchema>;
+
+/** What a decision's signature covers: the model and every field that changes what the job does. */
+export const decisionMessage = (model: string, d: Pick<CaptureDecision, "id" | "action" | "label" | "decidedAt">) =>
+  ["edgetune-decision-v1", model, d.id, d.action, d.label ?? "", d.decidedAt].join("\n");
 
 /** Captures stored on one UTC day: the edge's daily caps, shared by every isolate through a conditional write. */
 export const captureQuotaSchema = z.object({ day: z.string(), count: z.number().int().min(0), bytes: z.number().int().min(0) });
@@ -123,6 +138,8 @@ export const countersSchema = z.object({
   captured: z.number().int().min(0),
   /** Not stored because a daily cap was reached. */
   overCap: z.number().int().min(0),
+  /** Not stored because the isolate was busy (classifications waiting for the decode slot, or captures on their way). */
+  busy: z.number().int().min(0).default(0),
   /** Capture or counter writes that failed (the classification was not affected). */
   failed: z.number().int().min(0),
   optedOut: z.number().int().min(0),

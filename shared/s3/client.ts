@@ -130,11 +130,15 @@ export class S3ObjectStore implements ObjectStore {
   async delete(keys: string[]): Promise<void> {
     for (let i = 0; i < keys.length; i += 1000) {
       const chunk = keys.slice(i, i + 1000);
+      let failed: { Key?: string; Code?: string }[] = [];
       try {
-        await this.client.send(new DeleteObjectsCommand({ Bucket: this.bucket, Delete: { Objects: chunk.map((Key) => ({ Key })), Quiet: true } }));
+        const res = await this.client.send(new DeleteObjectsCommand({ Bucket: this.bucket, Delete: { Objects: chunk.map((Key) => ({ Key })), Quiet: true } }));
+        failed = res.Errors ?? [];
       } catch (e) {
         throw new StorageError("DELETE", chunk[0] ?? "", e);
       }
+      // A batch delete answers 200 and lists the keys it could not delete: each is a failure too.
+      if (failed.length > 0) throw new StorageError("DELETE", failed[0]?.Key ?? "", new Error(`${failed.length} key(s) not deleted (${failed[0]?.Code})`));
     }
   }
 }

@@ -13,19 +13,32 @@ export interface FaultProxy {
   total: number;
   /** Every request seen, in order. */
   requests: { method: string; path: string }[];
+  /** Requests held open right now by `hang`. */
+  hanging: number;
   stop(): Promise<void>;
 }
 
 export async function startFaultProxy(
   upstream: string,
-  options: { every: number; down?: (req: { method: string; path: string }) => boolean },
+  options: {
+    every: number;
+    down?: (req: { method: string; path: string }) => boolean;
+    /** Matching requests are held open, unanswered (a bucket that hangs): counted in `hanging`. */
+    hang?: (req: { method: string; path: string }) => boolean;
+  },
 ): Promise<FaultProxy> {
   const target = new URL(upstream);
-  const state: FaultProxy = { endpoint: "", injected: { slowDown: 0, internal: 0, reset: 0 }, total: 0, requests: [], stop: async () => {} };
+  const state: FaultProxy = { endpoint: "", injected: { slowDown: 0, internal: 0, reset: 0 }, total: 0, requests: [], hanging: 0, stop: async () => {} };
   const server = createServer((req, res) => {
     state.total++;
     state.requests.push({ method: req.method ?? "GET", path: req.url ?? "/" });
     const n = state.total;
+    if (options.hang?.({ method: req.method ?? "GET", path: req.url ?? "/" })) {
+      state.hanging++;
+      req.resume();
+      res.on("close", () => state.hanging--);
+      return;
+    }
     if (options.down?.({ method: req.method ?? "GET", path: req.url ?? "/" })) {
       state.injected.reset++;
       req.socket.destroy();

@@ -294,6 +294,7 @@ async function reviewPage(show, name) {
       { class: "capture", "data-id": c.id },
       img,
       el("figcaption", {}, `${top.label} (${pct(top.score)}) · ${c.reason === "sampled" ? "sampled" : "unsure"} · ${when(c.capturedAt)} · ${c.version}`),
+      c.refused ? el("p", { class: "error" }, `Not applied last time: ${c.refused.reason}`) : null,
       el(
         "div",
         { class: "decide" },

@@ -10,6 +10,7 @@ import {
   type CaptureRecord,
   captureConfigSchema,
   captureDecisionSchema,
+  decisionMessage,
   parseCaptureRecord,
 } from "../../../shared/contracts/capture.ts";
 import { NotFoundError } from "../../../shared/errors.ts";
@@ -79,6 +80,7 @@ function capturerFor(env: Env): Capturer {
     flushMs: Number(env.COUNTERS_FLUSH_SECONDS || 60) * 1000,
     encodePng,
     exclusive: (work) => admissionFor(env).exclusive(work),
+    idle: () => admissionFor(env).idle(),
     log: (fields) => console.warn(JSON.stringify(fields)),
   });
   return capturer;
@@ -205,27 +207,43 @@ app.openapi(reportRoute, async (c) => {
   return c.json(JSON.parse(new TextDecoder().decode(report)) as Record<string, unknown>, 200);
 });
 
-/** The review queue: listings of the model's captures and decisions, then the newest undecided records. */
+/**
+ * The review queue, newest first: the day folders of the model's captures, then each day's records from
+ * the newest, skipping those already decided (their decision waits for the nightly run), within the
+ * subrequests one request may spend. A capture whose decision the job could not apply is back, with why.
+ */
+const REVIEW_PAGE = 30;
 app.openapi(capturesRoute, async (c) => {
   const { name } = c.req.valid("param");
   const store = captureStoreFor(c.env);
-  const [recordKeys, decided, settings] = await Promise.all([
-    store.list(keys.captureImages(name), 1000).then((ks) => ks.filter((k) => k.endsWith(".json")).reverse()),
+  const [days, decided, settings] = await Promise.all([
+    store.listFolders(keys.captureImages(name)).then((d) => d.sort().reverse()),
     store.list(keys.captureDecisions(name), 1000),
     readCaptureConfig(catalogFor(c.env), name),
   ]);
   const decidedIds = new Set(decided.map((k) => k.slice(keys.captureDecisions(name).length, -".json".length)));
-  const pending = recordKeys.filter((k) => !decidedIds.has(idOfRecordKey(k)));
-  const shown = pending.slice(0, CATALOG_READS - 4);
+  const pending: string[] = [];
+  let truncated = false;
+  for (const [i, day] of days.entries()) {
+    if (pending.length >= REVIEW_PAGE || i >= 5) {
+      truncated = true;
+      break;
+    }
+    const listed = await store.list(day, 2000);
+    const open = listed.filter((k) => k.endsWith(".json") && !decidedIds.has(idOfRecordKey(k))).reverse();
+    const room = REVIEW_PAGE - pending.length;
+    if (open.length > room || listed.length >= 2000) truncated = true;
+    pending.push(...open.slice(0, room));
+  }
   const records = await Promise.all(
-    shown.map(async (k) => {
+    pending.map(async (k) => {
       const got = await store.get(k);
       const record = got ? parseCaptureRecord(name, got.bytes) : null;
       return record ? { ...record, decision: null, label: null } : null;
     }),
   );
   const captures = records.filter((r) => r !== null);
-  return c.json({ model: name, settings, captures, truncated: shown.length < pending.length }, 200);
+  return c.json({ model: name, settings, captures, truncated }, 200);
 });
 
 app.openapi(captureImageRoute, async (c) => {
@@ -245,13 +263,11 @@ app.openapi(decisionRoute, async (c) => {
   const body = c.req.valid("json");
   const store = captureStoreFor(c.env);
   await readCaptureRecord(store, name, id);
-  const decision = captureDecisionSchema.parse({
-    id,
-    action: body.action,
-    label: body.action === "accept" ? body.label : undefined,
-    decidedAt: new Date().toISOString(),
-    by: "console",
-  });
+  const unsigned = { id, action: body.action, label: body.action === "accept" ? body.label : undefined, decidedAt: new Date().toISOString() };
+  // Signed with the operator's own key (consoleAuth checked it): the job verifies it with the operators' keys.
+  const operatorKey = (c.req.header("authorization") ?? "").replace(/^Bearer\s+/i, "");
+  const signature = await hmacHex(operatorKey, decisionMessage(name, unsigned));
+  const decision = captureDecisionSchema.parse({ ...unsigned, by: "console", signature });
   await store.put(keys.captureDecision(name, id), JSON.stringify(decision), "application/json");
   return c.json({ id, action: decision.action, label: decision.label ?? null }, 200);
 });
@@ -299,18 +315,17 @@ app.openapi(classifyRoute, async (c) => {
         .slice(0, topK);
       const timings = { decodeMs: round(t2 - t1), preprocessMs: round(t3 - t2), inferenceMs: round(t4 - t3), totalMs: round(t4 - t0) };
       // The traffic loop (capture/capture.ts): after the answer, never in its way.
-      c.executionCtx.waitUntil(
-        capturerFor(c.env).observe({
-          model: name,
-          version: model.metadata.version,
-          labels,
-          scores,
-          bytes,
-          contentType: EDGE_FORMATS[format],
-          pixels,
-          optOut: isOptOut(c.req.raw.headers),
-        }),
-      );
+      const after = capturerFor(c.env).observe({
+        model: name,
+        version: model.metadata.version,
+        labels,
+        scores,
+        bytes,
+        contentType: EDGE_FORMATS[format],
+        pixels,
+        optOut: isOptOut(c.req.raw.headers),
+      });
+      if (after) c.executionCtx.waitUntil(after);
       c.header(
         "server-timing",
         `decode;dur=${timings.decodeMs}, preprocess;dur=${timings.preprocessMs}, inference;dur=${timings.inferenceMs}, total;dur=${timings.totalMs}`,
@@ -381,6 +396,12 @@ async function readCaptureRecord(store: CaptureStore, name: string, id: string):
 async function acquire(env: Env, name: string, waitUntil: (p: Promise<unknown>) => void) {
   await initTf();
   return registryFor(env).acquire(name, waitUntil);
+}
+
+async function hmacHex(key: string, message: string): Promise<string> {
+  const k = await crypto.subtle.importKey("raw", new TextEncoder().encode(key), { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+  const mac = new Uint8Array(await crypto.subtle.sign("HMAC", k, new TextEncoder().encode(message)));
+  return Array.from(mac, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 const round = (ms: number) => Math.round(ms * 10) / 10;

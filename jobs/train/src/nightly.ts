@@ -38,7 +38,10 @@ export async function dispatchNightly(
   const uploads = datasets !== "*";
   // Nightly: reviewed captures join their datasets first (so they are trained on tonight) and the
   // monitoring summaries are written (traffic/traffic.ts).
-  if (!uploads) await processTraffic(store, log);
+  if (!uploads) {
+    // Whatever goes wrong with the traffic step, tonight's training still happens.
+    await processTraffic(store, log).catch((e) => log.warn(`traffic not processed: ${userMessage(e)}`));
+  }
   const names = uploads ? datasets : (await listDatasets(store)).filter((d) => d.complete).map((d) => d.name);
   for (const name of names) {
     let strategy: "head" | "finetune" = "head";

@@ -36,6 +36,9 @@ function fakeBucket(options: { failPuts?: boolean } = {}) {
         .sort()
         .slice(0, limit);
     },
+    async listFolders(prefix) {
+      return [...new Set([...objects.keys()].filter((k) => k.startsWith(prefix)).map((k) => `${prefix}${k.slice(prefix.length).split("/")[0]}/`))];
+    },
   };
   return store;
 }
@@ -62,10 +65,18 @@ const capturer = (source: ModelSource, store: CaptureStore | null, extra: Partia
     flushMs: 60_000,
     encodePng: async (p) => new Uint8Array(p.width * p.height),
     exclusive: (work) => work(),
+    idle: () => true,
     log: () => {},
     random: () => 0.99,
     ...extra,
   });
+
+/** One answered request, and what it left to run after the answer. */
+const observe = async (c: Capturer, o: Observation) => {
+  await (c.observe(o) ?? Promise.resolve());
+};
+/** A fresh isolate captures nothing until its first settings read has answered: this is that first answer. */
+const warm = async (c: Capturer, model = "pets") => observe(c, observation(0.99, { model }));
 
 function observation(top: number, extra: Partial<Observation> = {}): Observation {
   return {
@@ -73,7 +84,8 @@ function observation(top: number, extra: Partial<Observation> = {}): Observation
     version: "v0123456789ab",
     labels: ["cat", "dog"],
     scores: new Float32Array([top, 1 - top]),
-    bytes: new Uint8Array([0xff, 0xd8, 0xff, 1, 2, 3]),
+    // A JPEG's header as far as the metadata check walks it: SOI, APP0 (JFIF), SOS.
+    bytes: new Uint8Array([0xff, 0xd8, 0xff, 0xe0, 0x00, 0x04, 0x4a, 0x46, 0xff, 0xda]),
     contentType: "image/jpeg",
     pixels: { data: new Uint8Array(40 * 30 * 3), width: 40, height: 30, channels: 3 },
     optOut: false,
@@ -92,7 +104,7 @@ describe("Capturer", () => {
   it("stores nothing while capture is off (no capture.json), but counts", async () => {
     const store = fakeBucket();
     const c = capturer(settings(null), store, { flushMs: 0 });
-    await c.observe(observation(0.45, { labels: ["cat", "dog", "fox"], scores: new Float32Array([0.45, 0.3, 0.25]) }));
+    await observe(c, observation(0.45, { labels: ["cat", "dog", "fox"], scores: new Float32Array([0.45, 0.3, 0.25]) }));
     expect(records(store)).toEqual([]);
     const counters = [...store.objects.entries()].filter(([k]) => k.includes("/counters/"));
     expect(counters.length).toBe(1);
@@ -104,8 +116,9 @@ describe("Capturer", () => {
   it("stores an unsure answer with its record (image first), the original bytes when small", async () => {
     const store = fakeBucket();
     const c = capturer(settings({ enabled: true, belowConfidence: 0.6 }), store);
-    await c.observe(observation(0.55));
-    await c.observe(observation(0.9)); // sure, and not sampled (random 0.99 ≥ 0)
+    await warm(c);
+    await observe(c, observation(0.55));
+    await observe(c, observation(0.9)); // sure, and not sampled (random 0.99 ≥ 0)
     const [r] = records(store);
     expect(records(store).length).toBe(1);
     expect(r).toMatchObject({ reason: "low_confidence", version: "v0123456789ab", image: { contentType: "image/jpeg", resized: false, width: 40 } });
@@ -118,15 +131,63 @@ describe("Capturer", () => {
   it("samples sure answers at the configured rate and resizes large inputs to a PNG within maxSide", async () => {
     const store = fakeBucket();
     const c = capturer(settings({ enabled: true, belowConfidence: 0, sampleRate: 0.5, maxSide: 32 }), store, { random: () => 0.2 });
-    await c.observe(observation(0.99));
+    await warm(c); // sampled too, but the settings were not known yet: not stored
+    expect(records(store)).toEqual([]);
+    await observe(c, observation(0.99));
     const [r] = records(store);
     expect(r).toMatchObject({ reason: "sampled", image: { contentType: "image/png", resized: true, width: 32, height: 24 } });
+  });
+
+  it("re-encodes a small input that carries metadata (EXIF, GPS) instead of storing it as sent", async () => {
+    const store = fakeBucket();
+    const c = capturer(settings({ enabled: true, belowConfidence: 1.01 }), store);
+    await warm(c);
+    // A JPEG whose second segment is APP1 (EXIF).
+    const withExif = new Uint8Array([0xff, 0xd8, 0xff, 0xe1, 0x00, 0x04, 0x45, 0x78, 0xff, 0xda]);
+    await observe(c, observation(0.5, { bytes: withExif }));
+    const [r] = records(store);
+    expect(r?.image).toMatchObject({ contentType: "image/png", resized: false, width: 40, height: 30 });
+    expect(store.objects.get(r?.image.key as string)?.body).not.toEqual(withExif);
+  });
+
+  it("drops a capture that needs the decode slot while classifications wait for it, and bounds captures in flight", async () => {
+    const store = fakeBucket();
+    let idle = false;
+    const c = capturer(settings({ enabled: true, belowConfidence: 1.01, maxSide: 32 }), store, { idle: () => idle });
+    await warm(c);
+    await observe(c, observation(0.5)); // 40 px > 32: needs resizing, and the slot is wanted
+    expect(records(store)).toEqual([]);
+    expect(c.stats().busy).toBe(1);
+    idle = true;
+    // One decoded image at a time: of 4 at once, 1 is stored and 3 are dropped.
+    const work = Array.from({ length: 4 }, () => observe(c, observation(0.5)));
+    await Promise.all(work);
+    expect(records(store).length).toBe(1);
+    expect(c.stats().busy).toBe(1 + 3);
+  });
+
+  it("files counts under the day they were made and flushes a finished day at once", async () => {
+    const store = fakeBucket();
+    let now = new Date("2026-11-29T23:59:30Z");
+    const c = capturer(settings(null), store, { now: () => now });
+    await observe(c, observation(0.9)); // an isolate's first answer flushes at once
+    await observe(c, observation(0.9));
+    now = new Date("2026-11-30T00:00:10Z");
+    await observe(c, observation(0.9)); // a new day: the 29th's counts are complete, flushed
+    const files = [...store.objects.entries()].filter(([k]) => k.includes("/counters/"));
+    const byDay = files.map(([k, o]) => [k.split("/")[3], countersSchema.parse(JSON.parse(o.body as string)).requests]);
+    expect(byDay).toEqual([
+      ["2026-11-29", 1],
+      ["2026-11-29", 1],
+      ["2026-11-30", 1],
+    ]);
   });
 
   it("honours the opt-out: nothing stored, counted as opted out", async () => {
     const store = fakeBucket();
     const c = capturer(settings({ enabled: true, belowConfidence: 1.01 }), store);
-    await c.observe(observation(0.5, { optOut: true }));
+    await warm(c);
+    await observe(c, observation(0.5, { optOut: true }));
     expect(records(store)).toEqual([]);
     expect(c.stats()).toMatchObject({ optedOut: 1, captured: 0 });
   });
@@ -135,17 +196,21 @@ describe("Capturer", () => {
     const store = fakeBucket();
     const config = settings({ enabled: true, belowConfidence: 1.01, maxPerDay: 5 });
     const isolates = [capturer(config, store), capturer(config, store), capturer(config, store)];
-    await Promise.all(isolates.flatMap((c) => Array.from({ length: 4 }, () => c.observe(observation(0.5)))));
+    for (const c of isolates) await warm(c);
+    await Promise.all(isolates.flatMap((c) => Array.from({ length: 4 }, () => observe(c, observation(0.5)))));
     expect(records(store).length).toBe(5);
     const quota = JSON.parse(store.objects.get(keys.captureQuota("pets", new Date().toISOString().slice(0, 10)))?.body as string);
     expect(quota.count).toBe(5);
-    expect(isolates.reduce((a, c) => a + c.stats().overCap + c.stats().captured + c.stats().failed, 0)).toBe(12);
+    const stats = isolates.map((c) => c.stats());
+    expect(stats.reduce((a, s) => a + s.captured, 0)).toBe(5);
+    expect(stats.reduce((a, s) => a + s.overCap + s.captured + s.failed, 0)).toBe(12);
   });
 
   it("keeps the daily byte cap", async () => {
     const store = fakeBucket();
-    const c = capturer(settings({ enabled: true, belowConfidence: 1.01, maxBytesPerDay: 13 }), store);
-    for (let i = 0; i < 4; i++) await c.observe(observation(0.5)); // 6 bytes each
+    const c = capturer(settings({ enabled: true, belowConfidence: 1.01, maxBytesPerDay: 25 }), store);
+    await warm(c);
+    for (let i = 0; i < 4; i++) await observe(c, observation(0.5)); // 10 bytes each
     expect(records(store).length).toBe(2);
     expect(c.stats().overCap).toBe(2);
   });
@@ -153,7 +218,8 @@ describe("Capturer", () => {
   it("never rejects when storage is down: failures are counted, counters kept for the next flush", async () => {
     const store = fakeBucket({ failPuts: true });
     const c = capturer(settings({ enabled: true, belowConfidence: 1.01 }), store, { flushMs: 0 });
-    await expect(c.observe(observation(0.5))).resolves.toBeUndefined();
+    await warm(c);
+    await expect(observe(c, observation(0.5))).resolves.toBeUndefined();
     expect(c.stats().failed).toBeGreaterThanOrEqual(1);
     expect(c.stats().captured).toBe(0);
   });
@@ -161,7 +227,7 @@ describe("Capturer", () => {
   it("reads capture.json once per TTL", async () => {
     const source = settings({ enabled: false });
     const c = capturer(source, fakeBucket());
-    for (let i = 0; i < 5; i++) await c.observe(observation(0.5));
+    for (let i = 0; i < 5; i++) await observe(c, observation(0.5));
     expect(source.reads).toBe(1);
   });
 });
@@ -188,6 +254,9 @@ describe("the edge's writes", () => {
     for (const name of hostile) expect(isCaptureKey(keys.captureQuota(name, "2026-11-29")), name).toBe(false);
     expect(isCaptureKey(keys.captureMonitor("pets"))).toBe(true);
     expect(isCaptureKey(keys.captureDecisions("pets"), true)).toBe(true);
+    expect(isCaptureKey("captures/pets/images/2026-11-29/", true)).toBe(true);
+    expect(isCaptureKey("captures/pets/images/../", true)).toBe(false);
+    expect(isCaptureKey("captures/pets/decisions/2026-11-29/", true)).toBe(false);
     for (const key of [
       "models/pets/current.json",
       "captures/pets",
@@ -217,7 +286,11 @@ describe("the edge's writes", () => {
       get: async () => null,
       async *listFolders() {},
     };
-    for (const model of names) await capturer(config, store, { flushMs: 0 }).observe(observation(0.5, { model }));
+    for (const model of names) {
+      const c = capturer(config, store, { flushMs: 0 });
+      await warm(c, model);
+      await observe(c, observation(0.5, { model }));
+    }
     const writes = requests.filter((r) => r.method === "PUT");
     expect(writes.length).toBeGreaterThan(0); // the valid names did write
     for (const w of writes) expect(new URL(w.url).pathname).toMatch(/^\/b\/captures\/(pets|a\.b|9-lives)\//);

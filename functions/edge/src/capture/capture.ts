@@ -10,6 +10,7 @@ import {
   confidenceBin,
 } from "../../../../shared/contracts/capture.ts";
 import { fitWithin } from "../../../../shared/image/fit.ts";
+import { hasMetadata } from "../../../../shared/image/metadata.ts";
 import { keys } from "../../../../shared/keys.ts";
 import type { Pixels } from "../../../../shared/preprocess.ts";
 import type { ModelSource } from "../model/source.ts";
@@ -20,10 +21,13 @@ import type { CaptureStore } from "./store.ts";
  * (`models/<model>/capture.json`, re-read like the pointer), inputs stored for review when the model was
  * unsure or by random sampling, within daily caps shared by all isolates, and counters flushed as deltas.
  *
- * Everything here runs after the answer is sent (`waitUntil`) and swallows its errors into the `failed`
- * counter: capture can neither delay nor fail a classification. The one piece of work that touches the
- * image — resizing a large input and encoding it — waits for the isolate's decode slot, so captured
- * pixels never add a second large image to memory.
+ * `observe` runs in the request once the answer is computed, and is synchronous: it counts, decides with
+ * the settings it already has, and returns the work that must happen after the answer (`waitUntil`), or
+ * null. A request that is not captured keeps nothing alive; a captured one keeps its body, or its pixels
+ * when they must be resized or stripped of metadata — within `MAX_IN_FLIGHT_BYTES` of bodies and one
+ * decoded image per isolate (beyond that a capture is dropped, counted `busy`). Every bucket request has a deadline, and every failure is counted (`failed`), never
+ * thrown: capture can neither delay nor fail a classification. Resizing and encoding need the decode
+ * slot; they run only when no classification is waiting for it, else the capture is dropped (`busy`).
  */
 export interface Observation {
   model: string;
@@ -39,7 +43,10 @@ export interface Observation {
 
 export interface CaptureStats {
   captured: number;
+  /** Not stored: a daily cap was reached. */
   overCap: number;
+  /** Not stored: the isolate was busy (classifications waiting, or captures already on their way). */
+  busy: number;
   failed: number;
   optedOut: number;
   /** Counter deltas written to the bucket. */
@@ -55,34 +62,52 @@ export type PngEncoder = (pixels: Pixels) => Promise<Uint8Array>;
 
 /** Compare-and-swap attempts on the day's quota, with a random back-off between them (isolates collide rarely). */
 const CAS_ATTEMPTS = 8;
+/**
+ * What captures on their way may hold in one isolate: bodies stored as sent up to this many bytes
+ * together, and at most one decoded image waiting to be resized or re-encoded.
+ */
+export const MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024;
+/** How long a settings read may take before the last known settings are kept. */
+const SETTINGS_DEADLINE_MS = 5_000;
 
 export interface CapturerOptions {
   /** How long capture.json is trusted before it is read again. */
   ttlMs: number;
   flushMs: number;
   encodePng: PngEncoder;
-  /** Runs `work` when the isolate's decode slot is free (http/admission.ts). */
+  /** Runs `work` in the isolate's decode slot (http/admission.ts). */
   exclusive: <T>(work: () => Promise<T>) => Promise<T>;
+  /** True when no classification waits for a place or the slot. */
+  idle: () => boolean;
   log: (fields: Record<string, unknown>) => void;
   random?: () => number;
   now?: () => Date;
 }
 
-export class Capturer {
-  private readonly settingsCache = new Map<string, { config: CaptureConfig; etag?: string; readAt: number }>();
-  private readonly counters = new Map<string, Counters>();
-  private lastFlush = Date.now();
-  private seq = 0;
-  /** Days whose caps this isolate saw reached, per model: no more quota reads for them. */
-  private readonly full = new Set<string>();
-  private readonly totals: CaptureStats = { captured: 0, overCap: 0, failed: 0, optedOut: 0, flushed: 0 };
-  private readonly isolate = Math.random().toString(36).slice(2, 10);
-  /** A large input waiting for the decode slot to be resized: at most one, so memory holds one extra image. */
-  private resizing = false;
+interface Settings {
+  config: CaptureConfig;
+  etag?: string;
+  readAt: number;
+  refreshing?: Promise<void>;
+}
 
+export class Capturer {
   private readonly source: ModelSource;
   private readonly store: CaptureStore | null;
   private readonly options: CapturerOptions;
+  private readonly settings = new Map<string, Settings>();
+  /** Counter deltas by model, version and UTC day. */
+  private readonly counters = new Map<string, Counters>();
+  /** 0: the isolate's first answer flushes at once, so a short-lived isolate still reports. */
+  private lastFlush = 0;
+  private flushing = false;
+  private seq = 0;
+  private inFlightBytes = 0;
+  private decodedInFlight = false;
+  /** Days whose caps this isolate saw reached, per model: no more quota reads for them. */
+  private readonly full = new Set<string>();
+  private readonly totals: CaptureStats = { captured: 0, overCap: 0, busy: 0, failed: 0, optedOut: 0, flushed: 0 };
+  private readonly isolate = Math.random().toString(36).slice(2, 10);
 
   constructor(source: ModelSource, store: CaptureStore | null, options: CapturerOptions) {
     this.source = source;
@@ -94,109 +119,124 @@ export class Capturer {
     return { ...this.totals };
   }
 
-  /** Everything capture does for one answered request; never rejects. */
-  async observe(o: Observation): Promise<void> {
+  /** Counts and decides now; returns what must run after the answer, or null. Never throws. */
+  observe(o: Observation): Promise<void> | null {
+    const work: Promise<void>[] = [];
     try {
-      const config = await this.settings(o.model);
+      const known = this.settings.get(o.model);
+      if (!known || Date.now() - known.readAt >= this.options.ttlMs) work.push(this.refresh(o.model));
+      // Until the first read answers, this isolate captures nothing of the model (and counts with the default threshold).
+      const config = known?.config ?? CAPTURE_OFF;
+      const now = this.now();
       const top = argmax(o.scores);
       const score = o.scores[top] as number;
-      const threshold = config.enabled ? config.belowConfidence : CAPTURE_OFF.belowConfidence;
-      const counters = this.countersFor(o.model, o.version);
-      counters.requests++;
+      const counters = this.countersFor(o.model, o.version, now);
       const label = o.labels[top] as string;
+      counters.requests++;
       counters.labels[label] = (counters.labels[label] ?? 0) + 1;
-      counters.confidence[confidenceBin(score)] = (counters.confidence[confidenceBin(score)] ?? 0) + 1;
-      if (score < threshold) counters.lowConfidence++;
-      if (config.enabled) {
-        const reason = score < config.belowConfidence ? "low_confidence" : (this.options.random ?? Math.random)() < config.sampleRate ? "sampled" : null;
-        if (reason && o.optOut) {
-          counters.optedOut++;
-          this.totals.optedOut++;
-        } else if (reason) {
-          await this.capture(o, config, reason, label, counters);
-        }
+      const bin = confidenceBin(score);
+      counters.confidence[bin] = (counters.confidence[bin] ?? 0) + 1;
+      if (score < (config.enabled ? config.belowConfidence : CAPTURE_OFF.belowConfidence)) counters.lowConfidence++;
+      const reason = !config.enabled
+        ? null
+        : score < config.belowConfidence
+          ? "low_confidence"
+          : (this.options.random ?? Math.random)() < config.sampleRate
+            ? "sampled"
+            : null;
+      if (reason && o.optOut) this.count(counters, "optedOut");
+      else if (reason && this.full.has(`${o.model}/${day(now)}`)) this.count(counters, "overCap");
+      else if (reason) {
+        const job = this.capture(o, config, reason, counters, now);
+        if (job) work.push(job);
+        else this.count(counters, "busy");
       }
+      if (this.flushDue(now)) work.push(this.flush());
     } catch (e) {
       this.failed(o.model, o.version, e);
     }
-    await this.flushIfDue();
+    return work.length > 0 ? Promise.all(work).then(() => undefined) : null;
   }
 
-  private async capture(o: Observation, config: CaptureConfig, reason: CaptureRecord["reason"], _label: string, counters: Counters) {
-    if (!this.store) throw new Error("capture is on but the worker has no S3 credentials (MODELS_BASE_URL): nothing can be stored");
-    const now = this.now();
-    const day = now.toISOString().slice(0, 10);
-    if (this.full.has(`${o.model}/${day}`)) {
-      counters.overCap++;
-      this.totals.overCap++;
-      return;
+  /**
+   * Stores one input. Only what is needed is kept: the body when it can be stored as sent, else the
+   * pixels, for a PNG copy that fits `maxSide` and carries no metadata.
+   */
+  /** The capture's work, or null when the isolate holds enough captures already (the caller counts it busy). */
+  private capture(o: Observation, config: CaptureConfig, reason: CaptureRecord["reason"], counters: Counters, now: Date): Promise<void> | null {
+    const store = this.store;
+    if (!store) {
+      this.failed(o.model, o.version, new Error("capture is on but the worker has no S3 credentials (MODELS_BASE_URL): nothing can be stored"));
+      return Promise.resolve();
     }
-    const large = Math.max(o.pixels.width, o.pixels.height) > config.maxSide;
-    if (large && this.resizing) {
-      counters.overCap++;
-      this.totals.overCap++;
-      return;
-    }
-    const image = await this.imageToStore(o, config.maxSide);
-    if (!(await this.reserve(o.model, day, image.bytes.length, config))) {
-      this.full.add(`${o.model}/${day}`);
-      counters.overCap++;
-      this.totals.overCap++;
-      return;
-    }
-    const stamp = now.toISOString().replaceAll(/[-:]/g, "").slice(0, 15);
-    const id = `${stamp}-${this.isolate}${(this.seq++).toString(36).padStart(4, "0")}`;
-    const ext = image.contentType.split("/")[1] as string;
-    const imageKey = keys.captureFile(o.model, day, id, ext);
-    const predictions = Array.from(o.scores, (s, i) => ({ label: o.labels[i] as string, score: s }))
-      .sort((a, b) => b.score - a.score)
-      .slice(0, 5);
-    const record: CaptureRecord = {
-      schemaVersion: 1,
-      id,
-      model: o.model,
-      version: o.version,
-      capturedAt: now.toISOString(),
-      reason,
-      predictions,
-      image: { key: imageKey, contentType: image.contentType, bytes: image.bytes.length, width: image.width, height: image.height, resized: image.resized },
-    };
-    // The image first, the record last: the review lists records, so it never finds one without its image.
-    await this.store.put(imageKey, image.bytes, image.contentType);
-    await this.store.put(keys.captureFile(o.model, day, id, "json"), JSON.stringify(record), "application/json");
-    counters.captured++;
-    this.totals.captured++;
-  }
-
-  /** The input as sent when it fits `maxSide`, else a PNG copy resized to fit. */
-  private async imageToStore(o: Observation, maxSide: number) {
     const { width, height } = o.pixels;
-    if (Math.max(width, height) <= maxSide) return { bytes: o.bytes, contentType: o.contentType, width, height, resized: false };
-    this.resizing = true;
-    try {
-      return await this.options.exclusive(async () => {
-        const small = fitWithin(o.pixels, maxSide);
-        const bytes = await this.options.encodePng(small);
-        return { bytes, contentType: "image/png" as const, width: small.width, height: small.height, resized: true };
+    // As sent only when small and free of metadata (EXIF with GPS, XMP, text chunks); GIFs are re-encoded (first frame).
+    const asSent = Math.max(width, height) <= config.maxSide && o.contentType !== "image/gif" && !hasMetadata(o.bytes, o.contentType);
+    const body = asSent ? o.bytes : null;
+    const pixels = asSent ? null : o.pixels;
+    if (body && this.inFlightBytes + body.length > MAX_IN_FLIGHT_BYTES) return null;
+    if (pixels && this.decodedInFlight) return null;
+    const held = body?.length ?? 0;
+    this.inFlightBytes += held;
+    if (pixels) this.decodedInFlight = true;
+    const { model, version, labels, scores } = o;
+    const run = async () => {
+      let image: { bytes: Uint8Array; contentType: CaptureRecord["image"]["contentType"]; width: number; height: number; resized: boolean };
+      if (body) image = { bytes: body, contentType: o.contentType, width, height, resized: false };
+      else {
+        if (!this.options.idle()) return this.count(counters, "busy");
+        image = await this.options.exclusive(async () => {
+          const small = fitWithin(pixels as Pixels, config.maxSide);
+          const bytes = await this.options.encodePng(small);
+          return { bytes, contentType: "image/png" as const, width: small.width, height: small.height, resized: small.width !== width };
+        });
+      }
+      const today = day(now);
+      if (!(await this.reserve(store, model, today, image.bytes.length, config))) {
+        this.full.add(`${model}/${today}`);
+        return this.count(counters, "overCap");
+      }
+      const stamp = now.toISOString().replaceAll(/[-:]/g, "").slice(0, 15);
+      const id = `${stamp}-${this.isolate}${(this.seq++).toString(36).padStart(4, "0")}`;
+      const imageKey = keys.captureFile(model, today, id, image.contentType.split("/")[1] as string);
+      const predictions = Array.from(scores, (s, i) => ({ label: labels[i] as string, score: s }))
+        .sort((a, b) => b.score - a.score)
+        .slice(0, 5);
+      const record: CaptureRecord = {
+        schemaVersion: 1,
+        id,
+        model,
+        version,
+        capturedAt: now.toISOString(),
+        reason,
+        predictions,
+        image: { key: imageKey, contentType: image.contentType, bytes: image.bytes.length, width: image.width, height: image.height, resized: image.resized },
+      };
+      // The image first, the record last: the review lists records, so it never finds one without its image.
+      await store.put(imageKey, image.bytes, image.contentType);
+      await store.put(keys.captureFile(model, today, id, "json"), JSON.stringify(record), "application/json");
+      this.count(counters, "captured");
+    };
+    return run()
+      .catch((e) => this.failed(model, version, e))
+      .finally(() => {
+        this.inFlightBytes -= held;
+        if (pixels) this.decodedInFlight = false;
       });
-    } finally {
-      this.resizing = false;
-    }
   }
 
   /** Counts one capture of `bytes` against the day's caps, for all isolates at once (S3 compare-and-swap). */
-  private async reserve(model: string, day: string, bytes: number, config: CaptureConfig): Promise<boolean> {
-    const store = this.store as CaptureStore;
-    const key = keys.captureQuota(model, day);
+  private async reserve(store: CaptureStore, model: string, today: string, bytes: number, config: CaptureConfig): Promise<boolean> {
+    const key = keys.captureQuota(model, today);
     for (let attempt = 0; attempt < CAS_ATTEMPTS; attempt++) {
       const current = await store.get(key);
-      let quota: CaptureQuota = { day, count: 0, bytes: 0 };
+      let quota: CaptureQuota = { day: today, count: 0, bytes: 0 };
       if (current) {
         const parsed = captureQuotaSchema.safeParse(JSON.parse(new TextDecoder().decode(current.bytes)));
         if (parsed.success) quota = parsed.data;
       }
       if (quota.count + 1 > config.maxPerDay || quota.bytes + bytes > config.maxBytesPerDay) return false;
-      const next = JSON.stringify({ day, count: quota.count + 1, bytes: quota.bytes + bytes });
+      const next = JSON.stringify({ day: today, count: quota.count + 1, bytes: quota.bytes + bytes });
       const written = await store.put(key, next, "application/json", current ? { ifMatch: current.etag } : { ifNoneMatch: "*" });
       if (written) return true;
       await new Promise((resolve) => setTimeout(resolve, (5 + Math.random() * 20) * (attempt + 1)));
@@ -204,47 +244,56 @@ export class Capturer {
     throw new Error(`the capture quota of ${model} stayed contended after ${CAS_ATTEMPTS} attempts`);
   }
 
-  /** The model's capture settings, re-read at most every ttlMs; a failed read keeps the last known ones. */
-  private async settings(model: string): Promise<CaptureConfig> {
-    const cached = this.settingsCache.get(model);
-    if (cached && Date.now() - cached.readAt < this.options.ttlMs) return cached.config;
-    try {
-      const r = await this.source.getIfChanged(keys.captureConfig(model), cached?.etag);
-      let config = CAPTURE_OFF;
-      if (r.status === 304 && cached) config = cached.config;
-      else if (r.status === 200) {
+  /** Re-reads the model's capture settings: one read at a time per model; a failed or slow read keeps the last known ones. */
+  private refresh(model: string): Promise<void> {
+    const known = this.settings.get(model);
+    if (known?.refreshing) return known.refreshing;
+    const entry: Settings = known ?? { config: CAPTURE_OFF, readAt: 0 };
+    const read = async () => {
+      const r = await withDeadline(this.source.getIfChanged(keys.captureConfig(model), entry.etag), SETTINGS_DEADLINE_MS);
+      if (r.status === 200) {
         const parsed = captureConfigSchema.safeParse(JSON.parse(new TextDecoder().decode(r.bytes)));
-        if (parsed.success) config = parsed.data;
-        else this.options.log({ level: "warn", message: "capture.json is invalid: capture stays off", model, problem: parsed.error.issues[0]?.message });
-      }
-      this.settingsCache.set(model, { config, etag: r.etag, readAt: Date.now() });
-      return config;
-    } catch (e) {
-      if (cached) {
-        cached.readAt = Date.now();
-        return cached.config;
-      }
-      throw e;
-    }
+        entry.config = parsed.success ? parsed.data : CAPTURE_OFF;
+        if (!parsed.success)
+          this.options.log({ level: "warn", message: "capture.json is invalid: capture stays off", model, problem: parsed.error.issues[0]?.message });
+      } else if (r.status === 404) entry.config = CAPTURE_OFF;
+      entry.etag = r.status === 404 ? undefined : (r.etag ?? entry.etag);
+    };
+    entry.refreshing = read()
+      .catch((e) => {
+        this.totals.failed++;
+        this.options.log({
+          level: "warn",
+          message: "capture settings not read; the last known ones stay",
+          model,
+          error: e instanceof Error ? e.message : String(e),
+        });
+      })
+      .finally(() => {
+        entry.readAt = Date.now();
+        entry.refreshing = undefined;
+      });
+    this.settings.set(model, entry);
+    return entry.refreshing;
   }
 
-  private countersFor(model: string, version: string): Counters {
-    const id = `${model}@${version}`;
+  private countersFor(model: string, version: string, now: Date): Counters {
+    const id = `${model}@${version}@${day(now)}`;
     let c = this.counters.get(id);
     if (!c) {
-      const now = this.now().toISOString();
       c = {
         schemaVersion: 1,
         model,
         version,
-        from: now,
-        to: now,
+        from: now.toISOString(),
+        to: now.toISOString(),
         requests: 0,
         labels: {},
         confidence: new Array(CONFIDENCE_BINS).fill(0),
         lowConfidence: 0,
         captured: 0,
         overCap: 0,
+        busy: 0,
         failed: 0,
         optedOut: 0,
       };
@@ -253,37 +302,55 @@ export class Capturer {
     return c;
   }
 
+  private count(counters: Counters, what: "captured" | "overCap" | "busy" | "optedOut") {
+    counters[what]++;
+    this.totals[what]++;
+  }
+
   private failed(model: string, version: string, e: unknown) {
     this.totals.failed++;
-    this.countersFor(model, version).failed++;
+    this.countersFor(model, version, this.now()).failed++;
     this.options.log({ level: "warn", message: "capture failed (the answer was not affected)", model, error: e instanceof Error ? e.message : String(e) });
   }
 
-  /** Writes every counter delta when flushMs has passed since the last flush; a failed write keeps its counts. */
-  private async flushIfDue(): Promise<void> {
-    if (!this.store || Date.now() - this.lastFlush < this.options.flushMs || this.counters.size === 0) return;
+  /** Due on an isolate's first answer, every flushMs, and when a day's counts are complete. */
+  private flushDue(now: Date): boolean {
+    if (!this.store || this.flushing || this.counters.size === 0) return false;
+    if (Date.now() - this.lastFlush >= this.options.flushMs) return true;
+    const today = day(now);
+    return [...this.counters.values()].some((c) => c.from.slice(0, 10) < today);
+  }
+
+  /** Writes every counter delta; a failed write keeps its counts for the next flush. */
+  private async flush(): Promise<void> {
+    const store = this.store as CaptureStore;
+    this.flushing = true;
     this.lastFlush = Date.now();
     const batch = [...this.counters.values()];
     this.counters.clear();
     const to = this.now().toISOString();
-    for (const c of batch) {
-      c.to = to;
-      const stamp = `${to.replaceAll(/[-:.]/g, "").slice(0, 18)}-${this.isolate}-${(this.seq++).toString(36)}`;
-      try {
-        await this.store.put(keys.captureCounterFile(c.model, c.from.slice(0, 10), stamp), JSON.stringify(c), "application/json");
-        this.totals.flushed++;
-      } catch (e) {
-        this.totals.failed++;
-        this.options.log({
-          level: "warn",
-          message: "counters not written; kept for the next flush",
-          model: c.model,
-          error: e instanceof Error ? e.message : String(e),
-        });
-        const kept = this.countersFor(c.model, c.version);
-        merge(kept, c);
-        kept.failed++;
+    try {
+      for (const c of batch) {
+        c.to = to;
+        const stamp = `${to.replaceAll(/[-:.]/g, "").slice(0, 18)}-${this.isolate}-${(this.seq++).toString(36)}`;
+        try {
+          await store.put(keys.captureCounterFile(c.model, c.from.slice(0, 10), stamp), JSON.stringify(c), "application/json");
+          this.totals.flushed++;
+        } catch (e) {
+          this.totals.failed++;
+          this.options.log({
+            level: "warn",
+            message: "counters not written; kept for the next flush",
+            model: c.model,
+            error: e instanceof Error ? e.message : String(e),
+          });
+          const kept = this.countersFor(c.model, c.version, new Date(c.from));
+          merge(kept, c);
+          kept.failed++;
+        }
       }
+    } finally {
+      this.flushing = false;
     }
   }
 
@@ -291,6 +358,8 @@ export class Capturer {
     return this.options.now?.() ?? new Date();
   }
 }
+
+const day = (d: Date) => d.toISOString().slice(0, 10);
 
 function merge(into: Counters, from: Counters) {
   if (from.from < into.from) into.from = from.from; // ISO times: string order is time order
@@ -302,8 +371,21 @@ function merge(into: Counters, from: Counters) {
   into.lowConfidence += from.lowConfidence;
   into.captured += from.captured;
   into.overCap += from.overCap;
+  into.busy += from.busy;
   into.failed += from.failed;
   into.optedOut += from.optedOut;
+}
+
+/** `work`, or a rejection after `ms` (the work itself goes on; it holds no image). */
+function withDeadline<T>(work: Promise<T>, ms: number): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`no answer within ${ms} ms`)), ms);
+  });
+  work.catch(() => {});
+  return Promise.race([work, late]).finally(() => {
+    if (timer !== undefined) clearTimeout(timer);
+  });
 }
 
 function argmax(values: ArrayLike<number>): number {

@@ -15,9 +15,13 @@ export interface CaptureStore {
   get(key: string): Promise<{ bytes: Uint8Array; etag: string; contentType: string } | null>;
   /** Keys under a prefix, in lexical order, at most `limit`. */
   list(prefix: string, limit: number): Promise<string[]>;
+  /** The sub-folders of a prefix (a delimiter listing), e.g. the days under captures/<model>/images/. */
+  listFolders(prefix: string): Promise<string[]>;
 }
 
 export class CaptureStoreError extends Error {}
+
+const REQUEST_DEADLINE_MS = 10_000;
 
 export function assertCaptureKey(key: string): void {
   if (!isCaptureKey(key)) throw new CaptureKeyError(`refusing to touch ${JSON.stringify(key)}: the edge writes under captures/<model>/ only`);
@@ -29,7 +33,8 @@ export function createCaptureStore(env: SourceConfig): CaptureStore | null {
   const { bucketUrl, send } = signedBucket(env);
   const call = async (req: Request) => {
     try {
-      return await send(req);
+      // A deadline on every request: a hanging bucket must not keep capture work (and its image) alive.
+      return await send(req, { signal: AbortSignal.timeout(REQUEST_DEADLINE_MS) });
     } catch (e) {
       throw new CaptureStoreError(`capture storage unreachable (${e instanceof Error ? e.message : e})`);
     }
@@ -82,6 +87,16 @@ export function createCaptureStore(env: SourceConfig): CaptureStore | null {
           : undefined;
       } while (token && out.length < limit);
       return out.slice(0, limit);
+    },
+    async listFolders(prefix) {
+      if (!isCaptureKey(prefix, true)) throw new CaptureKeyError(`refusing to list ${JSON.stringify(prefix)}: not a captures/<model>/<kind>/ prefix`);
+      const res = await call(new Request(`${bucketUrl}/?${new URLSearchParams({ "list-type": "2", prefix, delimiter: "/" })}`));
+      if (!res.ok) {
+        await res.body?.cancel();
+        throw new CaptureStoreError(`capture storage answered HTTP ${res.status} to a listing`);
+      }
+      const xml = await res.text();
+      return [...xml.matchAll(/<CommonPrefixes>\s*<Prefix>([\s\S]*?)<\/Prefix>/g)].map((m) => unescapeXml(m[1] as string));
     },
   };
 }

@@ -52,13 +52,14 @@ export function createModelSource(env: SourceConfig): ModelSource {
 }
 
 /** The bucket's URL and a SigV4-signing fetch, from the worker's S3 settings and secrets. */
-export function signedBucket(env: SourceConfig): { bucketUrl: string; send: (req: Request) => Promise<Response> } {
+export function signedBucket(env: SourceConfig): { bucketUrl: string; send: (req: Request, init?: RequestInit) => Promise<Response> } {
   if (!env.S3_BUCKET) throw new SourceError("S3_BUCKET (or MODELS_BASE_URL) is not configured");
   const region = env.S3_REGION || "us-east-1";
   const bucketUrl = env.S3_ENDPOINT ? `${env.S3_ENDPOINT.replace(/\/$/, "")}/${env.S3_BUCKET}` : `https://${env.S3_BUCKET}.s3.${region}.amazonaws.com`;
   if (!env.AWS_ACCESS_KEY_ID || !env.AWS_SECRET_ACCESS_KEY) throw new SourceError("AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY secrets are not set");
   const aws = new AwsClient({ accessKeyId: env.AWS_ACCESS_KEY_ID, secretAccessKey: env.AWS_SECRET_ACCESS_KEY, region, service: "s3", retries: 2 });
-  return { bucketUrl, send: (req) => aws.fetch(req) };
+  // aws4fetch rebuilds the request from its method, URL, headers and body: a signal must come in `init`.
+  return { bucketUrl, send: (req, init) => aws.fetch(req, init) };
 }
 
 export function encodeKey(key: string): string {

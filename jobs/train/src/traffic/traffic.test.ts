@@ -1,8 +1,9 @@
+import { createHmac } from "node:crypto";
 import sharp from "sharp";
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
 import { writePointer } from "../../../../shared/artifacts.ts";
-import type { CaptureRecord, Counters } from "../../../../shared/contracts/capture.ts";
+import { type CaptureRecord, type Counters, decisionMessage } from "../../../../shared/contracts/capture.ts";
 import { validMetadata } from "../../../../shared/contracts/fixtures.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
 import { keys } from "../../../../shared/keys.ts";
@@ -75,7 +76,7 @@ describe("review", () => {
     const b = await capture(await png("#0f0"));
     await decide(s3.store, "pets", a.id, "accept", "dog");
     await decide(s3.store, "pets", b.id, "discard");
-    const r = await applyDecisions(s3.store, "pets", memoryLogger());
+    const r = await applyDecisions(s3.store, "pets", memoryLogger(), { trusted: new Set([a.id, b.id]) });
     expect(r.accepted).toEqual([{ id: a.id, key: `datasets/pets-data/dog/captured-${a.id}.png` }]);
     expect(r.discarded).toEqual([b.id]);
     const head = await s3.store.head(`datasets/pets-data/dog/captured-${a.id}.png`);
@@ -88,7 +89,7 @@ describe("review", () => {
     await setup("split-data", "split");
     const a = await capture(await png("#00f"));
     await decide(s3.store, "pets", a.id, "accept");
-    const r = await applyDecisions(s3.store, "pets", memoryLogger());
+    const r = await applyDecisions(s3.store, "pets", memoryLogger(), { trusted: new Set([a.id]) });
     expect(r.accepted[0]?.key).toBe(`datasets/split-data/train/cat/captured-${a.id}.png`);
   });
 
@@ -98,11 +99,16 @@ describe("review", () => {
     const b = await capture(new TextEncoder().encode("not an image at all"));
     await decide(s3.store, "pets", a.id, "accept", "hamster");
     await decide(s3.store, "pets", b.id, "accept", "cat");
-    const r = await applyDecisions(s3.store, "pets", memoryLogger());
+    const r = await applyDecisions(s3.store, "pets", memoryLogger(), { trusted: new Set([a.id, b.id]) });
     expect(r.accepted).toEqual([]);
     expect(r.refused.map((x) => x.id).sort()).toEqual([a.id, b.id].sort());
     expect(r.refused.find((x) => x.id === a.id)?.reason).toContain("hamster is not one of dataset pets-data's labels (cat, dog)");
-    expect((await listCaptures(s3.store, "pets")).length).toBe(2);
+    // Back in the queue, undecided, with the reason.
+    const queue = await listCaptures(s3.store, "pets");
+    expect(queue.map((c) => [c.decision, c.refused?.reason.slice(0, 12)])).toEqual([
+      [null, "label hamste"],
+      [null, expect.any(String)],
+    ]);
     let added = 0;
     for await (const o of s3.store.list("datasets/")) if (o.key.includes("captured-")) added++;
     expect(added).toBe(0);
@@ -118,9 +124,44 @@ describe("review", () => {
       JSON.stringify({ schemaVersion: 1, id: forged.id, action: "discard", decidedAt: new Date().toISOString(), by: "console" }),
     );
     expect((await listCaptures(s3.store, "pets")).map((c) => c.id)).toEqual([real.id]);
-    const r = await applyDecisions(s3.store, "pets", memoryLogger());
-    expect(r).toEqual({ accepted: [], discarded: [], refused: [] });
+    const r = await applyDecisions(s3.store, "pets", memoryLogger(), { trusted: new Set([forged.id]) });
+    expect(r).toEqual({ accepted: [], discarded: [], refused: [], unverified: [] });
     expect(await s3.store.head("datasets/pets-data/cat/a.png")).not.toBeNull();
+  });
+
+  it("applies a stored decision only when an operator's key signed it: the edge's S3 key alone cannot accept images", async () => {
+    await setup("pets-data", "flat");
+    const forged = await capture(await png("#0ff"));
+    const signed = await capture(await png("#ff0"));
+    const decidedAt = new Date().toISOString();
+    const put = (id: string, extra: object) =>
+      s3.store.put(
+        keys.captureDecision("pets", id),
+        JSON.stringify({ schemaVersion: 1, id, action: "accept", label: "cat", decidedAt, by: "console", ...extra }),
+      );
+    // Written with S3 access alone: no signature, or one made with a key that is not an operator's.
+    await put(forged.id, {
+      signature: createHmac("sha256", "guess")
+        .update(decisionMessage("pets", { id: forged.id, action: "accept", label: "cat", decidedAt }))
+        .digest("hex"),
+    });
+    await put(signed.id, {
+      signature: createHmac("sha256", "operator-1")
+        .update(decisionMessage("pets", { id: signed.id, action: "accept", label: "cat", decidedAt }))
+        .digest("hex"),
+    });
+    const r = await applyDecisions(s3.store, "pets", memoryLogger(), { operatorKeys: ["operator-0", "operator-1"] });
+    expect(r.accepted.map((a) => a.id)).toEqual([signed.id]);
+    expect(r.unverified).toEqual([forged.id]);
+    // A signature covers the label: the same signature on another label does not verify.
+    const other = await capture(await png("#f0f"));
+    const sig = createHmac("sha256", "operator-1")
+      .update(decisionMessage("pets", { id: other.id, action: "accept", label: "cat", decidedAt }))
+      .digest("hex");
+    await put(other.id, { label: "dog", signature: sig });
+    const again = await applyDecisions(s3.store, "pets", memoryLogger(), { operatorKeys: ["operator-1"] });
+    expect(again.unverified.sort()).toEqual([forged.id, other.id].sort());
+    expect(again.accepted).toEqual([]);
   });
 
   it("refuses to decide on a capture that does not exist, and capture settings for a model that is not served", async () => {
@@ -144,6 +185,7 @@ describe("monitor", () => {
     lowConfidence,
     captured: 1,
     overCap: 0,
+    busy: 0,
     failed: 0,
     optedOut: 0,
   });
@@ -192,6 +234,7 @@ describe("monitor", () => {
       lowConfidence: low,
       captured: 0,
       overCap: 0,
+      busy: 0,
       failed: 0,
       optedOut: 0,
     });

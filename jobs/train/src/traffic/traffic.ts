@@ -1,3 +1,4 @@
+import { createHmac, timingSafeEqual } from "node:crypto";
 import { readMetadata, readPointer, readVerifiedFile } from "../../../../shared/artifacts.ts";
 import { ARTIFACT_FILES, type ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
 import {
@@ -8,6 +9,8 @@ import {
   type Counters,
   captureConfigSchema,
   captureDecisionSchema,
+  captureIdSchema,
+  decisionMessage,
   parseCaptureRecord,
 } from "../../../../shared/contracts/capture.ts";
 import { classifyDatasetKeys } from "../../../../shared/contracts/dataset.ts";
@@ -49,7 +52,8 @@ export async function listCaptures(store: ObjectStore, model: string): Promise<P
   for await (const o of store.list(keys.captureDecisions(model))) {
     const text = await getText(store, o.key);
     const parsed = text === null ? null : captureDecisionSchema.safeParse(JSON.parse(text));
-    if (parsed?.success) decisions.set(parsed.data.id, parsed.data);
+    // A decision counts under the name it is filed as (that key is what is deleted once it is applied).
+    if (parsed?.success && o.key === keys.captureDecision(model, parsed.data.id)) decisions.set(parsed.data.id, parsed.data);
   }
   const out: PendingCapture[] = [];
   for await (const o of store.list(keys.captureImages(model))) {
@@ -66,8 +70,10 @@ export async function listCaptures(store: ObjectStore, model: string): Promise<P
 
 /** Records a decision (the CLI's; the console records its own through the worker). */
 export async function decide(store: ObjectStore, model: string, id: string, action: "accept" | "discard", label?: string): Promise<CaptureDecision> {
-  const pending = (await listCaptures(store, model)).find((c) => c.id === id);
-  if (!pending) throw new NotFoundError(`Model ${model} has no capture ${id} waiting for review (see edgetune review ${model}).`);
+  const day = `${id.slice(0, 4)}-${id.slice(4, 6)}-${id.slice(6, 8)}`;
+  const bytes = captureIdSchema.safeParse(id).success ? await store.get(keys.captureFile(model, day, id, "json")) : null;
+  const pending = bytes ? parseCaptureRecord(model, bytes) : null;
+  if (!pending || pending.id !== id) throw new NotFoundError(`Model ${model} has no capture ${id} waiting for review (see edgetune review ${model}).`);
   const decision = parseContract(
     captureDecisionSchema,
     { id, action, label: action === "accept" ? (label ?? pending.predictions[0]?.label) : undefined, decidedAt: new Date().toISOString(), by: "cli" },
@@ -81,6 +87,26 @@ export interface ApplyResult {
   accepted: { id: string; key: string }[];
   discarded: string[];
   refused: { id: string; reason: string }[];
+  /** Decisions not signed by an operator key: ignored (left to expire). */
+  unverified: string[];
+}
+
+/** The operators' console keys, which console decisions must be signed with (EDGETUNE_CONSOLE_KEYS; in AWS from Secrets Manager). */
+export function operatorKeysFromEnv(env: NodeJS.ProcessEnv = process.env): string[] {
+  return (env.EDGETUNE_CONSOLE_KEYS ?? "")
+    .split(",")
+    .map((k) => k.trim())
+    .filter(Boolean);
+}
+
+/** True when the decision's signature was made with one of `operatorKeys` (see contracts/capture.ts). */
+export function signedByOperator(model: string, decision: CaptureDecision, operatorKeys: readonly string[]): boolean {
+  if (!decision.signature) return false;
+  const presented = Buffer.from(decision.signature, "hex");
+  return operatorKeys.some((k) => {
+    const expected = createHmac("sha256", k).update(decisionMessage(model, decision)).digest();
+    return expected.length === presented.length && timingSafeEqual(expected, presented);
+  });
 }
 
 /**
@@ -88,12 +114,29 @@ export interface ApplyResult {
  * dataset has, an image the job decodes) and copied into the served version's dataset as
  * `<label>/captured-<id>.<ext>` (under `train/` in a dataset with splits), its provenance in the object's
  * metadata; then the capture, its image and its decision are deleted. Discards are deleted. A refused
- * accept keeps its files and says why. The dataset's manifest is not rewritten: the next nightly run sees
- * the new images (its version fingerprint covers the listing) and trains on them.
+ * accept goes back to the review queue with the reason (in its record), its decision removed. The
+ * dataset's manifest is not rewritten: the next nightly run sees the new images (its version fingerprint
+ * covers the listing) and trains on them.
+ *
+ * Only decisions the caller made itself (`trusted`: the CLI's, in this process) or signed with an
+ * operator's key (the console's) are applied: anything else under decisions/ could have been written with
+ * the edge's S3 credentials, which may write there.
  */
-export async function applyDecisions(store: ObjectStore, model: string, log: Logger): Promise<ApplyResult> {
-  const result: ApplyResult = { accepted: [], discarded: [], refused: [] };
-  const decided = (await listCaptures(store, model)).filter((c) => c.decision);
+export async function applyDecisions(
+  store: ObjectStore,
+  model: string,
+  log: Logger,
+  options: { operatorKeys?: readonly string[]; trusted?: ReadonlySet<string> } = {},
+): Promise<ApplyResult> {
+  const result: ApplyResult = { accepted: [], discarded: [], refused: [], unverified: [] };
+  const operatorKeys = options.operatorKeys ?? operatorKeysFromEnv();
+  const decided = (await listCaptures(store, model)).filter((c) => {
+    if (!c.decision) return false;
+    if (options.trusted?.has(c.id) || signedByOperator(model, c.decision, operatorKeys)) return true;
+    result.unverified.push(c.id);
+    log.warn(`the decision on capture ${c.id} of ${model} is not signed by an operator key (CONSOLE_API_KEYS): ignored`);
+    return false;
+  });
   if (decided.length === 0) return result;
   const served = await servedMetadata(store, model);
   const dataset = served.dataset.name;
@@ -134,6 +177,14 @@ export async function applyDecisions(store: ObjectStore, model: string, log: Log
     } catch (e) {
       result.refused.push({ id: capture.id, reason: userMessage(e) });
       log.warn(`capture ${capture.id} of ${model} was not added: ${userMessage(e)}`);
+      // Back to the review queue, saying why, for another decision.
+      const { decision: _, ...record } = capture;
+      await store.put(
+        keys.captureFile(model, capture.capturedAt.slice(0, 10), capture.id, "json"),
+        JSON.stringify({ ...record, refused: { reason: userMessage(e), at: new Date().toISOString() } }),
+        "application/json",
+      );
+      await store.delete([keys.captureDecision(model, capture.id)]);
     }
   }
   return result;
@@ -164,28 +215,34 @@ const KEEP_DELTAS_DAYS = 1;
 export async function monitor(store: ObjectStore, model: string, options: { days?: number; rollUp?: boolean; now?: Date } = {}): Promise<MonitorSummary> {
   const now = options.now ?? new Date();
   const since = new Date(now.getTime() - ((options.days ?? 30) - 1) * 86_400_000).toISOString().slice(0, 10);
-  const byDay = new Map<string, { key: string; counters: Counters }[]>();
+  const byDay = new Map<string, { key: string; counters: Counters; covers: string[] }[]>();
   for await (const o of store.list(keys.captureCounters(model))) {
     const day = o.key.slice(keys.captureCounters(model).length, keys.captureCounters(model).length + 10);
     if (day < since) continue;
     const bytes = await store.get(o.key);
     const counters = bytes ? parseCounters(bytes) : null;
-    if (!counters) continue;
-    byDay.set(day, [...(byDay.get(day) ?? []), { key: o.key, counters }]);
+    if (!bytes || !counters) continue;
+    // A roll-up names the deltas it adds up: if deleting them failed, they are not counted twice.
+    const covers = o.key.includes("/rollup-") ? ((JSON.parse(new TextDecoder().decode(bytes)) as { covers?: string[] }).covers ?? []) : [];
+    byDay.set(day, [...(byDay.get(day) ?? []), { key: o.key, counters, covers }]);
   }
   const deltas: Counters[] = [];
   const cutoff = new Date(now.getTime() - KEEP_DELTAS_DAYS * 86_400_000).toISOString().slice(0, 10);
-  for (const [day, files] of byDay) {
+  for (const [day, all] of byDay) {
+    const covered = new Set(all.flatMap((f) => f.covers));
+    const files = all.filter((f) => !covered.has(f.key));
     deltas.push(...files.map((f) => f.counters));
-    if (!options.rollUp || day >= cutoff || files.length < 2) continue;
-    // One file per version and day, written before the deltas it replaces are deleted.
-    const versions = new Map<string, Counters[]>();
-    for (const f of files) versions.set(f.counters.version, [...(versions.get(f.counters.version) ?? []), f.counters]);
+    const loose = files.filter((f) => !f.key.includes("/rollup-"));
+    if (!options.rollUp || day >= cutoff || loose.length === 0) continue;
+    // One file per version and day (the earlier roll-up included), written before the deltas it replaces are deleted.
+    const versions = new Map<string, typeof files>();
+    for (const f of files) versions.set(f.counters.version, [...(versions.get(f.counters.version) ?? []), f]);
     for (const [version, list] of versions) {
-      const [sum] = summarizeCounters(list);
-      await store.put(keys.captureCounterFile(model, day, `rollup-${version}`), JSON.stringify(sum), "application/json");
+      const [sum] = summarizeCounters(list.map((f) => f.counters));
+      const covers = [...list.flatMap((f) => f.covers), ...list.filter((f) => !f.key.includes("/rollup-")).map((f) => f.key)];
+      await store.put(keys.captureCounterFile(model, day, `rollup-${version}`), JSON.stringify({ ...sum, covers }), "application/json");
     }
-    await store.delete(files.map((f) => f.key).filter((k) => !k.includes("/rollup-")));
+    await store.delete([...loose.map((f) => f.key), ...all.filter((f) => covered.has(f.key)).map((f) => f.key)]);
   }
   let reference = null;
   let threshold = CAPTURE_OFF.belowConfidence;
@@ -220,6 +277,7 @@ function summarizeCounters(list: Counters[]): Counters[] {
     sum.lowConfidence += c.lowConfidence;
     sum.captured += c.captured;
     sum.overCap += c.overCap;
+    sum.busy += c.busy;
     sum.failed += c.failed;
     sum.optedOut += c.optedOut;
   }
@@ -238,15 +296,22 @@ export async function modelsWithTraffic(store: ObjectStore): Promise<string[]> {
  * decisions (so tonight's run trains on accepted images) and write the monitoring summary the console
  * shows. One model's failure is logged and does not stop the others or the training.
  */
-export async function processTraffic(store: ObjectStore, log: Logger): Promise<{ model: string; applied?: ApplyResult; drift: string[] }[]> {
+export async function processTraffic(
+  store: ObjectStore,
+  log: Logger,
+  operatorKeys: readonly string[] = operatorKeysFromEnv(),
+): Promise<{ model: string; applied?: ApplyResult; drift: string[] }[]> {
   const out: { model: string; applied?: ApplyResult; drift: string[] }[] = [];
   for (const model of await modelsWithTraffic(store)) {
     try {
-      const applied = await applyDecisions(store, model, log);
+      const applied = await applyDecisions(store, model, log, { operatorKeys });
       const summary = await monitor(store, model, { rollUp: true });
       await store.put(keys.captureMonitor(model), JSON.stringify(summary), "application/json");
-      const drift = summary.days.at(-1)?.drift ?? [];
-      for (const d of drift) log.warn(`${model}: drift on ${summary.days.at(-1)?.day}: ${d}`);
+      // Alerts judge the last complete UTC day (the run at night sees only the first hours of today).
+      const today = new Date().toISOString().slice(0, 10);
+      const complete = summary.days.filter((d) => d.day < today).at(-1);
+      const drift = complete?.drift ?? [];
+      for (const d of drift) log.warn(`${model}: drift on ${complete?.day}: ${d}`);
       out.push({ model, applied, drift });
     } catch (e) {
       log.warn(`${model}: traffic not processed (${userMessage(e)})`);
