@@ -97,6 +97,11 @@ export const captureDecisionSchema = z
     label: labelSchema.optional(),
     decidedAt: z.iso.datetime(),
     by: z.enum(["console", "cli"]),
+    /** sha256 of the image the reviewer saw: the job adds exactly those bytes, or nothing. */
+    imageSha256: z
+      .string()
+      .regex(/^[0-9a-f]{64}$/)
+      .optional(),
     /**
      * Console decisions: HMAC-SHA256 of `decisionMessage` keyed with the operator key that made it. The
      * job applies a stored decision only if it verifies with one of the operators' keys, so the edge's S3
@@ -111,8 +116,8 @@ export const captureDecisionSchema = z
 export type CaptureDecision = z.output<typeof captureDecisionSchema>;
 
 /** What a decision's signature covers: the model and every field that changes what the job does. */
-export const decisionMessage = (model: string, d: Pick<CaptureDecision, "id" | "action" | "label" | "decidedAt">) =>
-  ["edgetune-decision-v1", model, d.id, d.action, d.label ?? "", d.decidedAt].join("\n");
+export const decisionMessage = (model: string, d: Pick<CaptureDecision, "id" | "action" | "label" | "decidedAt" | "imageSha256">) =>
+  ["edgetune-decision-v2", model, d.id, d.action, d.imageSha256 ?? "", d.decidedAt, d.label ?? ""].join("\n");
 
 /** Captures stored on one UTC day: the edge's daily caps, shared by every isolate through a conditional write. */
 export const captureQuotaSchema = z.object({ day: z.string(), count: z.number().int().min(0), bytes: z.number().int().min(0) });

@@ -14,7 +14,7 @@ import {
   parseCaptureRecord,
 } from "../../../shared/contracts/capture.ts";
 import { NotFoundError } from "../../../shared/errors.ts";
-import { keys } from "../../../shared/keys.ts";
+import { isCaptureKey, keys } from "../../../shared/keys.ts";
 import { monitorSummarySchema } from "../../../shared/monitor.ts";
 import { preprocess } from "../../../shared/preprocess.ts";
 import { Capturer, isOptOut } from "./capture/capture.ts";
@@ -217,7 +217,13 @@ app.openapi(capturesRoute, async (c) => {
   const { name } = c.req.valid("param");
   const store = captureStoreFor(c.env);
   const [days, decided, settings] = await Promise.all([
-    store.listFolders(keys.captureImages(name)).then((d) => d.sort().reverse()),
+    // Day folders only (anything else under images/ is not the edge's and is skipped).
+    store.listFolders(keys.captureImages(name)).then((d) =>
+      d
+        .filter((f) => isCaptureKey(f, true))
+        .sort()
+        .reverse(),
+    ),
     store.list(keys.captureDecisions(name), 1000),
     readCaptureConfig(catalogFor(c.env), name),
   ]);
@@ -262,8 +268,12 @@ app.openapi(decisionRoute, async (c) => {
   const { name, id } = c.req.valid("param");
   const body = c.req.valid("json");
   const store = captureStoreFor(c.env);
-  await readCaptureRecord(store, name, id);
-  const unsigned = { id, action: body.action, label: body.action === "accept" ? body.label : undefined, decidedAt: new Date().toISOString() };
+  const record = await readCaptureRecord(store, name, id);
+  // The decision names the exact bytes the reviewer saw: a later swap of the image does not reach the dataset.
+  const image = await store.get(record.image.key);
+  if (!image) throw new ApiError(404, "capture_not_found", `Capture ${id} has no stored image.`);
+  const imageSha256 = hex(new Uint8Array(await crypto.subtle.digest("SHA-256", image.bytes)));
+  const unsigned = { id, action: body.action, label: body.action === "accept" ? body.label : undefined, decidedAt: new Date().toISOString(), imageSha256 };
   // Signed with the operator's own key (consoleAuth checked it): the job verifies it with the operators' keys.
   const operatorKey = (c.req.header("authorization") ?? "").replace(/^Bearer\s+/i, "");
   const signature = await hmacHex(operatorKey, decisionMessage(name, unsigned));
@@ -400,9 +410,10 @@ async function acquire(env: Env, name: string, waitUntil: (p: Promise<unknown>) 
 
 async function hmacHex(key: string, message: string): Promise<string> {
   const k = await crypto.subtle.importKey("raw", new TextEncoder().encode(key), { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
-  const mac = new Uint8Array(await crypto.subtle.sign("HMAC", k, new TextEncoder().encode(message)));
-  return Array.from(mac, (b) => b.toString(16).padStart(2, "0")).join("");
+  return hex(new Uint8Array(await crypto.subtle.sign("HMAC", k, new TextEncoder().encode(message))));
 }
+
+const hex = (bytes: Uint8Array) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 
 const round = (ms: number) => Math.round(ms * 10) / 10;
 

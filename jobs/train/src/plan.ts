@@ -40,8 +40,11 @@ export async function planRun(ctx: RunContext, input: TrainInput): Promise<RunPl
     () => resolveBase(ctx.store, options.base),
     (b) => ({ id: b.base.id, ...(b.choice ? { chosen: b.choice.reason } : {}) }),
   );
-  const version = await versionId(options, dataset.fingerprint, base.sha256);
-  return { options, dataset, base, baseChoice: choice, name: options.model ?? options.dataset, version, ...featureSpec(base, options) };
+  // The version id names the base actually used: `auto` that resolves to darknet-tiny is the same model
+  // as darknet-tiny asked by name (no retraining when the default changed to auto).
+  const resolved = { ...options, base: base.id };
+  const version = await versionId(resolved, dataset.fingerprint, base.sha256);
+  return { options: resolved, dataset, base, baseChoice: choice, name: options.model ?? options.dataset, version, ...featureSpec(base, options) };
 }
 
 /** True when the planned version was written already (by an earlier or a concurrent run). */

@@ -1,6 +1,7 @@
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { captureRecordSchema, countersSchema } from "../../../../shared/contracts/capture.ts";
 import { isCaptureKey, keys } from "../../../../shared/keys.ts";
+import { createAdmission } from "../http/admission.ts";
 import type { ModelSource } from "../model/source.ts";
 import { Capturer, type Observation } from "./capture.ts";
 import { type CaptureStore, createCaptureStore } from "./store.ts";
@@ -164,6 +165,25 @@ describe("Capturer", () => {
     await Promise.all(work);
     expect(records(store).length).toBe(1);
     expect(c.stats().busy).toBe(1 + 3);
+  });
+
+  it("resizes with the real admission control: the classification that just left the decode slot does not count as waiting", async () => {
+    const store = fakeBucket();
+    const admission = createAdmission({ concurrent: 1, queued: 16 });
+    const c = capturer(settings({ enabled: true, belowConfidence: 1.01, maxSide: 32 }), store, {
+      exclusive: (work) => admission.exclusive(work),
+      idle: () => admission.idle(),
+    });
+    await warm(c);
+    // As app.ts does: decode and infer in the slot, then observe in the same tick, inside the admitted request.
+    let after: Promise<void> | null = null;
+    await admission.admit(async () => {
+      await admission.exclusive(async () => {});
+      after = c.observe(observation(0.5));
+    });
+    await (after ?? Promise.resolve());
+    expect(records(store).map((r) => r.image)).toMatchObject([{ contentType: "image/png", resized: true, width: 32 }]);
+    expect(c.stats().busy).toBe(0);
   });
 
   it("files counts under the day they were made and flushes a finished day at once", async () => {

@@ -67,6 +67,8 @@ const CAS_ATTEMPTS = 8;
  * together, and at most one decoded image waiting to be resized or re-encoded.
  */
 export const MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024;
+/** How long one capture, or one flush of counters, may take in all (waitUntil work ends at 30 s). */
+const WORK_DEADLINE_MS = 20_000;
 /** How long a settings read may take before the last known settings are kept. */
 const SETTINGS_DEADLINE_MS = 5_000;
 
@@ -179,10 +181,11 @@ export class Capturer {
     const held = body?.length ?? 0;
     this.inFlightBytes += held;
     if (pixels) this.decodedInFlight = true;
-    const { model, version, labels, scores } = o;
+    // Locals only: the closure below must not keep `o` (and with it the decoded pixels) alive.
+    const { model, version, labels, scores, contentType } = o;
     const run = async () => {
       let image: { bytes: Uint8Array; contentType: CaptureRecord["image"]["contentType"]; width: number; height: number; resized: boolean };
-      if (body) image = { bytes: body, contentType: o.contentType, width, height, resized: false };
+      if (body) image = { bytes: body, contentType, width, height, resized: false };
       else {
         if (!this.options.idle()) return this.count(counters, "busy");
         image = await this.options.exclusive(async () => {
@@ -217,7 +220,9 @@ export class Capturer {
       await store.put(keys.captureFile(model, today, id, "json"), JSON.stringify(record), "application/json");
       this.count(counters, "captured");
     };
-    return run()
+    // One deadline for the whole capture (quota, image, record), inside Workers' 30 s for waitUntil work,
+    // so the accounting below always runs.
+    return withDeadline(run(), WORK_DEADLINE_MS)
       .catch((e) => this.failed(model, version, e))
       .finally(() => {
         this.inFlightBytes -= held;
@@ -329,8 +334,14 @@ export class Capturer {
     const batch = [...this.counters.values()];
     this.counters.clear();
     const to = this.now().toISOString();
+    const started = Date.now();
     try {
       for (const c of batch) {
+        if (Date.now() - started > WORK_DEADLINE_MS) {
+          // Out of time: keep the rest for the next flush.
+          merge(this.countersFor(c.model, c.version, new Date(c.from)), c);
+          continue;
+        }
         c.to = to;
         const stamp = `${to.replaceAll(/[-:.]/g, "").slice(0, 18)}-${this.isolate}-${(this.seq++).toString(36)}`;
         try {

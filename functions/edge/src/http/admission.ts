@@ -12,7 +12,10 @@ import { ApiError } from "./errors.ts";
 export interface Admission {
   admit<T>(work: () => Promise<T>): Promise<T>;
   exclusive<T>(work: () => Promise<T>): Promise<T>;
-  /** True when no request is waiting for a place or for the compute slot, and the slot is free. */
+  /**
+   * True when no request waits for a place or for the compute slot. (The slot's current holder is not
+   * counted: a caller in the same tick as a classification that just finished still sees it held.)
+   */
   idle(): boolean;
   /** Requests holding a place, and waiting for one (for /healthz). */
   stats(): { active: number; queued: number };
@@ -39,7 +42,7 @@ export function createAdmission(options: { concurrent: number; queued: number })
       return within(places, work, MAX_WAIT_MS, done);
     },
     exclusive: (work) => within(compute, work, MAX_WAIT_MS),
-    idle: () => waiting === 0 && compute.activeCount === 0 && compute.pendingCount === 0,
+    idle: () => waiting === 0 && compute.pendingCount === 0,
     stats: () => ({ active: places.activeCount, queued: waiting }),
   };
 }

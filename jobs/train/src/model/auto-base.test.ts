@@ -88,6 +88,17 @@ describe("the auto base", () => {
     expect(requests.length).toBe(tried);
   });
 
+  it("names the base it resolved to in the version id: auto that falls back is the same version as the bundled base by name", async () => {
+    s3 = await startLocalS3();
+    up = false;
+    await uploadSample(s3.store, "emoji", { perLabel: 8, size: 96 });
+    const options = { dataset: "emoji", imageSize: 96, views: 1, head: { epochs: 3 }, promote: "always" } as const;
+    const auto = await train(s3.store, { ...options, base: "auto" }, memoryLogger());
+    const named = await train(s3.store, { ...options, base: BEST_BUNDLED_BASE }, memoryLogger());
+    expect(named.version).toBe(auto.version);
+    expect(named.status).toBe("exists");
+  });
+
   it("records the choice and its reason in the version's metadata and report", async () => {
     s3 = await startLocalS3();
     await uploadSample(s3.store, "emoji", { perLabel: 8, size: 96 });

@@ -170,20 +170,26 @@ export async function resolveBase(store: ObjectStore, requested: string): Promis
     choice: { requested, reason: `${preferred} could not be downloaded (${why}); using the best bundled base, ${BEST_BUNDLED_BASE}` },
   });
   const marker = await store.get(AUTO_MARKER);
-  if (marker) {
-    const last = JSON.parse(new TextDecoder().decode(marker)) as { at: string; reason: string };
-    if (Date.now() - Date.parse(last.at) < AUTO_RETRY_MS) return fallback(`${last.reason}, at ${last.at}; tried again a day later`);
-  }
+  const last = marker ? (parseJson(marker) as { at?: string; reason?: string } | null) : null;
+  if (last?.at && Date.now() - Date.parse(last.at) < AUTO_RETRY_MS) return fallback(`${last.reason}, at ${last.at}; tried again a day later`);
   try {
     const base = await ensureBase(store, preferred);
     return { base, choice: { requested, reason: `${preferred} (ImageNet MobileNetV2) was downloaded once into the bucket` } };
   } catch (e) {
     const reason = e instanceof EdgetuneError && e.code === "base_unreachable" ? (e.cause instanceof Error ? e.cause.message : "unreachable") : String(e);
-    await store.put(AUTO_MARKER, JSON.stringify({ at: new Date().toISOString(), reason }), "application/json");
+    // Remembered so the next runs do not wait for it; a failure to remember only costs another try.
+    await store.put(AUTO_MARKER, JSON.stringify({ at: new Date().toISOString(), reason }), "application/json").catch(() => {});
     return fallback(reason);
   }
 }
 const AUTO_MARKER = "bases/auto-unreachable.json";
+function parseJson(bytes: Uint8Array): unknown {
+  try {
+    return JSON.parse(new TextDecoder().decode(bytes));
+  } catch {
+    return null;
+  }
+}
 
 /** Makes sure a known base is in the bucket (downloading or unpacking it once), returns its metadata. */
 export async function ensureBase(store: ObjectStore, id: string): Promise<BaseMetadata> {
@@ -201,7 +207,9 @@ export async function ensureBase(store: ObjectStore, id: string): Promise<BaseMe
         : known.source;
   const provenance =
     known.source.kind === "url"
-      ? known.source.url
+      ? mirrored(known.source.url) === known.source.url
+        ? known.source.url
+        : `${mirrored(known.source.url)} (EDGETUNE_BASE_MIRROR, standing in for ${known.source.url})`
       : known.source.kind === "bundled"
         ? `edgetune jobs/train/bases/${known.source.dir}`
         : "npm nsfwjs dist/models/mobilenet_v2";

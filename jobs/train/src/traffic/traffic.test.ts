@@ -129,39 +129,59 @@ describe("review", () => {
     expect(await s3.store.head("datasets/pets-data/cat/a.png")).not.toBeNull();
   });
 
-  it("applies a stored decision only when an operator's key signed it: the edge's S3 key alone cannot accept images", async () => {
+  it("applies a stored decision only when an operator's key signed it and the image is the one reviewed", async () => {
     await setup("pets-data", "flat");
-    const forged = await capture(await png("#0ff"));
-    const signed = await capture(await png("#ff0"));
+    const images = { forged: await png("#0ff"), signed: await png("#ff0"), swapped: await png("#f0f"), moved: await png("#0f0") };
+    const [forged, signed, swapped, moved] = [
+      await capture(images.forged),
+      await capture(images.signed),
+      await capture(images.swapped),
+      await capture(images.moved),
+    ] as CaptureRecord[];
     const decidedAt = new Date().toISOString();
-    const put = (id: string, extra: object) =>
-      s3.store.put(
-        keys.captureDecision("pets", id),
-        JSON.stringify({ schemaVersion: 1, id, action: "accept", label: "cat", decidedAt, by: "console", ...extra }),
-      );
-    // Written with S3 access alone: no signature, or one made with a key that is not an operator's.
-    await put(forged.id, {
-      signature: createHmac("sha256", "guess")
-        .update(decisionMessage("pets", { id: forged.id, action: "accept", label: "cat", decidedAt }))
-        .digest("hex"),
-    });
-    await put(signed.id, {
-      signature: createHmac("sha256", "operator-1")
-        .update(decisionMessage("pets", { id: signed.id, action: "accept", label: "cat", decidedAt }))
-        .digest("hex"),
-    });
+    const sign = (key: string, d: { id: string; label: string; imageSha256: string }) =>
+      createHmac("sha256", key)
+        .update(decisionMessage("pets", { ...d, action: "accept", decidedAt }))
+        .digest("hex");
+    const put = async (c: CaptureRecord, bytes: Uint8Array, key: string, label = "cat", signedLabel = label) => {
+      const imageSha256 = await sha256Hex(bytes);
+      const signature = sign(key, { id: c.id, label: signedLabel, imageSha256 });
+      const decision = { schemaVersion: 1, id: c.id, action: "accept", label, decidedAt, by: "console", imageSha256, signature };
+      await s3.store.put(keys.captureDecision("pets", c.id), JSON.stringify(decision));
+    };
+    // Written with S3 access alone: a guessed key; a signature moved to another label.
+    await put(forged as CaptureRecord, images.forged, "guess");
+    await put(moved as CaptureRecord, images.moved, "operator-1", "dog", "cat");
+    // Signed by an operator; and signed, but the image was replaced after the review.
+    await put(signed as CaptureRecord, images.signed, "operator-1");
+    await put(swapped as CaptureRecord, images.swapped, "operator-1");
+    await s3.store.put(swapped?.image.key as string, await png("#000"));
     const r = await applyDecisions(s3.store, "pets", memoryLogger(), { operatorKeys: ["operator-0", "operator-1"] });
-    expect(r.accepted.map((a) => a.id)).toEqual([signed.id]);
-    expect(r.unverified).toEqual([forged.id]);
-    // A signature covers the label: the same signature on another label does not verify.
-    const other = await capture(await png("#f0f"));
-    const sig = createHmac("sha256", "operator-1")
-      .update(decisionMessage("pets", { id: other.id, action: "accept", label: "cat", decidedAt }))
-      .digest("hex");
-    await put(other.id, { label: "dog", signature: sig });
-    const again = await applyDecisions(s3.store, "pets", memoryLogger(), { operatorKeys: ["operator-1"] });
-    expect(again.unverified.sort()).toEqual([forged.id, other.id].sort());
-    expect(again.accepted).toEqual([]);
+    expect(r.accepted.map((a) => a.id)).toEqual([signed?.id]);
+    expect(r.unverified.sort()).toEqual([forged?.id, moved?.id].sort());
+    expect(r.refused).toEqual([{ id: swapped?.id, reason: expect.stringContaining("changed after it was reviewed") }]);
+    // The ones not applied are back in the queue, undecided, saying why.
+    const queue = await listCaptures(s3.store, "pets");
+    expect(queue.map((c) => [c.id, c.decision, Boolean(c.refused)]).sort()).toEqual(
+      [
+        [forged?.id, null, true],
+        [moved?.id, null, true],
+        [swapped?.id, null, true],
+      ].sort(),
+    );
+    // A replay — the applied decision copied back with a new record and image under the same id — can only
+    // bring the reviewed bytes again (the signature covers them), and the dataset already has them.
+    const added = `datasets/pets-data/cat/captured-${signed?.id}.png`;
+    const before = await s3.store.head(added);
+    await s3.store.put(signed?.image.key as string, images.signed);
+    await s3.store.put(keys.captureFile("pets", "2026-11-29", signed?.id as string, "json"), JSON.stringify(signed));
+    await put(signed as CaptureRecord, images.signed, "operator-1");
+    const replay = await applyDecisions(s3.store, "pets", memoryLogger(), { operatorKeys: ["operator-1"] });
+    expect(replay.accepted.map((a) => a.id)).toEqual([signed?.id]);
+    expect((await s3.store.head(added))?.etag).toBe(before?.etag);
+    let copies = 0;
+    for await (const o of s3.store.list("datasets/pets-data/")) if (o.key.includes(signed?.id as string)) copies++;
+    expect(copies).toBe(1);
   });
 
   it("refuses to decide on a capture that does not exist, and capture settings for a model that is not served", async () => {

@@ -16,6 +16,7 @@ import {
 import { classifyDatasetKeys } from "../../../../shared/contracts/dataset.ts";
 import { parseContract } from "../../../../shared/contracts/parse.ts";
 import { DatasetError, InvalidOptionError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
+import { sha256Hex } from "../../../../shared/hash.ts";
 import { keys } from "../../../../shared/keys.ts";
 import { type MonitorSummary, parseCounters, referenceOf, summarize } from "../../../../shared/monitor.ts";
 import { getText, type ObjectStore } from "../../../../shared/s3/store.ts";
@@ -130,29 +131,41 @@ export async function applyDecisions(
 ): Promise<ApplyResult> {
   const result: ApplyResult = { accepted: [], discarded: [], refused: [], unverified: [] };
   const operatorKeys = options.operatorKeys ?? operatorKeysFromEnv();
-  const decided = (await listCaptures(store, model)).filter((c) => {
-    if (!c.decision) return false;
-    if (options.trusted?.has(c.id) || signedByOperator(model, c.decision, operatorKeys)) return true;
+  const recordKey = (c: PendingCapture) => keys.captureFile(model, c.capturedAt.slice(0, 10), c.id, "json");
+  /** Back to the review queue, saying why, its decision removed. */
+  const sendBack = async (capture: PendingCapture, reason: string) => {
+    const { decision: _, ...record } = capture;
+    await store.put(recordKey(capture), JSON.stringify({ ...record, refused: { reason, at: new Date().toISOString() } }), "application/json");
+    await store.delete([keys.captureDecision(model, capture.id)]);
+  };
+  const decided: PendingCapture[] = [];
+  for (const c of await listCaptures(store, model)) {
+    if (!c.decision) continue;
+    const trusted = options.trusted?.has(c.id) === true;
+    if (trusted || (c.decision.imageSha256 && signedByOperator(model, c.decision, operatorKeys))) {
+      decided.push(c);
+      continue;
+    }
+    // Written with S3 access alone, or signed with a key that is no longer an operator's: not applied.
     result.unverified.push(c.id);
-    log.warn(`the decision on capture ${c.id} of ${model} is not signed by an operator key (CONSOLE_API_KEYS): ignored`);
-    return false;
-  });
+    log.warn(`the decision on capture ${c.id} of ${model} is not signed by an operator key (CONSOLE_API_KEYS): not applied, back in the queue`);
+    await sendBack(c, "the decision was not signed by a current operator key; decide again").catch((e) => log.warn(`capture ${c.id}: ${userMessage(e)}`));
+  }
   if (decided.length === 0) return result;
   const served = await servedMetadata(store, model);
   const dataset = served.dataset.name;
   const layout = await datasetLayout(store, dataset);
   for (const capture of decided) {
     const decision = capture.decision as CaptureDecision;
-    const captureKeys = [
-      capture.image.key,
-      keys.captureFile(model, capture.capturedAt.slice(0, 10), capture.id, "json"),
-      keys.captureDecision(model, capture.id),
-    ];
+    const captureKeys = [capture.image.key, recordKey(capture), keys.captureDecision(model, capture.id)];
+    const cleanUp = () =>
+      store.delete(captureKeys).catch((e) => log.warn(`capture ${capture.id}: applied, but not cleaned up (${userMessage(e)}); the lifecycle rule will`));
     if (decision.action === "discard") {
-      await store.delete(captureKeys);
+      await cleanUp();
       result.discarded.push(capture.id);
       continue;
     }
+    let key: string;
     try {
       const label = decision.label as string;
       if (!layout.labels.has(label)) {
@@ -162,30 +175,31 @@ export async function applyDecisions(
       }
       const bytes = await store.get(capture.image.key);
       if (!bytes) throw new NotFoundError(`its image ${capture.image.key} is gone (expired?)`);
+      if (decision.imageSha256 && (await sha256Hex(bytes)) !== decision.imageSha256) {
+        throw new DatasetError("its image changed after it was reviewed; review it again");
+      }
       await decodeImage(bytes);
       const ext = capture.image.contentType.split("/")[1] === "jpeg" ? "jpg" : (capture.image.contentType.split("/")[1] as string);
-      const key = `${keys.dataset(dataset)}${layout.split ? "train/" : ""}${label}/captured-${capture.id}.${ext}`;
-      await store.put(key, bytes, capture.image.contentType, {
-        "edgetune-captured-from": `${model}@${capture.version}`,
-        "edgetune-captured-at": capture.capturedAt,
-        "edgetune-predicted": `${capture.predictions[0]?.label}:${capture.predictions[0]?.score.toFixed(4)}`,
-        "edgetune-reviewed": `${decision.by} ${decision.decidedAt}`,
-      });
-      await store.delete(captureKeys);
-      result.accepted.push({ id: capture.id, key });
-      log.info(`capture ${capture.id} of ${model} added to dataset ${dataset} as ${label}`);
+      key = `${keys.dataset(dataset)}${layout.split ? "train/" : ""}${label}/captured-${capture.id}.${ext}`;
+      // A decision applied before (and replayed) adds nothing: one capture, one dataset image.
+      if (!(await store.head(key))) {
+        await store.put(key, bytes, capture.image.contentType, {
+          "edgetune-captured-from": `${model}@${capture.version}`,
+          "edgetune-captured-at": capture.capturedAt,
+          "edgetune-predicted": `${capture.predictions[0]?.label}:${capture.predictions[0]?.score.toFixed(4)}`,
+          "edgetune-reviewed": `${decision.by} ${decision.decidedAt}`,
+        });
+      }
     } catch (e) {
       result.refused.push({ id: capture.id, reason: userMessage(e) });
       log.warn(`capture ${capture.id} of ${model} was not added: ${userMessage(e)}`);
-      // Back to the review queue, saying why, for another decision.
-      const { decision: _, ...record } = capture;
-      await store.put(
-        keys.captureFile(model, capture.capturedAt.slice(0, 10), capture.id, "json"),
-        JSON.stringify({ ...record, refused: { reason: userMessage(e), at: new Date().toISOString() } }),
-        "application/json",
-      );
-      await store.delete([keys.captureDecision(model, capture.id)]);
+      await sendBack(capture, userMessage(e)).catch((err) => log.warn(`capture ${capture.id}: ${userMessage(err)}`));
+      continue;
     }
+    // In the dataset now: a failed clean-up does not undo that.
+    await cleanUp();
+    result.accepted.push({ id: capture.id, key });
+    log.info(`capture ${capture.id} of ${model} added to dataset ${dataset} as ${decision.label}`);
   }
   return result;
 }
@@ -243,6 +257,11 @@ export async function monitor(store: ObjectStore, model: string, options: { days
       await store.put(keys.captureCounterFile(model, day, `rollup-${version}`), JSON.stringify({ ...sum, covers }), "application/json");
     }
     await store.delete([...loose.map((f) => f.key), ...all.filter((f) => covered.has(f.key)).map((f) => f.key)]);
+    // Deleted: the roll-ups need not name them any more (they would grow by every delta of the day).
+    for (const [version, list] of versions) {
+      const [sum] = summarizeCounters(list.map((f) => f.counters));
+      await store.put(keys.captureCounterFile(model, day, `rollup-${version}`), JSON.stringify(sum), "application/json");
+    }
   }
   let reference = null;
   let threshold = CAPTURE_OFF.belowConfidence;
@@ -307,9 +326,10 @@ export async function processTraffic(
       const applied = await applyDecisions(store, model, log, { operatorKeys });
       const summary = await monitor(store, model, { rollUp: true });
       await store.put(keys.captureMonitor(model), JSON.stringify(summary), "application/json");
-      // Alerts judge the last complete UTC day (the run at night sees only the first hours of today).
-      const today = new Date().toISOString().slice(0, 10);
-      const complete = summary.days.filter((d) => d.day < today).at(-1);
+      // Alerts judge yesterday, the last complete UTC day (the run at night sees only the first hours of
+      // today); a day without traffic alerts nothing, and an older day is not alerted again.
+      const yesterday = new Date(Date.now() - 86_400_000).toISOString().slice(0, 10);
+      const complete = summary.days.find((d) => d.day === yesterday);
       const drift = complete?.drift ?? [];
       for (const d of drift) log.warn(`${model}: drift on ${complete?.day}: ${d}`);
       out.push({ model, applied, drift });
