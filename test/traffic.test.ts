@@ -252,4 +252,24 @@ describe("the traffic loop", () => {
     expect(today.lowConfidence).toBeGreaterThanOrEqual(today.requests - 1);
     expect(summary.reference?.lowConfidence).toBe(1);
   });
+
+  it("stores a large photo with EXIF as a PNG re-encoded to fit 512 px, without its metadata (real workerd codecs)", async () => {
+    const photo = new Uint8Array(
+      await sharp({ create: { width: 900, height: 600, channels: 3, background: "#6a4" } })
+        .composite([{ input: Buffer.from('<svg width="900" height="600"><circle cx="450" cy="300" r="220" fill="#c33"/></svg>') }])
+        .withExif({ IFD0: { Copyright: "someone" }, IFD3: { GPSLatitudeRef: "N", GPSLatitude: "48/1 51/1 0/1" } })
+        .jpeg()
+        .toBuffer(),
+    );
+    const res = await fetch(`${edge.url}/v1/models/emoji/classify`, { method: "POST", headers: { ...auth(), "content-type": "image/jpeg" }, body: photo as BodyInit });
+    expect(res.status).toBe(200);
+    const stored = await until(
+      () => listCaptures(s3.store, "emoji"),
+      (c) => c.some((r) => r.image.width === 512),
+    );
+    const record = stored.find((r) => r.image.width === 512);
+    expect(record?.image).toMatchObject({ contentType: "image/png", width: 512, height: 341, resized: true });
+    const meta = await sharp((await s3.store.get(record?.image.key as string)) as Uint8Array).metadata();
+    expect([meta.format, meta.width, meta.height, meta.exif]).toEqual(["png", 512, 341, undefined]);
+  });
 });
