@@ -4,7 +4,8 @@
  * run: warm end-to-end classify latency of a real JPEG (p50/p95/p99 over many requests) against the
  * bare inference of the same weights in workerd (bench/edge/bare-worker.ts); where inference time
  * goes (top kernels); cold start (first classify after isolate start, split into model fetch, parse,
- * warm-up); peak memory of the workerd process around a 12-megapixel JPEG.
+ * warm-up); peak memory of the workerd process around a 12-megapixel JPEG; and the same warm requests
+ * again with traffic capture storing every answer (capture/capture.ts), side by side.
  * `--size 160` benchmarks a model trained at 160 px, `--base darknet-tiny` one on another base, `--cold 5`
  * sets the number of fresh isolates.
  */
@@ -17,6 +18,7 @@ import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
 import { BEST_BUNDLED_BASE } from "../jobs/train/src/model/bases.ts";
+import { writeCaptureConfig } from "../jobs/train/src/traffic/traffic.ts";
 import { train } from "../jobs/train/src/train.ts";
 import { arg, hasShared, machine, percentile, SHARED } from "./common.ts";
 
@@ -89,6 +91,22 @@ for (let i = 0; i < requests; i++) {
   server.push(r.timings.inferenceMs as number);
   serverTotal.push(r.timings.totalMs as number);
 }
+// Traffic capture on, every answer stored (as sent: a small JPEG without metadata), the same requests.
+await writeCaptureConfig(s3.store, "bench", { enabled: true, belowConfidence: 1.01, maxPerDay: 1_000_000 });
+const capturing = await startEdgeWorker(workerOptions);
+for (let i = 0; i < 10; i++) await classify(capturing, jpeg);
+const e2eCapture: number[] = [];
+const serverCapture: number[] = [];
+const inferenceCapture: number[] = [];
+for (let i = 0; i < requests; i++) {
+  const r = await classify(capturing, jpeg);
+  e2eCapture.push(r.ms);
+  serverCapture.push(r.timings.totalMs as number);
+  inferenceCapture.push(r.timings.inferenceMs as number);
+}
+const captureStats = ((await (await fetch(`${capturing.url}/healthz`)).json()) as { capture: Record<string, number> }).capture;
+await capturing.stop();
+await writeCaptureConfig(s3.store, "bench", { enabled: false });
 const before = edge.memoryMb();
 const bigResult = await classify(edge, big);
 const after = edge.memoryMb();
@@ -119,6 +137,12 @@ console.log(`| inside the worker: whole request (Server-Timing total: body, deco
 console.log(`| inside the worker: inference (Server-Timing) | ${fmt(serverS)} |`);
 console.log(`\nworker total p50 / bare inference p50: ${(percentile(sorted(serverTotal), 50) / percentile(bareS, 50)).toFixed(2)}`);
 console.log(`| bare inference of the same weights in workerd | ${fmt(bareS)} |`);
+console.log(`| with traffic capture storing every answer: end-to-end | ${fmt(sorted(e2eCapture))} |`);
+console.log(`| with traffic capture storing every answer: inside the worker | ${fmt(sorted(serverCapture))} |`);
+console.log(`| with traffic capture storing every answer: inference | ${fmt(sorted(inferenceCapture))} |`);
+console.log(
+  `\ncapture on / off, p50: end-to-end ${(percentile(sorted(e2eCapture), 50) / percentile(e2eS, 50)).toFixed(2)}, inside the worker ${(percentile(sorted(serverCapture), 50) / percentile(sorted(serverTotal), 50)).toFixed(2)} (capture: ${JSON.stringify(captureStats)})`,
+);
 console.log(
   `\nend-to-end p50 / bare inference p50: ${(percentile(e2eS, 50) / percentile(bareS, 50)).toFixed(2)} (overhead ${((percentile(e2eS, 50) / percentile(bareS, 50) - 1) * 100).toFixed(0)} %)`,
 );

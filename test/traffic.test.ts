@@ -261,7 +261,11 @@ describe("the traffic loop", () => {
         .jpeg()
         .toBuffer(),
     );
-    const res = await fetch(`${edge.url}/v1/models/emoji/classify`, { method: "POST", headers: { ...auth(), "content-type": "image/jpeg" }, body: photo as BodyInit });
+    const res = await fetch(`${edge.url}/v1/models/emoji/classify`, {
+      method: "POST",
+      headers: { ...auth(), "content-type": "image/jpeg" },
+      body: photo as BodyInit,
+    });
     expect(res.status).toBe(200);
     const stored = await until(
       () => listCaptures(s3.store, "emoji"),

@@ -60,6 +60,9 @@ export const isOptOut = (headers: Headers) => headers.get(OPT_OUT_HEADER)?.trim(
 /** Encodes RGBA pixels as PNG (the worker's libpng, @jsquash/png). */
 export type PngEncoder = (pixels: Pixels) => Promise<Uint8Array>;
 
+/** Captures and bytes an isolate takes from the day's quota at once (see `reserve`). */
+const LEASE_COUNT = 10;
+const LEASE_BYTES = 4 * 1024 * 1024;
 /** Compare-and-swap attempts on the day's quota, with a random back-off between them (isolates collide rarely). */
 const CAS_ATTEMPTS = 8;
 /**
@@ -106,6 +109,9 @@ export class Capturer {
   private seq = 0;
   private inFlightBytes = 0;
   private decodedInFlight = false;
+  /** Captures (and bytes) this isolate has taken from the day's quota and not used yet, per model and day. */
+  private readonly leases = new Map<string, { count: number; bytes: number }>();
+  private readonly leasing = new Map<string, Promise<void>>();
   /** Days whose caps this isolate saw reached, per model: no more quota reads for them. */
   private readonly full = new Set<string>();
   private readonly totals: CaptureStats = { captured: 0, overCap: 0, busy: 0, failed: 0, optedOut: 0, flushed: 0 };
@@ -230,8 +236,46 @@ export class Capturer {
       });
   }
 
-  /** Counts one capture of `bytes` against the day's caps, for all isolates at once (S3 compare-and-swap). */
+  /**
+   * Counts one capture of `bytes` against the day's caps, for all isolates at once. The shared count is
+   * an S3 object updated by compare-and-swap; an isolate takes a lease of up to LEASE_COUNT captures
+   * (and LEASE_BYTES) at a time and spends it locally, so most captures cost no quota request. The caps
+   * hold as upper bounds; a lease an isolate does not use up (it was evicted) only leaves room unused.
+   */
   private async reserve(store: CaptureStore, model: string, today: string, bytes: number, config: CaptureConfig): Promise<boolean> {
+    const id = `${model}/${today}`;
+    for (let round = 0; round < 5; round++) {
+      const lease = this.leases.get(id);
+      if (lease && lease.count >= 1 && lease.bytes >= bytes) {
+        lease.count--;
+        lease.bytes -= bytes;
+        return true;
+      }
+      // One lease request at a time per model and day: concurrent captures wait for it and share it.
+      const pending = this.leasing.get(id);
+      if (pending) {
+        await pending;
+        continue;
+      }
+      const acquiring = this.acquireLease(store, model, today, bytes, config);
+      this.leasing.set(
+        id,
+        acquiring.then(
+          () => undefined,
+          () => undefined,
+        ),
+      );
+      try {
+        if (!(await acquiring)) return false;
+      } finally {
+        this.leasing.delete(id);
+      }
+    }
+    return false;
+  }
+
+  /** Takes up to LEASE_COUNT captures and LEASE_BYTES (at least `bytes`) from the day's shared quota; false when the caps are reached. */
+  private async acquireLease(store: CaptureStore, model: string, today: string, bytes: number, config: CaptureConfig): Promise<boolean> {
     const key = keys.captureQuota(model, today);
     for (let attempt = 0; attempt < CAS_ATTEMPTS; attempt++) {
       const current = await store.get(key);
@@ -240,10 +284,15 @@ export class Capturer {
         const parsed = captureQuotaSchema.safeParse(JSON.parse(new TextDecoder().decode(current.bytes)));
         if (parsed.success) quota = parsed.data;
       }
-      if (quota.count + 1 > config.maxPerDay || quota.bytes + bytes > config.maxBytesPerDay) return false;
-      const next = JSON.stringify({ day: today, count: quota.count + 1, bytes: quota.bytes + bytes });
-      const written = await store.put(key, next, "application/json", current ? { ifMatch: current.etag } : { ifNoneMatch: "*" });
-      if (written) return true;
+      const count = Math.min(LEASE_COUNT, config.maxPerDay - quota.count);
+      const leaseBytes = Math.min(Math.max(LEASE_BYTES, bytes), config.maxBytesPerDay - quota.bytes);
+      if (count < 1 || leaseBytes < bytes) return false;
+      const next = JSON.stringify({ day: today, count: quota.count + count, bytes: quota.bytes + leaseBytes });
+      if (await store.put(key, next, "application/json", current ? { ifMatch: current.etag } : { ifNoneMatch: "*" })) {
+        // Replaces what was left of the previous lease (too little for this capture): room left unused.
+        this.leases.set(`${model}/${today}`, { count, bytes: leaseBytes });
+        return true;
+      }
       await new Promise((resolve) => setTimeout(resolve, (5 + Math.random() * 20) * (attempt + 1)));
     }
     throw new Error(`the capture quota of ${model} stayed contended after ${CAS_ATTEMPTS} attempts`);
