@@ -26,6 +26,8 @@ let edge: EdgeWorker;
 let traffic: SampleImage[];
 let firstVersion: string;
 let capturesDown = false;
+/** The captures the review decided on: accepted and discarded ids. */
+const reviewed = { accepted: [] as string[], discarded: [] as string[] };
 let capturesHang = false;
 const log = memoryLogger();
 const options = { dataset: "emoji", imageSize: 96 as const, views: 1, head: { epochs: 40 }, promote: "always" as const };
@@ -47,6 +49,7 @@ beforeAll(async () => {
   edge = await startEdgeWorker({ s3Endpoint: proxy.endpoint, bucket: s3.config.bucket, pointerTtlSeconds: 1, vars: { COUNTERS_FLUSH_SECONDS: "0" } });
 }, 240_000);
 afterAll(async () => {
+  if (process.env.EDGETUNE_DEBUG_EDGE) process.stderr.write(edge?.output() ?? "");
   await edge?.stop();
   await proxy?.stop();
   await s3?.stop();
@@ -170,6 +173,7 @@ describe("the traffic loop", () => {
       // where the model was wrong).
       const decision = i === 0 ? { action: "discard" } : { action: "accept", label: truth.label };
       if (i === 0) discarded++;
+      (i === 0 ? reviewed.discarded : reviewed.accepted).push(c.id);
       const r = await fetch(`${edge.url}/v1/models/emoji/captures/${c.id}/decision`, {
         method: "POST",
         headers: { ...auth(), "content-type": "application/json" },
@@ -205,10 +209,13 @@ describe("the traffic loop", () => {
     // Accepted images are in the dataset with their provenance; the review queue is empty.
     const added: string[] = [];
     for await (const o of s3.store.list(keys.dataset("emoji"))) if (o.key.includes("/captured-")) added.push(o.key);
+    for (const id of reviewed.accepted) expect(added.filter((k) => k.includes(`/captured-${id}.`)).length).toBe(1);
     expect(added.length).toBe(traffic.length - 1);
     const head = await s3.store.head(added[0] as string);
     expect(head?.metadata?.["edgetune-captured-from"]).toBe(`emoji@${firstVersion}`);
-    expect(await listCaptures(s3.store, "emoji")).toEqual([]);
+    // Every reviewed capture has left the queue (the edge may have captured more since).
+    const left = (await listCaptures(s3.store, "emoji")).map((c) => c.id);
+    for (const id of [...reviewed.accepted, ...reviewed.discarded]) expect(left).not.toContain(id);
     // The new version is served and answers the traffic better than the first did.
     const pointer = await readPointer(s3.store, "emoji");
     expect(pointer?.version).toBe(trained[0]);

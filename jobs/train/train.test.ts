@@ -159,6 +159,28 @@ describe("bad datasets", () => {
   });
 });
 
+describe("near-identical images across the split", () => {
+  it("leaves a held-out copy of a training image out of the evaluation and names the pair in the report", async () => {
+    const images = await sampleDataset({ perLabel: 8, size: 128 });
+    // Given splits: 6 per label to train, 2 held out, plus a re-encoded, shifted copy of a training image held out.
+    const byLabel = (l: string) => images.filter((i) => i.label === l);
+    for (const label of ["animals", "food", "travel"])
+      for (const [n, img] of byLabel(label).entries()) await s3.store.put(`datasets/dups/${n < 6 ? "train" : "val"}/${img.file}`, img.bytes);
+    const original = byLabel("food")[0] as (typeof images)[number];
+    const sharp = (await import("sharp")).default;
+    const copy = await sharp(original.bytes).resize(112, 112).jpeg({ quality: 70 }).toBuffer();
+    await s3.store.put("datasets/dups/val/food/copy-of-first.jpg", new Uint8Array(copy));
+    await s3.store.put("datasets/dups/manifest.json", "{}");
+    const r = await train(s3.store, { dataset: "dups", imageSize: 128, views: 1, head: { epochs: 5 }, promote: "always" }, memoryLogger());
+    const report = JSON.parse(new TextDecoder().decode((await s3.store.get(`models/dups/${r.version}/report.json`)) as Uint8Array));
+    expect(report.nearDuplicates).toEqual([
+      { heldOut: "datasets/dups/val/food/copy-of-first.jpg", training: `datasets/dups/train/${original.file}`, by: "hash", similarity: expect.any(Number) },
+    ]);
+    // 3 labels × 2 held out: the copy is not among the evaluated images.
+    expect(report.metrics.evaluatedOn).toBe(6);
+  });
+});
+
 describe("promotion needs evidence", () => {
   /** A split dataset: train/<label>/… from the sample, and val/<label>/… built by `val`. */
   async function splitDataset(name: string, val: (label: string, images: { label: string; bytes: Uint8Array }[]) => Uint8Array[]) {

@@ -2,6 +2,7 @@ import type * as tf from "@tensorflow/tfjs";
 import { pMapIterable } from "p-map";
 import type { BaseMetadata } from "../../../../shared/contracts/base.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
+import { inputHash } from "../../../../shared/image/input-hash.ts";
 import { keys } from "../../../../shared/keys.ts";
 import { LATEST_PREPROCESSING, type Pixels, type PreprocessingSpec, preprocess } from "../../../../shared/preprocess.ts";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
@@ -62,6 +63,8 @@ export interface Features {
   /** id → one array per view (view 0 first). */
   byId: Map<string, Float32Array[]>;
   failed: Map<string, { key: string; reason: string }>;
+  /** id → dHash of the image's view-0 input, where its pack recorded one (near-duplicate checks). */
+  hashes: Map<string, string>;
   /**
    * With `retain: false`: where the values are — pack key → its entries ([image id, view], in the order
    * of the values) — for training to stream them (fit/rows.ts) without reading every pack again.
@@ -203,6 +206,7 @@ function mergeFeatures(a: Features, b: Features): Features {
     shape: a.shape.length > 0 ? a.shape : b.shape,
     byId,
     failed: new Map([...a.failed, ...b.failed]),
+    hashes: new Map([...a.hashes, ...b.hashes]),
     packs: new Map([...a.packs, ...b.packs]),
     stats: {
       cached: a.stats.cached + b.stats.cached,
@@ -220,7 +224,7 @@ function mergeFeatures(a: Features, b: Features): Features {
 type CacheState = Omit<Features, "stats"> & { packsRead: number };
 
 async function readCache(store: ObjectStore, prefix: string, retain: boolean): Promise<CacheState> {
-  const state: CacheState = { shape: [], byId: new Map(), failed: new Map(), packs: new Map(), packsRead: 0 };
+  const state: CacheState = { shape: [], byId: new Map(), failed: new Map(), hashes: new Map(), packs: new Map(), packsRead: 0 };
   const keysToRead: string[] = [];
   for await (const o of store.list(prefix)) keysToRead.push(o.key);
   // A large dataset has hundreds of packs: read them FETCH_CONCURRENCY at a time, apply them in order.
@@ -248,10 +252,10 @@ const entriesOf = (pack: Pack): [string, number][] => pack.entries.map((e) => [e
 
 /** A pack without its values: what `retain: false` needs to know. */
 function headerOnly(h: PackHeader): Pack {
-  return { shape: h.shape, entries: h.entries.map(([id, view]) => ({ id, view, values: NOT_RETAINED })), failed: h.failed };
+  return { shape: h.shape, entries: h.entries.map(([id, view]) => ({ id, view, values: NOT_RETAINED })), failed: h.failed, hashes: h.hashes };
 }
 
-function addPack(state: Pick<CacheState, "shape" | "byId" | "failed">, pack: Pack, retain: boolean): void {
+function addPack(state: Pick<CacheState, "shape" | "byId" | "failed" | "hashes">, pack: Pack, retain: boolean): void {
   if (pack.shape.length > 0) state.shape = pack.shape;
   for (const e of pack.entries) {
     const views = state.byId.get(e.id) ?? [];
@@ -259,6 +263,7 @@ function addPack(state: Pick<CacheState, "shape" | "byId" | "failed">, pack: Pac
     state.byId.set(e.id, views);
   }
   for (const f of pack.failed) state.failed.set(f.id, { key: f.key, reason: f.reason });
+  for (const [id, hash] of Object.entries(pack.hashes ?? {})) state.hashes.set(id, hash);
 }
 
 function isComplete(state: CacheState, id: string, views: number): boolean {
@@ -309,7 +314,7 @@ async function streamPacks(
   const slots = semaphore(pool.threads + QUEUED_BATCHES);
   const packDone: Promise<void>[] = [];
   let failure: unknown;
-  let pack: Pack = { shape: [], entries: [], failed: [] };
+  let pack: Pack = { shape: [], entries: [], failed: [], hashes: {} };
   let packImages = 0;
   let batches: Promise<void>[] = [];
   // Views are preprocessed straight into the batch being filled (no per-view arrays, no copy).
@@ -354,7 +359,7 @@ async function streamPacks(
       failure ??= e; // surfaced below; the handler also keeps it from being an unhandled rejection
     });
     packDone.push(done);
-    pack = { shape: [], entries: [], failed: [] };
+    pack = { shape: [], entries: [], failed: [], hashes: {} };
     packImages = 0;
     batches = [];
   };
@@ -365,6 +370,8 @@ async function streamPacks(
       for (let view = 0; view < spec.views; view++) {
         const into = { data: body, offset: rows.length * perRow };
         preprocess(l.pixels, spec.size, spec.preprocessing, { ...augmentation(l.pixels, view, spec.seed, l.image.id), into });
+        // View 0 is the image as served (no augmentation): its hash finds near-duplicates across the split.
+        if (view === 0) (pack.hashes as Record<string, string>)[l.image.id] = inputHash(body, into.offset, spec.size);
         rows.push({ id: l.image.id, view });
         if (rows.length === BATCH) await sendBatch();
       }

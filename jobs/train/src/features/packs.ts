@@ -14,13 +14,18 @@ export interface Pack {
   shape: number[];
   entries: PackEntry[];
   failed: { id: string; key: string; reason: string }[];
+  /** Image id → dHash of its view-0 input (shared/image/input-hash.ts); absent in packs written before it. */
+  hashes?: Record<string, string>;
 }
 
 const MAGIC = [0x45, 0x54, 0x50, 0x31];
 
 export function encodePack(pack: Pack): Uint8Array {
   const dim = pack.shape.reduce((a, b) => a * b, 1);
-  const header = new TextEncoder().encode(JSON.stringify({ shape: pack.shape, entries: pack.entries.map((e) => [e.id, e.view]), failed: pack.failed }));
+  const hashes = pack.hashes && Object.keys(pack.hashes).length > 0 ? { hashes: pack.hashes } : {};
+  const header = new TextEncoder().encode(
+    JSON.stringify({ shape: pack.shape, entries: pack.entries.map((e) => [e.id, e.view]), failed: pack.failed, ...hashes }),
+  );
   const out = new Uint8Array(8 + header.byteLength + pack.entries.length * dim * 2);
   out.set(MAGIC, 0);
   new DataView(out.buffer).setUint32(4, header.byteLength, true);
@@ -39,6 +44,7 @@ export interface PackHeader {
   /** [image id, view] per entry, in the order of the values. */
   entries: [string, number][];
   failed: Pack["failed"];
+  hashes?: Record<string, string>;
   headerLength: number;
 }
 
@@ -62,5 +68,5 @@ export function decodePack(bytes: Uint8Array): Pack {
     for (let i = 0; i < dim; i++, o += 2) values[i] = view.getFloat16(o, true);
     return { id, view: v, values };
   });
-  return { shape: header.shape, entries, failed: header.failed };
+  return { shape: header.shape, entries, failed: header.failed, hashes: header.hashes };
 }
