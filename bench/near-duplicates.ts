@@ -60,7 +60,7 @@ const q = (a: number[], p: number) => [...a].sort((x, y) => x - y)[Math.floor(p 
 async function measure(name: string, files: Uint8Array[], edited: number) {
   const base = await Promise.all(files.map(signals));
   const mean = new Float64Array(base[0]?.vector.length ?? 0);
-  for (const s of base) s.vector.forEach((v, i) => (mean[i] = (mean[i] as number) + v / base.length));
+  for (const s of base) for (let i = 0; i < s.vector.length; i++) mean[i] = (mean[i] as number) + (s.vector[i] as number) / base.length;
   const cos = (a: Float32Array, b: Float32Array) => {
     let d = 0;
     let na = 0;

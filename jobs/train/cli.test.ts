@@ -98,7 +98,7 @@ describe("edgetune, for a person", () => {
     const { version } = (await readPointer(s3.store, "pets")) as { version: string };
     const day = new Date().toISOString().slice(0, 10);
     const id = `${day.replaceAll("-", "")}T101500-cli00001`;
-    const image = (await s3.store.get("datasets/pets/food/" + (await firstImage("pets", "food")))) as Uint8Array;
+    const image = (await s3.store.get(`datasets/pets/food/${await firstImage("pets", "food")}`)) as Uint8Array;
     const imageKey = `captures/pets/images/${day}/${id}.png`;
     await s3.store.put(imageKey, image);
     await s3.store.put(
