@@ -263,6 +263,24 @@ describe("Capturer", () => {
     expect(c.stats().captured).toBe(0);
   });
 
+  it("stores nothing after a capture ran out of time, even when the bucket answers later", async () => {
+    const store = fakeBucket();
+    const get = store.get.bind(store);
+    let slow = true;
+    store.get = async (key) => {
+      if (slow && key.includes("/quota/")) await new Promise((r) => setTimeout(r, 300));
+      return get(key);
+    };
+    const c = capturer(settings({ enabled: true, belowConfidence: 1.01 }), store, { workDeadlineMs: 100 });
+    await warm(c);
+    await observe(c, observation(0.5)); // resolves at its deadline, counted as failed
+    expect(c.stats()).toMatchObject({ failed: 1, captured: 0 });
+    slow = false;
+    await new Promise((r) => setTimeout(r, 500)); // the quota read answers meanwhile
+    expect(records(store)).toEqual([]);
+    expect([...store.objects.keys()].filter((k) => k.includes("/images/"))).toEqual([]);
+  });
+
   it("reads capture.json once per TTL", async () => {
     const source = settings({ enabled: false });
     const c = capturer(source, fakeBucket());

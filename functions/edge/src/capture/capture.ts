@@ -87,6 +87,8 @@ export interface CapturerOptions {
   log: (fields: Record<string, unknown>) => void;
   random?: () => number;
   now?: () => Date;
+  /** For tests: the whole-capture deadline (default 20 s). */
+  workDeadlineMs?: number;
 }
 
 interface Settings {
@@ -189,6 +191,13 @@ export class Capturer {
     if (pixels) this.decodedInFlight = true;
     // Locals only: the closure below must not keep `o` (and with it the decoded pixels) alive.
     const { model, version, labels, scores, contentType } = o;
+    // The deadline below ends the wait, not the work: the work checks it between steps, so a capture
+    // that ran out of time never stores anything afterwards (it was counted as failed).
+    const limit = this.options.workDeadlineMs ?? WORK_DEADLINE_MS;
+    const deadline = Date.now() + limit;
+    const inTime = () => {
+      if (Date.now() > deadline) throw new Error(`capture took longer than ${limit / 1000} s`);
+    };
     const run = async () => {
       let image: { bytes: Uint8Array; contentType: CaptureRecord["image"]["contentType"]; width: number; height: number; resized: boolean };
       if (body) image = { bytes: body, contentType, width, height, resized: false };
@@ -201,7 +210,8 @@ export class Capturer {
         });
       }
       const today = day(now);
-      if (!(await this.reserve(store, model, today, image.bytes.length, config))) {
+      inTime();
+      if (!(await this.reserve(store, model, today, image.bytes.length, config, inTime))) {
         this.full.add(`${model}/${today}`);
         return this.count(counters, "overCap");
       }
@@ -222,13 +232,15 @@ export class Capturer {
         image: { key: imageKey, contentType: image.contentType, bytes: image.bytes.length, width: image.width, height: image.height, resized: image.resized },
       };
       // The image first, the record last: the review lists records, so it never finds one without its image.
+      inTime();
       await store.put(imageKey, image.bytes, image.contentType);
+      inTime();
       await store.put(keys.captureFile(model, today, id, "json"), JSON.stringify(record), "application/json");
       this.count(counters, "captured");
     };
     // One deadline for the whole capture (quota, image, record), inside Workers' 30 s for waitUntil work,
     // so the accounting below always runs.
-    return withDeadline(run(), WORK_DEADLINE_MS)
+    return withDeadline(run(), limit)
       .catch((e) => this.failed(model, version, e))
       .finally(() => {
         this.inFlightBytes -= held;
@@ -242,9 +254,10 @@ export class Capturer {
    * (and LEASE_BYTES) at a time and spends it locally, so most captures cost no quota request. The caps
    * hold as upper bounds; a lease an isolate does not use up (it was evicted) only leaves room unused.
    */
-  private async reserve(store: CaptureStore, model: string, today: string, bytes: number, config: CaptureConfig): Promise<boolean> {
+  private async reserve(store: CaptureStore, model: string, today: string, bytes: number, config: CaptureConfig, inTime: () => void): Promise<boolean> {
     const id = `${model}/${today}`;
     for (let round = 0; round < 5; round++) {
+      inTime();
       const lease = this.leases.get(id);
       if (lease && lease.count >= 1 && lease.bytes >= bytes) {
         lease.count--;
