@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { hashDistance } from "../../../../shared/image/input-hash.ts";
-import { NEAR_DUPLICATE_COSINE, nearDuplicates, nearDuplicatesAcross, nearDuplicatesByHash } from "./near-duplicates.ts";
+import { NEAR_DUPLICATE_BITS, NEAR_DUPLICATE_COSINE, nearDuplicates, nearDuplicatesAcross, nearDuplicatesByHash } from "./near-duplicates.ts";
 
 /** Seeded vectors shaped like pooled features (non-negative, a shared mean), and their near copies. */
 function rng(seed: number) {
@@ -71,13 +71,13 @@ describe("nearDuplicatesByHash", () => {
     for (let i = 0; i < n; i++) v ^= 1n << BigInt((from + i * 9) % 64);
     return hex(v);
   };
-  it("finds every held-out hash within 4 bits of a training hash, exactly (no band misses within 7 bits)", () => {
+  it("finds every held-out hash within NEAR_DUPLICATE_BITS of a training hash, exactly (no band misses within 7 bits)", () => {
     const rand = rng(7);
     const random = () => hex((BigInt(Math.floor(rand() * 2 ** 32)) << 32n) | BigInt(Math.floor(rand() * 2 ** 32)));
     const train = new Map<string, string>(Array.from({ length: 500 }, (_, i) => [`t${i}`, random()] as const));
     const val = new Map<string, string>();
-    for (let i = 0; i < 40; i++) val.set(`near${i}`, flip(train.get(`t${i * 11}`) as string, i % 5, i));
-    for (let i = 0; i < 40; i++) val.set(`far${i}`, flip(train.get(`t${i * 11 + 3}`) as string, 5 + (i % 3), i));
+    for (let i = 0; i < 40; i++) val.set(`near${i}`, flip(train.get(`t${i * 11}`) as string, i % (NEAR_DUPLICATE_BITS + 1), i));
+    for (let i = 0; i < 40; i++) val.set(`far${i}`, flip(train.get(`t${i * 11 + 3}`) as string, NEAR_DUPLICATE_BITS + 1 + (i % 3), i));
     const found = nearDuplicatesByHash(train, val);
     expect(found.map((d) => d.val).sort()).toEqual([...val.keys()].filter((k) => k.startsWith("near")).sort());
     for (const d of found) expect(hashDistance(val.get(d.val) as string, train.get(d.train) as string)).toBe(d.similarity);
