@@ -1,6 +1,6 @@
 import { z } from "zod";
 import type { ArtifactMetadata } from "./contracts/artifact.ts";
-import { CONFIDENCE_BINS, type Counters, countersSchema } from "./contracts/capture.ts";
+import { addCounts, CONFIDENCE_BINS, type Counters, countersSchema, noCounts } from "./contracts/capture.ts";
 import { nameSchema, versionSchema } from "./contracts/common.ts";
 
 /**
@@ -58,33 +58,11 @@ export function sumByDay(deltas: readonly Counters[]): Omit<DaySummary, "drift">
     const day = d.from.slice(0, 10);
     let s = days.get(day);
     if (!s) {
-      s = {
-        day,
-        versions: [],
-        requests: 0,
-        labels: {},
-        confidence: new Array(CONFIDENCE_BINS).fill(0),
-        lowConfidence: 0,
-        captured: 0,
-        overCap: 0,
-        busy: 0,
-        failed: 0,
-        optedOut: 0,
-      };
+      s = { day, versions: [], ...noCounts() };
       days.set(day, s);
     }
     if (!s.versions.includes(d.version)) s.versions.push(d.version);
-    s.requests += d.requests;
-    for (const [label, n] of Object.entries(d.labels)) s.labels[label] = (s.labels[label] ?? 0) + n;
-    d.confidence.forEach((n, i) => {
-      s.confidence[i] = (s.confidence[i] ?? 0) + n;
-    });
-    s.lowConfidence += d.lowConfidence;
-    s.captured += d.captured;
-    s.overCap += d.overCap;
-    s.busy += d.busy;
-    s.failed += d.failed;
-    s.optedOut += d.optedOut;
+    addCounts(s, d);
   }
   return [...days.values()].sort((a, b) => a.day.localeCompare(b.day));
 }

@@ -150,3 +150,32 @@ export const countersSchema = z.object({
   optedOut: z.number().int().min(0),
 });
 export type Counters = z.output<typeof countersSchema>;
+
+/** All counts at zero. */
+export const noCounts = (): CountFields => ({
+  requests: 0,
+  labels: {},
+  confidence: new Array(CONFIDENCE_BINS).fill(0),
+  lowConfidence: 0,
+  captured: 0,
+  overCap: 0,
+  busy: 0,
+  failed: 0,
+  optedOut: 0,
+});
+
+/** The counts of `from` added into `into` (labels, histogram and every counter); shared by the edge's merge, roll-ups and daily sums. */
+export type CountFields = Pick<Counters, "requests" | "labels" | "confidence" | "lowConfidence" | "captured" | "overCap" | "busy" | "failed" | "optedOut">;
+export function addCounts(into: CountFields, from: CountFields): void {
+  into.requests += from.requests;
+  for (const [label, n] of Object.entries(from.labels)) into.labels[label] = (into.labels[label] ?? 0) + n;
+  from.confidence.forEach((n, i) => {
+    into.confidence[i] = (into.confidence[i] ?? 0) + n;
+  });
+  into.lowConfidence += from.lowConfidence;
+  into.captured += from.captured;
+  into.overCap += from.overCap;
+  into.busy += from.busy;
+  into.failed += from.failed;
+  into.optedOut += from.optedOut;
+}

@@ -1,4 +1,5 @@
 import {
+  addCounts,
   CAPTURE_OFF,
   type CaptureConfig,
   type CaptureQuota,
@@ -8,6 +9,7 @@ import {
   captureConfigSchema,
   captureQuotaSchema,
   confidenceBin,
+  noCounts,
 } from "../../../../shared/contracts/capture.ts";
 import { fitWithin } from "../../../../shared/image/fit.ts";
 import { hasMetadata } from "../../../../shared/image/metadata.ts";
@@ -348,22 +350,7 @@ export class Capturer {
     const id = `${model}@${version}@${day(now)}`;
     let c = this.counters.get(id);
     if (!c) {
-      c = {
-        schemaVersion: 1,
-        model,
-        version,
-        from: now.toISOString(),
-        to: now.toISOString(),
-        requests: 0,
-        labels: {},
-        confidence: new Array(CONFIDENCE_BINS).fill(0),
-        lowConfidence: 0,
-        captured: 0,
-        overCap: 0,
-        busy: 0,
-        failed: 0,
-        optedOut: 0,
-      };
+      c = { schemaVersion: 1, model, version, from: now.toISOString(), to: now.toISOString(), ...noCounts() };
       this.counters.set(id, c);
     }
     return c;
@@ -436,17 +423,7 @@ const day = (d: Date) => d.toISOString().slice(0, 10);
 
 function merge(into: Counters, from: Counters) {
   if (from.from < into.from) into.from = from.from; // ISO times: string order is time order
-  into.requests += from.requests;
-  for (const [l, n] of Object.entries(from.labels)) into.labels[l] = (into.labels[l] ?? 0) + n;
-  from.confidence.forEach((n, i) => {
-    into.confidence[i] = (into.confidence[i] ?? 0) + n;
-  });
-  into.lowConfidence += from.lowConfidence;
-  into.captured += from.captured;
-  into.overCap += from.overCap;
-  into.busy += from.busy;
-  into.failed += from.failed;
-  into.optedOut += from.optedOut;
+  addCounts(into, from);
 }
 
 /** `work`, or a rejection after `ms` (the work itself goes on; it holds no image). */

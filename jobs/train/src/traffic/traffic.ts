@@ -2,6 +2,7 @@ import { createHmac, timingSafeEqual } from "node:crypto";
 import { readMetadata, readPointer, readVerifiedFile } from "../../../../shared/artifacts.ts";
 import { ARTIFACT_FILES, type ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
 import {
+  addCounts,
   CAPTURE_OFF,
   type CaptureConfig,
   type CaptureDecision,
@@ -288,17 +289,7 @@ function summarizeCounters(list: Counters[]): Counters[] {
   for (const c of list.slice(1)) {
     if (c.from < sum.from) sum.from = c.from;
     if (c.to > sum.to) sum.to = c.to;
-    sum.requests += c.requests;
-    for (const [l, n] of Object.entries(c.labels)) sum.labels[l] = (sum.labels[l] ?? 0) + n;
-    c.confidence.forEach((n, i) => {
-      sum.confidence[i] = (sum.confidence[i] ?? 0) + n;
-    });
-    sum.lowConfidence += c.lowConfidence;
-    sum.captured += c.captured;
-    sum.overCap += c.overCap;
-    sum.busy += c.busy;
-    sum.failed += c.failed;
-    sum.optedOut += c.optedOut;
+    addCounts(sum, c);
   }
   return [sum];
 }
