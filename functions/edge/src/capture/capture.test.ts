@@ -245,6 +245,19 @@ describe("Capturer", () => {
     expect(quotaWrites).toBe(3); // 10 + 10 + 5
   });
 
+  it("leases do not use up the byte cap faster than the captures do, and a burst of 60 at once is all stored", async () => {
+    const store = fakeBucket();
+    const c = capturer(settings({ enabled: true, belowConfidence: 1.01, maxPerDay: 100, maxBytesPerDay: 3 * 1024 * 1024 }), store);
+    await warm(c);
+    for (let i = 0; i < 40; i++) await observe(c, observation(0.5)); // 10 bytes each: 400 bytes of 3 MB
+    expect(records(store).length).toBe(40);
+    await Promise.all(Array.from({ length: 60 }, () => observe(c, observation(0.5))));
+    expect(records(store).length).toBe(100);
+    expect(c.stats()).toMatchObject({ captured: 100, overCap: 0, failed: 0 });
+    await observe(c, observation(0.5));
+    expect(c.stats().overCap).toBe(1);
+  });
+
   it("keeps the daily byte cap", async () => {
     const store = fakeBucket();
     const c = capturer(settings({ enabled: true, belowConfidence: 1.01, maxBytesPerDay: 25 }), store);

@@ -64,7 +64,8 @@ export type PngEncoder = (pixels: Pixels) => Promise<Uint8Array>;
 
 /** Captures and bytes an isolate takes from the day's quota at once (see `reserve`). */
 const LEASE_COUNT = 10;
-const LEASE_BYTES = 4 * 1024 * 1024;
+/** Bytes taken per leased capture (a capture stored as sent is usually far smaller; at least its own size is taken). */
+const LEASE_BYTES_EACH = 256 * 1024;
 /** Compare-and-swap attempts on the day's quota, with a random back-off between them (isolates collide rarely). */
 const CAS_ATTEMPTS = 8;
 /**
@@ -76,6 +77,8 @@ export const MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024;
 const WORK_DEADLINE_MS = 20_000;
 /** How long a settings read may take before the last known settings are kept. */
 const SETTINGS_DEADLINE_MS = 5_000;
+/** One bucket request of a capture (also the store's own default). */
+const REQUEST_DEADLINE_MS = 10_000;
 
 export interface CapturerOptions {
   /** How long capture.json is trusted before it is read again. */
@@ -115,7 +118,8 @@ export class Capturer {
   private decodedInFlight = false;
   /** Captures (and bytes) this isolate has taken from the day's quota and not used yet, per model and day. */
   private readonly leases = new Map<string, { count: number; bytes: number }>();
-  private readonly leasing = new Map<string, Promise<void>>();
+  /** A lease request in flight per model and day: resolves true when it added to the lease (or failed), false when the caps are reached. */
+  private readonly leasing = new Map<string, Promise<boolean>>();
   /** Days whose caps this isolate saw reached, per model: no more quota reads for them. */
   private readonly full = new Set<string>();
   private readonly totals: CaptureStats = { captured: 0, overCap: 0, busy: 0, failed: 0, optedOut: 0, flushed: 0 };
@@ -200,6 +204,8 @@ export class Capturer {
     const inTime = () => {
       if (Date.now() > deadline) throw new Error(`capture took longer than ${limit / 1000} s`);
     };
+    // Each bucket request of this capture ends by its deadline too: nothing lands after it.
+    const signal = () => AbortSignal.timeout(Math.max(1, Math.min(REQUEST_DEADLINE_MS, deadline - Date.now())));
     const run = async () => {
       let image: { bytes: Uint8Array; contentType: CaptureRecord["image"]["contentType"]; width: number; height: number; resized: boolean };
       if (body) image = { bytes: body, contentType, width, height, resized: false };
@@ -213,7 +219,8 @@ export class Capturer {
       }
       const today = day(now);
       inTime();
-      if (!(await this.reserve(store, model, today, image.bytes.length, config, inTime))) {
+      if (!(await this.reserve(store, model, today, image.bytes.length, config, inTime, signal))) {
+        inTime(); // a capture past its deadline is counted failed, not also over the cap
         this.full.add(`${model}/${today}`);
         return this.count(counters, "overCap");
       }
@@ -235,9 +242,9 @@ export class Capturer {
       };
       // The image first, the record last: the review lists records, so it never finds one without its image.
       inTime();
-      await store.put(imageKey, image.bytes, image.contentType);
+      await store.put(imageKey, image.bytes, image.contentType, {}, signal());
       inTime();
-      await store.put(keys.captureFile(model, today, id, "json"), JSON.stringify(record), "application/json");
+      await store.put(keys.captureFile(model, today, id, "json"), JSON.stringify(record), "application/json", {}, signal());
       this.count(counters, "captured");
     };
     // One deadline for the whole capture (quota, image, record), inside Workers' 30 s for waitUntil work,
@@ -256,9 +263,18 @@ export class Capturer {
    * (and LEASE_BYTES) at a time and spends it locally, so most captures cost no quota request. The caps
    * hold as upper bounds; a lease an isolate does not use up (it was evicted) only leaves room unused.
    */
-  private async reserve(store: CaptureStore, model: string, today: string, bytes: number, config: CaptureConfig, inTime: () => void): Promise<boolean> {
+  private async reserve(
+    store: CaptureStore,
+    model: string,
+    today: string,
+    bytes: number,
+    config: CaptureConfig,
+    inTime: () => void,
+    signal: () => AbortSignal,
+  ): Promise<boolean> {
     const id = `${model}/${today}`;
-    for (let round = 0; round < 5; round++) {
+    // Until the capture's deadline: spend from the lease; else wait for the lease request in flight, or make one.
+    for (;;) {
       inTime();
       const lease = this.leases.get(id);
       if (lease && lease.count >= 1 && lease.bytes >= bytes) {
@@ -269,43 +285,55 @@ export class Capturer {
       // One lease request at a time per model and day: concurrent captures wait for it and share it.
       const pending = this.leasing.get(id);
       if (pending) {
-        await pending;
+        if (!(await pending)) return false;
         continue;
       }
-      const acquiring = this.acquireLease(store, model, today, bytes, config);
+      const acquiring = this.acquireLease(store, model, today, bytes, config, inTime, signal);
       this.leasing.set(
         id,
-        acquiring.then(
-          () => undefined,
-          () => undefined,
-        ),
+        acquiring.catch(() => true), // a failed request: the waiters try again themselves
       );
       try {
-        if (!(await acquiring)) return false;
+        if (!(await acquiring)) return false; // the caps are reached
       } finally {
         this.leasing.delete(id);
       }
     }
-    return false;
   }
 
-  /** Takes up to LEASE_COUNT captures and LEASE_BYTES (at least `bytes`) from the day's shared quota; false when the caps are reached. */
-  private async acquireLease(store: CaptureStore, model: string, today: string, bytes: number, config: CaptureConfig): Promise<boolean> {
+  /**
+   * Adds to this isolate's lease from the day's shared quota what it lacks: up to LEASE_COUNT captures,
+   * and bytes for them (at least `bytes`, about LEASE_BYTES_EACH per capture) — never more than the caps
+   * leave. False when the caps are reached.
+   */
+  private async acquireLease(
+    store: CaptureStore,
+    model: string,
+    today: string,
+    bytes: number,
+    config: CaptureConfig,
+    inTime: () => void,
+    signal: () => AbortSignal,
+  ): Promise<boolean> {
     const key = keys.captureQuota(model, today);
+    const id = `${model}/${today}`;
+    const lease = this.leases.get(id) ?? { count: 0, bytes: 0 };
     for (let attempt = 0; attempt < CAS_ATTEMPTS; attempt++) {
-      const current = await store.get(key);
+      inTime();
+      const current = await store.get(key, signal());
       let quota: CaptureQuota = { day: today, count: 0, bytes: 0 };
       if (current) {
         const parsed = captureQuotaSchema.safeParse(JSON.parse(new TextDecoder().decode(current.bytes)));
         if (parsed.success) quota = parsed.data;
       }
-      const count = Math.min(LEASE_COUNT, config.maxPerDay - quota.count);
-      const leaseBytes = Math.min(Math.max(LEASE_BYTES, bytes), config.maxBytesPerDay - quota.bytes);
-      if (count < 1 || leaseBytes < bytes) return false;
-      const next = JSON.stringify({ day: today, count: quota.count + count, bytes: quota.bytes + leaseBytes });
-      if (await store.put(key, next, "application/json", current ? { ifMatch: current.etag } : { ifNoneMatch: "*" })) {
-        // Replaces what was left of the previous lease (too little for this capture): room left unused.
-        this.leases.set(`${model}/${today}`, { count, bytes: leaseBytes });
+      const count = lease.count >= 1 ? 0 : Math.min(LEASE_COUNT, config.maxPerDay - quota.count);
+      const wantBytes = lease.bytes >= bytes ? 0 : Math.max(bytes - lease.bytes, LEASE_BYTES_EACH * Math.max(count, 1));
+      const moreBytes = Math.min(wantBytes, config.maxBytesPerDay - quota.bytes);
+      if ((lease.count < 1 && count < 1) || lease.bytes + moreBytes < bytes) return false;
+      const next = JSON.stringify({ day: today, count: quota.count + count, bytes: quota.bytes + moreBytes });
+      if (await store.put(key, next, "application/json", current ? { ifMatch: current.etag } : { ifNoneMatch: "*" }, signal())) {
+        // Added to what is left of the lease: nothing taken from the quota is dropped while the isolate lives.
+        this.leases.set(id, { count: lease.count + count, bytes: lease.bytes + moreBytes });
         return true;
       }
       await new Promise((resolve) => setTimeout(resolve, (5 + Math.random() * 20) * (attempt + 1)));

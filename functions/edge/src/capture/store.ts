@@ -10,9 +10,12 @@ import { encodeKey, type SourceConfig, signedBucket, unescapeXml } from "../mode
 export class CaptureKeyError extends Error {}
 
 export interface CaptureStore {
-  /** PUT; `ifMatch` makes it a compare-and-swap, `ifNoneMatch` a create: false when the condition failed. */
-  put(key: string, body: Uint8Array | string, contentType: string, condition?: { ifMatch?: string; ifNoneMatch?: "*" }): Promise<boolean>;
-  get(key: string): Promise<{ bytes: Uint8Array; etag: string; contentType: string } | null>;
+  /**
+   * PUT; `ifMatch` makes it a compare-and-swap, `ifNoneMatch` a create: false when the condition failed.
+   * `signal` ends the request early (a capture's own deadline); every request also has REQUEST_DEADLINE_MS.
+   */
+  put(key: string, body: Uint8Array | string, contentType: string, condition?: { ifMatch?: string; ifNoneMatch?: "*" }, signal?: AbortSignal): Promise<boolean>;
+  get(key: string, signal?: AbortSignal): Promise<{ bytes: Uint8Array; etag: string; contentType: string } | null>;
   /** Keys under a prefix, in lexical order, at most `limit`. */
   list(prefix: string, limit: number): Promise<string[]>;
   /** The sub-folders of a prefix (a delimiter listing), e.g. the days under captures/<model>/images/. */
@@ -31,29 +34,29 @@ export function assertCaptureKey(key: string): void {
 export function createCaptureStore(env: SourceConfig): CaptureStore | null {
   if (env.MODELS_BASE_URL || !env.S3_BUCKET || !env.AWS_ACCESS_KEY_ID) return null;
   const { bucketUrl, send } = signedBucket(env);
-  const call = async (req: Request) => {
+  const call = async (req: Request, signal?: AbortSignal) => {
     try {
       // A deadline on every request: a hanging bucket must not keep capture work (and its image) alive.
-      return await send(req, { signal: AbortSignal.timeout(REQUEST_DEADLINE_MS) });
+      return await send(req, { signal: signal ?? AbortSignal.timeout(REQUEST_DEADLINE_MS) });
     } catch (e) {
       throw new CaptureStoreError(`capture storage unreachable (${e instanceof Error ? e.message : e})`);
     }
   };
   return {
-    async put(key, body, contentType, condition = {}) {
+    async put(key, body, contentType, condition = {}, signal) {
       assertCaptureKey(key);
       const headers: Record<string, string> = { "content-type": contentType };
       if (condition.ifMatch) headers["if-match"] = condition.ifMatch;
       if (condition.ifNoneMatch) headers["if-none-match"] = condition.ifNoneMatch;
-      const res = await call(new Request(`${bucketUrl}/${encodeKey(key)}`, { method: "PUT", headers, body }));
+      const res = await call(new Request(`${bucketUrl}/${encodeKey(key)}`, { method: "PUT", headers, body }), signal);
       await res.body?.cancel();
       if (res.status === 412 || res.status === 409) return false;
       if (!res.ok) throw new CaptureStoreError(`capture storage answered HTTP ${res.status} to a write`);
       return true;
     },
-    async get(key) {
+    async get(key, signal) {
       assertCaptureKey(key);
-      const res = await call(new Request(`${bucketUrl}/${encodeKey(key)}`));
+      const res = await call(new Request(`${bucketUrl}/${encodeKey(key)}`), signal);
       if (res.status === 404 || res.status === 403) {
         await res.body?.cancel();
         return null;
