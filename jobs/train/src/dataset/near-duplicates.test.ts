@@ -1,6 +1,13 @@
 import { describe, expect, it } from "vitest";
 import { hashDistance } from "../../../../shared/image/input-hash.ts";
-import { NEAR_DUPLICATE_BITS, NEAR_DUPLICATE_COSINE, nearDuplicates, nearDuplicatesAcross, nearDuplicatesByHash } from "./near-duplicates.ts";
+import {
+  NEAR_DUPLICATE_BITS,
+  NEAR_DUPLICATE_COSINE,
+  nearDuplicates,
+  nearDuplicatesAcross,
+  nearDuplicatesByHash,
+  separateNearDuplicates,
+} from "./near-duplicates.ts";
 
 /** Seeded vectors shaped like pooled features (non-negative, a shared mean), and their near copies. */
 function rng(seed: number) {
@@ -90,5 +97,46 @@ describe("nearDuplicatesByHash", () => {
       { vectors: new Map([["v", vector()]]), hashes: new Map([["v", "00ff00ff00ff00fe"]]) },
     );
     expect(found).toEqual([{ val: "v", train: "t", by: "hash", similarity: 1 }]);
+  });
+});
+
+describe("separateNearDuplicates", () => {
+  const img = (id: string, label: string) => ({ id, key: `datasets/d/${label}/${id}.png`, label });
+  const hashes: Record<string, string> = {
+    t1: "0f0f0f0f33333333",
+    t2: "5555aaaa5555aaaa",
+    v1: "0f0f0f0f33333332", // 1 bit from t1, same label
+    v2: "5555aaaa5555aaab", // 1 bit from t2, other label
+    blank: "0000000000000000",
+    blankTrain: "0000000000000001",
+  };
+  const vectors = new Map(Object.keys(hashes).map((k) => [k, vector()]));
+
+  it("leaves out a held-out copy of a training image of its label, not of another label, and ignores blank hashes", () => {
+    const train = [img("t1", "cat"), img("t2", "dog"), img("blankTrain", "cat"), ...Array.from({ length: 6 }, (_, i) => img(`x${i}`, "cat"))];
+    const val = [img("v1", "cat"), img("v2", "cat"), img("blank", "cat"), img("o1", "cat"), img("o2", "cat"), img("o3", "cat")];
+    const r = separateNearDuplicates(
+      train,
+      val,
+      (id) => vectors.get(id) ?? vector(),
+      (id) => hashes[id],
+    );
+    expect(r.dropped.map((d) => [d.val, d.train, d.by, d.valKey])).toEqual([["v1", "t1", "hash", "datasets/d/cat/v1.png"]]);
+    expect(r.warnings).toEqual([]);
+  });
+
+  it("keeps a label's held-out images when more than half of them look like copies, and says so", () => {
+    const train = [img("t1", "cat"), img("t2", "cat")];
+    const val = [img("v1", "cat"), img("v2", "cat"), img("o1", "cat")];
+    const r = separateNearDuplicates(
+      train,
+      val,
+      (id) => vectors.get(id) ?? vector(),
+      (id) => hashes[id],
+    );
+    expect(r.dropped).toEqual([]);
+    expect(r.warnings).toEqual([
+      "2 of 3 held-out images of cat look like copies of training images; kept, so the held-out accuracy of cat may flatter the model",
+    ]);
   });
 });

@@ -3,7 +3,8 @@ import { hashDistance } from "../../../../shared/image/input-hash.ts";
 /**
  * Near-identical images across the split: a held-out image that is a resized copy, a re-encode, a
  * slightly shifted crop or the next frame of a burst of a training image makes the held-out accuracy
- * flatter the model; such held-out images are left out of the evaluation. Two signals, both from what
+ * flatter the model; such held-out images are left out of the evaluation (same-label pairs only, never
+ * more than half of a label's held-out images: `separateNearDuplicates`). Two signals, both from what
  * feature extraction already computed (no second decode):
  *
  * 1. A difference hash of the model's view-0 input (shared/image/input-hash.ts), at most
@@ -37,6 +38,61 @@ export interface NearDuplicate {
   similarity: number;
 }
 
+export interface LabelledImage {
+  id: string;
+  key: string;
+  label: string;
+}
+
+/**
+ * The held-out images to leave out of the evaluation, with the training image each copies, and warnings.
+ * Only pairs of the same label count: a held-out image close to a training image of another label is a
+ * hard case (or a labelling question), not a flattering one, and stays. A label that would lose more than
+ * half of its held-out images loses none (a warning says so): a near-duplicate rule that empties a label's
+ * evaluation (a fixed camera, an "empty scene" class) would cost more than it protects.
+ */
+export function separateNearDuplicates(
+  train: readonly LabelledImage[],
+  val: readonly LabelledImage[],
+  vectorOf: (id: string) => Float32Array | undefined,
+  hashOf: (id: string) => string | undefined,
+): { dropped: (NearDuplicate & { valKey: string; trainKey: string })[]; warnings: string[] } {
+  const keyOf = new Map([...train, ...val].map((i) => [i.id, i.key]));
+  const labels = [...new Set(val.map((i) => i.label))].sort();
+  const dropped: (NearDuplicate & { valKey: string; trainKey: string })[] = [];
+  const warnings: string[] = [];
+  const side = (images: readonly LabelledImage[]) => ({
+    vectors: new Map(images.flatMap((i) => (vectorOf(i.id) ? [[i.id, vectorOf(i.id) as Float32Array] as const] : []))),
+    hashes: new Map(images.flatMap((i) => (informative(hashOf(i.id)) ? [[i.id, hashOf(i.id) as string] as const] : []))),
+  });
+  for (const label of labels) {
+    const heldOut = val.filter((i) => i.label === label);
+    const found = nearDuplicates(side(train.filter((i) => i.label === label)), side(heldOut));
+    if (found.length * 2 > heldOut.length) {
+      warnings.push(
+        `${found.length} of ${heldOut.length} held-out images of ${label} look like copies of training images; kept, so the held-out accuracy of ${label} may flatter the model`,
+      );
+      continue;
+    }
+    dropped.push(...found.map((d) => ({ ...d, valKey: keyOf.get(d.val) as string, trainKey: keyOf.get(d.train) as string })));
+  }
+  return { dropped, warnings };
+}
+
+/** A hash with almost no edges (a blank or uniform image) says nothing: every such image would match every other. */
+function informative(hash: string | undefined): hash is string {
+  if (!hash) return false;
+  let ones = 0;
+  for (let i = 0; i < hash.length; i += 2) {
+    let x = Number.parseInt(hash.slice(i, i + 2), 16);
+    while (x) {
+      ones += x & 1;
+      x >>= 1;
+    }
+  }
+  return ones > 2 && ones < 62;
+}
+
 /** Held-out ids near-identical to a training image, by either signal (hash first). */
 export function nearDuplicates(
   train: { vectors: ReadonlyMap<string, Float32Array>; hashes: ReadonlyMap<string, string> },
@@ -62,8 +118,11 @@ export function nearDuplicatesByHash(train: ReadonlyMap<string, string>, val: Re
   const out: NearDuplicate[] = [];
   for (const [id, hash] of val) {
     let best = { train: "", bits: 65 };
+    const seen = new Set<string>();
     for (let b = 0; b < 8; b++) {
       for (const t of bands.get(`${b}:${hash.slice(b * 2, b * 2 + 2)}`) ?? []) {
+        if (seen.has(t)) continue;
+        seen.add(t);
         const bits = hashDistance(hash, train.get(t) as string);
         if (bits < best.bits) best = { train: t, bits };
       }

@@ -1,7 +1,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { DatasetError } from "../../../../shared/errors.ts";
 import { keys } from "../../../../shared/keys.ts";
-import { nearDuplicates as findNearDuplicates, type NearDuplicate } from "../dataset/near-duplicates.ts";
+import { type NearDuplicate, separateNearDuplicates } from "../dataset/near-duplicates.ts";
 import type { DatasetImage } from "../dataset/read.ts";
 import type { RunPlan } from "../plan.ts";
 import type { RunContext } from "../run.ts";
@@ -52,24 +52,22 @@ export async function pooledFeatures(ctx: RunContext, plan: RunPlan, baseModel: 
   const usableTrain = train.filter((i) => features.byId.has(i.id));
   if (usableTrain.length === 0) throw new DatasetError(`Dataset ${dataset.name}: none of its training images could be decoded (see the skipped files above).`);
   const usableVal = val.filter((i) => features.byId.has(i.id));
-  // A held-out image near-identical to a training image would flatter the evaluation: it is left out.
-  const side = (images: DatasetImage[]) => ({
-    vectors: new Map(images.map((i) => [i.id, features.byId.get(i.id)?.[0] as Float32Array])),
-    hashes: new Map(images.flatMap((i) => (features.hashes.has(i.id) ? [[i.id, features.hashes.get(i.id) as string] as const] : []))),
-  });
-  const trainKeyOf = new Map(usableTrain.map((i) => [i.id, i.key]));
-  const found = findNearDuplicates(side(usableTrain), side(usableVal));
-  const nearDuplicates = found.map((d) => ({
-    ...d,
-    valKey: usableVal.find((i) => i.id === d.val)?.key as string,
-    trainKey: trainKeyOf.get(d.train) as string,
-  }));
+  // A held-out image near-identical to a training image of its label would flatter the evaluation: it is left out.
+  const { dropped: nearDuplicates, warnings } = separateNearDuplicates(
+    usableTrain,
+    usableVal,
+    (id) => features.byId.get(id)?.[0],
+    (id) => features.hashes.get(id),
+  );
+  for (const w of warnings) ctx.log.warn(w);
+  const unhashed = usableVal.filter((i) => !features.hashes.has(i.id)).length;
+  if (unhashed > 0) ctx.log.info(`${unhashed} held-out image(s) were cached before input hashes were recorded: checked for near-duplicates by features only`);
   if (nearDuplicates.length > 0) {
     ctx.log.warn(
-      `${nearDuplicates.length} held-out image(s) are near-identical to training images and are left out of the evaluation (e.g. ${nearDuplicates[0]?.valKey} ≈ ${nearDuplicates[0]?.trainKey})`,
+      `${nearDuplicates.length} held-out image(s) are near-identical to training images of their label and are left out of the evaluation (e.g. ${nearDuplicates[0]?.valKey} ≈ ${nearDuplicates[0]?.trainKey})`,
     );
   }
-  const dropped = new Set(found.map((d) => d.val));
+  const dropped = new Set(nearDuplicates.map((d) => d.val));
   return { features, train: usableTrain, val: usableVal.filter((i) => !dropped.has(i.id)), skipped, nearDuplicates };
 }
 

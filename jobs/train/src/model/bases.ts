@@ -4,7 +4,7 @@ import { join } from "node:path";
 import * as tf from "@tensorflow/tfjs";
 import { type BaseMetadata, baseMetadataSchema } from "../../../../shared/contracts/base.ts";
 import { parseContract, parseContractJson } from "../../../../shared/contracts/parse.ts";
-import { EdgetuneError, IntegrityError, InvalidOptionError, NotFoundError } from "../../../../shared/errors.ts";
+import { EdgetuneError, IntegrityError, InvalidOptionError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
 import { keys } from "../../../../shared/keys.ts";
 import type { Normalization } from "../../../../shared/preprocess.ts";
@@ -176,8 +176,10 @@ export async function resolveBase(store: ObjectStore, requested: string): Promis
     const base = await ensureBase(store, preferred);
     return { base, choice: { requested, reason: `${preferred} (ImageNet MobileNetV2) was downloaded once into the bucket` } };
   } catch (e) {
-    const reason = e instanceof EdgetuneError && e.code === "base_unreachable" ? (e.cause instanceof Error ? e.cause.message : "unreachable") : String(e);
-    // Remembered so the next runs do not wait for it; a failure to remember only costs another try.
+    // Only an unreachable download is remembered (for a day, bucket-wide); a storage hiccup while importing
+    // falls back for this run only.
+    if (!(e instanceof EdgetuneError && e.code === "base_unreachable")) return fallback(userMessage(e));
+    const reason = e.cause instanceof Error ? e.cause.message : "unreachable";
     await store.put(AUTO_MARKER, JSON.stringify({ at: new Date().toISOString(), reason }), "application/json").catch(() => {});
     return fallback(reason);
   }
