@@ -68,13 +68,19 @@ for (const base of bases) {
         views,
         accuracy: r.accuracy,
         evaluatedOn: r.report?.metrics.evaluatedOn,
+        // Held-out images left out of the evaluation as near-identical to a training image of their label.
+        nearDuplicates: r.report?.nearDuplicates.length,
         seconds,
         features,
         backend: backend.name,
         machine: machine(),
       };
       await appendFile(join(import.meta.dirname, "results", "accuracy.jsonl"), `${JSON.stringify(row)}\n`);
-      const line = `| ${dataset} | ${base} | ${strategy} | ${size} | ${((r.accuracy ?? 0) * 100).toFixed(1)} % (${r.report?.metrics.evaluatedOn}) | ${seconds.toFixed(0)} s | ${DATASETS[dataset]?.reference ?? ""} |`;
+      // To look at the pairs: EDGETUNE_DUMP_NEAR_DUPLICATES=/tmp/pairs.jsonl npm run bench:accuracy …
+      if (process.env.EDGETUNE_DUMP_NEAR_DUPLICATES) {
+        await appendFile(process.env.EDGETUNE_DUMP_NEAR_DUPLICATES, `${JSON.stringify({ dataset, pairs: r.report?.nearDuplicates })}\n`);
+      }
+      const line = `| ${dataset} | ${base} | ${strategy} | ${size} | ${((r.accuracy ?? 0) * 100).toFixed(1)} % (${r.report?.metrics.evaluatedOn}${r.report?.nearDuplicates.length ? `; ${r.report.nearDuplicates.length} near-duplicates left out` : ""}) | ${seconds.toFixed(0)} s | ${DATASETS[dataset]?.reference ?? ""} |`;
       rows.push(line);
       console.log(line);
     }

@@ -53,15 +53,10 @@ export async function pooledFeatures(ctx: RunContext, plan: RunPlan, baseModel: 
   if (usableTrain.length === 0) throw new DatasetError(`Dataset ${dataset.name}: none of its training images could be decoded (see the skipped files above).`);
   const usableVal = val.filter((i) => features.byId.has(i.id));
   // A held-out image near-identical to a training image of its label would flatter the evaluation: it is left out.
-  const { dropped: nearDuplicates, warnings } = separateNearDuplicates(
-    usableTrain,
-    usableVal,
-    (id) => features.byId.get(id)?.[0],
-    (id) => features.hashes.get(id),
-  );
+  const { dropped: nearDuplicates, warnings } = separateNearDuplicates(usableTrain, usableVal, (id) => features.hashes.get(id));
   for (const w of warnings) ctx.log.warn(w);
   const unhashed = usableVal.filter((i) => !features.hashes.has(i.id)).length;
-  if (unhashed > 0) ctx.log.info(`${unhashed} held-out image(s) were cached before input hashes were recorded: checked for near-duplicates by features only`);
+  if (unhashed > 0) ctx.log.info(`${unhashed} held-out image(s) were cached before input hashes were recorded: not checked for near-duplicates`);
   if (nearDuplicates.length > 0) {
     ctx.log.warn(
       `${nearDuplicates.length} held-out image(s) are near-identical to training images of their label and are left out of the evaluation (e.g. ${nearDuplicates[0]?.valKey} ≈ ${nearDuplicates[0]?.trainKey})`,

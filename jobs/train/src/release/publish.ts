@@ -94,12 +94,7 @@ async function buildReport(ctx: RunContext, plan: RunPlan, outcome: RunOutcome):
     version: plan.version,
     dataset: { name: dataset.name, layout: dataset.layout, fingerprint: dataset.fingerprint, labels: dataset.labels, counts: countSplits(dataset) },
     skipped: pooled.skipped,
-    nearDuplicates: pooled.nearDuplicates.map((d) => ({
-      heldOut: d.valKey,
-      training: d.trainKey,
-      by: d.by,
-      similarity: Math.round(d.similarity * 1000) / 1000,
-    })),
+    nearDuplicates: pooled.nearDuplicates.map((d) => ({ heldOut: d.valKey, training: d.trainKey, bits: d.bits })),
     ignored: dataset.ignored,
     warnings: dataset.warnings,
     backend: { name: backend.name, reason: backend.reason },

@@ -10,7 +10,7 @@ export interface TrainingReport {
   dataset: { name: string; layout: string; fingerprint: string; labels: string[]; counts: Record<string, { train: number; val: number; test: number }> };
   skipped: { key: string; reason: string }[];
   /** Held-out images left out of the evaluation as near-identical to a training image. */
-  nearDuplicates: { heldOut: string; training: string; by: "hash" | "features"; similarity: number }[];
+  nearDuplicates: { heldOut: string; training: string; bits: number }[];
   ignored: { key: string; reason: string }[];
   warnings: string[];
   backend: { name: string; reason: string };
@@ -103,7 +103,7 @@ ${r.warnings.length ? `<ul>${r.warnings.map((w2) => `<li>${esc(w2)}</li>`).join(
 <h2>Per class</h2><table><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>${perClass}</table>
 <h2>Confusion matrix</h2><p>rows: true label · columns: predicted</p>${confusion}
 <h2>Most confidently wrong</h2>${mistakes || "<p>none</p>"}
-${r.nearDuplicates.length ? `<h2>Held-out images left out as near-duplicates of training images (${r.nearDuplicates.length})</h2><ul>${r.nearDuplicates.map((d) => `<li>${esc(d.heldOut)} ≈ ${esc(d.training)} (${d.by === "hash" ? `input hashes ${d.similarity} bits apart` : `feature cosine ${d.similarity}`})</li>`).join("")}</ul>` : ""}
+${r.nearDuplicates.length ? `<h2>Held-out images left out as near-duplicates of training images (${r.nearDuplicates.length})</h2><ul>${r.nearDuplicates.map((d) => `<li>${esc(d.heldOut)} ≈ ${esc(d.training)} (input hashes ${d.bits} bits apart)</li>`).join("")}</ul>` : ""}
 <h2>Skipped files (${r.skipped.length})</h2><ul>${r.skipped.map((s) => `<li>${esc(s.key)}: ${esc(s.reason)}</li>`).join("")}</ul>
 <h2>Phases</h2><table>${r.phases.map((p) => `<tr><td>${esc(p.name)}</td><td>${p.seconds.toFixed(1)} s</td><td>${esc(JSON.stringify(p.detail ?? {}))}</td></tr>`).join("")}</table>
 </html>
