@@ -175,10 +175,10 @@ export class Capturer {
   }
 
   /**
-   * Stores one input. Only what is needed is kept: the body when it can be stored as sent, else the
-   * pixels, for a PNG copy that fits `maxSide` and carries no metadata.
+   * Stores one input; null when the isolate holds enough captures already (the caller counts it busy).
+   * Only what is needed is kept: the body when it can be stored as sent, else the pixels, for a PNG copy
+   * that fits `maxSide` and carries no metadata.
    */
-  /** The capture's work, or null when the isolate holds enough captures already (the caller counts it busy). */
   private capture(o: Observation, config: CaptureConfig, reason: CaptureRecord["reason"], counters: Counters, now: Date): Promise<void> | null {
     const store = this.store;
     if (!store) {
