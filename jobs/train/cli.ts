@@ -69,7 +69,7 @@ program
   .option("--model <name>", "model to write (default: the dataset name)")
   .option(
     "--base <id>",
-    `base model: auto (the ImageNet MobileNetV2 where it can be downloaded once, else the best bundled base), ${KNOWN_BASES.map((b) => b.id).join(", ")} or an imported id (default ${DEFAULT_OPTIONS.base})`,
+    `base model: auto (the ImageNet MobileNetV2 where it can be downloaded once, else the best bundled base), best (each candidate scored by cross-validation on this dataset), ${KNOWN_BASES.map((b) => b.id).join(", ")} or an imported id (default ${DEFAULT_OPTIONS.base})`,
   )
   .addOption(
     new Option("--strategy <strategy>", "head: frozen base + new dense head; finetune: then retrain the top blocks at a small learning rate").choices(

@@ -1,10 +1,12 @@
 import type { BaseMetadata } from "../../../shared/contracts/base.ts";
+import { sha256Hex } from "../../../shared/hash.ts";
 import { keys } from "../../../shared/keys.ts";
 import type { PreprocessingSpec } from "../../../shared/preprocess.ts";
 import { resolveOptions, type TrainInput, type TrainOptions, versionId } from "./config.ts";
 import { type Dataset, readDataset } from "./dataset/read.ts";
 import { type ExtractorSpec, featureSpec } from "./features/extract.ts";
-import { type BaseChoice, resolveBase } from "./model/bases.ts";
+import { type BaseChoice, baseCandidates, resolveBase } from "./model/bases.ts";
+import { BEST_BASE } from "./model/choose-base.ts";
 import type { RunContext } from "./run.ts";
 
 /**
@@ -16,8 +18,10 @@ export interface RunPlan {
   options: TrainOptions;
   dataset: Dataset;
   base: BaseMetadata;
-  /** How `auto` was resolved (absent when a base was named). */
+  /** How `auto` was resolved, or `best` chosen (absent when a base was named). */
   baseChoice?: BaseChoice;
+  /** With `best`: the bases the training run scores (model/choose-base.ts); `base` is a stand-in until then. */
+  candidates?: BaseMetadata[];
   /** The model written to: the manifest's or options' `model`, else the dataset's name. */
   name: string;
   version: string;
@@ -35,6 +39,14 @@ export async function planRun(ctx: RunContext, input: TrainInput): Promise<RunPl
   );
   const options = resolveOptions(input, dataset.manifest);
   for (const w of dataset.warnings) ctx.log.warn(w);
+  if (options.base === BEST_BASE) {
+    // Chosen by the training run, after planning (it needs features): the version names every candidate.
+    const candidates = await ctx.stage("bases", () => baseCandidates(ctx.store));
+    const sha = await sha256Hex(candidates.map((c) => c.sha256).join(","));
+    const version = await versionId(options, dataset.fingerprint, sha);
+    const first = candidates[0] as BaseMetadata;
+    return { options, dataset, base: first, candidates, name: options.model ?? options.dataset, version, ...featureSpec(first, options) };
+  }
   const { base, choice } = await ctx.stage(
     "base",
     () => resolveBase(ctx.store, options.base),

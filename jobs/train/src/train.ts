@@ -9,6 +9,7 @@ import { fitClassifier } from "./fit/fit.ts";
 import type { Logger } from "./log.ts";
 import { initBackend } from "./model/backend.ts";
 import { loadBase } from "./model/bases.ts";
+import { chooseBase } from "./model/choose-base.ts";
 import { exportVersion } from "./model/export.ts";
 import { planRun, versionExists } from "./plan.ts";
 import { evaluate } from "./release/evaluate.ts";
@@ -62,12 +63,14 @@ async function trainRun(ctx: RunContext, input: TrainInput, context: TrainContex
   const { store, log } = ctx;
   const backend = await initBackend();
   log.info(`backend ${backend.name}`, { reason: backend.reason });
-  const plan = await planRun(ctx, input);
-  if (await versionExists(ctx, plan)) return existsResult(ctx, plan, "already trained (same dataset fingerprint and options)");
+  const planned = await planRun(ctx, input);
+  if (await versionExists(ctx, planned)) return existsResult(ctx, planned, "already trained (same dataset fingerprint and options)");
   // One run per model at a time; a duplicate trigger waits here, then finds its version written.
-  const lock = await acquireLock(store, plan.name);
+  const lock = await acquireLock(store, planned.name);
   try {
-    if (await versionExists(ctx, plan)) return existsResult(ctx, plan, "written by a concurrent run of the same dataset and config");
+    if (await versionExists(ctx, planned)) return existsResult(ctx, planned, "written by a concurrent run of the same dataset and config");
+    // `--base best`: the base is chosen now, by cross-validation on the training split's features.
+    const plan = planned.candidates ? await chooseBase(ctx, planned, planned.candidates) : planned;
     const baseModel = await loadBase(store, plan.base, plan.options.imageSize);
     // The served version, read once: it seeds the warm start and is scored against the new one.
     const current = await loadCurrent(store, plan.name);

@@ -146,6 +146,16 @@ export async function importBase(store: ObjectStore, source: ModelSource, option
   }
 }
 
+/** The bases `--base best` scores: every bundled one (best first), and the preferred downloadable one where it is in the bucket. */
+export async function baseCandidates(store: ObjectStore): Promise<BaseMetadata[]> {
+  const bundled = KNOWN_BASES.filter((b) => b.source.kind !== "url").map((b) => b.id);
+  const ids = [BEST_BUNDLED_BASE, ...bundled.filter((id) => id !== BEST_BUNDLED_BASE)];
+  const out: BaseMetadata[] = [];
+  for (const id of ids) out.push(await ensureBase(store, id));
+  if (await store.head(keys.baseMetadata(PREFERRED_DOWNLOADED_BASE))) out.push(await ensureBase(store, PREFERRED_DOWNLOADED_BASE));
+  return out;
+}
+
 /** Which base `auto` resolved to, and why (recorded in the version's metadata and report). */
 export interface BaseChoice {
   requested: string;
