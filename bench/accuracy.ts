@@ -44,7 +44,8 @@ const log = createLogger({ json: true, quiet: true, stream: { write: () => true 
 const rows: string[] = [];
 for (const base of bases) {
   try {
-    await ensureBase(s3.store, base);
+    // "auto" and "best" are resolved by the run itself (model/bases.ts, model/choose-base.ts).
+    if (base !== "auto" && base !== "best") await ensureBase(s3.store, base);
   } catch (e) {
     if (!online(base)) throw e;
     console.log(`skipped ${base}: ${e instanceof Error ? e.message : e}`);
@@ -70,6 +71,8 @@ for (const base of bases) {
         evaluatedOn: r.report?.metrics.evaluatedOn,
         // Held-out images left out of the evaluation as near-identical to a training image of their label.
         nearDuplicates: r.report?.nearDuplicates.length,
+        // With base auto or best: which base and why (best: every candidate's cross-validated score).
+        baseChoice: r.report?.base.choice,
         seconds,
         features,
         backend: backend.name,
@@ -80,7 +83,7 @@ for (const base of bases) {
       if (process.env.EDGETUNE_DUMP_NEAR_DUPLICATES) {
         await appendFile(process.env.EDGETUNE_DUMP_NEAR_DUPLICATES, `${JSON.stringify({ dataset, pairs: r.report?.nearDuplicates })}\n`);
       }
-      const line = `| ${dataset} | ${base} | ${strategy} | ${size} | ${((r.accuracy ?? 0) * 100).toFixed(1)} % (${r.report?.metrics.evaluatedOn}${r.report?.nearDuplicates.length ? `; ${r.report.nearDuplicates.length} near-duplicates left out` : ""}) | ${seconds.toFixed(0)} s | ${DATASETS[dataset]?.reference ?? ""} |`;
+      const line = `| ${dataset} | ${base}${r.report?.base.choice ? ` → ${r.report.base.id}` : ""} | ${strategy} | ${size} | ${((r.accuracy ?? 0) * 100).toFixed(1)} % (${r.report?.metrics.evaluatedOn}${r.report?.nearDuplicates.length ? `; ${r.report.nearDuplicates.length} near-duplicates left out` : ""}) | ${seconds.toFixed(0)} s | ${DATASETS[dataset]?.reference ?? ""} |`;
       rows.push(line);
       console.log(line);
     }
