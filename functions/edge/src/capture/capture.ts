@@ -80,6 +80,17 @@ const SETTINGS_DEADLINE_MS = 5_000;
 /** One bucket request of a capture (also the store's own default). */
 const REQUEST_DEADLINE_MS = 10_000;
 
+/** One capture's claim on the day's quota, with its deadline checks. */
+interface Reservation {
+  store: CaptureStore;
+  model: string;
+  today: string;
+  bytes: number;
+  config: CaptureConfig;
+  inTime: () => void;
+  signal: () => AbortSignal;
+}
+
 export interface CapturerOptions {
   /** How long capture.json is trusted before it is read again. */
   ttlMs: number;
@@ -219,7 +230,7 @@ export class Capturer {
       }
       const today = day(now);
       inTime();
-      if (!(await this.reserve(store, model, today, image.bytes.length, config, inTime, signal))) {
+      if (!(await this.reserve({ store, model, today, bytes: image.bytes.length, config, inTime, signal }))) {
         inTime(); // a capture past its deadline is counted failed, not also over the cap
         this.full.add(`${model}/${today}`);
         return this.count(counters, "overCap");
@@ -260,18 +271,12 @@ export class Capturer {
   /**
    * Counts one capture of `bytes` against the day's caps, for all isolates at once. The shared count is
    * an S3 object updated by compare-and-swap; an isolate takes a lease of up to LEASE_COUNT captures
-   * (and LEASE_BYTES) at a time and spends it locally, so most captures cost no quota request. The caps
-   * hold as upper bounds; a lease an isolate does not use up (it was evicted) only leaves room unused.
+   * (and about LEASE_BYTES_EACH bytes for each) at a time and spends it locally, so most captures cost no
+   * quota request. The caps hold as upper bounds; a lease an isolate does not use up (it was evicted) only
+   * leaves room unused.
    */
-  private async reserve(
-    store: CaptureStore,
-    model: string,
-    today: string,
-    bytes: number,
-    config: CaptureConfig,
-    inTime: () => void,
-    signal: () => AbortSignal,
-  ): Promise<boolean> {
+  private async reserve(r: Reservation): Promise<boolean> {
+    const { model, today, bytes, inTime } = r;
     const id = `${model}/${today}`;
     // Until the capture's deadline: spend from the lease; else wait for the lease request in flight, or make one.
     for (;;) {
@@ -288,7 +293,7 @@ export class Capturer {
         if (!(await pending)) return false;
         continue;
       }
-      const acquiring = this.acquireLease(store, model, today, bytes, config, inTime, signal);
+      const acquiring = this.acquireLease(r);
       this.leasing.set(
         id,
         acquiring.catch(() => true), // a failed request: the waiters try again themselves
@@ -306,15 +311,7 @@ export class Capturer {
    * and bytes for them (at least `bytes`, about LEASE_BYTES_EACH per capture) — never more than the caps
    * leave. False when the caps are reached.
    */
-  private async acquireLease(
-    store: CaptureStore,
-    model: string,
-    today: string,
-    bytes: number,
-    config: CaptureConfig,
-    inTime: () => void,
-    signal: () => AbortSignal,
-  ): Promise<boolean> {
+  private async acquireLease({ store, model, today, bytes, config, inTime, signal }: Reservation): Promise<boolean> {
     const key = keys.captureQuota(model, today);
     const id = `${model}/${today}`;
     const lease = this.leases.get(id) ?? { count: 0, bytes: 0 };
