@@ -5,6 +5,12 @@ export async function sha256Hex(data: ArrayBuffer | Uint8Array | string): Promis
   return hex(new Uint8Array(digest));
 }
 
+/** HMAC-SHA256 of `message` under `key`, hex, with WebCrypto: the worker signs review decisions with it, the job verifies them. */
+export async function hmacSha256Hex(key: string, message: string): Promise<string> {
+  const k = await crypto.subtle.importKey("raw", new TextEncoder().encode(key), { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+  return hex(new Uint8Array(await crypto.subtle.sign("HMAC", k, new TextEncoder().encode(message))));
+}
+
 export function hex(bytes: Uint8Array): string {
   let s = "";
   for (const b of bytes) s += b.toString(16).padStart(2, "0");

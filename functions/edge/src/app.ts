@@ -14,6 +14,7 @@ import {
   parseCaptureRecord,
 } from "../../../shared/contracts/capture.ts";
 import { NotFoundError } from "../../../shared/errors.ts";
+import { hmacSha256Hex, sha256Hex } from "../../../shared/hash.ts";
 import { isCaptureKey, keys } from "../../../shared/keys.ts";
 import { monitorSummarySchema } from "../../../shared/monitor.ts";
 import { preprocess } from "../../../shared/preprocess.ts";
@@ -272,11 +273,11 @@ app.openapi(decisionRoute, async (c) => {
   // The decision names the exact bytes the reviewer saw: a later swap of the image does not reach the dataset.
   const image = await store.get(record.image.key);
   if (!image) throw new ApiError(404, "capture_not_found", `Capture ${id} has no stored image.`);
-  const imageSha256 = hex(new Uint8Array(await crypto.subtle.digest("SHA-256", image.bytes)));
+  const imageSha256 = await sha256Hex(image.bytes);
   const unsigned = { id, action: body.action, label: body.action === "accept" ? body.label : undefined, decidedAt: new Date().toISOString(), imageSha256 };
   // Signed with the operator's own key (consoleAuth checked it): the job verifies it with the operators' keys.
   const operatorKey = (c.req.header("authorization") ?? "").replace(/^Bearer\s+/i, "");
-  const signature = await hmacHex(operatorKey, decisionMessage(name, unsigned));
+  const signature = await hmacSha256Hex(operatorKey, decisionMessage(name, unsigned));
   const decision = captureDecisionSchema.parse({ ...unsigned, by: "console", signature });
   await store.put(keys.captureDecision(name, id), JSON.stringify(decision), "application/json");
   return c.json({ id, action: decision.action, label: decision.label ?? null }, 200);
@@ -407,13 +408,6 @@ async function acquire(env: Env, name: string, waitUntil: (p: Promise<unknown>) 
   await initTf();
   return registryFor(env).acquire(name, waitUntil);
 }
-
-async function hmacHex(key: string, message: string): Promise<string> {
-  const k = await crypto.subtle.importKey("raw", new TextEncoder().encode(key), { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
-  return hex(new Uint8Array(await crypto.subtle.sign("HMAC", k, new TextEncoder().encode(message))));
-}
-
-const hex = (bytes: Uint8Array) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 
 const round = (ms: number) => Math.round(ms * 10) / 10;
 

@@ -1,4 +1,4 @@
-import { createHmac, timingSafeEqual } from "node:crypto";
+import { timingSafeEqual } from "node:crypto";
 import { readMetadata, readPointer, readVerifiedFile } from "../../../../shared/artifacts.ts";
 import { ARTIFACT_FILES, type ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
 import {
@@ -17,7 +17,7 @@ import {
 import { classifyDatasetKeys } from "../../../../shared/contracts/dataset.ts";
 import { parseContract } from "../../../../shared/contracts/parse.ts";
 import { DatasetError, InvalidOptionError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
-import { sha256Hex } from "../../../../shared/hash.ts";
+import { hmacSha256Hex, sha256Hex } from "../../../../shared/hash.ts";
 import { keys } from "../../../../shared/keys.ts";
 import { type MonitorSummary, parseCounters, referenceOf, summarize } from "../../../../shared/monitor.ts";
 import { getText, type ObjectStore } from "../../../../shared/s3/store.ts";
@@ -89,7 +89,7 @@ export interface ApplyResult {
   accepted: { id: string; key: string }[];
   discarded: string[];
   refused: { id: string; reason: string }[];
-  /** Decisions not signed by an operator key: ignored (left to expire). */
+  /** Decisions not signed by a current operator key: not applied, sent back to the review queue. */
   unverified: string[];
 }
 
@@ -101,14 +101,16 @@ export function operatorKeysFromEnv(env: NodeJS.ProcessEnv = process.env): strin
     .filter(Boolean);
 }
 
-/** True when the decision's signature was made with one of `operatorKeys` (see contracts/capture.ts). */
-export function signedByOperator(model: string, decision: CaptureDecision, operatorKeys: readonly string[]): boolean {
+/** True when the decision's signature was made with one of `operatorKeys` (see contracts/capture.ts; the worker signs with the same `hmacSha256Hex`). */
+export async function signedByOperator(model: string, decision: CaptureDecision, operatorKeys: readonly string[]): Promise<boolean> {
   if (!decision.signature) return false;
   const presented = Buffer.from(decision.signature, "hex");
-  return operatorKeys.some((k) => {
-    const expected = createHmac("sha256", k).update(decisionMessage(model, decision)).digest();
-    return expected.length === presented.length && timingSafeEqual(expected, presented);
-  });
+  let ok = false;
+  for (const k of operatorKeys) {
+    const expected = Buffer.from(await hmacSha256Hex(k, decisionMessage(model, decision)), "hex");
+    if (expected.length === presented.length && timingSafeEqual(expected, presented)) ok = true;
+  }
+  return ok;
 }
 
 /**
@@ -143,7 +145,7 @@ export async function applyDecisions(
   for (const c of await listCaptures(store, model)) {
     if (!c.decision) continue;
     const trusted = options.trusted?.has(c.id) === true;
-    if (trusted || (c.decision.imageSha256 && signedByOperator(model, c.decision, operatorKeys))) {
+    if (trusted || (c.decision.imageSha256 && (await signedByOperator(model, c.decision, operatorKeys)))) {
       decided.push(c);
       continue;
     }
