@@ -44,6 +44,8 @@ export const keys = {
   captures: (model: string) => `captures/${model}/`,
   captureImages: (model: string) => `captures/${model}/images/`,
   captureFile: (model: string, day: string, id: string, ext: string) => `captures/${model}/images/${day}/${id}.${ext}`,
+  /** A capture's record: its day is the date its id starts with (20261129T…). */
+  captureRecord: (model: string, id: string) => `captures/${model}/images/${captureDayOf(id)}/${id}.json`,
   captureQuota: (model: string, day: string) => `captures/${model}/quota/${day}.json`,
   captureDecisions: (model: string) => `captures/${model}/decisions/`,
   captureDecision: (model: string, id: string) => `captures/${model}/decisions/${id}.json`,
@@ -51,6 +53,11 @@ export const keys = {
   captureCounterFile: (model: string, day: string, stamp: string) => `captures/${model}/counters/${day}/${stamp}.json`,
   captureMonitor: (model: string) => `captures/${model}/monitor.json`,
 } as const;
+
+/** The UTC day a capture id names ("20261129T101500-…" → "2026-11-29"): the folder its files are in. */
+export function captureDayOf(id: string): string {
+  return `${id.slice(0, 4)}-${id.slice(4, 6)}-${id.slice(6, 8)}`;
+}
 
 /**
  * True for a key of the capture layout (contracts/capture.ts): `captures/<model>/` for a valid model

@@ -1,5 +1,5 @@
 import { z } from "zod";
-import { isCaptureKey } from "../keys.ts";
+import { captureDayOf, isCaptureKey, keys } from "../keys.ts";
 import { nameSchema, versionSchema } from "./common.ts";
 import { labelSchema } from "./dataset.ts";
 
@@ -81,9 +81,8 @@ export function parseCaptureRecord(model: string, bytes: Uint8Array): CaptureRec
   }
   if (!parsed.success) return null;
   const r = parsed.data;
-  const day = `${r.id.slice(0, 4)}-${r.id.slice(4, 6)}-${r.id.slice(6, 8)}`;
   const ext = r.image.contentType.split("/")[1];
-  const own = r.model === model && r.image.key === `captures/${model}/images/${day}/${r.id}.${ext}` && isCaptureKey(r.image.key);
+  const own = r.model === model && r.image.key === keys.captureFile(model, captureDayOf(r.id), r.id, ext as string) && isCaptureKey(r.image.key);
   return own ? r : null;
 }
 

@@ -396,8 +396,7 @@ async function readCaptureConfig(source: ModelSource, name: string): Promise<Cap
 const idOfRecordKey = (key: string) => key.slice(key.lastIndexOf("/") + 1, -".json".length);
 
 async function readCaptureRecord(store: CaptureStore, name: string, id: string): Promise<CaptureRecord> {
-  const day = `${id.slice(0, 4)}-${id.slice(4, 6)}-${id.slice(6, 8)}`;
-  const got = await store.get(keys.captureFile(name, day, id, "json"));
+  const got = await store.get(keys.captureRecord(name, id));
   const record = got ? parseCaptureRecord(name, got.bytes) : null;
   if (!record || record.id !== id)
     throw new ApiError(404, "capture_not_found", `Model ${name} has no capture ${id} (it may have been reviewed already, or expired).`);

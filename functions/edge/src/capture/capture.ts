@@ -255,7 +255,7 @@ export class Capturer {
       inTime();
       await store.put(imageKey, image.bytes, image.contentType, {}, signal());
       inTime();
-      await store.put(keys.captureFile(model, today, id, "json"), JSON.stringify(record), "application/json", {}, signal());
+      await store.put(keys.captureRecord(model, id), JSON.stringify(record), "application/json", {}, signal());
       this.count(counters, "captured");
     };
     // One deadline for the whole capture (quota, image, record), inside Workers' 30 s for waitUntil work,

@@ -63,7 +63,7 @@ export async function listCaptures(store: ObjectStore, model: string): Promise<P
     const bytes = await store.get(o.key);
     const record = bytes ? parseCaptureRecord(model, bytes) : null;
     // A record must sit where its id says (the review deletes that key after applying it).
-    if (record && o.key === keys.captureFile(model, record.capturedAt.slice(0, 10), record.id, "json")) {
+    if (record && o.key === keys.captureRecord(model, record.id)) {
       out.push({ ...record, decision: decisions.get(record.id) ?? null });
     }
   }
@@ -72,8 +72,7 @@ export async function listCaptures(store: ObjectStore, model: string): Promise<P
 
 /** Records a decision (the CLI's; the console records its own through the worker). */
 export async function decide(store: ObjectStore, model: string, id: string, action: "accept" | "discard", label?: string): Promise<CaptureDecision> {
-  const day = `${id.slice(0, 4)}-${id.slice(4, 6)}-${id.slice(6, 8)}`;
-  const bytes = captureIdSchema.safeParse(id).success ? await store.get(keys.captureFile(model, day, id, "json")) : null;
+  const bytes = captureIdSchema.safeParse(id).success ? await store.get(keys.captureRecord(model, id)) : null;
   const pending = bytes ? parseCaptureRecord(model, bytes) : null;
   if (!pending || pending.id !== id) throw new NotFoundError(`Model ${model} has no capture ${id} waiting for review (see edgetune review ${model}).`);
   const decision = parseContract(
@@ -134,11 +133,14 @@ export async function applyDecisions(
 ): Promise<ApplyResult> {
   const result: ApplyResult = { accepted: [], discarded: [], refused: [], unverified: [] };
   const operatorKeys = options.operatorKeys ?? operatorKeysFromEnv();
-  const recordKey = (c: PendingCapture) => keys.captureFile(model, c.capturedAt.slice(0, 10), c.id, "json");
   /** Back to the review queue, saying why, its decision removed. */
   const sendBack = async (capture: PendingCapture, reason: string) => {
     const { decision: _, ...record } = capture;
-    await store.put(recordKey(capture), JSON.stringify({ ...record, refused: { reason, at: new Date().toISOString() } }), "application/json");
+    await store.put(
+      keys.captureRecord(model, capture.id),
+      JSON.stringify({ ...record, refused: { reason, at: new Date().toISOString() } }),
+      "application/json",
+    );
     await store.delete([keys.captureDecision(model, capture.id)]);
   };
   const decided: PendingCapture[] = [];
@@ -160,7 +162,7 @@ export async function applyDecisions(
   const layout = await datasetLayout(store, dataset);
   for (const capture of decided) {
     const decision = capture.decision as CaptureDecision;
-    const captureKeys = [capture.image.key, recordKey(capture), keys.captureDecision(model, capture.id)];
+    const captureKeys = [capture.image.key, keys.captureRecord(model, capture.id), keys.captureDecision(model, capture.id)];
     const cleanUp = () =>
       store.delete(captureKeys).catch((e) => log.warn(`capture ${capture.id}: applied, but not cleaned up (${userMessage(e)}); the lifecycle rule will`));
     if (decision.action === "discard") {
