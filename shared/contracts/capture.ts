@@ -150,6 +150,13 @@ export const countersSchema = z.object({
 });
 export type Counters = z.output<typeof countersSchema>;
 
+/** Counter deltas of one model and version made one: the widest span, every count added. */
+export function mergeCounters(into: Counters, from: Counters): void {
+  if (from.from < into.from) into.from = from.from; // ISO times: string order is time order
+  if (from.to > into.to) into.to = from.to;
+  addCounts(into, from);
+}
+
 /** All counts at zero. */
 export const noCounts = (): CountFields => ({
   requests: 0,

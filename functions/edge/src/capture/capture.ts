@@ -1,5 +1,4 @@
 import {
-  addCounts,
   CAPTURE_OFF,
   type CaptureConfig,
   type CaptureQuota,
@@ -9,6 +8,7 @@ import {
   captureConfigSchema,
   captureQuotaSchema,
   confidenceBin,
+  mergeCounters,
   noCounts,
 } from "../../../../shared/contracts/capture.ts";
 import { fitWithin } from "../../../../shared/image/fit.ts";
@@ -413,7 +413,7 @@ export class Capturer {
       for (const c of batch) {
         if (Date.now() - started > WORK_DEADLINE_MS) {
           // Out of time: keep the rest for the next flush.
-          merge(this.countersFor(c.model, c.version, new Date(c.from)), c);
+          mergeCounters(this.countersFor(c.model, c.version, new Date(c.from)), c);
           continue;
         }
         c.to = to;
@@ -430,7 +430,7 @@ export class Capturer {
             error: e instanceof Error ? e.message : String(e),
           });
           const kept = this.countersFor(c.model, c.version, new Date(c.from));
-          merge(kept, c);
+          mergeCounters(kept, c);
           kept.failed++;
         }
       }
@@ -445,11 +445,6 @@ export class Capturer {
 }
 
 const day = (d: Date) => d.toISOString().slice(0, 10);
-
-function merge(into: Counters, from: Counters) {
-  if (from.from < into.from) into.from = from.from; // ISO times: string order is time order
-  addCounts(into, from);
-}
 
 /** `work`, or a rejection after `ms` (the work itself goes on; it holds no image). */
 function withDeadline<T>(work: Promise<T>, ms: number): Promise<T> {

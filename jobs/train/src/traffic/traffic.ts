@@ -2,7 +2,6 @@ import { timingSafeEqual } from "node:crypto";
 import { readMetadata, readPointer, readVerifiedFile } from "../../../../shared/artifacts.ts";
 import { ARTIFACT_FILES, type ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
 import {
-  addCounts,
   CAPTURE_OFF,
   type CaptureConfig,
   type CaptureDecision,
@@ -12,6 +11,7 @@ import {
   captureDecisionSchema,
   captureIdSchema,
   decisionMessage,
+  mergeCounters,
   parseCaptureRecord,
 } from "../../../../shared/contracts/capture.ts";
 import { classifyDatasetKeys } from "../../../../shared/contracts/dataset.ts";
@@ -256,15 +256,14 @@ export async function monitor(store: ObjectStore, model: string, options: { days
     // One file per version and day (the earlier roll-up included), written before the deltas it replaces are deleted.
     const versions = new Map<string, typeof files>();
     for (const f of files) versions.set(f.counters.version, [...(versions.get(f.counters.version) ?? []), f]);
-    for (const [version, list] of versions) {
-      const [sum] = summarizeCounters(list.map((f) => f.counters));
+    const sums = [...versions].map(([version, list]) => ({ version, list, sum: sumCounters(list.map((f) => f.counters)) }));
+    for (const { version, list, sum } of sums) {
       const covers = [...list.flatMap((f) => f.covers), ...list.filter((f) => !f.key.includes("/rollup-")).map((f) => f.key)];
       await store.put(keys.captureCounterFile(model, day, `rollup-${version}`), JSON.stringify({ ...sum, covers }), "application/json");
     }
     await store.delete([...loose.map((f) => f.key), ...all.filter((f) => covered.has(f.key)).map((f) => f.key)]);
     // Deleted: the roll-ups need not name them any more (they would grow by every delta of the day).
-    for (const [version, list] of versions) {
-      const [sum] = summarizeCounters(list.map((f) => f.counters));
+    for (const { version, sum } of sums) {
       await store.put(keys.captureCounterFile(model, day, `rollup-${version}`), JSON.stringify(sum), "application/json");
     }
   }
@@ -287,15 +286,11 @@ export async function monitor(store: ObjectStore, model: string, options: { days
 }
 
 /** Counter deltas of one version added into one (for roll-ups). */
-function summarizeCounters(list: Counters[]): Counters[] {
+function sumCounters(list: Counters[]): Counters {
   const first = list[0] as Counters;
   const sum: Counters = { ...first, labels: { ...first.labels }, confidence: [...first.confidence] };
-  for (const c of list.slice(1)) {
-    if (c.from < sum.from) sum.from = c.from;
-    if (c.to > sum.to) sum.to = c.to;
-    addCounts(sum, c);
-  }
-  return [sum];
+  for (const c of list.slice(1)) mergeCounters(sum, c);
+  return sum;
 }
 
 /** Models with anything under `captures/`. */
