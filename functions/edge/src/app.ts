@@ -20,6 +20,7 @@ import { monitorSummarySchema } from "../../../shared/monitor.ts";
 import { preprocess } from "../../../shared/preprocess.ts";
 import { Capturer, isOptOut } from "./capture/capture.ts";
 import { type CaptureStore, CaptureStoreError, createCaptureStore } from "./capture/store.ts";
+import { withDeadline } from "./deadline.ts";
 import { type Admission, createAdmission } from "./http/admission.ts";
 import { apiKeyAuth, consoleAuth } from "./http/auth.ts";
 import { readImageBody } from "./http/body.ts";
@@ -303,7 +304,14 @@ app.openapi(classifyRoute, async (c) => {
   // A body that trickles in holds the isolate's place: it gets MAX_BODY_SECONDS, then 408.
   const bodySeconds = Number(c.env.MAX_BODY_SECONDS || 10);
   return places.admit(async () => {
-    const [bytes] = await Promise.all([withDeadline(readImageBody(c, maxBytes), bodySeconds), initTf()]);
+    const [bytes] = await Promise.all([
+      withDeadline(
+        readImageBody(c, maxBytes),
+        bodySeconds * 1000,
+        () => new ApiError(408, "body_timeout", `The image did not arrive within ${bodySeconds} s; send it again (resized images arrive faster).`),
+      ),
+      initTf(),
+    ]);
     const { model, release } = await acquire(c.env, name, (p) => c.executionCtx.waitUntil(p));
     try {
       const { t1, t2, t3, scores, pixels, format } = await places.exclusive(async () => {
@@ -409,21 +417,3 @@ async function acquire(env: Env, name: string, waitUntil: (p: Promise<unknown>) 
 }
 
 const round = (ms: number) => Math.round(ms * 10) / 10;
-
-/** `body`, or a 408 after `seconds` (a timer of this request's own: see http/admission.ts). */
-async function withDeadline<T>(body: Promise<T>, seconds: number): Promise<T> {
-  let fail = (_e: ApiError) => {};
-  const late = new Promise<never>((_, reject) => {
-    fail = reject;
-  });
-  const timer = setTimeout(
-    () => fail(new ApiError(408, "body_timeout", `The image did not arrive within ${seconds} s; send it again (resized images arrive faster).`)),
-    seconds * 1000,
-  );
-  body.catch(() => {}); // if the deadline wins, the read's own failure is of no interest
-  try {
-    return await Promise.race([body, late]);
-  } finally {
-    clearTimeout(timer);
-  }
-}

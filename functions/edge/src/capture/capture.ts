@@ -15,6 +15,7 @@ import { fitWithin } from "../../../../shared/image/fit.ts";
 import { hasMetadata } from "../../../../shared/image/metadata.ts";
 import { keys } from "../../../../shared/keys.ts";
 import type { Pixels } from "../../../../shared/preprocess.ts";
+import { withDeadline } from "../deadline.ts";
 import type { ModelSource } from "../model/source.ts";
 import type { CaptureStore } from "./store.ts";
 
@@ -260,7 +261,7 @@ export class Capturer {
     };
     // One deadline for the whole capture (quota, image, record), inside Workers' 30 s for waitUntil work,
     // so the accounting below always runs.
-    return withDeadline(run(), limit)
+    return withDeadline(run(), limit, () => new Error(`no answer within ${limit} ms`))
       .catch((e) => this.failed(model, version, e))
       .finally(() => {
         this.inFlightBytes -= held;
@@ -344,7 +345,11 @@ export class Capturer {
     if (known?.refreshing) return known.refreshing;
     const entry: Settings = known ?? { config: CAPTURE_OFF, readAt: 0 };
     const read = async () => {
-      const r = await withDeadline(this.source.getIfChanged(keys.captureConfig(model), entry.etag), SETTINGS_DEADLINE_MS);
+      const r = await withDeadline(
+        this.source.getIfChanged(keys.captureConfig(model), entry.etag),
+        SETTINGS_DEADLINE_MS,
+        () => new Error(`no answer within ${SETTINGS_DEADLINE_MS} ms`),
+      );
       if (r.status === 200) {
         const parsed = captureConfigSchema.safeParse(JSON.parse(new TextDecoder().decode(r.bytes)));
         entry.config = parsed.success ? parsed.data : CAPTURE_OFF;
@@ -445,18 +450,6 @@ export class Capturer {
 }
 
 const day = (d: Date) => d.toISOString().slice(0, 10);
-
-/** `work`, or a rejection after `ms` (the work itself goes on; it holds no image). */
-function withDeadline<T>(work: Promise<T>, ms: number): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const late = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`no answer within ${ms} ms`)), ms);
-  });
-  work.catch(() => {});
-  return Promise.race([work, late]).finally(() => {
-    if (timer !== undefined) clearTimeout(timer);
-  });
-}
 
 function argmax(values: ArrayLike<number>): number {
   let best = 0;
