@@ -79,31 +79,26 @@ const coldCached: Cold[] = [];
 for (let i = 0; i < coldRuns; i++) coldCached.push(await coldStart(location));
 await rm(location, { recursive: true, force: true });
 
+/** Ten warm-up requests, then `requests` timed ones: client-side, the worker's total, its inference. */
+const warmRun = async (worker: EdgeWorker) => {
+  for (let i = 0; i < 10; i++) await classify(worker, jpeg);
+  const run = { e2e: [] as number[], total: [] as number[], inference: [] as number[] };
+  for (let i = 0; i < requests; i++) {
+    const r = await classify(worker, jpeg);
+    run.e2e.push(r.ms);
+    run.total.push(r.timings.totalMs as number);
+    run.inference.push(r.timings.inferenceMs as number);
+  }
+  return run;
+};
+
 // Warm latency, then memory around a 12 MP JPEG.
 const edge = await startEdgeWorker(workerOptions);
-for (let i = 0; i < 10; i++) await classify(edge, jpeg);
-const e2e: number[] = [];
-const server: number[] = [];
-const serverTotal: number[] = [];
-for (let i = 0; i < requests; i++) {
-  const r = await classify(edge, jpeg);
-  e2e.push(r.ms);
-  server.push(r.timings.inferenceMs as number);
-  serverTotal.push(r.timings.totalMs as number);
-}
+const { e2e, inference: server, total: serverTotal } = await warmRun(edge);
 // Traffic capture on, every answer stored (as sent: a small JPEG without metadata), the same requests.
 await writeCaptureConfig(s3.store, "bench", { enabled: true, belowConfidence: 1.01, maxPerDay: 1_000_000 });
 const capturing = await startEdgeWorker(workerOptions);
-for (let i = 0; i < 10; i++) await classify(capturing, jpeg);
-const e2eCapture: number[] = [];
-const serverCapture: number[] = [];
-const inferenceCapture: number[] = [];
-for (let i = 0; i < requests; i++) {
-  const r = await classify(capturing, jpeg);
-  e2eCapture.push(r.ms);
-  serverCapture.push(r.timings.totalMs as number);
-  inferenceCapture.push(r.timings.inferenceMs as number);
-}
+const { e2e: e2eCapture, total: serverCapture, inference: inferenceCapture } = await warmRun(capturing);
 const captureStats = ((await (await fetch(`${capturing.url}/healthz`)).json()) as { capture: Record<string, number> }).capture;
 await capturing.stop();
 await writeCaptureConfig(s3.store, "bench", { enabled: false });
