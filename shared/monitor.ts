@@ -2,6 +2,7 @@ import { z } from "zod";
 import type { ArtifactMetadata } from "./contracts/artifact.ts";
 import { addCounts, CONFIDENCE_BINS, type Counters, countersSchema, noCounts } from "./contracts/capture.ts";
 import { nameSchema, versionSchema } from "./contracts/common.ts";
+import { tryParseContractJson } from "./contracts/parse.ts";
 
 /**
  * Watching a served model: the edge's counter deltas added up per UTC day and compared with what the
@@ -126,12 +127,8 @@ export function summarize(model: string, deltas: readonly Counters[], reference:
 }
 
 export function parseCounters(bytes: Uint8Array): Counters | null {
-  try {
-    const r = countersSchema.safeParse(JSON.parse(new TextDecoder().decode(bytes)));
-    return r.success ? r.data : null;
-  } catch {
-    return null;
-  }
+  const r = tryParseContractJson(countersSchema, bytes);
+  return r.success ? r.data : null;
 }
 
 const pct = (x: number) => `${(x * 100).toFixed(1)} %`;

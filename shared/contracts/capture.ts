@@ -2,6 +2,7 @@ import { z } from "zod";
 import { captureDayOf, isCaptureKey, keys } from "../keys.ts";
 import { nameSchema, versionSchema } from "./common.ts";
 import { labelSchema } from "./dataset.ts";
+import { tryParseContractJson } from "./parse.ts";
 
 /**
  * The traffic loop's contracts: what the edge captures, what a reviewer decides, what the edge counts.
@@ -73,12 +74,7 @@ export type CaptureRecord = z.output<typeof captureRecordSchema>;
  * and deletes what the record names.
  */
 export function parseCaptureRecord(model: string, bytes: Uint8Array): CaptureRecord | null {
-  let parsed: ReturnType<typeof captureRecordSchema.safeParse>;
-  try {
-    parsed = captureRecordSchema.safeParse(JSON.parse(new TextDecoder().decode(bytes)));
-  } catch {
-    return null;
-  }
+  const parsed = tryParseContractJson(captureRecordSchema, bytes);
   if (!parsed.success) return null;
   const r = parsed.data;
   const ext = r.image.contentType.split("/")[1];

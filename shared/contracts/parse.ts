@@ -25,6 +25,26 @@ export function parseContractJson<S extends z.ZodType>(schema: S, text: string, 
   return parseContract(schema, data, what);
 }
 
+/**
+ * JSON bytes or text checked against a schema, without throwing: for files read from storage that anyone
+ * with write access there may have left malformed (a capture, a decision, counters, settings). Malformed
+ * JSON and a wrong shape are the same answer: not this contract, and why.
+ */
+export function tryParseContractJson<S extends z.ZodType>(
+  schema: S,
+  input: Uint8Array | string,
+): { success: true; data: z.output<S> } | { success: false; problem: string } {
+  let data: unknown;
+  try {
+    data = JSON.parse(typeof input === "string" ? input : new TextDecoder().decode(input));
+  } catch {
+    return { success: false, problem: "not valid JSON" };
+  }
+  const result = schema.safeParse(data);
+  if (result.success) return { success: true, data: result.data };
+  return { success: false, problem: result.error.issues[0]?.message ?? "invalid" };
+}
+
 function lowerFirst(s: string): string {
   return s.charAt(0).toLowerCase() + s.slice(1);
 }

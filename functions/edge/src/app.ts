@@ -13,6 +13,7 @@ import {
   decisionMessage,
   parseCaptureRecord,
 } from "../../../shared/contracts/capture.ts";
+import { tryParseContractJson } from "../../../shared/contracts/parse.ts";
 import { NotFoundError } from "../../../shared/errors.ts";
 import { hmacSha256Hex, sha256Hex } from "../../../shared/hash.ts";
 import { isCaptureKey, keys } from "../../../shared/keys.ts";
@@ -288,7 +289,7 @@ app.openapi(monitorRoute, async (c) => {
   const { name } = c.req.valid("param");
   const store = captureStoreFor(c.env);
   const got = await store.get(keys.captureMonitor(name));
-  const parsed = got ? monitorSummarySchema.safeParse(JSON.parse(new TextDecoder().decode(got.bytes))) : null;
+  const parsed = got ? tryParseContractJson(monitorSummarySchema, got.bytes) : null;
   if (!parsed?.success)
     throw new ApiError(404, "no_summary", `No monitoring summary for ${name} yet: the nightly job writes one once the edge has counted traffic.`);
   return c.json(parsed.data, 200);
@@ -396,7 +397,7 @@ function captureStoreFor(env: Env): CaptureStore {
 async function readCaptureConfig(source: ModelSource, name: string): Promise<CaptureConfig> {
   const r = await source.getIfChanged(keys.captureConfig(name));
   if (r.status !== 200) return CAPTURE_OFF;
-  const parsed = captureConfigSchema.safeParse(JSON.parse(new TextDecoder().decode(r.bytes)));
+  const parsed = tryParseContractJson(captureConfigSchema, r.bytes as Uint8Array);
   return parsed.success ? parsed.data : CAPTURE_OFF;
 }
 

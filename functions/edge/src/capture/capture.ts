@@ -11,6 +11,7 @@ import {
   mergeCounters,
   noCounts,
 } from "../../../../shared/contracts/capture.ts";
+import { tryParseContractJson } from "../../../../shared/contracts/parse.ts";
 import { fitWithin } from "../../../../shared/image/fit.ts";
 import { hasMetadata } from "../../../../shared/image/metadata.ts";
 import { keys } from "../../../../shared/keys.ts";
@@ -351,10 +352,9 @@ export class Capturer {
         () => new Error(`no answer within ${SETTINGS_DEADLINE_MS} ms`),
       );
       if (r.status === 200) {
-        const parsed = captureConfigSchema.safeParse(JSON.parse(new TextDecoder().decode(r.bytes)));
+        const parsed = tryParseContractJson(captureConfigSchema, r.bytes as Uint8Array);
         entry.config = parsed.success ? parsed.data : CAPTURE_OFF;
-        if (!parsed.success)
-          this.options.log({ level: "warn", message: "capture.json is invalid: capture stays off", model, problem: parsed.error.issues[0]?.message });
+        if (!parsed.success) this.options.log({ level: "warn", message: "capture.json is invalid: capture stays off", model, problem: parsed.problem });
       } else if (r.status === 404) entry.config = CAPTURE_OFF;
       entry.etag = r.status === 404 ? undefined : (r.etag ?? entry.etag);
     };

@@ -184,6 +184,17 @@ describe("review", () => {
     expect(copies).toBe(1);
   });
 
+  it("goes on past a malformed decision file (anyone who may write captures/ could leave one)", async () => {
+    await setup("pets-data", "flat");
+    const junk = await capture(await png("#321"));
+    const good = await capture(await png("#123"));
+    await s3.store.put(keys.captureDecision("pets", junk.id), "{ not json");
+    await decide(s3.store, "pets", good.id, "discard");
+    const r = await applyDecisions(s3.store, "pets", memoryLogger(), { trusted: new Set([good.id]) });
+    expect(r.discarded).toEqual([good.id]);
+    expect((await listCaptures(s3.store, "pets")).map((c) => [c.id, c.decision])).toEqual([[junk.id, null]]);
+  });
+
   it("refuses to decide on a capture that does not exist, and capture settings for a model that is not served", async () => {
     await setup("pets-data", "flat");
     await expect(decide(s3.store, "pets", "20261129T101500-zzzzzzzz", "discard")).rejects.toThrow(/no capture 20261129T101500-zzzzzzzz/);

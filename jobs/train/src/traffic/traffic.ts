@@ -15,7 +15,7 @@ import {
   parseCaptureRecord,
 } from "../../../../shared/contracts/capture.ts";
 import { classifyDatasetKeys } from "../../../../shared/contracts/dataset.ts";
-import { parseContract } from "../../../../shared/contracts/parse.ts";
+import { parseContract, tryParseContractJson } from "../../../../shared/contracts/parse.ts";
 import { DatasetError, InvalidOptionError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
 import { hmacSha256Hex, sha256Hex } from "../../../../shared/hash.ts";
 import { keys } from "../../../../shared/keys.ts";
@@ -52,8 +52,8 @@ export interface PendingCapture extends CaptureRecord {
 export async function listCaptures(store: ObjectStore, model: string): Promise<PendingCapture[]> {
   const decisions = new Map<string, CaptureDecision>();
   for await (const o of store.list(keys.captureDecisions(model))) {
-    const text = await getText(store, o.key);
-    const parsed = text === null ? null : captureDecisionSchema.safeParse(JSON.parse(text));
+    const bytes = await store.get(o.key);
+    const parsed = bytes === null ? null : tryParseContractJson(captureDecisionSchema, bytes);
     // A decision counts under the name it is filed as (that key is what is deleted once it is applied).
     if (parsed?.success && o.key === keys.captureDecision(model, parsed.data.id)) decisions.set(parsed.data.id, parsed.data);
   }
