@@ -1,5 +1,5 @@
 import { isCaptureKey } from "../../../../shared/keys.ts";
-import { encodeKey, type SourceConfig, signedBucket, unescapeXml } from "../model/source.ts";
+import { encodeKey, parseListing, type SourceConfig, signedBucket } from "../model/source.ts";
 
 /**
  * The worker's only way to write to the bucket. Every key is checked with `isCaptureKey` before a request
@@ -42,6 +42,16 @@ export function createCaptureStore(env: SourceConfig): CaptureStore | null {
       throw new CaptureStoreError(`capture storage unreachable (${e instanceof Error ? e.message : e})`);
     }
   };
+  /** One ListObjectsV2 page under a captures/<model>/<kind>/ prefix (refused for any other prefix). */
+  const listPage = async (prefix: string, params: Record<string, string>) => {
+    if (!isCaptureKey(prefix, true)) throw new CaptureKeyError(`refusing to list ${JSON.stringify(prefix)}: not a captures/<model>/<kind>/ prefix`);
+    const res = await call(new Request(`${bucketUrl}/?${new URLSearchParams({ "list-type": "2", prefix, ...params })}`));
+    if (!res.ok) {
+      await res.body?.cancel();
+      throw new CaptureStoreError(`capture storage answered HTTP ${res.status} to a listing`);
+    }
+    return parseListing(await res.text());
+  };
   return {
     async put(key, body, contentType, condition = {}, signal) {
       assertCaptureKey(key);
@@ -72,34 +82,17 @@ export function createCaptureStore(env: SourceConfig): CaptureStore | null {
       };
     },
     async list(prefix, limit) {
-      if (!isCaptureKey(prefix, true)) throw new CaptureKeyError(`refusing to list ${JSON.stringify(prefix)}: not a captures/<model>/<kind>/ prefix`);
       const out: string[] = [];
       let token: string | undefined;
       do {
-        const query = new URLSearchParams({ "list-type": "2", prefix, "max-keys": String(Math.min(1000, limit - out.length)) });
-        if (token) query.set("continuation-token", token);
-        const res = await call(new Request(`${bucketUrl}/?${query}`));
-        if (!res.ok) {
-          await res.body?.cancel();
-          throw new CaptureStoreError(`capture storage answered HTTP ${res.status} to a listing`);
-        }
-        const xml = await res.text();
-        for (const m of xml.matchAll(/<Key>([\s\S]*?)<\/Key>/g)) out.push(unescapeXml(m[1] as string));
-        token = /<IsTruncated>true<\/IsTruncated>/.test(xml)
-          ? unescapeXml(/<NextContinuationToken>([\s\S]*?)<\/NextContinuationToken>/.exec(xml)?.[1] ?? "")
-          : undefined;
+        const page = await listPage(prefix, { "max-keys": String(Math.min(1000, limit - out.length)), ...(token ? { "continuation-token": token } : {}) });
+        out.push(...page.keys);
+        token = page.next;
       } while (token && out.length < limit);
       return out.slice(0, limit);
     },
     async listFolders(prefix) {
-      if (!isCaptureKey(prefix, true)) throw new CaptureKeyError(`refusing to list ${JSON.stringify(prefix)}: not a captures/<model>/<kind>/ prefix`);
-      const res = await call(new Request(`${bucketUrl}/?${new URLSearchParams({ "list-type": "2", prefix, delimiter: "/" })}`));
-      if (!res.ok) {
-        await res.body?.cancel();
-        throw new CaptureStoreError(`capture storage answered HTTP ${res.status} to a listing`);
-      }
-      const xml = await res.text();
-      return [...xml.matchAll(/<CommonPrefixes>\s*<Prefix>([\s\S]*?)<\/Prefix>/g)].map((m) => unescapeXml(m[1] as string));
+      return (await listPage(prefix, { delimiter: "/" })).folders;
     },
   };
 }

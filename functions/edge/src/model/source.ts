@@ -100,14 +100,9 @@ class HttpSource implements ModelSource {
         await res.body?.cancel();
         throw new SourceError(`model storage answered HTTP ${res.status} to a listing of ${prefix}`, res.status);
       }
-      const xml = await res.text();
-      for (const block of xml.match(/<CommonPrefixes>[\s\S]*?<\/CommonPrefixes>/g) ?? []) {
-        const p = /<Prefix>([\s\S]*?)<\/Prefix>/.exec(block)?.[1];
-        if (p) yield unescapeXml(p);
-      }
-      token = /<IsTruncated>true<\/IsTruncated>/.test(xml)
-        ? unescapeXml(/<NextContinuationToken>([\s\S]*?)<\/NextContinuationToken>/.exec(xml)?.[1] ?? "")
-        : undefined;
+      const page = parseListing(await res.text());
+      yield* page.folders;
+      token = page.next;
     } while (token);
   }
 
@@ -139,8 +134,21 @@ class HttpSource implements ModelSource {
   }
 }
 
+/** One page of a ListObjectsV2 answer: its keys, its folders (CommonPrefixes, with a delimiter), and the token of the next page. */
+export function parseListing(xml: string): { keys: string[]; folders: string[]; next: string | undefined } {
+  const keys = [...xml.matchAll(/<Key>([\s\S]*?)<\/Key>/g)].map((m) => unescapeXml(m[1] as string));
+  const folders = (xml.match(/<CommonPrefixes>[\s\S]*?<\/CommonPrefixes>/g) ?? []).flatMap((block) => {
+    const p = /<Prefix>([\s\S]*?)<\/Prefix>/.exec(block)?.[1];
+    return p ? [unescapeXml(p)] : [];
+  });
+  const next = /<IsTruncated>true<\/IsTruncated>/.test(xml)
+    ? unescapeXml(/<NextContinuationToken>([\s\S]*?)<\/NextContinuationToken>/.exec(xml)?.[1] ?? "")
+    : undefined;
+  return { keys, folders, next };
+}
+
 /** The five predefined XML entities and numeric references: all S3 puts in a listing. */
-export function unescapeXml(s: string): string {
+function unescapeXml(s: string): string {
   return s.replace(/&(amp|lt|gt|quot|apos|#\d+|#x[0-9a-fA-F]+);/g, (_, e: string) => {
     if (e.startsWith("#x")) return String.fromCodePoint(Number.parseInt(e.slice(2), 16));
     if (e.startsWith("#")) return String.fromCodePoint(Number(e.slice(1)));
