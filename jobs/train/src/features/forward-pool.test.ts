@@ -1,7 +1,8 @@
+import { Worker } from "node:worker_threads";
 import * as tf from "@tensorflow/tfjs";
 import { beforeAll, describe, expect, it } from "vitest";
 import { initBackend } from "../model/backend.ts";
-import { createForwardPool, forwardLocal } from "./forward-pool.ts";
+import { createForwardPool, forwardLocal, workerPool } from "./forward-pool.ts";
 
 let model: tf.LayersModel;
 beforeAll(async () => {
@@ -40,6 +41,30 @@ describe("forward pool", () => {
       );
       expect(outcomes).toEqual(Array(3).fill("a forward-pass worker stopped (exit code 7)"));
       await expect(pool.run(batch(1), 1)).rejects.toThrow(/worker stopped/);
+    } finally {
+      await pool.close();
+    }
+  });
+
+  it("fails to start, with the worker's reason, when a worker cannot load its engine (the caller then falls back)", async () => {
+    const spawn = () => new Worker(`require("node:worker_threads").parentPort.postMessage({ error: "the runtime did not load" })`, { eval: true });
+    await expect(workerPool({ count: 2, spawn, engine: "onnxruntime" })).rejects.toThrow("the runtime did not load");
+  });
+
+  it("hands a batch's input buffer back when the worker returns it, for the next batch to reuse", async () => {
+    const echo = `const { parentPort } = require("node:worker_threads");
+      parentPort.postMessage({ ready: true });
+      parentPort.on("message", ({ data, n }) => {
+        const values = new Float32Array(n).map((_, i) => data[i * 2]);
+        parentPort.postMessage({ shape: [1], values, input: data }, [values.buffer, data.buffer]);
+      });`;
+    const pool = await workerPool({ count: 1, spawn: () => new Worker(echo, { eval: true }), engine: "test" });
+    try {
+      const data = Float32Array.from([1, 2, 3, 4]);
+      const out = await pool.run(data, 2);
+      expect(data.byteLength).toBe(0); // transferred to the worker
+      expect(out.values.map((v) => v[0])).toEqual([1, 3]);
+      expect(Array.from(out.input ?? [])).toEqual([1, 2, 3, 4]);
     } finally {
       await pool.close();
     }

@@ -18,8 +18,12 @@ export interface ForwardPool {
   readonly fallback?: string;
   /** Makes the pool (a lazy one starts it here); `threads` and `engine` are final afterwards. */
   ready?(): Promise<void>;
-  /** Forward of `n` inputs packed in `data` (n × inputSize), pooled over space if `pooled`; values per row. */
-  run(data: Float32Array, n: number): Promise<{ shape: number[]; values: Float32Array[] }>;
+  /**
+   * Forward of `n` inputs packed in `data` (n × inputSize), pooled over space if `pooled`; values per
+   * row. `data` belongs to the pool from here (a worker pool transfers it); a pool that hands it back
+   * afterwards says so in `input`, for the caller to fill again instead of allocating another batch.
+   */
+  run(data: Float32Array, n: number): Promise<{ shape: number[]; values: Float32Array[]; input?: Float32Array }>;
   close(): Promise<void>;
 }
 
@@ -106,17 +110,43 @@ async function tfjsPool(model: tf.LayersModel, options: ForwardPoolOptions, fall
   const threads = threadsFor(options);
   if (threads <= 1) return { ...localPool(model, options), fallback };
   const saved = await saveToMemory(model);
-  const workers = await Promise.all(
-    Array.from({ length: threads }, async () => {
-      const script = options.workerScript ?? new URL("./forward-worker.ts", import.meta.url);
-      const w = new Worker(script, { workerData: { saved, size: options.size, pooled: options.pooled } });
-      await new Promise<void>((resolve, reject) => {
-        w.once("message", (m: { ready?: boolean; error?: string }) => (m.ready ? resolve() : reject(new Error(m.error))));
-        w.once("error", reject);
-      });
+  const script = options.workerScript ?? new URL("./forward-worker.ts", import.meta.url);
+  return workerPool({
+    count: threads,
+    spawn: () => new Worker(script, { workerData: { saved, size: options.size, pooled: options.pooled } }),
+    engine: `tfjs-${tf.getBackend()}`,
+    fallback,
+  });
+}
+
+/**
+ * Batches spread over worker threads, each answering one batch at a time (a tfjs wasm backend each, or
+ * the one ONNX Runtime session). A worker says `{ ready: true }` or `{ error }` once started, then
+ * answers each `{ data, n }` with `{ shape, values, input? }` (input: `data` transferred back) or `{ error }`.
+ */
+export async function workerPool(options: { count: number; spawn: () => Worker; engine: string; fallback?: string }): Promise<ForwardPool> {
+  const started = await Promise.allSettled(
+    Array.from({ length: options.count }, async () => {
+      const w = options.spawn();
+      try {
+        await new Promise<void>((resolve, reject) => {
+          w.once("message", (m: { ready?: boolean; error?: string }) => (m.ready ? resolve() : reject(new Error(m.error))));
+          w.once("error", reject);
+          w.once("exit", (code) => reject(new Error(`a forward-pass worker stopped while starting (exit code ${code})`)));
+        });
+      } catch (e) {
+        await w.terminate();
+        throw e;
+      }
       return w;
     }),
   );
+  const workers = started.flatMap((s) => (s.status === "fulfilled" ? [s.value] : []));
+  const failed = started.find((s) => s.status === "rejected");
+  if (failed) {
+    await Promise.all(workers.map((w) => w.terminate()));
+    throw failed.reason;
+  }
   const idle = [...workers];
   const waiting: { resolve: (w: Worker) => void; reject: (e: Error) => void }[] = [];
   // A worker that dies (not an exception in the forward pass: those come back as messages) breaks the
@@ -148,19 +178,20 @@ async function tfjsPool(model: tf.LayersModel, options: ForwardPoolOptions, fall
     else idle.push(w);
   };
   return {
-    threads,
-    engine: `tfjs-${tf.getBackend()}`,
-    fallback,
+    threads: options.count,
+    engine: options.engine,
+    fallback: options.fallback,
     async run(data, n) {
       const w = await acquire();
       try {
         return await new Promise((resolve, reject) => {
           inFlight.set(w, reject);
-          w.once("message", (m: { shape: number[]; values: Float32Array; error?: string }) => {
+          w.once("message", (m: { shape: number[]; values: Float32Array; input?: Float32Array; error?: string }) => {
             inFlight.delete(w);
             if (m.error) return reject(new Error(m.error));
             const dim = m.shape.reduce((a, b) => a * b, 1);
-            resolve({ shape: m.shape, values: Array.from({ length: n }, (_, i) => m.values.subarray(i * dim, (i + 1) * dim)) });
+            const values = Array.from({ length: n }, (_, i) => m.values.subarray(i * dim, (i + 1) * dim));
+            resolve({ shape: m.shape, values, ...(m.input ? { input: m.input } : {}) });
           });
           w.postMessage({ data, n }, [data.buffer as ArrayBuffer]);
         });
