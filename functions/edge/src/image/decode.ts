@@ -8,6 +8,7 @@ import webpWasm from "@jsquash/webp/codec/dec/webp_dec.wasm";
 import decodeWebp, { init as initWebp } from "@jsquash/webp/decode";
 import { imageSize } from "image-size";
 import { decode as decodeJpegJs } from "jpeg-js";
+import { type ImageFormat, sniffFormat } from "../../../../shared/image/format.ts";
 import { decodeGifFirstFrame, type GifFirstFrame, inspectGif } from "../../../../shared/image/gif.ts";
 import { inspectJpeg, JpegStructureError, JpegTooManyScansError, MAX_JPEG_SCANS } from "../../../../shared/image/jpeg.ts";
 import type { Pixels } from "../../../../shared/preprocess.ts";
@@ -23,7 +24,7 @@ import { instantiateTracked, trackWasmMemory } from "../memory.ts";
  * of a progressive JPEG. JPEG EXIF orientation is applied, as the training side does (sharp).
  */
 export const EDGE_FORMATS = { jpeg: "image/jpeg", png: "image/png", webp: "image/webp", gif: "image/gif" } as const;
-export type EdgeFormat = keyof typeof EDGE_FORMATS;
+export type EdgeFormat = keyof typeof EDGE_FORMATS & ImageFormat;
 
 // workerd has no ImageData; the decoders construct one.
 (globalThis as { ImageData?: unknown }).ImageData ??= class ImageData {
@@ -48,25 +49,6 @@ function initDecoders(): Promise<void> {
     emscriptenInit(initWebp)(webpWasm, { instantiateWasm: instantiateTracked("webp", webpWasm) }),
   ]).then(() => undefined);
   return ready;
-}
-
-/** Format from the magic bytes; the declared content type is not trusted. */
-export function sniff(bytes: Uint8Array): EdgeFormat | null {
-  if (bytes[0] === 0xff && bytes[1] === 0xd8 && bytes[2] === 0xff) return "jpeg";
-  if (bytes[0] === 0x89 && bytes[1] === 0x50 && bytes[2] === 0x4e && bytes[3] === 0x47) return "png";
-  if (
-    bytes[0] === 0x52 &&
-    bytes[1] === 0x49 &&
-    bytes[2] === 0x46 &&
-    bytes[3] === 0x46 &&
-    bytes[8] === 0x57 &&
-    bytes[9] === 0x45 &&
-    bytes[10] === 0x42 &&
-    bytes[11] === 0x50
-  )
-    return "webp";
-  if (bytes[0] === 0x47 && bytes[1] === 0x49 && bytes[2] === 0x46) return "gif";
-  return null;
 }
 
 /** Real image formats this worker does not decode, so the client hears "unsupported", not "corrupt". */
@@ -98,7 +80,7 @@ export async function encodePng(pixels: Pixels): Promise<Uint8Array> {
 
 export async function decodeImage(bytes: Uint8Array, maxPixels: number): Promise<Decoded> {
   if (bytes.byteLength === 0) throw new ApiError(400, "empty_image", "The request body is empty; send the image bytes.");
-  const format = sniff(bytes);
+  const format = sniffFormat(bytes);
   if (!format) {
     const other = knownUnsupported(bytes);
     if (other) throw new ApiError(415, "unsupported_media_type", `${other} is not supported; send JPEG, PNG, WebP or GIF.`);
