@@ -89,7 +89,8 @@ export function preprocess(pixels: Pixels, size: number, spec: PreprocessingSpec
   const rowFirst = vFirst[0] as number;
   const rowLast = (vFirst[size - 1] as number) + (vCount[size - 1] as number);
   const rows = rowLast - rowFirst;
-  const tmp = new Float32Array(rows * size * 3);
+  if (scratch.length < rows * size * 3) scratch = new Float32Array(rows * size * 3);
+  const tmp = scratch;
   const src = pixels.data;
   const c = pixels.channels;
   const rowStride = width * c;
@@ -149,11 +150,14 @@ export function preprocess(pixels: Pixels, size: number, spec: PreprocessingSpec
   const rowLen = size * 3;
   const acc = new Float32Array(rowLen);
   for (let oy = 0; oy < size; oy++) {
-    acc.fill(0);
     const first = (vFirst[oy] as number) - rowFirst;
     const n = vCount[oy] as number;
     const wBase = oy * vMax;
-    for (let k = 0; k < n; k++) {
+    // The first tap sets the row (0 + x·w is x·w exactly), the others add to it.
+    const w0 = vWeights[wBase] as number;
+    const base0 = first * rowLen;
+    for (let i = 0; i < rowLen; i++) acc[i] = (tmp[base0 + i] as number) * w0;
+    for (let k = 1; k < n; k++) {
       const wt = vWeights[wBase + k] as number;
       const base = (first + k) * rowLen;
       for (let i = 0; i < rowLen; i++) acc[i] = (acc[i] as number) + (tmp[base + i] as number) * wt;
@@ -171,6 +175,7 @@ export function preprocess(pixels: Pixels, size: number, spec: PreprocessingSpec
 }
 
 const WHITE = [255, 255, 255] as const;
+let scratch = new Float32Array(0);
 
 /** Round half up to an integer in [0, 255] (Math.round on the non-negative range, without the call). */
 function clampByte(v: number): number {

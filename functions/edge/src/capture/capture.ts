@@ -3,7 +3,6 @@ import {
   type CaptureConfig,
   type CaptureQuota,
   type CaptureRecord,
-  CONFIDENCE_BINS,
   type Counters,
   captureConfigSchema,
   captureQuotaSchema,
