@@ -10,11 +10,11 @@
  */
 import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
-import * as tf from "@tensorflow/tfjs";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
+import { DEFAULT_OPTIONS } from "../jobs/train/src/config.ts";
 import type { DatasetImage } from "../jobs/train/src/dataset/read.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
-import { extractFeatures } from "../jobs/train/src/features/extract.ts";
+import { extractFeatures, extractorFor, featureSpec } from "../jobs/train/src/features/extract.ts";
 import { createForwardPool } from "../jobs/train/src/features/forward-pool.ts";
 import { initBackend } from "../jobs/train/src/model/backend.ts";
 import { BEST_BUNDLED_BASE, ensureBase, loadBase } from "../jobs/train/src/model/bases.ts";
@@ -27,7 +27,9 @@ const backend = await initBackend();
 const s3 = await startLocalS3();
 const base = await ensureBase(s3.store, arg("base", BEST_BUNDLED_BASE) as string);
 const model = await loadBase(s3.store, base, size);
-const extractor = tf.model({ inputs: model.inputs, outputs: model.getLayer(base.featureLayer).output as tf.SymbolicTensor });
+// The extractor a head-strategy run of this base uses (several layers pooled where the base has them).
+const headSpec = featureSpec(base, { ...DEFAULT_OPTIONS, imageSize: size as 224, strategy: "head" }).pooledSpec;
+const extractor = extractorFor(model, headSpec);
 
 // Upload the images.
 const images: DatasetImage[] = [];
@@ -104,6 +106,7 @@ for (const [engine, threads] of engines.flatMap((e) => [1, cores].map((t) => [e,
   const spec = {
     baseSha256: base.sha256,
     layer: base.featureLayer,
+    ...(headSpec.pooledLayers ? { pooledLayers: headSpec.pooledLayers } : {}),
     pooled: true,
     size,
     preprocessing: { version: 1 as const, fit: "center-crop" as const, normalization: base.normalization },

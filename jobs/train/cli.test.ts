@@ -131,7 +131,8 @@ describe("edgetune, for a person", () => {
     expect([applied.code, applied.stdout]).toEqual([0, expect.stringContaining("1 added to the dataset, 0 discarded.")]);
     expect(await s3.store.head(`datasets/pets/food/captured-${id}.png`)).not.toBeNull();
     const watched = await edgetune(["monitor", "pets"]);
-    expect(watched.stdout).toMatch(new RegExp(`${day} +40 +100\\.0 % +travel 100% +1 +low-confidence answers 100\\.0 %`));
+    // Which drift is named first depends on the tiny model's held-out confidence (the rules are unit-tested in shared/monitor).
+    expect(watched.stdout).toMatch(new RegExp(`${day} +40 +100\\.0 % +travel 100% +1 +(low-confidence answers 100\\.0 %|label shift: travel is 100\\.0 %)`));
     expect(watched.stdout).toContain(`Held-out split of ${version}`);
   });
 

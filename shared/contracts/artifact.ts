@@ -52,6 +52,8 @@ export const artifactMetadataSchema = z
       id: baseIdSchema,
       sha256: sha256Schema,
       featureLayer: z.string().min(1),
+      /** Mid-level layers pooled and concatenated before the feature layer's (features from several layers); absent: that layer alone. */
+      pooledLayers: z.array(z.string().min(1)).optional(),
       /** How the base was chosen when the run asked for `auto`: what was asked and why this one. */
       choice: z.object({ requested: z.string(), reason: z.string() }).optional(),
     }),

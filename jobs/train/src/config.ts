@@ -91,9 +91,10 @@ function stripUndefined<T extends object>(o: T): Partial<T> {
 /**
  * Part of every version id: raised when the same data and options would give a different model or
  * evaluation. 2: held-out near-duplicates of training images leave the evaluation (which early stopping
- * and promotion read).
+ * and promotion read). 3: the head learns on standardised features, for darknet-tiny pooled from four
+ * layers (fit/standardize.ts, model/bases.ts).
  */
-export const TRAINER_VERSION = 2;
+export const TRAINER_VERSION = 3;
 
 /**
  * The version id: a function of the data, the options that shape the model and the base weights.

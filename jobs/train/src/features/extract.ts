@@ -1,4 +1,4 @@
-import type * as tf from "@tensorflow/tfjs";
+import * as tf from "@tensorflow/tfjs";
 import { pMapIterable } from "p-map";
 import type { BaseMetadata } from "../../../../shared/contracts/base.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
@@ -10,6 +10,8 @@ import type { TrainOptions } from "../config.ts";
 import { augmentation } from "../dataset/augment.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import type { DatasetImage } from "../dataset/read.ts";
+import { poolsOf } from "../model/bases.ts";
+import { poolMaps } from "../model/graph.ts";
 import { createForwardPool, type ForwardPool, lazyForwardPool } from "./forward-pool.ts";
 import { decodePack, decodePackHeader, encodePack, type Pack, type PackHeader } from "./packs.ts";
 
@@ -25,6 +27,11 @@ import { decodePack, decodePackHeader, encodePack, type Pack, type PackHeader } 
 export interface ExtractorSpec {
   baseSha256: string;
   layer: string;
+  /**
+   * Mid-level layers pooled too, their vectors concatenated before the feature layer's (features from
+   * several layers, see bases.ts). Absent for one layer, so those caches keep their keys.
+   */
+  pooledLayers?: readonly string[];
   pooled: boolean;
   size: number;
   preprocessing: PreprocessingSpec;
@@ -49,6 +56,9 @@ export function featureSpec(base: BaseMetadata, options: TrainOptions): { prepro
     pooledSpec: {
       baseSha256: base.sha256,
       layer: base.featureLayer,
+      // Fine-tuning retrains the blocks above its cut and pools only their output: the head it starts
+      // from is trained on that layer's features alone.
+      ...(options.strategy === "head" && poolsOf(base).length > 0 ? { pooledLayers: poolsOf(base) } : {}),
       pooled: true,
       size: options.imageSize,
       preprocessing,
@@ -56,6 +66,22 @@ export function featureSpec(base: BaseMetadata, options: TrainOptions): { prepro
       seed: options.seed,
     },
   };
+}
+
+/**
+ * The frozen model that computes a spec's features: the base up to its feature layer (maps, pooled by
+ * the engine), or with `pooledLayers` each layer pooled and all concatenated into one vector.
+ */
+export function extractorFor(model: tf.LayersModel, spec: Pick<ExtractorSpec, "layer" | "pooledLayers">): tf.LayersModel {
+  const layers = [...(spec.pooledLayers ?? []), spec.layer];
+  if (layers.length === 1) return tf.model({ inputs: model.inputs, outputs: model.getLayer(spec.layer).output as tf.SymbolicTensor });
+  return tf.model({
+    inputs: model.inputs,
+    outputs: poolMaps(
+      layers.map((l) => model.getLayer(l).output as tf.SymbolicTensor),
+      "pool",
+    ),
+  });
 }
 
 export interface Features {
@@ -98,7 +124,8 @@ export async function cacheKeyOf(spec: ExtractorSpec): Promise<string> {
   // Unpooled maps (fine-tuning) are streamed from their packs: packs written label by label, as before
   // "packOrder", would make label-pure batches, so those caches are not reused.
   const order = spec.pooled ? {} : { packOrder: "content-hash" };
-  return (await sha256Hex(JSON.stringify({ v: 1, ...identity, ...order, augment: "crop-flip-v1" }))).slice(0, 24);
+  // weights: the base's folded weights rounded to float16, as served (model/bases.ts loadBase).
+  return (await sha256Hex(JSON.stringify({ v: 1, ...identity, ...order, augment: "crop-flip-v1", weights: "float16" }))).slice(0, 24);
 }
 
 export async function extractFeatures(

@@ -7,6 +7,7 @@ import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts
 import { readPromotedModel } from "../../../../shared/artifacts.ts";
 import { type PreprocessingSpec, preprocess } from "../../../../shared/preprocess.ts";
 import { uploadSample } from "../../../../test/support/datasets.ts";
+import { DEFAULT_OPTIONS } from "../config.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import { sampleDataset } from "../dataset/sample.ts";
 import { LAYER_NAMES } from "../fit/head.ts";
@@ -16,7 +17,7 @@ import { ensureBase, KNOWN_BASES, loadBase } from "../model/bases.ts";
 import { applyBetween } from "../model/graph.ts";
 import { toOnnx, UnsupportedLayerError } from "../model/onnx.ts";
 import { train } from "../train.ts";
-import type { featureSpec } from "./extract.ts";
+import { extractorFor, featureSpec } from "./extract.ts";
 import { createForwardPool, forwardLocal, lazyForwardPool } from "./forward-pool.ts";
 import { createOnnxPool } from "./onnx-pool.ts";
 
@@ -57,11 +58,12 @@ describe("ONNX export of the frozen base", () => {
       inputs.forEach((x, i) => {
         data.set(x, i * SIZE * SIZE * 3);
       });
-      for (const [layer, pooled] of [
-        [meta.featureLayer, true],
-        [meta.fineTuneFrom as string, false],
+      const headSpec = featureSpec(meta, { ...DEFAULT_OPTIONS, strategy: "head" }).pooledSpec;
+      for (const [layer, pooled, model] of [
+        [meta.featureLayer, true, extractorFor(base, headSpec)], // with the base's pooledLayers, if any
+        [meta.featureLayer, true, extractorFor(base, { layer: meta.featureLayer })],
+        [meta.fineTuneFrom as string, false, extractorFor(base, { layer: meta.fineTuneFrom as string })],
       ] as const) {
-        const model = tf.model({ inputs: base.inputs, outputs: base.getLayer(layer).output as tf.SymbolicTensor });
         const ref = forwardLocal(model, data, inputs.length, SIZE, pooled);
         const pool = await createOnnxPool(model, { size: SIZE, pooled });
         const got = await pool.run(data.slice(), inputs.length);
@@ -117,7 +119,7 @@ describe("trained on ONNX Runtime features, served by tfjs", () => {
     const head = tf.model({ inputs: headInput, outputs: applyBetween(served, headInput, served.outputLayers[0]?.name as string, LAYER_NAMES.pool) });
     const meta = await ensureBase(s3.store, metadata.base.id);
     const base = await loadBase(s3.store, meta, SIZE);
-    const extractor = tf.model({ inputs: base.inputs, outputs: base.getLayer(meta.featureLayer).output as tf.SymbolicTensor });
+    const extractor = extractorFor(base, { layer: metadata.base.featureLayer, pooledLayers: metadata.base.pooledLayers });
     const pool = await createOnnxPool(extractor, { size: SIZE, pooled: true });
     let same = 0;
     for (const img of images) {

@@ -1,11 +1,11 @@
-import * as tf from "@tensorflow/tfjs";
+import type * as tf from "@tensorflow/tfjs";
 import { DatasetError } from "../../../../shared/errors.ts";
 import { keys } from "../../../../shared/keys.ts";
 import { type NearDuplicate, separateNearDuplicates } from "../dataset/near-duplicates.ts";
 import type { DatasetImage } from "../dataset/read.ts";
 import type { RunPlan } from "../plan.ts";
 import type { RunContext } from "../run.ts";
-import { extractSplits, type Features } from "./extract.ts";
+import { extractorFor, extractSplits, type Features } from "./extract.ts";
 import { type EmbedFanOut, FanOutHandedOver, fanOutHook } from "./fan-out.ts";
 
 /**
@@ -27,7 +27,7 @@ export async function pooledFeatures(ctx: RunContext, plan: RunPlan, baseModel: 
   const { dataset, base, options } = plan;
   const train = dataset.images.filter((i) => i.split === "train");
   const val = dataset.images.filter((i) => i.split === "val");
-  const extractor = tf.model({ inputs: baseModel.inputs, outputs: baseModel.getLayer(base.featureLayer).output as tf.SymbolicTensor });
+  const extractor = extractorFor(baseModel, plan.pooledSpec);
   const features = await ctx.stage(
     "features",
     () =>

@@ -1,4 +1,3 @@
-import * as tf from "@tensorflow/tfjs";
 import { sha256Hex } from "../../../../shared/hash.ts";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
 import type { TrainInput } from "../config.ts";
@@ -8,7 +7,7 @@ import { initBackend } from "../model/backend.ts";
 import { loadBase } from "../model/bases.ts";
 import { planRun } from "../plan.ts";
 import { runContext } from "../run.ts";
-import { extractSplits } from "./extract.ts";
+import { extractorFor, extractSplits } from "./extract.ts";
 
 /**
  * One shard of the feature extraction, for AWS Batch array jobs on datasets too large for one
@@ -26,7 +25,7 @@ export async function embedShard(store: ObjectStore, input: TrainInput, shard: n
   for (const image of dataset.images) if (Number.parseInt((await sha256Hex(image.id)).slice(0, 8), 16) % shards === shard) mine.push(image);
   const model = await loadBase(store, base, options.imageSize);
   try {
-    const extractor = tf.model({ inputs: model.inputs, outputs: model.getLayer(base.featureLayer).output as tf.SymbolicTensor });
+    const extractor = extractorFor(model, pooledSpec);
     const features = await extractSplits(
       store,
       extractor,

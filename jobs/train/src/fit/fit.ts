@@ -10,6 +10,7 @@ import { s3Checkpointer } from "./checkpoint.ts";
 import { buildTop } from "./finetune.ts";
 import { applyLayers, type EpochLog, headLayers, predictRows, trainModel } from "./head.ts";
 import { memoryRows, packRows, type RowSource } from "./rows.ts";
+import { foldStandardization, standardizedLayerName, standardizedRows, standardizerOf, unfoldStandardization } from "./standardize.ts";
 
 /**
  * Stage 3: the classifier's trainable parts. Strategy `head`: a new dense head on the pooled features,
@@ -40,8 +41,11 @@ export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: t
     );
   };
   const hasVal = pooled.val.length > 0;
-  const trainData = rowsOf(pooled.features, pooled.train, options.views);
-  const valData = rowsOf(pooled.features, pooled.val, 1);
+  // The head learns on standardised features; the scaling is folded into it afterwards (standardize.ts).
+  const rawTrain = rowsOf(pooled.features, pooled.train, options.views);
+  const scaler = await standardizerOf(rawTrain);
+  const trainData = standardizedRows(rawTrain, scaler);
+  const valData = standardizedRows(rowsOf(pooled.features, pooled.val, 1), scaler);
 
   const head = headLayers(classes, { ...options.head, seed: options.seed });
   const headInput = tf.input({ shape: [pooled.features.shape.reduce((a, b) => a * b, 1)] });
@@ -50,7 +54,14 @@ export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: t
   if (warm) {
     for (const layer of head) {
       const w = warm.weights.get(layer.name);
-      if (w && w.length === layer.getWeights().length && w.every((t, i) => t.shape.join() === layer.getWeights()[i]?.shape.join())) layer.setWeights(w);
+      if (!w || w.length !== layer.getWeights().length || !w.every((t, i) => t.shape.join() === layer.getWeights()[i]?.shape.join())) continue;
+      // The served head takes raw features; this one learns on standardised ones.
+      if (layer.name !== standardizedLayerName(head)) layer.setWeights(w);
+      else {
+        const unfolded = unfoldStandardization(w, scaler);
+        layer.setWeights(unfolded);
+        for (const t of unfolded) t.dispose();
+      }
     }
     for (const ts of warm.weights.values()) for (const t of ts) t.dispose();
     ctx.log.info(`head starts from version ${warm.version}`);
@@ -61,12 +72,15 @@ export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: t
       ctx.log.progress("train head", e.epoch, options.head.epochs),
     ),
   );
-  if (options.strategy !== "finetune") return { head, history, valProbs: await predictRows(headModel, valData), yVal: valData.y };
+  const headValProbs = options.strategy !== "finetune" ? await predictRows(headModel, valData) : [];
+  foldStandardization(head, scaler); // from here on the head takes raw pooled features
+  if (options.strategy !== "finetune") return { head, history, valProbs: headValProbs, yVal: valData.y };
 
   const from = options.fineTune.from ?? base.fineTuneFrom;
   if (!from) throw new EdgetuneError("invalid_option", `Base ${base.id} names no fine-tuning cut; pass --fine-tune-from <layer>.`);
   const bottom = tf.model({ inputs: baseModel.inputs, outputs: baseModel.getLayer(from).output as tf.SymbolicTensor });
-  const bottomSpec: ExtractorSpec = { ...plan.pooledSpec, layer: from, pooled: false };
+  const { pooledLayers: _pooledLayers, ...single } = plan.pooledSpec;
+  const bottomSpec: ExtractorSpec = { ...single, layer: from, pooled: false };
   // The maps are computed into their packs (or found there) and not kept: every epoch streams them
   // back (rows.ts), so memory does not grow with the dataset.
   const maps = await ctx.stage(

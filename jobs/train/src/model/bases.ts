@@ -23,6 +23,11 @@ export interface KnownBase {
   description: string;
   source: { kind: "nsfwjs" } | { kind: "bundled"; dir: string } | { kind: "url"; url: string };
   featureLayer: string;
+  /**
+   * Mid-level layers whose pooled features join the feature layer's for a head (strategy `head`): kept
+   * only where the reference datasets measured a gain (bench/RESULTS.md, "features from several layers").
+   */
+  pooledLayers?: readonly string[];
   fineTuneFrom: string;
   normalization: Normalization;
   licence: string;
@@ -43,6 +48,7 @@ export const KNOWN_BASES: readonly KnownBase[] = [
       "Tiny Darknet, ImageNet-1k (ml5's tfjs port, as in ../shared/models/darknet_tiny); cut at its last 1×1 convolution. The clean ImageNet base that installs with the project.",
     source: { kind: "bundled", dir: "darknet-tiny" },
     featureLayer: "conv2d_16",
+    pooledLayers: ["leaky_re_lu_12", "leaky_re_lu_14", "leaky_re_lu_15"],
     fineTuneFrom: "leaky_re_lu_14",
     normalization: "0-1",
     licence: "MIT (ml5 models, see jobs/train/bases/darknet-tiny/LICENSE.ml5-data-and-models)",
@@ -78,6 +84,11 @@ export const KNOWN_BASES: readonly KnownBase[] = [
     }),
   ),
 ];
+/** The extra layers a head pools for this base (its `pooledLayers` when it is a base known by name). */
+export function poolsOf(base: Pick<BaseMetadata, "id">): readonly string[] {
+  return KNOWN_BASES.find((k) => k.id === base.id)?.pooledLayers ?? [];
+}
+
 /**
  * The best base that installs with the project, chosen by measurement (bench/RESULTS.md, "Which base by
  * default"): the best accuracy on the reference datasets among the bundled bases, at an edge p50 ≤ 50 ms.
@@ -240,7 +251,25 @@ export async function loadBase(store: ObjectStore, metadata: BaseMetadata, size:
     shards.set(f.path, bytes);
   }
   // BatchNorm folded into the convolutions: same function, faster, and frozen BN for fine-tuning.
-  return loadModel(shards.get("model.json") as Uint8Array, shards, size, { foldBatchNorm: true });
+  const model = await loadModel(shards.get("model.json") as Uint8Array, shards, size, { foldBatchNorm: true });
+  // Folding makes float32 weights that the export stores as float16, which the edge then runs. The
+  // features are computed with exactly those numbers: a head (trained on standardised features, which
+  // magnify small differences) never meets features other than those it was trained on.
+  for (const layer of model.layers) {
+    const weights = layer.getWeights();
+    if (weights.length === 0) continue;
+    const rounded = weights.map((w) =>
+      w.dtype === "float32"
+        ? tf.tensor(
+            Float32Array.from(w.dataSync() as Float32Array, (v) => Math.f16round(v)),
+            w.shape,
+          )
+        : w.clone(),
+    );
+    layer.setWeights(rounded);
+    for (const t of rounded) t.dispose();
+  }
+  return model;
 }
 
 async function loadSource(source: ModelSource): Promise<tf.LayersModel> {

@@ -1,7 +1,7 @@
 import * as tf from "@tensorflow/tfjs";
 import type { BaseMetadata } from "../../../../shared/contracts/base.ts";
 import { mulberry32 } from "../dataset/augment.ts";
-import { extractFeatures, featureSpec } from "../features/extract.ts";
+import { extractFeatures, extractorFor, featureSpec } from "../features/extract.ts";
 import type { RunPlan } from "../plan.ts";
 import type { RunContext } from "../run.ts";
 import { loadBase } from "./bases.ts";
@@ -32,8 +32,8 @@ export async function chooseBase(ctx: RunContext, plan: RunPlan, candidates: rea
       async () => {
         const model = await loadBase(ctx.store, base, plan.options.imageSize);
         try {
-          const extractor = tf.model({ inputs: model.inputs, outputs: model.getLayer(base.featureLayer).output as tf.SymbolicTensor });
           const spec = { ...featureSpec(base, plan.options).pooledSpec, views: 1 };
+          const extractor = extractorFor(model, spec);
           const features = await extractFeatures(ctx.store, extractor, spec, train, (d, t) => ctx.log.progress(`features for ${base.id}`, d, t));
           const rows = train.flatMap((i) => {
             const v = features.byId.get(i.id)?.[0];

@@ -3,25 +3,30 @@ import { type PreprocessingSpec, preprocess } from "../../../../shared/preproces
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import type { DatasetImage } from "../dataset/read.ts";
+import type { ExtractorSpec } from "../features/extract.ts";
 import type { PooledFeatures } from "../features/pooled.ts";
 import { applyLayers, concatRows, LAYER_NAMES } from "../fit/head.ts";
 import type { RunPlan } from "../plan.ts";
 import type { RunContext } from "../run.ts";
-import { applyBetween } from "./graph.ts";
+import { applyBetweenAll, poolMaps } from "./graph.ts";
 import { loadModel, type ModelFiles, modelToFiles, WEIGHTS_FILE } from "./io.ts";
 import type { WeightDtype } from "./weights.ts";
 
 /**
  * The deployable classifier: image (size×size×3, preprocessed) → base up to the feature layer →
- * global average pooling → head → softmax. One flat functional model that stock
+ * global average pooling (of that layer, or of it and the spec's `pooledLayers`, concatenated) → head → softmax. One flat functional model that stock
  * `tf.loadLayersModel` reads; layers are shared with the trained objects, so fine-tuned base
  * weights are what gets exported.
  */
-export function buildClassifier(base: tf.LayersModel, featureLayer: string, size: number, head: tf.layers.Layer[]): tf.LayersModel {
+export function buildClassifier(
+  base: tf.LayersModel,
+  layers: Pick<ExtractorSpec, "layer" | "pooledLayers">,
+  size: number,
+  head: tf.layers.Layer[],
+): tf.LayersModel {
   const input = tf.input({ shape: [size, size, 3], name: "image" });
-  const features = applyBetween(base, input, featureLayer);
-  const pooled = tf.layers.globalAveragePooling2d({ name: LAYER_NAMES.pool }).apply(features) as tf.SymbolicTensor;
-  return tf.model({ inputs: input, outputs: applyLayers(head, pooled), name: "edgetune_classifier" });
+  const maps = applyBetweenAll(base, input, [...(layers.pooledLayers ?? []), layers.layer]);
+  return tf.model({ inputs: input, outputs: applyLayers(head, poolMaps(maps, LAYER_NAMES.pool)), name: "edgetune_classifier" });
 }
 
 /**
@@ -35,7 +40,9 @@ export async function exportClassifier(
   probe: tf.Tensor4D,
   tolerance: number,
 ): Promise<{ files: ModelFiles; maxDelta: number; argmaxChanged: number }> {
-  const files = await modelToFiles(model, dtype);
+  // The head's weights stay float32 (a few KB): folding the feature standardisation into them
+  // (fit/standardize.ts) widens their range beyond what float16 holds to the 0.02 tolerance.
+  const files = await modelToFiles(model, dtype, (weight) => weight.startsWith("edgetune_"));
   const reloaded = await loadModel(files.modelJson, new Map([[WEIGHTS_FILE, files.weights]]));
   try {
     const [a, b] = tf.tidy(() => [model.predict(probe) as tf.Tensor2D, reloaded.predict(probe) as tf.Tensor2D]);
@@ -79,7 +86,7 @@ export async function exportVersion(
   pooled: PooledFeatures,
 ): Promise<Exported> {
   const size = plan.options.imageSize;
-  const classifier = buildClassifier(baseModel, plan.base.featureLayer, size, head);
+  const classifier = buildClassifier(baseModel, plan.pooledSpec, size, head);
   const probe = await probeInputs(ctx.store, pooled.val.length > 0 ? pooled.val : pooled.train, size, plan.preprocessing);
   try {
     return await ctx.stage(

@@ -24,12 +24,12 @@ interface KerasConfig {
   layers: { class_name: string; config: Record<string, unknown> }[];
 }
 
-export async function modelToFiles(model: tf.LayersModel, dtype: WeightDtype): Promise<ModelFiles> {
-  return savedToFiles(await saveToMemory(model), dtype);
+export async function modelToFiles(model: tf.LayersModel, dtype: WeightDtype, keepFloat32?: (weight: string) => boolean): Promise<ModelFiles> {
+  return savedToFiles(await saveToMemory(model), dtype, keepFloat32);
 }
 
-export function savedToFiles(saved: SavedModel, dtype: WeightDtype): ModelFiles {
-  const { specs, data } = encodeWeights(saved.weightSpecs, saved.weightData, dtype);
+export function savedToFiles(saved: SavedModel, dtype: WeightDtype, keepFloat32?: (weight: string) => boolean): ModelFiles {
+  const { specs, data } = encodeWeights(saved.weightSpecs, saved.weightData, dtype, keepFloat32);
   const json: ModelJson = {
     format: saved.format ?? "layers-model",
     generatedBy: saved.generatedBy,

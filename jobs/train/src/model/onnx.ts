@@ -51,7 +51,10 @@ export function toOnnx(model: tf.LayersModel, options: { size: number; pooled: b
     const inputs = (layer.inboundNodes[0]?.inboundLayers ?? []).map((l) => tensor(l.name));
     convert(out, layer, inputs);
   }
-  if (options.pooled) node(out, "ReduceMean", [last], [OUTPUT], { axes: [2, 3], keepdims: 0 });
+  const outputRank = model.outputs[0]?.shape.length;
+  if (outputRank === 2)
+    node(out, "Identity", [last], [OUTPUT]); // pooled in the graph already
+  else if (options.pooled) node(out, "ReduceMean", [last], [OUTPUT], { axes: [2, 3], keepdims: 0 });
   else node(out, "Transpose", [last], [OUTPUT], { perm: [0, 2, 3, 1] });
 
   const shapeOf = (dims: (number | string)[]) => ({
@@ -175,6 +178,18 @@ function convert(out: Built, layer: tf.layers.Layer, inputs: string[]): void {
     case "Dropout":
       node(out, "Identity", [x], [name]);
       return;
+    // Features from several layers (features/extract.ts extractorFor): each map pooled to [N, C],
+    // the vectors concatenated. Channels are axis 1 in NCHW as in the pooled [N, C].
+    case "GlobalAveragePooling2D":
+      node(out, "ReduceMean", [x], [name], { axes: [2, 3], keepdims: 0 });
+      return;
+    case "Concatenate": {
+      const axis = (cfg.axis as number | undefined) ?? -1;
+      const rank = (layer.outputShape as unknown[]).length;
+      if (rank !== 2 || (axis !== -1 && axis !== 1)) throw new UnsupportedLayerError(layer.name, `concatenation on axis ${axis} of rank ${rank}`);
+      node(out, "Concat", inputs, [name], { axis: 1 });
+      return;
+    }
     default:
       throw new UnsupportedLayerError(layer.name, cls);
   }

@@ -41,11 +41,15 @@ export async function saveToMemory(model: tf.LayersModel): Promise<SavedModel> {
   return saved;
 }
 
-/** Re-encodes float32 weights as `dtype`. Non-float32 tensors (int32 etc.) are kept as they are. */
+/**
+ * Re-encodes float32 weights as `dtype`. Non-float32 tensors (int32 etc.) are kept as they are, and so
+ * are the weights `keepFloat32` names (the format gives each weight its own encoding).
+ */
 export function encodeWeights(
   specs: tf.io.WeightsManifestEntry[],
   data: ArrayBuffer,
   dtype: WeightDtype,
+  keepFloat32: (name: string) => boolean = () => false,
 ): { specs: tf.io.WeightsManifestEntry[]; data: ArrayBuffer } {
   const decoded = tf.io.decodeWeights(data, specs);
   const outSpecs: tf.io.WeightsManifestEntry[] = [];
@@ -55,7 +59,7 @@ export function encodeWeights(
     const values = t.dataSync();
     t.dispose();
     const base = { name: spec.name, shape: spec.shape, dtype: spec.dtype };
-    if (spec.dtype !== "float32" || dtype === "float32") {
+    if (spec.dtype !== "float32" || dtype === "float32" || keepFloat32(spec.name)) {
       outSpecs.push(base);
       chunks.push(new Uint8Array(values.buffer.slice(values.byteOffset, values.byteOffset + values.byteLength)));
     } else if (dtype === "float16") {

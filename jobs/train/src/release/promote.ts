@@ -136,6 +136,7 @@ export function isComparable(plan: RunPlan): (m: ArtifactMetadata) => boolean {
   return (m) =>
     m.base.sha256 === plan.base.sha256 &&
     m.base.featureLayer === plan.base.featureLayer &&
+    (m.base.pooledLayers ?? []).join() === (plan.pooledSpec.pooledLayers ?? []).join() &&
     m.input.size === plan.options.imageSize &&
     m.strategy === "head" &&
     JSON.stringify(m.preprocessing) === JSON.stringify(plan.preprocessing);

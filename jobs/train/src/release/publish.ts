@@ -98,7 +98,7 @@ async function buildReport(ctx: RunContext, plan: RunPlan, outcome: RunOutcome):
     ignored: dataset.ignored,
     warnings: dataset.warnings,
     backend: { name: backend.name, reason: backend.reason },
-    base: { id: base.id, featureLayer: base.featureLayer, sha256: base.sha256, choice: plan.baseChoice },
+    base: { id: base.id, featureLayer: base.featureLayer, ...pooledLayersOf(plan), sha256: base.sha256, choice: plan.baseChoice },
     options: options as unknown as Record<string, unknown>,
     phases: ctx.phases,
     history: fitted.history,
@@ -108,6 +108,12 @@ async function buildReport(ctx: RunContext, plan: RunPlan, outcome: RunOutcome):
     export: { dtype: exported.dtype, bytes: exported.files.weights.byteLength, maxDelta: exported.maxDelta },
     promotion,
   };
+}
+
+/** The extra pooled layers, where the run pooled several (absent otherwise, as in older versions). */
+function pooledLayersOf(plan: RunPlan): { pooledLayers?: string[] } {
+  const layers = plan.pooledSpec.pooledLayers;
+  return layers?.length ? { pooledLayers: [...layers] } : {};
 }
 
 function metadataOf(plan: RunPlan, outcome: RunOutcome): Omit<ArtifactMetadata, "files"> {
@@ -121,7 +127,13 @@ function metadataOf(plan: RunPlan, outcome: RunOutcome): Omit<ArtifactMetadata, 
     labels: dataset.labels,
     input: { size: options.imageSize, channels: 3 },
     preprocessing: plan.preprocessing,
-    base: { id: base.id, sha256: base.sha256, featureLayer: base.featureLayer, ...(plan.baseChoice ? { choice: plan.baseChoice } : {}) },
+    base: {
+      id: base.id,
+      sha256: base.sha256,
+      featureLayer: base.featureLayer,
+      ...pooledLayersOf(plan),
+      ...(plan.baseChoice ? { choice: plan.baseChoice } : {}),
+    },
     strategy: options.strategy,
     hyperparameters: {
       views: options.views,

@@ -14,7 +14,7 @@ export interface TrainingReport {
   ignored: { key: string; reason: string }[];
   warnings: string[];
   backend: { name: string; reason: string };
-  base: { id: string; featureLayer: string; sha256: string; choice?: { requested: string; reason: string } };
+  base: { id: string; featureLayer: string; pooledLayers?: string[]; sha256: string; choice?: { requested: string; reason: string } };
   options: Record<string, unknown>;
   phases: { name: string; seconds: number; detail?: Record<string, unknown> }[];
   history: { head: EpochLog[]; fineTune: EpochLog[] };
