@@ -89,8 +89,9 @@ export function preprocess(pixels: Pixels, size: number, spec: PreprocessingSpec
   const rowFirst = vFirst[0] as number;
   const rowLast = (vFirst[size - 1] as number) + (vCount[size - 1] as number);
   const rows = rowLast - rowFirst;
-  if (scratch.length < rows * size * 3) scratch = new Float32Array(rows * size * 3);
-  const tmp = scratch;
+  const needed = rows * size * 3;
+  if (needed <= SCRATCH_MAX && scratch.length < needed) scratch = new Float32Array(needed);
+  const tmp = needed <= SCRATCH_MAX ? scratch : new Float32Array(needed);
   const src = pixels.data;
   const c = pixels.channels;
   const rowStride = width * c;
@@ -178,9 +179,10 @@ const WHITE = [255, 255, 255] as const;
 /**
  * The horizontal pass's rows, kept between calls (preprocess is synchronous, so one buffer serves every
  * call): allocating it per image (1 MB for a 500×375 photo at 224 px) showed as GC time on training's
- * hot path. It holds at most rows × size × 3 floats of the largest image seen: at the edge's 2.1 MP
- * limit and 224 px, under 4 MB for the isolate's life.
+ * hot path. It is kept only up to 4 MB (a centre-cropped image of up to 1488 rows at 224 px); a larger
+ * need (a tall image stretched whole) gets a buffer of its own for that call.
  */
+const SCRATCH_MAX = 1 << 20;
 let scratch = new Float32Array(0);
 
 /** Round half up to an integer in [0, 255] (Math.round on the non-negative range, without the call). */

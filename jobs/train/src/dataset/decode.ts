@@ -74,7 +74,9 @@ export async function decodeImage(bytes: Uint8Array): Promise<Pixels> {
     if (e instanceof ImageDecodeError) throw e;
     const message = e instanceof Error ? e.message.split("\n")[0] : String(e);
     if (/pixel limit/i.test(message ?? "")) {
-      const meta = await sharp(bytes, { limitInputPixels: false }).metadata();
+      const meta = await sharp(bytes, { limitInputPixels: false })
+        .metadata()
+        .catch(() => ({ width: "?", height: "?" }));
       throw new ImageDecodeError(`image is ${meta.width}×${meta.height}, more than ${MAX_IMAGE_PIXELS / 1e6} megapixels`);
     }
     throw new ImageDecodeError(`corrupt ${format} (${message})`);

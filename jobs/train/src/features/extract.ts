@@ -29,7 +29,7 @@ export interface ExtractorSpec {
   layer: string;
   /**
    * Mid-level layers pooled too, their vectors concatenated before the feature layer's (features from
-   * several layers, see bases.ts). Absent for one layer, so those caches keep their keys.
+   * several layers, see bases.ts). Absent for one layer.
    */
   pooledLayers?: readonly string[];
   pooled: boolean;
@@ -355,9 +355,10 @@ async function streamPacks(
   const sendBatch = async () => {
     if (rows.length === 0) return;
     const batch = rows;
-    const data = batch.length === BATCH ? body : body.slice(0, batch.length * perRow);
+    const full = batch.length === BATCH;
+    const data = full ? body : body.slice(0, batch.length * perRow);
     rows = [];
-    body = newBody(); // the full one is handed (transferred) to the pool
+    if (full) body = newBody(); // the full one is handed (transferred) to the pool; a partial one was copied
     await slots.acquire();
     const target = pack;
     const computed = pool

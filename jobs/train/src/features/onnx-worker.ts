@@ -18,8 +18,9 @@ try {
     try {
       const out = await session.run({ input: new ort.Tensor("float32", data, [n, size, size, 3]) });
       const features = out.features as { dims: readonly number[]; data: Float32Array };
-      // The output's own buffer is handed over (transferred), not copied; the input goes back to be refilled.
-      const values = features.data;
+      // A copy of the output is handed over (a few hundred KB per batch): newer onnxruntime-node builds
+      // return outputs in external buffers, which cannot be transferred. The input goes back to be refilled.
+      const values = features.data.slice();
       port.postMessage({ shape: features.dims.slice(1), values, input: data }, [values.buffer as ArrayBuffer, data.buffer as ArrayBuffer]);
     } catch (e) {
       port.postMessage({ error: e instanceof Error ? e.message : String(e) });

@@ -10,7 +10,7 @@ import { s3Checkpointer } from "./checkpoint.ts";
 import { buildTop } from "./finetune.ts";
 import { applyLayers, type EpochLog, headLayers, predictRows, trainModel } from "./head.ts";
 import { memoryRows, packRows, type RowSource } from "./rows.ts";
-import { foldStandardization, standardizedLayerName, standardizedRows, standardizerOf, unfoldStandardization } from "./standardize.ts";
+import { foldStandardization, identityStandardizer, standardizedLayerName, standardizedRows, standardizerOf, unfoldStandardization } from "./standardize.ts";
 
 /**
  * Stage 3: the classifier's trainable parts. Strategy `head`: a new dense head on the pooled features,
@@ -41,9 +41,11 @@ export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: t
     );
   };
   const hasVal = pooled.val.length > 0;
-  // The head learns on standardised features; the scaling is folded into it afterwards (standardize.ts).
+  // A head alone learns on standardised features; the scaling is folded into it afterwards
+  // (standardize.ts). Fine-tuning keeps raw features (one layer): the head it goes on training there,
+  // with its dropout and L2 penalty, keeps meaning what it meant when it was fitted.
   const rawTrain = rowsOf(pooled.features, pooled.train, options.views);
-  const scaler = await standardizerOf(rawTrain);
+  const scaler = options.strategy === "head" ? await standardizerOf(rawTrain) : identityStandardizer(rawTrain.shape.reduce((a, b) => a * b, 1));
   const trainData = standardizedRows(rawTrain, scaler);
   const valData = standardizedRows(rowsOf(pooled.features, pooled.val, 1), scaler);
 

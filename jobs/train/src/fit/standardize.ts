@@ -48,6 +48,11 @@ export async function standardizerOf(rows: RowSource): Promise<Standardizer> {
   return { mean, std };
 }
 
+/** No scaling at all (mean 0, deviation 1): folding it changes nothing. */
+export function identityStandardizer(dim: number): Standardizer {
+  return { mean: new Float32Array(dim), std: new Float32Array(dim).fill(1) };
+}
+
 /** The same rows, standardised batch by batch (nothing copied up front: pooled rows can be gigabytes). */
 export function standardizedRows(rows: RowSource, s: Standardizer): RowSource {
   const dim = s.mean.length;
