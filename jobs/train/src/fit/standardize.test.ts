@@ -22,6 +22,15 @@ function rows(n: number, seed: number) {
   );
 }
 
+async function largestDifference(a: tf.Tensor | undefined, b: tf.Tensor | undefined): Promise<number> {
+  return Math.max(
+    ...(await tf
+      .sub(a as tf.Tensor, b as tf.Tensor)
+      .abs()
+      .data()),
+  );
+}
+
 async function all(source: ReturnType<typeof rows>): Promise<Float32Array[]> {
   const out: Float32Array[] = [];
   for await (const { ids, values } of source.batches(7, null)) for (let r = 0; r < ids.length; r++) out.push(values.slice(r * 6, (r + 1) * 6));
@@ -71,33 +80,12 @@ describe("standardised head features", () => {
       const folded = dense.getWeights().map((t) => t.clone()); // getWeights gives the variables themselves
       const back = unfoldStandardization(folded, s);
       foldStandardization(head, s); // folds the already-folded weights once more: changes them
-      expect(
-        Math.max(
-          ...(await tf
-            .sub(dense.getWeights()[0] as tf.Tensor, folded[0] as tf.Tensor)
-            .abs()
-            .data()),
-        ),
-      ).toBeGreaterThan(1e-3);
+      expect(await largestDifference(dense.getWeights()[0], folded[0])).toBeGreaterThan(1e-3);
       dense.setWeights(back);
       foldStandardization(head, s);
       const again = dense.getWeights();
-      expect(
-        Math.max(
-          ...(await tf
-            .sub(again[0] as tf.Tensor, folded[0] as tf.Tensor)
-            .abs()
-            .data()),
-        ),
-      ).toBeLessThan(1e-4);
-      expect(
-        Math.max(
-          ...(await tf
-            .sub(again[1] as tf.Tensor, folded[1] as tf.Tensor)
-            .abs()
-            .data()),
-        ),
-      ).toBeLessThan(1e-3);
+      expect(await largestDifference(again[0], folded[0])).toBeLessThan(1e-4);
+      expect(await largestDifference(again[1], folded[1])).toBeLessThan(1e-3);
     });
   }
 });
