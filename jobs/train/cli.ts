@@ -91,11 +91,10 @@ program
   .option("--views <n>", `augmented views per training image, 1 for none (default ${DEFAULT_OPTIONS.views})`, int("views"))
   .option("--seed <n>", `seed for splits, initialisation and augmentation (default ${DEFAULT_OPTIONS.seed})`, int("seed"))
   .addOption(
-    new Option("--weights <dtype>", "exported weight type of the base (the head stays float32; the base is computed with float16-rounded weights in training, so float32 adds size, not accuracy); uint8 falls back to float16 if it changes a held-out prediction").choices([
-      "float16",
-      "uint8",
-      "float32",
-    ]),
+    new Option(
+      "--weights <dtype>",
+      "exported weight type of the base (the head stays float32; the base is computed with float16-rounded weights in training, so float32 adds size, not accuracy); uint8 falls back to float16 if it changes a held-out prediction",
+    ).choices(["float16", "uint8", "float32"]),
   )
   .option(
     "--promotion-tolerance <fraction>",
