@@ -6,7 +6,7 @@
  *      3 labels) pushed into it, manifest last (it asks for 128 px: small icons);
  *   3. the dispatcher sees the manifest, as the EventBridge rule would, and runs the training job
  *      through the same CLI as the Batch container; the model is evaluated and promoted;
- *   4. the edge worker starts in local workerd (wrangler dev) against the bucket;
+ *   4. the edge worker starts in local workerd (wrangler dev) against the bucket (it starts while the model trains);
  *   5. held-out images are classified over HTTP, and a ready-to-paste curl command is printed.
  * Then it serves until Ctrl-C, with the nightly stand-in retraining every EDGETUNE_NIGHTLY_MINUTES.
  * Ports: EDGETUNE_LOCAL_S3_PORT and EDGETUNE_EDGE_PORT (default: free ones), checked before anything starts.
@@ -102,6 +102,19 @@ try {
   dispatcher.start();
   cleanups.push(() => dispatcher.stop());
 
+  // The edge worker starts while the model trains: wrangler's bundling and workerd's start (≈ 2 s) need
+  // not wait for it. It reads the model pointer on its first request, after the promotion.
+  const port = edgePort || (await freePort());
+  const edgeStarting = startEdgeWorker({
+    s3Endpoint: s3.endpoint,
+    bucket: s3.config.bucket,
+    port,
+    apiKey: process.env.EDGETUNE_API_KEY,
+    pointerTtlSeconds: 10,
+  });
+  edgeStarting.catch(() => {}); // a failed start is reported where it is awaited, below
+  cleanups.push(async () => (await edgeStarting.catch(() => undefined))?.stop());
+
   // A real sample dataset: 30 Twemoji images per label to train on, 4 more per label held out.
   const train = await sampleDataset({ perLabel: 30, size: 128 });
   const unseen = (await sampleDataset({ perLabel: 40, size: 128 })).filter((h) => !train.some((t) => t.file === h.file));
@@ -120,15 +133,7 @@ try {
   }
   say(`model ${DATASET} promoted`);
 
-  const port = edgePort || (await freePort());
-  const edge = await startEdgeWorker({
-    s3Endpoint: s3.endpoint,
-    bucket: s3.config.bucket,
-    port,
-    apiKey: process.env.EDGETUNE_API_KEY,
-    pointerTtlSeconds: 10,
-  });
-  cleanups.push(() => edge.stop());
+  const edge = await edgeStarting;
   say(`edge worker (workerd) on ${edge.url}`);
 
   let first = true;
