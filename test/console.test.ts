@@ -7,6 +7,7 @@ import { memoryLogger } from "../jobs/train/src/log.ts";
 import { listCaptures, processTraffic, writeCaptureConfig } from "../jobs/train/src/traffic/traffic.ts";
 import { train } from "../jobs/train/src/train.ts";
 import { uploadSample } from "./support/datasets.ts";
+import { postClassify } from "./support/edge.ts";
 
 /**
  * The web console in a real headless Chromium (Debian's `chromium` package, driven by playwright-core)
@@ -155,11 +156,7 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     expect((await list("not-a-key")).status).toBe(401);
     const img = images[0] as (typeof images)[number];
     for (const key of [edge.apiKey, OPERATOR]) {
-      const res = await fetch(`${edge.url}/v1/models/emoji/classify`, {
-        method: "POST",
-        headers: { authorization: `Bearer ${key}`, "content-type": img.file.endsWith(".jpg") ? "image/jpeg" : "image/png" },
-        body: img.bytes as BodyInit,
-      });
+      const res = await postClassify(edge, "emoji", img, { authorization: `Bearer ${key}` });
       expect(res.status).toBe(200);
     }
   });
@@ -168,19 +165,11 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     await writeCaptureConfig(s3.store, "emoji", { enabled: true, belowConfidence: 1.01 });
     // The worker re-reads capture settings after its TTL (1 s here), after an answer: one answer to start it.
     await new Promise((r) => setTimeout(r, 1100));
-    await fetch(`${edge.url}/v1/models/emoji/classify`, {
-      method: "POST",
-      headers: { authorization: `Bearer ${edge.apiKey}`, "content-type": "image/png", "x-edgetune-capture": "off" },
-      body: images.find((i) => i.file.endsWith(".png"))?.bytes as BodyInit,
-    });
+    await postClassify(edge, "emoji", images.find((i) => i.file.endsWith(".png")) as (typeof images)[number], { "x-edgetune-capture": "off" });
     await new Promise((r) => setTimeout(r, 300));
     const sent = images.slice(0, 3);
     for (const img of sent) {
-      const res = await fetch(`${edge.url}/v1/models/emoji/classify`, {
-        method: "POST",
-        headers: { authorization: `Bearer ${edge.apiKey}`, "content-type": img.file.endsWith(".jpg") ? "image/jpeg" : "image/png" },
-        body: img.bytes as BodyInit,
-      });
+      const res = await postClassify(edge, "emoji", img);
       expect(res.status).toBe(200);
     }
     for (let i = 0; i < 100 && (await listCaptures(s3.store, "emoji")).length < sent.length; i++) await new Promise((r) => setTimeout(r, 100));

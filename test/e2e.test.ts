@@ -10,6 +10,7 @@ import { pushDataset } from "../jobs/train/src/catalog/catalog.ts";
 import { type SampleImage, sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { readPointer } from "../shared/artifacts.ts";
 import { keys } from "../shared/keys.ts";
+import { postClassify } from "./support/edge.ts";
 
 /**
  * The whole loop, as a user lives it: push a folder → the dispatcher (the EventBridge rule's local
@@ -71,11 +72,7 @@ async function classifyAll(images: SampleImage[]): Promise<{ accuracy: number; v
   let correct = 0;
   const versions = new Set<string>();
   for (const img of images) {
-    const res = await fetch(`${edge.url}/v1/models/emoji/classify`, {
-      method: "POST",
-      headers: { authorization: `Bearer ${edge.apiKey}`, "content-type": img.file.endsWith(".jpg") ? "image/jpeg" : "image/png" },
-      body: img.bytes as BodyInit,
-    });
+    const res = await postClassify(edge, "emoji", img);
     expect(res.status).toBe(200);
     const body = (await res.json()) as { version: string; predictions: { label: string }[] };
     versions.add(body.version);

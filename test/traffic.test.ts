@@ -11,6 +11,7 @@ import { train } from "../jobs/train/src/train.ts";
 import { readPointer } from "../shared/artifacts.ts";
 import { keys } from "../shared/keys.ts";
 import { monitorSummarySchema } from "../shared/monitor.ts";
+import { postClassify } from "./support/edge.ts";
 import { type FaultProxy, startFaultProxy } from "./support/fault-proxy.ts";
 
 /**
@@ -70,13 +71,8 @@ afterAll(async () => {
 });
 
 const auth = () => ({ authorization: `Bearer ${edge.apiKey}` });
-const typeOf = (i: SampleImage) => (i.file.endsWith(".jpg") ? "image/jpeg" : "image/png");
 async function classify(img: SampleImage, headers: Record<string, string> = {}) {
-  const res = await fetch(`${edge.url}/v1/models/emoji/classify`, {
-    method: "POST",
-    headers: { ...auth(), "content-type": typeOf(img), ...headers },
-    body: img.bytes as BodyInit,
-  });
+  const res = await postClassify(edge, "emoji", img, headers);
   expect(res.status).toBe(200);
   return (await res.json()) as { version: string; predictions: { label: string; score: number }[] };
 }
@@ -290,11 +286,7 @@ describe("the traffic loop", () => {
     // Sent until stored (an isolate that has just started captures once it has read its settings).
     let stored: Awaited<ReturnType<typeof listCaptures>> = [];
     for (let attempt = 0; attempt < 3 && !stored.some((r) => r.image.width === 512); attempt++) {
-      const res = await fetch(`${edge.url}/v1/models/emoji/classify`, {
-        method: "POST",
-        headers: { ...auth(), "content-type": "image/jpeg" },
-        body: photo as BodyInit,
-      });
+      const res = await postClassify(edge, "emoji", { file: "photo.jpg", bytes: photo });
       expect(res.status).toBe(200);
       stored = await until(
         () => listCaptures(s3.store, "emoji"),
