@@ -12,6 +12,7 @@ import { decodeImage } from "../dataset/decode.ts";
 import type { DatasetImage } from "../dataset/read.ts";
 import { poolsOf } from "../model/bases.ts";
 import { poolMaps } from "../model/graph.ts";
+import { roundToHalf } from "../model/weights.ts";
 import { createForwardPool, type ForwardPool, lazyForwardPool } from "./forward-pool.ts";
 import { decodePack, decodePackHeader, encodePack, type Pack, type PackHeader } from "./packs.ts";
 
@@ -45,6 +46,7 @@ export interface ExtractorSpec {
  * array job's packs are the ones training looks for.
  */
 export function featureSpec(base: BaseMetadata, options: TrainOptions): { preprocessing: PreprocessingSpec; pooledSpec: ExtractorSpec } {
+  const extraLayers = poolsOf(base);
   const preprocessing: PreprocessingSpec = {
     version: LATEST_PREPROCESSING,
     fit: "center-crop",
@@ -58,7 +60,7 @@ export function featureSpec(base: BaseMetadata, options: TrainOptions): { prepro
       layer: base.featureLayer,
       // Fine-tuning retrains the blocks above its cut and pools only their output: the head it starts
       // from is trained on that layer's features alone.
-      ...(options.strategy === "head" && poolsOf(base).length > 0 ? { pooledLayers: poolsOf(base) } : {}),
+      ...(options.strategy === "head" && extraLayers.length > 0 ? { pooledLayers: extraLayers } : {}),
       pooled: true,
       size: options.imageSize,
       preprocessing,
@@ -69,11 +71,19 @@ export function featureSpec(base: BaseMetadata, options: TrainOptions): { prepro
 }
 
 /**
+ * The layers a spec's features come from, in the order their pooled vectors are concatenated (the
+ * feature layer last). Training's extractor and the exported classifier both follow it.
+ */
+export function pooledLayersOf(spec: Pick<ExtractorSpec, "layer" | "pooledLayers">): string[] {
+  return [...(spec.pooledLayers ?? []), spec.layer];
+}
+
+/**
  * The frozen model that computes a spec's features: the base up to its feature layer (maps, pooled by
  * the engine), or with `pooledLayers` each layer pooled and all concatenated into one vector.
  */
 export function extractorFor(model: tf.LayersModel, spec: Pick<ExtractorSpec, "layer" | "pooledLayers">): tf.LayersModel {
-  const layers = [...(spec.pooledLayers ?? []), spec.layer];
+  const layers = pooledLayersOf(spec);
   if (layers.length === 1) return tf.model({ inputs: model.inputs, outputs: model.getLayer(spec.layer).output as tf.SymbolicTensor });
   return tf.model({
     inputs: model.inputs,
@@ -458,9 +468,4 @@ async function writePack(store: ObjectStore, prefix: string, pack: Pack): Promis
   const key = `${prefix}${name}.bin`;
   await store.put(key, encodePack(pack));
   return key;
-}
-
-function roundToHalf(values: Float32Array): Float32Array {
-  for (let i = 0; i < values.length; i++) values[i] = Math.f16round(values[i] as number);
-  return values;
 }

@@ -10,6 +10,7 @@ import { keys } from "../../../../shared/keys.ts";
 import type { Normalization } from "../../../../shared/preprocess.ts";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
 import { loadModel, modelToFiles, WEIGHTS_FILE } from "./io.ts";
+import { roundWeightsToHalf } from "./weights.ts";
 
 /**
  * Pretrained bases. A base is stored once under `bases/<id>/` (contract: shared/contracts/base.ts),
@@ -255,20 +256,7 @@ export async function loadBase(store: ObjectStore, metadata: BaseMetadata, size:
   // Folding makes float32 weights that the export stores as float16, which the edge then runs. The
   // features are computed with exactly those numbers: a head (trained on standardised features, which
   // magnify small differences) never meets features other than those it was trained on.
-  for (const layer of model.layers) {
-    const weights = layer.getWeights();
-    if (weights.length === 0) continue;
-    const rounded = weights.map((w) =>
-      w.dtype === "float32"
-        ? tf.tensor(
-            Float32Array.from(w.dataSync() as Float32Array, (v) => Math.f16round(v)),
-            w.shape,
-          )
-        : w.clone(),
-    );
-    layer.setWeights(rounded);
-    for (const t of rounded) t.dispose();
-  }
+  roundWeightsToHalf(model);
   return model;
 }
 

@@ -3,7 +3,7 @@ import { type PreprocessingSpec, preprocess } from "../../../../shared/preproces
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import type { DatasetImage } from "../dataset/read.ts";
-import type { ExtractorSpec } from "../features/extract.ts";
+import { type ExtractorSpec, pooledLayersOf } from "../features/extract.ts";
 import type { PooledFeatures } from "../features/pooled.ts";
 import { applyLayers, concatRows, LAYER_NAMES } from "../fit/head.ts";
 import type { RunPlan } from "../plan.ts";
@@ -25,7 +25,7 @@ export function buildClassifier(
   head: tf.layers.Layer[],
 ): tf.LayersModel {
   const input = tf.input({ shape: [size, size, 3], name: "image" });
-  const maps = applyBetweenAll(base, input, [...(layers.pooledLayers ?? []), layers.layer]);
+  const maps = applyBetweenAll(base, input, pooledLayersOf(layers));
   return tf.model({ inputs: input, outputs: applyLayers(head, poolMaps(maps, LAYER_NAMES.pool)), name: "edgetune_classifier" });
 }
 

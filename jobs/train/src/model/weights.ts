@@ -41,6 +41,24 @@ export async function saveToMemory(model: tf.LayersModel): Promise<SavedModel> {
   return saved;
 }
 
+/** Rounds every value to the nearest float16 (kept as float32), in place: what a float16 store keeps. */
+export function roundToHalf(values: Float32Array): Float32Array {
+  for (let i = 0; i < values.length; i++) values[i] = Math.f16round(values[i] as number);
+  return values;
+}
+
+/** Rounds a model's float32 weights to float16 precision, as its float16 export will store them. */
+export function roundWeightsToHalf(model: tf.LayersModel): void {
+  for (const layer of model.layers) {
+    const weights = layer.getWeights();
+    if (weights.length === 0) continue;
+    // A copy of each weight's values (a backend may hand out its own array), rounded.
+    const rounded = weights.map((w) => (w.dtype === "float32" ? tf.tensor(roundToHalf(Float32Array.from(w.dataSync() as Float32Array)), w.shape) : w.clone()));
+    layer.setWeights(rounded);
+    for (const t of rounded) t.dispose();
+  }
+}
+
 /**
  * Re-encodes float32 weights as `dtype`. Non-float32 tensors (int32 etc.) are kept as they are, and so
  * are the weights `keepFloat32` names (the format gives each weight its own encoding).
