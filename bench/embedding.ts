@@ -103,16 +103,8 @@ for (const [engine, threads] of engines.flatMap((e) => [1, cores].map((t) => [e,
   // start-up (workers, model copies) is paid once per training run, not per image; it is timed apart.
   cpu = process.cpuUsage();
   t = performance.now();
-  const spec = {
-    baseSha256: base.sha256,
-    layer: base.featureLayer,
-    ...(headSpec.pooledLayers ? { pooledLayers: headSpec.pooledLayers } : {}),
-    pooled: true,
-    size,
-    preprocessing: { version: 1 as const, fit: "center-crop" as const, normalization: base.normalization },
-    views: 1,
-    seed: 1000 + threads + (engine === "tfjs" ? 0 : 100),
-  };
+  // What a head run extracts (its preprocessing too), one view, a fresh seed per row.
+  const spec = { ...headSpec, views: 1, seed: 1000 + threads + (engine === "tfjs" ? 0 : 100) };
   const f = await extractFeatures(s3.store, extractor, spec, images, () => {}, { pool });
   if (f.stats.computed !== images.length) throw new Error(`computed ${f.stats.computed} of ${images.length}`);
   results[label("pipeline (S3 + decode + preprocess + forward)")] = images.length / ((performance.now() - t) / 1000);
