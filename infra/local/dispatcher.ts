@@ -167,7 +167,7 @@ export class Dispatcher {
     try {
       const closed = await failJob(this.options.store, { jobId: job.jobId as string, dataset }, reason);
       if (this.options.output === "pretty")
-        process.stderr.write(`          │ ${reason}; ${closed.runs.length} run(s) marked failed, lock(s) freed: ${closed.freedLocks.join(", ") || "none"}\n`);
+        process.stderr.write(`          │ ${closed.runs.length} run(s) marked failed; lock(s) freed: ${closed.freedLocks.join(", ") || "none"}\n`);
     } catch {
       // the local S3 server is gone (npm start stopping): nothing left to tell
     }
