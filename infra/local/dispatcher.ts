@@ -1,5 +1,7 @@
 import { spawn } from "node:child_process";
+import { randomUUID } from "node:crypto";
 import { join } from "node:path";
+import { exitReason, failJob } from "../../jobs/train/src/job-failure.ts";
 import { formatLogLine } from "../../jobs/train/src/log.ts";
 import { datasetNameFromManifestKey, keys } from "../../shared/keys.ts";
 import type { S3Config } from "../../shared/s3/config.ts";
@@ -14,12 +16,21 @@ import { jobEnvironment } from "./job-env.ts";
  *  - the nightly schedule → one job with `dataset` = `*` (here: every `nightlyMs`, if set).
  * A job is exactly what the Batch container runs: `edgetune train --dataset <param> --json`, as a
  * child process. Jobs run one at a time, in order, like a queue with one host.
+ * A child that dies (a signal, or a non-zero exit) is what Batch's state-change event is in the cloud:
+ * its open status records become `failed` with the reason and its locks are freed (job-failure.ts)
+ * before the next job starts.
  */
 export interface JobRecord {
   dataset: string;
   reason: "dataset-complete" | "nightly";
   status: "queued" | "running" | "succeeded" | "failed";
   exitCode?: number;
+  /** The job id its child runs as (EDGETUNE_JOB_ID): its status records and locks carry it. */
+  jobId?: string;
+  /** The child's process id while it runs. */
+  pid?: number;
+  /** Why it failed, when the child died rather than finishing (job-failure.ts). */
+  failure?: string;
   results: { status: string; model: string; version: string; promoted: boolean; accuracy?: number; reason: string }[];
   /** The end of the job's log when its output is collected (for the user, and for a failed test). */
   logTail?: string;
@@ -108,13 +119,15 @@ export class Dispatcher {
     job.startedAt = Date.now();
     this.options.onJob?.(job);
     const s3 = this.options.s3;
-    const env = jobEnvironment(s3);
+    job.jobId = `local-${randomUUID()}`;
+    const env = jobEnvironment(s3, { EDGETUNE_JOB_ID: job.jobId });
     const cli = join(import.meta.dirname, "..", "..", "jobs", "train", "cli.ts");
     // --json as in the Batch container: the result line on stdout is read below.
     const args = [cli, "train", "--dataset", job.dataset, "--json", ...(this.options.trainArgs ?? []).filter((a) => a !== "--json")];
     return new Promise((resolve) => {
       const child = spawn(process.execPath, args, { env, stdio: ["ignore", "pipe", "pipe"] });
       this.current = child;
+      job.pid = child.pid;
       let stdout = "";
       child.stdout?.on("data", (d) => {
         stdout += d;
@@ -129,7 +142,10 @@ export class Dispatcher {
         partial = lines.pop() ?? "";
         for (const l of lines) if (l) process.stderr.write(`          │ ${formatLogLine(l)}\n`);
       });
-      child.on("exit", (code) => {
+      child.on("exit", async (code, signal) => {
+        job.failure = exitReason({ code, signal });
+        // Before the next job starts: it may need the lock this one held.
+        if (job.failure) await this.closeDeadJob(job, job.failure);
         job.exitCode = code ?? -1;
         job.status = code === 0 ? "succeeded" : "failed";
         job.finishedAt = Date.now();
@@ -139,9 +155,21 @@ export class Dispatcher {
           .filter((l) => l.startsWith("{"))
           .map((l) => JSON.parse(l) as JobRecord["results"][number]);
         this.current = undefined;
+        job.pid = undefined;
         this.options.onJob?.(job);
         resolve();
       });
     });
+  }
+
+  private async closeDeadJob(job: JobRecord, reason: string): Promise<void> {
+    const dataset = job.dataset === "*" ? undefined : (datasetNameFromManifestKey(job.dataset) ?? job.dataset);
+    try {
+      const closed = await failJob(this.options.store, { jobId: job.jobId as string, dataset }, reason);
+      if (this.options.output === "pretty")
+        process.stderr.write(`          │ ${closed.runs.length} run(s) marked failed; lock(s) freed: ${closed.freedLocks.join(", ") || "none"}\n`);
+    } catch {
+      // the local S3 server is gone (npm start stopping): nothing left to tell
+    }
   }
 }

@@ -96,7 +96,7 @@ try {
           say(
             `job done: ${r.model} ${r.version} ${r.promoted ? "promoted" : "not promoted"}, accuracy ${((r.accuracy ?? 0) * 100).toFixed(1)} % (${r.reason})`,
           );
-      if (job.status === "failed") say(`training job for ${job.dataset} failed (exit ${job.exitCode})`);
+      if (job.status === "failed") say(`training job for ${job.dataset} failed: ${job.failure ?? `exit ${job.exitCode}`}`);
     },
   });
   dispatcher.start();

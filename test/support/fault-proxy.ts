@@ -25,6 +25,8 @@ export async function startFaultProxy(
     down?: (req: { method: string; path: string }) => boolean;
     /** Matching requests are held open, unanswered (a bucket that hangs): counted in `hanging`. */
     hang?: (req: { method: string; path: string }) => boolean;
+    /** An S3 error code (InvalidAccessKeyId, AccessDenied…) to refuse a request with, as 403; undefined: not refused. */
+    refuse?: (req: { method: string; path: string }) => string | undefined;
   },
 ): Promise<FaultProxy> {
   const target = new URL(upstream);
@@ -42,6 +44,13 @@ export async function startFaultProxy(
     if (options.down?.({ method: req.method ?? "GET", path: req.url ?? "/" })) {
       state.injected.reset++;
       req.socket.destroy();
+      return;
+    }
+    const refusal = options.refuse?.({ method: req.method ?? "GET", path: req.url ?? "/" });
+    if (refusal) {
+      req.resume();
+      res.writeHead(403, { "content-type": "application/xml" });
+      res.end(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>${refusal}</Code><Message>refused by the test</Message><RequestId>fault</RequestId></Error>`);
       return;
     }
     if (n % options.every === 0) {

@@ -28,9 +28,9 @@ import { readImageBody } from "./http/body.ts";
 import { ApiError, errorBody } from "./http/errors.ts";
 import { decodeImage, EDGE_FORMATS, encodePng } from "./image/decode.ts";
 import { wasmMemoryBytes } from "./memory.ts";
-import { workersCache } from "./model/cache.ts";
+import { type ModelCache, modelCache } from "./model/cache.ts";
 import { ModelRegistry, ModelUnavailableError } from "./model/registry.ts";
-import { createModelSource, ListingUnavailableError, type ModelSource, SourceError } from "./model/source.ts";
+import { createModelSource, ListingUnavailableError, type ModelSource, SourceError, StoreAccessDeniedError } from "./model/source.ts";
 import {
   captureImageRoute,
   capturesRoute,
@@ -67,11 +67,14 @@ function admissionFor(env: Env): Admission {
   admission ??= createAdmission({ concurrent: Number(env.MAX_CONCURRENT_IMAGES || 1), queued: Number(env.MAX_QUEUED_IMAGES || 16) });
   return admission;
 }
+let cache: ModelCache | undefined;
 function registryFor(env: Env): ModelRegistry {
+  // Optional: a wrangler config without the R2 binding (older deploys, tests) uses the Cache API.
+  cache ??= modelCache(env as { MODEL_CACHE?: R2Bucket });
   registry ??= new ModelRegistry(createModelSource(env), {
     ttlMs: Number(env.POINTER_TTL_SECONDS || 30) * 1000,
     maxModels: Number(env.MAX_MODELS || 1),
-    cache: workersCache(),
+    cache,
   });
   return registry;
 }
@@ -131,10 +134,12 @@ app.openapi(healthRoute, (c) => {
   return c.json(
     {
       status: degraded ? "degraded" : "ok",
-      models: models.map((m) => ({ name: m.name, version: m.version ?? null, problem: m.lastError ?? null })),
+      models: models.map((m) => ({ name: m.name, version: m.version ?? null, problem: m.lastError ?? null, code: m.errorCode ?? null })),
       // Live tensors and their bytes in this isolate: constant between requests unless something leaks.
       memory: registry ? { tensors: tf.memory().numTensors, bytes: tf.memory().numBytes, wasm: wasmMemoryBytes() } : null,
       requests: admission?.stats() ?? { active: 0, queued: 0 },
+      // Where this isolate's model bytes came from besides the bucket (model/cache.ts).
+      modelCache: cache?.stats() ?? null,
       // What capture did in this isolate (failures never reach a classification; they are counted here).
       capture: capturer?.stats() ?? null,
     },
@@ -372,6 +377,10 @@ app.onError((err, c) => {
   if (err instanceof CaptureStoreError) {
     c.header("retry-after", "5");
     return c.json(errorBody("storage_unavailable", "Capture storage is not answering; try again shortly."), 503);
+  }
+  if (err instanceof StoreAccessDeniedError) {
+    c.header("retry-after", "60");
+    return c.json(errorBody(err.code, `The model store refused this worker's credentials; its operator must set them again (${err.message}).`), 503);
   }
   if (err instanceof SourceError) {
     c.header("retry-after", "5");

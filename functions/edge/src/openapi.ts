@@ -86,7 +86,9 @@ export const classifyRoute = createRoute({
     413: errorResponse("Image too large (bytes or pixels)"),
     415: errorResponse("Unsupported content type or image format"),
     422: errorResponse("Invalid parameters (top_k, multipart field)"),
-    503: errorResponse("Model not available yet, or the instance is busy (Retry-After)"),
+    503: errorResponse(
+      "Model not available yet (`model_unavailable`), the instance is busy (`busy`), or the model store refused the worker's credentials (`store_access_denied`); with Retry-After",
+    ),
   },
 });
 
@@ -99,7 +101,9 @@ export const modelRoute = createRoute({
     200: { description: "Model description", content: { "application/json": { schema: modelSchema } } },
     401: errorResponse("Missing or invalid API key"),
     404: errorResponse("Unknown model"),
-    503: errorResponse("Model not available yet (Retry-After)"),
+    503: errorResponse(
+      "Model not available yet (`model_unavailable`), or the model store refused the worker's credentials (`store_access_denied`); with Retry-After",
+    ),
   },
 });
 
@@ -109,7 +113,7 @@ const versionSchema = z.string().regex(/^v[0-9a-f]{12}$/);
 const consoleErrors = {
   401: errorResponse("Missing or invalid API key"),
   403: errorResponse("Not an operator key (CONSOLE_API_KEYS), or the worker has none"),
-  503: errorResponse("Model storage unavailable"),
+  503: errorResponse("Model storage unavailable (`storage_unavailable`), or it refused the worker's credentials (`store_access_denied`)"),
 };
 export const versionParams = z.object({ name: nameSchema, version: versionSchema });
 
@@ -268,7 +272,14 @@ export const healthRoute = createRoute({
         "application/json": {
           schema: z.object({
             status: z.enum(["ok", "degraded"]),
-            models: z.array(z.object({ name: nameSchema, version: z.string().nullable(), problem: z.string().nullable() })),
+            models: z.array(
+              z.object({
+                name: nameSchema,
+                version: z.string().nullable(),
+                problem: z.string().nullable(),
+                code: z.enum(["store_access_denied"]).nullable().describe("The problem's error code where it has one of its own"),
+              }),
+            ),
             memory: z
               .object({
                 tensors: z.number().int(),
@@ -277,6 +288,12 @@ export const healthRoute = createRoute({
               })
               .nullable(),
             requests: z.object({ active: z.number().int(), queued: z.number().int() }),
+            modelCache: z
+              .object({ kind: z.enum(["r2", "cache-api"]), found: z.number().int(), stored: z.number().int() })
+              .nullable()
+              .describe(
+                "Where verified model bytes are shared between isolates (R2 with the MODEL_CACHE binding, else the Cache API): files found there, and files fetched from the bucket and stored; null before the first model load",
+              ),
             capture: z
               .object({
                 captured: z.number().int(),

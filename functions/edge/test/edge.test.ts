@@ -1,5 +1,5 @@
 import { existsSync, readdirSync, readFileSync } from "node:fs";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { request } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -402,8 +402,20 @@ describe("admission control", () => {
 });
 
 describe("model cache", () => {
-  it("a fresh isolate loads a model from the Cache API, verified, without fetching it from the bucket again", async () => {
+  it("without the R2 binding (an older wrangler config), a fresh isolate loads a model from the Cache API, verified, without fetching it from the bucket again", async () => {
     const state = await mkdtemp(join(tmpdir(), "edgetune-cache-"));
+    // The production config minus its R2 binding (functions/edge/test/model-store.test.ts tests R2),
+    // with its paths made absolute so it can live outside the source tree.
+    const edgeDir = join(import.meta.dirname, "..");
+    const config = join(state, "wrangler.jsonc");
+    await writeFile(
+      config,
+      readFileSync(join(edgeDir, "wrangler.jsonc"), "utf8")
+        .replace(/^\s*"\$schema".*\n/m, "")
+        .replace(/^\s*"r2_buckets".*\n/m, "")
+        .replace('"main": "src/index.ts"', `"main": ${JSON.stringify(join(edgeDir, "src", "index.ts"))}`)
+        .replace('"directory": "./console"', `"directory": ${JSON.stringify(join(edgeDir, "console"))}`),
+    );
     const img = images[0] as (typeof images)[number];
     const classifyOn = (worker: EdgeWorker) =>
       fetch(`${worker.url}/v1/models/emoji/classify`, {
@@ -411,7 +423,7 @@ describe("model cache", () => {
         headers: { authorization: `Bearer ${worker.apiKey}`, "content-type": jpegOf(img) },
         body: img.bytes as BodyInit,
       });
-    const first = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, persistTo: state });
+    const first = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, persistTo: state, config });
     try {
       expect((await classifyOn(first)).status).toBe(200);
     } finally {
@@ -419,13 +431,15 @@ describe("model cache", () => {
     }
     // A new workerd process (a fresh isolate), the same location's cache, the bucket behind a counting proxy.
     const proxy = await startFaultProxy(s3.endpoint, { every: 1_000_000 });
-    const second = await startEdgeWorker({ s3Endpoint: proxy.endpoint, bucket: s3.config.bucket, persistTo: state });
+    const second = await startEdgeWorker({ s3Endpoint: proxy.endpoint, bucket: s3.config.bucket, persistTo: state, config });
     try {
       expect((await classifyOn(second)).status).toBe(200);
       // current.json only: metadata, model.json and weights came from the cache. (After the answer the
       // isolate also reads the model's capture settings and writes its first counters: not part of loading the model.)
       const forModel = proxy.requests.filter((r) => !r.path.endsWith("/capture.json") && !r.path.includes("/captures/"));
       expect(forModel.map((r) => r.path.split("/").slice(-2).join("/"))).toEqual(["emoji/current.json"]);
+      const health = (await (await fetch(`${second.url}/healthz`)).json()) as { modelCache: { kind: string } };
+      expect(health.modelCache.kind).toBe("cache-api");
     } finally {
       await second.stop();
       await proxy.stop();

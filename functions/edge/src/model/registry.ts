@@ -6,7 +6,7 @@ import { pointerSchema } from "../../../../shared/contracts/artifact.ts";
 import { parseContractJson } from "../../../../shared/contracts/parse.ts";
 import { keys } from "../../../../shared/keys.ts";
 import { tf } from "../tf.ts";
-import type { ModelSource } from "./source.ts";
+import { type ModelSource, StoreAccessDeniedError } from "./source.ts";
 
 /**
  * The models this isolate serves. A model is loaded on first use from its promoted pointer, every
@@ -36,7 +36,8 @@ interface Slot {
   pointerEtag?: string;
   checkedAt: number;
   checking?: Promise<void>;
-  lastError?: { message: string; at: number };
+  /** `code`: set when the failure has its own error code (a refused store credential). */
+  lastError?: { message: string; at: number; code?: "store_access_denied" };
   /** Set when the pointer is absent: answer 404 without asking storage again until then. */
   missingUntil?: number;
   /** Failures in a row (pointer or version), and when the pointer may be asked for again. */
@@ -49,11 +50,13 @@ interface Slot {
 /** Unknown names are remembered (for the TTL) only up to this many, so requests cannot grow memory. */
 const MAX_SLOTS = 256;
 
+type UnavailableCode = "model_not_found" | "model_unavailable" | "store_access_denied";
+
 export class ModelUnavailableError extends Error {
-  readonly code: "model_not_found" | "model_unavailable";
+  readonly code: UnavailableCode;
   /** When asking again makes sense (the Retry-After of a 503). */
   readonly retryAfterSeconds: number;
-  constructor(code: "model_not_found" | "model_unavailable", message: string, retryAfterSeconds = 30) {
+  constructor(code: UnavailableCode, message: string, retryAfterSeconds = 30) {
     super(message);
     this.code = code;
     this.retryAfterSeconds = retryAfterSeconds;
@@ -101,6 +104,8 @@ export class ModelRegistry {
       if (!slot.current) {
         if (slot.missingUntil) throw new ModelUnavailableError("model_not_found", `No model named ${name}.`);
         const retryAfter = Math.max(1, Math.ceil(((slot.nextCheckAt ?? this.now()) - this.now()) / 1000));
+        if (slot.lastError?.code)
+          throw new ModelUnavailableError(slot.lastError.code, `Model ${name} cannot be loaded: ${slot.lastError.message}.`, retryAfter);
         throw new ModelUnavailableError(
           "model_unavailable",
           `Model ${name} is not available yet${slot.lastError ? `: ${slot.lastError.message}` : ""}.`,
@@ -129,7 +134,7 @@ export class ModelRegistry {
   }
 
   /** Models this isolate serves or tried to load (not names that simply do not exist), for /healthz. */
-  status(): { name: string; version?: string; loadedAt?: string; lastError?: string }[] {
+  status(): { name: string; version?: string; loadedAt?: string; lastError?: string; errorCode?: "store_access_denied" }[] {
     return [...this.slots.entries()]
       .filter(([, s]) => s.current || (s.lastError && !s.missingUntil))
       .map(([name, s]) => ({
@@ -137,6 +142,7 @@ export class ModelRegistry {
         version: s.current?.pointer.version,
         loadedAt: s.current ? new Date(s.current.loadedAt).toISOString() : undefined,
         lastError: s.lastError?.message,
+        errorCode: s.lastError?.code,
       }));
   }
 
@@ -202,7 +208,8 @@ export class ModelRegistry {
     } catch (e) {
       // Keep serving what we have; say what went wrong in /healthz; try again after a back-off.
       slot.checkedAt = started;
-      slot.lastError = { message: e instanceof Error ? e.message : String(e), at: started };
+      const code = e instanceof StoreAccessDeniedError ? e.code : undefined;
+      slot.lastError = { message: e instanceof Error ? e.message : String(e), at: started, code };
       slot.failures++;
       slot.nextCheckAt = started + this.backoff(slot.failures, this.options.ttlMs);
     }

@@ -38,6 +38,27 @@ export interface SourceConfig {
 /** Listing needs the S3 API: a plain HTTPS origin (MODELS_BASE_URL) serves files, not folder listings. */
 export class ListingUnavailableError extends SourceError {}
 
+/**
+ * The store refused the worker's credentials (S3 401/403: a rotated, deleted or expired key, a wrong
+ * secret, or a policy that no longer lets it read `models/`). Not "model not found": retrying will
+ * not help until the Worker's secrets are set again.
+ */
+export class StoreAccessDeniedError extends SourceError {
+  readonly code = "store_access_denied";
+  constructor(what: string, s3Code: string | undefined, status: number) {
+    super(
+      `the model store refused the worker's credentials for ${what} (HTTP ${status}${s3Code ? ` ${s3Code}` : ""}): set the Worker's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY secrets to the stack's edge key again (npm run deploy does)`,
+      status,
+    );
+  }
+}
+
+/** The `<Code>` of an S3 error document, if the body is one. */
+async function s3ErrorCode(res: Response): Promise<string | undefined> {
+  const text = await res.text().catch(() => "");
+  return /<Code>([A-Za-z]+)<\/Code>/.exec(text)?.[1];
+}
+
 export function createModelSource(env: SourceConfig): ModelSource {
   if (env.MODELS_BASE_URL) {
     const base = env.MODELS_BASE_URL.replace(/\/$/, "");
@@ -91,8 +112,11 @@ class HttpSource implements ModelSource {
       } catch (e) {
         throw new SourceError(`model storage unreachable (${e instanceof Error ? e.message : e})`);
       }
-      if (res.status === 403) {
-        await res.body?.cancel();
+      if (res.status === 401 || res.status === 403) {
+        const code = await s3ErrorCode(res);
+        // A key that is refused outright (InvalidAccessKeyId, SignatureDoesNotMatch, ExpiredToken…) is
+        // not a missing permission: say so rather than "deploy again to gain s3:ListBucket".
+        if (code !== "AccessDenied") throw new StoreAccessDeniedError(`a listing of ${prefix}`, code, res.status);
         // Credentials made before the console may read but not list: retrying will not help.
         throw new ListingUnavailableError("the worker's S3 credentials may not list models/ (deploy the stack again: the edge key gains s3:ListBucket)");
       }
@@ -104,6 +128,17 @@ class HttpSource implements ModelSource {
       yield* page.folders;
       token = page.next;
     } while (token);
+  }
+
+  /** True if a listing of `key` is allowed and finds nothing; false if it is refused or finds the key. */
+  private async missing(key: string): Promise<boolean> {
+    const query = new URLSearchParams({ "list-type": "2", prefix: key, "max-keys": "1" });
+    const res = await this.send(new Request(`${this.bucketUrl}/?${query}`)).catch(() => null);
+    if (!res?.ok) {
+      await res?.body?.cancel();
+      return false;
+    }
+    return !parseListing(await res.text()).keys.includes(key);
   }
 
   async get(key: string): Promise<Uint8Array | null> {
@@ -121,10 +156,22 @@ class HttpSource implements ModelSource {
       throw new SourceError(`model storage unreachable (${e instanceof Error ? e.message : e})`);
     }
     if (res.status === 304) return { status: 304, etag };
-    if (res.status === 404 || res.status === 403) {
-      // S3 answers 403 for a missing key when the credentials may not list the bucket.
+    if (res.status === 404) {
       await res.body?.cancel();
       return { status: 404 };
+    }
+    if (res.status === 401 || res.status === 403) {
+      // A public origin (MODELS_BASE_URL) answers 403 for a missing key: nothing was refused.
+      if (!this.bucketUrl) {
+        await res.body?.cancel();
+        if (res.status === 403) return { status: 404 };
+        throw new StoreAccessDeniedError(key, undefined, res.status);
+      }
+      const code = await s3ErrorCode(res);
+      // S3 also answers 403 AccessDenied for a missing key when the credentials may not list where it
+      // would be: a listing of that very key tells a missing object from a refused key.
+      if (code === "AccessDenied" && (await this.missing(key))) return { status: 404 };
+      throw new StoreAccessDeniedError(key, code, res.status);
     }
     if (!res.ok) {
       await res.body?.cancel();
