@@ -11,9 +11,7 @@ import { configFromContext } from "./config.ts";
 import { EdgetuneGpuStack } from "./gpu-stack.ts";
 import { acknowledgeGpuNagFindings, acknowledgeNagFindings } from "./nag.ts";
 import { EdgetuneStack } from "./stack.ts";
-
-/** The stacks' names, in deploy order (infra/deploy.ts). */
-export const STACKS = { core: "Edgetune", gpu: "EdgetuneGpu" } as const;
+import { STACKS } from "./stack-names.ts";
 
 export function buildApp(context: Record<string, unknown> = {}): { app: App; stack: EdgetuneStack; gpu: EdgetuneGpuStack } {
   const app = new App({ context });

@@ -104,7 +104,7 @@ export function batchSubmitter(
   const region = env.AWS_REGION ?? "this region";
   const checkGpuPath = async () => {
     const queue = (await client.send(new DescribeJobQueuesCommand({ jobQueues: [gpuQueue] }))).jobQueues?.[0];
-    if (!queue || queue.state !== "ENABLED" || !["VALID", "UPDATING"].includes(queue.status ?? ""))
+    if (queue?.state !== "ENABLED" || !["VALID", "UPDATING"].includes(queue.status ?? ""))
       throw new FineTuningUnavailable(
         "no_gpu_path",
         `Fine-tuning needs the GPU stack, which is not deployed here (job queue ${gpuQueue} ${queue ? `is ${queue.state}/${queue.status}` : "does not exist"}): run \`npm run deploy\` (its last step deploys it, see infra/README.md), or train this dataset with --strategy head.`,
