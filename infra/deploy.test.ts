@@ -2,8 +2,8 @@ import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type GetSecretValueCommand, PutSecretValueCommand } from "@aws-sdk/client-secrets-manager";
-import { type GetAWSDefaultServiceQuotaCommand, GetServiceQuotaCommand } from "@aws-sdk/client-service-quotas";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { fakeQuotas, UNREADABLE_NEW_ACCOUNT } from "../test/support/quotas.ts";
 import { configFromContext } from "./config.ts";
 import { type DeployDeps, deploy, spawnRunner } from "./deploy-pipeline.ts";
 import { type AwsClients, GPU_QUOTAS, preflight, workerSecrets } from "./deploy-steps.ts";
@@ -22,14 +22,7 @@ function fakeAws(options: { bootstrapped: boolean; quotas: Record<string, number
         return {};
       },
     },
-    quotas: {
-      async send(command: GetServiceQuotaCommand | GetAWSDefaultServiceQuotaCommand) {
-        const code = command.input.QuotaCode as string;
-        const value = command instanceof GetServiceQuotaCommand ? options.quotas[code] : options.defaults?.[code];
-        if (value instanceof Error || value === undefined) throw value ?? new Error(`NoSuchResourceException: ${code}`);
-        return { Quota: { Value: value } };
-      },
-    },
+    quotas: fakeQuotas(options.quotas, options.defaults),
     secrets: {
       async send(command: GetSecretValueCommand | PutSecretValueCommand) {
         if (command instanceof PutSecretValueCommand) {
@@ -75,15 +68,10 @@ describe("deploy preflight", () => {
   });
 
   it("falls back to AWS's default quota when the account's cannot be read, and never counts an unreadable quota as fitting", async () => {
-    const denied = new Error("AccessDeniedException: not authorized to perform servicequotas:GetServiceQuota");
-    const fallback = fakeAws({
-      bootstrapped: true,
-      quotas: { [GPU_QUOTAS.spot.code]: denied, [GPU_QUOTAS.onDemand.code]: denied },
-      defaults: { [GPU_QUOTAS.spot.code]: 0, [GPU_QUOTAS.onDemand.code]: 0 },
-    });
+    const fallback = fakeAws({ bootstrapped: true, quotas: UNREADABLE_NEW_ACCOUNT.account, defaults: UNREADABLE_NEW_ACCOUNT.defaults });
     const { notes } = await preflight(fallback.clients, config, where);
     expect(notes.join("\n")).toMatch(/No fine-tuning job can start yet: .*L-3819A6DF\) is 0 vCPU \(AWS's default: the account's own value could not be read\)/);
-    const neither = fakeAws({ bootstrapped: true, quotas: { [GPU_QUOTAS.spot.code]: denied, [GPU_QUOTAS.onDemand.code]: denied } });
+    const neither = fakeAws({ bootstrapped: true, quotas: UNREADABLE_NEW_ACCOUNT.account });
     const unknown = await preflight(neither.clients, config, where);
     expect(unknown.notes.join("\n")).toMatch(/The G-instance quotas could not be read: .*L-3819A6DF\) could not be read.*Fine-tuning jobs may not start/);
   });

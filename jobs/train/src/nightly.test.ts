@@ -1,8 +1,8 @@
 import { DescribeJobQueuesCommand, type SubmitJobCommand } from "@aws-sdk/client-batch";
-import { type GetAWSDefaultServiceQuotaCommand, GetServiceQuotaCommand } from "@aws-sdk/client-service-quotas";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
+import { fakeQuotas, UNREADABLE_NEW_ACCOUNT } from "../../../test/support/quotas.ts";
 import { GPU_QUOTAS } from "./gpu-quota.ts";
 import { memoryLogger } from "./log.ts";
 import { initBackend } from "./model/backend.ts";
@@ -98,14 +98,7 @@ describe("nightly dispatch", () => {
         return { jobId: `job-${submitted.length}` };
       },
     };
-    const quotas = {
-      send: async (c: GetServiceQuotaCommand | GetAWSDefaultServiceQuotaCommand) => {
-        const code = c.input.QuotaCode as string;
-        const value = c instanceof GetServiceQuotaCommand ? options.quotas?.[code] : options.defaults?.[code];
-        if (value instanceof Error || value === undefined) throw value ?? new Error("NoSuchResourceException");
-        return { Quota: { Value: value } };
-      },
-    };
+    const quotas = fakeQuotas(options.quotas, options.defaults);
     const env = {
       AWS_BATCH_JOB_ID: "dispatcher-1",
       AWS_REGION: "eu-west-1",
@@ -144,12 +137,7 @@ describe("nightly dispatch", () => {
 
   it("refuses a finetune run whose vCPUs exceed the G quota, falling back to AWS's default when the account's cannot be read", async () => {
     // The account's quota unreadable (AccessDenied): AWS's default (0 on new accounts) decides, never "unknown = fits".
-    const denied = new Error("AccessDeniedException");
-    const zero = fakeAws({
-      gpuQueue: true,
-      quotas: { [GPU_QUOTAS.spot.code]: denied, [GPU_QUOTAS.onDemand.code]: denied },
-      defaults: { [GPU_QUOTAS.spot.code]: 0, [GPU_QUOTAS.onDemand.code]: 0 },
-    });
+    const zero = fakeAws({ gpuQueue: true, quotas: UNREADABLE_NEW_ACCOUNT.account, defaults: UNREADABLE_NEW_ACCOUNT.defaults });
     await expect(zero.submit?.("pets", "finetune")).rejects.toThrow(
       /needs 4 vCPU of G instances, but "All G and VT Spot Instance Requests" \(L-3819A6DF\) is 0 vCPU \(AWS's default.*request at least 4 vCPU .* in the Service Quotas console \(EC2\), in eu-west-1/,
     );
