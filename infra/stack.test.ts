@@ -1,9 +1,12 @@
-import { readFileSync } from "node:fs";
+import { copyFileSync, existsSync, readdirSync, readFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import { join } from "node:path";
 import { Stack } from "aws-cdk-lib";
 import { Annotations, Match, Template } from "aws-cdk-lib/assertions";
 import * as s3 from "aws-cdk-lib/aws-s3";
 import { beforeAll, describe, expect, it } from "vitest";
 import { buildApp } from "./app.ts";
+import { startLocalS3 } from "./local/s3-server.ts";
 
 /**
  * The synthesized template, checked resource by resource, plus cdk-nag's AwsSolutions rules (a
@@ -548,8 +551,7 @@ describe("infrastructure failures reach the status record", () => {
 describe("npm run synth", () => {
   it("synthesizes offline and stages the training image's build context without node_modules", async () => {
     const { spawnSync } = await import("node:child_process");
-    const { mkdtempSync, readdirSync, existsSync } = await import("node:fs");
-    const { join } = await import("node:path");
+    const { mkdtempSync } = await import("node:fs");
     const { tmpdir } = await import("node:os");
     const out = mkdtempSync(join(tmpdir(), "cdk-out-"));
     const r = spawnSync("npx", ["cdk", "synth", "--quiet", "--output", out], { encoding: "utf8", timeout: 120_000 });
@@ -576,5 +578,41 @@ describe("npm run synth", () => {
     // One image per stack, both for the x86 hosts: the CPU one (Fargate) with the core, the GPU one (EC2) apart.
     expect(images("Edgetune")).toEqual(["jobs/train/Dockerfile.cpu linux/amd64"]);
     expect(images("EdgetuneGpu")).toEqual(["jobs/train/Dockerfile linux/amd64"]);
+    // The failure-records Lambda as bundled for Lambda (CommonJS, the AWS SDK inside), run on a real S3 API server.
+    const bundle = readdirSync(out).find((d) => d.startsWith("asset.") && existsSync(join(out, d, "index.js")));
+    expect(bundle).toBeDefined();
+    const cjs = join(out, "job-failed.cjs"); // the repository's package.json says "module"; Lambda's folder says nothing
+    copyFileSync(join(out, bundle as string, "index.js"), cjs);
+    const { handler } = createRequire(import.meta.url)(cjs) as { handler: (e: unknown) => Promise<{ recorded?: string }> };
+    const s3 = await startLocalS3({ bucket: "bundle" });
+    const saved = { ...process.env };
+    Object.assign(process.env, {
+      EDGETUNE_BUCKET: "bundle",
+      EDGETUNE_S3_ENDPOINT: s3.endpoint,
+      AWS_ACCESS_KEY_ID: "local",
+      AWS_SECRET_ACCESS_KEY: "local-secret",
+    });
+    try {
+      const detail = {
+        jobId: "j-1",
+        status: "FAILED",
+        statusReason: "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY",
+        attempts: [],
+        parameters: { dataset: "pets" },
+        createdAt: 1641944200058,
+      };
+      expect((await handler({ detail }))?.recorded).toMatch(/^pets\/20220111T233640058Z-[0-9a-f]{6}: created$/);
+      const keys: string[] = [];
+      for await (const o of s3.store.list("status/pets/")) keys.push(o.key);
+      const [key] = keys;
+      expect(JSON.parse(new TextDecoder().decode((await s3.store.get(key as string)) ?? new Uint8Array()))).toMatchObject({
+        state: "failed",
+        jobId: "j-1",
+        reason: expect.stringMatching(/^cancelled while waiting for capacity/),
+      });
+    } finally {
+      process.env = saved;
+      await s3.stop();
+    }
   }, 180_000);
 });
