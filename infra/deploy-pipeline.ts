@@ -118,6 +118,10 @@ export async function deploy(options: DeployOptions, deps: DeployDeps): Promise<
     problems.push(userMessage(e));
     return undefined;
   });
+  if (!deps.config.gpuBaseImage && !state.done.includes("gpu"))
+    check.notes.push(
+      "cdk.json sets no gpuBaseImage (the GPU image's CUDA base, pinned by digest): the GPU step will stop after core and worker are deployed; infra/README.md says how to set it.",
+    );
   for (const note of check.notes) log(`note: ${note}`);
   if (problems.length > 0 || !account) {
     for (const p of problems) log(`deploy: ${p}`);

@@ -225,6 +225,7 @@ describe("npm run deploy, step by step", () => {
 
   it("without a pinned CUDA base, the GPU step stops with how to obtain and mirror it; core and worker are deployed", async () => {
     const r = await deploy(options, deps({}, {}));
+    expect(lines.join("\n")).toMatch(/note: cdk\.json sets no gpuBaseImage .* the GPU step will stop after core and worker are deployed/);
     expect(r.failed?.step).toBe("gpu");
     expect(r.failed?.message).toMatch(/pinned by digest.*gpuBaseImage.*docker pull nvidia\/cuda:11\.2\.2-cudnn8-runtime-ubuntu20\.04/);
     expect(r.completed).toEqual(["core", "worker"]);
