@@ -87,7 +87,12 @@ export function acknowledgeNagFindings(stack: Stack): void {
   ack(
     stack.node.findChild("FailureRecords").node.findChild("Handler"),
     "AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/status/*]",
-    "The failure-records Lambda reads and writes run status records (status/<dataset>/<run>.json) and nothing else.",
+    "The failure-records Lambda reads and writes run status records (status/<dataset>/<run>.json).",
+  );
+  ack(
+    stack.node.findChild("FailureRecords").node.findChild("Handler"),
+    "AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/locks/*]",
+    "The failure-records Lambda frees the model locks a failed job still holds (locks/<model>.json owned by that job), and nothing else.",
   );
   ack(
     stack.node.findChild("Triggers").node.findChild("DeadLetters"),

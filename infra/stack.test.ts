@@ -542,9 +542,12 @@ describe("infrastructure failures reach the status record", () => {
       "Fn::GetAtt"
     ][0];
     const own = jobRoleStatements(template, fnRole as string).filter((st) => actions(st).some((a) => a.startsWith("s3:")));
-    expect(own.map((st) => actions(st).join(",")).sort()).toEqual(["s3:GetObject,s3:PutObject", "s3:ListBucket"]);
-    expect(JSON.stringify(own)).not.toMatch(/\/(datasets|models|cache|bases|captures|runs|locks)\//);
-    expect(own.find((st) => actions(st).includes("s3:ListBucket"))?.Condition).toEqual({ StringLike: { "s3:prefix": ["status/*"] } });
+    const grants = Object.fromEntries(own.map((st) => [actions(st).join(","), JSON.stringify(st.Resource)]));
+    expect(Object.keys(grants).sort()).toEqual(["s3:GetObject,s3:DeleteObject", "s3:GetObject,s3:PutObject", "s3:ListBucket"]);
+    expect(grants["s3:GetObject,s3:PutObject"]).toMatch(/"\/status\/\*"\]\]\}$/); // writes status records only
+    expect(grants["s3:GetObject,s3:DeleteObject"]).toMatch(/"\/locks\/\*"\]\]\}$/); // deletes the dead job's locks only
+    expect(JSON.stringify(own)).not.toMatch(/\/(datasets|models|cache|bases|captures|runs)\//);
+    expect(own.find((st) => actions(st).includes("s3:ListBucket"))?.Condition).toEqual({ StringLike: { "s3:prefix": ["status/*", "locks/*"] } });
   });
 });
 
@@ -583,7 +586,7 @@ describe("npm run synth", () => {
     expect(bundle).toBeDefined();
     const cjs = join(out, "job-failed.cjs"); // the repository's package.json says "module"; Lambda's folder says nothing
     copyFileSync(join(out, bundle as string, "index.js"), cjs);
-    const { handler } = createRequire(import.meta.url)(cjs) as { handler: (e: unknown) => Promise<{ recorded?: string }> };
+    const { handler } = createRequire(import.meta.url)(cjs) as { handler: (e: unknown) => Promise<{ failed: string[] }> };
     const s3 = await startLocalS3({ bucket: "bundle" });
     const saved = { ...process.env };
     Object.assign(process.env, {
@@ -601,7 +604,7 @@ describe("npm run synth", () => {
         parameters: { dataset: "pets" },
         createdAt: 1641944200058,
       };
-      expect((await handler({ detail }))?.recorded).toMatch(/^pets\/20220111T233640058Z-[0-9a-f]{6}: created$/);
+      expect((await handler({ detail })).failed).toEqual([expect.stringMatching(/^pets\/\d{8}T\d{9}Z-[0-9a-f]{6}$/)]);
       const keys: string[] = [];
       for await (const o of s3.store.list("status/pets/")) keys.push(o.key);
       const [key] = keys;

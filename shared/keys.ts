@@ -35,6 +35,7 @@ export const keys = {
   run: (name: string, version: string) => `runs/${name}/${version}/`,
   /** A run that handed its feature extraction over to an array job (features/fan-out.ts). */
   handOver: (name: string, version: string) => `runs/${name}/${version}/handed-over.json`,
+  locksRoot: "locks/",
   lock: (name: string) => `locks/${name}.json`,
   statusRoot: "status/",
   runStatuses: (dataset: string) => `status/${dataset}/`,

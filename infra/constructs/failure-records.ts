@@ -13,8 +13,9 @@ import { Construct } from "constructs";
 /**
  * Infrastructure failures reach the run's status record: a rule on "Batch Job State Change" (FAILED) for
  * the jobs of our queues — which includes a job the queue cancelled after waiting too long in RUNNABLE
- * (jobStateTimeLimitActions) — invokes a small Lambda that writes the reason into `status/<dataset>/…`
- * (jobs/train/src/batch-failure.ts).
+ * (jobStateTimeLimitActions) — invokes a small Lambda that closes the job's runs in `status/<dataset>/…`
+ * with AWS's reason in words (jobs/train/src/batch-failure.ts) and frees the model locks it held
+ * (jobs/train/src/job-failure.ts, which the local dispatcher uses for a dead child too).
  *
  * A Lambda rather than a Batch job running a CLI subcommand: the failures it reports include "the image
  * could not be pulled", "no capacity" and Spot reclaims — a handler on the same queue and image would
@@ -45,13 +46,15 @@ export class FailureRecords extends Construct {
       // The AWS SDK bundled too (not the runtime's copy): the same client version the tests ran.
       bundling: { externalModules: [], minify: true, sourceMap: false, target: "node24", format: nodejs.OutputFormat.CJS },
     });
-    // Only the status records: read, list and write them; nothing else in the bucket.
+    // Only the status records (read, list, write) and the models' locks (read, list, delete the dead
+    // job's: jobs/train/src/job-failure.ts); nothing else in the bucket.
     this.handler.addToRolePolicy(new iam.PolicyStatement({ actions: ["s3:GetObject", "s3:PutObject"], resources: [props.bucket.arnForObjects("status/*")] }));
+    this.handler.addToRolePolicy(new iam.PolicyStatement({ actions: ["s3:GetObject", "s3:DeleteObject"], resources: [props.bucket.arnForObjects("locks/*")] }));
     this.handler.addToRolePolicy(
       new iam.PolicyStatement({
         actions: ["s3:ListBucket"],
         resources: [props.bucket.bucketArn],
-        conditions: { StringLike: { "s3:prefix": ["status/*"] } },
+        conditions: { StringLike: { "s3:prefix": ["status/*", "locks/*"] } },
       }),
     );
     this.rule = new events.Rule(this, "JobFailed", {

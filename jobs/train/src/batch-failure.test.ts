@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { handler } from "../../../infra/functions/job-failed.ts";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 import { keys } from "../../../shared/keys.ts";
-import { type BatchJobDetail, failureOf, plainReason, recordInfraFailure } from "./batch-failure.ts";
+import { type BatchJobDetail, failureOf, plainReason } from "./batch-failure.ts";
 import { followRun, listRunStatuses, type RunStatus } from "./status.ts";
 
 /**
@@ -72,41 +72,41 @@ describe("AWS's reason in plain words", () => {
   });
 
   it("finds the dataset in the job's parameters (a name, or the manifest key the upload rule passes); a nightly sweep (*) and other states have none", () => {
-    expect(failureOf(oom)).toMatchObject({ dataset: "pets", jobId: oom.jobId, submittedAt: "2022-01-11T23:36:40.058Z" });
+    expect(failureOf(oom)).toMatchObject({ dataset: "pets", jobId: oom.jobId, reason: plainReason(oom) });
     expect(failureOf({ ...oom, parameters: { dataset: "datasets/pets/manifest.json" } })?.dataset).toBe("pets");
     expect(failureOf({ ...oom, parameters: { dataset: "*" } })).toBeUndefined();
     expect(failureOf({ ...oom, status: "RUNNABLE" })).toBeUndefined();
   });
 });
 
-describe("the status record", () => {
+describe("the status record, through the Lambda's handler on a real S3 API", () => {
   let s3: LocalS3;
+  const saved = { ...process.env };
   beforeAll(async () => {
     s3 = await startLocalS3({ bucket: "failures" });
+    const env = { EDGETUNE_BUCKET: s3.config.bucket, EDGETUNE_S3_ENDPOINT: s3.endpoint, AWS_ACCESS_KEY_ID: "local", AWS_SECRET_ACCESS_KEY: "local-secret" };
+    Object.assign(process.env, env);
   });
   afterAll(async () => {
+    process.env = saved;
     await s3?.stop();
   });
   const put = (record: RunStatus) => s3.store.put(keys.runStatus(record.dataset, record.runId), JSON.stringify(record));
-  const base = { schemaVersion: 1 as const, startedAt: "2026-12-06T01:00:00.000Z", updatedAt: "2026-12-06T01:00:00.000Z" };
+  const now = new Date().toISOString();
+  const base = { schemaVersion: 1 as const, startedAt: now, updatedAt: now };
 
-  it("marks the run the job was running failed (the Lambda handler, on a real S3 API); `status` and `push --wait` show it", async () => {
+  it("marks the run the job was running failed and frees its lock; `status` and `push --wait` show it; the same event twice changes nothing", async () => {
     await put({ ...base, runId: "20261206T010000000Z-aaaaaa", dataset: "pets", state: "running", phase: "features", jobId: oom.jobId });
     await put({ ...base, runId: "20261206T005900000Z-bbbbbb", dataset: "pets", state: "running", jobId: "another-job" });
-    const env = { EDGETUNE_BUCKET: s3.config.bucket, EDGETUNE_S3_ENDPOINT: s3.endpoint, AWS_ACCESS_KEY_ID: "local", AWS_SECRET_ACCESS_KEY: "local-secret" };
-    const saved = { ...process.env };
-    Object.assign(process.env, env);
-    try {
-      expect(await handler({ detail: oom })).toEqual({ recorded: "pets/20261206T010000000Z-aaaaaa: marked" });
-      // The same event twice (EventBridge delivers at least once): the ended record is left alone.
-      expect(await handler({ detail: oom })).toEqual({ recorded: "pets/20261206T010000000Z-aaaaaa: already-ended" });
-      expect(await handler({ detail: { ...oom, parameters: { dataset: "*" } } })).toEqual({});
-    } finally {
-      process.env = saved;
-    }
+    await s3.store.put(keys.lock("pets"), JSON.stringify({ owner: `${oom.jobId}#1:uuid`, beatAt: Date.now() }));
+    expect(await handler({ detail: oom })).toEqual({ failed: ["pets/20261206T010000000Z-aaaaaa"], freedLocks: ["pets"] });
+    // EventBridge delivers at least once: the ended record is left alone, nothing is added.
+    expect(await handler({ detail: oom })).toEqual({ failed: [], freedLocks: [] });
+    expect(await handler({ detail: { ...oom, parameters: { dataset: "*" } } })).toEqual({ failed: [], freedLocks: [] });
     const [newest, other] = await listRunStatuses(s3.store, "pets");
-    expect(newest).toMatchObject({ state: "failed", phase: "features", reason: expect.stringMatching(/^out of memory \(exit 137\)/) });
+    expect(newest).toMatchObject({ state: "failed", reason: expect.stringMatching(/^out of memory \(exit 137\).* \(during features\)$/) });
     expect(other).toMatchObject({ state: "running", jobId: "another-job" }); // another job's run is not touched
+    expect(await s3.store.get(keys.lock("pets"))).toBeNull();
     // `push --wait` follows the record to its end: failed, with the reason.
     const followed = await followRun(s3.store, "pets", base.startedAt, () => {}, { pollMs: 10, timeoutMs: 5000 });
     expect(followed).toMatchObject({ state: "failed", reason: newest?.reason });
@@ -114,25 +114,17 @@ describe("the status record", () => {
 
   it("closes an upload's queued record that no job took over (the image could not be pulled), else writes a record of its own", async () => {
     await put({ ...base, runId: "20261206T010000000Z-cccccc", dataset: "cats", state: "queued" });
-    expect(await recordInfraFailure(s3.store, failureOf({ ...pull, parameters: { dataset: "cats" } }) as never)).toEqual({
-      runId: "20261206T010000000Z-cccccc",
-      action: "marked",
-    });
+    expect((await handler({ detail: { ...pull, parameters: { dataset: "cats" } } })).failed).toEqual(["cats/20261206T010000000Z-cccccc"]);
     expect((await listRunStatuses(s3.store, "cats"))[0]).toMatchObject({
       state: "failed",
       jobId: pull.jobId,
       reason: expect.stringMatching(/^image could not be pulled/),
     });
-    // A nightly run with no record yet, cancelled in RUNNABLE: a new failed record, dated when the job was submitted.
-    const created = await recordInfraFailure(s3.store, failureOf({ ...cancelled, parameters: { dataset: "dogs" } }) as never);
-    expect(created.action).toBe("created");
+    // A nightly run with no record yet, cancelled in RUNNABLE (a manifest key as parameter): a new failed record.
+    const { failed } = await handler({ detail: { ...cancelled, parameters: { dataset: "datasets/dogs/manifest.json" } } });
+    expect(failed).toEqual([expect.stringMatching(/^dogs\//)]);
     expect(await listRunStatuses(s3.store, "dogs")).toEqual([
-      expect.objectContaining({
-        runId: created.runId,
-        state: "failed",
-        startedAt: "2022-01-11T23:36:40.058Z",
-        reason: expect.stringMatching(/^cancelled while waiting/),
-      }),
+      expect.objectContaining({ state: "failed", jobId: cancelled.jobId, reason: expect.stringMatching(/^cancelled while waiting for capacity/) }),
     ]);
   });
 });

@@ -1,14 +1,12 @@
 import { nameSchema } from "../../../shared/contracts/common.ts";
-import { keys } from "../../../shared/keys.ts";
-import type { ObjectStore } from "../../../shared/s3/store.ts";
-import { listRunStatuses, newRunId, type RunStatus, TERMINAL } from "./status.ts";
 
 /**
  * Failures outside the job's own code — an out-of-memory kill, an image that cannot be pulled, Spot
  * reclaims past the retries, a job cancelled while waiting for capacity — end a Batch job without the
  * job writing a word. AWS Batch tells EventBridge ("Batch Job State Change", FAILED); the stack's
- * handler (infra/functions/job-failed.ts) turns that event into the run's status record here, so
- * `edgetune status` and `push --wait` say what happened instead of "running" for hours.
+ * handler (infra/functions/job-failed.ts) turns that event into a reason here and closes the job's runs
+ * with it (`failJob`, job-failure.ts, as the local dispatcher does for a dead child), so `edgetune status`
+ * and `push --wait` say what happened instead of "running" for hours, and its locks are freed.
  */
 
 /** The fields of a "Batch Job State Change" event's detail (AWS: the JobDetail of DescribeJobs) read here. */
@@ -28,11 +26,8 @@ export interface BatchJobDetail {
 
 export interface InfraFailure {
   dataset: string;
-  /** The Batch job; absent when the dispatcher refused the run before submitting anything. */
-  jobId?: string;
+  jobId: string;
   reason: string;
-  /** When the job was submitted (ISO), for a record that has to be created. */
-  submittedAt?: string;
 }
 
 /** The dataset a job trains: its `dataset` parameter, a name or a manifest key; undefined for "*" (a nightly sweep has no one record). */
@@ -82,41 +77,5 @@ export function failureOf(detail: BatchJobDetail): InfraFailure | undefined {
   if (detail.status !== "FAILED") return undefined;
   const dataset = datasetOfJob(detail.parameters);
   if (!dataset) return undefined;
-  return {
-    dataset,
-    jobId: detail.jobId,
-    reason: plainReason(detail),
-    submittedAt: detail.createdAt ? new Date(detail.createdAt).toISOString() : undefined,
-  };
-}
-
-/**
- * Marks the run `failed` with the reason: the record this job wrote (same job id), else the upload's
- * record no job has taken over yet (still queued), else a new record — so a failure is never silent.
- * A record that already ended (the job recorded its own failure, or the event came twice) is left as it is.
- */
-export async function recordInfraFailure(
-  store: ObjectStore,
-  failure: InfraFailure,
-  now = new Date(),
-): Promise<{ runId: string; action: "marked" | "created" | "already-ended" }> {
-  const recent = await listRunStatuses(store, failure.dataset, 20);
-  const own = failure.jobId ? recent.find((s) => s.jobId === failure.jobId) : undefined;
-  const target = own ?? recent.find((s) => s.state === "queued");
-  if (target && TERMINAL.includes(target.state)) return { runId: target.runId, action: "already-ended" };
-  const at = now.toISOString();
-  const record: RunStatus = target
-    ? { ...target, state: "failed", reason: failure.reason, jobId: failure.jobId ?? target.jobId, updatedAt: at }
-    : {
-        schemaVersion: 1,
-        runId: newRunId(failure.submittedAt ? new Date(failure.submittedAt) : now),
-        dataset: failure.dataset,
-        state: "failed",
-        reason: failure.reason,
-        jobId: failure.jobId,
-        startedAt: failure.submittedAt ?? at,
-        updatedAt: at,
-      };
-  await store.put(keys.runStatus(record.dataset, record.runId), JSON.stringify(record, null, 2), "application/json");
-  return { runId: record.runId, action: target ? "marked" : "created" };
+  return { dataset, jobId: detail.jobId, reason: plainReason(detail) };
 }

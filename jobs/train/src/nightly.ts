@@ -2,13 +2,13 @@ import { BatchClient, DescribeJobQueuesCommand, SubmitJobCommand } from "@aws-sd
 import { ServiceQuotasClient } from "@aws-sdk/client-service-quotas";
 import { EdgetuneError, userMessage } from "../../../shared/errors.ts";
 import type { ObjectStore } from "../../../shared/s3/store.ts";
-import { recordInfraFailure } from "./batch-failure.ts";
 import { listDatasets } from "./catalog/catalog.ts";
 import type { TrainInput } from "./config.ts";
 import { describeQuota, gpuJobFits, type QuotaClient, quotaRequest, readGpuQuotas } from "./gpu-quota.ts";
 import type { Logger } from "./log.ts";
 import { planRun, versionExists } from "./plan.ts";
 import { runContext } from "./run.ts";
+import { adoptQueued, StatusRecorder } from "./status.ts";
 import { processTraffic } from "./traffic/traffic.ts";
 
 /**
@@ -73,10 +73,10 @@ export async function dispatchNightly(
       // No job will take the upload's queued record over: close it here, so `push --wait` ends at once
       // with the reason (no GPU path, no G quota) instead of polling for hours. The dispatcher's own job
       // id goes into the record, so the failure handler, seeing this job fail, leaves the record as it is.
-      if (uploads)
-        await recordInfraFailure(store, { dataset: name, jobId: process.env.AWS_BATCH_JOB_ID, reason: userMessage(e) }).catch((w) =>
-          log.warn(`${name}: its status record could not be closed (${userMessage(w)})`),
-        );
+      if (uploads) {
+        const record = new StatusRecorder(store, name, "failed", await adoptQueued(store, name));
+        await record.update({ reason: userMessage(e) }, true);
+      }
     }
   }
   return result;

@@ -31,7 +31,7 @@ export interface RunStatus {
   report?: string;
   /** How many times the run handed its extraction over to array jobs (a continuation adopts it again). */
   handOvers?: number;
-  /** AWS Batch job id, when the run is one. */
+  /** The job the run is part of: AWS Batch's job id, or the local dispatcher's (`jobIdFromEnv`). */
   jobId?: string;
   startedAt: string;
   updatedAt: string;
@@ -39,8 +39,24 @@ export interface RunStatus {
 
 export const TERMINAL: readonly RunState[] = ["done", "failed"];
 
+/**
+ * The id of the job this process runs as: AWS Batch's, or the one the local dispatcher gives its child
+ * (`EDGETUNE_JOB_ID`), so that whoever sees the job end (job-failure.ts) can find its records and lock.
+ */
+export function jobIdFromEnv(env: NodeJS.ProcessEnv = process.env): string | undefined {
+  return env.AWS_BATCH_JOB_ID || env.EDGETUNE_JOB_ID || undefined;
+}
+
 export function newRunId(now = new Date()): string {
   return `${now.toISOString().replace(/[-:.]/g, "")}-${randomBytes(3).toString("hex")}`;
+}
+
+/** `jobId`: who writes for the job from outside it (job-failure.ts); the process's own job by default. */
+interface RecorderOptions {
+  runId?: string;
+  startedAt?: string;
+  minIntervalMs?: number;
+  jobId?: string;
 }
 
 /** Writes one run's record: every state change at once, progress at most every `minIntervalMs`. */
@@ -52,7 +68,7 @@ export class StatusRecorder {
   private readonly minIntervalMs: number;
   private readonly enabled: boolean;
 
-  constructor(store: ObjectStore, dataset: string, state: RunState, options: { runId?: string; startedAt?: string; minIntervalMs?: number } = {}) {
+  constructor(store: ObjectStore, dataset: string, state: RunState, options: RecorderOptions = {}) {
     this.store = store;
     this.minIntervalMs = options.minIntervalMs ?? 2000;
     // A name that is no dataset name (the run will refuse it) gets no record: it would be no key either.
@@ -63,7 +79,7 @@ export class StatusRecorder {
       runId: options.runId ?? newRunId(),
       dataset,
       state,
-      jobId: process.env.AWS_BATCH_JOB_ID,
+      jobId: options.jobId ?? jobIdFromEnv(),
       startedAt: options.startedAt ?? now,
       updatedAt: now,
     };
@@ -119,7 +135,7 @@ export async function adoptQueued(store: ObjectStore, dataset: string): Promise<
   const [newest] = await listRunStatuses(store, dataset, 1).catch(() => []);
   if (newest?.state !== "queued" || Date.now() - Date.parse(newest.updatedAt) > ADOPT_WITHIN_MS) return undefined;
   const claim = `${keys.runStatus(dataset, newest.runId).replace(/\.json$/, "")}.claim-${newest.handOvers ?? 0}`;
-  const won = await store.putIfAbsent(claim, JSON.stringify({ jobId: process.env.AWS_BATCH_JOB_ID ?? null, at: new Date().toISOString() })).catch(() => false);
+  const won = await store.putIfAbsent(claim, JSON.stringify({ jobId: jobIdFromEnv() ?? null, at: new Date().toISOString() })).catch(() => false);
   return won ? { runId: newest.runId, startedAt: newest.startedAt } : undefined;
 }
 

@@ -2,6 +2,7 @@ import { randomUUID } from "node:crypto";
 import { EdgetuneError } from "../../../../shared/errors.ts";
 import { keys } from "../../../../shared/keys.ts";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { jobIdFromEnv } from "../status.ts";
 
 /**
  * One training run per model at a time: `locks/<model>.json` holds an owner token and a heartbeat.
@@ -32,7 +33,7 @@ interface LockBody {
 
 export async function acquireLock(store: ObjectStore, name: string, options: { waitMs?: number } = {}): Promise<Lock> {
   const key = keys.lock(name);
-  const job = process.env.AWS_BATCH_JOB_ID;
+  const job = jobIdFromEnv();
   const owner = `${job ?? "local"}#${process.env.AWS_BATCH_JOB_ATTEMPT ?? "1"}:${randomUUID()}`;
   // A lock held by an earlier attempt of this very job: Batch starts an attempt only after the last one
   // ended (a spot reclaim), so nobody holds it any more.
@@ -61,6 +62,21 @@ export async function acquireLock(store: ObjectStore, name: string, options: { w
       if ((await read(store, key))?.owner === owner) await store.delete([key]);
     },
   };
+}
+
+/**
+ * Deletes the locks a dead job still holds (owner `<jobId>#…`), so the next run of its model starts at
+ * once instead of waiting three heartbeats. Another run's lock is left alone. Returns the models freed.
+ */
+export async function releaseLocksOfJob(store: ObjectStore, jobId: string): Promise<string[]> {
+  const freed: string[] = [];
+  for await (const o of store.list(keys.locksRoot)) {
+    if (!o.key.endsWith(".json")) continue;
+    if (!(await read(store, o.key))?.owner.startsWith(`${jobId}#`)) continue;
+    await store.delete([o.key]);
+    freed.push(o.key.slice(keys.locksRoot.length, -".json".length));
+  }
+  return freed;
 }
 
 async function read(store: ObjectStore, key: string): Promise<LockBody | null> {
