@@ -1,8 +1,10 @@
 import { randomBytes } from "node:crypto";
 import { DescribeStacksCommand } from "@aws-sdk/client-cloudformation";
 import { GetSecretValueCommand, PutSecretValueCommand } from "@aws-sdk/client-secrets-manager";
-import { GetServiceQuotaCommand } from "@aws-sdk/client-service-quotas";
+import { describeQuota, GPU_QUOTAS, gpuJobFits, type QuotaClient, quotaRequest, readGpuQuotas } from "../jobs/train/src/gpu-quota.ts";
 import type { EdgetuneConfig } from "./config.ts";
+
+export { GPU_QUOTAS };
 
 /**
  * The steps of `npm run deploy` that talk to AWS, apart from the CDK itself, with their SDK clients
@@ -10,15 +12,9 @@ import type { EdgetuneConfig } from "./config.ts";
  */
 export interface AwsClients {
   cloudformation: { send(command: DescribeStacksCommand): Promise<unknown> };
-  quotas: { send(command: GetServiceQuotaCommand): Promise<{ Quota?: { Value?: number } }> };
+  quotas: QuotaClient;
   secrets: { send(command: GetSecretValueCommand | PutSecretValueCommand): Promise<{ SecretString?: string }> };
 }
-
-/** EC2 vCPU quotas for G and VT instances (the GPU hosts), by purchase option. */
-export const GPU_QUOTAS = {
-  spot: { code: "L-3819A6DF", name: "All G and VT Spot Instance Requests" },
-  onDemand: { code: "L-DB2E81BA", name: "Running On-Demand G and VT instances" },
-} as const;
 
 export interface Preflight {
   /** What stops the deploy, each with what to do. */
@@ -41,20 +37,23 @@ export async function preflight(clients: AwsClients, config: EdgetuneConfig, whe
         : `Cannot check the CDK bootstrap stack in ${where.account}/${where.region}: ${message}`,
     );
   }
-  const quota = async (code: string) =>
-    (await clients.quotas.send(new GetServiceQuotaCommand({ ServiceCode: "ec2", QuotaCode: code })).catch(() => ({ Quota: undefined }))).Quota?.Value;
-  const spot = config.spot ? await quota(GPU_QUOTAS.spot.code) : 0;
-  const onDemand = await quota(GPU_QUOTAS.onDemand.code);
-  const fits = (v: number | undefined) => v === undefined || v >= config.jobVcpus;
-  const describe = (q: { code: string; name: string }, v: number | undefined) => `"${q.name}" (${q.code}) is ${v ?? "unknown"} vCPU`;
-  const request = `request at least ${config.jobVcpus} vCPU in the Service Quotas console (EC2), in ${where.region}`;
-  if (!fits(spot) && !fits(onDemand)) {
+  // The account's quota, else AWS's default for it; unknown only when neither can be read, and then said.
+  const quotas = await readGpuQuotas(clients.quotas, config.spot);
+  const fits = gpuJobFits(quotas, config.jobVcpus);
+  const described = `${describeQuota("spot", quotas.spot)} and ${describeQuota("onDemand", quotas.onDemand)}`;
+  if (fits === false) {
     // Not a blocker: head-only training (the default strategy) runs on the CPU queue (Fargate).
     notes.push(
-      `No fine-tuning job can start yet: ${describe(GPU_QUOTAS.spot, spot)} and ${describe(GPU_QUOTAS.onDemand, onDemand)}, a GPU job needs ${config.jobVcpus}; ${request} (new accounts start at 0). Head-only training, the default, runs on the CPU queue meanwhile; a finetune run is cancelled after runnableTimeoutMinutes and reported.`,
+      `No fine-tuning job can start yet: ${described}, a GPU job needs ${config.jobVcpus}; ${quotaRequest(config.jobVcpus, where.region)} (new accounts start at 0). Head-only training, the default, runs on the CPU queue meanwhile; a finetune run is refused at once with this reason.`,
     );
-  } else if (config.spot && !fits(spot)) {
-    notes.push(`${describe(GPU_QUOTAS.spot, spot)}: jobs will run on-demand only, at about 3× the price; ${request} for Spot.`);
+  } else if (fits === undefined) {
+    notes.push(
+      `The G-instance quotas could not be read: ${described}. Fine-tuning jobs may not start; check them in the Service Quotas console (EC2), in ${where.region}.`,
+    );
+  } else if (config.spot && (quotas.spot.value ?? 0) < config.jobVcpus) {
+    notes.push(
+      `${describeQuota("spot", quotas.spot)}: GPU jobs will run on-demand only, at about 3× the price; ${quotaRequest(config.jobVcpus, where.region)} for Spot.`,
+    );
   }
   notes.push("The edge worker needs the Workers Paid plan: one classification takes 10–35 ms of CPU, and the Free plan allows 10 ms per request.");
   return { problems, notes };

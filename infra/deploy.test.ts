@@ -1,11 +1,15 @@
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { type GetSecretValueCommand, PutSecretValueCommand } from "@aws-sdk/client-secrets-manager";
-import type { GetServiceQuotaCommand } from "@aws-sdk/client-service-quotas";
-import { describe, expect, it } from "vitest";
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { fakeQuotas, UNREADABLE_NEW_ACCOUNT } from "../test/support/quotas.ts";
 import { configFromContext } from "./config.ts";
+import { type DeployDeps, deploy, spawnRunner } from "./deploy-pipeline.ts";
 import { type AwsClients, GPU_QUOTAS, preflight, workerSecrets } from "./deploy-steps.ts";
 
 /** AWS faked at the SDK boundary: a bootstrap stack or not, quotas by code, secrets by ARN. */
-function fakeAws(options: { bootstrapped: boolean; quotas: Record<string, number> }) {
+function fakeAws(options: { bootstrapped: boolean; quotas: Record<string, number | Error>; defaults?: Record<string, number> }) {
   const secrets = new Map<string, string>([
     ["arn:creds", JSON.stringify({ accessKeyId: "AKIAEDGE", secretAccessKey: "edge-secret" })],
     ["arn:keys", "GeneratedOnceByCloudFormation0123456789ab"],
@@ -18,11 +22,7 @@ function fakeAws(options: { bootstrapped: boolean; quotas: Record<string, number
         return {};
       },
     },
-    quotas: {
-      async send(command: GetServiceQuotaCommand) {
-        return { Quota: { Value: options.quotas[command.input.QuotaCode as string] } };
-      },
-    },
+    quotas: fakeQuotas(options.quotas, options.defaults),
     secrets: {
       async send(command: GetSecretValueCommand | PutSecretValueCommand) {
         if (command instanceof PutSecretValueCommand) {
@@ -67,11 +67,20 @@ describe("deploy preflight", () => {
     );
   });
 
+  it("falls back to AWS's default quota when the account's cannot be read, and never counts an unreadable quota as fitting", async () => {
+    const fallback = fakeAws({ bootstrapped: true, quotas: UNREADABLE_NEW_ACCOUNT.account, defaults: UNREADABLE_NEW_ACCOUNT.defaults });
+    const { notes } = await preflight(fallback.clients, config, where);
+    expect(notes.join("\n")).toMatch(/No fine-tuning job can start yet: .*L-3819A6DF\) is 0 vCPU \(AWS's default: the account's own value could not be read\)/);
+    const neither = fakeAws({ bootstrapped: true, quotas: UNREADABLE_NEW_ACCOUNT.account });
+    const unknown = await preflight(neither.clients, config, where);
+    expect(unknown.notes.join("\n")).toMatch(/The G-instance quotas could not be read: .*L-3819A6DF\) could not be read.*Fine-tuning jobs may not start/);
+  });
+
   it("goes ahead with on-demand only, saying so, and always names the Workers Paid requirement", async () => {
     const { clients } = fakeAws({ bootstrapped: true, quotas: { [GPU_QUOTAS.spot.code]: 0, [GPU_QUOTAS.onDemand.code]: 8 } });
     const { problems, notes } = await preflight(clients, config, where);
     expect(problems).toEqual([]);
-    expect(notes.join("\n")).toMatch(/Spot Instance Requests.*is 0 vCPU: jobs will run on-demand only/);
+    expect(notes.join("\n")).toMatch(/Spot Instance Requests.*is 0 vCPU: GPU jobs will run on-demand only/);
     expect(notes.join("\n")).toMatch(/Workers Paid plan/);
   });
 });
@@ -99,5 +108,177 @@ describe("worker secrets", () => {
     expect(secrets.get("arn:keys")).toBe(rotated.secrets.API_KEYS);
     const again = await workerSecrets(clients, outputs, true);
     expect(again.secrets.API_KEYS).toBe(`${again.created},${rotated.created}`); // the oldest key is dropped
+  });
+});
+
+/**
+ * The deploy's steps against faked CDK and wrangler child processes (node scripts standing in for
+ * `npx cdk` and `npx wrangler`, run as real processes by the deploy's own runner), AWS faked at the SDK.
+ */
+const FAKE_CDK = `
+import { appendFileSync, writeFileSync } from "node:fs";
+const args = process.argv.slice(2);
+appendFileSync(process.env.FAKE_LOG, JSON.stringify({ tool: "cdk", args }) + "\\n");
+if (process.env.FAKE_CDK_FAIL && args.includes(process.env.FAKE_CDK_FAIL)) {
+  console.error("ERROR: failed to build asset: docker build exited with 1 (the GPU image)");
+  process.exit(1);
+}
+const out = args.indexOf("--outputs-file");
+if (out >= 0) writeFileSync(args[out + 1], JSON.stringify({ Edgetune: { BucketName: "edgetune-data-1", Region: "eu-west-1",
+  EdgeCredentialsSecretArn: "arn:creds", ApiKeysSecretArn: "arn:keys", ConsoleKeysSecretArn: "arn:console" } }));
+`;
+const FAKE_WRANGLER = `
+import { appendFileSync, readFileSync, statSync } from "node:fs";
+const args = process.argv.slice(2);
+const entry = { tool: "wrangler", args, account: process.env.CLOUDFLARE_ACCOUNT_ID ?? null, stdinIsPipe: !process.stdin.isTTY && statSync("/dev/stdin").isFIFO() };
+if (args[0] === "whoami") {
+  console.log(JSON.stringify({ loggedIn: true, accounts: [{ name: "Personal", id: "a".repeat(32) }, { name: "Team", id: "b".repeat(32) }] }));
+} else if (args[0] === "secret" && args[1] === "bulk") {
+  entry.file = { path: args[2], mode: (statSync(args[2]).mode & 0o777).toString(8), secrets: JSON.parse(readFileSync(args[2], "utf8")) };
+} else if (args[0] === "r2" && process.env.FAKE_R2_EXISTS) {
+  console.error("The bucket you tried to create already exists, and you own it. [code: 10004]");
+  appendFileSync(process.env.FAKE_LOG, JSON.stringify(entry) + "\\n");
+  process.exit(1);
+}
+appendFileSync(process.env.FAKE_LOG, JSON.stringify(entry) + "\\n");
+`;
+
+describe("npm run deploy, step by step", () => {
+  let dir: string;
+  let log: string;
+  let lines: string[];
+  const saved = { ...process.env };
+  beforeEach(() => {
+    dir = mkdtempSync(join(tmpdir(), "edgetune-deploy-"));
+    log = join(dir, "calls.jsonl");
+    writeFileSync(join(dir, "cdk.mjs"), FAKE_CDK);
+    writeFileSync(join(dir, "wrangler.mjs"), FAKE_WRANGLER);
+    writeFileSync(join(dir, "wrangler.jsonc"), '{ "name": "edgetune-edge" }');
+    process.env.FAKE_LOG = log;
+    delete process.env.CLOUDFLARE_ACCOUNT_ID;
+    lines = [];
+  });
+  afterEach(() => {
+    process.env = { ...saved };
+  });
+  const calls = () =>
+    existsSync(log)
+      ? readFileSync(log, "utf8")
+          .trim()
+          .split("\n")
+          .map(
+            (l) =>
+              JSON.parse(l) as {
+                tool: string;
+                args: string[];
+                account: string | null;
+                stdinIsPipe: boolean;
+                file?: { path: string; mode: string; secrets: Record<string, string> };
+              },
+          )
+      : [];
+  // Each call as its command words: "cdk deploy Edgetune", "wrangler secret bulk", "wrangler r2 bucket create"…
+  const words: Record<string, number> = { r2: 3, secret: 2, deploy: 1, whoami: 2 };
+  const deployed = () => calls().map((c) => `${c.tool} ${c.args.slice(0, c.tool === "cdk" ? 2 : (words[c.args[0] as string] ?? 1)).join(" ")}`);
+  const digest = `nvidia/cuda:11.2.2-cudnn8-runtime-ubuntu20.04@sha256:${"ab".repeat(32)}`;
+  function deps(overrides: Partial<DeployDeps> = {}, context: Record<string, unknown> = { gpuBaseImage: digest }): DeployDeps {
+    const { clients } = fakeAws({ bootstrapped: true, quotas: { [GPU_QUOTAS.spot.code]: 8, [GPU_QUOTAS.onDemand.code]: 8 } });
+    return {
+      aws: clients,
+      where,
+      config: configFromContext(context),
+      cdkContext: context,
+      tools: { cdk: [process.execPath, join(dir, "cdk.mjs")], wrangler: [process.execPath, join(dir, "wrangler.mjs")] },
+      run: spawnRunner,
+      stateDir: join(dir, ".edgetune"),
+      wranglerConfig: join(dir, "wrangler.jsonc"),
+      env: { CLOUDFLARE_ACCOUNT_ID: "c".repeat(32) },
+      log: (line) => lines.push(line),
+      ...overrides,
+    };
+  }
+  const options = { rotate: false, restart: false, alertEmail: "ops@example.com" };
+
+  it("a failing GPU step leaves the core and the worker deployed, says what failed and how to retry; the rerun continues at the GPU step", async () => {
+    process.env.FAKE_CDK_FAIL = "EdgetuneGpu";
+    const first = await deploy(options, deps());
+    expect(first.failed).toMatchObject({ step: "gpu", message: "cdk deploy EdgetuneGpu failed (exit 1)", retry: "npm run deploy" });
+    expect(first.completed).toEqual(["core", "worker"]);
+    expect(deployed()).toEqual(["cdk deploy Edgetune", "wrangler secret bulk", "wrangler r2 bucket create", "wrangler deploy", "cdk deploy EdgetuneGpu"]);
+    // The core went alone (--exclusively), the worker got the core's bucket.
+    expect(calls()[0]?.args).toEqual(expect.arrayContaining(["--exclusively", "--outputs-file"]));
+    expect(calls()[3]?.args).toEqual(expect.arrayContaining(["S3_BUCKET:edgetune-data-1", "S3_REGION:eu-west-1"]));
+    expect(lines.join("\n")).toMatch(
+      /the gpu step failed: cdk deploy EdgetuneGpu failed \(exit 1\)\nDeployed and working: core, worker \(head training\)\.\nFix it, then run {2}npm run deploy {2}— it continues at the gpu step/,
+    );
+
+    delete process.env.FAKE_CDK_FAIL;
+    writeFileSync(log, "");
+    const rerun = await deploy(options, deps());
+    expect(rerun).toEqual({ completed: ["core", "worker", "gpu"] });
+    expect(deployed()).toEqual(["cdk deploy EdgetuneGpu"]); // nothing deployed twice
+    // Everything done: the next deploy deploys every step again.
+    writeFileSync(log, "");
+    await deploy(options, deps());
+    expect(deployed()).toEqual(["cdk deploy Edgetune", "wrangler secret bulk", "wrangler r2 bucket create", "wrangler deploy", "cdk deploy EdgetuneGpu"]);
+  });
+
+  it("without a pinned CUDA base, the GPU step stops with how to obtain and mirror it; core and worker are deployed", async () => {
+    const r = await deploy(options, deps({}, {}));
+    expect(lines.join("\n")).toMatch(/note: cdk\.json sets no gpuBaseImage .* the GPU step will stop after core and worker are deployed/);
+    expect(r.failed?.step).toBe("gpu");
+    expect(r.failed?.message).toMatch(/pinned by digest.*gpuBaseImage.*docker pull nvidia\/cuda:11\.2\.2-cudnn8-runtime-ubuntu20\.04/);
+    expect(r.completed).toEqual(["core", "worker"]);
+    expect(deployed()).not.toContain("cdk deploy EdgetuneGpu");
+  });
+
+  it("with two Cloudflare accounts: refuses before deploying anything when nobody can be asked, with the list; asks when someone can", async () => {
+    const refused = await deploy(options, deps({ env: {} }));
+    expect(refused.completed).toEqual([]);
+    expect(refused.problems?.join("\n")).toMatch(
+      /2 accounts; say which one .* CLOUDFLARE_ACCOUNT_ID=<id> npm run deploy:\n {2}1\. Personal {2}a{32}\n {2}2\. Team {2}b{32}/,
+    );
+    expect(deployed()).toEqual(["wrangler whoami --json"]); // no cdk, no worker
+    writeFileSync(log, "");
+
+    const questions: string[] = [];
+    const asked = await deploy(
+      options,
+      deps({
+        env: {},
+        ask: async (q) => {
+          questions.push(q);
+          return "2";
+        },
+      }),
+    );
+    expect(asked.completed).toEqual(["core", "worker", "gpu"]);
+    expect(questions.join("\n")).toMatch(/Which Cloudflare account.*\n {2}1\. Personal.*\n {2}2\. Team/);
+    // Every wrangler call after the choice goes to the chosen account; the secrets come from a 0600 file, not stdin.
+    const wrangler = calls().filter((c) => c.tool === "wrangler" && c.args[0] !== "whoami");
+    expect(wrangler.map((c) => c.account)).toEqual(["b".repeat(32), "b".repeat(32), "b".repeat(32)]);
+    const bulk = wrangler.find((c) => c.args[1] === "bulk");
+    expect(bulk?.file).toMatchObject({ mode: "600", secrets: { AWS_ACCESS_KEY_ID: "AKIAEDGE", API_KEYS: "GeneratedOnceByCloudFormation0123456789ab" } });
+    expect(bulk?.stdinIsPipe).toBe(false);
+    expect(existsSync(bulk?.file?.path as string)).toBe(false); // removed afterwards
+    // The choice is remembered: the next deploy asks nothing.
+    writeFileSync(log, "");
+    await deploy(options, deps({ env: {} }));
+    expect(calls().find((c) => c.tool === "wrangler" && c.args[0] === "deploy")?.account).toBe("b".repeat(32));
+  });
+
+  it("asks for an alert e-mail and passes it to the core; says plainly when there is none; an existing R2 bucket is fine", async () => {
+    process.env.FAKE_R2_EXISTS = "1";
+    const none = await deploy({ ...options, alertEmail: undefined }, deps());
+    expect(none.completed).toEqual(["core", "worker", "gpu"]);
+    expect(lines.join("\n")).toMatch(/NO alert e-mail\. .*nobody will be told\. Set one with {2}npm run deploy -- --alert-email/);
+    expect(calls()[0]?.args.join(" ")).not.toContain("alarmEmail");
+    writeFileSync(log, "");
+    const asked = await deploy({ ...options, alertEmail: undefined }, deps({ ask: async () => "me@example.com" }));
+    expect(asked.completed).toEqual(["core", "worker", "gpu"]);
+    const context = calls()[0]?.args.find((a) => a.startsWith("edgetune="));
+    expect(JSON.parse(context?.slice("edgetune=".length) as string)).toEqual({ gpuBaseImage: digest, alarmEmail: "me@example.com" });
+    const bad = await deploy({ ...options, alertEmail: "not-an-address", restart: true }, deps());
+    expect(bad.problems).toEqual(['"not-an-address" is not an e-mail address (--alert-email).']);
   });
 });

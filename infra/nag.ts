@@ -9,7 +9,8 @@ import type { IConstruct } from "constructs";
 const ack = (scope: IConstruct, finding: string, reason: string) => Validations.of(scope).acknowledge({ id: `AwsSolutions::${finding}`, reason });
 
 export function acknowledgeNagFindings(stack: Stack): void {
-  const jobRole = stack.node.findChild("Training").node.findChild("JobRole");
+  const training = stack.node.findChild("Training");
+  const jobRole = training.node.findChild("JobRole");
   for (const prefix of ["datasets", "bases", "models", "cache", "runs", "locks", "status"]) {
     ack(
       jobRole,
@@ -17,27 +18,28 @@ export function acknowledgeNagFindings(stack: Stack): void {
       `The job reads or writes every object under ${prefix}/ of its own bucket (key layout in shared/keys.ts).`,
     );
   }
-  for (const action of ["s3:GetObject*", "s3:GetBucket*", "s3:List*", "s3:DeleteObject*", "s3:Abort*"]) {
-    ack(jobRole, `AwsSolutions-IAM5[Action::${action}]`, `${action} is the action group CDK's bucket grants use, limited to the prefixes above.`);
-  }
-  for (const id of ["Train", "TrainCpu"]) {
-    const def = stack.node.findChild("Training").node.findChild(id).node.defaultChild as CfnElement;
-    const name = `{"Fn::Select":[1,{"Fn::Split":["/",{"Fn::Select":[5,{"Fn::Split":[":",{"Ref":"${stack.getLogicalId(def)}"}]}]}]}]}`;
-    // cdk-nag names the finding with the stack's region and account where they are known.
-    const region = Token.isUnresolved(stack.region) ? "<AWS::Region>" : stack.region;
-    const account = Token.isUnresolved(stack.account) ? "<AWS::AccountId>" : stack.account;
-    ack(
-      jobRole,
-      `AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:batch:${region}:${account}:job-definition/${name}:*]`,
-      `Every revision of the ${id} definition: a fanned-out run submits its continuation at the revision it started with, which a redeploy may have superseded.`,
-    );
-  }
+  // cdk-nag names the finding with the stack's region and account where they are known.
+  const region = Token.isUnresolved(stack.region) ? "<AWS::Region>" : stack.region;
+  const account = Token.isUnresolved(stack.account) ? "<AWS::AccountId>" : stack.account;
+  const cpuDef = training.node.findChild("TrainCpu").node.defaultChild as CfnElement;
+  const cpuName = `{"Fn::Select":[1,{"Fn::Split":["/",{"Fn::Select":[5,{"Fn::Split":[":",{"Ref":"${stack.getLogicalId(cpuDef)}"}]}]}]}]}`;
+  ack(
+    jobRole,
+    `AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:batch:${region}:${account}:job-definition/${cpuName}:*]`,
+    "Every revision of the TrainCpu definition: a fanned-out run submits its continuation at the revision it started with, which a redeploy may have superseded.",
+  );
+  const gpuDefinitions = `AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:batch:${region}:${account}:job-definition/${stack.stackName}-finetune:*]`;
+  ack(
+    jobRole,
+    gpuDefinitions,
+    "Every revision of the GPU stack's Train definition (fixed name): a fanned-out fine-tuning run submits its continuation at the revision it started with.",
+  );
   ack(
     jobRole,
     "AwsSolutions-IAM5[Resource::*]",
     "batch:DescribeJobs has no resource-level permissions; the train job uses it only to watch the Embed array job it submitted.",
   );
-  const nightlyRole = stack.node.findChild("Training").node.findChild("NightlyRole");
+  const nightlyRole = training.node.findChild("NightlyRole");
   for (const prefix of ["datasets", "models", "bases"]) {
     ack(
       nightlyRole,
@@ -55,35 +57,47 @@ export function acknowledgeNagFindings(stack: Stack): void {
     "AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/datasets/*/captured-*]",
     "Reviewed captures join their dataset as captured-* files: the only keys under datasets/ the dispatcher may write.",
   );
-  for (const action of ["s3:GetObject*", "s3:GetBucket*", "s3:List*", "s3:Abort*", "s3:DeleteObject*"]) {
-    ack(nightlyRole, `AwsSolutions-IAM5[Action::${action}]`, `${action} is the action group CDK's bucket grants use, limited to the prefixes above.`);
-  }
-  for (const id of ["Container", "EmbedContainer", "CpuContainer", "NightlyContainer"]) {
+  ack(
+    nightlyRole,
+    "AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/status/*]",
+    "A finetune run the dispatcher cannot submit (no GPU path, no G quota) is closed in its upload's status record.",
+  );
+  ack(
+    nightlyRole,
+    gpuDefinitions,
+    "The dispatcher submits fine-tuning by the GPU stack's fixed definition name (the latest revision): the GPU stack may be deployed after the core, or not at all.",
+  );
+  ack(
+    nightlyRole,
+    "AwsSolutions-IAM5[Resource::*]",
+    "batch:DescribeJobQueues (is the GPU path deployed?) and servicequotas:GetServiceQuota / GetAWSDefaultServiceQuota (does a fine-tuning job fit the G quota?) have no resource-level permissions.",
+  );
+  for (const id of ["EmbedContainer", "CpuContainer", "NightlyContainer"]) {
     ack(
-      stack.node.findChild("Training").node.findChild(id),
+      training.node.findChild(id),
       "AwsSolutions-IAM5[Resource::*]",
       "ecr:GetAuthorizationToken has no resource-level permissions; the image pull itself is limited to the asset repository.",
     );
   }
-  for (const ce of ["Spot", "OnDemand"]) {
-    const node = stack.node.findChild("Training").node.tryFindChild(ce);
-    if (node) {
-      ack(
-        node,
-        "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AmazonEC2ContainerServiceforEC2Role]",
-        "The ECS container-instance role AWS documents for Batch managed EC2 compute environments.",
-      );
-    }
-  }
   ack(
     stack,
     "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole]",
-    "CDK's own BucketNotificationsHandler (turns on EventBridge notifications) only writes its logs.",
+    "CDK's own BucketNotificationsHandler (turns on EventBridge notifications) and the failure-records Lambda only write their logs with it.",
+  );
+  ack(
+    stack.node.findChild("FailureRecords").node.findChild("Handler"),
+    "AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/status/*]",
+    "The failure-records Lambda reads and writes run status records (status/<dataset>/<run>.json).",
+  );
+  ack(
+    stack.node.findChild("FailureRecords").node.findChild("Handler"),
+    "AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/locks/*]",
+    "The failure-records Lambda frees the model locks a failed job still holds (locks/<model>.json owned by that job), and nothing else.",
   );
   ack(
     stack.node.findChild("Triggers").node.findChild("DeadLetters"),
     "AwsSolutions-SQS3",
-    "This queue is the dead-letter queue of the training triggers (EventBridge rule and schedule targets); it is alarmed on, not drained.",
+    "This queue is the dead-letter queue of the training triggers and the failure records (EventBridge rule and schedule targets); it is alarmed on, not drained.",
   );
   const edge = stack.node.findChild("Edge");
   ack(
@@ -111,4 +125,24 @@ export function acknowledgeNagFindings(stack: Stack): void {
     "AwsSolutions-SMG4",
     "The key must be copied into Cloudflare Worker secrets, so it cannot rotate automatically; rotate by replacing the key and running npm run deploy (infra/README.md).",
   );
+}
+
+/** The GPU stack's accepted findings. */
+export function acknowledgeGpuNagFindings(stack: Stack): void {
+  const gpu = stack.node.findChild("Gpu");
+  ack(
+    gpu.node.findChild("Container"),
+    "AwsSolutions-IAM5[Resource::*]",
+    "ecr:GetAuthorizationToken has no resource-level permissions; the image pull itself is limited to the asset repository.",
+  );
+  for (const ce of ["Spot", "OnDemand"]) {
+    const node = gpu.node.tryFindChild(ce);
+    if (node) {
+      ack(
+        node,
+        "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AmazonEC2ContainerServiceforEC2Role]",
+        "The ECS container-instance role AWS documents for Batch managed EC2 compute environments.",
+      );
+    }
+  }
 }

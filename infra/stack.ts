@@ -5,12 +5,21 @@ import type { EdgetuneConfig } from "./config.ts";
 import { TrainingAlerts } from "./constructs/alerts.ts";
 import { DataBucket } from "./constructs/data-bucket.ts";
 import { EdgeCredentials } from "./constructs/edge-credentials.ts";
+import { FailureRecords } from "./constructs/failure-records.ts";
 import { BatchNetwork } from "./constructs/network.ts";
 import { TrainingBatch } from "./constructs/training-batch.ts";
 import { TrainingTriggers } from "./constructs/triggers.ts";
 
-/** edgetune in one stack: bucket → triggers → GPU Batch job → models the edge reads. */
+/**
+ * The core of edgetune, everything a head-training service needs: bucket → triggers → dispatcher → CPU
+ * Batch jobs → models the edge reads, with alerts, failure records and the edge's credentials. The GPU
+ * fine-tuning path is `EdgetuneGpuStack` (gpu-stack.ts), deployed after this one and apart from it.
+ */
 export class EdgetuneStack extends Stack {
+  readonly data: DataBucket;
+  readonly network: BatchNetwork;
+  readonly training: TrainingBatch;
+
   constructor(scope: Construct, id: string, props: StackProps & { config: EdgetuneConfig }) {
     super(scope, id, props);
     const { config } = props;
@@ -26,6 +35,9 @@ export class EdgetuneStack extends Stack {
       logRetention,
       operatorKeys: edge.consoleKeys,
     });
+    this.data = data;
+    this.network = network;
+    this.training = training;
     const triggers = new TrainingTriggers(this, "Triggers", {
       bucket: data.bucket,
       cpuQueue: training.cpuQueue,
@@ -33,11 +45,10 @@ export class EdgetuneStack extends Stack {
       schedule: config.schedule,
       timeZone: config.timeZone,
     });
-    const alerts = new TrainingAlerts(this, "Alerts", {
-      queues: [training.queue, training.cpuQueue],
-      deadLetters: triggers.deadLetters,
-      email: config.alarmEmail,
-    });
+    // Both queues by ARN: the GPU queue's name is fixed, so the rules cover it before it exists.
+    const queueArns = [training.gpu.queueArn, training.cpuQueue.jobQueueArn];
+    const alerts = new TrainingAlerts(this, "Alerts", { queueArns, deadLetters: triggers.deadLetters, email: config.alarmEmail });
+    new FailureRecords(this, "FailureRecords", { bucket: data.bucket, queueArns, deadLetters: triggers.deadLetters, logRetention });
 
     new CfnOutput(this, "BucketName", { value: data.bucket.bucketName, description: "EDGETUNE_BUCKET / the worker's S3_BUCKET" });
     new CfnOutput(this, "Region", { value: this.region, description: "the worker's S3_REGION" });
@@ -50,12 +61,12 @@ export class EdgetuneStack extends Stack {
       value: edge.consoleKeys.secretArn,
       description: "the Worker's CONSOLE_API_KEYS (operators), generated once",
     });
-    new CfnOutput(this, "JobQueueArn", { value: training.queue.jobQueueArn });
-    new CfnOutput(this, "JobDefinitionArn", { value: training.jobDefinition.jobDefinitionArn });
+    new CfnOutput(this, "CpuJobQueueArn", { value: training.cpuQueue.jobQueueArn });
     new CfnOutput(this, "EmbedJobDefinitionArn", {
       value: training.embedJobDefinition.jobDefinitionArn,
       description: "array job: edgetune embed --shards N, for very large datasets",
     });
     new CfnOutput(this, "FailureTopicArn", { value: alerts.topic.topicArn });
+    new CfnOutput(this, "AlertEmail", { value: config.alarmEmail ?? "none", description: "who the failure topic e-mails" });
   }
 }

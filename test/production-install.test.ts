@@ -28,6 +28,10 @@ beforeAll(async () => {
   for (const path of ["package.json", "package-lock.json", ".npmrc", "shared", "jobs/train"])
     await cp(join(root, path), join(staging, path), { recursive: true, filter: (src) => !src.endsWith(".test.ts") });
   await run("npm", ["ci", "--omit=dev", "--no-audit", "--no-fund"], { cwd: staging, timeout: 600_000 });
+  // The images then drop onnxruntime-node's binaries for other platforms: the same command, taken from the Dockerfile.
+  const prune = /rm -rf (node_modules\/onnxruntime-node\/[^\n\\]*)/.exec(await readFile(join(root, "jobs/train/Dockerfile.cpu"), "utf8"))?.[1];
+  if (!prune) throw new Error("jobs/train/Dockerfile.cpu no longer prunes onnxruntime-node: update this test");
+  await run("sh", ["-c", `rm -rf ${prune}`], { cwd: staging });
   s3 = await startLocalS3({ bucket: "image" });
 }, 900_000);
 afterAll(async () => {
@@ -41,6 +45,9 @@ describe("the training image's production install", () => {
       expect([dev, existsSync(join(staging, "node_modules", dev))]).toEqual([dev, false]);
     for (const prod of ["@tensorflow/tfjs", "@tensorflow/tfjs-backend-wasm", "sharp", "nsfwjs", "@aws-sdk/client-s3"])
       expect([prod, existsSync(join(staging, "node_modules", prod))]).toEqual([prod, true]);
+    // linux/amd64 only: the other platforms' ONNX Runtime binaries (≈ 255 MB) are gone, this one stays.
+    const ort = join(staging, "node_modules/onnxruntime-node/bin/napi-v6");
+    expect(["darwin", "win32", "linux/arm64", "linux/x64"].map((p) => existsSync(join(ort, p)))).toEqual([false, false, false, true]);
     const dockerfile = await readFile(join(root, "jobs/train/Dockerfile"), "utf8");
     const imageMajor = /FROM [^\n]*node:(\d+)-/.exec(dockerfile)?.[1];
     expect(process.versions.node.split(".")[0]).toBe(imageMajor);
@@ -68,6 +75,7 @@ describe("the training image's production install", () => {
       { cwd: staging, env: jobEnvironment(s3.config, { NODE_ENV: "production" }), timeout: 300_000 },
     );
     expect(`${stdout}${stderr}`).toMatch(/"message":"backend wasm"/); // no GPU here: the same code on wasm
+    expect(`${stdout}${stderr}`).toMatch(/"engine":"onnxruntime"/); // the pruned install's ONNX Runtime loads
     expect((await readPointer(s3.store, "image-check"))?.version).toMatch(/^v[0-9a-f]{12}$/);
   }, 300_000);
 });

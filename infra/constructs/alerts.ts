@@ -1,5 +1,4 @@
 import { Duration } from "aws-cdk-lib";
-import type * as batch from "aws-cdk-lib/aws-batch";
 import * as cloudwatch from "aws-cdk-lib/aws-cloudwatch";
 import * as cloudwatchActions from "aws-cdk-lib/aws-cloudwatch-actions";
 import * as events from "aws-cdk-lib/aws-events";
@@ -12,15 +11,16 @@ import type * as sqs from "aws-cdk-lib/aws-sqs";
 import { Construct } from "constructs";
 
 /**
- * Failure visibility: every job of our queues (GPU training, CPU nightly) that ends FAILED — including one cancelled
+ * Failure visibility: every job of our queues (GPU training, CPU jobs) that ends FAILED — including one cancelled
  * after waiting too long in RUNNABLE (no GPU capacity, a quota of 0) — is published to an encrypted,
  * TLS-only SNS topic, with an optional e-mail subscription; so is any trigger that could not submit
- * its job (a message in the triggers' dead-letter queue).
+ * its job (a message in the triggers' dead-letter queue). The same failures also reach the run's status
+ * record (failure-records.ts); this topic is for the operator.
  */
 export class TrainingAlerts extends Construct {
   readonly topic: sns.Topic;
 
-  constructor(scope: Construct, id: string, props: { queues: batch.IJobQueue[]; deadLetters: sqs.IQueue; email?: string }) {
+  constructor(scope: Construct, id: string, props: { queueArns: string[]; deadLetters: sqs.IQueue; email?: string }) {
     super(scope, id);
     const key = new kms.Key(this, "TopicKey", { enableKeyRotation: true, description: "edgetune training alerts" });
     key.grant(new iam.ServicePrincipal("events.amazonaws.com"), "kms:Decrypt", "kms:GenerateDataKey*");
@@ -31,12 +31,12 @@ export class TrainingAlerts extends Construct {
       eventPattern: {
         source: ["aws.batch"],
         detailType: ["Batch Job State Change"],
-        detail: { status: ["FAILED"], jobQueue: props.queues.map((q) => q.jobQueueArn) },
+        detail: { status: ["FAILED"], jobQueue: props.queueArns },
       },
       targets: [new targets.SnsTopic(this.topic)],
     });
     key.grant(new iam.ServicePrincipal("cloudwatch.amazonaws.com"), "kms:Decrypt", "kms:GenerateDataKey*");
-    new cloudwatch.Alarm(this, "TriggerNotDelivered", {
+    const notDelivered = new cloudwatch.Alarm(this, "TriggerNotDelivered", {
       alarmDescription: "A dataset upload or the nightly schedule could not submit its training job (see the dead-letter queue)",
       // Messages sent, not visible: they stay 14 days, and an alarm on what is visible would stay in ALARM
       // after the first one and never notify again.
@@ -45,6 +45,19 @@ export class TrainingAlerts extends Construct {
       evaluationPeriods: 1,
       comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
       treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
-    }).addAlarmAction(new cloudwatchActions.SnsAction(this.topic));
+    });
+    notDelivered.addAlarmAction(new cloudwatchActions.SnsAction(this.topic));
+    // The topic's policy is CDK's (enforceSSL, the rule's target), which replaces SNS's default: without
+    // this statement the alarm's every notification fails with "not authorized to perform SNS:Publish".
+    // Bound to this alarm, so no other account's or resource's CloudWatch can publish here.
+    this.topic.addToResourcePolicy(
+      new iam.PolicyStatement({
+        sid: "CloudWatchAlarmsPublish",
+        principals: [new iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+        actions: ["sns:Publish"],
+        resources: [this.topic.topicArn],
+        conditions: { ArnEquals: { "aws:SourceArn": [notDelivered.alarmArn] } },
+      }),
+    );
   }
 }

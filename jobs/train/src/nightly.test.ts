@@ -1,10 +1,13 @@
-import type { SubmitJobCommand } from "@aws-sdk/client-batch";
+import { DescribeJobQueuesCommand, type SubmitJobCommand } from "@aws-sdk/client-batch";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
+import { fakeQuotas, UNREADABLE_NEW_ACCOUNT } from "../../../test/support/quotas.ts";
+import { GPU_QUOTAS } from "./gpu-quota.ts";
 import { memoryLogger } from "./log.ts";
 import { initBackend } from "./model/backend.ts";
-import { batchSubmitter, dispatchNightly } from "./nightly.ts";
+import { batchSubmitter, dispatchNightly, FineTuningUnavailable } from "./nightly.ts";
+import { followRun, listRunStatuses, newRunId } from "./status.ts";
 import { train } from "./train.ts";
 
 let s3: LocalS3;
@@ -58,7 +61,8 @@ describe("nightly dispatch", () => {
     expect(batchSubmitter({ EDGETUNE_JOB_QUEUE: "q", EDGETUNE_TRAIN_JOB_DEFINITION: "d" })).toBeUndefined(); // not in Batch
     const sent: SubmitJobCommand[] = [];
     const client = {
-      send: async (c: SubmitJobCommand) => {
+      send: async (c: SubmitJobCommand | DescribeJobQueuesCommand) => {
+        if (c instanceof DescribeJobQueuesCommand) return { jobQueues: [{ jobQueueName: "q", state: "ENABLED", status: "VALID" }] };
         sent.push(c);
         return { jobId: "j-1" };
       },
@@ -82,5 +86,68 @@ describe("nightly dispatch", () => {
       ["arn:cpu-queue", "arn:train-cpu:2"],
       ["arn:queue", "arn:train:4"],
     ]);
+  });
+
+  /** AWS Batch and Service Quotas faked at the SDK boundary: a GPU queue that exists or not, quotas by code (a throw: AccessDenied). */
+  function fakeAws(options: { gpuQueue: boolean; quotas?: Record<string, number | Error>; defaults?: Record<string, number> }) {
+    const submitted: string[] = [];
+    const batch = {
+      send: async (c: SubmitJobCommand | DescribeJobQueuesCommand) => {
+        if (c instanceof DescribeJobQueuesCommand) return { jobQueues: options.gpuQueue ? [{ state: "ENABLED", status: "VALID" }] : [] };
+        submitted.push(`${c.input.jobQueue}:${c.input.parameters?.dataset}`);
+        return { jobId: `job-${submitted.length}` };
+      },
+    };
+    const quotas = fakeQuotas(options.quotas, options.defaults);
+    const env = {
+      AWS_BATCH_JOB_ID: "dispatcher-1",
+      AWS_REGION: "eu-west-1",
+      EDGETUNE_JOB_QUEUE: "Edgetune-finetune",
+      EDGETUNE_TRAIN_JOB_DEFINITION: "Edgetune-finetune",
+      EDGETUNE_GPU_JOB_VCPUS: "4",
+      EDGETUNE_CPU_JOB_QUEUE: "cpu",
+      EDGETUNE_CPU_TRAIN_JOB_DEFINITION: "cpu-def",
+    };
+    return { submitted, submit: batchSubmitter(env, batch as never, quotas) };
+  }
+
+  it("ends an uploaded finetune run failed at once while no GPU stack is deployed: `push --wait` sees the reason, head runs still go", async () => {
+    await uploadSample(s3.store, "tune-me", { perLabel: 8, manifest: { strategy: "finetune" } });
+    const pushedAt = new Date().toISOString();
+    const runId = newRunId();
+    await s3.store.put(
+      `status/tune-me/${runId}.json`,
+      JSON.stringify({ schemaVersion: 1, runId, dataset: "tune-me", state: "queued", startedAt: pushedAt, updatedAt: pushedAt }),
+    );
+    const aws = fakeAws({ gpuQueue: false, quotas: { [GPU_QUOTAS.spot.code]: 8, [GPU_QUOTAS.onDemand.code]: 8 } });
+    await expect(aws.submit?.("tune-me", "finetune")).rejects.toThrow(FineTuningUnavailable);
+    process.env.AWS_BATCH_JOB_ID = "dispatcher-1"; // the dispatcher's own job, as Batch sets it
+    const r = await dispatchNightly(s3.store, { imageSize: 96, views: 1 }, aws.submit as never, memoryLogger(), ["tune-me"]).finally(() => {
+      delete process.env.AWS_BATCH_JOB_ID;
+    });
+    expect(r.failed).toEqual([
+      { dataset: "tune-me", reason: expect.stringMatching(/Fine-tuning needs the GPU stack, which is not deployed here.*npm run deploy/) },
+    ]);
+    expect(aws.submitted).toEqual([]);
+    const followed = await followRun(s3.store, "tune-me", pushedAt, () => {}, { pollMs: 10, timeoutMs: 2000 });
+    expect(followed).toMatchObject({ runId, state: "failed", jobId: "dispatcher-1", reason: r.failed[0]?.reason });
+    expect(await aws.submit?.("tune-me", "head")).toBe("job-1"); // the CPU path does not depend on the GPU stack
+    expect(aws.submitted).toEqual(["cpu:tune-me"]);
+  });
+
+  it("refuses a finetune run whose vCPUs exceed the G quota, falling back to AWS's default when the account's cannot be read", async () => {
+    // The account's quota unreadable (AccessDenied): AWS's default (0 on new accounts) decides, never "unknown = fits".
+    const zero = fakeAws({ gpuQueue: true, quotas: UNREADABLE_NEW_ACCOUNT.account, defaults: UNREADABLE_NEW_ACCOUNT.defaults });
+    await expect(zero.submit?.("pets", "finetune")).rejects.toThrow(
+      /needs 4 vCPU of G instances, but "All G and VT Spot Instance Requests" \(L-3819A6DF\) is 0 vCPU \(AWS's default.*request at least 4 vCPU .* in the Service Quotas console \(EC2\), in eu-west-1/,
+    );
+    expect(zero.submitted).toEqual([]);
+    const enough = fakeAws({ gpuQueue: true, quotas: { [GPU_QUOTAS.spot.code]: 0, [GPU_QUOTAS.onDemand.code]: 8 } });
+    expect(await enough.submit?.("pets", "finetune")).toBe("job-1");
+    expect(enough.submitted).toEqual(["Edgetune-finetune:pets"]);
+    // Neither readable: submitted (a job without capacity is cancelled after runnableTimeoutMinutes, with the reason).
+    const unknown = fakeAws({ gpuQueue: true });
+    expect(await unknown.submit?.("pets", "finetune")).toBe("job-1");
+    expect((await listRunStatuses(s3.store, "pets")).length).toBe(0);
   });
 });

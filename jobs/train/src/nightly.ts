@@ -1,11 +1,14 @@
-import { BatchClient, SubmitJobCommand } from "@aws-sdk/client-batch";
-import { userMessage } from "../../../shared/errors.ts";
+import { BatchClient, DescribeJobQueuesCommand, SubmitJobCommand } from "@aws-sdk/client-batch";
+import { ServiceQuotasClient } from "@aws-sdk/client-service-quotas";
+import { EdgetuneError, userMessage } from "../../../shared/errors.ts";
 import type { ObjectStore } from "../../../shared/s3/store.ts";
 import { listDatasets } from "./catalog/catalog.ts";
 import type { TrainInput } from "./config.ts";
+import { describeQuota, gpuJobFits, type QuotaClient, quotaRequest, readGpuQuotas } from "./gpu-quota.ts";
 import type { Logger } from "./log.ts";
 import { planRun, versionExists } from "./plan.ts";
 import { runContext } from "./run.ts";
+import { adoptQueued, StatusRecorder } from "./status.ts";
 import { processTraffic } from "./traffic/traffic.ts";
 
 /**
@@ -67,21 +70,58 @@ export async function dispatchNightly(
     } catch (e) {
       result.failed.push({ dataset: name, reason: userMessage(e) });
       log.warn(`${name}: could not submit its training (${userMessage(e)})`);
+      // No job will take the upload's queued record over: close it here, so `push --wait` ends at once
+      // with the reason (no GPU path, no G quota) instead of polling for hours. The dispatcher's own job
+      // id goes into the record, so the failure handler, seeing this job fail, leaves the record as it is.
+      if (uploads) {
+        const record = new StatusRecorder(store, name, "failed", await adoptQueued(store, name));
+        await record.update({ reason: userMessage(e) }, true);
+      }
     }
   }
   return result;
 }
 
+/** A fine-tuning run that cannot run in this account: no GPU path deployed, or a G-instance quota too small for its job. */
+export class FineTuningUnavailable extends EdgetuneError {}
+
 /**
  * Submits training jobs to the stack's queues, when this process is the dispatcher in AWS Batch:
- * `head` runs to the CPU queue where the stack has one, `finetune` runs to the GPU queue.
+ * `head` runs to the CPU queue where the stack has one, `finetune` runs to the GPU queue — after checking
+ * that the GPU stack is deployed (its queue, named by the core, exists and is enabled) and that the job's
+ * vCPUs fit the account's G-instance quota where it can be read. Either missing fails the run at once with
+ * the reason, instead of a job that waits in RUNNABLE until it is cancelled.
  */
-export function batchSubmitter(env: NodeJS.ProcessEnv = process.env, client: Pick<BatchClient, "send"> = new BatchClient({})): SubmitTraining | undefined {
+export function batchSubmitter(
+  env: NodeJS.ProcessEnv = process.env,
+  client: Pick<BatchClient, "send"> = new BatchClient({}),
+  quotas: QuotaClient = new ServiceQuotasClient({}),
+): SubmitTraining | undefined {
   const { EDGETUNE_JOB_QUEUE: gpuQueue, EDGETUNE_TRAIN_JOB_DEFINITION: gpuDefinition } = env;
   if (!env.AWS_BATCH_JOB_ID || !gpuQueue || !gpuDefinition) return undefined;
   const { EDGETUNE_CPU_JOB_QUEUE: cpuQueue, EDGETUNE_CPU_TRAIN_JOB_DEFINITION: cpuDefinition } = env;
+  const gpuVcpus = Number(env.EDGETUNE_GPU_JOB_VCPUS) || 0;
+  const region = env.AWS_REGION ?? "this region";
+  const checkGpuPath = async () => {
+    const queue = (await client.send(new DescribeJobQueuesCommand({ jobQueues: [gpuQueue] }))).jobQueues?.[0];
+    if (queue?.state !== "ENABLED" || !["VALID", "UPDATING"].includes(queue.status ?? ""))
+      throw new FineTuningUnavailable(
+        "no_gpu_path",
+        `Fine-tuning needs the GPU stack, which is not deployed here (job queue ${gpuQueue} ${queue ? `is ${queue.state}/${queue.status}` : "does not exist"}): run \`npm run deploy\` (its last step deploys it, see infra/README.md), or train this dataset with --strategy head.`,
+      );
+    if (gpuVcpus === 0) return;
+    const q = await readGpuQuotas(quotas, env.EDGETUNE_GPU_SPOT !== "false");
+    // Unknown (neither the account's quota nor AWS's default readable): submitted, and a job that finds no
+    // capacity is cancelled after runnableTimeoutMinutes with that reason in its record.
+    if (gpuJobFits(q, gpuVcpus) === false)
+      throw new FineTuningUnavailable(
+        "gpu_quota",
+        `A fine-tuning job needs ${gpuVcpus} vCPU of G instances, but ${describeQuota("spot", q.spot)} and ${describeQuota("onDemand", q.onDemand)}: ${quotaRequest(gpuVcpus, region)}, then push again; or train this dataset with --strategy head.`,
+      );
+  };
   return async (dataset, strategy) => {
     const cpu = strategy === "head" && cpuQueue && cpuDefinition;
+    if (!cpu) await checkGpuPath();
     const r = await client.send(
       new SubmitJobCommand({
         jobName: `edgetune-${strategy}-${dataset}`.replaceAll(/[^A-Za-z0-9_-]/g, "-").slice(0, 128),
