@@ -225,62 +225,76 @@ app.openapi(reportRoute, async (c) => {
  * subrequests one request may spend. A capture whose decision the job could not apply is back, with why.
  * Whoever holds the edge's key may write under captures/, so what is read is bounded before it is held:
  * only keys named as a record of their own id are read (so a record is listed once), each read stops at
- * MAX_RECORD_BYTES, and a response holds at most REVIEW_PAGE records and MAX_PAGE_BYTES of them.
+ * MAX_RECORD_BYTES, at most MAX_RECORD_READS are read, and a response holds at most REVIEW_PAGE records
+ * and MAX_PAGE_BYTES of them.
  */
 const REVIEW_PAGE = 30;
 /** A record the edge writes is under 2 KB (5 predictions); anything far larger is not the edge's. */
 const MAX_RECORD_BYTES = 16 * 1024;
 const MAX_PAGE_BYTES = 256 * 1024;
+/** Record reads one listing may spend (Workers allow 50 subrequests per request on the Free plan). */
+const MAX_RECORD_READS = 40;
 app.openapi(capturesRoute, async (c) => {
   const { name } = c.req.valid("param");
   const store = captureStoreFor(c.env);
   const [days, decided, settings] = await Promise.all([
-    // Day folders only (anything else under images/ is not the edge's and is skipped).
-    store.listFolders(keys.captureImages(name)).then((d) =>
-      d
-        .filter((f) => isCaptureKey(f, true))
+    // Day folders only, none after tomorrow (anything else under images/ is not the edge's and is
+    // skipped: folders dated in the future would otherwise take the five days the listing reads).
+    store.listFolders(keys.captureImages(name)).then((d) => {
+      const latest = new Date(Date.now() + 86_400_000).toISOString().slice(0, 10);
+      return d
+        .filter((f) => isCaptureKey(f, true) && f.slice(-11, -1) <= latest)
         .sort()
-        .reverse(),
-    ),
+        .reverse();
+    }),
     store.list(keys.captureDecisions(name), 1000),
     readCaptureConfig(catalogFor(c.env), name),
   ]);
   const decidedIds = new Set(decided.map((k) => k.slice(keys.captureDecisions(name).length, -".json".length)));
-  const pending: string[] = [];
+  // Candidates newest first; records are read a page at a time until the page is full, so a skipped
+  // (forged) record does not take a real one's place — within MAX_RECORD_READS reads per response.
+  const candidates: string[] = [];
   let truncated = false;
   for (const [i, day] of days.entries()) {
-    if (pending.length >= REVIEW_PAGE || i >= 5) {
+    if (candidates.length >= MAX_RECORD_READS || i >= 5) {
       truncated = true;
       break;
     }
     const listed = await store.list(day, 2000);
-    const open = listed.filter((k) => isOwnRecordKey(name, k) && !decidedIds.has(idOfRecordKey(k))).reverse();
-    const room = REVIEW_PAGE - pending.length;
-    if (open.length > room || listed.length >= 2000) truncated = true;
-    pending.push(...open.slice(0, room));
+    if (listed.length >= 2000) truncated = true;
+    candidates.push(...listed.filter((k) => isOwnRecordKey(name, k) && !decidedIds.has(idOfRecordKey(k))).reverse());
   }
-  const records = await Promise.all(
-    pending.map(async (k) => {
-      const got = await store.get(k, undefined, MAX_RECORD_BYTES).catch((e) => {
-        if (e instanceof CaptureObjectTooLargeError) return null; // forged: skipped
-        throw e;
-      });
-      const record = got ? parseCaptureRecord(name, got.bytes) : null;
-      return record && record.id === idOfRecordKey(k) ? { record: { ...record, decision: null, label: null } as const, size: got?.bytes.length ?? 0 } : null;
-    }),
-  );
-  const captures: NonNullable<(typeof records)[number]>["record"][] = [];
+  if (candidates.length > MAX_RECORD_READS) truncated = true;
+  const captures: CaptureRecord[] = [];
   let bytes = 0;
-  for (const r of records) {
-    if (!r) continue;
-    if (bytes + r.size > MAX_PAGE_BYTES) {
-      truncated = true;
-      break;
+  let next = 0;
+  while (captures.length < REVIEW_PAGE && next < Math.min(candidates.length, MAX_RECORD_READS)) {
+    const batch = candidates.slice(next, Math.min(next + REVIEW_PAGE - captures.length, MAX_RECORD_READS));
+    next += batch.length;
+    const read = await Promise.all(
+      batch.map(async (k) => {
+        const got = await store.get(k, undefined, MAX_RECORD_BYTES).catch((e) => {
+          if (e instanceof CaptureObjectTooLargeError) return null; // not the edge's: skipped
+          throw e;
+        });
+        const record = got ? parseCaptureRecord(name, got.bytes) : null;
+        // A record counts only under its own key: a copy filed under other names is not listed again.
+        return record && record.id === idOfRecordKey(k) ? { record, size: got?.bytes.length ?? 0 } : null;
+      }),
+    );
+    for (const r of read) {
+      if (!r) continue;
+      if (bytes + r.size > MAX_PAGE_BYTES) {
+        truncated = true;
+        next = Number.POSITIVE_INFINITY;
+        break;
+      }
+      bytes += r.size;
+      captures.push(r.record);
     }
-    bytes += r.size;
-    captures.push(r.record);
   }
-  return c.json({ model: name, settings, captures, truncated }, 200);
+  if (next < candidates.length) truncated = true;
+  return c.json({ model: name, settings, captures: captures.map((r) => ({ ...r, decision: null, label: null })), truncated }, 200);
 });
 
 app.openapi(captureImageRoute, async (c) => {
