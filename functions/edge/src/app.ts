@@ -327,10 +327,13 @@ app.openapi(decisionRoute, async (c) => {
   return c.json({ id, action: decision.action, label: decision.label ?? null }, 200);
 });
 
+/** A summary of 30 days of a model with 1000 labels is under 1 MB. */
+const MAX_SUMMARY_BYTES = 2 * 1024 * 1024;
 app.openapi(monitorRoute, async (c) => {
   const { name } = c.req.valid("param");
   const store = captureStoreFor(c.env);
-  const got = await store.get(keys.captureMonitor(name));
+  // Written by the nightly job, but under captures/, which the edge's key may write: read within a bound.
+  const got = await store.get(keys.captureMonitor(name), undefined, MAX_SUMMARY_BYTES);
   const parsed = got ? tryParseContractJson(monitorSummarySchema, got.bytes) : null;
   if (!parsed?.success)
     throw new ApiError(404, "no_summary", `No monitoring summary for ${name} yet: the nightly job writes one once the edge has counted traffic.`);

@@ -164,6 +164,32 @@ describe("the review listing reads captures/ with bounds (the edge's key may wri
   });
 });
 
+describe("the rest of captures/, forged with the edge's key", () => {
+  it("a monitoring summary of megabytes is not read (the console's Monitor page gets an error, the isolate keeps its memory)", async () => {
+    const labels = Object.fromEntries(Array.from({ length: 200_000 }, (_, i) => [`label-${i}`, 1]));
+    const day = {
+      day: "2026-12-01",
+      versions: [],
+      requests: 1,
+      labels,
+      confidence: new Array(10).fill(0),
+      lowConfidence: 0,
+      captured: 0,
+      overCap: 0,
+      busy: 0,
+      failed: 0,
+      optedOut: 0,
+      drift: [],
+    };
+    const summary = JSON.stringify({ schemaVersion: 1, model: "emoji", writtenAt: new Date().toISOString(), threshold: 0.5, reference: null, days: [day] });
+    expect(summary.length).toBeGreaterThan(2 * 1024 * 1024);
+    await s3.store.put(keys.captureMonitor("emoji"), summary);
+    const res = await fetch(`${edge.url}/v1/models/emoji/monitor`, { headers: operator() });
+    expect(res.status).toBe(422);
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe("stored_file_too_large");
+  });
+});
+
 describe("what a caller learns without an operator key", () => {
   it("/healthz: liveness only without a key or with a client key; models and versions for an operator key", async () => {
     expect((await postClassify(edge, "emoji", images[0] as (typeof images)[number])).status).toBe(200);

@@ -9,7 +9,7 @@ import { sha256Hex } from "../../../../shared/hash.ts";
 import { keys } from "../../../../shared/keys.ts";
 import { driftOf, MIN_REQUESTS, monitorSummarySchema, referenceOf } from "../../../../shared/monitor.ts";
 import { memoryLogger } from "../log.ts";
-import { applyDecisions, decide, listCaptures, monitor, writeCaptureConfig } from "./traffic.ts";
+import { applyDecisions, decide, listCaptures, modelsWithTraffic, monitor, writeCaptureConfig } from "./traffic.ts";
 
 /** The job's half of the traffic loop against the local S3 server; the whole loop is in test/traffic.test.ts. */
 let s3: LocalS3;
@@ -200,6 +200,29 @@ describe("review", () => {
     await expect(decide(s3.store, "pets", "20261129T101500-zzzzzzzz", "discard")).rejects.toThrow(/no capture 20261129T101500-zzzzzzzz/);
     await expect(writeCaptureConfig(s3.store, "nope", { enabled: true })).rejects.toThrow(/no served version/);
     await expect(writeCaptureConfig(s3.store, "pets", { belowConfidence: 3 })).rejects.toThrow(/belowConfidence/);
+  });
+});
+
+describe("the rest of captures/, forged with the edge's key", () => {
+  it("the nightly job visits only models the job made, and never downloads an oversized record or decision", async () => {
+    await setup("forged-pets", "flat");
+    const real = await capture(await png("#123"));
+    // Folders for models that do not exist: no work at night.
+    await s3.store.put(keys.captureCounterFile("ghost", "2026-11-29", "s1"), "{}");
+    expect(await modelsWithTraffic(s3.store)).toContain("pets");
+    expect(await modelsWithTraffic(s3.store)).not.toContain("ghost");
+    // A record valid in every field but 100 KB long (a label of 100 KB), and a decision as large.
+    const big = { ...real, id: "20261129T101500-abcdffffffff", predictions: [{ label: "x".repeat(100_000), score: 0.4 }] };
+    big.image = { ...real.image, key: keys.captureFile("pets", "2026-11-29", big.id, "png") };
+    await s3.store.put(keys.captureRecord("pets", big.id), JSON.stringify(big));
+    await s3.store.put(
+      keys.captureDecision("pets", real.id),
+      JSON.stringify({ id: real.id, action: "discard", decidedAt: new Date().toISOString(), by: "cli", pad: "x".repeat(100_000) }),
+    );
+    const listed = await listCaptures(s3.store, "pets");
+    expect(listed.map((c) => c.id)).toContain(real.id);
+    expect(listed.map((c) => c.id)).not.toContain(big.id);
+    expect(listed.find((c) => c.id === real.id)?.decision).toBeNull();
   });
 });
 

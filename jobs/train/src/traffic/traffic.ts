@@ -1,6 +1,7 @@
 import { timingSafeEqual } from "node:crypto";
 import { z } from "zod";
 import { readMetadata, readPointer, readVerifiedFile } from "../../../../shared/artifacts.ts";
+import { listModels } from "../../../../shared/catalog.ts";
 import { ARTIFACT_FILES, type ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
 import {
   CAPTURE_OFF,
@@ -51,10 +52,14 @@ export interface PendingCapture extends CaptureRecord {
   decision: CaptureDecision | null;
 }
 
-/** Every capture of `model` not applied yet, oldest first, with its decision if one was recorded. */
+/** A capture record or decision is under 2 KB; a larger file under captures/ was not written by the edge or the console. */
+const MAX_CAPTURE_JSON_BYTES = 16 * 1024;
+
+/** Every capture of `model` not applied yet, oldest first, with its decision if one was recorded (files over MAX_CAPTURE_JSON_BYTES skipped by their listed size). */
 export async function listCaptures(store: ObjectStore, model: string): Promise<PendingCapture[]> {
   const decisions = new Map<string, CaptureDecision>();
   for await (const o of store.list(keys.captureDecisions(model))) {
+    if (o.size > MAX_CAPTURE_JSON_BYTES) continue; // not the edge's or the console's: never downloaded
     const bytes = await store.get(o.key);
     const parsed = bytes === null ? null : tryParseContractJson(captureDecisionSchema, bytes);
     // A decision counts under the name it is filed as (that key is what is deleted once it is applied).
@@ -62,7 +67,7 @@ export async function listCaptures(store: ObjectStore, model: string): Promise<P
   }
   const out: PendingCapture[] = [];
   for await (const o of store.list(keys.captureImages(model))) {
-    if (!o.key.endsWith(".json")) continue;
+    if (!o.key.endsWith(".json") || o.size > MAX_CAPTURE_JSON_BYTES) continue;
     const bytes = await store.get(o.key);
     const record = bytes ? parseCaptureRecord(model, bytes) : null;
     // A record must sit where its id says (the review deletes that key after applying it).
@@ -430,10 +435,19 @@ function versionLabels(store: ObjectStore, model: string): (version: string) => 
   };
 }
 
-/** Models with anything under `captures/`. */
+/**
+ * Models with anything under `captures/`: of the models the job made (`models/`, which the edge cannot
+ * write), those whose capture folder is not empty. Folders the edge's key adds under captures/ for
+ * models that do not exist cost the nightly run nothing.
+ */
 export async function modelsWithTraffic(store: ObjectStore): Promise<string[]> {
   const out: string[] = [];
-  for await (const prefix of store.listFolders(keys.capturesRoot)) out.push(prefix.slice(keys.capturesRoot.length, -1));
+  for (const model of await listModels(store)) {
+    for await (const _ of store.list(keys.captures(model))) {
+      out.push(model);
+      break;
+    }
+  }
   return out;
 }
 
