@@ -6,7 +6,7 @@ import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 import { memoryLogger } from "../../../jobs/train/src/log.ts";
 import { listCaptures, writeCaptureConfig } from "../../../jobs/train/src/traffic/traffic.ts";
 import { train } from "../../../jobs/train/src/train.ts";
-import type { CaptureRecord } from "../../../shared/contracts/capture.ts";
+import { type CaptureRecord, noCounts } from "../../../shared/contracts/capture.ts";
 import { keys } from "../../../shared/keys.ts";
 import { moveAfterFirstScan, pngChunk, pngWithChunk, secondApp0, webpWithChunk, withTrailer } from "../../../test/support/crafted-images.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
@@ -116,6 +116,41 @@ describe("what the edge stores of a client's image", () => {
   });
 });
 
+describe("the daily cap", () => {
+  it("raised mid-day reaches an isolate that had already reached the old one", async () => {
+    const today = new Date().toISOString().slice(0, 10);
+    const stats = async () =>
+      ((await (await fetch(`${edge.url}/healthz`, { headers: operator() })).json()) as { capture: { captured: number; overCap: number } }).capture;
+    const used = async () => {
+      const quota = await s3.store.get(keys.captureQuota("emoji", today));
+      return quota ? (JSON.parse(new TextDecoder().decode(quota)) as { count: number }).count : 0;
+    };
+    const send = async (headers: Record<string, string> = {}) =>
+      expect((await postClassify(edge, "emoji", images[1] as (typeof images)[number], headers)).status).toBe(200);
+    /** New settings reach the isolate on the first answer after their TTL (an opted-out one: nothing stored). */
+    const settle = async () => {
+      await new Promise((r) => setTimeout(r, 1100));
+      await send({ "x-edgetune-capture": "off" });
+      await new Promise((r) => setTimeout(r, 300));
+    };
+    // The cap is what the day's quota has handed out already: once the isolate's lease is spent, the day is full.
+    await writeCaptureConfig(s3.store, "emoji", { maxPerDay: await used() });
+    await settle();
+    for (let i = 0; i < 25 && (await stats()).overCap === 0; i++) {
+      await send();
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    const full = await stats();
+    expect(full.overCap).toBeGreaterThan(0);
+    // Raised: the same isolate captures again.
+    await writeCaptureConfig(s3.store, "emoji", { maxPerDay: (await used()) + 5 });
+    await settle();
+    await send();
+    for (let i = 0; i < 50 && (await stats()).captured === full.captured; i++) await new Promise((r) => setTimeout(r, 100));
+    expect((await stats()).captured).toBeGreaterThan(full.captured);
+  });
+});
+
 describe("the review listing reads captures/ with bounds (the edge's key may write there)", () => {
   const day = "2026-12-01";
   const record = (id: string, extra: object = {}) => ({
@@ -167,20 +202,7 @@ describe("the review listing reads captures/ with bounds (the edge's key may wri
 describe("the rest of captures/, forged with the edge's key", () => {
   it("a monitoring summary of megabytes is not read (the console's Monitor page gets an error, the isolate keeps its memory)", async () => {
     const labels = Object.fromEntries(Array.from({ length: 200_000 }, (_, i) => [`label-${i}`, 1]));
-    const day = {
-      day: "2026-12-01",
-      versions: [],
-      requests: 1,
-      labels,
-      confidence: new Array(10).fill(0),
-      lowConfidence: 0,
-      captured: 0,
-      overCap: 0,
-      busy: 0,
-      failed: 0,
-      optedOut: 0,
-      drift: [],
-    };
+    const day = { day: "2026-12-01", versions: [], ...noCounts(), requests: 1, labels, drift: [] };
     const summary = JSON.stringify({ schemaVersion: 1, model: "emoji", writtenAt: new Date().toISOString(), threshold: 0.5, reference: null, days: [day] });
     expect(summary.length).toBeGreaterThan(2 * 1024 * 1024);
     await s3.store.put(keys.captureMonitor("emoji"), summary);
