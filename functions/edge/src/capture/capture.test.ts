@@ -291,6 +291,15 @@ describe("Capturer", () => {
     vi.restoreAllMocks();
   });
 
+  it("replaces a quota file that is not JSON (the edge's key may write there) instead of failing every capture of the day", async () => {
+    const store = fakeBucket();
+    store.objects.set(keys.captureQuota("pets", new Date().toISOString().slice(0, 10)), { body: "<html>not a quota", etag: '"x"' });
+    const c = capturer(settings({ enabled: true, belowConfidence: 1.01 }), store);
+    await warm(c);
+    await observe(c, observation(0.5));
+    expect(c.stats()).toMatchObject({ captured: 1, failed: 0 });
+  });
+
   it("never rejects when storage is down: failures are counted, counters kept for the next flush", async () => {
     const store = fakeBucket({ failPuts: true });
     const c = capturer(settings({ enabled: true, belowConfidence: 1.01 }), store, { flushMs: 0 });

@@ -327,7 +327,9 @@ export class Capturer {
       const current = await store.get(key, signal(), MAX_QUOTA_BYTES);
       let quota: CaptureQuota = { day: today, count: 0, bytes: 0 };
       if (current) {
-        const parsed = captureQuotaSchema.safeParse(JSON.parse(new TextDecoder().decode(current.bytes)));
+        // A file that is not a quota (the edge's key may write here) is replaced by the next swap, as if
+        // the day had just begun: whoever could forge it could as well have written a count of 0.
+        const parsed = tryParseContractJson(captureQuotaSchema, current.bytes);
         if (parsed.success) quota = parsed.data;
       }
       const count = lease.count >= 1 ? 0 : Math.min(LEASE_COUNT, config.maxPerDay - quota.count);
