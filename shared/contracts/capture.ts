@@ -34,7 +34,7 @@ export const captureConfigSchema = z.object({
     .int()
     .min(0)
     .default(200 * 1024 * 1024),
-  /** Inputs larger than this (either side) are stored as a PNG copy resized to fit; smaller ones as sent. */
+  /** Inputs larger than this (either side) are resized to fit; every capture is a PNG encoded from the pixels. */
   maxSide: z.number().int().min(32).max(2048).default(512),
 });
 export type CaptureConfig = z.output<typeof captureConfigSchema>;

@@ -63,15 +63,16 @@ export type PngEncoder = (pixels: Pixels) => Promise<Uint8Array>;
 
 /** Captures and bytes an isolate takes from the day's quota at once (see `reserve`). */
 const LEASE_COUNT = 10;
-/** Bytes taken per leased capture (a capture stored as sent is usually far smaller; at least its own size is taken). */
-const LEASE_BYTES_EACH = 256 * 1024;
+/** Bytes taken per leased capture (a 512 px photo is 200–530 KB as PNG; at least a capture's own size is taken). */
+const LEASE_BYTES_EACH = 512 * 1024;
 /** A quota file is a few dozen bytes; anything larger was not written by the edge (a read is refused, the capture counted failed). */
 const MAX_QUOTA_BYTES = 4096;
 /** Compare-and-swap attempts on the day's quota, with a random back-off between them (isolates collide rarely). */
 const CAS_ATTEMPTS = 8;
 /**
- * What captures on their way may hold in one isolate: bodies stored as sent up to this many bytes
- * together, and at most one decoded image waiting to be resized or re-encoded.
+ * What captures on their way may hold in one isolate: encoded PNGs waiting to be stored, a new capture
+ * starting only below this many bytes (so at most this plus one PNG), besides the one decoded image
+ * waiting to be encoded.
  */
 export const MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024;
 /** How long one capture, or one flush of counters, may take in all (waitUntil work ends at 30 s). */
