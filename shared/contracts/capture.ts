@@ -125,10 +125,11 @@ export const confidenceBin = (score: number) => Math.min(CONFIDENCE_BINS - 1, Ma
 /**
  * Counter files sit under captures/, which whoever holds the edge's key may write: every number read
  * from there is bounded before it is summed or held. A count is a safe non-negative integer; labels are
- * at most MAX_COUNTER_LABELS, named as dataset labels are; a delta (one isolate's minute) counts at most
+ * at most MAX_COUNTER_LABELS (a guard while parsing: the monitor also requires them to be the counting
+ * version's own labels), named as dataset labels are; a delta (one isolate's minute) counts at most
  * MAX_DELTA_COUNT of anything (checked by the reader, `withinDeltaCaps`: a day's roll-up may hold more).
  */
-export const MAX_COUNTER_LABELS = 1000;
+export const MAX_COUNTER_LABELS = 10_000;
 /** 2^40 answers in one isolate's flush interval is some 10^10 a second: no real delta comes near it. */
 export const MAX_DELTA_COUNT = 2 ** 40;
 const count = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
