@@ -223,6 +223,7 @@ export const captureImageRoute = createRoute({
     200: { description: "The image as stored", content: { "image/png": binary, "image/jpeg": binary, "image/webp": binary, "image/gif": binary } },
     ...consoleErrors,
     404: errorResponse("No such capture"),
+    422: errorResponse("Its record is larger than any the edge writes: not read (`stored_file_too_large`)"),
   },
 });
 
@@ -255,6 +256,7 @@ export const monitorRoute = createRoute({
     200: { description: "The monitoring summary", content: { "application/json": { schema: monitorSummarySchema } } },
     ...consoleErrors,
     404: errorResponse("No summary yet"),
+    422: errorResponse("The summary is larger than any the nightly job writes: not read (`stored_file_too_large`)"),
   },
 });
 
