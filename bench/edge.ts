@@ -95,11 +95,13 @@ const warmRun = async (worker: EdgeWorker) => {
 // Warm latency, then memory around a 12 MP JPEG.
 const edge = await startEdgeWorker(workerOptions);
 const { e2e, inference: server, total: serverTotal } = await warmRun(edge);
-// Traffic capture on, every answer stored (as sent: a small JPEG without metadata), the same requests.
+// Traffic capture on, every answer stored (a PNG encoded from the pixels), the same requests.
 await writeCaptureConfig(s3.store, "bench", { enabled: true, belowConfidence: 1.01, maxPerDay: 1_000_000 });
 const capturing = await startEdgeWorker(workerOptions);
 const { e2e: e2eCapture, total: serverCapture, inference: inferenceCapture } = await warmRun(capturing);
-const captureStats = ((await (await fetch(`${capturing.url}/healthz`)).json()) as { capture: Record<string, number> }).capture;
+const captureStats = (
+  (await (await fetch(`${capturing.url}/healthz`, { headers: { authorization: `Bearer ${capturing.apiKey}` } })).json()) as { capture: Record<string, number> }
+).capture;
 await capturing.stop();
 await writeCaptureConfig(s3.store, "bench", { enabled: false });
 const before = edge.memoryMb();

@@ -37,7 +37,11 @@ const photo = hasShared("photos", "tfjs-models", "mobilenet_demo_coffee.jpg")
   : Buffer.from((await sampleDataset({ perLabel: 1, size: 512 }))[0]?.bytes ?? []);
 
 const wasm = async (edge: EdgeWorker) =>
-  ((await (await fetch(`${edge.url}/healthz`)).json()) as { memory: { wasm: { total: number; byModule: Record<string, number> } } | null }).memory?.wasm ?? {
+  (
+    (await (await fetch(`${edge.url}/healthz`, { headers: { authorization: `Bearer ${edge.apiKey}` } })).json()) as {
+      memory: { wasm: { total: number; byModule: Record<string, number> } } | null;
+    }
+  ).memory?.wasm ?? {
     total: 0,
     byModule: {},
   };

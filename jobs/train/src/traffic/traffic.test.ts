@@ -7,9 +7,9 @@ import { type CaptureRecord, type Counters, decisionMessage } from "../../../../
 import { validMetadata } from "../../../../shared/contracts/fixtures.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
 import { keys } from "../../../../shared/keys.ts";
-import { driftOf, MIN_REQUESTS, referenceOf } from "../../../../shared/monitor.ts";
+import { driftOf, MIN_REQUESTS, monitorSummarySchema, referenceOf } from "../../../../shared/monitor.ts";
 import { memoryLogger } from "../log.ts";
-import { applyDecisions, decide, listCaptures, monitor, writeCaptureConfig } from "./traffic.ts";
+import { applyDecisions, decide, listCaptures, modelsWithTraffic, monitor, writeCaptureConfig } from "./traffic.ts";
 
 /** The job's half of the traffic loop against the local S3 server; the whole loop is in test/traffic.test.ts. */
 let s3: LocalS3;
@@ -203,6 +203,29 @@ describe("review", () => {
   });
 });
 
+describe("the rest of captures/, forged with the edge's key", () => {
+  it("the nightly job visits only models the job made, and never downloads an oversized record or decision", async () => {
+    await setup("forged-pets", "flat");
+    const real = await capture(await png("#123"));
+    // Folders for models that do not exist: no work at night.
+    await s3.store.put(keys.captureCounterFile("ghost", "2026-11-29", "s1"), "{}");
+    expect(await modelsWithTraffic(s3.store)).toContain("pets");
+    expect(await modelsWithTraffic(s3.store)).not.toContain("ghost");
+    // A record valid in every field but 100 KB long (a label of 100 KB), and a decision as large.
+    const big = { ...real, id: "20261129T101500-abcdffffffff", predictions: [{ label: "x".repeat(100_000), score: 0.4 }] };
+    big.image = { ...real.image, key: keys.captureFile("pets", "2026-11-29", big.id, "png") };
+    await s3.store.put(keys.captureRecord("pets", big.id), JSON.stringify(big));
+    await s3.store.put(
+      keys.captureDecision("pets", real.id),
+      JSON.stringify({ id: real.id, action: "discard", decidedAt: new Date().toISOString(), by: "cli", pad: "x".repeat(100_000) }),
+    );
+    const listed = await listCaptures(s3.store, "pets");
+    expect(listed.map((c) => c.id)).toContain(real.id);
+    expect(listed.map((c) => c.id)).not.toContain(big.id);
+    expect(listed.find((c) => c.id === real.id)?.decision).toBeNull();
+  });
+});
+
 describe("monitor", () => {
   const delta = (day: string, version: string, requests: number, lowConfidence: number, labels: Record<string, number>): Counters => ({
     schemaVersion: 1,
@@ -221,8 +244,24 @@ describe("monitor", () => {
     optedOut: 0,
   });
 
+  /** Versions of `pets` with labels cat and dog (the monitor counts only a version's own labels). */
+  const versions = async (...list: string[]) => {
+    for (const version of list) await s3.store.put(keys.metadata("pets", version), JSON.stringify({ ...validMetadata(), version }));
+  };
+  const put = (day: string, i: number | string, d: Counters | object) => s3.store.put(keys.captureCounterFile("pets", day, `s${i}`), JSON.stringify(d));
+  const counterFiles = async () => {
+    const files: string[] = [];
+    for await (const o of s3.store.list(keys.captureCounters("pets"))) files.push(o.key.split("/").slice(-2).join("/"));
+    return files.sort();
+  };
+  beforeEach(async () => {
+    const old: string[] = [];
+    for await (const o of s3.store.list(keys.captureCounters("pets"))) old.push(o.key);
+    await s3.store.delete(old);
+  });
+
   it("adds deltas up per day and rolls past days up into one file per version", async () => {
-    const put = (day: string, i: number, d: Counters) => s3.store.put(keys.captureCounterFile("pets", day, `s${i}`), JSON.stringify(d));
+    await versions("v0123456789ab", "v0000000000ff");
     await put("2026-11-20", 1, delta("2026-11-20", "v0123456789ab", 10, 2, { cat: 6, dog: 4 }));
     await put("2026-11-20", 2, delta("2026-11-20", "v0123456789ab", 5, 1, { cat: 5 }));
     await put("2026-11-20", 3, delta("2026-11-20", "v0000000000ff", 3, 0, { dog: 3 }));
@@ -234,13 +273,66 @@ describe("monitor", () => {
       ["2026-11-20", 18, 3, { cat: 11, dog: 7 }],
       ["2026-11-22", 8, 4, { dog: 8 }],
     ]);
-    const files: string[] = [];
-    for await (const o of s3.store.list(keys.captureCounters("pets"))) files.push(o.key.split("/").slice(-2).join("/"));
     // The 20th is rolled up per version; the 22nd (yesterday or later) keeps its deltas.
-    expect(files.sort()).toEqual(["2026-11-20/rollup-v0000000000ff.json", "2026-11-20/rollup-v0123456789ab.json", "2026-11-22/s1.json", "2026-11-22/s2.json"]);
+    expect(await counterFiles()).toEqual([
+      "2026-11-20/rollup-v0000000000ff.json",
+      "2026-11-20/rollup-v0123456789ab.json",
+      "2026-11-22/s1.json",
+      "2026-11-22/s2.json",
+    ]);
     // Reading again gives the same sums.
     const again = await monitor(s3.store, "pets", { rollUp: true, now, days: 7 });
     expect(again.days.map((d) => d.requests)).toEqual([18, 8]);
+  });
+
+  it("bounds what it reads from counters/ (the edge's key may write there): forged files neither exhaust it nor cost a past day its real counts", async () => {
+    await versions("v0123456789ab");
+    const day = "2026-11-20";
+    for (let i = 0; i < 3; i++) await put(day, i, delta(day, "v0123456789ab", 10, 1, { cat: 7, dog: 3 }));
+    // 30 forged deltas of 20 000 labels each (~0.5 MB apiece): skipped by their listed size, never downloaded.
+    const many = Object.fromEntries(Array.from({ length: 20_000 }, (_, i) => [`label-${i}`, 1]));
+    for (let i = 0; i < 30; i++) await put(day, `big${i}`, { ...delta(day, "v0123456789ab", 1, 0, {}), labels: many });
+    // Two schema-valid deltas whose sum is past 2^53; labels the version does not have; a version that does not exist.
+    const huge = Number.MAX_SAFE_INTEGER - 1;
+    await put(day, "huge1", { ...delta(day, "v0123456789ab", huge, 0, { cat: huge }), confidence: [huge, 0, 0, 0, 0, 0, 0, 0, 0, 0] });
+    await put(day, "huge2", { ...delta(day, "v0123456789ab", huge, 0, { cat: huge }), confidence: [huge, 0, 0, 0, 0, 0, 0, 0, 0, 0] });
+    await put(day, "labels", delta(day, "v0123456789ab", 5, 0, { "cat\u200b": 5 }));
+    await put(day, "version", delta(day, "v0badbadbad00", 5, 0, { cat: 5 }));
+    const downloads: string[] = [];
+    const store = Object.create(s3.store, {
+      get: {
+        value: (key: string) => {
+          downloads.push(key);
+          return s3.store.get(key);
+        },
+      },
+    }) as typeof s3.store;
+    const skipped = { tooLarge: 0, invalid: 0, unknownLabels: 0, overLimit: 0 };
+    const now = new Date("2026-11-22T12:00:00Z");
+    const s = await monitor(store, "pets", { rollUp: true, now, days: 7, skipped });
+    expect(downloads.filter((k) => k.includes("/sbig"))).toEqual([]);
+    expect(skipped).toEqual({ tooLarge: 30, invalid: 2, unknownLabels: 2, overLimit: 0 });
+    // A readable summary with the real counts only, and the day rolled up from them.
+    expect(monitorSummarySchema.parse(JSON.parse(JSON.stringify(s))).days.map((d) => [d.day, d.requests, d.labels])).toEqual([[day, 30, { cat: 21, dog: 9 }]]);
+    const files = await counterFiles();
+    expect(files).toContain(`${day}/rollup-v0123456789ab.json`);
+    expect(files.filter((f) => /\/s\d\.json$/.test(f))).toEqual([]); // the real deltas are in the roll-up
+    const again = await monitor(s3.store, "pets", { rollUp: true, now, days: 7 });
+    expect(again.days.map((d) => [d.requests, d.labels])).toEqual([[30, { cat: 21, dog: 9 }]]);
+  });
+
+  it("never lets a sum leave the safe-integer range: roll-ups saturate and stay readable", async () => {
+    await versions("v0123456789ab");
+    const day = "2026-11-20";
+    const huge = Number.MAX_SAFE_INTEGER - 1;
+    // A roll-up (which may hold more than a delta) at the edge of the range, and a real delta on top.
+    await s3.store.put(keys.captureCounterFile("pets", day, "rollup-v0123456789ab"), JSON.stringify(delta(day, "v0123456789ab", huge, 0, { cat: huge })));
+    await put(day, 1, delta(day, "v0123456789ab", 10, 0, { cat: 10 }));
+    const now = new Date("2026-11-22T12:00:00Z");
+    const s = await monitor(s3.store, "pets", { rollUp: true, now, days: 7 });
+    expect(monitorSummarySchema.parse(JSON.parse(JSON.stringify(s))).days[0]?.requests).toBe(Number.MAX_SAFE_INTEGER);
+    const rollup = JSON.parse(new TextDecoder().decode((await s3.store.get(keys.captureCounterFile("pets", day, "rollup-v0123456789ab"))) as Uint8Array));
+    expect(rollup.requests).toBe(Number.MAX_SAFE_INTEGER);
   });
 
   it("flags a rise of unsure answers and a moved label distribution, given enough answers", () => {

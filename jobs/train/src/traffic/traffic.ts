@@ -1,5 +1,7 @@
 import { timingSafeEqual } from "node:crypto";
+import { z } from "zod";
 import { readMetadata, readPointer, readVerifiedFile } from "../../../../shared/artifacts.ts";
+import { listModels } from "../../../../shared/catalog.ts";
 import { ARTIFACT_FILES, type ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
 import {
   CAPTURE_OFF,
@@ -12,7 +14,9 @@ import {
   captureIdSchema,
   decisionMessage,
   mergeCounters,
+  noCounts,
   parseCaptureRecord,
+  withinDeltaCaps,
 } from "../../../../shared/contracts/capture.ts";
 import { classifyDatasetKeys } from "../../../../shared/contracts/dataset.ts";
 import { parseContract, tryParseContractJson } from "../../../../shared/contracts/parse.ts";
@@ -48,10 +52,14 @@ export interface PendingCapture extends CaptureRecord {
   decision: CaptureDecision | null;
 }
 
-/** Every capture of `model` not applied yet, oldest first, with its decision if one was recorded. */
+/** A capture record or decision is under 2 KB; a larger file under captures/ was not written by the edge or the console. */
+const MAX_CAPTURE_JSON_BYTES = 16 * 1024;
+
+/** Every capture of `model` not applied yet, oldest first, with its decision if one was recorded (files over MAX_CAPTURE_JSON_BYTES skipped by their listed size). */
 export async function listCaptures(store: ObjectStore, model: string): Promise<PendingCapture[]> {
   const decisions = new Map<string, CaptureDecision>();
   for await (const o of store.list(keys.captureDecisions(model))) {
+    if (o.size > MAX_CAPTURE_JSON_BYTES) continue; // not the edge's or the console's: never downloaded
     const bytes = await store.get(o.key);
     const parsed = bytes === null ? null : tryParseContractJson(captureDecisionSchema, bytes);
     // A decision counts under the name it is filed as (that key is what is deleted once it is applied).
@@ -59,7 +67,7 @@ export async function listCaptures(store: ObjectStore, model: string): Promise<P
   }
   const out: PendingCapture[] = [];
   for await (const o of store.list(keys.captureImages(model))) {
-    if (!o.key.endsWith(".json")) continue;
+    if (!o.key.endsWith(".json") || o.size > MAX_CAPTURE_JSON_BYTES) continue;
     const bytes = await store.get(o.key);
     const record = bytes ? parseCaptureRecord(model, bytes) : null;
     // A record must sit where its id says (the review deletes that key after applying it).
@@ -225,47 +233,57 @@ async function datasetLayout(store: ObjectStore, dataset: string): Promise<{ spl
 
 /** Counter deltas older than this many days are rolled up into one file per day by the nightly job. */
 const KEEP_DELTAS_DAYS = 1;
+/**
+ * Bounds on what the monitor reads from `captures/<model>/counters/`, which the edge's key may write
+ * (forged files must not exhaust the nightly job): a delta file over MAX_COUNTER_FILE_BYTES is skipped by
+ * its listed size, never downloaded (a real one names the labels answered in one isolate's minute: at
+ * some 20 answers a second, 1200 labels of 100 characters at most, 130 KB); at most
+ * MAX_COUNTER_FILES_PER_DAY deltas and MAX_VERSIONS_PER_DAY versions are read per day (the rest waits for
+ * the next night); a roll-up, which names the deltas it replaced until they are deleted, may be larger.
+ */
+const MAX_COUNTER_FILE_BYTES = 256 * 1024;
+const MAX_ROLLUP_BYTES = 4 * 1024 * 1024;
+const MAX_COUNTER_FILES_PER_DAY = 20_000;
+const MAX_VERSIONS_PER_DAY = 20;
+
+/** What the monitor left out, and why (forged or broken files under captures/; a day with more files than it reads). */
+export interface CountersSkipped {
+  tooLarge: number;
+  invalid: number;
+  /** Deltas of a version the model does not have, or naming a label that version does not have. */
+  unknownLabels: number;
+  /** Files past the per-day bounds, left for the next night. */
+  overLimit: number;
+}
 
 /**
  * Adds up the edge's counter deltas of the last `days` days and compares them with the served version's
- * held-out split. Past days' deltas are rolled up into one file per day as they are read (`rollUp`), so
- * the file count stays one per day however many isolates flushed.
+ * held-out split. Every number is bounded before it is summed or held (contracts/capture.ts): files by
+ * size and count, values by `withinDeltaCaps`, labels by the version's own labels, sums saturating.
+ * Past days' deltas are rolled up into one file per version and day (`rollUp`) — written, and checked
+ * readable, before the deltas it replaces are deleted; a version whose earlier roll-up is unreadable is
+ * left as it is (never overwritten with less).
  */
-export async function monitor(store: ObjectStore, model: string, options: { days?: number; rollUp?: boolean; now?: Date } = {}): Promise<MonitorSummary> {
+export async function monitor(
+  store: ObjectStore,
+  model: string,
+  options: { days?: number; rollUp?: boolean; now?: Date; skipped?: CountersSkipped } = {},
+): Promise<MonitorSummary> {
   const now = options.now ?? new Date();
-  const since = new Date(now.getTime() - ((options.days ?? 30) - 1) * 86_400_000).toISOString().slice(0, 10);
-  const byDay = new Map<string, { key: string; counters: Counters; covers: string[] }[]>();
-  for await (const o of store.list(keys.captureCounters(model))) {
-    const day = o.key.slice(keys.captureCounters(model).length, keys.captureCounters(model).length + 10);
-    if (day < since) continue;
-    const bytes = await store.get(o.key);
-    const counters = bytes ? parseCounters(bytes) : null;
-    if (!bytes || !counters) continue;
-    // A roll-up names the deltas it adds up: if deleting them failed, they are not counted twice.
-    const covers = o.key.includes("/rollup-") ? ((JSON.parse(new TextDecoder().decode(bytes)) as { covers?: string[] }).covers ?? []) : [];
-    byDay.set(day, [...(byDay.get(day) ?? []), { key: o.key, counters, covers }]);
-  }
-  const deltas: Counters[] = [];
-  const cutoff = new Date(now.getTime() - KEEP_DELTAS_DAYS * 86_400_000).toISOString().slice(0, 10);
-  for (const [day, all] of byDay) {
-    const covered = new Set(all.flatMap((f) => f.covers));
-    const files = all.filter((f) => !covered.has(f.key));
-    deltas.push(...files.map((f) => f.counters));
-    const loose = files.filter((f) => !f.key.includes("/rollup-"));
-    if (!options.rollUp || day >= cutoff || loose.length === 0) continue;
-    // One file per version and day (the earlier roll-up included), written before the deltas it replaces are deleted.
-    const versions = new Map<string, typeof files>();
-    for (const f of files) versions.set(f.counters.version, [...(versions.get(f.counters.version) ?? []), f]);
-    const sums = [...versions].map(([version, list]) => ({ version, list, sum: sumCounters(list.map((f) => f.counters)) }));
-    for (const { version, list, sum } of sums) {
-      const covers = [...list.flatMap((f) => f.covers), ...list.filter((f) => !f.key.includes("/rollup-")).map((f) => f.key)];
-      await store.put(keys.captureCounterFile(model, day, `rollup-${version}`), JSON.stringify({ ...sum, covers }), "application/json");
-    }
-    await store.delete([...loose.map((f) => f.key), ...all.filter((f) => covered.has(f.key)).map((f) => f.key)]);
-    // Deleted: the roll-ups need not name them any more (they would grow by every delta of the day).
-    for (const { version, sum } of sums) {
-      await store.put(keys.captureCounterFile(model, day, `rollup-${version}`), JSON.stringify(sum), "application/json");
-    }
+  const dayOf = (ms: number) => new Date(ms).toISOString().slice(0, 10);
+  const since = dayOf(now.getTime() - ((options.days ?? 30) - 1) * 86_400_000);
+  const latest = dayOf(now.getTime() + 86_400_000); // an edge clock a little ahead
+  const cutoff = dayOf(now.getTime() - KEEP_DELTAS_DAYS * 86_400_000);
+  const skipped = options.skipped ?? { tooLarge: 0, invalid: 0, unknownLabels: 0, overLimit: 0 };
+  const labelsOf = versionLabels(store, model);
+  const sums: Counters[] = [];
+  const prefix = keys.captureCounters(model);
+  for await (const folder of store.listFolders(prefix)) {
+    const day = folder.slice(prefix.length, -1);
+    if (!/^\d{4}-\d{2}-\d{2}$/.test(day) || day < since || day > latest) continue;
+    const counted = await countDay(store, model, day, labelsOf, skipped);
+    sums.push(...[...counted.versions.values()].map((v) => v.sum));
+    if (options.rollUp && day < cutoff) await rollUpDay(store, model, day, counted);
   }
   let reference = null;
   let threshold = CAPTURE_OFF.belowConfidence;
@@ -282,21 +300,155 @@ export async function monitor(store: ObjectStore, model: string, options: { days
   } catch (e) {
     if (!(e instanceof NotFoundError)) throw e;
   }
-  return summarize(model, deltas, reference, threshold, now);
+  return summarize(model, sums, reference, threshold, now);
 }
 
-/** Counter deltas of one version added into one (for roll-ups). */
-function sumCounters(list: Counters[]): Counters {
-  const first = list[0] as Counters;
-  const sum: Counters = { ...first, labels: { ...first.labels }, confidence: [...first.confidence] };
-  for (const c of list.slice(1)) mergeCounters(sum, c);
-  return sum;
+/** One version's counts of one day: the sum, the delta files in it, and its roll-up's state. */
+interface VersionDay {
+  sum: Counters;
+  /** Delta files added into `sum` (deleted once a roll-up holds them). */
+  loose: string[];
+  /** An earlier roll-up of this version exists but could not be read: it is not replaced. */
+  rollupUnreadable: boolean;
+}
+interface CountedDay {
+  versions: Map<string, VersionDay>;
+  /** Deltas a readable roll-up already holds that are still there (its clean-up was interrupted). */
+  covered: string[];
 }
 
-/** Models with anything under `captures/`. */
+const rollupFileSchema = z.object({ covers: z.array(z.string().max(1024)).max(MAX_COUNTER_FILES_PER_DAY).default([]) });
+
+/** Each version's counts of `day`: its roll-up (if any) plus the deltas the roll-up does not hold, bounded throughout. */
+async function countDay(
+  store: ObjectStore,
+  model: string,
+  day: string,
+  labelsOf: (version: string) => Promise<ReadonlySet<string> | null>,
+  skipped: CountersSkipped,
+): Promise<CountedDay> {
+  const dayPrefix = `${keys.captureCounters(model)}${day}/`;
+  const byVersion = new Map<string, VersionDay>();
+  const covered = new Set<string>();
+  /** A counter file, read within `maxBytes`, checked, and of a version with room for it; else null (counted as skipped). */
+  const read = async (o: { key: string; size: number }, maxBytes: number) => {
+    if (o.size > maxBytes) return void skipped.tooLarge++;
+    const bytes = await store.get(o.key);
+    if (!bytes || bytes.length > maxBytes) return void skipped.tooLarge++;
+    const counters = parseCounters(bytes);
+    if (!counters || counters.model !== model || counters.from.slice(0, 10) !== day) return void skipped.invalid++;
+    if (!byVersion.has(counters.version) && byVersion.size >= MAX_VERSIONS_PER_DAY) return void skipped.overLimit++;
+    const labels = await labelsOf(counters.version);
+    if (!labels || Object.keys(counters.labels).some((l) => !labels.has(l))) return void skipped.unknownLabels++;
+    return { counters, bytes };
+  };
+  const entry = (c: Counters) => {
+    let e = byVersion.get(c.version);
+    if (!e) {
+      e = { sum: { ...c, ...noCounts() }, loose: [], rollupUnreadable: false };
+      byVersion.set(c.version, e);
+    }
+    return e;
+  };
+  // The roll-ups first (sorted after the deltas): they say which deltas they already hold.
+  for await (const o of store.list(`${dayPrefix}rollup-`)) {
+    const version = o.key.slice(`${dayPrefix}rollup-`.length, -".json".length);
+    const got = await read(o, MAX_ROLLUP_BYTES);
+    if (!got || got.counters.version !== version) {
+      // Not replaced by tonight's roll-up, whatever it holds: its deltas stay until a person looks.
+      const known = byVersion.get(version);
+      if (known) known.rollupUnreadable = true;
+      else if (byVersion.size < MAX_VERSIONS_PER_DAY && /^v[0-9a-f]{12}$/.test(version))
+        byVersion.set(version, { sum: emptyCounters(model, version, day), loose: [], rollupUnreadable: true });
+      continue;
+    }
+    const e = entry(got.counters);
+    mergeCounters(e.sum, got.counters);
+    const covers = tryParseContractJson(rollupFileSchema, got.bytes);
+    for (const k of covers.success ? covers.data.covers : []) covered.add(k);
+  }
+  let files = 0;
+  const stillThere: string[] = [];
+  for await (const o of store.list(dayPrefix)) {
+    if (o.key.startsWith(`${dayPrefix}rollup-`)) continue;
+    if (covered.has(o.key)) {
+      stillThere.push(o.key);
+      continue;
+    }
+    if (++files > MAX_COUNTER_FILES_PER_DAY) {
+      skipped.overLimit++;
+      break;
+    }
+    const got = await read(o, MAX_COUNTER_FILE_BYTES);
+    if (!got) continue;
+    if (!withinDeltaCaps(got.counters)) {
+      skipped.invalid++;
+      continue;
+    }
+    const e = entry(got.counters);
+    mergeCounters(e.sum, got.counters);
+    e.loose.push(o.key);
+  }
+  return { versions: byVersion, covered: stillThere };
+}
+
+/** The roll-up of one day: per version, one file holding the earlier roll-up and the deltas, written before they are deleted. */
+async function rollUpDay(store: ObjectStore, model: string, day: string, counted: CountedDay): Promise<void> {
+  // Held by the roll-ups already read, which stay: a clean-up interrupted last night ends now.
+  if (counted.covered.length > 0) await store.delete(counted.covered);
+  for (const [version, e] of counted.versions) {
+    if (e.rollupUnreadable || e.loose.length === 0) continue;
+    const key = keys.captureCounterFile(model, day, `rollup-${version}`);
+    // Sums saturate, so this always holds; checked anyway, since what follows deletes the deltas.
+    if (!parseCounters(new TextEncoder().encode(JSON.stringify(e.sum)))) continue;
+    await store.put(key, JSON.stringify({ ...e.sum, covers: e.loose }), "application/json");
+    await store.delete(e.loose);
+    // Deleted: the roll-up need not name them any more.
+    await store.put(key, JSON.stringify(e.sum), "application/json");
+  }
+}
+
+const emptyCounters = (model: string, version: string, day: string): Counters => ({
+  schemaVersion: 1,
+  model,
+  version,
+  from: `${day}T00:00:00.000Z`,
+  to: `${day}T00:00:00.000Z`,
+  ...noCounts(),
+});
+
+/** The labels of each version of `model` (null: no such version), read once per version. */
+function versionLabels(store: ObjectStore, model: string): (version: string) => Promise<ReadonlySet<string> | null> {
+  const known = new Map<string, Promise<ReadonlySet<string> | null>>();
+  return (version) => {
+    let labels = known.get(version);
+    if (!labels) {
+      labels = readMetadata(store, model, version).then(
+        (m) => new Set(m.labels),
+        (e) => {
+          if (e instanceof NotFoundError) return null;
+          throw e;
+        },
+      );
+      known.set(version, labels);
+    }
+    return labels;
+  };
+}
+
+/**
+ * Models with anything under `captures/`: of the models the job made (`models/`, which the edge cannot
+ * write), those whose capture folder is not empty. Folders the edge's key adds under captures/ for
+ * models that do not exist cost the nightly run nothing.
+ */
 export async function modelsWithTraffic(store: ObjectStore): Promise<string[]> {
   const out: string[] = [];
-  for await (const prefix of store.listFolders(keys.capturesRoot)) out.push(prefix.slice(keys.capturesRoot.length, -1));
+  for (const model of await listModels(store)) {
+    for await (const _ of store.list(keys.captures(model))) {
+      out.push(model);
+      break;
+    }
+  }
   return out;
 }
 
@@ -314,7 +466,11 @@ export async function processTraffic(
   for (const model of await modelsWithTraffic(store)) {
     try {
       const applied = await applyDecisions(store, model, log, { operatorKeys });
-      const summary = await monitor(store, model, { rollUp: true });
+      const skipped: CountersSkipped = { tooLarge: 0, invalid: 0, unknownLabels: 0, overLimit: 0 };
+      const summary = await monitor(store, model, { rollUp: true, skipped });
+      const ignored = Object.entries(skipped).filter(([, n]) => n > 0);
+      if (ignored.length > 0)
+        log.warn(`${model}: counter files not counted (${ignored.map(([why, n]) => `${n} ${why}`).join(", ")}): not the edge's, or more than a night reads`);
       await store.put(keys.captureMonitor(model), JSON.stringify(summary), "application/json");
       // Alerts judge yesterday, the last complete UTC day (the run at night sees only the first hours of
       // today); a day without traffic alerts nothing, and an older day is not alerted again.
