@@ -20,9 +20,10 @@ import { DEFAULT_OPTIONS, readConfigFile, type TrainInput } from "./src/config.t
 import { createLogger } from "./src/log.ts";
 import { importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
 import { batchSubmitter, dispatchNightly } from "./src/nightly.ts";
-import { emit, emitList, percent } from "./src/output.ts";
+import { emit, emitList, percent, say } from "./src/output.ts";
 import { followRun, listRunStatuses, type RunStatus, StatusRecorder } from "./src/status.ts";
-import { applyDecisions, decide, listCaptures, monitor, parseRate, processTraffic, readCaptureConfig, writeCaptureConfig } from "./src/traffic/traffic.ts";
+import { operatorKeysFromEnv } from "./src/traffic/review.ts";
+import { applyDecisions, listCaptures, monitor, parseRate, processTraffic, readCaptureConfig, reviewNow, writeCaptureConfig } from "./src/traffic/traffic.ts";
 
 const int = (name: string) => (v: string) => {
   const n = Number(v);
@@ -312,7 +313,7 @@ program
         // The queued record exists before the trigger does: a run that starts at once still finds it.
         beforeManifest: () => new StatusRecorder(store, o.dataset, "queued").update({}, true),
       });
-      for (const w of r.warnings) process.stderr.write(`warning: ${w}\n`);
+      for (const w of r.warnings) say(`warning: ${w}`);
       const labels = Object.entries(r.labels)
         .map(([l, n]) => `${l} ${n}`)
         .join(", ");
@@ -347,14 +348,14 @@ program
       throw new InvalidOptionError("dataset name", dataset, ["a name of 1–63 characters a-z, 0-9, '.', '_', '-'"]);
     const runs = await listRunStatuses(store, dataset);
     if (!o.follow) {
-      if (runs.length === 0) process.stderr.write(dataset ? `No runs of ${dataset} yet (runs are kept 30 days).\n` : "No runs yet.\n");
-      for (const s of runs) process.stdout.write(`${o.json ? JSON.stringify(s) : describeRun(s)}\n`);
+      if (runs.length === 0) say(dataset ? `No runs of ${dataset} yet (runs are kept 30 days).` : "No runs yet.");
+      for (const s of runs) emit(o, s, describeRun(s));
       return;
     }
     if (!dataset) throw new EdgetuneError("invalid_option", "--follow needs a dataset: edgetune status <dataset> --follow");
     const newest = runs[0];
     if (!newest) throw new EdgetuneError("not_found", `No runs of ${dataset} yet; push it, or wait for the trigger.`);
-    const final = await followRun(store, dataset, newest.startedAt, (s) => process.stdout.write(`${o.json ? JSON.stringify(s) : describeRun(s)}\n`));
+    const final = await followRun(store, dataset, newest.startedAt, (s) => emit(o, s, describeRun(s)));
     if (final) process.exitCode = exitCodeOf(final);
   });
 
@@ -444,13 +445,17 @@ program
       );
       return;
     }
-    const mine = new Set<string>();
-    for (const id of ids(o.accept)) mine.add((await decide(store, model, id, "accept", o.as)).id);
-    for (const id of ids(o.discard)) mine.add((await decide(store, model, id, "discard")).id);
-    // The CLI applies its own decisions at once (it has the job's rights); the console's are applied by
-    // the nightly run, or here too when EDGETUNE_CONSOLE_KEYS lets their signatures be checked.
-    const r = await applyDecisions(store, model, createLogger(), { trusted: mine });
-    for (const f of r.refused) process.stderr.write(`not added: ${f.id}: ${f.reason}\n`);
+    // Made here, bound to the bytes shown, applied from memory (traffic/review.ts). Console decisions are
+    // applied by the nightly run, or here too when EDGETUNE_CONSOLE_KEYS lets their signatures be checked.
+    const log = createLogger();
+    const r = await reviewNow(store, model, { accept: ids(o.accept), discard: ids(o.discard), as: o.as }, log);
+    if (operatorKeysFromEnv().length > 0) {
+      const signed = await applyDecisions(store, model, log);
+      r.accepted.push(...signed.accepted);
+      r.discarded.push(...signed.discarded);
+      r.refused.push(...signed.refused);
+    }
+    for (const f of r.refused) say(`not added: ${f.id}: ${f.reason}`);
     emit(
       o,
       r,
@@ -493,8 +498,10 @@ program
       ],
     );
     if (ref) {
-      process.stdout.write(
-        `Held-out split of ${ref.version} (${ref.evaluatedOn} images): under ${s.threshold} ${ref.lowConfidence === null ? "not recorded" : percent(ref.lowConfidence)}; predicted ${share(Object.fromEntries(Object.entries(ref.labels).map(([l, v]) => [l, v * 100])), 100)}.\n`,
+      emit(
+        o,
+        null,
+        `Held-out split of ${ref.version} (${ref.evaluatedOn} images): under ${s.threshold} ${ref.lowConfidence === null ? "not recorded" : percent(ref.lowConfidence)}; predicted ${share(Object.fromEntries(Object.entries(ref.labels).map(([l, v]) => [l, v * 100])), 100)}.`,
       );
     }
   });
@@ -556,8 +563,14 @@ program
   .option("--to <version>", "version to serve")
   .option("--json", "the new pointer (current.json) as JSON")
   .action(async (name: string, o: { to?: string; json?: boolean }, cmd: Command) => {
-    const p = await rollback(storeFrom(cmd.optsWithGlobals()), name, o.to);
-    emit(o, p, `${name} now serves ${p.version} (was ${p.previous}); the edge picks it up within POINTER_TTL_SECONDS.`);
+    const { pointer: p, changed } = await rollback(storeFrom(cmd.optsWithGlobals()), name, o.to);
+    emit(
+      o,
+      { ...p, changed },
+      changed
+        ? `${name} now serves ${p.version} (was ${p.previous}); the edge picks it up within POINTER_TTL_SECONDS.`
+        : `${name} already serves ${p.version}; nothing changed.`,
+    );
   });
 
 /** The served version of a model, for people. */
@@ -608,7 +621,7 @@ program
     const out = o.out ?? `${model}-${chosen}-report.html`;
     await writeFile(out, bytes);
     process.stdout.write(`${out}\n`);
-    process.stderr.write(`Report of ${model} ${chosen} (s3://${s3ConfigFromEnv(process.env).bucket}/${key}) saved to ${out}; open it in a browser.\n`);
+    say(`Report of ${model} ${chosen} (s3://${s3ConfigFromEnv(process.env).bucket}/${key}) saved to ${out}; open it in a browser.`);
   });
 
 program
@@ -637,11 +650,11 @@ program
       });
       const body = (await res.json()) as { predictions?: { label: string; score: number }[]; error?: { message: string } };
       if (!res.ok) failed++;
-      if (o.json) process.stdout.write(`${JSON.stringify({ file, status: res.status, ...body })}\n`);
-      else
-        process.stdout.write(
-          `${file}: ${res.ok ? (body.predictions ?? []).map((p) => `${p.label} ${(p.score * 100).toFixed(1)} %`).join(", ") : `HTTP ${res.status}: ${body.error?.message ?? ""}`}\n`,
-        );
+      emit(
+        o,
+        { file, status: res.status, ...body },
+        `${file}: ${res.ok ? (body.predictions ?? []).map((p) => `${p.label} ${(p.score * 100).toFixed(1)} %`).join(", ") : `HTTP ${res.status}: ${body.error?.message ?? ""}`}`,
+      );
     }
     if (failed > 0) process.exitCode = 1;
   });
@@ -653,7 +666,7 @@ function clean<T>(o: T): T {
 try {
   await program.parseAsync(process.argv);
 } catch (e) {
-  process.stderr.write(`edgetune: ${e instanceof InvalidOptionError ? e.message : userMessage(e)}\n`);
+  say(`edgetune: ${e instanceof InvalidOptionError ? e.message : userMessage(e)}`);
   if (process.env.EDGETUNE_DEBUG) console.error(e);
   process.exitCode = 1;
 }

@@ -1,13 +1,13 @@
 import { readdir, readFile, stat } from "node:fs/promises";
 import { join, relative, sep } from "node:path";
 import { pMapIterable } from "p-map";
-import { HISTORY, historyOf, readMetadata, readPointer, writePointer } from "../../../../shared/artifacts.ts";
+import { HISTORY, historyOf, readMetadata, readPointerBasis, writePointerIf } from "../../../../shared/artifacts.ts";
 import { listModels, listVersions as listModelVersions, type VersionSummary } from "../../../../shared/catalog.ts";
 import type { ModelPointer } from "../../../../shared/contracts/artifact.ts";
 import { nameSchema } from "../../../../shared/contracts/common.ts";
 import { classifyDatasetKeys, type DatasetManifest, IMAGE_EXTENSIONS, manifestSchema } from "../../../../shared/contracts/dataset.ts";
 import { parseContract } from "../../../../shared/contracts/parse.ts";
-import { NotFoundError, userMessage } from "../../../../shared/errors.ts";
+import { EdgetuneError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
 import { keys } from "../../../../shared/keys.ts";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
@@ -20,6 +20,16 @@ import { assignSplits, checkTrainable, DEFAULT_VAL_FRACTION } from "../dataset/r
  */
 
 export { listModels, type VersionSummary };
+
+/** The pointer moved between reading and writing it (another rollback, or a training run promoting). */
+export class PointerMovedError extends EdgetuneError {
+  constructor(name: string) {
+    super(
+      "pointer_moved",
+      `The served version of ${name} changed while this rollback was being written; nothing was changed. See edgetune current ${name}, then try again.`,
+    );
+  }
+}
 
 export interface PushResult {
   uploaded: number;
@@ -124,26 +134,40 @@ export async function listVersions(store: ObjectStore, name: string): ReturnType
 /**
  * Points `current.json` at an earlier version: by default the one served before the current, and again
  * the one before that on the next call (it walks back through the pointer's history); `to` picks any
- * existing version.
+ * existing version. A compare-and-swap against the pointer it read (a training run's pointer write is
+ * one too, so neither undoes the other); it does not wait for a training run's lock, which may be held
+ * for hours: a rollback is what an operator needs at once. The model keeps its dataset (owner).
+ * `changed: false` when `to` is already served: nothing is written.
  */
-export async function rollback(store: ObjectStore, name: string, to?: string): Promise<ModelPointer> {
-  const pointer = await readPointer(store, name);
+export async function rollback(store: ObjectStore, name: string, to?: string): Promise<{ pointer: ModelPointer; changed: boolean }> {
+  const basis = await readPointerBasis(store, name);
+  const pointer = basis.pointer;
   if (!pointer) throw await unknownModel(store, name, "has no promoted version to roll back from");
+  if (to === pointer.version) return { pointer, changed: false };
   const history = historyOf(pointer);
   const target = to ?? history[0];
   if (!target) throw new NotFoundError(`Model ${name} has no earlier served version to roll back to; name one with --to (see edgetune models ${name}).`);
   const metaKey = keys.metadata(name, target);
   const bytes = await store.get(metaKey);
   if (!bytes) throw new NotFoundError(`Model ${name} has no version ${target} (see edgetune models ${name}).`);
-  await readMetadata(store, name, target); // validates before pointing at it
-  return writePointer(store, name, {
-    version: target,
-    metadataSha256: await sha256Hex(bytes),
-    promotedAt: new Date().toISOString(),
-    previous: pointer.version,
-    reason: `rollback from ${pointer.version}`,
-    history: to ? [pointer.version, ...history].filter((v) => v !== target).slice(0, HISTORY) : history.slice(1),
-  });
+  const targetMetadata = await readMetadata(store, name, target); // validates before pointing at it
+  const owner = pointer.dataset ?? (await readMetadata(store, name, pointer.version, pointer.metadataSha256).catch(() => targetMetadata)).dataset.name;
+  const written = await writePointerIf(
+    store,
+    name,
+    {
+      version: target,
+      metadataSha256: await sha256Hex(bytes),
+      promotedAt: new Date().toISOString(),
+      previous: pointer.version,
+      reason: `rollback from ${pointer.version}`,
+      history: to ? [pointer.version, ...history].filter((v) => v !== target).slice(0, HISTORY) : history.slice(1),
+      dataset: owner,
+    },
+    basis,
+  );
+  if (!written) throw new PointerMovedError(name);
+  return { pointer: written, changed: true };
 }
 
 /** The error for a model name that is not there, listing the ones that are. */
