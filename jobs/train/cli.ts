@@ -114,6 +114,8 @@ program
     ).choices(["if-better", "always", "never"]),
   )
   .option("--force", "train even if this dataset + config was already trained")
+  .option("--take-over", "train into a model another dataset created: it then belongs to this dataset (its labels may change too)")
+  .option("--relabel", "change the label set of this dataset's model (its clients get the new labels)")
   .option("--config <file>", "JSON file with the same options (flags win)")
   .option("--json", "JSON log lines even on a terminal, and the result as JSON")
   .action(async (o: Record<string, string | number | boolean | undefined>, cmd: Command) => {
@@ -133,6 +135,8 @@ program
       minHeldOutPerLabel: o.minHeldOutPerLabel as number | undefined,
       promote: o.promote as TrainInput["promote"],
       force: o.force === true ? true : undefined,
+      takeOver: o.takeOver === true ? true : undefined,
+      relabel: o.relabel === true ? true : undefined,
       head: {
         ...fromFile.head,
         epochs: o.epochs as number | undefined,

@@ -94,6 +94,7 @@ export async function publishVersion(ctx: RunContext, plan: RunPlan, outcome: Ru
         reason: `not promoted: the served version changed while it trained (${what}); serve this one with edgetune rollback ${name} --to ${version}`,
       };
       ctx.log.warn(promotion.reason);
+      report.promotion = promotion; // the stored report.json/html say what was decided before the pointer moved
     }
   }
   const accuracy = evaluation.metrics.accuracy;
