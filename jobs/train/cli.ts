@@ -302,11 +302,12 @@ program
   .option("--base <id>", "base model for this dataset")
   .option("--wait", "follow the training run this push triggers to its end; exit 0 if its version is served, 2 if kept back, 1 if it failed")
   .option("--dry-run", "check the folder with the training job's rules (and decode a sample) without uploading")
+  .option("--drop-captured", "also remove accepted captures (captured-*) from the dataset; by default a push keeps them")
   .option("--json", "the result (and with --wait the run's states) as JSON lines")
   .action(
     async (
       folder: string,
-      o: { dataset: string; strategy?: "head" | "finetune"; base?: string; wait?: boolean; dryRun?: boolean; json?: boolean },
+      o: { dataset: string; strategy?: "head" | "finetune"; base?: string; wait?: boolean; dryRun?: boolean; dropCaptured?: boolean; json?: boolean },
       cmd: Command,
     ) => {
       const log = createLogger();
@@ -314,24 +315,28 @@ program
       const since = new Date().toISOString();
       const r = await pushDataset(store, folder, o.dataset, { strategy: o.strategy, base: o.base }, (d, t) => log.progress("upload", d, t), {
         dryRun: o.dryRun,
+        dropCaptured: o.dropCaptured,
         // The queued record exists before the trigger does: a run that starts at once still finds it.
         beforeManifest: () => new StatusRecorder(store, o.dataset, "queued").update({}, true),
       });
       for (const w of r.warnings) say(`warning: ${w}`);
+      // The dataset becomes what the folder holds: say what that takes away.
+      const gone = r.removed.length > 10 ? `${r.removed.slice(0, 10).join(", ")} and ${r.removed.length - 10} more` : r.removed.join(", ");
+      if (r.removed.length > 0) say(`${o.dryRun ? "would remove" : "removed"} ${r.removed.length} file(s) of ${o.dataset} the folder no longer has: ${gone}`);
       const labels = Object.entries(r.labels)
         .map(([l, n]) => `${l} ${n}`)
         .join(", ");
       if (o.dryRun) {
         emit(
           o,
-          { dataset: o.dataset, labels: r.labels, notImages: r.skipped.length, warnings: r.warnings },
+          { dataset: o.dataset, labels: r.labels, notImages: r.skipped.length, warnings: r.warnings, removed: r.removed },
           `${o.dataset}: ${labels} — ready to push (nothing was uploaded).`,
         );
         return;
       }
       emit(
         o,
-        { dataset: o.dataset, uploaded: r.uploaded, notImages: r.skipped.length, state: "queued" },
+        { dataset: o.dataset, uploaded: r.uploaded, removed: r.removed, notImages: r.skipped.length, state: "queued" },
         `Uploaded ${r.uploaded} images of ${o.dataset} (${labels}); training is triggered (the manifest was written last).${o.wait ? "" : ` Follow it: edgetune status ${o.dataset} --follow`}`,
       );
       if (!o.wait) return;

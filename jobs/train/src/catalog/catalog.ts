@@ -1,24 +1,17 @@
-import { readdir, readFile, stat } from "node:fs/promises";
-import { join, relative, sep } from "node:path";
-import { pMapIterable } from "p-map";
 import { HISTORY, historyOf, readMetadata, readPointerBasis, writePointerIf } from "../../../../shared/artifacts.ts";
 import { listModels, listVersions as listModelVersions, type VersionSummary } from "../../../../shared/catalog.ts";
 import type { ModelPointer } from "../../../../shared/contracts/artifact.ts";
-import { nameSchema } from "../../../../shared/contracts/common.ts";
-import { classifyDatasetKeys, type DatasetManifest, IMAGE_EXTENSIONS, manifestSchema } from "../../../../shared/contracts/dataset.ts";
-import { parseContract } from "../../../../shared/contracts/parse.ts";
-import { EdgetuneError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
+import { EdgetuneError, NotFoundError } from "../../../../shared/errors.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
 import { keys } from "../../../../shared/keys.ts";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
-import { decodeImage } from "../dataset/decode.ts";
-import { assignSplits, checkTrainable, DEFAULT_VAL_FRACTION } from "../dataset/read.ts";
 
 /**
- * The user-facing operations around training: push a folder as a dataset, list datasets and model
+ * The user-facing operations around training: push a folder as a dataset (push.ts), list datasets and model
  * versions, show and move the promoted pointer.
  */
 
+export { contentTypeOf, type PushResult, pushDataset } from "./push.ts";
 export { listModels, type VersionSummary };
 
 /** The pointer moved between reading and writing it (another rollback, or a training run promoting). */
@@ -29,86 +22,6 @@ export class PointerMovedError extends EdgetuneError {
       `The served version of ${name} changed while this rollback was being written; nothing was changed. See edgetune current ${name}, then try again.`,
     );
   }
-}
-
-export interface PushResult {
-  uploaded: number;
-  /** Files that are not images (left out). */
-  skipped: string[];
-  labels: Record<string, number>;
-  warnings: string[];
-}
-
-/**
- * Uploads `dir` (one folder per label, or train/val splits) and writes the manifest last. Before any
- * byte is uploaded, the folder is checked with the training job's own rules and messages (layout, labels,
- * images per label) and one image per label is decoded; a folder the job would refuse is refused here.
- * `dryRun` stops after the checks.
- */
-export async function pushDataset(
-  store: ObjectStore,
-  dir: string,
-  name: string,
-  manifest: Partial<DatasetManifest> = {},
-  onProgress: (done: number, total: number) => void = () => {},
-  options: {
-    dryRun?: boolean;
-    /** Runs after the images are uploaded and before the manifest (the trigger) is written. */
-    beforeManifest?: () => Promise<void>;
-  } = {},
-): Promise<PushResult> {
-  parseContract(nameSchema, name, "dataset name");
-  const files = await walk(dir);
-  const images = files.filter((f) => IMAGE_EXTENSIONS.some((e) => f.toLowerCase().endsWith(e)));
-  const skipped = files.filter((f) => !images.includes(f));
-  const { labels, warnings } = await checkFolder(dir, name, images, manifest);
-  if (options.dryRun) return { uploaded: 0, skipped, labels, warnings };
-  const upload = async (f: string) => {
-    const rel = relative(dir, f).split(sep).join("/");
-    await store.put(keys.dataset(name) + rel, await readFile(f), contentTypeOf(f));
-  };
-  let done = 0;
-  for await (const _ of pMapIterable(images, upload, { concurrency: 8 })) onProgress(++done, images.length);
-  const full = parseContract(manifestSchema, { ...manifest, imageCount: images.length }, "manifest");
-  await options.beforeManifest?.();
-  await store.put(keys.manifest(name), `${JSON.stringify(full, null, 2)}\n`, "application/json");
-  return { uploaded: images.length, skipped, labels, warnings };
-}
-
-/** The job's checks on a local folder: layout and labels as `readDataset` sees them, and a sample decoded. */
-async function checkFolder(dir: string, name: string, images: string[], manifest: Partial<DatasetManifest>) {
-  const relativeOf = (f: string) => relative(dir, f).split(sep).join("/");
-  const { entries } = classifyDatasetKeys(images.map(relativeOf));
-  const ignored = new Set(manifest.ignoreLabels ?? []);
-  const raw = entries.flatMap((e) => (e.kind === "image" && !ignored.has(e.label) ? [{ key: e.key, id: e.key, label: e.label, split: e.split }] : []));
-  const labels = [...new Set(raw.map((r) => r.label))].sort();
-  const warnings = checkTrainable(name, labels, await assignSplits(raw, 42, DEFAULT_VAL_FRACTION));
-  for (const label of labels) {
-    const first = raw.find((r) => r.label === label) as { key: string };
-    await decodeImage(new Uint8Array(await readFile(join(dir, first.key)))).catch((e: unknown) => {
-      warnings.push(`${first.key} cannot be decoded (${userMessage(e)}); the job skips such files`);
-    });
-  }
-  return { labels: Object.fromEntries(labels.map((l) => [l, raw.filter((r) => r.label === l).length])), warnings };
-}
-
-async function walk(dir: string): Promise<string[]> {
-  const info = await stat(dir).catch(() => null);
-  if (!info?.isDirectory()) throw new NotFoundError(`${dir} is not a folder.`);
-  const out: string[] = [];
-  for (const entry of await readdir(dir, { withFileTypes: true })) {
-    if (entry.name.startsWith(".")) continue;
-    const p = join(dir, entry.name);
-    if (entry.isDirectory()) out.push(...(await walk(p)));
-    else if (entry.isFile()) out.push(p);
-  }
-  return out.sort();
-}
-
-/** The image content type for a file name (upload metadata; the worker's classify request). */
-export function contentTypeOf(file: string): string {
-  const ext = file.toLowerCase().split(".").pop();
-  return { jpg: "image/jpeg", jpeg: "image/jpeg", png: "image/png", webp: "image/webp", gif: "image/gif" }[ext ?? ""] ?? "application/octet-stream";
 }
 
 export async function listDatasets(store: ObjectStore): Promise<{ name: string; complete: boolean; files: number }[]> {
