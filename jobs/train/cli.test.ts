@@ -136,6 +136,40 @@ describe("edgetune, for a person", () => {
     expect(watched.stdout).toContain(`Held-out split of ${version}`);
   });
 
+  it("prints text from captures/ (edge-writable) made safe, and takes a stored label only if the dataset has it", async () => {
+    const { version } = (await readPointer(s3.store, "pets")) as { version: string };
+    const day = new Date().toISOString().slice(0, 10);
+    const id = `${day.replaceAll("-", "")}T101500-cli00002`;
+    const image = (await s3.store.get(`datasets/pets/food/${await firstImage("pets", "food")}`)) as Uint8Array;
+    const imageKey = `captures/pets/images/${day}/${id}.png`;
+    // A label that would clear the screen and retitle the terminal, in a capture record and a counter delta.
+    const hostile = "\u001b]0;owned\u0007\u001b[2Jfood\u009b";
+    await s3.store.put(imageKey, image);
+    await s3.store.put(
+      `captures/pets/images/${day}/${id}.json`,
+      JSON.stringify({
+        schemaVersion: 1,
+        id,
+        model: "pets",
+        version,
+        capturedAt: new Date().toISOString(),
+        reason: "low_confidence",
+        predictions: [{ label: hostile, score: 0.41 }],
+        image: { key: imageKey, contentType: "image/png", bytes: image.length, width: 96, height: 96, resized: false },
+      }),
+    );
+    const counters = { schemaVersion: 1, model: "pets", version, from: `${day}T00:02:00.000Z`, to: `${day}T00:03:00.000Z`, requests: 5 };
+    const rest = { labels: { [hostile]: 5 }, confidence: [0, 0, 0, 0, 5, 0, 0, 0, 0, 0], lowConfidence: 5, captured: 1, overCap: 0, failed: 0, optedOut: 0 };
+    await s3.store.put(`captures/pets/counters/${day}/y.json`, JSON.stringify({ ...counters, ...rest }));
+    const shown = [await edgetune(["review", "pets"]), await edgetune(["monitor", "pets"]), await edgetune(["review", "pets", "--accept", id])];
+    for (const r of shown) expect(`${r.stdout}${r.stderr}`).not.toMatch(/[\u001b\u0007\u009b]/);
+    expect(shown[0]?.stdout).toContain("\\x1b]0;owned\\x07\\x1b[2Jfood\\x9b");
+    // Without --as, the stored label is taken only if it is one of the dataset's: this one is not.
+    expect(shown[2]?.code).toBe(1);
+    expect(shown[2]?.stderr).toContain(`not added: ${id}: its predicted label "\\x1b]0;owned\\x07\\x1b[2Jfood\\x9b" is not a label of dataset pets`);
+    expect(await s3.store.head(`datasets/pets/food/captured-${id}.png`)).toBeNull();
+  });
+
   it("rolls back one served version at a time, not back and forth; --to picks any version", async () => {
     const versions: string[] = [];
     for (const seed of [1, 2, 3]) {

@@ -134,12 +134,12 @@ export function checkTrainable(name: string, labels: string[], images: DatasetIm
   // Labels reach terminals, the console and clients: none may hide characters or pass for another.
   for (const l of labels) {
     const problem = labelProblem(l);
-    if (problem) throw new DatasetError(`Dataset ${name}: label folder ${JSON.stringify(l)} ${problem}; rename the folder.`);
+    if (problem) throw new DatasetError(`Dataset ${name}: label folder "${l}" ${problem}; rename the folder.`);
   }
   const [same] = lookAlikes(labels);
   if (same) {
     throw new DatasetError(
-      `Dataset ${name}: label folders ${JSON.stringify(same[0])} and ${JSON.stringify(same[1])} look alike (they differ only in case, width or look-alike letters); merge or rename one.`,
+      `Dataset ${name}: label folders "${same[0]}" and "${same[1]}" look alike (they differ only in case, width or look-alike letters); merge or rename one.`,
     );
   }
   if (labels.length < 2) {

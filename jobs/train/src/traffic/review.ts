@@ -144,7 +144,7 @@ export async function reviewNow(
       if (label === undefined || !target.labels.has(label)) {
         result.refused.push({
           id,
-          reason: `its predicted label ${JSON.stringify(label ?? "")} is not a label of dataset ${target.dataset}; accept it with --as <label> (${labelList(target)})`,
+          reason: `its predicted label "${label ?? ""}" is not a label of dataset ${target.dataset}; accept it with --as <label> (${labelList(target)})`,
         });
         continue;
       }
