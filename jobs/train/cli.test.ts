@@ -33,6 +33,28 @@ async function firstImage(dataset: string, label: string): Promise<string> {
   throw new Error(`no image of ${label}`);
 }
 
+/** What the edge writes for one capture of the served `pets` (a dataset image as its image), predicted as `label`. */
+async function putCapture(suffix: string, label: string) {
+  const { version } = (await readPointer(s3.store, "pets")) as { version: string };
+  const day = new Date().toISOString().slice(0, 10);
+  const id = `${day.replaceAll("-", "")}T101500-${suffix}`;
+  const image = (await s3.store.get(`datasets/pets/food/${await firstImage("pets", "food")}`)) as Uint8Array;
+  const imageKey = `captures/pets/images/${day}/${id}.png`;
+  await s3.store.put(imageKey, image);
+  const record = {
+    schemaVersion: 1,
+    id,
+    model: "pets",
+    version,
+    capturedAt: new Date().toISOString(),
+    reason: "low_confidence",
+    predictions: [{ label, score: 0.41 }],
+    image: { key: imageKey, contentType: "image/png", bytes: image.length, width: 96, height: 96, resized: false },
+  };
+  await s3.store.put(`captures/pets/images/${day}/${id}.json`, JSON.stringify(record));
+  return { id, version, day };
+}
+
 async function edgetune(args: string[], script = "jobs/train/cli.ts", env: Record<string, string> = {}) {
   try {
     const { stdout, stderr } = await run(process.execPath, [script, ...args], { env: jobEnvironment(s3.config, env), timeout: 120_000 });
@@ -95,25 +117,7 @@ describe("edgetune, for a person", () => {
     expect((await edgetune(["review", "pets"])).stderr).toContain("Nothing of pets is waiting for review.");
     expect((await edgetune(["monitor", "pets"])).stderr).toContain("No traffic of pets counted in the last 7 days");
     // What the edge writes: a capture and a counter delta.
-    const { version } = (await readPointer(s3.store, "pets")) as { version: string };
-    const day = new Date().toISOString().slice(0, 10);
-    const id = `${day.replaceAll("-", "")}T101500-cli00001`;
-    const image = (await s3.store.get(`datasets/pets/food/${await firstImage("pets", "food")}`)) as Uint8Array;
-    const imageKey = `captures/pets/images/${day}/${id}.png`;
-    await s3.store.put(imageKey, image);
-    await s3.store.put(
-      `captures/pets/images/${day}/${id}.json`,
-      JSON.stringify({
-        schemaVersion: 1,
-        id,
-        model: "pets",
-        version,
-        capturedAt: new Date().toISOString(),
-        reason: "low_confidence",
-        predictions: [{ label: "travel", score: 0.41 }],
-        image: { key: imageKey, contentType: "image/png", bytes: image.length, width: 96, height: 96, resized: false },
-      }),
-    );
+    const { id, version, day } = await putCapture("cli00001", "travel");
     const counters = {
       schemaVersion: 1,
       model: "pets",
@@ -137,27 +141,9 @@ describe("edgetune, for a person", () => {
   });
 
   it("prints text from captures/ (edge-writable) made safe, and takes a stored label only if the dataset has it", async () => {
-    const { version } = (await readPointer(s3.store, "pets")) as { version: string };
-    const day = new Date().toISOString().slice(0, 10);
-    const id = `${day.replaceAll("-", "")}T101500-cli00002`;
-    const image = (await s3.store.get(`datasets/pets/food/${await firstImage("pets", "food")}`)) as Uint8Array;
-    const imageKey = `captures/pets/images/${day}/${id}.png`;
     // A label that would clear the screen and retitle the terminal, in a capture record and a counter delta.
     const hostile = "\u001b]0;owned\u0007\u001b[2Jfood\u009b";
-    await s3.store.put(imageKey, image);
-    await s3.store.put(
-      `captures/pets/images/${day}/${id}.json`,
-      JSON.stringify({
-        schemaVersion: 1,
-        id,
-        model: "pets",
-        version,
-        capturedAt: new Date().toISOString(),
-        reason: "low_confidence",
-        predictions: [{ label: hostile, score: 0.41 }],
-        image: { key: imageKey, contentType: "image/png", bytes: image.length, width: 96, height: 96, resized: false },
-      }),
-    );
+    const { id, version, day } = await putCapture("cli00002", hostile);
     const counters = { schemaVersion: 1, model: "pets", version, from: `${day}T00:02:00.000Z`, to: `${day}T00:03:00.000Z`, requests: 5 };
     const rest = { labels: { [hostile]: 5 }, confidence: [0, 0, 0, 0, 5, 0, 0, 0, 0, 0], lowConfidence: 5, captured: 1, overCap: 0, failed: 0, optedOut: 0 };
     await s3.store.put(`captures/pets/counters/${day}/y.json`, JSON.stringify({ ...counters, ...rest }));

@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
 import { manifestSchema } from "../../../../shared/contracts/dataset.ts";
 import { keys } from "../../../../shared/keys.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { aroundWrites } from "../../../../test/support/store.ts";
 import { sampleDataset } from "../dataset/sample.ts";
 import { PushInProgressError, pushDataset } from "./push.ts";
 
@@ -43,24 +43,14 @@ describe("push", () => {
     const b = await folder("b", 6, ["animals", "food"], 6);
     // The second push starts while the first uploads its first image, and runs to its end meanwhile.
     let second: Promise<unknown> | undefined;
-    const real = s3.store;
-    const uploading: ObjectStore = {
-      ...real,
-      get: (k) => real.get(k),
-      head: (k) => real.head(k),
-      list: (p) => real.list(p),
-      listFolders: (p) => real.listFolders(p),
-      delete: (k) => real.delete(k),
-      putIfAbsent: (k, body, t) => real.putIfAbsent(k, body, t),
-      putIfMatch: (k, body, e, t) => real.putIfMatch(k, body, e, t),
-      put: async (k, body, t, m) => {
+    const uploading = aroundWrites(s3.store, {
+      before: async (k) => {
         if (k.startsWith(keys.dataset("shared-set")) && !second) {
           second = pushDataset(s3.store, b, "shared-set");
           await second.catch(() => {});
         }
-        return real.put(k, body, t, m);
       },
-    };
+    });
     const first = await pushDataset(uploading, a, "shared-set");
     await expect(second).rejects.toThrow(PushInProgressError);
     await expect(second).rejects.toThrow("Another push into dataset shared-set is in progress");

@@ -2,8 +2,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
 import { readPointer } from "../../../../shared/artifacts.ts";
 import { keys } from "../../../../shared/keys.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
 import { uploadSample } from "../../../../test/support/datasets.ts";
+import { aroundWrites } from "../../../../test/support/store.ts";
 import { rollback } from "../catalog/catalog.ts";
 import { memoryLogger } from "../log.ts";
 import { train } from "../train.ts";
@@ -62,24 +62,14 @@ describe("the pointer moves by compare-and-swap", () => {
     const back = before.history?.[0] as string;
     // The operator rolls back the moment the run writes its version's files (after it compared itself).
     let rolledBack = false;
-    const real = s3.store;
-    const store: ObjectStore = {
-      ...real,
-      get: (k) => real.get(k),
-      head: (k) => real.head(k),
-      list: (p) => real.list(p),
-      listFolders: (p) => real.listFolders(p),
-      delete: (k) => real.delete(k),
-      putIfAbsent: (k, b, t) => real.putIfAbsent(k, b, t),
-      putIfMatch: (k, b, e, t) => real.putIfMatch(k, b, e, t),
-      put: async (k, b, t, m) => {
+    const store = aroundWrites(s3.store, {
+      before: async (k) => {
         if (!rolledBack && k.startsWith("models/shared/v") && k.endsWith("/model.json")) {
           rolledBack = true;
-          await rollback(real, "shared");
+          await rollback(s3.store, "shared");
         }
-        return real.put(k, b, t, m);
       },
-    };
+    });
     const run = await train(store, { dataset: "owner-b", ...quick, seed: 9 }, memoryLogger());
     expect(rolledBack).toBe(true);
     expect(run.promoted).toBe(false);

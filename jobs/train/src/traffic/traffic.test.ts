@@ -8,7 +8,7 @@ import { validMetadata } from "../../../../shared/contracts/fixtures.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
 import { isCaptureKey, keys } from "../../../../shared/keys.ts";
 import { driftOf, MIN_REQUESTS, referenceOf } from "../../../../shared/monitor.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { aroundWrites } from "../../../../test/support/store.ts";
 import { memoryLogger } from "../log.ts";
 import { applyDecisions, listCaptures, monitor, reviewNow, writeCaptureConfig } from "./traffic.ts";
 
@@ -203,27 +203,9 @@ describe("review", () => {
   });
 });
 
-/**
- * The store as the CLI uses it, with an attacker holding the edge's credentials (anything under captures/)
- * acting the moment a decision file is written, before it is applied.
- */
-function attackedWhenDecided(attack: (decisionKey: string) => Promise<void>): ObjectStore {
-  const real = s3.store;
-  const after = async <T>(key: string, done: T) => {
-    if (key.includes("/decisions/")) await attack(key);
-    return done;
-  };
-  return {
-    get: (k) => real.get(k),
-    head: (k) => real.head(k),
-    list: (p) => real.list(p),
-    listFolders: (p) => real.listFolders(p),
-    delete: (k) => real.delete(k),
-    put: async (k, b, t, m) => after(k, await real.put(k, b, t, m)),
-    putIfAbsent: async (k, b, t) => after(k, await real.putIfAbsent(k, b, t)),
-    putIfMatch: (k, b, e, t) => real.putIfMatch(k, b, e, t),
-  };
-}
+/** The store as the CLI uses it, with an attacker holding the edge's credentials (anything under captures/) acting the moment a decision file is written, before it is applied. */
+const attackedWhenDecided = (attack: (decisionKey: string) => Promise<void>) =>
+  aroundWrites(s3.store, { after: async (key) => (key.includes("/decisions/") ? attack(key) : undefined) });
 
 describe("review decisions cannot be turned (the edge's credentials against the CLI)", () => {
   beforeEach(async () => {
