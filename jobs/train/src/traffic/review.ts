@@ -30,10 +30,30 @@ export interface PendingCapture extends CaptureRecord {
   decision: CaptureDecision | null;
 }
 
-/** Every capture of `model` not applied yet, oldest first, with its decision if one was recorded. */
+/**
+ * Bounds on what is read from the edge-writable prefix before it is held: a record or decision the edge
+ * writes is well under these (a record ≈ 1 KB, a decision ≈ 0.5 KB); a forged giant is skipped unread,
+ * and one review reads at most `MAX_PENDING` records (the oldest; the rest wait for the next).
+ */
+const MAX_RECORD_BYTES = 64 * 1024;
+const MAX_DECISION_BYTES = 4 * 1024;
+const MAX_PENDING = 10_000;
+/** A stored capture is at most 2048 px a side (capture.json `maxSide`); well above any such image. */
+const MAX_IMAGE_BYTES = 32 * 1024 * 1024;
+
+/** A capture's image, unless it is gone or larger than any capture (null: the caller says which). */
+async function captureImage(store: ObjectStore, capture: CaptureRecord): Promise<Uint8Array | null> {
+  const head = await store.head(capture.image.key);
+  if (!head) return null;
+  if (head.size > MAX_IMAGE_BYTES) throw new DatasetError(`its image is ${head.size} bytes, larger than any capture; it is not read`);
+  return store.get(capture.image.key);
+}
+
+/** Every capture of `model` not applied yet (at most `MAX_PENDING`), oldest first, with its decision if one was recorded. */
 export async function listCaptures(store: ObjectStore, model: string): Promise<PendingCapture[]> {
   const decisions = new Map<string, CaptureDecision>();
   for await (const o of store.list(keys.captureDecisions(model))) {
+    if (o.size > MAX_DECISION_BYTES || decisions.size >= MAX_PENDING) continue;
     const bytes = await store.get(o.key);
     const parsed = bytes === null ? null : tryParseContractJson(captureDecisionSchema, bytes);
     // A decision counts under the name it is filed as (that key is what is deleted once it is applied).
@@ -41,7 +61,8 @@ export async function listCaptures(store: ObjectStore, model: string): Promise<P
   }
   const out: PendingCapture[] = [];
   for await (const o of store.list(keys.captureImages(model))) {
-    if (!o.key.endsWith(".json")) continue;
+    if (!o.key.endsWith(".json") || o.size > MAX_RECORD_BYTES) continue;
+    if (out.length >= MAX_PENDING) break;
     const bytes = await store.get(o.key);
     const record = bytes ? parseCaptureRecord(model, bytes) : null;
     // A record must sit where its id says (the review deletes that key after applying it).
@@ -128,14 +149,22 @@ export async function reviewNow(
   }
   const wanted = [...(choices.accept ?? []).map((id) => [id, "accept"] as const), ...(choices.discard ?? []).map((id) => [id, "discard"] as const)];
   // Every capture read (record and bytes) before anything is written: an unknown id stops the command.
-  const read: { capture: CaptureRecord; action: "accept" | "discard"; bytes: Uint8Array | null }[] = [];
+  const read: { capture: CaptureRecord; action: "accept" | "discard"; bytes: Uint8Array | null; problem: string }[] = [];
   for (const [id, action] of wanted) {
-    const bytes = captureIdSchema.safeParse(id).success ? await store.get(keys.captureRecord(model, id)) : null;
-    const capture = bytes ? parseCaptureRecord(model, bytes) : null;
+    const stored = captureIdSchema.safeParse(id).success ? await store.get(keys.captureRecord(model, id)) : null;
+    const capture = stored && stored.byteLength <= MAX_RECORD_BYTES ? parseCaptureRecord(model, stored) : null;
     if (!capture || capture.id !== id) throw new NotFoundError(`Model ${model} has no capture ${id} waiting for review (see edgetune review ${model}).`);
-    read.push({ capture, action, bytes: action === "accept" ? await store.get(capture.image.key) : null });
+    let problem = "";
+    const bytes =
+      action === "accept"
+        ? await captureImage(store, capture).catch((e: unknown) => {
+            problem = userMessage(e);
+            return null;
+          })
+        : null;
+    read.push({ capture, action, bytes, problem });
   }
-  for (const { capture, action, bytes } of read) {
+  for (const { capture, action, bytes, problem } of read) {
     const id = capture.id;
     let label: string | undefined;
     if (action === "accept") {
@@ -149,7 +178,7 @@ export async function reviewNow(
         continue;
       }
       if (!bytes) {
-        result.refused.push({ id, reason: `its image ${capture.image.key} is gone (expired?)` });
+        result.refused.push({ id, reason: problem || `its image ${capture.image.key} is gone (expired?)` });
         continue;
       }
     }
@@ -235,7 +264,7 @@ async function applyOne(store: ObjectStore, model: string, target: Target, d: De
     if (!target.labels.has(label)) {
       throw new DatasetError(`label ${label} is not one of dataset ${target.dataset}'s labels (${labelList(target)}); push new labels with edgetune push`);
     }
-    const bytes = d.bytes ?? (await store.get(capture.image.key));
+    const bytes = d.bytes ?? (await captureImage(store, capture));
     if (!bytes) throw new NotFoundError(`its image ${capture.image.key} is gone (expired?)`);
     if (!decision.imageSha256 || (await sha256Hex(bytes)) !== decision.imageSha256) {
       throw new DatasetError("its image changed after it was reviewed; review it again");

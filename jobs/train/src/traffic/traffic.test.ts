@@ -247,6 +247,16 @@ describe("review decisions cannot be turned (the edge's credentials against the 
     expect(await sha256Hex(added)).toBe(await sha256Hex(shown));
   });
 
+  it("skips records and decisions larger than any the edge writes, unread", async () => {
+    const big = await capture(await png("#0b0"));
+    const pad = " ".repeat(70 * 1024);
+    await s3.store.put(keys.captureRecord("pets", big.id), `${JSON.stringify(big)}${pad}`);
+    const small = await capture(await png("#b00"));
+    const decision = { schemaVersion: 1, id: small.id, action: "discard", decidedAt: new Date().toISOString(), by: "console" };
+    await s3.store.put(keys.captureDecision("pets", small.id), `${JSON.stringify(decision)}${pad.slice(0, 5000)}`);
+    expect((await listCaptures(s3.store, "pets")).map((c) => [c.id, c.decision])).toEqual([[small.id, null]]);
+  });
+
   it("takes the capture's predicted label without --as only if the dataset has it", async () => {
     const c = await capture(await png("#00a"));
     const forged = { ...c, predictions: [{ label: "cat\u001b[2J", score: 0.9 }] };
