@@ -82,7 +82,10 @@ export async function writePointerIf(
     basis.etag === null
       ? await store.putIfAbsent(keys.pointer(name), text, "application/json")
       : await store.putIfMatch(keys.pointer(name), text, basis.etag, "application/json");
-  return written ? full : null;
+  if (written) return full;
+  // A retried request whose first attempt did write (its answer lost) fails its own condition: that is ours.
+  const now = await readPointer(store, name).catch(() => null);
+  return now?.version === full.version && now.promotedAt === full.promotedAt && now.metadataSha256 === full.metadataSha256 ? full : null;
 }
 
 /** Versions kept in a pointer's history. */
