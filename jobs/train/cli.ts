@@ -572,7 +572,7 @@ program
   .option("--to <version>", "version to serve")
   .option("--json", "the new pointer (current.json) as JSON")
   .action(async (name: string, o: { to?: string; json?: boolean }, cmd: Command) => {
-    const { pointer: p, changed } = await rollback(storeFrom(cmd.optsWithGlobals()), name, o.to);
+    const { pointer: p, changed, duringRun } = await rollback(storeFrom(cmd.optsWithGlobals()), name, o.to);
     emit(
       o,
       { ...p, changed },
@@ -580,6 +580,7 @@ program
         ? `${name} now serves ${p.version} (was ${p.previous}); the edge picks it up within POINTER_TTL_SECONDS.`
         : `${name} already serves ${p.version}; nothing changed.`,
     );
+    if (changed && duringRun) say(`A training run of ${name} is in progress: it will not undo this rollback (it ends not promoted).`);
   });
 
 /** The served version of a model, for people. */

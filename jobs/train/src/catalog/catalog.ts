@@ -5,6 +5,7 @@ import { EdgetuneError, NotFoundError } from "../../../../shared/errors.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
 import { keys } from "../../../../shared/keys.ts";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { acquireLock, LockTimeoutError } from "../release/lock.ts";
 
 /**
  * The user-facing operations around training: push a folder as a dataset (push.ts), list datasets and model
@@ -47,12 +48,25 @@ export async function listVersions(store: ObjectStore, name: string): ReturnType
 /**
  * Points `current.json` at an earlier version: by default the one served before the current, and again
  * the one before that on the next call (it walks back through the pointer's history); `to` picks any
- * existing version. A compare-and-swap against the pointer it read (a training run's pointer write is
- * one too, so neither undoes the other); it does not wait for a training run's lock, which may be held
- * for hours: a rollback is what an operator needs at once. The model keeps its dataset (owner).
- * `changed: false` when `to` is already served: nothing is written.
+ * existing version. It takes the model's lock when it is free; a training run may hold it for hours, and
+ * a rollback is needed at once, so then it goes ahead without it (`duringRun`): the write is a
+ * compare-and-swap against the pointer it read, and so is the run's, so neither undoes the other (the
+ * run ends not promoted). The model keeps its dataset (owner). `changed: false` when `to` is already
+ * served: nothing is written.
  */
-export async function rollback(store: ObjectStore, name: string, to?: string): Promise<{ pointer: ModelPointer; changed: boolean }> {
+export async function rollback(store: ObjectStore, name: string, to?: string): Promise<{ pointer: ModelPointer; changed: boolean; duringRun: boolean }> {
+  const lock = await acquireLock(store, name, { waitMs: 0 }).catch((e: unknown) => {
+    if (e instanceof LockTimeoutError) return null;
+    throw e;
+  });
+  try {
+    return { ...(await moveBack(store, name, to)), duringRun: lock === null };
+  } finally {
+    await lock?.release();
+  }
+}
+
+async function moveBack(store: ObjectStore, name: string, to?: string): Promise<{ pointer: ModelPointer; changed: boolean }> {
   const basis = await readPointerBasis(store, name);
   const pointer = basis.pointer;
   if (!pointer) throw await unknownModel(store, name, "has no promoted version to roll back from");

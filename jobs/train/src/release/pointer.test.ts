@@ -62,16 +62,18 @@ describe("the pointer moves by compare-and-swap", () => {
     const back = before.history?.[0] as string;
     // The operator rolls back the moment the run writes its version's files (after it compared itself).
     let rolledBack = false;
+    let duringRun: boolean | undefined;
     const store = aroundWrites(s3.store, {
       before: async (k) => {
         if (!rolledBack && k.startsWith("models/shared/v") && k.endsWith("/model.json")) {
           rolledBack = true;
-          await rollback(s3.store, "shared");
+          duringRun = (await rollback(s3.store, "shared")).duringRun;
         }
       },
     });
     const run = await train(store, { dataset: "owner-b", ...quick, seed: 9 }, memoryLogger());
-    expect(rolledBack).toBe(true);
+    // The run holds the model's lock; the rollback does not wait for it (it could wait hours).
+    expect([rolledBack, duringRun]).toEqual([true, true]);
     expect(run.promoted).toBe(false);
     expect(run.reason).toBe(
       `not promoted: the served version changed while it trained (rolled back to ${back}); serve this one with edgetune rollback shared --to ${run.version}`,
@@ -83,7 +85,8 @@ describe("the pointer moves by compare-and-swap", () => {
     const served = await s3.store.get(keys.pointer("shared"));
     const version = (await readPointer(s3.store, "shared"))?.version as string;
     const r = await rollback(s3.store, "shared", version);
-    expect(r.changed).toBe(false);
+    expect([r.changed, r.duringRun]).toEqual([false, false]);
+    expect(await s3.store.head(keys.lock("shared"))).toBeNull(); // taken while it worked, and released
     expect(await s3.store.get(keys.pointer("shared"))).toEqual(served);
   });
 });
