@@ -22,7 +22,7 @@ import { importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts"
 import { batchSubmitter, dispatchNightly } from "./src/nightly.ts";
 import { emit, emitList, percent, say } from "./src/output.ts";
 import { followRun, listRunStatuses, type RunStatus, StatusRecorder } from "./src/status.ts";
-import { operatorKeysFromEnv } from "./src/traffic/review.ts";
+import { operatorKeysFromEnv, saveCaptureImages } from "./src/traffic/review.ts";
 import { applyDecisions, listCaptures, monitor, parseRate, processTraffic, readCaptureConfig, reviewNow, writeCaptureConfig } from "./src/traffic/traffic.ts";
 
 const int = (name: string) => (v: string) => {
@@ -423,11 +423,12 @@ program
 program
   .command("review <model>")
   .description("The inputs the edge captured for review; accept (into the dataset, under the predicted or a corrected label) or discard them")
-  .option("--accept <ids>", "comma-separated capture ids to add to the dataset")
+  .option("--accept <ids>", "comma-separated capture ids (or <id>@<sha256> from --save) to add to the dataset")
   .option("--as <label>", "with --accept: the true label (default: the predicted one)")
   .option("--discard <ids>", "comma-separated capture ids to drop")
+  .option("--save <dir>", "save the images waiting for review into <dir>, named <id>@<sha256>; --accept <id>@<sha256> then adds exactly those bytes")
   .option("--json", "one JSON object per capture, or the applied decisions")
-  .action(async (model: string, o: { accept?: string; as?: string; discard?: string; json?: boolean }, cmd: Command) => {
+  .action(async (model: string, o: { accept?: string; as?: string; discard?: string; save?: string; json?: boolean }, cmd: Command) => {
     const store = storeFrom(cmd.optsWithGlobals());
     const ids = (list?: string) =>
       (list ?? "")
@@ -435,6 +436,11 @@ program
         .map((x) => x.trim())
         .filter(Boolean);
     if (o.as && !o.accept) throw new InvalidArgumentError("--as goes with --accept.");
+    if (o.save) {
+      const saved = await saveCaptureImages(store, model, o.save);
+      emitList(o, saved, `Nothing of ${model} is waiting for review.`, ["ID", "FILE"], (f) => [f.id, f.file]);
+      return;
+    }
     if (!o.accept && !o.discard) {
       const pending = await listCaptures(store, model);
       emitList(

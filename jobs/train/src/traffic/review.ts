@@ -1,4 +1,6 @@
 import { timingSafeEqual } from "node:crypto";
+import { mkdir, writeFile } from "node:fs/promises";
+import { join } from "node:path";
 import { readMetadata, readPointer } from "../../../../shared/artifacts.ts";
 import type { ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
 import {
@@ -147,7 +149,17 @@ export async function reviewNow(
     if (problem) throw new InvalidOptionError("--as", choices.as, [`a label of dataset ${target.dataset} (${labelList(target)}); this one ${problem}`]);
     if (!target.labels.has(choices.as)) throw new InvalidOptionError("--as", choices.as, [...target.labels].sort());
   }
-  const wanted = [...(choices.accept ?? []).map((id) => [id, "accept"] as const), ...(choices.discard ?? []).map((id) => [id, "discard"] as const)];
+  // `<id>@<sha256 prefix>` (as `review --save` names the file) pins the bytes the operator looked at.
+  const pinned = new Map<string, string>();
+  const idOf = (ref: string) => {
+    const [id, sha] = ref.split("@") as [string, string | undefined];
+    if (sha !== undefined) pinned.set(id, sha.toLowerCase());
+    return id;
+  };
+  const wanted = [
+    ...(choices.accept ?? []).map((ref) => [idOf(ref), "accept"] as const),
+    ...(choices.discard ?? []).map((ref) => [idOf(ref), "discard"] as const),
+  ];
   // Every capture read (record and bytes) before anything is written: an unknown id stops the command.
   const read: { capture: CaptureRecord; action: "accept" | "discard"; bytes: Uint8Array | null; problem: string }[] = [];
   for (const [id, action] of wanted) {
@@ -181,6 +193,11 @@ export async function reviewNow(
         result.refused.push({ id, reason: problem || `its image ${capture.image.key} is gone (expired?)` });
         continue;
       }
+      const pin = pinned.get(id);
+      if (pin !== undefined && (pin.length < 8 || !(await sha256Hex(bytes)).startsWith(pin))) {
+        result.refused.push({ id, reason: `its image is not the one saved as ${id}@${pin} (it changed, or the hash is short or wrong); review it again` });
+        continue;
+      }
     }
     const decision = parseContract(
       captureDecisionSchema,
@@ -193,6 +210,24 @@ export async function reviewNow(
     await applyOne(store, model, target, { capture, decision, bytes }, result, log);
   }
   return result;
+}
+
+/**
+ * `edgetune review --save <dir>`: the images waiting for review, to look at, as `<id>@<sha256[:12]>.<ext>`;
+ * `--accept <id>@<sha>` then adds exactly those bytes or nothing.
+ */
+export async function saveCaptureImages(store: ObjectStore, model: string, dir: string): Promise<{ id: string; file: string }[]> {
+  await mkdir(dir, { recursive: true });
+  const out: { id: string; file: string }[] = [];
+  for (const c of await listCaptures(store, model)) {
+    const bytes = await captureImage(store, c).catch(() => null);
+    if (!bytes) continue;
+    const sub = c.image.contentType.split("/")[1] as string;
+    const file = join(dir, `${c.id}@${(await sha256Hex(bytes)).slice(0, 12)}.${sub === "jpeg" ? "jpg" : sub}`);
+    await writeFile(file, bytes);
+    out.push({ id: c.id, file });
+  }
+  return out;
 }
 
 /**

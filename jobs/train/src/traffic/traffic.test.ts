@@ -1,4 +1,7 @@
 import { createHmac } from "node:crypto";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { basename, join } from "node:path";
 import sharp from "sharp";
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
@@ -10,6 +13,7 @@ import { isCaptureKey, keys } from "../../../../shared/keys.ts";
 import { driftOf, MIN_REQUESTS, referenceOf } from "../../../../shared/monitor.ts";
 import { aroundWrites } from "../../../../test/support/store.ts";
 import { memoryLogger } from "../log.ts";
+import { saveCaptureImages } from "./review.ts";
 import { applyDecisions, listCaptures, monitor, reviewNow, writeCaptureConfig } from "./traffic.ts";
 
 /** The job's half of the traffic loop against the local S3 server; the whole loop is in test/traffic.test.ts. */
@@ -245,6 +249,20 @@ describe("review decisions cannot be turned (the edge's credentials against the 
     expect(await capturedFiles()).toEqual([`datasets/pets-data/dog/captured-${c.id}.png`]);
     const added = (await s3.store.get(`datasets/pets-data/dog/captured-${c.id}.png`)) as Uint8Array;
     expect(await sha256Hex(added)).toBe(await sha256Hex(shown));
+  });
+
+  it("--save names each image by its hash; --accept <id>@<hash> adds those bytes, or nothing once they changed", async () => {
+    const [kept, swapped] = [await capture(await png("#0c0")), await capture(await png("#c00"))];
+    const dir = await mkdtemp(join(tmpdir(), "edgetune-review-"));
+    const saved = await saveCaptureImages(s3.store, "pets", dir);
+    const ref = (id: string) => basename(saved.find((f) => f.id === id)?.file as string).replace(/\.png$/, "");
+    expect(ref(kept.id)).toBe(`${kept.id}@${(await sha256Hex(await png("#0c0"))).slice(0, 12)}`);
+    await s3.store.put(swapped.image.key, await png("#00c")); // after the operator looked at it
+    const r = await reviewNow(s3.store, "pets", { accept: [ref(kept.id), ref(swapped.id)], as: "dog" }, memoryLogger());
+    expect(r.accepted.map((a) => a.id)).toEqual([kept.id]);
+    expect(r.refused).toEqual([{ id: swapped.id, reason: expect.stringContaining("is not the one saved as") }]);
+    expect(await capturedFiles()).toEqual([`datasets/pets-data/dog/captured-${kept.id}.png`]);
+    await rm(dir, { recursive: true });
   });
 
   it("skips records and decisions larger than any the edge writes, unread", async () => {
