@@ -237,6 +237,18 @@ describe("review decisions cannot be turned (the edge's credentials against the 
     expect(await listCaptures(s3.store, "pets")).toEqual([]);
   });
 
+  it("a decision file the edge wrote first neither blocks the operator's decision nor replaces it", async () => {
+    const c = await capture(await png("#0d0"));
+    const forged = { schemaVersion: 1, id: c.id, action: "accept", label: "cat", decidedAt: new Date().toISOString(), by: "cli" };
+    await s3.store.put(keys.captureDecision("pets", c.id), JSON.stringify(forged));
+    const log = memoryLogger();
+    const r = await reviewNow(s3.store, "pets", { discard: [c.id] }, log);
+    expect([r.discarded, r.accepted]).toEqual([[c.id], []]);
+    expect(log.lines.some((l) => l.message.includes("already had a recorded decision"))).toBe(true);
+    expect(await capturedFiles()).toEqual([]);
+    expect(await s3.store.get(keys.captureDecision("pets", c.id))).toBeNull();
+  });
+
   it("an accept adds exactly the bytes whose hash it bound, under its own label, whatever is swapped in after", async () => {
     const shown = await png("#0a0");
     const c = await capture(shown);
