@@ -470,6 +470,8 @@ program
       r.discarded.push(...signed.discarded);
       r.refused.push(...signed.refused);
     }
+    // Each label said: without --as it came from the capture's record, which the edge may rewrite.
+    if (!o.json) for (const a of r.accepted) say(`added: ${a.id} as ${a.key.split("/").at(-2)} (${a.key})`);
     for (const f of r.refused) say(`not added: ${f.id}: ${f.reason}`);
     emit(
       o,
