@@ -1,7 +1,7 @@
 import { z } from "zod";
 import { captureDayOf, isCaptureKey, keys } from "../keys.ts";
 import { nameSchema, versionSchema } from "./common.ts";
-import { newLabelSchema } from "./dataset.ts";
+import { labelSchema, newLabelSchema } from "./dataset.ts";
 import { tryParseContractJson } from "./parse.ts";
 
 /**
@@ -52,7 +52,7 @@ export const captureRecordSchema = z.object({
   capturedAt: z.iso.datetime(),
   reason: z.enum(CAPTURE_REASONS),
   /** The model's answer, best first (at most 5). */
-  predictions: z.array(z.object({ label: z.string(), score: z.number() })).min(1),
+  predictions: z.array(z.object({ label: labelSchema, score: z.number() })).min(1),
   image: z.object({
     key: z.string(),
     contentType: z.enum(["image/jpeg", "image/png", "image/webp", "image/gif"]),
