@@ -124,7 +124,7 @@ async function targetOf(store: ObjectStore, model: string): Promise<Target> {
 export async function servedMetadata(store: ObjectStore, model: string): Promise<ArtifactMetadata> {
   const pointer = await readPointer(store, model);
   if (!pointer) throw new NotFoundError(`Model ${model} has no served version.`);
-  return readMetadata(store, model, pointer.version, pointer.metadataSha256);
+  return readMetadata(store, model, pointer.version);
 }
 
 const labelList = (t: Target) => [...t.labels].sort().join(", ");
