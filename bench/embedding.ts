@@ -63,6 +63,7 @@ const memory: ObjectStore = {
     objects.set(k, typeof b === "string" ? new TextEncoder().encode(b) : b);
     return true;
   },
+  putIfMatch: async () => false, // nothing here compares and swaps
   head: async (k) => (objects.has(k) ? { etag: "", size: objects.get(k)?.byteLength ?? 0 } : null),
   async *list(prefix) {
     for (const k of [...objects.keys()].sort()) if (k.startsWith(prefix)) yield { key: k, etag: "", size: 0 };

@@ -8,6 +8,7 @@ import { dispatchNightly } from "../jobs/train/src/nightly.ts";
 import { listCaptures, writeCaptureConfig } from "../jobs/train/src/traffic/traffic.ts";
 import { train } from "../jobs/train/src/train.ts";
 import { readPointer } from "../shared/artifacts.ts";
+import { sha256Hex } from "../shared/hash.ts";
 import { keys } from "../shared/keys.ts";
 import { monitorSummarySchema } from "../shared/monitor.ts";
 import { postClassify } from "./support/edge.ts";
@@ -200,7 +201,8 @@ describe("the traffic loop", () => {
       const truth = (await trafficOf(bytes)) as SampleImage;
       // The first capture is discarded; every other one is accepted under its true label (a correction
       // where the model was wrong).
-      const decision = i === 0 ? { action: "discard" } : { action: "accept", label: truth.label };
+      // An accept names the bytes shown (the console's page hashes what it displayed).
+      const decision = i === 0 ? { action: "discard" } : { action: "accept", label: truth.label, imageSha256: await sha256Hex(bytes) };
       if (i === 0) discarded++;
       (i === 0 ? reviewed.discarded : reviewed.accepted).push(c.id);
       const r = await fetch(`${edge.url}/v1/models/emoji/captures/${c.id}/decision`, {
@@ -218,6 +220,16 @@ describe("the traffic loop", () => {
     });
     expect(bad.status).toBe(422);
     expect(((await bad.json()) as { error: { code: string } }).error.code).toBe("invalid_decision");
+    // Shown one image, the stored one is another (swapped with the edge's credentials): refused, nothing recorded.
+    const target = queue.captures[1] as { id: string };
+    const shown = await sha256Hex(new TextEncoder().encode("the bytes shown"));
+    const swapped = await fetch(`${edge.url}/v1/models/emoji/captures/${target.id}/decision`, {
+      method: "POST",
+      headers: { ...auth(), "content-type": "application/json" },
+      body: JSON.stringify({ action: "accept", label: "food", imageSha256: shown }),
+    });
+    expect([swapped.status, ((await swapped.json()) as { error: { code: string } }).error.code]).toEqual([409, "image_changed"]);
+    expect((await listCaptures(s3.store, "emoji")).find((c) => c.id === target.id)?.decision?.imageSha256).not.toBe(shown);
   });
 
   it("moves accepted captures into the dataset at night, retrains, and serves a version that is better on them", async () => {
@@ -237,7 +249,8 @@ describe("the traffic loop", () => {
     expect(result.submitted.map((s) => s.dataset)).toEqual(["emoji"]);
     // Accepted images are in the dataset with their provenance; the review queue is empty.
     const added: string[] = [];
-    for await (const o of s3.store.list(keys.dataset("emoji"))) if (o.key.includes("/captured-")) added.push(o.key);
+    // (Their applied-markers sit under .edgetune/, the job's own folder: not images.)
+    for await (const o of s3.store.list(keys.dataset("emoji"))) if (o.key.includes("/captured-") && !o.key.includes("/.edgetune/")) added.push(o.key);
     for (const id of reviewed.accepted) expect(added.filter((k) => k.includes(`/train/`) && k.includes(`/captured-${id}.`)).length).toBe(1);
     expect(added.length).toBe(traffic.length - 1);
     const head = await s3.store.head(added[0] as string);

@@ -33,6 +33,28 @@ async function firstImage(dataset: string, label: string): Promise<string> {
   throw new Error(`no image of ${label}`);
 }
 
+/** What the edge writes for one capture of the served `pets` (a dataset image as its image), predicted as `label`. */
+async function putCapture(suffix: string, label: string) {
+  const { version } = (await readPointer(s3.store, "pets")) as { version: string };
+  const day = new Date().toISOString().slice(0, 10);
+  const id = `${day.replaceAll("-", "")}T101500-${suffix}`;
+  const image = (await s3.store.get(`datasets/pets/food/${await firstImage("pets", "food")}`)) as Uint8Array;
+  const imageKey = `captures/pets/images/${day}/${id}.png`;
+  await s3.store.put(imageKey, image);
+  const record = {
+    schemaVersion: 1,
+    id,
+    model: "pets",
+    version,
+    capturedAt: new Date().toISOString(),
+    reason: "low_confidence",
+    predictions: [{ label, score: 0.41 }],
+    image: { key: imageKey, contentType: "image/png", bytes: image.length, width: 96, height: 96, resized: false },
+  };
+  await s3.store.put(`captures/pets/images/${day}/${id}.json`, JSON.stringify(record));
+  return { id, version, day };
+}
+
 async function edgetune(args: string[], script = "jobs/train/cli.ts", env: Record<string, string> = {}) {
   try {
     const { stdout, stderr } = await run(process.execPath, [script, ...args], { env: jobEnvironment(s3.config, env), timeout: 120_000 });
@@ -95,25 +117,7 @@ describe("edgetune, for a person", () => {
     expect((await edgetune(["review", "pets"])).stderr).toContain("Nothing of pets is waiting for review.");
     expect((await edgetune(["monitor", "pets"])).stderr).toContain("No traffic of pets counted in the last 7 days");
     // What the edge writes: a capture and a counter delta.
-    const { version } = (await readPointer(s3.store, "pets")) as { version: string };
-    const day = new Date().toISOString().slice(0, 10);
-    const id = `${day.replaceAll("-", "")}T101500-cli00001`;
-    const image = (await s3.store.get(`datasets/pets/food/${await firstImage("pets", "food")}`)) as Uint8Array;
-    const imageKey = `captures/pets/images/${day}/${id}.png`;
-    await s3.store.put(imageKey, image);
-    await s3.store.put(
-      `captures/pets/images/${day}/${id}.json`,
-      JSON.stringify({
-        schemaVersion: 1,
-        id,
-        model: "pets",
-        version,
-        capturedAt: new Date().toISOString(),
-        reason: "low_confidence",
-        predictions: [{ label: "travel", score: 0.41 }],
-        image: { key: imageKey, contentType: "image/png", bytes: image.length, width: 96, height: 96, resized: false },
-      }),
-    );
+    const { id, version, day } = await putCapture("cli00001", "travel");
     const counters = {
       schemaVersion: 1,
       model: "pets",
@@ -134,6 +138,23 @@ describe("edgetune, for a person", () => {
     // Which drift is named first depends on the tiny model's held-out confidence (the rules are unit-tested in shared/monitor).
     expect(watched.stdout).toMatch(new RegExp(`${day} +40 +100\\.0 % +travel 100% +1 +(low-confidence answers 100\\.0 %|label shift: travel is 100\\.0 %)`));
     expect(watched.stdout).toContain(`Held-out split of ${version}`);
+  });
+
+  it("prints text from captures/ (edge-writable) made safe, and takes a stored label only if the dataset has it", async () => {
+    // A label that would clear the screen and retitle the terminal, in a capture record and a counter delta.
+    const hostile = "\u001b]0;owned\u0007\u001b[2Jfood\u009b";
+    const { id, version, day } = await putCapture("cli00002", hostile);
+    const counters = { schemaVersion: 1, model: "pets", version, from: `${day}T00:02:00.000Z`, to: `${day}T00:03:00.000Z`, requests: 5 };
+    const rest = { labels: { [hostile]: 5 }, confidence: [0, 0, 0, 0, 5, 0, 0, 0, 0, 0], lowConfidence: 5, captured: 1, overCap: 0, failed: 0, optedOut: 0 };
+    await s3.store.put(`captures/pets/counters/${day}/y.json`, JSON.stringify({ ...counters, ...rest }));
+    const shown = [await edgetune(["review", "pets"]), await edgetune(["monitor", "pets"]), await edgetune(["review", "pets", "--accept", id])];
+    const raw = ["\u001b", "\u0007", "\u009b"];
+    for (const r of shown) expect(raw.filter((c) => `${r.stdout}${r.stderr}`.includes(c))).toEqual([]);
+    expect(shown[0]?.stdout).toContain("\\x1b]0;owned\\x07\\x1b[2Jfood\\x9b");
+    // Without --as, the stored label is taken only if it is one of the dataset's: this one is not.
+    expect(shown[2]?.code).toBe(1);
+    expect(shown[2]?.stderr).toContain(`not added: ${id}: its predicted label "\\x1b]0;owned\\x07\\x1b[2Jfood\\x9b" is not a label of dataset pets`);
+    expect(await s3.store.head(`datasets/pets/food/captured-${id}.png`)).toBeNull();
   });
 
   it("rolls back one served version at a time, not back and forth; --to picks any version", async () => {

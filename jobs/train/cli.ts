@@ -20,9 +20,10 @@ import { DEFAULT_OPTIONS, readConfigFile, type TrainInput } from "./src/config.t
 import { createLogger } from "./src/log.ts";
 import { importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
 import { batchSubmitter, dispatchNightly } from "./src/nightly.ts";
-import { emit, emitList, percent } from "./src/output.ts";
+import { emit, emitList, percent, say } from "./src/output.ts";
 import { followRun, listRunStatuses, type RunStatus, StatusRecorder } from "./src/status.ts";
-import { applyDecisions, decide, listCaptures, monitor, parseRate, processTraffic, readCaptureConfig, writeCaptureConfig } from "./src/traffic/traffic.ts";
+import { operatorKeysFromEnv, saveCaptureImages } from "./src/traffic/review.ts";
+import { applyDecisions, listCaptures, monitor, parseRate, processTraffic, readCaptureConfig, reviewNow, writeCaptureConfig } from "./src/traffic/traffic.ts";
 
 const int = (name: string) => (v: string) => {
   const n = Number(v);
@@ -113,6 +114,8 @@ program
     ).choices(["if-better", "always", "never"]),
   )
   .option("--force", "train even if this dataset + config was already trained")
+  .option("--take-over", "train into a model another dataset created: it then belongs to this dataset (its labels may change too)")
+  .option("--relabel", "change the label set of this dataset's model (its clients get the new labels)")
   .option("--config <file>", "JSON file with the same options (flags win)")
   .option("--json", "JSON log lines even on a terminal, and the result as JSON")
   .action(async (o: Record<string, string | number | boolean | undefined>, cmd: Command) => {
@@ -132,6 +135,8 @@ program
       minHeldOutPerLabel: o.minHeldOutPerLabel as number | undefined,
       promote: o.promote as TrainInput["promote"],
       force: o.force === true ? true : undefined,
+      takeOver: o.takeOver === true ? true : undefined,
+      relabel: o.relabel === true ? true : undefined,
       head: {
         ...fromFile.head,
         epochs: o.epochs as number | undefined,
@@ -297,11 +302,12 @@ program
   .option("--base <id>", "base model for this dataset")
   .option("--wait", "follow the training run this push triggers to its end; exit 0 if its version is served, 2 if kept back, 1 if it failed")
   .option("--dry-run", "check the folder with the training job's rules (and decode a sample) without uploading")
+  .option("--drop-captured", "also remove accepted captures (captured-*) from the dataset; by default a push keeps them")
   .option("--json", "the result (and with --wait the run's states) as JSON lines")
   .action(
     async (
       folder: string,
-      o: { dataset: string; strategy?: "head" | "finetune"; base?: string; wait?: boolean; dryRun?: boolean; json?: boolean },
+      o: { dataset: string; strategy?: "head" | "finetune"; base?: string; wait?: boolean; dryRun?: boolean; dropCaptured?: boolean; json?: boolean },
       cmd: Command,
     ) => {
       const log = createLogger();
@@ -309,24 +315,28 @@ program
       const since = new Date().toISOString();
       const r = await pushDataset(store, folder, o.dataset, { strategy: o.strategy, base: o.base }, (d, t) => log.progress("upload", d, t), {
         dryRun: o.dryRun,
+        dropCaptured: o.dropCaptured,
         // The queued record exists before the trigger does: a run that starts at once still finds it.
         beforeManifest: () => new StatusRecorder(store, o.dataset, "queued").update({}, true),
       });
-      for (const w of r.warnings) process.stderr.write(`warning: ${w}\n`);
+      for (const w of r.warnings) say(`warning: ${w}`);
+      // The dataset becomes what the folder holds: say what that takes away.
+      const gone = r.removed.length > 10 ? `${r.removed.slice(0, 10).join(", ")} and ${r.removed.length - 10} more` : r.removed.join(", ");
+      if (r.removed.length > 0) say(`${o.dryRun ? "would remove" : "removed"} ${r.removed.length} file(s) of ${o.dataset} the folder no longer has: ${gone}`);
       const labels = Object.entries(r.labels)
         .map(([l, n]) => `${l} ${n}`)
         .join(", ");
       if (o.dryRun) {
         emit(
           o,
-          { dataset: o.dataset, labels: r.labels, notImages: r.skipped.length, warnings: r.warnings },
+          { dataset: o.dataset, labels: r.labels, notImages: r.skipped.length, warnings: r.warnings, removed: r.removed },
           `${o.dataset}: ${labels} — ready to push (nothing was uploaded).`,
         );
         return;
       }
       emit(
         o,
-        { dataset: o.dataset, uploaded: r.uploaded, notImages: r.skipped.length, state: "queued" },
+        { dataset: o.dataset, uploaded: r.uploaded, removed: r.removed, notImages: r.skipped.length, state: "queued" },
         `Uploaded ${r.uploaded} images of ${o.dataset} (${labels}); training is triggered (the manifest was written last).${o.wait ? "" : ` Follow it: edgetune status ${o.dataset} --follow`}`,
       );
       if (!o.wait) return;
@@ -347,14 +357,14 @@ program
       throw new InvalidOptionError("dataset name", dataset, ["a name of 1–63 characters a-z, 0-9, '.', '_', '-'"]);
     const runs = await listRunStatuses(store, dataset);
     if (!o.follow) {
-      if (runs.length === 0) process.stderr.write(dataset ? `No runs of ${dataset} yet (runs are kept 30 days).\n` : "No runs yet.\n");
-      for (const s of runs) process.stdout.write(`${o.json ? JSON.stringify(s) : describeRun(s)}\n`);
+      if (runs.length === 0) say(dataset ? `No runs of ${dataset} yet (runs are kept 30 days).` : "No runs yet.");
+      for (const s of runs) emit(o, s, describeRun(s));
       return;
     }
     if (!dataset) throw new EdgetuneError("invalid_option", "--follow needs a dataset: edgetune status <dataset> --follow");
     const newest = runs[0];
     if (!newest) throw new EdgetuneError("not_found", `No runs of ${dataset} yet; push it, or wait for the trigger.`);
-    const final = await followRun(store, dataset, newest.startedAt, (s) => process.stdout.write(`${o.json ? JSON.stringify(s) : describeRun(s)}\n`));
+    const final = await followRun(store, dataset, newest.startedAt, (s) => emit(o, s, describeRun(s)));
     if (final) process.exitCode = exitCodeOf(final);
   });
 
@@ -413,11 +423,12 @@ program
 program
   .command("review <model>")
   .description("The inputs the edge captured for review; accept (into the dataset, under the predicted or a corrected label) or discard them")
-  .option("--accept <ids>", "comma-separated capture ids to add to the dataset")
+  .option("--accept <ids>", "comma-separated capture ids (or <id>@<sha256> from --save) to add to the dataset")
   .option("--as <label>", "with --accept: the true label (default: the predicted one)")
   .option("--discard <ids>", "comma-separated capture ids to drop")
+  .option("--save <dir>", "save the images waiting for review into <dir>, named <id>@<sha256>; --accept <id>@<sha256> then adds exactly those bytes")
   .option("--json", "one JSON object per capture, or the applied decisions")
-  .action(async (model: string, o: { accept?: string; as?: string; discard?: string; json?: boolean }, cmd: Command) => {
+  .action(async (model: string, o: { accept?: string; as?: string; discard?: string; save?: string; json?: boolean }, cmd: Command) => {
     const store = storeFrom(cmd.optsWithGlobals());
     const ids = (list?: string) =>
       (list ?? "")
@@ -425,6 +436,11 @@ program
         .map((x) => x.trim())
         .filter(Boolean);
     if (o.as && !o.accept) throw new InvalidArgumentError("--as goes with --accept.");
+    if (o.save) {
+      const saved = await saveCaptureImages(store, model, o.save);
+      emitList(o, saved, `Nothing of ${model} is waiting for review.`, ["ID", "FILE"], (f) => [f.id, f.file]);
+      return;
+    }
     if (!o.accept && !o.discard) {
       const pending = await listCaptures(store, model);
       emitList(
@@ -444,13 +460,19 @@ program
       );
       return;
     }
-    const mine = new Set<string>();
-    for (const id of ids(o.accept)) mine.add((await decide(store, model, id, "accept", o.as)).id);
-    for (const id of ids(o.discard)) mine.add((await decide(store, model, id, "discard")).id);
-    // The CLI applies its own decisions at once (it has the job's rights); the console's are applied by
-    // the nightly run, or here too when EDGETUNE_CONSOLE_KEYS lets their signatures be checked.
-    const r = await applyDecisions(store, model, createLogger(), { trusted: mine });
-    for (const f of r.refused) process.stderr.write(`not added: ${f.id}: ${f.reason}\n`);
+    // Made here, bound to the bytes shown, applied from memory (traffic/review.ts). Console decisions are
+    // applied by the nightly run, or here too when EDGETUNE_CONSOLE_KEYS lets their signatures be checked.
+    const log = createLogger();
+    const r = await reviewNow(store, model, { accept: ids(o.accept), discard: ids(o.discard), as: o.as }, log);
+    if (operatorKeysFromEnv().length > 0) {
+      const signed = await applyDecisions(store, model, log);
+      r.accepted.push(...signed.accepted);
+      r.discarded.push(...signed.discarded);
+      r.refused.push(...signed.refused);
+    }
+    // Each label said: without --as it came from the capture's record, which the edge may rewrite.
+    if (!o.json) for (const a of r.accepted) say(`added: ${a.id} as ${a.key.split("/").at(-2)} (${a.key})`);
+    for (const f of r.refused) say(`not added: ${f.id}: ${f.reason}`);
     emit(
       o,
       r,
@@ -493,8 +515,10 @@ program
       ],
     );
     if (ref) {
-      process.stdout.write(
-        `Held-out split of ${ref.version} (${ref.evaluatedOn} images): under ${s.threshold} ${ref.lowConfidence === null ? "not recorded" : percent(ref.lowConfidence)}; predicted ${share(Object.fromEntries(Object.entries(ref.labels).map(([l, v]) => [l, v * 100])), 100)}.\n`,
+      emit(
+        o,
+        null,
+        `Held-out split of ${ref.version} (${ref.evaluatedOn} images): under ${s.threshold} ${ref.lowConfidence === null ? "not recorded" : percent(ref.lowConfidence)}; predicted ${share(Object.fromEntries(Object.entries(ref.labels).map(([l, v]) => [l, v * 100])), 100)}.`,
       );
     }
   });
@@ -556,8 +580,15 @@ program
   .option("--to <version>", "version to serve")
   .option("--json", "the new pointer (current.json) as JSON")
   .action(async (name: string, o: { to?: string; json?: boolean }, cmd: Command) => {
-    const p = await rollback(storeFrom(cmd.optsWithGlobals()), name, o.to);
-    emit(o, p, `${name} now serves ${p.version} (was ${p.previous}); the edge picks it up within POINTER_TTL_SECONDS.`);
+    const { pointer: p, changed, duringRun } = await rollback(storeFrom(cmd.optsWithGlobals()), name, o.to);
+    emit(
+      o,
+      { ...p, changed },
+      changed
+        ? `${name} now serves ${p.version} (was ${p.previous}); the edge picks it up within POINTER_TTL_SECONDS.`
+        : `${name} already serves ${p.version}; nothing changed.`,
+    );
+    if (changed && duringRun) say(`A training run of ${name} is in progress: it will not undo this rollback (it ends not promoted).`);
   });
 
 /** The served version of a model, for people. */
@@ -608,7 +639,7 @@ program
     const out = o.out ?? `${model}-${chosen}-report.html`;
     await writeFile(out, bytes);
     process.stdout.write(`${out}\n`);
-    process.stderr.write(`Report of ${model} ${chosen} (s3://${s3ConfigFromEnv(process.env).bucket}/${key}) saved to ${out}; open it in a browser.\n`);
+    say(`Report of ${model} ${chosen} (s3://${s3ConfigFromEnv(process.env).bucket}/${key}) saved to ${out}; open it in a browser.`);
   });
 
 program
@@ -637,11 +668,11 @@ program
       });
       const body = (await res.json()) as { predictions?: { label: string; score: number }[]; error?: { message: string } };
       if (!res.ok) failed++;
-      if (o.json) process.stdout.write(`${JSON.stringify({ file, status: res.status, ...body })}\n`);
-      else
-        process.stdout.write(
-          `${file}: ${res.ok ? (body.predictions ?? []).map((p) => `${p.label} ${(p.score * 100).toFixed(1)} %`).join(", ") : `HTTP ${res.status}: ${body.error?.message ?? ""}`}\n`,
-        );
+      emit(
+        o,
+        { file, status: res.status, ...body },
+        `${file}: ${res.ok ? (body.predictions ?? []).map((p) => `${p.label} ${(p.score * 100).toFixed(1)} %`).join(", ") : `HTTP ${res.status}: ${body.error?.message ?? ""}`}`,
+      );
     }
     if (failed > 0) process.exitCode = 1;
   });
@@ -653,7 +684,7 @@ function clean<T>(o: T): T {
 try {
   await program.parseAsync(process.argv);
 } catch (e) {
-  process.stderr.write(`edgetune: ${e instanceof InvalidOptionError ? e.message : userMessage(e)}\n`);
+  say(`edgetune: ${e instanceof InvalidOptionError ? e.message : userMessage(e)}`);
   if (process.env.EDGETUNE_DEBUG) console.error(e);
   process.exitCode = 1;
 }

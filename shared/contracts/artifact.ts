@@ -94,6 +94,11 @@ export const pointerSchema = z.object({
   reason: z.string(),
   /** The versions served before this one, newest first (what `rollback` walks back through). */
   history: z.array(versionSchema).max(50).optional(),
+  /**
+   * The dataset the model belongs to (the one that created it, or took it over by an operator's explicit
+   * act: `edgetune train --take-over`). Pointers written before it existed: the served version's dataset.
+   */
+  dataset: nameSchema.optional(),
 });
 export type ModelPointer = z.output<typeof pointerSchema>;
 

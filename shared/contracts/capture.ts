@@ -1,7 +1,7 @@
 import { z } from "zod";
 import { captureDayOf, isCaptureKey, keys } from "../keys.ts";
 import { nameSchema, versionSchema } from "./common.ts";
-import { labelSchema } from "./dataset.ts";
+import { labelSchema, newLabelSchema } from "./dataset.ts";
 import { tryParseContractJson } from "./parse.ts";
 
 /**
@@ -52,7 +52,7 @@ export const captureRecordSchema = z.object({
   capturedAt: z.iso.datetime(),
   reason: z.enum(CAPTURE_REASONS),
   /** The model's answer, best first (at most 5). */
-  predictions: z.array(z.object({ label: z.string(), score: z.number() })).min(1),
+  predictions: z.array(z.object({ label: labelSchema, score: z.number() })).min(1),
   image: z.object({
     key: z.string(),
     contentType: z.enum(["image/jpeg", "image/png", "image/webp", "image/gif"]),
@@ -88,11 +88,11 @@ export const captureDecisionSchema = z
     schemaVersion: z.literal(1).default(1),
     id: captureIdSchema,
     action: z.enum(["accept", "discard"]),
-    /** Required to accept: the true label (the predicted one, or a correction). */
-    label: labelSchema.optional(),
+    /** Required to accept: the true label (the predicted one, or a correction), a safe new label. */
+    label: newLabelSchema.optional(),
     decidedAt: z.iso.datetime(),
     by: z.enum(["console", "cli"]),
-    /** sha256 of the image the reviewer saw: the job adds exactly those bytes, or nothing. */
+    /** sha256 of the image the reviewer saw (the console's page hashes what it displayed; the CLI what it read): the job adds exactly those bytes, or nothing. */
     imageSha256: z
       .string()
       .regex(/^[0-9a-f]{64}$/)

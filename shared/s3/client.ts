@@ -85,6 +85,19 @@ export class S3ObjectStore implements ObjectStore {
     }
   }
 
+  async putIfMatch(key: string, body: Uint8Array | string, etag: string, contentType?: string): Promise<boolean> {
+    try {
+      await this.client.send(
+        new PutObjectCommand({ Bucket: this.bucket, Key: key, Body: body, ContentType: contentType ?? guessContentType(key), IfMatch: etag }),
+      );
+      return true;
+    } catch (e) {
+      // 412: another writer changed it; 404: it was deleted; 409: a concurrent conditional write won.
+      if (isStatus(e, 412) || isStatus(e, 404) || isStatus(e, 409)) return false;
+      throw new StorageError("PUT", key, e);
+    }
+  }
+
   async head(key: string): Promise<{ etag: string; size: number; metadata?: Record<string, string> } | null> {
     try {
       const res = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: key }));

@@ -12,6 +12,8 @@ export interface ObjectStore extends ObjectReader {
   put(key: string, body: Uint8Array | string, contentType?: string, metadata?: Record<string, string>): Promise<{ etag: string }>;
   /** Writes only if the key does not exist yet; returns false if it did (S3 `If-None-Match: *`). */
   putIfAbsent(key: string, body: Uint8Array | string, contentType?: string): Promise<boolean>;
+  /** Writes only if the key still has ETag `etag` (S3 `If-Match`): a compare-and-swap; false if it changed or is gone. */
+  putIfMatch(key: string, body: Uint8Array | string, etag: string, contentType?: string): Promise<boolean>;
   head(key: string): Promise<{ etag: string; size: number; metadata?: Record<string, string> } | null>;
   /** Every key under `prefix`, in lexical order, with its ETag, size and (where the server says) last write. */
   list(prefix: string): AsyncIterable<{ key: string; etag: string; size: number; modified?: string }>;

@@ -45,7 +45,11 @@ async function api(path, init = {}) {
 async function apiImage(path) {
   const res = await fetch(path, { headers: { authorization: `Bearer ${sessionStorage.getItem(KEY)}` } });
   if (!res.ok) throw new ApiFailure(res.status, "image_unavailable", `The image could not be loaded (HTTP ${res.status}).`);
-  return URL.createObjectURL(await res.blob());
+  const blob = await res.blob();
+  // The sha256 of exactly the bytes displayed: a review decision is bound to them (the worker signs it,
+  // the nightly job adds only bytes with that hash), so an image swapped after it was shown is refused.
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", await blob.arrayBuffer()));
+  return { url: URL.createObjectURL(blob), sha256: Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("") };
 }
 
 /**
@@ -262,10 +266,12 @@ async function reviewPage(show, name) {
   const cards = queue.captures.map((c) => {
     const top = c.predictions[0];
     const img = el("img", { alt: `capture ${c.id}` });
+    let shown; // the sha256 of the image displayed; an accept waits for it
     apiImage(`/v1/models/${encodeURIComponent(name)}/captures/${encodeURIComponent(c.id)}/image`)
-      .then((url) => {
+      .then(({ url, sha256 }) => {
         img.addEventListener("load", () => URL.revokeObjectURL(url), { once: true });
         img.src = url;
+        shown = sha256;
       })
       .catch((e) => img.replaceWith(el("p", { class: "error" }, e.message)));
     const select = el(
@@ -276,7 +282,8 @@ async function reviewPage(show, name) {
     const outcome = el("p", { class: "muted outcome" });
     const decide = async (action) => {
       try {
-        const body = action === "accept" ? { action, label: select.value } : { action };
+        if (action === "accept" && !shown) throw new Error("The image has not been shown yet; wait for it, then accept.");
+        const body = { action, ...(action === "accept" ? { label: select.value } : {}), ...(shown ? { imageSha256: shown } : {}) };
         const r = await api(`/v1/models/${encodeURIComponent(name)}/captures/${encodeURIComponent(c.id)}/decision`, {
           method: "POST",
           headers: { "content-type": "application/json" },

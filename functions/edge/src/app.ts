@@ -319,11 +319,19 @@ app.openapi(decisionRoute, async (c) => {
   const body = c.req.valid("json");
   const store = captureStoreFor(c.env);
   const record = await readCaptureRecord(store, name, id);
-  // The decision names the exact bytes the reviewer saw: a later swap of the image does not reach the dataset.
+  // The decision is bound to the bytes the reviewer was shown (the page hashes what it displayed), not to
+  // what is stored now: an image swapped in between is refused here, and one swapped later by the job.
   const image = await store.get(record.image.key);
   if (!image) throw new ApiError(404, "capture_not_found", `Capture ${id} has no stored image.`);
-  const imageSha256 = await sha256Hex(image.bytes);
-  const unsigned = { id, action: body.action, label: body.action === "accept" ? body.label : undefined, decidedAt: new Date().toISOString(), imageSha256 };
+  if (body.imageSha256 !== undefined && (await sha256Hex(image.bytes)) !== body.imageSha256)
+    throw new ApiError(409, "image_changed", `The image of capture ${id} is not the one you were shown; reload the review page and decide again.`);
+  const unsigned = {
+    id,
+    action: body.action,
+    label: body.action === "accept" ? body.label : undefined,
+    decidedAt: new Date().toISOString(),
+    imageSha256: body.imageSha256,
+  };
   // Signed with the operator's own key (consoleAuth checked it): the job verifies it with the operators' keys.
   const operatorKey = (c.req.header("authorization") ?? "").replace(/^Bearer\s+/i, "");
   const signature = await hmacSha256Hex(operatorKey, decisionMessage(name, unsigned));

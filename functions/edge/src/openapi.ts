@@ -1,8 +1,8 @@
 import { createRoute, type OpenAPIHono, z } from "@hono/zod-openapi";
 import { artifactMetadataSchema, metricsSchema } from "../../../shared/contracts/artifact.ts";
 import { captureConfigSchema, captureIdSchema, captureRecordSchema } from "../../../shared/contracts/capture.ts";
-import { nameSchema } from "../../../shared/contracts/common.ts";
-import { labelSchema } from "../../../shared/contracts/dataset.ts";
+import { nameSchema, sha256Schema } from "../../../shared/contracts/common.ts";
+import { newLabelSchema } from "../../../shared/contracts/dataset.ts";
 import { monitorSummarySchema } from "../../../shared/monitor.ts";
 import { RAW_TYPES } from "./http/body.ts";
 
@@ -232,8 +232,17 @@ export const captureImageRoute = createRoute({
 });
 
 export const decisionBodySchema = z
-  .object({ action: z.enum(["accept", "discard"]), label: labelSchema.optional() })
-  .refine((d) => d.action === "discard" || d.label !== undefined, { message: "an accepted capture needs its label", path: ["label"] });
+  .object({
+    action: z.enum(["accept", "discard"]),
+    label: newLabelSchema.optional(),
+    /** sha256 (hex) of the image bytes the reviewer was shown, computed by the page: what the decision is bound to. */
+    imageSha256: sha256Schema.optional(),
+  })
+  .refine((d) => d.action === "discard" || d.label !== undefined, { message: "an accepted capture needs its label", path: ["label"] })
+  .refine((d) => d.action === "discard" || d.imageSha256 !== undefined, {
+    message: "an accepted capture needs the sha256 of the image shown",
+    path: ["imageSha256"],
+  });
 
 export const decisionRoute = createRoute({
   method: "post",
@@ -247,6 +256,7 @@ export const decisionRoute = createRoute({
     },
     ...consoleErrors,
     404: errorResponse("No such capture"),
+    409: errorResponse("The stored image is not the one the reviewer was shown"),
     422: errorResponse("Invalid decision"),
   },
 });

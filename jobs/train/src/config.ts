@@ -69,6 +69,13 @@ export const trainOptionsSchema = z.object({
   promote: z.enum(["if-better", "always", "never"]).default("if-better"),
   /** Train even if this exact version exists. */
   force: z.boolean().default(false),
+  /**
+   * An operator's explicit act (flags only; a manifest cannot set them, release/ownership.ts): train this
+   * dataset into a model another dataset created, which then belongs to this one (`takeOver`, which
+   * may change its labels too); or change the label set of this dataset's own model (`relabel`).
+   */
+  takeOver: z.boolean().default(false),
+  relabel: z.boolean().default(false),
 });
 export type TrainOptions = z.output<typeof trainOptionsSchema>;
 export type TrainInput = z.input<typeof trainOptionsSchema>;
@@ -108,7 +115,16 @@ export const TRAINER_VERSION = 3;
  */
 export async function versionId(options: TrainOptions, datasetFingerprint: string, baseSha256: string): Promise<string> {
   // Promotion policy does not shape the model: a changed policy finds the version already trained.
-  const { force: _force, promotionTolerance: _tol, minHeldOutPerLabel: _min, promote: _promote, dataset: _dataset, ...shaping } = options;
+  const {
+    force: _force,
+    promotionTolerance: _tol,
+    minHeldOutPerLabel: _min,
+    promote: _promote,
+    dataset: _dataset,
+    takeOver: _takeOver,
+    relabel: _relabel,
+    ...shaping
+  } = options;
   return `v${(await sha256Hex(JSON.stringify({ TRAINER_VERSION, shaping, datasetFingerprint, baseSha256 }))).slice(0, 12)}`;
 }
 

@@ -89,6 +89,7 @@ describe("extractFeatures", () => {
       listFolders: (p) => real.listFolders(p),
       delete: (k) => real.delete(k),
       putIfAbsent: (k, b, t) => real.putIfAbsent(k, b, t),
+      putIfMatch: (k, b, e, t) => real.putIfMatch(k, b, e, t),
       put: async (key, body, type) => {
         if (key.startsWith("cache/embeddings/") && ++puts === 2) throw new Error("S3 is down");
         return real.put(key, body, type);

@@ -1,32 +1,25 @@
-import { timingSafeEqual } from "node:crypto";
 import { z } from "zod";
 import { readMetadata, readPointer, readVerifiedFile } from "../../../../shared/artifacts.ts";
 import { listModels } from "../../../../shared/catalog.ts";
-import { ARTIFACT_FILES, type ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
+import { ARTIFACT_FILES } from "../../../../shared/contracts/artifact.ts";
 import {
   CAPTURE_OFF,
   type CaptureConfig,
-  type CaptureDecision,
-  type CaptureRecord,
   type Counters,
   captureConfigSchema,
-  captureDecisionSchema,
-  captureIdSchema,
-  decisionMessage,
   mergeCounters,
   noCounts,
-  parseCaptureRecord,
   withinDeltaCaps,
 } from "../../../../shared/contracts/capture.ts";
-import { classifyDatasetKeys } from "../../../../shared/contracts/dataset.ts";
 import { parseContract, tryParseContractJson } from "../../../../shared/contracts/parse.ts";
-import { DatasetError, InvalidOptionError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
-import { hmacSha256Hex, sha256Hex } from "../../../../shared/hash.ts";
+import { InvalidOptionError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
 import { keys } from "../../../../shared/keys.ts";
 import { type MonitorSummary, parseCounters, referenceOf, summarize } from "../../../../shared/monitor.ts";
 import { getText, type ObjectStore } from "../../../../shared/s3/store.ts";
-import { decodeImage } from "../dataset/decode.ts";
 import type { Logger } from "../log.ts";
+import { type ApplyResult, applyDecisions, operatorKeysFromEnv, servedMetadata } from "./review.ts";
+
+export { type ApplyResult, applyDecisions, listCaptures, type PendingCapture, reviewNow } from "./review.ts";
 
 /**
  * The job's half of the traffic loop (shared/contracts/capture.ts): capture settings, the review queue,
@@ -46,189 +39,6 @@ export async function writeCaptureConfig(store: ObjectStore, model: string, chan
   const config = parseContract(captureConfigSchema, { ...(await readCaptureConfig(store, model)), ...changes }, "capture settings");
   await store.put(keys.captureConfig(model), `${JSON.stringify(config, null, 2)}\n`, "application/json");
   return config;
-}
-
-export interface PendingCapture extends CaptureRecord {
-  decision: CaptureDecision | null;
-}
-
-/** A capture record or decision is under 2 KB; a larger file under captures/ was not written by the edge or the console. */
-const MAX_CAPTURE_JSON_BYTES = 16 * 1024;
-
-/** Every capture of `model` not applied yet, oldest first, with its decision if one was recorded (files over MAX_CAPTURE_JSON_BYTES skipped by their listed size). */
-export async function listCaptures(store: ObjectStore, model: string): Promise<PendingCapture[]> {
-  const decisions = new Map<string, CaptureDecision>();
-  for await (const o of store.list(keys.captureDecisions(model))) {
-    if (o.size > MAX_CAPTURE_JSON_BYTES) continue; // not the edge's or the console's: never downloaded
-    const bytes = await store.get(o.key);
-    const parsed = bytes === null ? null : tryParseContractJson(captureDecisionSchema, bytes);
-    // A decision counts under the name it is filed as (that key is what is deleted once it is applied).
-    if (parsed?.success && o.key === keys.captureDecision(model, parsed.data.id)) decisions.set(parsed.data.id, parsed.data);
-  }
-  const out: PendingCapture[] = [];
-  for await (const o of store.list(keys.captureImages(model))) {
-    if (!o.key.endsWith(".json") || o.size > MAX_CAPTURE_JSON_BYTES) continue;
-    const bytes = await store.get(o.key);
-    const record = bytes ? parseCaptureRecord(model, bytes) : null;
-    // A record must sit where its id says (the review deletes that key after applying it).
-    if (record && o.key === keys.captureRecord(model, record.id)) {
-      out.push({ ...record, decision: decisions.get(record.id) ?? null });
-    }
-  }
-  return out;
-}
-
-/** Records a decision (the CLI's; the console records its own through the worker). */
-export async function decide(store: ObjectStore, model: string, id: string, action: "accept" | "discard", label?: string): Promise<CaptureDecision> {
-  const bytes = captureIdSchema.safeParse(id).success ? await store.get(keys.captureRecord(model, id)) : null;
-  const pending = bytes ? parseCaptureRecord(model, bytes) : null;
-  if (!pending || pending.id !== id) throw new NotFoundError(`Model ${model} has no capture ${id} waiting for review (see edgetune review ${model}).`);
-  const decision = parseContract(
-    captureDecisionSchema,
-    { id, action, label: action === "accept" ? (label ?? pending.predictions[0]?.label) : undefined, decidedAt: new Date().toISOString(), by: "cli" },
-    "decision",
-  );
-  await store.put(keys.captureDecision(model, id), JSON.stringify(decision), "application/json");
-  return decision;
-}
-
-export interface ApplyResult {
-  accepted: { id: string; key: string }[];
-  discarded: string[];
-  refused: { id: string; reason: string }[];
-  /** Decisions not signed by a current operator key: not applied, sent back to the review queue. */
-  unverified: string[];
-}
-
-/** The operators' console keys, which console decisions must be signed with (EDGETUNE_CONSOLE_KEYS; in AWS from Secrets Manager). */
-export function operatorKeysFromEnv(env: NodeJS.ProcessEnv = process.env): string[] {
-  return (env.EDGETUNE_CONSOLE_KEYS ?? "")
-    .split(",")
-    .map((k) => k.trim())
-    .filter(Boolean);
-}
-
-/** True when the decision's signature was made with one of `operatorKeys` (see contracts/capture.ts; the worker signs with the same `hmacSha256Hex`). */
-export async function signedByOperator(model: string, decision: CaptureDecision, operatorKeys: readonly string[]): Promise<boolean> {
-  if (!decision.signature) return false;
-  const presented = Buffer.from(decision.signature, "hex");
-  let ok = false;
-  for (const k of operatorKeys) {
-    const expected = Buffer.from(await hmacSha256Hex(k, decisionMessage(model, decision)), "hex");
-    if (expected.length === presented.length && timingSafeEqual(expected, presented)) ok = true;
-  }
-  return ok;
-}
-
-/**
- * Applies every recorded decision of `model`: an accepted capture is checked as an upload is (a label the
- * dataset has, an image the job decodes) and copied into the served version's dataset as
- * `<label>/captured-<id>.<ext>` (under `train/` in a dataset with splits), its provenance in the object's
- * metadata; then the capture, its image and its decision are deleted. Discards are deleted. A refused
- * accept goes back to the review queue with the reason (in its record), its decision removed. The
- * dataset's manifest is not rewritten: the next nightly run sees the new images (its version fingerprint
- * covers the listing) and trains on them.
- *
- * Only decisions the caller made itself (`trusted`: the CLI's, in this process) or signed with an
- * operator's key (the console's) are applied: anything else under decisions/ could have been written with
- * the edge's S3 credentials, which may write there.
- */
-export async function applyDecisions(
-  store: ObjectStore,
-  model: string,
-  log: Logger,
-  options: { operatorKeys?: readonly string[]; trusted?: ReadonlySet<string> } = {},
-): Promise<ApplyResult> {
-  const result: ApplyResult = { accepted: [], discarded: [], refused: [], unverified: [] };
-  const operatorKeys = options.operatorKeys ?? operatorKeysFromEnv();
-  /** Back to the review queue, saying why, its decision removed. */
-  const sendBack = async (capture: PendingCapture, reason: string) => {
-    const { decision: _, ...record } = capture;
-    await store.put(
-      keys.captureRecord(model, capture.id),
-      JSON.stringify({ ...record, refused: { reason, at: new Date().toISOString() } }),
-      "application/json",
-    );
-    await store.delete([keys.captureDecision(model, capture.id)]);
-  };
-  const decided: PendingCapture[] = [];
-  for (const c of await listCaptures(store, model)) {
-    if (!c.decision) continue;
-    const trusted = options.trusted?.has(c.id) === true;
-    if (trusted || (c.decision.imageSha256 && (await signedByOperator(model, c.decision, operatorKeys)))) {
-      decided.push(c);
-      continue;
-    }
-    // Written with S3 access alone, or signed with a key that is no longer an operator's: not applied.
-    result.unverified.push(c.id);
-    log.warn(`the decision on capture ${c.id} of ${model} is not signed by an operator key (CONSOLE_API_KEYS): not applied, back in the queue`);
-    await sendBack(c, "the decision was not signed by a current operator key; decide again").catch((e) => log.warn(`capture ${c.id}: ${userMessage(e)}`));
-  }
-  if (decided.length === 0) return result;
-  const served = await servedMetadata(store, model);
-  const dataset = served.dataset.name;
-  const layout = await datasetLayout(store, dataset);
-  for (const capture of decided) {
-    const decision = capture.decision as CaptureDecision;
-    const captureKeys = [capture.image.key, keys.captureRecord(model, capture.id), keys.captureDecision(model, capture.id)];
-    const cleanUp = () =>
-      store.delete(captureKeys).catch((e) => log.warn(`capture ${capture.id}: applied, but not cleaned up (${userMessage(e)}); the lifecycle rule will`));
-    if (decision.action === "discard") {
-      await cleanUp();
-      result.discarded.push(capture.id);
-      continue;
-    }
-    let key: string;
-    try {
-      const label = decision.label as string;
-      if (!layout.labels.has(label)) {
-        throw new DatasetError(
-          `label ${label} is not one of dataset ${dataset}'s labels (${[...layout.labels].sort().join(", ")}); push new labels with edgetune push`,
-        );
-      }
-      const bytes = await store.get(capture.image.key);
-      if (!bytes) throw new NotFoundError(`its image ${capture.image.key} is gone (expired?)`);
-      if (decision.imageSha256 && (await sha256Hex(bytes)) !== decision.imageSha256) {
-        throw new DatasetError("its image changed after it was reviewed; review it again");
-      }
-      await decodeImage(bytes);
-      const ext = capture.image.contentType.split("/")[1] === "jpeg" ? "jpg" : (capture.image.contentType.split("/")[1] as string);
-      key = `${keys.dataset(dataset)}${layout.split ? "train/" : ""}${label}/captured-${capture.id}.${ext}`;
-      // A decision applied before (and replayed) adds nothing: one capture, one dataset image.
-      if (!(await store.head(key))) {
-        await store.put(key, bytes, capture.image.contentType, {
-          "edgetune-captured-from": `${model}@${capture.version}`,
-          "edgetune-captured-at": capture.capturedAt,
-          "edgetune-predicted": `${capture.predictions[0]?.label}:${capture.predictions[0]?.score.toFixed(4)}`,
-          "edgetune-reviewed": `${decision.by} ${decision.decidedAt}`,
-        });
-      }
-    } catch (e) {
-      result.refused.push({ id: capture.id, reason: userMessage(e) });
-      log.warn(`capture ${capture.id} of ${model} was not added: ${userMessage(e)}`);
-      await sendBack(capture, userMessage(e)).catch((err) => log.warn(`capture ${capture.id}: ${userMessage(err)}`));
-      continue;
-    }
-    // In the dataset now: a failed clean-up does not undo that.
-    await cleanUp();
-    result.accepted.push({ id: capture.id, key });
-    log.info(`capture ${capture.id} of ${model} added to dataset ${dataset} as ${decision.label}`);
-  }
-  return result;
-}
-
-async function servedMetadata(store: ObjectStore, model: string): Promise<ArtifactMetadata> {
-  const pointer = await readPointer(store, model);
-  if (!pointer) throw new NotFoundError(`Model ${model} has no served version.`);
-  return readMetadata(store, model, pointer.version);
-}
-
-async function datasetLayout(store: ObjectStore, dataset: string): Promise<{ split: boolean; labels: Set<string> }> {
-  const rel: string[] = [];
-  for await (const o of store.list(keys.dataset(dataset))) rel.push(o.key.slice(keys.dataset(dataset).length));
-  if (rel.length === 0) throw new NotFoundError(`Dataset ${dataset} is gone: accepted captures have nowhere to go.`);
-  const { layout, entries } = classifyDatasetKeys(rel);
-  return { split: layout === "split", labels: new Set(entries.flatMap((e) => (e.kind === "image" ? [e.label] : []))) };
 }
 
 /** Counter deltas older than this many days are rolled up into one file per day by the nightly job. */
