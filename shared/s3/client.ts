@@ -12,7 +12,7 @@ import {
 } from "@aws-sdk/client-s3";
 import { EdgetuneError } from "../errors.ts";
 import type { S3Config } from "./config.ts";
-import type { ObjectStore } from "./store.ts";
+import { type ObjectStore, ObjectTooLargeError } from "./store.ts";
 
 /** An S3 failure that survived the SDK's retries (network down, access denied, bucket missing). */
 export class StorageError extends EdgetuneError {
@@ -49,13 +49,27 @@ export class S3ObjectStore implements ObjectStore {
     this.bucket = config.bucket;
   }
 
-  async get(key: string): Promise<Uint8Array | null> {
+  async get(key: string, options: { maxBytes?: number } = {}): Promise<Uint8Array | null> {
+    const { maxBytes } = options;
+    // Capped: ask for one byte more than allowed, so an object replaced by a larger one after it was
+    // listed is refused without being downloaded (S3 answers the first maxBytes + 1 bytes at most).
+    const range = maxBytes === undefined ? undefined : `bytes=0-${maxBytes}`;
     try {
-      const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: key }));
+      const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: key, Range: range }));
+      if (maxBytes !== undefined && totalOf(res.ContentRange, res.ContentLength) > maxBytes) {
+        await res.Body?.transformToWebStream().cancel();
+        throw new ObjectTooLargeError(key, maxBytes);
+      }
       if (!res.Body) return new Uint8Array();
-      return await res.Body.transformToByteArray();
+      const bytes = await res.Body.transformToByteArray();
+      // A server that ignored the Range header sent everything: still refused, if no longer unread.
+      if (maxBytes !== undefined && bytes.length > maxBytes) throw new ObjectTooLargeError(key, maxBytes);
+      return bytes;
     } catch (e) {
+      if (e instanceof ObjectTooLargeError) throw e;
       if (e instanceof NoSuchKey || isStatus(e, 404)) return null;
+      // 416: a range of an empty object.
+      if (range !== undefined && isStatus(e, 416)) return new Uint8Array();
       throw new StorageError("GET", key, e);
     }
   }
@@ -154,6 +168,12 @@ export class S3ObjectStore implements ObjectStore {
       if (failed.length > 0) throw new StorageError("DELETE", failed[0]?.Key ?? "", new Error(`${failed.length} key(s) not deleted (${failed[0]?.Code})`));
     }
   }
+}
+
+/** An object's whole size from a ranged answer ("bytes 0-99/5000"), else the length of what was sent. */
+function totalOf(contentRange: string | undefined, contentLength: number | undefined): number {
+  const total = contentRange?.match(/\/(\d+)$/)?.[1];
+  return total === undefined ? (contentLength ?? 0) : Number(total);
 }
 
 function isStatus(e: unknown, status: number): boolean {

@@ -1,10 +1,23 @@
+import { EdgetuneError } from "../errors.ts";
+
 /**
  * The narrow view of object storage that the contracts need. The training job implements it with
  * `@aws-sdk/client-s3` (`shared/s3/client.ts`), the edge worker with signed `fetch` (aws4fetch).
  */
 export interface ObjectReader {
-  /** The object's bytes, or null if there is no such key. */
-  get(key: string): Promise<Uint8Array | null>;
+  /**
+   * The object's bytes, or null if there is no such key. `maxBytes`: never hold more than that — a larger
+   * object is refused with `ObjectTooLargeError` while it is read (a size from a listing or a HEAD may be
+   * stale by then: whoever may write the key can replace it in between).
+   */
+  get(key: string, options?: { maxBytes?: number }): Promise<Uint8Array | null>;
+}
+
+/** An object larger than its reader allows (under captures/: forged, or not the edge's). */
+export class ObjectTooLargeError extends EdgetuneError {
+  constructor(key: string, maxBytes: number) {
+    super("object_too_large", `${key} is larger than the ${maxBytes} bytes allowed for it; it was not read`);
+  }
 }
 
 export interface ObjectStore extends ObjectReader {

@@ -13,7 +13,7 @@ export function aroundWrites(real: ObjectStore, hooks: { before?: (key: string) 
     return done;
   };
   return {
-    get: (k) => real.get(k),
+    get: (k, o) => real.get(k, o),
     head: (k) => real.head(k),
     list: (p) => real.list(p),
     listFolders: (p) => real.listFolders(p),

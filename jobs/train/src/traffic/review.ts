@@ -16,7 +16,7 @@ import { parseContract, tryParseContractJson } from "../../../../shared/contract
 import { DatasetError, InvalidOptionError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
 import { hmacSha256Hex, sha256Hex } from "../../../../shared/hash.ts";
 import { keys } from "../../../../shared/keys.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { type ObjectStore, ObjectTooLargeError } from "../../../../shared/s3/store.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import type { Logger } from "../log.ts";
 
@@ -45,10 +45,20 @@ const MAX_IMAGE_BYTES = 32 * 1024 * 1024;
 
 /** A capture's image, unless it is gone or larger than any capture (null: the caller says which). */
 async function captureImage(store: ObjectStore, capture: CaptureRecord): Promise<Uint8Array | null> {
-  const head = await store.head(capture.image.key);
-  if (!head) return null;
-  if (head.size > MAX_IMAGE_BYTES) throw new DatasetError(`its image is ${head.size} bytes, larger than any capture; it is not read`);
-  return store.get(capture.image.key);
+  try {
+    return await store.get(capture.image.key, { maxBytes: MAX_IMAGE_BYTES });
+  } catch (e) {
+    if (e instanceof ObjectTooLargeError) throw new DatasetError(`its image is larger than any capture (${MAX_IMAGE_BYTES} bytes); it is not read`);
+    throw e;
+  }
+}
+
+/** A file under captures/ read within `maxBytes`; null when it is missing or larger (then it is not the edge's). */
+export async function getCapped(store: ObjectStore, key: string, maxBytes: number): Promise<Uint8Array | null> {
+  return store.get(key, { maxBytes }).catch((e: unknown) => {
+    if (e instanceof ObjectTooLargeError) return null;
+    throw e;
+  });
 }
 
 /** Every capture of `model` not applied yet (at most `MAX_PENDING`), oldest first, with its decision if one was recorded. */
@@ -56,7 +66,7 @@ export async function listCaptures(store: ObjectStore, model: string): Promise<P
   const decisions = new Map<string, CaptureDecision>();
   for await (const o of store.list(keys.captureDecisions(model))) {
     if (o.size > MAX_DECISION_BYTES || decisions.size >= MAX_PENDING) continue;
-    const bytes = await store.get(o.key);
+    const bytes = await getCapped(store, o.key, MAX_DECISION_BYTES);
     const parsed = bytes === null ? null : tryParseContractJson(captureDecisionSchema, bytes);
     // A decision counts under the name it is filed as (that key is what is deleted once it is applied).
     if (parsed?.success && o.key === keys.captureDecision(model, parsed.data.id)) decisions.set(parsed.data.id, parsed.data);
@@ -65,7 +75,7 @@ export async function listCaptures(store: ObjectStore, model: string): Promise<P
   for await (const o of store.list(keys.captureImages(model))) {
     if (!o.key.endsWith(".json") || o.size > MAX_RECORD_BYTES) continue;
     if (out.length >= MAX_PENDING) break;
-    const bytes = await store.get(o.key);
+    const bytes = await getCapped(store, o.key, MAX_RECORD_BYTES);
     const record = bytes ? parseCaptureRecord(model, bytes) : null;
     // A record must sit where its id says (the review deletes that key after applying it).
     if (record && o.key === keys.captureRecord(model, record.id)) {
@@ -163,8 +173,8 @@ export async function reviewNow(
   // Every capture read (record and bytes) before anything is written: an unknown id stops the command.
   const read: { capture: CaptureRecord; action: "accept" | "discard"; bytes: Uint8Array | null; problem: string }[] = [];
   for (const [id, action] of wanted) {
-    const stored = captureIdSchema.safeParse(id).success ? await store.get(keys.captureRecord(model, id)) : null;
-    const capture = stored && stored.byteLength <= MAX_RECORD_BYTES ? parseCaptureRecord(model, stored) : null;
+    const stored = captureIdSchema.safeParse(id).success ? await getCapped(store, keys.captureRecord(model, id), MAX_RECORD_BYTES) : null;
+    const capture = stored ? parseCaptureRecord(model, stored) : null;
     if (!capture || capture.id !== id) throw new NotFoundError(`Model ${model} has no capture ${id} waiting for review (see edgetune review ${model}).`);
     let problem = "";
     const bytes =

@@ -230,6 +230,48 @@ describe("the rest of captures/, forged with the edge's key", () => {
   });
 });
 
+/**
+ * The store with an attacker who replaces each file whose key matches with `bytes` after it was listed
+ * (or HEADed), just before it is read; `held` sums the bytes every read returned.
+ */
+function swappedBeforeRead(match: (key: string) => boolean, bytes: Uint8Array) {
+  const held = { bytes: 0 };
+  const store = Object.create(s3.store, {
+    get: {
+      value: async (key: string, options?: { maxBytes?: number }) => {
+        if (match(key)) await s3.store.put(key, bytes);
+        const got = await s3.store.get(key, options);
+        held.bytes += got?.length ?? 0;
+        return got;
+      },
+    },
+  }) as typeof s3.store;
+  return { store, held };
+}
+
+describe("sizes are checked while reading, not only before (the edge's key may replace a file after it was listed)", () => {
+  beforeEach(async () => {
+    const all: string[] = [];
+    for await (const o of s3.store.list("")) all.push(o.key);
+    if (all.length) await s3.store.delete(all);
+    await setup("pets-data", "flat");
+  });
+  const fiveMb = new Uint8Array(5 * 1024 * 1024).fill(0x20);
+
+  it("records, decisions and images replaced by 5 MB between listing and reading are refused, not held", async () => {
+    const c = await capture(await png("#5a5"));
+    await s3.store.put(keys.captureDecision("pets", c.id), JSON.stringify({ id: c.id, action: "discard", decidedAt: new Date().toISOString(), by: "cli" }));
+    const listing = swappedBeforeRead((k) => k.endsWith(".json"), fiveMb);
+    expect(await listCaptures(listing.store, "pets")).toEqual([]);
+    expect(listing.held.bytes).toBeLessThan(200 * 1024);
+    // The CLI's own read of a record it is told to decide on.
+    const other = await capture(await png("#a5a"));
+    const record = swappedBeforeRead((k) => k === keys.captureRecord("pets", other.id), fiveMb);
+    await expect(reviewNow(record.store, "pets", { discard: [other.id] }, memoryLogger())).rejects.toThrow(/has no capture/);
+    expect(record.held.bytes).toBeLessThan(200 * 1024);
+  });
+});
+
 /** The store as the CLI uses it, with an attacker holding the edge's credentials (anything under captures/) acting the moment a decision file is written, before it is applied. */
 const attackedWhenDecided = (attack: (decisionKey: string) => Promise<void>) =>
   aroundWrites(s3.store, { after: async (key) => (key.includes("/decisions/") ? attack(key) : undefined) });
@@ -398,9 +440,9 @@ describe("monitor", () => {
     const downloads: string[] = [];
     const store = Object.create(s3.store, {
       get: {
-        value: (key: string) => {
+        value: (key: string, options?: { maxBytes?: number }) => {
           downloads.push(key);
-          return s3.store.get(key);
+          return s3.store.get(key, options);
         },
       },
     }) as typeof s3.store;
@@ -416,6 +458,18 @@ describe("monitor", () => {
     expect(files.filter((f) => /\/s\d\.json$/.test(f))).toEqual([]); // the real deltas are in the roll-up
     const again = await monitor(s3.store, "pets", { rollUp: true, now, days: 7 });
     expect(again.days.map((d) => [d.requests, d.labels])).toEqual([[30, { cat: 21, dog: 9 }]]);
+  });
+
+  it("a counter file replaced by 5 MB after it was listed is skipped, not read", async () => {
+    await versions("v0123456789ab");
+    const day = "2026-11-20";
+    const file = keys.captureCounterFile("pets", day, "s1");
+    await s3.store.put(file, JSON.stringify(delta(day, "v0123456789ab", 10, 1, { cat: 7, dog: 3 })));
+    const { store, held } = swappedBeforeRead((k) => k === file, new Uint8Array(5 * 1024 * 1024).fill(0x20));
+    const skipped = { tooLarge: 0, invalid: 0, unknownLabels: 0, overLimit: 0 };
+    await monitor(store, "pets", { now: new Date("2026-11-22T12:00:00Z"), days: 7, skipped });
+    expect(skipped.tooLarge).toBe(1);
+    expect(held.bytes).toBeLessThan(300 * 1024);
   });
 
   it("never lets a sum leave the safe-integer range: roll-ups saturate and stay readable", async () => {

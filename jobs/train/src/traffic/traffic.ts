@@ -17,7 +17,7 @@ import { keys } from "../../../../shared/keys.ts";
 import { type MonitorSummary, parseCounters, referenceOf, summarize } from "../../../../shared/monitor.ts";
 import { getText, type ObjectStore } from "../../../../shared/s3/store.ts";
 import type { Logger } from "../log.ts";
-import { type ApplyResult, applyDecisions, operatorKeysFromEnv, servedMetadata } from "./review.ts";
+import { type ApplyResult, applyDecisions, getCapped, operatorKeysFromEnv, servedMetadata } from "./review.ts";
 
 export { type ApplyResult, applyDecisions, listCaptures, type PendingCapture, reviewNow } from "./review.ts";
 
@@ -143,8 +143,9 @@ async function countDay(
   /** A counter file, read within `maxBytes`, checked, and of a version with room for it; else null (counted as skipped). */
   const read = async (o: { key: string; size: number }, maxBytes: number) => {
     if (o.size > maxBytes) return void skipped.tooLarge++;
-    const bytes = await store.get(o.key);
-    if (!bytes || bytes.length > maxBytes) return void skipped.tooLarge++;
+    // Capped while read too: the file may have been replaced since it was listed.
+    const bytes = await getCapped(store, o.key, maxBytes);
+    if (!bytes) return void skipped.tooLarge++;
     const counters = parseCounters(bytes);
     if (!counters || counters.model !== model || counters.from.slice(0, 10) !== day) return void skipped.invalid++;
     if (!byVersion.has(counters.version) && byVersion.size >= MAX_VERSIONS_PER_DAY) return void skipped.overLimit++;
