@@ -52,7 +52,10 @@ export const captureRecordSchema = z.object({
   capturedAt: z.iso.datetime(),
   reason: z.enum(CAPTURE_REASONS),
   /** The model's answer, best first (at most 5). */
-  predictions: z.array(z.object({ label: labelSchema, score: z.number() })).min(1),
+  predictions: z
+    .array(z.object({ label: labelSchema, score: z.number() }))
+    .min(1)
+    .max(5),
   image: z.object({
     key: z.string(),
     contentType: z.enum(["image/jpeg", "image/png", "image/webp", "image/gif"]),

@@ -57,6 +57,38 @@ describe("nightly dispatch", () => {
     expect(one.failed).toEqual([]);
   });
 
+  it("submits tonight's training before it reads anything under captures/ (the edge's key may fill it)", async () => {
+    await uploadSample(s3.store, "before-traffic", { perLabel: 8 });
+    // A model with traffic, and a flood of junk decisions written with the edge's key.
+    await s3.store.put("models/flooded/current.json", "{}");
+    for (let i = 0; i < 50; i++) await s3.store.put(`captures/flooded/decisions/20000101T000000-junk${String(i).padStart(8, "0")}.json`, "0123456789");
+    const events: string[] = [];
+    const store = Object.create(s3.store, {
+      get: {
+        value: (key: string, options?: { maxBytes?: number }) => {
+          if (key.startsWith("captures/")) events.push("read captures/");
+          return s3.store.get(key, options);
+        },
+      },
+    }) as typeof s3.store;
+    const r = await dispatchNightly(
+      store,
+      { imageSize: 96, views: 1, head: { epochs: 3 } },
+      async (dataset) => {
+        events.push(`submit ${dataset}`);
+        return `job-${dataset}`;
+      },
+      memoryLogger(),
+    );
+    expect(r.submitted.map((s) => s.dataset)).toContain("before-traffic");
+    expect(events.indexOf("submit before-traffic")).toBeGreaterThanOrEqual(0);
+    expect(events.lastIndexOf("submit before-traffic")).toBeLessThan(events.indexOf("read captures/"));
+    // …and the junk it read is gone.
+    let left = 0;
+    for await (const _ of s3.store.list("captures/flooded/decisions/")) left++;
+    expect(left).toBe(0);
+  });
+
   it("submits head runs to the CPU queue and fine-tuning to the GPU queue, only inside AWS Batch (AWS Batch faked at the SDK boundary)", async () => {
     expect(batchSubmitter({ EDGETUNE_JOB_QUEUE: "q", EDGETUNE_TRAIN_JOB_DEFINITION: "d" })).toBeUndefined(); // not in Batch
     const sent: SubmitJobCommand[] = [];

@@ -39,47 +39,65 @@ export async function dispatchNightly(
   // An upload (named datasets) always gets its training job: the job then closes the upload's queued
   // status record — "already trained" or the reason it cannot train — which `push --wait` is following.
   const uploads = datasets !== "*";
-  // Nightly: reviewed captures join their datasets first (so they are trained on tonight) and the
-  // monitoring summaries are written (traffic/traffic.ts).
-  if (!uploads) {
-    // Whatever goes wrong with the traffic step, tonight's training still happens.
-    await processTraffic(store, log).catch((e) => log.warn(`traffic not processed: ${userMessage(e)}`));
-  }
   const names = uploads ? datasets : (await listDatasets(store)).filter((d) => d.complete).map((d) => d.name);
-  for (const name of names) {
-    let strategy: "head" | "finetune" = "head";
-    try {
-      const plan = await planRun(runContext(store, log), { ...input, dataset: name });
-      strategy = plan.options.strategy;
-      if (!uploads && (await versionExists(runContext(store, log), plan))) {
-        result.unchanged.push(name);
-        continue;
-      }
-    } catch (e) {
-      // Nightly: a dataset that cannot even be planned (no images, bad manifest) is reported; the others
-      // go on. An upload: its job (on the CPU queue) records the reason where the uploader looks.
-      log.warn(`${name}: ${userMessage(e)}`);
-      if (!uploads) {
-        result.failed.push({ dataset: name, reason: userMessage(e) });
-        continue;
-      }
-    }
-    try {
-      result.submitted.push({ dataset: name, jobId: await submit(name, strategy) });
-      log.info(`submitted the training of ${name}`, { strategy });
-    } catch (e) {
-      result.failed.push({ dataset: name, reason: userMessage(e) });
-      log.warn(`${name}: could not submit its training (${userMessage(e)})`);
-      // No job will take the upload's queued record over: close it here, so `push --wait` ends at once
-      // with the reason (no GPU path, no G quota) instead of polling for hours. The dispatcher's own job
-      // id goes into the record, so the failure handler, seeing this job fail, leaves the record as it is.
-      if (uploads) {
-        const record = new StatusRecorder(store, name, "failed", await adoptQueued(store, name));
-        await record.update({ reason: userMessage(e) }, true);
-      }
-    }
+  for (const name of names) await planAndSubmit(store, input, submit, log, name, uploads, result);
+  if (uploads) return result;
+  // Nightly: the traffic step comes after every training job is submitted, so nothing the edge's key
+  // wrote under captures/ can starve tonight's training (and it reads within one budget, budget.ts).
+  // Datasets that got reviewed captures just now are planned again, so they are trained on tonight.
+  const traffic = await processTraffic(store, log).catch((e) => {
+    log.warn(`traffic not processed: ${userMessage(e)}`);
+    return [];
+  });
+  const grown = new Set(traffic.flatMap((t) => t.applied?.accepted.map((a) => a.key.split("/")[1] as string) ?? []));
+  for (const name of [...grown].filter((d) => !result.submitted.some((s) => s.dataset === d))) {
+    result.unchanged = result.unchanged.filter((d) => d !== name);
+    await planAndSubmit(store, input, submit, log, name, false, result);
   }
   return result;
+}
+
+/** Plans one dataset and submits its training job when it changed (an upload's always), recording the outcome in `result`. */
+async function planAndSubmit(
+  store: ObjectStore,
+  input: Omit<TrainInput, "dataset">,
+  submit: SubmitTraining,
+  log: Logger,
+  name: string,
+  upload: boolean,
+  result: NightlyResult,
+): Promise<void> {
+  let strategy: "head" | "finetune" = "head";
+  try {
+    const plan = await planRun(runContext(store, log), { ...input, dataset: name });
+    strategy = plan.options.strategy;
+    if (!upload && (await versionExists(runContext(store, log), plan))) {
+      result.unchanged.push(name);
+      return;
+    }
+  } catch (e) {
+    // Nightly: a dataset that cannot even be planned (no images, bad manifest) is reported; the others
+    // go on. An upload: its job (on the CPU queue) records the reason where the uploader looks.
+    log.warn(`${name}: ${userMessage(e)}`);
+    if (!upload) {
+      result.failed.push({ dataset: name, reason: userMessage(e) });
+      return;
+    }
+  }
+  try {
+    result.submitted.push({ dataset: name, jobId: await submit(name, strategy) });
+    log.info(`submitted the training of ${name}`, { strategy });
+  } catch (e) {
+    result.failed.push({ dataset: name, reason: userMessage(e) });
+    log.warn(`${name}: could not submit its training (${userMessage(e)})`);
+    // No job will take the upload's queued record over: close it here, so `push --wait` ends at once
+    // with the reason (no GPU path, no G quota) instead of polling for hours. The dispatcher's own job
+    // id goes into the record, so the failure handler, seeing this job fail, leaves the record as it is.
+    if (upload) {
+      const record = new StatusRecorder(store, name, "failed", await adoptQueued(store, name));
+      await record.update({ reason: userMessage(e) }, true);
+    }
+  }
 }
 
 /** A fine-tuning run that cannot run in this account: no GPU path deployed, or a G-instance quota too small for its job. */

@@ -34,14 +34,25 @@ export interface PendingCapture extends CaptureRecord {
 
 /**
  * Bounds on what is read from the edge-writable prefix before it is held: a record or decision the edge
- * writes is well under these (a record ≈ 1 KB, a decision ≈ 0.5 KB); a forged giant is skipped unread,
- * and one review reads at most `MAX_PENDING` records (the oldest; the rest wait for the next).
+ * writes is well under these (a record ≈ 1 KB, a decision ≈ 0.5 KB); a forged giant is refused unread,
+ * and one review reads at most `MAX_PENDING` records (the newest days first; the rest wait for the next).
  */
-const MAX_RECORD_BYTES = 64 * 1024;
+const MAX_RECORD_BYTES = 16 * 1024;
 const MAX_DECISION_BYTES = 4 * 1024;
 const MAX_PENDING = 10_000;
 /** A stored capture is at most 2048 px a side (capture.json `maxSide`); well above any such image. */
 const MAX_IMAGE_BYTES = 32 * 1024 * 1024;
+
+/**
+ * The days a review reads: the bucket expires captures after `captureRetentionDays` (cdk.json, 30 by
+ * default; EDGETUNE_CAPTURE_RETENTION_DAYS when it was changed), so only those day folders are listed —
+ * built from dates, never from a listing the edge's key can fill (junk folders, records dated 2000-01-01).
+ */
+export function captureDays(now: Date = new Date(), env: NodeJS.ProcessEnv = process.env): string[] {
+  const retention = Math.min(3650, Math.max(1, Number(env.EDGETUNE_CAPTURE_RETENTION_DAYS) || 30));
+  // From tomorrow (an edge clock a little ahead) back to the oldest day the bucket still keeps.
+  return Array.from({ length: retention + 2 }, (_, i) => new Date(now.getTime() + (1 - i) * 86_400_000).toISOString().slice(0, 10));
+}
 
 /** A capture's image, unless it is gone or larger than any capture (null: the caller says which). */
 async function captureImage(store: ObjectStore, capture: CaptureRecord): Promise<Uint8Array | null> {
@@ -61,28 +72,41 @@ export async function getCapped(store: ObjectStore, key: string, maxBytes: numbe
   });
 }
 
-/** Every capture of `model` not applied yet (at most `MAX_PENDING`), oldest first, with its decision if one was recorded. */
-export async function listCaptures(store: ObjectStore, model: string): Promise<PendingCapture[]> {
+/**
+ * Every capture of `model` not applied yet (at most `MAX_PENDING`, the newest days first), oldest first,
+ * with its decision if one was recorded.
+ */
+export async function listCaptures(store: ObjectStore, model: string, options: { now?: Date } = {}): Promise<PendingCapture[]> {
   const decisions = new Map<string, CaptureDecision>();
   for await (const o of store.list(keys.captureDecisions(model))) {
     if (o.size > MAX_DECISION_BYTES || decisions.size >= MAX_PENDING) continue;
-    const bytes = await getCapped(store, o.key, MAX_DECISION_BYTES);
-    const parsed = bytes === null ? null : tryParseContractJson(captureDecisionSchema, bytes);
-    // A decision counts under the name it is filed as (that key is what is deleted once it is applied).
-    if (parsed?.success && o.key === keys.captureDecision(model, parsed.data.id)) decisions.set(parsed.data.id, parsed.data);
+    const decision = await readDecision(store, model, o.key);
+    if (decision) decisions.set(decision.id, decision);
   }
   const out: PendingCapture[] = [];
-  for await (const o of store.list(keys.captureImages(model))) {
-    if (!o.key.endsWith(".json") || o.size > MAX_RECORD_BYTES) continue;
-    if (out.length >= MAX_PENDING) break;
-    const bytes = await getCapped(store, o.key, MAX_RECORD_BYTES);
-    const record = bytes ? parseCaptureRecord(model, bytes) : null;
-    // A record must sit where its id says (the review deletes that key after applying it).
-    if (record && o.key === keys.captureRecord(model, record.id)) {
-      out.push({ ...record, decision: decisions.get(record.id) ?? null });
+  for (const day of captureDays(options.now)) {
+    for await (const o of store.list(`${keys.captureImages(model)}${day}/`)) {
+      if (!o.key.endsWith(".json") || o.size > MAX_RECORD_BYTES) continue;
+      if (out.length >= MAX_PENDING) break;
+      const record = await readRecord(store, model, o.key);
+      if (record) out.push({ ...record, decision: decisions.get(record.id) ?? null });
     }
   }
-  return out;
+  return out.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+}
+
+/** A decision file, read within its bound; null unless it parses and is filed under its own id (that key is what is deleted once it is applied). */
+async function readDecision(store: ObjectStore, model: string, key: string): Promise<CaptureDecision | null> {
+  const bytes = await getCapped(store, key, MAX_DECISION_BYTES);
+  const parsed = bytes === null ? null : tryParseContractJson(captureDecisionSchema, bytes);
+  return parsed?.success && key === keys.captureDecision(model, parsed.data.id) ? parsed.data : null;
+}
+
+/** A capture record, read within its bound; null unless it is one of `model`'s and sits where its id says (the review deletes that key after applying it). */
+async function readRecord(store: ObjectStore, model: string, key: string): Promise<CaptureRecord | null> {
+  const bytes = await getCapped(store, key, MAX_RECORD_BYTES);
+  const record = bytes ? parseCaptureRecord(model, bytes) : null;
+  return record && key === keys.captureRecord(model, record.id) ? record : null;
 }
 
 export interface ApplyResult {
@@ -173,8 +197,7 @@ export async function reviewNow(
   // Every capture read (record and bytes) before anything is written: an unknown id stops the command.
   const read: { capture: CaptureRecord; action: "accept" | "discard"; bytes: Uint8Array | null; problem: string }[] = [];
   for (const [id, action] of wanted) {
-    const stored = captureIdSchema.safeParse(id).success ? await getCapped(store, keys.captureRecord(model, id), MAX_RECORD_BYTES) : null;
-    const capture = stored ? parseCaptureRecord(model, stored) : null;
+    const capture = captureIdSchema.safeParse(id).success ? await readRecord(store, model, keys.captureRecord(model, id)) : null;
     if (!capture || capture.id !== id) throw new NotFoundError(`Model ${model} has no capture ${id} waiting for review (see edgetune review ${model}).`);
     let problem = "";
     const bytes =
@@ -250,20 +273,37 @@ export async function applyDecisions(store: ObjectStore, model: string, log: Log
   const result: ApplyResult = { accepted: [], discarded: [], refused: [], unverified: [], replayed: [] };
   const operatorKeys = options.operatorKeys ?? operatorKeysFromEnv();
   const decided: Decided[] = [];
-  for (const c of await listCaptures(store, model)) {
-    const { decision, ...capture } = c;
-    if (!decision) continue;
-    // An accept must name the bytes shown (a discard only removes the capture).
-    if ((decision.imageSha256 || decision.action === "discard") && (await signedByOperator(model, decision, operatorKeys))) {
-      decided.push({ capture, decision, bytes: null });
-      continue;
+  // Driven by the decisions, each with its own capture read by key: forged records elsewhere in the queue
+  // cannot crowd a signed decision out. A decision file that is not one (too large, unreadable, misfiled,
+  // or about no capture) is deleted: left, it would be read again every night.
+  const notDecisions: string[] = [];
+  try {
+    for await (const o of store.list(keys.captureDecisions(model))) {
+      if (decided.length >= MAX_PENDING) break;
+      const decision = o.size > MAX_DECISION_BYTES ? null : await readDecision(store, model, o.key);
+      const record = decision ? await readRecord(store, model, keys.captureRecord(model, decision.id)) : null;
+      if (!decision || !record) {
+        notDecisions.push(o.key);
+        continue;
+      }
+      // An accept must name the bytes shown (a discard only removes the capture).
+      if ((decision.imageSha256 || decision.action === "discard") && (await signedByOperator(model, decision, operatorKeys))) {
+        decided.push({ capture: record, decision, bytes: null });
+        continue;
+      }
+      // Written with S3 access alone, or signed with a key that is no longer an operator's: not applied.
+      result.unverified.push(record.id);
+      log.warn(`the decision on capture ${record.id} of ${model} is not signed by an operator key (CONSOLE_API_KEYS): not applied, back in the queue`);
+      await sendBack(store, model, record, "the decision was not signed by a current operator key; decide again").catch((e) =>
+        log.warn(`capture ${record.id}: ${userMessage(e)}`),
+      );
     }
-    // Written with S3 access alone, or signed with a key that is no longer an operator's: not applied.
-    result.unverified.push(c.id);
-    log.warn(`the decision on capture ${c.id} of ${model} is not signed by an operator key (CONSOLE_API_KEYS): not applied, back in the queue`);
-    await sendBack(store, model, capture, "the decision was not signed by a current operator key; decide again").catch((e) =>
-      log.warn(`capture ${c.id}: ${userMessage(e)}`),
-    );
+  } finally {
+    // Also when tonight's reading stops at its limit: what was found so far is not read again.
+    if (notDecisions.length > 0) {
+      log.warn(`${model}: ${notDecisions.length} file(s) under decisions/ are not decisions on a waiting capture (not the console's): deleted`);
+      await store.delete(notDecisions).catch((e) => log.warn(`${model}: ${userMessage(e)}`));
+    }
   }
   if (decided.length === 0) return result;
   const target = await targetOf(store, model);

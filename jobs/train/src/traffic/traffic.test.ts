@@ -9,12 +9,13 @@ import { writePointer } from "../../../../shared/artifacts.ts";
 import { type CaptureRecord, type Counters, decisionMessage } from "../../../../shared/contracts/capture.ts";
 import { validMetadata } from "../../../../shared/contracts/fixtures.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
-import { isCaptureKey, keys } from "../../../../shared/keys.ts";
+import { captureDayOf, isCaptureKey, keys } from "../../../../shared/keys.ts";
 import { driftOf, MIN_REQUESTS, monitorSummarySchema, referenceOf } from "../../../../shared/monitor.ts";
 import { aroundWrites } from "../../../../test/support/store.ts";
 import { memoryLogger } from "../log.ts";
+import { ReadBudget } from "./budget.ts";
 import { saveCaptureImages } from "./review.ts";
-import { applyDecisions, listCaptures, modelsWithTraffic, monitor, reviewNow, writeCaptureConfig } from "./traffic.ts";
+import { applyDecisions, listCaptures, modelsWithTraffic, monitor, processTraffic, reviewNow, writeCaptureConfig } from "./traffic.ts";
 
 /** The job's half of the traffic loop against the local S3 server; the whole loop is in test/traffic.test.ts. */
 let s3: LocalS3;
@@ -48,7 +49,7 @@ async function setup(dataset: string, layout: "flat" | "split") {
   for (const label of ["cat", "dog"]) await s3.store.put(`${keys.dataset(dataset)}${layout === "split" ? "train/" : ""}${label}/a.png`, await png("#888"));
 }
 
-async function capture(image: Uint8Array, day = "2026-11-29"): Promise<CaptureRecord> {
+async function capture(image: Uint8Array, day = new Date().toISOString().slice(0, 10)): Promise<CaptureRecord> {
   const id = `${day.replaceAll("-", "")}T101500-abcd${String(n++).padStart(8, "0")}`;
   const record: CaptureRecord = {
     schemaVersion: 1,
@@ -120,7 +121,7 @@ describe("review", () => {
     await setup("pets-data", "flat");
     const real = await capture(await png("#123"));
     const forged = { ...real, id: real.id.replace(/.{4}$/, "9999"), image: { ...real.image, key: "datasets/pets-data/cat/a.png" } };
-    await s3.store.put(keys.captureFile("pets", "2026-11-29", forged.id, "json"), JSON.stringify(forged));
+    await s3.store.put(keys.captureRecord("pets", forged.id), JSON.stringify(forged));
     await s3.store.put(
       keys.captureDecision("pets", forged.id),
       JSON.stringify({ schemaVersion: 1, id: forged.id, action: "discard", decidedAt: new Date().toISOString(), by: "console" }),
@@ -179,7 +180,7 @@ describe("review", () => {
     expect(await s3.store.head(added)).not.toBeNull();
     await s3.store.delete([added]);
     await s3.store.put(signed?.image.key as string, images.signed);
-    await s3.store.put(keys.captureFile("pets", "2026-11-29", signed?.id as string, "json"), JSON.stringify(signed));
+    await s3.store.put(keys.captureRecord("pets", signed?.id as string), JSON.stringify(signed));
     await put(signed as CaptureRecord, images.signed, "operator-1");
     const replay = await applyDecisions(s3.store, "pets", memoryLogger(), { operatorKeys: ["operator-1"] });
     expect([replay.accepted, replay.replayed]).toEqual([[], [signed?.id]]);
@@ -216,8 +217,8 @@ describe("the rest of captures/, forged with the edge's key", () => {
     expect(await modelsWithTraffic(s3.store)).toContain("pets");
     expect(await modelsWithTraffic(s3.store)).not.toContain("ghost");
     // A record valid in every field but 100 KB long (a label of 100 KB), and a decision as large.
-    const big = { ...real, id: "20261129T101500-abcdffffffff", predictions: [{ label: "x".repeat(100_000), score: 0.4 }] };
-    big.image = { ...real.image, key: keys.captureFile("pets", "2026-11-29", big.id, "png") };
+    const big = { ...real, id: real.id.replace(/.{4}$/, "ffff"), predictions: [{ label: "x".repeat(100_000), score: 0.4 }] };
+    big.image = { ...real.image, key: keys.captureFile("pets", captureDayOf(big.id), big.id, "png") };
     await s3.store.put(keys.captureRecord("pets", big.id), JSON.stringify(big));
     await s3.store.put(
       keys.captureDecision("pets", real.id),
@@ -227,6 +228,60 @@ describe("the rest of captures/, forged with the edge's key", () => {
     expect(listed.map((c) => c.id)).toContain(real.id);
     expect(listed.map((c) => c.id)).not.toContain(big.id);
     expect(listed.find((c) => c.id === real.id)?.decision).toBeNull();
+  });
+});
+
+describe("one night's reading of captures/ is bounded, valid files or not", () => {
+  it("a flood of ten-byte files under decisions/ and counters/ costs a night at most its budget, and is deleted as it is read", async () => {
+    const all: string[] = [];
+    for await (const o of s3.store.list("")) all.push(o.key);
+    if (all.length) await s3.store.delete(all);
+    await setup("pets-data", "flat");
+    const today = new Date().toISOString().slice(0, 10);
+    const junk = [
+      ...Array.from({ length: 600 }, (_, i) => keys.captureDecision("pets", `20000101T000000-junk${String(i).padStart(8, "0")}`)),
+      ...Array.from({ length: 600 }, (_, i) => keys.captureCounterFile("pets", today, `junk${i}`)),
+    ];
+    for (let i = 0; i < junk.length; i += 100) await Promise.all(junk.slice(i, i + 100).map((k) => s3.store.put(k, "0123456789")));
+    let gets = 0;
+    const counted = Object.create(s3.store, {
+      get: {
+        value: (key: string, options?: { maxBytes?: number }) => {
+          gets++;
+          return s3.store.get(key, options);
+        },
+      },
+    }) as typeof s3.store;
+    const left = async () => {
+      let n = 0;
+      for await (const o of s3.store.list(keys.captures("pets"))) if (o.key.includes("junk")) n++;
+      return n;
+    };
+    const nights: number[] = [];
+    for (let night = 0; night < 10 && (await left()) > 0; night++) {
+      gets = 0;
+      const log = memoryLogger();
+      await processTraffic(counted, log, [], new ReadBudget({ requests: 400, bytes: 1024 * 1024, milliseconds: 60_000 }));
+      nights.push(gets);
+      expect(gets).toBeLessThanOrEqual(400);
+    }
+    // Each night read at most its budget and deleted what it read: the flood is gone after a few nights.
+    expect(await left()).toBe(0);
+    expect(nights.length).toBeGreaterThan(2);
+    expect(nights.length).toBeLessThan(10);
+  });
+
+  it("a capture record names at most 5 predictions and is at most 16 KB", async () => {
+    await setup("pets-data", "flat");
+    const c = await capture(await png("#1f1"));
+    const six = { ...c, predictions: Array.from({ length: 6 }, (_, i) => ({ label: "cat", score: i / 10 })) };
+    await s3.store.put(keys.captureRecord("pets", c.id), JSON.stringify(six));
+    expect((await listCaptures(s3.store, "pets")).map((x) => x.id)).not.toContain(c.id);
+    const padded = { ...c, refused: { reason: "x".repeat(20 * 1024), at: new Date().toISOString() } };
+    await s3.store.put(keys.captureRecord("pets", c.id), JSON.stringify(padded));
+    expect((await listCaptures(s3.store, "pets")).map((x) => x.id)).not.toContain(c.id);
+    await s3.store.put(keys.captureRecord("pets", c.id), JSON.stringify(c));
+    expect((await listCaptures(s3.store, "pets")).map((x) => x.id)).toContain(c.id);
   });
 });
 

@@ -17,6 +17,7 @@ import { keys } from "../../../../shared/keys.ts";
 import { type MonitorSummary, parseCounters, referenceOf, summarize } from "../../../../shared/monitor.ts";
 import { getText, type ObjectStore } from "../../../../shared/s3/store.ts";
 import type { Logger } from "../log.ts";
+import { budgeted, ReadBudget, ReadBudgetExhausted } from "./budget.ts";
 import { type ApplyResult, applyDecisions, getCapped, operatorKeysFromEnv, servedMetadata } from "./review.ts";
 
 export { type ApplyResult, applyDecisions, listCaptures, type PendingCapture, reviewNow } from "./review.ts";
@@ -87,11 +88,11 @@ export async function monitor(
   const skipped = options.skipped ?? { tooLarge: 0, invalid: 0, unknownLabels: 0, overLimit: 0 };
   const labelsOf = versionLabels(store, model);
   const sums: Counters[] = [];
-  const prefix = keys.captureCounters(model);
-  for await (const folder of store.listFolders(prefix)) {
-    const day = folder.slice(prefix.length, -1);
-    if (!/^\d{4}-\d{2}-\d{2}$/.test(day) || day < since || day > latest) continue;
-    const counted = await countDay(store, model, day, labelsOf, skipped);
+  // Day folders from dates, oldest first, never from a listing the edge's key can fill with junk folders.
+  const days: string[] = [];
+  for (let day = since; day <= latest; day = dayOf(Date.parse(`${day}T00:00:00Z`) + 86_400_000)) days.push(day);
+  for (const day of days) {
+    const counted = await countDay(store, model, day, labelsOf, skipped, options.rollUp === true);
     sums.push(...[...counted.versions.values()].map((v) => v.sum));
     if (options.rollUp && day < cutoff) await rollUpDay(store, model, day, counted);
   }
@@ -136,21 +137,29 @@ async function countDay(
   day: string,
   labelsOf: (version: string) => Promise<ReadonlySet<string> | null>,
   skipped: CountersSkipped,
+  prune: boolean,
 ): Promise<CountedDay> {
   const dayPrefix = `${keys.captureCounters(model)}${day}/`;
   const byVersion = new Map<string, VersionDay>();
   const covered = new Set<string>();
   /** A counter file, read within `maxBytes`, checked, and of a version with room for it; else null (counted as skipped). */
-  const read = async (o: { key: string; size: number }, maxBytes: number) => {
-    if (o.size > maxBytes) return void skipped.tooLarge++;
+  /** Files that are not the edge's (too large, unreadable, another model's or day's, labels the version lacks): deleted at night, else read again every night. */
+  const notCounters: string[] = [];
+  const reject = (key: string, why: Exclude<keyof CountersSkipped, "overLimit">, deletable = true) => {
+    skipped[why]++;
+    if (deletable) notCounters.push(key);
+  };
+  /** `ownRollup`: a roll-up under its version's name, kept even when unreadable (its deltas stay until a person looks). */
+  const read = async (o: { key: string; size: number }, maxBytes: number, ownRollup = false) => {
+    if (o.size > maxBytes) return reject(o.key, "tooLarge", !ownRollup);
     // Capped while read too: the file may have been replaced since it was listed.
     const bytes = await getCapped(store, o.key, maxBytes);
-    if (!bytes) return void skipped.tooLarge++;
+    if (!bytes) return reject(o.key, "tooLarge", !ownRollup);
     const counters = parseCounters(bytes);
-    if (!counters || counters.model !== model || counters.from.slice(0, 10) !== day) return void skipped.invalid++;
+    if (!counters || counters.model !== model || counters.from.slice(0, 10) !== day) return reject(o.key, "invalid", !ownRollup);
     if (!byVersion.has(counters.version) && byVersion.size >= MAX_VERSIONS_PER_DAY) return void skipped.overLimit++;
     const labels = await labelsOf(counters.version);
-    if (!labels || Object.keys(counters.labels).some((l) => !labels.has(l))) return void skipped.unknownLabels++;
+    if (!labels || Object.keys(counters.labels).some((l) => !labels.has(l))) return reject(o.key, "unknownLabels", !ownRollup);
     return { counters, bytes };
   };
   const entry = (c: Counters) => {
@@ -161,46 +170,60 @@ async function countDay(
     }
     return e;
   };
-  // The roll-ups first (sorted after the deltas): they say which deltas they already hold.
-  for await (const o of store.list(`${dayPrefix}rollup-`)) {
-    const version = o.key.slice(`${dayPrefix}rollup-`.length, -".json".length);
-    const got = await read(o, MAX_ROLLUP_BYTES);
-    if (!got || got.counters.version !== version) {
-      // Not replaced by tonight's roll-up, whatever it holds: its deltas stay until a person looks.
-      const known = byVersion.get(version);
-      if (known) known.rollupUnreadable = true;
-      else if (byVersion.size < MAX_VERSIONS_PER_DAY && /^v[0-9a-f]{12}$/.test(version))
-        byVersion.set(version, { sum: emptyCounters(model, version, day), loose: [], rollupUnreadable: true });
-      continue;
-    }
-    const e = entry(got.counters);
-    mergeCounters(e.sum, got.counters);
-    const covers = tryParseContractJson(rollupFileSchema, got.bytes);
-    for (const k of covers.success ? covers.data.covers : []) covered.add(k);
+  try {
+    return await readDay();
+  } finally {
+    // Also when tonight's reading stops at its limit: what was found so far is not read again.
+    if (prune && notCounters.length > 0) await store.delete(notCounters);
   }
-  let files = 0;
-  const stillThere: string[] = [];
-  for await (const o of store.list(dayPrefix)) {
-    if (o.key.startsWith(`${dayPrefix}rollup-`)) continue;
-    if (covered.has(o.key)) {
-      stillThere.push(o.key);
-      continue;
+
+  async function readDay(): Promise<CountedDay> {
+    // The roll-ups first (sorted after the deltas): they say which deltas they already hold.
+    for await (const o of store.list(`${dayPrefix}rollup-`)) {
+      const version = o.key.slice(`${dayPrefix}rollup-`.length, -".json".length);
+      // Only a version's own roll-up is kept when unreadable (until a person looks); any other name is not the job's.
+      if (!/^v[0-9a-f]{12}$/.test(version) || o.key !== keys.captureCounterFile(model, day, `rollup-${version}`)) {
+        reject(o.key, "invalid");
+        continue;
+      }
+      const got = await read(o, MAX_ROLLUP_BYTES, true);
+      if (!got || got.counters.version !== version) {
+        // Not replaced by tonight's roll-up, whatever it holds: its deltas stay until a person looks.
+        const known = byVersion.get(version);
+        if (known) known.rollupUnreadable = true;
+        else if (byVersion.size < MAX_VERSIONS_PER_DAY && /^v[0-9a-f]{12}$/.test(version))
+          byVersion.set(version, { sum: emptyCounters(model, version, day), loose: [], rollupUnreadable: true });
+        continue;
+      }
+      const e = entry(got.counters);
+      mergeCounters(e.sum, got.counters);
+      const covers = tryParseContractJson(rollupFileSchema, got.bytes);
+      for (const k of covers.success ? covers.data.covers : []) covered.add(k);
     }
-    if (++files > MAX_COUNTER_FILES_PER_DAY) {
-      skipped.overLimit++;
-      break;
+    let files = 0;
+    const stillThere: string[] = [];
+    for await (const o of store.list(dayPrefix)) {
+      if (o.key.startsWith(`${dayPrefix}rollup-`)) continue;
+      if (covered.has(o.key)) {
+        stillThere.push(o.key);
+        continue;
+      }
+      if (++files > MAX_COUNTER_FILES_PER_DAY) {
+        skipped.overLimit++;
+        break;
+      }
+      const got = await read(o, MAX_COUNTER_FILE_BYTES);
+      if (!got) continue;
+      if (!withinDeltaCaps(got.counters)) {
+        reject(o.key, "invalid");
+        continue;
+      }
+      const e = entry(got.counters);
+      mergeCounters(e.sum, got.counters);
+      e.loose.push(o.key);
     }
-    const got = await read(o, MAX_COUNTER_FILE_BYTES);
-    if (!got) continue;
-    if (!withinDeltaCaps(got.counters)) {
-      skipped.invalid++;
-      continue;
-    }
-    const e = entry(got.counters);
-    mergeCounters(e.sum, got.counters);
-    e.loose.push(o.key);
+    return { versions: byVersion, covered: stillThere };
   }
-  return { versions: byVersion, covered: stillThere };
 }
 
 /** The roll-up of one day: per version, one file holding the earlier roll-up and the deltas, written before they are deleted. */
@@ -264,24 +287,29 @@ export async function modelsWithTraffic(store: ObjectStore): Promise<string[]> {
 }
 
 /**
- * The nightly step before planning: for every model the edge has seen traffic for, apply the review
- * decisions (so tonight's run trains on accepted images) and write the monitoring summary the console
- * shows. One model's failure is logged and does not stop the others or the training.
+ * The nightly traffic step: for every model the edge has seen traffic for, apply the review decisions
+ * and write the monitoring summary the console shows. Everything it reads goes through one budget for the
+ * night (`budget.ts`): once spent, the remaining models wait for the next night. One model's failure is
+ * logged and does not stop the others.
  */
 export async function processTraffic(
   store: ObjectStore,
   log: Logger,
   operatorKeys: readonly string[] = operatorKeysFromEnv(),
+  budget: ReadBudget = new ReadBudget(),
 ): Promise<{ model: string; applied?: ApplyResult; drift: string[] }[]> {
   const out: { model: string; applied?: ApplyResult; drift: string[] }[] = [];
-  for (const model of await modelsWithTraffic(store)) {
+  const limited = budgeted(store, budget);
+  for (const model of await modelsWithTraffic(limited)) {
     try {
-      const applied = await applyDecisions(store, model, log, { operatorKeys });
+      const applied = await applyDecisions(limited, model, log, { operatorKeys });
       const skipped: CountersSkipped = { tooLarge: 0, invalid: 0, unknownLabels: 0, overLimit: 0 };
-      const summary = await monitor(store, model, { rollUp: true, skipped });
+      const summary = await monitor(limited, model, { rollUp: true, skipped });
       const ignored = Object.entries(skipped).filter(([, n]) => n > 0);
       if (ignored.length > 0)
-        log.warn(`${model}: counter files not counted (${ignored.map(([why, n]) => `${n} ${why}`).join(", ")}): not the edge's, or more than a night reads`);
+        log.warn(
+          `${model}: counter files not counted (${ignored.map(([why, n]) => `${n} ${why}`).join(", ")}): not the edge's (deleted), or more than a night reads`,
+        );
       await store.put(keys.captureMonitor(model), JSON.stringify(summary), "application/json");
       // Alerts judge yesterday, the last complete UTC day (the run at night sees only the first hours of
       // today); a day without traffic alerts nothing, and an older day is not alerted again.
@@ -293,6 +321,7 @@ export async function processTraffic(
     } catch (e) {
       log.warn(`${model}: traffic not processed (${userMessage(e)})`);
       out.push({ model, drift: [] });
+      if (e instanceof ReadBudgetExhausted) break;
     }
   }
   return out;
