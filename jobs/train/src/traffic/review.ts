@@ -326,12 +326,12 @@ async function sendBack(store: ObjectStore, model: string, capture: CaptureRecor
 
 /**
  * One decision, as it was made. An accept is checked as an upload is (a label the dataset has, an image
- * the job decodes, and exactly the bytes whose sha256 the decision names), its applied-marker written
- * with a conditional put (if it exists, the decision was applied before: nothing is added), and the image
- * copied into the dataset as `<label>/captured-<id>.<ext>` (under `train/` with splits) with its provenance
- * in the object's metadata. The capture, its image and its decision file are then deleted. A refused
- * accept goes back to the queue with the reason. The manifest is not rewritten: the next nightly run sees
- * the new images (its version fingerprint covers the listing) and trains on them.
+ * the job decodes, and exactly the bytes whose sha256 the decision names). If its applied-marker exists,
+ * the decision was applied before: nothing is added. Else the image is copied into the dataset as
+ * `<label>/captured-<id>.<ext>` (under `train/` with splits) with its provenance in the object's metadata,
+ * and only then the marker is written. The capture, its image and its decision file are then deleted. A
+ * refused accept goes back to the queue with the reason. The manifest is not rewritten: the next nightly
+ * run sees the new images (its version fingerprint covers the listing) and trains on them.
  */
 async function applyOne(store: ObjectStore, model: string, target: Target, d: Decided, result: ApplyResult, log: Logger): Promise<void> {
   const { capture, decision } = d;
@@ -357,9 +357,11 @@ async function applyOne(store: ObjectStore, model: string, target: Target, d: De
     await decodeImage(bytes);
     const sub = capture.image.contentType.split("/")[1] as string;
     key = `${keys.dataset(target.dataset)}${target.split ? "train/" : ""}${label}/captured-${capture.id}.${sub === "jpeg" ? "jpg" : sub}`;
-    // At most once: the marker first, conditionally. A decision replayed after the operator deleted what
-    // it added finds the marker and adds nothing.
-    if (!(await store.putIfAbsent(keys.capturedApplied(target.dataset, model, capture.id), JSON.stringify(decision), "application/json"))) {
+    // At most once: a decision replayed after the operator deleted what it added finds the marker and
+    // adds nothing. The marker is written only once the image is in (a put that fails, or a command
+    // stopped in between, leaves no marker, so the next apply adds it; putting the same key again is harmless).
+    const marker = keys.capturedApplied(target.dataset, model, capture.id);
+    if (await store.head(marker)) {
       log.warn(`capture ${capture.id} of ${model} was applied to dataset ${target.dataset} before: not added again`);
       result.replayed.push(capture.id);
       await cleanUp();
@@ -372,6 +374,7 @@ async function applyOne(store: ObjectStore, model: string, target: Target, d: De
       "edgetune-reviewed": `${decision.by} ${decision.decidedAt}`,
       "edgetune-sha256": decision.imageSha256,
     });
+    await store.putIfAbsent(marker, JSON.stringify(decision), "application/json");
   } catch (e) {
     result.refused.push({ id: capture.id, reason: userMessage(e) });
     log.warn(`capture ${capture.id} of ${model} was not added: ${userMessage(e)}`);

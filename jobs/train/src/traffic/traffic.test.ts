@@ -397,6 +397,23 @@ describe("review decisions cannot be turned (the edge's credentials against the 
     await rm(dir, { recursive: true });
   });
 
+  it("an accept whose image could not be written is added by the next apply, not reported as replayed and lost", async () => {
+    const c = await capture(await png("#0e0"));
+    const added = `datasets/pets-data/dog/captured-${c.id}.png`;
+    // The dataset write fails once (S3 down, or the CLI stopped at that moment).
+    const failing = aroundWrites(s3.store, {
+      before: async (key) => {
+        if (key === added) throw new Error("connection reset");
+      },
+    });
+    const first = await reviewNow(failing, "pets", { accept: [c.id], as: "dog" }, memoryLogger());
+    expect(first.refused.map((r) => r.id)).toEqual([c.id]);
+    expect(await s3.store.head(added)).toBeNull();
+    const again = await reviewNow(s3.store, "pets", { accept: [c.id], as: "dog" }, memoryLogger());
+    expect([again.accepted.map((a) => a.id), again.replayed]).toEqual([[c.id], []]);
+    expect(await s3.store.head(added)).not.toBeNull();
+  });
+
   it("skips records and decisions larger than any the edge writes, unread", async () => {
     const big = await capture(await png("#0b0"));
     const pad = " ".repeat(70 * 1024);
