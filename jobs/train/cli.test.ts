@@ -9,6 +9,7 @@ import { startEdgeWorker } from "../../infra/local/edge-worker.ts";
 import { jobEnvironment } from "../../infra/local/job-env.ts";
 import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
 import { readPointer } from "../../shared/artifacts.ts";
+import { barePng } from "../../test/support/crafted-images.ts";
 import { uploadSample } from "../../test/support/datasets.ts";
 import { DEFAULT_OPTIONS } from "./src/config.ts";
 import { memoryLogger } from "./src/log.ts";
@@ -38,7 +39,8 @@ async function putCapture(suffix: string, label: string) {
   const { version } = (await readPointer(s3.store, "pets")) as { version: string };
   const day = new Date().toISOString().slice(0, 10);
   const id = `${day.replaceAll("-", "")}T101500-${suffix}`;
-  const image = (await s3.store.get(`datasets/pets/food/${await firstImage("pets", "food")}`)) as Uint8Array;
+  // As the edge stores it: a PNG of IHDR, IDAT and IEND only.
+  const image = barePng((await s3.store.get(`datasets/pets/food/${await firstImage("pets", "food")}`)) as Uint8Array);
   const imageKey = `captures/pets/images/${day}/${id}.png`;
   await s3.store.put(imageKey, image);
   const record = {

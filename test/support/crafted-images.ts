@@ -157,3 +157,16 @@ export function webpWithChunk(webp: Uint8Array, type: string, data: Uint8Array):
   new DataView(out.buffer).setUint32(4, out.length - 8, true);
   return out;
 }
+
+/** The PNG with only its critical chunks (IHDR, PLTE, IDAT, IEND), as the edge's encoder writes captures (sharp adds pHYs). */
+export function barePng(png: Uint8Array): Uint8Array {
+  const view = new DataView(png.buffer, png.byteOffset, png.byteLength);
+  const kept: Uint8Array[] = [png.subarray(0, 8)];
+  for (let at = 8; at + 12 <= png.length; ) {
+    const end = at + 12 + view.getUint32(at);
+    const type = String.fromCharCode(...png.subarray(at + 4, at + 8));
+    if (["IHDR", "PLTE", "IDAT", "IEND"].includes(type)) kept.push(png.subarray(at, end));
+    at = end;
+  }
+  return join(kept);
+}

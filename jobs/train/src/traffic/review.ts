@@ -15,6 +15,7 @@ import { classifyDatasetKeys, labelProblem, newLabelSchema } from "../../../../s
 import { parseContract, tryParseContractJson } from "../../../../shared/contracts/parse.ts";
 import { DatasetError, InvalidOptionError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
 import { hmacSha256Hex, sha256Hex } from "../../../../shared/hash.ts";
+import { isBarePng } from "../../../../shared/image/png.ts";
 import { keys } from "../../../../shared/keys.ts";
 import { type ObjectStore, ObjectTooLargeError } from "../../../../shared/s3/store.ts";
 import { decodeImage } from "../dataset/decode.ts";
@@ -353,6 +354,13 @@ async function applyOne(store: ObjectStore, model: string, target: Target, d: De
     if (!bytes) throw new NotFoundError(`its image ${capture.image.key} is gone (expired?)`);
     if (!decision.imageSha256 || (await sha256Hex(bytes)) !== decision.imageSha256) {
       throw new DatasetError("its image changed after it was reviewed; review it again");
+    }
+    // Only the edge's own output (a PNG it encoded from pixels): a file written straight to captures/ may
+    // carry text, EXIF or bytes after the image that the reviewer never saw.
+    if (capture.image.contentType !== "image/png" || !isBarePng(bytes)) {
+      throw new DatasetError(
+        "its image is not a plain PNG as the edge stores captures (other chunks, or bytes after the image): it was not written by the edge",
+      );
     }
     await decodeImage(bytes);
     const sub = capture.image.contentType.split("/")[1] as string;

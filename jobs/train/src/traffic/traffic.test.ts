@@ -11,6 +11,7 @@ import { validMetadata } from "../../../../shared/contracts/fixtures.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
 import { captureDayOf, isCaptureKey, keys } from "../../../../shared/keys.ts";
 import { driftOf, MIN_REQUESTS, monitorSummarySchema, referenceOf } from "../../../../shared/monitor.ts";
+import { barePng, pngChunk, pngWithChunk, withTrailer } from "../../../../test/support/crafted-images.ts";
 import { aroundWrites } from "../../../../test/support/store.ts";
 import { memoryLogger } from "../log.ts";
 import { ReadBudget } from "./budget.ts";
@@ -19,11 +20,14 @@ import { applyDecisions, listCaptures, modelsWithTraffic, monitor, processTraffi
 
 /** The job's half of the traffic loop against the local S3 server; the whole loop is in test/traffic.test.ts. */
 let s3: LocalS3;
+/** A PNG as the edge stores captures: IHDR, IDAT, IEND only. */
 const png = async (color: string) =>
-  new Uint8Array(
-    await sharp({ create: { width: 20, height: 20, channels: 3, background: color } })
-      .png()
-      .toBuffer(),
+  barePng(
+    new Uint8Array(
+      await sharp({ create: { width: 20, height: 20, channels: 3, background: color } })
+        .png()
+        .toBuffer(),
+    ),
   );
 
 beforeAll(async () => {
@@ -412,6 +416,20 @@ describe("review decisions cannot be turned (the edge's credentials against the 
     const again = await reviewNow(s3.store, "pets", { accept: [c.id], as: "dog" }, memoryLogger());
     expect([again.accepted.map((a) => a.id), again.replayed]).toEqual([[c.id], []]);
     expect(await s3.store.head(added)).not.toBeNull();
+  });
+
+  it("adds only a PNG as the edge encodes it: a file written straight to captures/ with text in a chunk or after IEND is refused", async () => {
+    const secret = new TextEncoder().encode("GPS 48.85,2.35");
+    const plain = await png("#0f1");
+    const forged = [pngWithChunk(plain, pngChunk("tEXt", secret)), pngWithChunk(plain, pngChunk("eXIf", secret)), withTrailer(plain, "GPS 48.85,2.35")];
+    const ids: string[] = [];
+    for (const bytes of forged) ids.push((await capture(bytes)).id);
+    const r = await reviewNow(s3.store, "pets", { accept: ids, as: "dog" }, memoryLogger());
+    expect(r.accepted).toEqual([]);
+    expect(r.refused.map((x) => [x.id, x.reason])).toEqual(ids.map((id) => [id, expect.stringContaining("not a plain PNG")]));
+    expect(await capturedFiles()).toEqual([]);
+    const clean = await capture(plain);
+    expect((await reviewNow(s3.store, "pets", { accept: [clean.id], as: "dog" }, memoryLogger())).accepted.map((a) => a.id)).toEqual([clean.id]);
   });
 
   it("skips records and decisions larger than any the edge writes, unread", async () => {
