@@ -4,6 +4,7 @@ import { createServer, type Server } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { promisify } from "node:util";
+import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startEdgeWorker } from "../../infra/local/edge-worker.ts";
 import { jobEnvironment } from "../../infra/local/job-env.ts";
@@ -40,7 +41,8 @@ async function putCapture(suffix: string, label: string) {
   const day = new Date().toISOString().slice(0, 10);
   const id = `${day.replaceAll("-", "")}T101500-${suffix}`;
   // As the edge stores it: a PNG of IHDR, IDAT and IEND only.
-  const image = barePng((await s3.store.get(`datasets/pets/food/${await firstImage("pets", "food")}`)) as Uint8Array);
+  const original = (await s3.store.get(`datasets/pets/food/${await firstImage("pets", "food")}`)) as Uint8Array;
+  const image = barePng(new Uint8Array(await sharp(original).png().toBuffer()));
   const imageKey = `captures/pets/images/${day}/${id}.png`;
   await s3.store.put(imageKey, image);
   const record = {
@@ -133,7 +135,7 @@ describe("edgetune, for a person", () => {
     await s3.store.put(`captures/pets/counters/${day}/x.json`, JSON.stringify({ ...counters, ...rest }));
     const queue = await edgetune(["review", "pets"]);
     expect(queue.stdout).toMatch(new RegExp(`${id} .* ${version} +travel +41\\.0 % +unsure`));
-    const applied = await edgetune(["review", "pets", "--accept", id, "--as", "food"]);
+    const applied = await edgetune(["review", "pets", "--accept", id, "--unseen", "--as", "food"]);
     expect([applied.code, applied.stdout]).toEqual([0, expect.stringContaining("1 added to the dataset, 0 discarded.")]);
     expect(await s3.store.head(`datasets/pets/food/captured-${id}.png`)).not.toBeNull();
     const watched = await edgetune(["monitor", "pets"]);
@@ -149,7 +151,7 @@ describe("edgetune, for a person", () => {
     const counters = { schemaVersion: 1, model: "pets", version, from: `${day}T00:02:00.000Z`, to: `${day}T00:03:00.000Z`, requests: 5 };
     const rest = { labels: { [hostile]: 5 }, confidence: [0, 0, 0, 0, 5, 0, 0, 0, 0, 0], lowConfidence: 5, captured: 1, overCap: 0, failed: 0, optedOut: 0 };
     await s3.store.put(`captures/pets/counters/${day}/y.json`, JSON.stringify({ ...counters, ...rest }));
-    const shown = [await edgetune(["review", "pets"]), await edgetune(["monitor", "pets"]), await edgetune(["review", "pets", "--accept", id])];
+    const shown = [await edgetune(["review", "pets"]), await edgetune(["monitor", "pets"]), await edgetune(["review", "pets", "--accept", id, "--unseen"])];
     const raw = ["\u001b", "\u0007", "\u009b"];
     for (const r of shown) expect(raw.filter((c) => `${r.stdout}${r.stderr}`.includes(c))).toEqual([]);
     expect(shown[0]?.stdout).toContain("\\x1b]0;owned\\x07\\x1b[2Jfood\\x9b");

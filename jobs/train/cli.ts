@@ -427,8 +427,9 @@ program
   .option("--as <label>", "with --accept: the true label (default: the predicted one)")
   .option("--discard <ids>", "comma-separated capture ids to drop")
   .option("--save <dir>", "save the images waiting for review into <dir>, named <id>@<sha256>; --accept <id>@<sha256> then adds exactly those bytes")
+  .option("--unseen", "with --accept <id> (no @<sha256>): add the image stored now, without having looked at it")
   .option("--json", "one JSON object per capture, or the applied decisions")
-  .action(async (model: string, o: { accept?: string; as?: string; discard?: string; save?: string; json?: boolean }, cmd: Command) => {
+  .action(async (model: string, o: { accept?: string; as?: string; discard?: string; save?: string; unseen?: boolean; json?: boolean }, cmd: Command) => {
     const store = storeFrom(cmd.optsWithGlobals());
     const ids = (list?: string) =>
       (list ?? "")
@@ -463,7 +464,7 @@ program
     // Made here, bound to the bytes shown, applied from memory (traffic/review.ts). Console decisions are
     // applied by the nightly run, or here too when EDGETUNE_CONSOLE_KEYS lets their signatures be checked.
     const log = createLogger();
-    const r = await reviewNow(store, model, { accept: ids(o.accept), discard: ids(o.discard), as: o.as }, log);
+    const r = await reviewNow(store, model, { accept: ids(o.accept), discard: ids(o.discard), as: o.as, unseen: o.unseen }, log);
     if (operatorKeysFromEnv().length > 0) {
       const signed = await applyDecisions(store, model, log);
       r.accepted.push(...signed.accepted);

@@ -174,7 +174,7 @@ const labelList = (t: Target) => [...t.labels].sort().join(", ");
 export async function reviewNow(
   store: ObjectStore,
   model: string,
-  choices: { accept?: readonly string[]; discard?: readonly string[]; as?: string },
+  choices: { accept?: readonly string[]; discard?: readonly string[]; as?: string; unseen?: boolean },
   log: Logger,
 ): Promise<ApplyResult> {
   const result: ApplyResult = { accepted: [], discarded: [], refused: [], unverified: [], replayed: [] };
@@ -184,13 +184,26 @@ export async function reviewNow(
     if (problem) throw new InvalidOptionError("--as", choices.as, [`a label of dataset ${target.dataset} (${labelList(target)}); this one ${problem}`]);
     if (!target.labels.has(choices.as)) throw new InvalidOptionError("--as", choices.as, [...target.labels].sort());
   }
-  // `<id>@<sha256 prefix>` (as `review --save` names the file) pins the bytes the operator looked at.
+  // `<id>@<sha256>` (as `review --save` names the file) pins the bytes the operator looked at: the whole
+  // hash (a prefix could be matched by other bytes made for it). An accept without one adds what is
+  // stored now, which nobody looked at: only when the operator says so (--unseen).
   const pinned = new Map<string, string>();
   const idOf = (ref: string) => {
     const [id, sha] = ref.split("@") as [string, string | undefined];
-    if (sha !== undefined) pinned.set(id, sha.toLowerCase());
+    if (sha !== undefined) {
+      if (!/^[0-9a-f]{64}$/i.test(sha))
+        throw new InvalidOptionError("--accept", ref, ["<id>@<the full sha256 of 64 hex digits, as review --save names the file>"]);
+      pinned.set(id, sha.toLowerCase());
+    }
     return id;
   };
+  for (const ref of choices.accept ?? []) {
+    if (!ref.includes("@") && !choices.unseen)
+      throw new InvalidOptionError("--accept", ref, [
+        `<id>@<sha256> of an image you looked at (edgetune review ${model} --save <dir> names them so)`,
+        "the id with --unseen, to add the bytes stored now without looking at them",
+      ]);
+  }
   const wanted = [
     ...(choices.accept ?? []).map((ref) => [idOf(ref), "accept"] as const),
     ...(choices.discard ?? []).map((ref) => [idOf(ref), "discard"] as const),
@@ -228,8 +241,8 @@ export async function reviewNow(
         continue;
       }
       const pin = pinned.get(id);
-      if (pin !== undefined && (pin.length < 8 || !(await sha256Hex(bytes)).startsWith(pin))) {
-        result.refused.push({ id, reason: `its image is not the one saved as ${id}@${pin} (it changed, or the hash is short or wrong); review it again` });
+      if (pin !== undefined && (await sha256Hex(bytes)) !== pin) {
+        result.refused.push({ id, reason: `its image is not the one saved as ${id}@${pin} (it changed, or the hash is wrong); review it again` });
         continue;
       }
     }
@@ -247,8 +260,8 @@ export async function reviewNow(
 }
 
 /**
- * `edgetune review --save <dir>`: the images waiting for review, to look at, as `<id>@<sha256[:12]>.<ext>`;
- * `--accept <id>@<sha>` then adds exactly those bytes or nothing.
+ * `edgetune review --save <dir>`: the images waiting for review, to look at, as `<id>@<sha256>.<ext>` (the
+ * whole hash); `--accept <id>@<sha256>` then adds exactly those bytes or nothing.
  */
 export async function saveCaptureImages(store: ObjectStore, model: string, dir: string): Promise<{ id: string; file: string }[]> {
   await mkdir(dir, { recursive: true });
@@ -257,7 +270,7 @@ export async function saveCaptureImages(store: ObjectStore, model: string, dir: 
     const bytes = await captureImage(store, c).catch(() => null);
     if (!bytes) continue;
     const sub = c.image.contentType.split("/")[1] as string;
-    const file = join(dir, `${c.id}@${(await sha256Hex(bytes)).slice(0, 12)}.${sub === "jpeg" ? "jpg" : sub}`);
+    const file = join(dir, `${c.id}@${await sha256Hex(bytes)}.${sub === "jpeg" ? "jpg" : sub}`);
     await writeFile(file, bytes);
     out.push({ id: c.id, file });
   }

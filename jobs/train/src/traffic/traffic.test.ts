@@ -84,7 +84,7 @@ describe("review", () => {
     await setup("pets-data", "flat");
     const a = await capture(await png("#f00"));
     const b = await capture(await png("#0f0"));
-    const r = await reviewNow(s3.store, "pets", { accept: [a.id], discard: [b.id], as: "dog" }, memoryLogger());
+    const r = await reviewNow(s3.store, "pets", { unseen: true, accept: [a.id], discard: [b.id], as: "dog" }, memoryLogger());
     expect(r.accepted).toEqual([{ id: a.id, key: `datasets/pets-data/dog/captured-${a.id}.png` }]);
     expect(r.discarded).toEqual([b.id]);
     const head = await s3.store.head(`datasets/pets-data/dog/captured-${a.id}.png`);
@@ -96,7 +96,7 @@ describe("review", () => {
   it("puts accepted images under train/ in a dataset with splits, the predicted label by default", async () => {
     await setup("split-data", "split");
     const a = await capture(await png("#00f"));
-    const r = await reviewNow(s3.store, "pets", { accept: [a.id] }, memoryLogger());
+    const r = await reviewNow(s3.store, "pets", { unseen: true, accept: [a.id] }, memoryLogger());
     expect(r.accepted[0]?.key).toBe(`datasets/split-data/train/cat/captured-${a.id}.png`);
   });
 
@@ -104,10 +104,10 @@ describe("review", () => {
     await setup("pets-data", "flat");
     const a = await capture(await png("#f0f"));
     const b = await capture(new TextEncoder().encode("not an image at all"));
-    await expect(reviewNow(s3.store, "pets", { accept: [a.id], as: "hamster" }, memoryLogger())).rejects.toThrow(
+    await expect(reviewNow(s3.store, "pets", { unseen: true, accept: [a.id], as: "hamster" }, memoryLogger())).rejects.toThrow(
       /Invalid --as "hamster"\. Valid values: cat, dog/,
     );
-    const r = await reviewNow(s3.store, "pets", { accept: [b.id], as: "cat" }, memoryLogger());
+    const r = await reviewNow(s3.store, "pets", { unseen: true, accept: [b.id], as: "cat" }, memoryLogger());
     expect(r.accepted).toEqual([]);
     expect(r.refused.map((x) => x.id)).toEqual([b.id]);
     // Back in the queue, undecided, with the reason; the other one was never decided.
@@ -380,7 +380,7 @@ describe("review decisions cannot be turned (the edge's credentials against the 
       await s3.store.put(c.image.key, await png("#a00"));
       await s3.store.put(key, JSON.stringify({ schemaVersion: 1, id: c.id, action: "accept", label: "cat", decidedAt: new Date().toISOString(), by: "cli" }));
     });
-    const r = await reviewNow(store, "pets", { accept: [c.id], as: "dog" }, memoryLogger());
+    const r = await reviewNow(store, "pets", { unseen: true, accept: [c.id], as: "dog" }, memoryLogger());
     expect(r.accepted).toEqual([{ id: c.id, key: `datasets/pets-data/dog/captured-${c.id}.png` }]);
     expect(await capturedFiles()).toEqual([`datasets/pets-data/dog/captured-${c.id}.png`]);
     const added = (await s3.store.get(`datasets/pets-data/dog/captured-${c.id}.png`)) as Uint8Array;
@@ -392,7 +392,7 @@ describe("review decisions cannot be turned (the edge's credentials against the 
     const dir = await mkdtemp(join(tmpdir(), "edgetune-review-"));
     const saved = await saveCaptureImages(s3.store, "pets", dir);
     const ref = (id: string) => basename(saved.find((f) => f.id === id)?.file as string).replace(/\.png$/, "");
-    expect(ref(kept.id)).toBe(`${kept.id}@${(await sha256Hex(await png("#0c0"))).slice(0, 12)}`);
+    expect(ref(kept.id)).toBe(`${kept.id}@${await sha256Hex(await png("#0c0"))}`);
     await s3.store.put(swapped.image.key, await png("#00c")); // after the operator looked at it
     const r = await reviewNow(s3.store, "pets", { accept: [ref(kept.id), ref(swapped.id)], as: "dog" }, memoryLogger());
     expect(r.accepted.map((a) => a.id)).toEqual([kept.id]);
@@ -410,10 +410,10 @@ describe("review decisions cannot be turned (the edge's credentials against the 
         if (key === added) throw new Error("connection reset");
       },
     });
-    const first = await reviewNow(failing, "pets", { accept: [c.id], as: "dog" }, memoryLogger());
+    const first = await reviewNow(failing, "pets", { unseen: true, accept: [c.id], as: "dog" }, memoryLogger());
     expect(first.refused.map((r) => r.id)).toEqual([c.id]);
     expect(await s3.store.head(added)).toBeNull();
-    const again = await reviewNow(s3.store, "pets", { accept: [c.id], as: "dog" }, memoryLogger());
+    const again = await reviewNow(s3.store, "pets", { unseen: true, accept: [c.id], as: "dog" }, memoryLogger());
     expect([again.accepted.map((a) => a.id), again.replayed]).toEqual([[c.id], []]);
     expect(await s3.store.head(added)).not.toBeNull();
   });
@@ -424,12 +424,26 @@ describe("review decisions cannot be turned (the edge's credentials against the 
     const forged = [pngWithChunk(plain, pngChunk("tEXt", secret)), pngWithChunk(plain, pngChunk("eXIf", secret)), withTrailer(plain, "GPS 48.85,2.35")];
     const ids: string[] = [];
     for (const bytes of forged) ids.push((await capture(bytes)).id);
-    const r = await reviewNow(s3.store, "pets", { accept: ids, as: "dog" }, memoryLogger());
+    const r = await reviewNow(s3.store, "pets", { unseen: true, accept: ids, as: "dog" }, memoryLogger());
     expect(r.accepted).toEqual([]);
     expect(r.refused.map((x) => [x.id, x.reason])).toEqual(ids.map((id) => [id, expect.stringContaining("not a plain PNG")]));
     expect(await capturedFiles()).toEqual([]);
     const clean = await capture(plain);
-    expect((await reviewNow(s3.store, "pets", { accept: [clean.id], as: "dog" }, memoryLogger())).accepted.map((a) => a.id)).toEqual([clean.id]);
+    expect((await reviewNow(s3.store, "pets", { unseen: true, accept: [clean.id], as: "dog" }, memoryLogger())).accepted.map((a) => a.id)).toEqual([clean.id]);
+  });
+
+  it("an accept binds the whole sha256 of an image the operator saved, or says --unseen", async () => {
+    const c = await capture(await png("#0c1"));
+    // Without a pin, and without saying it adds bytes nobody looked at: refused before anything is written.
+    await expect(reviewNow(s3.store, "pets", { accept: [c.id], as: "dog" }, memoryLogger())).rejects.toThrow(/--unseen/);
+    const sha = await sha256Hex(await png("#0c1"));
+    // A prefix of the hash (8 or 12 digits, as before) is not a pin: other bytes can be made to match it.
+    for (const short of [sha.slice(0, 8), sha.slice(0, 12)])
+      await expect(reviewNow(s3.store, "pets", { accept: [`${c.id}@${short}`], as: "dog" }, memoryLogger())).rejects.toThrow(/64 hex/);
+    expect(await capturedFiles()).toEqual([]);
+    expect((await listCaptures(s3.store, "pets")).map((x) => [x.id, x.decision])).toEqual([[c.id, null]]);
+    const r = await reviewNow(s3.store, "pets", { accept: [`${c.id}@${sha}`], as: "dog" }, memoryLogger());
+    expect(r.accepted.map((a) => a.id)).toEqual([c.id]);
   });
 
   it("skips records and decisions larger than any the edge writes, unread", async () => {
@@ -446,12 +460,12 @@ describe("review decisions cannot be turned (the edge's credentials against the 
     const c = await capture(await png("#00a"));
     const forged = { ...c, predictions: [{ label: "cat\u001b[2J", score: 0.9 }] };
     await s3.store.put(keys.captureRecord("pets", c.id), JSON.stringify(forged));
-    const r = await reviewNow(s3.store, "pets", { accept: [c.id] }, memoryLogger());
+    const r = await reviewNow(s3.store, "pets", { unseen: true, accept: [c.id] }, memoryLogger());
     expect(r.refused).toEqual([{ id: c.id, reason: expect.stringContaining("is not a label of dataset pets-data; accept it with --as <label> (cat, dog)") }]);
     expect(await capturedFiles()).toEqual([]);
     // Nothing was decided: it waits in the queue for a decision with --as.
     expect((await listCaptures(s3.store, "pets")).map((x) => [x.id, x.decision])).toEqual([[c.id, null]]);
-    await expect(reviewNow(s3.store, "pets", { accept: [c.id], as: "cat\u200b" }, memoryLogger())).rejects.toThrow(/invisible format character/);
+    await expect(reviewNow(s3.store, "pets", { unseen: true, accept: [c.id], as: "cat\u200b" }, memoryLogger())).rejects.toThrow(/invisible format character/);
   });
 });
 
