@@ -33,11 +33,16 @@ export const labelSchema = z
   .max(100)
   .refine((s) => !s.startsWith(".") && !s.includes("/"), "must be a plain folder name");
 
+/** Letters (not format characters, so \p{Cf} misses them) that render as empty space: Hangul fillers, the braille blank. */
+const BLANK_LETTERS = /[\u115f\u1160\u3164\uffa0\u2800]/u;
+
 /** What makes a new label unsafe to show or to tell apart; null when it is fine. */
 export function labelProblem(label: string): string | null {
   // Cc: C0/C1 controls (escape sequences); Cf: format characters (zero-width, bidi overrides, soft hyphen).
   if (/\p{Cc}/u.test(label)) return "has a control character";
   if (/\p{Cf}/u.test(label)) return "has an invisible format character (zero-width or direction mark)";
+  if (BLANK_LETTERS.test(label)) return "has a blank letter (a Hangul or braille blank, shown as nothing)";
+  if (label.trim() !== label) return "starts or ends with a space";
   if (label.normalize("NFC") !== label) return `is not in Unicode normal form NFC (rename it "${label.normalize("NFC")}")`;
   return null;
 }
@@ -93,12 +98,14 @@ const CONFUSABLES: Record<string, string> = {
   ς: "c",
 };
 
-/** The form two labels share when a reader could not tell them apart: NFKC, case-folded, no invisible characters, look-alikes mapped. */
+/** The form two labels share when a reader could not tell them apart: NFKC, case-folded, no invisible characters or blank letters, no spaces around it, look-alikes mapped. */
 export function labelSkeleton(label: string): string {
   const folded = label
     .normalize("NFKC")
     .toLowerCase()
-    .replace(/[\p{Cf}\p{Cc}]/gu, "");
+    .replace(/[\p{Cf}\p{Cc}]/gu, "")
+    .replace(new RegExp(BLANK_LETTERS.source, "gu"), "")
+    .trim();
   return [...folded].map((c) => CONFUSABLES[c] ?? c).join("");
 }
 

@@ -25,6 +25,20 @@ describe("labels", () => {
     expect(lookAlikes(["cat", "dog", "cats", "猫"])).toEqual([]);
   });
 
+  it("blank letters and spaces around a label neither pass as new labels nor tell two labels apart", () => {
+    const blanks = ["\u3164", "\u2800", "\u115f", "\u1160", "\uffa0"];
+    for (const b of blanks) {
+      expect(labelProblem(`food${b}`)).toMatch(/blank letter/);
+      expect(lookAlikes(["food", `food${b}`])).toEqual([["food", `food${b}`]]);
+      expect(lookAlikes(["food", `fo${b}od`])).toEqual([["food", `fo${b}od`]]);
+    }
+    for (const spaced of ["food ", " food", "food\u00a0", "food\u3000"]) {
+      expect(labelProblem(spaced)).toMatch(/starts or ends with a space/);
+      expect(lookAlikes(["food", spaced])).toEqual([["food", spaced]]);
+    }
+    expect(labelProblem("hot dog")).toBeNull();
+  });
+
   it("a dataset with such label folders is refused before training, naming both folders", () => {
     const images = (labels: string[]) =>
       labels.flatMap((label) => [0, 1, 2, 3].map((n) => ({ key: `${label}/${n}.png`, id: `${label}${n}`, label, split: "train" as const })));
