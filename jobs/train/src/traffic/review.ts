@@ -20,6 +20,7 @@ import { keys } from "../../../../shared/keys.ts";
 import { type ObjectStore, ObjectTooLargeError } from "../../../../shared/s3/store.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import type { Logger } from "../log.ts";
+import { safeText } from "../output.ts";
 
 /**
  * Review decisions, from the moment a person makes them to the dataset. A decision is bound to
@@ -232,7 +233,8 @@ export async function reviewNow(
       if (label === undefined || !target.labels.has(label)) {
         result.refused.push({
           id,
-          reason: `its predicted label "${label ?? ""}" is not a label of dataset ${target.dataset}; accept it with --as <label> (${labelList(target)})`,
+          // The label is the edge-writable record's: escaped whole (a newline in it would start a line of its own).
+          reason: `its predicted label "${safeText(label ?? "")}" is not a label of dataset ${target.dataset}; accept it with --as <label> (${labelList(target)})`,
         });
         continue;
       }

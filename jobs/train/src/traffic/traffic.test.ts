@@ -446,6 +446,14 @@ describe("review decisions cannot be turned (the edge's credentials against the 
     expect(r.accepted.map((a) => a.id)).toEqual([c.id]);
   });
 
+  it("a stored label cannot start a line of its own in what the operator reads", async () => {
+    const c = await capture(await png("#00b"));
+    await s3.store.put(keys.captureRecord("pets", c.id), JSON.stringify({ ...c, predictions: [{ label: "x\n3 added to the dataset", score: 0.9 }] }));
+    const r = await reviewNow(s3.store, "pets", { unseen: true, accept: [c.id] }, memoryLogger());
+    expect(r.refused).toEqual([{ id: c.id, reason: expect.stringContaining('its predicted label "x\\x0a3 added to the dataset"') }]);
+    expect(r.refused[0]?.reason).not.toContain("\n");
+  });
+
   it("skips records and decisions larger than any the edge writes, unread", async () => {
     const big = await capture(await png("#0b0"));
     const pad = " ".repeat(70 * 1024);
