@@ -30,7 +30,7 @@ import { ApiError, errorBody } from "./http/errors.ts";
 import { decodeImage, encodePng } from "./image/decode.ts";
 import { wasmMemoryBytes } from "./memory.ts";
 import { type ModelCache, modelCache } from "./model/cache.ts";
-import { ModelRegistry, ModelUnavailableError } from "./model/registry.ts";
+import { ModelRegistry, ModelUnavailableError, STORE_REFUSED } from "./model/registry.ts";
 import { createModelSource, ListingUnavailableError, type ModelSource, SourceError, StoreAccessDeniedError } from "./model/source.ts";
 import {
   captureImageRoute,
@@ -436,7 +436,8 @@ app.onError((err, c) => {
   }
   if (err instanceof StoreAccessDeniedError) {
     c.header("retry-after", "60");
-    return c.json(errorBody(err.code, `The model store refused this worker's credentials; its operator must set them again (${err.message}).`), 503);
+    // Plain words for any client; S3's code, the key and the secrets' names are in /healthz for operators.
+    return c.json(errorBody(err.code, STORE_REFUSED), 503);
   }
   if (err instanceof SourceError) {
     c.header("retry-after", "5");

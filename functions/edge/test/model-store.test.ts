@@ -184,8 +184,10 @@ describe("a refused store credential", () => {
     expect(res.headers.get("retry-after")).toMatch(/^\d+$/);
     const body = (await res.json()) as { error: { code: string; message: string } };
     expect(body.error.code).toBe("store_access_denied");
-    expect(body.error.message).toMatch(/refused the worker's credentials/);
+    expect(body.error.message).toMatch(/refused this worker's credentials/);
     expect(body.error.message).not.toMatch(/local-secret|\n\s+at /); // no secret, no stack trace
+    // Nor internals, to a client key: S3's error code, a key path, the secrets' names (they are in /healthz for operators).
+    expect(body.error.message).not.toMatch(/InvalidAccessKeyId|AccessDenied|models\/|AWS_|SECRET|HTTP 40/);
     const h = await health(edge);
     expect(h.status).toBe("degraded");
     expect(h.models).toContainEqual(
@@ -203,6 +205,8 @@ describe("a refused store credential", () => {
     refusal = () => "AccessDenied";
     const refused = await postClassify(edge, "other", sampleImage);
     expect(refused.status).toBe(503);
-    expect(((await refused.json()) as { error: { code: string } }).error.code).toBe("store_access_denied");
+    const refusedBody = (await refused.json()) as { error: { code: string; message: string } };
+    expect(refusedBody.error.code).toBe("store_access_denied");
+    expect(refusedBody.error.message).not.toMatch(/AccessDenied|models\/|AWS_|HTTP 40/);
   });
 });

@@ -50,6 +50,10 @@ interface Slot {
 /** Unknown names are remembered (for the TTL) only up to this many, so requests cannot grow memory. */
 const MAX_SLOTS = 256;
 
+/** What a client is told when the store refuses the worker's key. */
+export const STORE_REFUSED =
+  "The model store refused this worker's credentials; its operator must set them again (the details are in /healthz, for operator keys).";
+
 type UnavailableCode = "model_not_found" | "model_unavailable" | "store_access_denied";
 
 export class ModelUnavailableError extends Error {
@@ -104,8 +108,8 @@ export class ModelRegistry {
       if (!slot.current) {
         if (slot.missingUntil) throw new ModelUnavailableError("model_not_found", `No model named ${name}.`);
         const retryAfter = Math.max(1, Math.ceil(((slot.nextCheckAt ?? this.now()) - this.now()) / 1000));
-        if (slot.lastError?.code)
-          throw new ModelUnavailableError(slot.lastError.code, `Model ${name} cannot be loaded: ${slot.lastError.message}.`, retryAfter);
+        // The details (S3's code, the key, the secrets' names) are for operators: /healthz with an operator key.
+        if (slot.lastError?.code) throw new ModelUnavailableError(slot.lastError.code, `Model ${name} cannot be loaded. ${STORE_REFUSED}`, retryAfter);
         throw new ModelUnavailableError(
           "model_unavailable",
           `Model ${name} is not available yet${slot.lastError ? `: ${slot.lastError.message}` : ""}.`,
