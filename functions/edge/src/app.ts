@@ -17,7 +17,7 @@ import {
 import { tryParseContractJson } from "../../../shared/contracts/parse.ts";
 import { NotFoundError } from "../../../shared/errors.ts";
 import { hmacSha256Hex, sha256Hex } from "../../../shared/hash.ts";
-import { isCaptureKey, keys } from "../../../shared/keys.ts";
+import { keys } from "../../../shared/keys.ts";
 import { monitorSummarySchema } from "../../../shared/monitor.ts";
 import { preprocess } from "../../../shared/preprocess.ts";
 import { Capturer, isOptOut } from "./capture/capture.ts";
@@ -225,7 +225,7 @@ app.openapi(reportRoute, async (c) => {
 });
 
 /**
- * The review queue, newest first: the day folders of the model's captures, then each day's records from
+ * The review queue, newest first: the day folders of the retention window, then each day's records from
  * the newest, skipping those already decided (their decision waits for the nightly run), within the
  * subrequests one request may spend. A capture whose decision the job could not apply is back, with why.
  * Whoever holds the edge's key may write under captures/, so what is read is bounded before it is held:
@@ -239,42 +239,42 @@ const MAX_RECORD_BYTES = 16 * 1024;
 const MAX_PAGE_BYTES = 256 * 1024;
 /** Record reads one listing may spend (Workers allow 50 subrequests per request on the Free plan). */
 const MAX_RECORD_READS = 40;
+/** Subrequests for day listings and record reads together (the decisions' listing and the settings take the rest). */
+const MAX_LISTING_SUBREQUESTS = 46;
+const readsAllowed = (lists: number) => Math.min(MAX_RECORD_READS, MAX_LISTING_SUBREQUESTS - lists);
+/** Captures expire after `captureRetentionDays` (cdk.json, 30 by default): the days a review can find one in. */
+const REVIEW_DAYS = 30;
+const reviewDays = (now: Date) => Array.from({ length: REVIEW_DAYS + 2 }, (_, i) => new Date(now.getTime() + (1 - i) * 86_400_000).toISOString().slice(0, 10));
 app.openapi(capturesRoute, async (c) => {
   const { name } = c.req.valid("param");
   const store = captureStoreFor(c.env);
-  const [days, decided, settings] = await Promise.all([
-    // Day folders only, none after tomorrow (anything else under images/ is not the edge's and is
-    // skipped: folders dated in the future would otherwise take the five days the listing reads).
-    store.listFolders(keys.captureImages(name)).then((d) => {
-      const latest = new Date(Date.now() + 86_400_000).toISOString().slice(0, 10);
-      return d
-        .filter((f) => isCaptureKey(f, true) && f.slice(-11, -1) <= latest)
-        .sort()
-        .reverse();
-    }),
-    store.list(keys.captureDecisions(name), 1000),
-    readCaptureConfig(catalogFor(c.env), name),
-  ]);
+  const [decided, settings] = await Promise.all([store.list(keys.captureDecisions(name), 1000), readCaptureConfig(catalogFor(c.env), name)]);
   const decidedIds = new Set(decided.map((k) => k.slice(keys.captureDecisions(name).length, -".json".length)));
   // Candidates newest first; records are read a page at a time until the page is full, so a skipped
   // (forged) record does not take a real one's place — within MAX_RECORD_READS reads per response.
   const candidates: string[] = [];
   let truncated = false;
-  for (const [i, day] of days.entries()) {
-    if (candidates.length >= MAX_RECORD_READS || i >= 5) {
+  // Day folders built from dates, newest first (tomorrow: an edge clock a little ahead), never from a
+  // listing: junk keys sorted before the days ("images/0/x") or folders dated in the future or long ago
+  // cannot take the queue's place. Each day listed is a subrequest, so record reads shrink to fit.
+  let lists = 0;
+  for (const day of reviewDays(new Date())) {
+    if (candidates.length >= readsAllowed(lists)) {
       truncated = true;
       break;
     }
-    const listed = await store.list(day, 2000);
+    lists++;
+    const listed = await store.list(`${keys.captureImages(name)}${day}/`, 2000);
     if (listed.length >= 2000) truncated = true;
     candidates.push(...listed.filter((k) => isOwnRecordKey(name, k) && !decidedIds.has(idOfRecordKey(k))).reverse());
   }
-  if (candidates.length > MAX_RECORD_READS) truncated = true;
+  const maxReads = readsAllowed(lists);
+  if (candidates.length > maxReads) truncated = true;
   const captures: CaptureRecord[] = [];
   let bytes = 0;
   let next = 0;
-  while (captures.length < REVIEW_PAGE && next < Math.min(candidates.length, MAX_RECORD_READS)) {
-    const batch = candidates.slice(next, Math.min(next + REVIEW_PAGE - captures.length, MAX_RECORD_READS));
+  while (captures.length < REVIEW_PAGE && next < Math.min(candidates.length, maxReads)) {
+    const batch = candidates.slice(next, Math.min(next + REVIEW_PAGE - captures.length, maxReads));
     next += batch.length;
     const read = await Promise.all(
       batch.map(async (k) => {

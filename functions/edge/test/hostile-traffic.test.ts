@@ -152,7 +152,9 @@ describe("the daily cap", () => {
 });
 
 describe("the review listing reads captures/ with bounds (the edge's key may write there)", () => {
-  const day = "2026-12-01";
+  // Today: the listing reads the retention window's days, built from dates.
+  const day = new Date().toISOString().slice(0, 10);
+  const stamp = day.replaceAll("-", "");
   const record = (id: string, extra: object = {}) => ({
     schemaVersion: 1,
     id,
@@ -174,7 +176,7 @@ describe("the review listing reads captures/ with bounds (the edge's key may wri
   it("skips huge forged records (8 MB each, valid otherwise): the response stays small", async () => {
     const huge = "x".repeat(8 * 1024 * 1024);
     for (let i = 0; i < 3; i++) {
-      const id = `20261201T235900-huge000${i}`;
+      const id = `${stamp}T235900-huge000${i}`;
       await s3.store.put(keys.captureRecord("emoji", id), JSON.stringify(record(id, { predictions: [{ label: huge, score: 0.4 }] })));
     }
     const { text, captures } = await listing();
@@ -182,20 +184,40 @@ describe("the review listing reads captures/ with bounds (the edge's key may wri
     expect(text.length).toBeLessThan(300 * 1024);
     process.stderr.write(`review listing with forged records: ${text.length} bytes, workerd peak ${edge.memoryMb().peak} MB\n`);
     // The image route refuses a record it would not list (422, not an 8 MB read).
-    const image = await fetch(`${edge.url}/v1/models/emoji/captures/20261201T235900-huge0000/image`, { headers: operator() });
+    const image = await fetch(`${edge.url}/v1/models/emoji/captures/${stamp}T235900-huge0000/image`, { headers: operator() });
     expect(image.status).toBe(422);
   });
 
   it("lists a record once, under its own key only, and skips day folders dated in the future", async () => {
     // One small record, copies of it under 20 other names, and day folders dated in the future (the
     // listing reads the 5 newest days) holding more copies.
-    const id = "20261201T100000-copy0000";
+    const id = `${stamp}T100000-copy0000`;
     await s3.store.put(keys.captureRecord("emoji", id), JSON.stringify(record(id)));
     for (let d = 1; d <= 5; d++) await s3.store.put(`captures/emoji/images/2099-01-0${d}/20990101T100000-copy0000.json`, JSON.stringify(record(id)));
     for (let i = 0; i < 20; i++)
-      await s3.store.put(`captures/emoji/images/${day}/20261201T100001-copy${String(i).padStart(4, "0")}.json`, JSON.stringify(record(id)));
+      await s3.store.put(`captures/emoji/images/${day}/${stamp}T100001-copy${String(i).padStart(4, "0")}.json`, JSON.stringify(record(id)));
     const { captures } = await listing();
     expect(captures.filter((c) => c.id === id).length).toBe(1);
+  });
+  it("finds today's captures behind 1 000 junk folders sorted before the days, and ignores days past the retention window", async () => {
+    const id = `${stamp}T110000-real0000`;
+    await s3.store.put(keys.captureRecord("emoji", id), JSON.stringify(record(id)));
+    // Junk keys under images/ that sort before "2…": one page of a folder listing holds nothing else.
+    for (let i = 0; i < 1000; i += 100)
+      await Promise.all(Array.from({ length: 100 }, (_, j) => s3.store.put(`captures/emoji/images/0${String(i + j).padStart(4, "0")}/x`, "x")));
+    // A record dated long before the retention window (the bucket would have expired it).
+    const old = "20000101T000000-old00000";
+    await s3.store.put(
+      `captures/emoji/images/2000-01-01/${old}.json`,
+      JSON.stringify({
+        ...record(old),
+        capturedAt: "2000-01-01T00:00:00.000Z",
+        image: { ...record(old).image, key: keys.captureFile("emoji", "2000-01-01", old, "png") },
+      }),
+    );
+    const { captures } = await listing();
+    expect(captures.map((c) => c.id)).toContain(id);
+    expect(captures.map((c) => c.id)).not.toContain(old);
   });
 });
 
