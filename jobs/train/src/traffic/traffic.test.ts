@@ -37,6 +37,13 @@ afterAll(async () => {
   await s3?.stop();
 });
 
+/** Every object of the test bucket deleted (each test sets up its own). */
+async function emptyBucket() {
+  const all: string[] = [];
+  for await (const o of s3.store.list("")) all.push(o.key);
+  if (all.length) await s3.store.delete(all);
+}
+
 let n = 0;
 /** A served model `pets` trained on dataset `dataset` (layout as given), and one capture of it. */
 async function setup(dataset: string, layout: "flat" | "split") {
@@ -75,9 +82,7 @@ async function capture(image: Uint8Array, day = new Date().toISOString().slice(0
 
 describe("review", () => {
   beforeEach(async () => {
-    const all: string[] = [];
-    for await (const o of s3.store.list("")) all.push(o.key);
-    if (all.length) await s3.store.delete(all);
+    await emptyBucket();
   });
 
   it("accepts into the served version's dataset with provenance, discards, and empties the queue", async () => {
@@ -237,9 +242,7 @@ describe("the rest of captures/, forged with the edge's key", () => {
 
 describe("one night's reading of captures/ is bounded, valid files or not", () => {
   it("a flood of ten-byte files under decisions/ and counters/ costs a night at most its budget, and is deleted as it is read", async () => {
-    const all: string[] = [];
-    for await (const o of s3.store.list("")) all.push(o.key);
-    if (all.length) await s3.store.delete(all);
+    await emptyBucket();
     await setup("pets-data", "flat");
     const today = new Date().toISOString().slice(0, 10);
     const junk = [
@@ -310,9 +313,7 @@ function swappedBeforeRead(match: (key: string) => boolean, bytes: Uint8Array) {
 
 describe("sizes are checked while reading, not only before (the edge's key may replace a file after it was listed)", () => {
   beforeEach(async () => {
-    const all: string[] = [];
-    for await (const o of s3.store.list("")) all.push(o.key);
-    if (all.length) await s3.store.delete(all);
+    await emptyBucket();
     await setup("pets-data", "flat");
   });
   const fiveMb = new Uint8Array(5 * 1024 * 1024).fill(0x20);
@@ -337,9 +338,7 @@ const attackedWhenDecided = (attack: (decisionKey: string) => Promise<void>) =>
 
 describe("review decisions cannot be turned (the edge's credentials against the CLI)", () => {
   beforeEach(async () => {
-    const all: string[] = [];
-    for await (const o of s3.store.list("")) all.push(o.key);
-    if (all.length) await s3.store.delete(all);
+    await emptyBucket();
     await setup("pets-data", "flat");
   });
   const capturedFiles = async () => {
