@@ -112,6 +112,10 @@ program
       "if-better: only when the promotion rules hold; always: without checking them; never: keep for review (default if-better)",
     ).choices(["if-better", "always", "never"]),
   )
+  .option(
+    "--threshold-policy <policy>",
+    "per-label score thresholds below which an answer is unsure: f1 (each label's best F1 on held-out images) or precision:<target>, e.g. precision:0.95 (default f1)",
+  )
   .option("--force", "train even if this dataset + config was already trained")
   .option("--config <file>", "JSON file with the same options (flags win)")
   .option("--json", "JSON log lines even on a terminal, and the result as JSON")
@@ -131,6 +135,7 @@ program
       promotionTolerance: o.promotionTolerance as number | undefined,
       minHeldOutPerLabel: o.minHeldOutPerLabel as number | undefined,
       promote: o.promote as TrainInput["promote"],
+      thresholdPolicy: o.thresholdPolicy as string | undefined,
       force: o.force === true ? true : undefined,
       head: {
         ...fromFile.head,

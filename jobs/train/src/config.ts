@@ -67,6 +67,16 @@ export const trainOptionsSchema = z.object({
    * operator's explicit choice, e.g. a first model from a handful of images); `never`: keep for review.
    */
   promote: z.enum(["if-better", "always", "never"]).default("if-better"),
+  /**
+   * How each label's score threshold is set on the calibrated held-out scores (release/thresholds.ts):
+   * `f1` (best F1 per label) or `precision:<target>` (the lowest threshold reaching that precision).
+   */
+  thresholdPolicy: z
+    .string()
+    .default("f1")
+    .refine((s) => s === "f1" || /^precision:(0(\.\d+)?|1(\.0+)?)$/.test(s), "must be f1 or precision:<target in (0, 1]>, e.g. precision:0.95"),
+  /** The dataset's rejection class (the manifest's `noneLabel`): answered as "none of these". */
+  noneLabel: z.string().min(1).optional(),
   /** Train even if this exact version exists. */
   force: z.boolean().default(false),
 });
@@ -81,6 +91,7 @@ export function resolveOptions(input: TrainInput, manifest?: DatasetManifest): T
   if (manifest?.imageSize) fromManifest.imageSize = manifest.imageSize;
   if (manifest?.epochs) fromManifest.head = { epochs: manifest.epochs };
   if (manifest?.model) fromManifest.model = manifest.model;
+  if (manifest?.noneLabel) fromManifest.noneLabel = manifest.noneLabel;
   const merged = { ...fromManifest, ...stripUndefined(input), head: { ...fromManifest.head, ...stripUndefined(input.head ?? {}) } };
   if (merged.strategy !== undefined && !(STRATEGIES as readonly string[]).includes(merged.strategy))
     throw new InvalidOptionError("strategy", merged.strategy, STRATEGIES);
@@ -97,9 +108,10 @@ function stripUndefined<T extends object>(o: T): Partial<T> {
  * Part of every version id: raised when the same data and options would give a different model or
  * evaluation. 2: held-out near-duplicates of training images leave the evaluation (which early stopping
  * and promotion read). 3: the head learns on standardised features, for darknet-tiny pooled from four
- * layers (fit/standardize.ts, model/bases.ts).
+ * layers (fit/standardize.ts, model/bases.ts). 4: scores calibrated (a temperature folded into the head) and
+ * per-label thresholds in the metadata (fit/calibrate.ts, release/thresholds.ts).
  */
-export const TRAINER_VERSION = 3;
+export const TRAINER_VERSION = 4;
 
 /**
  * The version id: a function of the data, the options that shape the model and the base weights.

@@ -1,4 +1,6 @@
+import type { ReliabilityBin } from "../fit/calibrate.ts";
 import type { EpochLog } from "../fit/head.ts";
+import type { AnsweredMetrics, LabelThreshold } from "./thresholds.ts";
 
 /**
  * The training report stored with every version: `report.json` for machines and a self-contained
@@ -28,6 +30,11 @@ export interface TrainingReport {
   mistakes: { key: string; label: string; predicted: string; score: number; thumbnail?: string }[];
   export: { dtype: string; bytes: number; maxDelta: number };
   promotion: { promoted: boolean; reason: string; current?: { version: string; accuracy: number } };
+  /** Temperature scaling (fit/calibrate.ts); absent in reports of older versions. */
+  calibration?: { temperature: number; folds: number; eceBefore: number; eceAfter: number; reliability: { before: ReliabilityBin[]; after: ReliabilityBin[] } };
+  /** Per-label thresholds and their cross-fitted effect (release/thresholds.ts). */
+  thresholds?: { policy: string; byLabel: Record<string, LabelThreshold> } & AnsweredMetrics;
+  noneLabel?: string;
 }
 
 const esc = (s: string) => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
@@ -100,6 +107,7 @@ ${line(
 <p>${r.promotion.promoted ? "Promoted" : "Not promoted"}: ${esc(r.promotion.reason)}</p>
 ${r.warnings.length ? `<ul>${r.warnings.map((w2) => `<li>${esc(w2)}</li>`).join("")}</ul>` : ""}
 <h2>Training curves</h2>${chart}
+${answersHtml(r)}
 <h2>Per class</h2><table><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>${perClass}</table>
 <h2>Confusion matrix</h2><p>rows: true label · columns: predicted</p>${confusion}
 <h2>Most confidently wrong</h2>${mistakes || "<p>none</p>"}
@@ -108,4 +116,41 @@ ${r.nearDuplicates.length ? `<h2>Held-out images left out as near-duplicates of 
 <h2>Phases</h2><table>${r.phases.map((p) => `<tr><td>${esc(p.name)}</td><td>${p.seconds.toFixed(1)} s</td><td>${esc(JSON.stringify(p.detail ?? {}))}</td></tr>`).join("")}</table>
 </html>
 `;
+}
+
+/** A reliability diagram: per confidence bin, accuracy (bars) against the diagonal of perfect calibration. */
+function reliabilitySvg(bins: readonly ReliabilityBin[], title: string): string {
+  const size = 220;
+  const pad = 30;
+  const span = size - 2 * pad;
+  const bars = bins
+    .filter((b) => b.count > 0)
+    .map((b) => {
+      const x = pad + b.lower * span;
+      const h = b.accuracy * span;
+      const gap = (b.confidence - b.accuracy) * span;
+      return `<rect x="${x.toFixed(1)}" y="${(size - pad - h).toFixed(1)}" width="${((b.upper - b.lower) * span - 1).toFixed(1)}" height="${h.toFixed(1)}" fill="#3a6fd0"><title>${pct(b.lower)}–${pct(b.upper)}: ${b.count} answers, mean score ${pct(b.confidence)}, right ${pct(b.accuracy)}</title></rect>${
+        Math.abs(gap) > 0.5
+          ? `<rect x="${x.toFixed(1)}" y="${(size - pad - Math.max(h, h + gap)).toFixed(1)}" width="${((b.upper - b.lower) * span - 1).toFixed(1)}" height="${Math.abs(gap).toFixed(1)}" fill="rgba(220,60,60,0.35)"/>`
+          : ""
+      }`;
+    })
+    .join("");
+  return `<svg width="${size}" height="${size}" role="img" aria-label="reliability diagram ${esc(title)}"><rect x="${pad}" y="${pad}" width="${span}" height="${span}" fill="#fafafa" stroke="#ccc"/>${bars}<line x1="${pad}" y1="${size - pad}" x2="${size - pad}" y2="${pad}" stroke="#888" stroke-dasharray="4 3"/><text x="${pad}" y="18" font-size="11">${esc(title)}</text><text x="${pad}" y="${size - 8}" font-size="10">score →  (bars: share right; red: gap)</text></svg>`;
+}
+
+function answersHtml(r: TrainingReport): string {
+  const c = r.calibration;
+  const t = r.thresholds;
+  if (!c || !t) return "";
+  const rows = Object.entries(t.byLabel)
+    .map(
+      ([l, v]) =>
+        `<tr><td>${esc(l)}</td><td>${pct(v.threshold)}</td><td>${pct(v.precision)}</td><td>${pct(v.recall)}</td><td>${v.reached ? "" : "target not reached"}</td></tr>`,
+    )
+    .join("");
+  return `<h2>Calibration</h2><p>Scores divided in logit space by a temperature of <b>${c.temperature.toFixed(3)}</b> (folded into the model: its scores are the calibrated ones). Expected calibration error on the held-out images: <b>${pct(c.eceBefore)}</b> before, <b>${pct(c.eceAfter)}</b> after (after: each image scored with a temperature fitted on the other ${c.folds - 1} of ${c.folds} folds).</p>
+${reliabilitySvg(c.reliability.before, "before")} ${reliabilitySvg(c.reliability.after, "after (out of fold)")}
+<h2>Answers: thresholds${r.noneLabel ? " and none of these" : ""}</h2><p>Policy <b>${esc(t.policy)}</b>: below its label's threshold an answer is <i>unsure</i>${r.noneLabel ? `; an answer of <b>${esc(r.noneLabel)}</b> is <i>none of these</i>` : ""}. On the held-out images (thresholds cross-fitted): <b>${pct(t.answered)}</b> answered with a label, ${pct(t.answeredAccuracy)} of them right (top-1 over all: ${pct(r.metrics.accuracy)}); ${pct(t.unsure)} unsure${r.noneLabel ? `, ${pct(t.none)} none of these` : ""}.</p>
+<table><tr><th>label</th><th>threshold</th><th>precision</th><th>recall</th><th></th></tr>${rows}</table>`;
 }
