@@ -110,12 +110,6 @@ export const artifactMetadataSchema = z
   });
 export type ArtifactMetadata = z.output<typeof artifactMetadataSchema>;
 
-/** The answer rules a version adds to its scores; absent in versions trained before them (no thresholds, no rejection class). */
-export function answerRules(m: ArtifactMetadata): { thresholds: Record<string, number>; noneIndex: number | undefined } {
-  const noneIndex = m.noneLabel === undefined ? undefined : m.labels.indexOf(m.noneLabel);
-  return { thresholds: m.thresholds?.byLabel ?? {}, noneIndex: noneIndex === -1 ? undefined : noneIndex };
-}
-
 export const pointerSchema = z.object({
   schemaVersion: z.literal(1),
   version: versionSchema,
