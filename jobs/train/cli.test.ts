@@ -198,7 +198,15 @@ describe("edgetune, for a person", () => {
       await writeFile(file, (image as { bytes: Uint8Array }).bytes);
       const r = await edgetune(["classify", "pets", file, "--top", "2"], "jobs/train/cli.ts", { EDGETUNE_EDGE_URL: edge.url, EDGETUNE_API_KEY: edge.apiKey });
       expect(r.code).toBe(0);
-      expect(r.stdout).toMatch(/picture\.png: \w+ [\d.]+ %, \w+ [\d.]+ %\n$/);
+      // The answer first (a label with its threshold, or unsure), then the scores.
+      expect(r.stdout).toMatch(
+        /picture\.png: (\w+ \([\d.]+ %, threshold [\d.]+ %\)|unsure: the best label, \w+ [\d.]+ %, is below its threshold [\d.]+ %); \w+ [\d.]+ %, \w+ [\d.]+ %\n$/,
+      );
+      const lenient = await edgetune(["classify", "pets", file, "--threshold", "0"], "jobs/train/cli.ts", {
+        EDGETUNE_EDGE_URL: edge.url,
+        EDGETUNE_API_KEY: edge.apiKey,
+      });
+      expect(lenient.stdout).toMatch(/picture\.png: \w+ \([\d.]+ %\); /);
       const refused = await edgetune(["classify", "pets", file], "jobs/train/cli.ts", { EDGETUNE_EDGE_URL: edge.url, EDGETUNE_API_KEY: "wrong" });
       expect([refused.code, refused.stdout]).toEqual([1, `${file}: HTTP 401: The API key is not valid.\n`]);
     } finally {

@@ -7,6 +7,7 @@
  */
 import { readFile, writeFile } from "node:fs/promises";
 import { Command, InvalidArgumentError, Option } from "commander";
+import type { Answer } from "../../shared/answer.ts";
 import { listVersions as listModelVersions } from "../../shared/catalog.ts";
 import type { ModelPointer } from "../../shared/contracts/artifact.ts";
 import { IMAGE_SIZES, nameSchema, STRATEGIES } from "../../shared/contracts/common.ts";
@@ -15,6 +16,7 @@ import { datasetNameFromManifestKey, keys } from "../../shared/keys.ts";
 import { NORMALIZATIONS, type Normalization } from "../../shared/preprocess.ts";
 import { S3ObjectStore } from "../../shared/s3/client.ts";
 import { s3ConfigFromEnv } from "../../shared/s3/config.ts";
+import { answerText } from "./src/answer-text.ts";
 import { contentTypeOf, listDatasets, listModels, listVersions, pushDataset, rollback } from "./src/catalog/catalog.ts";
 import { DEFAULT_OPTIONS, readConfigFile, type TrainInput } from "./src/config.ts";
 import { createLogger } from "./src/log.ts";
@@ -622,8 +624,9 @@ program
   .option("--url <url>", "the worker's URL (default: $EDGETUNE_EDGE_URL)")
   .option("--key <key>", "an API key (default: $EDGETUNE_API_KEY)")
   .option("--top <k>", "labels per image", int("top"), 3)
+  .option("--threshold <score>", "one score threshold (0 to 1) for every label instead of the version's per-label ones", num("threshold"))
   .option("--json", "the worker's JSON answer per image")
-  .action(async (model: string, images: string[], o: { url?: string; key?: string; top: number; json?: boolean }) => {
+  .action(async (model: string, images: string[], o: { url?: string; key?: string; top: number; threshold?: number; json?: boolean }) => {
     const url = (o.url ?? process.env.EDGETUNE_EDGE_URL)?.replace(/\/$/, "");
     const key = o.key ?? process.env.EDGETUNE_API_KEY;
     if (!url || !key)
@@ -633,19 +636,20 @@ program
       const bytes = await readFile(file).catch(() => {
         throw new NotFoundError(`Cannot read ${file}.`);
       });
-      const res = await fetch(`${url}/v1/models/${encodeURIComponent(model)}/classify?top_k=${o.top}`, {
+      const threshold = o.threshold === undefined ? "" : `&threshold=${o.threshold}`;
+      const res = await fetch(`${url}/v1/models/${encodeURIComponent(model)}/classify?top_k=${o.top}${threshold}`, {
         method: "POST",
         headers: { authorization: `Bearer ${key}`, "content-type": contentTypeOf(file) },
         body: bytes,
       }).catch((e: unknown) => {
         throw new EdgetuneError("edge_unreachable", `The worker at ${url} cannot be reached (${e instanceof Error ? e.message : e}).`);
       });
-      const body = (await res.json()) as { predictions?: { label: string; score: number }[]; error?: { message: string } };
+      const body = (await res.json()) as Partial<Answer> & { error?: { message: string } };
       if (!res.ok) failed++;
       if (o.json) process.stdout.write(`${JSON.stringify({ file, status: res.status, ...body })}\n`);
       else
         process.stdout.write(
-          `${file}: ${res.ok ? (body.predictions ?? []).map((p) => `${p.label} ${(p.score * 100).toFixed(1)} %`).join(", ") : `HTTP ${res.status}: ${body.error?.message ?? ""}`}\n`,
+          `${file}: ${res.ok ? answerText({ ...body, predictions: body.predictions ?? [] }) : `HTTP ${res.status}: ${body.error?.message ?? ""}`}\n`,
         );
     }
     if (failed > 0) process.exitCode = 1;
