@@ -118,6 +118,10 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     // The picture shown is the file itself, through a blob: URL the CSP allows.
     expect(await page.getAttribute("#classify-result img", "src")).toMatch(/^blob:/);
     expect(await page.textContent("#classify-result")).toContain(version);
+    // The answer in words first: a label with its threshold, or unsure.
+    expect(await page.textContent("#classify-answer")).toMatch(
+      /^(Answer: (animals|food|travel) \(threshold \d+\.\d %\)|Unsure: the best label, \w+ \(\d+\.\d %\), is below its threshold of \d+\.\d %\.)$/,
+    );
     expect(problems).toEqual([]);
     await page.close();
   });
@@ -130,6 +134,7 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     expect(await page.textContent("#summary")).toMatch(/Accuracy \d+\.\d %/);
     expect(await page.locator("#confusion tbody tr").count()).toBe(3);
     expect(await page.locator("#per-class tbody tr").count()).toBe(3);
+    expect(await page.textContent("#answers-summary")).toMatch(/calibration error \d+\.\d % before, \d+\.\d % after\. Thresholds \(f1\)/);
     expect(problems).toEqual([]);
     // For the README: EDGETUNE_SCREENSHOT=docs/console.png npx vitest run test/console.test.ts
     if (process.env.EDGETUNE_SCREENSHOT) {

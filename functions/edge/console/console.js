@@ -166,6 +166,7 @@ async function reportPage(show, name, version) {
           )
         : null,
     ),
+    answersSummary(r),
     el("h3", {}, "Per label"),
     el(
       "table",
@@ -176,7 +177,7 @@ async function reportPage(show, name, version) {
         el(
           "tr",
           {},
-          ["Label", "Precision", "Recall", "F1", "Held-out"].map((h, i) => el("th", { class: i ? "num" : null }, h)),
+          ["Label", "Precision", "Recall", "F1", "Held-out", "Threshold"].map((h, i) => el("th", { class: i ? "num" : null }, h)),
         ),
       ),
       el(
@@ -191,6 +192,8 @@ async function reportPage(show, name, version) {
             el("td", { class: "num" }, pct(m.recall)),
             el("td", { class: "num" }, pct(m.f1)),
             el("td", { class: "num" }, String(m.support)),
+            // Versions trained before per-label thresholds have none; the none-of-these class has none.
+            el("td", { class: "num" }, r.thresholds?.byLabel[label] ? pct(r.thresholds.byLabel[label].threshold) : "–"),
           ),
         ),
       ),
@@ -382,6 +385,40 @@ async function monitorPage(show, name) {
   );
 }
 
+/** Calibration and the thresholds' effect, for versions that have them. */
+function answersSummary(r) {
+  const c = r.calibration;
+  const t = r.thresholds;
+  if (!c || !t) return null;
+  return el(
+    "p",
+    { id: "answers-summary" },
+    `Scores calibrated (temperature ${c.temperature.toFixed(2)}): calibration error ${pct(c.eceBefore)} before, ${pct(c.eceAfter)} after. ` +
+      `Thresholds (${t.policy}): ${pct(t.answered)} of held-out images answered with a label, ${pct(t.answeredAccuracy)} of those right; ${pct(t.unsure)} unsure` +
+      (r.noneLabel ? `, ${pct(t.none)} none of these (class ${r.noneLabel}).` : "."),
+  );
+}
+
+/** The answer in words: the label, or plainly unsure or none of these (absent from workers that predate them). */
+function answerLine(body) {
+  if (body.none)
+    return el(
+      "p",
+      { class: "answer", id: "classify-answer" },
+      "None of these: the image is none of the labels (the model's none-of-these class scored highest).",
+    );
+  const top = body.predictions[0];
+  if (body.unsure && top)
+    return el(
+      "p",
+      { class: "answer", id: "classify-answer" },
+      `Unsure: the best label, ${top.label} (${pct(top.score)}), is below its threshold of ${pct(body.threshold ?? 0)}.`,
+    );
+  if (body.label)
+    return el("p", { class: "answer", id: "classify-answer" }, `Answer: ${body.label}${body.threshold ? ` (threshold ${pct(body.threshold)})` : ""}`);
+  return null;
+}
+
 /** A drop-an-image box that posts the file to the classify endpoint and draws the scores. */
 function classifyPanel(name, servedVersion) {
   const result = el("div", { class: "result", id: "classify-result" });
@@ -403,6 +440,7 @@ function classifyPanel(name, servedVersion) {
         el(
           "div",
           { class: "bars" },
+          answerLine(body),
           body.predictions.map((p) =>
             el("div", { class: "bar" }, el("span", {}, p.label), el("meter", { min: 0, max: 1, value: p.score }), el("span", {}, pct(p.score))),
           ),
