@@ -100,6 +100,8 @@ interface Measured {
   eceAfter: number;
   answered: number;
   answeredAccuracy: number;
+  /** With a none folder: share of its held-out images given no label (cross-fitted, from the run). */
+  negativesRejected?: number;
   heldOutScored: number;
   oodScored: number;
   auroc: number;
@@ -150,6 +152,7 @@ async function measure(store: ObjectStore, dataset: string, name: string, foreig
     eceAfter: c?.eceAfter ?? Number.NaN,
     answered: t?.answered ?? Number.NaN,
     answeredAccuracy: t?.answeredAccuracy ?? Number.NaN,
+    ...(t?.negativesRejected === undefined ? {} : { negativesRejected: t.negativesRejected }),
     heldOutScored: id.length,
     oodScored: ood.length,
     auroc: auroc(ood.map(rejection), id.map(rejection)),

@@ -84,9 +84,11 @@ export const artifactMetadataSchema = z
       .object({
         policy: z.string().min(1),
         byLabel: z.record(z.string(), z.number().min(0).max(1)),
-        /** Cross-fitted on the held-out split: share of images given a label, and accuracy over those. */
+        /** Cross-fitted on the held-out split: share of the images of real labels given a label, and accuracy over those. */
         answered: z.number().min(0).max(1).optional(),
         answeredAccuracy: z.number().min(0).max(1).optional(),
+        /** With a none-of-these class: share of its held-out images given no label. */
+        negativesRejected: z.number().min(0).max(1).optional(),
       })
       .optional(),
     /** The rejection class ("none of these"): a label of the model that is reported as no label. */

@@ -176,6 +176,7 @@ function answerMetadata(a: Answers): Pick<ArtifactMetadata, "calibration" | "thr
       byLabel: thresholdValues(a.thresholds),
       answered: answered.answered,
       answeredAccuracy: answered.answeredAccuracy,
+      ...(answered.negativesRejected === undefined ? {} : { negativesRejected: answered.negativesRejected }),
     },
     ...(a.none ? { noneLabel: a.none.label } : {}),
   };

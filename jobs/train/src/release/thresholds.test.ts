@@ -60,3 +60,25 @@ describe("decide", () => {
     expect(decide([0.4, 0.35, 0.25], labels, {})).toEqual({ kind: "label", index: 0 });
   });
 });
+
+describe("answered metrics with a none-of-these class", () => {
+  it("counts the labels' images for the answered share and the negatives apart", () => {
+    const labels = ["_none", "cat", "dog"];
+    const p = (...v: number[]) => Float32Array.from(v);
+    // 4 negatives, 3 rejected; 4 cats and 4 dogs, all answered right with high scores.
+    const probs = [
+      p(0.9, 0.05, 0.05),
+      p(0.8, 0.1, 0.1),
+      p(0.7, 0.2, 0.1),
+      p(0.1, 0.8, 0.1),
+      ...[0, 1, 2, 3].map(() => p(0.02, 0.95, 0.03)),
+      ...[0, 1, 2, 3].map(() => p(0.02, 0.03, 0.95)),
+    ];
+    const truth = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2];
+    const m = answeredMetrics(labels, probs, truth, parseThresholdPolicy("f1"), 0, 42, 4);
+    expect(m.answered).toBe(1);
+    expect(m.answeredAccuracy).toBe(1);
+    expect(m.none).toBe(0);
+    expect(m.negativesRejected).toBeGreaterThanOrEqual(0.75);
+  });
+});

@@ -83,12 +83,15 @@ export function labelThresholds(
 }
 
 export interface AnsweredMetrics {
-  /** Share of held-out images given a label (neither unsure nor none of these). */
+  /** Share of the held-out images of real labels given a label (neither unsure nor none of these). */
   answered: number;
-  /** Accuracy over those images, against top-1 accuracy over all (images whose truth is the rejection class count as right when rejected). */
+  /** Accuracy over those images (to compare with top-1 accuracy over all). */
   answeredAccuracy: number;
+  /** Shares of the held-out images of real labels answered unsure, and none of these (wrongly rejected). */
   unsure: number;
   none: number;
+  /** With a none-of-these class: share of its held-out images given no label (none of these or unsure). */
+  negativesRejected?: number;
 }
 
 /**
@@ -115,15 +118,26 @@ export function answeredMetrics(
   let right = 0;
   let unsure = 0;
   let none = 0;
+  let negatives = 0;
+  let rejected = 0;
   decisions.forEach((d, i) => {
-    if (d.kind === "label") {
+    if (truth[i] === noneIndex) {
+      negatives++;
+      if (d.kind !== "label") rejected++;
+    } else if (d.kind === "label") {
       answered++;
       if (d.index === truth[i]) right++;
     } else if (d.kind === "none") none++;
     else unsure++;
   });
-  const n = Math.max(1, probs.length);
-  return { answered: answered / n, answeredAccuracy: answered > 0 ? right / answered : 0, unsure: unsure / n, none: none / n };
+  const n = Math.max(1, probs.length - negatives);
+  return {
+    answered: answered / n,
+    answeredAccuracy: answered > 0 ? right / answered : 0,
+    unsure: unsure / n,
+    none: none / n,
+    ...(noneIndex === undefined ? {} : { negativesRejected: negatives > 0 ? rejected / negatives : 0 }),
+  };
 }
 
 export function thresholdValues(t: Record<string, LabelThreshold>): Record<string, number> {
