@@ -21,6 +21,7 @@ import { pushDataset } from "../jobs/train/src/catalog/catalog.ts";
 import { mulberry32 } from "../jobs/train/src/dataset/augment.ts";
 import { decodeImage } from "../jobs/train/src/dataset/decode.ts";
 import { readDataset } from "../jobs/train/src/dataset/read.ts";
+import { expectedCalibrationError } from "../jobs/train/src/fit/calibrate.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
 import { initBackend } from "../jobs/train/src/model/backend.ts";
 import { loadModel } from "../jobs/train/src/model/io.ts";
@@ -98,6 +99,11 @@ interface Measured {
   temperature: number;
   eceBefore: number;
   eceAfter: number;
+  /**
+   * The ECE a perfectly calibrated model would still show on this many held-out images with these
+   * scores (each answer drawn right with probability its score, 200 draws): the estimate's noise floor.
+   */
+  eceFloor: number;
   answered: number;
   answeredAccuracy: number;
   /** With a none folder: share of its held-out images given no label (cross-fitted, from the run). */
@@ -141,6 +147,15 @@ async function measure(store: ObjectStore, dataset: string, name: string, foreig
   const share = (ps: Float32Array[]) => ps.filter(rejected).length / Math.max(1, ps.length);
   const c = metadata.calibration;
   const t = metadata.thresholds;
+  const draws = mulberry32(11);
+  let floor = 0;
+  for (let k = 0; k < 200; k++) {
+    const truth = id.map((p) => {
+      const top = p.indexOf(Math.max(...p));
+      return draws() < (p[top] as number) ? top : (top + 1) % p.length;
+    });
+    floor += expectedCalibrationError(id, truth) / 200;
+  }
   return {
     dataset,
     none: withNone,
@@ -150,6 +165,7 @@ async function measure(store: ObjectStore, dataset: string, name: string, foreig
     temperature: c?.temperature ?? 1,
     eceBefore: c?.eceBefore ?? Number.NaN,
     eceAfter: c?.eceAfter ?? Number.NaN,
+    eceFloor: floor,
     answered: t?.answered ?? Number.NaN,
     answeredAccuracy: t?.answeredAccuracy ?? Number.NaN,
     ...(t?.negativesRejected === undefined ? {} : { negativesRejected: t.negativesRejected }),
@@ -213,10 +229,10 @@ for (const dataset of datasets) {
 await s3.stop();
 const pct = (v: number) => `${(v * 100).toFixed(1)} %`;
 console.log(
-  `\n| dataset | none folder | top-1 (n) | T | ECE before → after | answered · accuracy on answered | OOD AUROC (n) | foreign rejected · held-out rejected |\n|---|---|---|---|---|---|---|---|\n${results
+  `\n| dataset | none folder | top-1 (n) | T | ECE before → after (floor) | answered · accuracy on answered | OOD AUROC (n) | foreign rejected · held-out rejected |\n|---|---|---|---|---|---|---|---|\n${results
     .map(
       (r) =>
-        `| ${r.dataset} | ${r.none ? `yes (${nonePer} × 2)` : "no"} | ${pct(r.accuracy)} (${r.evaluatedOn}) | ${r.temperature.toFixed(2)} | ${r.eceBefore.toFixed(3)} → **${r.eceAfter.toFixed(3)}** | ${pct(r.answered)} · ${pct(r.answeredAccuracy)} | **${r.auroc.toFixed(3)}** (${r.oodScored} vs ${r.heldOutScored}) | ${pct(r.oodRejected)} · ${pct(r.idRejected)} |`,
+        `| ${r.dataset} | ${r.none ? `yes (${nonePer} × 2)` : "no"} | ${pct(r.accuracy)} (${r.evaluatedOn}) | ${r.temperature.toFixed(2)} | ${r.eceBefore.toFixed(3)} → **${r.eceAfter.toFixed(3)}** (${r.eceFloor.toFixed(3)}) | ${pct(r.answered)} · ${pct(r.answeredAccuracy)} | **${r.auroc.toFixed(3)}** (${r.oodScored} vs ${r.heldOutScored}) | ${pct(r.oodRejected)} · ${pct(r.idRejected)} |`,
     )
     .join("\n")}`,
 );
