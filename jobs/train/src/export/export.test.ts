@@ -1,0 +1,193 @@
+import { execFile } from "node:child_process";
+import { mkdtemp, readdir, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import onnxProto from "onnx-proto";
+import * as ortNode from "onnxruntime-node";
+import * as ortWeb from "onnxruntime-web";
+import sharp from "sharp";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { jobEnvironment } from "../../../../infra/local/job-env.ts";
+import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
+import { ARTIFACT_FILES } from "../../../../shared/contracts/artifact.ts";
+import type { Pixels } from "../../../../shared/preprocess.ts";
+import { uploadSample } from "../../../../test/support/datasets.ts";
+import { decodeImage } from "../dataset/decode.ts";
+import { memoryLogger } from "../log.ts";
+import { initBackend } from "../model/backend.ts";
+import { loadModel } from "../model/io.ts";
+import { train } from "../train.ts";
+import { exportModel, onnxOf, readVersion, type VersionFiles } from "./export.ts";
+import { modelInput } from "./input.ts";
+import { checkParity, type ExportedClassifier, ortClassifier, type ParityImage } from "./parity.ts";
+
+/**
+ * `edgetune export` of a model trained with the defaults (the tests' default base, 160 px) on the sample
+ * dataset: the ONNX file against the edge's own computation (shared/preprocess.ts + the served tfjs
+ * model) on every image, in onnxruntime-node and onnxruntime-web's wasm build.
+ */
+const MODEL = "emoji";
+let s3: LocalS3;
+let dir: string;
+let version: VersionFiles;
+let onnxBytes: Uint8Array;
+let images: ParityImage[];
+
+beforeAll(async () => {
+  await initBackend();
+  s3 = await startLocalS3();
+  dir = await mkdtemp(join(tmpdir(), "edgetune-export-"));
+  const uploaded = await uploadSample(s3.store, MODEL, { perLabel: 8, size: 128 });
+  await train(s3.store, { dataset: MODEL, views: 1, head: { epochs: 5 }, promote: "always" }, memoryLogger());
+  images = await Promise.all([...uploaded, ...(await variants(uploaded.slice(0, 6)))].map(async (i) => ({ name: i.file, pixels: await decodeImage(i.bytes) })));
+  version = await readVersion(s3.store, MODEL);
+  onnxBytes = await onnxOf(version);
+});
+afterAll(async () => {
+  await s3?.stop();
+  if (dir) await rm(dir, { recursive: true, force: true });
+});
+
+/**
+ * The sample images are square and opaque; these add what the crop and the alpha compositing act on:
+ * wide frames (a coloured band each side) and PNGs with an alpha gradient.
+ */
+async function variants(sample: { file: string; bytes: Uint8Array }[]): Promise<{ file: string; bytes: Uint8Array }[]> {
+  return Promise.all(
+    sample.map(async (img, i) => {
+      if (i % 2 === 0) {
+        const wide = await sharp(img.bytes).extend({ left: 48, right: 48, background: "#3080c0" }).png().toBuffer();
+        return { file: `wide-${img.file}.png`, bytes: new Uint8Array(wide) };
+      }
+      const { data, info } = await sharp(img.bytes).ensureAlpha().raw().toBuffer({ resolveWithObject: true });
+      for (let p = 0; p < info.width * info.height; p++) data[p * 4 + 3] = (p % info.width) * 2;
+      const png = await sharp(data, { raw: { width: info.width, height: info.height, channels: 4 } })
+        .png()
+        .toBuffer();
+      return { file: `alpha-${img.file}.png`, bytes: new Uint8Array(png) };
+    }),
+  );
+}
+
+const size = () => version.metadata.input.size;
+const served = () => loadModel(version.files.get(ARTIFACT_FILES.model) as Uint8Array, version.files);
+const nodeSession = (bytes = onnxBytes) => ortNode.InferenceSession.create(bytes);
+
+describe("edgetune export --format onnx", () => {
+  it("the CLI writes one ONNX file within the goals: ≤ 5 s, ≤ 2.2 × the edge's float16 files", async () => {
+    const out = join(dir, "cli.onnx");
+    const { stdout } = await promisify(execFile)(process.execPath, ["jobs/train/cli.ts", "export", MODEL, "--out", out, "--json"], {
+      env: jobEnvironment(s3.config),
+    });
+    const r = JSON.parse(stdout) as { path: string; bytes: number; ms: number; opset: number; labels: string[] };
+    const edgeBytes = version.metadata.files.filter((f) => version.files.has(f.path)).reduce((n, f) => n + f.bytes, 0);
+    console.info(`export: ${r.ms.toFixed(0)} ms in the CLI, ${r.bytes} bytes = ${(r.bytes / edgeBytes).toFixed(2)} × the edge's ${edgeBytes}`);
+    expect(r).toMatchObject({ path: out, opset: 13, labels: version.metadata.labels });
+    expect(r.ms).toBeLessThanOrEqual(5000);
+    expect(r.bytes).toBeLessThanOrEqual(edgeBytes * 2.2);
+    // The same bytes as the in-process export (the conversion is deterministic).
+    expect((await readFile(out)).equals(onnxBytes)).toBe(true);
+  });
+
+  it("states labels, input, preprocessing and opset in the model's metadata", () => {
+    const m = onnxProto.onnx.ModelProto.decode(onnxBytes);
+    const props = Object.fromEntries(m.metadataProps.map((p) => [p.key, p.value]));
+    expect(JSON.parse(props.labels as string)).toEqual(version.metadata.labels);
+    expect(JSON.parse(props.input as string)).toMatchObject({ dtype: "uint8", layout: "NHWC", shape: ["N", size(), size(), 3], channels: "RGB" });
+    expect(JSON.parse(props.preprocessing as string)).toMatchObject(version.metadata.preprocessing);
+    expect(props["preprocessing.caller"]).toMatch(/composite transparency.*centred square.*antialiased bilinear/);
+    expect([props.opset, Number(m.opsetImport[0]?.version)]).toEqual(["13", 13]);
+    expect(m.graph?.input?.[0]?.type?.tensorType?.elemType).toBe(onnxProto.onnx.TensorProto.DataType.UINT8);
+  });
+
+  it("onnxruntime-node answers like the edge's computation on every image: same top-1, probabilities within 1e-3", async () => {
+    const model = await served();
+    const session = await nodeSession();
+    const parity = await checkParity(ortClassifier(ortNode, session, size()), model, version.metadata, images, (p) =>
+      modelInput(p, size(), version.metadata.preprocessing),
+    );
+    console.info(`parity (onnxruntime-node vs tfjs) on ${parity.images} images: max |Δp| ${parity.maxDelta.toExponential(2)}`);
+    expect(parity).toMatchObject({ ok: true, top1Differs: [], images: images.length });
+    await session.release();
+    model.dispose();
+  });
+
+  it("fails the parity check when any preprocessing step drifts", async () => {
+    const model = await served();
+    const spec = version.metadata.preprocessing;
+    const session = await nodeSession();
+    const exported = ortClassifier(ortNode, session, size());
+    const check = (run: ExportedClassifier, input: (p: Pixels) => Uint8Array) => checkParity(run, model, version.metadata, images, input);
+    const bgr = (p: Pixels) => {
+      const x = modelInput(p, size(), spec);
+      for (let i = 0; i < x.length; i += 3) [x[i], x[i + 2]] = [x[i + 2] as number, x[i] as number];
+      return x;
+    };
+    // Nearest-neighbour sampling instead of the triangle filter (alpha composited as the edge does).
+    const nearest = (p: Pixels) => {
+      const x = new Uint8Array(size() * size() * 3);
+      const side = Math.min(p.width, p.height);
+      for (let y = 0; y < size(); y++)
+        for (let xo = 0; xo < size(); xo++) {
+          const sx = Math.floor((p.width - side) / 2 + ((xo + 0.5) * side) / size());
+          const sy = Math.floor((p.height - side) / 2 + ((y + 0.5) * side) / size());
+          const s = (sy * p.width + sx) * p.channels;
+          const a = p.channels === 4 ? (p.data[s + 3] as number) / 255 : 1;
+          for (let c = 0; c < 3; c++) x[(y * size() + xo) * 3 + c] = Math.round((p.data[s + c] as number) * a + 255 * (1 - a));
+        }
+      return x;
+    };
+    const noComposite = (p: Pixels) => modelInput(p, size(), { ...spec, version: 1 });
+    for (const [what, input] of [
+      ["channels BGR", bgr],
+      ["nearest-neighbour resampling", nearest],
+      ["stretched, not centre-cropped", (p: Pixels) => modelInput(p, size(), { ...spec, fit: "stretch" })],
+      ["alpha not composited", noComposite],
+    ] as const)
+      expect((await check(exported, input)).ok, what).toBe(false);
+    // The normalisation in the graph: its scale 1 % off.
+    const drifted = onnxProto.onnx.ModelProto.decode(onnxBytes);
+    const scale = drifted.graph?.initializer?.find((t) => t.name === "normalization/scale") as onnxProto.onnx.TensorProto;
+    const value = new Float32Array(Uint8Array.from(scale.rawData).buffer);
+    scale.rawData = new Uint8Array(Float32Array.of((value[0] as number) * 1.01).buffer);
+    const driftedSession = await nodeSession(onnxProto.onnx.ModelProto.encode(drifted).finish());
+    const parity = await check(ortClassifier(ortNode, driftedSession, size()), (p) => modelInput(p, size(), spec));
+    expect(parity.ok).toBe(false);
+    expect(parity.maxDelta).toBeGreaterThan(1e-3);
+    await Promise.all([session.release(), driftedSession.release()]);
+    model.dispose();
+  });
+
+  it("onnxruntime-web's wasm build (in Node) gives onnxruntime-node's answers", async () => {
+    ortWeb.env.wasm.numThreads = 1;
+    const [web, node] = await Promise.all([ortWeb.InferenceSession.create(onnxBytes, { executionProviders: ["wasm"] }), nodeSession()]);
+    const runWeb = ortClassifier(ortWeb, web, size());
+    const runNode = ortClassifier(ortNode, node, size());
+    let worst = 0;
+    for (const image of images) {
+      const x = modelInput(image.pixels, size(), version.metadata.preprocessing);
+      const [a, b] = [await runWeb(x), await runNode(x)];
+      expect(a.indexOf(Math.max(...a)), image.name).toBe(b.indexOf(Math.max(...b)));
+      a.forEach((v, i) => {
+        worst = Math.max(worst, Math.abs(v - (b[i] as number)));
+      });
+    }
+    console.info(`onnxruntime-web (wasm) vs onnxruntime-node: max |Δp| ${worst.toExponential(2)} on ${images.length} images`);
+    expect(worst).toBeLessThanOrEqual(1e-5);
+    await Promise.all([web.release(), node.release()]);
+  });
+});
+
+describe("edgetune export --format tfjs", () => {
+  it("writes the served files and metadata.json as one folder that tfjs loads", async () => {
+    const out = join(dir, "tfjs");
+    const r = await exportModel(s3.store, MODEL, { format: "tfjs", out });
+    expect((await readdir(out)).sort()).toEqual([...version.files.keys(), ARTIFACT_FILES.metadata].sort());
+    expect(JSON.parse(await readFile(join(out, ARTIFACT_FILES.metadata), "utf8"))).toMatchObject({ version: r.version, labels: version.metadata.labels });
+    const files = new Map(await Promise.all([...version.files.keys()].map(async (f) => [f, new Uint8Array(await readFile(join(out, f)))] as const)));
+    const model = await loadModel(files.get(ARTIFACT_FILES.model) as Uint8Array, files);
+    expect(model.outputs[0]?.shape).toEqual([null, version.metadata.labels.length]);
+    model.dispose();
+  });
+});
