@@ -8,11 +8,13 @@ import * as ortNode from "onnxruntime-node";
 import * as ortWeb from "onnxruntime-web";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { startEdgeWorker } from "../../../../infra/local/edge-worker.ts";
 import { jobEnvironment } from "../../../../infra/local/job-env.ts";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
 import { ARTIFACT_FILES } from "../../../../shared/contracts/artifact.ts";
 import type { Pixels } from "../../../../shared/preprocess.ts";
 import { uploadSample } from "../../../../test/support/datasets.ts";
+import { postClassify } from "../../../../test/support/edge.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import { memoryLogger } from "../log.ts";
 import { initBackend } from "../model/backend.ts";
@@ -33,6 +35,8 @@ let dir: string;
 let version: VersionFiles;
 let onnxBytes: Uint8Array;
 let images: ParityImage[];
+/** The image files (sample and variants) behind `images`. */
+let sources: { file: string; bytes: Uint8Array }[];
 
 beforeAll(async () => {
   await initBackend();
@@ -40,7 +44,8 @@ beforeAll(async () => {
   dir = await mkdtemp(join(tmpdir(), "edgetune-export-"));
   const uploaded = await uploadSample(s3.store, MODEL, { perLabel: 8, size: 128 });
   await train(s3.store, { dataset: MODEL, views: 1, head: { epochs: 5 }, promote: "always" }, memoryLogger());
-  images = await Promise.all([...uploaded, ...(await variants(uploaded.slice(0, 6)))].map(async (i) => ({ name: i.file, pixels: await decodeImage(i.bytes) })));
+  sources = [...uploaded, ...(await variants(uploaded.slice(0, 6)))];
+  images = await Promise.all(sources.map(async (i) => ({ name: i.file, pixels: await decodeImage(i.bytes) })));
   version = await readVersion(s3.store, MODEL);
   onnxBytes = await onnxOf(version);
 });
@@ -176,6 +181,33 @@ describe("edgetune export --format onnx", () => {
     console.info(`onnxruntime-web (wasm) vs onnxruntime-node: max |Δp| ${worst.toExponential(2)} on ${images.length} images`);
     expect(worst).toBeLessThanOrEqual(1e-5);
     await Promise.all([web.release(), node.release()]);
+  });
+});
+
+describe("against the edge worker itself (real workerd)", () => {
+  it("the export's answers are the worker's: same top-1 for every image, probabilities within 1e-3", async () => {
+    const edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket });
+    const session = await nodeSession();
+    const exported = ortClassifier(ortNode, session, size());
+    const { labels } = version.metadata;
+    let worst = 0;
+    try {
+      for (const image of sources) {
+        // The default top_k (5) covers every label of the sample (3).
+        const res = await postClassify(edge, MODEL, image);
+        expect(res.status, image.file).toBe(200);
+        const answer = (await res.json()) as { version: string; predictions: { label: string; score: number }[] };
+        expect([answer.version, answer.predictions.length]).toEqual([version.metadata.version, labels.length]);
+        const p = await exported(modelInput(await decodeImage(image.bytes), size(), version.metadata.preprocessing));
+        expect(labels[p.indexOf(Math.max(...p))], image.file).toBe(answer.predictions[0]?.label);
+        for (const { label, score } of answer.predictions) worst = Math.max(worst, Math.abs(score - (p[labels.indexOf(label)] as number)));
+      }
+    } finally {
+      await session.release();
+      await edge.stop();
+    }
+    console.info(`export vs the worker in workerd on ${sources.length} images: max |Δp| ${worst.toExponential(2)}`);
+    expect(worst).toBeLessThanOrEqual(1e-3);
   });
 });
 
