@@ -1,8 +1,9 @@
 import { execFile } from "node:child_process";
-import { mkdtemp, readdir, readFile, rm } from "node:fs/promises";
+import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
+import * as tf from "@tensorflow/tfjs";
 import onnxProto from "onnx-proto";
 import * as ortNode from "onnxruntime-node";
 import * as ortWeb from "onnxruntime-web";
@@ -12,7 +13,7 @@ import { startEdgeWorker } from "../../../../infra/local/edge-worker.ts";
 import { jobEnvironment } from "../../../../infra/local/job-env.ts";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
 import { ARTIFACT_FILES } from "../../../../shared/contracts/artifact.ts";
-import type { Pixels } from "../../../../shared/preprocess.ts";
+import { type Pixels, preprocess } from "../../../../shared/preprocess.ts";
 import { uploadSample } from "../../../../test/support/datasets.ts";
 import { postClassify } from "../../../../test/support/edge.ts";
 import { decodeImage } from "../dataset/decode.ts";
@@ -208,6 +209,60 @@ describe("against the edge worker itself (real workerd)", () => {
     }
     console.info(`export vs the worker in workerd on ${sources.length} images: max |Δp| ${worst.toExponential(2)}`);
     expect(worst).toBeLessThanOrEqual(1e-3);
+  });
+});
+
+describe("README's Export section", () => {
+  const readme = () => readFile(join(import.meta.dirname, "../../../../README.md"), "utf8");
+  /** The code block after `<!-- snippet: name -->`. */
+  const snippet = (text: string, name: string) => {
+    const block = new RegExp(`<!-- snippet: ${name} -->\\s*\`\`\`js\\n([\\s\\S]*?)\`\`\``).exec(text)?.[1];
+    if (!block) throw new Error(`README has no snippet ${name}`);
+    return block;
+  };
+  type ToModelInput = (data: Uint8Array, width: number, height: number, channels: number, size: number) => Uint8Array;
+
+  it("its toModelInput is the edge's preprocessing, byte for byte", async () => {
+    const toModelInput = new Function(`${snippet(await readme(), "model-input")}\nreturn toModelInput;`)() as ToModelInput;
+    for (const { name, pixels } of images)
+      expect(
+        Buffer.from(toModelInput(pixels.data as Uint8Array, pixels.width, pixels.height, pixels.channels, size())).equals(
+          Buffer.from(modelInput(pixels, size(), version.metadata.preprocessing)),
+        ),
+        name,
+      ).toBe(true);
+  });
+
+  it("its Node snippet, run as a user runs it, answers like the edge", async () => {
+    const text = await readme();
+    // Beside the project's node_modules, so its imports resolve as in a user's project.
+    const work = await mkdtemp(join(import.meta.dirname, "../../../../node_modules/.edgetune-readme-"));
+    try {
+      const program = join(work, "classify.mjs");
+      // Imports first (ES modules need them at the top), then the function, then the rest.
+      const node = snippet(text, "node");
+      const imports = node.split("\n").filter((l) => l.startsWith("import "));
+      const rest = node.split("\n").filter((l) => !l.startsWith("import "));
+      await writeFile(program, [...imports, snippet(text, "model-input"), ...rest].join("\n"));
+      const modelFile = join(work, "model.onnx");
+      await writeFile(modelFile, onnxBytes);
+      const model = await served();
+      for (const image of sources.filter((_, i) => i % 5 === 0)) {
+        const imageFile = join(work, image.file.replaceAll("/", "_"));
+        await writeFile(imageFile, image.bytes);
+        const { stdout } = await promisify(execFile)(process.execPath, [program, modelFile, imageFile]);
+        const ranked = JSON.parse(stdout) as { label: string; score: number }[];
+        const x = preprocess(await decodeImage(image.bytes), size(), version.metadata.preprocessing);
+        const edge = tf.tidy(() => (model.predict(tf.tensor4d(x, [1, size(), size(), 3])) as tf.Tensor).dataSync());
+        const { labels } = version.metadata;
+        expect(ranked[0]?.label, image.file).toBe(labels[edge.indexOf(Math.max(...edge))]);
+        for (const { label, score } of ranked)
+          expect(Math.abs(score - (edge[labels.indexOf(label)] as number)), `${image.file} ${label}`).toBeLessThanOrEqual(1e-3);
+      }
+      model.dispose();
+    } finally {
+      await rm(work, { recursive: true, force: true });
+    }
   });
 });
 
