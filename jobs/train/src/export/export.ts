@@ -2,11 +2,22 @@ import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { readMetadata, readPointer, readVerifiedFile } from "../../../../shared/artifacts.ts";
 import { ARTIFACT_FILES, type ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
-import { NotFoundError } from "../../../../shared/errors.ts";
+import { EdgetuneError, NotFoundError } from "../../../../shared/errors.ts";
 import type { ObjectReader } from "../../../../shared/s3/store.ts";
 import { loadModel } from "../model/io.ts";
-import { OPSET } from "../model/onnx.ts";
+import { OPSET, UnsupportedLayerError } from "../model/onnx.ts";
 import { classifierToOnnx } from "./onnx.ts";
+
+/** A served model with a layer the ONNX converter does not cover (an imported base, say): the tfjs export still works. */
+export class ExportUnsupportedError extends EdgetuneError {
+  constructor(name: string, version: string, cause: UnsupportedLayerError) {
+    super(
+      "export_unsupported",
+      `Model ${name} ${version} has a layer that edgetune cannot write as ONNX: ${cause.layer} (${cause.what}). Export it with --format tfjs instead.`,
+      { cause },
+    );
+  }
+}
 
 export const EXPORT_FORMATS = ["onnx", "tfjs"] as const;
 export type ExportFormat = (typeof EXPORT_FORMATS)[number];
@@ -35,6 +46,9 @@ export async function onnxOf(version: VersionFiles): Promise<Uint8Array> {
   const model = await loadModel(version.files.get(ARTIFACT_FILES.model) as Uint8Array, version.files);
   try {
     return classifierToOnnx(model, version.metadata);
+  } catch (e) {
+    if (e instanceof UnsupportedLayerError) throw new ExportUnsupportedError(version.metadata.name, version.metadata.version, e);
+    throw e;
   } finally {
     model.dispose();
   }

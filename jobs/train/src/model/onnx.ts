@@ -19,8 +19,12 @@ import { EdgetuneError } from "../../../../shared/errors.ts";
  * graph so the model takes the 8-bit pixels the edge's preprocessing rounds to.
  */
 export class UnsupportedLayerError extends EdgetuneError {
+  readonly layer: string;
+  readonly what: string;
   constructor(layer: string, what: string) {
     super("onnx_unsupported", `Layer ${layer} (${what}) has no ONNX export in edgetune; features are computed with tfjs instead.`);
+    this.layer = layer;
+    this.what = what;
   }
 }
 
