@@ -25,7 +25,12 @@ const limit = Number(arg("photos", "40"));
 /** uint8 NHWC [1, H, W, 3] → ONNX Resize to [1, S, S, 3] → rounded uint8. */
 function resizeGraph(size: number): Uint8Array {
   const f = proto.TensorProto.DataType;
-  const node = (opType: string, input: string[], output: string, attribute: onnxProto.onnx.IAttributeProto[] = []) => ({ opType, input, output: [output], attribute });
+  const node = (opType: string, input: string[], output: string, attribute: onnxProto.onnx.IAttributeProto[] = []) => ({
+    opType,
+    input,
+    output: [output],
+    attribute,
+  });
   const str = (name: string, v: string) => ({ name, type: proto.AttributeProto.AttributeType.STRING, s: new TextEncoder().encode(v) });
   const int = (name: string, i: number) => ({ name, type: proto.AttributeProto.AttributeType.INT, i });
   const dims = (d: (number | string)[]) => ({ dim: d.map((v) => (typeof v === "string" ? { dimParam: v } : { dimValue: v })) });
@@ -59,20 +64,21 @@ function square(p: Pixels): Pixels {
   const y0 = Math.floor((p.height - side) / 2);
   const data = new Uint8Array(side * side * 3);
   for (let y = 0; y < side; y++)
-    for (let x = 0; x < side; x++)
-      for (let c = 0; c < 3; c++) data[(y * side + x) * 3 + c] = p.data[((y + y0) * p.width + x + x0) * p.channels + c] as number;
+    for (let x = 0; x < side; x++) for (let c = 0; c < 3; c++) data[(y * side + x) * 3 + c] = p.data[((y + y0) * p.width + x + x0) * p.channels + c] as number;
   return { data, width: side, height: side, channels: 3 };
 }
 
 const images: { name: string; pixels: Pixels }[] = [];
+let photos = 0;
 for (const i of await sampleDataset({ perLabel: 5, size: 128 })) images.push({ name: i.file, pixels: square(await decodeImage(i.bytes)) });
 if (hasShared("data", "hymenoptera_data", "val")) {
   const dir = join(SHARED, "data", "hymenoptera_data", "val");
   const files = readdirSync(dir, { recursive: true, encoding: "utf8" }).filter((f) => /\.jpe?g$/i.test(f));
   for (const f of files.slice(0, limit)) images.push({ name: f, pixels: square(await decodeImage(new Uint8Array(readFileSync(join(dir, f))))) });
+  photos = Math.min(limit, files.length);
 }
 
-console.log(`# ${machine()}, ${images.length} images (${images.filter((i) => i.name.includes("/") && !i.name.match(/^(animals|food|travel)\//)).length} photos)`);
+console.log(`# ${machine()}, ${images.length} images (${photos} photos)`);
 for (const size of sizes) {
   const session = await ort.InferenceSession.create(resizeGraph(size));
   const stats = { onnx: { differ: 0, max: 0, images: 0 }, sharp: { differ: 0, max: 0, images: 0 } };
