@@ -12,7 +12,9 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startEdgeWorker } from "../../../../infra/local/edge-worker.ts";
 import { jobEnvironment } from "../../../../infra/local/job-env.ts";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
+import { readPointer } from "../../../../shared/artifacts.ts";
 import { ARTIFACT_FILES } from "../../../../shared/contracts/artifact.ts";
+import { sha256Hex } from "../../../../shared/hash.ts";
 import { type Pixels, preprocess } from "../../../../shared/preprocess.ts";
 import { uploadSample } from "../../../../test/support/datasets.ts";
 import { postClassify } from "../../../../test/support/edge.ts";
@@ -295,7 +297,10 @@ describe("edgetune export --format tfjs", () => {
     const out = join(dir, "tfjs");
     const r = await exportModel(s3.store, MODEL, { format: "tfjs", out });
     expect((await readdir(out)).sort()).toEqual([...version.files.keys(), ARTIFACT_FILES.metadata].sort());
-    expect(JSON.parse(await readFile(join(out, ARTIFACT_FILES.metadata), "utf8"))).toMatchObject({ version: r.version, labels: version.metadata.labels });
+    // metadata.json exactly as stored (the served one's sha256 is the pointer's).
+    const pointer = await readPointer(s3.store, MODEL);
+    expect(await sha256Hex(await readFile(join(out, ARTIFACT_FILES.metadata)))).toBe(pointer?.metadataSha256);
+    expect(r.version).toBe(pointer?.version);
     const files = new Map(await Promise.all([...version.files.keys()].map(async (f) => [f, new Uint8Array(await readFile(join(out, f)))] as const)));
     const model = await loadModel(files.get(ARTIFACT_FILES.model) as Uint8Array, files);
     expect(model.outputs[0]?.shape).toEqual([null, version.metadata.labels.length]);

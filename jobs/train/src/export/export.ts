@@ -35,10 +35,19 @@ export async function readVersion(store: ObjectReader, name: string, version?: s
   const chosen = version ?? pointer?.version;
   if (!chosen) throw new NotFoundError(`Model ${name} has no served version; name one (see edgetune models ${name}).`);
   // Only the served version's metadata has a sha256 vouching for it (the pointer's); another version's is read as stored.
-  const metadata = await readMetadata(store, name, chosen, pointer?.version === chosen ? pointer.metadataSha256 : undefined);
+  // The bytes readMetadata checked are kept, so the tfjs folder holds metadata.json as stored, not re-serialised.
+  const kept: { bytes?: Uint8Array } = {};
+  const keeping: ObjectReader = {
+    get: async (key) => {
+      const bytes = await store.get(key);
+      if (bytes) kept.bytes = bytes;
+      return bytes;
+    },
+  };
+  const metadata = await readMetadata(keeping, name, chosen, pointer?.version === chosen ? pointer.metadataSha256 : undefined);
   const modelPaths = metadata.files.map((f) => f.path).filter((p) => p !== ARTIFACT_FILES.report && p !== ARTIFACT_FILES.reportHtml);
   const files = new Map(await Promise.all(modelPaths.map(async (p) => [p, await readVerifiedFile(store, metadata, p)] as const)));
-  return { metadata, metadataBytes: new TextEncoder().encode(`${JSON.stringify(metadata, null, 2)}\n`), files };
+  return { metadata, metadataBytes: kept.bytes as Uint8Array, files };
 }
 
 /** The served classifier as ONNX bytes (export/onnx.ts), from the tfjs files the edge loads. */
