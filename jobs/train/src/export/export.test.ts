@@ -1,5 +1,8 @@
 import { execFile } from "node:child_process";
+import { existsSync } from "node:fs";
 import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { createServer } from "node:http";
+import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -7,6 +10,7 @@ import * as tf from "@tensorflow/tfjs";
 import onnxProto from "onnx-proto";
 import * as ortNode from "onnxruntime-node";
 import * as ortWeb from "onnxruntime-web";
+import { chromium } from "playwright-core";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startEdgeWorker } from "../../../../infra/local/edge-worker.ts";
@@ -288,6 +292,88 @@ describe("README's Export section", () => {
       model.dispose();
     } finally {
       await rm(work, { recursive: true, force: true });
+    }
+  });
+});
+
+const CHROMIUM = process.env.EDGETUNE_CHROMIUM ?? "/usr/bin/chromium";
+
+describe.skipIf(!existsSync(CHROMIUM))("README's browser snippet (headless Chromium, onnxruntime-web from npm)", () => {
+  it("answers like the edge on opaque images: same top-1, probabilities within 1e-3", async () => {
+    const text = await readFile(join(import.meta.dirname, "../../../../README.md"), "utf8");
+    const code = (name: string) => new RegExp(`<!-- snippet: ${name} -->\\s*\`\`\`js\\n([\\s\\S]*?)\`\`\``).exec(text)?.[1] ?? "";
+    const ortDist = join(import.meta.dirname, "../../../../node_modules/onnxruntime-web/dist");
+    // One sample image per label and a wide one (a page per image loads onnxruntime-web afresh: seconds each).
+    const opaque = [
+      ...sources.filter((i) => !/^(wide|alpha)-/.test(i.file)).filter((_, i) => i % 8 === 0),
+      ...sources.filter((i) => i.file.startsWith("wide-")).slice(0, 1),
+    ];
+    let current = opaque[0] as (typeof opaque)[number];
+    // The snippet as written; what it leaves to the page (the file, SIZE, LABELS) is defined before it.
+    const page = (labels: string[]) => `<!doctype html><script type="importmap">{"imports":{"onnxruntime-web":"/ort/ort.bundle.min.mjs"}}</script>
+<script type="module">
+const file = await (await fetch("/image")).blob();
+const SIZE = ${size()};
+const LABELS = ${JSON.stringify(labels)};
+${code("model-input")}
+${code("browser")}
+window.result = Array.from(probabilities.data);
+</script>`;
+    const server = createServer(async (req, res) => {
+      const url = req.url ?? "/";
+      const type = url.endsWith(".mjs")
+        ? "text/javascript"
+        : url.endsWith(".wasm")
+          ? "application/wasm"
+          : url === "/"
+            ? "text/html"
+            : "application/octet-stream";
+      const body =
+        url === "/"
+          ? page(version.metadata.labels)
+          : url === "/image"
+            ? current.bytes
+            : url.endsWith(".onnx")
+              ? onnxBytes
+              : url.startsWith("/ort/")
+                ? await readFile(join(ortDist, url.slice(5))).catch(() => null)
+                : null;
+      res.writeHead(body ? 200 : 404, { "content-type": type }).end(body);
+    });
+    await new Promise<void>((ok) => server.listen(0, "127.0.0.1", ok));
+    const browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"],
+    });
+    const model = await served();
+    try {
+      const { labels } = version.metadata;
+      const origin = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+      let worst = 0;
+      for (const image of opaque) {
+        current = image;
+        const tab = await browser.newPage();
+        const errors: string[] = [];
+        tab.on("pageerror", (e) => errors.push(e.message));
+        await tab.goto(`${origin}/`);
+        const got = (await (
+          await tab.waitForFunction(() => (window as unknown as { result?: number[] }).result, undefined, { timeout: 30_000 })
+        ).jsonValue()) as number[];
+        expect(errors).toEqual([]);
+        await tab.close();
+        const x = preprocess(await decodeImage(image.bytes), size(), version.metadata.preprocessing);
+        const edge = Array.from(tf.tidy(() => (model.predict(tf.tensor4d(x, [1, size(), size(), 3])) as tf.Tensor).dataSync()));
+        expect(labels[got.indexOf(Math.max(...got))], image.file).toBe(labels[edge.indexOf(Math.max(...edge))]);
+        got.forEach((v, i) => {
+          worst = Math.max(worst, Math.abs(v - (edge[i] as number)));
+        });
+      }
+      console.info(`README browser snippet in Chromium vs the edge's computation on ${opaque.length} images: max |Δp| ${worst.toExponential(2)}`);
+      expect(worst).toBeLessThanOrEqual(1e-3);
+    } finally {
+      model.dispose();
+      await browser.close();
+      server.close();
     }
   });
 });
