@@ -242,14 +242,15 @@ describe("against the edge worker itself (real workerd)", () => {
   });
 });
 
+const readme = () => readFile(join(import.meta.dirname, "../../../../README.md"), "utf8");
+/** The README's code block after `<!-- snippet: name -->`. */
+function snippet(text: string, name: string): string {
+  const block = new RegExp(`<!-- snippet: ${name} -->\\s*\`\`\`js\\n([\\s\\S]*?)\`\`\``).exec(text)?.[1];
+  if (!block) throw new Error(`README has no snippet ${name}`);
+  return block;
+}
+
 describe("README's Export section", () => {
-  const readme = () => readFile(join(import.meta.dirname, "../../../../README.md"), "utf8");
-  /** The code block after `<!-- snippet: name -->`. */
-  const snippet = (text: string, name: string) => {
-    const block = new RegExp(`<!-- snippet: ${name} -->\\s*\`\`\`js\\n([\\s\\S]*?)\`\`\``).exec(text)?.[1];
-    if (!block) throw new Error(`README has no snippet ${name}`);
-    return block;
-  };
   type ToModelInput = (data: Uint8Array, width: number, height: number, channels: number, size: number) => Uint8Array;
 
   it("its toModelInput is the edge's preprocessing, byte for byte", async () => {
@@ -300,8 +301,8 @@ const CHROMIUM = process.env.EDGETUNE_CHROMIUM ?? "/usr/bin/chromium";
 
 describe.skipIf(!existsSync(CHROMIUM))("README's browser snippet (headless Chromium, onnxruntime-web from npm)", () => {
   it("answers like the edge on opaque images: same top-1, probabilities within 1e-3", async () => {
-    const text = await readFile(join(import.meta.dirname, "../../../../README.md"), "utf8");
-    const code = (name: string) => new RegExp(`<!-- snippet: ${name} -->\\s*\`\`\`js\\n([\\s\\S]*?)\`\`\``).exec(text)?.[1] ?? "";
+    const text = await readme();
+    const code = (name: string) => snippet(text, name);
     const ortDist = join(import.meta.dirname, "../../../../node_modules/onnxruntime-web/dist");
     // One sample image per label and a wide one (a page per image loads onnxruntime-web afresh: seconds each).
     const opaque = [
