@@ -131,6 +131,7 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     expect(await page.textContent("#summary")).toMatch(/Accuracy \d+\.\d %/);
     expect(await page.locator("#confusion tbody tr").count()).toBe(3);
     expect(await page.locator("#per-class tbody tr").count()).toBe(3);
+    expect(await page.textContent("#export code")).toBe(`npx edgetune export emoji ${version}`);
     expect(problems).toEqual([]);
     // For the README: EDGETUNE_SCREENSHOT=docs/console.png npx vitest run test/console.test.ts
     if (process.env.EDGETUNE_SCREENSHOT) {

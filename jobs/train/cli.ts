@@ -17,6 +17,7 @@ import { S3ObjectStore } from "../../shared/s3/client.ts";
 import { s3ConfigFromEnv } from "../../shared/s3/config.ts";
 import { contentTypeOf, listDatasets, listModels, listVersions, pushDataset, rollback } from "./src/catalog/catalog.ts";
 import { DEFAULT_OPTIONS, readConfigFile, type TrainInput } from "./src/config.ts";
+import { addExportCommand } from "./src/export/command.ts";
 import { createLogger } from "./src/log.ts";
 import { importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
 import { batchSubmitter, dispatchNightly } from "./src/nightly.ts";
@@ -676,6 +677,8 @@ program
     }
     if (failed > 0) process.exitCode = 1;
   });
+
+addExportCommand(program, storeFrom);
 
 function clean<T>(o: T): T {
   return JSON.parse(JSON.stringify(o)) as T;
