@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * `npx node bench/export-parity.ts` — the ONNX export (`edgetune export`) against the edge's own computation
+ * `npm run bench:export-parity` — the ONNX export (`edgetune export`) against the edge's own computation
  * (shared/preprocess.ts + the served tfjs model) on the reference datasets' held-out images in
  * ../shared/data (skipped without them): per dataset, a head trained with the defaults on
  * `--train-per-label` training images (30), exported, and every held-out image (hymenoptera val/,

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * `npx node bench/export-resize.ts` — can the exported ONNX model resize images itself and still answer
+ * `npm run bench:export-resize` — can the exported ONNX model resize images itself and still answer
  * like the edge? Compares shared/preprocess.ts's resampling (antialiased triangle filter, rounded half
  * up to 8 bits) with ONNX's Resize (opset 18: linear, antialias=1, half_pixel, then Round and Clip)
  * run by onnxruntime-node, and with sharp's `resize(kernel: "linear")` (the README's Node snippet), on
