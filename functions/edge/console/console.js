@@ -350,7 +350,7 @@ async function monitorPage(show, name) {
       ? el(
           "p",
           { id: "reference" },
-          `Held-out split of ${ref.version} (${ref.evaluatedOn} images): ${ref.lowConfidence === null ? "confidence not recorded" : `${pct(ref.lowConfidence)} under ${m.threshold}`}; predicted ${top(ref.labels, 1)}.`,
+          `Held-out split of ${ref.version} (${ref.evaluatedOn} images): ${ref.lowConfidence === null ? `answers under ${m.threshold} not known exactly for this version` : `${Math.round(ref.lowConfidence * ref.evaluatedOn)} of ${ref.evaluatedOn} answers under ${m.threshold}`}; predicted ${top(ref.labels, 1)}.`,
         )
       : null,
     el(

@@ -26,6 +26,8 @@ export interface TrainingReport {
   };
   confusion: number[][];
   mistakes: { key: string; label: string; predicted: string; score: number; thumbnail?: string }[];
+  /** Top score of each held-out image, ascending (absent in versions trained before it was kept). */
+  heldOutScores?: number[];
   export: { dtype: string; bytes: number; maxDelta: number };
   promotion: { promoted: boolean; reason: string; current?: { version: string; accuracy: number } };
 }
