@@ -123,6 +123,27 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     await page.close();
   });
 
+  it("hints at the key without alarm, says plainly that a dropped file is not an image, and fits a 360 px phone", async () => {
+    const { page, problems } = await open();
+    await page.waitForSelector("#status:not(:empty)");
+    expect(await page.getAttribute("#status", "class")).toBe("muted"); // a hint, not the red of an error
+    await withKey(page);
+    await page.goto(`${edge.url}/#/models/emoji`);
+    await page.waitForSelector("#classify-file");
+    await page.setInputFiles("#classify-file", { name: "notes.txt", mimeType: "text/plain", buffer: Buffer.from("hello") });
+    await page.waitForSelector("#classify-result .error");
+    expect(await page.textContent("#classify-result")).toBe("notes.txt is not an image: drop a JPEG, PNG, WebP or GIF file.");
+    // At 360 px nothing widens the page: wide tables scroll inside themselves, the header wraps.
+    await page.setViewportSize({ width: 360, height: 740 });
+    for (const path of ["#/", "#/models/emoji", `#/models/emoji/${version}`]) {
+      await page.goto(`${edge.url}/${path}`);
+      await page.waitForSelector("#view table");
+      expect([path, await page.evaluate(() => document.documentElement.scrollWidth)]).toEqual([path, 360]);
+    }
+    expect(problems).toEqual([]);
+    await page.close();
+  });
+
   it("shows a version's report: accuracy, a confusion matrix with a row per label", async () => {
     const { page, problems } = await open();
     await withKey(page);

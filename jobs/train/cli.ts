@@ -8,7 +8,7 @@
 import { readFile, writeFile } from "node:fs/promises";
 import { Command, InvalidArgumentError, Option } from "commander";
 import { listVersions as listModelVersions } from "../../shared/catalog.ts";
-import type { ModelPointer } from "../../shared/contracts/artifact.ts";
+import { DEFAULT_POINTER_TTL_SECONDS, type ModelPointer } from "../../shared/contracts/artifact.ts";
 import { IMAGE_SIZES, nameSchema, STRATEGIES } from "../../shared/contracts/common.ts";
 import { EdgetuneError, InvalidOptionError, NotFoundError, userMessage } from "../../shared/errors.ts";
 import { datasetNameFromManifestKey, keys } from "../../shared/keys.ts";
@@ -54,7 +54,8 @@ function datasetRef(value: string, opts: { bucket?: string }): string {
     opts.bucket = url[1];
     return url[2] as string;
   }
-  if (value.startsWith("s3://")) throw new InvalidArgumentError("expected s3://<bucket>/datasets/<name>/");
+  if (value.startsWith("s3://"))
+    throw new InvalidOptionError("--dataset", value, ["a name", "s3://<bucket>/datasets/<name>/", "datasets/<name>/manifest.json"]);
   return datasetNameFromManifestKey(value) ?? value;
 }
 
@@ -393,7 +394,7 @@ program
   .option("--below <score>", "store inputs whose top score is below this (0–1)")
   .option("--sample <rate>", "and this share of the other inputs (0–1 or a percentage)")
   .option("--max-per-day <n>", "at most this many inputs a day, all edge isolates together", int("--max-per-day"))
-  .option("--max-mb-per-day <n>", "at most this many MB a day", int("the value"))
+  .option("--max-mb-per-day <n>", "at most this many MB a day", int("--max-mb-per-day"))
   .option("--json", "the settings as JSON")
   .action(
     async (
@@ -436,7 +437,8 @@ program
         .split(",")
         .map((x) => x.trim())
         .filter(Boolean);
-    if (o.as && !o.accept) throw new InvalidArgumentError("--as goes with --accept.");
+    // Thrown inside an action, so an EdgetuneError: commander's own errors are only understood while parsing.
+    if (o.as && !o.accept) throw new EdgetuneError("invalid_option", "--as goes with --accept: edgetune review <model> --accept <ids> --as <label>.");
     if (o.save) {
       const saved = await saveCaptureImages(store, model, o.save);
       emitList(o, saved, `Nothing of ${model} is waiting for review.`, ["ID", "FILE"], (f) => [f.id, f.file]);
@@ -474,10 +476,12 @@ program
     // Each label said: without --as it came from the capture's record, which the edge may rewrite.
     if (!o.json) for (const a of r.accepted) say(`added: ${a.id} as ${a.key.split("/").at(-2)} (${a.key})`);
     for (const f of r.refused) say(`not added: ${f.id}: ${f.reason}`);
+    // The dataset the images joined (the model's own), named so the suggested command runs as printed.
+    const dataset = r.accepted[0]?.key.split("/")[1];
     emit(
       o,
       r,
-      `${r.accepted.length} added to the dataset, ${r.discarded.length} discarded${r.refused.length ? `, ${r.refused.length} refused` : ""}. The next nightly run trains on the added images (or now: edgetune train --dataset <name>).`,
+      `${r.accepted.length} added to the dataset, ${r.discarded.length} discarded${r.refused.length ? `, ${r.refused.length} refused` : ""}.${dataset ? ` The next nightly run trains on the added images (or now: edgetune train --dataset ${dataset}).` : ""}`,
     );
     if (r.refused.length > 0) process.exitCode = 1;
   });
@@ -519,7 +523,7 @@ program
       emit(
         o,
         null,
-        `Held-out split of ${ref.version} (${ref.evaluatedOn} images): under ${s.threshold} ${ref.lowConfidence === null ? "not recorded" : percent(ref.lowConfidence)}; predicted ${share(Object.fromEntries(Object.entries(ref.labels).map(([l, v]) => [l, v * 100])), 100)}.`,
+        `Held-out split of ${ref.version} (${ref.evaluatedOn} images): ${heldOutUnder(ref, s.threshold)}; predicted ${share(Object.fromEntries(Object.entries(ref.labels).map(([l, v]) => [l, v * 100])), 100)}.`,
       );
     }
   });
@@ -586,11 +590,17 @@ program
       o,
       { ...p, changed },
       changed
-        ? `${name} now serves ${p.version} (was ${p.previous}); the edge picks it up within POINTER_TTL_SECONDS.`
+        ? `${name} now serves ${p.version} (was ${p.previous}); the edge picks it up within ${DEFAULT_POINTER_TTL_SECONDS} seconds (the worker's POINTER_TTL_SECONDS).`
         : `${name} already serves ${p.version}; nothing changed.`,
     );
     if (changed && duringRun) say(`A training run of ${name} is in progress: it will not undo this rollback (it ends not promoted).`);
   });
+
+/** How many held-out answers scored under the threshold, as the count it is (a share of 6 images is not "90.0 %"). */
+function heldOutUnder(ref: { evaluatedOn: number; lowConfidence: number | null }, threshold: number): string {
+  if (ref.lowConfidence === null) return `answers under ${threshold} not known exactly for this version (trained before per-image scores were kept)`;
+  return `${Math.round(ref.lowConfidence * ref.evaluatedOn)} of ${ref.evaluatedOn} answers under ${threshold}`;
+}
 
 /** The served version of a model, for people. */
 function describePointer(name: string, p: ModelPointer): string {
@@ -634,7 +644,8 @@ program
     const bytes = await store.get(key);
     if (!bytes) throw new NotFoundError(`Version ${chosen} of ${model} has no report (${key}).`);
     if (o.json) {
-      process.stdout.write(new TextDecoder().decode(bytes));
+      // Stored indented for people who open it in S3; --json is one object a line, like every command.
+      emit(o, JSON.parse(new TextDecoder().decode(bytes)), "");
       return;
     }
     const out = o.out ?? `${model}-${chosen}-report.html`;

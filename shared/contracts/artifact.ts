@@ -83,6 +83,12 @@ export const artifactMetadataSchema = z
   });
 export type ArtifactMetadata = z.output<typeof artifactMetadataSchema>;
 
+/**
+ * How long an edge isolate trusts the pointer it read (the worker's POINTER_TTL_SECONDS unless a deploy
+ * sets another): the longest a promotion or rollback takes to reach every isolate.
+ */
+export const DEFAULT_POINTER_TTL_SECONDS = 30;
+
 export const pointerSchema = z.object({
   schemaVersion: z.literal(1),
   version: versionSchema,

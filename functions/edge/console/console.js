@@ -353,7 +353,7 @@ async function monitorPage(show, name) {
       ? el(
           "p",
           { id: "reference" },
-          `Held-out split of ${ref.version} (${ref.evaluatedOn} images): ${ref.lowConfidence === null ? "confidence not recorded" : `${pct(ref.lowConfidence)} under ${m.threshold}`}; predicted ${top(ref.labels, 1)}.`,
+          `Held-out split of ${ref.version} (${ref.evaluatedOn} images): ${ref.lowConfidence === null ? `answers under ${m.threshold} not known exactly for this version` : `${Math.round(ref.lowConfidence * ref.evaluatedOn)} of ${ref.evaluatedOn} answers under ${m.threshold}`}; predicted ${top(ref.labels, 1)}.`,
         )
       : null,
     el(
@@ -398,6 +398,9 @@ function classifyPanel(name, servedVersion) {
   const input = el("input", { type: "file", accept: "image/*", id: "classify-file" });
   async function classify(file) {
     if (!file) return;
+    // Said here in plain words; the API would answer a non-image with its multipart/content-type message.
+    if (file.type && !file.type.startsWith("image/"))
+      return result.replaceChildren(el("p", { class: "error" }, `${file.name} is not an image: drop a JPEG, PNG, WebP or GIF file.`));
     result.replaceChildren(el("p", { class: "muted" }, "Classifying…"));
     const preview = URL.createObjectURL(file);
     try {
@@ -462,7 +465,8 @@ async function render() {
   } catch (e) {
     if (mine !== latest) return; // a newer page is on its way
     show();
-    say(e.message, true);
+    // No key yet is where everyone starts: a hint, not an error.
+    say(e.message, e.code !== "no_key");
   }
 }
 

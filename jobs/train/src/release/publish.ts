@@ -127,6 +127,7 @@ async function buildReport(ctx: RunContext, plan: RunPlan, outcome: RunOutcome):
     metrics: evaluation.metrics,
     confusion: evaluation.confusion,
     mistakes: await withThumbnails(ctx.store, evaluation.mistakes),
+    heldOutScores: evaluation.topScores,
     export: { dtype: exported.dtype, bytes: exported.files.weights.byteLength, maxDelta: exported.maxDelta },
     promotion,
   };
