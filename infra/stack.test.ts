@@ -3,8 +3,9 @@ import { createRequire } from "node:module";
 import { join } from "node:path";
 import { Stack } from "aws-cdk-lib";
 import { Annotations, Match, Template } from "aws-cdk-lib/assertions";
+import * as ecs from "aws-cdk-lib/aws-ecs";
 import * as s3 from "aws-cdk-lib/aws-s3";
-import { beforeAll, describe, expect, it } from "vitest";
+import { beforeAll, describe, expect, it, vi } from "vitest";
 import { buildApp } from "./app.ts";
 import { startLocalS3 } from "./local/s3-server.ts";
 
@@ -190,9 +191,9 @@ describe("GPU batch job", () => {
     };
     const gpu = envOf("GpuTrain", gpuTemplate);
     const cpu = envOf("TrainingTrainCpu");
-    expect(cpu.EDGETUNE_EMBED_JOB_DEFINITION).toEqual({ Ref: embedId });
-    // The GPU stack reads the core's Embed definition and CPU queue through CloudFormation exports.
-    expect(JSON.stringify(gpu.EDGETUNE_EMBED_JOB_DEFINITION)).toContain(`Ref${embedId}`);
+    // Embed by its fixed name (the latest revision); the GPU stack reads the CPU queue through an export.
+    expect(defs[embedId as string]).toMatchObject({ Properties: { JobDefinitionName: "Edgetune-embed" } });
+    expect([cpu.EDGETUNE_EMBED_JOB_DEFINITION, gpu.EDGETUNE_EMBED_JOB_DEFINITION]).toEqual(["Edgetune-embed", "Edgetune-embed"]);
     expect(JSON.stringify(gpu.EDGETUNE_EMBED_JOB_QUEUE)).toContain(queueId("TrainingCpuQueue"));
     for (const env of [gpu, cpu]) expect(env.EDGETUNE_FAN_OUT_IMAGES_PER_SHARD).toBe("20000");
     expect(JSON.stringify(cpu.EDGETUNE_EMBED_JOB_QUEUE)).toContain(queueId("TrainingCpuQueue"));
@@ -205,9 +206,11 @@ describe("GPU batch job", () => {
     const resources = submit.find((st) => actions(st).includes("batch:SubmitJob"))?.Resource as unknown[];
     // The Embed definition, both Train definitions (continuations) and both queues; no wildcard.
     expect(resources).toHaveLength(5);
-    // Wildcards only for the revision of the two Train definitions (a continuation submits the revision it started with).
-    expect(JSON.stringify(resources).match(/\*/g)).toHaveLength(2);
-    expect(JSON.stringify(resources)).toMatch(/job-definition\/Edgetune-finetune:\*".*job-definition\/.*TrainingTrainCpu.*:\*"/);
+    // Wildcards only for revisions: of Embed (submitted by name) and of the two Train definitions (a continuation submits the revision it started with).
+    expect(JSON.stringify(resources).match(/\*/g)).toHaveLength(3);
+    expect(JSON.stringify(resources)).toMatch(
+      /job-definition\/Edgetune-embed:\*".*job-definition\/Edgetune-finetune:\*".*job-definition\/.*TrainingTrainCpu.*:\*"/,
+    );
     expect(JSON.stringify(resources)).toContain(":job-queue/Edgetune-finetune");
   });
 
@@ -468,6 +471,43 @@ describe("two stacks, deployable apart", () => {
     expect(gpuImage?.source).toMatchObject({ dockerFile: "jobs/train/Dockerfile", dockerBuildArgs: { CUDA_BASE_IMAGE: digest } });
     const [cpuImage] = Object.values(manifest("Edgetune").dockerImages);
     expect(cpuImage?.source.dockerBuildArgs).toBeUndefined();
+  });
+
+  it("the core can be updated under a deployed GPU stack: no value the GPU stack imports changes with the training images", () => {
+    // CloudFormation refuses to change an export another stack imports. A job definition's Ref is its ARN
+    // with the revision, and every image change registers a new revision: so no import may name a
+    // resource whose properties change with the image. Two synths that differ only in the images' content
+    // (extraHash stands for changed sources) must agree on every resource an import reaches.
+    const synthWith = (extraHash?: string) => {
+      const fromAsset = ecs.ContainerImage.fromAsset;
+      const spy = vi
+        .spyOn(ecs.ContainerImage, "fromAsset")
+        .mockImplementation((dir, options) => fromAsset.call(ecs.ContainerImage, dir, { ...options, extraHash }));
+      try {
+        const built = buildApp({ edgetune: { gpuBaseImage: digest } });
+        return { core: Template.fromStack(built.stack).toJSON(), gpu: Template.fromStack(built.gpu).toJSON() };
+      } finally {
+        spy.mockRestore();
+      }
+    };
+    const before = synthWith("sources-before");
+    const after = synthWith("sources-after");
+    type Out = { Value: unknown; Export?: { Name: string } };
+    const resourcesOf = (t: Record<string, unknown>) => t.Resources as Record<string, { Properties?: unknown }>;
+    const outputs = Object.values((before.core.Outputs ?? {}) as Record<string, Out>);
+    const imported = [...JSON.stringify(before.gpu).matchAll(/"Fn::ImportValue":"([^"]+)"/g)].map((m) => m[1] as string);
+    expect(imported.length).toBeGreaterThan(0);
+    // The images did change between the two synths (else this test would prove nothing).
+    expect(JSON.stringify(resourcesOf(before.core))).not.toBe(JSON.stringify(resourcesOf(after.core)));
+    for (const name of imported) {
+      const output = outputs.find((o) => o.Export?.Name === name);
+      expect(output, name).toBeDefined();
+      const referenced = [...JSON.stringify(output?.Value).matchAll(/"(?:Ref|Fn::GetAtt)":\[?"([A-Za-z0-9]+)"/g)].map((m) => m[1] as string);
+      for (const id of referenced) {
+        expect(JSON.stringify(resourcesOf(after.core)[id]), `${name} → ${id}`).toBe(JSON.stringify(resourcesOf(before.core)[id]));
+        expect(resourcesOf(before.core)[id], `${name} → ${id}`).not.toMatchObject({ Type: "AWS::Batch::JobDefinition" });
+      }
+    }
   });
 
   it("tells the dispatcher the GPU path by name (it may not exist yet), with the job's vCPUs for the quota check", () => {
