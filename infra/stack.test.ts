@@ -522,7 +522,7 @@ describe("two stacks, deployable apart", () => {
 });
 
 describe("least privilege", () => {
-  it("gives no role s3:List*, s3:GetBucket* or a whole-bucket grant beyond ListBucket, which only the job and dispatcher hold without a prefix", () => {
+  it("gives no role s3:List*, s3:GetBucket* or a whole-bucket grant beyond ListBucket, which only the job, dispatcher and failure records hold without a prefix", () => {
     for (const t of [template, gpuTemplate]) {
       for (const type of ["AWS::IAM::Policy", "AWS::IAM::ManagedPolicy"]) {
         for (const [id, p] of Object.entries(t.findResources(type))) {
@@ -530,8 +530,8 @@ describe("least privilege", () => {
           for (const st of doc.Statement) {
             for (const a of actions(st)) expect(a).not.toMatch(/^s3:(List\*|GetBucket|ListBucketVersions|ListBucketMultipartUploads|\*)/);
             if (!actions(st).includes("s3:ListBucket")) continue;
-            // Unconditional listing: the job and the dispatcher only (S3 answers 404, not 403, for a missing key only to a lister).
-            if (st.Condition === undefined) expect(id).toMatch(/^Training(JobRole|NightlyRole)/);
+            // Unconditional listing: the job, the dispatcher and the failure-records Lambda only (S3 answers 404, not 403, for a missing key only to a lister).
+            if (st.Condition === undefined) expect(id).toMatch(/^(Training(JobRole|NightlyRole)|FailureRecordsHandlerServiceRole)/);
           }
         }
       }
@@ -540,8 +540,8 @@ describe("least privilege", () => {
 });
 
 describe("alerts that arrive", () => {
-  it("lets CloudWatch publish to the topic, bound to the alarm by source ARN, besides EventBridge", () => {
-    const [alarmId] = Object.keys(template.findResources("AWS::CloudWatch::Alarm"));
+  it("lets CloudWatch publish to the topic, bound to the alarms by source ARN, besides EventBridge", () => {
+    const alarmIds = Object.keys(template.findResources("AWS::CloudWatch::Alarm"));
     template.hasResourceProperties("AWS::SNS::TopicPolicy", {
       PolicyDocument: {
         Statement: Match.arrayWith([
@@ -551,7 +551,8 @@ describe("alerts that arrive", () => {
             Effect: "Allow",
             Principal: { Service: "cloudwatch.amazonaws.com" },
             Action: "sns:Publish",
-            Condition: { ArnEquals: { "aws:SourceArn": [{ "Fn::GetAtt": [alarmId, "Arn"] }] } },
+            // Every alarm of the stack (undelivered triggers, failure-records errors), and nothing else.
+            Condition: { ArnEquals: { "aws:SourceArn": alarmIds.map((id) => ({ "Fn::GetAtt": [id, "Arn"] })) } },
           }),
         ]),
       },
@@ -587,7 +588,47 @@ describe("infrastructure failures reach the status record", () => {
     expect(grants["s3:GetObject,s3:PutObject"]).toMatch(/"\/status\/\*"\]\]\}$/); // writes status records only
     expect(grants["s3:GetObject,s3:DeleteObject"]).toMatch(/"\/locks\/\*"\]\]\}$/); // deletes the dead job's locks only
     expect(JSON.stringify(own)).not.toMatch(/\/(datasets|models|cache|bases|captures|runs)\//);
-    expect(own.find((st) => actions(st).includes("s3:ListBucket"))?.Condition).toEqual({ StringLike: { "s3:prefix": ["status/*", "locks/*"] } });
+    // Listing without a prefix condition: with one, S3 answers the claim's check for a missing key (putIfAbsent) with 403, not 404.
+    const list = own.find((st) => actions(st).includes("s3:ListBucket"));
+    expect(list).toBeDefined();
+    expect(list?.Condition).toBeUndefined();
+  });
+
+  it("does not lose an event the Lambda failed on: after its retries it goes to the dead-letter queue, and its errors raise an alarm on the topic", () => {
+    const [fnId] = Object.keys(template.findResources("AWS::Lambda::Function", { Properties: { Runtime: "nodejs24.x" } }));
+    const [dlq] = Object.keys(template.findResources("AWS::SQS::Queue"));
+    template.hasResourceProperties("AWS::Lambda::EventInvokeConfig", {
+      FunctionName: { Ref: fnId },
+      MaximumRetryAttempts: 2,
+      DestinationConfig: { OnFailure: { Destination: { "Fn::GetAtt": [dlq, "Arn"] } } },
+    });
+    // Which raises the dead-letter alarm; the Lambda may send there.
+    const fnRole = (template.findResources("AWS::Lambda::Function")[fnId as string] as { Properties: { Role: { "Fn::GetAtt": string[] } } }).Properties.Role[
+      "Fn::GetAtt"
+    ][0];
+    expect(
+      jobRoleStatements(template, fnRole as string).some(
+        (st) => actions(st).includes("sqs:SendMessage") && JSON.stringify(st.Resource).includes(dlq as string),
+      ),
+    ).toBe(true);
+    const [topic] = Object.keys(template.findResources("AWS::SNS::Topic"));
+    const errors = Object.entries(template.findResources("AWS::CloudWatch::Alarm")).filter(
+      ([, a]) => JSON.stringify(a).includes('"MetricName":"Errors"') && JSON.stringify(a).includes(`"Ref":"${fnId}"`),
+    );
+    expect(errors).toHaveLength(1);
+    const [errorsId, alarm] = errors[0] as [string, { Properties: { AlarmActions: unknown[]; Threshold: number } }];
+    expect(alarm.Properties).toMatchObject({ AlarmActions: [{ Ref: topic }], Threshold: 1 });
+    // The topic lets this alarm publish too.
+    template.hasResourceProperties("AWS::SNS::TopicPolicy", {
+      PolicyDocument: {
+        Statement: Match.arrayWith([
+          Match.objectLike({
+            Sid: "CloudWatchAlarmsPublish",
+            Condition: { ArnEquals: { "aws:SourceArn": Match.arrayWith([{ "Fn::GetAtt": [errorsId, "Arn"] }]) } },
+          }),
+        ]),
+      },
+    });
   });
 });
 
