@@ -1,4 +1,4 @@
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { createHash, randomUUID } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -56,6 +56,25 @@ export const spawnRunner: Runner = (command, options = {}) => {
     encoding: "utf8",
   });
   return { status: r.status, stdout: r.stdout ?? "", stderr: r.stderr ?? "" };
+};
+
+/** `spawnRunner` without blocking the event loop, output captured: for a step whose signals must reach our handlers (putSecrets). */
+export const spawnRunnerAsync = (command: string[], options: { env?: Record<string, string> } = {}): Promise<ReturnType<Runner>> => {
+  const [cmd, ...args] = command as [string, ...string[]];
+  process.stderr.write(`$ ${command.join(" ")}\n`);
+  return new Promise((resolve) => {
+    const child = spawn(cmd, args, { env: { ...process.env, ...options.env }, stdio: ["inherit", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d: Buffer) => {
+      stdout += d.toString();
+    });
+    child.stderr.on("data", (d: Buffer) => {
+      stderr += d.toString();
+    });
+    child.on("error", (e) => resolve({ status: null, stdout, stderr: `${stderr}${e.message}` }));
+    child.on("close", (status) => resolve({ status, stdout, stderr }));
+  });
 };
 
 export interface DeployOptions {
@@ -172,7 +191,7 @@ export async function deploy(options: DeployOptions, deps: DeployDeps): Promise<
       if (!outputs.BucketName) throw new StepFailed("the core stack's outputs (BucketName) are missing: rerun with --restart");
       const { secrets, created } = await workerSecrets(deps.aws, outputs, options.rotate);
       const config = ["--config", deps.wranglerConfig];
-      const put = putSecrets(wrangler, secrets, config, cloudflareEnv);
+      const put = await putSecrets((args, env) => spawnRunnerAsync([...deps.tools.wrangler, ...args], { env }), secrets, config, cloudflareEnv);
       if (put.status !== 0) throw new StepFailed(`wrangler secret bulk failed (exit ${put.status}): ${lastLine(put)}`);
       // The bucket behind the worker's R2 binding must exist before the worker that binds it is deployed.
       const r2 = wrangler(["r2", "bucket", "create", MODEL_CACHE_BUCKET], cloudflareEnv);

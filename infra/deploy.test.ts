@@ -337,3 +337,33 @@ describe("npm run deploy, step by step", () => {
     expect(bad.problems).toEqual(['"not-an-address" is not an e-mail address (--alert-email).']);
   });
 });
+
+describe("the worker's secrets file", () => {
+  it("is removed when the deploy is interrupted (Ctrl-C) while wrangler reads it, and the deploy still dies of the signal", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "edgetune-interrupt-"));
+    const reported = join(dir, "secrets-path");
+    // wrangler that reports the secrets file it was given, then hangs until interrupted.
+    writeFileSync(
+      join(dir, "wrangler.mjs"),
+      `import { writeFileSync } from "node:fs"; writeFileSync(process.env.REPORT, process.argv[4]); setInterval(() => {}, 1000);`,
+    );
+    // The deploy's secret step, in a process of its own (a signal to this test's process would end the test run).
+    const script = join(dir, "put.ts");
+    writeFileSync(
+      script,
+      `import { putSecrets } from ${JSON.stringify(join(import.meta.dirname, "cloudflare.ts"))};
+import { spawnRunnerAsync } from ${JSON.stringify(join(import.meta.dirname, "deploy-pipeline.ts"))};
+await putSecrets((args, env) => spawnRunnerAsync([process.execPath, ${JSON.stringify(join(dir, "wrangler.mjs"))}, ...args], { env }), { API_KEYS: "k" }, [], {});`,
+    );
+    const { spawn } = await import("node:child_process");
+    // detached: a process group of its own, as a terminal's foreground job is; Ctrl-C signals the whole group.
+    const child = spawn(process.execPath, [script], { env: { ...process.env, REPORT: reported }, detached: true, stdio: "ignore" });
+    const exited = new Promise<NodeJS.Signals | number | null>((resolve) => child.on("exit", (code, signal) => resolve(signal ?? code)));
+    for (let i = 0; i < 200 && !existsSync(reported); i++) await new Promise((r) => setTimeout(r, 50));
+    const secretsFile = readFileSync(reported, "utf8");
+    expect(existsSync(secretsFile)).toBe(true);
+    process.kill(-(child.pid as number), "SIGINT");
+    expect(await exited).toBe("SIGINT");
+    expect(existsSync(join(secretsFile, ".."))).toBe(false);
+  }, 20_000);
+});
