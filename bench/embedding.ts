@@ -72,6 +72,7 @@ const memory: ObjectStore = {
   delete: async (ks) => {
     for (const k of ks) objects.delete(k);
   },
+  deleteIfMatch: async () => false, // nor deletes conditionally
 };
 const results: Record<string, number> = {};
 const startup: Record<string, number> = {};

@@ -1,4 +1,5 @@
 import {
+  DeleteObjectCommand,
   DeleteObjectsCommand,
   GetObjectCommand,
   HeadObjectCommand,
@@ -152,6 +153,17 @@ export class S3ObjectStore implements ObjectStore {
       }
       // A batch delete answers 200 and lists the keys it could not delete: each is a failure too.
       if (failed.length > 0) throw new StorageError("DELETE", failed[0]?.Key ?? "", new Error(`${failed.length} key(s) not deleted (${failed[0]?.Code})`));
+    }
+  }
+
+  async deleteIfMatch(key: string, etag: string): Promise<boolean> {
+    try {
+      await this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: key, IfMatch: etag }));
+      return true;
+    } catch (e) {
+      // 412: another writer changed it; 404: it is gone already.
+      if (isStatus(e, 412) || isStatus(e, 404)) return false;
+      throw new StorageError("DELETE", key, e);
     }
   }
 }
