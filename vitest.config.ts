@@ -5,7 +5,8 @@ import { defineConfig } from "vitest/config";
 // No weights are committed: the tests read the reference bases from ../shared/models where it exists
 // (CI puts a copy beside the clone), and never download. Without it, a run that names no base gets the
 // nsfwjs base that installs with the project, so every test that only needs *a* base still runs.
-const models = join(import.meta.dirname, "..", "shared", "models");
+// EDGETUNE_SHARED moves it (a path that does not exist: the suite as a clean clone runs it).
+const models = join(process.env.EDGETUNE_SHARED ?? join(import.meta.dirname, "..", "shared"), "models");
 const withShared = existsSync(join(models, "darknet_tiny", "model.json"));
 
 export default defineConfig({

@@ -145,7 +145,7 @@ describe("the auto base", () => {
   });
 });
 
-describe.skipIf(!existsSync(SHARED_MODELS))("bases from ../shared/models and their publishers' pins", () => {
+describe.skipIf(!existsSync(SHARED_MODELS))("bases from a bases directory and their publishers' pins (needs ../shared/models)", () => {
   it("auto takes the slim ImageNet MobileNetV2 from the bases directory, without any download", async () => {
     s3 = await startLocalS3();
     process.env.EDGETUNE_BASES_DIR = SHARED_MODELS;

@@ -39,7 +39,7 @@ describe("bases", () => {
   });
 
   it.skipIf(!existsSync(SHARED_MODELS))(
-    "reads the clean ImageNet bases from the bases directory (../shared/models), offline, with their licences",
+    "reads the clean ImageNet bases from the bases directory, offline, with their licences (needs ../shared/models)",
     async () => {
       const pixels = await decodeImage(
         new Uint8Array(
@@ -122,7 +122,7 @@ describe("bases", () => {
   const v1 = join(SHARED_MODELS, "mobilenet_v1_0.25_224");
   const photo = join(SHARED, "photos/tfjs-models/mobilenet_demo_coffee.jpg");
   it.skipIf(!existsSync(v1) || !existsSync(photo))(
-    "imports a Keras-style ImageNet model from a folder; its weights classify a real photo correctly",
+    "imports a Keras-style ImageNet model from a folder; its weights classify a real photo correctly (needs ../shared)",
     async () => {
       const meta = await importBase(
         s3.store,
