@@ -68,39 +68,25 @@ for (const base of bases) {
     for (const strategy of strategies) {
       const t0 = performance.now();
       const model = `${name}-${base}-${strategy}`;
-      let r: Awaited<ReturnType<typeof train>>;
+      const run = { date: new Date().toISOString(), dataset, base, strategy, size, views, ...(pooled !== undefined ? { pooled } : {}) };
+      const record = async (row: object, accuracy: string, seconds: number) => {
+        await appendFile(join(import.meta.dirname, "results", "accuracy.jsonl"), `${JSON.stringify(row)}\n`);
+        const line = `| ${dataset} | ${base}${r?.report?.base.choice ? ` → ${r.report.base.id}` : ""} | ${strategy} | ${size} | ${accuracy} | ${seconds.toFixed(0)} s | ${DATASETS[dataset]?.reference ?? ""} |`;
+        rows.push(line);
+        console.log(line);
+      };
+      let r: Awaited<ReturnType<typeof train>> | undefined;
       try {
         r = await train(s3.store, { dataset: name, model, base, strategy, imageSize: size, views, force: true }, log);
       } catch (e) {
         // A failed run is a result too (e.g. a storage error): recorded, and the other runs go on.
-        const error = userMessage(e);
-        const failed = {
-          date: new Date().toISOString(),
-          dataset,
-          base,
-          strategy,
-          size,
-          views,
-          error,
-          seconds: (performance.now() - t0) / 1000,
-          machine: machine(),
-        };
-        await appendFile(join(import.meta.dirname, "results", "accuracy.jsonl"), `${JSON.stringify(failed)}\n`);
-        const line = `| ${dataset} | ${base} | ${strategy} | ${size} | failed: ${error} | ${failed.seconds.toFixed(0)} s | ${DATASETS[dataset]?.reference ?? ""} |`;
-        rows.push(line);
-        console.log(line);
+        const seconds = (performance.now() - t0) / 1000;
+        await record({ ...run, error: userMessage(e), seconds, machine: machine() }, `failed: ${userMessage(e)}`, seconds);
         continue;
       }
       const seconds = (performance.now() - t0) / 1000;
-      const features = r.report?.phases.find((p) => p.name === "features")?.detail;
       const row = {
-        date: new Date().toISOString(),
-        dataset,
-        base,
-        strategy,
-        size,
-        views,
-        ...(pooled !== undefined ? { pooled } : {}),
+        ...run,
         accuracy: r.accuracy,
         evaluatedOn: r.report?.metrics.evaluatedOn,
         // Held-out images left out of the evaluation as near-identical to a training image of their label.
@@ -108,18 +94,16 @@ for (const base of bases) {
         // With base auto or best: which base and why (best: every candidate's cross-validated score).
         baseChoice: r.report?.base.choice,
         seconds,
-        features,
+        features: r.report?.phases.find((p) => p.name === "features")?.detail,
         backend: backend.name,
         machine: machine(),
       };
-      await appendFile(join(import.meta.dirname, "results", "accuracy.jsonl"), `${JSON.stringify(row)}\n`);
       // To look at the pairs: EDGETUNE_DUMP_NEAR_DUPLICATES=/tmp/pairs.jsonl npm run bench:accuracy …
       if (process.env.EDGETUNE_DUMP_NEAR_DUPLICATES) {
         await appendFile(process.env.EDGETUNE_DUMP_NEAR_DUPLICATES, `${JSON.stringify({ dataset, pairs: r.report?.nearDuplicates })}\n`);
       }
-      const line = `| ${dataset} | ${base}${r.report?.base.choice ? ` → ${r.report.base.id}` : ""} | ${strategy} | ${size} | ${((r.accuracy ?? 0) * 100).toFixed(1)} % (${r.report?.metrics.evaluatedOn}${r.report?.nearDuplicates.length ? `; ${r.report.nearDuplicates.length} near-duplicates left out` : ""}) | ${seconds.toFixed(0)} s | ${DATASETS[dataset]?.reference ?? ""} |`;
-      rows.push(line);
-      console.log(line);
+      const near = r.report?.nearDuplicates.length ? `; ${r.report.nearDuplicates.length} near-duplicates left out` : "";
+      await record(row, `${((r.accuracy ?? 0) * 100).toFixed(1)} % (${r.report?.metrics.evaluatedOn}${near})`, seconds);
     }
   }
 }
