@@ -12,7 +12,7 @@ import { SHARED, SHARED_MODELS } from "../../../../test/support/shared.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import { argmax } from "../release/evaluate.ts";
 import { initBackend } from "./backend.ts";
-import { ensureBase, importBase, loadBase } from "./bases.ts";
+import { AUTO_DESCRIPTION, ensureBase, importBase, loadBase } from "./bases.ts";
 import { loadModel } from "./io.ts";
 
 let s3: LocalS3;
@@ -93,6 +93,13 @@ describe("bases", () => {
       expect(weights).toEqual([]);
     },
   );
+
+  it("states the default once: README's intro and its \"Which base model?\" say what `base list` and `train --help` say", () => {
+    const readme = readFileSync(join(repo, "README.md"), "utf8").replaceAll("`", "").replace(/\s+/g, " ");
+    expect(readme).toContain(`The default is auto: ${AUTO_DESCRIPTION}.`);
+    expect(readme).toContain("by default auto: the best clean ImageNet MobileNetV2 available, else Tiny Darknet, else the nsfwjs MobileNetV2");
+    expect(readme).not.toMatch(/Tiny Darknet by default|bundled base/);
+  });
 
   it("rejects an unknown base with the list of valid ones", async () => {
     const err = await ensureBase(s3.store, "resnet-9000").catch((e) => e);
