@@ -94,7 +94,7 @@ describe("bases", () => {
     },
   );
 
-  it("states the default once: README's intro and its \"Which base model?\" say what `base list` and `train --help` say", () => {
+  it('states the default once: README\'s intro and its "Which base model?" say what `base list` and `train --help` say', () => {
     const readme = readFileSync(join(repo, "README.md"), "utf8").replaceAll("`", "").replace(/\s+/g, " ");
     expect(readme).toContain(`The default is auto: ${AUTO_DESCRIPTION}.`);
     expect(readme).toContain("by default auto: the best clean ImageNet MobileNetV2 available, else Tiny Darknet, else the nsfwjs MobileNetV2");
