@@ -22,7 +22,7 @@ import { createForwardPool, forwardLocal, lazyForwardPool } from "./forward-pool
 import { createOnnxPool } from "./onnx-pool.ts";
 
 /**
- * The ONNX export of each bundled base against tfjs, on real images: the sample Twemoji pictures, and
+ * The ONNX export of each base available offline against tfjs, on real images: the sample Twemoji pictures, and
  * the photos in ../shared/photos where they are. Then a model trained on ONNX Runtime features,
  * served as the tfjs artifact the edge runs: the same top-1 as the head on the ORT features.
  */
