@@ -2,7 +2,7 @@
 /**
  * `npm start`: the whole edgetune loop on this machine, no AWS or Cloudflare account needed.
  *   1. a local S3 API server (fauxqs) on loopback, with the bucket;
- *   2. the default base model (bundled with the project) and a real sample dataset (Twemoji images in
+ *   2. the default base model (from ../shared/models where it exists, else the nsfwjs one) and a real sample dataset (Twemoji images in
  *      3 labels) pushed into it, manifest last (it asks for 128 px: small icons);
  *   3. the dispatcher sees the manifest, as the EventBridge rule would, and runs the training job
  *      through the same CLI as the Batch container; the model is evaluated and promoted;
@@ -12,13 +12,14 @@
  * every EDGETUNE_NIGHTLY_MINUTES (default 2; 0 turns it off).
  * Ports: EDGETUNE_LOCAL_S3_PORT and EDGETUNE_EDGE_PORT (default: free ones), checked before anything starts.
  */
+import { existsSync } from "node:fs";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { SAMPLE_CREDIT, sampleDataset } from "../../jobs/train/src/dataset/sample.ts";
 import { initBackend } from "../../jobs/train/src/model/backend.ts";
-import { BEST_BUNDLED_BASE, ensureBase } from "../../jobs/train/src/model/bases.ts";
+import { AUTO_BASE, resolveBase } from "../../jobs/train/src/model/bases.ts";
 import { percent, table } from "../../jobs/train/src/output.ts";
 import { readPointer } from "../../shared/artifacts.ts";
 import { EdgetuneError, userMessage } from "../../shared/errors.ts";
@@ -67,9 +68,11 @@ async function checkPort(variable: string): Promise<number> {
   return port;
 }
 
-// The local stack runs on the bundled base (no download), unless EDGETUNE_DEFAULT_BASE says otherwise
-// (`auto` tries the ImageNet MobileNetV2 first, as the cloud does). Job processes inherit it.
-process.env.EDGETUNE_DEFAULT_BASE ||= BEST_BUNDLED_BASE;
+// The local stack never downloads: bases come from ../shared/models where it exists (no weights are
+// committed), else `auto` ends at the nsfwjs base that installs with the project. Job processes inherit it.
+const sharedModels = join(import.meta.dirname, "..", "..", "..", "shared", "models");
+if (existsSync(sharedModels)) process.env.EDGETUNE_BASES_DIR ||= sharedModels;
+process.env.EDGETUNE_OFFLINE ||= "1";
 // The operator key (also the console's): nightly runs apply review decisions signed with it.
 process.env.EDGETUNE_API_KEY ||= "local-dev-key";
 process.env.EDGETUNE_CONSOLE_KEYS ||= process.env.EDGETUNE_API_KEY;
@@ -82,8 +85,8 @@ try {
   say(`local S3 API on ${s3.endpoint} (bucket ${s3.config.bucket})`);
 
   await initBackend();
-  const base = await ensureBase(s3.store, process.env.EDGETUNE_DEFAULT_BASE === "auto" ? BEST_BUNDLED_BASE : process.env.EDGETUNE_DEFAULT_BASE);
-  say(`base model ${base.id} stored under ${keys.base(base.id)} (${(base.files.reduce((n, f) => n + f.bytes, 0) / 1e6).toFixed(1)} MB)`);
+  const { base, from } = await resolveBase(s3.store, process.env.EDGETUNE_DEFAULT_BASE || AUTO_BASE);
+  say(`base model ${base.id} from ${from}, stored under ${keys.base(base.id)} (${(base.files.reduce((n, f) => n + f.bytes, 0) / 1e6).toFixed(1)} MB)`);
 
   const dispatcher = new Dispatcher({
     store: s3.store,

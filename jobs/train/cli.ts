@@ -19,7 +19,7 @@ import { contentTypeOf, listDatasets, listModels, listVersions, pushDataset, rol
 import { DEFAULT_OPTIONS, readConfigFile, type TrainInput } from "./src/config.ts";
 import { addExportCommand } from "./src/export/command.ts";
 import { createLogger } from "./src/log.ts";
-import { importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
+import { AUTO_BASE, AUTO_DESCRIPTION, importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
 import { batchSubmitter, dispatchNightly } from "./src/nightly.ts";
 import { emit, emitList, percent, say } from "./src/output.ts";
 import { followRun, listRunStatuses, type RunStatus, StatusRecorder } from "./src/status.ts";
@@ -72,7 +72,7 @@ program
   .option("--model <name>", "model to write (default: the dataset name)")
   .option(
     "--base <id>",
-    `base model: auto (the ImageNet MobileNetV2 where it can be downloaded once, else the best bundled base), best (each candidate scored by cross-validation on this dataset), ${KNOWN_BASES.map((b) => b.id).join(", ")} or an imported id (default ${DEFAULT_OPTIONS.base})`,
+    `base model: auto (${AUTO_DESCRIPTION}), best (each candidate scored by cross-validation on this dataset), ${KNOWN_BASES.map((b) => b.id).join(", ")} or an imported id (default ${DEFAULT_OPTIONS.base})`,
   )
   .addOption(
     new Option("--strategy <strategy>", "head: frozen base + new dense head; finetune: then retrain the top blocks at a small learning rate").choices(
@@ -292,7 +292,10 @@ base
   .description("Bases edgetune knows by name")
   .option("--json", "one JSON object per base")
   .action((o: { json?: boolean }) => {
-    const bases = KNOWN_BASES.map((b) => ({ id: b.id, description: b.description, default: b.id === DEFAULT_OPTIONS.base }));
+    const bases = [
+      { id: AUTO_BASE, description: `The default: ${AUTO_DESCRIPTION}.`, default: DEFAULT_OPTIONS.base === AUTO_BASE },
+      ...KNOWN_BASES.map((b) => ({ id: b.id, description: b.description, default: b.id === DEFAULT_OPTIONS.base })),
+    ];
     emitList(o, bases, "", ["BASE", "DESCRIPTION"], (b) => [b.id + (b.default ? " (default)" : ""), b.description]);
   });
 

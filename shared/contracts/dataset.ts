@@ -118,7 +118,7 @@ export function lookAlikes(labels: readonly string[]): [string, string][] {
 export const manifestSchema = z.object({
   /** Contract version of this file. */
   schemaVersion: z.literal(1).default(1),
-  /** Base model id (see `bases/`), defaults to the bundled base. */
+  /** Base model id (see `bases/`), defaults to `auto` (jobs/train/src/model/bases.ts). */
   base: z.string().min(1).optional(),
   strategy: strategySchema.optional(),
   imageSize: imageSizeSchema.optional(),

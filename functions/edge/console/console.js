@@ -161,7 +161,11 @@ async function reportPage(show, name, version) {
       { class: "panel", id: "summary" },
       el("p", {}, "Accuracy ", el("strong", {}, pct(r.metrics.accuracy)), ` on ${r.metrics.evaluatedOn} held-out images.`),
       el("p", {}, r.promotion.promoted ? "Promoted: " : "Kept back: ", r.promotion.reason),
-      el("p", { class: "muted" }, `Base ${r.base.id} · ${r.options.strategy ?? ""} · backend ${r.backend.name} · ${r.export.dtype} weights`),
+      el(
+        "p",
+        { class: "muted" },
+        `Base ${r.base.id}${r.base.choice ? ` (${r.base.choice.requested}: ${r.base.choice.reason})` : ""} · ${r.options.strategy ?? ""} · backend ${r.backend.name} · ${r.export.dtype} weights`,
+      ),
       // The worker has no Node to convert with, and the export takes under a second from the stored files:
       // the command, not a stored copy of every version (ARCHITECTURE.md, "Export").
       el("p", { id: "export" }, "To run it anywhere (ONNX; add --format tfjs for the tfjs files): ", el("code", {}, `npx edgetune export ${name} ${version}`)),

@@ -41,8 +41,8 @@ export const trainOptionsSchema = z.object({
   /** Model name to write; defaults to the manifest's `model` or the dataset name. */
   model: nameSchema.optional(),
   /**
-   * `auto` (the default): the ImageNet MobileNetV2 where it can be downloaded once, else the best bundled
-   * base (model/bases.ts resolveBase). EDGETUNE_DEFAULT_BASE (the stack's `defaultBase`) overrides it.
+   * `auto` (the default; model/bases.ts AUTO_DESCRIPTION, resolveBase). EDGETUNE_DEFAULT_BASE (the stack's
+   * `defaultBase`) overrides it.
    */
   base: z.string().default(() => process.env.EDGETUNE_DEFAULT_BASE || AUTO_BASE),
   strategy: strategySchema.default("head"),
