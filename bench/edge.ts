@@ -17,14 +17,13 @@ import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts"
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
-import { BEST_BUNDLED_BASE } from "../jobs/train/src/model/bases.ts";
 import { writeCaptureConfig } from "../jobs/train/src/traffic/traffic.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { arg, hasShared, machine, percentile, SHARED } from "./common.ts";
+import { arg, BENCH_BASE, hasShared, machine, percentile, SHARED } from "./common.ts";
 
 const size = Number(arg("size", "224")) as 224;
 const coldRuns = Number(arg("cold", "5"));
-const base = arg("base", BEST_BUNDLED_BASE) as string;
+const base = arg("base", BENCH_BASE) as string;
 const requests = Number(arg("requests", "200"));
 const s3 = await startLocalS3();
 const log = createLogger({ json: true, quiet: true, stream: { write: () => true } as unknown as NodeJS.WriteStream });
@@ -95,11 +94,13 @@ const warmRun = async (worker: EdgeWorker) => {
 // Warm latency, then memory around a 12 MP JPEG.
 const edge = await startEdgeWorker(workerOptions);
 const { e2e, inference: server, total: serverTotal } = await warmRun(edge);
-// Traffic capture on, every answer stored (as sent: a small JPEG without metadata), the same requests.
+// Traffic capture on, every answer stored (a PNG encoded from the pixels), the same requests.
 await writeCaptureConfig(s3.store, "bench", { enabled: true, belowConfidence: 1.01, maxPerDay: 1_000_000 });
 const capturing = await startEdgeWorker(workerOptions);
 const { e2e: e2eCapture, total: serverCapture, inference: inferenceCapture } = await warmRun(capturing);
-const captureStats = ((await (await fetch(`${capturing.url}/healthz`)).json()) as { capture: Record<string, number> }).capture;
+const captureStats = (
+  (await (await fetch(`${capturing.url}/healthz`, { headers: { authorization: `Bearer ${capturing.apiKey}` } })).json()) as { capture: Record<string, number> }
+).capture;
 await capturing.stop();
 await writeCaptureConfig(s3.store, "bench", { enabled: false });
 const before = edge.memoryMb();

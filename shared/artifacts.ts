@@ -47,6 +47,47 @@ export async function writePointer(store: ObjectStore, name: string, pointer: Om
   return full;
 }
 
+/** The pointer as a writer read it: what it said and its ETag (null: there was none), for `writePointerIf`. */
+export interface PointerBasis {
+  pointer: ModelPointer | null;
+  etag: string | null;
+}
+
+/**
+ * Reads the pointer with its ETag. HEAD before GET: if the pointer moves in between, the ETag is the
+ * older one and a later compare-and-swap fails (safe), never the other way round.
+ */
+export async function readPointerBasis(store: ObjectStore, name: string): Promise<PointerBasis> {
+  const head = await store.head(keys.pointer(name));
+  if (!head) return { pointer: null, etag: null };
+  const pointer = await readPointer(store, name);
+  return { pointer, etag: pointer ? head.etag : null };
+}
+
+/**
+ * Moves the pointer only if it is still what `basis` read (S3 `If-Match` on its ETag, or `If-None-Match`
+ * when there was none): a compare-and-swap, so a writer that compared itself with one served version
+ * cannot overwrite another that someone put there meanwhile (a rollback during a training run). Null when
+ * the pointer changed; the caller says what it found instead.
+ */
+export async function writePointerIf(
+  store: ObjectStore,
+  name: string,
+  pointer: Omit<ModelPointer, "schemaVersion">,
+  basis: PointerBasis,
+): Promise<ModelPointer | null> {
+  const full = parseContract(pointerSchema, { schemaVersion: 1, ...pointer }, "model pointer");
+  const text = `${JSON.stringify(full, null, 2)}\n`;
+  const written =
+    basis.etag === null
+      ? await store.putIfAbsent(keys.pointer(name), text, "application/json")
+      : await store.putIfMatch(keys.pointer(name), text, basis.etag, "application/json");
+  if (written) return full;
+  // A retried request whose first attempt did write (its answer lost) fails its own condition: that is ours.
+  const now = await readPointer(store, name).catch(() => null);
+  return now?.version === full.version && now.promotedAt === full.promotedAt && now.metadataSha256 === full.metadataSha256 ? full : null;
+}
+
 /** Versions kept in a pointer's history. */
 export const HISTORY = 20;
 

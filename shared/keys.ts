@@ -13,6 +13,9 @@
  *   models/<name>/capture.json                 the edge's capture settings for the model
  *   captures/<model>/...                       what the edge captured and counted (contracts/capture.ts);
  *                                              the only prefix the edge may write
+ *   datasets/<name>/.edgetune/captured-applied/<model>/<id>.json
+ *                                              a review decision applied to the dataset (at most once)
+ *   locks/datasets/<name>.json                 one push into a dataset at a time
  */
 
 import { ARTIFACT_FILES, POINTER_FILE } from "./contracts/artifact.ts";
@@ -53,6 +56,13 @@ export const keys = {
   captureCounters: (model: string) => `captures/${model}/counters/`,
   captureCounterFile: (model: string, day: string, stamp: string) => `captures/${model}/counters/${day}/${stamp}.json`,
   captureMonitor: (model: string) => `captures/${model}/monitor.json`,
+  /**
+   * Written (conditionally) before a decision's image is added: a replayed decision finds it and adds
+   * nothing. Outside captures/, so the edge can neither forge nor delete it; named captured-* so the
+   * dispatcher's one grant under datasets/ covers it.
+   */
+  capturedApplied: (dataset: string, model: string, id: string) => `datasets/${dataset}/.edgetune/captured-applied/${model}/${id}.json`,
+  pushLock: (dataset: string) => `locks/datasets/${dataset}.json`,
 } as const;
 
 /** The UTC day a capture id names ("20261129T101500-…" → "2026-11-29"): the folder its files are in. */

@@ -4,8 +4,9 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../infra/local/s3-server.ts";
 import { memoryLogger } from "../jobs/train/src/log.ts";
-import { listCaptures, processTraffic, writeCaptureConfig } from "../jobs/train/src/traffic/traffic.ts";
+import { applyDecisions, listCaptures, processTraffic, writeCaptureConfig } from "../jobs/train/src/traffic/traffic.ts";
 import { train } from "../jobs/train/src/train.ts";
+import { sha256Hex } from "../shared/hash.ts";
 import { uploadSample } from "./support/datasets.ts";
 import { postClassify } from "./support/edge.ts";
 
@@ -126,6 +127,27 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     await page.close();
   });
 
+  it("hints at the key without alarm, says plainly that a dropped file is not an image, and fits a 360 px phone", async () => {
+    const { page, problems } = await open();
+    await page.waitForSelector("#status:not(:empty)");
+    expect(await page.getAttribute("#status", "class")).toBe("muted"); // a hint, not the red of an error
+    await withKey(page);
+    await page.goto(`${edge.url}/#/models/emoji`);
+    await page.waitForSelector("#classify-file");
+    await page.setInputFiles("#classify-file", { name: "notes.txt", mimeType: "text/plain", buffer: Buffer.from("hello") });
+    await page.waitForSelector("#classify-result .error");
+    expect(await page.textContent("#classify-result")).toBe("notes.txt is not an image: drop a JPEG, PNG, WebP or GIF file.");
+    // At 360 px nothing widens the page: wide tables scroll inside themselves, the header wraps.
+    await page.setViewportSize({ width: 360, height: 740 });
+    for (const path of ["#/", "#/models/emoji", `#/models/emoji/${version}`]) {
+      await page.goto(`${edge.url}/${path}`);
+      await page.waitForSelector("#view table");
+      expect([path, await page.evaluate(() => document.documentElement.scrollWidth)]).toEqual([path, 360]);
+    }
+    expect(problems).toEqual([]);
+    await page.close();
+  });
+
   it("shows a version's report: accuracy, a confusion matrix with a row per label", async () => {
     const { page, problems } = await open();
     await withKey(page);
@@ -135,6 +157,7 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     expect(await page.locator("#confusion tbody tr").count()).toBe(3);
     expect(await page.locator("#per-class tbody tr").count()).toBe(3);
     expect(await page.textContent("#answers-summary")).toMatch(/calibration error \d+\.\d % before, \d+\.\d % after\. Thresholds \(f1\)/);
+    expect(await page.textContent("#export code")).toBe(`npx edgetune export emoji ${version}`);
     expect(problems).toEqual([]);
     // For the README: EDGETUNE_SCREENSHOT=docs/console.png npx vitest run test/console.test.ts
     if (process.env.EDGETUNE_SCREENSHOT) {
@@ -193,11 +216,28 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     await page.waitForFunction(() => document.querySelector("#captures figure .outcome")?.textContent?.includes("Accepted as"));
     await page.locator("#captures figure").nth(1).locator("button.discard").click();
     await page.waitForFunction(() => document.querySelectorAll("#captures figure.decided").length === 2);
+    // The third image is swapped (with the edge's credentials) after it was shown: its accept is refused.
+    const third = page.locator("#captures figure").nth(2);
+    const swappedId = (await third.getAttribute("data-id")) as string;
+    const queue = await listCaptures(s3.store, "emoji");
+    const swapped = queue.find((c) => c.id === swappedId) as (typeof queue)[number];
+    const original = (await s3.store.get(swapped.image.key)) as Uint8Array;
+    await s3.store.put(swapped.image.key, (await s3.store.get(queue.find((c) => c.id !== swappedId)?.image.key as string)) as Uint8Array);
+    await third.locator("button.accept").click();
+    await page.waitForFunction(() => document.querySelectorAll("#captures figure .outcome.error").length === 1);
+    expect(await third.locator(".outcome").textContent()).toContain("is not the one you were shown");
     const decided = (await listCaptures(s3.store, "emoji")).filter((c) => c.decision);
     expect(decided.map((c) => [c.decision?.action, c.decision?.label ?? null, c.decision?.by]).sort()).toEqual([
       ["accept", corrected, "console"],
       ["discard", null, "console"],
     ]);
+    // The accept names the bytes the page showed; swapped after the decision, the nightly job refuses it.
+    const accepted = decided.find((c) => c.decision?.action === "accept") as (typeof decided)[number];
+    expect(accepted.decision?.imageSha256).toBe(await sha256Hex((await s3.store.get(accepted.image.key)) as Uint8Array));
+    await s3.store.put(accepted.image.key, original);
+    const applied = await applyDecisions(s3.store, "emoji", memoryLogger(), { operatorKeys: [OPERATOR] });
+    expect([applied.accepted, applied.discarded.length]).toEqual([[], 1]);
+    expect(applied.refused).toEqual([{ id: accepted.id, reason: "its image changed after it was reviewed; review it again" }]);
     // No summary before the nightly step; then the day's traffic with the held-out reference.
     await page.goto(`${edge.url}/#/monitor/emoji`);
     await page.waitForSelector("#monitor-empty");
@@ -207,8 +247,9 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     expect(await page.textContent("#monitor tbody tr")).toMatch(/\d{4}-\d{2}-\d{2}/);
     expect(await page.textContent("#reference")).toContain(version);
     expect(await page.textContent("#view")).not.toMatch(/null|undefined|NaN/);
-    // Chromium logs the monitor route's 404 (no summary yet, shown to the user as such) as a console error.
-    expect(problems.filter((p) => !p.includes("status of 404"))).toEqual([]);
+    // Chromium logs the monitor route's 404 (no summary yet, shown to the user as such) and the swapped
+    // image's 409 (shown on its card) as console errors.
+    expect(problems.filter((p) => !p.includes("status of 404") && !p.includes("status of 409"))).toEqual([]);
     await page.close();
   });
 

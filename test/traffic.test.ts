@@ -1,4 +1,3 @@
-import { createHash } from "node:crypto";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts";
@@ -9,6 +8,7 @@ import { dispatchNightly } from "../jobs/train/src/nightly.ts";
 import { listCaptures, writeCaptureConfig } from "../jobs/train/src/traffic/traffic.ts";
 import { train } from "../jobs/train/src/train.ts";
 import { readPointer } from "../shared/artifacts.ts";
+import { sha256Hex } from "../shared/hash.ts";
 import { keys } from "../shared/keys.ts";
 import { monitorSummarySchema } from "../shared/monitor.ts";
 import { postClassify } from "./support/edge.ts";
@@ -77,7 +77,8 @@ async function classify(img: SampleImage, headers: Record<string, string> = {}) 
   return (await res.json()) as { version: string; predictions: { label: string; score: number }[] };
 }
 async function captureStats() {
-  return ((await (await fetch(`${edge.url}/healthz`)).json()) as { capture: { captured: number; failed: number; optedOut: number } }).capture;
+  return ((await (await fetch(`${edge.url}/healthz`, { headers: auth() })).json()) as { capture: { captured: number; failed: number; optedOut: number } })
+    .capture;
 }
 async function until<T>(what: () => Promise<T>, ok: (v: T) => boolean, seconds = 30): Promise<T> {
   const end = Date.now() + seconds * 1000;
@@ -87,7 +88,24 @@ async function until<T>(what: () => Promise<T>, ok: (v: T) => boolean, seconds =
     await new Promise((r) => setTimeout(r, 200));
   }
 }
-const sha = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
+const rgba = async (b: Uint8Array) => sharp(b).ensureAlpha().raw().toBuffer();
+const trafficPixels: { image: SampleImage; pixels: Buffer }[] = [];
+/**
+ * The traffic image a stored capture was made from: the edge stores a PNG re-encoded from the pixels it
+ * decoded, so the bytes differ, and a JPEG's pixels differ by a grey level or two between its decoder
+ * (mozjpeg) and sharp's; the nearest image, within 3 levels on average, is the one.
+ */
+async function trafficOf(stored: Uint8Array): Promise<SampleImage | undefined> {
+  const pixels = await rgba(stored);
+  let best: { image?: SampleImage; distance: number } = { distance: 3 };
+  for (const t of trafficPixels) {
+    if (t.pixels.length !== pixels.length) continue;
+    let sum = 0;
+    for (let i = 0; i < pixels.length; i++) sum += Math.abs((pixels[i] as number) - (t.pixels[i] as number));
+    if (sum / pixels.length < best.distance) best = { image: t.image, distance: sum / pixels.length };
+  }
+  return best.image;
+}
 
 describe("the traffic loop", () => {
   let correctBefore = 0;
@@ -97,6 +115,7 @@ describe("the traffic loop", () => {
     body.predictions.find((p) => p.label === img.label)?.score ?? 0;
 
   it("captures what the edge answers, after the answer, with the prediction and the version", async () => {
+    for (const t of traffic) trafficPixels.push({ image: t, pixels: await rgba(t.bytes) });
     // A fresh isolate captures nothing until it has read the model's capture settings (after its first answer).
     await classify(traffic[0] as SampleImage, { "x-edgetune-capture": "off" });
     await until(captureStats, (s) => s !== null);
@@ -115,9 +134,10 @@ describe("the traffic loop", () => {
     for (const c of captures) {
       expect(c.version).toBe(firstVersion);
       expect(c.reason).toBe("low_confidence");
-      // Small inputs are stored as sent: the bytes are the client's.
+      // Stored as a PNG re-encoded from the decoded pixels (never the client's bytes): the same pixels.
       const stored = await s3.store.get(c.image.key);
-      expect(traffic.some((t) => sha(t.bytes) === sha(stored as Uint8Array))).toBe(true);
+      expect(c.image.contentType).toBe("image/png");
+      expect(await trafficOf(stored as Uint8Array)).toBeDefined();
     }
     // The first model was not perfect on these: there is something to learn.
     expect(correctBefore).toBeLessThan(traffic.length);
@@ -172,17 +192,17 @@ describe("the traffic loop", () => {
     };
     expect(queue.settings.enabled).toBe(true);
     expect(queue.captures.length).toBe(traffic.length);
-    const byHash = new Map(traffic.map((t) => [sha(t.bytes), t]));
     let discarded = 0;
     for (const [i, c] of queue.captures.entries()) {
       const image = await fetch(`${edge.url}/v1/models/emoji/captures/${c.id}/image`, { headers: auth() });
       expect(image.headers.get("content-type")).toBe(c.image.contentType);
       const bytes = new Uint8Array(await image.arrayBuffer());
       expect((await sharp(bytes).metadata()).width).toBe(96);
-      const truth = byHash.get(sha(bytes)) as SampleImage;
+      const truth = (await trafficOf(bytes)) as SampleImage;
       // The first capture is discarded; every other one is accepted under its true label (a correction
       // where the model was wrong).
-      const decision = i === 0 ? { action: "discard" } : { action: "accept", label: truth.label };
+      // An accept names the bytes shown (the console's page hashes what it displayed).
+      const decision = i === 0 ? { action: "discard" } : { action: "accept", label: truth.label, imageSha256: await sha256Hex(bytes) };
       if (i === 0) discarded++;
       (i === 0 ? reviewed.discarded : reviewed.accepted).push(c.id);
       const r = await fetch(`${edge.url}/v1/models/emoji/captures/${c.id}/decision`, {
@@ -200,6 +220,16 @@ describe("the traffic loop", () => {
     });
     expect(bad.status).toBe(422);
     expect(((await bad.json()) as { error: { code: string } }).error.code).toBe("invalid_decision");
+    // Shown one image, the stored one is another (swapped with the edge's credentials): refused, nothing recorded.
+    const target = queue.captures[1] as { id: string };
+    const shown = await sha256Hex(new TextEncoder().encode("the bytes shown"));
+    const swapped = await fetch(`${edge.url}/v1/models/emoji/captures/${target.id}/decision`, {
+      method: "POST",
+      headers: { ...auth(), "content-type": "application/json" },
+      body: JSON.stringify({ action: "accept", label: "food", imageSha256: shown }),
+    });
+    expect([swapped.status, ((await swapped.json()) as { error: { code: string } }).error.code]).toEqual([409, "image_changed"]);
+    expect((await listCaptures(s3.store, "emoji")).find((c) => c.id === target.id)?.decision?.imageSha256).not.toBe(shown);
   });
 
   it("moves accepted captures into the dataset at night, retrains, and serves a version that is better on them", async () => {
@@ -219,7 +249,8 @@ describe("the traffic loop", () => {
     expect(result.submitted.map((s) => s.dataset)).toEqual(["emoji"]);
     // Accepted images are in the dataset with their provenance; the review queue is empty.
     const added: string[] = [];
-    for await (const o of s3.store.list(keys.dataset("emoji"))) if (o.key.includes("/captured-")) added.push(o.key);
+    // (Their applied-markers sit under .edgetune/, the job's own folder: not images.)
+    for await (const o of s3.store.list(keys.dataset("emoji"))) if (o.key.includes("/captured-") && !o.key.includes("/.edgetune/")) added.push(o.key);
     for (const id of reviewed.accepted) expect(added.filter((k) => k.includes(`/train/`) && k.includes(`/captured-${id}.`)).length).toBe(1);
     expect(added.length).toBe(traffic.length - 1);
     const head = await s3.store.head(added[0] as string);

@@ -51,7 +51,20 @@ export async function freePort(): Promise<number> {
 }
 
 export async function startEdgeWorker(options: EdgeOptions): Promise<EdgeWorker> {
-  const port = options.port ?? (await freePort());
+  // A free port is only free until someone binds it: another process (a parallel test run, a second
+  // worker) may take it before workerd does. Only a port we picked ourselves is tried again.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startOnce(options, options.port ?? (await freePort()));
+    } catch (e) {
+      if (options.port !== undefined || attempt >= 3 || !(e instanceof PortTakenError)) throw e;
+    }
+  }
+}
+
+class PortTakenError extends Error {}
+
+async function startOnce(options: EdgeOptions, port: number): Promise<EdgeWorker> {
   const apiKey = options.apiKey ?? `test-${Math.random().toString(36).slice(2)}`;
   const state = options.persistTo ?? (await mkdtemp(join(tmpdir(), "edgetune-wrangler-")));
   const vars: Record<string, string> = {
@@ -110,7 +123,9 @@ export async function startEdgeWorker(options: EdgeOptions): Promise<EdgeWorker>
   for (;;) {
     if (child.exitCode !== null) {
       killGroup("SIGKILL");
-      throw new Error(`wrangler dev exited (${child.exitCode}):\n${log}`);
+      if (!options.persistTo) await rm(state, { recursive: true, force: true });
+      const Failure = /Address already in use/.test(log) ? PortTakenError : Error;
+      throw new Failure(`wrangler dev exited (${child.exitCode}):\n${log}`);
     }
     try {
       const res = await fetch(`${url}/healthz`);

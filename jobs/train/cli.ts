@@ -9,7 +9,7 @@ import { readFile, writeFile } from "node:fs/promises";
 import { Command, InvalidArgumentError, Option } from "commander";
 import type { Answer } from "../../shared/answer.ts";
 import { listVersions as listModelVersions } from "../../shared/catalog.ts";
-import type { ModelPointer } from "../../shared/contracts/artifact.ts";
+import { DEFAULT_POINTER_TTL_SECONDS, type ModelPointer } from "../../shared/contracts/artifact.ts";
 import { IMAGE_SIZES, nameSchema, STRATEGIES } from "../../shared/contracts/common.ts";
 import { EdgetuneError, InvalidOptionError, NotFoundError, userMessage } from "../../shared/errors.ts";
 import { datasetNameFromManifestKey, keys } from "../../shared/keys.ts";
@@ -19,12 +19,14 @@ import { s3ConfigFromEnv } from "../../shared/s3/config.ts";
 import { answerText } from "./src/answer-text.ts";
 import { contentTypeOf, listDatasets, listModels, listVersions, pushDataset, rollback } from "./src/catalog/catalog.ts";
 import { DEFAULT_OPTIONS, readConfigFile, type TrainInput } from "./src/config.ts";
+import { addExportCommand } from "./src/export/command.ts";
 import { createLogger } from "./src/log.ts";
-import { importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
+import { AUTO_BASE, AUTO_DESCRIPTION, importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
 import { batchSubmitter, dispatchNightly } from "./src/nightly.ts";
-import { emit, emitList, percent } from "./src/output.ts";
+import { emit, emitList, percent, say } from "./src/output.ts";
 import { followRun, listRunStatuses, type RunStatus, StatusRecorder } from "./src/status.ts";
-import { applyDecisions, decide, listCaptures, monitor, parseRate, processTraffic, readCaptureConfig, writeCaptureConfig } from "./src/traffic/traffic.ts";
+import { operatorKeysFromEnv, saveCaptureImages } from "./src/traffic/review.ts";
+import { applyDecisions, listCaptures, monitor, parseRate, processTraffic, readCaptureConfig, reviewNow, writeCaptureConfig } from "./src/traffic/traffic.ts";
 
 const int = (name: string) => (v: string) => {
   const n = Number(v);
@@ -54,7 +56,8 @@ function datasetRef(value: string, opts: { bucket?: string }): string {
     opts.bucket = url[1];
     return url[2] as string;
   }
-  if (value.startsWith("s3://")) throw new InvalidArgumentError("expected s3://<bucket>/datasets/<name>/");
+  if (value.startsWith("s3://"))
+    throw new InvalidOptionError("--dataset", value, ["a name", "s3://<bucket>/datasets/<name>/", "datasets/<name>/manifest.json"]);
   return datasetNameFromManifestKey(value) ?? value;
 }
 
@@ -71,7 +74,7 @@ program
   .option("--model <name>", "model to write (default: the dataset name)")
   .option(
     "--base <id>",
-    `base model: auto (the ImageNet MobileNetV2 where it can be downloaded once, else the best bundled base), best (each candidate scored by cross-validation on this dataset), ${KNOWN_BASES.map((b) => b.id).join(", ")} or an imported id (default ${DEFAULT_OPTIONS.base})`,
+    `base model: auto (${AUTO_DESCRIPTION}), best (each candidate scored by cross-validation on this dataset), ${KNOWN_BASES.map((b) => b.id).join(", ")} or an imported id (default ${DEFAULT_OPTIONS.base})`,
   )
   .addOption(
     new Option("--strategy <strategy>", "head: frozen base + new dense head; finetune: then retrain the top blocks at a small learning rate").choices(
@@ -119,6 +122,8 @@ program
     "per-label score thresholds below which an answer is unsure: f1 (each label's best F1 on held-out images) or precision:<target>, e.g. precision:0.95 (default f1)",
   )
   .option("--force", "train even if this dataset + config was already trained")
+  .option("--take-over", "train into a model another dataset created: it then belongs to this dataset (its labels may change too)")
+  .option("--relabel", "change the label set of this dataset's model (its clients get the new labels)")
   .option("--config <file>", "JSON file with the same options (flags win)")
   .option("--json", "JSON log lines even on a terminal, and the result as JSON")
   .action(async (o: Record<string, string | number | boolean | undefined>, cmd: Command) => {
@@ -139,6 +144,8 @@ program
       promote: o.promote as TrainInput["promote"],
       thresholdPolicy: o.thresholdPolicy as string | undefined,
       force: o.force === true ? true : undefined,
+      takeOver: o.takeOver === true ? true : undefined,
+      relabel: o.relabel === true ? true : undefined,
       head: {
         ...fromFile.head,
         epochs: o.epochs as number | undefined,
@@ -292,7 +299,10 @@ base
   .description("Bases edgetune knows by name")
   .option("--json", "one JSON object per base")
   .action((o: { json?: boolean }) => {
-    const bases = KNOWN_BASES.map((b) => ({ id: b.id, description: b.description, default: b.id === DEFAULT_OPTIONS.base }));
+    const bases = [
+      { id: AUTO_BASE, description: `The default: ${AUTO_DESCRIPTION}.`, default: DEFAULT_OPTIONS.base === AUTO_BASE },
+      ...KNOWN_BASES.map((b) => ({ id: b.id, description: b.description, default: b.id === DEFAULT_OPTIONS.base })),
+    ];
     emitList(o, bases, "", ["BASE", "DESCRIPTION"], (b) => [b.id + (b.default ? " (default)" : ""), b.description]);
   });
 
@@ -304,11 +314,12 @@ program
   .option("--base <id>", "base model for this dataset")
   .option("--wait", "follow the training run this push triggers to its end; exit 0 if its version is served, 2 if kept back, 1 if it failed")
   .option("--dry-run", "check the folder with the training job's rules (and decode a sample) without uploading")
+  .option("--drop-captured", "also remove accepted captures (captured-*) from the dataset; by default a push keeps them")
   .option("--json", "the result (and with --wait the run's states) as JSON lines")
   .action(
     async (
       folder: string,
-      o: { dataset: string; strategy?: "head" | "finetune"; base?: string; wait?: boolean; dryRun?: boolean; json?: boolean },
+      o: { dataset: string; strategy?: "head" | "finetune"; base?: string; wait?: boolean; dryRun?: boolean; dropCaptured?: boolean; json?: boolean },
       cmd: Command,
     ) => {
       const log = createLogger();
@@ -316,24 +327,28 @@ program
       const since = new Date().toISOString();
       const r = await pushDataset(store, folder, o.dataset, { strategy: o.strategy, base: o.base }, (d, t) => log.progress("upload", d, t), {
         dryRun: o.dryRun,
+        dropCaptured: o.dropCaptured,
         // The queued record exists before the trigger does: a run that starts at once still finds it.
         beforeManifest: () => new StatusRecorder(store, o.dataset, "queued").update({}, true),
       });
-      for (const w of r.warnings) process.stderr.write(`warning: ${w}\n`);
+      for (const w of r.warnings) say(`warning: ${w}`);
+      // The dataset becomes what the folder holds: say what that takes away.
+      const gone = r.removed.length > 10 ? `${r.removed.slice(0, 10).join(", ")} and ${r.removed.length - 10} more` : r.removed.join(", ");
+      if (r.removed.length > 0) say(`${o.dryRun ? "would remove" : "removed"} ${r.removed.length} file(s) of ${o.dataset} the folder no longer has: ${gone}`);
       const labels = Object.entries(r.labels)
         .map(([l, n]) => `${l} ${n}`)
         .join(", ");
       if (o.dryRun) {
         emit(
           o,
-          { dataset: o.dataset, labels: r.labels, notImages: r.skipped.length, warnings: r.warnings },
+          { dataset: o.dataset, labels: r.labels, notImages: r.skipped.length, warnings: r.warnings, removed: r.removed },
           `${o.dataset}: ${labels} — ready to push (nothing was uploaded).`,
         );
         return;
       }
       emit(
         o,
-        { dataset: o.dataset, uploaded: r.uploaded, notImages: r.skipped.length, state: "queued" },
+        { dataset: o.dataset, uploaded: r.uploaded, removed: r.removed, notImages: r.skipped.length, state: "queued" },
         `Uploaded ${r.uploaded} images of ${o.dataset} (${labels}); training is triggered (the manifest was written last).${o.wait ? "" : ` Follow it: edgetune status ${o.dataset} --follow`}`,
       );
       if (!o.wait) return;
@@ -354,14 +369,14 @@ program
       throw new InvalidOptionError("dataset name", dataset, ["a name of 1–63 characters a-z, 0-9, '.', '_', '-'"]);
     const runs = await listRunStatuses(store, dataset);
     if (!o.follow) {
-      if (runs.length === 0) process.stderr.write(dataset ? `No runs of ${dataset} yet (runs are kept 30 days).\n` : "No runs yet.\n");
-      for (const s of runs) process.stdout.write(`${o.json ? JSON.stringify(s) : describeRun(s)}\n`);
+      if (runs.length === 0) say(dataset ? `No runs of ${dataset} yet (runs are kept 30 days).` : "No runs yet.");
+      for (const s of runs) emit(o, s, describeRun(s));
       return;
     }
     if (!dataset) throw new EdgetuneError("invalid_option", "--follow needs a dataset: edgetune status <dataset> --follow");
     const newest = runs[0];
     if (!newest) throw new EdgetuneError("not_found", `No runs of ${dataset} yet; push it, or wait for the trigger.`);
-    const final = await followRun(store, dataset, newest.startedAt, (s) => process.stdout.write(`${o.json ? JSON.stringify(s) : describeRun(s)}\n`));
+    const final = await followRun(store, dataset, newest.startedAt, (s) => emit(o, s, describeRun(s)));
     if (final) process.exitCode = exitCodeOf(final);
   });
 
@@ -389,7 +404,7 @@ program
   .option("--below <score>", "store inputs whose top score is below this (0–1)")
   .option("--sample <rate>", "and this share of the other inputs (0–1 or a percentage)")
   .option("--max-per-day <n>", "at most this many inputs a day, all edge isolates together", int("--max-per-day"))
-  .option("--max-mb-per-day <n>", "at most this many MB a day", int("the value"))
+  .option("--max-mb-per-day <n>", "at most this many MB a day", int("--max-mb-per-day"))
   .option("--json", "the settings as JSON")
   .action(
     async (
@@ -420,18 +435,25 @@ program
 program
   .command("review <model>")
   .description("The inputs the edge captured for review; accept (into the dataset, under the predicted or a corrected label) or discard them")
-  .option("--accept <ids>", "comma-separated capture ids to add to the dataset")
+  .option("--accept <ids>", "comma-separated capture ids (or <id>@<sha256> from --save) to add to the dataset")
   .option("--as <label>", "with --accept: the true label (default: the predicted one)")
   .option("--discard <ids>", "comma-separated capture ids to drop")
+  .option("--save <dir>", "save the images waiting for review into <dir>, named <id>@<sha256>; --accept <id>@<sha256> then adds exactly those bytes")
   .option("--json", "one JSON object per capture, or the applied decisions")
-  .action(async (model: string, o: { accept?: string; as?: string; discard?: string; json?: boolean }, cmd: Command) => {
+  .action(async (model: string, o: { accept?: string; as?: string; discard?: string; save?: string; json?: boolean }, cmd: Command) => {
     const store = storeFrom(cmd.optsWithGlobals());
     const ids = (list?: string) =>
       (list ?? "")
         .split(",")
         .map((x) => x.trim())
         .filter(Boolean);
-    if (o.as && !o.accept) throw new InvalidArgumentError("--as goes with --accept.");
+    // Thrown inside an action, so an EdgetuneError: commander's own errors are only understood while parsing.
+    if (o.as && !o.accept) throw new EdgetuneError("invalid_option", "--as goes with --accept: edgetune review <model> --accept <ids> --as <label>.");
+    if (o.save) {
+      const saved = await saveCaptureImages(store, model, o.save);
+      emitList(o, saved, `Nothing of ${model} is waiting for review.`, ["ID", "FILE"], (f) => [f.id, f.file]);
+      return;
+    }
     if (!o.accept && !o.discard) {
       const pending = await listCaptures(store, model);
       emitList(
@@ -451,17 +473,25 @@ program
       );
       return;
     }
-    const mine = new Set<string>();
-    for (const id of ids(o.accept)) mine.add((await decide(store, model, id, "accept", o.as)).id);
-    for (const id of ids(o.discard)) mine.add((await decide(store, model, id, "discard")).id);
-    // The CLI applies its own decisions at once (it has the job's rights); the console's are applied by
-    // the nightly run, or here too when EDGETUNE_CONSOLE_KEYS lets their signatures be checked.
-    const r = await applyDecisions(store, model, createLogger(), { trusted: mine });
-    for (const f of r.refused) process.stderr.write(`not added: ${f.id}: ${f.reason}\n`);
+    // Made here, bound to the bytes shown, applied from memory (traffic/review.ts). Console decisions are
+    // applied by the nightly run, or here too when EDGETUNE_CONSOLE_KEYS lets their signatures be checked.
+    const log = createLogger();
+    const r = await reviewNow(store, model, { accept: ids(o.accept), discard: ids(o.discard), as: o.as }, log);
+    if (operatorKeysFromEnv().length > 0) {
+      const signed = await applyDecisions(store, model, log);
+      r.accepted.push(...signed.accepted);
+      r.discarded.push(...signed.discarded);
+      r.refused.push(...signed.refused);
+    }
+    // Each label said: without --as it came from the capture's record, which the edge may rewrite.
+    if (!o.json) for (const a of r.accepted) say(`added: ${a.id} as ${a.key.split("/").at(-2)} (${a.key})`);
+    for (const f of r.refused) say(`not added: ${f.id}: ${f.reason}`);
+    // The dataset the images joined (the model's own), named so the suggested command runs as printed.
+    const dataset = r.accepted[0]?.key.split("/")[1];
     emit(
       o,
       r,
-      `${r.accepted.length} added to the dataset, ${r.discarded.length} discarded${r.refused.length ? `, ${r.refused.length} refused` : ""}. The next nightly run trains on the added images (or now: edgetune train --dataset <name>).`,
+      `${r.accepted.length} added to the dataset, ${r.discarded.length} discarded${r.refused.length ? `, ${r.refused.length} refused` : ""}.${dataset ? ` The next nightly run trains on the added images (or now: edgetune train --dataset ${dataset}).` : ""}`,
     );
     if (r.refused.length > 0) process.exitCode = 1;
   });
@@ -500,8 +530,10 @@ program
       ],
     );
     if (ref) {
-      process.stdout.write(
-        `Held-out split of ${ref.version} (${ref.evaluatedOn} images): under ${s.threshold} ${ref.lowConfidence === null ? "not recorded" : percent(ref.lowConfidence)}; predicted ${share(Object.fromEntries(Object.entries(ref.labels).map(([l, v]) => [l, v * 100])), 100)}.\n`,
+      emit(
+        o,
+        null,
+        `Held-out split of ${ref.version} (${ref.evaluatedOn} images): ${heldOutUnder(ref, s.threshold)}; predicted ${share(Object.fromEntries(Object.entries(ref.labels).map(([l, v]) => [l, v * 100])), 100)}.`,
       );
     }
   });
@@ -563,9 +595,22 @@ program
   .option("--to <version>", "version to serve")
   .option("--json", "the new pointer (current.json) as JSON")
   .action(async (name: string, o: { to?: string; json?: boolean }, cmd: Command) => {
-    const p = await rollback(storeFrom(cmd.optsWithGlobals()), name, o.to);
-    emit(o, p, `${name} now serves ${p.version} (was ${p.previous}); the edge picks it up within POINTER_TTL_SECONDS.`);
+    const { pointer: p, changed, duringRun } = await rollback(storeFrom(cmd.optsWithGlobals()), name, o.to);
+    emit(
+      o,
+      { ...p, changed },
+      changed
+        ? `${name} now serves ${p.version} (was ${p.previous}); the edge picks it up within ${DEFAULT_POINTER_TTL_SECONDS} seconds (the worker's POINTER_TTL_SECONDS).`
+        : `${name} already serves ${p.version}; nothing changed.`,
+    );
+    if (changed && duringRun) say(`A training run of ${name} is in progress: it will not undo this rollback (it ends not promoted).`);
   });
+
+/** How many held-out answers scored under the threshold, as the count it is (a share of 6 images is not "90.0 %"). */
+function heldOutUnder(ref: { evaluatedOn: number; lowConfidence: number | null }, threshold: number): string {
+  if (ref.lowConfidence === null) return `answers under ${threshold} not known exactly for this version (trained before per-image scores were kept)`;
+  return `${Math.round(ref.lowConfidence * ref.evaluatedOn)} of ${ref.evaluatedOn} answers under ${threshold}`;
+}
 
 /** The served version of a model, for people. */
 function describePointer(name: string, p: ModelPointer): string {
@@ -609,13 +654,14 @@ program
     const bytes = await store.get(key);
     if (!bytes) throw new NotFoundError(`Version ${chosen} of ${model} has no report (${key}).`);
     if (o.json) {
-      process.stdout.write(new TextDecoder().decode(bytes));
+      // Stored indented for people who open it in S3; --json is one object a line, like every command.
+      emit(o, JSON.parse(new TextDecoder().decode(bytes)), "");
       return;
     }
     const out = o.out ?? `${model}-${chosen}-report.html`;
     await writeFile(out, bytes);
     process.stdout.write(`${out}\n`);
-    process.stderr.write(`Report of ${model} ${chosen} (s3://${s3ConfigFromEnv(process.env).bucket}/${key}) saved to ${out}; open it in a browser.\n`);
+    say(`Report of ${model} ${chosen} (s3://${s3ConfigFromEnv(process.env).bucket}/${key}) saved to ${out}; open it in a browser.`);
   });
 
 program
@@ -646,14 +692,16 @@ program
       });
       const body = (await res.json()) as Partial<Answer> & { error?: { message: string } };
       if (!res.ok) failed++;
-      if (o.json) process.stdout.write(`${JSON.stringify({ file, status: res.status, ...body })}\n`);
-      else
-        process.stdout.write(
-          `${file}: ${res.ok ? answerText({ ...body, predictions: body.predictions ?? [] }) : `HTTP ${res.status}: ${body.error?.message ?? ""}`}\n`,
-        );
+      emit(
+        o,
+        { file, status: res.status, ...body },
+        `${file}: ${res.ok ? answerText({ ...body, predictions: body.predictions ?? [] }) : `HTTP ${res.status}: ${body.error?.message ?? ""}`}`,
+      );
     }
     if (failed > 0) process.exitCode = 1;
   });
+
+addExportCommand(program, storeFrom);
 
 function clean<T>(o: T): T {
   return JSON.parse(JSON.stringify(o)) as T;
@@ -662,7 +710,7 @@ function clean<T>(o: T): T {
 try {
   await program.parseAsync(process.argv);
 } catch (e) {
-  process.stderr.write(`edgetune: ${e instanceof InvalidOptionError ? e.message : userMessage(e)}\n`);
+  say(`edgetune: ${e instanceof InvalidOptionError ? e.message : userMessage(e)}`);
   if (process.env.EDGETUNE_DEBUG) console.error(e);
   process.exitCode = 1;
 }

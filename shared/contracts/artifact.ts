@@ -112,6 +112,12 @@ export const artifactMetadataSchema = z
   });
 export type ArtifactMetadata = z.output<typeof artifactMetadataSchema>;
 
+/**
+ * How long an edge isolate trusts the pointer it read (the worker's POINTER_TTL_SECONDS unless a deploy
+ * sets another): the longest a promotion or rollback takes to reach every isolate.
+ */
+export const DEFAULT_POINTER_TTL_SECONDS = 30;
+
 export const pointerSchema = z.object({
   schemaVersion: z.literal(1),
   version: versionSchema,
@@ -123,6 +129,11 @@ export const pointerSchema = z.object({
   reason: z.string(),
   /** The versions served before this one, newest first (what `rollback` walks back through). */
   history: z.array(versionSchema).max(50).optional(),
+  /**
+   * The dataset the model belongs to (the one that created it, or took it over by an operator's explicit
+   * act: `edgetune train --take-over`). Pointers written before it existed: the served version's dataset.
+   */
+  dataset: nameSchema.optional(),
 });
 export type ModelPointer = z.output<typeof pointerSchema>;
 

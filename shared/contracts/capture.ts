@@ -1,7 +1,7 @@
 import { z } from "zod";
 import { captureDayOf, isCaptureKey, keys } from "../keys.ts";
 import { nameSchema, versionSchema } from "./common.ts";
-import { labelSchema } from "./dataset.ts";
+import { labelSchema, newLabelSchema } from "./dataset.ts";
 import { tryParseContractJson } from "./parse.ts";
 
 /**
@@ -34,7 +34,7 @@ export const captureConfigSchema = z.object({
     .int()
     .min(0)
     .default(200 * 1024 * 1024),
-  /** Inputs larger than this (either side) are stored as a PNG copy resized to fit; smaller ones as sent. */
+  /** Inputs larger than this (either side) are resized to fit; every capture is a PNG encoded from the pixels. */
   maxSide: z.number().int().min(32).max(2048).default(512),
 });
 export type CaptureConfig = z.output<typeof captureConfigSchema>;
@@ -52,7 +52,7 @@ export const captureRecordSchema = z.object({
   capturedAt: z.iso.datetime(),
   reason: z.enum(CAPTURE_REASONS),
   /** The model's answer, best first (at most 5). */
-  predictions: z.array(z.object({ label: z.string(), score: z.number() })).min(1),
+  predictions: z.array(z.object({ label: labelSchema, score: z.number() })).min(1),
   image: z.object({
     key: z.string(),
     contentType: z.enum(["image/jpeg", "image/png", "image/webp", "image/gif"]),
@@ -88,11 +88,11 @@ export const captureDecisionSchema = z
     schemaVersion: z.literal(1).default(1),
     id: captureIdSchema,
     action: z.enum(["accept", "discard"]),
-    /** Required to accept: the true label (the predicted one, or a correction). */
-    label: labelSchema.optional(),
+    /** Required to accept: the true label (the predicted one, or a correction), a safe new label. */
+    label: newLabelSchema.optional(),
     decidedAt: z.iso.datetime(),
     by: z.enum(["console", "cli"]),
-    /** sha256 of the image the reviewer saw: the job adds exactly those bytes, or nothing. */
+    /** sha256 of the image the reviewer saw (the console's page hashes what it displayed; the CLI what it read): the job adds exactly those bytes, or nothing. */
     imageSha256: z
       .string()
       .regex(/^[0-9a-f]{64}$/)
@@ -122,6 +122,18 @@ export type CaptureQuota = z.output<typeof captureQuotaSchema>;
 export const CONFIDENCE_BINS = 10;
 export const confidenceBin = (score: number) => Math.min(CONFIDENCE_BINS - 1, Math.max(0, Math.floor(score * CONFIDENCE_BINS)));
 
+/**
+ * Counter files sit under captures/, which whoever holds the edge's key may write: every number read
+ * from there is bounded before it is summed or held. A count is a safe non-negative integer; labels are
+ * at most MAX_COUNTER_LABELS (a guard while parsing: the monitor also requires them to be the counting
+ * version's own labels), named as dataset labels are; a delta (one isolate's minute) counts at most
+ * MAX_DELTA_COUNT of anything (checked by the reader, `withinDeltaCaps`: a day's roll-up may hold more).
+ */
+export const MAX_COUNTER_LABELS = 10_000;
+/** 2^40 answers in one isolate's flush interval is some 10^10 a second: no real delta comes near it. */
+export const MAX_DELTA_COUNT = 2 ** 40;
+const count = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
+
 /** What an isolate counted for one served version since its last flush (deltas: they add up). */
 export const countersSchema = z.object({
   schemaVersion: z.literal(1),
@@ -129,20 +141,20 @@ export const countersSchema = z.object({
   version: versionSchema,
   from: z.iso.datetime(),
   to: z.iso.datetime(),
-  requests: z.number().int().min(0),
+  requests: count,
   /** Predicted (top-1) label → answers. */
-  labels: z.record(z.string(), z.number().int().min(0)),
-  confidence: z.array(z.number().int().min(0)).length(CONFIDENCE_BINS),
+  labels: z.record(labelSchema, count).refine((l) => Object.keys(l).length <= MAX_COUNTER_LABELS, `must name at most ${MAX_COUNTER_LABELS} labels`),
+  confidence: z.array(count).length(CONFIDENCE_BINS),
   /** Answers whose top score was below the capture threshold (0.5 when capture is off). */
-  lowConfidence: z.number().int().min(0),
-  captured: z.number().int().min(0),
+  lowConfidence: count,
+  captured: count,
   /** Not stored because a daily cap was reached. */
-  overCap: z.number().int().min(0),
+  overCap: count,
   /** Not stored because the isolate was busy (classifications waiting for the decode slot, or captures on their way). */
-  busy: z.number().int().min(0).default(0),
+  busy: count.default(0),
   /** Capture or counter writes that failed (the classification was not affected). */
-  failed: z.number().int().min(0),
-  optedOut: z.number().int().min(0),
+  failed: count,
+  optedOut: count,
 });
 export type Counters = z.output<typeof countersSchema>;
 
@@ -169,15 +181,30 @@ export const noCounts = (): CountFields => ({
 /** The counts of `from` added into `into` (labels, histogram and every counter); shared by the edge's merge, roll-ups and daily sums. */
 export type CountFields = Pick<Counters, "requests" | "labels" | "confidence" | "lowConfidence" | "captured" | "overCap" | "busy" | "failed" | "optedOut">;
 export function addCounts(into: CountFields, from: CountFields): void {
-  into.requests += from.requests;
-  for (const [label, n] of Object.entries(from.labels)) into.labels[label] = (into.labels[label] ?? 0) + n;
+  into.requests = add(into.requests, from.requests);
+  for (const [label, n] of Object.entries(from.labels)) countLabel(into.labels, label, n);
   from.confidence.forEach((n, i) => {
-    into.confidence[i] = (into.confidence[i] ?? 0) + n;
+    into.confidence[i] = add(into.confidence[i] ?? 0, n);
   });
-  into.lowConfidence += from.lowConfidence;
-  into.captured += from.captured;
-  into.overCap += from.overCap;
-  into.busy += from.busy;
-  into.failed += from.failed;
-  into.optedOut += from.optedOut;
+  into.lowConfidence = add(into.lowConfidence, from.lowConfidence);
+  into.captured = add(into.captured, from.captured);
+  into.overCap = add(into.overCap, from.overCap);
+  into.busy = add(into.busy, from.busy);
+  into.failed = add(into.failed, from.failed);
+  into.optedOut = add(into.optedOut, from.optedOut);
+}
+
+/** Adds `n` to a label's count; a label named "__proto__" is a count like any other, not the object's prototype. */
+export function countLabel(labels: Record<string, number>, label: string, n: number): void {
+  const value = add(Object.hasOwn(labels, label) ? (labels[label] as number) : 0, n);
+  Object.defineProperty(labels, label, { value, enumerable: true, writable: true, configurable: true });
+}
+
+/** Sums saturate at the largest safe integer: a sum is always a readable count, however large its parts. */
+const add = (a: number, b: number) => Math.min(Number.MAX_SAFE_INTEGER, a + b);
+
+/** True when no count of a delta file exceeds what one isolate's flush interval can count (MAX_DELTA_COUNT). */
+export function withinDeltaCaps(c: CountFields): boolean {
+  const values = [c.requests, c.lowConfidence, c.captured, c.overCap, c.busy, c.failed, c.optedOut, ...c.confidence, ...Object.values(c.labels)];
+  return values.every((v) => v <= MAX_DELTA_COUNT);
 }

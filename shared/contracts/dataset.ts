@@ -20,17 +20,105 @@ export const IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp", ".gif"] as co
 export const SPLIT_FOLDERS = { train: "train", val: "val", validation: "val", test: "test" } as const;
 export type Split = "train" | "val" | "test";
 export const MANIFEST_FILE = "manifest.json";
+/**
+ * Job-only records inside a dataset (`datasets/<name>/.edgetune/…`): which captures were applied to it,
+ * so a replayed decision adds nothing. Not part of the data: skipped by the listing, kept by a re-push.
+ */
+export const JOB_FOLDER = ".edgetune/";
 
+/** A label as stored (model metadata, older datasets): what readers accept, so existing models keep loading. */
 export const labelSchema = z
   .string()
   .min(1)
   .max(100)
   .refine((s) => !s.startsWith(".") && !s.includes("/"), "must be a plain folder name");
 
+/** What makes a new label unsafe to show or to tell apart; null when it is fine. */
+export function labelProblem(label: string): string | null {
+  // Cc: C0/C1 controls (escape sequences); Cf: format characters (zero-width, bidi overrides, soft hyphen).
+  if (/\p{Cc}/u.test(label)) return "has a control character";
+  if (/\p{Cf}/u.test(label)) return "has an invisible format character (zero-width or direction mark)";
+  if (label.normalize("NFC") !== label) return `is not in Unicode normal form NFC (rename it "${label.normalize("NFC")}")`;
+  return null;
+}
+
+/**
+ * A label a person or a dataset introduces now (dataset folders, `review --as`, decisions): a stored label
+ * plus no controls, no invisible characters, NFC only. Look-alikes of another label are `lookAlikes`.
+ */
+export const newLabelSchema = labelSchema.superRefine((s, ctx) => {
+  const problem = labelProblem(s);
+  if (problem) ctx.addIssue({ code: "custom", message: problem });
+});
+
+/**
+ * Latin look-alikes among Cyrillic and Greek letters, lower case (after NFKC and case folding). Only the
+ * common ones, not Unicode's whole confusables table: enough that "cat" and "сat" (Cyrillic с) collide.
+ */
+const CONFUSABLES: Record<string, string> = {
+  а: "a",
+  в: "b",
+  е: "e",
+  ё: "e",
+  к: "k",
+  м: "m",
+  н: "h",
+  о: "o",
+  р: "p",
+  с: "c",
+  т: "t",
+  у: "y",
+  х: "x",
+  і: "i",
+  ј: "j",
+  ѕ: "s",
+  ԁ: "d",
+  ԛ: "q",
+  ԝ: "w",
+  ӏ: "l",
+  α: "a",
+  β: "b",
+  ε: "e",
+  η: "n",
+  ι: "i",
+  κ: "k",
+  ν: "v",
+  ο: "o",
+  ρ: "p",
+  τ: "t",
+  υ: "u",
+  χ: "x",
+  γ: "y",
+  ω: "w",
+  ς: "c",
+};
+
+/** The form two labels share when a reader could not tell them apart: NFKC, case-folded, no invisible characters, look-alikes mapped. */
+export function labelSkeleton(label: string): string {
+  const folded = label
+    .normalize("NFKC")
+    .toLowerCase()
+    .replace(/[\p{Cf}\p{Cc}]/gu, "");
+  return [...folded].map((c) => CONFUSABLES[c] ?? c).join("");
+}
+
+/** Pairs of distinct labels that look alike (same skeleton), e.g. ["food", "fооd"]. */
+export function lookAlikes(labels: readonly string[]): [string, string][] {
+  const seen = new Map<string, string>();
+  const pairs: [string, string][] = [];
+  for (const l of labels) {
+    const k = labelSkeleton(l);
+    const other = seen.get(k);
+    if (other !== undefined && other !== l) pairs.push([other, l]);
+    else seen.set(k, l);
+  }
+  return pairs;
+}
+
 export const manifestSchema = z.object({
   /** Contract version of this file. */
   schemaVersion: z.literal(1).default(1),
-  /** Base model id (see `bases/`), defaults to the bundled base. */
+  /** Base model id (see `bases/`), defaults to `auto` (jobs/train/src/model/bases.ts). */
   base: z.string().min(1).optional(),
   strategy: strategySchema.optional(),
   imageSize: imageSizeSchema.optional(),
@@ -66,7 +154,7 @@ export function classifyDatasetKeys(relativeKeys: readonly string[]): { layout: 
   const split = firstLevel.size > 0 && [...firstLevel].every((f) => Object.hasOwn(SPLIT_FOLDERS, f));
   const entries: DatasetEntry[] = [];
   for (const key of relativeKeys) {
-    if (key === MANIFEST_FILE || key.endsWith("/")) continue;
+    if (key === MANIFEST_FILE || key.endsWith("/") || key.startsWith(JOB_FOLDER)) continue;
     const parts = key.split("/");
     if (parts.some(isHidden)) {
       entries.push({ kind: "ignored", key, reason: "hidden file or folder" });

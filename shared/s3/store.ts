@@ -12,12 +12,16 @@ export interface ObjectStore extends ObjectReader {
   put(key: string, body: Uint8Array | string, contentType?: string, metadata?: Record<string, string>): Promise<{ etag: string }>;
   /** Writes only if the key does not exist yet; returns false if it did (S3 `If-None-Match: *`). */
   putIfAbsent(key: string, body: Uint8Array | string, contentType?: string): Promise<boolean>;
+  /** Writes only if the key still has ETag `etag` (S3 `If-Match`): a compare-and-swap; false if it changed or is gone. */
+  putIfMatch(key: string, body: Uint8Array | string, etag: string, contentType?: string): Promise<boolean>;
   head(key: string): Promise<{ etag: string; size: number; metadata?: Record<string, string> } | null>;
   /** Every key under `prefix`, in lexical order, with its ETag, size and (where the server says) last write. */
   list(prefix: string): AsyncIterable<{ key: string; etag: string; size: number; modified?: string }>;
   /** The immediate sub-folders of `prefix`, as full prefixes ending in "/" (a delimiter listing). */
   listFolders(prefix: string): AsyncIterable<string>;
   delete(keys: string[]): Promise<void>;
+  /** Deletes only if the key still has ETag `etag` (S3 `If-Match` on DeleteObject); false if it changed or is gone. */
+  deleteIfMatch(key: string, etag: string): Promise<boolean>;
 }
 
 export async function getText(store: ObjectReader, key: string): Promise<string | null> {

@@ -1,3 +1,4 @@
+import { crc32 } from "node:zlib";
 import { concatBytes } from "../../shared/bytes.ts";
 
 /**
@@ -83,5 +84,76 @@ export function gifWithSizes(gif: Uint8Array, screen: [number, number], frame: [
   if (out[i] !== 0x2c) throw new Error("no image descriptor where one was expected");
   view.setUint16(i + 5, frame[0], true);
   view.setUint16(i + 7, frame[1], true);
+  return out;
+}
+
+/**
+ * Images that carry metadata where a header check does not look (issue #26): each still decodes to the
+ * same pixels, and each hides `secret` (or a profile / EXIF block) in a place its decoder skips.
+ */
+const ascii = (text: string) => new TextEncoder().encode(text);
+
+/** A JPEG segment (marker and payload; the length is filled in). */
+export const jpegSegment = (marker: number, payload: Uint8Array) =>
+  join([[0xff, marker, ((payload.length + 2) >> 8) & 0xff, (payload.length + 2) & 0xff], payload]);
+
+/** `segment` inserted right after the first scan's data of a (progressive) JPEG: libjpeg reads markers between scans. */
+export function afterFirstScan(jpeg: Uint8Array, segment: Uint8Array): Uint8Array {
+  const segments = jpegSegments(jpeg);
+  const first = segments.findIndex((s) => s.marker === 0xda);
+  return join([[0xff, 0xd8], ...segments.slice(0, first + 1).map((s) => s.bytes), segment, ...segments.slice(first + 1).map((s) => s.bytes), [0xff, 0xd9]]);
+}
+
+/** The JPEG with its segments of `marker` (e.g. APP1, EXIF) moved to after the first scan. */
+export function moveAfterFirstScan(jpeg: Uint8Array, marker: number): Uint8Array {
+  const segments = jpegSegments(jpeg);
+  const moved = segments.filter((s) => s.marker === marker);
+  if (moved.length === 0) throw new Error(`no segment FF${marker.toString(16)} to move`);
+  const rest = segments.filter((s) => s.marker !== marker);
+  const first = rest.findIndex((s) => s.marker === 0xda);
+  return join([
+    [0xff, 0xd8],
+    ...rest.slice(0, first + 1).map((s) => s.bytes),
+    ...moved.map((s) => s.bytes),
+    ...rest.slice(first + 1).map((s) => s.bytes),
+    [0xff, 0xd9],
+  ]);
+}
+
+/** A second APP0 after the JFIF one, carrying text. */
+export function secondApp0(jpeg: Uint8Array, secret: string): Uint8Array {
+  const segments = jpegSegments(jpeg);
+  const app0 = segments.findIndex((s) => s.marker === 0xe0);
+  const extra = jpegSegment(0xe0, ascii(`JFXX\0${secret}`));
+  return join([[0xff, 0xd8], ...segments.slice(0, app0 + 1).map((s) => s.bytes), extra, ...segments.slice(app0 + 1).map((s) => s.bytes), [0xff, 0xd9]]);
+}
+
+/** Bytes after the end of the image (JPEG EOI, PNG IEND, or past a WebP's RIFF size). */
+export const withTrailer = (image: Uint8Array, secret: string) => join([image, ascii(secret)]);
+
+/** A PNG chunk with its CRC. */
+export function pngChunk(type: string, data: Uint8Array): Uint8Array {
+  const typed = join([ascii(type), data]);
+  const out = new Uint8Array(12 + data.length);
+  const view = new DataView(out.buffer);
+  view.setUint32(0, data.length);
+  out.set(typed, 4);
+  view.setUint32(8 + data.length, crc32(typed));
+  return out;
+}
+
+/** The PNG with `chunk` inserted right after IHDR (where eXIf and iCCP belong). */
+export function pngWithChunk(png: Uint8Array, chunk: Uint8Array): Uint8Array {
+  const ihdrEnd = 8 + 12 + new DataView(png.buffer, png.byteOffset).getUint32(8);
+  return join([png.subarray(0, ihdrEnd), chunk, png.subarray(ihdrEnd)]);
+}
+
+/** The WebP with a RIFF chunk appended (its size field updated: the chunk is inside the file, not after it). */
+export function webpWithChunk(webp: Uint8Array, type: string, data: Uint8Array): Uint8Array {
+  const header = new Uint8Array(8);
+  header.set(ascii(type));
+  new DataView(header.buffer).setUint32(4, data.length, true);
+  const out = join([webp, header, data, data.length % 2 ? [0] : []]);
+  new DataView(out.buffer).setUint32(4, out.length - 8, true);
   return out;
 }

@@ -45,7 +45,11 @@ async function api(path, init = {}) {
 async function apiImage(path) {
   const res = await fetch(path, { headers: { authorization: `Bearer ${sessionStorage.getItem(KEY)}` } });
   if (!res.ok) throw new ApiFailure(res.status, "image_unavailable", `The image could not be loaded (HTTP ${res.status}).`);
-  return URL.createObjectURL(await res.blob());
+  const blob = await res.blob();
+  // The sha256 of exactly the bytes displayed: a review decision is bound to them (the worker signs it,
+  // the nightly job adds only bytes with that hash), so an image swapped after it was shown is refused.
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", await blob.arrayBuffer()));
+  return { url: URL.createObjectURL(blob), sha256: Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("") };
 }
 
 /**
@@ -157,7 +161,14 @@ async function reportPage(show, name, version) {
       { class: "panel", id: "summary" },
       el("p", {}, "Accuracy ", el("strong", {}, pct(r.metrics.accuracy)), ` on ${r.metrics.evaluatedOn} held-out images.`),
       el("p", {}, r.promotion.promoted ? "Promoted: " : "Kept back: ", r.promotion.reason),
-      el("p", { class: "muted" }, `Base ${r.base.id} · ${r.options.strategy ?? ""} · backend ${r.backend.name} · ${r.export.dtype} weights`),
+      el(
+        "p",
+        { class: "muted" },
+        `Base ${r.base.id}${r.base.choice ? ` (${r.base.choice.requested}: ${r.base.choice.reason})` : ""} · ${r.options.strategy ?? ""} · backend ${r.backend.name} · ${r.export.dtype} weights`,
+      ),
+      // The worker has no Node to convert with, and the export takes under a second from the stored files:
+      // the command, not a stored copy of every version (ARCHITECTURE.md, "Export").
+      el("p", { id: "export" }, "To run it anywhere (ONNX; add --format tfjs for the tfjs files): ", el("code", {}, `npx edgetune export ${name} ${version}`)),
       r.warnings.length
         ? el(
             "ul",
@@ -265,10 +276,12 @@ async function reviewPage(show, name) {
   const cards = queue.captures.map((c) => {
     const top = c.predictions[0];
     const img = el("img", { alt: `capture ${c.id}` });
+    let shown; // the sha256 of the image displayed; an accept waits for it
     apiImage(`/v1/models/${encodeURIComponent(name)}/captures/${encodeURIComponent(c.id)}/image`)
-      .then((url) => {
+      .then(({ url, sha256 }) => {
         img.addEventListener("load", () => URL.revokeObjectURL(url), { once: true });
         img.src = url;
+        shown = sha256;
       })
       .catch((e) => img.replaceWith(el("p", { class: "error" }, e.message)));
     const select = el(
@@ -279,7 +292,8 @@ async function reviewPage(show, name) {
     const outcome = el("p", { class: "muted outcome" });
     const decide = async (action) => {
       try {
-        const body = action === "accept" ? { action, label: select.value } : { action };
+        if (action === "accept" && !shown) throw new Error("The image has not been shown yet; wait for it, then accept.");
+        const body = { action, ...(action === "accept" ? { label: select.value } : {}), ...(shown ? { imageSha256: shown } : {}) };
         const r = await api(`/v1/models/${encodeURIComponent(name)}/captures/${encodeURIComponent(c.id)}/decision`, {
           method: "POST",
           headers: { "content-type": "application/json" },
@@ -346,7 +360,7 @@ async function monitorPage(show, name) {
       ? el(
           "p",
           { id: "reference" },
-          `Held-out split of ${ref.version} (${ref.evaluatedOn} images): ${ref.lowConfidence === null ? "confidence not recorded" : `${pct(ref.lowConfidence)} under ${m.threshold}`}; predicted ${top(ref.labels, 1)}.`,
+          `Held-out split of ${ref.version} (${ref.evaluatedOn} images): ${ref.lowConfidence === null ? `answers under ${m.threshold} not known exactly for this version` : `${Math.round(ref.lowConfidence * ref.evaluatedOn)} of ${ref.evaluatedOn} answers under ${m.threshold}`}; predicted ${top(ref.labels, 1)}.`,
         )
       : null,
     el(
@@ -425,6 +439,9 @@ function classifyPanel(name, servedVersion) {
   const input = el("input", { type: "file", accept: "image/*", id: "classify-file" });
   async function classify(file) {
     if (!file) return;
+    // Said here in plain words; the API would answer a non-image with its multipart/content-type message.
+    if (file.type && !file.type.startsWith("image/"))
+      return result.replaceChildren(el("p", { class: "error" }, `${file.name} is not an image: drop a JPEG, PNG, WebP or GIF file.`));
     result.replaceChildren(el("p", { class: "muted" }, "Classifying…"));
     const preview = URL.createObjectURL(file);
     try {
@@ -490,7 +507,8 @@ async function render() {
   } catch (e) {
     if (mine !== latest) return; // a newer page is on its way
     show();
-    say(e.message, true);
+    // No key yet is where everyone starts: a hint, not an error.
+    say(e.message, e.code !== "no_key");
   }
 }
 

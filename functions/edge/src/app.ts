@@ -11,6 +11,7 @@ import {
   type CaptureRecord,
   captureConfigSchema,
   captureDecisionSchema,
+  captureIdSchema,
   decisionMessage,
   parseCaptureRecord,
 } from "../../../shared/contracts/capture.ts";
@@ -21,13 +22,13 @@ import { isCaptureKey, keys } from "../../../shared/keys.ts";
 import { monitorSummarySchema } from "../../../shared/monitor.ts";
 import { preprocess } from "../../../shared/preprocess.ts";
 import { Capturer, isOptOut } from "./capture/capture.ts";
-import { type CaptureStore, CaptureStoreError, createCaptureStore } from "./capture/store.ts";
+import { CaptureObjectTooLargeError, type CaptureStore, CaptureStoreError, createCaptureStore } from "./capture/store.ts";
 import { withDeadline } from "./deadline.ts";
 import { type Admission, createAdmission } from "./http/admission.ts";
-import { apiKeyAuth, consoleAuth } from "./http/auth.ts";
+import { apiKeyAuth, consoleAuth, isOperator } from "./http/auth.ts";
 import { readImageBody } from "./http/body.ts";
 import { ApiError, errorBody } from "./http/errors.ts";
-import { decodeImage, EDGE_FORMATS, encodePng } from "./image/decode.ts";
+import { decodeImage, encodePng } from "./image/decode.ts";
 import { wasmMemoryBytes } from "./memory.ts";
 import { type ModelCache, modelCache } from "./model/cache.ts";
 import { ModelRegistry, ModelUnavailableError } from "./model/registry.ts";
@@ -130,12 +131,17 @@ app.use("*", async (c, next) => {
   })(c, next);
 });
 
-app.openapi(healthRoute, (c) => {
+/**
+ * Liveness for anyone; the details (served models and versions, their problems, memory, queue, capture
+ * counts) for an operator key only: they tell an outsider which models exist and when the isolate is busy.
+ */
+app.openapi(healthRoute, async (c) => {
   const models = registry?.status() ?? [];
-  const degraded = models.some((m) => m.lastError);
+  const status = models.some((m) => m.lastError) ? ("degraded" as const) : ("ok" as const);
+  if (!(await isOperator(c.req.header("authorization"), c.env))) return c.json({ status }, 200);
   return c.json(
     {
-      status: degraded ? "degraded" : "ok",
+      status,
       models: models.map((m) => ({ name: m.name, version: m.version ?? null, problem: m.lastError ?? null, code: m.errorCode ?? null })),
       // Live tensors and their bytes in this isolate: constant between requests unless something leaks.
       memory: registry ? { tensors: tf.memory().numTensors, bytes: tf.memory().numBytes, wasm: wasmMemoryBytes() } : null,
@@ -162,9 +168,12 @@ for (const path of [
 
 app.openapi(modelRoute, async (c) => {
   const { name } = c.req.valid("param");
+  const operator = await isOperator(c.req.header("authorization"), c.env);
   const { model, release } = await acquire(c.env, name, (p) => c.executionCtx.waitUntil(p));
   try {
     const m = model.metadata;
+    // A client gets what it needs to call classify; metrics (per label), base and timings are for operators.
+    if (!operator) return c.json({ model: name, version: m.version, labels: m.labels, input: m.input }, 200);
     return c.json(
       {
         model: name,
@@ -225,45 +234,78 @@ app.openapi(reportRoute, async (c) => {
  * The review queue, newest first: the day folders of the model's captures, then each day's records from
  * the newest, skipping those already decided (their decision waits for the nightly run), within the
  * subrequests one request may spend. A capture whose decision the job could not apply is back, with why.
+ * Whoever holds the edge's key may write under captures/, so what is read is bounded before it is held:
+ * only keys named as a record of their own id are read (so a record is listed once), each read stops at
+ * MAX_RECORD_BYTES, at most MAX_RECORD_READS are read, and a response holds at most REVIEW_PAGE records
+ * and MAX_PAGE_BYTES of them.
  */
 const REVIEW_PAGE = 30;
+/** A record the edge writes is under 2 KB (5 predictions); anything far larger is not the edge's. */
+const MAX_RECORD_BYTES = 16 * 1024;
+const MAX_PAGE_BYTES = 256 * 1024;
+/** Record reads one listing may spend (Workers allow 50 subrequests per request on the Free plan). */
+const MAX_RECORD_READS = 40;
 app.openapi(capturesRoute, async (c) => {
   const { name } = c.req.valid("param");
   const store = captureStoreFor(c.env);
   const [days, decided, settings] = await Promise.all([
-    // Day folders only (anything else under images/ is not the edge's and is skipped).
-    store.listFolders(keys.captureImages(name)).then((d) =>
-      d
-        .filter((f) => isCaptureKey(f, true))
+    // Day folders only, none after tomorrow (anything else under images/ is not the edge's and is
+    // skipped: folders dated in the future would otherwise take the five days the listing reads).
+    store.listFolders(keys.captureImages(name)).then((d) => {
+      const latest = new Date(Date.now() + 86_400_000).toISOString().slice(0, 10);
+      return d
+        .filter((f) => isCaptureKey(f, true) && f.slice(-11, -1) <= latest)
         .sort()
-        .reverse(),
-    ),
+        .reverse();
+    }),
     store.list(keys.captureDecisions(name), 1000),
     readCaptureConfig(catalogFor(c.env), name),
   ]);
   const decidedIds = new Set(decided.map((k) => k.slice(keys.captureDecisions(name).length, -".json".length)));
-  const pending: string[] = [];
+  // Candidates newest first; records are read a page at a time until the page is full, so a skipped
+  // (forged) record does not take a real one's place — within MAX_RECORD_READS reads per response.
+  const candidates: string[] = [];
   let truncated = false;
   for (const [i, day] of days.entries()) {
-    if (pending.length >= REVIEW_PAGE || i >= 5) {
+    if (candidates.length >= MAX_RECORD_READS || i >= 5) {
       truncated = true;
       break;
     }
     const listed = await store.list(day, 2000);
-    const open = listed.filter((k) => k.endsWith(".json") && !decidedIds.has(idOfRecordKey(k))).reverse();
-    const room = REVIEW_PAGE - pending.length;
-    if (open.length > room || listed.length >= 2000) truncated = true;
-    pending.push(...open.slice(0, room));
+    if (listed.length >= 2000) truncated = true;
+    candidates.push(...listed.filter((k) => isOwnRecordKey(name, k) && !decidedIds.has(idOfRecordKey(k))).reverse());
   }
-  const records = await Promise.all(
-    pending.map(async (k) => {
-      const got = await store.get(k);
-      const record = got ? parseCaptureRecord(name, got.bytes) : null;
-      return record ? { ...record, decision: null, label: null } : null;
-    }),
-  );
-  const captures = records.filter((r) => r !== null);
-  return c.json({ model: name, settings, captures, truncated }, 200);
+  if (candidates.length > MAX_RECORD_READS) truncated = true;
+  const captures: CaptureRecord[] = [];
+  let bytes = 0;
+  let next = 0;
+  while (captures.length < REVIEW_PAGE && next < Math.min(candidates.length, MAX_RECORD_READS)) {
+    const batch = candidates.slice(next, Math.min(next + REVIEW_PAGE - captures.length, MAX_RECORD_READS));
+    next += batch.length;
+    const read = await Promise.all(
+      batch.map(async (k) => {
+        const got = await store.get(k, undefined, MAX_RECORD_BYTES).catch((e) => {
+          if (e instanceof CaptureObjectTooLargeError) return null; // not the edge's: skipped
+          throw e;
+        });
+        const record = got ? parseCaptureRecord(name, got.bytes) : null;
+        // A record counts only under its own key: a copy filed under other names is not listed again.
+        return record && record.id === idOfRecordKey(k) ? { record, size: got?.bytes.length ?? 0 } : null;
+      }),
+    );
+    for (const r of read) {
+      if (!r) continue;
+      if (bytes + r.size > MAX_PAGE_BYTES) {
+        truncated = true;
+        next = Number.POSITIVE_INFINITY;
+        break;
+      }
+      bytes += r.size;
+      captures.push(r.record);
+    }
+  }
+  if (next < candidates.length) truncated = true;
+  return c.json({ model: name, settings, captures: captures.map((r) => ({ ...r, decision: null, label: null })), truncated }, 200);
 });
 
 app.openapi(captureImageRoute, async (c) => {
@@ -283,11 +325,19 @@ app.openapi(decisionRoute, async (c) => {
   const body = c.req.valid("json");
   const store = captureStoreFor(c.env);
   const record = await readCaptureRecord(store, name, id);
-  // The decision names the exact bytes the reviewer saw: a later swap of the image does not reach the dataset.
+  // The decision is bound to the bytes the reviewer was shown (the page hashes what it displayed), not to
+  // what is stored now: an image swapped in between is refused here, and one swapped later by the job.
   const image = await store.get(record.image.key);
   if (!image) throw new ApiError(404, "capture_not_found", `Capture ${id} has no stored image.`);
-  const imageSha256 = await sha256Hex(image.bytes);
-  const unsigned = { id, action: body.action, label: body.action === "accept" ? body.label : undefined, decidedAt: new Date().toISOString(), imageSha256 };
+  if (body.imageSha256 !== undefined && (await sha256Hex(image.bytes)) !== body.imageSha256)
+    throw new ApiError(409, "image_changed", `The image of capture ${id} is not the one you were shown; reload the review page and decide again.`);
+  const unsigned = {
+    id,
+    action: body.action,
+    label: body.action === "accept" ? body.label : undefined,
+    decidedAt: new Date().toISOString(),
+    imageSha256: body.imageSha256,
+  };
   // Signed with the operator's own key (consoleAuth checked it): the job verifies it with the operators' keys.
   const operatorKey = (c.req.header("authorization") ?? "").replace(/^Bearer\s+/i, "");
   const signature = await hmacSha256Hex(operatorKey, decisionMessage(name, unsigned));
@@ -296,10 +346,13 @@ app.openapi(decisionRoute, async (c) => {
   return c.json({ id, action: decision.action, label: decision.label ?? null }, 200);
 });
 
+/** A summary of 30 days of a model with 1000 labels is under 1 MB. */
+const MAX_SUMMARY_BYTES = 2 * 1024 * 1024;
 app.openapi(monitorRoute, async (c) => {
   const { name } = c.req.valid("param");
   const store = captureStoreFor(c.env);
-  const got = await store.get(keys.captureMonitor(name));
+  // Written by the nightly job, but under captures/, which the edge's key may write: read within a bound.
+  const got = await store.get(keys.captureMonitor(name), undefined, MAX_SUMMARY_BYTES);
   const parsed = got ? tryParseContractJson(monitorSummarySchema, got.bytes) : null;
   if (!parsed?.success)
     throw new ApiError(404, "no_summary", `No monitoring summary for ${name} yet: the nightly job writes one once the edge has counted traffic.`);
@@ -326,9 +379,9 @@ app.openapi(classifyRoute, async (c) => {
     ]);
     const { model, release } = await acquire(c.env, name, (p) => c.executionCtx.waitUntil(p));
     try {
-      const { t1, t2, t3, scores, pixels, format } = await places.exclusive(async () => {
+      const { t1, t2, t3, scores, pixels } = await places.exclusive(async () => {
         const t1 = performance.now();
-        const { pixels, format } = await decodeImage(bytes, maxPixels);
+        const { pixels } = await decodeImage(bytes, maxPixels);
         const t2 = performance.now();
         const size = model.metadata.input.size;
         const input = preprocess(pixels, size, model.metadata.preprocessing);
@@ -337,7 +390,7 @@ app.openapi(classifyRoute, async (c) => {
         const output = tf.tidy(() => model.model.predict(tf.tensor4d(input, [1, size, size, 3])) as tf.Tensor);
         const scores = output.dataSync() as Float32Array;
         output.dispose();
-        return { t1, t2, t3, scores, pixels, format };
+        return { t1, t2, t3, scores, pixels };
       });
       const t4 = performance.now();
       const labels = model.metadata.labels;
@@ -351,8 +404,6 @@ app.openapi(classifyRoute, async (c) => {
         version: model.metadata.version,
         labels,
         scores,
-        bytes,
-        contentType: EDGE_FORMATS[format],
         pixels,
         optOut: isOptOut(c.req.raw.headers),
       });
@@ -380,6 +431,11 @@ app.onError((err, c) => {
     return c.json(errorBody(err.code, err.message), err.status);
   }
   if (err instanceof ListingUnavailableError) return c.json(errorBody("listing_unavailable", `The console cannot list models: ${err.message}.`), 501);
+  if (err instanceof CaptureObjectTooLargeError)
+    return c.json(
+      errorBody("stored_file_too_large", "A file under captures/ is larger than any the edge writes, so it is not read; delete it or let it expire."),
+      422,
+    );
   if (err instanceof CaptureStoreError) {
     c.header("retry-after", "5");
     return c.json(errorBody("storage_unavailable", "Capture storage is not answering; try again shortly."), 503);
@@ -418,9 +474,14 @@ async function readCaptureConfig(source: ModelSource, name: string): Promise<Cap
 
 /** `captures/<model>/images/<day>/<id>.json` → id */
 const idOfRecordKey = (key: string) => key.slice(key.lastIndexOf("/") + 1, -".json".length);
+/** True for the key a record of its own id has (a valid id, in the day folder that id names). */
+const isOwnRecordKey = (model: string, key: string) => {
+  const id = idOfRecordKey(key);
+  return key.endsWith(".json") && captureIdSchema.safeParse(id).success && key === keys.captureRecord(model, id);
+};
 
 async function readCaptureRecord(store: CaptureStore, name: string, id: string): Promise<CaptureRecord> {
-  const got = await store.get(keys.captureRecord(name, id));
+  const got = await store.get(keys.captureRecord(name, id), undefined, MAX_RECORD_BYTES);
   const record = got ? parseCaptureRecord(name, got.bytes) : null;
   if (!record || record.id !== id)
     throw new ApiError(404, "capture_not_found", `Model ${name} has no capture ${id} (it may have been reviewed already, or expired).`);

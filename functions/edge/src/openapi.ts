@@ -1,8 +1,8 @@
 import { createRoute, type OpenAPIHono, z } from "@hono/zod-openapi";
 import { artifactMetadataSchema, metricsSchema } from "../../../shared/contracts/artifact.ts";
 import { captureConfigSchema, captureIdSchema, captureRecordSchema } from "../../../shared/contracts/capture.ts";
-import { nameSchema } from "../../../shared/contracts/common.ts";
-import { labelSchema } from "../../../shared/contracts/dataset.ts";
+import { nameSchema, sha256Schema } from "../../../shared/contracts/common.ts";
+import { newLabelSchema } from "../../../shared/contracts/dataset.ts";
 import { monitorSummarySchema } from "../../../shared/monitor.ts";
 import { RAW_TYPES } from "./http/body.ts";
 
@@ -35,11 +35,8 @@ const thresholdSchema = z.preprocess((raw) => {
 const predictionSchema = z.object({ label: z.string(), score: z.number().min(0).max(1) }).openapi("Prediction");
 
 const metadata = artifactMetadataSchema.shape;
-const modelSchema = z.object({
-  model: nameSchema,
-  version: metadata.version,
-  labels: metadata.labels,
-  input: metadata.input,
+/** What a model's operators see besides what a client needs (an operator key, CONSOLE_API_KEYS). */
+const modelDetailSchema = z.object({
   preprocessing: metadata.preprocessing,
   strategy: metadata.strategy,
   base: metadata.base.shape.id,
@@ -53,6 +50,11 @@ const modelSchema = z.object({
     .object({ loadedAt: z.iso.datetime(), fetchMs: z.number(), parseMs: z.number(), warmupMs: z.number() })
     .describe("How this isolate loaded the model (cold-start breakdown)"),
 });
+/** A client key gets what it needs to call classify (labels, input size, version); the rest is for operator keys. */
+const modelSchema = z
+  .object({ model: nameSchema, version: metadata.version, labels: metadata.labels, input: metadata.input })
+  .extend(modelDetailSchema.partial().shape)
+  .describe("preprocessing, strategy, base, metrics, trainedAt, promotedAt and load: operator keys only");
 
 /**
  * The body is only described here and read by `readImageBody`: plain schema objects, because a zod
@@ -109,7 +111,7 @@ export const classifyRoute = createRoute({
 export const modelRoute = createRoute({
   method: "get",
   path: "/v1/models/{name}",
-  summary: "The served version of a model: labels, input size, metrics, training date",
+  summary: "The served version of a model: labels and input size; with an operator key also metrics, base and training date",
   request: { params: modelParams },
   responses: {
     200: { description: "Model description", content: { "application/json": { schema: modelSchema } } },
@@ -239,12 +241,22 @@ export const captureImageRoute = createRoute({
     200: { description: "The image as stored", content: { "image/png": binary, "image/jpeg": binary, "image/webp": binary, "image/gif": binary } },
     ...consoleErrors,
     404: errorResponse("No such capture"),
+    422: errorResponse("Its record is larger than any the edge writes: not read (`stored_file_too_large`)"),
   },
 });
 
 export const decisionBodySchema = z
-  .object({ action: z.enum(["accept", "discard"]), label: labelSchema.optional() })
-  .refine((d) => d.action === "discard" || d.label !== undefined, { message: "an accepted capture needs its label", path: ["label"] });
+  .object({
+    action: z.enum(["accept", "discard"]),
+    label: newLabelSchema.optional(),
+    /** sha256 (hex) of the image bytes the reviewer was shown, computed by the page: what the decision is bound to. */
+    imageSha256: sha256Schema.optional(),
+  })
+  .refine((d) => d.action === "discard" || d.label !== undefined, { message: "an accepted capture needs its label", path: ["label"] })
+  .refine((d) => d.action === "discard" || d.imageSha256 !== undefined, {
+    message: "an accepted capture needs the sha256 of the image shown",
+    path: ["imageSha256"],
+  });
 
 export const decisionRoute = createRoute({
   method: "post",
@@ -258,6 +270,7 @@ export const decisionRoute = createRoute({
     },
     ...consoleErrors,
     404: errorResponse("No such capture"),
+    409: errorResponse("The stored image is not the one the reviewer was shown"),
     422: errorResponse("Invalid decision"),
   },
 });
@@ -271,54 +284,61 @@ export const monitorRoute = createRoute({
     200: { description: "The monitoring summary", content: { "application/json": { schema: monitorSummarySchema } } },
     ...consoleErrors,
     404: errorResponse("No summary yet"),
+    422: errorResponse("The summary is larger than any the nightly job writes: not read (`stored_file_too_large`)"),
   },
+});
+
+/** /healthz for an operator key: what each model is and why it is not ok, the isolate's memory and queue, capture counts. */
+const healthDetailSchema = z.object({
+  models: z.array(
+    z.object({
+      name: nameSchema,
+      version: z.string().nullable(),
+      problem: z.string().nullable(),
+      code: z.enum(["store_access_denied"]).nullable().describe("The problem's error code where it has one of its own"),
+    }),
+  ),
+  memory: z
+    .object({
+      tensors: z.number().int(),
+      bytes: z.number().int(),
+      wasm: z.object({ total: z.number().int(), byModule: z.record(z.string(), z.number().int()) }),
+    })
+    .nullable(),
+  requests: z.object({ active: z.number().int(), queued: z.number().int() }),
+  modelCache: z
+    .object({ kind: z.enum(["r2", "cache-api"]), found: z.number().int(), stored: z.number().int() })
+    .nullable()
+    .describe(
+      "Where verified model bytes are shared between isolates (R2 with the MODEL_CACHE binding, else the Cache API): files found there, and files fetched from the bucket and stored; null before the first model load",
+    ),
+  capture: z
+    .object({
+      captured: z.number().int(),
+      overCap: z.number().int(),
+      busy: z.number().int(),
+      failed: z.number().int(),
+      optedOut: z.number().int(),
+      flushed: z.number().int(),
+    })
+    .nullable()
+    .describe("What traffic capture did in this isolate; null before the first classification"),
 });
 
 export const healthRoute = createRoute({
   method: "get",
   path: "/healthz",
-  summary: "Liveness and model status (no key needed; reveals no secrets)",
+  summary: "Liveness (no key needed: status only); with an operator key also each model's version and problem, memory, queue and capture counts",
   security: [],
   responses: {
     200: {
       description: "OK",
       content: {
         "application/json": {
-          schema: z.object({
-            status: z.enum(["ok", "degraded"]),
-            models: z.array(
-              z.object({
-                name: nameSchema,
-                version: z.string().nullable(),
-                problem: z.string().nullable(),
-                code: z.enum(["store_access_denied"]).nullable().describe("The problem's error code where it has one of its own"),
-              }),
-            ),
-            memory: z
-              .object({
-                tensors: z.number().int(),
-                bytes: z.number().int(),
-                wasm: z.object({ total: z.number().int(), byModule: z.record(z.string(), z.number().int()) }),
-              })
-              .nullable(),
-            requests: z.object({ active: z.number().int(), queued: z.number().int() }),
-            modelCache: z
-              .object({ kind: z.enum(["r2", "cache-api"]), found: z.number().int(), stored: z.number().int() })
-              .nullable()
-              .describe(
-                "Where verified model bytes are shared between isolates (R2 with the MODEL_CACHE binding, else the Cache API): files found there, and files fetched from the bucket and stored; null before the first model load",
-              ),
-            capture: z
-              .object({
-                captured: z.number().int(),
-                overCap: z.number().int(),
-                failed: z.number().int(),
-                optedOut: z.number().int(),
-                flushed: z.number().int(),
-              })
-              .nullable()
-              .describe("What traffic capture did in this isolate; null before the first classification"),
-          }),
+          schema: z
+            .object({ status: z.enum(["ok", "degraded"]) })
+            .extend(healthDetailSchema.partial().shape)
+            .describe("Without a key: status only. With an operator key (CONSOLE_API_KEYS): models, memory, requests, modelCache and capture too"),
         },
       },
     },

@@ -90,7 +90,7 @@ describe("classify", () => {
   });
 
   it("leaks no tensor: the isolate's live tensors are the same after 20 classifications", async () => {
-    const tensors = async () => ((await (await fetch(`${edge.url}/healthz`)).json()) as { memory: { tensors: number } }).memory.tensors;
+    const tensors = async () => ((await (await fetch(`${edge.url}/healthz`, { headers: auth() })).json()) as { memory: { tensors: number } }).memory.tensors;
     const img = images[0] as (typeof images)[number];
     expect((await classify(img.bytes, jpegOf(img))).status).toBe(200);
     const before = await tensors();
@@ -300,7 +300,10 @@ describe("model updates", () => {
     const during = await classify(img.bytes, jpegOf(img));
     expect(during.status).toBe(200);
     expect(((await during.json()) as { version: string }).version).toBe(second.version);
-    const health = (await (await fetch(`${edge.url}/healthz`)).json()) as { status: string; models: { name: string; problem: string | null }[] };
+    const health = (await (await fetch(`${edge.url}/healthz`, { headers: auth() })).json()) as {
+      status: string;
+      models: { name: string; problem: string | null }[];
+    };
     expect(health.status).toBe("degraded");
     expect(health.models.find((m) => m.name === "emoji")?.problem).toMatch(/corrupt or was tampered/);
 
@@ -369,7 +372,8 @@ describe("EXIF orientation", () => {
 describe("admission control", () => {
   it("holds one image at a time, queues sixteen, and answers 503 with Retry-After beyond, before reading the body", async () => {
     const img = images.find((i) => i.file.endsWith(".png")) as (typeof images)[number];
-    const health = async () => ((await (await fetch(`${edge.url}/healthz`)).json()) as { requests: { active: number; queued: number } }).requests;
+    const health = async () =>
+      ((await (await fetch(`${edge.url}/healthz`, { headers: auth() })).json()) as { requests: { active: number; queued: number } }).requests;
     const until = async (ok: (r: { active: number; queued: number }) => boolean) => {
       for (let i = 0; i < 200 && !ok(await health()); i++) await new Promise((r) => setTimeout(r, 50));
       expect(ok(await health())).toBe(true);
@@ -438,7 +442,9 @@ describe("model cache", () => {
       // isolate also reads the model's capture settings and writes its first counters: not part of loading the model.)
       const forModel = proxy.requests.filter((r) => !r.path.endsWith("/capture.json") && !r.path.includes("/captures/"));
       expect(forModel.map((r) => r.path.split("/").slice(-2).join("/"))).toEqual(["emoji/current.json"]);
-      const health = (await (await fetch(`${second.url}/healthz`)).json()) as { modelCache: { kind: string } };
+      const health = (await (await fetch(`${second.url}/healthz`, { headers: { authorization: `Bearer ${second.apiKey}` } })).json()) as {
+        modelCache: { kind: string };
+      };
       expect(health.modelCache.kind).toBe("cache-api");
     } finally {
       await second.stop();

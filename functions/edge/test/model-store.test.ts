@@ -56,7 +56,8 @@ type Health = {
   models: { name: string; version: string | null; problem: string | null; code: string | null }[];
   modelCache: { kind: string; found: number; stored: number } | null;
 };
-const health = async (edge: EdgeWorker) => (await (await fetch(`${edge.url}/healthz`)).json()) as Health;
+const health = async (edge: EdgeWorker) =>
+  (await (await fetch(`${edge.url}/healthz`, { headers: { authorization: `Bearer ${edge.apiKey}` } })).json()) as Health;
 
 async function eventually<T>(what: () => Promise<T>, ok: (v: T) => boolean, timeoutMs = 20_000): Promise<T> {
   const deadline = Date.now() + timeoutMs;

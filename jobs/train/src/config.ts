@@ -41,8 +41,8 @@ export const trainOptionsSchema = z.object({
   /** Model name to write; defaults to the manifest's `model` or the dataset name. */
   model: nameSchema.optional(),
   /**
-   * `auto` (the default): the ImageNet MobileNetV2 where it can be downloaded once, else the best bundled
-   * base (model/bases.ts resolveBase). EDGETUNE_DEFAULT_BASE (the stack's `defaultBase`) overrides it.
+   * `auto` (the default; model/bases.ts AUTO_DESCRIPTION, resolveBase). EDGETUNE_DEFAULT_BASE (the stack's
+   * `defaultBase`) overrides it.
    */
   base: z.string().default(() => process.env.EDGETUNE_DEFAULT_BASE || AUTO_BASE),
   strategy: strategySchema.default("head"),
@@ -79,6 +79,13 @@ export const trainOptionsSchema = z.object({
   noneLabel: z.string().min(1).optional(),
   /** Train even if this exact version exists. */
   force: z.boolean().default(false),
+  /**
+   * An operator's explicit act (flags only; a manifest cannot set them, release/ownership.ts): train this
+   * dataset into a model another dataset created, which then belongs to this one (`takeOver`, which
+   * may change its labels too); or change the label set of this dataset's own model (`relabel`).
+   */
+  takeOver: z.boolean().default(false),
+  relabel: z.boolean().default(false),
 });
 export type TrainOptions = z.output<typeof trainOptionsSchema>;
 export type TrainInput = z.input<typeof trainOptionsSchema>;
@@ -120,7 +127,16 @@ export const TRAINER_VERSION = 4;
  */
 export async function versionId(options: TrainOptions, datasetFingerprint: string, baseSha256: string): Promise<string> {
   // Promotion policy does not shape the model: a changed policy finds the version already trained.
-  const { force: _force, promotionTolerance: _tol, minHeldOutPerLabel: _min, promote: _promote, dataset: _dataset, ...shaping } = options;
+  const {
+    force: _force,
+    promotionTolerance: _tol,
+    minHeldOutPerLabel: _min,
+    promote: _promote,
+    dataset: _dataset,
+    takeOver: _takeOver,
+    relabel: _relabel,
+    ...shaping
+  } = options;
   return `v${(await sha256Hex(JSON.stringify({ TRAINER_VERSION, shaping, datasetFingerprint, baseSha256 }))).slice(0, 12)}`;
 }
 

@@ -1,4 +1,5 @@
 import cliProgress from "cli-progress";
+import { safeText } from "./output.ts";
 
 /**
  * Job output: a progress bar with ETA when a person watches a terminal, one JSON object per line
@@ -24,11 +25,12 @@ export function createLogger(options: { json?: boolean; stream?: NodeJS.WriteStr
   return {
     info(message, fields) {
       stop();
-      stream.write(`${message}${fields ? ` ${formatFields(fields)}` : ""}\n`);
+      // Messages carry labels and names from storage: a terminal gets them made safe (output.ts).
+      stream.write(`${safeText(`${message}${fields ? ` ${formatFields(fields)}` : ""}`, true)}\n`);
     },
     warn(message, fields) {
       stop();
-      stream.write(`warning: ${message}${fields ? ` ${formatFields(fields)}` : ""}\n`);
+      stream.write(`warning: ${safeText(`${message}${fields ? ` ${formatFields(fields)}` : ""}`, true)}\n`);
     },
     progress(phase, done, total) {
       if (!bar || barPhase !== phase) {

@@ -1,4 +1,4 @@
-import { readPointer } from "../../../shared/artifacts.ts";
+import { readPointer, readPointerBasis } from "../../../shared/artifacts.ts";
 import { userMessage } from "../../../shared/errors.ts";
 import { keys } from "../../../shared/keys.ts";
 import type { ObjectStore } from "../../../shared/s3/store.ts";
@@ -15,6 +15,7 @@ import { planRun, versionExists } from "./plan.ts";
 import { answerRules, noneIndexOf } from "./release/answers.ts";
 import { evaluate } from "./release/evaluate.ts";
 import { acquireLock } from "./release/lock.ts";
+import { checkOwnership } from "./release/ownership.ts";
 import { decidePromotion, loadCurrent } from "./release/promote.ts";
 import { existsResult, publishVersion, type TrainResult } from "./release/publish.ts";
 import { type RunContext, runContext } from "./run.ts";
@@ -70,12 +71,16 @@ async function trainRun(ctx: RunContext, input: TrainInput, context: TrainContex
   const lock = await acquireLock(store, planned.name);
   try {
     if (await versionExists(ctx, planned)) return existsResult(ctx, planned, "written by a concurrent run of the same dataset and config");
+    // The served version, read once: the model's dataset and labels are checked against it, it seeds the
+    // warm start and is scored against the new one; the pointer is written only if it is still the one
+    // read here (publish.ts).
+    const served = await readPointerBasis(store, planned.name);
+    await checkOwnership(store, planned, served.pointer);
     // `--base best`: the base is chosen now, by cross-validation on the training split's features.
     const plan = planned.candidates ? await chooseBase(ctx, planned, planned.candidates) : planned;
     noneIndexOf(plan); // a manifest naming a none-of-these folder the dataset lacks fails before any work
     const baseModel = await loadBase(store, plan.base, plan.options.imageSize);
-    // The served version, read once: it seeds the warm start and is scored against the new one.
-    const current = await loadCurrent(store, plan.name);
+    const current = await loadCurrent(store, plan.name, served.pointer);
     try {
       const pooled = await pooledFeatures(ctx, plan, baseModel, context.fanOut);
       const fitted = await fitClassifier(ctx, plan, baseModel, pooled, current);
@@ -99,7 +104,7 @@ async function trainRun(ctx: RunContext, input: TrainInput, context: TrainContex
       });
       const exported = await exportVersion(ctx, plan, baseModel, fitted.head, pooled);
       const promotion = await decidePromotion(ctx, plan, current, pooled, evaluation);
-      return await publishVersion(ctx, plan, { backend, pooled, fitted, answers, evaluation, exported, promotion });
+      return await publishVersion(ctx, plan, { backend, pooled, fitted, answers, evaluation, exported, promotion, served });
     } finally {
       baseModel.dispose();
       if (current && "model" in current) current.model.dispose();

@@ -85,9 +85,6 @@ function observation(top: number, extra: Partial<Observation> = {}): Observation
     version: "v0123456789ab",
     labels: ["cat", "dog"],
     scores: new Float32Array([top, 1 - top]),
-    // A JPEG's header as far as the metadata check walks it: SOI, APP0 (JFIF), SOS.
-    bytes: new Uint8Array([0xff, 0xd8, 0xff, 0xe0, 0x00, 0x04, 0x4a, 0x46, 0xff, 0xda]),
-    contentType: "image/jpeg",
     pixels: { data: new Uint8Array(40 * 30 * 3), width: 40, height: 30, channels: 3 },
     optOut: false,
     ...extra,
@@ -114,7 +111,7 @@ describe("Capturer", () => {
     expect(delta.confidence[4]).toBe(1);
   });
 
-  it("stores an unsure answer with its record (image first), the original bytes when small", async () => {
+  it("stores an unsure answer with its record (image first), a PNG encoded from its pixels", async () => {
     const store = fakeBucket();
     const c = capturer(settings({ enabled: true, belowConfidence: 0.6 }), store);
     await warm(c);
@@ -122,11 +119,25 @@ describe("Capturer", () => {
     await observe(c, observation(0.9)); // sure, and not sampled (random 0.99 ≥ 0)
     const [r] = records(store);
     expect(records(store).length).toBe(1);
-    expect(r).toMatchObject({ reason: "low_confidence", version: "v0123456789ab", image: { contentType: "image/jpeg", resized: false, width: 40 } });
+    expect(r).toMatchObject({ reason: "low_confidence", version: "v0123456789ab", image: { contentType: "image/png", resized: false, width: 40 } });
     expect(r?.predictions[0]).toMatchObject({ label: "cat" });
-    expect(store.objects.get(r?.image.key as string)?.body).toEqual(observation(0).bytes);
+    // The fake encoder's output (one byte per pixel): what is stored came from the encoder, not the client.
+    expect(store.objects.get(r?.image.key as string)?.body).toEqual(new Uint8Array(40 * 30));
     expect(c.stats()).toMatchObject({ captured: 1, failed: 0 });
     for (const k of store.objects.keys()) expect(isCaptureKey(k)).toBe(true);
+  });
+
+  it("counts a capture in the counters even when the same answer's flush has already written them", async () => {
+    const store = fakeBucket();
+    // flushMs 0: every answer flushes, so the flush starts before its own capture has finished.
+    const c = capturer(settings({ enabled: true, belowConfidence: 0.6 }), store, { flushMs: 0 });
+    await warm(c);
+    await observe(c, observation(0.55));
+    await observe(c, observation(0.9)); // flushes what the capture counted after the previous flush
+    const deltas = [...store.objects.entries()].filter(([k]) => k.includes("/counters/")).map(([, o]) => countersSchema.parse(JSON.parse(o.body as string)));
+    expect(records(store).length).toBe(1);
+    expect(deltas.reduce((n, d) => n + d.captured, 0)).toBe(records(store).length);
+    expect(deltas.reduce((n, d) => n + d.requests, 0)).toBe(3);
   });
 
   it("samples sure answers at the configured rate and resizes large inputs to a PNG within maxSide", async () => {
@@ -137,18 +148,6 @@ describe("Capturer", () => {
     await observe(c, observation(0.99));
     const [r] = records(store);
     expect(r).toMatchObject({ reason: "sampled", image: { contentType: "image/png", resized: true, width: 32, height: 24 } });
-  });
-
-  it("re-encodes a small input that carries metadata (EXIF, GPS) instead of storing it as sent", async () => {
-    const store = fakeBucket();
-    const c = capturer(settings({ enabled: true, belowConfidence: 1.01 }), store);
-    await warm(c);
-    // A JPEG whose second segment is APP1 (EXIF).
-    const withExif = new Uint8Array([0xff, 0xd8, 0xff, 0xe1, 0x00, 0x04, 0x45, 0x78, 0xff, 0xda]);
-    await observe(c, observation(0.5, { bytes: withExif }));
-    const [r] = records(store);
-    expect(r?.image).toMatchObject({ contentType: "image/png", resized: false, width: 40, height: 30 });
-    expect(store.objects.get(r?.image.key as string)?.body).not.toEqual(withExif);
   });
 
   it("drops a capture that needs the decode slot while classifications wait for it, and bounds captures in flight", async () => {
@@ -217,7 +216,12 @@ describe("Capturer", () => {
     const config = settings({ enabled: true, belowConfidence: 1.01, maxPerDay: 5 });
     const isolates = [capturer(config, store), capturer(config, store), capturer(config, store)];
     for (const c of isolates) await warm(c);
-    await Promise.all(isolates.flatMap((c) => Array.from({ length: 4 }, () => observe(c, observation(0.5)))));
+    // Isolates at once; each one capture after another (an isolate holds one decoded image at a time).
+    await Promise.all(
+      isolates.map(async (c) => {
+        for (let i = 0; i < 4; i++) await observe(c, observation(0.5));
+      }),
+    );
     const quota = JSON.parse(store.objects.get(keys.captureQuota("pets", new Date().toISOString().slice(0, 10)))?.body as string);
     expect(quota.count).toBe(5);
     // Isolates lease captures from the shared count: never more than the cap, some room possibly unused.
@@ -249,9 +253,20 @@ describe("Capturer", () => {
     const store = fakeBucket();
     const c = capturer(settings({ enabled: true, belowConfidence: 1.01, maxPerDay: 100, maxBytesPerDay: 3 * 1024 * 1024 }), store);
     await warm(c);
-    for (let i = 0; i < 40; i++) await observe(c, observation(0.5)); // 10 bytes each: 400 bytes of 3 MB
+    for (let i = 0; i < 40; i++) await observe(c, observation(0.5)); // 1200 bytes each: 48 KB of 3 MB
     expect(records(store).length).toBe(40);
-    await Promise.all(Array.from({ length: 60 }, () => observe(c, observation(0.5))));
+    // 60 captures whose quota requests overlap (a slow quota read), each encoded once the previous one is.
+    const get = store.get.bind(store);
+    store.get = async (key) => {
+      if (key.includes("/quota/")) await new Promise((r) => setTimeout(r, 5));
+      return get(key);
+    };
+    const burst: Promise<void>[] = [];
+    for (let i = 0; i < 60; i++) {
+      burst.push(observe(c, observation(0.5)));
+      await new Promise((r) => setTimeout(r, 0));
+    }
+    await Promise.all(burst);
     expect(records(store).length).toBe(100);
     expect(c.stats()).toMatchObject({ captured: 100, overCap: 0, failed: 0 });
     await observe(c, observation(0.5));
@@ -260,11 +275,42 @@ describe("Capturer", () => {
 
   it("keeps the daily byte cap", async () => {
     const store = fakeBucket();
-    const c = capturer(settings({ enabled: true, belowConfidence: 1.01, maxBytesPerDay: 25 }), store);
+    const c = capturer(settings({ enabled: true, belowConfidence: 1.01, maxBytesPerDay: 2500 }), store);
     await warm(c);
-    for (let i = 0; i < 4; i++) await observe(c, observation(0.5)); // 10 bytes each
+    for (let i = 0; i < 4; i++) await observe(c, observation(0.5)); // 1200 bytes each
     expect(records(store).length).toBe(2);
     expect(c.stats().overCap).toBe(2);
+  });
+
+  it("captures again when the daily cap is raised mid-day, in an isolate that had already reached the old cap", async () => {
+    const store = fakeBucket();
+    let config = { enabled: true, belowConfidence: 1.01, maxPerDay: 2 };
+    const source: ModelSource = {
+      getIfChanged: async () => ({ status: 200, bytes: new TextEncoder().encode(JSON.stringify(config)), etag: `"${config.maxPerDay}"` }),
+      get: async () => null,
+      async *listFolders() {},
+    };
+    let now = Date.now();
+    vi.spyOn(Date, "now").mockImplementation(() => now);
+    const c = capturer(source, store, { ttlMs: 1000 });
+    await warm(c);
+    for (let i = 0; i < 3; i++) await observe(c, observation(0.5));
+    expect(c.stats()).toMatchObject({ captured: 2, overCap: 1 });
+    config = { ...config, maxPerDay: 4 }; // the operator raises the cap (edgetune capture --max-per-day 4)
+    now += 1001; // past the settings' TTL: the next answer re-reads them, the one after captures
+    for (let i = 0; i < 4; i++) await observe(c, observation(0.5));
+    expect(records(store).length).toBe(4);
+    expect(c.stats()).toMatchObject({ captured: 4, overCap: 1 + 2 });
+    vi.restoreAllMocks();
+  });
+
+  it("replaces a quota file that is not JSON (the edge's key may write there) instead of failing every capture of the day", async () => {
+    const store = fakeBucket();
+    store.objects.set(keys.captureQuota("pets", new Date().toISOString().slice(0, 10)), { body: "<html>not a quota", etag: '"x"' });
+    const c = capturer(settings({ enabled: true, belowConfidence: 1.01 }), store);
+    await warm(c);
+    await observe(c, observation(0.5));
+    expect(c.stats()).toMatchObject({ captured: 1, failed: 0 });
   });
 
   it("never rejects when storage is down: failures are counted, counters kept for the next flush", async () => {

@@ -7,12 +7,12 @@ import {
   captureConfigSchema,
   captureQuotaSchema,
   confidenceBin,
+  countLabel,
   mergeCounters,
   noCounts,
 } from "../../../../shared/contracts/capture.ts";
 import { tryParseContractJson } from "../../../../shared/contracts/parse.ts";
 import { fitWithin } from "../../../../shared/image/fit.ts";
-import { hasMetadata } from "../../../../shared/image/metadata.ts";
 import { keys } from "../../../../shared/keys.ts";
 import type { Pixels } from "../../../../shared/preprocess.ts";
 import { withDeadline } from "../deadline.ts";
@@ -26,9 +26,9 @@ import type { CaptureStore } from "./store.ts";
  *
  * `observe` runs in the request once the answer is computed, and is synchronous: it counts, decides with
  * the settings it already has, and returns the work that must happen after the answer (`waitUntil`), or
- * null. A request that is not captured keeps nothing alive; a captured one keeps its body, or its pixels
- * when they must be resized or stripped of metadata — within `MAX_IN_FLIGHT_BYTES` of bodies and one
- * decoded image per isolate (beyond that a capture is dropped, counted `busy`). Every bucket request has a deadline, and every failure is counted (`failed`), never
+ * null. A request that is not captured keeps nothing alive; a captured one keeps its decoded pixels until
+ * they are encoded as a PNG (one decoded image per isolate), then that PNG until it is stored (within
+ * `MAX_IN_FLIGHT_BYTES`); beyond that a capture is dropped, counted `busy`. Every bucket request has a deadline, and every failure is counted (`failed`), never
  * thrown: capture can neither delay nor fail a classification. Resizing and encoding need the decode
  * slot; they run only when no classification is waiting for it, else the capture is dropped (`busy`).
  */
@@ -37,9 +37,7 @@ export interface Observation {
   version: string;
   labels: readonly string[];
   scores: Float32Array;
-  /** The request body as received, and its format. */
-  bytes: Uint8Array;
-  contentType: CaptureRecord["image"]["contentType"];
+  /** The decoded input (what a capture stores, re-encoded). */
   pixels: Pixels;
   optOut: boolean;
 }
@@ -65,13 +63,16 @@ export type PngEncoder = (pixels: Pixels) => Promise<Uint8Array>;
 
 /** Captures and bytes an isolate takes from the day's quota at once (see `reserve`). */
 const LEASE_COUNT = 10;
-/** Bytes taken per leased capture (a capture stored as sent is usually far smaller; at least its own size is taken). */
-const LEASE_BYTES_EACH = 256 * 1024;
+/** Bytes taken per leased capture (a 512 px photo is 200–530 KB as PNG; at least a capture's own size is taken). */
+const LEASE_BYTES_EACH = 512 * 1024;
+/** A quota file is a few dozen bytes; anything larger was not written by the edge (a read is refused, the capture counted failed). */
+const MAX_QUOTA_BYTES = 4096;
 /** Compare-and-swap attempts on the day's quota, with a random back-off between them (isolates collide rarely). */
 const CAS_ATTEMPTS = 8;
 /**
- * What captures on their way may hold in one isolate: bodies stored as sent up to this many bytes
- * together, and at most one decoded image waiting to be resized or re-encoded.
+ * What captures on their way may hold in one isolate: encoded PNGs waiting to be stored, a new capture
+ * starting only below this many bytes (so at most this plus one PNG), besides the one decoded image
+ * waiting to be encoded.
  */
 export const MAX_IN_FLIGHT_BYTES = 8 * 1024 * 1024;
 /** How long one capture, or one flush of counters, may take in all (waitUntil work ends at 30 s). */
@@ -132,8 +133,11 @@ export class Capturer {
   private readonly leases = new Map<string, { count: number; bytes: number }>();
   /** A lease request in flight per model and day: resolves true when it added to the lease (or failed), false when the caps are reached. */
   private readonly leasing = new Map<string, Promise<boolean>>();
-  /** Days whose caps this isolate saw reached, per model: no more quota reads for them. */
-  private readonly full = new Set<string>();
+  /**
+   * Days whose caps this isolate saw reached, per model, with the caps it saw: no more quota reads for
+   * them while the settings keep those caps (a cap raised mid-day opens the day again).
+   */
+  private readonly full = new Map<string, { maxPerDay: number; maxBytesPerDay: number }>();
   private readonly totals: CaptureStats = { captured: 0, overCap: 0, busy: 0, failed: 0, optedOut: 0, flushed: 0 };
   private readonly isolate = Math.random().toString(36).slice(2, 10);
 
@@ -161,7 +165,7 @@ export class Capturer {
       const counters = this.countersFor(o.model, o.version, now);
       const label = o.labels[top] as string;
       counters.requests++;
-      counters.labels[label] = (counters.labels[label] ?? 0) + 1;
+      countLabel(counters.labels, label, 1);
       const bin = confidenceBin(score);
       counters.confidence[bin] = (counters.confidence[bin] ?? 0) + 1;
       if (score < (config.enabled ? config.belowConfidence : CAPTURE_OFF.belowConfidence)) counters.lowConfidence++;
@@ -173,9 +177,9 @@ export class Capturer {
             ? "sampled"
             : null;
       if (reason && o.optOut) this.count(counters, "optedOut");
-      else if (reason && this.full.has(`${o.model}/${day(now)}`)) this.count(counters, "overCap");
+      else if (reason && this.isFull(`${o.model}/${day(now)}`, config)) this.count(counters, "overCap");
       else if (reason) {
-        const job = this.capture(o, config, reason, counters, now);
+        const job = this.capture(o, config, reason, now);
         if (job) work.push(job);
         else this.count(counters, "busy");
       }
@@ -188,27 +192,28 @@ export class Capturer {
 
   /**
    * Stores one input; null when the isolate holds enough captures already (the caller counts it busy).
-   * Only what is needed is kept: the body when it can be stored as sent, else the pixels, for a PNG copy
-   * that fits `maxSide` and carries no metadata.
+   * The stored copy is always a PNG encoded here from the decoded pixels (resized to fit `maxSide`), never
+   * the bytes as sent: a file can carry metadata anywhere its decoder skips (EXIF after a progressive
+   * JPEG's first scan, bytes after EOI or IEND, private PNG or WebP chunks, a second APP0), and only an
+   * encoder we run decides what the stored file holds. The pixels are held until encoded (one decoded
+   * image per isolate); the PNG then counts towards MAX_IN_FLIGHT_BYTES until it is stored.
    */
-  private capture(o: Observation, config: CaptureConfig, reason: CaptureRecord["reason"], counters: Counters, now: Date): Promise<void> | null {
+  private capture(o: Observation, config: CaptureConfig, reason: CaptureRecord["reason"], now: Date): Promise<void> | null {
     const store = this.store;
     if (!store) {
       this.failed(o.model, o.version, new Error("capture is on but the worker has no S3 credentials (MODELS_BASE_URL): nothing can be stored"));
       return Promise.resolve();
     }
-    const { width, height } = o.pixels;
-    // As sent only when small and free of metadata (EXIF with GPS, XMP, text chunks); GIFs are re-encoded (first frame).
-    const asSent = Math.max(width, height) <= config.maxSide && o.contentType !== "image/gif" && !hasMetadata(o.bytes, o.contentType);
-    const body = asSent ? o.bytes : null;
-    const pixels = asSent ? null : o.pixels;
-    if (body && this.inFlightBytes + body.length > MAX_IN_FLIGHT_BYTES) return null;
-    if (pixels && this.decodedInFlight) return null;
-    const held = body?.length ?? 0;
-    this.inFlightBytes += held;
-    if (pixels) this.decodedInFlight = true;
-    // Locals only: the closure below must not keep `o` (and with it the decoded pixels) alive.
-    const { model, version, labels, scores, contentType } = o;
+    if (this.decodedInFlight || this.inFlightBytes >= MAX_IN_FLIGHT_BYTES) return null;
+    this.decodedInFlight = true;
+    let pixels: Pixels | null = o.pixels;
+    const { width } = pixels;
+    let held = 0;
+    // Locals only: the closure below must not keep `o` (and with it the request body) alive.
+    const { model, version, labels, scores } = o;
+    // Counted when it ends, in the counters current then: a flush started by this same answer (or any
+    // since) has already written and dropped the ones the answer was counted in.
+    const count = (what: "captured" | "overCap" | "busy") => this.count(this.countersFor(model, version, now), what);
     // The deadline below ends the wait, not the work: the work checks it between steps, so a capture
     // that ran out of time never stores anything afterwards (it was counted as failed).
     const limit = this.options.workDeadlineMs ?? WORK_DEADLINE_MS;
@@ -218,23 +223,28 @@ export class Capturer {
     };
     // Each bucket request of this capture ends by its deadline too: nothing lands after it.
     const signal = () => AbortSignal.timeout(Math.max(1, Math.min(REQUEST_DEADLINE_MS, deadline - Date.now())));
+    const release = () => {
+      if (pixels) this.decodedInFlight = false;
+      pixels = null;
+    };
     const run = async () => {
-      let image: { bytes: Uint8Array; contentType: CaptureRecord["image"]["contentType"]; width: number; height: number; resized: boolean };
-      if (body) image = { bytes: body, contentType, width, height, resized: false };
-      else {
-        if (!this.options.idle()) return this.count(counters, "busy");
-        image = await this.options.exclusive(async () => {
-          const small = fitWithin(pixels as Pixels, config.maxSide);
-          const bytes = await this.options.encodePng(small);
-          return { bytes, contentType: "image/png" as const, width: small.width, height: small.height, resized: small.width !== width };
-        });
-      }
+      if (!this.options.idle()) return count("busy");
+      const source = pixels as Pixels;
+      const image = await this.options.exclusive(async () => {
+        const small = fitWithin(source, config.maxSide);
+        const bytes = await this.options.encodePng(small);
+        return { bytes, contentType: "image/png" as const, width: small.width, height: small.height, resized: small.width !== width };
+      });
+      // Encoded: the decoded image is no longer needed, and the next capture may use the slot.
+      release();
+      held = image.bytes.length;
+      this.inFlightBytes += held;
       const today = day(now);
       inTime();
       if (!(await this.reserve({ store, model, today, bytes: image.bytes.length, config, inTime, signal }))) {
         inTime(); // a capture past its deadline is counted failed, not also over the cap
-        this.full.add(`${model}/${today}`);
-        return this.count(counters, "overCap");
+        this.full.set(`${model}/${today}`, { maxPerDay: config.maxPerDay, maxBytesPerDay: config.maxBytesPerDay });
+        return count("overCap");
       }
       const stamp = now.toISOString().replaceAll(/[-:]/g, "").slice(0, 15);
       const id = `${stamp}-${this.isolate}${(this.seq++).toString(36).padStart(4, "0")}`;
@@ -257,15 +267,15 @@ export class Capturer {
       await store.put(imageKey, image.bytes, image.contentType, {}, signal());
       inTime();
       await store.put(keys.captureRecord(model, id), JSON.stringify(record), "application/json", {}, signal());
-      this.count(counters, "captured");
+      count("captured");
     };
     // One deadline for the whole capture (quota, image, record), inside Workers' 30 s for waitUntil work,
     // so the accounting below always runs.
     return withDeadline(run(), limit, () => new Error(`no answer within ${limit} ms`))
       .catch((e) => this.failed(model, version, e))
       .finally(() => {
+        release();
         this.inFlightBytes -= held;
-        if (pixels) this.decodedInFlight = false;
       });
   }
 
@@ -318,10 +328,12 @@ export class Capturer {
     const lease = this.leases.get(id) ?? { count: 0, bytes: 0 };
     for (let attempt = 0; attempt < CAS_ATTEMPTS; attempt++) {
       inTime();
-      const current = await store.get(key, signal());
+      const current = await store.get(key, signal(), MAX_QUOTA_BYTES);
       let quota: CaptureQuota = { day: today, count: 0, bytes: 0 };
       if (current) {
-        const parsed = captureQuotaSchema.safeParse(JSON.parse(new TextDecoder().decode(current.bytes)));
+        // A file that is not a quota (the edge's key may write here) is replaced by the next swap, as if
+        // the day had just begun: whoever could forge it could as well have written a count of 0.
+        const parsed = tryParseContractJson(captureQuotaSchema, current.bytes);
         if (parsed.success) quota = parsed.data;
       }
       const count = lease.count >= 1 ? 0 : Math.min(LEASE_COUNT, config.maxPerDay - quota.count);
@@ -373,6 +385,12 @@ export class Capturer {
       });
     this.settings.set(model, entry);
     return entry.refreshing;
+  }
+
+  /** True while the caps this isolate saw reached for `id` (model/day) are still the configured ones, or higher. */
+  private isFull(id: string, config: CaptureConfig): boolean {
+    const seen = this.full.get(id);
+    return seen !== undefined && config.maxPerDay <= seen.maxPerDay && config.maxBytesPerDay <= seen.maxBytesPerDay;
   }
 
   private countersFor(model: string, version: string, now: Date): Counters {

@@ -1,3 +1,4 @@
+import { concatBytes } from "../../../../shared/bytes.ts";
 import { isCaptureKey } from "../../../../shared/keys.ts";
 import { encodeKey, parseListing, type SourceConfig, signedBucket } from "../model/source.ts";
 
@@ -15,7 +16,12 @@ export interface CaptureStore {
    * `signal` ends the request early (a capture's own deadline); every request also has REQUEST_DEADLINE_MS.
    */
   put(key: string, body: Uint8Array | string, contentType: string, condition?: { ifMatch?: string; ifNoneMatch?: "*" }, signal?: AbortSignal): Promise<boolean>;
-  get(key: string, signal?: AbortSignal): Promise<{ bytes: Uint8Array; etag: string; contentType: string } | null>;
+  /**
+   * GET, read up to `maxBytes` (default MAX_READ_BYTES): a larger object is refused with
+   * CaptureObjectTooLargeError before its body is read (or as soon as it passes the cap). Everything under
+   * captures/ may have been written by whoever holds the edge's key: nothing read from there is held unbounded.
+   */
+  get(key: string, signal?: AbortSignal, maxBytes?: number): Promise<{ bytes: Uint8Array; etag: string; contentType: string } | null>;
   /** Keys under a prefix, in lexical order, at most `limit`. */
   list(prefix: string, limit: number): Promise<string[]>;
   /** The sub-folders of a prefix (a delimiter listing), e.g. the days under captures/<model>/images/. */
@@ -23,6 +29,11 @@ export interface CaptureStore {
 }
 
 export class CaptureStoreError extends Error {}
+/** An object under captures/ larger than its reader allows (forged, or not the edge's). */
+export class CaptureObjectTooLargeError extends Error {}
+
+/** The default cap of one read: the largest file the edge writes there (a capture's PNG at maxSide 2048) fits. */
+export const MAX_READ_BYTES = 16 * 1024 * 1024;
 
 const REQUEST_DEADLINE_MS = 10_000;
 
@@ -64,7 +75,7 @@ export function createCaptureStore(env: SourceConfig): CaptureStore | null {
       if (!res.ok) throw new CaptureStoreError(`capture storage answered HTTP ${res.status} to a write`);
       return true;
     },
-    async get(key, signal) {
+    async get(key, signal, maxBytes = MAX_READ_BYTES) {
       assertCaptureKey(key);
       const res = await call(new Request(`${bucketUrl}/${encodeKey(key)}`), signal);
       if (res.status === 404 || res.status === 403) {
@@ -76,7 +87,7 @@ export function createCaptureStore(env: SourceConfig): CaptureStore | null {
         throw new CaptureStoreError(`capture storage answered HTTP ${res.status} to a read`);
       }
       return {
-        bytes: new Uint8Array(await res.arrayBuffer()),
+        bytes: await readCapped(res, key, maxBytes),
         etag: res.headers.get("etag") ?? "",
         contentType: res.headers.get("content-type") ?? "application/octet-stream",
       };
@@ -95,4 +106,28 @@ export function createCaptureStore(env: SourceConfig): CaptureStore | null {
       return (await listPage(prefix, { delimiter: "/" })).folders;
     },
   };
+}
+
+/** A response body of at most `maxBytes`: refused by its Content-Length when it says more, else cut off while it streams. */
+async function readCapped(res: Response, key: string, maxBytes: number): Promise<Uint8Array> {
+  const tooLarge = () => new CaptureObjectTooLargeError(`${key} is larger than the ${maxBytes} bytes allowed for it`);
+  if (Number(res.headers.get("content-length") ?? 0) > maxBytes) {
+    await res.body?.cancel();
+    throw tooLarge();
+  }
+  if (!res.body) return new Uint8Array(0);
+  const chunks: Uint8Array[] = [];
+  let total = 0;
+  const reader = res.body.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    total += value.length;
+    if (total > maxBytes) {
+      await reader.cancel();
+      throw tooLarge();
+    }
+    chunks.push(value);
+  }
+  return concatBytes(chunks);
 }

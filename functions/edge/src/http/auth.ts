@@ -39,6 +39,20 @@ export function consoleAuth(): MiddlewareHandler<{ Bindings: Env }> {
   };
 }
 
+/**
+ * True when the request carries one of the operators' keys (CONSOLE_API_KEYS), without refusing anyone:
+ * for routes that answer everyone but tell operators more (/healthz, a model's description).
+ */
+export async function isOperator(authorization: string | undefined, env: Env): Promise<boolean> {
+  const token = /^Bearer\s+(\S+)\s*$/i.exec(authorization ?? "")?.[1];
+  if (!token) return false;
+  const presented = await sha256(token);
+  if (presented === null) return false;
+  let ok = false;
+  for (const key of await keyDigests(env.CONSOLE_API_KEYS ?? "")) if (await timingSafeEqual(key, presented)) ok = true;
+  return ok;
+}
+
 function keyAuth(source: (env: Env) => string): MiddlewareHandler<{ Bindings: Env }> {
   return bearerAuth<{ Bindings: Env }>({
     realm: "edgetune",

@@ -1,4 +1,12 @@
-import { classifyDatasetKeys, type DatasetManifest, labelSchema, manifestSchema, type Split } from "../../../../shared/contracts/dataset.ts";
+import {
+  classifyDatasetKeys,
+  type DatasetManifest,
+  labelProblem,
+  labelSchema,
+  lookAlikes,
+  manifestSchema,
+  type Split,
+} from "../../../../shared/contracts/dataset.ts";
 import { parseContractJson } from "../../../../shared/contracts/parse.ts";
 import { DatasetError, NotFoundError } from "../../../../shared/errors.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
@@ -122,6 +130,17 @@ export function checkTrainable(name: string, labels: string[], images: DatasetIm
         ? 'an empty folder name (a key with "//")'
         : `"${invalid.length > 40 ? `${invalid.slice(0, 40)}…` : invalid}" (${invalid.length} characters)`;
     throw new DatasetError(`Dataset ${name}: label folder ${folder} is not a valid label: 1–100 characters, not starting with "."; rename the folder.`);
+  }
+  // Labels reach terminals, the console and clients: none may hide characters or pass for another.
+  for (const l of labels) {
+    const problem = labelProblem(l);
+    if (problem) throw new DatasetError(`Dataset ${name}: label folder "${l}" ${problem}; rename the folder.`);
+  }
+  const [same] = lookAlikes(labels);
+  if (same) {
+    throw new DatasetError(
+      `Dataset ${name}: label folders "${same[0]}" and "${same[1]}" look alike (they differ only in case, width or look-alike letters); merge or rename one.`,
+    );
   }
   if (labels.length < 2) {
     throw new DatasetError(`Dataset ${name} has ${labels.length} label (${labels.join(", ")}); a classifier needs at least 2 label folders.`);

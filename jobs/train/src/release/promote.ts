@@ -23,8 +23,9 @@ import { pct } from "./report.ts";
  */
 export type CurrentModel = { pointer: ModelPointer; metadata: ArtifactMetadata; model: tf.LayersModel } | { error: string } | null;
 
-export async function loadCurrent(store: ObjectStore, name: string): Promise<CurrentModel> {
-  const pointer = await readPointer(store, name);
+export async function loadCurrent(store: ObjectStore, name: string, read?: ModelPointer | null): Promise<CurrentModel> {
+  // `read`: the pointer the run compared itself with (its ETag is what the pointer write is conditional on).
+  const pointer = read === undefined ? await readPointer(store, name) : read;
   if (!pointer) return null;
   try {
     const { metadata, files } = await readPromotedModel(store, name, pointer);

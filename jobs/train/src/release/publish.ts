@@ -1,6 +1,6 @@
 import * as tf from "@tensorflow/tfjs";
 import sharp from "sharp";
-import { HISTORY, historyOf, readPointer, VersionExistsError, writeArtifact, writePointer } from "../../../../shared/artifacts.ts";
+import { HISTORY, historyOf, type PointerBasis, readPointer, VersionExistsError, writeArtifact, writePointerIf } from "../../../../shared/artifacts.ts";
 import type { ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
 import type { Dataset } from "../dataset/read.ts";
@@ -38,6 +38,8 @@ export interface RunOutcome {
   evaluation: Evaluation;
   exported: Exported;
   promotion: Promotion;
+  /** The pointer as the run read it before comparing itself with the served version. */
+  served: PointerBasis;
 }
 
 const LIBRARIES = { "@tensorflow/tfjs": tf.version.tfjs, edgetune: "0.1.0" };
@@ -49,7 +51,8 @@ const LIBRARIES = { "@tensorflow/tfjs": tf.version.tfjs, edgetune: "0.1.0" };
  */
 export async function publishVersion(ctx: RunContext, plan: RunPlan, outcome: RunOutcome): Promise<TrainResult> {
   const { name, version } = plan;
-  const { evaluation, exported, promotion } = outcome;
+  const { evaluation, exported, served } = outcome;
+  let { promotion } = outcome;
   const report = await buildReport(ctx, plan, outcome);
   let written: Awaited<ReturnType<typeof writeArtifact>>;
   try {
@@ -68,15 +71,34 @@ export async function publishVersion(ctx: RunContext, plan: RunPlan, outcome: Ru
   }
   await s3Checkpointer(ctx.store, name, version, "finetune").clear();
   if (promotion.promoted) {
-    const served = await readPointer(ctx.store, name);
-    await writePointer(ctx.store, name, {
-      version,
-      metadataSha256: written.metadataSha256,
-      promotedAt: new Date().toISOString(),
-      previous: served?.version ?? null,
-      reason: promotion.reason,
-      history: served ? [served.version, ...historyOf(served)].slice(0, HISTORY) : [],
-    });
+    // Compare-and-swap against the pointer this run compared itself with: a rollback (or any other move)
+    // made while it trained stands, and this version waits for an operator.
+    const was = served.pointer;
+    const moved = !(await writePointerIf(
+      ctx.store,
+      name,
+      {
+        version,
+        metadataSha256: written.metadataSha256,
+        promotedAt: new Date().toISOString(),
+        previous: was?.version ?? null,
+        reason: promotion.reason,
+        history: was ? [was.version, ...historyOf(was)].slice(0, HISTORY) : [],
+        dataset: plan.dataset.name,
+      },
+      served,
+    ));
+    if (moved) {
+      const now = await readPointer(ctx.store, name).catch(() => null);
+      const what = now ? `${now.reason.startsWith("rollback") ? "rolled back to" : "now"} ${now.version}` : "it was removed";
+      promotion = {
+        ...promotion,
+        promoted: false,
+        reason: `not promoted: the served version changed while it trained (${what}); serve this one with edgetune rollback ${name} --to ${version}`,
+      };
+      ctx.log.warn(promotion.reason);
+      report.promotion = promotion; // the stored report.json/html say what was decided before the pointer moved
+    }
   }
   const accuracy = evaluation.metrics.accuracy;
   ctx.log.info(promotion.promoted ? `promoted ${name} ${version}` : `kept the current version of ${name}`, { reason: promotion.reason, accuracy });
@@ -109,6 +131,7 @@ async function buildReport(ctx: RunContext, plan: RunPlan, outcome: RunOutcome):
     metrics: evaluation.metrics,
     confusion: evaluation.confusion,
     mistakes: await withThumbnails(ctx.store, evaluation.mistakes),
+    heldOutScores: evaluation.topScores,
     export: { dtype: exported.dtype, bytes: exported.files.weights.byteLength, maxDelta: exported.maxDelta },
     promotion,
     calibration: { temperature: c.temperature, folds: c.folds, eceBefore: c.eceBefore, eceAfter: c.eceAfter, reliability: c.reliability },

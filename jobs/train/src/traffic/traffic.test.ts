@@ -1,4 +1,7 @@
 import { createHmac } from "node:crypto";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { basename, join } from "node:path";
 import sharp from "sharp";
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
@@ -6,10 +9,12 @@ import { writePointer } from "../../../../shared/artifacts.ts";
 import { type CaptureRecord, type Counters, decisionMessage } from "../../../../shared/contracts/capture.ts";
 import { validMetadata } from "../../../../shared/contracts/fixtures.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
-import { keys } from "../../../../shared/keys.ts";
-import { driftOf, MIN_REQUESTS, referenceOf } from "../../../../shared/monitor.ts";
+import { isCaptureKey, keys } from "../../../../shared/keys.ts";
+import { driftOf, MIN_REQUESTS, monitorSummarySchema, referenceOf } from "../../../../shared/monitor.ts";
+import { aroundWrites } from "../../../../test/support/store.ts";
 import { memoryLogger } from "../log.ts";
-import { applyDecisions, decide, listCaptures, monitor, writeCaptureConfig } from "./traffic.ts";
+import { saveCaptureImages } from "./review.ts";
+import { applyDecisions, listCaptures, modelsWithTraffic, monitor, reviewNow, writeCaptureConfig } from "./traffic.ts";
 
 /** The job's half of the traffic loop against the local S3 server; the whole loop is in test/traffic.test.ts. */
 let s3: LocalS3;
@@ -74,9 +79,7 @@ describe("review", () => {
     await setup("pets-data", "flat");
     const a = await capture(await png("#f00"));
     const b = await capture(await png("#0f0"));
-    await decide(s3.store, "pets", a.id, "accept", "dog");
-    await decide(s3.store, "pets", b.id, "discard");
-    const r = await applyDecisions(s3.store, "pets", memoryLogger(), { trusted: new Set([a.id, b.id]) });
+    const r = await reviewNow(s3.store, "pets", { accept: [a.id], discard: [b.id], as: "dog" }, memoryLogger());
     expect(r.accepted).toEqual([{ id: a.id, key: `datasets/pets-data/dog/captured-${a.id}.png` }]);
     expect(r.discarded).toEqual([b.id]);
     const head = await s3.store.head(`datasets/pets-data/dog/captured-${a.id}.png`);
@@ -88,8 +91,7 @@ describe("review", () => {
   it("puts accepted images under train/ in a dataset with splits, the predicted label by default", async () => {
     await setup("split-data", "split");
     const a = await capture(await png("#00f"));
-    await decide(s3.store, "pets", a.id, "accept");
-    const r = await applyDecisions(s3.store, "pets", memoryLogger(), { trusted: new Set([a.id]) });
+    const r = await reviewNow(s3.store, "pets", { accept: [a.id] }, memoryLogger());
     expect(r.accepted[0]?.key).toBe(`datasets/split-data/train/cat/captured-${a.id}.png`);
   });
 
@@ -97,17 +99,17 @@ describe("review", () => {
     await setup("pets-data", "flat");
     const a = await capture(await png("#f0f"));
     const b = await capture(new TextEncoder().encode("not an image at all"));
-    await decide(s3.store, "pets", a.id, "accept", "hamster");
-    await decide(s3.store, "pets", b.id, "accept", "cat");
-    const r = await applyDecisions(s3.store, "pets", memoryLogger(), { trusted: new Set([a.id, b.id]) });
+    await expect(reviewNow(s3.store, "pets", { accept: [a.id], as: "hamster" }, memoryLogger())).rejects.toThrow(
+      /Invalid --as "hamster"\. Valid values: cat, dog/,
+    );
+    const r = await reviewNow(s3.store, "pets", { accept: [b.id], as: "cat" }, memoryLogger());
     expect(r.accepted).toEqual([]);
-    expect(r.refused.map((x) => x.id).sort()).toEqual([a.id, b.id].sort());
-    expect(r.refused.find((x) => x.id === a.id)?.reason).toContain("hamster is not one of dataset pets-data's labels (cat, dog)");
-    // Back in the queue, undecided, with the reason.
+    expect(r.refused.map((x) => x.id)).toEqual([b.id]);
+    // Back in the queue, undecided, with the reason; the other one was never decided.
     const queue = await listCaptures(s3.store, "pets");
-    expect(queue.map((c) => [c.decision, c.refused?.reason.slice(0, 12)])).toEqual([
-      [null, "label hamste"],
-      [null, expect.any(String)],
+    expect(queue.map((c) => [c.id, c.decision, Boolean(c.refused)])).toEqual([
+      [a.id, null, false],
+      [b.id, null, true],
     ]);
     let added = 0;
     for await (const o of s3.store.list("datasets/")) if (o.key.includes("captured-")) added++;
@@ -124,8 +126,9 @@ describe("review", () => {
       JSON.stringify({ schemaVersion: 1, id: forged.id, action: "discard", decidedAt: new Date().toISOString(), by: "console" }),
     );
     expect((await listCaptures(s3.store, "pets")).map((c) => c.id)).toEqual([real.id]);
-    const r = await applyDecisions(s3.store, "pets", memoryLogger(), { trusted: new Set([forged.id]) });
-    expect(r).toEqual({ accepted: [], discarded: [], refused: [], unverified: [] });
+    const r = await applyDecisions(s3.store, "pets", memoryLogger(), { operatorKeys: ["operator-1"] });
+    expect(r).toEqual({ accepted: [], discarded: [], refused: [], unverified: [], replayed: [] });
+    await expect(reviewNow(s3.store, "pets", { discard: [forged.id] }, memoryLogger())).rejects.toThrow(/no capture/);
     expect(await s3.store.head("datasets/pets-data/cat/a.png")).not.toBeNull();
   });
 
@@ -169,19 +172,21 @@ describe("review", () => {
         [swapped?.id, null, true],
       ].sort(),
     );
-    // A replay — the applied decision copied back with a new record and image under the same id — can only
-    // bring the reviewed bytes again (the signature covers them), and the dataset already has them.
+    // A replay with the edge's credentials after the operator deleted what the decision added: the signed
+    // decision, its record and its image written back under captures/. The applied-marker (outside
+    // captures/) says it was applied: nothing is added again.
     const added = `datasets/pets-data/cat/captured-${signed?.id}.png`;
-    const before = await s3.store.head(added);
+    expect(await s3.store.head(added)).not.toBeNull();
+    await s3.store.delete([added]);
     await s3.store.put(signed?.image.key as string, images.signed);
     await s3.store.put(keys.captureFile("pets", "2026-11-29", signed?.id as string, "json"), JSON.stringify(signed));
     await put(signed as CaptureRecord, images.signed, "operator-1");
     const replay = await applyDecisions(s3.store, "pets", memoryLogger(), { operatorKeys: ["operator-1"] });
-    expect(replay.accepted.map((a) => a.id)).toEqual([signed?.id]);
-    expect((await s3.store.head(added))?.etag).toBe(before?.etag);
-    let copies = 0;
-    for await (const o of s3.store.list("datasets/pets-data/")) if (o.key.includes(signed?.id as string)) copies++;
-    expect(copies).toBe(1);
+    expect([replay.accepted, replay.replayed]).toEqual([[], [signed?.id]]);
+    expect(await s3.store.head(added)).toBeNull();
+    // The marker is where the edge cannot write (its key is outside captures/), and out of the dataset's listing.
+    expect(await s3.store.head(keys.capturedApplied("pets-data", "pets", signed?.id as string))).not.toBeNull();
+    expect(isCaptureKey(keys.capturedApplied("pets-data", "pets", signed?.id as string))).toBe(false);
   });
 
   it("goes on past a malformed decision file (anyone who may write captures/ could leave one)", async () => {
@@ -189,17 +194,132 @@ describe("review", () => {
     const junk = await capture(await png("#321"));
     const good = await capture(await png("#123"));
     await s3.store.put(keys.captureDecision("pets", junk.id), "{ not json");
-    await decide(s3.store, "pets", good.id, "discard");
-    const r = await applyDecisions(s3.store, "pets", memoryLogger(), { trusted: new Set([good.id]) });
+    const r = await reviewNow(s3.store, "pets", { discard: [good.id] }, memoryLogger());
     expect(r.discarded).toEqual([good.id]);
     expect((await listCaptures(s3.store, "pets")).map((c) => [c.id, c.decision])).toEqual([[junk.id, null]]);
   });
 
   it("refuses to decide on a capture that does not exist, and capture settings for a model that is not served", async () => {
     await setup("pets-data", "flat");
-    await expect(decide(s3.store, "pets", "20261129T101500-zzzzzzzz", "discard")).rejects.toThrow(/no capture 20261129T101500-zzzzzzzz/);
+    await expect(reviewNow(s3.store, "pets", { discard: ["20261129T101500-zzzzzzzz"] }, memoryLogger())).rejects.toThrow(/no capture 20261129T101500-zzzzzzzz/);
     await expect(writeCaptureConfig(s3.store, "nope", { enabled: true })).rejects.toThrow(/no served version/);
     await expect(writeCaptureConfig(s3.store, "pets", { belowConfidence: 3 })).rejects.toThrow(/belowConfidence/);
+  });
+});
+
+describe("the rest of captures/, forged with the edge's key", () => {
+  it("the nightly job visits only models the job made, and never downloads an oversized record or decision", async () => {
+    await setup("forged-pets", "flat");
+    const real = await capture(await png("#123"));
+    // Folders for models that do not exist: no work at night.
+    await s3.store.put(keys.captureCounterFile("ghost", "2026-11-29", "s1"), "{}");
+    expect(await modelsWithTraffic(s3.store)).toContain("pets");
+    expect(await modelsWithTraffic(s3.store)).not.toContain("ghost");
+    // A record valid in every field but 100 KB long (a label of 100 KB), and a decision as large.
+    const big = { ...real, id: "20261129T101500-abcdffffffff", predictions: [{ label: "x".repeat(100_000), score: 0.4 }] };
+    big.image = { ...real.image, key: keys.captureFile("pets", "2026-11-29", big.id, "png") };
+    await s3.store.put(keys.captureRecord("pets", big.id), JSON.stringify(big));
+    await s3.store.put(
+      keys.captureDecision("pets", real.id),
+      JSON.stringify({ id: real.id, action: "discard", decidedAt: new Date().toISOString(), by: "cli", pad: "x".repeat(100_000) }),
+    );
+    const listed = await listCaptures(s3.store, "pets");
+    expect(listed.map((c) => c.id)).toContain(real.id);
+    expect(listed.map((c) => c.id)).not.toContain(big.id);
+    expect(listed.find((c) => c.id === real.id)?.decision).toBeNull();
+  });
+});
+
+/** The store as the CLI uses it, with an attacker holding the edge's credentials (anything under captures/) acting the moment a decision file is written, before it is applied. */
+const attackedWhenDecided = (attack: (decisionKey: string) => Promise<void>) =>
+  aroundWrites(s3.store, { after: async (key) => (key.includes("/decisions/") ? attack(key) : undefined) });
+
+describe("review decisions cannot be turned (the edge's credentials against the CLI)", () => {
+  beforeEach(async () => {
+    const all: string[] = [];
+    for await (const o of s3.store.list("")) all.push(o.key);
+    if (all.length) await s3.store.delete(all);
+    await setup("pets-data", "flat");
+  });
+  const capturedFiles = async () => {
+    const out: string[] = [];
+    for await (const o of s3.store.list("datasets/pets-data/")) if (o.key.includes("/captured-") && !o.key.includes("/.edgetune/")) out.push(o.key);
+    return out;
+  };
+
+  it("a discard stays a discard when its decision file is rewritten as an accept before it is applied (5 of 5)", async () => {
+    for (let attempt = 0; attempt < 5; attempt++) {
+      const c = await capture(await png(`#${attempt}${attempt}0`));
+      const store = attackedWhenDecided(async (key) => {
+        await s3.store.put(key, JSON.stringify({ schemaVersion: 1, id: c.id, action: "accept", label: "cat", decidedAt: new Date().toISOString(), by: "cli" }));
+      });
+      const r = await reviewNow(store, "pets", { discard: [c.id] }, memoryLogger());
+      expect([r.discarded, r.accepted]).toEqual([[c.id], []]);
+    }
+    expect(await capturedFiles()).toEqual([]);
+    expect(await listCaptures(s3.store, "pets")).toEqual([]);
+  });
+
+  it("a decision file the edge wrote first neither blocks the operator's decision nor replaces it", async () => {
+    const c = await capture(await png("#0d0"));
+    const forged = { schemaVersion: 1, id: c.id, action: "accept", label: "cat", decidedAt: new Date().toISOString(), by: "cli" };
+    await s3.store.put(keys.captureDecision("pets", c.id), JSON.stringify(forged));
+    const log = memoryLogger();
+    const r = await reviewNow(s3.store, "pets", { discard: [c.id] }, log);
+    expect([r.discarded, r.accepted]).toEqual([[c.id], []]);
+    expect(log.lines.some((l) => l.message.includes("already had a recorded decision"))).toBe(true);
+    expect(await capturedFiles()).toEqual([]);
+    expect(await s3.store.get(keys.captureDecision("pets", c.id))).toBeNull();
+  });
+
+  it("an accept adds exactly the bytes whose hash it bound, under its own label, whatever is swapped in after", async () => {
+    const shown = await png("#0a0");
+    const c = await capture(shown);
+    const store = attackedWhenDecided(async (key) => {
+      await s3.store.put(c.image.key, await png("#a00"));
+      await s3.store.put(key, JSON.stringify({ schemaVersion: 1, id: c.id, action: "accept", label: "cat", decidedAt: new Date().toISOString(), by: "cli" }));
+    });
+    const r = await reviewNow(store, "pets", { accept: [c.id], as: "dog" }, memoryLogger());
+    expect(r.accepted).toEqual([{ id: c.id, key: `datasets/pets-data/dog/captured-${c.id}.png` }]);
+    expect(await capturedFiles()).toEqual([`datasets/pets-data/dog/captured-${c.id}.png`]);
+    const added = (await s3.store.get(`datasets/pets-data/dog/captured-${c.id}.png`)) as Uint8Array;
+    expect(await sha256Hex(added)).toBe(await sha256Hex(shown));
+  });
+
+  it("--save names each image by its hash; --accept <id>@<hash> adds those bytes, or nothing once they changed", async () => {
+    const [kept, swapped] = [await capture(await png("#0c0")), await capture(await png("#c00"))];
+    const dir = await mkdtemp(join(tmpdir(), "edgetune-review-"));
+    const saved = await saveCaptureImages(s3.store, "pets", dir);
+    const ref = (id: string) => basename(saved.find((f) => f.id === id)?.file as string).replace(/\.png$/, "");
+    expect(ref(kept.id)).toBe(`${kept.id}@${(await sha256Hex(await png("#0c0"))).slice(0, 12)}`);
+    await s3.store.put(swapped.image.key, await png("#00c")); // after the operator looked at it
+    const r = await reviewNow(s3.store, "pets", { accept: [ref(kept.id), ref(swapped.id)], as: "dog" }, memoryLogger());
+    expect(r.accepted.map((a) => a.id)).toEqual([kept.id]);
+    expect(r.refused).toEqual([{ id: swapped.id, reason: expect.stringContaining("is not the one saved as") }]);
+    expect(await capturedFiles()).toEqual([`datasets/pets-data/dog/captured-${kept.id}.png`]);
+    await rm(dir, { recursive: true });
+  });
+
+  it("skips records and decisions larger than any the edge writes, unread", async () => {
+    const big = await capture(await png("#0b0"));
+    const pad = " ".repeat(70 * 1024);
+    await s3.store.put(keys.captureRecord("pets", big.id), `${JSON.stringify(big)}${pad}`);
+    const small = await capture(await png("#b00"));
+    const decision = { schemaVersion: 1, id: small.id, action: "discard", decidedAt: new Date().toISOString(), by: "console" };
+    await s3.store.put(keys.captureDecision("pets", small.id), `${JSON.stringify(decision)}${pad.slice(0, 5000)}`);
+    expect((await listCaptures(s3.store, "pets")).map((c) => [c.id, c.decision])).toEqual([[small.id, null]]);
+  });
+
+  it("takes the capture's predicted label without --as only if the dataset has it", async () => {
+    const c = await capture(await png("#00a"));
+    const forged = { ...c, predictions: [{ label: "cat\u001b[2J", score: 0.9 }] };
+    await s3.store.put(keys.captureRecord("pets", c.id), JSON.stringify(forged));
+    const r = await reviewNow(s3.store, "pets", { accept: [c.id] }, memoryLogger());
+    expect(r.refused).toEqual([{ id: c.id, reason: expect.stringContaining("is not a label of dataset pets-data; accept it with --as <label> (cat, dog)") }]);
+    expect(await capturedFiles()).toEqual([]);
+    // Nothing was decided: it waits in the queue for a decision with --as.
+    expect((await listCaptures(s3.store, "pets")).map((x) => [x.id, x.decision])).toEqual([[c.id, null]]);
+    await expect(reviewNow(s3.store, "pets", { accept: [c.id], as: "cat\u200b" }, memoryLogger())).rejects.toThrow(/invisible format character/);
   });
 });
 
@@ -221,8 +341,24 @@ describe("monitor", () => {
     optedOut: 0,
   });
 
+  /** Versions of `pets` with labels cat and dog (the monitor counts only a version's own labels). */
+  const versions = async (...list: string[]) => {
+    for (const version of list) await s3.store.put(keys.metadata("pets", version), JSON.stringify({ ...validMetadata(), version }));
+  };
+  const put = (day: string, i: number | string, d: Counters | object) => s3.store.put(keys.captureCounterFile("pets", day, `s${i}`), JSON.stringify(d));
+  const counterFiles = async () => {
+    const files: string[] = [];
+    for await (const o of s3.store.list(keys.captureCounters("pets"))) files.push(o.key.split("/").slice(-2).join("/"));
+    return files.sort();
+  };
+  beforeEach(async () => {
+    const old: string[] = [];
+    for await (const o of s3.store.list(keys.captureCounters("pets"))) old.push(o.key);
+    await s3.store.delete(old);
+  });
+
   it("adds deltas up per day and rolls past days up into one file per version", async () => {
-    const put = (day: string, i: number, d: Counters) => s3.store.put(keys.captureCounterFile("pets", day, `s${i}`), JSON.stringify(d));
+    await versions("v0123456789ab", "v0000000000ff");
     await put("2026-11-20", 1, delta("2026-11-20", "v0123456789ab", 10, 2, { cat: 6, dog: 4 }));
     await put("2026-11-20", 2, delta("2026-11-20", "v0123456789ab", 5, 1, { cat: 5 }));
     await put("2026-11-20", 3, delta("2026-11-20", "v0000000000ff", 3, 0, { dog: 3 }));
@@ -234,13 +370,77 @@ describe("monitor", () => {
       ["2026-11-20", 18, 3, { cat: 11, dog: 7 }],
       ["2026-11-22", 8, 4, { dog: 8 }],
     ]);
-    const files: string[] = [];
-    for await (const o of s3.store.list(keys.captureCounters("pets"))) files.push(o.key.split("/").slice(-2).join("/"));
     // The 20th is rolled up per version; the 22nd (yesterday or later) keeps its deltas.
-    expect(files.sort()).toEqual(["2026-11-20/rollup-v0000000000ff.json", "2026-11-20/rollup-v0123456789ab.json", "2026-11-22/s1.json", "2026-11-22/s2.json"]);
+    expect(await counterFiles()).toEqual([
+      "2026-11-20/rollup-v0000000000ff.json",
+      "2026-11-20/rollup-v0123456789ab.json",
+      "2026-11-22/s1.json",
+      "2026-11-22/s2.json",
+    ]);
     // Reading again gives the same sums.
     const again = await monitor(s3.store, "pets", { rollUp: true, now, days: 7 });
     expect(again.days.map((d) => d.requests)).toEqual([18, 8]);
+  });
+
+  it("bounds what it reads from counters/ (the edge's key may write there): forged files neither exhaust it nor cost a past day its real counts", async () => {
+    await versions("v0123456789ab");
+    const day = "2026-11-20";
+    for (let i = 0; i < 3; i++) await put(day, i, delta(day, "v0123456789ab", 10, 1, { cat: 7, dog: 3 }));
+    // 30 forged deltas of 20 000 labels each (~0.5 MB apiece): skipped by their listed size, never downloaded.
+    const many = Object.fromEntries(Array.from({ length: 20_000 }, (_, i) => [`label-${i}`, 1]));
+    for (let i = 0; i < 30; i++) await put(day, `big${i}`, { ...delta(day, "v0123456789ab", 1, 0, {}), labels: many });
+    // Two schema-valid deltas whose sum is past 2^53; labels the version does not have; a version that does not exist.
+    const huge = Number.MAX_SAFE_INTEGER - 1;
+    await put(day, "huge1", { ...delta(day, "v0123456789ab", huge, 0, { cat: huge }), confidence: [huge, 0, 0, 0, 0, 0, 0, 0, 0, 0] });
+    await put(day, "huge2", { ...delta(day, "v0123456789ab", huge, 0, { cat: huge }), confidence: [huge, 0, 0, 0, 0, 0, 0, 0, 0, 0] });
+    await put(day, "labels", delta(day, "v0123456789ab", 5, 0, { "cat\u200b": 5 }));
+    await put(day, "version", delta(day, "v0badbadbad00", 5, 0, { cat: 5 }));
+    const downloads: string[] = [];
+    const store = Object.create(s3.store, {
+      get: {
+        value: (key: string) => {
+          downloads.push(key);
+          return s3.store.get(key);
+        },
+      },
+    }) as typeof s3.store;
+    const skipped = { tooLarge: 0, invalid: 0, unknownLabels: 0, overLimit: 0 };
+    const now = new Date("2026-11-22T12:00:00Z");
+    const s = await monitor(store, "pets", { rollUp: true, now, days: 7, skipped });
+    expect(downloads.filter((k) => k.includes("/sbig"))).toEqual([]);
+    expect(skipped).toEqual({ tooLarge: 30, invalid: 2, unknownLabels: 2, overLimit: 0 });
+    // A readable summary with the real counts only, and the day rolled up from them.
+    expect(monitorSummarySchema.parse(JSON.parse(JSON.stringify(s))).days.map((d) => [d.day, d.requests, d.labels])).toEqual([[day, 30, { cat: 21, dog: 9 }]]);
+    const files = await counterFiles();
+    expect(files).toContain(`${day}/rollup-v0123456789ab.json`);
+    expect(files.filter((f) => /\/s\d\.json$/.test(f))).toEqual([]); // the real deltas are in the roll-up
+    const again = await monitor(s3.store, "pets", { rollUp: true, now, days: 7 });
+    expect(again.days.map((d) => [d.requests, d.labels])).toEqual([[30, { cat: 21, dog: 9 }]]);
+  });
+
+  it("never lets a sum leave the safe-integer range: roll-ups saturate and stay readable", async () => {
+    await versions("v0123456789ab");
+    const day = "2026-11-20";
+    const huge = Number.MAX_SAFE_INTEGER - 1;
+    // A roll-up (which may hold more than a delta) at the edge of the range, and a real delta on top.
+    await s3.store.put(keys.captureCounterFile("pets", day, "rollup-v0123456789ab"), JSON.stringify(delta(day, "v0123456789ab", huge, 0, { cat: huge })));
+    await put(day, 1, delta(day, "v0123456789ab", 10, 0, { cat: 10 }));
+    const now = new Date("2026-11-22T12:00:00Z");
+    const s = await monitor(s3.store, "pets", { rollUp: true, now, days: 7 });
+    expect(monitorSummarySchema.parse(JSON.parse(JSON.stringify(s))).days[0]?.requests).toBe(Number.MAX_SAFE_INTEGER);
+    const rollup = JSON.parse(new TextDecoder().decode((await s3.store.get(keys.captureCounterFile("pets", day, "rollup-v0123456789ab"))) as Uint8Array));
+    expect(rollup.requests).toBe(Number.MAX_SAFE_INTEGER);
+  });
+
+  it("gives the held-out share under a threshold exactly, from the per-image scores or a bin edge, never interpolated", () => {
+    // 6 held-out images, 5 of them in the top bin [0.9, 1]: under 0.99 is not knowable from the bins.
+    const metadata = { ...validMetadata(), metrics: { ...validMetadata().metrics, evaluatedOn: 6, confidence: [0, 0, 0, 0, 0, 0, 0, 1, 0, 5] } };
+    expect(referenceOf(metadata, null, 0.99).lowConfidence).toBeNull();
+    expect(referenceOf(metadata, null, 0.8).lowConfidence).toBeCloseTo(1 / 6); // a bin edge: exact
+    const scores = [0.75, 0.93, 0.97, 0.991, 0.995, 0.999];
+    expect(referenceOf(metadata, null, 0.99, scores).lowConfidence).toBeCloseTo(3 / 6);
+    // Scores that do not match the evaluated count are not trusted.
+    expect(referenceOf(metadata, null, 0.99, scores.slice(1)).lowConfidence).toBeNull();
   });
 
   it("flags a rise of unsure answers and a moved label distribution, given enough answers", () => {
