@@ -4,6 +4,11 @@ import { join } from "node:path";
 /** Reference material beside the repository (never committed); benchmarks skip what is absent. */
 export const SHARED = process.env.EDGETUNE_SHARED ?? join(import.meta.dirname, "..", "..", "shared");
 export const hasShared = (...parts: string[]) => existsSync(join(SHARED, ...parts));
+// Bases come from ../shared/models (no weights are committed; model/base-sources.ts), never from a download.
+if (hasShared("models")) process.env.EDGETUNE_BASES_DIR ||= join(SHARED, "models");
+process.env.EDGETUNE_OFFLINE ||= "1";
+/** The base the pipeline benchmarks (embedding, edge, memory, fine-tuning, retraining) were measured on. */
+export const BENCH_BASE = "darknet-tiny";
 
 export function arg(name: string, fallback?: string): string | undefined {
   const i = process.argv.indexOf(`--${name}`);

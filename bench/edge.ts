@@ -17,14 +17,13 @@ import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts"
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
-import { BEST_BUNDLED_BASE } from "../jobs/train/src/model/bases.ts";
 import { writeCaptureConfig } from "../jobs/train/src/traffic/traffic.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { arg, hasShared, machine, percentile, SHARED } from "./common.ts";
+import { arg, BENCH_BASE, hasShared, machine, percentile, SHARED } from "./common.ts";
 
 const size = Number(arg("size", "224")) as 224;
 const coldRuns = Number(arg("cold", "5"));
-const base = arg("base", BEST_BUNDLED_BASE) as string;
+const base = arg("base", BENCH_BASE) as string;
 const requests = Number(arg("requests", "200"));
 const s3 = await startLocalS3();
 const log = createLogger({ json: true, quiet: true, stream: { write: () => true } as unknown as NodeJS.WriteStream });

@@ -17,12 +17,11 @@ import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts"
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
-import { BEST_BUNDLED_BASE } from "../jobs/train/src/model/bases.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { arg, hasShared, machine, SHARED } from "./common.ts";
+import { arg, BENCH_BASE, hasShared, machine, SHARED } from "./common.ts";
 
 const size = Number(arg("size", "224")) as 224;
-const base = arg("base", BEST_BUNDLED_BASE) as string;
+const base = arg("base", BENCH_BASE) as string;
 const limits = (arg("pixels", "1000000,2100000,8000000") as string).split(",").map(Number);
 const burst = 50;
 const s3 = await startLocalS3();

@@ -19,15 +19,15 @@ import { NEAR_DUPLICATE_BITS } from "../jobs/train/src/dataset/near-duplicates.t
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { featureSpec } from "../jobs/train/src/features/extract.ts";
 import { initBackend } from "../jobs/train/src/model/backend.ts";
-import { BEST_BUNDLED_BASE, ensureBase, loadBase } from "../jobs/train/src/model/bases.ts";
+import { ensureBase, loadBase } from "../jobs/train/src/model/bases.ts";
 import { hashDistance, inputHash } from "../shared/image/input-hash.ts";
 import { preprocess } from "../shared/preprocess.ts";
-import { arg, hasShared, machine, SHARED } from "./common.ts";
+import { arg, BENCH_BASE, hasShared, machine, SHARED } from "./common.ts";
 
 await initBackend();
 const s3 = await startLocalS3();
 const size = Number(arg("size", "224"));
-const meta = await ensureBase(s3.store, arg("base", BEST_BUNDLED_BASE) as string);
+const meta = await ensureBase(s3.store, arg("base", BENCH_BASE) as string);
 const model = await loadBase(s3.store, meta, size);
 const extractor = tf.model({ inputs: model.inputs, outputs: model.getLayer(meta.featureLayer).output as tf.SymbolicTensor });
 const { preprocessing } = featureSpec(meta, { ...DEFAULT_OPTIONS, imageSize: size as 224 });

@@ -10,15 +10,15 @@ import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
 import { initBackend } from "../jobs/train/src/model/backend.ts";
-import { BEST_BUNDLED_BASE, ensureBase } from "../jobs/train/src/model/bases.ts";
+import { ensureBase } from "../jobs/train/src/model/bases.ts";
 import { train } from "../jobs/train/src/train.ts";
 import { sha256Hex } from "../shared/hash.ts";
-import { arg, hasShared, machine, SHARED } from "./common.ts";
+import { arg, BENCH_BASE, hasShared, machine, SHARED } from "./common.ts";
 
 const size = Number(arg("size", "160")) as 160;
 const backend = await initBackend();
 const s3 = await startLocalS3();
-await ensureBase(s3.store, BEST_BUNDLED_BASE);
+await ensureBase(s3.store, BENCH_BASE);
 
 const files: { key: string; bytes: Uint8Array }[] = [];
 let source: string;
@@ -54,7 +54,7 @@ const secondSeconds = (performance.now() - t) / 1000;
 await s3.stop();
 
 const phases = (r: typeof first) => (r.report?.phases ?? []).map((p) => `${p.name} ${p.seconds.toFixed(1)} s`).join(", ");
-console.log(`Retraining after 10 % new images — ${source}, ${size} px, base ${BEST_BUNDLED_BASE}, head strategy, backend ${backend.name} (${machine()})\n`);
+console.log(`Retraining after 10 % new images — ${source}, ${size} px, base ${BENCH_BASE}, head strategy, backend ${backend.name} (${machine()})\n`);
 console.log("| run | images | wall | phases |\n|---|---|---|---|");
 console.log(`| first training | ${files.length - later.size} | ${firstSeconds.toFixed(1)} s | ${phases(first)} |`);
 console.log(`| retrain (+${later.size}) | ${files.length} | ${secondSeconds.toFixed(1)} s | ${phases(second)} |`);

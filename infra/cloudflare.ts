@@ -62,18 +62,40 @@ export async function chooseAccount(options: {
   return { id: picked.id, name: picked.name, from: "your choice" };
 }
 
+/** Runs wrangler without blocking the event loop (so a signal reaches our handlers while it runs). */
+export type WranglerAsync = (args: string[], env?: Record<string, string>) => Promise<ReturnType<Wrangler>>;
+
+const CLEANUP_SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP"] as const;
+
 /**
  * `wrangler secret bulk <file>`: the secrets go through a file (mode 0600, in a directory of its own,
  * removed afterwards), not stdin — so wrangler's stdin stays the terminal and nothing secret sits in a
- * pipe or a command line.
+ * pipe or a command line. Removed on Ctrl-C or a kill too: Node's default for those signals is to die at
+ * once, skipping `finally`; while the file exists, a handler removes it and then dies of the same signal.
  */
-export function putSecrets(wrangler: Wrangler, secrets: Record<string, string>, args: string[], env: Record<string, string>): ReturnType<Wrangler> {
+export async function putSecrets(
+  wrangler: WranglerAsync,
+  secrets: Record<string, string>,
+  args: string[],
+  env: Record<string, string>,
+): Promise<ReturnType<Wrangler>> {
   const dir = mkdtempSync(join(tmpdir(), "edgetune-secrets-"));
+  const remove = () => rmSync(dir, { recursive: true, force: true });
+  const stopWatching = () => {
+    for (const signal of CLEANUP_SIGNALS) process.off(signal, onSignal);
+  };
+  const onSignal = (signal: NodeJS.Signals) => {
+    remove();
+    stopWatching();
+    process.kill(process.pid, signal); // Node's default action now: the process ends as it would have
+  };
+  for (const signal of CLEANUP_SIGNALS) process.on(signal, onSignal);
   try {
     const file = join(dir, "secrets.json");
     writeFileSync(file, JSON.stringify(secrets), { mode: 0o600 });
-    return wrangler(["secret", "bulk", file, ...args], env);
+    return await wrangler(["secret", "bulk", file, ...args], env);
   } finally {
-    rmSync(dir, { recursive: true, force: true });
+    remove();
+    stopWatching();
   }
 }

@@ -1,4 +1,5 @@
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
+import { createHash, randomUUID } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { z } from "zod";
@@ -18,8 +19,12 @@ import { STACKS } from "./stack-names.ts";
  * status: the worker step has no stack, and a stack in UPDATE_COMPLETE says that *some* deploy finished,
  * not that this one did — nor that its outputs reached the worker. The file records the steps this deploy
  * completed, so a rerun after a fix continues at the failed step (`--restart` redoes them all); once every
- * step has succeeded the list is cleared, and the next `npm run deploy` deploys everything again. It also
- * remembers the choices the preflight asked for (alert e-mail, Cloudflare account) per AWS account and region.
+ * step has succeeded the list is cleared, and the next `npm run deploy` deploys everything again. The list
+ * holds only for the deploy that wrote it: it is kept with a fingerprint of what was deployed (the code,
+ * the cdk.json context, the alert e-mail, the Cloudflare account, --rotate-api-key), and any change there
+ * starts over — else a code change or a new flag would be skipped along with the steps "done before". It also
+ * remembers the choices the preflight asked for (alert e-mail, Cloudflare account) per AWS account and region;
+ * cdk.json's alarmEmail and --alert-email win over the remembered one.
  */
 export const STEPS = ["core", "worker", "gpu"] as const;
 export type Step = (typeof STEPS)[number];
@@ -28,6 +33,8 @@ const stateSchema = z.object({
   account: z.string(),
   region: z.string(),
   done: z.array(z.enum(STEPS)).default([]),
+  /** What the steps in `done` deployed (deployFingerprint); another fingerprint makes them count for nothing. */
+  fingerprint: z.string().optional(),
   failed: z.object({ step: z.enum(STEPS), message: z.string(), at: z.string() }).optional(),
   alertEmail: z.string().optional(),
   cloudflareAccountId: z.string().optional(),
@@ -51,6 +58,25 @@ export const spawnRunner: Runner = (command, options = {}) => {
   return { status: r.status, stdout: r.stdout ?? "", stderr: r.stderr ?? "" };
 };
 
+/** `spawnRunner` without blocking the event loop, output captured: for a step whose signals must reach our handlers (putSecrets). */
+export const spawnRunnerAsync = (command: string[], options: { env?: Record<string, string> } = {}): Promise<ReturnType<Runner>> => {
+  const [cmd, ...args] = command as [string, ...string[]];
+  process.stderr.write(`$ ${command.join(" ")}\n`);
+  return new Promise((resolve) => {
+    const child = spawn(cmd, args, { env: { ...process.env, ...options.env }, stdio: ["inherit", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d: Buffer) => {
+      stdout += d.toString();
+    });
+    child.stderr.on("data", (d: Buffer) => {
+      stderr += d.toString();
+    });
+    child.on("error", (e) => resolve({ status: null, stdout, stderr: `${stderr}${e.message}` }));
+    child.on("close", (status) => resolve({ status, stdout, stderr }));
+  });
+};
+
 export interface DeployOptions {
   rotate: boolean;
   restart: boolean;
@@ -63,6 +89,8 @@ export interface DeployDeps {
   config: EdgetuneConfig;
   /** The `edgetune` context from cdk.json, passed back to cdk with the alert e-mail set. */
   cdkContext: Record<string, unknown>;
+  /** The code being deployed (codeVersion: git HEAD and uncommitted changes); undefined when unknown, and then no step is skipped. */
+  code: string | undefined;
   tools: { cdk: string[]; wrangler: string[] };
   run: Runner;
   /** `.edgetune/`: the state file and the stacks' outputs. */
@@ -76,6 +104,8 @@ export interface DeployDeps {
 
 export interface DeployOutcome {
   completed: Step[];
+  /** Steps left out on purpose (the GPU stack without its pinned CUDA base), with how to enable them. */
+  skipped?: { step: Step; reason: string }[];
   failed?: { step: Step; message: string; retry: string };
   /** The preflight's blocking problems: nothing was deployed. */
   problems?: string[];
@@ -100,12 +130,12 @@ export async function deploy(options: DeployOptions, deps: DeployDeps): Promise<
   const state: DeployState = same ? previous.data : { account: deps.where.account, region: deps.where.region, done: [] };
   if (options.restart) state.done = [];
   const save = () => writeFileSync(statePath, `${JSON.stringify(state, null, 2)}\n`);
-  if (state.done.length > 0) log(`Continuing the deploy of ${state.account}/${state.region}: ${state.done.join(", ")} done before (--restart redoes them).`);
 
   // 0. Preflight: everything that can stop a deploy is found before anything is deployed.
   const check = await preflight(deps.aws, deps.config, deps.where);
   const problems = [...check.problems];
-  const email = options.alertEmail ?? state.alertEmail ?? deps.config.alarmEmail ?? (await askEmail(deps));
+  // The flag, then cdk.json (a changed alarmEmail there is meant), then the one given to an earlier deploy.
+  const email = options.alertEmail ?? deps.config.alarmEmail ?? state.alertEmail ?? (await askEmail(deps));
   if (email !== undefined && !z.email().safeParse(email).success) problems.push(`"${email}" is not an e-mail address (--alert-email).`);
   const wrangler: Wrangler = (args, env) => deps.run([...deps.tools.wrangler, ...args], { env, capture: true });
   const account = await chooseAccount({
@@ -118,10 +148,7 @@ export async function deploy(options: DeployOptions, deps: DeployDeps): Promise<
     problems.push(userMessage(e));
     return undefined;
   });
-  if (!deps.config.gpuBaseImage && !state.done.includes("gpu"))
-    check.notes.push(
-      "cdk.json sets no gpuBaseImage (the GPU image's CUDA base, pinned by digest): the GPU step will stop after core and worker are deployed; infra/README.md says how to set it.",
-    );
+  if (!deps.config.gpuBaseImage) check.notes.push(`cdk.json sets no gpuBaseImage: the GPU step will be skipped. ${GPU_BASE_HOWTO}`);
   for (const note of check.notes) log(`note: ${note}`);
   if (problems.length > 0 || !account) {
     for (const p of problems) log(`deploy: ${p}`);
@@ -135,6 +162,17 @@ export async function deploy(options: DeployOptions, deps: DeployDeps): Promise<
   log(`Cloudflare account: ${account.name ? `${account.name} ` : ""}${account.id} (${account.from}).`);
   state.alertEmail = email;
   state.cloudflareAccountId = account.id;
+  const fingerprint = deployFingerprint({ code: deps.code, context: deps.cdkContext, email, cloudflareAccountId: account.id, rotate: options.rotate });
+  if (state.done.length > 0 && fingerprint !== state.fingerprint) {
+    log(
+      deps.code === undefined
+        ? `The code's version is unknown (not a git checkout): ${state.done.join(", ")}, done before, are deployed again.`
+        : `The code, cdk.json, the alert e-mail, the Cloudflare account or --rotate-api-key changed since ${state.done.join(", ")} were deployed: every step runs again.`,
+    );
+    state.done = [];
+  }
+  if (state.done.length > 0) log(`Continuing the deploy of ${state.account}/${state.region}: ${state.done.join(", ")} done before (--restart redoes them).`);
+  state.fingerprint = fingerprint;
   save();
   const cloudflareEnv = { CLOUDFLARE_ACCOUNT_ID: account.id };
 
@@ -153,7 +191,7 @@ export async function deploy(options: DeployOptions, deps: DeployDeps): Promise<
       if (!outputs.BucketName) throw new StepFailed("the core stack's outputs (BucketName) are missing: rerun with --restart");
       const { secrets, created } = await workerSecrets(deps.aws, outputs, options.rotate);
       const config = ["--config", deps.wranglerConfig];
-      const put = putSecrets(wrangler, secrets, config, cloudflareEnv);
+      const put = await putSecrets((args, env) => spawnRunnerAsync([...deps.tools.wrangler, ...args], { env }), secrets, config, cloudflareEnv);
       if (put.status !== 0) throw new StepFailed(`wrangler secret bulk failed (exit ${put.status}): ${lastLine(put)}`);
       // The bucket behind the worker's R2 binding must exist before the worker that binds it is deployed.
       const r2 = wrangler(["r2", "bucket", "create", MODEL_CACHE_BUCKET], cloudflareEnv);
@@ -169,17 +207,18 @@ export async function deploy(options: DeployOptions, deps: DeployDeps): Promise<
           `Web console (the worker's URL, /), operator key: aws secretsmanager get-secret-value --secret-id ${outputs.ConsoleKeysSecretArn} --query SecretString --output text`,
         );
     },
-    gpu: async () => {
-      if (!deps.config.gpuBaseImage)
-        throw new StepFailed(
-          'the GPU image needs its CUDA base pinned by digest, and cdk.json sets none (context.edgetune.gpuBaseImage). Mirror it into your ECR and set it, as infra/README.md "The GPU image\'s base" shows: docker pull nvidia/cuda:11.2.2-cudnn8-runtime-ubuntu20.04, then docker inspect --format "{{index .RepoDigests 0}}"',
-        );
-      cdkDeploy(STACKS.gpu);
-    },
+    gpu: async () => cdkDeploy(STACKS.gpu),
   };
+  // Not a failure: the default cdk.json has no CUDA base, and fine-tuning is optional (finetune runs are refused with the reason).
+  const skipped = deps.config.gpuBaseImage ? [] : [{ step: "gpu" as const, reason: `no gpuBaseImage in cdk.json. ${GPU_BASE_HOWTO}` }];
   const retry = "npm run deploy";
   for (const step of STEPS) {
     if (state.done.includes(step)) continue;
+    const skip = skipped.find((s) => s.step === step);
+    if (skip) {
+      log(`── ${step} ── skipped: ${skip.reason}`);
+      continue;
+    }
     log(`── ${step} ──`);
     try {
       await steps[step]();
@@ -202,7 +241,25 @@ export async function deploy(options: DeployOptions, deps: DeployDeps): Promise<
   state.done = [];
   save();
   log(`Deployed: ${completed.join(", ")}.`);
-  return { completed };
+  return skipped.length > 0 ? { completed, skipped } : { completed };
+}
+
+const GPU_BASE_HOWTO =
+  'Fine-tuning needs the GPU image\'s CUDA base pinned by digest (context.edgetune.gpuBaseImage); mirror it into your ECR and set it as infra/README.md "The GPU image\'s base" shows (docker pull nvidia/cuda:11.2.2-cudnn8-runtime-ubuntu20.04, then docker inspect --format "{{index .RepoDigests 0}}"), then npm run deploy. Head-only training works without it.';
+
+/** What a deploy deploys, as one hash: steps done under another fingerprint are not this deploy's. */
+export function deployFingerprint(inputs: {
+  code: string | undefined;
+  context: Record<string, unknown>;
+  email: string | undefined;
+  cloudflareAccountId: string;
+  rotate: boolean;
+}): string {
+  // Unknown code never matches an earlier deploy: nothing is skipped on a guess.
+  const code = inputs.code ?? randomUUID();
+  return createHash("sha256")
+    .update(JSON.stringify({ ...inputs, code }))
+    .digest("hex");
 }
 
 async function askEmail(deps: DeployDeps): Promise<string | undefined> {

@@ -188,6 +188,7 @@ describe("npm run deploy, step by step", () => {
       where,
       config: configFromContext(context),
       cdkContext: context,
+      code: "commit-1",
       tools: { cdk: [process.execPath, join(dir, "cdk.mjs")], wrangler: [process.execPath, join(dir, "wrangler.mjs")] },
       run: spawnRunner,
       stateDir: join(dir, ".edgetune"),
@@ -223,13 +224,67 @@ describe("npm run deploy, step by step", () => {
     expect(deployed()).toEqual(["cdk deploy Edgetune", "wrangler secret bulk", "wrangler r2 bucket create", "wrangler deploy", "cdk deploy EdgetuneGpu"]);
   });
 
-  it("without a pinned CUDA base, the GPU step stops with how to obtain and mirror it; core and worker are deployed", async () => {
+  it("without a pinned CUDA base, the GPU step is skipped (not failed) with how to enable it; the next deploy deploys core and worker again", async () => {
     const r = await deploy(options, deps({}, {}));
-    expect(lines.join("\n")).toMatch(/note: cdk\.json sets no gpuBaseImage .* the GPU step will stop after core and worker are deployed/);
-    expect(r.failed?.step).toBe("gpu");
-    expect(r.failed?.message).toMatch(/pinned by digest.*gpuBaseImage.*docker pull nvidia\/cuda:11\.2\.2-cudnn8-runtime-ubuntu20\.04/);
+    expect(lines.join("\n")).toMatch(/note: cdk\.json sets no gpuBaseImage: the GPU step will be skipped\./);
+    expect(r.failed).toBeUndefined();
     expect(r.completed).toEqual(["core", "worker"]);
+    expect(r.skipped?.[0]?.step).toBe("gpu");
+    expect(r.skipped?.[0]?.reason).toMatch(
+      /pinned by digest.*gpuBaseImage.*docker pull nvidia\/cuda:11\.2\.2-cudnn8-runtime-ubuntu20\.04.*Head-only training works without it/,
+    );
     expect(deployed()).not.toContain("cdk deploy EdgetuneGpu");
+    // Nothing is left "done": a later deploy (new code, same everything else) deploys core and worker again.
+    writeFileSync(log, "");
+    await deploy(options, deps({}, {}));
+    expect(deployed()).toEqual(["cdk deploy Edgetune", "wrangler secret bulk", "wrangler r2 bucket create", "wrangler deploy"]);
+  });
+
+  it("continues a failed deploy only for the same code, cdk.json, e-mail and flags: any change deploys every step again", async () => {
+    const failGpu = async (opts: typeof options, d: DeployDeps) => {
+      process.env.FAKE_CDK_FAIL = "EdgetuneGpu";
+      writeFileSync(log, "");
+      const r = await deploy(opts, d);
+      expect(r.failed?.step).toBe("gpu");
+      return r;
+    };
+    await failGpu(options, deps());
+    // New code (a commit, or an uncommitted edit): core and worker are deployed again, not skipped as "done before".
+    await failGpu(options, deps({ code: "commit-2" }));
+    expect(deployed()).toEqual(["cdk deploy Edgetune", "wrangler secret bulk", "wrangler r2 bucket create", "wrangler deploy", "cdk deploy EdgetuneGpu"]);
+    expect(lines.join("\n")).toMatch(/changed since core, worker were deployed: every step runs again/);
+    // Same code and flags: only the failed step.
+    await failGpu(options, deps({ code: "commit-2" }));
+    expect(deployed()).toEqual(["cdk deploy EdgetuneGpu"]);
+    // --rotate-api-key reaches the worker (a new key is put in front), once.
+    const rotated = await failGpu({ ...options, rotate: true }, deps({ code: "commit-2" }));
+    expect(deployed()).toContain("wrangler secret bulk");
+    expect(lines.join("\n")).toMatch(/New API key/);
+    expect(rotated.completed).toEqual(["core", "worker"]);
+    // A changed cdk.json: the core gets the new context.
+    const context = { gpuBaseImage: digest, cpuMaxVcpus: 16 };
+    await failGpu({ ...options, rotate: true }, deps({ code: "commit-2" }, context));
+    expect(calls()[0]?.args.join(" ")).toContain('"cpuMaxVcpus":16');
+    // Another alert e-mail: the core is deployed with it, not only said in the log.
+    await failGpu({ ...options, rotate: true, alertEmail: "new@example.com" }, deps({ code: "commit-2" }, context));
+    expect(calls()[0]?.args.join(" ")).toContain('"alarmEmail":"new@example.com"');
+    // Unknown code (not a git checkout): nothing is skipped on a guess.
+    await failGpu(options, deps({ code: undefined }));
+    await failGpu(options, deps({ code: undefined }));
+    expect(deployed()[0]).toBe("cdk deploy Edgetune");
+  });
+
+  it("cdk.json's alarmEmail wins over the e-mail remembered from an earlier deploy", async () => {
+    await deploy({ ...options, alertEmail: "old@example.com" }, deps());
+    writeFileSync(log, "");
+    await deploy({ ...options, alertEmail: undefined }, deps({}, { gpuBaseImage: digest, alarmEmail: "changed@example.com" }));
+    expect(calls()[0]?.args.join(" ")).toContain('"alarmEmail":"changed@example.com"');
+    expect(lines.at(-1)).toBe("Deployed: core, worker, gpu.");
+    expect(lines.join("\n")).toMatch(/e-mailed to changed@example\.com/);
+    // Without one in cdk.json or on the command line, the last one used is kept.
+    writeFileSync(log, "");
+    await deploy({ ...options, alertEmail: undefined }, deps());
+    expect(calls()[0]?.args.join(" ")).toContain('"alarmEmail":"changed@example.com"');
   });
 
   it("with two Cloudflare accounts: refuses before deploying anything when nobody can be asked, with the list; asks when someone can", async () => {
@@ -281,4 +336,34 @@ describe("npm run deploy, step by step", () => {
     const bad = await deploy({ ...options, alertEmail: "not-an-address", restart: true }, deps());
     expect(bad.problems).toEqual(['"not-an-address" is not an e-mail address (--alert-email).']);
   });
+});
+
+describe("the worker's secrets file", () => {
+  it("is removed when the deploy is interrupted (Ctrl-C) while wrangler reads it, and the deploy still dies of the signal", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "edgetune-interrupt-"));
+    const reported = join(dir, "secrets-path");
+    // wrangler that reports the secrets file it was given, then hangs until interrupted.
+    writeFileSync(
+      join(dir, "wrangler.mjs"),
+      `import { writeFileSync } from "node:fs"; writeFileSync(process.env.REPORT, process.argv[4]); setInterval(() => {}, 1000);`,
+    );
+    // The deploy's secret step, in a process of its own (a signal to this test's process would end the test run).
+    const script = join(dir, "put.ts");
+    writeFileSync(
+      script,
+      `import { putSecrets } from ${JSON.stringify(join(import.meta.dirname, "cloudflare.ts"))};
+import { spawnRunnerAsync } from ${JSON.stringify(join(import.meta.dirname, "deploy-pipeline.ts"))};
+await putSecrets((args, env) => spawnRunnerAsync([process.execPath, ${JSON.stringify(join(dir, "wrangler.mjs"))}, ...args], { env }), { API_KEYS: "k" }, [], {});`,
+    );
+    const { spawn } = await import("node:child_process");
+    // detached: a process group of its own, as a terminal's foreground job is; Ctrl-C signals the whole group.
+    const child = spawn(process.execPath, [script], { env: { ...process.env, REPORT: reported }, detached: true, stdio: "ignore" });
+    const exited = new Promise<NodeJS.Signals | number | null>((resolve) => child.on("exit", (code, signal) => resolve(signal ?? code)));
+    for (let i = 0; i < 200 && !existsSync(reported); i++) await new Promise((r) => setTimeout(r, 50));
+    const secretsFile = readFileSync(reported, "utf8");
+    expect(existsSync(secretsFile)).toBe(true);
+    process.kill(-(child.pid as number), "SIGINT");
+    expect(await exited).toBe("SIGINT");
+    expect(existsSync(join(secretsFile, ".."))).toBe(false);
+  }, 20_000);
 });

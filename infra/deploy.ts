@@ -2,13 +2,15 @@
 import { readFileSync } from "node:fs";
 /**
  * `npm run deploy`: preflight → core stack → edge worker → GPU stack (infra/deploy-pipeline.ts), each
- * step recorded in `.edgetune/deploy-state.json`, so a rerun after a failure continues where it stopped.
+ * step recorded in `.edgetune/deploy-state.json`, so a rerun after a failure continues where it stopped
+ * (as long as the code, cdk.json and the flags are those of the failed deploy: else it starts over).
  *   0. preflight: CDK bootstrapped in this account and region, the G quotas, the alert e-mail (asked for,
  *      or `--alert-email`), the Cloudflare account (asked for when there are several); a problem stops
  *      here, before anything is deployed, with the one command to run;
  *   1. core: `cdk deploy Edgetune` (bucket, CPU Batch jobs, triggers, alerts, edge credentials, API keys);
  *   2. worker: its secrets from a file (`wrangler secret bulk`), the R2 bucket of its model cache, `wrangler deploy`;
- *   3. gpu: `cdk deploy EdgetuneGpu` (the fine-tuning path); a failure here leaves 1 and 2 serving.
+ *   3. gpu: `cdk deploy EdgetuneGpu` (the fine-tuning path); a failure here leaves 1 and 2 serving; skipped
+ *      (not failed) while cdk.json has no gpuBaseImage.
  * Needs AWS credentials (any the AWS SDK finds) and a Cloudflare login (`wrangler login` or
  * CLOUDFLARE_API_TOKEN). `--rotate-api-key` puts a new API key in front of the current one (which stays
  * valid until the next rotation); `--restart` redoes every step; `--dry-run` synthesizes and bundles
@@ -19,6 +21,7 @@ import { CloudFormationClient } from "@aws-sdk/client-cloudformation";
 import { SecretsManagerClient } from "@aws-sdk/client-secrets-manager";
 import { ServiceQuotasClient } from "@aws-sdk/client-service-quotas";
 import { GetCallerIdentityCommand, STSClient } from "@aws-sdk/client-sts";
+import { codeVersion } from "./code-version.ts";
 import { configFromContext } from "./config.ts";
 import { deploy, spawnRunner } from "./deploy-pipeline.ts";
 
@@ -62,6 +65,7 @@ const outcome = await deploy(
     where: { account, region },
     config: configFromContext(cdkContext),
     cdkContext,
+    code: codeVersion(),
     tools,
     run: spawnRunner,
     stateDir: ".edgetune",

@@ -2,14 +2,15 @@ import { CfnOutput, Stack, type StackProps } from "aws-cdk-lib";
 import type { Construct } from "constructs";
 import type { EdgetuneConfig } from "./config.ts";
 import { GpuTraining } from "./constructs/gpu-training.ts";
-import { gpuPathNames } from "./constructs/training-batch.ts";
+import { embedJobName, gpuPathNames } from "./constructs/training-batch.ts";
 import type { EdgetuneStack } from "./stack.ts";
 
 /**
  * The GPU fine-tuning path on its own (`cdk deploy EdgetuneGpu`, after the core): its CUDA image is the
  * fragile build, and a stack of its own means a failure there leaves the core and the worker serving.
- * It uses the core's network, bucket, job role, logs and Embed job (CloudFormation exports); the core
- * names this stack's queue and job definition without depending on it.
+ * It uses the core's network, bucket, job role, logs and CPU queue (CloudFormation exports, none of
+ * which changes when an image does) and the Embed job by its fixed name; the core names this stack's
+ * queue and job definition without depending on it.
  */
 export class EdgetuneGpuStack extends Stack {
   readonly gpu: GpuTraining;
@@ -25,7 +26,7 @@ export class EdgetuneGpuStack extends Stack {
       bucket: core.data.bucket,
       jobRole: core.training.jobRole,
       logGroup: core.training.logGroup,
-      embedJobDefinition: core.training.embedJobDefinition,
+      embedJobName: embedJobName(core.stackName),
       cpuQueueArn: core.training.cpuQueue.jobQueueArn,
     });
     new CfnOutput(this, "JobQueueArn", { value: this.gpu.queue.jobQueueArn });

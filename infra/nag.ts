@@ -1,5 +1,6 @@
 import { type CfnElement, type Stack, Token, Validations } from "aws-cdk-lib";
 import type { IConstruct } from "constructs";
+import { embedJobName } from "./constructs/training-batch.ts";
 
 /**
  * cdk-nag AwsSolutions findings accepted on purpose, each on the narrowest construct that needs it
@@ -33,6 +34,11 @@ export function acknowledgeNagFindings(stack: Stack): void {
     jobRole,
     gpuDefinitions,
     "Every revision of the GPU stack's Train definition (fixed name): a fanned-out fine-tuning run submits its continuation at the revision it started with.",
+  );
+  ack(
+    jobRole,
+    `AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:batch:${region}:${account}:job-definition/${embedJobName(stack.stackName)}:*]`,
+    "Every revision of the Embed definition (fixed name): a fanned-out run submits its children by name, the latest revision, so no stack has to import an ARN that changes with each image.",
   );
   ack(
     jobRole,

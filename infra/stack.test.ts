@@ -3,8 +3,9 @@ import { createRequire } from "node:module";
 import { join } from "node:path";
 import { Stack } from "aws-cdk-lib";
 import { Annotations, Match, Template } from "aws-cdk-lib/assertions";
+import * as ecs from "aws-cdk-lib/aws-ecs";
 import * as s3 from "aws-cdk-lib/aws-s3";
-import { beforeAll, describe, expect, it } from "vitest";
+import { beforeAll, describe, expect, it, vi } from "vitest";
 import { buildApp } from "./app.ts";
 import { startLocalS3 } from "./local/s3-server.ts";
 
@@ -190,9 +191,9 @@ describe("GPU batch job", () => {
     };
     const gpu = envOf("GpuTrain", gpuTemplate);
     const cpu = envOf("TrainingTrainCpu");
-    expect(cpu.EDGETUNE_EMBED_JOB_DEFINITION).toEqual({ Ref: embedId });
-    // The GPU stack reads the core's Embed definition and CPU queue through CloudFormation exports.
-    expect(JSON.stringify(gpu.EDGETUNE_EMBED_JOB_DEFINITION)).toContain(`Ref${embedId}`);
+    // Embed by its fixed name (the latest revision); the GPU stack reads the CPU queue through an export.
+    expect(defs[embedId as string]).toMatchObject({ Properties: { JobDefinitionName: "Edgetune-embed" } });
+    expect([cpu.EDGETUNE_EMBED_JOB_DEFINITION, gpu.EDGETUNE_EMBED_JOB_DEFINITION]).toEqual(["Edgetune-embed", "Edgetune-embed"]);
     expect(JSON.stringify(gpu.EDGETUNE_EMBED_JOB_QUEUE)).toContain(queueId("TrainingCpuQueue"));
     for (const env of [gpu, cpu]) expect(env.EDGETUNE_FAN_OUT_IMAGES_PER_SHARD).toBe("20000");
     expect(JSON.stringify(cpu.EDGETUNE_EMBED_JOB_QUEUE)).toContain(queueId("TrainingCpuQueue"));
@@ -205,9 +206,11 @@ describe("GPU batch job", () => {
     const resources = submit.find((st) => actions(st).includes("batch:SubmitJob"))?.Resource as unknown[];
     // The Embed definition, both Train definitions (continuations) and both queues; no wildcard.
     expect(resources).toHaveLength(5);
-    // Wildcards only for the revision of the two Train definitions (a continuation submits the revision it started with).
-    expect(JSON.stringify(resources).match(/\*/g)).toHaveLength(2);
-    expect(JSON.stringify(resources)).toMatch(/job-definition\/Edgetune-finetune:\*".*job-definition\/.*TrainingTrainCpu.*:\*"/);
+    // Wildcards only for revisions: of Embed (submitted by name) and of the two Train definitions (a continuation submits the revision it started with).
+    expect(JSON.stringify(resources).match(/\*/g)).toHaveLength(3);
+    expect(JSON.stringify(resources)).toMatch(
+      /job-definition\/Edgetune-embed:\*".*job-definition\/Edgetune-finetune:\*".*job-definition\/.*TrainingTrainCpu.*:\*"/,
+    );
     expect(JSON.stringify(resources)).toContain(":job-queue/Edgetune-finetune");
   });
 
@@ -470,6 +473,43 @@ describe("two stacks, deployable apart", () => {
     expect(cpuImage?.source.dockerBuildArgs).toBeUndefined();
   });
 
+  it("the core can be updated under a deployed GPU stack: no value the GPU stack imports changes with the training images", () => {
+    // CloudFormation refuses to change an export another stack imports. A job definition's Ref is its ARN
+    // with the revision, and every image change registers a new revision: so no import may name a
+    // resource whose properties change with the image. Two synths that differ only in the images' content
+    // (extraHash stands for changed sources) must agree on every resource an import reaches.
+    const synthWith = (extraHash?: string) => {
+      const fromAsset = ecs.ContainerImage.fromAsset;
+      const spy = vi
+        .spyOn(ecs.ContainerImage, "fromAsset")
+        .mockImplementation((dir, options) => fromAsset.call(ecs.ContainerImage, dir, { ...options, extraHash }));
+      try {
+        const built = buildApp({ edgetune: { gpuBaseImage: digest } });
+        return { core: Template.fromStack(built.stack).toJSON(), gpu: Template.fromStack(built.gpu).toJSON() };
+      } finally {
+        spy.mockRestore();
+      }
+    };
+    const before = synthWith("sources-before");
+    const after = synthWith("sources-after");
+    type Out = { Value: unknown; Export?: { Name: string } };
+    const resourcesOf = (t: Record<string, unknown>) => t.Resources as Record<string, { Properties?: unknown }>;
+    const outputs = Object.values((before.core.Outputs ?? {}) as Record<string, Out>);
+    const imported = [...JSON.stringify(before.gpu).matchAll(/"Fn::ImportValue":"([^"]+)"/g)].map((m) => m[1] as string);
+    expect(imported.length).toBeGreaterThan(0);
+    // The images did change between the two synths (else this test would prove nothing).
+    expect(JSON.stringify(resourcesOf(before.core))).not.toBe(JSON.stringify(resourcesOf(after.core)));
+    for (const name of imported) {
+      const output = outputs.find((o) => o.Export?.Name === name);
+      expect(output, name).toBeDefined();
+      const referenced = [...JSON.stringify(output?.Value).matchAll(/"(?:Ref|Fn::GetAtt)":\[?"([A-Za-z0-9]+)"/g)].map((m) => m[1] as string);
+      for (const id of referenced) {
+        expect(JSON.stringify(resourcesOf(after.core)[id]), `${name} → ${id}`).toBe(JSON.stringify(resourcesOf(before.core)[id]));
+        expect(resourcesOf(before.core)[id], `${name} → ${id}`).not.toMatchObject({ Type: "AWS::Batch::JobDefinition" });
+      }
+    }
+  });
+
   it("tells the dispatcher the GPU path by name (it may not exist yet), with the job's vCPUs for the quota check", () => {
     const nightly = Object.values(template.findResources("AWS::Batch::JobDefinition")).find((d) => JSON.stringify(d).includes('"EDGETUNE_DISPATCH"'));
     const env = Object.fromEntries(
@@ -482,7 +522,7 @@ describe("two stacks, deployable apart", () => {
 });
 
 describe("least privilege", () => {
-  it("gives no role s3:List*, s3:GetBucket* or a whole-bucket grant beyond ListBucket, which only the job and dispatcher hold without a prefix", () => {
+  it("gives no role s3:List*, s3:GetBucket* or a whole-bucket grant beyond ListBucket, which only the job, dispatcher and failure records hold without a prefix", () => {
     for (const t of [template, gpuTemplate]) {
       for (const type of ["AWS::IAM::Policy", "AWS::IAM::ManagedPolicy"]) {
         for (const [id, p] of Object.entries(t.findResources(type))) {
@@ -490,8 +530,8 @@ describe("least privilege", () => {
           for (const st of doc.Statement) {
             for (const a of actions(st)) expect(a).not.toMatch(/^s3:(List\*|GetBucket|ListBucketVersions|ListBucketMultipartUploads|\*)/);
             if (!actions(st).includes("s3:ListBucket")) continue;
-            // Unconditional listing: the job and the dispatcher only (S3 answers 404, not 403, for a missing key only to a lister).
-            if (st.Condition === undefined) expect(id).toMatch(/^Training(JobRole|NightlyRole)/);
+            // Unconditional listing: the job, the dispatcher and the failure-records Lambda only (S3 answers 404, not 403, for a missing key only to a lister).
+            if (st.Condition === undefined) expect(id).toMatch(/^(Training(JobRole|NightlyRole)|FailureRecordsHandlerServiceRole)/);
           }
         }
       }
@@ -500,8 +540,8 @@ describe("least privilege", () => {
 });
 
 describe("alerts that arrive", () => {
-  it("lets CloudWatch publish to the topic, bound to the alarm by source ARN, besides EventBridge", () => {
-    const [alarmId] = Object.keys(template.findResources("AWS::CloudWatch::Alarm"));
+  it("lets CloudWatch publish to the topic, bound to the alarms by source ARN, besides EventBridge", () => {
+    const alarmIds = Object.keys(template.findResources("AWS::CloudWatch::Alarm"));
     template.hasResourceProperties("AWS::SNS::TopicPolicy", {
       PolicyDocument: {
         Statement: Match.arrayWith([
@@ -511,7 +551,8 @@ describe("alerts that arrive", () => {
             Effect: "Allow",
             Principal: { Service: "cloudwatch.amazonaws.com" },
             Action: "sns:Publish",
-            Condition: { ArnEquals: { "aws:SourceArn": [{ "Fn::GetAtt": [alarmId, "Arn"] }] } },
+            // Every alarm of the stack (undelivered triggers, failure-records errors), and nothing else.
+            Condition: { ArnEquals: { "aws:SourceArn": alarmIds.map((id) => ({ "Fn::GetAtt": [id, "Arn"] })) } },
           }),
         ]),
       },
@@ -547,7 +588,47 @@ describe("infrastructure failures reach the status record", () => {
     expect(grants["s3:GetObject,s3:PutObject"]).toMatch(/"\/status\/\*"\]\]\}$/); // writes status records only
     expect(grants["s3:GetObject,s3:DeleteObject"]).toMatch(/"\/locks\/\*"\]\]\}$/); // deletes the dead job's locks only
     expect(JSON.stringify(own)).not.toMatch(/\/(datasets|models|cache|bases|captures|runs)\//);
-    expect(own.find((st) => actions(st).includes("s3:ListBucket"))?.Condition).toEqual({ StringLike: { "s3:prefix": ["status/*", "locks/*"] } });
+    // Listing without a prefix condition: with one, S3 answers the claim's check for a missing key (putIfAbsent) with 403, not 404.
+    const list = own.find((st) => actions(st).includes("s3:ListBucket"));
+    expect(list).toBeDefined();
+    expect(list?.Condition).toBeUndefined();
+  });
+
+  it("does not lose an event the Lambda failed on: after its retries it goes to the dead-letter queue, and its errors raise an alarm on the topic", () => {
+    const [fnId] = Object.keys(template.findResources("AWS::Lambda::Function", { Properties: { Runtime: "nodejs24.x" } }));
+    const [dlq] = Object.keys(template.findResources("AWS::SQS::Queue"));
+    template.hasResourceProperties("AWS::Lambda::EventInvokeConfig", {
+      FunctionName: { Ref: fnId },
+      MaximumRetryAttempts: 2,
+      DestinationConfig: { OnFailure: { Destination: { "Fn::GetAtt": [dlq, "Arn"] } } },
+    });
+    // Which raises the dead-letter alarm; the Lambda may send there.
+    const fnRole = (template.findResources("AWS::Lambda::Function")[fnId as string] as { Properties: { Role: { "Fn::GetAtt": string[] } } }).Properties.Role[
+      "Fn::GetAtt"
+    ][0];
+    expect(
+      jobRoleStatements(template, fnRole as string).some(
+        (st) => actions(st).includes("sqs:SendMessage") && JSON.stringify(st.Resource).includes(dlq as string),
+      ),
+    ).toBe(true);
+    const [topic] = Object.keys(template.findResources("AWS::SNS::Topic"));
+    const errors = Object.entries(template.findResources("AWS::CloudWatch::Alarm")).filter(
+      ([, a]) => JSON.stringify(a).includes('"MetricName":"Errors"') && JSON.stringify(a).includes(`"Ref":"${fnId}"`),
+    );
+    expect(errors).toHaveLength(1);
+    const [errorsId, alarm] = errors[0] as [string, { Properties: { AlarmActions: unknown[]; Threshold: number } }];
+    expect(alarm.Properties).toMatchObject({ AlarmActions: [{ Ref: topic }], Threshold: 1 });
+    // The topic lets this alarm publish too.
+    template.hasResourceProperties("AWS::SNS::TopicPolicy", {
+      PolicyDocument: {
+        Statement: Match.arrayWith([
+          Match.objectLike({
+            Sid: "CloudWatchAlarmsPublish",
+            Condition: { ArnEquals: { "aws:SourceArn": Match.arrayWith([{ "Fn::GetAtt": [errorsId, "Arn"] }]) } },
+          }),
+        ]),
+      },
+    });
   });
 });
 
@@ -567,8 +648,10 @@ describe("npm run synth", () => {
     expect(staged).not.toContain("node_modules");
     expect(existsSync(join(out, asset as string, "jobs/train/Dockerfile"))).toBe(true);
     expect(existsSync(join(out, asset as string, "jobs/train/Dockerfile.cpu"))).toBe(true);
-    expect(staged).toContain(".npmrc"); // both images' npm ci reads it (no CUDA download by onnxruntime-node)
-    expect(existsSync(join(out, asset as string, "jobs/train/bases/darknet-tiny/model.json"))).toBe(true); // the bundled bases
+    // Both images' npm ci skips onnxruntime-node's CUDA download whatever npm the base image has.
+    for (const file of ["Dockerfile", "Dockerfile.cpu"])
+      expect(readFileSync(join(out, asset as string, "jobs/train", file), "utf8")).toMatch(/^ENV ONNXRUNTIME_NODE_INSTALL=skip$/m);
+    expect(existsSync(join(out, asset as string, "jobs/train/bases"))).toBe(false); // no weights in the image: bases come from the bucket or their publisher
     // Built for the GPU hosts (x86) whatever machine runs `cdk deploy`.
     const images = (stackName: string) =>
       Object.values(

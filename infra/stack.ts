@@ -1,4 +1,4 @@
-import { CfnOutput, Stack, type StackProps } from "aws-cdk-lib";
+import { CfnOutput, Duration, Stack, type StackProps } from "aws-cdk-lib";
 import type * as logs from "aws-cdk-lib/aws-logs";
 import type { Construct } from "constructs";
 import type { EdgetuneConfig } from "./config.ts";
@@ -47,8 +47,13 @@ export class EdgetuneStack extends Stack {
     });
     // Both queues by ARN: the GPU queue's name is fixed, so the rules cover it before it exists.
     const queueArns = [training.gpu.queueArn, training.cpuQueue.jobQueueArn];
-    const alerts = new TrainingAlerts(this, "Alerts", { queueArns, deadLetters: triggers.deadLetters, email: config.alarmEmail });
-    new FailureRecords(this, "FailureRecords", { bucket: data.bucket, queueArns, deadLetters: triggers.deadLetters, logRetention });
+    const records = new FailureRecords(this, "FailureRecords", { bucket: data.bucket, queueArns, deadLetters: triggers.deadLetters, logRetention });
+    const alerts = new TrainingAlerts(this, "Alerts", {
+      queueArns,
+      deadLetters: triggers.deadLetters,
+      email: config.alarmEmail,
+      failureRecordErrors: records.handler.metricErrors({ period: Duration.minutes(5), statistic: "Sum" }),
+    });
 
     new CfnOutput(this, "BucketName", { value: data.bucket.bucketName, description: "EDGETUNE_BUCKET / the worker's S3_BUCKET" });
     new CfnOutput(this, "Region", { value: this.region, description: "the worker's S3_REGION" });

@@ -18,7 +18,8 @@ export class ContractError extends EdgetuneError {
   /** Dotted path of the offending field, e.g. `labels.2` or `files.0.sha256`. */
   readonly field: string;
   constructor(what: string, field: string, problem: string) {
-    super("invalid_contract", `${what}: field "${field || "(root)"}" ${problem}`);
+    // A problem with the value as a whole names the value, not a field path a user never wrote.
+    super("invalid_contract", field ? `${what}: field "${field}" ${problem}` : `${what} ${problem}`);
     this.field = field;
   }
 }

@@ -37,7 +37,11 @@ export const referenceSchema = z.object({
   evaluatedOn: z.number().int(),
   /** Predicted-label shares on the held-out split (column sums of the confusion matrix). */
   labels: z.record(z.string(), z.number()),
-  /** Share of held-out answers under the threshold, or null for a version trained before it was recorded. */
+  /**
+   * Share of held-out answers under the threshold, exact (times `evaluatedOn` it is a whole count): from
+   * the report's per-image scores, or from the 10-bin histogram when the threshold is a bin edge. Null
+   * when it cannot be known exactly (an older version, another threshold): never interpolated.
+   */
   lowConfidence: z.number().nullable(),
 });
 export type Reference = z.output<typeof referenceSchema>;
@@ -73,7 +77,12 @@ export function sumByDay(deltas: readonly Counters[]): Omit<DaySummary, "drift">
  * columns predicted). The low-confidence share at `threshold` is read off the 10-bin histogram,
  * interpolating linearly inside the bin the threshold falls in.
  */
-export function referenceOf(metadata: ArtifactMetadata, confusion: readonly (readonly number[])[] | null, threshold: number): Reference {
+export function referenceOf(
+  metadata: ArtifactMetadata,
+  confusion: readonly (readonly number[])[] | null,
+  threshold: number,
+  scores: readonly number[] | null = null,
+): Reference {
   const total = metadata.metrics.evaluatedOn;
   const labels: Record<string, number> = {};
   metadata.labels.forEach((label, c) => {
@@ -82,15 +91,9 @@ export function referenceOf(metadata: ArtifactMetadata, confusion: readonly (rea
   });
   const hist = metadata.metrics.confidence;
   let lowConfidence: number | null = null;
-  if (hist && total > 0) {
-    let below = 0;
-    hist.forEach((n, i) => {
-      const lo = i / CONFIDENCE_BINS;
-      const hi = (i + 1) / CONFIDENCE_BINS;
-      below += n * Math.min(1, Math.max(0, (threshold - lo) / (hi - lo)));
-    });
-    lowConfidence = below / total;
-  }
+  const edge = threshold * CONFIDENCE_BINS;
+  if (total > 0 && scores?.length === total) lowConfidence = scores.filter((s) => s < threshold).length / total;
+  else if (hist && total > 0 && Math.abs(edge - Math.round(edge)) < 1e-9) lowConfidence = hist.slice(0, Math.round(edge)).reduce((a, n) => a + n, 0) / total;
   return { version: metadata.version, evaluatedOn: total, labels, lowConfidence };
 }
 

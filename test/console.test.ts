@@ -119,6 +119,31 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     // The picture shown is the file itself, through a blob: URL the CSP allows.
     expect(await page.getAttribute("#classify-result img", "src")).toMatch(/^blob:/);
     expect(await page.textContent("#classify-result")).toContain(version);
+    // The answer in words first: a label with its threshold, or unsure.
+    expect(await page.textContent("#classify-answer")).toMatch(
+      /^(Answer: (animals|food|travel) \(threshold \d+\.\d %\)|Unsure: the best label, \w+ \(\d+\.\d %\), is below its threshold of \d+\.\d %\.)$/,
+    );
+    expect(problems).toEqual([]);
+    await page.close();
+  });
+
+  it("hints at the key without alarm, says plainly that a dropped file is not an image, and fits a 360 px phone", async () => {
+    const { page, problems } = await open();
+    await page.waitForSelector("#status:not(:empty)");
+    expect(await page.getAttribute("#status", "class")).toBe("muted"); // a hint, not the red of an error
+    await withKey(page);
+    await page.goto(`${edge.url}/#/models/emoji`);
+    await page.waitForSelector("#classify-file");
+    await page.setInputFiles("#classify-file", { name: "notes.txt", mimeType: "text/plain", buffer: Buffer.from("hello") });
+    await page.waitForSelector("#classify-result .error");
+    expect(await page.textContent("#classify-result")).toBe("notes.txt is not an image: drop a JPEG, PNG, WebP or GIF file.");
+    // At 360 px nothing widens the page: wide tables scroll inside themselves, the header wraps.
+    await page.setViewportSize({ width: 360, height: 740 });
+    for (const path of ["#/", "#/models/emoji", `#/models/emoji/${version}`]) {
+      await page.goto(`${edge.url}/${path}`);
+      await page.waitForSelector("#view table");
+      expect([path, await page.evaluate(() => document.documentElement.scrollWidth)]).toEqual([path, 360]);
+    }
     expect(problems).toEqual([]);
     await page.close();
   });
@@ -131,6 +156,8 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     expect(await page.textContent("#summary")).toMatch(/Accuracy \d+\.\d %/);
     expect(await page.locator("#confusion tbody tr").count()).toBe(3);
     expect(await page.locator("#per-class tbody tr").count()).toBe(3);
+    expect(await page.textContent("#answers-summary")).toMatch(/calibration error \d+\.\d % before, \d+\.\d % after\. Thresholds \(f1\)/);
+    expect(await page.textContent("#export code")).toBe(`npx edgetune export emoji ${version}`);
     expect(problems).toEqual([]);
     // For the README: EDGETUNE_SCREENSHOT=docs/console.png npx vitest run test/console.test.ts
     if (process.env.EDGETUNE_SCREENSHOT) {

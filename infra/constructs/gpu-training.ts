@@ -33,7 +33,8 @@ export class GpuTraining extends Construct {
       bucket: s3.IBucket;
       jobRole: iam.IRole;
       logGroup: logs.ILogGroup;
-      embedJobDefinition: batch.IJobDefinition;
+      /** The core's Embed job definition, by its fixed name (SubmitJob takes the latest revision). */
+      embedJobName: string;
       cpuQueueArn: string;
     },
   ) {
@@ -99,7 +100,7 @@ export class GpuTraining extends Construct {
         // (jobs/train/src/model/backend.ts) instead of training on wasm for hours on a GPU host.
         EDGETUNE_BACKEND: "tensorflow",
         ...lockWaitEnv(config),
-        ...fanOutEnv(config, "gpu", { embed: props.embedJobDefinition, cpuQueueArn: props.cpuQueueArn, ownQueueArn: this.queue.jobQueueArn }),
+        ...fanOutEnv(config, "gpu", { embedName: props.embedJobName, cpuQueueArn: props.cpuQueueArn, ownQueueArn: this.queue.jobQueueArn }),
       },
       logging: ecs.LogDriver.awsLogs({ streamPrefix: "container", logGroup: props.logGroup }),
       readonlyRootFilesystem: false,

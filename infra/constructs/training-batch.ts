@@ -142,7 +142,12 @@ export class TrainingBatch extends Construct {
     // queue (size = shards, see jobs/train/src/features/fan-out.ts); each child embeds its shard
     // (AWS_BATCH_JOB_ARRAY_INDEX) on ONNX Runtime, then the run finds every feature cached. An
     // operator may also submit it by hand.
+    // A fixed name, like the GPU path's: fanned-out runs (the GPU stack's too) submit it by name, the
+    // latest revision. Its ARN carries the revision, which every new image changes, and a value the GPU
+    // stack imported could then never change (CloudFormation refuses to update an export in use).
+    const embedName = embedJobName(stack.stackName);
     this.embedJobDefinition = new batch.EcsJobDefinition(this, "Embed", {
+      jobDefinitionName: embedName,
       timeout: Duration.hours(config.jobTimeoutHours),
       ...fargateRetries,
       parameters: { dataset: "*", shards: "1" },
@@ -156,16 +161,17 @@ export class TrainingBatch extends Construct {
       parameters: { dataset: "*" },
       container: cpuContainer("CpuContainer", ["train", "--dataset", "Ref::dataset", "--json"], jobRole, {
         ...lockWaitEnv(config),
-        ...fanOutEnv(config, "cpu", { embed: this.embedJobDefinition, cpuQueueArn: this.cpuQueue.jobQueueArn, ownQueueArn: this.cpuQueue.jobQueueArn }),
+        ...fanOutEnv(config, "cpu", { embedName, cpuQueueArn: this.cpuQueue.jobQueueArn, ownQueueArn: this.cpuQueue.jobQueueArn }),
       }),
     });
     // The continuation of a fanned-out run is the run's own definition again, on its own queue — at the
-    // revision the run started with (Batch describes it so), which a redeploy may have superseded.
+    // revision the run started with (Batch describes it so), which a redeploy may have superseded. Embed
+    // children by name: whichever revision is the latest.
     jobRole.addToPrincipalPolicy(
       new iam.PolicyStatement({
         actions: ["batch:SubmitJob"],
         resources: [
-          this.embedJobDefinition.jobDefinitionArn,
+          stack.formatArn({ service: "batch", resource: "job-definition", resourceName: `${embedName}:*` }),
           this.gpu.jobDefinitionArns,
           stack.formatArn({ service: "batch", resource: "job-definition", resourceName: `${this.cpuJobDefinition.jobDefinitionName}:*` }),
           this.gpu.queueArn,
@@ -247,6 +253,11 @@ export function gpuPathNames(coreStackName: string): { queue: string; jobDefinit
   return { queue: `${coreStackName}-finetune`, jobDefinition: `${coreStackName}-finetune` };
 }
 
+/** The Embed array job's fixed name (see TrainingBatch): the GPU stack passes it to its jobs without importing anything that changes with an image. */
+export function embedJobName(coreStackName: string): string {
+  return `${coreStackName}-embed`;
+}
+
 /** A job stuck in RUNNABLE for want of capacity or by misconfiguration: cancelled (→ FAILED, recorded, alerted) with the reason. */
 export function runnableTimeLimits(config: EdgetuneConfig): batch.JobStateTimeLimitAction[] {
   return [
@@ -274,12 +285,12 @@ export function lockWaitEnv(config: EdgetuneConfig): Record<string, string> {
 export function fanOutEnv(
   config: EdgetuneConfig,
   parent: "gpu" | "cpu",
-  jobs: { embed: batch.IJobDefinition; cpuQueueArn: string; ownQueueArn: string },
+  jobs: { embedName: string; cpuQueueArn: string; ownQueueArn: string },
 ): Record<string, string> {
   const places = Math.floor(config.cpuMaxVcpus / config.cpuJobVcpus) - (parent === "cpu" ? 1 : 0);
   if (places < 1) return {};
   return {
-    EDGETUNE_EMBED_JOB_DEFINITION: jobs.embed.jobDefinitionArn,
+    EDGETUNE_EMBED_JOB_DEFINITION: jobs.embedName,
     EDGETUNE_EMBED_JOB_QUEUE: jobs.cpuQueueArn,
     EDGETUNE_JOB_QUEUE: jobs.ownQueueArn,
     EDGETUNE_FAN_OUT_IMAGES_PER_SHARD: String(config.fanOutImagesPerShard),

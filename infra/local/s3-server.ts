@@ -19,7 +19,7 @@ export interface LocalS3 {
 
 export async function startLocalS3(options: { bucket?: string; port?: number } = {}): Promise<LocalS3> {
   const app = buildApp({ logger: false });
-  conditionalPuts(app);
+  conditionalRequests(app);
   await app.listen({ port: options.port ?? 0, host: "127.0.0.1" });
   const { port } = app.server.address() as AddressInfo;
   const endpoint = `http://127.0.0.1:${port}`;
@@ -46,17 +46,20 @@ export async function startLocalS3(options: { bucket?: string; port?: number } =
 type FauxqsApp = ReturnType<typeof buildApp>;
 
 /**
- * fauxqs ignores conditional PUTs (`If-None-Match: *`, `If-Match: <etag>`); real S3 answers 412
- * Precondition Failed when the key exists, or when it no longer has that ETag. This hook gives the local
- * server S3's semantics, atomically per key (conditional puts of one key run one at a time), so locks,
- * run-record claims and the edge's capture quota (a compare-and-swap) behave here as they do in AWS.
+ * fauxqs ignores conditional PUTs (`If-None-Match: *`, `If-Match: <etag>`) and conditional DELETEs
+ * (`If-Match: <etag>`); real S3 answers 412 Precondition Failed when the key exists, or when it no longer
+ * has that ETag. This hook gives the local server S3's semantics, atomically per key (conditional
+ * requests of one key run one at a time), so locks, run-record claims and the edge's capture quota (a
+ * compare-and-swap) behave here as they do in AWS.
  */
-function conditionalPuts(app: FauxqsApp): void {
+function conditionalRequests(app: FauxqsApp): void {
   const queues = new Map<string, Promise<void>>();
   const releases = new WeakMap<object, () => void>();
   app.addHook("onRequest", async (req: FastifyRequest, reply: FastifyReply) => {
     const ifMatch = req.headers["if-match"];
-    if (req.method !== "PUT" || (req.headers["if-none-match"] !== "*" && typeof ifMatch !== "string")) return;
+    const conditionalPut = req.method === "PUT" && (req.headers["if-none-match"] === "*" || typeof ifMatch === "string");
+    const conditionalDelete = req.method === "DELETE" && typeof ifMatch === "string";
+    if (!conditionalPut && !conditionalDelete) return;
     const path = req.url.split("?")[0] as string;
     const before = queues.get(path) ?? Promise.resolve();
     let release = () => {};

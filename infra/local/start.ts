@@ -2,22 +2,24 @@
 /**
  * `npm start`: the whole edgetune loop on this machine, no AWS or Cloudflare account needed.
  *   1. a local S3 API server (fauxqs) on loopback, with the bucket;
- *   2. the default base model (bundled with the project) and a real sample dataset (Twemoji images in
+ *   2. the default base model (from ../shared/models where it exists, else the nsfwjs one) and a real sample dataset (Twemoji images in
  *      3 labels) pushed into it, manifest last (it asks for 128 px: small icons);
  *   3. the dispatcher sees the manifest, as the EventBridge rule would, and runs the training job
  *      through the same CLI as the Batch container; the model is evaluated and promoted;
  *   4. the edge worker starts in local workerd (wrangler dev) against the bucket (it starts while the model trains);
  *   5. held-out images are classified over HTTP, and a ready-to-paste curl command is printed.
- * Then it serves until Ctrl-C, with the nightly stand-in retraining every EDGETUNE_NIGHTLY_MINUTES.
+ * Then it serves until Ctrl-C, with the nightly stand-in (review decisions applied, changed datasets retrained)
+ * every EDGETUNE_NIGHTLY_MINUTES (default 2; 0 turns it off).
  * Ports: EDGETUNE_LOCAL_S3_PORT and EDGETUNE_EDGE_PORT (default: free ones), checked before anything starts.
  */
+import { existsSync } from "node:fs";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { SAMPLE_CREDIT, sampleDataset } from "../../jobs/train/src/dataset/sample.ts";
 import { initBackend } from "../../jobs/train/src/model/backend.ts";
-import { BEST_BUNDLED_BASE, ensureBase } from "../../jobs/train/src/model/bases.ts";
+import { AUTO_BASE, resolveBase } from "../../jobs/train/src/model/bases.ts";
 import { percent, table } from "../../jobs/train/src/output.ts";
 import { readPointer } from "../../shared/artifacts.ts";
 import { EdgetuneError, userMessage } from "../../shared/errors.ts";
@@ -31,6 +33,8 @@ const elapsed = () => `${((performance.now() - t0) / 1000).toFixed(1)} s`;
 const say = (m: string) => process.stdout.write(`[${elapsed().padStart(7)}] ${m}\n`);
 const DATASET = "emoji";
 const once = process.argv.includes("--once");
+// Short by default: console decisions and the Monitor page wait for this run (a day in the cloud).
+const NIGHTLY_MINUTES = Number(process.env.EDGETUNE_NIGHTLY_MINUTES ?? 2);
 
 const cleanups: (() => Promise<void>)[] = [];
 async function shutdown(code: number): Promise<never> {
@@ -64,9 +68,11 @@ async function checkPort(variable: string): Promise<number> {
   return port;
 }
 
-// The local stack runs on the bundled base (no download), unless EDGETUNE_DEFAULT_BASE says otherwise
-// (`auto` tries the ImageNet MobileNetV2 first, as the cloud does). Job processes inherit it.
-process.env.EDGETUNE_DEFAULT_BASE ||= BEST_BUNDLED_BASE;
+// The local stack never downloads: bases come from ../shared/models where it exists (no weights are
+// committed), else `auto` ends at the nsfwjs base that installs with the project. Job processes inherit it.
+const sharedModels = join(import.meta.dirname, "..", "..", "..", "shared", "models");
+if (existsSync(sharedModels)) process.env.EDGETUNE_BASES_DIR ||= sharedModels;
+process.env.EDGETUNE_OFFLINE ||= "1";
 // The operator key (also the console's): nightly runs apply review decisions signed with it.
 process.env.EDGETUNE_API_KEY ||= "local-dev-key";
 process.env.EDGETUNE_CONSOLE_KEYS ||= process.env.EDGETUNE_API_KEY;
@@ -79,14 +85,14 @@ try {
   say(`local S3 API on ${s3.endpoint} (bucket ${s3.config.bucket})`);
 
   await initBackend();
-  const base = await ensureBase(s3.store, process.env.EDGETUNE_DEFAULT_BASE === "auto" ? BEST_BUNDLED_BASE : process.env.EDGETUNE_DEFAULT_BASE);
-  say(`base model ${base.id} stored under ${keys.base(base.id)} (${(base.files.reduce((n, f) => n + f.bytes, 0) / 1e6).toFixed(1)} MB)`);
+  const { base, from } = await resolveBase(s3.store, process.env.EDGETUNE_DEFAULT_BASE || AUTO_BASE);
+  say(`base model ${base.id} from ${from}, stored under ${keys.base(base.id)} (${(base.files.reduce((n, f) => n + f.bytes, 0) / 1e6).toFixed(1)} MB)`);
 
   const dispatcher = new Dispatcher({
     store: s3.store,
     s3: s3.config,
     pollMs: 500,
-    nightlyMs: Number(process.env.EDGETUNE_NIGHTLY_MINUTES ?? 0) * 60_000 || undefined,
+    nightlyMs: once ? undefined : NIGHTLY_MINUTES * 60_000 || undefined,
     trainArgs: [],
     output: "pretty",
     onJob: (job) => {
@@ -162,7 +168,8 @@ try {
     ]);
   }
   const heldOutTable = table(["IMAGE", "HTTP", "PREDICTED", "SCORE", "", "WORKER"], rows).replace(/^/gm, "  ");
-  process.stdout.write(`\nHeld-out images classified by the edge worker (${correct}/${heldOut.length} correct):\n${heldOutTable}\n`);
+  // Not the training run's held-out split (its accuracy is in the report): images the dataset never had.
+  process.stdout.write(`\nImages not in the dataset, classified by the edge worker (${correct}/${heldOut.length} correct):\n${heldOutTable}\n`);
   const sampleDir = await mkdtemp(join(tmpdir(), "edgetune-sample-"));
   cleanups.push(() => rm(sampleDir, { recursive: true, force: true }));
   const sample = heldOut[0] as (typeof heldOut)[number];
@@ -171,11 +178,18 @@ try {
   process.stdout.write(
     `\nTry it:\n  curl -s -X POST '${edge.url}/v1/models/${DATASET}/classify?top_k=3' \\\n    -H 'Authorization: Bearer ${edge.apiKey}' -H 'Content-Type: ${sample.file.endsWith(".jpg") ? "image/jpeg" : "image/png"}' \\\n    --data-binary @${samplePath}\n`,
   );
+  // Everything the CLI needs, classify included: paste the export once, then any command.
+  const cliEnv = `EDGETUNE_BUCKET=${s3.config.bucket} EDGETUNE_S3_ENDPOINT=${s3.endpoint} AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local EDGETUNE_EDGE_URL=${edge.url} EDGETUNE_API_KEY=${edge.apiKey}`;
   process.stdout.write(
-    `\nThe CLI against this bucket:\n  EDGETUNE_BUCKET=${s3.config.bucket} EDGETUNE_S3_ENDPOINT=${s3.endpoint} AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local npx edgetune models ${DATASET}\n`,
+    `\nThe CLI against this stack:\n  export ${cliEnv}\n  npx edgetune models ${DATASET}\n  npx edgetune classify ${DATASET} ${samplePath}\n`,
   );
   process.stdout.write(`\nThe web console: ${edge.url}/ (API key ${edge.apiKey})\n`);
   if (once) await shutdown(correct > 0 ? 0 : 1);
+  process.stdout.write(
+    NIGHTLY_MINUTES > 0
+      ? `\nThe nightly stand-in runs every ${NIGHTLY_MINUTES} minute(s) (EDGETUNE_NIGHTLY_MINUTES; 0 turns it off): it applies review decisions, fills the Monitor page and retrains changed datasets.\n`
+      : "\nThe nightly stand-in is off (EDGETUNE_NIGHTLY_MINUTES=0): review decisions made in the console wait for edgetune review or a run.\n",
+  );
   process.stdout.write("\nServing until Ctrl-C.\n");
 } catch (e) {
   process.stderr.write(`edgetune start: ${userMessage(e)}\n`);

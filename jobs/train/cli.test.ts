@@ -1,4 +1,4 @@
-import { execFile } from "node:child_process";
+import { execFile, spawn } from "node:child_process";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { createServer, type Server } from "node:net";
 import { tmpdir } from "node:os";
@@ -81,6 +81,27 @@ describe("edgetune, for a person", () => {
     for (const r of [missing, flat]) expect(r.stderr).not.toMatch(/Internal error/);
   });
 
+  it("says what is wrong in the user's words: the option, the variable, the value, never a schema path", async () => {
+    const cases: [string[], Record<string, string>, string][] = [
+      [["review", "pets", "--as", "faces"], {}, "edgetune: --as goes with --accept: edgetune review <model> --accept <ids> --as <label>."],
+      [
+        ["push", work, "--dataset", "Bad Name"],
+        {},
+        `edgetune: dataset name "Bad Name" must be 1–63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit`,
+      ],
+      [["models"], { EDGETUNE_BUCKET: "" }, "edgetune: No S3 bucket is set: set EDGETUNE_BUCKET (or pass --bucket <name> to edgetune)."],
+      [
+        ["train", "--dataset", "s3://b/x"],
+        {},
+        'edgetune: Invalid --dataset "s3://b/x". Valid values: a name, s3://<bucket>/datasets/<name>/, datasets/<name>/manifest.json.',
+      ],
+    ];
+    for (const [args, env, message] of cases) {
+      const r = await edgetune(args, "jobs/train/cli.ts", env);
+      expect([args.join(" "), r.code, r.stderr.trim()]).toEqual([args.join(" "), 1, message]);
+    }
+  });
+
   it("shows the defaults a run really gets", async () => {
     const help = (await edgetune(["train", "--help"])).stdout.replace(/\s+/g, " ");
     expect(help).toContain(`(default ${DEFAULT_OPTIONS.head.epochs})`);
@@ -136,12 +157,17 @@ describe("edgetune, for a person", () => {
     const queue = await edgetune(["review", "pets"]);
     expect(queue.stdout).toMatch(new RegExp(`${id} .* ${version} +travel +41\\.0 % +unsure`));
     const applied = await edgetune(["review", "pets", "--accept", id, "--unseen", "--as", "food"]);
-    expect([applied.code, applied.stdout]).toEqual([0, expect.stringContaining("1 added to the dataset, 0 discarded.")]);
+    // The command it suggests runs as printed: the dataset named, no placeholder.
+    expect([applied.code, applied.stdout]).toEqual([
+      0,
+      expect.stringContaining("1 added to the dataset, 0 discarded. The next nightly run trains on the added images (or now: edgetune train --dataset pets)."),
+    ]);
     expect(await s3.store.head(`datasets/pets/food/captured-${id}.png`)).not.toBeNull();
     const watched = await edgetune(["monitor", "pets"]);
     // Which drift is named first depends on the tiny model's held-out confidence (the rules are unit-tested in shared/monitor).
     expect(watched.stdout).toMatch(new RegExp(`${day} +40 +100\\.0 % +travel 100% +1 +(low-confidence answers 100\\.0 %|label shift: travel is 100\\.0 %)`));
-    expect(watched.stdout).toContain(`Held-out split of ${version}`);
+    // The held-out reference as the whole count it is, from the version's per-image scores (not a histogram).
+    expect(watched.stdout).toMatch(new RegExp(`Held-out split of ${version} \\((\\d+) images\\): \\d+ of \\1 answers under 0\\.7; predicted `));
   });
 
   it("prints text from captures/ (edge-writable) made safe, and takes a stored label only if the dataset has it", async () => {
@@ -177,7 +203,11 @@ describe("edgetune, for a person", () => {
     expect((await readPointer(s3.store, "pets"))?.version).toBe(v3);
     const back = await edgetune(["rollback", "pets"]);
     expect((await readPointer(s3.store, "pets"))?.version).toBe(v1); // v3 replaced v1, so back to v1
-    expect(back.stdout).toBe(`pets now serves ${v1} (was ${v3}); the edge picks it up within POINTER_TTL_SECONDS.\n`);
+    expect(back.stdout).toBe(`pets now serves ${v1} (was ${v3}); the edge picks it up within 30 seconds (the worker's POINTER_TTL_SECONDS).\n`);
+    // --to the version already served changes nothing: it does not record itself as its own "previous".
+    const same = await edgetune(["rollback", "pets", "--to", v1 as string]);
+    expect([same.code, same.stdout]).toEqual([0, `pets already serves ${v1}; nothing changed.\n`]);
+    expect(await readPointer(s3.store, "pets")).toMatchObject({ version: v1, previous: v3 });
 
     // For people: sentences and aligned tables; for scripts: --json on every command, one object a line.
     const current = await edgetune(["current", "pets"]);
@@ -213,7 +243,9 @@ describe("edgetune, for a person", () => {
     expect(saved.code).toBe(0);
     expect(saved.stderr).toMatch(/Report of pets v[0-9a-f]{12} \(s3:\/\/cli\/models\/pets\/v[0-9a-f]{12}\/report\.html\) saved to/);
     expect(await readFile(out, "utf8")).toContain("<svg");
-    expect(JSON.parse((await edgetune(["report", "pets", "--json"])).stdout)).toMatchObject({ name: "pets" });
+    const reportJson = (await edgetune(["report", "pets", "--json"])).stdout;
+    expect(reportJson.split("\n")).toHaveLength(2); // one object, one line (and its newline)
+    expect(JSON.parse(reportJson)).toMatchObject({ name: "pets" });
     expect((await edgetune(["report", "pets", "v000000000000"])).stderr).toMatch(/Model pets has no version v000000000000\. Versions: v/);
 
     const edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket });
@@ -223,7 +255,15 @@ describe("edgetune, for a person", () => {
       await writeFile(file, (image as { bytes: Uint8Array }).bytes);
       const r = await edgetune(["classify", "pets", file, "--top", "2"], "jobs/train/cli.ts", { EDGETUNE_EDGE_URL: edge.url, EDGETUNE_API_KEY: edge.apiKey });
       expect(r.code).toBe(0);
-      expect(r.stdout).toMatch(/picture\.png: \w+ [\d.]+ %, \w+ [\d.]+ %\n$/);
+      // The answer first (a label with its threshold, or unsure), then the scores.
+      expect(r.stdout).toMatch(
+        /picture\.png: (\w+ \([\d.]+ %, threshold [\d.]+ %\)|unsure: the best label, \w+ [\d.]+ %, is below its threshold [\d.]+ %); \w+ [\d.]+ %, \w+ [\d.]+ %\n$/,
+      );
+      const lenient = await edgetune(["classify", "pets", file, "--threshold", "0"], "jobs/train/cli.ts", {
+        EDGETUNE_EDGE_URL: edge.url,
+        EDGETUNE_API_KEY: edge.apiKey,
+      });
+      expect(lenient.stdout).toMatch(/picture\.png: \w+ \([\d.]+ %\); /);
       const refused = await edgetune(["classify", "pets", file], "jobs/train/cli.ts", { EDGETUNE_EDGE_URL: edge.url, EDGETUNE_API_KEY: "wrong" });
       expect([refused.code, refused.stdout]).toEqual([1, `${file}: HTTP 401: The API key is not valid.\n`]);
     } finally {
@@ -250,8 +290,14 @@ describe("edgetune, for a person", () => {
     };
     const cases: [string, Record<string, Uint8Array>, RegExp][] = [
       ["one-label", byLabel(["food"]), /has 1 label \(food\); a classifier needs at least 2 label folders/],
-      ["flat", Object.fromEntries(images.slice(0, 3).map((i, n) => [`${n}.png`, i.bytes])), /has no images\. Put them in one folder per label/],
-      ["empty", {}, /has no images/],
+      ["flat", Object.fromEntries(images.slice(0, 3).map((i, n) => [`${n}.png`, i.bytes])), /has no images to push .*Put them in one sub-folder per label/],
+      [
+        "empty",
+        {},
+        new RegExp(
+          `^edgetune: ${join(work, "empty")} has no images to push \\(\\.jpg, .*\\)\\. Put them in one sub-folder per label: ${join(work, "empty", "<label>", "<image>.jpg")}\n$`,
+        ),
+      ],
     ];
     for (const [name, files, message] of cases) {
       const r = await edgetune(["push", await folder(name, files), "--dataset", name]);
@@ -262,9 +308,11 @@ describe("edgetune, for a person", () => {
     const ok = await folder("ok", { ...byLabel(["food", "travel"]), "travel/broken.png": new Uint8Array([137, 80, 78, 71, 1, 2]) });
     const dry = await edgetune(["push", ok, "--dataset", "ok", "--dry-run"]);
     expect(dry.code).toBe(0);
-    expect(dry.stdout).toBe("ok: food 6, travel 7 — ready to push (nothing was uploaded).\n");
+    // The undecodable file is not counted in travel (the job skips it) and is named.
+    expect(dry.stdout).toBe("ok: food 6, travel 6 — ready to push (nothing was uploaded).\n");
+    expect(dry.stderr).toContain("warning: 1 file(s) cannot be decoded and are not counted; the job skips such files: travel/broken.png (");
     const dryJson = await edgetune(["push", ok, "--dataset", "ok", "--dry-run", "--json"]);
-    expect(JSON.parse(dryJson.stdout)).toMatchObject({ dataset: "ok", labels: { food: 6, travel: 7 } });
+    expect(JSON.parse(dryJson.stdout)).toMatchObject({ dataset: "ok", labels: { food: 6, travel: 6 } });
     expect(await uploadedTo("ok")).toEqual([]);
   });
 
@@ -281,4 +329,30 @@ describe("edgetune, for a person", () => {
       busy.close();
     }
   });
+
+  it("npm start prints a command line the CLI runs as pasted (classify included) and says when the nightly stand-in runs", async () => {
+    const env: NodeJS.ProcessEnv = { ...process.env };
+    for (const k of Object.keys(env)) if (k.startsWith("EDGETUNE_") || k.startsWith("AWS_")) delete env[k];
+    const child = spawn(process.execPath, ["infra/local/start.ts"], { env, stdio: ["ignore", "pipe", "pipe"] });
+    let out = "";
+    child.stdout.on("data", (d: Buffer) => {
+      out += d.toString();
+    });
+    const exited = new Promise<number | null>((resolve) => child.on("exit", resolve));
+    try {
+      await expect.poll(() => out, { timeout: 170_000, interval: 500 }).toContain("Serving until Ctrl-C.");
+      expect(out).toContain("The nightly stand-in runs every 2 minute(s) (EDGETUNE_NIGHTLY_MINUTES; 0 turns it off)");
+      const exported = /^ {2}export (.+)$/m.exec(out)?.[1] ?? "";
+      const pasted = Object.fromEntries(exported.split(" ").map((kv) => kv.split("=", 2) as [string, string]));
+      expect(Object.keys(pasted).sort()).toEqual(
+        ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "EDGETUNE_API_KEY", "EDGETUNE_BUCKET", "EDGETUNE_EDGE_URL", "EDGETUNE_S3_ENDPOINT"].sort(),
+      );
+      const classify = /^ {2}npx edgetune (classify .+)$/m.exec(out)?.[1]?.split(" ") ?? [];
+      const r = await run(process.execPath, ["jobs/train/cli.ts", ...classify], { env: { ...env, ...pasted }, timeout: 60_000 });
+      expect(r.stdout).toMatch(/: \w+ [\d.]+ %/);
+    } finally {
+      child.kill("SIGTERM");
+      await exited;
+    }
+  }, 240_000);
 });

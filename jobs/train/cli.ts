@@ -7,18 +7,21 @@
  */
 import { readFile, writeFile } from "node:fs/promises";
 import { Command, InvalidArgumentError, Option } from "commander";
+import type { Answer } from "../../shared/answer.ts";
 import { listVersions as listModelVersions } from "../../shared/catalog.ts";
-import type { ModelPointer } from "../../shared/contracts/artifact.ts";
+import { DEFAULT_POINTER_TTL_SECONDS, type ModelPointer } from "../../shared/contracts/artifact.ts";
 import { IMAGE_SIZES, nameSchema, STRATEGIES } from "../../shared/contracts/common.ts";
 import { EdgetuneError, InvalidOptionError, NotFoundError, userMessage } from "../../shared/errors.ts";
 import { datasetNameFromManifestKey, keys } from "../../shared/keys.ts";
 import { NORMALIZATIONS, type Normalization } from "../../shared/preprocess.ts";
 import { S3ObjectStore } from "../../shared/s3/client.ts";
 import { s3ConfigFromEnv } from "../../shared/s3/config.ts";
+import { answerText } from "./src/answer-text.ts";
 import { contentTypeOf, listDatasets, listModels, listVersions, pushDataset, rollback } from "./src/catalog/catalog.ts";
 import { DEFAULT_OPTIONS, readConfigFile, type TrainInput } from "./src/config.ts";
+import { addExportCommand } from "./src/export/command.ts";
 import { createLogger } from "./src/log.ts";
-import { importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
+import { AUTO_BASE, AUTO_DESCRIPTION, importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
 import { batchSubmitter, dispatchNightly } from "./src/nightly.ts";
 import { emit, emitList, percent, say } from "./src/output.ts";
 import { followRun, listRunStatuses, type RunStatus, StatusRecorder } from "./src/status.ts";
@@ -53,7 +56,8 @@ function datasetRef(value: string, opts: { bucket?: string }): string {
     opts.bucket = url[1];
     return url[2] as string;
   }
-  if (value.startsWith("s3://")) throw new InvalidArgumentError("expected s3://<bucket>/datasets/<name>/");
+  if (value.startsWith("s3://"))
+    throw new InvalidOptionError("--dataset", value, ["a name", "s3://<bucket>/datasets/<name>/", "datasets/<name>/manifest.json"]);
   return datasetNameFromManifestKey(value) ?? value;
 }
 
@@ -70,7 +74,7 @@ program
   .option("--model <name>", "model to write (default: the dataset name)")
   .option(
     "--base <id>",
-    `base model: auto (the ImageNet MobileNetV2 where it can be downloaded once, else the best bundled base), best (each candidate scored by cross-validation on this dataset), ${KNOWN_BASES.map((b) => b.id).join(", ")} or an imported id (default ${DEFAULT_OPTIONS.base})`,
+    `base model: auto (${AUTO_DESCRIPTION}), best (each candidate scored by cross-validation on this dataset), ${KNOWN_BASES.map((b) => b.id).join(", ")} or an imported id (default ${DEFAULT_OPTIONS.base})`,
   )
   .addOption(
     new Option("--strategy <strategy>", "head: frozen base + new dense head; finetune: then retrain the top blocks at a small learning rate").choices(
@@ -113,6 +117,10 @@ program
       "if-better: only when the promotion rules hold; always: without checking them; never: keep for review (default if-better)",
     ).choices(["if-better", "always", "never"]),
   )
+  .option(
+    "--threshold-policy <policy>",
+    "per-label score thresholds below which an answer is unsure: f1 (each label's best F1 on held-out images) or precision:<target>, e.g. precision:0.95 (default f1)",
+  )
   .option("--force", "train even if this dataset + config was already trained")
   .option("--take-over", "train into a model another dataset created: it then belongs to this dataset (its labels may change too)")
   .option("--relabel", "change the label set of this dataset's model (its clients get the new labels)")
@@ -134,6 +142,7 @@ program
       promotionTolerance: o.promotionTolerance as number | undefined,
       minHeldOutPerLabel: o.minHeldOutPerLabel as number | undefined,
       promote: o.promote as TrainInput["promote"],
+      thresholdPolicy: o.thresholdPolicy as string | undefined,
       force: o.force === true ? true : undefined,
       takeOver: o.takeOver === true ? true : undefined,
       relabel: o.relabel === true ? true : undefined,
@@ -290,7 +299,10 @@ base
   .description("Bases edgetune knows by name")
   .option("--json", "one JSON object per base")
   .action((o: { json?: boolean }) => {
-    const bases = KNOWN_BASES.map((b) => ({ id: b.id, description: b.description, default: b.id === DEFAULT_OPTIONS.base }));
+    const bases = [
+      { id: AUTO_BASE, description: `The default: ${AUTO_DESCRIPTION}.`, default: DEFAULT_OPTIONS.base === AUTO_BASE },
+      ...KNOWN_BASES.map((b) => ({ id: b.id, description: b.description, default: b.id === DEFAULT_OPTIONS.base })),
+    ];
     emitList(o, bases, "", ["BASE", "DESCRIPTION"], (b) => [b.id + (b.default ? " (default)" : ""), b.description]);
   });
 
@@ -392,7 +404,7 @@ program
   .option("--below <score>", "store inputs whose top score is below this (0–1)")
   .option("--sample <rate>", "and this share of the other inputs (0–1 or a percentage)")
   .option("--max-per-day <n>", "at most this many inputs a day, all edge isolates together", int("--max-per-day"))
-  .option("--max-mb-per-day <n>", "at most this many MB a day", int("the value"))
+  .option("--max-mb-per-day <n>", "at most this many MB a day", int("--max-mb-per-day"))
   .option("--json", "the settings as JSON")
   .action(
     async (
@@ -436,7 +448,8 @@ program
         .split(",")
         .map((x) => x.trim())
         .filter(Boolean);
-    if (o.as && !o.accept) throw new InvalidArgumentError("--as goes with --accept.");
+    // Thrown inside an action, so an EdgetuneError: commander's own errors are only understood while parsing.
+    if (o.as && !o.accept) throw new EdgetuneError("invalid_option", "--as goes with --accept: edgetune review <model> --accept <ids> --as <label>.");
     if (o.save) {
       const saved = await saveCaptureImages(store, model, o.save);
       emitList(o, saved, `Nothing of ${model} is waiting for review.`, ["ID", "FILE"], (f) => [f.id, f.file]);
@@ -474,10 +487,12 @@ program
     // Each label said: without --as it came from the capture's record, which the edge may rewrite.
     if (!o.json) for (const a of r.accepted) say(`added: ${a.id} as ${a.key.split("/").at(-2)} (${a.key})`);
     for (const f of r.refused) say(`not added: ${f.id}: ${f.reason}`);
+    // The dataset the images joined (the model's own), named so the suggested command runs as printed.
+    const dataset = r.accepted[0]?.key.split("/")[1];
     emit(
       o,
       r,
-      `${r.accepted.length} added to the dataset, ${r.discarded.length} discarded${r.refused.length ? `, ${r.refused.length} refused` : ""}. The next nightly run trains on the added images (or now: edgetune train --dataset <name>).`,
+      `${r.accepted.length} added to the dataset, ${r.discarded.length} discarded${r.refused.length ? `, ${r.refused.length} refused` : ""}.${dataset ? ` The next nightly run trains on the added images (or now: edgetune train --dataset ${dataset}).` : ""}`,
     );
     if (r.refused.length > 0) process.exitCode = 1;
   });
@@ -519,7 +534,7 @@ program
       emit(
         o,
         null,
-        `Held-out split of ${ref.version} (${ref.evaluatedOn} images): under ${s.threshold} ${ref.lowConfidence === null ? "not recorded" : percent(ref.lowConfidence)}; predicted ${share(Object.fromEntries(Object.entries(ref.labels).map(([l, v]) => [l, v * 100])), 100)}.`,
+        `Held-out split of ${ref.version} (${ref.evaluatedOn} images): ${heldOutUnder(ref, s.threshold)}; predicted ${share(Object.fromEntries(Object.entries(ref.labels).map(([l, v]) => [l, v * 100])), 100)}.`,
       );
     }
   });
@@ -586,11 +601,17 @@ program
       o,
       { ...p, changed },
       changed
-        ? `${name} now serves ${p.version} (was ${p.previous}); the edge picks it up within POINTER_TTL_SECONDS.`
+        ? `${name} now serves ${p.version} (was ${p.previous}); the edge picks it up within ${DEFAULT_POINTER_TTL_SECONDS} seconds (the worker's POINTER_TTL_SECONDS).`
         : `${name} already serves ${p.version}; nothing changed.`,
     );
     if (changed && duringRun) say(`A training run of ${name} is in progress: it will not undo this rollback (it ends not promoted).`);
   });
+
+/** How many held-out answers scored under the threshold, as the count it is (a share of 6 images is not "90.0 %"). */
+function heldOutUnder(ref: { evaluatedOn: number; lowConfidence: number | null }, threshold: number): string {
+  if (ref.lowConfidence === null) return `answers under ${threshold} not known exactly for this version (trained before per-image scores were kept)`;
+  return `${Math.round(ref.lowConfidence * ref.evaluatedOn)} of ${ref.evaluatedOn} answers under ${threshold}`;
+}
 
 /** The served version of a model, for people. */
 function describePointer(name: string, p: ModelPointer): string {
@@ -634,7 +655,8 @@ program
     const bytes = await store.get(key);
     if (!bytes) throw new NotFoundError(`Version ${chosen} of ${model} has no report (${key}).`);
     if (o.json) {
-      process.stdout.write(new TextDecoder().decode(bytes));
+      // Stored indented for people who open it in S3; --json is one object a line, like every command.
+      emit(o, JSON.parse(new TextDecoder().decode(bytes)), "");
       return;
     }
     const out = o.out ?? `${model}-${chosen}-report.html`;
@@ -649,8 +671,9 @@ program
   .option("--url <url>", "the worker's URL (default: $EDGETUNE_EDGE_URL)")
   .option("--key <key>", "an API key (default: $EDGETUNE_API_KEY)")
   .option("--top <k>", "labels per image", int("top"), 3)
+  .option("--threshold <score>", "one score threshold (0 to 1) for every label instead of the version's per-label ones", num("threshold"))
   .option("--json", "the worker's JSON answer per image")
-  .action(async (model: string, images: string[], o: { url?: string; key?: string; top: number; json?: boolean }) => {
+  .action(async (model: string, images: string[], o: { url?: string; key?: string; top: number; threshold?: number; json?: boolean }) => {
     const url = (o.url ?? process.env.EDGETUNE_EDGE_URL)?.replace(/\/$/, "");
     const key = o.key ?? process.env.EDGETUNE_API_KEY;
     if (!url || !key)
@@ -660,23 +683,26 @@ program
       const bytes = await readFile(file).catch(() => {
         throw new NotFoundError(`Cannot read ${file}.`);
       });
-      const res = await fetch(`${url}/v1/models/${encodeURIComponent(model)}/classify?top_k=${o.top}`, {
+      const threshold = o.threshold === undefined ? "" : `&threshold=${o.threshold}`;
+      const res = await fetch(`${url}/v1/models/${encodeURIComponent(model)}/classify?top_k=${o.top}${threshold}`, {
         method: "POST",
         headers: { authorization: `Bearer ${key}`, "content-type": contentTypeOf(file) },
         body: bytes,
       }).catch((e: unknown) => {
         throw new EdgetuneError("edge_unreachable", `The worker at ${url} cannot be reached (${e instanceof Error ? e.message : e}).`);
       });
-      const body = (await res.json()) as { predictions?: { label: string; score: number }[]; error?: { message: string } };
+      const body = (await res.json()) as Partial<Answer> & { error?: { message: string } };
       if (!res.ok) failed++;
       emit(
         o,
         { file, status: res.status, ...body },
-        `${file}: ${res.ok ? (body.predictions ?? []).map((p) => `${p.label} ${(p.score * 100).toFixed(1)} %`).join(", ") : `HTTP ${res.status}: ${body.error?.message ?? ""}`}`,
+        `${file}: ${res.ok ? answerText({ ...body, predictions: body.predictions ?? [] }) : `HTTP ${res.status}: ${body.error?.message ?? ""}`}`,
       );
     }
     if (failed > 0) process.exitCode = 1;
   });
+
+addExportCommand(program, storeFrom);
 
 function clean<T>(o: T): T {
   return JSON.parse(JSON.stringify(o)) as T;

@@ -66,6 +66,33 @@ export const artifactMetadataSchema = z
       skipped: z.number().int().min(0),
     }),
     metrics: metricsSchema,
+    /**
+     * Temperature scaling fitted on the held-out split (cross-fitted for the ECE after) and already folded
+     * into the model's last layer: the scores the model gives are the calibrated ones. Absent: uncalibrated (older versions).
+     */
+    calibration: z
+      .object({
+        method: z.literal("temperature"),
+        temperature: z.number().positive(),
+        folds: z.number().int().min(1),
+        eceBefore: z.number().min(0).max(1),
+        eceAfter: z.number().min(0).max(1),
+      })
+      .optional(),
+    /** Per-label score thresholds (calibrated scores): below its label's threshold an answer is "unsure". Absent: none (older versions). */
+    thresholds: z
+      .object({
+        policy: z.string().min(1),
+        byLabel: z.record(z.string(), z.number().min(0).max(1)),
+        /** Cross-fitted on the held-out split: share of the images of real labels given a label, and accuracy over those. */
+        answered: z.number().min(0).max(1).optional(),
+        answeredAccuracy: z.number().min(0).max(1).optional(),
+        /** With a none-of-these class: share of its held-out images given no label. */
+        negativesRejected: z.number().min(0).max(1).optional(),
+      })
+      .optional(),
+    /** The rejection class ("none of these"): a label of the model that is reported as no label. */
+    noneLabel: labelSchema.optional(),
     /** How the weights are stored, for people and the size budget. */
     weights: z.object({ dtype: z.enum(["float32", "float16", "uint8"]), bytes: z.number().int().min(0) }),
     libraries: z.record(z.string(), z.string()),
@@ -77,11 +104,19 @@ export const artifactMetadataSchema = z
       if (seen.has(label)) ctx.addIssue({ code: "custom", path: ["labels", i], message: `must be unique ("${label}" repeats)` });
       seen.add(label);
     });
+    if (m.noneLabel !== undefined && !m.labels.includes(m.noneLabel))
+      ctx.addIssue({ code: "custom", path: ["noneLabel"], message: `must be one of the labels ("${m.noneLabel}" is not)` });
     if (!m.files.some((f) => f.path === ARTIFACT_FILES.model)) {
       ctx.addIssue({ code: "custom", path: ["files"], message: "must include model.json" });
     }
   });
 export type ArtifactMetadata = z.output<typeof artifactMetadataSchema>;
+
+/**
+ * How long an edge isolate trusts the pointer it read (the worker's POINTER_TTL_SECONDS unless a deploy
+ * sets another): the longest a promotion or rollback takes to reach every isolate.
+ */
+export const DEFAULT_POINTER_TTL_SECONDS = 30;
 
 export const pointerSchema = z.object({
   schemaVersion: z.literal(1),

@@ -58,6 +58,26 @@ describe("artifact metadata", () => {
   });
 });
 
+describe("artifact metadata: answer rules (calibration, thresholds, none of these)", () => {
+  it("loads versions written before them, and checks the none-of-these label is one of the labels", () => {
+    const old = validMetadata();
+    expect(artifactMetadataSchema.parse(old)).not.toHaveProperty("thresholds");
+    const withRules = {
+      ...old,
+      calibration: { method: "temperature", temperature: 1.7, folds: 5, eceBefore: 0.08, eceAfter: 0.02 },
+      thresholds: { policy: "f1", byLabel: { [old.labels[0] as string]: 0.6 } },
+      noneLabel: old.labels[1],
+    };
+    expect(artifactMetadataSchema.parse(withRules).thresholds?.byLabel).toEqual({ [old.labels[0] as string]: 0.6 });
+    expect(() => parseContract(artifactMetadataSchema, { ...withRules, noneLabel: "_none" }, "model metadata")).toThrow(
+      /field "noneLabel" must be one of the labels/,
+    );
+    expect(() => parseContract(artifactMetadataSchema, { ...withRules, calibration: { ...withRules.calibration, temperature: 0 } }, "model metadata")).toThrow(
+      /field "calibration\.temperature"/,
+    );
+  });
+});
+
 describe("pointer", () => {
   it("requires a version id and the metadata sha256", () => {
     const ok = { schemaVersion: 1, version: "v0123456789ab", metadataSha256: sha, promotedAt: "2026-11-27T10:00:00Z", previous: null, reason: "first" };

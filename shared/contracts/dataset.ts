@@ -125,11 +125,16 @@ export function lookAlikes(labels: readonly string[]): [string, string][] {
 export const manifestSchema = z.object({
   /** Contract version of this file. */
   schemaVersion: z.literal(1).default(1),
-  /** Base model id (see `bases/`), defaults to the bundled base. */
+  /** Base model id (see `bases/`), defaults to `auto` (jobs/train/src/model/bases.ts). */
   base: z.string().min(1).optional(),
   strategy: strategySchema.optional(),
   imageSize: imageSizeSchema.optional(),
   epochs: z.number().int().min(1).max(500).optional(),
+  /**
+   * A label folder of negative examples ("none of these", e.g. `_none`): trained as a class, answered as
+   * no label. Images that belong to none of the other labels, ideally like what clients will send.
+   */
+  noneLabel: labelSchema.optional(),
   /** Label folders to leave out of training. */
   ignoreLabels: z.array(labelSchema).default([]),
   /** Optional statement of how many images were uploaded; training refuses a dataset that has fewer. */

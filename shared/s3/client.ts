@@ -1,4 +1,6 @@
+import { STATUS_CODES } from "node:http";
 import {
+  DeleteObjectCommand,
   DeleteObjectsCommand,
   GetObjectCommand,
   HeadObjectCommand,
@@ -10,22 +12,43 @@ import {
   S3Client,
   S3ServiceException,
 } from "@aws-sdk/client-s3";
+import { Upload } from "@aws-sdk/lib-storage";
 import { EdgetuneError } from "../errors.ts";
 import type { S3Config } from "./config.ts";
 import { type ObjectStore, ObjectTooLargeError } from "./store.ts";
 
-/** An S3 failure that survived the SDK's retries (network down, access denied, bucket missing). */
+const DOING = { GET: "Reading", PUT: "Storing", HEAD: "Looking up", LIST: "Listing", DELETE: "Deleting" } as const;
+
+/**
+ * An S3 failure that survived the SDK's retries (network down, access denied, bucket missing), said in
+ * plain words: what was being done, to which key, and the server's answer. An answer that is not S3's
+ * XML (a proxy's or an emulator's error page) surfaces from the SDK as an "XML parse error"; its HTTP
+ * status is what the person needs.
+ */
 export class StorageError extends EdgetuneError {
-  constructor(operation: string, key: string, cause: unknown) {
+  constructor(operation: keyof typeof DOING, key: string, cause: unknown) {
+    const status = (cause as { $metadata?: { httpStatusCode?: number } } | undefined)?.$metadata?.httpStatusCode;
+    const answered = status ? `the storage server answered HTTP ${status} ${STATUS_CODES[status] ?? ""}`.trimEnd() : "";
+    const network = (cause as { code?: string } | undefined)?.code;
     const detail =
-      cause instanceof S3ServiceException
-        ? `${cause.name} (HTTP ${cause.$metadata.httpStatusCode ?? "?"})`
-        : cause instanceof Error
-          ? cause.message
-          : String(cause);
-    super("storage_error", `S3 ${operation} of ${key} failed: ${detail}`, { cause });
+      cause instanceof S3ServiceException && !/parse error|Deserialization/i.test(cause.message)
+        ? `${answered} (${cause.name})`
+        : answered ||
+          (network && /^E[A-Z]+$/.test(network)
+            ? `the storage server could not be reached (${network})`
+            : cause instanceof Error
+              ? cause.message
+              : String(cause));
+    super("storage_error", `${DOING[operation]} ${key} in the bucket failed (S3 ${operation}): ${detail}.`, { cause });
   }
 }
+
+/**
+ * Objects above this go up as a multipart upload (checkpoints, bases, feature packs, artifacts): each
+ * part is retried on its own, and no single request is large (S3-compatible servers cap a request:
+ * the local one at about 11 MiB). Parts must be ≥ 5 MiB but the last.
+ */
+export const MULTIPART_THRESHOLD = 8 * 1024 * 1024;
 
 /** The S3 client for a configuration; retries transient faults with exponential backoff (SDK standard mode). */
 export function createS3Client(config: S3Config): S3Client {
@@ -75,10 +98,15 @@ export class S3ObjectStore implements ObjectStore {
   }
 
   async put(key: string, body: Uint8Array | string, contentType?: string, metadata?: Record<string, string>): Promise<{ etag: string }> {
+    const params = { Bucket: this.bucket, Key: key, Body: body, ContentType: contentType ?? guessContentType(key), Metadata: metadata };
     try {
-      const res = await this.client.send(
-        new PutObjectCommand({ Bucket: this.bucket, Key: key, Body: body, ContentType: contentType ?? guessContentType(key), Metadata: metadata }),
-      );
+      const size = typeof body === "string" ? Buffer.byteLength(body) : body.byteLength;
+      if (size > MULTIPART_THRESHOLD) {
+        // lib-storage aborts the upload (and its parts) when a part fails for good.
+        const res = await new Upload({ client: this.client, params, partSize: MULTIPART_THRESHOLD, queueSize: 2, leavePartsOnError: false }).done();
+        return { etag: res.ETag ?? "" };
+      }
+      const res = await this.client.send(new PutObjectCommand(params));
       return { etag: res.ETag ?? "" };
     } catch (e) {
       throw new StorageError("PUT", key, e);
@@ -166,6 +194,17 @@ export class S3ObjectStore implements ObjectStore {
       }
       // A batch delete answers 200 and lists the keys it could not delete: each is a failure too.
       if (failed.length > 0) throw new StorageError("DELETE", failed[0]?.Key ?? "", new Error(`${failed.length} key(s) not deleted (${failed[0]?.Code})`));
+    }
+  }
+
+  async deleteIfMatch(key: string, etag: string): Promise<boolean> {
+    try {
+      await this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: key, IfMatch: etag }));
+      return true;
+    } catch (e) {
+      // 412: another writer changed it; 404: it is gone already.
+      if (isStatus(e, 412) || isStatus(e, 404)) return false;
+      throw new StorageError("DELETE", key, e);
     }
   }
 }

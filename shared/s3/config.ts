@@ -1,5 +1,6 @@
 import { z } from "zod";
 import { parseContract } from "../contracts/parse.ts";
+import { EdgetuneError } from "../errors.ts";
 
 /**
  * How to reach the bucket. In AWS everything but `bucket` comes from the environment (region and the
@@ -17,6 +18,9 @@ export type S3Config = z.output<typeof s3ConfigSchema>;
 /** Reads `EDGETUNE_BUCKET`, `AWS_REGION`, `EDGETUNE_S3_ENDPOINT`, `AWS_ACCESS_KEY_ID`, … */
 export function s3ConfigFromEnv(env: Record<string, string | undefined>, overrides: Partial<S3Config> = {}): S3Config {
   const endpoint = env.EDGETUNE_S3_ENDPOINT || undefined;
+  // The one setting without a default: say which variable to set rather than what the schema saw.
+  if (!(overrides.bucket ?? env.EDGETUNE_BUCKET))
+    throw new EdgetuneError("no_bucket", "No S3 bucket is set: set EDGETUNE_BUCKET (or pass --bucket <name> to edgetune).");
   const accessKeyId = env.AWS_ACCESS_KEY_ID;
   const secretAccessKey = env.AWS_SECRET_ACCESS_KEY;
   return parseContract(

@@ -33,6 +33,8 @@ export interface ObjectStore extends ObjectReader {
   /** The immediate sub-folders of `prefix`, as full prefixes ending in "/" (a delimiter listing). */
   listFolders(prefix: string): AsyncIterable<string>;
   delete(keys: string[]): Promise<void>;
+  /** Deletes only if the key still has ETag `etag` (S3 `If-Match` on DeleteObject); false if it changed or is gone. */
+  deleteIfMatch(key: string, etag: string): Promise<boolean>;
 }
 
 export async function getText(store: ObjectReader, key: string): Promise<string | null> {

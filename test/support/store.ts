@@ -18,6 +18,7 @@ export function aroundWrites(real: ObjectStore, hooks: { before?: (key: string) 
     list: (p) => real.list(p),
     listFolders: (p) => real.listFolders(p),
     delete: (k) => real.delete(k),
+    deleteIfMatch: (k, e) => real.deleteIfMatch(k, e),
     put: (k, b, t, m) => write(k, () => real.put(k, b, t, m)),
     putIfAbsent: (k, b, t) => write(k, () => real.putIfAbsent(k, b, t)),
     putIfMatch: (k, b, e, t) => real.putIfMatch(k, b, e, t),

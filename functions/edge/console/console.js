@@ -161,7 +161,14 @@ async function reportPage(show, name, version) {
       { class: "panel", id: "summary" },
       el("p", {}, "Accuracy ", el("strong", {}, pct(r.metrics.accuracy)), ` on ${r.metrics.evaluatedOn} held-out images.`),
       el("p", {}, r.promotion.promoted ? "Promoted: " : "Kept back: ", r.promotion.reason),
-      el("p", { class: "muted" }, `Base ${r.base.id} · ${r.options.strategy ?? ""} · backend ${r.backend.name} · ${r.export.dtype} weights`),
+      el(
+        "p",
+        { class: "muted" },
+        `Base ${r.base.id}${r.base.choice ? ` (${r.base.choice.requested}: ${r.base.choice.reason})` : ""} · ${r.options.strategy ?? ""} · backend ${r.backend.name} · ${r.export.dtype} weights`,
+      ),
+      // The worker has no Node to convert with, and the export takes under a second from the stored files:
+      // the command, not a stored copy of every version (ARCHITECTURE.md, "Export").
+      el("p", { id: "export" }, "To run it anywhere (ONNX; add --format tfjs for the tfjs files): ", el("code", {}, `npx edgetune export ${name} ${version}`)),
       r.warnings.length
         ? el(
             "ul",
@@ -170,6 +177,7 @@ async function reportPage(show, name, version) {
           )
         : null,
     ),
+    answersSummary(r),
     el("h3", {}, "Per label"),
     el(
       "table",
@@ -180,7 +188,7 @@ async function reportPage(show, name, version) {
         el(
           "tr",
           {},
-          ["Label", "Precision", "Recall", "F1", "Held-out"].map((h, i) => el("th", { class: i ? "num" : null }, h)),
+          ["Label", "Precision", "Recall", "F1", "Held-out", "Threshold"].map((h, i) => el("th", { class: i ? "num" : null }, h)),
         ),
       ),
       el(
@@ -195,6 +203,8 @@ async function reportPage(show, name, version) {
             el("td", { class: "num" }, pct(m.recall)),
             el("td", { class: "num" }, pct(m.f1)),
             el("td", { class: "num" }, String(m.support)),
+            // Versions trained before per-label thresholds have none; the none-of-these class has none.
+            el("td", { class: "num" }, r.thresholds?.byLabel[label] ? pct(r.thresholds.byLabel[label].threshold) : "–"),
           ),
         ),
       ),
@@ -350,7 +360,7 @@ async function monitorPage(show, name) {
       ? el(
           "p",
           { id: "reference" },
-          `Held-out split of ${ref.version} (${ref.evaluatedOn} images): ${ref.lowConfidence === null ? "confidence not recorded" : `${pct(ref.lowConfidence)} under ${m.threshold}`}; predicted ${top(ref.labels, 1)}.`,
+          `Held-out split of ${ref.version} (${ref.evaluatedOn} images): ${ref.lowConfidence === null ? `answers under ${m.threshold} not known exactly for this version` : `${Math.round(ref.lowConfidence * ref.evaluatedOn)} of ${ref.evaluatedOn} answers under ${m.threshold}`}; predicted ${top(ref.labels, 1)}.`,
         )
       : null,
     el(
@@ -389,12 +399,49 @@ async function monitorPage(show, name) {
   );
 }
 
+/** Calibration and the thresholds' effect, for versions that have them. */
+function answersSummary(r) {
+  const c = r.calibration;
+  const t = r.thresholds;
+  if (!c || !t) return null;
+  return el(
+    "p",
+    { id: "answers-summary" },
+    `Scores calibrated (temperature ${c.temperature.toFixed(2)}): calibration error ${pct(c.eceBefore)} before, ${pct(c.eceAfter)} after. ` +
+      `Thresholds (${t.policy}): ${pct(t.answered)} of held-out images answered with a label, ${pct(t.answeredAccuracy)} of those right; ${pct(t.unsure)} unsure` +
+      (r.noneLabel ? `, ${pct(t.none)} none of these (class ${r.noneLabel}).` : "."),
+  );
+}
+
+/** The answer in words: the label, or plainly unsure or none of these (absent from workers that predate them). */
+function answerLine(body) {
+  if (body.none)
+    return el(
+      "p",
+      { class: "answer", id: "classify-answer" },
+      "None of these: the image is none of the labels (the model's none-of-these class scored highest).",
+    );
+  const top = body.predictions[0];
+  if (body.unsure && top)
+    return el(
+      "p",
+      { class: "answer", id: "classify-answer" },
+      `Unsure: the best label, ${top.label} (${pct(top.score)}), is below its threshold of ${pct(body.threshold ?? 0)}.`,
+    );
+  if (body.label)
+    return el("p", { class: "answer", id: "classify-answer" }, `Answer: ${body.label}${body.threshold ? ` (threshold ${pct(body.threshold)})` : ""}`);
+  return null;
+}
+
 /** A drop-an-image box that posts the file to the classify endpoint and draws the scores. */
 function classifyPanel(name, servedVersion) {
   const result = el("div", { class: "result", id: "classify-result" });
   const input = el("input", { type: "file", accept: "image/*", id: "classify-file" });
   async function classify(file) {
     if (!file) return;
+    // Said here in plain words; the API would answer a non-image with its multipart/content-type message.
+    if (file.type && !file.type.startsWith("image/"))
+      return result.replaceChildren(el("p", { class: "error" }, `${file.name} is not an image: drop a JPEG, PNG, WebP or GIF file.`));
     result.replaceChildren(el("p", { class: "muted" }, "Classifying…"));
     const preview = URL.createObjectURL(file);
     try {
@@ -410,6 +457,7 @@ function classifyPanel(name, servedVersion) {
         el(
           "div",
           { class: "bars" },
+          answerLine(body),
           body.predictions.map((p) =>
             el("div", { class: "bar" }, el("span", {}, p.label), el("meter", { min: 0, max: 1, value: p.score }), el("span", {}, pct(p.score))),
           ),
@@ -459,7 +507,8 @@ async function render() {
   } catch (e) {
     if (mine !== latest) return; // a newer page is on its way
     show();
-    say(e.message, true);
+    // No key yet is where everyone starts: a hint, not an error.
+    say(e.message, e.code !== "no_key");
   }
 }
 

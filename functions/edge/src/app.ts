@@ -1,6 +1,7 @@
 import { OpenAPIHono } from "@hono/zod-openapi";
 import { cors } from "hono/cors";
 import { HTTPException } from "hono/http-exception";
+import { answer } from "../../../shared/answer.ts";
 import { readMetadata, readPointer, readVerifiedFile } from "../../../shared/artifacts.ts";
 import { listModels, listVersions } from "../../../shared/catalog.ts";
 import { ARTIFACT_FILES } from "../../../shared/contracts/artifact.ts";
@@ -110,6 +111,7 @@ export const app = new OpenAPIHono<AppEnv>({
       );
     }
     if (result.target === "param") throw new ApiError(404, "version_not_found", "No version with that name (versions look like v0123456789ab).");
+    if (result.error.issues[0]?.path[0] === "threshold") throw new ApiError(422, "invalid_threshold", "threshold must be a number from 0 to 1.");
     throw new ApiError(422, "invalid_top_k", "top_k must be a whole number from 1 to 100.");
   },
 });
@@ -182,6 +184,10 @@ app.openapi(modelRoute, async (c) => {
         strategy: m.strategy,
         base: m.base.id,
         metrics: { accuracy: m.metrics.accuracy, evaluatedOn: m.metrics.evaluatedOn, perClass: m.metrics.perClass },
+        // Absent for versions trained before them (older artifacts load unchanged).
+        ...(m.calibration ? { calibration: m.calibration } : {}),
+        ...(m.thresholds ? { thresholds: m.thresholds } : {}),
+        ...(m.noneLabel ? { noneLabel: m.noneLabel } : {}),
         trainedAt: m.createdAt,
         promotedAt: model.pointer.promotedAt,
         // How this isolate loaded it (cold-start breakdown).
@@ -356,7 +362,7 @@ app.openapi(monitorRoute, async (c) => {
 app.openapi(classifyRoute, async (c) => {
   const t0 = performance.now();
   const { name } = c.req.valid("param");
-  const { top_k: topK } = c.req.valid("query");
+  const { top_k: topK, threshold } = c.req.valid("query");
   const maxBytes = Number(c.env.MAX_IMAGE_BYTES || 4 * 1024 * 1024);
   const maxPixels = Number(c.env.MAX_IMAGE_PIXELS || 2_100_000);
   const places = admissionFor(c.env);
@@ -388,9 +394,9 @@ app.openapi(classifyRoute, async (c) => {
       });
       const t4 = performance.now();
       const labels = model.metadata.labels;
-      const predictions = Array.from(scores, (score, i) => ({ label: labels[i] as string, score }))
-        .sort((a, b) => b.score - a.score)
-        .slice(0, topK);
+      // Calibrated scores (the training job folded the temperature into the model); the version's
+      // per-label thresholds or the caller's one number decide unsure, its rejection class none of these.
+      const { predictions, ...decision } = answer(scores, model.metadata, { topK, ...(threshold === undefined ? {} : { threshold }) });
       const timings = { decodeMs: round(t2 - t1), preprocessMs: round(t3 - t2), inferenceMs: round(t4 - t3), totalMs: round(t4 - t0) };
       // The traffic loop (capture/capture.ts): after the answer, never in its way.
       const after = capturerFor(c.env).observe({
@@ -406,7 +412,7 @@ app.openapi(classifyRoute, async (c) => {
         "server-timing",
         `decode;dur=${timings.decodeMs}, preprocess;dur=${timings.preprocessMs}, inference;dur=${timings.inferenceMs}, total;dur=${timings.totalMs}`,
       );
-      return c.json({ model: name, version: model.metadata.version, predictions, timings }, 200);
+      return c.json({ model: name, version: model.metadata.version, ...decision, predictions, timings }, 200);
     } finally {
       release();
     }

@@ -25,6 +25,13 @@ const topKSchema = z.preprocess((raw) => {
   return typeof v === "string" && /^\d{1,3}$/.test(v) ? Number(v) : v;
 }, z.number().int().min(1).max(100).default(5));
 
+/** `?threshold=0.8`: one score threshold for every label instead of the version's own (0 to 1). */
+const thresholdSchema = z.preprocess((raw) => {
+  const v: unknown = Array.isArray(raw) ? raw[0] : raw;
+  if (v === undefined || v === "") return undefined;
+  return typeof v === "string" && /^(0|1)?(\.\d+)?$/.test(v) && v !== "." ? Number(v) : v;
+}, z.number().min(0).max(1).optional());
+
 const predictionSchema = z.object({ label: z.string(), score: z.number().min(0).max(1) }).openapi("Prediction");
 
 const metadata = artifactMetadataSchema.shape;
@@ -34,6 +41,9 @@ const modelDetailSchema = z.object({
   strategy: metadata.strategy,
   base: metadata.base.shape.id,
   metrics: metricsSchema.pick({ accuracy: true, evaluatedOn: true, perClass: true }),
+  calibration: metadata.calibration,
+  thresholds: metadata.thresholds,
+  noneLabel: metadata.noneLabel,
   trainedAt: metadata.createdAt,
   promotedAt: z.iso.datetime(),
   load: z
@@ -58,7 +68,7 @@ export const classifyRoute = createRoute({
   summary: "Classify one image",
   request: {
     params: modelParams,
-    query: z.object({ top_k: topKSchema }),
+    query: z.object({ top_k: topKSchema, threshold: thresholdSchema }),
     body: {
       required: true,
       content: {
@@ -75,7 +85,11 @@ export const classifyRoute = createRoute({
           schema: z.object({
             model: nameSchema,
             version: z.string(),
-            predictions: z.array(predictionSchema),
+            label: z.string().nullable().describe("The answer: the top label when its score clears its threshold; null when unsure or none of these"),
+            unsure: z.boolean().describe("No label cleared its threshold (the version's per-label thresholds, or ?threshold=)"),
+            none: z.boolean().describe("The model's none-of-these class scored highest: the image is none of the labels"),
+            threshold: z.number().nullable().describe("The threshold the top label was held to (null: none of these)"),
+            predictions: z.array(predictionSchema).describe("Calibrated scores, best first; the none-of-these class is not listed"),
             timings: z.object({ decodeMs: z.number(), preprocessMs: z.number(), inferenceMs: z.number(), totalMs: z.number() }),
           }),
         },
@@ -87,7 +101,7 @@ export const classifyRoute = createRoute({
     408: errorResponse("The body did not arrive within MAX_BODY_SECONDS"),
     413: errorResponse("Image too large (bytes or pixels)"),
     415: errorResponse("Unsupported content type or image format"),
-    422: errorResponse("Invalid parameters (top_k, multipart field)"),
+    422: errorResponse("Invalid parameters (top_k, threshold, multipart field)"),
     503: errorResponse(
       "Model not available yet (`model_unavailable`), the instance is busy (`busy`), or the model store refused the worker's credentials (`store_access_denied`); with Retry-After",
     ),

@@ -41,8 +41,8 @@ export const trainOptionsSchema = z.object({
   /** Model name to write; defaults to the manifest's `model` or the dataset name. */
   model: nameSchema.optional(),
   /**
-   * `auto` (the default): the ImageNet MobileNetV2 where it can be downloaded once, else the best bundled
-   * base (model/bases.ts resolveBase). EDGETUNE_DEFAULT_BASE (the stack's `defaultBase`) overrides it.
+   * `auto` (the default; model/bases.ts AUTO_DESCRIPTION, resolveBase). EDGETUNE_DEFAULT_BASE (the stack's
+   * `defaultBase`) overrides it.
    */
   base: z.string().default(() => process.env.EDGETUNE_DEFAULT_BASE || AUTO_BASE),
   strategy: strategySchema.default("head"),
@@ -67,6 +67,16 @@ export const trainOptionsSchema = z.object({
    * operator's explicit choice, e.g. a first model from a handful of images); `never`: keep for review.
    */
   promote: z.enum(["if-better", "always", "never"]).default("if-better"),
+  /**
+   * How each label's score threshold is set on the calibrated held-out scores (release/thresholds.ts):
+   * `f1` (best F1 per label) or `precision:<target>` (the lowest threshold reaching that precision).
+   */
+  thresholdPolicy: z
+    .string()
+    .default("f1")
+    .refine((s) => s === "f1" || /^precision:(0(\.\d+)?|1(\.0+)?)$/.test(s), "must be f1 or precision:<target in (0, 1]>, e.g. precision:0.95"),
+  /** The dataset's rejection class (the manifest's `noneLabel`): answered as "none of these". */
+  noneLabel: z.string().min(1).optional(),
   /** Train even if this exact version exists. */
   force: z.boolean().default(false),
   /**
@@ -88,6 +98,7 @@ export function resolveOptions(input: TrainInput, manifest?: DatasetManifest): T
   if (manifest?.imageSize) fromManifest.imageSize = manifest.imageSize;
   if (manifest?.epochs) fromManifest.head = { epochs: manifest.epochs };
   if (manifest?.model) fromManifest.model = manifest.model;
+  if (manifest?.noneLabel) fromManifest.noneLabel = manifest.noneLabel;
   const merged = { ...fromManifest, ...stripUndefined(input), head: { ...fromManifest.head, ...stripUndefined(input.head ?? {}) } };
   if (merged.strategy !== undefined && !(STRATEGIES as readonly string[]).includes(merged.strategy))
     throw new InvalidOptionError("strategy", merged.strategy, STRATEGIES);
@@ -104,9 +115,10 @@ function stripUndefined<T extends object>(o: T): Partial<T> {
  * Part of every version id: raised when the same data and options would give a different model or
  * evaluation. 2: held-out near-duplicates of training images leave the evaluation (which early stopping
  * and promotion read). 3: the head learns on standardised features, for darknet-tiny pooled from four
- * layers (fit/standardize.ts, model/bases.ts).
+ * layers (fit/standardize.ts, model/bases.ts). 4: scores calibrated (a temperature folded into the head) and
+ * per-label thresholds in the metadata (fit/calibrate.ts, release/thresholds.ts).
  */
-export const TRAINER_VERSION = 3;
+export const TRAINER_VERSION = 4;
 
 /**
  * The version id: a function of the data, the options that shape the model and the base weights.

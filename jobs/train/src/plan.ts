@@ -50,7 +50,8 @@ export async function planRun(ctx: RunContext, input: TrainInput): Promise<RunPl
   const { base, choice } = await ctx.stage(
     "base",
     () => resolveBase(ctx.store, options.base),
-    (b) => ({ id: b.base.id, ...(b.choice ? { chosen: b.choice.reason } : {}) }),
+    // One line says which base, from where, and (auto) why: nothing else about the base is logged.
+    (b) => ({ id: b.base.id, ...(b.choice ? { chosen: b.choice.reason } : { from: b.from }) }),
   );
   // The version id names the base actually used: `auto` that resolves to darknet-tiny is the same model
   // as darknet-tiny asked by name (no retraining when the default changed to auto).

@@ -12,6 +12,7 @@ import { loadBase } from "./model/bases.ts";
 import { chooseBase } from "./model/choose-base.ts";
 import { exportVersion } from "./model/export.ts";
 import { planRun, versionExists } from "./plan.ts";
+import { answerRules, noneIndexOf } from "./release/answers.ts";
 import { evaluate } from "./release/evaluate.ts";
 import { acquireLock } from "./release/lock.ts";
 import { checkOwnership } from "./release/ownership.ts";
@@ -77,23 +78,33 @@ async function trainRun(ctx: RunContext, input: TrainInput, context: TrainContex
     await checkOwnership(store, planned, served.pointer);
     // `--base best`: the base is chosen now, by cross-validation on the training split's features.
     const plan = planned.candidates ? await chooseBase(ctx, planned, planned.candidates) : planned;
+    noneIndexOf(plan); // a manifest naming a none-of-these folder the dataset lacks fails before any work
     const baseModel = await loadBase(store, plan.base, plan.options.imageSize);
     const current = await loadCurrent(store, plan.name, served.pointer);
     try {
       const pooled = await pooledFeatures(ctx, plan, baseModel, context.fanOut);
       const fitted = await fitClassifier(ctx, plan, baseModel, pooled, current);
       const lastValLoss = fitted.history.fineTune.at(-1)?.valLoss ?? fitted.history.head.at(-1)?.valLoss;
+      const answers = await answerRules(ctx, plan, fitted);
+      // Scores as the served model gives them (calibrated, out of fold: see fit/calibrate.ts).
       const evaluation = evaluate(
         plan.dataset.labels,
         Array.from(fitted.yVal),
-        fitted.valProbs,
+        answers.calibration.probs,
         pooled.val.map((i) => i.key),
         lastValLoss,
       );
-      log.info("evaluation", { accuracy: evaluation.metrics.accuracy, evaluatedOn: evaluation.metrics.evaluatedOn });
+      log.info("evaluation", {
+        accuracy: evaluation.metrics.accuracy,
+        evaluatedOn: evaluation.metrics.evaluatedOn,
+        eceBefore: answers.calibration.eceBefore,
+        eceAfter: answers.calibration.eceAfter,
+        answered: answers.answered.answered,
+        answeredAccuracy: answers.answered.answeredAccuracy,
+      });
       const exported = await exportVersion(ctx, plan, baseModel, fitted.head, pooled);
       const promotion = await decidePromotion(ctx, plan, current, pooled, evaluation);
-      return await publishVersion(ctx, plan, { backend, pooled, fitted, evaluation, exported, promotion, served });
+      return await publishVersion(ctx, plan, { backend, pooled, fitted, answers, evaluation, exported, promotion, served });
     } finally {
       baseModel.dispose();
       if (current && "model" in current) current.model.dispose();

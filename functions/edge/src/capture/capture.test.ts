@@ -127,6 +127,19 @@ describe("Capturer", () => {
     for (const k of store.objects.keys()) expect(isCaptureKey(k)).toBe(true);
   });
 
+  it("counts a capture in the counters even when the same answer's flush has already written them", async () => {
+    const store = fakeBucket();
+    // flushMs 0: every answer flushes, so the flush starts before its own capture has finished.
+    const c = capturer(settings({ enabled: true, belowConfidence: 0.6 }), store, { flushMs: 0 });
+    await warm(c);
+    await observe(c, observation(0.55));
+    await observe(c, observation(0.9)); // flushes what the capture counted after the previous flush
+    const deltas = [...store.objects.entries()].filter(([k]) => k.includes("/counters/")).map(([, o]) => countersSchema.parse(JSON.parse(o.body as string)));
+    expect(records(store).length).toBe(1);
+    expect(deltas.reduce((n, d) => n + d.captured, 0)).toBe(records(store).length);
+    expect(deltas.reduce((n, d) => n + d.requests, 0)).toBe(3);
+  });
+
   it("samples sure answers at the configured rate and resizes large inputs to a PNG within maxSide", async () => {
     const store = fakeBucket();
     const c = capturer(settings({ enabled: true, belowConfidence: 0, sampleRate: 0.5, maxSide: 32 }), store, { random: () => 0.2 });

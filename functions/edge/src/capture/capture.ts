@@ -179,7 +179,7 @@ export class Capturer {
       if (reason && o.optOut) this.count(counters, "optedOut");
       else if (reason && this.isFull(`${o.model}/${day(now)}`, config)) this.count(counters, "overCap");
       else if (reason) {
-        const job = this.capture(o, config, reason, counters, now);
+        const job = this.capture(o, config, reason, now);
         if (job) work.push(job);
         else this.count(counters, "busy");
       }
@@ -198,7 +198,7 @@ export class Capturer {
    * encoder we run decides what the stored file holds. The pixels are held until encoded (one decoded
    * image per isolate); the PNG then counts towards MAX_IN_FLIGHT_BYTES until it is stored.
    */
-  private capture(o: Observation, config: CaptureConfig, reason: CaptureRecord["reason"], counters: Counters, now: Date): Promise<void> | null {
+  private capture(o: Observation, config: CaptureConfig, reason: CaptureRecord["reason"], now: Date): Promise<void> | null {
     const store = this.store;
     if (!store) {
       this.failed(o.model, o.version, new Error("capture is on but the worker has no S3 credentials (MODELS_BASE_URL): nothing can be stored"));
@@ -211,6 +211,9 @@ export class Capturer {
     let held = 0;
     // Locals only: the closure below must not keep `o` (and with it the request body) alive.
     const { model, version, labels, scores } = o;
+    // Counted when it ends, in the counters current then: a flush started by this same answer (or any
+    // since) has already written and dropped the ones the answer was counted in.
+    const count = (what: "captured" | "overCap" | "busy") => this.count(this.countersFor(model, version, now), what);
     // The deadline below ends the wait, not the work: the work checks it between steps, so a capture
     // that ran out of time never stores anything afterwards (it was counted as failed).
     const limit = this.options.workDeadlineMs ?? WORK_DEADLINE_MS;
@@ -225,7 +228,7 @@ export class Capturer {
       pixels = null;
     };
     const run = async () => {
-      if (!this.options.idle()) return this.count(counters, "busy");
+      if (!this.options.idle()) return count("busy");
       const source = pixels as Pixels;
       const image = await this.options.exclusive(async () => {
         const small = fitWithin(source, config.maxSide);
@@ -241,7 +244,7 @@ export class Capturer {
       if (!(await this.reserve({ store, model, today, bytes: image.bytes.length, config, inTime, signal }))) {
         inTime(); // a capture past its deadline is counted failed, not also over the cap
         this.full.set(`${model}/${today}`, { maxPerDay: config.maxPerDay, maxBytesPerDay: config.maxBytesPerDay });
-        return this.count(counters, "overCap");
+        return count("overCap");
       }
       const stamp = now.toISOString().replaceAll(/[-:]/g, "").slice(0, 15);
       const id = `${stamp}-${this.isolate}${(this.seq++).toString(36).padStart(4, "0")}`;
@@ -264,7 +267,7 @@ export class Capturer {
       await store.put(imageKey, image.bytes, image.contentType, {}, signal());
       inTime();
       await store.put(keys.captureRecord(model, id), JSON.stringify(record), "application/json", {}, signal());
-      this.count(counters, "captured");
+      count("captured");
     };
     // One deadline for the whole capture (quota, image, record), inside Workers' 30 s for waitUntil work,
     // so the accounting below always runs.

@@ -11,7 +11,7 @@ import {
   manifestSchema,
 } from "../../../../shared/contracts/dataset.ts";
 import { parseContract } from "../../../../shared/contracts/parse.ts";
-import { EdgetuneError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
+import { DatasetError, EdgetuneError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
 import { keys } from "../../../../shared/keys.ts";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
 import { decodeImage } from "../dataset/decode.ts";
@@ -42,7 +42,7 @@ export class PushInProgressError extends EdgetuneError {
  * Uploads `dir` (one folder per label, or train/val splits) and writes the manifest last. Before any
  * byte is uploaded, the folder is checked with the training job's own rules and messages (layout, labels,
  * images per label) and one image per label is decoded; a folder the job would refuse is refused here.
- * `dryRun` stops after the checks.
+ * `dryRun` decodes every image and stops after the checks.
  *
  * The dataset becomes what the folder holds: one push at a time (a lease on the dataset, `locks/datasets/`;
  * a second push fails and says so, rather than two folders merging into one dataset whose manifest counts
@@ -63,11 +63,11 @@ export async function pushDataset(
     dropCaptured?: boolean;
   } = {},
 ): Promise<PushResult> {
-  parseContract(nameSchema, name, "dataset name");
+  parseContract(nameSchema, name, `dataset name "${name}"`);
   const files = await walk(dir);
   const images = files.filter((f) => IMAGE_EXTENSIONS.some((e) => f.toLowerCase().endsWith(e)));
   const skipped = files.filter((f) => !images.includes(f));
-  const { labels, warnings } = await checkFolder(dir, name, images, manifest);
+  const { labels, warnings } = await checkFolder(dir, name, images, manifest, options.dryRun);
   const rel = (f: string) => relative(dir, f).split(sep).join("/");
   const wanted = new Set(images.map(rel));
   if (options.dryRun) return { uploaded: 0, skipped, labels, warnings, removed: await staleFiles(store, name, wanted, options.dropCaptured) };
@@ -104,20 +104,45 @@ async function staleFiles(store: ObjectStore, name: string, wanted: ReadonlySet<
   return out;
 }
 
-/** The job's checks on a local folder: layout and labels as `readDataset` sees them, and a sample decoded. */
-async function checkFolder(dir: string, name: string, images: string[], manifest: Partial<DatasetManifest>) {
+/**
+ * The job's checks on a local folder: layout and labels as `readDataset` sees them, and images decoded as
+ * the job decodes them: every image with `decodeAll` (`--dry-run`), else the first of each label. A file
+ * found undecodable is not counted in its label (the job skips it) and is named in a warning.
+ */
+async function checkFolder(dir: string, name: string, images: string[], manifest: Partial<DatasetManifest>, decodeAll = false) {
   const relativeOf = (f: string) => relative(dir, f).split(sep).join("/");
   const { entries } = classifyDatasetKeys(images.map(relativeOf));
   const ignored = new Set(manifest.ignoreLabels ?? []);
-  const raw = entries.flatMap((e) => (e.kind === "image" && !ignored.has(e.label) ? [{ key: e.key, id: e.key, label: e.label, split: e.split }] : []));
+  const found = entries.flatMap((e) => (e.kind === "image" && !ignored.has(e.label) ? [{ key: e.key, id: e.key, label: e.label, split: e.split }] : []));
+  // Named as the user knows it: the local folder, not the S3 keys it would become.
+  if (found.length === 0)
+    throw new DatasetError(
+      `${dir} has no images to push (${IMAGE_EXTENSIONS.join(", ")}). Put them in one sub-folder per label: ${join(dir, "<label>", "<image>.jpg")}`,
+    );
+  const firsts = new Set<string>();
+  const sample = decodeAll ? found : found.filter((r) => !firsts.has(r.label) && firsts.add(r.label));
+  const undecodable = new Map<string, string>();
+  for await (const failure of pMapIterable(
+    sample,
+    async (r) => {
+      try {
+        await decodeImage(new Uint8Array(await readFile(join(dir, r.key))));
+        return null;
+      } catch (e) {
+        return { key: r.key, reason: userMessage(e) };
+      }
+    },
+    { concurrency: 2 },
+  ))
+    if (failure) undecodable.set(failure.key, failure.reason);
+  const raw = found.filter((r) => !undecodable.has(r.key));
   const labels = [...new Set(raw.map((r) => r.label))].sort();
   const warnings = checkTrainable(name, labels, await assignSplits(raw, 42, DEFAULT_VAL_FRACTION));
-  for (const label of labels) {
-    const first = raw.find((r) => r.label === label) as { key: string };
-    await decodeImage(new Uint8Array(await readFile(join(dir, first.key)))).catch((e: unknown) => {
-      warnings.push(`${first.key} cannot be decoded (${userMessage(e)}); the job skips such files`);
-    });
-  }
+  const named = [...undecodable].slice(0, 5).map(([key, reason]) => `${key} (${reason})`);
+  if (undecodable.size > 0)
+    warnings.push(
+      `${undecodable.size} file(s) cannot be decoded and are not counted; the job skips such files: ${named.join(", ")}${undecodable.size > named.length ? ` and ${undecodable.size - named.length} more` : ""}`,
+    );
   return { labels: Object.fromEntries(labels.map((l) => [l, raw.filter((r) => r.label === l).length])), warnings };
 }
 

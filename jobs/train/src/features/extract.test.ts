@@ -88,6 +88,7 @@ describe("extractFeatures", () => {
       list: (p) => real.list(p),
       listFolders: (p) => real.listFolders(p),
       delete: (k) => real.delete(k),
+      deleteIfMatch: (k, e) => real.deleteIfMatch(k, e),
       putIfAbsent: (k, b, t) => real.putIfAbsent(k, b, t),
       putIfMatch: (k, b, e, t) => real.putIfMatch(k, b, e, t),
       put: async (key, body, type) => {

@@ -1,14 +1,14 @@
 import { readFile } from "node:fs/promises";
-import { createRequire } from "node:module";
 import { join } from "node:path";
 import * as tf from "@tensorflow/tfjs";
 import { type BaseMetadata, baseMetadataSchema } from "../../../../shared/contracts/base.ts";
 import { parseContract, parseContractJson } from "../../../../shared/contracts/parse.ts";
-import { EdgetuneError, IntegrityError, InvalidOptionError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
+import { IntegrityError, InvalidOptionError, NotFoundError } from "../../../../shared/errors.ts";
 import { sha256Hex } from "../../../../shared/hash.ts";
 import { keys } from "../../../../shared/keys.ts";
 import type { Normalization } from "../../../../shared/preprocess.ts";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { type BaseSource, fetchSource, ML5_ORIGIN, offline, SourceUnavailable, TM_ORIGIN } from "./base-sources.ts";
 import { loadModel, modelToFiles, WEIGHTS_FILE } from "./io.ts";
 import { roundWeightsToHalf } from "./weights.ts";
 
@@ -16,13 +16,19 @@ import { roundWeightsToHalf } from "./weights.ts";
  * Pretrained bases. A base is stored once under `bases/<id>/` (contract: shared/contracts/base.ts),
  * already cut at its feature layer, with input size left open, weights in float16. Training loads it
  * from there, so every job in a run uses byte-identical weights, recorded by sha256 in the model.
+ * No weights are committed with the project: see base-sources.ts for where they come from.
  */
 
-/** Bases edgetune knows by name. `nsfwjs` and `bundled` install with the project; `url` needs internet once. */
+/** The files of ml5's Tiny Darknet (`filesHash`), as served by ml5 and as in ../shared/models/darknet_tiny. */
+const DARKNET_TINY_SHA256 = "f6102bcd96e2d87466b9faeee3efbce233b3ff02f314d27f9de9d5488c9c4f02";
+/** The base that installs with the project (npm nsfwjs): the last resort. */
+export const NSFWJS_BASE = "nsfwjs-mobilenet-v2";
+
+/** Bases edgetune knows by name, with where each comes from when the bucket does not hold it yet (tried in order). */
 export interface KnownBase {
   id: string;
   description: string;
-  source: { kind: "nsfwjs" } | { kind: "bundled"; dir: string } | { kind: "url"; url: string };
+  sources: readonly BaseSource[];
   featureLayer: string;
   /**
    * Mid-level layers whose pooled features join the feature layer's for a head (strategy `head`): kept
@@ -34,71 +40,83 @@ export interface KnownBase {
   licence: string;
 }
 
-/** Where Teachable Machine publishes its ImageNet bases; EDGETUNE_BASE_MIRROR replaces it (a mirror, or a test server). */
-export const TM_ORIGIN = "https://storage.googleapis.com/teachable-machine-models";
 const TM_URL = (alpha: string) => `${TM_ORIGIN}/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_${alpha}_224_no_top/model.json`;
-const mirrored = (url: string) => (process.env.EDGETUNE_BASE_MIRROR ? url.replace(TM_ORIGIN, process.env.EDGETUNE_BASE_MIRROR.replace(/\/$/, "")) : url);
-
-/** Bases committed with the project (jobs/train/bases/<id>/, each with its licence and provenance). */
-const BUNDLED_DIR = join(import.meta.dirname, "..", "..", "bases");
 
 export const KNOWN_BASES: readonly KnownBase[] = [
   {
-    id: "darknet-tiny",
+    id: "mobilenet-v2-slim-100",
     description:
-      "Tiny Darknet, ImageNet-1k (ml5's tfjs port, as in ../shared/models/darknet_tiny); cut at its last 1×1 convolution. The clean ImageNet base that installs with the project.",
-    source: { kind: "bundled", dir: "darknet-tiny" },
-    featureLayer: "conv2d_16",
-    pooledLayers: ["leaky_re_lu_12", "leaky_re_lu_14", "leaky_re_lu_15"],
-    fineTuneFrom: "leaky_re_lu_14",
-    normalization: "0-1",
-    licence: "MIT (ml5 models, see jobs/train/bases/darknet-tiny/LICENSE.ml5-data-and-models)",
-  },
-  {
-    id: "mobilenet-v1-025",
-    description: "MobileNet v1 α=0.25, ImageNet-1k (Google's weights; topology rebuilt, see its README-rebuild.md). Smallest and fastest.",
-    source: { kind: "bundled", dir: "mobilenet-v1-025" },
-    featureLayer: "conv_pw_13_relu",
-    fineTuneFrom: "conv_pw_11_relu",
-    normalization: "minus1-1",
-    licence: "Apache-2.0 (Google MobileNet weights, see jobs/train/bases/mobilenet-v1-025/LICENSE)",
-  },
-  {
-    id: "nsfwjs-mobilenet-v2",
-    description:
-      "MobileNetV2 1.0 shipped in the nsfwjs npm package (offline default). Not a clean ImageNet base: blocks 11–16 were tuned for NSFW detection and the weights are uint8.",
-    source: { kind: "nsfwjs" },
-    featureLayer: "block_16_project_BN",
+      "MobileNetV2 1.0, ImageNet-1k: Google's TF-slim weights (BN folded) as a tfjs model with Keras layer names. From the bases directory only (mobilenet_v2_1.0_224_slim/): Google publishes them as a TensorFlow checkpoint, not for tfjs.",
+    sources: [{ kind: "dir", dir: "mobilenet_v2_1.0_224_slim", sha256: "a2e606d2b80a0e2aa009aff574251b58197a1c8cba73334d24671dd359fad0ac" }],
+    featureLayer: "out_relu",
+    // At 224 px, head: flowers128 68.8 → 72.6 %, hymenoptera 97.4 → 96.7 % (one image) over out_relu alone (bench/RESULTS.md).
+    pooledLayers: ["block_6_expand_relu", "block_13_expand_relu", "block_16_project"],
     fineTuneFrom: "block_12_add",
-    normalization: "0-1",
-    licence: "MIT (nsfwjs, Infinite Red)",
+    normalization: "minus1-1",
+    licence: "Apache-2.0 (Google TF-slim MobileNetV2 weights; LICENSE beside them in the bases directory)",
   },
-  ...(["0.35", "0.50", "0.75", "1.00"] as const).map(
+  ...(["1.00", "0.75", "0.50", "0.35"] as const).map(
     (alpha): KnownBase => ({
       id: `mobilenet-v2-${alpha.replace(".", "")}`,
-      description: `Keras MobileNetV2 α=${alpha} ImageNet weights without top, as published for Teachable Machine (needs internet once).`,
-      source: { kind: "url", url: TM_URL(alpha) },
+      description: `Keras MobileNetV2 α=${alpha} ImageNet weights without top, as Teachable Machine publishes them (downloaded once into the bucket; not pinned: no copy to take a checksum from here).`,
+      sources: [{ kind: "url", url: TM_URL(alpha) }],
       featureLayer: "out_relu",
       fineTuneFrom: "block_12_add",
       normalization: "minus1-1",
       licence: "Apache-2.0 (Keras applications weights)",
     }),
   ),
+  {
+    id: "darknet-tiny",
+    description:
+      "Tiny Darknet, ImageNet-1k (ml5's tfjs port); cut at its last 1×1 convolution. From the bases directory (darknet_tiny/) or ml5's origin, sha256-pinned.",
+    // One pin for both: the bases directory holds the very files ml5 serves.
+    sources: [
+      { kind: "dir", dir: "darknet_tiny", sha256: DARKNET_TINY_SHA256 },
+      { kind: "url", url: `${ML5_ORIGIN}/models/darknetclassifier/darknettiny/model.json`, sha256: DARKNET_TINY_SHA256 },
+    ],
+    featureLayer: "conv2d_16",
+    pooledLayers: ["leaky_re_lu_12", "leaky_re_lu_14", "leaky_re_lu_15"],
+    fineTuneFrom: "leaky_re_lu_14",
+    normalization: "0-1",
+    licence: "MIT (ml5-data-and-models; LICENSE.ml5-data-and-models beside it in the bases directory)",
+  },
+  {
+    id: "mobilenet-v1-025",
+    description:
+      "MobileNet v1 α=0.25, ImageNet-1k (Google's weights, topology rebuilt, see its README-rebuild.md). Smallest and fastest. From the bases directory only (mobilenet_v1_0.25_224/): its model.json is a rebuild no publisher serves.",
+    sources: [{ kind: "dir", dir: "mobilenet_v1_0.25_224", sha256: "e7e2245cdf770407bb5fd96a0bf4e73c6ff92954472e3ace4a904068c87b2f32" }],
+    featureLayer: "conv_pw_13_relu",
+    fineTuneFrom: "conv_pw_11_relu",
+    normalization: "minus1-1",
+    licence: "Apache-2.0 (Google MobileNet weights)",
+  },
+  {
+    id: NSFWJS_BASE,
+    description:
+      "MobileNetV2 1.0 shipped in the nsfwjs npm package: the last resort, always installed. Not a clean ImageNet base: blocks 11–16 were tuned for NSFW detection and the weights are uint8.",
+    sources: [{ kind: "nsfwjs" }],
+    featureLayer: "block_16_project_BN",
+    fineTuneFrom: "block_12_add",
+    normalization: "0-1",
+    licence: "MIT (nsfwjs, Infinite Red)",
+  },
 ];
 /** The extra layers a head pools for this base (its `pooledLayers` when it is a base known by name). */
 export function poolsOf(base: Pick<BaseMetadata, "id">): readonly string[] {
   return KNOWN_BASES.find((k) => k.id === base.id)?.pooledLayers ?? [];
 }
 
-/**
- * The best base that installs with the project, chosen by measurement (bench/RESULTS.md, "Which base by
- * default"): the best accuracy on the reference datasets among the bundled bases, at an edge p50 ≤ 50 ms.
- */
-export const BEST_BUNDLED_BASE = "darknet-tiny";
-/** The clean Keras ImageNet MobileNetV2 (α 1.0): published 94–98 % on the reference datasets; 22 ms at 224 px at the edge. */
-export const PREFERRED_DOWNLOADED_BASE = "mobilenet-v2-100";
-/** The default: the preferred downloadable base where it can be fetched (once, into the bucket), else the best bundled one. */
+/** The default: the first of `AUTO_ORDER` the run can get (bench/RESULTS.md, "Which base by default"). */
 export const AUTO_BASE = "auto";
+/**
+ * What `auto` prefers: the clean ImageNet MobileNetV2s (the slim weights first: the measured ones), then
+ * Tiny Darknet, then the nsfwjs MobileNetV2, which installs with the project and so is always there.
+ */
+export const AUTO_ORDER = ["mobilenet-v2-slim-100", "mobilenet-v2-100", "darknet-tiny", NSFWJS_BASE] as const;
+/** What `auto` means, in the words README, `edgetune base list` and `train --help` use. */
+export const AUTO_DESCRIPTION =
+  "the best clean ImageNet MobileNetV2 available (mobilenet-v2-slim-100 from a bases directory, else mobilenet-v2-100 from Teachable Machine), else darknet-tiny, else the nsfwjs MobileNetV2 (last resort)";
 /** A failed download is not tried again for this long (each run would otherwise wait for it). */
 const AUTO_RETRY_MS = 24 * 3600_000;
 
@@ -117,7 +135,11 @@ export type ModelSource = { kind: "nsfwjs" } | { kind: "url"; url: string } | { 
 
 /** Reads, cuts at the feature layer, re-encodes and stores a base. Idempotent for identical bytes. */
 export async function importBase(store: ObjectStore, source: ModelSource, options: ImportOptions): Promise<BaseMetadata> {
-  const full = await loadSource(source);
+  return storeBase(store, await loadSource(source), { ...options, source: options.source ?? describeSource(source) });
+}
+
+/** Cuts a loaded model (disposed here) at its feature layer and stores it as base `options.id`. */
+async function storeBase(store: ObjectStore, full: tf.LayersModel, options: ImportOptions & { source: string }): Promise<BaseMetadata> {
   try {
     const layer = full.getLayer(options.featureLayer);
     if (!layer) throw new NotFoundError(`Layer ${options.featureLayer} is not in the model.`);
@@ -138,13 +160,13 @@ export async function importBase(store: ObjectStore, source: ModelSource, option
       {
         schemaVersion: 1,
         id: options.id,
-        description: options.description ?? `Imported from ${describeSource(source)}`,
+        description: options.description ?? `Imported from ${options.source}`,
         featureLayer: options.featureLayer,
         inputSize: nearestSize((full.inputs[0]?.shape[1] as number | null) ?? 224),
         normalization: options.normalization,
         fineTuneFrom: options.fineTuneFrom,
         licence: options.licence ?? "unknown (set --licence)",
-        source: options.source ?? describeSource(source),
+        source: options.source,
         sha256: await sha256Hex(described.map((d) => d.sha256).join("")),
         files: described,
       },
@@ -158,13 +180,65 @@ export async function importBase(store: ObjectStore, source: ModelSource, option
   }
 }
 
-/** The bases `--base best` scores: every bundled one (best first), and the preferred downloadable one where it is in the bucket. */
+/** A base and where it came from this time ("the bucket", or the source it was just stored from). */
+export interface ObtainedBase {
+  base: BaseMetadata;
+  from: string;
+}
+
+/**
+ * A known base from the bucket, else from its sources in order (stored into the bucket on the way), never
+ * downloading when `downloads` is false. Throws a `SourceUnavailable` naming why each source was passed over.
+ */
+export async function obtainBase(store: ObjectStore, id: string, downloads = true): Promise<ObtainedBase> {
+  const existing = await store.get(keys.baseMetadata(id));
+  if (existing) return { base: parseContractJson(baseMetadataSchema, new TextDecoder().decode(existing), keys.baseMetadata(id)), from: "the bucket" };
+  const known = KNOWN_BASES.find((b) => b.id === id);
+  if (!known) {
+    throw new InvalidOptionError("base", id, [...KNOWN_BASES.map((b) => b.id), "(or any id imported with `edgetune base import`)"]);
+  }
+  const passed: string[] = [];
+  for (const source of known.sources) {
+    if (source.kind === "url" && !downloads) {
+      passed.push("download skipped (a recent download failed)");
+      continue;
+    }
+    let fetched: Awaited<ReturnType<typeof fetchSource>>;
+    try {
+      fetched = await fetchSource(source);
+    } catch (e) {
+      if (!(e instanceof SourceUnavailable)) throw e;
+      passed.push(e.message);
+      continue;
+    }
+    const base = await storeBase(store, fetched.model, { ...known, source: fetched.provenance });
+    return { base, from: fetched.provenance };
+  }
+  const hint = known.sources.some((s) => s.kind === "dir")
+    ? ` Set EDGETUNE_BASES_DIR to a folder holding ${known.sources.flatMap((s) => (s.kind === "dir" ? [`${s.dir}/`] : [])).join(" or ")}${known.sources.some((s) => s.kind === "url") ? ", or allow the download" : ""}.`
+    : "";
+  throw new SourceUnavailable(`Base ${id} is not in the bucket and none of its sources is available: ${passed.join("; ")}.${hint}`);
+}
+
+/** Makes sure a known base is in the bucket (reading or downloading it once), returns its metadata. */
+export async function ensureBase(store: ObjectStore, id: string): Promise<BaseMetadata> {
+  return (await obtainBase(store, id)).base;
+}
+
+/**
+ * The bases `--base best` scores: each known base the bucket or the bases directory holds (never a
+ * download), in `auto`'s order, then the others; the nsfwjs one is always among them.
+ */
 export async function baseCandidates(store: ObjectStore): Promise<BaseMetadata[]> {
-  const bundled = KNOWN_BASES.filter((b) => b.source.kind !== "url").map((b) => b.id);
-  const ids = [BEST_BUNDLED_BASE, ...bundled.filter((id) => id !== BEST_BUNDLED_BASE)];
+  const ids = [...AUTO_ORDER, ...KNOWN_BASES.map((b) => b.id).filter((id) => !(AUTO_ORDER as readonly string[]).includes(id))];
   const out: BaseMetadata[] = [];
-  for (const id of ids) out.push(await ensureBase(store, id));
-  if (await store.head(keys.baseMetadata(PREFERRED_DOWNLOADED_BASE))) out.push(await ensureBase(store, PREFERRED_DOWNLOADED_BASE));
+  for (const id of ids) {
+    const got = await obtainBase(store, id, false).catch((e: unknown) => {
+      if (e instanceof SourceUnavailable) return null;
+      throw e;
+    });
+    if (got) out.push(got.base);
+  }
   return out;
 }
 
@@ -175,36 +249,36 @@ export interface BaseChoice {
 }
 
 /**
- * The base a run uses: `requested` itself, or for `auto` the clean ImageNet MobileNetV2 when it is in
- * the bucket or can be downloaded into it now, else the best bundled base. A failed download is
- * remembered in the bucket (`bases/auto-unreachable.json`) and not tried again for a day.
+ * The base a run uses and where it came from: `requested` itself, or for `auto` the first of `AUTO_ORDER`
+ * that the bucket, the bases directory or a download provides. A failed download is remembered in the
+ * bucket (`bases/auto-unreachable.json`) and not tried again for a day; offline by design
+ * (`EDGETUNE_OFFLINE`), nothing is downloaded.
  */
-export async function resolveBase(store: ObjectStore, requested: string): Promise<{ base: BaseMetadata; choice?: BaseChoice }> {
-  if (requested !== AUTO_BASE) return { base: await ensureBase(store, requested) };
-  const preferred = PREFERRED_DOWNLOADED_BASE;
-  const stored = await store.get(keys.baseMetadata(preferred));
-  if (stored) {
-    const base = parseContractJson(baseMetadataSchema, new TextDecoder().decode(stored), keys.baseMetadata(preferred));
-    return { base, choice: { requested, reason: `${preferred} (ImageNet MobileNetV2) is in the bucket` } };
-  }
-  const fallback = async (why: string) => ({
-    base: await ensureBase(store, BEST_BUNDLED_BASE),
-    choice: { requested, reason: `${preferred} could not be downloaded (${why}); using the best bundled base, ${BEST_BUNDLED_BASE}` },
-  });
-  const marker = await store.get(AUTO_MARKER);
+export async function resolveBase(store: ObjectStore, requested: string): Promise<ObtainedBase & { choice?: BaseChoice }> {
+  if (requested !== AUTO_BASE) return obtainBase(store, requested);
+  const marker = offline() ? null : await store.get(AUTO_MARKER);
   const last = marker ? (parseJson(marker) as { at?: string; reason?: string } | null) : null;
-  if (last?.at && Date.now() - Date.parse(last.at) < AUTO_RETRY_MS) return fallback(`${last.reason}, at ${last.at}; tried again a day later`);
-  try {
-    const base = await ensureBase(store, preferred);
-    return { base, choice: { requested, reason: `${preferred} (ImageNet MobileNetV2) was downloaded once into the bucket` } };
-  } catch (e) {
-    // Only an unreachable download is remembered (for a day, bucket-wide); a storage hiccup while importing
-    // falls back for this run only.
-    if (!(e instanceof EdgetuneError && e.code === "base_unreachable")) return fallback(userMessage(e));
-    const reason = e.cause instanceof Error ? e.cause.message : "unreachable";
-    await store.put(AUTO_MARKER, JSON.stringify({ at: new Date().toISOString(), reason }), "application/json").catch(() => {});
-    return fallback(reason);
+  let downloads = !(last?.at && Date.now() - Date.parse(last.at) < AUTO_RETRY_MS);
+  const passed: string[] = [];
+  for (const id of AUTO_ORDER) {
+    try {
+      const got = await obtainBase(store, id, downloads);
+      const why = id === NSFWJS_BASE ? "the last resort, not a clean ImageNet base" : "the first of auto's order available";
+      const skipped = passed.length > 0 ? `; passed over: ${passed.join("; ")}` : "";
+      return { ...got, choice: { requested, reason: `${id} from ${got.from} (${why})${skipped}` } };
+    } catch (e) {
+      if (!(e instanceof SourceUnavailable)) throw e;
+      passed.push(
+        e.message.replace(/^Base (\S+) is not in the bucket and none of its sources is available: /, "$1: ").replace(/\. Set EDGETUNE_BASES_DIR.*$/, ""),
+      );
+      // Only an unreachable download is remembered (for a day, bucket-wide), so later runs do not wait for it.
+      if (downloads && !offline() && /could not reach|answered HTTP/.test(e.message)) {
+        downloads = false;
+        await store.put(AUTO_MARKER, JSON.stringify({ at: new Date().toISOString(), reason: e.message }), "application/json").catch(() => {});
+      }
+    }
   }
+  throw new SourceUnavailable(`No base is available: ${passed.join("; ")}.`);
 }
 const AUTO_MARKER = "bases/auto-unreachable.json";
 function parseJson(bytes: Uint8Array): unknown {
@@ -213,31 +287,6 @@ function parseJson(bytes: Uint8Array): unknown {
   } catch {
     return null;
   }
-}
-
-/** Makes sure a known base is in the bucket (downloading or unpacking it once), returns its metadata. */
-export async function ensureBase(store: ObjectStore, id: string): Promise<BaseMetadata> {
-  const existing = await store.get(keys.baseMetadata(id));
-  if (existing) return parseContractJson(baseMetadataSchema, new TextDecoder().decode(existing), keys.baseMetadata(id));
-  const known = KNOWN_BASES.find((b) => b.id === id);
-  if (!known) {
-    throw new InvalidOptionError("base", id, [...KNOWN_BASES.map((b) => b.id), "(or any id imported with `edgetune base import`)"]);
-  }
-  const source: ModelSource =
-    known.source.kind === "bundled"
-      ? { kind: "dir", path: join(BUNDLED_DIR, known.source.dir) }
-      : known.source.kind === "url"
-        ? { kind: "url", url: mirrored(known.source.url) }
-        : known.source;
-  const provenance =
-    known.source.kind === "url"
-      ? mirrored(known.source.url) === known.source.url
-        ? known.source.url
-        : `${mirrored(known.source.url)} (EDGETUNE_BASE_MIRROR, standing in for ${known.source.url})`
-      : known.source.kind === "bundled"
-        ? `edgetune jobs/train/bases/${known.source.dir}`
-        : "npm nsfwjs dist/models/mobilenet_v2";
-  return importBase(store, source, { ...known, source: provenance });
 }
 
 /** A stored base, verified, loaded at `size`×`size`. The caller disposes it. */
@@ -263,24 +312,8 @@ export async function loadBase(store: ObjectStore, metadata: BaseMetadata, size:
 async function loadSource(source: ModelSource): Promise<tf.LayersModel> {
   switch (source.kind) {
     case "nsfwjs":
-      return loadNsfwjs();
     case "url":
-      try {
-        // Each request gets DOWNLOAD_TIMEOUT_MS: a network that drops packets must not hold a run for long.
-        const timeout = Number(process.env.EDGETUNE_DOWNLOAD_TIMEOUT_MS || 60_000);
-        return await tf.loadLayersModel(
-          tf.io.http(source.url, {
-            fetchFunc: ((url: string | URL | Request, init?: RequestInit) => fetch(url, { ...init, signal: AbortSignal.timeout(timeout) })) as typeof fetch,
-          }),
-        );
-      } catch (e) {
-        const detail = e instanceof Error ? (e.cause instanceof Error ? `${e.message}: ${e.cause.message}` : e.message) : String(e);
-        throw new EdgetuneError(
-          "base_unreachable",
-          `Could not download the base from ${source.url} (${detail}). It needs internet once; after that it is kept in the bucket.`,
-          { cause: new Error(detail) },
-        );
-      }
+      return (await fetchSource(source)).model;
     case "dir": {
       const json = await readFile(join(source.path, "model.json")).catch(() => {
         throw new NotFoundError(`No model.json in ${source.path}.`);
@@ -304,22 +337,6 @@ async function loadSource(source: ModelSource): Promise<tf.LayersModel> {
       return loadModel(json, shards);
     }
   }
-}
-
-/** The MobileNetV2 inside the nsfwjs package: UMD modules holding model.json and base64 weights. */
-async function loadNsfwjs(): Promise<tf.LayersModel> {
-  const require = createRequire(import.meta.url);
-  const entry = require.resolve("nsfwjs");
-  const dir = `${entry.slice(0, entry.lastIndexOf("/dist/"))}/dist/models/mobilenet_v2/`;
-  const model = require(`${dir}model.min.js`) as { modelTopology: object; weightsManifest: { weights: tf.io.WeightsManifestEntry[] }[] };
-  const weights = Buffer.from(require(`${dir}group1-shard1of1.min.js`) as string, "base64");
-  return tf.loadLayersModel(
-    tf.io.fromMemory({
-      modelTopology: model.modelTopology,
-      weightSpecs: model.weightsManifest.flatMap((g) => g.weights),
-      weightData: weights.buffer.slice(weights.byteOffset, weights.byteOffset + weights.byteLength),
-    }),
-  );
 }
 
 function describeSource(source: ModelSource): string {

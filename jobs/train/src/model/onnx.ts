@@ -13,19 +13,40 @@ import { EdgetuneError } from "../../../../shared/errors.ts";
  * Layout: the model takes NHWC like the tfjs one (one Transpose to NCHW up front, as ONNX's
  * convolutions are NCHW) and returns [N, C] features when `pooled` (the mean over space, as
  * extraction pools), or NHWC maps (the fine-tuning cut) otherwise.
+ *
+ * The whole classifier (export/onnx.ts) goes through the same converter: its pooling, concatenation
+ * and Dense head layers are converted here too, and `uint8` puts the base's normalisation into the
+ * graph so the model takes the 8-bit pixels the edge's preprocessing rounds to.
  */
 export class UnsupportedLayerError extends EdgetuneError {
+  readonly layer: string;
+  readonly what: string;
   constructor(layer: string, what: string) {
     super("onnx_unsupported", `Layer ${layer} (${what}) has no ONNX export in edgetune; features are computed with tfjs instead.`);
+    this.layer = layer;
+    this.what = what;
   }
 }
 
 // onnx-proto is CommonJS: its namespace comes through the default export under Node ESM.
 const proto = onnxProto.onnx;
 
-const OPSET = 13;
-const INPUT = "input";
-const OUTPUT = "features";
+export const OPSET = 13;
+const DEFAULT_INPUT = "input";
+const DEFAULT_OUTPUT = "features";
+
+export interface OnnxOptions {
+  size: number;
+  /** A rank-4 output is pooled to [N, C] (feature extraction) rather than returned as NHWC maps. */
+  pooled: boolean;
+  /** Take uint8 NHWC pixels and normalise them in the graph (x · scale + offset), as shared/preprocess.ts does after rounding. */
+  uint8?: { scale: number; offset: number };
+  /** Graph input and output names (default "input" and "features"). */
+  names?: { input: string; output: string };
+  /** The model's metadata_props (ONNX's key–value strings) and doc string. */
+  metadata?: Record<string, string>;
+  docString?: string;
+}
 
 interface Built {
   nodes: onnx.INodeProto[];
@@ -33,13 +54,22 @@ interface Built {
 }
 
 /** `model` (inputs → its single output) as ONNX bytes; input NHWC [N, size, size, 3]. */
-export function toOnnx(model: tf.LayersModel, options: { size: number; pooled: boolean }): Uint8Array {
+export function toOnnx(model: tf.LayersModel, options: OnnxOptions): Uint8Array {
   const out: Built = { nodes: [], initializers: [] };
+  const { input: inputName, output: outputName } = options.names ?? { input: DEFAULT_INPUT, output: DEFAULT_OUTPUT };
   const inputLayer = model.inputLayers[0];
   if (!inputLayer || model.inputLayers.length !== 1 || model.outputs.length !== 1) throw new UnsupportedLayerError(model.name, "not one input and one output");
   // Each layer's output is named after the layer (prefixed, so no layer name can collide with the
   // graph's "input" and "features"); the input layer's is the NCHW transpose of the input.
-  node(out, "Transpose", [INPUT], [tensor(inputLayer.name)], { perm: [0, 3, 1, 2] });
+  let image = inputName;
+  if (options.uint8) {
+    // The same arithmetic as preprocess's `byte · scale + offset`, in float32.
+    node(out, "Cast", [inputName], ["pixels:float"], { to: proto.TensorProto.DataType.FLOAT });
+    node(out, "Mul", ["pixels:float", scalar(out, "normalization/scale", options.uint8.scale)], ["pixels:scaled"]);
+    node(out, "Add", ["pixels:scaled", scalar(out, "normalization/offset", options.uint8.offset)], ["pixels:normalized"]);
+    image = "pixels:normalized";
+  }
+  node(out, "Transpose", [image], [tensor(inputLayer.name)], { perm: [0, 3, 1, 2] });
   const last = tensor(model.outputs[0]?.sourceLayer.name as string);
   for (const layer of model.layers) {
     if (layer === inputLayer) continue;
@@ -53,13 +83,13 @@ export function toOnnx(model: tf.LayersModel, options: { size: number; pooled: b
   }
   const outputRank = model.outputs[0]?.shape.length;
   if (outputRank === 2)
-    node(out, "Identity", [last], [OUTPUT]); // pooled in the graph already
-  else if (options.pooled) node(out, "ReduceMean", [last], [OUTPUT], { axes: [2, 3], keepdims: 0 });
-  else node(out, "Transpose", [last], [OUTPUT], { perm: [0, 2, 3, 1] });
+    node(out, "Identity", [last], [outputName]); // pooled in the graph already
+  else if (options.pooled) node(out, "ReduceMean", [last], [outputName], { axes: [2, 3], keepdims: 0 });
+  else node(out, "Transpose", [last], [outputName], { perm: [0, 2, 3, 1] });
 
-  const shapeOf = (dims: (number | string)[]) => ({
+  const shapeOf = (dims: (number | string)[], elemType: number = proto.TensorProto.DataType.FLOAT) => ({
     tensorType: {
-      elemType: proto.TensorProto.DataType.FLOAT,
+      elemType,
       shape: { dim: dims.map((d) => (typeof d === "string" ? { dimParam: d } : { dimValue: d })) },
     },
   });
@@ -67,12 +97,14 @@ export function toOnnx(model: tf.LayersModel, options: { size: number; pooled: b
     irVersion: 7,
     producerName: "edgetune",
     opsetImport: [{ domain: "", version: OPSET }],
+    ...(options.docString ? { docString: options.docString } : {}),
+    metadataProps: Object.entries(options.metadata ?? {}).map(([key, value]) => ({ key, value })),
     graph: {
       name: model.name,
       node: out.nodes,
       initializer: out.initializers,
-      input: [{ name: INPUT, type: shapeOf(["N", options.size, options.size, 3]) }],
-      output: [{ name: OUTPUT, type: shapeOf(["N", ...outputDims(model, options.pooled)]) }],
+      input: [{ name: inputName, type: shapeOf(["N", options.size, options.size, 3], options.uint8 ? proto.TensorProto.DataType.UINT8 : undefined) }],
+      output: [{ name: outputName, type: shapeOf(["N", ...outputDims(model, options.pooled)]) }],
     },
   };
   return proto.ModelProto.encode(modelProto).finish();
@@ -178,6 +210,19 @@ function convert(out: Built, layer: tf.layers.Layer, inputs: string[]): void {
     case "Dropout":
       node(out, "Identity", [x], [name]);
       return;
+    // The classifier's head on the pooled [N, C] features: Gemm (x · W + B), then its activation.
+    case "Dense": {
+      const [kernel, bias] = weights as [tf.Tensor2D, tf.Tensor1D | undefined];
+      if ((layer.outputShape as unknown[]).length !== 2) throw new UnsupportedLayerError(layer.name, "Dense on more than one axis");
+      const activation = (cfg.activation as string | undefined) ?? "linear";
+      const pre = activation === "linear" ? name : `${name}/pre`;
+      const gemmInputs = [x, constant(out, `${name}/W`, kernel)];
+      if (cfg.useBias !== false && bias) gemmInputs.push(constant(out, `${name}/B`, bias));
+      node(out, "Gemm", gemmInputs, [pre]);
+      if (activation === "softmax") node(out, "Softmax", [pre], [name], { axis: -1 });
+      else if (activation !== "linear") activate(out, layer.name, activation, pre, name);
+      return;
+    }
     // Features from several layers (features/extract.ts extractorFor): each map pooled to [N, C],
     // the vectors concatenated. Channels are axis 1 in NCHW as in the pooled [N, C].
     case "GlobalAveragePooling2D":

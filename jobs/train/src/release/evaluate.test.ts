@@ -20,5 +20,7 @@ describe("evaluate", () => {
     expect(result.metrics.perClass.wasp?.precision).toBeCloseTo(0.5);
     expect(result.mistakes.map((m) => m.key)).toEqual(["a2", "b2"]);
     expect(result.mistakes[0]).toMatchObject({ label: "ant", predicted: "bee" });
+    // Every held-out image's top score, ascending (float32 as computed): what the monitor counts exactly.
+    expect(result.topScores).toEqual([0.6, 0.7, 0.8, 0.9, 1].map((x) => Math.fround(x)));
   });
 });

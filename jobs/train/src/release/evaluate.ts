@@ -9,6 +9,8 @@ export interface Evaluation {
   metrics: Metrics;
   confusion: number[][];
   mistakes: { key: string; label: string; predicted: string; score: number }[];
+  /** The top score of every held-out image, ascending: the monitor's exact share under any threshold. */
+  topScores: number[];
 }
 
 export function evaluate(
@@ -23,12 +25,14 @@ export function evaluate(
   const confusion = Array.from({ length: k }, () => new Array<number>(k).fill(0));
   const mistakes: Evaluation["mistakes"] = [];
   const confidence = new Array<number>(CONFIDENCE_BINS).fill(0);
+  const topScores: number[] = [];
   let correct = 0;
   truth.forEach((t, i) => {
     const p = probabilities[i] as Float32Array;
     const predicted = argmax(p);
     const bin = confidenceBin(p[predicted] as number);
     confidence[bin] = (confidence[bin] ?? 0) + 1;
+    topScores.push(p[predicted] as number);
     (confusion[t] as number[])[predicted] = ((confusion[t] as number[])[predicted] ?? 0) + 1;
     if (predicted === t) correct++;
     else mistakes.push({ key: keysOf[i] as string, label: labels[t] as string, predicted: labels[predicted] as string, score: p[predicted] as number });
@@ -48,6 +52,7 @@ export function evaluate(
     metrics: { accuracy: truth.length > 0 ? correct / truth.length : 0, loss, evaluatedOn: truth.length, perClass, confidence },
     confusion,
     mistakes: mistakes.slice(0, topMistakes),
+    topScores: topScores.sort((a, b) => a - b),
   };
 }
 

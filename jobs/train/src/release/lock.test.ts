@@ -1,7 +1,8 @@
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
 import { keys } from "../../../../shared/keys.ts";
-import { acquireLock, LockTimeoutError } from "./lock.ts";
+import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { acquireLock, LockTimeoutError, releaseLocksOfJob } from "./lock.ts";
 
 let s3: LocalS3;
 beforeAll(async () => {
@@ -31,5 +32,42 @@ describe("training lock", () => {
     expect(held.owner).toMatch(/^job-1#2:/);
     await lock.release();
     expect(await s3.store.get(keys.lock("m"))).toBeNull();
+  });
+
+  it("frees a dead job's lock, but not one another run took over between the read and the delete", async () => {
+    const dead = JSON.stringify({ owner: "job-dead#1:x", beatAt: Date.now() });
+    const takeover = JSON.stringify({ owner: "job-new#1:y", beatAt: Date.now() });
+    await s3.store.put(keys.lock("raced"), dead);
+    // Another run takes the lock over right after the dead job's lock is read (a real S3 write, in between).
+    let raced = false;
+    const racing: ObjectStore = Object.assign(Object.create(s3.store) as ObjectStore, {
+      get: async (key: string) => {
+        const bytes = await s3.store.get(key);
+        if (key === keys.lock("raced") && !raced) {
+          raced = true;
+          await s3.store.put(key, takeover);
+        }
+        return bytes;
+      },
+    });
+    expect(await releaseLocksOfJob(racing, "job-dead")).toEqual([]);
+    expect(raced).toBe(true);
+    expect(new TextDecoder().decode((await s3.store.get(keys.lock("raced"))) as Uint8Array)).toBe(takeover);
+    // Without a race, the dead job's lock is freed (and only that job's).
+    await s3.store.put(keys.lock("raced"), dead);
+    expect(await releaseLocksOfJob(s3.store, "job-new")).toEqual([]);
+    expect(await releaseLocksOfJob(s3.store, "job-dead")).toEqual(["raced"]);
+    expect(await s3.store.get(keys.lock("raced"))).toBeNull();
+  });
+
+  it("the local S3 server deletes conditionally as S3 does (If-Match on DeleteObject)", async () => {
+    const { etag } = await s3.store.put("locks/cond.json", "v1");
+    await s3.store.put("locks/cond.json", "v2");
+    expect(await s3.store.deleteIfMatch("locks/cond.json", etag)).toBe(false);
+    expect(await s3.store.get("locks/cond.json")).not.toBeNull();
+    const current = await s3.store.head("locks/cond.json");
+    expect(await s3.store.deleteIfMatch("locks/cond.json", current?.etag as string)).toBe(true);
+    expect(await s3.store.get("locks/cond.json")).toBeNull();
+    expect(await s3.store.deleteIfMatch("locks/cond.json", current?.etag as string)).toBe(false);
   });
 });

@@ -11,6 +11,8 @@ import { jobIdFromEnv } from "../status.ts";
  * (same job id, a later attempt) takes the lock over at once, anyone else after three missed heartbeats.
  * Taking the lock is a conditional write where S3 supports it, then a read-back after a short pause
  * (last writer wins), which also covers S3-compatible servers that ignore conditional writes.
+ * Releasing is a conditional delete (If-Match on the ETag of the version read), so a lock another run
+ * took over between the read and the delete is left alone.
  * The heartbeat is once a minute: every beat is a new object version in the versioned bucket (60 an
  * hour, expired a day later by the bucket's lifecycle), not one every 15 s.
  */
@@ -59,7 +61,7 @@ export async function acquireLock(store: ObjectStore, name: string, options: { w
   return {
     async release() {
       clearInterval(timer);
-      if ((await read(store, key))?.owner === owner) await store.delete([key]);
+      await deleteIfHeldBy(store, key, (holder) => holder.owner === owner);
     },
   };
 }
@@ -72,11 +74,23 @@ export async function releaseLocksOfJob(store: ObjectStore, jobId: string): Prom
   const freed: string[] = [];
   for await (const o of store.list(keys.locksRoot)) {
     if (!o.key.endsWith(".json")) continue;
-    if (!(await read(store, o.key))?.owner.startsWith(`${jobId}#`)) continue;
-    await store.delete([o.key]);
+    if (!(await deleteIfHeldBy(store, o.key, (holder) => holder.owner.startsWith(`${jobId}#`)))) continue;
     freed.push(o.key.slice(keys.locksRoot.length, -".json".length));
   }
   return freed;
+}
+
+/**
+ * Deletes the lock at `key` only if `held` says its holder is the one to free, and only that version of
+ * it: the ETag is taken before the body is read, and the delete is conditional on it. A lock rewritten in
+ * between (taken over, or a heartbeat) makes the delete fail (412) instead of deleting someone else's.
+ */
+async function deleteIfHeldBy(store: ObjectStore, key: string, held: (holder: LockBody) => boolean): Promise<boolean> {
+  const version = await store.head(key);
+  if (!version) return false;
+  const holder = await read(store, key);
+  if (!holder || !held(holder)) return false;
+  return store.deleteIfMatch(key, version.etag);
 }
 
 async function read(store: ObjectStore, key: string): Promise<LockBody | null> {

@@ -12,9 +12,11 @@ import type { Exported } from "../model/export.ts";
 import { WEIGHTS_FILE } from "../model/io.ts";
 import type { RunPlan } from "../plan.ts";
 import type { RunContext } from "../run.ts";
+import type { Answers } from "./answers.ts";
 import type { Evaluation } from "./evaluate.ts";
 import type { Promotion } from "./promote.ts";
 import { renderReportHtml, type TrainingReport } from "./report.ts";
+import { thresholdValues } from "./thresholds.ts";
 
 /** What a training run ends with; the CLI prints it, the dispatcher logs it. */
 export interface TrainResult {
@@ -32,6 +34,7 @@ export interface RunOutcome {
   backend: BackendInfo;
   pooled: PooledFeatures;
   fitted: Fitted;
+  answers: Answers;
   evaluation: Evaluation;
   exported: Exported;
   promotion: Promotion;
@@ -110,7 +113,8 @@ export function existsResult(ctx: RunContext, plan: RunPlan, reason: string): Tr
 
 async function buildReport(ctx: RunContext, plan: RunPlan, outcome: RunOutcome): Promise<TrainingReport> {
   const { dataset, base, options } = plan;
-  const { backend, pooled, fitted, evaluation, exported, promotion } = outcome;
+  const { backend, pooled, fitted, answers, evaluation, exported, promotion } = outcome;
+  const { calibration: c } = answers;
   return {
     name: plan.name,
     version: plan.version,
@@ -127,8 +131,12 @@ async function buildReport(ctx: RunContext, plan: RunPlan, outcome: RunOutcome):
     metrics: evaluation.metrics,
     confusion: evaluation.confusion,
     mistakes: await withThumbnails(ctx.store, evaluation.mistakes),
+    heldOutScores: evaluation.topScores,
     export: { dtype: exported.dtype, bytes: exported.files.weights.byteLength, maxDelta: exported.maxDelta },
     promotion,
+    calibration: { temperature: c.temperature, folds: c.folds, eceBefore: c.eceBefore, eceAfter: c.eceAfter, reliability: c.reliability },
+    thresholds: { policy: answers.policy, byLabel: answers.thresholds, ...answers.answered },
+    ...(answers.none ? { noneLabel: answers.none.label } : {}),
   };
 }
 
@@ -175,8 +183,25 @@ function metadataOf(plan: RunPlan, outcome: RunOutcome): Omit<ArtifactMetadata, 
       skipped: outcome.pooled.skipped.length,
     },
     metrics: outcome.evaluation.metrics,
+    ...answerMetadata(outcome.answers),
     weights: { dtype: outcome.exported.dtype, bytes: outcome.exported.files.weights.byteLength },
     libraries: LIBRARIES,
+  };
+}
+
+/** The version's answer rules as the edge reads them (shared/contracts/artifact.ts answerRules). */
+function answerMetadata(a: Answers): Pick<ArtifactMetadata, "calibration" | "thresholds" | "noneLabel"> {
+  const { calibration: c, answered } = a;
+  return {
+    calibration: { method: "temperature", temperature: c.temperature, folds: c.folds, eceBefore: c.eceBefore, eceAfter: c.eceAfter },
+    thresholds: {
+      policy: a.policy,
+      byLabel: thresholdValues(a.thresholds),
+      answered: answered.answered,
+      answeredAccuracy: answered.answeredAccuracy,
+      ...(answered.negativesRejected === undefined ? {} : { negativesRejected: answered.negativesRejected }),
+    },
+    ...(a.none ? { noneLabel: a.none.label } : {}),
   };
 }
 

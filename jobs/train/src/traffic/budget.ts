@@ -88,5 +88,6 @@ export function budgeted(store: ObjectStore, budget: ReadBudget): ObjectStore {
     putIfAbsent: (k, b, t) => store.putIfAbsent(k, b, t),
     putIfMatch: (k, b, e, t) => store.putIfMatch(k, b, e, t),
     delete: (k) => store.delete(k),
+    deleteIfMatch: (k, e) => store.deleteIfMatch(k, e),
   };
 }

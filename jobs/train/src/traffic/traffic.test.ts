@@ -597,6 +597,17 @@ describe("monitor", () => {
     expect(rollup.requests).toBe(Number.MAX_SAFE_INTEGER);
   });
 
+  it("gives the held-out share under a threshold exactly, from the per-image scores or a bin edge, never interpolated", () => {
+    // 6 held-out images, 5 of them in the top bin [0.9, 1]: under 0.99 is not knowable from the bins.
+    const metadata = { ...validMetadata(), metrics: { ...validMetadata().metrics, evaluatedOn: 6, confidence: [0, 0, 0, 0, 0, 0, 0, 1, 0, 5] } };
+    expect(referenceOf(metadata, null, 0.99).lowConfidence).toBeNull();
+    expect(referenceOf(metadata, null, 0.8).lowConfidence).toBeCloseTo(1 / 6); // a bin edge: exact
+    const scores = [0.75, 0.93, 0.97, 0.991, 0.995, 0.999];
+    expect(referenceOf(metadata, null, 0.99, scores).lowConfidence).toBeCloseTo(3 / 6);
+    // Scores that do not match the evaluated count are not trusted.
+    expect(referenceOf(metadata, null, 0.99, scores.slice(1)).lowConfidence).toBeNull();
+  });
+
   it("flags a rise of unsure answers and a moved label distribution, given enough answers", () => {
     const metadata = { ...validMetadata(), metrics: { ...validMetadata().metrics, evaluatedOn: 20, confidence: [0, 0, 0, 0, 0, 2, 0, 0, 0, 18] } };
     // Held-out: 10 predicted cat, 10 dog; 10 % under 0.6 (the bin [0.5, 0.6) is wholly under it).

@@ -104,10 +104,12 @@ export async function monitor(
     threshold = config.enabled ? config.belowConfidence : CAPTURE_OFF.belowConfidence;
     // The confusion matrix gives the held-out predicted-label shares; without a readable report, the
     // true-label shares (per-class support) stand in.
-    const confusion = await readVerifiedFile(store, served, ARTIFACT_FILES.report)
-      .then((bytes) => (JSON.parse(new TextDecoder().decode(bytes)) as { confusion?: number[][] }).confusion ?? null)
+    const report = await readVerifiedFile(store, served, ARTIFACT_FILES.report)
+      .then((bytes) => JSON.parse(new TextDecoder().decode(bytes)) as { confusion?: number[][]; heldOutScores?: unknown })
       .catch(() => null);
-    reference = referenceOf(served, confusion, threshold);
+    const kept = report?.heldOutScores;
+    const scores = Array.isArray(kept) && kept.every((s): s is number => typeof s === "number") ? kept : null;
+    reference = referenceOf(served, report?.confusion ?? null, threshold, scores);
   } catch (e) {
     if (!(e instanceof NotFoundError)) throw e;
   }

@@ -1,0 +1,67 @@
+import type { ArtifactMetadata } from "./contracts/artifact.ts";
+
+/**
+ * What a classification answers, on both sides (the training job measures it on held-out images, the
+ * edge returns it): a label, "unsure" (the top label's score is below that label's threshold) or
+ * "none of these" (the dataset's rejection class scored highest). Thresholds are per label, from the
+ * version's metadata (computed at training) or one number for every label (`?threshold=`).
+ */
+export type Decision = { kind: "label"; index: number } | { kind: "unsure"; index: number } | { kind: "none"; index: number };
+
+export function decide(
+  scores: ArrayLike<number>,
+  labels: readonly string[],
+  thresholds: Readonly<Record<string, number>> | number,
+  noneIndex?: number,
+): Decision {
+  let top = 0;
+  for (let i = 1; i < scores.length; i++) if ((scores[i] as number) > (scores[top] as number)) top = i;
+  if (top === noneIndex) return { kind: "none", index: top };
+  const threshold = typeof thresholds === "number" ? thresholds : (thresholds[labels[top] as string] ?? 0);
+  return (scores[top] as number) >= threshold ? { kind: "label", index: top } : { kind: "unsure", index: top };
+}
+
+/** The version's answer rules; absent in versions trained before them (no thresholds, no rejection class). */
+export function answerRules(m: Pick<ArtifactMetadata, "labels" | "thresholds" | "noneLabel">): {
+  thresholds: Record<string, number>;
+  noneIndex: number | undefined;
+} {
+  const noneIndex = m.noneLabel === undefined ? undefined : m.labels.indexOf(m.noneLabel);
+  return { thresholds: m.thresholds?.byLabel ?? {}, noneIndex: noneIndex === -1 ? undefined : noneIndex };
+}
+
+/** What the classify API returns besides its timings. */
+export interface Answer {
+  /** Best first; the rejection class is not a label and is not listed. */
+  predictions: { label: string; score: number }[];
+  /** The answer: the top label when it clears its threshold; null when unsure or none of these. */
+  label: string | null;
+  unsure: boolean;
+  none: boolean;
+  /** The threshold the top label was held to (null: none of these). */
+  threshold: number | null;
+}
+
+/** The answer to one image's scores under a version's rules; `threshold` (the API's `?threshold=`) replaces every label's. */
+export function answer(
+  scores: ArrayLike<number>,
+  metadata: Pick<ArtifactMetadata, "labels" | "thresholds" | "noneLabel">,
+  options: { topK: number; threshold?: number },
+): Answer {
+  const { labels } = metadata;
+  const rules = answerRules(metadata);
+  const d = decide(scores, labels, options.threshold ?? rules.thresholds, rules.noneIndex);
+  const predictions = Array.from(scores, (score, i) => ({ label: labels[i] as string, score, i }))
+    .filter((p) => p.i !== rules.noneIndex)
+    .sort((a, b) => b.score - a.score)
+    .slice(0, options.topK)
+    .map(({ label, score }) => ({ label, score }));
+  const top = labels[d.index] as string;
+  return {
+    predictions,
+    label: d.kind === "label" ? top : null,
+    unsure: d.kind === "unsure",
+    none: d.kind === "none",
+    threshold: d.kind === "none" ? null : (options.threshold ?? rules.thresholds[top] ?? 0),
+  };
+}
