@@ -40,7 +40,14 @@ describe("train (head strategy)", () => {
     const { metadata } = await readPromotedModel(s3.store, "emoji");
     expect(metadata.labels).toEqual(["animals", "food", "travel"]);
     expect(metadata.weights.dtype).toBe("float16");
-    expect(metadata.files.map((f) => f.path).sort()).toEqual(["group1-shard1of1.bin", "model.json", "report.html", "report.json"]);
+    expect(metadata.files.map((f) => f.path).sort()).toEqual([
+      "group1-shard1of1.bin",
+      "head-shard1of1.bin",
+      "head.json",
+      "model.json",
+      "report.html",
+      "report.json",
+    ]);
 
     // Stock loader over plain HTTP from the S3 server, then score the held-out images ourselves.
     const url = `${s3.endpoint}/${s3.config.bucket}/${keys.versionFile("emoji", result.version, "model.json")}`;
