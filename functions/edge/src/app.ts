@@ -30,6 +30,7 @@ import { ApiError, errorBody } from "./http/errors.ts";
 import { decodeImage, encodePng } from "./image/decode.ts";
 import { wasmMemoryBytes } from "./memory.ts";
 import { type ModelCache, modelCache } from "./model/cache.ts";
+import { predictAll } from "./model/predict.ts";
 import { ModelRegistry, ModelUnavailableError } from "./model/registry.ts";
 import { createModelSource, ListingUnavailableError, type ModelSource, SourceError, StoreAccessDeniedError } from "./model/source.ts";
 import {
@@ -74,7 +75,7 @@ function registryFor(env: Env): ModelRegistry {
   cache ??= modelCache(env as { MODEL_CACHE?: R2Bucket });
   registry ??= new ModelRegistry(createModelSource(env), {
     ttlMs: Number(env.POINTER_TTL_SECONDS || 30) * 1000,
-    maxModels: Number(env.MAX_MODELS || 1),
+    memoryBudgetBytes: Number(env.MODEL_MEMORY_MB || 64) * 1024 * 1024,
     cache,
   });
   return registry;
@@ -140,7 +141,17 @@ app.openapi(healthRoute, async (c) => {
   return c.json(
     {
       status,
-      models: models.map((m) => ({ name: m.name, version: m.version ?? null, problem: m.lastError ?? null, code: m.errorCode ?? null })),
+      models: models.map((m) => ({
+        name: m.name,
+        version: m.version ?? null,
+        problem: m.lastError ?? null,
+        code: m.errorCode ?? null,
+        // The shared base a head runs on (null: a whole model), and its own tensor bytes.
+        base: m.base ?? null,
+        bytes: m.bytes ?? null,
+      })),
+      // One copy of each (base, size), whatever number of heads hold it (model/bases.ts).
+      bases: registry?.bases.status() ?? [],
       // Live tensors and their bytes in this isolate: constant between requests unless something leaks.
       memory: registry ? { tensors: tf.memory().numTensors, bytes: tf.memory().numBytes, wasm: wasmMemoryBytes() } : null,
       requests: admission?.stats() ?? { active: 0, queued: 0 },
@@ -372,10 +383,9 @@ app.openapi(classifyRoute, async (c) => {
         const size = model.metadata.input.size;
         const input = preprocess(pixels, size, model.metadata.preprocessing);
         const t3 = performance.now();
-        // The tensor tf.tidy returns is kept alive by design: read it, then dispose it.
-        const output = tf.tidy(() => model.model.predict(tf.tensor4d(input, [1, size, size, 3])) as tf.Tensor);
-        const scores = output.dataSync() as Float32Array;
-        output.dispose();
+        const x = tf.tensor4d(input, [1, size, size, 3]);
+        const [scores] = predictAll([model], x) as [Float32Array];
+        x.dispose();
         return { t1, t2, t3, scores, pixels };
       });
       const t4 = performance.now();

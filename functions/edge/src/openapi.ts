@@ -272,8 +272,23 @@ const healthDetailSchema = z.object({
       version: z.string().nullable(),
       problem: z.string().nullable(),
       code: z.enum(["store_access_denied"]).nullable().describe("The problem's error code where it has one of its own"),
+      base: z.string().nullable().describe("The shared base this head runs on (`<base sha256>-<size>`); null for a whole model or one not loaded"),
+      bytes: z.number().int().nullable().describe("Tensor bytes of the model's own weights (a head's, without its base)"),
     }),
   ),
+  bases: z
+    .array(
+      z.object({
+        sha256: z.string(),
+        size: z.number().int(),
+        featureLayer: z.string().optional(),
+        heads: z.number().int().describe("Head instances holding this one copy of the base"),
+        bytes: z.number().int().optional(),
+        loadedAt: z.string().optional(),
+        problem: z.string().optional(),
+      }),
+    )
+    .describe("Shared bases in this isolate: one copy per (base, size), and those that failed to load"),
   memory: z
     .object({
       tensors: z.number().int(),
