@@ -102,6 +102,48 @@ describe("one base, many models", () => {
     expect((await health(edge)).bases[0]?.loadedAt).toBe(baseBefore);
   });
 
+  it("classifies one image with several models in one request, each as its single classify answers", async () => {
+    const img = images[2] as (typeof images)[number];
+    const single = new Map<string, Scores>();
+    for (const name of ["head-a", "head-b", "whole"]) single.set(name, (await (await postClassify(edge, name, img, {})).json()) as Scores);
+    const res = await fetch(`${edge.url}/v1/classify?models=head-a,head-b,nosuch,whole&top_k=3`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${edge.apiKey}`, "content-type": img.file.endsWith(".jpg") ? "image/jpeg" : "image/png" },
+      body: img.bytes as BodyInit,
+    });
+    expect(res.status).toBe(200);
+    expect(res.headers.get("server-timing")).toMatch(/inference;dur=[\d.]+/);
+    const body = (await res.json()) as { results: (Scores | { model: string; error: { code: string } })[] };
+    expect(body.results.map((r) => r.model)).toEqual(["head-a", "head-b", "nosuch", "whole"]);
+    expect(body.results[2]).toMatchObject({ error: { code: "model_not_found" } });
+    for (const r of body.results) {
+      if (!("predictions" in r)) continue;
+      const one = single.get(r.model) as Scores;
+      expect(r.version).toBe(one.version);
+      expect(r.predictions.map((p) => p.label)).toEqual(one.predictions.slice(0, 3).map((p) => p.label));
+      r.predictions.forEach((p, i) => expect(Math.abs(p.score - (one.predictions[i]?.score as number))).toBeLessThan(1e-5));
+    }
+  });
+
+  it("refuses a models list that cannot name models, and a request without a key, like single classify", async () => {
+    const img = images[0] as (typeof images)[number];
+    const post = (query: string, key = edge.apiKey) =>
+      fetch(`${edge.url}/v1/classify${query}`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${key}`, "content-type": "image/png" },
+        body: img.bytes as BodyInit,
+      });
+    for (const q of ["?models=Bad!", "?models=a,,b", `?models=${Array.from({ length: 33 }, (_, i) => `m${i}`).join(",")}`]) {
+      const res = await post(q);
+      expect(res.status).toBe(422);
+      expect(((await res.json()) as { error: { code: string } }).error.code).toBe("invalid_models");
+    }
+    expect((await post("?models=head-a&top_k=0")).status).toBe(422);
+    expect((await post("?models=head-a", "not-a-key")).status).toBe(401);
+    const doc = (await (await fetch(`${edge.url}/openapi.json`)).json()) as { paths: Record<string, { post?: object }> };
+    expect(doc.paths["/v1/classify"]?.post).toBeDefined();
+  });
+
   it("evicts the least recently used head under the memory budget and keeps the base its neighbour holds", async () => {
     // A budget below one base: every load evicts whatever else it can.
     const small = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, pointerTtlSeconds: 60, vars: { MODEL_MEMORY_MB: "1" } });
