@@ -7,7 +7,6 @@ import { parseContractJson } from "../../../../shared/contracts/parse.ts";
 import { keys } from "../../../../shared/keys.ts";
 import { tf } from "../tf.ts";
 import { type LoadedBase, SharedBases, weightBytes } from "./bases.ts";
-import { predictAll } from "./predict.ts";
 import { type ModelSource, StoreAccessDeniedError } from "./source.ts";
 
 /**
@@ -272,30 +271,32 @@ export class ModelRegistry {
     const metadata = await readMetadata(this.source, name, pointer.version, pointer.metadataSha256, cache);
     const split = metadata.split;
     const size = metadata.input.size;
-    // A split version fetches its head (KB) and holds its base, fetched only by the first head on it.
-    const base = split ? await this.bases.hold(metadata.base.sha256, size, split.baseManifestSha256, cache) : undefined;
+    // A split version fetches its head (KB) while it takes hold of its base (fetched only by the first head on it).
+    const [held, read] = await Promise.allSettled([
+      split ? this.bases.hold(metadata.base.sha256, size, split.baseManifestSha256, cache) : Promise.resolve(undefined),
+      this.readModelFiles(metadata, split ? SPLIT_FILES.head : "model.json", split ? [SPLIT_FILES.headWeights] : undefined, cache),
+    ]);
+    const base = held.status === "fulfilled" ? held.value : undefined;
     try {
+      if (held.status === "rejected") throw held.reason;
+      if (read.status === "rejected") throw read.reason;
       if (base && base.featureLayer !== metadata.base.featureLayer)
         throw new Error(`model ${name} ${pointer.version} pools ${metadata.base.featureLayer}, but its shared base is cut at ${base.featureLayer}`);
-      const jsonPath = split ? SPLIT_FILES.head : "model.json";
-      const modelJsonBytes = await readVerifiedFile(this.source, metadata, jsonPath, cache);
-      const modelJson = JSON.parse(new TextDecoder().decode(modelJsonBytes)) as {
-        modelTopology: object;
-        weightsManifest: { paths: string[]; weights: tf.io.WeightsManifestEntry[] }[];
-      };
-      const paths = modelJson.weightsManifest.flatMap((g) => g.paths);
-      const shards = await Promise.all(paths.map((p) => readVerifiedFile(this.source, metadata, p, cache)));
       const t1 = performance.now();
-      const weightData = concatBytes(shards).buffer;
-      const model = await tfl.loadLayersModel(
-        tf.io.fromMemory({ modelTopology: modelJson.modelTopology, weightSpecs: modelJson.weightsManifest.flatMap((g) => g.weights), weightData }),
-      );
+      const model = await tfl.loadLayersModel(tf.io.fromMemory(read.value));
       const t2 = performance.now();
       const layers = base ? [...(metadata.base.pooledLayers ?? []), base.featureLayer] : undefined;
       let outputs: number;
       try {
-        const x = tf.zeros([1, size, size, 3]) as tf.Tensor4D;
-        outputs = predictAll([{ model, base, layers }], x)[0]?.length ?? 0;
+        // A head is checked on features of the width its base gives, not by running the base: a new
+        // head on a warm base then costs its fetch and one tiny matmul.
+        const width = base ? featureWidth(base, layers as string[]) : 0;
+        if (base && width !== split?.features) throw new Error(`its shared base gives ${width} features, the head takes ${split?.features}`);
+        const x = base ? tf.zeros([1, width]) : tf.zeros([1, size, size, 3]);
+        const out = tf.tidy(() => model.predict(x) as tf.Tensor);
+        outputs = out.shape[1] ?? 0;
+        out.dataSync();
+        out.dispose();
         x.dispose();
       } catch (e) {
         model.dispose();
@@ -327,6 +328,32 @@ export class ModelRegistry {
   }
 
   /**
+   * A model file and its weights, verified. `shards`: the weight files when the metadata already names
+   * them (a head's), fetched beside the model file instead of after it; they must be the ones it lists.
+   */
+  private async readModelFiles(
+    metadata: ArtifactMetadata,
+    path: string,
+    shards: string[] | undefined,
+    cache?: VerifiedBytesCache,
+  ): Promise<tf.io.ModelArtifacts> {
+    const read = (p: string) => readVerifiedFile(this.source, metadata, p, cache);
+    const [jsonBytes, ...early] = await Promise.all([read(path), ...(shards ?? []).map(read)]);
+    const json = JSON.parse(new TextDecoder().decode(jsonBytes)) as {
+      modelTopology: object;
+      weightsManifest: { paths: string[]; weights: tf.io.WeightsManifestEntry[] }[];
+    };
+    const paths = json.weightsManifest.flatMap((g) => g.paths);
+    if (shards && paths.join("\n") !== shards.join("\n")) throw new Error(`${path} names weight files ${paths.join(", ")}, not ${shards.join(", ")}`);
+    const bytes = shards ? early : await Promise.all(paths.map(read));
+    return {
+      modelTopology: json.modelTopology,
+      weightSpecs: json.weightsManifest.flatMap((g) => g.weights),
+      weightData: concatBytes(bytes as Uint8Array[]).buffer,
+    };
+  }
+
+  /**
    * Keeps the isolate's live tensors within the budget: while they exceed it, the least recently used
    * models other than `keep` are evicted (disposed now, or by their last request). What an eviction
    * frees is its weights, and its base's when it was the base's last holder.
@@ -345,4 +372,9 @@ export class ModelRegistry {
       if (model.users === 0) this.dispose(model);
     }
   }
+}
+
+/** Length of the feature vector `layers` of the base give: their channels, each pooled over space. */
+function featureWidth(base: LoadedBase, layers: readonly string[]): number {
+  return layers.reduce((n, l) => n + ((base.model.getLayer(l).outputShape as number[]).at(-1) ?? 0), 0);
 }
