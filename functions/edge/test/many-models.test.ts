@@ -144,6 +144,31 @@ describe("one base, many models", () => {
     expect(doc.paths["/v1/classify"]?.post).toBeDefined();
   });
 
+  it("refuses a head that names another base.json for a loaded base, and keeps serving the others", async () => {
+    const a = await readPromotedModel(s3.store, "head-a");
+    const split = a.metadata.split as NonNullable<typeof a.metadata.split>;
+    const { files: _files, ...metadata } = a.metadata;
+    const forged = await writeArtifact(
+      s3.store,
+      { ...metadata, name: "forged", split: { ...split, baseManifestSha256: "0".repeat(64) } },
+      [...a.files.entries()].map(([path, bytes]) => ({ path, bytes })),
+    );
+    await writePointer(s3.store, "forged", {
+      version: a.metadata.version,
+      metadataSha256: forged.metadataSha256,
+      promotedAt: new Date().toISOString(),
+      previous: null,
+      reason: "test",
+    });
+    const img = images[0] as (typeof images)[number];
+    const res = await postClassify(edge, "forged", img);
+    expect(res.status).toBe(503);
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe("model_unavailable");
+    const h = await health(edge);
+    expect((h.models.find((m) => m.name === "forged") as { problem?: string } | undefined)?.problem).toMatch(/base\.json/);
+    expect((await postClassify(edge, "head-a", img)).status).toBe(200);
+  });
+
   it("evicts the least recently used head under the memory budget and keeps the base its neighbour holds", async () => {
     // A budget below one base: every load evicts whatever else it can.
     const small = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, pointerTtlSeconds: 60, vars: { MODEL_MEMORY_MB: "1" } });

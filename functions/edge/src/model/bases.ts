@@ -14,6 +14,8 @@ export interface LoadedBase {
   key: string;
   sha256: string;
   size: number;
+  /** sha256 of the base.json it was verified against. */
+  manifestSha256: string;
   featureLayer: string;
   model: tfl.LayersModel;
   /** Bytes of the base's weights in tfjs memory. */
@@ -56,6 +58,12 @@ export class SharedBases {
       }
       base = await pending;
     }
+    // The key is the base's content and size, so one base.json ever sits there: a head naming another
+    // was published against bytes that are not these (or its metadata was altered). Refused, not mixed.
+    if (base.manifestSha256 !== manifestSha256)
+      throw new Error(
+        `the head names shared base ${key} with base.json ${manifestSha256.slice(0, 12)}…, but that base is ${base.manifestSha256.slice(0, 12)}…`,
+      );
     base.holders++;
     return base;
   }
@@ -115,6 +123,7 @@ export class SharedBases {
         key,
         sha256,
         size,
+        manifestSha256,
         featureLayer: manifest.base.featureLayer,
         model,
         bytes: weightBytes(model),
