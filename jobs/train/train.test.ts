@@ -113,6 +113,9 @@ describe("train (fine-tune strategy)", () => {
     expect(result.report?.history.fineTune).toHaveLength(2);
     const { metadata, files } = await readPromotedModel(s3.store, "emoji-ft");
     expect(metadata.strategy).toBe("finetune");
+    // Its base changed: served whole, no head on a shared base (ARCHITECTURE.md "One base, many models").
+    expect(metadata.split).toBeUndefined();
+    expect(files.has("head.json")).toBe(false);
     expect(metadata.hyperparameters.fineTuneFrom).toBe("leaky_re_lu_14"); // the default base's cut
     expect(files.get("model.json")?.byteLength).toBeGreaterThan(1000);
   });
