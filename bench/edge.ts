@@ -7,7 +7,7 @@
  * warm-up); peak memory of the workerd process around a 12-megapixel JPEG; and the same warm requests
  * again with traffic capture storing every answer (capture/capture.ts), side by side.
  * `--size 160` benchmarks a model trained at 160 px, `--base darknet-tiny` one on another base, `--cold 5`
- * sets the number of fresh isolates.
+ * sets the number of fresh isolates. `--many` benchmarks one base serving many models instead (bench/edge-many.ts).
  */
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { loadavg, tmpdir } from "node:os";
@@ -21,6 +21,10 @@ import { writeCaptureConfig } from "../jobs/train/src/traffic/traffic.ts";
 import { train } from "../jobs/train/src/train.ts";
 import { arg, BENCH_BASE, hasShared, machine, percentile, SHARED } from "./common.ts";
 
+if (process.argv.includes("--many")) {
+  await import("./edge-many.ts");
+  process.exit(0);
+}
 const size = Number(arg("size", "224")) as 224;
 const coldRuns = Number(arg("cold", "5"));
 const base = arg("base", BENCH_BASE) as string;

@@ -1,4 +1,13 @@
-import { ARTIFACT_FILES, type ArtifactMetadata, artifactMetadataSchema, type ModelPointer, pointerSchema } from "./contracts/artifact.ts";
+import {
+  ARTIFACT_FILES,
+  type ArtifactMetadata,
+  artifactMetadataSchema,
+  type ModelPointer,
+  pointerSchema,
+  type SharedBaseManifest,
+  SPLIT_FILES,
+  sharedBaseSchema,
+} from "./contracts/artifact.ts";
 import { parseContract, parseContractJson } from "./contracts/parse.ts";
 import { ContractError, EdgetuneError, IntegrityError, NotFoundError } from "./errors.ts";
 import { sha256Hex } from "./hash.ts";
@@ -156,14 +165,71 @@ export async function readMetadata(
 export async function readVerifiedFile(store: ObjectReader, metadata: ArtifactMetadata, path: string, cache?: VerifiedBytesCache): Promise<Uint8Array> {
   const file = metadata.files.find((f) => f.path === path);
   if (!file) throw new NotFoundError(`${path} is not part of model ${metadata.name} version ${metadata.version}.`);
-  const key = keys.versionFile(metadata.name, metadata.version, path);
-  const { bytes, hit } = await cachedOr(cache, file.sha256, () => store.get(key));
+  return readVerifiedKey(store, keys.versionFile(metadata.name, metadata.version, path), file.sha256, cache);
+}
+
+/** The bytes at `key`, which must hash to `sha256` (from a cache when it holds them intact). */
+async function readVerifiedKey(store: ObjectReader, key: string, sha256: string, cache?: VerifiedBytesCache): Promise<Uint8Array> {
+  const { bytes, hit } = await cachedOr(cache, sha256, () => store.get(key));
   if (bytes === null) throw new NotFoundError(`${key} is missing.`);
   if (hit) return bytes;
   const actual = await sha256Hex(bytes);
-  if (actual !== file.sha256) throw new IntegrityError(key, file.sha256, actual);
-  await remember(cache, file.sha256, bytes);
+  if (actual !== sha256) throw new IntegrityError(key, sha256, actual);
+  await remember(cache, sha256, bytes);
   return bytes;
+}
+
+/**
+ * Publishes a shared base once per (base sha256, size): its files, then base.json with a conditional
+ * put. When base.json is already there (an earlier version, or a concurrent run) it is reused as it is:
+ * its name is the base's content hash and size, so it holds the same base. Returns base.json's sha256,
+ * which the versions that use it record.
+ */
+export async function writeSharedBase(
+  store: ObjectStore,
+  manifest: Omit<SharedBaseManifest, "files">,
+  files: readonly ArtifactFile[],
+): Promise<{ manifest: SharedBaseManifest; manifestSha256: string; written: boolean }> {
+  const { sha256 } = manifest.base;
+  const size = manifest.input.size;
+  const key = keys.sharedBaseFile(sha256, size, SPLIT_FILES.baseManifest);
+  const existing = await store.get(key);
+  if (existing) return { ...parseSharedBase(existing, key), manifestSha256: await sha256Hex(existing), written: false };
+  const listed = await Promise.all(files.map(async (f) => ({ path: f.path, sha256: await sha256Hex(f.bytes), bytes: f.bytes.byteLength })));
+  const full = parseContract(sharedBaseSchema, { ...manifest, files: listed }, "shared base");
+  for (const f of files) await store.put(keys.sharedBaseFile(sha256, size, f.path), f.bytes);
+  const text = `${JSON.stringify(full, null, 2)}\n`;
+  if (await store.putIfAbsent(key, text, "application/json")) return { manifest: full, manifestSha256: await sha256Hex(text), written: true };
+  // Another run published it between our check and our put: theirs is the one versions point at.
+  const theirs = (await store.get(key)) as Uint8Array;
+  return { ...parseSharedBase(theirs, key), manifestSha256: await sha256Hex(theirs), written: false };
+}
+
+function parseSharedBase(bytes: Uint8Array, key: string): { manifest: SharedBaseManifest } {
+  return { manifest: parseContractJson(sharedBaseSchema, new TextDecoder().decode(bytes), key) };
+}
+
+/**
+ * The shared base a split version names, every byte verified: base.json against `manifestSha256`
+ * (from the version's metadata), its files against base.json. Returns base.json and model.json with
+ * its weight shards by path.
+ */
+export async function readSharedBase(
+  store: ObjectReader,
+  baseSha256: string,
+  size: number,
+  manifestSha256: string,
+  cache?: VerifiedBytesCache,
+): Promise<{ manifest: SharedBaseManifest; files: Map<string, Uint8Array> }> {
+  const key = keys.sharedBaseFile(baseSha256, size, SPLIT_FILES.baseManifest);
+  const { manifest } = parseSharedBase(await readVerifiedKey(store, key, manifestSha256, cache), key);
+  if (manifest.base.sha256 !== baseSha256 || manifest.input.size !== size) {
+    throw new ContractError(key, "base", `describes base ${manifest.base.sha256} at ${manifest.input.size} px, not ${baseSha256} at ${size} px`);
+  }
+  const entries = await Promise.all(
+    manifest.files.map(async (f) => [f.path, await readVerifiedKey(store, keys.sharedBaseFile(baseSha256, size, f.path), f.sha256, cache)] as const),
+  );
+  return { manifest, files: new Map(entries) };
 }
 
 export interface VerifiedModel {

@@ -1,5 +1,6 @@
 import { historyOf, readMetadata, readPointer } from "./artifacts.ts";
 import type { ArtifactMetadata, ModelPointer } from "./contracts/artifact.ts";
+import { nameSchema } from "./contracts/common.ts";
 import { keys } from "./keys.ts";
 import type { ObjectReader } from "./s3/store.ts";
 
@@ -66,7 +67,8 @@ export async function listModels(store: FolderLister): Promise<string[]> {
   const names: string[] = [];
   for await (const prefix of store.listFolders(keys.modelsRoot)) {
     const name = prefix.slice(keys.modelsRoot.length, -1);
-    if (name) names.push(name);
+    // models/_bases/ holds shared bases, not a model (no model name starts with "_").
+    if (nameSchema.safeParse(name).success) names.push(name);
   }
   return names.sort();
 }

@@ -6,6 +6,8 @@
  *   bases/<id>/{base.json,model.json,*.bin}    pretrained bases
  *   models/<name>/<version>/...                immutable trained versions (see contracts/artifact.ts)
  *   models/<name>/current.json                 the promoted version, written last
+ *   models/_bases/<sha256>-<size>/...          a base shared by the split versions of that base and size
+ *                                              (base.json written last); "_" is never a model name
  *   cache/embeddings/<cacheKey>/<pack>.bin     embedding packs: features of images already seen
  *   runs/<name>/<version>/checkpoint.json      resumable training state, deleted on success
  *   status/<dataset>/<runId>.json              what a training run of the dataset is doing, or did
@@ -33,6 +35,9 @@ export const keys = {
   versionFile: (name: string, version: string, file: string) => `models/${name}/${version}/${file}`,
   metadata: (name: string, version: string) => `models/${name}/${version}/${ARTIFACT_FILES.metadata}`,
   pointer: (name: string) => `models/${name}/${POINTER_FILE}`,
+  sharedBasesRoot: "models/_bases/",
+  sharedBase: (sha256: string, size: number) => `models/_bases/${sha256}-${size}/`,
+  sharedBaseFile: (sha256: string, size: number, file: string) => `models/_bases/${sha256}-${size}/${file}`,
   embeddingCache: (cacheKey: string) => `cache/embeddings/${cacheKey}/`,
   checkpoint: (name: string, version: string) => `runs/${name}/${version}/checkpoint.json`,
   run: (name: string, version: string) => `runs/${name}/${version}/`,

@@ -4,6 +4,7 @@
  * decoding or preprocessing. Never deployed; used by bench/edge.ts.
  */
 
+import { predictAll } from "../../functions/edge/src/model/predict.ts";
 import { ModelRegistry } from "../../functions/edge/src/model/registry.ts";
 import { createModelSource } from "../../functions/edge/src/model/source.ts";
 import { initTf, tf } from "../../functions/edge/src/tf.ts";
@@ -24,7 +25,7 @@ export default {
     const name = url.searchParams.get("model") ?? "bench";
     const n = Number(url.searchParams.get("n") ?? "50");
     await initTf();
-    registry ??= new ModelRegistry(createModelSource(env), { ttlMs: 60_000, maxModels: 1 });
+    registry ??= new ModelRegistry(createModelSource(env), { ttlMs: 60_000, memoryBudgetBytes: Number.POSITIVE_INFINITY });
     const { model, release } = await registry.acquire(name, (p) => ctx.waitUntil(p));
     try {
       const size = model.metadata.input.size;
@@ -32,12 +33,14 @@ export default {
       const times: number[] = [];
       for (let i = 0; i < n + 5; i++) {
         const t = performance.now();
-        tf.tidy(() => (model.model.predict(input) as tf.Tensor).dataSync());
+        predictAll([model], input as tf.Tensor4D);
         if (i >= 5) times.push(performance.now() - t);
       }
       input.dispose();
       // Where the time goes: per-kernel totals of one inference.
-      const profile = await tf.profile(() => tf.tidy(() => (model.model.predict(tf.zeros([1, size, size, 3])) as tf.Tensor).dataSync()));
+      const zeros = tf.zeros([1, size, size, 3]) as tf.Tensor4D;
+      const profile = await tf.profile(() => predictAll([model], zeros));
+      zeros.dispose();
       const byKernel = new Map<string, number>();
       for (const k of profile.kernels) byKernel.set(k.name, (byKernel.get(k.name) ?? 0) + Number(k.kernelTimeMs));
       return Response.json({ size, times, kernels: Object.fromEntries([...byKernel.entries()].sort((a, b) => b[1] - a[1]).slice(0, 8)), load: model.timings });

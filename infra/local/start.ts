@@ -7,7 +7,9 @@
  *   3. the dispatcher sees the manifest, as the EventBridge rule would, and runs the training job
  *      through the same CLI as the Batch container; the model is evaluated and promoted;
  *   4. the edge worker starts in local workerd (wrangler dev) against the bucket (it starts while the model trains);
- *   5. held-out images are classified over HTTP, and a ready-to-paste curl command is printed.
+ *   5. held-out images are classified over HTTP, and a ready-to-paste curl command is printed;
+ *   6. a second model (2 of the labels) trained on the same base and size is served by the same worker
+ *      as a head on the one shared base, and both answer one image in one request (/v1/classify?models=).
  * Then it serves until Ctrl-C, with the nightly stand-in (review decisions applied, changed datasets retrained)
  * every EDGETUNE_NIGHTLY_MINUTES (default 2; 0 turns it off).
  * Ports: EDGETUNE_LOCAL_S3_PORT and EDGETUNE_EDGE_PORT (default: free ones), checked before anything starts.
@@ -25,13 +27,15 @@ import { readPointer } from "../../shared/artifacts.ts";
 import { EdgetuneError, userMessage } from "../../shared/errors.ts";
 import { keys } from "../../shared/keys.ts";
 import { Dispatcher } from "./dispatcher.ts";
-import { freePort, startEdgeWorker } from "./edge-worker.ts";
+import { type EdgeWorker, freePort, startEdgeWorker } from "./edge-worker.ts";
 import { startLocalS3 } from "./s3-server.ts";
 
 const t0 = performance.now();
 const elapsed = () => `${((performance.now() - t0) / 1000).toFixed(1)} s`;
 const say = (m: string) => process.stdout.write(`[${elapsed().padStart(7)}] ${m}\n`);
 const DATASET = "emoji";
+/** A second model of the same base and size: the worker serves both heads on one copy of the base. */
+const SECOND = "emoji-duo";
 const once = process.argv.includes("--once");
 // Short by default: console decisions and the Monitor page wait for this run (a day in the cloud).
 const NIGHTLY_MINUTES = Number(process.env.EDGETUNE_NIGHTLY_MINUTES ?? 2);
@@ -129,15 +133,19 @@ try {
   // 128 px for 128 px icons, said where any later run (CLI, nightly) reads it: the manifest.
   await s3.store.put(keys.manifest(DATASET), JSON.stringify({ schemaVersion: 1, imageCount: train.length, imageSize: 128 }));
   say(`pushed dataset ${DATASET}: ${train.length} images in 3 labels (${SAMPLE_CREDIT}); manifest written last`);
+  const duo = train.filter((i) => i.label !== "travel");
+  await Promise.all(duo.map((i) => s3.store.put(`${keys.dataset(SECOND)}${i.file}`, i.bytes)));
+  await s3.store.put(keys.manifest(SECOND), JSON.stringify({ schemaVersion: 1, imageCount: duo.length, imageSize: 128 }));
+  say(`pushed dataset ${SECOND}: ${duo.length} images in 2 labels; manifest written last`);
 
-  while (!(await readPointer(s3.store, DATASET))) {
+  while (!(await readPointer(s3.store, DATASET)) || !(await readPointer(s3.store, SECOND))) {
     if (dispatcher.jobs.some((j) => j.status === "failed")) throw new EdgetuneError("training_failed", "Training failed; see the log above.");
     // A run that ended without promoting (the promotion rules kept it back) will not promote later.
     const kept = dispatcher.jobs.flatMap((j) => (j.status === "succeeded" ? j.results : [])).find((r) => !r.promoted);
     if (kept) throw new EdgetuneError("not_promoted", `The model was trained but not promoted: ${kept.reason}`);
     await new Promise((r) => setTimeout(r, 300));
   }
-  say(`model ${DATASET} promoted`);
+  say(`models ${DATASET} and ${SECOND} promoted`);
 
   const edge = await edgeStarting;
   say(`edge worker (workerd) on ${edge.url}`);
@@ -170,6 +178,7 @@ try {
   const heldOutTable = table(["IMAGE", "HTTP", "PREDICTED", "SCORE", "", "WORKER"], rows).replace(/^/gm, "  ");
   // Not the training run's held-out split (its accuracy is in the report): images the dataset never had.
   process.stdout.write(`\nImages not in the dataset, classified by the edge worker (${correct}/${heldOut.length} correct):\n${heldOutTable}\n`);
+  await showSharedBase(edge, heldOut[1] ?? (heldOut[0] as (typeof heldOut)[number]));
   const sampleDir = await mkdtemp(join(tmpdir(), "edgetune-sample-"));
   cleanups.push(() => rm(sampleDir, { recursive: true, force: true }));
   const sample = heldOut[0] as (typeof heldOut)[number];
@@ -183,6 +192,9 @@ try {
   process.stdout.write(
     `\nThe CLI against this stack:\n  export ${cliEnv}\n  npx edgetune models ${DATASET}\n  npx edgetune classify ${DATASET} ${samplePath}\n`,
   );
+  process.stdout.write(
+    `\nBoth models, one image, one request:\n  curl -s -X POST '${edge.url}/v1/classify?models=${DATASET},${SECOND}&top_k=1' \\\n    -H 'Authorization: Bearer ${edge.apiKey}' -H 'Content-Type: ${sample.file.endsWith(".jpg") ? "image/jpeg" : "image/png"}' \\\n    --data-binary @${samplePath}\n`,
+  );
   process.stdout.write(`\nThe web console: ${edge.url}/ (API key ${edge.apiKey})\n`);
   if (once) await shutdown(correct > 0 ? 0 : 1);
   process.stdout.write(
@@ -195,4 +207,22 @@ try {
   process.stderr.write(`edgetune start: ${userMessage(e)}\n`);
   if (process.env.EDGETUNE_DEBUG) console.error(e);
   await shutdown(1);
+}
+
+/** Both models answer one image in one request; /healthz shows one base held by both heads. */
+async function showSharedBase(edge: EdgeWorker, img: { file: string; bytes: Uint8Array }): Promise<void> {
+  const auth = { authorization: `Bearer ${edge.apiKey}` };
+  const res = await fetch(`${edge.url}/v1/classify?models=${DATASET},${SECOND}&top_k=1`, {
+    method: "POST",
+    headers: { ...auth, "content-type": img.file.endsWith(".jpg") ? "image/jpeg" : "image/png" },
+    body: img.bytes as BodyInit,
+  });
+  const body = (await res.json()) as { results?: { model: string; predictions?: { label: string; score: number }[] }[]; error?: { message: string } };
+  if (!res.ok) throw new EdgetuneError("multi_classify_failed", `Classifying with both models failed: ${body.error?.message ?? res.status}`);
+  const answers = (body.results ?? []).map(
+    (r) => `${r.model}: ${r.predictions?.[0]?.label ?? "-"} ${r.predictions?.[0] ? percent(r.predictions[0].score) : ""}`,
+  );
+  const health = (await (await fetch(`${edge.url}/healthz`, { headers: auth })).json()) as { bases: { heads: number; size: number }[] };
+  const bases = health.bases.map((b) => `${b.heads} heads on one ${b.size} px base`).join(", ");
+  process.stdout.write(`\n${img.file} with both models in one request: ${answers.join("; ")} (the worker holds ${bases})\n`);
 }

@@ -42,7 +42,14 @@ describe("train (head strategy)", () => {
     const { metadata } = await readPromotedModel(s3.store, "emoji");
     expect(metadata.labels).toEqual(["animals", "food", "travel"]);
     expect(metadata.weights.dtype).toBe("float16");
-    expect(metadata.files.map((f) => f.path).sort()).toEqual(["group1-shard1of1.bin", "model.json", "report.html", "report.json"]);
+    expect(metadata.files.map((f) => f.path).sort()).toEqual([
+      "group1-shard1of1.bin",
+      "head-shard1of1.bin",
+      "head.json",
+      "model.json",
+      "report.html",
+      "report.json",
+    ]);
 
     // Stock loader over plain HTTP from the S3 server, then score the held-out images ourselves.
     const url = `${s3.endpoint}/${s3.config.bucket}/${keys.versionFile("emoji", result.version, "model.json")}`;
@@ -109,6 +116,9 @@ describe("train (fine-tune strategy)", () => {
     expect(result.report?.history.fineTune).toHaveLength(2);
     const { metadata, files } = await readPromotedModel(s3.store, "emoji-ft");
     expect(metadata.strategy).toBe("finetune");
+    // Its base changed: served whole, no head on a shared base (ARCHITECTURE.md "One base, many models").
+    expect(metadata.split).toBeUndefined();
+    expect(files.has("head.json")).toBe(false);
     // The cut of the base the suite runs on (darknet-tiny from ../shared/models, else nsfwjs).
     expect(metadata.hyperparameters.fineTuneFrom).toBe(KNOWN_BASES.find((b) => b.id === metadata.base.id)?.fineTuneFrom);
     expect(files.get("model.json")?.byteLength).toBeGreaterThan(1000);

@@ -15,6 +15,12 @@ import { labelSchema } from "./dataset.ts";
  */
 export const ARTIFACT_FILES = { model: "model.json", metadata: "metadata.json", report: "report.json", reportHtml: "report.html" } as const;
 export const POINTER_FILE = "current.json";
+/**
+ * The split form of a head-strategy version (ARCHITECTURE.md "One base, many models"): besides the whole
+ * classifier, the version holds its head (pooled features → probabilities) and names a shared base,
+ * published once per (base sha256, input size) under `models/_bases/` and verified by its `base.json`.
+ */
+export const SPLIT_FILES = { head: "head.json", headWeights: "head-shard1of1.bin", baseManifest: "base.json" } as const;
 
 export const artifactFileSchema = z.object({
   path: z
@@ -97,6 +103,18 @@ export const artifactMetadataSchema = z
     weights: z.object({ dtype: z.enum(["float32", "float16", "uint8"]), bytes: z.number().int().min(0) }),
     libraries: z.record(z.string(), z.string()),
     files: z.array(artifactFileSchema).min(2, "must list model.json and at least one weight shard"),
+    /**
+     * Present when the version can also be served as a head on a shared base (absent: whole model only,
+     * as every version before it). The base is `keys.sharedBase(base.sha256, input.size)`.
+     */
+    split: z
+      .object({
+        /** sha256 of the shared base's base.json: the root of trust for the base's files, as metadataSha256 is for this version's. */
+        baseManifestSha256: sha256Schema,
+        /** Length of the feature vector the head takes: pooledLayers, then featureLayer, each averaged over space. */
+        features: z.number().int().min(1),
+      })
+      .optional(),
   })
   .superRefine((m, ctx) => {
     const seen = new Set<string>();
@@ -109,6 +127,9 @@ export const artifactMetadataSchema = z
     if (!m.files.some((f) => f.path === ARTIFACT_FILES.model)) {
       ctx.addIssue({ code: "custom", path: ["files"], message: "must include model.json" });
     }
+    if (m.split && !m.files.some((f) => f.path === SPLIT_FILES.head)) {
+      ctx.addIssue({ code: "custom", path: ["files"], message: `must include ${SPLIT_FILES.head} when the version names a shared base` });
+    }
   });
 export type ArtifactMetadata = z.output<typeof artifactMetadataSchema>;
 
@@ -117,6 +138,21 @@ export type ArtifactMetadata = z.output<typeof artifactMetadataSchema>;
  * sets another): the longest a promotion or rollback takes to reach every isolate.
  */
 export const DEFAULT_POINTER_TTL_SECONDS = 30;
+
+/**
+ * `models/_bases/<base sha256>-<size>/base.json`: a base cut at its feature layer with its input fixed
+ * to `size`, shared by every split version of that base and size. Written once, after its files, with
+ * a conditional put; its bytes depend only on the base and the size, so two writers agree.
+ */
+export const sharedBaseSchema = z
+  .object({
+    schemaVersion: z.literal(1),
+    base: z.object({ id: baseIdSchema, sha256: sha256Schema, featureLayer: z.string().min(1) }),
+    input: z.object({ size: imageSizeSchema, channels: z.literal(3) }),
+    files: z.array(artifactFileSchema).min(2, "must list model.json and at least one weight shard"),
+  })
+  .refine((m) => m.files.some((f) => f.path === ARTIFACT_FILES.model), { path: ["files"], message: "must include model.json" });
+export type SharedBaseManifest = z.output<typeof sharedBaseSchema>;
 
 export const pointerSchema = z.object({
   schemaVersion: z.literal(1),

@@ -1,4 +1,5 @@
 import { OpenAPIHono } from "@hono/zod-openapi";
+import type { Context } from "hono";
 import { cors } from "hono/cors";
 import { HTTPException } from "hono/http-exception";
 import { answer } from "../../../shared/answer.ts";
@@ -15,6 +16,7 @@ import {
   decisionMessage,
   parseCaptureRecord,
 } from "../../../shared/contracts/capture.ts";
+import { nameSchema } from "../../../shared/contracts/common.ts";
 import { tryParseContractJson } from "../../../shared/contracts/parse.ts";
 import { NotFoundError } from "../../../shared/errors.ts";
 import { hmacSha256Hex, sha256Hex } from "../../../shared/hash.ts";
@@ -31,7 +33,8 @@ import { ApiError, errorBody } from "./http/errors.ts";
 import { decodeImage, encodePng } from "./image/decode.ts";
 import { wasmMemoryBytes } from "./memory.ts";
 import { type ModelCache, modelCache } from "./model/cache.ts";
-import { ModelRegistry, ModelUnavailableError, STORE_REFUSED } from "./model/registry.ts";
+import { predictAll } from "./model/predict.ts";
+import { type LoadedModel, ModelRegistry, ModelUnavailableError, STORE_REFUSED } from "./model/registry.ts";
 import { createModelSource, ListingUnavailableError, type ModelSource, SourceError, StoreAccessDeniedError } from "./model/source.ts";
 import {
   captureImageRoute,
@@ -39,10 +42,12 @@ import {
   classifyRoute,
   decisionRoute,
   healthRoute,
+  MAX_MODELS_PER_REQUEST,
   modelParams,
   modelRoute,
   modelsRoute,
   monitorRoute,
+  multiClassifyRoute,
   reportRoute,
   serveOpenApi,
   versionsRoute,
@@ -75,7 +80,7 @@ function registryFor(env: Env): ModelRegistry {
   cache ??= modelCache(env as { MODEL_CACHE?: R2Bucket });
   registry ??= new ModelRegistry(createModelSource(env), {
     ttlMs: Number(env.POINTER_TTL_SECONDS || 30) * 1000,
-    maxModels: Number(env.MAX_MODELS || 1),
+    memoryBudgetBytes: Number(env.MODEL_MEMORY_MB || 64) * 1024 * 1024,
     cache,
   });
   return registry;
@@ -99,7 +104,8 @@ export const app = new OpenAPIHono<AppEnv>({
   defaultHook: (result, c) => {
     if (result.success) return;
     // zod-openapi checks the query before the path; a name that cannot exist still answers 404 first.
-    const nameOk = modelParams.safeParse({ name: c.req.param("name") }).success;
+    const name = c.req.param("name");
+    const nameOk = name === undefined || modelParams.safeParse({ name }).success;
     if (!nameOk) throw new ApiError(404, "model_not_found", "No model with that name.");
     if (result.target === "param" && c.req.param("id") !== undefined) throw new ApiError(404, "capture_not_found", "No capture with that id.");
     if (result.target === "json") {
@@ -142,7 +148,17 @@ app.openapi(healthRoute, async (c) => {
   return c.json(
     {
       status,
-      models: models.map((m) => ({ name: m.name, version: m.version ?? null, problem: m.lastError ?? null, code: m.errorCode ?? null })),
+      models: models.map((m) => ({
+        name: m.name,
+        version: m.version ?? null,
+        problem: m.lastError ?? null,
+        code: m.errorCode ?? null,
+        // The shared base a head runs on (null: a whole model), and its own tensor bytes.
+        base: m.base ?? null,
+        bytes: m.bytes ?? null,
+      })),
+      // One copy of each (base, size), whatever number of heads hold it (model/bases.ts).
+      bases: registry?.bases.status() ?? [],
       // Live tensors and their bytes in this isolate: constant between requests unless something leaks.
       memory: registry ? { tensors: tf.memory().numTensors, bytes: tf.memory().numBytes, wasm: wasmMemoryBytes() } : null,
       requests: admission?.stats() ?? { active: 0, queued: 0 },
@@ -363,20 +379,10 @@ app.openapi(classifyRoute, async (c) => {
   const t0 = performance.now();
   const { name } = c.req.valid("param");
   const { top_k: topK, threshold } = c.req.valid("query");
-  const maxBytes = Number(c.env.MAX_IMAGE_BYTES || 4 * 1024 * 1024);
   const maxPixels = Number(c.env.MAX_IMAGE_PIXELS || 2_100_000);
   const places = admissionFor(c.env);
-  // A body that trickles in holds the isolate's place: it gets MAX_BODY_SECONDS, then 408.
-  const bodySeconds = Number(c.env.MAX_BODY_SECONDS || 10);
   return places.admit(async () => {
-    const [bytes] = await Promise.all([
-      withDeadline(
-        readImageBody(c, maxBytes),
-        bodySeconds * 1000,
-        () => new ApiError(408, "body_timeout", `The image did not arrive within ${bodySeconds} s; send it again (resized images arrive faster).`),
-      ),
-      initTf(),
-    ]);
+    const bytes = await readBody(c);
     const { model, release } = await acquire(c.env, name, (p) => c.executionCtx.waitUntil(p));
     try {
       const { t1, t2, t3, scores, pixels } = await places.exclusive(async () => {
@@ -386,10 +392,9 @@ app.openapi(classifyRoute, async (c) => {
         const size = model.metadata.input.size;
         const input = preprocess(pixels, size, model.metadata.preprocessing);
         const t3 = performance.now();
-        // The tensor tf.tidy returns is kept alive by design: read it, then dispose it.
-        const output = tf.tidy(() => model.model.predict(tf.tensor4d(input, [1, size, size, 3])) as tf.Tensor);
-        const scores = output.dataSync() as Float32Array;
-        output.dispose();
+        const x = tf.tensor4d(input, [1, size, size, 3]);
+        const [scores] = predictAll([model], x) as [Float32Array];
+        x.dispose();
         return { t1, t2, t3, scores, pixels };
       });
       const t4 = performance.now();
@@ -408,16 +413,115 @@ app.openapi(classifyRoute, async (c) => {
         optOut: isOptOut(c.req.raw.headers),
       });
       if (after) c.executionCtx.waitUntil(after);
-      c.header(
-        "server-timing",
-        `decode;dur=${timings.decodeMs}, preprocess;dur=${timings.preprocessMs}, inference;dur=${timings.inferenceMs}, total;dur=${timings.totalMs}`,
-      );
+      c.header("server-timing", serverTiming(timings));
       return c.json({ model: name, version: model.metadata.version, ...decision, predictions, timings }, 200);
     } finally {
       release();
     }
   });
 });
+
+/**
+ * One image, several models: decoded once, preprocessed once per (size, preprocessing), the base of
+ * heads that share one run once (model/predict.ts). Each model answers as its single classify would,
+ * or with its own error; the request fails only for what concerns them all (key, body, image, busy).
+ */
+app.openapi(multiClassifyRoute, async (c) => {
+  const t0 = performance.now();
+  const { models: list, top_k: topK } = c.req.valid("query");
+  const names = [...new Set(list.split(",").map((n) => n.trim()))];
+  if (names.length > MAX_MODELS_PER_REQUEST || names.some((n) => !nameSchema.safeParse(n).success))
+    throw new ApiError(
+      422,
+      "invalid_models",
+      `models is a comma-separated list of 1 to ${MAX_MODELS_PER_REQUEST} model names (a-z, 0-9, '.', '_', '-', starting with a letter or digit).`,
+    );
+  const maxPixels = Number(c.env.MAX_IMAGE_PIXELS || 2_100_000);
+  const places = admissionFor(c.env);
+  return places.admit(async () => {
+    const bytes = await readBody(c);
+    const waitUntil = (p: Promise<unknown>) => c.executionCtx.waitUntil(p);
+    const leases = await Promise.all(
+      names.map((name) =>
+        acquire(c.env, name, waitUntil).then(
+          (lease) => ({ name, lease }),
+          (e: unknown) => {
+            if (!(e instanceof ModelUnavailableError)) throw e;
+            return { name, error: { code: e.code, message: e.message } };
+          },
+        ),
+      ),
+    );
+    const served = leases.flatMap((l) => ("lease" in l && l.lease ? [l.lease.model] : []));
+    try {
+      const { t1, t2, t3, scores, pixels } = await places.exclusive(async () => {
+        const t1 = performance.now();
+        const { pixels } = await decodeImage(bytes, maxPixels);
+        const t2 = performance.now();
+        // Models of one base take the same input; others (another size or preprocessing) get theirs.
+        const groups = new Map<string, LoadedModel[]>();
+        for (const m of served) {
+          const key = `${m.metadata.input.size} ${JSON.stringify(m.metadata.preprocessing)}`;
+          groups.set(key, [...(groups.get(key) ?? []), m]);
+        }
+        const inputs = [...groups.values()].map((group) => {
+          const { input, preprocessing } = (group[0] as LoadedModel).metadata;
+          return { group, x: tf.tensor4d(preprocess(pixels, input.size, preprocessing), [1, input.size, input.size, 3]) };
+        });
+        const t3 = performance.now();
+        const scores = new Map<LoadedModel, Float32Array>();
+        for (const { group, x } of inputs) {
+          predictAll(group, x).forEach((s, i) => {
+            scores.set(group[i] as LoadedModel, s);
+          });
+          x.dispose();
+        }
+        return { t1, t2, t3, scores, pixels };
+      });
+      const t4 = performance.now();
+      const results = leases.map((l) => {
+        if (!("lease" in l) || !l.lease) return { model: l.name, error: (l as { error: { code: string; message: string } }).error };
+        const m = l.lease.model;
+        const s = scores.get(m) as Float32Array;
+        const after = capturerFor(c.env).observe({
+          model: l.name,
+          version: m.metadata.version,
+          labels: m.metadata.labels,
+          scores: s,
+          pixels,
+          optOut: isOptOut(c.req.raw.headers),
+        });
+        if (after) c.executionCtx.waitUntil(after);
+        // The same answer as its single classify: calibrated scores, the version's thresholds, none of these.
+        const { predictions, ...decision } = answer(s, m.metadata, { topK });
+        return { model: l.name, version: m.metadata.version, ...decision, predictions };
+      });
+      const timings = { decodeMs: round(t2 - t1), preprocessMs: round(t3 - t2), inferenceMs: round(t4 - t3), totalMs: round(t4 - t0) };
+      c.header("server-timing", serverTiming(timings));
+      return c.json({ results, timings }, 200);
+    } finally {
+      for (const l of leases) if ("lease" in l) l.lease?.release();
+    }
+  });
+});
+
+/** The image body within MAX_IMAGE_BYTES and MAX_BODY_SECONDS (a body that trickles in holds the isolate's place), with tfjs ready. */
+async function readBody(c: Context<AppEnv>): Promise<Uint8Array> {
+  const maxBytes = Number(c.env.MAX_IMAGE_BYTES || 4 * 1024 * 1024);
+  const bodySeconds = Number(c.env.MAX_BODY_SECONDS || 10);
+  const [bytes] = await Promise.all([
+    withDeadline(
+      readImageBody(c, maxBytes),
+      bodySeconds * 1000,
+      () => new ApiError(408, "body_timeout", `The image did not arrive within ${bodySeconds} s; send it again (resized images arrive faster).`),
+    ),
+    initTf(),
+  ]);
+  return bytes;
+}
+
+const serverTiming = (t: { decodeMs: number; preprocessMs: number; inferenceMs: number; totalMs: number }) =>
+  `decode;dur=${t.decodeMs}, preprocess;dur=${t.preprocessMs}, inference;dur=${t.inferenceMs}, total;dur=${t.totalMs}`;
 
 serveOpenApi(app);
 

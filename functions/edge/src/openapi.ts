@@ -288,6 +288,48 @@ export const monitorRoute = createRoute({
   },
 });
 
+/** Models one multi-model request may name: each answer costs its head (or a whole model) on the same image. */
+export const MAX_MODELS_PER_REQUEST = 32;
+
+export const multiClassifyRoute = createRoute({
+  method: "post",
+  path: "/v1/classify",
+  summary: "Classify one image with several models: heads on the same base share one pass of it",
+  request: {
+    query: z.object({
+      models: z.string().min(1).describe(`Model names, comma-separated (at most ${MAX_MODELS_PER_REQUEST}); each answers as its single classify would`),
+      top_k: topKSchema,
+    }),
+    body: classifyRoute.request.body,
+  },
+  responses: {
+    200: {
+      description:
+        "One answer per model, in the order asked: its predictions, or its error (`model_not_found`, `model_unavailable`, `store_access_denied`) where that model cannot answer. Also a Server-Timing header.",
+      content: {
+        "application/json": {
+          schema: z.object({
+            results: z.array(
+              z.union([
+                classifyRoute.responses[200].content["application/json"].schema.omit({ timings: true }),
+                z.object({ model: nameSchema, error: z.object({ code: z.string(), message: z.string() }) }),
+              ]),
+            ),
+            timings: z.object({ decodeMs: z.number(), preprocessMs: z.number(), inferenceMs: z.number(), totalMs: z.number() }),
+          }),
+        },
+      },
+    },
+    400: errorResponse("Corrupt or unreadable image"),
+    401: errorResponse("Missing or invalid API key"),
+    408: errorResponse("The body did not arrive within MAX_BODY_SECONDS"),
+    413: errorResponse("Image too large (bytes or pixels)"),
+    415: errorResponse("Unsupported content type or image format"),
+    422: errorResponse("Invalid parameters (`invalid_models`: a name that cannot exist, none, or too many; top_k)"),
+    503: errorResponse("The instance is busy (`busy`); with Retry-After"),
+  },
+});
+
 /** /healthz for an operator key: what each model is and why it is not ok, the isolate's memory and queue, capture counts. */
 const healthDetailSchema = z.object({
   models: z.array(
@@ -296,8 +338,23 @@ const healthDetailSchema = z.object({
       version: z.string().nullable(),
       problem: z.string().nullable(),
       code: z.enum(["store_access_denied"]).nullable().describe("The problem's error code where it has one of its own"),
+      base: z.string().nullable().describe("The shared base this head runs on (`<base sha256>-<size>`); null for a whole model or one not loaded"),
+      bytes: z.number().int().nullable().describe("Tensor bytes of the model's own weights (a head's, without its base)"),
     }),
   ),
+  bases: z
+    .array(
+      z.object({
+        sha256: z.string(),
+        size: z.number().int(),
+        featureLayer: z.string().optional(),
+        heads: z.number().int().describe("Head instances holding this one copy of the base"),
+        bytes: z.number().int().optional(),
+        loadedAt: z.string().optional(),
+        problem: z.string().optional(),
+      }),
+    )
+    .describe("Shared bases in this isolate: one copy per (base, size), and those that failed to load"),
   memory: z
     .object({
       tensors: z.number().int(),

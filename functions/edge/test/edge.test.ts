@@ -12,6 +12,7 @@ import { decodeImage } from "../../../jobs/train/src/dataset/decode.ts";
 import { memoryLogger } from "../../../jobs/train/src/log.ts";
 import { train } from "../../../jobs/train/src/train.ts";
 import { readPointer, readPromotedModel, writePointer } from "../../../shared/artifacts.ts";
+import { SPLIT_FILES } from "../../../shared/contracts/artifact.ts";
 import { keys } from "../../../shared/keys.ts";
 import { preprocess } from "../../../shared/preprocess.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
@@ -278,7 +279,8 @@ describe("model updates", () => {
     const { metadata } = await readPromotedModel(s3.store, "emoji");
     const { sha256Hex } = await import("../../../shared/hash.ts");
     const bad = "v0badbadbad00";
-    const shard = metadata.files.find((f) => f.path.endsWith(".bin")) as { path: string; sha256: string };
+    // The weights the worker reads: a split version's head shard.
+    const shard = metadata.files.find((f) => f.path === SPLIT_FILES.headWeights) as { path: string; sha256: string };
     const shardBytes = (await s3.store.get(keys.versionFile("emoji", second.version, shard.path))) as Uint8Array;
     const listedSha = await sha256Hex(shardBytes.map((b) => b ^ 2));
     for (const f of [...metadata.files.map((x) => x.path), "metadata.json"]) {

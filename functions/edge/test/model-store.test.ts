@@ -9,7 +9,8 @@ import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 import type { SampleImage } from "../../../jobs/train/src/dataset/sample.ts";
 import { memoryLogger } from "../../../jobs/train/src/log.ts";
 import { train } from "../../../jobs/train/src/train.ts";
-import { readPromotedModel } from "../../../shared/artifacts.ts";
+import { readPromotedModel, readSharedBase } from "../../../shared/artifacts.ts";
+import { SPLIT_FILES } from "../../../shared/contracts/artifact.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
 import { postClassify } from "../../../test/support/edge.ts";
 import { type FaultProxy, startFaultProxy } from "../../../test/support/fault-proxy.ts";
@@ -25,7 +26,7 @@ let proxy: FaultProxy;
 let images: SampleImage[];
 let sampleImage: SampleImage;
 let version: string;
-/** The model's files the worker reads through the cache: metadata.json, model.json, the weight shards. */
+/** The files the worker reads through the cache besides metadata.json: the head's, and the shared base's with its base.json. */
 let cachedFiles: { path: string; sha256: string }[];
 let modelFilesDown = false;
 let refusal: ((r: Req) => string | undefined) | undefined;
@@ -38,7 +39,13 @@ beforeAll(async () => {
   const r = await train(s3.store, { dataset: "emoji", imageSize: 96, views: 1, head: { epochs: 5 }, promote: "always" }, memoryLogger());
   version = r.version;
   const { metadata } = await readPromotedModel(s3.store, "emoji");
-  cachedFiles = metadata.files.filter((f) => f.path === "model.json" || f.path.endsWith(".bin"));
+  const split = metadata.split as NonNullable<typeof metadata.split>;
+  const shared = await readSharedBase(s3.store, metadata.base.sha256, metadata.input.size, split.baseManifestSha256);
+  cachedFiles = [
+    ...metadata.files.filter((f) => f.path === SPLIT_FILES.head || f.path === SPLIT_FILES.headWeights),
+    ...shared.manifest.files,
+    { path: SPLIT_FILES.baseManifest, sha256: split.baseManifestSha256 },
+  ];
   proxy = await startFaultProxy(s3.endpoint, {
     every: Number.MAX_SAFE_INTEGER,
     down: (r) => modelFilesDown && isVersionFile(r),
@@ -103,7 +110,7 @@ describe("the model store at the edge (R2, read-through)", () => {
       }
 
       // 3. Someone overwrites the weights in R2. With S3's files still down the version is refused, not served…
-      const shard = cachedFiles.find((f) => f.path.endsWith(".bin")) as { sha256: string };
+      const shard = cachedFiles.find((f) => f.path === SPLIT_FILES.headWeights) as { sha256: string };
       const tampered = join(state, "tampered.bin");
       await writeFile(tampered, new Uint8Array(4096).fill(7));
       await promisify(execFile)(
@@ -136,7 +143,7 @@ describe("the model store at the edge (R2, read-through)", () => {
           (r) => r.status === 200,
         );
         expect(served.status).toBe(200);
-        const shardGets = proxy.requests.filter((r) => r.method === "GET" && r.path.endsWith(`/${version}/group1-shard1of1.bin`));
+        const shardGets = proxy.requests.filter((r) => r.method === "GET" && r.path.endsWith(`/${version}/${SPLIT_FILES.headWeights}`));
         expect(shardGets.length).toBeGreaterThanOrEqual(1);
         expect(
           (

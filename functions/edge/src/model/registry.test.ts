@@ -60,7 +60,7 @@ describe("model registry back-off", () => {
     const { source, state, put } = fakeSource();
     brokenModel(put);
     let now = 1_000_000;
-    const registry = new ModelRegistry(source, { ttlMs: 30_000, maxModels: 1, now: () => now });
+    const registry = new ModelRegistry(source, { ttlMs: 30_000, memoryBudgetBytes: 64 * 1024 * 1024, now: () => now });
     const first = await unavailable(registry);
     expect(first.code).toBe("model_unavailable");
     expect(first.message).toMatch(/tampered|does not match/);
@@ -82,7 +82,7 @@ describe("model registry back-off", () => {
     brokenModel(put);
     state.down = true;
     let now = 5_000_000;
-    const registry = new ModelRegistry(source, { ttlMs: 30_000, maxModels: 1, now: () => now });
+    const registry = new ModelRegistry(source, { ttlMs: 30_000, memoryBudgetBytes: 64 * 1024 * 1024, now: () => now });
     for (let i = 0; i < 20; i++) await unavailable(registry);
     expect(state.gets).toBe(1);
     // Failures in a row back off further: 0.5–1 s, then 1–2 s, then 2–4 s.

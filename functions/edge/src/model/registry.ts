@@ -2,10 +2,11 @@ import * as tfl from "@tensorflow/tfjs-layers";
 import { readMetadata, readVerifiedFile, type VerifiedBytesCache } from "../../../../shared/artifacts.ts";
 import { concatBytes } from "../../../../shared/bytes.ts";
 import type { ArtifactMetadata, ModelPointer } from "../../../../shared/contracts/artifact.ts";
-import { pointerSchema } from "../../../../shared/contracts/artifact.ts";
+import { pointerSchema, SPLIT_FILES } from "../../../../shared/contracts/artifact.ts";
 import { parseContractJson } from "../../../../shared/contracts/parse.ts";
 import { keys } from "../../../../shared/keys.ts";
 import { tf } from "../tf.ts";
+import { type LoadedBase, SharedBases, weightBytes } from "./bases.ts";
 import { type ModelSource, StoreAccessDeniedError } from "./source.ts";
 
 /**
@@ -18,12 +19,23 @@ import { type ModelSource, StoreAccessDeniedError } from "./source.ts";
  * jitter: a model that cannot be loaded is not fetched again on every request (its pointer is asked
  * for again after 0.5–1 s, then 1–2 s, … up to the TTL), and a pointer whose version already failed to
  * load is loaded again only after a longer back-off (up to 10 TTLs) unless it changes.
+ *
+ * A split version (metadata `split`) loads only its head and holds its shared base (bases.ts), one copy
+ * per (base, size) for every head on it. Models stay loaded until the tensors the isolate holds exceed
+ * the memory budget; then the least recently used go first (a base with them, once no head holds it).
  */
 export interface LoadedModel {
   name: string;
   pointer: ModelPointer;
   metadata: ArtifactMetadata;
+  /** The whole classifier, or for a split version its head (pooled features → probabilities). */
   model: tfl.LayersModel;
+  /** Split versions: the shared base the head runs on, and the layers whose pooled outputs it takes. */
+  base?: LoadedBase;
+  layers?: readonly string[];
+  /** Bytes of this model's own weights in tfjs memory (a head's, without its base). */
+  bytes: number;
+  lastUsed: number;
   loadedAt: number;
   timings: { fetchMs: number; parseMs: number; warmupMs: number };
   /** Requests currently using this instance. */
@@ -69,7 +81,8 @@ export class ModelUnavailableError extends Error {
 
 export interface RegistryOptions {
   ttlMs: number;
-  maxModels: number;
+  /** Bytes of live tensors (tf.memory()) above which least recently used models are evicted. */
+  memoryBudgetBytes: number;
   /** Verified model bytes shared by the isolates of a location (the Workers Cache API); none: always the bucket. */
   cache?: VerifiedBytesCache;
   now?: () => number;
@@ -80,10 +93,12 @@ export class ModelRegistry {
 
   private readonly source: ModelSource;
   private readonly options: RegistryOptions;
+  readonly bases: SharedBases;
 
   constructor(source: ModelSource, options: RegistryOptions) {
     this.source = source;
     this.options = options;
+    this.bases = new SharedBases(source);
   }
 
   private now(): number {
@@ -121,6 +136,7 @@ export class ModelRegistry {
     }
     const model = slot.current as LoadedModel;
     model.users++;
+    model.lastUsed = this.now();
     let released = false;
     return {
       model,
@@ -128,9 +144,15 @@ export class ModelRegistry {
         if (released) return;
         released = true;
         model.users--;
-        if (model.retired && model.users === 0) model.model.dispose();
+        if (model.retired && model.users === 0) this.dispose(model);
       },
     };
+  }
+
+  /** Frees a model's weights, and lets go of its base (freed with its last holder). */
+  private dispose(model: LoadedModel): void {
+    model.model.dispose();
+    if (model.base) this.bases.release(model.base);
   }
 
   private forgetUnloaded(): void {
@@ -138,7 +160,16 @@ export class ModelRegistry {
   }
 
   /** Models this isolate serves or tried to load (not names that simply do not exist), for /healthz. */
-  status(): { name: string; version?: string; loadedAt?: string; lastError?: string; errorCode?: "store_access_denied" }[] {
+  status(): {
+    name: string;
+    version?: string;
+    loadedAt?: string;
+    lastError?: string;
+    errorCode?: "store_access_denied";
+    /** The shared base a loaded head runs on (`<sha256>-<size>`); absent for a whole model. */
+    base?: string;
+    bytes?: number;
+  }[] {
     return [...this.slots.entries()]
       .filter(([, s]) => s.current || (s.lastError && !s.missingUntil))
       .map(([name, s]) => ({
@@ -147,6 +178,8 @@ export class ModelRegistry {
         loadedAt: s.current ? new Date(s.current.loadedAt).toISOString() : undefined,
         lastError: s.lastError?.message,
         errorCode: s.lastError?.code,
+        base: s.current?.base?.key,
+        bytes: s.current?.bytes,
       }));
   }
 
@@ -200,15 +233,15 @@ export class ModelRegistry {
         slot.failed = { etag: res.etag, retryAt: started + this.backoff(slot.failures + 2, 10 * this.options.ttlMs) };
         throw e;
       }
-      this.evictOthers(name);
       const old = slot.current;
       slot.current = loaded;
       slot.pointerEtag = res.etag;
       this.healthy(slot);
       if (old) {
         old.retired = true;
-        if (old.users === 0) old.model.dispose();
+        if (old.users === 0) this.dispose(old);
       }
+      this.fitBudget(loaded);
     } catch (e) {
       // Keep serving what we have; say what went wrong in /healthz; try again after a back-off.
       slot.checkedAt = started;
@@ -240,50 +273,112 @@ export class ModelRegistry {
       put: async (sha: string, bytes: Uint8Array) => waitUntil(shared.put(sha, bytes).catch(() => {})),
     };
     const metadata = await readMetadata(this.source, name, pointer.version, pointer.metadataSha256, cache);
-    const modelJsonBytes = await readVerifiedFile(this.source, metadata, "model.json", cache);
-    const modelJson = JSON.parse(new TextDecoder().decode(modelJsonBytes)) as {
+    const split = metadata.split;
+    const size = metadata.input.size;
+    // A split version fetches its head (KB) while it takes hold of its base (fetched only by the first head on it).
+    const [held, read] = await Promise.allSettled([
+      split ? this.bases.hold(metadata.base.sha256, size, split.baseManifestSha256, cache) : Promise.resolve(undefined),
+      this.readModelFiles(metadata, split ? SPLIT_FILES.head : "model.json", split ? [SPLIT_FILES.headWeights] : undefined, cache),
+    ]);
+    const base = held.status === "fulfilled" ? held.value : undefined;
+    try {
+      if (held.status === "rejected") throw held.reason;
+      if (read.status === "rejected") throw read.reason;
+      if (base && base.featureLayer !== metadata.base.featureLayer)
+        throw new Error(`model ${name} ${pointer.version} pools ${metadata.base.featureLayer}, but its shared base is cut at ${base.featureLayer}`);
+      const t1 = performance.now();
+      const model = await tfl.loadLayersModel(tf.io.fromMemory(read.value));
+      const t2 = performance.now();
+      const layers = base ? [...(metadata.base.pooledLayers ?? []), base.featureLayer] : undefined;
+      let outputs: number;
+      try {
+        // A head is checked on features of the width its base gives, not by running the base: a new
+        // head on a warm base then costs its fetch and one tiny matmul.
+        const width = base ? featureWidth(base, layers as string[]) : 0;
+        if (base && width !== split?.features) throw new Error(`its shared base gives ${width} features, the head takes ${split?.features}`);
+        const x = base ? tf.zeros([1, width]) : tf.zeros([1, size, size, 3]);
+        const out = tf.tidy(() => model.predict(x) as tf.Tensor);
+        outputs = out.shape[1] ?? 0;
+        out.dataSync();
+        out.dispose();
+        x.dispose();
+      } catch (e) {
+        model.dispose();
+        throw new Error(`model ${name} ${pointer.version} does not run${base ? " on its shared base" : ""}: ${e instanceof Error ? e.message : e}`);
+      }
+      if (outputs !== metadata.labels.length) {
+        model.dispose();
+        throw new Error(`model ${name} ${pointer.version} has ${outputs} outputs but ${metadata.labels.length} labels`);
+      }
+      const t3 = performance.now();
+      return {
+        name,
+        pointer,
+        metadata,
+        model,
+        base,
+        layers,
+        bytes: weightBytes(model),
+        lastUsed: this.now(),
+        loadedAt: Date.now(),
+        timings: { fetchMs: t1 - t0, parseMs: t2 - t1, warmupMs: t3 - t2 },
+        users: 0,
+        retired: false,
+      };
+    } catch (e) {
+      if (base) this.bases.release(base);
+      throw e;
+    }
+  }
+
+  /**
+   * A model file and its weights, verified. `shards`: the weight files when the metadata already names
+   * them (a head's), fetched beside the model file instead of after it; they must be the ones it lists.
+   */
+  private async readModelFiles(
+    metadata: ArtifactMetadata,
+    path: string,
+    shards: string[] | undefined,
+    cache?: VerifiedBytesCache,
+  ): Promise<tf.io.ModelArtifacts> {
+    const read = (p: string) => readVerifiedFile(this.source, metadata, p, cache);
+    const [jsonBytes, ...early] = await Promise.all([read(path), ...(shards ?? []).map(read)]);
+    const json = JSON.parse(new TextDecoder().decode(jsonBytes)) as {
       modelTopology: object;
       weightsManifest: { paths: string[]; weights: tf.io.WeightsManifestEntry[] }[];
     };
-    const paths = modelJson.weightsManifest.flatMap((g) => g.paths);
-    const shards = await Promise.all(paths.map((p) => readVerifiedFile(this.source, metadata, p, cache)));
-    const t1 = performance.now();
-    const weightData = concatBytes(shards).buffer;
-    const model = await tfl.loadLayersModel(
-      tf.io.fromMemory({ modelTopology: modelJson.modelTopology, weightSpecs: modelJson.weightsManifest.flatMap((g) => g.weights), weightData }),
-    );
-    const t2 = performance.now();
-    const size = metadata.input.size;
-    const out = tf.tidy(() => model.predict(tf.zeros([1, size, size, 3])) as tf.Tensor);
-    const shape = out.shape;
-    out.dataSync();
-    out.dispose();
-    if (shape[1] !== metadata.labels.length) {
-      model.dispose();
-      throw new Error(`model ${name} ${pointer.version} has ${shape[1]} outputs but ${metadata.labels.length} labels`);
-    }
-    const t3 = performance.now();
+    const paths = json.weightsManifest.flatMap((g) => g.paths);
+    if (shards && paths.join("\n") !== shards.join("\n")) throw new Error(`${path} names weight files ${paths.join(", ")}, not ${shards.join(", ")}`);
+    const bytes = shards ? early : await Promise.all(paths.map(read));
     return {
-      name,
-      pointer,
-      metadata,
-      model,
-      loadedAt: Date.now(),
-      timings: { fetchMs: t1 - t0, parseMs: t2 - t1, warmupMs: t3 - t2 },
-      users: 0,
-      retired: false,
+      modelTopology: json.modelTopology,
+      weightSpecs: json.weightsManifest.flatMap((g) => g.weights),
+      weightData: concatBytes(bytes as Uint8Array[]).buffer,
     };
   }
 
-  /** One model per isolate by default: the wasm heap never shrinks and isolates have 128 MB. */
-  private evictOthers(keep: string): void {
-    const loaded = [...this.slots.entries()].filter(([n, s]) => n !== keep && s.current);
-    while (loaded.length >= this.options.maxModels) {
-      const [, slot] = loaded.shift() as [string, Slot];
-      const old = slot.current as LoadedModel;
+  /**
+   * Keeps the isolate's live tensors within the budget: while they exceed it, the least recently used
+   * models other than `keep` are evicted (disposed now, or by their last request). What an eviction
+   * frees is its weights, and its base's when it was the base's last holder.
+   */
+  private fitBudget(keep: LoadedModel): void {
+    let excess = tf.memory().numBytes - this.options.memoryBudgetBytes;
+    if (excess <= 0) return;
+    const byAge = [...this.slots.values()]
+      .flatMap((s) => (s.current && s.current !== keep ? [{ slot: s, model: s.current }] : []))
+      .sort((a, b) => a.model.lastUsed - b.model.lastUsed);
+    for (const { slot, model } of byAge) {
+      if (excess <= 0) break;
       slot.current = undefined;
-      old.retired = true;
-      if (old.users === 0) old.model.dispose();
+      excess -= model.bytes + (model.base && model.base.holders === 1 ? model.base.bytes : 0);
+      model.retired = true;
+      if (model.users === 0) this.dispose(model);
     }
   }
+}
+
+/** Length of the feature vector `layers` of the base give: their channels, each pooled over space. */
+function featureWidth(base: LoadedBase, layers: readonly string[]): number {
+  return layers.reduce((n, l) => n + ((base.model.getLayer(l).outputShape as number[]).at(-1) ?? 0), 0);
 }

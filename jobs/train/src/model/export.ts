@@ -10,6 +10,7 @@ import type { RunPlan } from "../plan.ts";
 import type { RunContext } from "../run.ts";
 import { applyBetweenAll, poolMaps } from "./graph.ts";
 import { loadModel, type ModelFiles, modelToFiles, WEIGHTS_FILE } from "./io.ts";
+import { exportSplit, type SplitFiles, SplitMismatchError } from "./split.ts";
 import type { WeightDtype } from "./weights.ts";
 
 /**
@@ -71,7 +72,12 @@ export interface Exported {
   dtype: WeightDtype;
   /** Largest probability change between the trained model and the reloaded export on the probe images. */
   maxDelta: number;
+  /** Head-strategy versions: the head and the shared base, verified against the whole model (model/split.ts). */
+  split?: SplitFiles;
 }
+
+/** The float16 tolerance: largest probability change an export may bring. */
+const FLOAT16_TOLERANCE = 0.02;
 
 /**
  * Stage 5: the deployable classifier in the requested weight dtype, checked by reloading it on real
@@ -93,14 +99,28 @@ export async function exportVersion(
       "export",
       async () => {
         const dtype = plan.options.weights;
-        const attempt = await exportClassifier(classifier, dtype, probe, dtype === "uint8" ? 1 : 0.02);
+        const attempt = await exportClassifier(classifier, dtype, probe, dtype === "uint8" ? 1 : FLOAT16_TOLERANCE);
+        let whole: Exported;
         if (dtype === "uint8" && attempt.argmaxChanged > 0) {
           ctx.log.warn(`uint8 weights changed ${attempt.argmaxChanged} prediction(s) on held-out images; exporting float16 instead`);
-          return { ...(await exportClassifier(classifier, "float16", probe, 0.02)), dtype: "float16" as const };
+          whole = { ...(await exportClassifier(classifier, "float16", probe, FLOAT16_TOLERANCE)), dtype: "float16" as const };
+        } else whole = { ...attempt, dtype };
+        // Fine-tuned versions changed their base: only head-strategy versions share one (ARCHITECTURE.md).
+        if (plan.options.strategy !== "head") return whole;
+        try {
+          return { ...whole, split: await exportSplit(classifier, baseModel, plan.pooledSpec, size, head, probe, FLOAT16_TOLERANCE) };
+        } catch (e) {
+          if (!(e instanceof SplitMismatchError)) throw e;
+          ctx.log.warn(`${e.message}; publishing the whole model only`);
+          return whole;
         }
-        return { ...attempt, dtype };
       },
-      (e) => ({ dtype: e.dtype, bytes: e.files.weights.byteLength, maxDelta: e.maxDelta }),
+      (e) => ({
+        dtype: e.dtype,
+        bytes: e.files.weights.byteLength,
+        maxDelta: e.maxDelta,
+        ...(e.split ? { headBytes: e.split.head.weights.byteLength, splitMaxDelta: e.split.maxDelta } : {}),
+      }),
     );
   } finally {
     probe.dispose();

@@ -24,18 +24,24 @@ interface KerasConfig {
   layers: { class_name: string; config: Record<string, unknown> }[];
 }
 
-export async function modelToFiles(model: tf.LayersModel, dtype: WeightDtype, keepFloat32?: (weight: string) => boolean): Promise<ModelFiles> {
-  return savedToFiles(await saveToMemory(model), dtype, keepFloat32);
+/** `shard`: the weight file's name (a split version holds a head's shard beside the whole model's). */
+export async function modelToFiles(
+  model: tf.LayersModel,
+  dtype: WeightDtype,
+  keepFloat32?: (weight: string) => boolean,
+  shard = WEIGHTS_FILE,
+): Promise<ModelFiles> {
+  return savedToFiles(await saveToMemory(model), dtype, keepFloat32, shard);
 }
 
-export function savedToFiles(saved: SavedModel, dtype: WeightDtype, keepFloat32?: (weight: string) => boolean): ModelFiles {
+export function savedToFiles(saved: SavedModel, dtype: WeightDtype, keepFloat32?: (weight: string) => boolean, shard = WEIGHTS_FILE): ModelFiles {
   const { specs, data } = encodeWeights(saved.weightSpecs, saved.weightData, dtype, keepFloat32);
   const json: ModelJson = {
     format: saved.format ?? "layers-model",
     generatedBy: saved.generatedBy,
     convertedBy: "edgetune",
     modelTopology: saved.modelTopology as ModelJson["modelTopology"],
-    weightsManifest: [{ paths: [WEIGHTS_FILE], weights: specs }],
+    weightsManifest: [{ paths: [shard], weights: specs }],
   };
   return { modelJson: new TextEncoder().encode(JSON.stringify(json)), weights: new Uint8Array(data) };
 }

@@ -1,7 +1,17 @@
 import * as tf from "@tensorflow/tfjs";
 import sharp from "sharp";
-import { HISTORY, historyOf, type PointerBasis, readPointer, VersionExistsError, writeArtifact, writePointerIf } from "../../../../shared/artifacts.ts";
-import type { ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
+import {
+  type ArtifactFile,
+  HISTORY,
+  historyOf,
+  type PointerBasis,
+  readPointer,
+  VersionExistsError,
+  writeArtifact,
+  writePointerIf,
+  writeSharedBase,
+} from "../../../../shared/artifacts.ts";
+import { type ArtifactMetadata, SPLIT_FILES } from "../../../../shared/contracts/artifact.ts";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
 import type { Dataset } from "../dataset/read.ts";
 import type { PooledFeatures } from "../features/pooled.ts";
@@ -54,12 +64,14 @@ export async function publishVersion(ctx: RunContext, plan: RunPlan, outcome: Ru
   const { evaluation, exported, served } = outcome;
   let { promotion } = outcome;
   const report = await buildReport(ctx, plan, outcome);
+  const split = await publishSharedBase(ctx, plan, exported);
   let written: Awaited<ReturnType<typeof writeArtifact>>;
   try {
     written = await ctx.stage("write version", () =>
-      writeArtifact(ctx.store, metadataOf(plan, outcome), [
+      writeArtifact(ctx.store, { ...metadataOf(plan, outcome), ...(split ? { split: split.metadata } : {}) }, [
         { path: "model.json", bytes: exported.files.modelJson },
         { path: WEIGHTS_FILE, bytes: exported.files.weights },
+        ...(split?.files ?? []),
         { path: "report.json", bytes: new TextEncoder().encode(JSON.stringify(report, null, 2)) },
         { path: "report.html", bytes: new TextEncoder().encode(renderReportHtml(report)) },
       ]),
@@ -103,6 +115,46 @@ export async function publishVersion(ctx: RunContext, plan: RunPlan, outcome: Ru
   const accuracy = evaluation.metrics.accuracy;
   ctx.log.info(promotion.promoted ? `promoted ${name} ${version}` : `kept the current version of ${name}`, { reason: promotion.reason, accuracy });
   return { status: "trained", name, version, promoted: promotion.promoted, reason: promotion.reason, accuracy, report };
+}
+
+/**
+ * The shared base of a split export, published once per (base, size) and reused by every later version;
+ * returns what the version records and its head files. The whole model stays in the version too: older
+ * workers, promotion scoring and exports read it (ARCHITECTURE.md "One base, many models").
+ */
+async function publishSharedBase(
+  ctx: RunContext,
+  plan: RunPlan,
+  exported: Exported,
+): Promise<{ metadata: NonNullable<ArtifactMetadata["split"]>; files: ArtifactFile[] } | undefined> {
+  const split = exported.split;
+  if (!split) return undefined;
+  const { base, options } = plan;
+  const featureLayer = plan.pooledSpec.layer;
+  const shared = await ctx.stage("write shared base", () =>
+    writeSharedBase(
+      ctx.store,
+      { schemaVersion: 1, base: { id: base.id, sha256: base.sha256, featureLayer }, input: { size: options.imageSize, channels: 3 } },
+      [
+        { path: "model.json", bytes: split.base.modelJson },
+        { path: WEIGHTS_FILE, bytes: split.base.weights },
+      ],
+    ),
+  );
+  // Same base and size, cut elsewhere (a base whose feature layer changed): this head cannot use it.
+  if (shared.manifest.base.featureLayer !== featureLayer) {
+    ctx.log.warn(
+      `the shared base of ${base.id} at ${options.imageSize} px is cut at ${shared.manifest.base.featureLayer}, not ${featureLayer}; publishing the whole model only`,
+    );
+    return undefined;
+  }
+  return {
+    metadata: { baseManifestSha256: shared.manifestSha256, features: split.features },
+    files: [
+      { path: SPLIT_FILES.head, bytes: split.head.modelJson },
+      { path: SPLIT_FILES.headWeights, bytes: split.head.weights },
+    ],
+  };
 }
 
 /** The result of a run that found its version already written: nothing to do. */
