@@ -349,7 +349,8 @@ describe("edgetune, for a person", () => {
       );
       const classify = /^ {2}npx edgetune (classify .+)$/m.exec(out)?.[1]?.split(" ") ?? [];
       const r = await run(process.execPath, ["jobs/train/cli.ts", ...classify], { env: { ...env, ...pasted }, timeout: 60_000 });
-      expect(r.stdout).toMatch(/: \w+ [\d.]+ %/);
+      // An answer in words (a label, unsure or none of these), then the scores.
+      expect(r.stdout).toMatch(/\.png: (\w+ \(|unsure: |none of these).*\w+ [\d.]+ %/);
     } finally {
       child.kill("SIGTERM");
       await exited;

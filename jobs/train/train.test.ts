@@ -205,7 +205,8 @@ describe("promotion needs evidence", () => {
       for (const [i, img] of mine.slice(0, 8).entries()) await s3.store.put(`datasets/${name}/train/${label}/${i}.png`, img.bytes);
       for (const [i, bytes] of val(label, images).entries()) await s3.store.put(`datasets/${name}/val/${label}/${i}.png`, bytes);
     }
-    await s3.store.put(`datasets/${name}/manifest.json`, JSON.stringify({ model: "evidence" }));
+    // A model of its own per dataset: a model belongs to the dataset that created it.
+    await s3.store.put(`datasets/${name}/manifest.json`, JSON.stringify({ model: `evidence-${name}` }));
     return labels;
   }
 
@@ -215,7 +216,7 @@ describe("promotion needs evidence", () => {
     expect(result).toMatchObject({ status: "trained", promoted: false });
     expect(result.reason).toMatch(/not enough held-out evidence: "animals" 0, "food" 0, "travel" 0 held-out image\(s\)/);
     expect(result.report?.promotion.reason).toBe(result.reason);
-    expect(await readPointer(s3.store, "evidence")).toBeNull();
+    expect(await readPointer(s3.store, "evidence-no-evidence")).toBeNull();
   });
 
   it("keeps back a first version that is no better than always answering the most common label", async () => {
@@ -233,7 +234,7 @@ describe("promotion needs evidence", () => {
     const result = await train(s3.store, { dataset: "swapped", ...quick, base: "nsfwjs-mobilenet-v2" }, memoryLogger());
     expect(result).toMatchObject({ status: "trained", promoted: false });
     expect(result.reason).toMatch(/no better than always answering "\w+": [\d.]+ % vs 33\.3 % on 12 held-out images/);
-    expect(await readPointer(s3.store, "evidence")).toBeNull();
+    expect(await readPointer(s3.store, "evidence-swapped")).toBeNull();
   });
 });
 
