@@ -27,14 +27,14 @@ import { Capturer, isOptOut } from "./capture/capture.ts";
 import { CaptureObjectTooLargeError, type CaptureStore, CaptureStoreError, createCaptureStore } from "./capture/store.ts";
 import { withDeadline } from "./deadline.ts";
 import { type Admission, createAdmission } from "./http/admission.ts";
-import { apiKeyAuth, consoleAuth, isOperator } from "./http/auth.ts";
+import { apiKeyAuth, consoleAuth, inScope, isOperator, modelScope } from "./http/auth.ts";
 import { readImageBody } from "./http/body.ts";
 import { ApiError, errorBody } from "./http/errors.ts";
 import { decodeImage, encodePng } from "./image/decode.ts";
 import { wasmMemoryBytes } from "./memory.ts";
 import { type ModelCache, modelCache } from "./model/cache.ts";
 import { predictAll } from "./model/predict.ts";
-import { type LoadedModel, ModelRegistry, ModelUnavailableError, STORE_REFUSED } from "./model/registry.ts";
+import { type LoadedModel, ModelRegistry, ModelUnavailableError, modelNotFound, STORE_REFUSED } from "./model/registry.ts";
 import { createModelSource, ListingUnavailableError, type ModelSource, SourceError, StoreAccessDeniedError } from "./model/source.ts";
 import {
   captureImageRoute,
@@ -184,6 +184,7 @@ for (const path of [
 
 app.openapi(modelRoute, async (c) => {
   const { name } = c.req.valid("param");
+  await requireInScope(c, name);
   const operator = await isOperator(c.req.header("authorization"), c.env);
   const { model, release } = await acquire(c.env, name, (p) => c.executionCtx.waitUntil(p));
   try {
@@ -379,6 +380,7 @@ app.openapi(classifyRoute, async (c) => {
   const t0 = performance.now();
   const { name } = c.req.valid("param");
   const { top_k: topK, threshold } = c.req.valid("query");
+  await requireInScope(c, name);
   const maxPixels = Number(c.env.MAX_IMAGE_PIXELS || 2_100_000);
   const places = admissionFor(c.env);
   return places.admit(async () => {
@@ -436,6 +438,7 @@ app.openapi(multiClassifyRoute, async (c) => {
       "invalid_models",
       `models is a comma-separated list of 1 to ${MAX_MODELS_PER_REQUEST} model names (a-z, 0-9, '.', '_', '-', starting with a letter or digit).`,
     );
+  const scope = await modelScope(c.req.header("authorization"), c.env);
   const maxPixels = Number(c.env.MAX_IMAGE_PIXELS || 2_100_000);
   const places = admissionFor(c.env);
   return places.admit(async () => {
@@ -443,7 +446,8 @@ app.openapi(multiClassifyRoute, async (c) => {
     const waitUntil = (p: Promise<unknown>) => c.executionCtx.waitUntil(p);
     const leases = await Promise.all(
       names.map((name) =>
-        acquire(c.env, name, waitUntil).then(
+        // Outside the key's scope: the missing model's answer, without asking the registry.
+        (inScope(scope, name) ? acquire(c.env, name, waitUntil) : Promise.reject(modelNotFound(name))).then(
           (lease) => ({ name, lease }),
           (e: unknown) => {
             if (!(e instanceof ModelUnavailableError)) throw e;
@@ -591,6 +595,14 @@ async function readCaptureRecord(store: CaptureStore, name: string, id: string):
   if (!record || record.id !== id)
     throw new ApiError(404, "capture_not_found", `Model ${name} has no capture ${id} (it may have been reviewed already, or expired).`);
   return record;
+}
+
+/**
+ * A model outside the key's scope answers exactly as one that does not exist, decided before the
+ * registry or storage is touched: neither the answer nor its time tells a scoped key which models exist.
+ */
+async function requireInScope(c: Context<AppEnv>, name: string): Promise<void> {
+  if (!inScope(await modelScope(c.req.header("authorization"), c.env), name)) throw modelNotFound(name);
 }
 
 async function acquire(env: Env, name: string, waitUntil: (p: Promise<unknown>) => void) {

@@ -12,6 +12,8 @@ import { RAW_TYPES } from "./http/body.ts";
  */
 const errorSchema = z.object({ error: z.object({ code: z.string(), message: z.string() }) }).openapi("Error");
 const errorResponse = (description: string) => ({ description, content: { "application/json": { schema: errorSchema } } });
+/** A client key limited to some models (API_KEYS `key:modelA+modelB`) gets this same answer for every other name. */
+const unknownModel = errorResponse("Unknown model, or one outside this key's scope (the same answer: a scoped key cannot tell them apart)");
 
 export const modelParams = z.object({ name: nameSchema });
 
@@ -97,7 +99,7 @@ export const classifyRoute = createRoute({
     },
     400: errorResponse("Corrupt or unreadable image"),
     401: errorResponse("Missing or invalid API key"),
-    404: errorResponse("Unknown model"),
+    404: unknownModel,
     408: errorResponse("The body did not arrive within MAX_BODY_SECONDS"),
     413: errorResponse("Image too large (bytes or pixels)"),
     415: errorResponse("Unsupported content type or image format"),
@@ -116,7 +118,7 @@ export const modelRoute = createRoute({
   responses: {
     200: { description: "Model description", content: { "application/json": { schema: modelSchema } } },
     401: errorResponse("Missing or invalid API key"),
-    404: errorResponse("Unknown model"),
+    404: unknownModel,
     503: errorResponse(
       "Model not available yet (`model_unavailable`), or the model store refused the worker's credentials (`store_access_denied`); with Retry-After",
     ),
@@ -305,7 +307,7 @@ export const multiClassifyRoute = createRoute({
   responses: {
     200: {
       description:
-        "One answer per model, in the order asked: its predictions, or its error (`model_not_found`, `model_unavailable`, `store_access_denied`) where that model cannot answer. Also a Server-Timing header.",
+        "One answer per model, in the order asked: its predictions, or its error (`model_not_found`, `model_unavailable`, `store_access_denied`) where that model cannot answer; a model outside a scoped key's models answers `model_not_found`, as a missing one. Also a Server-Timing header.",
       content: {
         "application/json": {
           schema: z.object({
@@ -404,7 +406,11 @@ export const healthRoute = createRoute({
 
 /** Adds the security scheme and serves the document; call after the routes are registered. */
 export function serveOpenApi<E extends { Bindings: Env }>(app: OpenAPIHono<E>): void {
-  app.openAPIRegistry.registerComponent("securitySchemes", "bearer", { type: "http", scheme: "bearer" });
+  app.openAPIRegistry.registerComponent("securitySchemes", "bearer", {
+    type: "http",
+    scheme: "bearer",
+    description: "A client key (API_KEYS; one may be limited to some models) or an operator key (CONSOLE_API_KEYS: every route)",
+  });
   app.openAPIRegistry.registerPath({
     method: "get",
     path: "/openapi.json",

@@ -193,3 +193,75 @@ describe("one base, many models", () => {
     }
   });
 });
+
+describe("client keys limited to some models (API_KEYS entry key:modelA+modelB)", () => {
+  const SCOPED = "scoped-client-key";
+  const UNSCOPED = "unscoped-client-key";
+  let scoped: EdgeWorker;
+  beforeAll(async () => {
+    // A fresh worker: what the scoped key asks is visible in its registry (/healthz), or not.
+    scoped = await startEdgeWorker({
+      s3Endpoint: s3.endpoint,
+      bucket: s3.config.bucket,
+      pointerTtlSeconds: 60,
+      vars: { API_KEYS: `${UNSCOPED}, ${SCOPED}:head-a+whole` },
+    });
+  });
+  afterAll(async () => {
+    await scoped?.stop();
+  });
+
+  const as = (key: string) => ({ url: scoped.url, apiKey: key });
+  const describeModel = (key: string, name: string) => fetch(`${scoped.url}/v1/models/${name}`, { headers: { authorization: `Bearer ${key}` } });
+  const multi = (key: string, models: string) => {
+    const img = images[0] as (typeof images)[number];
+    return fetch(`${scoped.url}/v1/classify?models=${models}`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${key}`, "content-type": img.file.endsWith(".jpg") ? "image/jpeg" : "image/png" },
+      body: img.bytes as BodyInit,
+    });
+  };
+  /** Status and body, the other model's name written as the missing one's (the only byte an answer may differ by). */
+  const answerOf = async (res: Response, name = "nosuch") => `${res.status} ${(await res.text()).replaceAll(name, "nosuch")}`;
+
+  it("answers an existing model outside the scope byte for byte as a missing one, without loading it", async () => {
+    const img = images[0] as (typeof images)[number];
+    expect((await postClassify(as(SCOPED), "head-a", img)).status).toBe(200);
+    expect((await describeModel(SCOPED, "head-a")).status).toBe(200);
+    const missing = await answerOf(await postClassify(as(SCOPED), "nosuch", img));
+    expect(missing).toMatch(/^404 .*"model_not_found"/);
+    expect(await answerOf(await postClassify(as(SCOPED), "head-b", img), "head-b")).toBe(missing);
+    // The same answer an unscoped key gets for a model that does not exist.
+    expect(await answerOf(await postClassify(as(UNSCOPED), "nosuch", img))).toBe(missing);
+    const missingDescription = await answerOf(await describeModel(SCOPED, "nosuch"));
+    expect(missingDescription).toMatch(/^404 /);
+    expect(await answerOf(await describeModel(SCOPED, "head-b"), "head-b")).toBe(missingDescription);
+    // Neither name reached the registry: nothing was looked up in storage, let alone loaded.
+    const names = (await health(scoped)).models.map((m) => m.name);
+    expect(names).toContain("head-a");
+    expect(names).not.toContain("head-b");
+    expect(names).not.toContain("nosuch");
+  });
+
+  it("answers each entry of a multi-model request outside the scope as a missing model", async () => {
+    const res = await multi(SCOPED, "head-a,head-b,nosuch");
+    expect(res.status).toBe(200);
+    const { results } = (await res.json()) as { results: { model: string; predictions?: unknown; error?: unknown }[] };
+    expect(results.map((r) => r.model)).toEqual(["head-a", "head-b", "nosuch"]);
+    expect(results[0]?.predictions).toBeDefined();
+    expect(JSON.stringify(results[1]).replaceAll("head-b", "nosuch")).toBe(JSON.stringify(results[2]));
+    expect(results[2]).toMatchObject({ error: { code: "model_not_found" } });
+    expect((await health(scoped)).models.map((m) => m.name)).not.toContain("head-b");
+  });
+
+  it("leaves a key without a scope free to use, and to tell apart, every model", async () => {
+    const img = images[0] as (typeof images)[number];
+    expect((await postClassify(as(UNSCOPED), "head-b", img)).status).toBe(200);
+    expect((await describeModel(UNSCOPED, "head-b")).status).toBe(200);
+    const { results } = (await (await multi(UNSCOPED, "head-a,head-b")).json()) as { results: { predictions?: unknown }[] };
+    expect(results.every((r) => r.predictions)).toBe(true);
+    // A scope is no key of its own, and an operator key stays unscoped.
+    expect((await postClassify(as(`${SCOPED}:head-a+whole`), "head-a", img)).status).toBe(401);
+    expect((await postClassify(scoped, "head-b", img)).status).toBe(200);
+  });
+});

@@ -79,6 +79,11 @@ export class ModelUnavailableError extends Error {
   }
 }
 
+/** The one answer for a name that is not served, also given for a model outside a client key's scope. */
+export function modelNotFound(name: string): ModelUnavailableError {
+  return new ModelUnavailableError("model_not_found", `No model named ${name}.`);
+}
+
 export interface RegistryOptions {
   ttlMs: number;
   /** Bytes of live tensors (tf.memory()) above which least recently used models are evicted. */
@@ -117,11 +122,11 @@ export class ModelRegistry {
       this.slots.set(name, slot);
     }
     if (!slot.current) {
-      if (slot.missingUntil && slot.missingUntil > this.now()) throw new ModelUnavailableError("model_not_found", `No model named ${name}.`);
+      if (slot.missingUntil && slot.missingUntil > this.now()) throw modelNotFound(name);
       // Backing off after a failure: answer from what is known, without asking storage again.
       if (!(slot.nextCheckAt && slot.nextCheckAt > this.now())) await this.check(name, slot, waitUntil);
       if (!slot.current) {
-        if (slot.missingUntil) throw new ModelUnavailableError("model_not_found", `No model named ${name}.`);
+        if (slot.missingUntil) throw modelNotFound(name);
         const retryAfter = Math.max(1, Math.ceil(((slot.nextCheckAt ?? this.now()) - this.now()) / 1000));
         // The details (S3's code, the key, the secrets' names) are for operators: /healthz with an operator key.
         if (slot.lastError?.code) throw new ModelUnavailableError(slot.lastError.code, `Model ${name} cannot be loaded. ${STORE_REFUSED}`, retryAfter);
