@@ -133,19 +133,24 @@ try {
   // 128 px for 128 px icons, said where any later run (CLI, nightly) reads it: the manifest.
   await s3.store.put(keys.manifest(DATASET), JSON.stringify({ schemaVersion: 1, imageCount: train.length, imageSize: 128 }));
   say(`pushed dataset ${DATASET}: ${train.length} images in 3 labels (${SAMPLE_CREDIT}); manifest written last`);
+
+  const promoted = async (names: string[]) => {
+    while (!(await Promise.all(names.map((n) => readPointer(s3.store, n)))).every(Boolean)) {
+      if (dispatcher.jobs.some((j) => j.status === "failed")) throw new EdgetuneError("training_failed", "Training failed; see the log above.");
+      // A run that ended without promoting (the promotion rules kept it back) will not promote later.
+      const kept = dispatcher.jobs.flatMap((j) => (j.status === "succeeded" ? j.results : [])).find((r) => !r.promoted);
+      if (kept) throw new EdgetuneError("not_promoted", `The model was trained but not promoted: ${kept.reason}`);
+      await new Promise((r) => setTimeout(r, 300));
+    }
+  };
+  await promoted([DATASET]);
+  say(`model ${DATASET} promoted`);
+  // The second model (one base, many models) is pushed once the first is served: its training runs while
+  // the first answers, instead of before it.
   const duo = train.filter((i) => i.label !== "travel");
   await Promise.all(duo.map((i) => s3.store.put(`${keys.dataset(SECOND)}${i.file}`, i.bytes)));
   await s3.store.put(keys.manifest(SECOND), JSON.stringify({ schemaVersion: 1, imageCount: duo.length, imageSize: 128 }));
   say(`pushed dataset ${SECOND}: ${duo.length} images in 2 labels; manifest written last`);
-
-  while (!(await readPointer(s3.store, DATASET)) || !(await readPointer(s3.store, SECOND))) {
-    if (dispatcher.jobs.some((j) => j.status === "failed")) throw new EdgetuneError("training_failed", "Training failed; see the log above.");
-    // A run that ended without promoting (the promotion rules kept it back) will not promote later.
-    const kept = dispatcher.jobs.flatMap((j) => (j.status === "succeeded" ? j.results : [])).find((r) => !r.promoted);
-    if (kept) throw new EdgetuneError("not_promoted", `The model was trained but not promoted: ${kept.reason}`);
-    await new Promise((r) => setTimeout(r, 300));
-  }
-  say(`models ${DATASET} and ${SECOND} promoted`);
 
   const edge = await edgeStarting;
   say(`edge worker (workerd) on ${edge.url}`);
@@ -178,6 +183,8 @@ try {
   const heldOutTable = table(["IMAGE", "HTTP", "PREDICTED", "SCORE", "", "WORKER"], rows).replace(/^/gm, "  ");
   // Not the training run's held-out split (its accuracy is in the report): images the dataset never had.
   process.stdout.write(`\nImages not in the dataset, classified by the edge worker (${correct}/${heldOut.length} correct):\n${heldOutTable}\n`);
+  await promoted([SECOND]);
+  say(`model ${SECOND} promoted`);
   await showSharedBase(edge, heldOut[1] ?? (heldOut[0] as (typeof heldOut)[number]));
   const sampleDir = await mkdtemp(join(tmpdir(), "edgetune-sample-"));
   cleanups.push(() => rm(sampleDir, { recursive: true, force: true }));
