@@ -26,7 +26,7 @@ const SECRET = "GPS-48.8584N-2.2945E-secret";
 beforeAll(async () => {
   s3 = await startLocalS3();
   images = await uploadSample(s3.store, "emoji", { perLabel: 6, size: 96 });
-  await train(s3.store, { dataset: "emoji", base: "mobilenet-v1-025", imageSize: 96, views: 1, head: { epochs: 3 }, promote: "always" }, memoryLogger());
+  await train(s3.store, { dataset: "emoji", imageSize: 96, views: 1, head: { epochs: 3 }, promote: "always" }, memoryLogger());
   await writeCaptureConfig(s3.store, "emoji", { enabled: true, belowConfidence: 1.01, maxPerDay: 1000 });
   // A client key apart from the operator's (edge.apiKey, also CONSOLE_API_KEYS).
   edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, pointerTtlSeconds: 1, vars: { API_KEYS: CLIENT_KEY } });
