@@ -93,6 +93,8 @@ describe("version comparison and the models list (worker in workerd)", () => {
     expect(((await client.json()) as { error: { code: string } }).error.code).toBe("forbidden");
     expect((await get(path, "not-a-key")).status).toBe(401);
     expect((await get("/v1/models", edge.apiKey)).status).toBe(403);
+    const doc = (await (await fetch(`${edge.url}/openapi.json`)).json()) as { paths: Record<string, unknown> };
+    expect(Object.keys(doc.paths)).toContain("/v1/models/{name}/versions/{version}/compare/{other}");
   });
 
   it("lists models with the served version and its accuracy, a page at a time", async () => {
@@ -220,6 +222,25 @@ describe.skipIf(!haveBrowser)("version comparison and the models list (console i
     expect(await page.getAttribute("#held-out", "class")).toContain("same");
     expect(problems).toEqual([]);
     await page.close();
+  });
+
+  it("pages the models list: More models adds the next page", async () => {
+    const extra = Array.from({ length: 22 }, (_, i) => `p${String(i).padStart(2, "0")}`);
+    await Promise.all(extra.map((n) => s3.store.put(`${keys.model(n)}placeholder.txt`, "x")));
+    try {
+      const { page, problems } = await open(360);
+      await page.waitForSelector("#more-models");
+      expect(await page.locator("#models tbody tr").count()).toBe(20);
+      await page.click("#more-models");
+      await page.waitForFunction((n) => document.querySelectorAll("#models tbody tr").length === n, extra.length + 1);
+      expect(await page.locator("#more-models").count()).toBe(0);
+      expect(await page.locator('#models tr[data-model="p00"] td').allTextContents()).toEqual(["p00", "none promoted", "–", "–", "—"]);
+      expect(await layoutProblems(page)).toEqual([]);
+      expect(problems).toEqual([]);
+      await page.close();
+    } finally {
+      await s3.store.delete(extra.map((n) => `${keys.model(n)}placeholder.txt`));
+    }
   });
 
   it("at 360 px: every console page fits (report, classify answer, review, monitor)", async () => {
