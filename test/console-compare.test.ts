@@ -224,6 +224,18 @@ describe.skipIf(!haveBrowser)("version comparison and the models list (console i
     await page.close();
   });
 
+  it("finds what breaks a narrow page: a page wider than the screen, a wrapped percentage, a cut header", async () => {
+    const page = await browser.newPage({ viewport: { width: 360, height: 600 } });
+    await page.setContent(
+      `<body style="margin:0"><header><h1>edgetune</h1></header><section id="view"><p style="width:0">100.0 %</p><p style="width:0">100.0\u00a0%</p>` +
+        `<div style="width:500px">wide</div></section></body>`,
+    );
+    expect(await layoutProblems(page)).toEqual(["page 500 px wide in a 360 px viewport", '"100.0 %" wraps over 2 lines']);
+    await page.setContent(`<header><h1 style="margin-left:340px;white-space:nowrap">edgetune</h1></header><section id="view"></section>`);
+    expect((await layoutProblems(page)).some((p) => p.startsWith("header h1 cut"))).toBe(true);
+    await page.close();
+  });
+
   it("pages the models list: More models adds the next page", async () => {
     const extra = Array.from({ length: 22 }, (_, i) => `p${String(i).padStart(2, "0")}`);
     await Promise.all(extra.map((n) => s3.store.put(`${keys.model(n)}placeholder.txt`, "x")));
@@ -245,27 +257,30 @@ describe.skipIf(!haveBrowser)("version comparison and the models list (console i
 
   it("at 360 px: every console page fits (report, classify answer, review, monitor)", async () => {
     const { page } = await open(360);
-    for (const path of [
-      "#/",
-      "#/models/emoji",
-      `#/models/emoji/${v.same.version}`,
-      `#/compare/emoji/${v.same.version}/${v.grown.version}`,
-      "#/review/emoji",
-      "#/monitor/emoji",
-    ]) {
+    // Each page by an element only it has: a hash change leaves the previous page up until the next is drawn.
+    const pages: [string, string][] = [
+      ["#/", "#models"],
+      ["#/models/emoji", "#versions"],
+      [`#/models/emoji/${v.same.version}`, "#confusion"],
+      [`#/compare/emoji/${v.same.version}/${v.grown.version}`, "#compare-confusion"],
+      ["#/review/emoji", "#captures, #captures-empty"],
+      ["#/monitor/emoji", "#monitor, #monitor-empty"],
+    ];
+    for (const [path, selector] of pages) {
       await page.goto(`${edge.url}/${path}`);
-      await page.waitForSelector("#view h2");
-      await page.waitForLoadState("networkidle");
+      await page.waitForSelector(selector);
       expect([path, await layoutProblems(page)]).toEqual([path, []]);
     }
-    // A classified image with its scores under it.
-    await page.goto(`${edge.url}/#/models/emoji`);
-    await page.waitForSelector("#classify-file");
-    const img = images.find((i) => i.file.endsWith(".png")) as (typeof images)[number];
-    await page.setInputFiles("#classify-file", { name: "test.png", mimeType: "image/png", buffer: Buffer.from(img.bytes) });
-    await page.waitForSelector("#classify-result .bar, #classify-result .error", { timeout: 90_000 });
-    expect(await page.locator("#classify-result .error").allTextContents()).toEqual([]);
-    expect(await layoutProblems(page)).toEqual([]);
     await page.close();
+    // A classified image with its scores under it.
+    const { page: fresh } = await open(360);
+    await fresh.goto(`${edge.url}/#/models/emoji`);
+    await fresh.waitForSelector("#versions");
+    const img = images.find((i) => i.file.endsWith(".png")) as (typeof images)[number];
+    await fresh.setInputFiles("#classify-file", { name: "test.png", mimeType: "image/png", buffer: Buffer.from(img.bytes) });
+    await fresh.waitForSelector("#classify-result .bar, #classify-result .error", { timeout: 90_000 });
+    expect(await fresh.locator("#classify-result .error").allTextContents()).toEqual([]);
+    expect(await layoutProblems(fresh)).toEqual([]);
+    await fresh.close();
   });
 });

@@ -38,8 +38,13 @@ export async function layoutProblems(page: Page): Promise<string[]> {
     const scrollWidth = document.documentElement.scrollWidth;
     if (scrollWidth > width) problems.push(`page ${scrollWidth} px wide in a ${width} px viewport`);
     for (const node of document.querySelectorAll("header h1, header input, header button:not([hidden])")) {
-      const r = node.getBoundingClientRect();
-      if (r.right > width + 0.5 || r.left < -0.5) problems.push(`header ${node.tagName.toLowerCase()} cut (${Math.round(r.left)}–${Math.round(r.right)} px)`);
+      // The box and its text: text that overflows its box is cut too.
+      const text = document.createRange();
+      text.selectNodeContents(node);
+      const rects = [node.getBoundingClientRect(), ...text.getClientRects()];
+      const left = Math.min(...rects.map((r) => r.left));
+      const right = Math.max(...rects.map((r) => r.right));
+      if (right > width + 0.5 || left < -0.5) problems.push(`header ${node.tagName.toLowerCase()} cut (${Math.round(left)}–${Math.round(right)} px)`);
     }
     // Text nodes that read as one word for people: a number with its % sign, a version id.
     const walker = document.createTreeWalker(document.getElementById("view") ?? document.body, NodeFilter.SHOW_TEXT);
