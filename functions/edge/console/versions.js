@@ -143,7 +143,7 @@ export async function comparePage(ui, show, name, a, b) {
   const sub = [
     [x.version, true],
     [y.version, true],
-    ["change (pts)", true],
+    ["Δ", true, "change in percentage points"],
   ];
   const perLabel = el(
     "table",
@@ -162,7 +162,7 @@ export async function comparePage(ui, show, name, a, b) {
       el(
         "tr",
         {},
-        [...sub, ...sub].map(([text, num]) => el("th", { class: num ? "num" : null }, text)),
+        [...sub, ...sub].map(([text, num, title]) => el("th", { class: num ? "num" : null, title }, text)),
       ),
     ),
     el(
@@ -234,6 +234,7 @@ export async function comparePage(ui, show, name, a, b) {
     el("div", { class: "scroll" }, summary),
     el("h3", {}, "Per label"),
     el("div", { class: "scroll" }, perLabel),
+    el("p", { class: "muted" }, `Δ: ${y.version} minus ${x.version}, in percentage points. Held-out: the label's images in each one's held-out set.`),
     el("h3", {}, "Confusion (rows: true label, columns: predicted)"),
     el("div", { class: "side-by-side", id: "compare-confusion" }, matrix(x), matrix(y)),
     el(

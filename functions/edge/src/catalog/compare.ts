@@ -39,7 +39,12 @@ export async function compareVersions(
   a: string,
   b: string,
 ): Promise<{ model: string; versions: [ComparedVersion, ComparedVersion]; heldOut: HeldOutComparison }> {
-  const [pointer, first, second] = await Promise.all([readPointer(source, name), versionNumbers(source, name, a), versionNumbers(source, name, b)]);
+  // An unreadable pointer only loses the "served" marks, not the comparison.
+  const [pointer, first, second] = await Promise.all([
+    readPointer(source, name).catch(() => null),
+    versionNumbers(source, name, a),
+    versionNumbers(source, name, b),
+  ]);
   const versions: [ComparedVersion, ComparedVersion] = [
     { ...first, current: pointer?.version === a },
     { ...second, current: pointer?.version === b },
