@@ -23,6 +23,7 @@ import { SPLIT_FILES } from "../shared/contracts/artifact.ts";
 import { sha256Hex } from "../shared/hash.ts";
 import { keys } from "../shared/keys.ts";
 import { arg, BENCH_BASE, machine, percentile } from "./common.ts";
+import { isolateHeap } from "./isolate-heap.ts";
 
 const size = Number(arg("size", "160")) as 160;
 const base = arg("base", BENCH_BASE) as string;
@@ -159,6 +160,24 @@ try {
   console.log(
     `multi-model classify of ${ten.split(",").length} heads: p50 ${percentile(m, 50).toFixed(1)} ms, p99 ${percentile(m, 99).toFixed(1)} ms = ${(percentile(m, 50) / m1).toFixed(2)} × one model's request interleaved with it (p50 ${m1.toFixed(1)} ms)`,
   );
+  // The isolate's JS heap, after all timing (DevTools attaches a debugger): with every head, then a fresh
+  // isolate with one head, so the difference is what the heads cost beside their tensors.
+  const heapLine = async (worker: typeof edge) => {
+    const heap = await isolateHeap(worker);
+    const h = (await (await fetch(`${worker.url}/healthz`, { headers: auth })).json()) as Health;
+    const what = `${h.bases.length} base, ${h.bases[0]?.heads} heads`;
+    return typeof heap === "string"
+      ? `${what}: ${heap}`
+      : `${what}: ${mb(heap.usedBytes)} MB used of ${mb(heap.totalBytes)} MB (${heap.collected ? "after a full GC" : "GC not forced"}), wasm ${mb(h.memory.wasm.total)} MB`;
+  };
+  const many = await heapLine(edge);
+  const fresh = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, pointerTtlSeconds: 3600, apiKey: edge.apiKey });
+  try {
+    await fetch(`${fresh.url}/v1/models/m0/classify`, { method: "POST", headers: { ...auth, "content-type": "image/jpeg" }, body: jpeg as BodyInit });
+    console.log(`isolate JS heap (Runtime.getHeapUsage over DevTools): ${many}; a fresh isolate with ${await heapLine(fresh)}`);
+  } finally {
+    await fresh.stop();
+  }
 } finally {
   await edge.stop();
   await s3.stop();
