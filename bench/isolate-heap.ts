@@ -3,7 +3,7 @@ import type { EdgeWorker } from "../infra/local/edge-worker.ts";
 
 /**
  * The JS heap of the worker's isolate in local workerd, read over the DevTools protocol
- * (`Runtime.getHeapUsage`, after `HeapProfiler.collectGarbage`): what the worker cannot report itself
+ * (`Runtime.getHeapUsage`, after the full GC of a heap snapshot): what the worker cannot report itself
  * (Workers expose no heap API). wrangler dev serves DevTools from its proxy workerd on a port it picks and
  * does not print; it is found among that process's listening ports (`ss`, Linux) as the one whose
  * `/json` lists a `/ws` target. Connect only after timing: DevTools enables the debugger in the isolate.
@@ -37,21 +37,23 @@ async function readHeap(url: string): Promise<{ usedBytes: number; totalBytes: n
       ws.onerror = () => reject(new Error("DevTools connection failed"));
     });
     let next = 0;
-    const call = (method: string) =>
+    const call = (method: string, timeoutMs = 10_000) =>
       new Promise<Record<string, number> | null>((resolve) => {
         const id = ++next;
-        const timer = setTimeout(() => resolve(null), 10_000);
+        const timer = setTimeout(() => resolve(null), timeoutMs);
         ws.addEventListener("message", (ev) => {
           const m = JSON.parse(String(ev.data)) as { id?: number; result?: Record<string, number> };
           if (m.id !== id) return;
           clearTimeout(timer);
-          resolve(m.result ?? null);
+          // workerd answers a heap snapshot with the request echoed, no `result`.
+          resolve(m.result ?? {});
         });
         ws.send(JSON.stringify({ id, method, params: {} }));
       });
-    const collected = (await call("HeapProfiler.collectGarbage")) !== null;
+    // workerd does not answer HeapProfiler.collectGarbage; a heap snapshot runs a full GC first (its chunks are ignored).
+    const collected = (await call("HeapProfiler.takeHeapSnapshot", 120_000)) !== null;
     const usage = await call("Runtime.getHeapUsage");
-    if (!usage) return "not measured: Runtime.getHeapUsage did not answer";
+    if (typeof usage?.usedSize !== "number") return "not measured: Runtime.getHeapUsage did not answer";
     return { usedBytes: usage.usedSize as number, totalBytes: usage.totalSize as number, collected };
   } catch (e) {
     return `not measured: ${e instanceof Error ? e.message : e}`;
