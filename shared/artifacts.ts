@@ -147,11 +147,7 @@ export async function readMetadata(
   cache?: VerifiedBytesCache,
 ): Promise<ArtifactMetadata> {
   const key = keys.metadata(name, version);
-  // With a cache, the bucket is asked at the same time, not after a miss: the metadata is a few KB on the
-  // path of every load (its reader just read the pointer from the bucket), and a miss then costs no extra wait.
-  const fromBucket = store.get(key);
-  if (cache) fromBucket.catch(() => {}); // a hit does not wait for it; its failure then does not matter
-  const { bytes, hit } = expectedSha256 ? await cachedOr(cache, expectedSha256, () => fromBucket) : { bytes: await fromBucket, hit: false };
+  const { bytes, hit } = expectedSha256 ? await cachedOr(cache, expectedSha256, () => store.get(key)) : { bytes: await store.get(key), hit: false };
   if (bytes === null) throw new NotFoundError(`Model ${name} has no version ${version} (${key} is missing).`);
   if (expectedSha256 && !hit) {
     const actual = await sha256Hex(bytes);
