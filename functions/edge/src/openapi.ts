@@ -410,6 +410,8 @@ const healthDetailSchema = z.object({
         bytes: z.number().int().optional(),
         loadedAt: z.string().optional(),
         problem: z.string().optional(),
+        failures: z.number().int().optional().describe("A base that cannot be loaded: failures in a row (one back-off for all its heads)"),
+        retryAt: z.string().optional().describe("A base that cannot be loaded: when the next head that needs it tries it again"),
       }),
     )
     .describe("Shared bases in this isolate: one copy per (base, size), and those that failed to load"),

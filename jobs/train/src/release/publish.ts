@@ -11,7 +11,7 @@ import {
   writePointerIf,
   writeSharedBase,
 } from "../../../../shared/artifacts.ts";
-import { type ArtifactMetadata, SPLIT_FILES } from "../../../../shared/contracts/artifact.ts";
+import { type ArtifactMetadata, SPLIT_FILES, servedFiles } from "../../../../shared/contracts/artifact.ts";
 import type { ObjectStore } from "../../../../shared/s3/store.ts";
 import type { Dataset } from "../dataset/read.ts";
 import type { PooledFeatures } from "../features/pooled.ts";
@@ -97,6 +97,7 @@ export async function publishVersion(ctx: RunContext, plan: RunPlan, outcome: Ru
         reason: promotion.reason,
         history: was ? [was.version, ...historyOf(was)].slice(0, HISTORY) : [],
         dataset: plan.dataset.name,
+        served: servedFiles(written.metadata),
       },
       served,
     ));
