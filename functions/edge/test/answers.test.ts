@@ -144,7 +144,7 @@ describe("classify answers", () => {
       for (let i = 0; i < 100 && (await listCaptures(s3.store, "pets")).length < n; i++) await new Promise((r) => setTimeout(r, 100));
       return listCaptures(s3.store, "pets");
     };
-    const topScores = (cs: { predictions: { score: number }[] }[]) => cs.map((c) => (c.predictions[0]?.score as number).toFixed(4)).sort();
+    const topScores = (cs: { predictions: { score: number }[] }[]) => cs.map((c) => Number(c.predictions[0]?.score).toFixed(4)).sort();
 
     await writeCaptureConfig(s3.store, "pets", { enabled: true, sampleRate: 0 });
     await settle();
