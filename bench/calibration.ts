@@ -21,6 +21,7 @@
 import { appendFile, readdir, readFile } from "node:fs/promises";
 import { join, relative, sep } from "node:path";
 import * as tf from "@tensorflow/tfjs";
+import sharp from "sharp";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { pushDataset } from "../jobs/train/src/catalog/catalog.ts";
 import { mulberry32 } from "../jobs/train/src/dataset/augment.ts";
@@ -46,6 +47,11 @@ const oodPer = Number(arg("ood-per-dataset", "250"));
 const nonePer = Number(arg("none-per-dataset", "200"));
 const heldOutMax = Number(arg("held-out-max", "400"));
 const trainMax = Number(arg("train-max", "800"));
+/**
+ * `--foreign-as 128`: foreign images re-encoded as 128×128 JPEGs (centre crop) before scoring, as
+ * flowers128's own images are, so a score cannot tell them apart by resolution or compression alone.
+ */
+const foreignAs = arg("foreign-as") === undefined ? undefined : Number(arg("foreign-as"));
 const IMAGE = /\.(jpe?g|png|webp|gif)$/i;
 const NONE = "_none";
 
@@ -170,7 +176,11 @@ async function measure(
   const oodScored = await scoresOf(
     model,
     metadata,
-    foreign.map((f) => async () => new Uint8Array(await readFile(f.file))),
+    foreign.map((f) => async () => {
+      const bytes = await readFile(f.file);
+      if (foreignAs === undefined) return new Uint8Array(bytes);
+      return new Uint8Array(await sharp(bytes).resize(foreignAs, foreignAs, { fit: "cover" }).jpeg({ quality: 90 }).toBuffer());
+    }),
   );
   model.dispose();
   const id = idScored.map((s) => s.probs);
@@ -298,7 +308,7 @@ for (const dataset of datasets) {
     results.push(m);
     await appendFile(
       join(import.meta.dirname, "results", "calibration.jsonl"),
-      `${JSON.stringify({ date: new Date().toISOString(), ...m, oodPer, nonePer, machine: machine() })}\n`,
+      `${JSON.stringify({ date: new Date().toISOString(), ...m, oodPer, nonePer, ...(foreignAs ? { foreignAs } : {}), machine: machine() })}\n`,
     );
     console.log(JSON.stringify(m));
   }
