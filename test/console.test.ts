@@ -207,7 +207,7 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     await page.click("#review-link");
     await page.waitForSelector("#captures");
     await page.waitForFunction((n) => document.querySelectorAll('#captures img[src^="blob:"]').length === n, sent.length);
-    expect(await page.textContent("#capture-settings")).toContain("Capture is on");
+    expect(await page.textContent("#capture-settings")).toContain("Capture is on: answers scored below 1.01 (a number set with edgetune capture --below)");
     const first = page.locator("#captures figure").nth(0);
     const predicted = (await first.locator("select").inputValue()) as string;
     const corrected = ["animals", "food", "travel"].find((l) => l !== predicted) as string;

@@ -26,7 +26,18 @@ import { batchSubmitter, dispatchNightly } from "./src/nightly.ts";
 import { emit, emitList, percent, say } from "./src/output.ts";
 import { followRun, listRunStatuses, type RunStatus, StatusRecorder } from "./src/status.ts";
 import { operatorKeysFromEnv, saveCaptureImages } from "./src/traffic/review.ts";
-import { applyDecisions, listCaptures, monitor, parseRate, processTraffic, readCaptureConfig, reviewNow, writeCaptureConfig } from "./src/traffic/traffic.ts";
+import {
+  applyDecisions,
+  captureRuleText,
+  listCaptures,
+  monitor,
+  parseBelow,
+  parseRate,
+  processTraffic,
+  readCaptureConfig,
+  reviewNow,
+  writeCaptureConfig,
+} from "./src/traffic/traffic.ts";
 
 const int = (name: string) => (v: string) => {
   const n = Number(v);
@@ -401,7 +412,10 @@ program
   .description("Show or change what the edge stores of a model's traffic for review (off until turned on; README: Learning from traffic)")
   .option("--on", "turn capture on")
   .option("--off", "turn capture off (nothing more is stored; what was stored expires)")
-  .option("--below <score>", "store inputs whose top score is below this (0–1)")
+  .option(
+    "--below <score>",
+    'store inputs whose top score is below this (0–1), or "unsure" (the default: those the served version answers unsure, per-label thresholds)',
+  )
   .option("--sample <rate>", "and this share of the other inputs (0–1 or a percentage)")
   .option("--max-per-day <n>", "at most this many inputs a day, all edge isolates together", int("--max-per-day"))
   .option("--max-mb-per-day <n>", "at most this many MB a day", int("--max-mb-per-day"))
@@ -416,7 +430,7 @@ program
       const changes = {
         ...(o.on ? { enabled: true } : {}),
         ...(o.off ? { enabled: false } : {}),
-        ...(o.below !== undefined ? { belowConfidence: parseRate(o.below, "--below") } : {}),
+        ...(o.below !== undefined ? { belowConfidence: parseBelow(o.below) } : {}),
         ...(o.sample !== undefined ? { sampleRate: parseRate(o.sample, "--sample") } : {}),
         ...(o.maxPerDay !== undefined ? { maxPerDay: o.maxPerDay } : {}),
         ...(o.maxMbPerDay !== undefined ? { maxBytesPerDay: o.maxMbPerDay * 1024 * 1024 } : {}),
@@ -426,7 +440,7 @@ program
         o,
         { model, ...config },
         config.enabled
-          ? `Capture of ${model} is on: inputs scored below ${config.belowConfidence} and ${percent(config.sampleRate)} of the others, at most ${config.maxPerDay} a day (${Math.round(config.maxBytesPerDay / 1048576)} MB), kept ${config.maxSide} px at most. Review: edgetune review ${model}.`
+          ? `Capture of ${model} is on: ${captureRuleText(config)} and ${percent(config.sampleRate)} of the others, at most ${config.maxPerDay} a day (${Math.round(config.maxBytesPerDay / 1048576)} MB), kept ${config.maxSide} px at most. Review: edgetune review ${model}.`
           : `Capture of ${model} is off. Turn it on: edgetune capture ${model} --on.`,
       );
     },

@@ -2,7 +2,7 @@ import { OpenAPIHono } from "@hono/zod-openapi";
 import type { Context } from "hono";
 import { cors } from "hono/cors";
 import { HTTPException } from "hono/http-exception";
-import { answer } from "../../../shared/answer.ts";
+import { answer, versionUnsure } from "../../../shared/answer.ts";
 import { readMetadata, readPointer } from "../../../shared/artifacts.ts";
 import { listModels, listVersions } from "../../../shared/catalog.ts";
 import {
@@ -431,6 +431,7 @@ app.openapi(classifyRoute, async (c) => {
         version: model.metadata.version,
         labels,
         scores,
+        unsure: versionUnsure(scores, model.metadata),
         pixels,
         optOut: isOptOut(c.req.raw.headers),
       });
@@ -512,6 +513,7 @@ app.openapi(multiClassifyRoute, async (c) => {
           version: m.metadata.version,
           labels: m.metadata.labels,
           scores: s,
+          unsure: versionUnsure(s, m.metadata),
           pixels,
           optOut: isOptOut(c.req.raw.headers),
         });

@@ -112,7 +112,8 @@ async function staleFiles(store: ObjectStore, name: string, wanted: ReadonlySet<
 async function checkFolder(dir: string, name: string, images: string[], manifest: Partial<DatasetManifest>, decodeAll = false) {
   const relativeOf = (f: string) => relative(dir, f).split(sep).join("/");
   const { entries } = classifyDatasetKeys(images.map(relativeOf));
-  const ignored = new Set(manifest.ignoreLabels ?? []);
+  // The out-of-distribution folder is not a label (readDataset sets it aside).
+  const ignored = new Set([...(manifest.ignoreLabels ?? []), ...(manifest.oodFolder ? [manifest.oodFolder] : [])]);
   const found = entries.flatMap((e) => (e.kind === "image" && !ignored.has(e.label) ? [{ key: e.key, id: e.key, label: e.label, split: e.split }] : []));
   // Named as the user knows it: the local folder, not the S3 keys it would become.
   if (found.length === 0)
