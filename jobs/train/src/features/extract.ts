@@ -13,8 +13,9 @@ import type { DatasetImage } from "../dataset/read.ts";
 import { poolsOf } from "../model/bases.ts";
 import { poolMaps } from "../model/graph.ts";
 import { roundToHalf } from "../model/weights.ts";
-import { createForwardPool, type ForwardPool, lazyForwardPool } from "./forward-pool.ts";
+import { createForwardPool, lazyForwardPool } from "./forward-pool.ts";
 import { decodePack, decodePackHeader, encodePack, type Pack, type PackHeader } from "./packs.ts";
+import type { ForwardPool } from "./worker-pool.ts";
 
 /**
  * Features of every image, computed once. The cache key covers everything that changes the numbers

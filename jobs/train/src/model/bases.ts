@@ -109,6 +109,8 @@ export function poolsOf(base: Pick<BaseMetadata, "id">): readonly string[] {
 
 /** The default: the first of `AUTO_ORDER` the run can get (bench/RESULTS.md, "Which base by default"). */
 export const AUTO_BASE = "auto";
+/** Chosen per dataset by cross-validating every candidate base (model/choose-base.ts). */
+export const BEST_BASE = "best";
 /**
  * What `auto` prefers: the clean ImageNet MobileNetV2s (the slim weights first: the measured ones), then
  * Tiny Darknet, then the nsfwjs MobileNetV2, which installs with the project and so is always there.
