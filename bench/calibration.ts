@@ -16,6 +16,11 @@
 import { appendFile, readdir, readFile } from "node:fs/promises";
 import { join, relative, sep } from "node:path";
 import * as tf from "@tensorflow/tfjs";
+import { answer } from "#shared/answer.ts";
+import { readPromotedModel } from "#shared/artifacts.ts";
+import type { ArtifactMetadata } from "#shared/contracts/artifact.ts";
+import { preprocess } from "#shared/preprocess.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { pushDataset } from "../jobs/train/src/catalog/catalog.ts";
 import { mulberry32 } from "../jobs/train/src/dataset/augment.ts";
@@ -26,11 +31,6 @@ import { createLogger } from "../jobs/train/src/log.ts";
 import { initBackend } from "../jobs/train/src/model/backend.ts";
 import { loadModel } from "../jobs/train/src/model/io.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { answer } from "../shared/answer.ts";
-import { readPromotedModel } from "../shared/artifacts.ts";
-import type { ArtifactMetadata } from "../shared/contracts/artifact.ts";
-import { preprocess } from "../shared/preprocess.ts";
-import type { ObjectStore } from "../shared/s3/store.ts";
 import { arg, hasShared, machine, SHARED } from "./common.ts";
 
 const DATASETS = ["hymenoptera_data", "cats_and_dogs_filtered", "flowers128"];

@@ -9,7 +9,7 @@
  * from every command become one user message and exit code here.
  */
 import { Command } from "commander";
-import { InvalidOptionError, userMessage } from "../../shared/errors.ts";
+import { InvalidOptionError, userMessage } from "#shared/errors.ts";
 import { addBaseCommands } from "./src/commands/base.ts";
 import { addClassifyCommand } from "./src/commands/classify.ts";
 import { addDatasetCommands } from "./src/commands/datasets.ts";

@@ -1,10 +1,10 @@
 import { readFile } from "node:fs/promises";
 import { z } from "zod";
-import { IMAGE_SIZES, imageSizeSchema, nameSchema, STRATEGIES, strategySchema } from "../../../shared/contracts/common.ts";
-import type { DatasetManifest } from "../../../shared/contracts/dataset.ts";
-import { parseContract } from "../../../shared/contracts/parse.ts";
-import { EdgetuneError, InvalidOptionError } from "../../../shared/errors.ts";
-import { sha256Hex } from "../../../shared/hash.ts";
+import { IMAGE_SIZES, imageSizeSchema, nameSchema, STRATEGIES, strategySchema } from "#shared/contracts/common.ts";
+import type { DatasetManifest } from "#shared/contracts/dataset.ts";
+import { parseContract } from "#shared/contracts/parse.ts";
+import { EdgetuneError, InvalidOptionError } from "#shared/errors.ts";
+import { sha256Hex } from "#shared/hash.ts";
 import { AUTO_BASE } from "./model/bases.ts";
 
 const headSchema = z.object({

@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it, vi } from "vitest";
-import { sha256Hex } from "../../../../shared/hash.ts";
-import { keys } from "../../../../shared/keys.ts";
+import { sha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
 import { ModelRegistry, ModelUnavailableError } from "./registry.ts";
 import type { ConditionalResult, ModelSource } from "./source.ts";
 

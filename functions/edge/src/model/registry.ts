@@ -1,10 +1,10 @@
 import * as tfl from "@tensorflow/tfjs-layers";
-import { readMetadata, readVerifiedFile, type VerifiedBytesCache } from "../../../../shared/artifacts.ts";
-import { concatBytes } from "../../../../shared/bytes.ts";
-import type { ArtifactMetadata, ModelPointer } from "../../../../shared/contracts/artifact.ts";
-import { pointerSchema, SPLIT_FILES } from "../../../../shared/contracts/artifact.ts";
-import { parseContractJson } from "../../../../shared/contracts/parse.ts";
-import { keys } from "../../../../shared/keys.ts";
+import { readMetadata, readVerifiedFile, type VerifiedBytesCache } from "#shared/artifacts.ts";
+import { concatBytes } from "#shared/bytes.ts";
+import type { ArtifactMetadata, ModelPointer } from "#shared/contracts/artifact.ts";
+import { pointerSchema, SPLIT_FILES } from "#shared/contracts/artifact.ts";
+import { parseContractJson } from "#shared/contracts/parse.ts";
+import { keys } from "#shared/keys.ts";
 import { tf } from "../tf.ts";
 import { type LoadedBase, SharedBases, weightBytes } from "./bases.ts";
 import { type ModelSource, StoreAccessDeniedError } from "./source.ts";

@@ -1,6 +1,6 @@
 /** `edgetune base import|list`: the pretrained bases heads are trained on. */
 import { type Command, Option } from "commander";
-import { NORMALIZATIONS, type Normalization } from "../../../../shared/preprocess.ts";
+import { NORMALIZATIONS, type Normalization } from "#shared/preprocess.ts";
 import { DEFAULT_OPTIONS } from "../config.ts";
 import { AUTO_BASE, AUTO_DESCRIPTION, importBase, KNOWN_BASES, type ModelSource } from "../model/bases.ts";
 import { emit, emitList } from "../output.ts";

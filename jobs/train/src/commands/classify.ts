@@ -1,8 +1,8 @@
 /** `edgetune classify`: the edge worker's classify endpoint, called as a client would. */
 import { readFile } from "node:fs/promises";
 import type { Command } from "commander";
-import type { Answer } from "../../../../shared/answer.ts";
-import { EdgetuneError, NotFoundError } from "../../../../shared/errors.ts";
+import type { Answer } from "#shared/answer.ts";
+import { EdgetuneError, NotFoundError } from "#shared/errors.ts";
 import { answerText } from "../answer-text.ts";
 import { contentTypeOf } from "../catalog/catalog.ts";
 import { emit } from "../output.ts";

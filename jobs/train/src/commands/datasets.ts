@@ -1,7 +1,7 @@
 /** `edgetune push`, `status` and `datasets`: datasets and the training runs they trigger. */
 import { type Command, Option } from "commander";
-import { nameSchema, STRATEGIES } from "../../../../shared/contracts/common.ts";
-import { EdgetuneError, InvalidOptionError } from "../../../../shared/errors.ts";
+import { nameSchema, STRATEGIES } from "#shared/contracts/common.ts";
+import { EdgetuneError, InvalidOptionError } from "#shared/errors.ts";
 import { listDatasets, pushDataset } from "../catalog/catalog.ts";
 import { createLogger } from "../log.ts";
 import { emit, emitList, say } from "../output.ts";

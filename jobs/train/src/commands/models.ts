@@ -1,11 +1,11 @@
 /** `edgetune models`, `current`, `rollback` and `report`: trained versions and which one is served. */
 import { writeFile } from "node:fs/promises";
 import type { Command } from "commander";
-import { listVersions as listModelVersions } from "../../../../shared/catalog.ts";
-import { DEFAULT_POINTER_TTL_SECONDS, type ModelPointer } from "../../../../shared/contracts/artifact.ts";
-import { NotFoundError } from "../../../../shared/errors.ts";
-import { keys } from "../../../../shared/keys.ts";
-import { s3ConfigFromEnv } from "../../../../shared/s3/config.ts";
+import { listVersions as listModelVersions } from "#shared/catalog.ts";
+import { DEFAULT_POINTER_TTL_SECONDS, type ModelPointer } from "#shared/contracts/artifact.ts";
+import { NotFoundError } from "#shared/errors.ts";
+import { keys } from "#shared/keys.ts";
+import { s3ConfigFromEnv } from "#shared/s3/config.ts";
 import { listModels, listVersions, rollback } from "../catalog/catalog.ts";
 import { emit, emitList, percent, say } from "../output.ts";
 import { storeFrom } from "./options.ts";

@@ -1,9 +1,9 @@
 /** What every command group shares: number parsing for flags, the S3 store from the global flags, dataset references. */
 import { InvalidArgumentError } from "commander";
-import { InvalidOptionError } from "../../../../shared/errors.ts";
-import { datasetNameFromManifestKey } from "../../../../shared/keys.ts";
-import { S3ObjectStore } from "../../../../shared/s3/client.ts";
-import { s3ConfigFromEnv } from "../../../../shared/s3/config.ts";
+import { InvalidOptionError } from "#shared/errors.ts";
+import { datasetNameFromManifestKey } from "#shared/keys.ts";
+import { S3ObjectStore } from "#shared/s3/client.ts";
+import { s3ConfigFromEnv } from "#shared/s3/config.ts";
 
 /** The program's global flags (cli.ts), which every command reads with optsWithGlobals(). */
 export type Globals = { bucket?: string; endpoint?: string };

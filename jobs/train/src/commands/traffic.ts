@@ -1,6 +1,6 @@
 /** `edgetune capture`, `review` and `monitor`: what the edge sees of a model's traffic, and learning from it. */
 import type { Command } from "commander";
-import { EdgetuneError } from "../../../../shared/errors.ts";
+import { EdgetuneError } from "#shared/errors.ts";
 import { createLogger } from "../log.ts";
 import { emit, emitList, percent, say } from "../output.ts";
 import { operatorKeysFromEnv, saveCaptureImages } from "../traffic/review.ts";

@@ -1,7 +1,7 @@
 /** `edgetune train` and `edgetune embed`: the training job's own commands (local, tests, AWS Batch). */
 import { type Command, Option } from "commander";
-import { IMAGE_SIZES, STRATEGIES } from "../../../../shared/contracts/common.ts";
-import { EdgetuneError, userMessage } from "../../../../shared/errors.ts";
+import { IMAGE_SIZES, STRATEGIES } from "#shared/contracts/common.ts";
+import { EdgetuneError, userMessage } from "#shared/errors.ts";
 import { listDatasets } from "../catalog/catalog.ts";
 import { DEFAULT_OPTIONS, readConfigFile, type TrainInput } from "../config.ts";
 import { createLogger } from "../log.ts";

@@ -1,11 +1,11 @@
 import * as tf from "@tensorflow/tfjs";
 import { pMapIterable } from "p-map";
-import type { BaseMetadata } from "../../../../shared/contracts/base.ts";
-import { sha256Hex } from "../../../../shared/hash.ts";
-import { inputHash } from "../../../../shared/image/input-hash.ts";
-import { keys } from "../../../../shared/keys.ts";
-import { LATEST_PREPROCESSING, type Pixels, type PreprocessingSpec, preprocess } from "../../../../shared/preprocess.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import type { BaseMetadata } from "#shared/contracts/base.ts";
+import { sha256Hex } from "#shared/hash.ts";
+import { inputHash } from "#shared/image/input-hash.ts";
+import { keys } from "#shared/keys.ts";
+import { LATEST_PREPROCESSING, type Pixels, type PreprocessingSpec, preprocess } from "#shared/preprocess.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import type { TrainOptions } from "../config.ts";
 import { augmentation } from "../dataset/augment.ts";
 import { decodeImage } from "../dataset/decode.ts";

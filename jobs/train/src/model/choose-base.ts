@@ -8,7 +8,7 @@
  * The held-out split is not looked at: it stays the evaluation of the trained model.
  */
 import * as tf from "@tensorflow/tfjs";
-import type { BaseMetadata } from "../../../../shared/contracts/base.ts";
+import type { BaseMetadata } from "#shared/contracts/base.ts";
 import { mulberry32 } from "../dataset/augment.ts";
 import { extractFeatures, extractorFor, featureSpec } from "../features/extract.ts";
 import type { RunPlan } from "../plan.ts";

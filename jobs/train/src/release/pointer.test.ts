@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPointer } from "#shared/artifacts.ts";
+import { keys } from "#shared/keys.ts";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
-import { readPointer } from "../../../../shared/artifacts.ts";
-import { keys } from "../../../../shared/keys.ts";
 import { uploadSample } from "../../../../test/support/datasets.ts";
 import { aroundWrites } from "../../../../test/support/store.ts";
 import { rollback } from "../catalog/catalog.ts";

@@ -1,8 +1,8 @@
 import * as tf from "@tensorflow/tfjs";
-import { readPointer, readPromotedModel } from "../../../../shared/artifacts.ts";
-import type { ArtifactMetadata, ModelPointer } from "../../../../shared/contracts/artifact.ts";
-import { preprocess } from "../../../../shared/preprocess.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { readPointer, readPromotedModel } from "#shared/artifacts.ts";
+import type { ArtifactMetadata, ModelPointer } from "#shared/contracts/artifact.ts";
+import { preprocess } from "#shared/preprocess.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import type { DatasetImage } from "../dataset/read.ts";
 import type { PooledFeatures } from "../features/pooled.ts";
