@@ -187,3 +187,22 @@ function unknownKeys(value: Record<string, unknown>): string[] {
   }
   return out;
 }
+
+/**
+ * A config file under the flags: a flag given wins, a flag not given leaves the file's value. Commander
+ * reports an absent flag as `undefined`, and spreading that over the file would erase the file's value.
+ */
+export function mergeConfig(fromFile: Partial<TrainInput>, flags: TrainInput): TrainInput {
+  const { head, fineTune, ...top } = flags;
+  return {
+    ...fromFile,
+    ...definedOnly(top),
+    dataset: flags.dataset,
+    head: { ...fromFile.head, ...definedOnly(head ?? {}) },
+    fineTune: { ...fromFile.fineTune, ...definedOnly(fineTune ?? {}) },
+  };
+}
+
+function definedOnly<T extends object>(o: T): Partial<T> {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
+}

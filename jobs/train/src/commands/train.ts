@@ -3,7 +3,7 @@ import { type Command, Option } from "commander";
 import { IMAGE_SIZES, STRATEGIES } from "#shared/contracts/common.ts";
 import { EdgetuneError, userMessage } from "#shared/errors.ts";
 import { listDatasets } from "../catalog/catalog.ts";
-import { DEFAULT_OPTIONS, readConfigFile, type TrainInput } from "../config.ts";
+import { DEFAULT_OPTIONS, mergeConfig, readConfigFile, type TrainInput } from "../config.ts";
 import { createLogger } from "../log.ts";
 import { AUTO_DESCRIPTION, KNOWN_BASES } from "../model/bases.ts";
 import { batchSubmitter, dispatchNightly } from "../nightly.ts";
@@ -77,8 +77,7 @@ export function addTrainCommands(program: Command): void {
     .action(async (o: Record<string, string | number | boolean | undefined>, cmd: Command) => {
       const globals = cmd.optsWithGlobals<Globals>();
       const fromFile = o.config ? await readConfigFile(String(o.config)) : {};
-      const input: TrainInput = {
-        ...fromFile,
+      const input: TrainInput = mergeConfig(fromFile, {
         dataset: datasetRef(String(o.dataset), globals),
         model: o.model as string | undefined,
         base: o.base as string | undefined,
@@ -95,19 +94,17 @@ export function addTrainCommands(program: Command): void {
         takeOver: o.takeOver === true ? true : undefined,
         relabel: o.relabel === true ? true : undefined,
         head: {
-          ...fromFile.head,
           epochs: o.epochs as number | undefined,
           learningRate: o.learningRate as number | undefined,
           units: o.units as number | undefined,
           dropout: o.dropout as number | undefined,
         },
         fineTune: {
-          ...fromFile.fineTune,
           epochs: o.fineTuneEpochs as number | undefined,
           learningRate: o.fineTuneLearningRate as number | undefined,
           from: o.fineTuneFrom as string | undefined,
         },
-      };
+      });
       const { train } = await import("../train.ts");
       const { batchFanOut, FanOutHandedOver } = await import("../features/fan-out.ts");
       // Inside AWS Batch the stack names an Embed job definition: large extractions fan out over it.
