@@ -5,7 +5,6 @@ import { listVersions as listModelVersions } from "#shared/catalog.ts";
 import { DEFAULT_POINTER_TTL_SECONDS, type ModelPointer } from "#shared/contracts/artifact.ts";
 import { NotFoundError } from "#shared/errors.ts";
 import { keys } from "#shared/keys.ts";
-import { s3ConfigFromEnv } from "#shared/s3/config.ts";
 import { listModels, listVersions, rollback } from "../catalog/catalog.ts";
 import { emit, emitList, percent, say } from "../output.ts";
 import { storeFrom } from "./options.ts";
@@ -101,7 +100,7 @@ export function addModelCommands(program: Command): void {
       const out = o.out ?? `${model}-${chosen}-report.html`;
       await writeFile(out, bytes);
       process.stdout.write(`${out}\n`);
-      say(`Report of ${model} ${chosen} (s3://${s3ConfigFromEnv(process.env).bucket}/${key}) saved to ${out}; open it in a browser.`);
+      say(`Report of ${model} ${chosen} (s3://${store.bucket}/${key}) saved to ${out}; open it in a browser.`);
     });
 }
 
