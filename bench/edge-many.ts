@@ -13,15 +13,15 @@
  */
 import { loadavg } from "node:os";
 import sharp from "sharp";
+import { readPromotedModel, writePointer } from "#shared/artifacts.ts";
+import { SPLIT_FILES } from "#shared/contracts/artifact.ts";
+import { sha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
 import { startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { readPromotedModel, writePointer } from "../shared/artifacts.ts";
-import { SPLIT_FILES } from "../shared/contracts/artifact.ts";
-import { sha256Hex } from "../shared/hash.ts";
-import { keys } from "../shared/keys.ts";
 import { arg, BENCH_BASE, machine, percentile } from "./common.ts";
 import { isolateHeap } from "./isolate-heap.ts";
 

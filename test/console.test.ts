@@ -1,12 +1,12 @@
 import { existsSync } from "node:fs";
 import { type Browser, chromium, type Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { sha256Hex } from "#shared/hash.ts";
 import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../infra/local/s3-server.ts";
 import { memoryLogger } from "../jobs/train/src/log.ts";
 import { applyDecisions, listCaptures, processTraffic, writeCaptureConfig } from "../jobs/train/src/traffic/traffic.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { sha256Hex } from "../shared/hash.ts";
 import { uploadSample } from "./support/datasets.ts";
 import { postClassify } from "./support/edge.ts";
 

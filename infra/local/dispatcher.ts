@@ -1,11 +1,11 @@
 import { spawn } from "node:child_process";
 import { randomUUID } from "node:crypto";
 import { join } from "node:path";
+import { datasetNameFromManifestKey, keys } from "#shared/keys.ts";
+import type { S3Config } from "#shared/s3/config.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { exitReason, failJob } from "../../jobs/train/src/job-failure.ts";
 import { formatLogLine } from "../../jobs/train/src/log.ts";
-import { datasetNameFromManifestKey, keys } from "../../shared/keys.ts";
-import type { S3Config } from "../../shared/s3/config.ts";
-import type { ObjectStore } from "../../shared/s3/store.ts";
 import { jobEnvironment } from "./job-env.ts";
 
 /**

@@ -1,11 +1,11 @@
 import * as tf from "@tensorflow/tfjs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { answer } from "#shared/answer.ts";
+import { readPromotedModel } from "#shared/artifacts.ts";
+import { DatasetError } from "#shared/errors.ts";
+import { keys } from "#shared/keys.ts";
+import { preprocess } from "#shared/preprocess.ts";
 import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
-import { answer } from "../../shared/answer.ts";
-import { readPromotedModel } from "../../shared/artifacts.ts";
-import { DatasetError } from "../../shared/errors.ts";
-import { keys } from "../../shared/keys.ts";
-import { preprocess } from "../../shared/preprocess.ts";
 import { uploadSample } from "../../test/support/datasets.ts";
 import { decodeImage } from "./src/dataset/decode.ts";
 import { readDataset } from "./src/dataset/read.ts";

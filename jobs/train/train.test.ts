@@ -1,11 +1,11 @@
 import * as tf from "@tensorflow/tfjs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPointer, readPromotedModel } from "#shared/artifacts.ts";
+import { servedFiles } from "#shared/contracts/artifact.ts";
+import { DatasetError } from "#shared/errors.ts";
+import { keys } from "#shared/keys.ts";
+import { preprocess } from "#shared/preprocess.ts";
 import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
-import { readPointer, readPromotedModel } from "../../shared/artifacts.ts";
-import { servedFiles } from "../../shared/contracts/artifact.ts";
-import { DatasetError } from "../../shared/errors.ts";
-import { keys } from "../../shared/keys.ts";
-import { preprocess } from "../../shared/preprocess.ts";
 import { uploadSample } from "../../test/support/datasets.ts";
 import { killWhen, spawnTrainJob } from "../../test/support/jobs.ts";
 import { decodeImage } from "./src/dataset/decode.ts";

@@ -1,9 +1,9 @@
 import { createRoute, type OpenAPIHono, z } from "@hono/zod-openapi";
-import { artifactMetadataSchema, metricsSchema } from "../../../shared/contracts/artifact.ts";
-import { captureConfigSchema, captureIdSchema, captureRecordSchema } from "../../../shared/contracts/capture.ts";
-import { nameSchema, sha256Schema } from "../../../shared/contracts/common.ts";
-import { newLabelSchema } from "../../../shared/contracts/dataset.ts";
-import { monitorSummarySchema } from "../../../shared/monitor.ts";
+import { artifactMetadataSchema, metricsSchema } from "#shared/contracts/artifact.ts";
+import { captureConfigSchema, captureIdSchema, captureRecordSchema } from "#shared/contracts/capture.ts";
+import { nameSchema, sha256Schema } from "#shared/contracts/common.ts";
+import { newLabelSchema } from "#shared/contracts/dataset.ts";
+import { monitorSummarySchema } from "#shared/monitor.ts";
 import { RAW_TYPES } from "./http/body.ts";
 
 /**

@@ -1,13 +1,13 @@
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPromotedModel } from "#shared/artifacts.ts";
+import type { ArtifactMetadata } from "#shared/contracts/artifact.ts";
 import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 import { type SampleImage, sampleDataset } from "../../../jobs/train/src/dataset/sample.ts";
 import { memoryLogger } from "../../../jobs/train/src/log.ts";
 import { listCaptures, writeCaptureConfig } from "../../../jobs/train/src/traffic/traffic.ts";
 import { train } from "../../../jobs/train/src/train.ts";
-import { readPromotedModel } from "../../../shared/artifacts.ts";
-import type { ArtifactMetadata } from "../../../shared/contracts/artifact.ts";
 
 /**
  * The classify API's answer fields in real workerd, against a model really trained with a

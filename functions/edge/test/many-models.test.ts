@@ -1,15 +1,15 @@
 import * as tf from "@tensorflow/tfjs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPointer, readPromotedModel, writeArtifact, writePointer } from "#shared/artifacts.ts";
+import { type ModelPointer, type Served, servedFiles } from "#shared/contracts/artifact.ts";
+import { keys } from "#shared/keys.ts";
+import { preprocess } from "#shared/preprocess.ts";
 import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 import { decodeImage } from "../../../jobs/train/src/dataset/decode.ts";
 import { memoryLogger } from "../../../jobs/train/src/log.ts";
 import { loadModel } from "../../../jobs/train/src/model/io.ts";
 import { train } from "../../../jobs/train/src/train.ts";
-import { readPointer, readPromotedModel, writeArtifact, writePointer } from "../../../shared/artifacts.ts";
-import { type ModelPointer, type Served, servedFiles } from "../../../shared/contracts/artifact.ts";
-import { keys } from "../../../shared/keys.ts";
-import { preprocess } from "../../../shared/preprocess.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
 import { postClassify } from "../../../test/support/edge.ts";
 

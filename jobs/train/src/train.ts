@@ -1,8 +1,8 @@
-import { readPointer, readPointerBasis } from "../../../shared/artifacts.ts";
-import { userMessage } from "../../../shared/errors.ts";
-import { heldOutSha256 } from "../../../shared/held-out.ts";
-import { keys } from "../../../shared/keys.ts";
-import type { ObjectStore } from "../../../shared/s3/store.ts";
+import { readPointer, readPointerBasis } from "#shared/artifacts.ts";
+import { userMessage } from "#shared/errors.ts";
+import { heldOutSha256 } from "#shared/held-out.ts";
+import { keys } from "#shared/keys.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import type { TrainInput } from "./config.ts";
 import { type EmbedFanOut, FanOutHandedOver } from "./features/fan-out.ts";
 import { pooledFeatures } from "./features/pooled.ts";

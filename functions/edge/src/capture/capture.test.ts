@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it, vi } from "vitest";
-import { captureRecordSchema, countersSchema } from "../../../../shared/contracts/capture.ts";
-import { isCaptureKey, keys } from "../../../../shared/keys.ts";
+import { captureRecordSchema, countersSchema } from "#shared/contracts/capture.ts";
+import { isCaptureKey, keys } from "#shared/keys.ts";
 import { createAdmission } from "../http/admission.ts";
 import type { ModelSource } from "../model/source.ts";
 import { Capturer, type Observation } from "./capture.ts";

@@ -13,11 +13,11 @@ import {
   lowConfidenceThreshold,
   mergeCounters,
   noCounts,
-} from "../../../../shared/contracts/capture.ts";
-import { tryParseContractJson } from "../../../../shared/contracts/parse.ts";
-import { fitWithin } from "../../../../shared/image/fit.ts";
-import { keys } from "../../../../shared/keys.ts";
-import type { Pixels } from "../../../../shared/preprocess.ts";
+} from "#shared/contracts/capture.ts";
+import { tryParseContractJson } from "#shared/contracts/parse.ts";
+import { fitWithin } from "#shared/image/fit.ts";
+import { keys } from "#shared/keys.ts";
+import type { Pixels } from "#shared/preprocess.ts";
 import { withDeadline } from "../deadline.ts";
 import type { ModelSource } from "../model/source.ts";
 import type { CaptureStore } from "./store.ts";

@@ -1,6 +1,6 @@
 import * as tfl from "@tensorflow/tfjs-layers";
-import { readSharedBase, type VerifiedBytesCache } from "../../../../shared/artifacts.ts";
-import { concatBytes } from "../../../../shared/bytes.ts";
+import { readSharedBase, type VerifiedBytesCache } from "#shared/artifacts.ts";
+import { concatBytes } from "#shared/bytes.ts";
 import { tf } from "../tf.ts";
 import { type ModelSource, StoreAccessDeniedError } from "./source.ts";
 

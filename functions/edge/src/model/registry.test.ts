@@ -1,8 +1,8 @@
 import { afterEach, describe, expect, it, vi } from "vitest";
-import { servedFiles } from "../../../../shared/contracts/artifact.ts";
-import { validMetadata } from "../../../../shared/contracts/fixtures.ts";
-import { sha256Hex } from "../../../../shared/hash.ts";
-import { keys } from "../../../../shared/keys.ts";
+import { servedFiles } from "#shared/contracts/artifact.ts";
+import { validMetadata } from "#shared/contracts/fixtures.ts";
+import { sha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
 import { ModelRegistry, ModelUnavailableError } from "./registry.ts";
 import type { ConditionalResult, ModelSource } from "./source.ts";
 

@@ -1,10 +1,10 @@
 import * as tfl from "@tensorflow/tfjs-layers";
-import { readListedFile, readMetadata, type VerifiedBytesCache } from "../../../../shared/artifacts.ts";
-import { concatBytes } from "../../../../shared/bytes.ts";
-import type { ArtifactMetadata, ModelPointer, Served } from "../../../../shared/contracts/artifact.ts";
-import { ARTIFACT_FILES, pointerSchema, SPLIT_FILES, sameServed, servedFiles } from "../../../../shared/contracts/artifact.ts";
-import { parseContractJson } from "../../../../shared/contracts/parse.ts";
-import { keys } from "../../../../shared/keys.ts";
+import { readListedFile, readMetadata, type VerifiedBytesCache } from "#shared/artifacts.ts";
+import { concatBytes } from "#shared/bytes.ts";
+import type { ArtifactMetadata, ModelPointer, Served } from "#shared/contracts/artifact.ts";
+import { ARTIFACT_FILES, pointerSchema, SPLIT_FILES, sameServed, servedFiles } from "#shared/contracts/artifact.ts";
+import { parseContractJson } from "#shared/contracts/parse.ts";
+import { keys } from "#shared/keys.ts";
 import { tf } from "../tf.ts";
 import { BaseUnavailableError, type LoadedBase, SharedBases, weightBytes } from "./bases.ts";
 import { type ModelSource, StoreAccessDeniedError } from "./source.ts";

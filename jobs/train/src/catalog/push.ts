@@ -1,19 +1,12 @@
 import { readdir, readFile, stat } from "node:fs/promises";
 import { join, relative, sep } from "node:path";
 import { pMapIterable } from "p-map";
-import { nameSchema } from "../../../../shared/contracts/common.ts";
-import {
-  classifyDatasetKeys,
-  type DatasetManifest,
-  IMAGE_EXTENSIONS,
-  JOB_FOLDER,
-  MANIFEST_FILE,
-  manifestSchema,
-} from "../../../../shared/contracts/dataset.ts";
-import { parseContract } from "../../../../shared/contracts/parse.ts";
-import { DatasetError, EdgetuneError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
-import { keys } from "../../../../shared/keys.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { nameSchema } from "#shared/contracts/common.ts";
+import { classifyDatasetKeys, type DatasetManifest, IMAGE_EXTENSIONS, JOB_FOLDER, MANIFEST_FILE, manifestSchema } from "#shared/contracts/dataset.ts";
+import { parseContract } from "#shared/contracts/parse.ts";
+import { DatasetError, EdgetuneError, NotFoundError, userMessage } from "#shared/errors.ts";
+import { keys } from "#shared/keys.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import { assignSplits, checkTrainable, DEFAULT_VAL_FRACTION } from "../dataset/read.ts";
 import { acquireLock, LockTimeoutError } from "../release/lock.ts";

@@ -1,17 +1,9 @@
-import {
-  classifyDatasetKeys,
-  type DatasetManifest,
-  labelProblem,
-  labelSchema,
-  lookAlikes,
-  manifestSchema,
-  type Split,
-} from "../../../../shared/contracts/dataset.ts";
-import { parseContractJson } from "../../../../shared/contracts/parse.ts";
-import { DatasetError, NotFoundError } from "../../../../shared/errors.ts";
-import { sha256Hex } from "../../../../shared/hash.ts";
-import { keys } from "../../../../shared/keys.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { classifyDatasetKeys, type DatasetManifest, labelProblem, labelSchema, lookAlikes, manifestSchema, type Split } from "#shared/contracts/dataset.ts";
+import { parseContractJson } from "#shared/contracts/parse.ts";
+import { DatasetError, NotFoundError } from "#shared/errors.ts";
+import { sha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 
 /**
  * Reading a dataset's listing from S3 and turning it into deterministic train/val/test splits.

@@ -1,6 +1,6 @@
 import * as tf from "@tensorflow/tfjs";
-import { decide } from "../../../../shared/answer.ts";
-import { preprocess } from "../../../../shared/preprocess.ts";
+import { decide } from "#shared/answer.ts";
+import { preprocess } from "#shared/preprocess.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import type { Fitted } from "../fit/fit.ts";
 import type { Exported } from "../model/export.ts";

@@ -1,8 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readMetadata, readPointer } from "#shared/artifacts.ts";
+import { servedFiles } from "#shared/contracts/artifact.ts";
+import { keys } from "#shared/keys.ts";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
-import { readMetadata, readPointer } from "../../../../shared/artifacts.ts";
-import { servedFiles } from "../../../../shared/contracts/artifact.ts";
-import { keys } from "../../../../shared/keys.ts";
 import { uploadSample } from "../../../../test/support/datasets.ts";
 import { aroundWrites } from "../../../../test/support/store.ts";
 import { rollback } from "../catalog/catalog.ts";

@@ -10,9 +10,9 @@ import {
   writeArtifact,
   writePointerIf,
   writeSharedBase,
-} from "../../../../shared/artifacts.ts";
-import { type ArtifactMetadata, SPLIT_FILES, servedFiles } from "../../../../shared/contracts/artifact.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+} from "#shared/artifacts.ts";
+import { type ArtifactMetadata, SPLIT_FILES, servedFiles } from "#shared/contracts/artifact.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import type { Dataset } from "../dataset/read.ts";
 import type { PooledFeatures } from "../features/pooled.ts";
 import { s3Checkpointer } from "../fit/checkpoint.ts";

@@ -1,7 +1,7 @@
 import { z } from "zod";
-import { readMetadata, readPointer, readVerifiedFile } from "../../../../shared/artifacts.ts";
-import { listModels } from "../../../../shared/catalog.ts";
-import { ARTIFACT_FILES } from "../../../../shared/contracts/artifact.ts";
+import { readMetadata, readPointer, readVerifiedFile } from "#shared/artifacts.ts";
+import { listModels } from "#shared/catalog.ts";
+import { ARTIFACT_FILES } from "#shared/contracts/artifact.ts";
 import {
   CAPTURE_OFF,
   type CaptureConfig,
@@ -13,12 +13,12 @@ import {
   mergeCounters,
   noCounts,
   withinDeltaCaps,
-} from "../../../../shared/contracts/capture.ts";
-import { parseContract, tryParseContractJson } from "../../../../shared/contracts/parse.ts";
-import { InvalidOptionError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
-import { keys } from "../../../../shared/keys.ts";
-import { type MonitorSummary, parseCounters, referenceOf, summarize } from "../../../../shared/monitor.ts";
-import { getText, type ObjectStore } from "../../../../shared/s3/store.ts";
+} from "#shared/contracts/capture.ts";
+import { parseContract, tryParseContractJson } from "#shared/contracts/parse.ts";
+import { InvalidOptionError, NotFoundError, userMessage } from "#shared/errors.ts";
+import { keys } from "#shared/keys.ts";
+import { type MonitorSummary, parseCounters, referenceOf, summarize } from "#shared/monitor.ts";
+import { getText, type ObjectStore } from "#shared/s3/store.ts";
 import type { Logger } from "../log.ts";
 import { budgeted, ReadBudget, ReadBudgetExhausted } from "./budget.ts";
 import { type ApplyResult, applyDecisions, getCapped, operatorKeysFromEnv, servedMetadata } from "./review.ts";
