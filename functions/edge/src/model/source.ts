@@ -1,5 +1,7 @@
 import { AwsClient } from "aws4fetch";
+import { concatBytes } from "../../../../shared/bytes.ts";
 import type { FolderLister } from "../../../../shared/catalog.ts";
+import { ObjectTooLargeError } from "../../../../shared/s3/store.ts";
 
 /**
  * Where the worker reads models from: the training job's S3 bucket, signed with SigV4 using
@@ -14,8 +16,8 @@ export interface ConditionalResult {
 }
 
 export interface ModelSource extends FolderLister {
-  /** GET with If-None-Match: 304 when the object still has `etag`. */
-  getIfChanged(key: string, etag?: string): Promise<ConditionalResult>;
+  /** GET with If-None-Match: 304 when the object still has `etag`. `maxBytes`: as `get`'s. */
+  getIfChanged(key: string, etag?: string, options?: { maxBytes?: number }): Promise<ConditionalResult>;
 }
 
 export class SourceError extends Error {
@@ -141,12 +143,12 @@ class HttpSource implements ModelSource {
     return !parseListing(await res.text()).keys.includes(key);
   }
 
-  async get(key: string): Promise<Uint8Array | null> {
-    const r = await this.getIfChanged(key);
+  async get(key: string, options?: { maxBytes?: number }): Promise<Uint8Array | null> {
+    const r = await this.getIfChanged(key, undefined, options);
     return r.status === 200 ? (r.bytes as Uint8Array) : null;
   }
 
-  async getIfChanged(key: string, etag?: string): Promise<ConditionalResult> {
+  async getIfChanged(key: string, etag?: string, options: { maxBytes?: number } = {}): Promise<ConditionalResult> {
     const headers: Record<string, string> = {};
     if (etag) headers["if-none-match"] = etag;
     let res: Response;
@@ -177,8 +179,32 @@ class HttpSource implements ModelSource {
       await res.body?.cancel();
       throw new SourceError(`model storage answered HTTP ${res.status} for ${key}`, res.status);
     }
-    return { status: 200, bytes: new Uint8Array(await res.arrayBuffer()), etag: res.headers.get("etag") ?? undefined };
+    return { status: 200, bytes: await readBody(res, key, options.maxBytes), etag: res.headers.get("etag") ?? undefined };
   }
+}
+
+/**
+ * A response's body, refused (ObjectTooLargeError) past `maxBytes`: by its Content-Length before reading,
+ * else while it streams in, so an object larger than its listing says is never held whole.
+ */
+async function readBody(res: Response, key: string, maxBytes: number | undefined): Promise<Uint8Array> {
+  if (maxBytes === undefined || !res.body) return new Uint8Array(await res.arrayBuffer());
+  if (Number(res.headers.get("content-length") ?? 0) > maxBytes) {
+    await res.body.cancel();
+    throw new ObjectTooLargeError(key, maxBytes);
+  }
+  const chunks: Uint8Array[] = [];
+  let total = 0;
+  const reader = res.body.getReader();
+  for (let r = await reader.read(); !r.done; r = await reader.read()) {
+    total += r.value.byteLength;
+    if (total > maxBytes) {
+      await reader.cancel();
+      throw new ObjectTooLargeError(key, maxBytes);
+    }
+    chunks.push(r.value);
+  }
+  return concatBytes(chunks);
 }
 
 /** One page of a ListObjectsV2 answer: its keys, its folders (CommonPrefixes, with a delimiter), and the token of the next page. */
