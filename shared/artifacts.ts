@@ -165,7 +165,7 @@ export async function readMetadata(
 export async function readVerifiedFile(store: ObjectReader, metadata: ArtifactMetadata, path: string, cache?: VerifiedBytesCache): Promise<Uint8Array> {
   const file = metadata.files.find((f) => f.path === path);
   if (!file) throw new NotFoundError(`${path} is not part of model ${metadata.name} version ${metadata.version}.`);
-  return readVerifiedKey(store, keys.versionFile(metadata.name, metadata.version, path), file.sha256, cache);
+  return readVerifiedKey(store, keys.versionFile(metadata.name, metadata.version, path), file, cache);
 }
 
 /** One file of a version as a pointer's `served` lists it, checked against that listing's sha256 (fetched before the metadata). */
@@ -173,15 +173,23 @@ export async function readListedFile(
   store: ObjectReader,
   name: string,
   version: string,
-  file: { path: string; sha256: string },
+  file: { path: string; sha256: string; bytes: number },
   cache?: VerifiedBytesCache,
 ): Promise<Uint8Array> {
-  return readVerifiedKey(store, keys.versionFile(name, version, file.path), file.sha256, cache);
+  return readVerifiedKey(store, keys.versionFile(name, version, file.path), file, cache);
 }
 
-/** The bytes at `key`, which must hash to `sha256` (from a cache when it holds them intact). */
-async function readVerifiedKey(store: ObjectReader, key: string, sha256: string, cache?: VerifiedBytesCache): Promise<Uint8Array> {
-  const { bytes, hit } = await cachedOr(cache, sha256, () => store.get(key));
+/**
+ * The bytes at `key`, which must hash to `sha256` (from a cache when it holds them intact). With the size
+ * its listing gives (`bytes`), a larger object is refused as it is read, not held whole and then hashed.
+ */
+async function readVerifiedKey(
+  store: ObjectReader,
+  key: string,
+  { sha256, bytes: listed }: { sha256: string; bytes?: number },
+  cache?: VerifiedBytesCache,
+): Promise<Uint8Array> {
+  const { bytes, hit } = await cachedOr(cache, sha256, () => store.get(key, listed === undefined ? undefined : { maxBytes: listed }));
   if (bytes === null) throw new NotFoundError(`${key} is missing.`);
   if (hit) return bytes;
   const actual = await sha256Hex(bytes);
@@ -233,12 +241,12 @@ export async function readSharedBase(
   cache?: VerifiedBytesCache,
 ): Promise<{ manifest: SharedBaseManifest; files: Map<string, Uint8Array> }> {
   const key = keys.sharedBaseFile(baseSha256, size, SPLIT_FILES.baseManifest);
-  const { manifest } = parseSharedBase(await readVerifiedKey(store, key, manifestSha256, cache), key);
+  const { manifest } = parseSharedBase(await readVerifiedKey(store, key, { sha256: manifestSha256 }, cache), key);
   if (manifest.base.sha256 !== baseSha256 || manifest.input.size !== size) {
     throw new ContractError(key, "base", `describes base ${manifest.base.sha256} at ${manifest.input.size} px, not ${baseSha256} at ${size} px`);
   }
   const entries = await Promise.all(
-    manifest.files.map(async (f) => [f.path, await readVerifiedKey(store, keys.sharedBaseFile(baseSha256, size, f.path), f.sha256, cache)] as const),
+    manifest.files.map(async (f) => [f.path, await readVerifiedKey(store, keys.sharedBaseFile(baseSha256, size, f.path), f, cache)] as const),
   );
   return { manifest, files: new Map(entries) };
 }

@@ -171,14 +171,17 @@ export type SharedBaseManifest = z.output<typeof sharedBaseSchema>;
  * What a worker fetches to serve a version, as its metadata lists it (`servedFiles`): a split version's
  * head files and the shared base they run on, or a whole model's files. Copied into the pointer so a
  * worker fetches them beside the metadata, not after it (ARCHITECTURE.md "One base, many models").
+ * At most `MAX_SERVED_FILES`: a worker fetches them all at once before it can check them.
  */
+export const MAX_SERVED_FILES = 16;
+const servedFilesSchema = z.array(artifactFileSchema).min(1).max(MAX_SERVED_FILES);
 export const servedSchema = z.discriminatedUnion("form", [
   z.object({
     form: z.literal("split"),
-    files: z.array(artifactFileSchema).min(1),
+    files: servedFilesSchema,
     base: z.object({ sha256: sha256Schema, size: imageSizeSchema, manifestSha256: sha256Schema }),
   }),
-  z.object({ form: z.literal("whole"), files: z.array(artifactFileSchema).min(1) }),
+  z.object({ form: z.literal("whole"), files: servedFilesSchema }),
 ]);
 export type Served = z.output<typeof servedSchema>;
 
@@ -199,11 +202,12 @@ export const pointerSchema = z.object({
    */
   dataset: nameSchema.optional(),
   /**
-   * A copy of `servedFiles(metadata)`: lets a worker fetch the files beside the metadata. The metadata stays
-   * the root of trust: a worker refuses the version unless this equals what the metadata says. Absent
-   * (pointers written before it): the worker reads the metadata first, then the files.
+   * A copy of `servedFiles(metadata)`: lets a worker fetch the head's files beside the metadata. The metadata
+   * stays the root of trust: a worker uses what it fetched this way only if it equals what the metadata says,
+   * else it fetches what the metadata lists. Absent (pointers written before it), or in a shape this code
+   * does not know (a later form): read as absent, so the pointer stays readable; the metadata first, then the files.
    */
-  served: servedSchema.optional(),
+  served: servedSchema.optional().catch(undefined),
 });
 export type ModelPointer = z.output<typeof pointerSchema>;
 

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { ContractError } from "../errors.ts";
-import { artifactMetadataSchema, pointerSchema, type Served, sameServed, servedFiles } from "./artifact.ts";
+import { artifactMetadataSchema, MAX_SERVED_FILES, pointerSchema, type Served, sameServed, servedFiles, servedSchema } from "./artifact.ts";
 import { baseMetadataSchema } from "./base.ts";
 import { classifyDatasetKeys, manifestSchema } from "./dataset.ts";
 import { validMetadata } from "./fixtures.ts";
@@ -103,7 +103,16 @@ describe("pointer", () => {
     expect(servedFiles({ ...split, split: undefined })).toEqual({ form: "whole", files: whole.files });
     const ok = { schemaVersion: 1, version: "v0123456789ab", metadataSha256: sha, promotedAt: "2026-11-27T10:00:00Z", previous: null, reason: "first" };
     expect(parseContract(pointerSchema, { ...ok, served }, "pointer").served).toEqual(served);
-    expect(fieldOf(() => parseContract(pointerSchema, { ...ok, served: { ...served, form: "half" } }, "pointer"))).toBe("served.form");
+    // A `served` this code cannot read (a later form, too many files) leaves the pointer readable, as if it had none:
+    // a worker then fetches what the metadata lists. servedFiles' own output is still checked strictly.
+    const tooMany = { ...served, files: Array.from({ length: MAX_SERVED_FILES + 1 }, (_, i) => ({ ...head[0], path: `s${i}.bin` })) };
+    for (const odd of [{ ...served, form: "half" }, tooMany, "split"]) {
+      const read = parseContract(pointerSchema, { ...ok, served: odd }, "pointer");
+      expect(read.version).toBe(ok.version);
+      expect(read.served).toBeUndefined();
+    }
+    expect(fieldOf(() => parseContract(servedSchema, { ...served, form: "half" }, "served"))).toBe("form");
+    expect(fieldOf(() => parseContract(servedSchema, tooMany, "served"))).toBe("files");
     // The same files in another order are the same; any other file, size, base or form is not.
     expect(sameServed(served, { ...served, files: [...head].reverse() })).toBe(true);
     const changed = [

@@ -160,7 +160,7 @@ app.openapi(healthRoute, async (c) => {
         bytes: m.bytes ?? null,
       })),
       // One copy of each (base, size), whatever number of heads hold it (model/bases.ts).
-      bases: registry?.bases.status() ?? [],
+      bases: registry?.basesStatus() ?? [],
       // Live tensors and their bytes in this isolate: constant between requests unless something leaks.
       memory: registry ? { tensors: tf.memory().numTensors, bytes: tf.memory().numBytes, wasm: wasmMemoryBytes() } : null,
       requests: admission?.stats() ?? { active: 0, queued: 0 },

@@ -11,7 +11,9 @@ import { type ModelSource, StoreAccessDeniedError } from "./source.ts";
  * addressed: a base never changes, so there is no hot swap here (heads swap; a new base is a new key).
  * A base that fails to load backs off once for every head on it: until its retry time, a head that
  * needs it is refused at once (BaseUnavailableError) and storage is not asked again; then the first
- * head that asks retries it, for all of them.
+ * head that asks retries it, for all of them. Loads and back-offs are keyed by the base and the base.json
+ * sha256 its heads name (`failureKey`): a head naming a wrong base.json fails alone and never holds back,
+ * or hands its error to, the heads naming the right one.
  */
 export interface LoadedBase {
   key: string;
@@ -32,17 +34,28 @@ export interface LoadedBase {
 }
 
 export const baseKey = (sha256: string, size: number) => `${sha256}-${size}`;
+/** A base as a head names it: its key and the base.json sha256 the head's metadata records. */
+const failureKey = (key: string, manifestSha256: string) => `${key}@${manifestSha256}`;
+
+/** What a client key is told: which base a model runs on, and where it is stored, are for operators. */
+export const BASE_PROBLEM = "its shared base cannot be loaded (the details are in /healthz, for operator keys)";
+
+/** A head cannot use its shared base. The message is for operators (/healthz); clients get `BASE_PROBLEM`. */
+export class SharedBaseError extends Error {}
 
 /**
  * A head cannot load because its shared base cannot: the base's problem, not the head's version (the
  * registry retries the head when the base may be tried again, `retryAt`). `code`: the base's failure had
  * its own error code (a refused store credential).
  */
-export class BaseUnavailableError extends Error {
+export class BaseUnavailableError extends SharedBaseError {
   readonly retryAt: number;
   readonly code?: "store_access_denied";
-  constructor(key: string, cause: string, retryAt: number, code?: "store_access_denied") {
-    super(`its shared base ${key} cannot be loaded: ${cause}`);
+  /** The failure this refers to (`failureKey`): /healthz keeps it while a head's error does. */
+  readonly failure: string;
+  constructor(failure: string, cause: string, retryAt: number, code?: "store_access_denied") {
+    super(`its shared base ${failure.split("@")[0]} cannot be loaded: ${cause}`);
+    this.failure = failure;
     this.retryAt = retryAt;
     this.code = code;
   }
@@ -72,12 +85,9 @@ export function weightBytes(model: tfl.LayersModel): number {
 
 export class SharedBases {
   private readonly loaded = new Map<string, LoadedBase>();
+  /** By `failureKey`: a head naming another base.json than a running load's starts its own (which fails alone). */
   private readonly loading = new Map<string, Promise<LoadedBase>>();
-  /**
-   * The last failure of a base that is not loaded, for its back-off and /healthz. Keyed by the base and
-   * the base.json sha256 heads name: a head naming a wrong one (failing for itself) backs off alone, not
-   * the heads that name the right one.
-   */
+  /** The last failure of a base that is not loaded, for its back-off and /healthz, by `failureKey`. */
   private readonly errors = new Map<string, BaseFailure>();
   private readonly source: ModelSource;
   private readonly options: SharedBasesOptions;
@@ -99,19 +109,20 @@ export class SharedBases {
     const key = baseKey(sha256, size);
     let base = this.loaded.get(key);
     if (!base) {
-      let pending = this.loading.get(key);
+      const failure = failureKey(key, manifestSha256);
+      let pending = this.loading.get(failure);
       if (!pending) {
-        const failed = this.errors.get(`${key}@${manifestSha256}`);
-        if (failed && failed.retryAt > this.now()) throw new BaseUnavailableError(key, failed.message, failed.retryAt, failed.code);
-        pending = this.load(key, sha256, size, manifestSha256, cache).finally(() => this.loading.delete(key));
-        this.loading.set(key, pending);
+        const failed = this.errors.get(failure);
+        if (failed && failed.retryAt > this.now()) throw new BaseUnavailableError(failure, failed.message, failed.retryAt, failed.code);
+        pending = this.load(key, sha256, size, manifestSha256, cache).finally(() => this.loading.delete(failure));
+        this.loading.set(failure, pending);
       }
       base = await pending;
     }
     // The key is the base's content and size, so one base.json ever sits there: a head naming another
     // was published against bytes that are not these (or its metadata was altered). Refused, not mixed.
     if (base.manifestSha256 !== manifestSha256)
-      throw new Error(
+      throw new SharedBaseError(
         `the head names shared base ${key} with base.json ${manifestSha256.slice(0, 12)}…, but that base is ${base.manifestSha256.slice(0, 12)}…`,
       );
     base.holders++;
@@ -121,7 +132,7 @@ export class SharedBases {
   release(base: LoadedBase): void {
     base.holders--;
     if (base.holders > 0) return;
-    this.loaded.delete(base.key);
+    if (this.loaded.get(base.key) === base) this.loaded.delete(base.key);
     base.model.dispose();
   }
 
@@ -129,7 +140,11 @@ export class SharedBases {
     return this.loaded.get(key);
   }
 
-  status(): {
+  /**
+   * Loaded bases, and failed ones while they back off or a head's error names them (`referenced`, by
+   * `failureKey`): a failure no head refers to any more leaves /healthz once its retry time has passed.
+   */
+  status(referenced: ReadonlySet<string> = new Set()): {
     sha256: string;
     size: number;
     featureLayer?: string;
@@ -148,6 +163,8 @@ export class SharedBases {
       bytes: b.bytes,
       loadedAt: new Date(b.loadedAt).toISOString(),
     }));
+    const now = this.now();
+    for (const [k, e] of this.errors) if (e.retryAt <= now && !referenced.has(k)) this.errors.delete(k);
     const failed = [...this.errors.values()]
       .filter((e) => !this.loaded.has(baseKey(e.sha256, e.size)))
       .map((e) => ({
@@ -196,13 +213,18 @@ export class SharedBases {
         holders: 0,
         extractors: new Map(),
       };
+      // Two base.json for one key (the file rewritten in storage while both loaded): the first loaded stays.
+      if (this.loaded.has(key)) {
+        model.dispose();
+        throw new Error(`shared base ${key} was loaded meanwhile from another base.json`);
+      }
       this.loaded.set(key, base);
       for (const k of this.errors.keys()) if (k.startsWith(`${key}@`)) this.errors.delete(k);
       return base;
     } catch (e) {
       // One back-off for the base, whatever number of heads wait for it; the head's slot gets the message (and code).
       const at = this.now();
-      const errorKey = `${key}@${manifestSha256}`;
+      const errorKey = failureKey(key, manifestSha256);
       const failures = (this.errors.get(errorKey)?.failures ?? 0) + 1;
       // As a head's version: 2–4 s, then 4–8 s, … up to 10 TTLs (a base is megabytes; jittered so isolates do not retry in step).
       const retryAt = at + Math.min(10 * this.options.ttlMs, 1000 * 2 ** (failures + 1)) * (0.5 + 0.5 * Math.random());
@@ -212,7 +234,7 @@ export class SharedBases {
       // Bounded like the registry's slots: heads naming made-up base.json files cannot grow memory.
       if (this.errors.size >= 64) this.errors.delete(this.errors.keys().next().value as string);
       this.errors.set(errorKey, { sha256, size, message, code, at, failures, retryAt });
-      throw new BaseUnavailableError(key, message, retryAt, code);
+      throw new BaseUnavailableError(errorKey, message, retryAt, code);
     }
   }
 }

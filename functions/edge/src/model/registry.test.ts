@@ -3,36 +3,13 @@ import { servedFiles } from "#shared/contracts/artifact.ts";
 import { validMetadata } from "#shared/contracts/fixtures.ts";
 import { sha256Hex } from "#shared/hash.ts";
 import { keys } from "#shared/keys.ts";
+import { fakeSource } from "../../../../test/support/model-source.ts";
+import { BASE_PROBLEM } from "./bases.ts";
 import { ModelRegistry, ModelUnavailableError } from "./registry.ts";
-import type { ConditionalResult, ModelSource } from "./source.ts";
 
 // The registry's storage boundary is faked here; loading a real model in workerd is edge.test.ts's job.
 // Nothing below reaches TensorFlow: every load fails before it (that is what is tested).
 vi.mock("../tf.ts", () => ({ tf: {}, initTf: async () => {} }));
-
-/** An in-memory bucket that counts GETs, and can fail every request like an S3 outage. */
-function fakeSource() {
-  const objects = new Map<string, Uint8Array>();
-  const state = { gets: 0, down: false, keys: [] as string[] };
-  const source: ModelSource = {
-    async *listFolders() {},
-    async get(key) {
-      return (await source.getIfChanged(key)).bytes ?? null;
-    },
-    async getIfChanged(key, etag): Promise<ConditionalResult> {
-      state.gets++;
-      state.keys.push(key);
-      if (state.down) throw new Error("S3 answered 500 InternalError");
-      const bytes = objects.get(key);
-      if (!bytes) return { status: 404 };
-      const tag = `"${(await sha256Hex(bytes)).slice(0, 16)}"`;
-      return tag === etag ? { status: 304, etag } : { status: 200, bytes, etag: tag };
-    },
-  };
-  const put = (key: string, value: unknown) => objects.set(key, new TextEncoder().encode(JSON.stringify(value)));
-  const getsOf = (key: string) => state.keys.filter((k) => k === key).length;
-  return { source, state, put, objects, getsOf };
-}
 
 /** A pointer to a version whose metadata does not match the pointer's sha256 (tampered or half-written). */
 function brokenModel(put: (key: string, value: unknown) => void) {
@@ -79,6 +56,21 @@ describe("model registry back-off", () => {
     now += 1_001;
     await unavailable(registry);
     expect(state.gets).toBe(5); // pointer + metadata
+  });
+
+  it("keeps a broken model's back-off when made-up names fill the registry", async () => {
+    const { source, put, getsOf } = fakeSource();
+    brokenModel(put);
+    const now = 2_000_000;
+    const registry = new ModelRegistry(source, { ttlMs: 30_000, memoryBudgetBytes: 64 * 1024 * 1024, now: () => now });
+    await unavailable(registry);
+    const metadata = keys.metadata("m", "v0123456789ab");
+    expect(getsOf(metadata)).toBe(1);
+    // Names that do not exist, more than the registry remembers: it forgets some, not the broken model's back-off.
+    for (let i = 0; i < 300; i++) await expect(registry.acquire(`nope-${i}`, () => {})).rejects.toMatchObject({ code: "model_not_found" });
+    await unavailable(registry);
+    expect(getsOf(keys.pointer("m"))).toBe(1);
+    expect(getsOf(metadata)).toBe(1);
   });
 
   it("asks an S3 that is down once, not once per request, and says when to come back", async () => {
@@ -151,18 +143,20 @@ describe("model registry back-off", () => {
         );
     const first = await acquire("h1");
     expect(first).toBeInstanceOf(ModelUnavailableError);
-    expect(first.message).toMatch(/shared base b+-128 cannot be loaded/);
+    // A client key is told the base failed, not which base it is or where it is stored: that is /healthz's.
+    expect(first.message).toBe(`Model h1 is not available yet: ${BASE_PROBLEM}.`);
+    expect(registry.status().find((m) => m.name === "h1")?.lastError).toMatch(/shared base b+-128 cannot be loaded: .*_bases\/b+-128\/base\.json/);
     expect(getsOf(manifest)).toBe(1);
     // The other head, and both again: refused from what is known, the base not asked for again.
-    for (const name of ["h2", "h1", "h2"]) expect((await acquire(name)).message).toMatch(/shared base/);
+    for (const name of ["h2", "h1", "h2"]) expect((await acquire(name)).message).toContain(BASE_PROBLEM);
     expect(getsOf(manifest)).toBe(1);
-    const [failed] = registry.bases.status();
+    const [failed] = registry.basesStatus();
     expect(failed).toMatchObject({ sha256: baseSha, size: 128, heads: 0, failures: 1 });
     expect(failed?.problem).toMatch(/missing/);
     // Past the base's back-off (≈ 4 s), the first head that asks tries the base again, once.
     now += 4_100;
     for (const name of ["h2", "h1"]) await acquire(name);
     expect(getsOf(manifest)).toBe(2);
-    expect(registry.bases.status()[0]).toMatchObject({ failures: 2 });
+    expect(registry.basesStatus()[0]).toMatchObject({ failures: 2 });
   });
 });

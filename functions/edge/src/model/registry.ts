@@ -6,7 +6,7 @@ import { ARTIFACT_FILES, pointerSchema, SPLIT_FILES, sameServed, servedFiles } f
 import { parseContractJson } from "#shared/contracts/parse.ts";
 import { keys } from "#shared/keys.ts";
 import { tf } from "../tf.ts";
-import { BaseUnavailableError, type LoadedBase, SharedBases, weightBytes } from "./bases.ts";
+import { BASE_PROBLEM, BaseUnavailableError, type LoadedBase, SharedBaseError, SharedBases, weightBytes } from "./bases.ts";
 import { type ModelSource, StoreAccessDeniedError } from "./source.ts";
 
 /**
@@ -38,6 +38,8 @@ export interface LoadedModel {
   lastUsed: number;
   loadedAt: number;
   timings: { fetchMs: number; parseMs: number; warmupMs: number };
+  /** Served, but something about how it was found is wrong (its pointer's `served`): for /healthz. */
+  warning?: string;
   /** Requests currently using this instance. */
   users: number;
   retired: boolean;
@@ -48,8 +50,12 @@ interface Slot {
   pointerEtag?: string;
   checkedAt: number;
   checking?: Promise<void>;
-  /** `code`: set when the failure has its own error code (a refused store credential). */
-  lastError?: { message: string; at: number; code?: "store_access_denied" };
+  /**
+   * `code`: set when the failure has its own error code (a refused store credential). `client`: what a
+   * client key is told instead of `message` (which is for operators). `base`: the shared base failure it
+   * was (/healthz keeps that base's line while a head refers to it).
+   */
+  lastError?: { message: string; at: number; code?: "store_access_denied"; client?: string; base?: string };
   /** Set when the pointer is absent: answer 404 without asking storage again until then. */
   missingUntil?: number;
   /** Failures in a row (pointer or version), and when the pointer may be asked for again. */
@@ -132,7 +138,7 @@ export class ModelRegistry {
         if (slot.lastError?.code) throw new ModelUnavailableError(slot.lastError.code, `Model ${name} cannot be loaded. ${STORE_REFUSED}`, retryAfter);
         throw new ModelUnavailableError(
           "model_unavailable",
-          `Model ${name} is not available yet${slot.lastError ? `: ${slot.lastError.message}` : ""}.`,
+          `Model ${name} is not available yet${slot.lastError ? `: ${slot.lastError.client ?? slot.lastError.message}` : ""}.`,
           retryAfter,
         );
       }
@@ -160,8 +166,13 @@ export class ModelRegistry {
     if (model.base) this.bases.release(model.base);
   }
 
+  /**
+   * Makes room for new names. A model whose version failed to load (`failed`: its pointer exists, so the
+   * bucket's owner bounds how many there are) keeps its back-off: otherwise asking for made-up names
+   * would make the worker fetch a broken version again at once.
+   */
   private forgetUnloaded(): void {
-    for (const [name, s] of this.slots) if (!s.current && !s.checking) this.slots.delete(name);
+    for (const [name, s] of this.slots) if (!s.current && !s.checking && !s.failed) this.slots.delete(name);
   }
 
   /** Models this isolate serves or tried to load (not names that simply do not exist), for /healthz. */
@@ -181,11 +192,18 @@ export class ModelRegistry {
         name,
         version: s.current?.pointer.version,
         loadedAt: s.current ? new Date(s.current.loadedAt).toISOString() : undefined,
-        lastError: s.lastError?.message,
+        lastError: s.lastError?.message ?? s.current?.warning,
         errorCode: s.lastError?.code,
         base: s.current?.base?.key,
         bytes: s.current?.bytes,
       }));
+  }
+
+  /** The shared bases for /healthz: loaded ones, and failed ones while they back off or a model's error names them. */
+  basesStatus(): ReturnType<SharedBases["status"]> {
+    const referenced = new Set<string>();
+    for (const s of this.slots.values()) if (s.lastError?.base) referenced.add(s.lastError.base);
+    return this.bases.status(referenced);
   }
 
   /** Forces a pointer check now (tests, and the first request after the TTL). */
@@ -253,7 +271,13 @@ export class ModelRegistry {
       // Keep serving what we have; say what went wrong in /healthz; try again after a back-off.
       slot.checkedAt = started;
       const code = e instanceof StoreAccessDeniedError || e instanceof BaseUnavailableError ? e.code : undefined;
-      slot.lastError = { message: e instanceof Error ? e.message : String(e), at: started, code };
+      slot.lastError = {
+        message: e instanceof Error ? e.message : String(e),
+        at: started,
+        code,
+        client: e instanceof SharedBaseError ? BASE_PROBLEM : undefined,
+        base: e instanceof BaseUnavailableError ? e.failure : undefined,
+      };
       slot.failures++;
       slot.nextCheckAt = started + this.backoff(slot.failures, this.options.ttlMs);
     }
@@ -281,27 +305,28 @@ export class ModelRegistry {
     };
     const { version } = pointer;
     const metadataRead = readMetadata(this.source, name, version, pointer.metadataSha256, cache);
-    // A pointer that says what to fetch (`served`) lets the files and the base come beside the metadata:
-    // one round trip after the pointer, not two. They are used only if the metadata, which the pointer's
-    // sha256 vouches for, says exactly the same. Older pointers: the metadata first, then what it lists.
-    const plan = pointer.served ? Promise.resolve(pointer.served) : metadataRead.then(servedFiles);
-    const checked = metadataRead.then((metadata) => {
-      if (pointer.served && !sameServed(pointer.served, servedFiles(metadata)))
-        throw new Error(`its pointer (current.json) does not list the files ${version}'s metadata does; refused, not served`);
-      return metadata;
-    });
-    const [meta, held, read] = await Promise.allSettled([
-      checked,
-      // A split version takes hold of its base (fetched only by the first head on it) while it fetches its head (KB).
-      plan.then((p) => (p.form === "split" ? this.bases.hold(p.base.sha256, p.base.size, p.base.manifestSha256, cache) : undefined)),
-      plan.then((p) => this.readModelFiles(name, version, p, cache)),
+    // A pointer that says what to fetch (`served`) lets the head's files (KB) come beside the metadata: one
+    // round trip after the pointer, not two. They are used only if the metadata, which the pointer's sha256
+    // vouches for, lists the same; else what the metadata lists is fetched. The base (megabytes, and
+    // shared) is taken from the verified metadata only: for a head on a warm base that costs no fetch.
+    const listed = pointer.served;
+    const early = listed && this.readModelFiles(name, version, listed, cache, true);
+    early?.catch(() => {}); // awaited below only if the metadata agrees
+    const metadata = await metadataRead;
+    const served = servedFiles(metadata);
+    const agreed = listed !== undefined && sameServed(listed, served);
+    const warning =
+      listed && !agreed
+        ? `its pointer (current.json) does not list the files ${version}'s metadata does (a writer's fault); served from the metadata's`
+        : undefined;
+    const [held, read] = await Promise.allSettled([
+      served.form === "split" ? this.bases.hold(served.base.sha256, served.base.size, served.base.manifestSha256, cache) : undefined,
+      agreed && early ? early : this.readModelFiles(name, version, served, cache, served.form === "split"),
     ]);
     const base = held.status === "fulfilled" ? held.value : undefined;
     try {
-      if (meta.status === "rejected") throw meta.reason;
       if (held.status === "rejected") throw held.reason;
       if (read.status === "rejected") throw read.reason;
-      const metadata = meta.value;
       const split = metadata.split;
       const size = metadata.input.size;
       if (base && base.featureLayer !== metadata.base.featureLayer)
@@ -342,6 +367,7 @@ export class ModelRegistry {
         lastUsed: this.now(),
         loadedAt: Date.now(),
         timings: { fetchMs: t1 - t0, parseMs: t2 - t1, warmupMs: t3 - t2 },
+        warning,
         users: 0,
         retired: false,
       };
@@ -352,25 +378,34 @@ export class ModelRegistry {
   }
 
   /**
-   * The model file (a split version's head.json, else model.json) and its weights, all fetched at once,
-   * each verified against the sha256 `served` lists; model.json must name weight files that are among them.
+   * The model file (a split version's head.json, else model.json) and the weights it names, each verified
+   * against the sha256 and size `served` lists. `beside`: the other listed files are fetched at once with
+   * the model file (one round trip; for a pointer's listing, capped by its schema, and a split version's
+   * single head shard); else only once the model file names them, so nothing it does not name is fetched.
    */
-  private async readModelFiles(name: string, version: string, served: Served, cache?: VerifiedBytesCache): Promise<tf.io.ModelArtifacts> {
+  private async readModelFiles(
+    name: string,
+    version: string,
+    served: Served,
+    cache: VerifiedBytesCache | undefined,
+    beside: boolean,
+  ): Promise<tf.io.ModelArtifacts> {
     const path = served.form === "split" ? SPLIT_FILES.head : ARTIFACT_FILES.model;
-    if (!served.files.some((f) => f.path === path)) throw new Error(`${version} lists no ${path}`);
-    const fetched = new Map(await Promise.all(served.files.map(async (f) => [f.path, await readListedFile(this.source, name, version, f, cache)] as const)));
-    const json = JSON.parse(new TextDecoder().decode(fetched.get(path))) as {
+    const listing = new Map(served.files.map((f) => [f.path, f]));
+    const modelFile = listing.get(path);
+    if (!modelFile) throw new Error(`${version} lists no ${path}`);
+    const read = (f: Served["files"][number]) => readListedFile(this.source, name, version, f, cache);
+    const early = new Map(beside ? served.files.filter((f) => f !== modelFile).map((f) => [f.path, read(f)] as const) : []);
+    for (const p of early.values()) p.catch(() => {}); // each awaited below if the model file names it
+    const json = JSON.parse(new TextDecoder().decode(await read(modelFile))) as {
       modelTopology: object;
       weightsManifest: { paths: string[]; weights: tf.io.WeightsManifestEntry[] }[];
     };
     const paths = json.weightsManifest.flatMap((g) => g.paths);
-    const missing = paths.filter((p) => p === path || !fetched.has(p));
+    const missing = paths.filter((p) => p === path || !listing.has(p));
     if (missing.length > 0) throw new Error(`${path} names weight files ${missing.join(", ")} that ${version} does not list`);
-    return {
-      modelTopology: json.modelTopology,
-      weightSpecs: json.weightsManifest.flatMap((g) => g.weights),
-      weightData: concatBytes(paths.map((p) => fetched.get(p) as Uint8Array)).buffer,
-    };
+    const shards = await Promise.all(paths.map((p) => early.get(p) ?? read(listing.get(p) as Served["files"][number])));
+    return { modelTopology: json.modelTopology, weightSpecs: json.weightsManifest.flatMap((g) => g.weights), weightData: concatBytes(shards).buffer };
   }
 
   /**

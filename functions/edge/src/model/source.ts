@@ -16,8 +16,8 @@ export interface ConditionalResult {
 }
 
 export interface ModelSource extends FolderLister {
-  /** GET with If-None-Match: 304 when the object still has `etag`. */
-  getIfChanged(key: string, etag?: string): Promise<ConditionalResult>;
+  /** GET with If-None-Match: 304 when the object still has `etag`. `maxBytes`: as `get`'s. */
+  getIfChanged(key: string, etag?: string, options?: { maxBytes?: number }): Promise<ConditionalResult>;
 }
 
 export class SourceError extends Error {
@@ -145,15 +145,11 @@ class HttpSource implements ModelSource {
   }
 
   async get(key: string, options?: { maxBytes?: number }): Promise<Uint8Array | null> {
-    const r = await this.read(key, undefined, options?.maxBytes);
+    const r = await this.getIfChanged(key, undefined, options);
     return r.status === 200 ? (r.bytes as Uint8Array) : null;
   }
 
-  getIfChanged(key: string, etag?: string): Promise<ConditionalResult> {
-    return this.read(key, etag);
-  }
-
-  private async read(key: string, etag?: string, maxBytes?: number): Promise<ConditionalResult> {
+  async getIfChanged(key: string, etag?: string, options: { maxBytes?: number } = {}): Promise<ConditionalResult> {
     const headers: Record<string, string> = {};
     if (etag) headers["if-none-match"] = etag;
     let res: Response;
@@ -184,34 +180,32 @@ class HttpSource implements ModelSource {
       await res.body?.cancel();
       throw new SourceError(`model storage answered HTTP ${res.status} for ${key}`, res.status);
     }
-    const bytes = maxBytes === undefined ? new Uint8Array(await res.arrayBuffer()) : await readBounded(res, key, maxBytes);
-    return { status: 200, bytes, etag: res.headers.get("etag") ?? undefined };
+    return { status: 200, bytes: await readBody(res, key, options.maxBytes), etag: res.headers.get("etag") ?? undefined };
   }
 }
 
 /**
- * A body of at most `maxBytes`: refused by its Content-Length when it says more, else cut off as soon as
- * the stream passes it, so the isolate (which holds the loaded models) never holds more than was asked.
+ * A response's body, refused (ObjectTooLargeError) past `maxBytes`: by its Content-Length before reading,
+ * else while it streams in, so an object larger than its listing says is never held whole.
  */
-async function readBounded(res: Response, key: string, maxBytes: number): Promise<Uint8Array> {
+async function readBody(res: Response, key: string, maxBytes: number | undefined): Promise<Uint8Array> {
+  if (maxBytes === undefined || !res.body) return new Uint8Array(await res.arrayBuffer());
   if (Number(res.headers.get("content-length") ?? 0) > maxBytes) {
-    await res.body?.cancel();
+    await res.body.cancel();
     throw new ObjectTooLargeError(key, maxBytes);
   }
-  if (!res.body) return new Uint8Array(0);
   const chunks: Uint8Array[] = [];
   let total = 0;
   const reader = res.body.getReader();
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) return concatBytes(chunks);
-    total += value.length;
+  for (let r = await reader.read(); !r.done; r = await reader.read()) {
+    total += r.value.byteLength;
     if (total > maxBytes) {
       await reader.cancel();
       throw new ObjectTooLargeError(key, maxBytes);
     }
-    chunks.push(value);
+    chunks.push(r.value);
   }
+  return concatBytes(chunks);
 }
 
 /** One page of a ListObjectsV2 answer: its keys, its folders (CommonPrefixes, with a delimiter), and the token of the next page. */
