@@ -100,6 +100,10 @@ try {
     trainArgs: [],
     output: "pretty",
     onJob: (job) => {
+      if (job.reason === "console-request") {
+        for (const r of job.outcomes ?? []) say(`console request: ${r.model} ${r.kind}${r.version ? ` ${r.version}` : ""}: ${r.state}: ${r.message}`);
+        return;
+      }
       if (job.status === "running") say(`training job started for ${job.dataset} (${job.reason})`);
       if (job.status === "succeeded")
         for (const r of job.results)

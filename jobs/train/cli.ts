@@ -24,6 +24,7 @@ import { createLogger } from "./src/log.ts";
 import { AUTO_BASE, AUTO_DESCRIPTION, importBase, KNOWN_BASES, type ModelSource } from "./src/model/bases.ts";
 import { batchSubmitter, dispatchNightly } from "./src/nightly.ts";
 import { emit, emitList, percent, say } from "./src/output.ts";
+import { isRequestKey, runRequests } from "./src/requests/command.ts";
 import { followRun, listRunStatuses, type RunStatus, StatusRecorder } from "./src/status.ts";
 import { operatorKeysFromEnv, saveCaptureImages } from "./src/traffic/review.ts";
 import { applyDecisions, listCaptures, monitor, parseRate, processTraffic, readCaptureConfig, reviewNow, writeCaptureConfig } from "./src/traffic/traffic.ts";
@@ -170,6 +171,8 @@ program
     // job per changed dataset to the CPU or GPU queue. Elsewhere "*" trains every complete dataset here,
     // one after the other.
     const submit = process.env.EDGETUNE_DISPATCH === "1" ? batchSubmitter() : undefined;
+    // A console request's key (src/requests/command.ts): apply that model's waiting requests.
+    if (isRequestKey(input.dataset)) return runRequests(store, clean(input), log, { json: o.json === true, submit });
     if (submit) {
       const { initBackend } = await import("./src/model/backend.ts");
       await initBackend(); // a base not yet in the bucket is imported while planning
