@@ -350,12 +350,14 @@ export const requestsRoute = createRoute({
 export const exportInfoRoute = createRoute({
   method: "get",
   path: "/v1/models/{name}/versions/{version}/export",
-  summary: "The version's stored ONNX export: size, sha256, opset (operators; made by an export-onnx request)",
+  summary: "The version's stored ONNX export: size, sha256, opset, or null while there is none (operators; made by an export-onnx request)",
   request: { params: versionParams },
   responses: {
-    200: { description: "The export", content: { "application/json": { schema: onnxExportSchema } } },
+    200: {
+      description: "The export, or null (a page asks for every version it lists: none yet is no error)",
+      content: { "application/json": { schema: z.object({ model: nameSchema, version: versionSchema, onnx: onnxExportSchema.nullable() }) } },
+    },
     ...consoleErrors,
-    404: errorResponse("No export of this version (yet)"),
   },
 });
 

@@ -83,8 +83,8 @@ export function registerRequestRoutes(
     const { name, version } = c.req.valid("param");
     const r = await deps.catalogFor(c.env).getIfChanged(keys.versionOnnxInfo(name, version));
     const parsed = r.status === 200 ? tryParseContractJson(onnxExportSchema, r.bytes as Uint8Array) : null;
-    if (!parsed?.success || parsed.data.model !== name || parsed.data.version !== version) throw noExport(name, version);
-    return c.json(parsed.data, 200);
+    const onnx = parsed?.success && parsed.data.model === name && parsed.data.version === version ? parsed.data : null;
+    return c.json({ model: name, version, onnx }, 200);
   });
 
   // Streamed, never held: a MobileNetV2 export is some 9–14 MB, an isolate has 128 MB and the model it serves in it.

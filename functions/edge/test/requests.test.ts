@@ -97,10 +97,10 @@ describe("console requests at the edge", () => {
       404,
       expect.objectContaining({ code: "export_not_found" }),
     ]);
-    expect((await get(`/v1/models/emoji/versions/${version}/export`)).status).toBe(404);
+    expect(await (await get(`/v1/models/emoji/versions/${version}/export`)).json()).toEqual({ model: "emoji", version, onnx: null });
     expect((await ask({ kind: "export-onnx", version })).status).toBe(202);
     expect((await dispatch())[0]?.state).toBe("done");
-    const info = (await (await get(`/v1/models/emoji/versions/${version}/export`)).json()) as { bytes: number; sha256: string };
+    const { onnx: info } = (await (await get(`/v1/models/emoji/versions/${version}/export`)).json()) as { onnx: { bytes: number; sha256: string } };
     const r = await get(`/v1/models/emoji/versions/${version}/export/model.onnx`);
     expect(r.status).toBe(200);
     expect(r.headers.get("content-disposition")).toBe(`attachment; filename="emoji-${version}.onnx"`);

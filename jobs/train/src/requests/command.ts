@@ -21,13 +21,14 @@ export async function runRequests(store: ObjectStore, input: TrainInput, log: Lo
   // The other options (a local dispatcher's small training flags) go to the runs "train now" submits.
   const { dataset: key, ...trainOptions } = input;
   const { model } = requestOfKey(key) as { model: string };
+  // tfjs for an export, and for planning a run (a base not yet in the bucket is imported then).
+  const { initBackend } = await import("../model/backend.ts");
+  await initBackend();
   const train = async (dataset: string): Promise<string> => {
     if (!options.submit) {
       emit({ json: true }, { status: "train-requested", dataset }, "");
       return `A training run of dataset ${dataset} is queued (edgetune status ${dataset}).`;
     }
-    const { initBackend } = await import("../model/backend.ts");
-    await initBackend(); // as the dispatcher's nightly path: a base not yet in the bucket is imported while planning
     const r = await dispatchNightly(store, trainOptions, options.submit, log, [dataset]);
     const failed = r.failed[0];
     if (failed) throw new EdgetuneError("submit_failed", failed.reason);

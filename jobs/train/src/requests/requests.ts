@@ -121,7 +121,9 @@ async function applyOne(store: ObjectStore, request: OperatorRequest, deps: Requ
     // Whatever the CLI would have refused (unknown version, no earlier version, another dataset's model) is
     // "refused"; anything else (storage, a conversion failing) "failed". Both in the CLI's words.
     const refused = e instanceof RequestRefused || e instanceof NotFoundError;
-    if (!refused) deps.log.warn(`request ${request.id} of ${request.model} failed: ${userMessage(e)}`);
+    // The cause in the job's log (not in the outcome, which the console shows): what a bug report needs.
+    if (!refused)
+      deps.log.warn(`request ${request.id} of ${request.model} failed: ${userMessage(e)}`, { error: e instanceof Error ? (e.stack ?? e.message) : String(e) });
     return outcome(refused ? "refused" : "failed", userMessage(e));
   }
 }
