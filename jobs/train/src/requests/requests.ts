@@ -69,10 +69,13 @@ export async function applyRequests(store: ObjectStore, model: string, deps: Req
       await store.delete([key]);
       continue;
     }
-    const outcome = await applyOne(store, request, deps);
+    const { outcome, replayed } = await applyOne(store, request, deps);
     outcomes.push(outcome);
-    // The outcome first: a request deleted without one would look lost in the console.
-    await store.put(keys.captureOutcome(model, request.id), JSON.stringify(outcome), "application/json");
+    // The outcome first: a request deleted without one would look lost in the console. A replay's refusal
+    // does not replace the outcome of the run that applied it (two dispatcher jobs started by one request).
+    const body = JSON.stringify(outcome);
+    if (replayed) await store.putIfAbsent(keys.captureOutcome(model, request.id), body, "application/json");
+    else await store.put(keys.captureOutcome(model, request.id), body, "application/json");
     await store.delete([key]);
     deps.log.info(`request ${request.id} (${request.kind}${request.version ? ` ${request.version}` : ""}) of ${model}: ${outcome.state}: ${outcome.message}`);
   }
@@ -88,7 +91,14 @@ async function readRequest(store: ObjectStore, model: string, key: string): Prom
 }
 
 /** One request checked (signature, age, claim) and applied; never throws: what went wrong is its outcome. */
-async function applyOne(store: ObjectStore, request: OperatorRequest, deps: RequestDeps): Promise<RequestOutcome> {
+async function applyOne(store: ObjectStore, request: OperatorRequest, deps: RequestDeps): Promise<{ outcome: RequestOutcome; replayed: boolean }> {
+  const outcome = await checkAndPerform(store, request, deps);
+  return { outcome, replayed: outcome.state === "refused" && outcome.message === APPLIED_BEFORE };
+}
+
+const APPLIED_BEFORE = "It was applied before (a request is applied once); ask again to repeat it.";
+
+async function checkAndPerform(store: ObjectStore, request: OperatorRequest, deps: RequestDeps): Promise<RequestOutcome> {
   const now = (deps.now ?? (() => new Date()))();
   const outcome = (state: RequestOutcome["state"], message: string): RequestOutcome => ({
     schemaVersion: 1,
@@ -114,7 +124,7 @@ async function applyOne(store: ObjectStore, request: OperatorRequest, deps: Requ
   if (
     !(await store.putIfAbsent(keys.requestApplied(request.model, request.id), JSON.stringify({ ...request, appliedAt: now.toISOString() }), "application/json"))
   )
-    return outcome("refused", "It was applied before (a request is applied once); ask again to repeat it.");
+    return outcome("refused", APPLIED_BEFORE);
   try {
     return outcome("done", await perform(store, request, deps));
   } catch (e) {
