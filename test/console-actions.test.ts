@@ -1,6 +1,5 @@
-import { existsSync } from "node:fs";
 import { readFile } from "node:fs/promises";
-import { type Browser, chromium, type Page } from "playwright-core";
+import type { Browser, Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Dispatcher } from "../infra/local/dispatcher.ts";
 import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts";
@@ -11,6 +10,7 @@ import { readPointer } from "../shared/artifacts.ts";
 import { type OperatorRequest, requestMessage } from "../shared/contracts/request.ts";
 import { hmacSha256Hex, sha256Hex } from "../shared/hash.ts";
 import { keys } from "../shared/keys.ts";
+import { haveBrowser, launchChromium, layoutProblems } from "./support/browser.ts";
 import { uploadSample } from "./support/datasets.ts";
 
 /**
@@ -19,10 +19,6 @@ import { uploadSample } from "./support/datasets.ts";
  * applies them in a child process as the Batch container would, and the page shows each outcome — the
  * served version moving, a training run queued, a refusal with its reason, and the download of an export.
  */
-const CHROMIUM = process.env.EDGETUNE_CHROMIUM ?? "/usr/bin/chromium";
-const haveBrowser = existsSync(CHROMIUM);
-if (!haveBrowser && process.env.EDGETUNE_REQUIRE_BROWSER === "1") throw new Error(`Chromium not found at ${CHROMIUM} (apt-get install chromium)`);
-
 const OPERATOR = "operator-key-console-actions-1";
 let s3: LocalS3;
 let edge: EdgeWorker;
@@ -47,18 +43,7 @@ describe.skipIf(!haveBrowser)("console actions (headless Chromium, the local dis
     dispatcher.start();
     while (dispatcher.jobs.length === 0) await new Promise((r) => setTimeout(r, 100));
     await dispatcher.idle();
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      args: [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-      ],
-    });
+    browser = await launchChromium();
   });
   afterAll(async () => {
     delete process.env.EDGETUNE_CONSOLE_KEYS;
@@ -150,8 +135,9 @@ describe.skipIf(!haveBrowser)("console actions (headless Chromium, the local dis
     expect(download.suggestedFilename()).toBe(`emoji-${v1}.onnx`);
     const saved = new Uint8Array(await readFile((await download.path()) as string));
     expect(await sha256Hex(saved)).toBe(await sha256Hex((await s3.store.get(keys.versionOnnx("emoji", v1))) as Uint8Array));
+    // With the actions, the requests and a download link, the page still fits a phone.
     await page.setViewportSize({ width: 360, height: 740 });
-    expect(await page.evaluate(() => document.documentElement.scrollWidth)).toBe(360);
+    expect(await layoutProblems(page)).toEqual([]);
     expect(problems).toEqual([]);
     await page.close();
   });

@@ -99,7 +99,7 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     await page.waitForSelector("#versions");
     const row = page.locator(`#versions tr[data-version="${version}"]`);
     await expect(row.textContent()).resolves.toContain("served");
-    expect(await row.textContent()).toMatch(/\d+\.\d %/);
+    expect(await row.textContent()).toMatch(/\d+\.\d\u00a0%/);
     expect(await page.textContent("#view")).not.toMatch(/null|undefined|NaN/);
     expect(problems).toEqual([]);
     await page.close();
@@ -121,7 +121,7 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     expect(await page.textContent("#classify-result")).toContain(version);
     // The answer in words first: a label with its threshold, or unsure.
     expect(await page.textContent("#classify-answer")).toMatch(
-      /^(Answer: (animals|food|travel)( \(threshold \d+\.\d %\))?|Unsure: the best label, \w+ \(\d+\.\d %\), is below its threshold of \d+\.\d %\.)$/,
+      /^(Answer: (animals|food|travel)( \(threshold \d+\.\d\u00a0%\))?|Unsure: the best label, \w+ \(\d+\.\d\u00a0%\), is below its threshold of \d+\.\d\u00a0%\.)$/,
     );
     expect(problems).toEqual([]);
     await page.close();
@@ -153,10 +153,10 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     await withKey(page);
     await page.goto(`${edge.url}/#/models/emoji/${version}`);
     await page.waitForSelector("#confusion");
-    expect(await page.textContent("#summary")).toMatch(/Accuracy \d+\.\d %/);
+    expect(await page.textContent("#summary")).toMatch(/Accuracy \d+\.\d\u00a0%/);
     expect(await page.locator("#confusion tbody tr").count()).toBe(3);
     expect(await page.locator("#per-class tbody tr").count()).toBe(3);
-    expect(await page.textContent("#answers-summary")).toMatch(/calibration error \d+\.\d % before, \d+\.\d % after\. Thresholds \(f1\)/);
+    expect(await page.textContent("#answers-summary")).toMatch(/calibration error \d+\.\d\u00a0% before, \d+\.\d\u00a0% after\. Thresholds \(f1\)/);
     expect(await page.textContent("#export code")).toBe(`npx edgetune export emoji ${version}`);
     expect(problems).toEqual([]);
     // For the README: EDGETUNE_SCREENSHOT=docs/console.png npx vitest run test/console.test.ts

@@ -41,6 +41,11 @@ export const metricsSchema = z.object({
   perClass: z.record(z.string(), classMetricsSchema).default({}),
   /** Held-out answers by top-1 score, 10 bins from [0, 0.1) to [0.9, 1]: what the edge's traffic is compared with. */
   confidence: z.array(z.number().int().min(0)).length(10).optional(),
+  /**
+   * Which held-out images these numbers are about (shared/held-out.ts): two versions with the same one were
+   * measured on the same images with the same labels. Absent in versions trained before it was recorded.
+   */
+  heldOutSha256: sha256Schema.optional(),
 });
 export type Metrics = z.output<typeof metricsSchema>;
 

@@ -4,6 +4,7 @@
 // textContent, never as HTML: labels and model names are user data.
 
 import { actionsPanel, versionActions } from "./actions.js";
+import { compareForm, comparePage, modelsList } from "./versions.js";
 
 const KEY = "edgetune.apiKey";
 const view = document.getElementById("view");
@@ -21,9 +22,12 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-const pct = (v) => `${(v * 100).toFixed(1)} %`;
+// A no-break space: "100.0 %" never breaks over two lines.
+const pct = (v) => `${(v * 100).toFixed(1)}\u00a0%`;
 const when = (iso) => (iso ? new Date(iso).toLocaleString() : "—");
 const route = (...parts) => `#/${parts.map(encodeURIComponent).join("/")}`;
+/** What the page modules (versions.js) draw with. */
+const ui = { el, api, pct, when, route };
 
 class ApiFailure extends Error {
   constructor(status, code, message) {
@@ -46,7 +50,7 @@ async function api(path, init = {}) {
 /** A raw response from the API with the session's key (a download), for actions.js. */
 const fetchWithKey = (path) => fetch(path, { headers: { authorization: `Bearer ${sessionStorage.getItem(KEY)}` } });
 /** What actions.js (the model's actions: requests the dispatcher applies) borrows from this file. */
-const actionsUi = { el, api, fetchWithKey, when };
+const actionsUi = { ...ui, fetchWithKey };
 
 /** An image from the API (it needs the key, so not a plain <img src>) as a blob: URL. */
 async function apiImage(path) {
@@ -78,30 +82,9 @@ function say(message, isError = false) {
 // --- pages -------------------------------------------------------------------------------------
 
 async function modelsPage(show) {
-  const { models, truncated } = await api("/v1/models");
-  if (models.length === 0) return show(el("h2", {}, "Models"), el("p", {}, "No models yet: push a dataset (edgetune push <folder> --name <model>)."));
-  show(
-    el("h2", {}, "Models"),
-    el(
-      "table",
-      { id: "models" },
-      el("thead", {}, el("tr", {}, el("th", {}, "Model"), el("th", {}, "Served version"), el("th", {}, "Promoted"))),
-      el(
-        "tbody",
-        {},
-        models.map((m) =>
-          el(
-            "tr",
-            {},
-            el("td", {}, el("a", { href: route("models", m.name) }, m.name)),
-            el("td", {}, m.version ?? el("span", { class: "muted" }, "none promoted")),
-            el("td", {}, when(m.promotedAt)),
-          ),
-        ),
-      ),
-    ),
-    truncated ? el("p", { class: "muted" }, "Only the first models are shown; use edgetune models for all.") : null,
-  );
+  const list = await modelsList(ui);
+  if (!list) return show(el("h2", {}, "Models"), el("p", {}, "No models yet: push a dataset (edgetune push <folder> --name <model>)."));
+  show(el("h2", {}, "Models"), list);
 }
 
 async function modelPage(show, name) {
@@ -157,6 +140,7 @@ async function modelPage(show, name) {
     data.truncated
       ? el("p", { class: "muted" }, "Not every version is shown (the served one and its history come first); edgetune models lists them all.")
       : null,
+    compareForm(ui, name, data.versions, data.current),
   );
 }
 
@@ -514,8 +498,9 @@ async function render() {
   const show = showFor(mine);
   say("");
   try {
-    const [, page, name, version] = location.hash.split("/").map(decodeURIComponent);
-    if (page === "review" && name) await reviewPage(show, name);
+    const [, page, name, version, other] = location.hash.split("/").map(decodeURIComponent);
+    if (page === "compare" && name && version && other) await comparePage(ui, show, name, version, other);
+    else if (page === "review" && name) await reviewPage(show, name);
     else if (page === "monitor" && name) await monitorPage(show, name);
     else if (page === "models" && name && version) await reportPage(show, name, version);
     else if (page === "models" && name) await modelPage(show, name);

@@ -3,9 +3,8 @@ import type { Context } from "hono";
 import { cors } from "hono/cors";
 import { HTTPException } from "hono/http-exception";
 import { answer } from "../../../shared/answer.ts";
-import { readMetadata, readPointer, readVerifiedFile } from "../../../shared/artifacts.ts";
+import { readMetadata, readPointer } from "../../../shared/artifacts.ts";
 import { listModels, listVersions } from "../../../shared/catalog.ts";
-import { ARTIFACT_FILES } from "../../../shared/contracts/artifact.ts";
 import {
   CAPTURE_OFF,
   type CaptureConfig,
@@ -25,6 +24,7 @@ import { monitorSummarySchema } from "../../../shared/monitor.ts";
 import { preprocess } from "../../../shared/preprocess.ts";
 import { Capturer, isOptOut } from "./capture/capture.ts";
 import { CaptureObjectTooLargeError, type CaptureStore, CaptureStoreError, createCaptureStore } from "./capture/store.ts";
+import { compareVersions, readReport } from "./catalog/compare.ts";
 import { withDeadline } from "./deadline.ts";
 import { type Admission, createAdmission } from "./http/admission.ts";
 import { apiKeyAuth, consoleAuth, inScope, isOperator, modelScope } from "./http/auth.ts";
@@ -40,6 +40,7 @@ import {
   captureImageRoute,
   capturesRoute,
   classifyRoute,
+  compareRoute,
   decisionRoute,
   healthRoute,
   MAX_MODELS_PER_REQUEST,
@@ -126,6 +127,7 @@ export const app = new OpenAPIHono<AppEnv>({
       );
     }
     if (result.target === "param") throw new ApiError(404, "version_not_found", "No version with that name (versions look like v0123456789ab).");
+    if (result.error.issues[0]?.path[0] === "after") throw new ApiError(422, "invalid_after", "after is a model name: the `next` of the previous page.");
     if (result.error.issues[0]?.path[0] === "threshold") throw new ApiError(422, "invalid_threshold", "threshold must be a number from 0 to 1.");
     throw new ApiError(422, "invalid_top_k", "top_k must be a whole number from 1 to 100.");
   },
@@ -227,14 +229,30 @@ app.openapi(modelRoute, async (c) => {
   }
 });
 
+/** Models per page of GET /v1/models: two reads each (pointer, served version's metadata) within CATALOG_READS. */
+const MODELS_PAGE = CATALOG_READS / 2;
 app.openapi(modelsRoute, async (c) => {
+  const { after } = c.req.valid("query");
   const source = catalogFor(c.env);
-  const names = await listModels(source);
-  const shown = names.slice(0, CATALOG_READS);
-  const pointers = await Promise.all(shown.map((name) => readPointer(source, name).catch(() => null)));
-  const models = shown.map((name, i) => ({ name, version: pointers[i]?.version ?? null, promotedAt: pointers[i]?.promotedAt ?? null }));
-  return c.json({ models, truncated: shown.length < names.length }, 200);
+  const names = (await listModels(source)).filter((n) => after === undefined || n > after);
+  const shown = names.slice(0, MODELS_PAGE);
+  const models = await Promise.all(shown.map((name) => servedSummary(source, name)));
+  const more = shown.length < names.length;
+  return c.json({ models, next: more ? (shown.at(-1) ?? null) : null, truncated: more }, 200);
 });
+
+/** A model's served version and its held-out accuracy; what cannot be read is null (the list still shows the model). */
+async function servedSummary(source: ModelSource, name: string) {
+  const pointer = await readPointer(source, name).catch(() => null);
+  const metadata = pointer ? await readMetadata(source, name, pointer.version, pointer.metadataSha256).catch(() => null) : null;
+  return {
+    name,
+    version: pointer?.version ?? null,
+    promotedAt: pointer?.promotedAt ?? null,
+    accuracy: metadata?.metrics.accuracy ?? null,
+    evaluatedOn: metadata?.metrics.evaluatedOn ?? null,
+  };
+}
 
 app.openapi(versionsRoute, async (c) => {
   const { name } = c.req.valid("param");
@@ -246,15 +264,17 @@ app.openapi(versionsRoute, async (c) => {
 app.openapi(reportRoute, async (c) => {
   const { name, version } = c.req.valid("param");
   const source = catalogFor(c.env);
-  let report: Uint8Array;
   try {
-    const metadata = await readMetadata(source, name, version);
-    report = await readVerifiedFile(source, metadata, ARTIFACT_FILES.report);
+    return c.json(await readReport(source, await readMetadata(source, name, version)), 200);
   } catch (e) {
     if (e instanceof NotFoundError) throw new ApiError(404, "version_not_found", `Model ${name} has no version ${version} with a report.`);
     throw e;
   }
-  return c.json(JSON.parse(new TextDecoder().decode(report)) as Record<string, unknown>, 200);
+});
+
+app.openapi(compareRoute, async (c) => {
+  const { name, version, other } = c.req.valid("param");
+  return c.json(await compareVersions(catalogFor(c.env), name, version, other), 200);
 });
 
 /**

@@ -139,15 +139,29 @@ export const versionParams = z.object({ name: nameSchema, version: versionSchema
 export const modelsRoute = createRoute({
   method: "get",
   path: "/v1/models",
-  summary: "Every model in the bucket with its served version (the console's first page)",
+  summary: "The models in the bucket by name, a page at a time, each with its served version and that version's held-out accuracy",
+  request: {
+    query: z.object({
+      after: nameSchema.optional().describe("The last name of the previous page (its `next`): this page starts after it"),
+    }),
+  },
   responses: {
     200: {
       description: "Models, by name",
       content: {
         "application/json": {
           schema: z.object({
-            models: z.array(z.object({ name: nameSchema, version: z.string().nullable(), promotedAt: z.string().nullable() })),
-            truncated: z.boolean(),
+            models: z.array(
+              z.object({
+                name: nameSchema,
+                version: z.string().nullable(),
+                promotedAt: z.string().nullable(),
+                accuracy: z.number().nullable().describe("The served version's held-out accuracy (null: none served, or its metadata unreadable)"),
+                evaluatedOn: z.number().int().nullable(),
+              }),
+            ),
+            next: nameSchema.nullable().describe("Pass as `after` for the next page; null on the last page"),
+            truncated: z.boolean().describe("True when there is a next page"),
           }),
         },
       },
@@ -206,6 +220,48 @@ export const reportRoute = createRoute({
     },
     ...consoleErrors,
     404: errorResponse("Unknown model or version"),
+  },
+});
+
+const comparedVersionSchema = z.object({
+  version: versionSchema,
+  createdAt: z.string(),
+  current: z.boolean().describe("The version the model serves"),
+  labels: z.array(z.string()).describe("In the order of the confusion matrix's rows and columns"),
+  accuracy: z.number(),
+  evaluatedOn: z.number().int(),
+  perClass: metricsSchema.shape.perClass,
+  confusion: z.array(z.array(z.number().int())).describe("Rows: true label, columns: predicted"),
+  heldOutSha256: sha256Schema.nullable().describe("The held-out set's identity (null: not recorded, an older version)"),
+  dataset: z.object({ name: nameSchema, fingerprint: sha256Schema, images: z.number().int() }),
+  strategy: z.string(),
+  base: z.string(),
+});
+
+export const compareRoute = createRoute({
+  method: "get",
+  path: "/v1/models/{name}/versions/{version}/compare/{other}",
+  summary: "Two versions side by side: accuracy, per-label precision and recall, confusion, and whether they were measured on the same held-out images",
+  request: { params: versionParams.extend({ other: versionSchema }) },
+  responses: {
+    200: {
+      description: "Both versions' numbers, in the order asked",
+      content: {
+        "application/json": {
+          schema: z.object({
+            model: nameSchema,
+            versions: z.tuple([comparedVersionSchema, comparedVersionSchema]),
+            heldOut: z.object({
+              same: z.boolean().nullable().describe("true: the same images; false: different ones (not like for like); null: not recorded"),
+              message: z.string(),
+            }),
+          }),
+        },
+      },
+    },
+    ...consoleErrors,
+    404: errorResponse("Unknown model or version"),
+    422: errorResponse("A version's report is larger than the worker reads (`report_too_large`)"),
   },
 });
 

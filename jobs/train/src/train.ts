@@ -1,5 +1,6 @@
 import { readPointer, readPointerBasis } from "../../../shared/artifacts.ts";
 import { userMessage } from "../../../shared/errors.ts";
+import { heldOutSha256 } from "../../../shared/held-out.ts";
 import { keys } from "../../../shared/keys.ts";
 import type { ObjectStore } from "../../../shared/s3/store.ts";
 import type { TrainInput } from "./config.ts";
@@ -94,6 +95,8 @@ async function trainRun(ctx: RunContext, input: TrainInput, context: TrainContex
         pooled.val.map((i) => i.key),
         lastValLoss,
       );
+      // Which images these numbers are about: the console says when two versions' are not like for like.
+      evaluation.metrics.heldOutSha256 = await heldOutSha256(pooled.val);
       log.info("evaluation", {
         accuracy: evaluation.metrics.accuracy,
         evaluatedOn: evaluation.metrics.evaluatedOn,
