@@ -83,6 +83,8 @@ describe("data bucket", () => {
       ExpirationInDays: 30,
       NoncurrentVersionExpiration: { NoncurrentDays: 1 },
     });
+    // A request's claim must outlive the 30 minutes a request is valid (MAX_REQUEST_AGE_MS), not more.
+    expect(rules.find((r) => r.Id === "request-claims")).toMatchObject({ Prefix: "requests/", ExpirationInDays: 2 });
     for (const r of rules)
       expect(r.Prefix === "models/" || r.Prefix === "datasets/" || (r.Prefix === undefined && r.ExpirationInDays !== undefined)).toBe(false);
   });
