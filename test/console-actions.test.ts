@@ -67,6 +67,11 @@ describe.skipIf(!haveBrowser)("console actions (headless Chromium, the local dis
     await page.waitForSelector("#actions #requests :is(table, p)");
     return { page, problems };
   }
+  /** The file name of one image of `label` in the dataset. */
+  async function firstImage(label: string): Promise<string> {
+    for await (const o of s3.store.list(`datasets/emoji/${label}/`)) return o.key.slice(`datasets/emoji/${label}/`.length);
+    throw new Error(`no ${label} image`);
+  }
   const row = (page: Page, v: string) => page.locator(`#versions tr[data-version="${v}"]`);
   /** The newest request row once the dispatcher's outcome is in (pending rows poll every 1.5 s). */
   async function outcome(page: Page, action: string): Promise<string> {
@@ -126,11 +131,16 @@ describe.skipIf(!haveBrowser)("console actions (headless Chromium, the local dis
   it("exports a version and downloads the ONNX file from its row, and fits a 360 px phone", async () => {
     const { page, problems } = await modelPage();
     expect(await row(page, v1).locator("a.download").count()).toBe(0);
+    // A classified image stays on the page: an export done adds its row's link, it does not redraw the page.
+    const image = (await s3.store.get(`datasets/emoji/food/${await firstImage("food")}`)) as Uint8Array;
+    await page.setInputFiles("#classify-file", { name: "food.png", mimeType: "image/png", buffer: Buffer.from(image) });
+    await page.waitForSelector("#classify-result .bar");
     await row(page, v1).locator("button.export").click();
     expect(await outcome(page, `Export ONNX ${v1}`)).toMatch(/done: emoji v[0-9a-f]{12} exported as ONNX \(opset \d+, \d+\.\d MB/);
     const link = row(page, v1).locator("a.download");
     await link.waitFor();
     expect(await link.textContent()).toMatch(/^Download ONNX \(\d+\.\d MB\)$/);
+    expect(await page.locator("#classify-result .bar").count()).toBeGreaterThan(0);
     const [download] = await Promise.all([page.waitForEvent("download"), link.click()]);
     expect(download.suggestedFilename()).toBe(`emoji-${v1}.onnx`);
     const saved = new Uint8Array(await readFile((await download.path()) as string));

@@ -15,9 +15,10 @@ const KIND_WORDS = {
 
 /**
  * The model's actions and its recent requests. `ui` is console.js's { el, api, fetchWithKey, when };
- * `onDone` runs when a request that changes the page (a rollback, a promotion, an export) is done.
+ * `onServedChanged` runs when a rollback or promotion asked on this page is done (the versions change);
+ * an export done only adds its row's download link, so nothing else on the page (a classified image) is lost.
  */
-export function actionsPanel(ui, name, data, onDone) {
+export function actionsPanel(ui, name, data, onServedChanged) {
   const { el } = ui;
   const list = el("div", { id: "requests" });
   const panel = el(
@@ -47,28 +48,41 @@ export function actionsPanel(ui, name, data, onDone) {
     ),
     list,
   );
-  const tracker = requestTracker(ui, name, list, onDone);
+  /** Each version row's "look for an export again", registered by versionActions. */
+  const exportChecks = new Map();
+  const tracker = requestTracker(ui, name, list, (r) => {
+    if (r.kind === "export-onnx") exportChecks.get(r.version)?.();
+    else onServedChanged();
+  });
   panel.querySelector("#action-rollback").addEventListener("click", () => tracker.ask({ kind: "rollback" }));
   panel.querySelector("#action-train").addEventListener("click", () => tracker.ask({ kind: "train" }));
   panel.querySelector("#action-apply-reviewed").addEventListener("click", () => tracker.ask({ kind: "apply-reviewed" }));
   tracker.refresh();
-  return { panel, ask: tracker.ask };
+  return { panel, ask: tracker.ask, exportChecks };
 }
 
 /** A version's row actions: serve it (unless it is served), export it, and download its export once there is one. */
-export function versionActions(ui, name, version, ask) {
+export function versionActions(ui, name, version, actions) {
   const { el } = ui;
+  const ask = actions.ask;
   const cell = el(
     "span",
     { class: "version-actions" },
     version.current ? null : el("button", { type: "button", class: "serve", onclick: () => ask({ kind: "promote", version: version.version }) }, "Serve"),
-    " ",
     el("button", { type: "button", class: "export", onclick: () => ask({ kind: "export-onnx", version: version.version }) }, "Export ONNX"),
   );
   // The link only once the dispatcher stored the file (GET …/export says null until then).
-  ui.api(`/v1/models/${encodeURIComponent(name)}/versions/${encodeURIComponent(version.version)}/export`)
-    .then(({ onnx }) => onnx && cell.append(" ", downloadLink(ui, name, version.version, onnx)))
-    .catch(() => {});
+  const check = () =>
+    ui
+      .api(`/v1/models/${encodeURIComponent(name)}/versions/${encodeURIComponent(version.version)}/export`)
+      .then(({ onnx }) => {
+        if (!onnx) return;
+        cell.querySelector("a.download")?.remove();
+        cell.append(downloadLink(ui, name, version.version, onnx));
+      })
+      .catch(() => {});
+  actions.exportChecks.set(version.version, check);
+  check();
   return cell;
 }
 
@@ -149,7 +163,7 @@ function requestTracker(ui, name, list, onDone) {
     );
     if (body.requests.some((r) => r.state === "pending")) timer = setTimeout(refresh, POLL_MS);
     // Seen pending on this page, now done: the served version or an export changed.
-    if (changed.some((r) => pendingHere.has(r.id))) onDone();
+    for (const r of changed) if (pendingHere.has(r.id)) onDone(r);
   }
   const pendingHere = new Set();
   async function ask(body) {

@@ -132,7 +132,7 @@ async function modelPage(show, name) {
             el("td", {}, v.base),
             el("td", { class: "num" }, String(v.images)),
             el("td", {}, el("a", { href: route("models", name, v.version) }, "report")),
-            el("td", {}, versionActions(actionsUi, name, v, actions.ask)),
+            el("td", {}, versionActions(actionsUi, name, v, actions)),
           ),
         ),
       ),
