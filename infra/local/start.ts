@@ -108,7 +108,10 @@ try {
       if (job.status === "succeeded")
         for (const r of job.results)
           say(
-            `job done: ${r.model} ${r.version} ${r.promoted ? "promoted" : "not promoted"}, accuracy ${((r.accuracy ?? 0) * 100).toFixed(1)} % (${r.reason})`,
+            // A version that exists was not evaluated again: no accuracy to print ("Train now" on unchanged data).
+            r.status === "exists"
+              ? `job done: ${r.model} ${r.version}: ${r.reason}`
+              : `job done: ${r.model} ${r.version} ${r.promoted ? "promoted" : "not promoted"}, accuracy ${((r.accuracy ?? 0) * 100).toFixed(1)} % (${r.reason})`,
           );
       if (job.status === "failed") say(`training job for ${job.dataset} failed: ${job.failure ?? `exit ${job.exitCode}`}`);
     },
