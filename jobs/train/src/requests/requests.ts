@@ -1,4 +1,5 @@
 import { readMetadata, readPointer } from "../../../../shared/artifacts.ts";
+import { listModels } from "../../../../shared/catalog.ts";
 import { manifestSchema } from "../../../../shared/contracts/dataset.ts";
 import { tryParseContractJson } from "../../../../shared/contracts/parse.ts";
 import {
@@ -80,6 +81,22 @@ export async function applyRequests(store: ObjectStore, model: string, deps: Req
     deps.log.info(`request ${request.id} (${request.kind}${request.version ? ` ${request.version}` : ""}) of ${model}: ${outcome.state}: ${outcome.message}`);
   }
   return outcomes;
+}
+
+/**
+ * Models with a request waiting, for the nightly sweep: a request whose trigger was lost (its event in
+ * the dead-letter queue, or `npm start` stopped) is answered then — most likely refused for its age —
+ * instead of showing "waiting" in the console for ever.
+ */
+export async function modelsWithRequests(store: ObjectStore): Promise<string[]> {
+  const found: string[] = [];
+  for (const model of await listModels(store)) {
+    for await (const o of store.list(keys.captureRequests(model))) {
+      if (requestOfKey(o.key)) found.push(model);
+      break;
+    }
+  }
+  return found;
 }
 
 async function readRequest(store: ObjectStore, model: string, key: string): Promise<OperatorRequest | null> {
