@@ -106,6 +106,8 @@ export function registerRequestRoutes(
     });
     const length = res.headers.get("content-length");
     if (length) headers.set("content-length", length); // the browser shows the download's progress
+    // A raw streamed Response: the route's typed helpers (c.body) would want the bytes in hand; the cast
+    // only tells zod-openapi's response typing that this is the route's 200.
     return new Response(res.body, { status: 200, headers }) as never;
   });
 }
