@@ -10,13 +10,13 @@
  */
 import { appendFile } from "node:fs/promises";
 import { join } from "node:path";
+import { userMessage } from "#shared/errors.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { pushDataset } from "../jobs/train/src/catalog/catalog.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
 import { initBackend } from "../jobs/train/src/model/backend.ts";
 import { ensureBase, KNOWN_BASES } from "../jobs/train/src/model/bases.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { userMessage } from "../shared/errors.ts";
 import { arg, hasShared, machine, SHARED } from "./common.ts";
 
 const DATASETS: Record<string, { reference: string }> = {

@@ -11,11 +11,22 @@
  * images of the same datasets, never the ones in the folder. Scores come from the exported model,
  * end to end (decode, preprocess, the model the edge loads). `--held-out-max` caps the in-distribution
  * held-out images scored end to end (ECE and the answered share come from the training run, on all of them).
- * Results: bench/results/calibration.jsonl (appended) and a markdown table on stdout.
+ * Besides max-softmax, candidate rejection scores computed from the model's pooled features and logits
+ * (bench/ood-scores.ts, fitted on up to `--train-max` training images) are compared side by side: AUROC
+ * overall and per foreign dataset, and the foreign share each rejects at a threshold rejecting 5 % of the
+ * held-out. The ECE's noise floor (a perfectly calibrated model's ECE on these images: mean and 95th
+ * percentile of 200 draws) and a bootstrap interval of the end-to-end ECE say what the split can show.
+ * Results: bench/results/calibration.jsonl (appended) and markdown tables on stdout.
  */
 import { appendFile, readdir, readFile } from "node:fs/promises";
 import { join, relative, sep } from "node:path";
 import * as tf from "@tensorflow/tfjs";
+import sharp from "sharp";
+import { answer } from "#shared/answer.ts";
+import { readPromotedModel } from "#shared/artifacts.ts";
+import type { ArtifactMetadata } from "#shared/contracts/artifact.ts";
+import { preprocess } from "#shared/preprocess.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { pushDataset } from "../jobs/train/src/catalog/catalog.ts";
 import { mulberry32 } from "../jobs/train/src/dataset/augment.ts";
@@ -25,19 +36,22 @@ import { expectedCalibrationError } from "../jobs/train/src/fit/calibrate.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
 import { initBackend } from "../jobs/train/src/model/backend.ts";
 import { loadModel } from "../jobs/train/src/model/io.ts";
+import { auroc } from "../jobs/train/src/release/ood.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { answer } from "../shared/answer.ts";
-import { readPromotedModel } from "../shared/artifacts.ts";
-import type { ArtifactMetadata } from "../shared/contracts/artifact.ts";
-import { preprocess } from "../shared/preprocess.ts";
-import type { ObjectStore } from "../shared/s3/store.ts";
 import { arg, hasShared, machine, SHARED } from "./common.ts";
+import { fitScores, probeModel, rejectedAt, SCORES, type Scored, type ScoreName } from "./ood-scores.ts";
 
 const DATASETS = ["hymenoptera_data", "cats_and_dogs_filtered", "flowers128"];
 const datasets = (arg("datasets") ?? DATASETS.join(",")).split(",");
 const oodPer = Number(arg("ood-per-dataset", "250"));
 const nonePer = Number(arg("none-per-dataset", "200"));
 const heldOutMax = Number(arg("held-out-max", "400"));
+const trainMax = Number(arg("train-max", "800"));
+/**
+ * `--foreign-as 128`: foreign images re-encoded as 128×128 JPEGs (centre crop) before scoring, as
+ * flowers128's own images are, so a score cannot tell them apart by resolution or compression alone.
+ */
+const foreignAs = arg("foreign-as") === undefined ? undefined : Number(arg("foreign-as"));
 const IMAGE = /\.(jpe?g|png|webp|gif)$/i;
 const NONE = "_none";
 
@@ -57,37 +71,30 @@ async function shuffledImages(dir: string, seed: number): Promise<string[]> {
   return files.map((f) => join(dir, f));
 }
 
-/** Mann–Whitney AUROC: the chance that a random positive scores above a random negative (ties count half). */
-function auroc(positives: readonly number[], negatives: readonly number[]): number {
-  const all = [...positives.map((s) => ({ s, p: true })), ...negatives.map((s) => ({ s, p: false }))].sort((a, b) => a.s - b.s);
-  let rankSum = 0;
-  for (let i = 0; i < all.length; ) {
-    let j = i;
-    while (j < all.length && (all[j] as { s: number }).s === (all[i] as { s: number }).s) j++;
-    const rank = (i + 1 + j) / 2; // mean rank of the tie group (1-based)
-    for (let k = i; k < j; k++) if ((all[k] as { p: boolean }).p) rankSum += rank;
-    i = j;
-  }
-  const np = positives.length;
-  const nn = negatives.length;
-  return (rankSum - (np * (np + 1)) / 2) / (np * nn);
-}
-
-/** The exported model's scores for image files or bucket keys, end to end as the edge computes them. */
-async function scoresOf(model: tf.LayersModel, metadata: ArtifactMetadata, images: (() => Promise<Uint8Array>)[]): Promise<Float32Array[]> {
+/** The exported model's features, logits and scores for image files or bucket keys, end to end as the edge computes them. */
+async function scoresOf(model: tf.LayersModel, metadata: ArtifactMetadata, images: (() => Promise<Uint8Array>)[]): Promise<Scored[]> {
   const size = metadata.input.size;
-  const out: Float32Array[] = [];
+  const run = probeModel(model);
+  const out: Scored[] = [];
   for (let i = 0; i < images.length; i += 16) {
     const inputs = await Promise.all(images.slice(i, i + 16).map(async (read) => preprocess(await decodeImage(await read()), size, metadata.preprocessing)));
     const flat = new Float32Array(inputs.length * size * size * 3);
     for (const [k, x] of inputs.entries()) flat.set(x, k * x.length);
-    const p = tf.tidy(() => model.predict(tf.tensor4d(flat, [inputs.length, size, size, 3])) as tf.Tensor2D);
-    const data = (await p.data()) as Float32Array;
-    const k = p.shape[1];
-    p.dispose();
-    for (let r = 0; r < inputs.length; r++) out.push(data.slice(r * k, (r + 1) * k));
+    const x = tf.tensor4d(flat, [inputs.length, size, size, 3]);
+    out.push(...(await run(x)));
+    x.dispose();
   }
   return out;
+}
+
+/** A seeded sample of at most `max` images. */
+function sample<T>(items: readonly T[], max: number, seed: number): T[] {
+  const rand = mulberry32(seed);
+  return items
+    .map((i) => ({ i, r: rand() }))
+    .sort((a, b) => a.r - b.r)
+    .slice(0, max)
+    .map(({ i }) => i);
 }
 
 interface Measured {
@@ -104,6 +111,11 @@ interface Measured {
    * scores (each answer drawn right with probability its score, 200 draws): the estimate's noise floor.
    */
   eceFloor: number;
+  /**
+   * The 95th percentile of those 200 draws: an ECE measured above it is more than noise (a model
+   * calibrated perfectly would measure that much in fewer than 1 in 20 held-out splits of this size).
+   */
+  eceFloor95: number;
   answered: number;
   answeredAccuracy: number;
   /** With a none folder: share of its held-out images given no label (cross-fitted, from the run). */
@@ -111,6 +123,18 @@ interface Measured {
   heldOutScored: number;
   oodScored: number;
   auroc: number;
+  /**
+   * Each candidate rejection score (bench/ood-scores.ts; fitted on up to `--train-max` training images):
+   * its AUROC, and the share of foreign images it rejects at the threshold that rejects 5 % of the held-out.
+   */
+  scores: Record<ScoreName, { auroc: number; rejectedAt5: number }>;
+  /**
+   * The same AUROCs per foreign dataset. flowers128's images are 128 px (upscaled to the model's size),
+   * the others' are photos of 250–500 px (downscaled): a feature score may tell them apart by that alone.
+   */
+  bySource: Record<string, Record<ScoreName, number>>;
+  /** ECE of the held-out images scored end to end, with a 95 % bootstrap interval (1000 resamples). */
+  eceEndToEnd: { ece: number; low: number; high: number; n: number };
   /** Share of foreign images answered unsure or none of these (not given a label). */
   oodRejected: number;
   /** Share of in-distribution held-out images (scored end to end) not given a label. */
@@ -118,44 +142,103 @@ interface Measured {
   seconds: number;
 }
 
-async function measure(store: ObjectStore, dataset: string, name: string, foreign: string[], withNone: boolean, trainSeconds: number): Promise<Measured> {
+async function measure(
+  store: ObjectStore,
+  dataset: string,
+  name: string,
+  foreign: { file: string; source: string }[],
+  withNone: boolean,
+  trainSeconds: number,
+): Promise<Measured> {
   const { metadata, files } = await readPromotedModel(store, name);
   const model = await loadModel(files.get("model.json") as Uint8Array, files);
   const d = await readDataset(store, name, { seed: 42, valFraction: 0.2 });
-  const rand = mulberry32(7);
-  const heldOut = d.images
-    .filter((i) => i.split === "val" && i.label !== NONE)
-    .map((i) => ({ i, r: rand() }))
-    .sort((a, b) => a.r - b.r)
-    .slice(0, heldOutMax)
-    .map(({ i }) => i);
-  const id = await scoresOf(
+  const heldOut = sample(
+    d.images.filter((i) => i.split === "val" && i.label !== NONE),
+    heldOutMax,
+    7,
+  );
+  const trainImages = sample(
+    d.images.filter((i) => i.split === "train"),
+    trainMax,
+    8,
+  );
+  const fitOn = await scoresOf(
+    model,
+    metadata,
+    trainImages.map((i) => async () => (await store.get(i.key)) as Uint8Array),
+  );
+  const idScored = await scoresOf(
     model,
     metadata,
     heldOut.map((i) => async () => (await store.get(i.key)) as Uint8Array),
   );
-  const ood = await scoresOf(
+  const oodScored = await scoresOf(
     model,
     metadata,
-    foreign.map((f) => async () => new Uint8Array(await readFile(f))),
+    foreign.map((f) => async () => {
+      const bytes = await readFile(f.file);
+      if (foreignAs === undefined) return new Uint8Array(bytes);
+      return new Uint8Array(await sharp(bytes).resize(foreignAs, foreignAs, { fit: "cover" }).jpeg({ quality: 90 }).toBuffer());
+    }),
   );
   model.dispose();
+  const id = idScored.map((s) => s.probs);
+  const ood = oodScored.map((s) => s.probs);
   const noneIndex = metadata.noneLabel === undefined ? -1 : metadata.labels.indexOf(metadata.noneLabel);
   // Rejection score: what the labels do not claim (with a none class, its score is part of it).
   const rejection = (p: Float32Array) => 1 - Math.max(...Array.from(p).filter((_, c) => c !== noneIndex));
   const rejected = (p: Float32Array) => answer(p, metadata, { topK: 1 }).label === null;
   const share = (ps: Float32Array[]) => ps.filter(rejected).length / Math.max(1, ps.length);
+  const real = metadata.labels.map((_, c) => c).filter((c) => c !== noneIndex);
+  const candidate = fitScores(
+    fitOn,
+    trainImages.map((i) => metadata.labels.indexOf(i.label)),
+    real,
+  );
+  const idCandidates = idScored.map(candidate);
+  const oodCandidates = oodScored.map(candidate);
+  const scores = Object.fromEntries(
+    SCORES.map((name) => {
+      const a = idCandidates.map((s) => s[name]);
+      const b = oodCandidates.map((s) => s[name]);
+      return [name, { auroc: auroc(b, a), rejectedAt5: rejectedAt(a, b) }];
+    }),
+  ) as Measured["scores"];
+  const bySource: Measured["bySource"] = {};
+  for (const source of new Set(foreign.map((f) => f.source))) {
+    const rows = oodCandidates.filter((_, i) => foreign[i]?.source === source);
+    bySource[source] = Object.fromEntries(
+      SCORES.map((n) => [
+        n,
+        auroc(
+          rows.map((s) => s[n]),
+          idCandidates.map((s) => s[n]),
+        ),
+      ]),
+    ) as Record<ScoreName, number>;
+  }
+  const truthOf = heldOut.map((i) => metadata.labels.indexOf(i.label));
+  const boot = mulberry32(13);
+  const resampled = Array.from({ length: 1000 }, () => {
+    const rows = id.map(() => Math.floor(boot() * id.length));
+    return expectedCalibrationError(
+      rows.map((r) => id[r] as Float32Array),
+      rows.map((r) => truthOf[r] as number),
+    );
+  }).sort((a, b) => a - b);
+  const eceEndToEnd = { ece: expectedCalibrationError(id, truthOf), low: resampled[24] as number, high: resampled[974] as number, n: id.length };
   const c = metadata.calibration;
   const t = metadata.thresholds;
   const draws = mulberry32(11);
-  let floor = 0;
-  for (let k = 0; k < 200; k++) {
+  const floors = Array.from({ length: 200 }, () => {
     const truth = id.map((p) => {
       const top = p.indexOf(Math.max(...p));
       return draws() < (p[top] as number) ? top : (top + 1) % p.length;
     });
-    floor += expectedCalibrationError(id, truth) / 200;
-  }
+    return expectedCalibrationError(id, truth);
+  }).sort((a, b) => a - b);
+  const floor = floors.reduce((a, e) => a + e, 0) / floors.length;
   return {
     dataset,
     none: withNone,
@@ -166,12 +249,16 @@ async function measure(store: ObjectStore, dataset: string, name: string, foreig
     eceBefore: c?.eceBefore ?? Number.NaN,
     eceAfter: c?.eceAfter ?? Number.NaN,
     eceFloor: floor,
+    eceFloor95: floors[189] as number,
     answered: t?.answered ?? Number.NaN,
     answeredAccuracy: t?.answeredAccuracy ?? Number.NaN,
     ...(t?.negativesRejected === undefined ? {} : { negativesRejected: t.negativesRejected }),
     heldOutScored: id.length,
     oodScored: ood.length,
     auroc: auroc(ood.map(rejection), id.map(rejection)),
+    scores,
+    bySource,
+    eceEndToEnd,
     oodRejected: share(ood),
     idRejected: share(id),
     seconds: trainSeconds,
@@ -192,7 +279,7 @@ for (const dataset of datasets) {
   const dir = join(SHARED, "data", dataset);
   if (!hasShared("data", dataset)) continue;
   const others = [...pools.keys()].filter((d) => d !== dataset);
-  const foreign = others.flatMap((o) => pools.get(o)?.test ?? []);
+  const foreign = others.flatMap((o) => (pools.get(o)?.test ?? []).map((file) => ({ file, source: o })));
   const negatives = others.flatMap((o) => pools.get(o)?.none ?? []);
   const base = dataset.replaceAll("_", "-");
   // Datasets with given split folders get their negatives split the same way (a fifth held out).
@@ -221,7 +308,7 @@ for (const dataset of datasets) {
     results.push(m);
     await appendFile(
       join(import.meta.dirname, "results", "calibration.jsonl"),
-      `${JSON.stringify({ date: new Date().toISOString(), ...m, oodPer, nonePer, machine: machine() })}\n`,
+      `${JSON.stringify({ date: new Date().toISOString(), ...m, oodPer, nonePer, ...(foreignAs ? { foreignAs } : {}), machine: machine() })}\n`,
     );
     console.log(JSON.stringify(m));
   }
@@ -232,7 +319,24 @@ console.log(
   `\n| dataset | none folder | top-1 (n) | T | ECE before → after (floor) | answered · accuracy on answered | OOD AUROC (n) | foreign rejected · held-out rejected |\n|---|---|---|---|---|---|---|---|\n${results
     .map(
       (r) =>
-        `| ${r.dataset} | ${r.none ? `yes (${nonePer} × 2)` : "no"} | ${pct(r.accuracy)} (${r.evaluatedOn}) | ${r.temperature.toFixed(2)} | ${r.eceBefore.toFixed(3)} → **${r.eceAfter.toFixed(3)}** (${r.eceFloor.toFixed(3)}) | ${pct(r.answered)} · ${pct(r.answeredAccuracy)} | **${r.auroc.toFixed(3)}** (${r.oodScored} vs ${r.heldOutScored}) | ${pct(r.oodRejected)} · ${pct(r.idRejected)} |`,
+        `| ${r.dataset} | ${r.none ? `yes (${nonePer} × 2)` : "no"} | ${pct(r.accuracy)} (${r.evaluatedOn}) | ${r.temperature.toFixed(2)} | ${r.eceBefore.toFixed(3)} → **${r.eceAfter.toFixed(3)}** (floor ${r.eceFloor.toFixed(3)}, 95th pct ${r.eceFloor95.toFixed(3)}) | ${pct(r.answered)} · ${pct(r.answeredAccuracy)} | **${r.auroc.toFixed(3)}** (${r.oodScored} vs ${r.heldOutScored}) | ${pct(r.oodRejected)} · ${pct(r.idRejected)} |`,
+    )
+    .join("\n")}`,
+);
+console.log(
+  `\n| dataset | none folder | ${SCORES.map((n) => `${n}: AUROC · foreign rejected at 5 % held-out rejected`).join(" | ")} | ECE end to end [95 % CI] (n) |\n|---|---|${SCORES.map(() => "---|").join("")}---|\n${results
+    .map(
+      (r) =>
+        `| ${r.dataset} | ${r.none ? "yes" : "no"} | ${SCORES.map((n) => `${r.scores[n].auroc.toFixed(3)} · ${pct(r.scores[n].rejectedAt5)}`).join(" | ")} | ${r.eceEndToEnd.ece.toFixed(3)} [${r.eceEndToEnd.low.toFixed(3)}, ${r.eceEndToEnd.high.toFixed(3)}] (${r.eceEndToEnd.n}) |`,
+    )
+    .join("\n")}`,
+);
+console.log(
+  `\n| dataset | none folder | foreign images | ${SCORES.map((n) => `${n} AUROC`).join(" | ")} |\n|---|---|---|${SCORES.map(() => "---|").join("")}\n${results
+    .flatMap((r) =>
+      Object.entries(r.bySource).map(
+        ([source, a]) => `| ${r.dataset} | ${r.none ? "yes" : "no"} | ${source} | ${SCORES.map((n) => a[n].toFixed(3)).join(" | ")} |`,
+      ),
     )
     .join("\n")}`,
 );

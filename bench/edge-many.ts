@@ -3,7 +3,8 @@
  * N heads of one base (N = 1, 10, 100, 300 by default, `--heads`) requested round-robin, each request
  * followed by one to a single model (m0), so both streams meet the same contention on a shared machine:
  * p50/p99 of the round against the single-model p50 of the same rows, reloads during the round, isolate
- * memory; a new head's first answer with the base warm (and where its load time goes); one multi-model
+ * memory; a new head's first answer with the base warm (and where its load time goes), also for heads
+ * whose pointer predates `served` (`--unlisted`, 30 by default, interleaved with the others); one multi-model
  * classify of 10 heads against single-model requests interleaved with it.
  *
  * One head is trained; the others are that head's files published under other names (models/mK/…, with
@@ -12,16 +13,17 @@
  */
 import { loadavg } from "node:os";
 import sharp from "sharp";
+import { readPromotedModel, writePointer } from "#shared/artifacts.ts";
+import { SPLIT_FILES } from "#shared/contracts/artifact.ts";
+import { sha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
 import { startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { readPromotedModel, writePointer } from "../shared/artifacts.ts";
-import { SPLIT_FILES } from "../shared/contracts/artifact.ts";
-import { sha256Hex } from "../shared/hash.ts";
-import { keys } from "../shared/keys.ts";
 import { arg, BENCH_BASE, machine, percentile } from "./common.ts";
+import { isolateHeap } from "./isolate-heap.ts";
 
 const size = Number(arg("size", "160")) as 160;
 const base = arg("base", BENCH_BASE) as string;
@@ -35,9 +37,15 @@ await train(s3.store, { dataset: "bench", model: "m0", base, imageSize: size, vi
 const trained = await readPromotedModel(s3.store, "m0");
 if (!trained.metadata.split) throw new Error("the trained model has no split form: nothing to benchmark");
 
-/** Publishes the trained head as model `name`: head files, metadata naming it, pointer. */
-async function publishHead(name: string): Promise<void> {
-  const { metadata, pointer } = trained;
+/**
+ * Publishes the trained head as model `name`: head files, metadata naming it, pointer. `listed`: the pointer
+ * lists the files to fetch (`served`, as training writes it); false: a pointer written before it did.
+ */
+async function publishHead(name: string, listed = true): Promise<void> {
+  const { metadata } = trained;
+  const { served, ...old } = trained.pointer;
+  if (!served) throw new Error("the trained pointer does not list its files: nothing to compare");
+  const pointer = listed ? { ...old, served } : old;
   for (const f of [SPLIT_FILES.head, SPLIT_FILES.headWeights])
     await s3.store.put(keys.versionFile(name, metadata.version, f), trained.files.get(f) as Uint8Array);
   const text = `${JSON.stringify({ ...metadata, name }, null, 2)}\n`;
@@ -46,6 +54,9 @@ async function publishHead(name: string): Promise<void> {
 }
 const maxHeads = Math.max(...counts);
 for (let k = 1; k < maxHeads; k++) await publishHead(`m${k}`);
+/** Heads whose pointer does not list the files (pointer → metadata → head, one after the other), for the same measurement. */
+const unlisted = Number(arg("unlisted", "30"));
+for (let k = 0; k < unlisted; k++) await publishHead(`u${k}`, false);
 
 const sample = (await sampleDataset({ perLabel: 1, size: 512 }))[0]?.bytes as Uint8Array;
 const jpeg = new Uint8Array(await sharp(sample).resize(size, size, { fit: "cover" }).jpeg({ quality: 90 }).toBuffer());
@@ -75,6 +86,8 @@ try {
   const rows: string[] = [];
   const firstAnswers: number[] = [];
   const firstLoads: Load[] = [];
+  const unlistedAnswers: number[] = [];
+  const unlistedLoads: Load[] = [];
   /** Single-model requests interleaved with the new heads' first answers. */
   const singleAll: number[] = [];
   let loaded = 1;
@@ -84,6 +97,13 @@ try {
       firstAnswers.push(await classify(`m${loaded}`));
       firstLoads.push(await loadOf(`m${loaded}`));
       singleAll.push(await classify("m0"));
+      // Every tenth new head, one whose pointer predates `served` (until there are none left), beside it.
+      const u = unlistedAnswers.length;
+      if (loaded % 10 === 0 && u < unlisted) {
+        unlistedAnswers.push(await classify(`u${u}`));
+        unlistedLoads.push(await loadOf(`u${u}`));
+        singleAll.push(await classify("m0"));
+      }
     }
     const names = Array.from({ length: n }, (_, k) => `m${k}`);
     const before = await loads(names);
@@ -124,17 +144,40 @@ try {
   );
   console.log("|---|---|---|---|---|---|---|---|---|---|");
   for (const r of rows) console.log(r);
-  const f = sorted(firstAnswers);
-  const med = (k: keyof Omit<Load, "loadedAt">) => percentile(sorted(firstLoads.map((l) => l[k])), 50).toFixed(1);
-  if (f.length > 0)
-    console.log(
-      `\na new head's first answer, base warm (${f.length} heads): p50 ${percentile(f, 50).toFixed(1)} ms, p99 ${percentile(f, 99).toFixed(1)} ms = ${(percentile(f, 50) / singleP50).toFixed(2)} × the warm single-model p50 (${singleP50.toFixed(1)} ms, interleaved); its load, median: fetch (pointer, metadata, head) ${med("fetchMs")} ms, parse ${med("parseMs")} ms, check ${med("warmupMs")} ms`,
-    );
+  const firstLine = (what: string, answers: number[], loadTimes: Load[]) => {
+    const f = sorted(answers);
+    const med = (k: keyof Omit<Load, "loadedAt">) => percentile(sorted(loadTimes.map((l) => l[k])), 50).toFixed(1);
+    if (f.length > 0)
+      console.log(
+        `${what} (${f.length} heads): p50 ${percentile(f, 50).toFixed(1)} ms, p99 ${percentile(f, 99).toFixed(1)} ms = ${(percentile(f, 50) / singleP50).toFixed(2)} × the warm single-model p50 (${singleP50.toFixed(1)} ms, interleaved); its load, median: fetch ${med("fetchMs")} ms, parse ${med("parseMs")} ms, check ${med("warmupMs")} ms`,
+      );
+  };
+  console.log("");
+  firstLine("a new head's first answer, base warm, pointer listing its files (pointer, then metadata beside head)", firstAnswers, firstLoads);
+  firstLine("the same with a pointer written before it listed them (pointer, metadata, head in a chain)", unlistedAnswers, unlistedLoads);
   const m = sorted(multi);
   const m1 = percentile(sorted(multiSingle), 50);
   console.log(
     `multi-model classify of ${ten.split(",").length} heads: p50 ${percentile(m, 50).toFixed(1)} ms, p99 ${percentile(m, 99).toFixed(1)} ms = ${(percentile(m, 50) / m1).toFixed(2)} × one model's request interleaved with it (p50 ${m1.toFixed(1)} ms)`,
   );
+  // The isolate's JS heap, after all timing (DevTools attaches a debugger): with every head, then a fresh
+  // isolate with one head, so the difference is what the heads cost beside their tensors.
+  const heapLine = async (worker: typeof edge) => {
+    const heap = await isolateHeap(worker);
+    const h = (await (await fetch(`${worker.url}/healthz`, { headers: auth })).json()) as Health;
+    const what = `${h.bases.length} base, ${h.bases[0]?.heads} heads`;
+    return typeof heap === "string"
+      ? `${what}: ${heap}`
+      : `${what}: ${mb(heap.usedBytes)} MB used of ${mb(heap.totalBytes)} MB (${heap.collected ? "after a full GC" : "GC not forced"}), wasm ${mb(h.memory.wasm.total)} MB`;
+  };
+  const many = await heapLine(edge);
+  const fresh = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, pointerTtlSeconds: 3600, apiKey: edge.apiKey });
+  try {
+    await fetch(`${fresh.url}/v1/models/m0/classify`, { method: "POST", headers: { ...auth, "content-type": "image/jpeg" }, body: jpeg as BodyInit });
+    console.log(`isolate JS heap (Runtime.getHeapUsage over DevTools): ${many}; a fresh isolate with ${await heapLine(fresh)}`);
+  } finally {
+    await fresh.stop();
+  }
 } finally {
   await edge.stop();
   await s3.stop();

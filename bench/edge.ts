@@ -7,7 +7,8 @@
  * warm-up); peak memory of the workerd process around a 12-megapixel JPEG; and the same warm requests
  * again with traffic capture storing every answer (capture/capture.ts), side by side.
  * `--size 160` benchmarks a model trained at 160 px, `--base darknet-tiny` one on another base, `--cold 5`
- * sets the number of fresh isolates. `--many` benchmarks one base serving many models instead (bench/edge-many.ts).
+ * sets the number of fresh isolates. `--many` benchmarks one base serving many models instead (bench/edge-many.ts),
+ * `--answers` the calibrated answer against none (bench/edge-answers.ts).
  */
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { loadavg, tmpdir } from "node:os";
@@ -23,6 +24,10 @@ import { arg, BENCH_BASE, hasShared, machine, percentile, SHARED } from "./commo
 
 if (process.argv.includes("--many")) {
   await import("./edge-many.ts");
+  process.exit(0);
+}
+if (process.argv.includes("--answers")) {
+  await import("./edge-answers.ts");
   process.exit(0);
 }
 const size = Number(arg("size", "224")) as 224;

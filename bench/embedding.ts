@@ -10,6 +10,7 @@
  */
 import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { DEFAULT_OPTIONS } from "../jobs/train/src/config.ts";
 import type { DatasetImage } from "../jobs/train/src/dataset/read.ts";
@@ -18,7 +19,6 @@ import { extractFeatures, extractorFor, featureSpec } from "../jobs/train/src/fe
 import { createForwardPool } from "../jobs/train/src/features/forward-pool.ts";
 import { initBackend } from "../jobs/train/src/model/backend.ts";
 import { ensureBase, loadBase } from "../jobs/train/src/model/bases.ts";
-import type { ObjectStore } from "../shared/s3/store.ts";
 import { arg, BENCH_BASE, hasShared, machine, SHARED } from "./common.ts";
 
 const N = Number(arg("images", "512"));

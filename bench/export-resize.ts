@@ -13,9 +13,9 @@ import { join } from "node:path";
 import onnxProto from "onnx-proto";
 import * as ort from "onnxruntime-node";
 import sharp from "sharp";
+import { type Pixels, preprocess } from "#shared/preprocess.ts";
 import { decodeImage } from "../jobs/train/src/dataset/decode.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
-import { type Pixels, preprocess } from "../shared/preprocess.ts";
 import { arg, hasShared, machine, SHARED } from "./common.ts";
 
 const proto = onnxProto.onnx;

@@ -61,7 +61,7 @@ async function parent(): Promise<void> {
 }
 
 /** `n` small noisy images whose colour is their label, manifest last. */
-async function upload(store: import("../shared/s3/store.ts").ObjectStore, dataset: string, n: number): Promise<void> {
+async function upload(store: import("#shared/s3/store.ts").ObjectStore, dataset: string, n: number): Promise<void> {
   const colours: Record<string, { r: number; g: number; b: number }> = {
     red: { r: 200, g: 40, b: 40 },
     green: { r: 40, g: 200, b: 40 },
@@ -90,8 +90,8 @@ async function upload(store: import("../shared/s3/store.ts").ObjectStore, datase
 }
 
 async function child(dataset: string): Promise<void> {
-  const { S3ObjectStore } = await import("../shared/s3/client.ts");
-  const { s3ConfigFromEnv } = await import("../shared/s3/config.ts");
+  const { S3ObjectStore } = await import("#shared/s3/client.ts");
+  const { s3ConfigFromEnv } = await import("#shared/s3/config.ts");
   const { train } = await import("../jobs/train/src/train.ts");
   const { createLogger } = await import("../jobs/train/src/log.ts");
   const store = new S3ObjectStore(s3ConfigFromEnv(process.env));

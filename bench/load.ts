@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+import { readPointer, writePointer } from "#shared/artifacts.ts";
 /**
  * `npm run bench:load` — a bounded load test of the edge worker in local workerd (loopback only):
  * C concurrent clients send N classify requests in total; in the middle of the run the model's
@@ -10,7 +11,6 @@ import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { readPointer, writePointer } from "../shared/artifacts.ts";
 import { arg, machine, percentile } from "./common.ts";
 
 const total = Number(arg("requests", "600"));

@@ -12,6 +12,8 @@ import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import * as tf from "@tensorflow/tfjs";
 import sharp from "sharp";
+import { hashDistance, inputHash } from "#shared/image/input-hash.ts";
+import { preprocess } from "#shared/preprocess.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { DEFAULT_OPTIONS } from "../jobs/train/src/config.ts";
 import { decodeImage } from "../jobs/train/src/dataset/decode.ts";
@@ -20,8 +22,6 @@ import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { featureSpec } from "../jobs/train/src/features/extract.ts";
 import { initBackend } from "../jobs/train/src/model/backend.ts";
 import { ensureBase, loadBase } from "../jobs/train/src/model/bases.ts";
-import { hashDistance, inputHash } from "../shared/image/input-hash.ts";
-import { preprocess } from "../shared/preprocess.ts";
 import { arg, BENCH_BASE, hasShared, machine, SHARED } from "./common.ts";
 
 await initBackend();

@@ -6,13 +6,13 @@
  */
 import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
+import { sha256Hex } from "#shared/hash.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
 import { initBackend } from "../jobs/train/src/model/backend.ts";
 import { ensureBase } from "../jobs/train/src/model/bases.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { sha256Hex } from "../shared/hash.ts";
 import { arg, BENCH_BASE, hasShared, machine, SHARED } from "./common.ts";
 
 const size = Number(arg("size", "160")) as 160;

@@ -1,7 +1,7 @@
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { EdgetuneError } from "../shared/errors.ts";
+import { EdgetuneError } from "#shared/errors.ts";
 
 /**
  * The Cloudflare side of `npm run deploy`, for any account: which account to deploy to is settled in the

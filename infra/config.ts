@@ -1,5 +1,5 @@
 import { z } from "zod";
-import { parseContract } from "../shared/contracts/parse.ts";
+import { parseContract } from "#shared/contracts/parse.ts";
 
 /**
  * Deployment settings, from CDK context (`cdk.json` → `context.edgetune`, or `-c edgetune='{…}'`),

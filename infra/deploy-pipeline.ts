@@ -3,7 +3,7 @@ import { createHash, randomUUID } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { z } from "zod";
-import { EdgetuneError, userMessage } from "../shared/errors.ts";
+import { EdgetuneError, userMessage } from "#shared/errors.ts";
 import { chooseAccount, putSecrets, type Wrangler } from "./cloudflare.ts";
 import type { EdgetuneConfig } from "./config.ts";
 import { type AwsClients, preflight, workerSecrets } from "./deploy-steps.ts";

@@ -65,3 +65,13 @@ export function answer(
     threshold: d.kind === "none" ? null : (options.threshold ?? rules.thresholds[top] ?? 0),
   };
 }
+
+/**
+ * Whether the version's own rules answer "unsure" (never a caller's `?threshold=`: a client must not
+ * decide what is stored for review); undefined for a version trained before per-label thresholds.
+ */
+export function versionUnsure(scores: ArrayLike<number>, metadata: Pick<ArtifactMetadata, "labels" | "thresholds" | "noneLabel">): boolean | undefined {
+  if (!metadata.thresholds) return undefined;
+  const rules = answerRules(metadata);
+  return decide(scores, metadata.labels, rules.thresholds, rules.noneIndex).kind === "unsure";
+}

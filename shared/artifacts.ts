@@ -168,6 +168,17 @@ export async function readVerifiedFile(store: ObjectReader, metadata: ArtifactMe
   return readVerifiedKey(store, keys.versionFile(metadata.name, metadata.version, path), file.sha256, cache);
 }
 
+/** One file of a version as a pointer's `served` lists it, checked against that listing's sha256 (fetched before the metadata). */
+export async function readListedFile(
+  store: ObjectReader,
+  name: string,
+  version: string,
+  file: { path: string; sha256: string },
+  cache?: VerifiedBytesCache,
+): Promise<Uint8Array> {
+  return readVerifiedKey(store, keys.versionFile(name, version, file.path), file.sha256, cache);
+}
+
 /** The bytes at `key`, which must hash to `sha256` (from a cache when it holds them intact). */
 async function readVerifiedKey(store: ObjectReader, key: string, sha256: string, cache?: VerifiedBytesCache): Promise<Uint8Array> {
   const { bytes, hit } = await cachedOr(cache, sha256, () => store.get(key));

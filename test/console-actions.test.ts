@@ -1,15 +1,15 @@
 import { readFile } from "node:fs/promises";
 import type { Browser, Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPointer } from "#shared/artifacts.ts";
+import { type OperatorRequest, requestMessage } from "#shared/contracts/request.ts";
+import { hmacSha256Hex, sha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
 import { Dispatcher } from "../infra/local/dispatcher.ts";
 import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../infra/local/s3-server.ts";
 import { memoryLogger } from "../jobs/train/src/log.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { readPointer } from "../shared/artifacts.ts";
-import { type OperatorRequest, requestMessage } from "../shared/contracts/request.ts";
-import { hmacSha256Hex, sha256Hex } from "../shared/hash.ts";
-import { keys } from "../shared/keys.ts";
 import { haveBrowser, launchChromium, layoutProblems } from "./support/browser.ts";
 import { uploadSample } from "./support/datasets.ts";
 

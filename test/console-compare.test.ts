@@ -1,12 +1,12 @@
 import type { Browser, Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readMetadata } from "#shared/artifacts.ts";
+import type { ArtifactMetadata } from "#shared/contracts/artifact.ts";
+import { keys } from "#shared/keys.ts";
 import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../infra/local/s3-server.ts";
 import { memoryLogger } from "../jobs/train/src/log.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { readMetadata } from "../shared/artifacts.ts";
-import type { ArtifactMetadata } from "../shared/contracts/artifact.ts";
-import { keys } from "../shared/keys.ts";
 import { haveBrowser, launchChromium, layoutProblems } from "./support/browser.ts";
 import { uploadSample } from "./support/datasets.ts";
 

@@ -1,12 +1,12 @@
 import { existsSync } from "node:fs";
 import { type Browser, chromium, type Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { sha256Hex } from "#shared/hash.ts";
 import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../infra/local/s3-server.ts";
 import { memoryLogger } from "../jobs/train/src/log.ts";
 import { applyDecisions, listCaptures, processTraffic, writeCaptureConfig } from "../jobs/train/src/traffic/traffic.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { sha256Hex } from "../shared/hash.ts";
 import { uploadSample } from "./support/datasets.ts";
 import { postClassify } from "./support/edge.ts";
 
@@ -207,7 +207,7 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
     await page.click("#review-link");
     await page.waitForSelector("#captures");
     await page.waitForFunction((n) => document.querySelectorAll('#captures img[src^="blob:"]').length === n, sent.length);
-    expect(await page.textContent("#capture-settings")).toContain("Capture is on");
+    expect(await page.textContent("#capture-settings")).toContain("Capture is on: answers scored below 1.01 (a number set with edgetune capture --below)");
     const first = page.locator("#captures figure").nth(0);
     const predicted = (await first.locator("select").inputValue()) as string;
     const corrected = ["animals", "food", "travel"].find((l) => l !== predicted) as string;

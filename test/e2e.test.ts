@@ -3,13 +3,13 @@ import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPointer } from "#shared/artifacts.ts";
+import { keys } from "#shared/keys.ts";
 import { Dispatcher } from "../infra/local/dispatcher.ts";
 import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../infra/local/s3-server.ts";
 import { pushDataset } from "../jobs/train/src/catalog/catalog.ts";
 import { type SampleImage, sampleDataset } from "../jobs/train/src/dataset/sample.ts";
-import { readPointer } from "../shared/artifacts.ts";
-import { keys } from "../shared/keys.ts";
 import { postClassify } from "./support/edge.ts";
 
 /**

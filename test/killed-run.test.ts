@@ -3,12 +3,12 @@ import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { keys } from "#shared/keys.ts";
 import { Dispatcher } from "../infra/local/dispatcher.ts";
 import { jobEnvironment } from "../infra/local/job-env.ts";
 import { type LocalS3, startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { listRunStatuses } from "../jobs/train/src/status.ts";
-import { keys } from "../shared/keys.ts";
 
 /**
  * The failure path on the local stack, as a user meets it: `push --wait` (the real CLI, a child

@@ -5,9 +5,9 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPointer } from "#shared/artifacts.ts";
 import { jobEnvironment } from "../infra/local/job-env.ts";
 import { type LocalS3, startLocalS3 } from "../infra/local/s3-server.ts";
-import { readPointer } from "../shared/artifacts.ts";
 import { uploadSample } from "./support/datasets.ts";
 
 const run = promisify(execFile);

@@ -1,7 +1,7 @@
+import { S3ObjectStore } from "#shared/s3/client.ts";
+import { s3ConfigFromEnv } from "#shared/s3/config.ts";
 import { type BatchJobDetail, failureOf } from "../../jobs/train/src/batch-failure.ts";
 import { failJob } from "../../jobs/train/src/job-failure.ts";
-import { S3ObjectStore } from "../../shared/s3/client.ts";
-import { s3ConfigFromEnv } from "../../shared/s3/config.ts";
 
 /**
  * The Lambda behind the "Batch Job State Change → FAILED" rule (infra/constructs/failure-records.ts):

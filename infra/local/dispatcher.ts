@@ -1,13 +1,13 @@
 import { spawn } from "node:child_process";
 import { randomUUID } from "node:crypto";
 import { join } from "node:path";
+import { listModels } from "#shared/catalog.ts";
+import { type RequestOutcome, requestOfKey } from "#shared/contracts/request.ts";
+import { datasetNameFromManifestKey, keys } from "#shared/keys.ts";
+import type { S3Config } from "#shared/s3/config.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { exitReason, failJob } from "../../jobs/train/src/job-failure.ts";
 import { formatLogLine } from "../../jobs/train/src/log.ts";
-import { listModels } from "../../shared/catalog.ts";
-import { type RequestOutcome, requestOfKey } from "../../shared/contracts/request.ts";
-import { datasetNameFromManifestKey, keys } from "../../shared/keys.ts";
-import type { S3Config } from "../../shared/s3/config.ts";
-import type { ObjectStore } from "../../shared/s3/store.ts";
 import { jobEnvironment } from "./job-env.ts";
 
 /**

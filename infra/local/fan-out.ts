@@ -1,8 +1,8 @@
 import { spawn } from "node:child_process";
 import { join } from "node:path";
 import { pMapIterable } from "p-map";
+import type { S3Config } from "#shared/s3/config.ts";
 import { type EmbedFanOut, embedCommand } from "../../jobs/train/src/features/fan-out.ts";
-import type { S3Config } from "../../shared/s3/config.ts";
 import { jobEnvironment } from "./job-env.ts";
 
 /**

@@ -1,4 +1,4 @@
-import type { S3Config } from "../../shared/s3/config.ts";
+import type { S3Config } from "#shared/s3/config.ts";
 
 /** The environment the Batch container gets from the stack, pointed at a local S3 server instead. */
 export function jobEnvironment(s3: S3Config, extra: Record<string, string> = {}): NodeJS.ProcessEnv {

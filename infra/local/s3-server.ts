@@ -2,8 +2,8 @@ import type { AddressInfo } from "node:net";
 import { CreateBucketCommand } from "@aws-sdk/client-s3";
 import type { FastifyReply, FastifyRequest } from "fastify";
 import { buildApp } from "fauxqs";
-import { createS3Client, S3ObjectStore } from "../../shared/s3/client.ts";
-import type { S3Config } from "../../shared/s3/config.ts";
+import { createS3Client, S3ObjectStore } from "#shared/s3/client.ts";
+import type { S3Config } from "#shared/s3/config.ts";
 
 /**
  * A real S3 API server (fauxqs, in-process) on a free loopback port, with one bucket. Used by every

@@ -1,10 +1,11 @@
 import * as tf from "@tensorflow/tfjs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { answer } from "#shared/answer.ts";
+import { readPromotedModel } from "#shared/artifacts.ts";
+import { DatasetError } from "#shared/errors.ts";
+import { keys } from "#shared/keys.ts";
+import { preprocess } from "#shared/preprocess.ts";
 import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
-import { readPromotedModel } from "../../shared/artifacts.ts";
-import { DatasetError } from "../../shared/errors.ts";
-import { keys } from "../../shared/keys.ts";
-import { preprocess } from "../../shared/preprocess.ts";
 import { uploadSample } from "../../test/support/datasets.ts";
 import { decodeImage } from "./src/dataset/decode.ts";
 import { readDataset } from "./src/dataset/read.ts";
@@ -92,6 +93,41 @@ describe("answers a client can act on", () => {
     expect(metadata.noneLabel).toBe("_none");
     expect(Object.keys(metadata.thresholds?.byLabel ?? {})).toEqual(["animals", "food"]);
     expect(result.report?.noneLabel).toBe("_none");
+  });
+
+  it("scores the manifest's out-of-distribution folder end to end, never training on it: the share given no label and the AUROC, in the report", async () => {
+    const images = await sampleDataset({ perLabel: 8, size: 96 });
+    // Travel emoji are out of distribution for an animals/food classifier; one file among them is no image.
+    await Promise.all(
+      images.map((i) => s3.store.put(`datasets/withood/${i.label === "travel" ? "_ood" : i.label}/${i.name}.${i.file.split(".").pop()}`, i.bytes)),
+    );
+    await s3.store.put("datasets/withood/_ood/broken.jpg", new TextEncoder().encode("not an image"));
+    await s3.store.put("datasets/withood/manifest.json", JSON.stringify({ oodFolder: "_ood" }));
+    const result = await train(s3.store, { dataset: "withood", ...quick, promote: "always" }, memoryLogger());
+    const { metadata } = await readPromotedModel(s3.store, "withood");
+    expect(metadata.labels).toEqual(["animals", "food"]);
+    const ood = result.report?.ood;
+    expect(ood).toMatchObject({ folder: "_ood", images: 8, undecodable: 1, heldOut: result.report?.metrics.evaluatedOn });
+    // The share given no label, again from the stored model as the stock loader reads it, with the shipped thresholds.
+    const url = `${s3.endpoint}/${s3.config.bucket}/${keys.versionFile("withood", result.version, "model.json")}`;
+    const model = await tf.loadLayersModel(tf.io.http(url, { fetchFunc: fetch }));
+    let rejected = 0;
+    for (const img of images.filter((i) => i.label === "travel")) {
+      const input = preprocess(await decodeImage(img.bytes), 96, metadata.preprocessing);
+      const p = tf.tidy(() => (model.predict(tf.tensor4d(input, [1, 96, 96, 3])) as tf.Tensor).dataSync() as Float32Array);
+      if (answer(p, metadata, { topK: 1 }).label === null) rejected++;
+    }
+    model.dispose();
+    expect(ood?.rejected).toBeCloseTo(rejected / 8, 9);
+    expect(ood?.auroc).toBeGreaterThanOrEqual(0);
+    expect(ood?.auroc).toBeLessThanOrEqual(1);
+    const html = new TextDecoder().decode((await s3.store.get(keys.versionFile("withood", result.version, "report.html"))) as Uint8Array);
+    expect(html).toContain("The <b>_ood</b> folder's 8 images (1 could not be decoded)");
+  });
+
+  it("refuses one folder named both none-of-these (trained on) and out-of-distribution (never trained on)", async () => {
+    await uploadSample(s3.store, "bothways", { perLabel: 5, manifest: { noneLabel: "travel", oodFolder: "travel" } });
+    await expect(readDataset(s3.store, "bothways", { seed: 42 })).rejects.toThrow(/both as the none-of-these folder .* and as the out-of-distribution folder/);
   });
 
   it("refuses a manifest naming a none-of-these folder the dataset lacks, before computing features", async () => {

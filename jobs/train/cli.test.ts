@@ -6,10 +6,10 @@ import { dirname, join } from "node:path";
 import { promisify } from "node:util";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPointer } from "#shared/artifacts.ts";
 import { startEdgeWorker } from "../../infra/local/edge-worker.ts";
 import { jobEnvironment } from "../../infra/local/job-env.ts";
 import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
-import { readPointer } from "../../shared/artifacts.ts";
 import { barePng } from "../../test/support/crafted-images.ts";
 import { uploadSample } from "../../test/support/datasets.ts";
 import { DEFAULT_OPTIONS } from "./src/config.ts";
@@ -128,8 +128,15 @@ describe("edgetune, for a person", () => {
     const on = await edgetune(["capture", "pets", "--on", "--below", "0.7", "--sample", "5%"]);
     expect([on.code, on.stdout.trim()]).toEqual([
       0,
-      "Capture of pets is on: inputs scored below 0.7 and 5.0 % of the others, at most 500 a day (200 MB), kept 512 px at most. Review: edgetune review pets.",
+      "Capture of pets is on: inputs scored below 0.7 (a set number; --below unsure follows the answers' own thresholds) and 5.0 % of the others, at most 500 a day (200 MB), kept 512 px at most. Review: edgetune review pets.",
     ]);
+    // Back to the answer's own notion: the number is gone from the settings.
+    const unsure = await edgetune(["capture", "pets", "--below", "unsure"]);
+    expect(unsure.stdout).toContain(
+      "Capture of pets is on: inputs the served version answers unsure (below their label's threshold; under 0.5 for a version trained before thresholds) and 5.0 % of the others",
+    );
+    expect(JSON.parse((await edgetune(["capture", "pets", "--json"])).stdout).belowConfidence).toBeUndefined();
+    await edgetune(["capture", "pets", "--below", "70%"]);
     expect(JSON.parse((await edgetune(["capture", "pets", "--json"])).stdout)).toMatchObject({
       model: "pets",
       enabled: true,
@@ -137,7 +144,10 @@ describe("edgetune, for a person", () => {
       sampleRate: 0.05,
     });
     const bad = await edgetune(["capture", "pets", "--below", "2"]);
-    expect([bad.code, bad.stderr.trim()]).toEqual([1, 'edgetune: Invalid --below "2". Valid values: a number from 0 to 1, a percentage such as 5%.']);
+    expect([bad.code, bad.stderr.trim()]).toEqual([
+      1,
+      `edgetune: Invalid --below "2". Valid values: unsure (the served version's per-label thresholds), a number from 0 to 1, a percentage such as 5%.`,
+    ]);
     // Nothing to list: said on stderr, so stdout stays empty for scripts.
     expect((await edgetune(["review", "pets"])).stderr).toContain("Nothing of pets is waiting for review.");
     expect((await edgetune(["monitor", "pets"])).stderr).toContain("No traffic of pets counted in the last 7 days");

@@ -1,9 +1,9 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPointer, readPromotedModel } from "#shared/artifacts.ts";
+import { DatasetError } from "#shared/errors.ts";
+import { keys } from "#shared/keys.ts";
+import { S3ObjectStore } from "#shared/s3/client.ts";
 import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
-import { readPointer, readPromotedModel } from "../../shared/artifacts.ts";
-import { DatasetError } from "../../shared/errors.ts";
-import { keys } from "../../shared/keys.ts";
-import { S3ObjectStore } from "../../shared/s3/client.ts";
 import { uploadSample } from "../../test/support/datasets.ts";
 import { startFaultProxy } from "../../test/support/fault-proxy.ts";
 import { killWhen, spawnTrainJob } from "../../test/support/jobs.ts";
@@ -29,7 +29,7 @@ async function expectNoPartialVersions(store: S3ObjectStore, name: string): Prom
     const m = /^models\/[^/]+\/(v[0-9a-f]{12})\//.exec(o.key);
     if (m) versions.add(m[1] as string);
   }
-  const { readMetadata, readVerifiedFile } = await import("../../shared/artifacts.ts");
+  const { readMetadata, readVerifiedFile } = await import("#shared/artifacts.ts");
   for (const v of versions) {
     const meta = await readMetadata(store, name, v);
     for (const f of meta.files) await readVerifiedFile(store, meta, f.path);

@@ -1,10 +1,11 @@
 import * as tf from "@tensorflow/tfjs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPointer, readPromotedModel } from "#shared/artifacts.ts";
+import { servedFiles } from "#shared/contracts/artifact.ts";
+import { DatasetError } from "#shared/errors.ts";
+import { keys } from "#shared/keys.ts";
+import { preprocess } from "#shared/preprocess.ts";
 import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
-import { readPointer, readPromotedModel } from "../../shared/artifacts.ts";
-import { DatasetError } from "../../shared/errors.ts";
-import { keys } from "../../shared/keys.ts";
-import { preprocess } from "../../shared/preprocess.ts";
 import { uploadSample } from "../../test/support/datasets.ts";
 import { killWhen, spawnTrainJob } from "../../test/support/jobs.ts";
 import { decodeImage } from "./src/dataset/decode.ts";
@@ -40,6 +41,9 @@ describe("train (head strategy)", () => {
     const pointer = await readPointer(s3.store, "emoji");
     expect(pointer?.version).toBe(result.version);
     const { metadata } = await readPromotedModel(s3.store, "emoji");
+    // The pointer says what the edge fetches beside the metadata: the head, on the base the metadata names.
+    expect(pointer?.served).toEqual(servedFiles(metadata));
+    expect(pointer?.served).toMatchObject({ form: "split", base: { sha256: metadata.base.sha256, size: 96 } });
     expect(metadata.labels).toEqual(["animals", "food", "travel"]);
     expect(metadata.weights.dtype).toBe("float16");
     expect(metadata.files.map((f) => f.path).sort()).toEqual([
@@ -119,6 +123,9 @@ describe("train (fine-tune strategy)", () => {
     // Its base changed: served whole, no head on a shared base (ARCHITECTURE.md "One base, many models").
     expect(metadata.split).toBeUndefined();
     expect(files.has("head.json")).toBe(false);
+    const served = (await readPointer(s3.store, "emoji-ft"))?.served;
+    expect(served?.form).toBe("whole");
+    expect(served?.files.map((f) => f.path).sort()).toEqual(["group1-shard1of1.bin", "model.json"]);
     // The cut of the base the suite runs on (darknet-tiny from ../shared/models, else nsfwjs).
     expect(metadata.hyperparameters.fineTuneFrom).toBe(KNOWN_BASES.find((b) => b.id === metadata.base.id)?.fineTuneFrom);
     expect(files.get("model.json")?.byteLength).toBeGreaterThan(1000);

@@ -159,6 +159,21 @@ export const sharedBaseSchema = z
   .refine((m) => m.files.some((f) => f.path === ARTIFACT_FILES.model), { path: ["files"], message: "must include model.json" });
 export type SharedBaseManifest = z.output<typeof sharedBaseSchema>;
 
+/**
+ * What a worker fetches to serve a version, as its metadata lists it (`servedFiles`): a split version's
+ * head files and the shared base they run on, or a whole model's files. Copied into the pointer so a
+ * worker fetches them beside the metadata, not after it (ARCHITECTURE.md "One base, many models").
+ */
+export const servedSchema = z.discriminatedUnion("form", [
+  z.object({
+    form: z.literal("split"),
+    files: z.array(artifactFileSchema).min(1),
+    base: z.object({ sha256: sha256Schema, size: imageSizeSchema, manifestSha256: sha256Schema }),
+  }),
+  z.object({ form: z.literal("whole"), files: z.array(artifactFileSchema).min(1) }),
+]);
+export type Served = z.output<typeof servedSchema>;
+
 export const pointerSchema = z.object({
   schemaVersion: z.literal(1),
   version: versionSchema,
@@ -175,8 +190,41 @@ export const pointerSchema = z.object({
    * act: `edgetune train --take-over`). Pointers written before it existed: the served version's dataset.
    */
   dataset: nameSchema.optional(),
+  /**
+   * A copy of `servedFiles(metadata)`: lets a worker fetch the files beside the metadata. The metadata stays
+   * the root of trust: a worker refuses the version unless this equals what the metadata says. Absent
+   * (pointers written before it): the worker reads the metadata first, then the files.
+   */
+  served: servedSchema.optional(),
 });
 export type ModelPointer = z.output<typeof pointerSchema>;
+
+/**
+ * The files a worker fetches to serve `metadata`'s version: a split version's head (head.json and its
+ * shard) and the base it names; otherwise the whole model (every listed file but the reports and the head).
+ */
+export function servedFiles(metadata: ArtifactMetadata): Served {
+  const pick = (keep: (path: string) => boolean) => metadata.files.filter((f) => keep(f.path)).map((f) => ({ ...f }));
+  if (metadata.split)
+    return {
+      form: "split",
+      files: pick((p) => p === SPLIT_FILES.head || p === SPLIT_FILES.headWeights),
+      base: { sha256: metadata.base.sha256, size: metadata.input.size, manifestSha256: metadata.split.baseManifestSha256 },
+    };
+  const skip = new Set<string>([ARTIFACT_FILES.report, ARTIFACT_FILES.reportHtml, ...Object.values(SPLIT_FILES)]);
+  return { form: "whole", files: pick((p) => !skip.has(p)) };
+}
+
+/** Whether a pointer's `served` says exactly what its metadata does (same form, base, files, sha256 and sizes). */
+export function sameServed(a: Served, b: Served): boolean {
+  const canon = (s: Served) =>
+    JSON.stringify({
+      form: s.form,
+      base: s.form === "split" ? [s.base.sha256, s.base.size, s.base.manifestSha256] : null,
+      files: s.files.map((f) => [f.path, f.sha256, f.bytes]).sort(),
+    });
+  return canon(a) === canon(b);
+}
 
 /** Checks that the files a loader is about to use are exactly the ones `metadata` lists. */
 export function assertFileListed(metadata: ArtifactMetadata, path: string): { sha256: string; bytes: number } {

@@ -22,8 +22,12 @@ import { tryParseContractJson } from "./parse.ts";
 export const captureConfigSchema = z.object({
   schemaVersion: z.literal(1).default(1),
   enabled: z.boolean().default(false),
-  /** Store an input when the top score is below this (0 stores none for that reason; 1.01 stores all). */
-  belowConfidence: z.number().min(0).max(1.01).default(0.5),
+  /**
+   * Store an input when the top score is below this number (0 stores none for that reason; 1.01 stores
+   * all). Unset: store the inputs the served version answers "unsure" (below their label's threshold,
+   * shared/answer.ts), the same notion as classify's — see `captureRule`.
+   */
+  belowConfidence: z.number().min(0).max(1.01).optional(),
   /** And a random share of all other inputs (0–1), for an unbiased view of the traffic. */
   sampleRate: z.number().min(0).max(1).default(0),
   /** At most this many inputs per UTC day, all isolates together. */
@@ -39,6 +43,22 @@ export const captureConfigSchema = z.object({
 });
 export type CaptureConfig = z.output<typeof captureConfigSchema>;
 export const CAPTURE_OFF: CaptureConfig = captureConfigSchema.parse({});
+
+/**
+ * The number a top score is held to when the operator set none: by the monitor's low-confidence count
+ * (its held-out reference is exact only for a number), and by capture for a version trained before
+ * per-label thresholds (it has no "unsure"). Capture's default before thresholds existed.
+ */
+export const DEFAULT_BELOW = 0.5;
+
+/** Which inputs capture stores for being unsure: the operator's number, else classify's own "unsure". */
+export type CaptureRule = { kind: "below"; score: number } | { kind: "unsure" };
+export const captureRule = (c: Pick<CaptureConfig, "belowConfidence">): CaptureRule =>
+  c.belowConfidence === undefined ? { kind: "unsure" } : { kind: "below", score: c.belowConfidence };
+
+/** The score under which an answer counts as low confidence for the monitor (the operator's number, else DEFAULT_BELOW). */
+export const lowConfidenceThreshold = (c: Pick<CaptureConfig, "enabled" | "belowConfidence">) =>
+  c.enabled ? (c.belowConfidence ?? DEFAULT_BELOW) : DEFAULT_BELOW;
 
 export const CAPTURE_REASONS = ["low_confidence", "sampled"] as const;
 export const captureIdSchema = z.string().regex(/^[0-9]{8}T[0-9]{6}-[0-9a-z]{8,16}$/, "must look like 20261129T101500-abcd1234");
@@ -148,7 +168,7 @@ export const countersSchema = z.object({
   /** Predicted (top-1) label → answers. */
   labels: z.record(labelSchema, count).refine((l) => Object.keys(l).length <= MAX_COUNTER_LABELS, `must name at most ${MAX_COUNTER_LABELS} labels`),
   confidence: z.array(count).length(CONFIDENCE_BINS),
-  /** Answers whose top score was below the capture threshold (0.5 when capture is off). */
+  /** Answers whose top score was below the operator's capture number (DEFAULT_BELOW when none is set or capture is off). */
   lowConfidence: count,
   captured: count,
   /** Not stored because a daily cap was reached. */

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { ContractError } from "../errors.ts";
-import { artifactMetadataSchema, pointerSchema } from "./artifact.ts";
+import { artifactMetadataSchema, pointerSchema, type Served, sameServed, servedFiles } from "./artifact.ts";
 import { baseMetadataSchema } from "./base.ts";
 import { classifyDatasetKeys, manifestSchema } from "./dataset.ts";
 import { validMetadata } from "./fixtures.ts";
@@ -84,6 +84,36 @@ describe("pointer", () => {
     expect(parseContract(pointerSchema, ok, "pointer").version).toBe("v0123456789ab");
     expect(fieldOf(() => parseContract(pointerSchema, { ...ok, version: "latest" }, "pointer"))).toBe("version");
     expect(fieldOf(() => parseContract(pointerSchema, { ...ok, metadataSha256: "" }, "pointer"))).toBe("metadataSha256");
+  });
+
+  it("lists what its version is served from as the metadata says, and tells any difference", () => {
+    const whole = validMetadata();
+    const head = [
+      { path: "head.json", sha256: "b".repeat(64), bytes: 5 },
+      { path: "head-shard1of1.bin", sha256: "c".repeat(64), bytes: 7 },
+    ];
+    const split = {
+      ...whole,
+      files: [...whole.files, ...head, { path: "report.json", sha256: sha, bytes: 3 }],
+      split: { baseManifestSha256: "d".repeat(64), features: 8 },
+    };
+    const served = servedFiles(split) as Extract<Served, { form: "split" }>;
+    expect(served).toEqual({ form: "split", files: head, base: { sha256: whole.base.sha256, size: 128, manifestSha256: "d".repeat(64) } });
+    // A version without `split` is served whole: its model and shards, never its reports.
+    expect(servedFiles({ ...split, split: undefined })).toEqual({ form: "whole", files: whole.files });
+    const ok = { schemaVersion: 1, version: "v0123456789ab", metadataSha256: sha, promotedAt: "2026-11-27T10:00:00Z", previous: null, reason: "first" };
+    expect(parseContract(pointerSchema, { ...ok, served }, "pointer").served).toEqual(served);
+    expect(fieldOf(() => parseContract(pointerSchema, { ...ok, served: { ...served, form: "half" } }, "pointer"))).toBe("served.form");
+    // The same files in another order are the same; any other file, size, base or form is not.
+    expect(sameServed(served, { ...served, files: [...head].reverse() })).toBe(true);
+    const changed = [
+      { ...served, files: [head[0], { ...head[1], sha256: "e".repeat(64) }] },
+      { ...served, files: [head[0], { ...head[1], bytes: 8 }] },
+      { ...served, files: [head[0]] },
+      { ...served, base: { ...served.base, size: 160 } },
+      { form: "whole", files: head },
+    ] as Served[];
+    for (const other of changed) expect(sameServed(served, other)).toBe(false);
   });
 });
 

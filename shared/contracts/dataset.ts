@@ -135,6 +135,12 @@ export const manifestSchema = z.object({
    * no label. Images that belong to none of the other labels, ideally like what clients will send.
    */
   noneLabel: labelSchema.optional(),
+  /**
+   * A folder of images that are none of the labels and are never trained on (e.g. `_ood`): the training
+   * report measures on them how often the version gives no label and how well its rejection score tells
+   * them from the held-out images. Unlike `noneLabel`, it teaches the model nothing.
+   */
+  oodFolder: labelSchema.optional(),
   /** Label folders to leave out of training. */
   ignoreLabels: z.array(labelSchema).default([]),
   /** Optional statement of how many images were uploaded; training refuses a dataset that has fewer. */

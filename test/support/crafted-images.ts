@@ -1,5 +1,5 @@
 import { crc32 } from "node:zlib";
-import { concatBytes } from "../../shared/bytes.ts";
+import { concatBytes } from "#shared/bytes.ts";
 
 /**
  * Hostile JPEGs, built from a real small JPEG by rearranging its segments (issue #12's attacks, kept

@@ -1,5 +1,5 @@
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { sampleDataset } from "../../jobs/train/src/dataset/sample.ts";
-import type { ObjectStore } from "../../shared/s3/store.ts";
 
 /** Uploads `perLabel` sample (Twemoji) images per label as dataset `name`, manifest last. */
 export async function uploadSample(

@@ -1,4 +1,4 @@
-import type { ObjectStore } from "../../shared/s3/store.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 
 /**
  * `real` with a hook around its writes (put and putIfAbsent): for tests where something happens at the

@@ -270,8 +270,13 @@ async function reportPage(show, name, version) {
 async function reviewPage(show, name) {
   const [queue, model] = await Promise.all([api(`/v1/models/${encodeURIComponent(name)}/captures`), api(`/v1/models/${encodeURIComponent(name)}`)]);
   const s = queue.settings;
+  // No number set: capture follows the answer's own "unsure" (contracts/capture.ts, captureRule).
+  const rule =
+    s.belowConfidence === undefined
+      ? "answers the served version is unsure of (below their label's threshold)"
+      : `answers scored below ${s.belowConfidence} (a number set with edgetune capture --below)`;
   const settings = s.enabled
-    ? `Capture is on: answers scored below ${s.belowConfidence} and ${pct(s.sampleRate)} of the others, at most ${s.maxPerDay} a day.`
+    ? `Capture is on: ${rule} and ${pct(s.sampleRate)} of the others, at most ${s.maxPerDay} a day.`
     : `Capture is off (edgetune capture ${name} --on).`;
   const cards = queue.captures.map((c) => {
     const top = c.predictions[0];

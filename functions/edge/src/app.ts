@@ -2,9 +2,9 @@ import { OpenAPIHono } from "@hono/zod-openapi";
 import type { Context } from "hono";
 import { cors } from "hono/cors";
 import { HTTPException } from "hono/http-exception";
-import { answer } from "../../../shared/answer.ts";
-import { readMetadata, readPointer } from "../../../shared/artifacts.ts";
-import { listModels, listVersions } from "../../../shared/catalog.ts";
+import { answer, versionUnsure } from "#shared/answer.ts";
+import { readMetadata, readPointer } from "#shared/artifacts.ts";
+import { listModels, listVersions } from "#shared/catalog.ts";
 import {
   CAPTURE_OFF,
   type CaptureConfig,
@@ -14,14 +14,14 @@ import {
   captureIdSchema,
   decisionMessage,
   parseCaptureRecord,
-} from "../../../shared/contracts/capture.ts";
-import { nameSchema } from "../../../shared/contracts/common.ts";
-import { tryParseContractJson } from "../../../shared/contracts/parse.ts";
-import { NotFoundError } from "../../../shared/errors.ts";
-import { hmacSha256Hex, sha256Hex } from "../../../shared/hash.ts";
-import { keys } from "../../../shared/keys.ts";
-import { monitorSummarySchema } from "../../../shared/monitor.ts";
-import { preprocess } from "../../../shared/preprocess.ts";
+} from "#shared/contracts/capture.ts";
+import { nameSchema } from "#shared/contracts/common.ts";
+import { tryParseContractJson } from "#shared/contracts/parse.ts";
+import { NotFoundError } from "#shared/errors.ts";
+import { hmacSha256Hex, sha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
+import { monitorSummarySchema } from "#shared/monitor.ts";
+import { preprocess } from "#shared/preprocess.ts";
 import { Capturer, isOptOut } from "./capture/capture.ts";
 import { CaptureObjectTooLargeError, type CaptureStore, CaptureStoreError, createCaptureStore } from "./capture/store.ts";
 import { compareVersions, readReport } from "./catalog/compare.ts";
@@ -444,6 +444,7 @@ app.openapi(classifyRoute, async (c) => {
         version: model.metadata.version,
         labels,
         scores,
+        unsure: versionUnsure(scores, model.metadata),
         pixels,
         optOut: isOptOut(c.req.raw.headers),
       });
@@ -525,6 +526,7 @@ app.openapi(multiClassifyRoute, async (c) => {
           version: m.metadata.version,
           labels: m.metadata.labels,
           scores: s,
+          unsure: versionUnsure(s, m.metadata),
           pixels,
           optOut: isOptOut(c.req.raw.headers),
         });

@@ -1,10 +1,10 @@
 import { createRoute, type OpenAPIHono, z } from "@hono/zod-openapi";
-import { artifactMetadataSchema, metricsSchema } from "../../../shared/contracts/artifact.ts";
-import { captureConfigSchema, captureIdSchema, captureRecordSchema } from "../../../shared/contracts/capture.ts";
-import { nameSchema, sha256Schema } from "../../../shared/contracts/common.ts";
-import { newLabelSchema } from "../../../shared/contracts/dataset.ts";
-import { onnxExportSchema, REQUEST_KINDS, REQUEST_STATES, requestIdSchema } from "../../../shared/contracts/request.ts";
-import { monitorSummarySchema } from "../../../shared/monitor.ts";
+import { artifactMetadataSchema, metricsSchema } from "#shared/contracts/artifact.ts";
+import { captureConfigSchema, captureIdSchema, captureRecordSchema } from "#shared/contracts/capture.ts";
+import { nameSchema, sha256Schema } from "#shared/contracts/common.ts";
+import { newLabelSchema } from "#shared/contracts/dataset.ts";
+import { onnxExportSchema, REQUEST_KINDS, REQUEST_STATES, requestIdSchema } from "#shared/contracts/request.ts";
+import { monitorSummarySchema } from "#shared/monitor.ts";
 import { RAW_TYPES } from "./http/body.ts";
 
 /**
@@ -497,6 +497,8 @@ const healthDetailSchema = z.object({
         bytes: z.number().int().optional(),
         loadedAt: z.string().optional(),
         problem: z.string().optional(),
+        failures: z.number().int().optional().describe("A base that cannot be loaded: failures in a row (one back-off for all its heads)"),
+        retryAt: z.string().optional().describe("A base that cannot be loaded: when the next head that needs it tries it again"),
       }),
     )
     .describe("Shared bases in this isolate: one copy per (base, size), and those that failed to load"),

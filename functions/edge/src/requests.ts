@@ -1,6 +1,6 @@
 import type { OpenAPIHono } from "@hono/zod-openapi";
-import { readMetadata, readPointer } from "../../../shared/artifacts.ts";
-import { tryParseContractJson } from "../../../shared/contracts/parse.ts";
+import { readMetadata, readPointer } from "#shared/artifacts.ts";
+import { tryParseContractJson } from "#shared/contracts/parse.ts";
 import {
   MAX_OUTCOME_BYTES,
   MAX_REQUEST_BYTES,
@@ -11,10 +11,10 @@ import {
   requestMessage,
   requestOfKey,
   requestOutcomeSchema,
-} from "../../../shared/contracts/request.ts";
-import { NotFoundError } from "../../../shared/errors.ts";
-import { hex, hmacSha256Hex } from "../../../shared/hash.ts";
-import { keys } from "../../../shared/keys.ts";
+} from "#shared/contracts/request.ts";
+import { NotFoundError } from "#shared/errors.ts";
+import { hex, hmacSha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
 import { CaptureObjectTooLargeError, type CaptureStore } from "./capture/store.ts";
 import { ApiError } from "./http/errors.ts";
 import { encodeKey, type ModelSource, signedBucket } from "./model/source.ts";

@@ -6,15 +6,15 @@ import { join } from "node:path";
 import * as tf from "@tensorflow/tfjs";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPointer, readPromotedModel, writePointer } from "#shared/artifacts.ts";
+import { SPLIT_FILES } from "#shared/contracts/artifact.ts";
+import { keys } from "#shared/keys.ts";
+import { preprocess } from "#shared/preprocess.ts";
 import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 import { decodeImage } from "../../../jobs/train/src/dataset/decode.ts";
 import { memoryLogger } from "../../../jobs/train/src/log.ts";
 import { train } from "../../../jobs/train/src/train.ts";
-import { readPointer, readPromotedModel, writePointer } from "../../../shared/artifacts.ts";
-import { SPLIT_FILES } from "../../../shared/contracts/artifact.ts";
-import { keys } from "../../../shared/keys.ts";
-import { preprocess } from "../../../shared/preprocess.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
 import { startFaultProxy } from "../../../test/support/fault-proxy.ts";
 
@@ -277,7 +277,7 @@ describe("model updates", () => {
     const good = await readPointer(s3.store, "emoji");
     const goodPointerBytes = (await s3.store.get(keys.pointer("emoji"))) as Uint8Array;
     const { metadata } = await readPromotedModel(s3.store, "emoji");
-    const { sha256Hex } = await import("../../../shared/hash.ts");
+    const { sha256Hex } = await import("#shared/hash.ts");
     const bad = "v0badbadbad00";
     // The weights the worker reads: a split version's head shard.
     const shard = metadata.files.find((f) => f.path === SPLIT_FILES.headWeights) as { path: string; sha256: string };

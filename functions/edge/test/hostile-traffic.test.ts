@@ -1,13 +1,13 @@
 import { deflateSync } from "node:zlib";
 import sharp, { type Sharp } from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type CaptureRecord, noCounts } from "#shared/contracts/capture.ts";
+import { keys } from "#shared/keys.ts";
 import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 import { memoryLogger } from "../../../jobs/train/src/log.ts";
 import { listCaptures, writeCaptureConfig } from "../../../jobs/train/src/traffic/traffic.ts";
 import { train } from "../../../jobs/train/src/train.ts";
-import { type CaptureRecord, noCounts } from "../../../shared/contracts/capture.ts";
-import { keys } from "../../../shared/keys.ts";
 import { moveAfterFirstScan, pngChunk, pngWithChunk, secondApp0, webpWithChunk, withTrailer } from "../../../test/support/crafted-images.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
 import { postClassify } from "../../../test/support/edge.ts";

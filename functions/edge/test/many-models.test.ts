@@ -1,13 +1,15 @@
 import * as tf from "@tensorflow/tfjs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPointer, readPromotedModel, writeArtifact, writePointer } from "#shared/artifacts.ts";
+import { type ModelPointer, type Served, servedFiles } from "#shared/contracts/artifact.ts";
+import { keys } from "#shared/keys.ts";
+import { preprocess } from "#shared/preprocess.ts";
 import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 import { decodeImage } from "../../../jobs/train/src/dataset/decode.ts";
 import { memoryLogger } from "../../../jobs/train/src/log.ts";
 import { loadModel } from "../../../jobs/train/src/model/io.ts";
 import { train } from "../../../jobs/train/src/train.ts";
-import { readPromotedModel, writeArtifact, writePointer } from "../../../shared/artifacts.ts";
-import { preprocess } from "../../../shared/preprocess.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
 import { postClassify } from "../../../test/support/edge.ts";
 
@@ -52,7 +54,7 @@ afterAll(async () => {
 
 type Health = {
   models: { name: string; version: string | null; base: string | null; bytes: number | null }[];
-  bases: { sha256: string; size: number; heads: number; loadedAt?: string }[];
+  bases: { sha256: string; size: number; heads: number; loadedAt?: string; problem?: string; failures?: number; retryAt?: string }[];
 };
 const health = async (worker: EdgeWorker) =>
   (await (await fetch(`${worker.url}/healthz`, { headers: { authorization: `Bearer ${worker.apiKey}` } })).json()) as Health;
@@ -167,6 +169,102 @@ describe("one base, many models", () => {
     const h = await health(edge);
     expect((h.models.find((m) => m.name === "forged") as { problem?: string } | undefined)?.problem).toMatch(/base\.json/);
     expect((await postClassify(edge, "head-a", img)).status).toBe(200);
+  });
+
+  /** head-a's version published again as `name` (its own metadata naming it), pointed at by `pointer` (`served` from `serve`). */
+  async function republish(
+    name: string,
+    serve: (metadata: Awaited<ReturnType<typeof readPromotedModel>>["metadata"]) => Served | undefined,
+    change: Partial<Awaited<ReturnType<typeof readPromotedModel>>["metadata"]> = {},
+  ) {
+    const a = await readPromotedModel(s3.store, "head-a");
+    const { files: _files, ...metadata } = a.metadata;
+    const written = await writeArtifact(
+      s3.store,
+      { ...metadata, ...change, name },
+      [...a.files.entries()].map(([path, bytes]) => ({ path, bytes })),
+    );
+    const served = serve(written.metadata);
+    const pointer: Omit<ModelPointer, "schemaVersion"> = {
+      version: a.metadata.version,
+      metadataSha256: written.metadataSha256,
+      promotedAt: new Date().toISOString(),
+      previous: null,
+      reason: "test",
+      ...(served ? { served } : {}),
+    };
+    await writePointer(s3.store, name, pointer);
+    return written.metadata;
+  }
+  const problemOf = async (name: string) => (await health(edge)).models.find((m) => m.name === name) as { problem: string | null } | undefined;
+
+  it("serves a pointer that lists the files to fetch beside the metadata, and one written before pointers did", async () => {
+    // What training writes now: the pointer says the version is split, its head files and its base.
+    const pointer = await readPointer(s3.store, "head-a");
+    expect(pointer?.served?.form).toBe("split");
+    expect(pointer?.served?.files.map((f) => f.path).sort()).toEqual(["head-shard1of1.bin", "head.json"]);
+    await republish("listed", (m) => servedFiles(m));
+    await republish("unlisted", () => undefined);
+    const img = images[3] as (typeof images)[number];
+    const one = (await (await postClassify(edge, "head-a", img)).json()) as Scores;
+    for (const name of ["listed", "unlisted"]) {
+      const res = await postClassify(edge, name, img);
+      expect(res.status).toBe(200);
+      const body = (await res.json()) as Scores;
+      expect(body.predictions).toEqual(one.predictions);
+    }
+    const byName = new Map((await health(edge)).models.map((m) => [m.name, m]));
+    expect(byName.get("listed")?.base).toBe(byName.get("head-a")?.base);
+    expect(byName.get("unlisted")?.base).toBe(byName.get("head-a")?.base);
+  });
+
+  it("refuses a pointer whose listed files are not the ones its metadata lists, even when the files match the pointer", async () => {
+    const b = await readPromotedModel(s3.store, "head-b");
+    const otherShard = b.files.get("head-shard1of1.bin") as Uint8Array;
+    const otherEntry = b.metadata.files.find((f) => f.path === "head-shard1of1.bin");
+    // Another head's weights under this version's name, and a pointer that vouches for them.
+    const metadata = await republish("swapped", (m) => {
+      const served = servedFiles(m);
+      return { ...served, files: served.files.map((f) => (f.path === "head-shard1of1.bin" ? { ...(otherEntry as typeof f) } : f)) };
+    });
+    await s3.store.put(keys.versionFile("swapped", metadata.version, "head-shard1of1.bin"), otherShard);
+    // A split version whose pointer says it is whole.
+    await republish("reformed", (m) => ({ form: "whole", files: m.files.filter((f) => f.path === "model.json" || f.path === "group1-shard1of1.bin") }));
+    const img = images[0] as (typeof images)[number];
+    for (const name of ["swapped", "reformed"]) {
+      const res = await postClassify(edge, name, img);
+      expect(res.status).toBe(503);
+      expect(((await res.json()) as { error: { code: string } }).error.code).toBe("model_unavailable");
+      expect((await problemOf(name))?.problem).toMatch(/does not list the files .* metadata does; refused/);
+    }
+    expect((await health(edge)).bases).toHaveLength(1);
+    expect((await postClassify(edge, "head-a", img)).status).toBe(200);
+  });
+
+  it("backs off a shared base that cannot be loaded once for all its heads, shown per base in /healthz", async () => {
+    // Two heads naming a base that was never published.
+    const missingBase = "f".repeat(64);
+    const a = await readPromotedModel(s3.store, "head-a");
+    const split = a.metadata.split as NonNullable<typeof a.metadata.split>;
+    for (const name of ["orphan-1", "orphan-2"]) await republish(name, (m) => servedFiles(m), { base: { ...a.metadata.base, sha256: missingBase }, split });
+    const img = images[0] as (typeof images)[number];
+    for (const name of ["orphan-1", "orphan-2", "orphan-1"]) {
+      const res = await postClassify(edge, name, img);
+      expect(res.status).toBe(503);
+      expect(Number(res.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
+    }
+    const h = await health(edge);
+    const broken = h.bases.filter((b) => b.sha256 === missingBase);
+    // One entry for the base, one failure: the second head did not fetch it again.
+    expect(broken).toHaveLength(1);
+    expect(broken[0]).toMatchObject({ size: 96, heads: 0, failures: 1 });
+    // Missing from the bucket; or, where the location's cache holds the real base.json by its sha256, not this base's.
+    expect(broken[0]?.problem).toMatch(new RegExp(`_bases/${missingBase}-96/base\\.json`));
+    expect(Date.parse(broken[0]?.retryAt as string)).toBeGreaterThan(Date.now());
+    for (const name of ["orphan-1", "orphan-2"]) expect((await problemOf(name))?.problem).toMatch(new RegExp(`shared base ${missingBase}-96 cannot be loaded`));
+    // The working base and its heads are untouched.
+    expect((await postClassify(edge, "head-a", img)).status).toBe(200);
+    expect((await health(edge)).bases.find((b) => b.sha256 === a.metadata.base.sha256)?.heads).toBeGreaterThan(0);
   });
 
   it("evicts the least recently used head under the memory budget and keeps the base its neighbour holds", async () => {

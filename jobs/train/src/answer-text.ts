@@ -1,4 +1,4 @@
-import type { Answer } from "../../../shared/answer.ts";
+import type { Answer } from "#shared/answer.ts";
 
 const pct = (v: number) => `${(v * 100).toFixed(1)} %`;
 

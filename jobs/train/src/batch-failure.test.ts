@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { keys } from "#shared/keys.ts";
 import { handler } from "../../../infra/functions/job-failed.ts";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
-import { keys } from "../../../shared/keys.ts";
 import { type BatchJobDetail, failureOf, plainReason } from "./batch-failure.ts";
 import { followRun, listRunStatuses, type RunStatus } from "./status.ts";
 

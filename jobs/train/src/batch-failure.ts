@@ -1,4 +1,4 @@
-import { nameSchema } from "../../../shared/contracts/common.ts";
+import { nameSchema } from "#shared/contracts/common.ts";
 
 /**
  * Failures outside the job's own code — an out-of-memory kill, an image that cannot be pulled, Spot

@@ -1,10 +1,10 @@
 import { readFile } from "node:fs/promises";
 import { z } from "zod";
-import { IMAGE_SIZES, imageSizeSchema, nameSchema, STRATEGIES, strategySchema } from "../../../shared/contracts/common.ts";
-import type { DatasetManifest } from "../../../shared/contracts/dataset.ts";
-import { parseContract } from "../../../shared/contracts/parse.ts";
-import { EdgetuneError, InvalidOptionError } from "../../../shared/errors.ts";
-import { sha256Hex } from "../../../shared/hash.ts";
+import { IMAGE_SIZES, imageSizeSchema, nameSchema, STRATEGIES, strategySchema } from "#shared/contracts/common.ts";
+import type { DatasetManifest } from "#shared/contracts/dataset.ts";
+import { parseContract } from "#shared/contracts/parse.ts";
+import { EdgetuneError, InvalidOptionError } from "#shared/errors.ts";
+import { sha256Hex } from "#shared/hash.ts";
 import { AUTO_BASE } from "./model/bases.ts";
 
 const headSchema = z.object({
@@ -186,4 +186,23 @@ function unknownKeys(value: Record<string, unknown>): string[] {
     if (inner && typeof inner === "object") for (const key of Object.keys(inner)) if (!keys.includes(key)) out.push(`${group}.${key}`);
   }
   return out;
+}
+
+/**
+ * A config file under the flags: a flag given wins, a flag not given leaves the file's value. Commander
+ * reports an absent flag as `undefined`, and spreading that over the file would erase the file's value.
+ */
+export function mergeConfig(fromFile: Partial<TrainInput>, flags: TrainInput): TrainInput {
+  const { head, fineTune, ...top } = flags;
+  return {
+    ...fromFile,
+    ...definedOnly(top),
+    dataset: flags.dataset,
+    head: { ...fromFile.head, ...definedOnly(head ?? {}) },
+    fineTune: { ...fromFile.fineTune, ...definedOnly(fineTune ?? {}) },
+  };
+}
+
+function definedOnly<T extends object>(o: T): Partial<T> {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
 }

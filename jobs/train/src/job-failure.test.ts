@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { keys } from "#shared/keys.ts";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
-import { keys } from "../../../shared/keys.ts";
 import { exitReason, failJob } from "./job-failure.ts";
 import { listRunStatuses, StatusRecorder } from "./status.ts";
 

@@ -1,5 +1,5 @@
 import { constants } from "node:os";
-import type { ObjectStore } from "../../../shared/s3/store.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { releaseLocksOfJob } from "./release/lock.ts";
 import { adoptQueued, listRunStatuses, type RunStatus, StatusRecorder } from "./status.ts";
 

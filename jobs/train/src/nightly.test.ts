@@ -1,9 +1,9 @@
 import { DescribeJobQueuesCommand, type SubmitJobCommand } from "@aws-sdk/client-batch";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { requestMessage } from "#shared/contracts/request.ts";
+import { hmacSha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
-import { requestMessage } from "../../../shared/contracts/request.ts";
-import { hmacSha256Hex } from "../../../shared/hash.ts";
-import { keys } from "../../../shared/keys.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
 import { fakeQuotas, UNREADABLE_NEW_ACCOUNT } from "../../../test/support/quotas.ts";
 import { GPU_QUOTAS } from "./gpu-quota.ts";

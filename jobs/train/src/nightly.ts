@@ -1,7 +1,7 @@
 import { BatchClient, DescribeJobQueuesCommand, SubmitJobCommand } from "@aws-sdk/client-batch";
 import { ServiceQuotasClient } from "@aws-sdk/client-service-quotas";
-import { EdgetuneError, userMessage } from "../../../shared/errors.ts";
-import type { ObjectStore } from "../../../shared/s3/store.ts";
+import { EdgetuneError, userMessage } from "#shared/errors.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { listDatasets } from "./catalog/catalog.ts";
 import type { TrainInput } from "./config.ts";
 import { describeQuota, gpuJobFits, type QuotaClient, quotaRequest, readGpuQuotas } from "./gpu-quota.ts";

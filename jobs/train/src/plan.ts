@@ -1,12 +1,11 @@
-import type { BaseMetadata } from "../../../shared/contracts/base.ts";
-import { sha256Hex } from "../../../shared/hash.ts";
-import { keys } from "../../../shared/keys.ts";
-import type { PreprocessingSpec } from "../../../shared/preprocess.ts";
+import type { BaseMetadata } from "#shared/contracts/base.ts";
+import { sha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
+import type { PreprocessingSpec } from "#shared/preprocess.ts";
 import { resolveOptions, type TrainInput, type TrainOptions, versionId } from "./config.ts";
 import { type Dataset, readDataset } from "./dataset/read.ts";
 import { type ExtractorSpec, featureSpec } from "./features/extract.ts";
-import { type BaseChoice, baseCandidates, resolveBase } from "./model/bases.ts";
-import { BEST_BASE } from "./model/choose-base.ts";
+import { type BaseChoice, BEST_BASE, baseCandidates, resolveBase } from "./model/bases.ts";
 import type { RunContext } from "./run.ts";
 
 /**

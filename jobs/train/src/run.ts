@@ -1,4 +1,4 @@
-import type { ObjectStore } from "../../../shared/s3/store.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import type { Logger } from "./log.ts";
 
 /**

@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto";
-import { nameSchema } from "../../../shared/contracts/common.ts";
-import { keys } from "../../../shared/keys.ts";
-import type { ObjectStore } from "../../../shared/s3/store.ts";
+import { nameSchema } from "#shared/contracts/common.ts";
+import { keys } from "#shared/keys.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import type { Logger } from "./log.ts";
 
 /**

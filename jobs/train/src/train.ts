@@ -1,8 +1,8 @@
-import { readPointer, readPointerBasis } from "../../../shared/artifacts.ts";
-import { userMessage } from "../../../shared/errors.ts";
-import { heldOutSha256 } from "../../../shared/held-out.ts";
-import { keys } from "../../../shared/keys.ts";
-import type { ObjectStore } from "../../../shared/s3/store.ts";
+import { readPointer, readPointerBasis } from "#shared/artifacts.ts";
+import { userMessage } from "#shared/errors.ts";
+import { heldOutSha256 } from "#shared/held-out.ts";
+import { keys } from "#shared/keys.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import type { TrainInput } from "./config.ts";
 import { type EmbedFanOut, FanOutHandedOver } from "./features/fan-out.ts";
 import { pooledFeatures } from "./features/pooled.ts";
@@ -16,6 +16,7 @@ import { planRun, versionExists } from "./plan.ts";
 import { answerRules, noneIndexOf } from "./release/answers.ts";
 import { evaluate } from "./release/evaluate.ts";
 import { acquireLock } from "./release/lock.ts";
+import { evaluateOod } from "./release/ood.ts";
 import { checkOwnership } from "./release/ownership.ts";
 import { decidePromotion, loadCurrent } from "./release/promote.ts";
 import { existsResult, publishVersion, type TrainResult } from "./release/publish.ts";
@@ -106,8 +107,9 @@ async function trainRun(ctx: RunContext, input: TrainInput, context: TrainContex
         answeredAccuracy: answers.answered.answeredAccuracy,
       });
       const exported = await exportVersion(ctx, plan, baseModel, fitted.head, pooled);
+      const ood = await evaluateOod(ctx, plan, exported, fitted, answers);
       const promotion = await decidePromotion(ctx, plan, current, pooled, evaluation);
-      return await publishVersion(ctx, plan, { backend, pooled, fitted, answers, evaluation, exported, promotion, served });
+      return await publishVersion(ctx, plan, { backend, pooled, fitted, answers, evaluation, exported, promotion, served, ood });
     } finally {
       baseModel.dispose();
       if (current && "model" in current) current.model.dispose();

@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it, vi } from "vitest";
-import { captureRecordSchema, countersSchema } from "../../../../shared/contracts/capture.ts";
-import { isCaptureKey, keys } from "../../../../shared/keys.ts";
+import { captureRecordSchema, countersSchema } from "#shared/contracts/capture.ts";
+import { isCaptureKey, keys } from "#shared/keys.ts";
 import { createAdmission } from "../http/admission.ts";
 import type { ModelSource } from "../model/source.ts";
 import { Capturer, type Observation } from "./capture.ts";
@@ -85,6 +85,7 @@ function observation(top: number, extra: Partial<Observation> = {}): Observation
     version: "v0123456789ab",
     labels: ["cat", "dog"],
     scores: new Float32Array([top, 1 - top]),
+    unsure: undefined,
     pixels: { data: new Uint8Array(40 * 30 * 3), width: 40, height: 30, channels: 3 },
     optOut: false,
     ...extra,
@@ -125,6 +126,32 @@ describe("Capturer", () => {
     expect(store.objects.get(r?.image.key as string)?.body).toEqual(new Uint8Array(40 * 30));
     expect(c.stats()).toMatchObject({ captured: 1, failed: 0 });
     for (const k of store.objects.keys()) expect(isCaptureKey(k)).toBe(true);
+  });
+
+  it("with no number set, stores what the version answers unsure, whatever the score; a set number keeps its meaning", async () => {
+    // A top score of 0.45 (two labels would make the other one the top).
+    const low = (unsure: boolean | undefined) => observation(0.45, { labels: ["cat", "dog", "fox"], scores: new Float32Array([0.45, 0.3, 0.25]), unsure });
+    const store = fakeBucket();
+    // No belowConfidence (as `edgetune capture --on` writes it now): classify's own "unsure" decides.
+    const c = capturer(settings({ enabled: true }), store, { flushMs: 0 });
+    await warm(c);
+    await observe(c, observation(0.9, { unsure: true })); // above 0.5, below its label's threshold
+    await observe(c, observation(0.3, { unsure: false, scores: new Float32Array([0.3, 0.25, 0.45]), labels: ["cat", "dog", "_none"] })); // none of these: not unsure
+    await observe(c, low(undefined)); // a version trained before thresholds: the old 0.5 rule
+    await observe(c, observation(0.7)); // … and above it
+    expect(records(store).map((r) => r.predictions[0]?.score.toFixed(2))).toEqual(["0.90", "0.45"]);
+    // The monitor's low-confidence count stays on a number (0.5 when none is set; its held-out reference
+    // needs one): the none-of-these answer at 0.45 and the 0.45 one.
+    const deltas = [...store.objects.entries()].filter(([k]) => k.includes("/counters/")).map(([, o]) => countersSchema.parse(JSON.parse(o.body as string)));
+    expect(deltas.reduce((n, d) => n + d.lowConfidence, 0)).toBe(2);
+
+    // An existing capture.json with an explicit 0.5: the number, not "unsure".
+    const explicit = fakeBucket();
+    const e = capturer(settings({ enabled: true, belowConfidence: 0.5 }), explicit);
+    await warm(e);
+    await observe(e, observation(0.9, { unsure: true }));
+    await observe(e, low(false));
+    expect(records(explicit).map((r) => r.predictions[0]?.score.toFixed(2))).toEqual(["0.45"]);
   });
 
   it("counts a capture in the counters even when the same answer's flush has already written them", async () => {

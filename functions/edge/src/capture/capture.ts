@@ -6,15 +6,18 @@ import {
   type Counters,
   captureConfigSchema,
   captureQuotaSchema,
+  captureRule,
   confidenceBin,
   countLabel,
+  DEFAULT_BELOW,
+  lowConfidenceThreshold,
   mergeCounters,
   noCounts,
-} from "../../../../shared/contracts/capture.ts";
-import { tryParseContractJson } from "../../../../shared/contracts/parse.ts";
-import { fitWithin } from "../../../../shared/image/fit.ts";
-import { keys } from "../../../../shared/keys.ts";
-import type { Pixels } from "../../../../shared/preprocess.ts";
+} from "#shared/contracts/capture.ts";
+import { tryParseContractJson } from "#shared/contracts/parse.ts";
+import { fitWithin } from "#shared/image/fit.ts";
+import { keys } from "#shared/keys.ts";
+import type { Pixels } from "#shared/preprocess.ts";
 import { withDeadline } from "../deadline.ts";
 import type { ModelSource } from "../model/source.ts";
 import type { CaptureStore } from "./store.ts";
@@ -37,6 +40,12 @@ export interface Observation {
   version: string;
   labels: readonly string[];
   scores: Float32Array;
+  /**
+   * The served version's own answer was "unsure" (its per-label thresholds, never the caller's
+   * `?threshold=`); undefined for a version trained before thresholds. Capture's rule when the operator
+   * set no number.
+   */
+  unsure: boolean | undefined;
   /** The decoded input (what a capture stores, re-encoded). */
   pixels: Pixels;
   optOut: boolean;
@@ -168,14 +177,11 @@ export class Capturer {
       countLabel(counters.labels, label, 1);
       const bin = confidenceBin(score);
       counters.confidence[bin] = (counters.confidence[bin] ?? 0) + 1;
-      if (score < (config.enabled ? config.belowConfidence : CAPTURE_OFF.belowConfidence)) counters.lowConfidence++;
-      const reason = !config.enabled
-        ? null
-        : score < config.belowConfidence
-          ? "low_confidence"
-          : (this.options.random ?? Math.random)() < config.sampleRate
-            ? "sampled"
-            : null;
+      if (score < lowConfidenceThreshold(config)) counters.lowConfidence++;
+      const rule = captureRule(config);
+      // No number set: classify's own "unsure"; a version without thresholds has none, and keeps the old default.
+      const unsure = rule.kind === "below" ? score < rule.score : (o.unsure ?? score < DEFAULT_BELOW);
+      const reason = !config.enabled ? null : unsure ? "low_confidence" : (this.options.random ?? Math.random)() < config.sampleRate ? "sampled" : null;
       if (reason && o.optOut) this.count(counters, "optedOut");
       else if (reason && this.isFull(`${o.model}/${day(now)}`, config)) this.count(counters, "overCap");
       else if (reason) {

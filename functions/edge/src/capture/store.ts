@@ -1,5 +1,5 @@
-import { concatBytes } from "../../../../shared/bytes.ts";
-import { isCaptureKey } from "../../../../shared/keys.ts";
+import { concatBytes } from "#shared/bytes.ts";
+import { isCaptureKey } from "#shared/keys.ts";
 import { encodeKey, parseListing, type SourceConfig, signedBucket } from "../model/source.ts";
 
 /**

@@ -1,8 +1,8 @@
-import { readMetadata, readPointer, readVerifiedFile } from "../../../../shared/artifacts.ts";
-import { ARTIFACT_FILES, type ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
-import { NotFoundError } from "../../../../shared/errors.ts";
-import { compareHeldOut, type HeldOutComparison } from "../../../../shared/held-out.ts";
-import { keys } from "../../../../shared/keys.ts";
+import { readMetadata, readPointer, readVerifiedFile } from "#shared/artifacts.ts";
+import { ARTIFACT_FILES, type ArtifactMetadata } from "#shared/contracts/artifact.ts";
+import { NotFoundError } from "#shared/errors.ts";
+import { compareHeldOut, type HeldOutComparison } from "#shared/held-out.ts";
+import { keys } from "#shared/keys.ts";
 import { ApiError } from "../http/errors.ts";
 import type { ModelSource } from "../model/source.ts";
 

@@ -8,10 +8,10 @@ import webpWasm from "@jsquash/webp/codec/dec/webp_dec.wasm";
 import decodeWebp, { init as initWebp } from "@jsquash/webp/decode";
 import { imageSize } from "image-size";
 import { decode as decodeJpegJs } from "jpeg-js";
-import { type ImageFormat, sniffFormat } from "../../../../shared/image/format.ts";
-import { decodeGifFirstFrame, type GifFirstFrame, inspectGif } from "../../../../shared/image/gif.ts";
-import { inspectJpeg, JpegStructureError, JpegTooManyScansError, MAX_JPEG_SCANS } from "../../../../shared/image/jpeg.ts";
-import type { Pixels } from "../../../../shared/preprocess.ts";
+import { type ImageFormat, sniffFormat } from "#shared/image/format.ts";
+import { decodeGifFirstFrame, type GifFirstFrame, inspectGif } from "#shared/image/gif.ts";
+import { inspectJpeg, JpegStructureError, JpegTooManyScansError, MAX_JPEG_SCANS } from "#shared/image/jpeg.ts";
+import type { Pixels } from "#shared/preprocess.ts";
 import { ApiError } from "../http/errors.ts";
 import { instantiateTracked, trackWasmMemory } from "../memory.ts";
 

@@ -1,14 +1,17 @@
 import * as tfl from "@tensorflow/tfjs-layers";
-import { readSharedBase, type VerifiedBytesCache } from "../../../../shared/artifacts.ts";
-import { concatBytes } from "../../../../shared/bytes.ts";
+import { readSharedBase, type VerifiedBytesCache } from "#shared/artifacts.ts";
+import { concatBytes } from "#shared/bytes.ts";
 import { tf } from "../tf.ts";
-import type { ModelSource } from "./source.ts";
+import { type ModelSource, StoreAccessDeniedError } from "./source.ts";
 
 /**
  * The shared bases this isolate holds: one copy per (base sha256, size), however many heads use it
  * (ARCHITECTURE.md "One base, many models"). A base is loaded, every byte verified, when the first head
  * that names it loads, and disposed when the last head instance holding it is disposed. Content
  * addressed: a base never changes, so there is no hot swap here (heads swap; a new base is a new key).
+ * A base that fails to load backs off once for every head on it: until its retry time, a head that
+ * needs it is refused at once (BaseUnavailableError) and storage is not asked again; then the first
+ * head that asks retries it, for all of them.
  */
 export interface LoadedBase {
   key: string;
@@ -30,6 +33,38 @@ export interface LoadedBase {
 
 export const baseKey = (sha256: string, size: number) => `${sha256}-${size}`;
 
+/**
+ * A head cannot load because its shared base cannot: the base's problem, not the head's version (the
+ * registry retries the head when the base may be tried again, `retryAt`). `code`: the base's failure had
+ * its own error code (a refused store credential).
+ */
+export class BaseUnavailableError extends Error {
+  readonly retryAt: number;
+  readonly code?: "store_access_denied";
+  constructor(key: string, cause: string, retryAt: number, code?: "store_access_denied") {
+    super(`its shared base ${key} cannot be loaded: ${cause}`);
+    this.retryAt = retryAt;
+    this.code = code;
+  }
+}
+
+interface BaseFailure {
+  sha256: string;
+  size: number;
+  message: string;
+  code?: "store_access_denied";
+  at: number;
+  /** Failures in a row, and when the base may be fetched again. */
+  failures: number;
+  retryAt: number;
+}
+
+export interface SharedBasesOptions {
+  /** Caps the back-off of a base that fails (10 × this, as a head's version). */
+  ttlMs: number;
+  now?: () => number;
+}
+
 /** Bytes a model's weights hold in tfjs memory (each float32: 4 bytes). */
 export function weightBytes(model: tfl.LayersModel): number {
   return model.weights.reduce((n, w) => n + w.read().size * 4, 0);
@@ -38,21 +73,36 @@ export function weightBytes(model: tfl.LayersModel): number {
 export class SharedBases {
   private readonly loaded = new Map<string, LoadedBase>();
   private readonly loading = new Map<string, Promise<LoadedBase>>();
-  /** The last failure of a base that is not loaded, for /healthz. */
-  private readonly errors = new Map<string, { message: string; at: number }>();
+  /**
+   * The last failure of a base that is not loaded, for its back-off and /healthz. Keyed by the base and
+   * the base.json sha256 heads name: a head naming a wrong one (failing for itself) backs off alone, not
+   * the heads that name the right one.
+   */
+  private readonly errors = new Map<string, BaseFailure>();
   private readonly source: ModelSource;
+  private readonly options: SharedBasesOptions;
 
-  constructor(source: ModelSource) {
+  constructor(source: ModelSource, options: SharedBasesOptions) {
     this.source = source;
+    this.options = options;
   }
 
-  /** The base, loaded once however many heads ask for it at the same time; the caller then holds it (`release` when done). */
+  private now(): number {
+    return this.options.now?.() ?? Date.now();
+  }
+
+  /**
+   * The base, loaded once however many heads ask for it at the same time; the caller then holds it
+   * (`release` when done). Throws BaseUnavailableError while a failed base backs off, and when it fails.
+   */
   async hold(sha256: string, size: number, manifestSha256: string, cache?: VerifiedBytesCache): Promise<LoadedBase> {
     const key = baseKey(sha256, size);
     let base = this.loaded.get(key);
     if (!base) {
       let pending = this.loading.get(key);
       if (!pending) {
+        const failed = this.errors.get(`${key}@${manifestSha256}`);
+        if (failed && failed.retryAt > this.now()) throw new BaseUnavailableError(key, failed.message, failed.retryAt, failed.code);
         pending = this.load(key, sha256, size, manifestSha256, cache).finally(() => this.loading.delete(key));
         this.loading.set(key, pending);
       }
@@ -79,7 +129,17 @@ export class SharedBases {
     return this.loaded.get(key);
   }
 
-  status(): { sha256: string; size: number; featureLayer?: string; heads: number; bytes?: number; loadedAt?: string; problem?: string }[] {
+  status(): {
+    sha256: string;
+    size: number;
+    featureLayer?: string;
+    heads: number;
+    bytes?: number;
+    loadedAt?: string;
+    problem?: string;
+    failures?: number;
+    retryAt?: string;
+  }[] {
     const loaded = [...this.loaded.values()].map((b) => ({
       sha256: b.sha256,
       size: b.size,
@@ -88,12 +148,16 @@ export class SharedBases {
       bytes: b.bytes,
       loadedAt: new Date(b.loadedAt).toISOString(),
     }));
-    const failed = [...this.errors.entries()]
-      .filter(([key]) => !this.loaded.has(key))
-      .map(([key, e]) => {
-        const [sha256, size] = key.split("-");
-        return { sha256: sha256 as string, size: Number(size), heads: 0, problem: e.message };
-      });
+    const failed = [...this.errors.values()]
+      .filter((e) => !this.loaded.has(baseKey(e.sha256, e.size)))
+      .map((e) => ({
+        sha256: e.sha256,
+        size: e.size,
+        heads: 0,
+        problem: e.message,
+        failures: e.failures,
+        retryAt: new Date(Date.now() + (e.retryAt - this.now())).toISOString(),
+      }));
     return [...loaded, ...failed];
   }
 
@@ -133,12 +197,22 @@ export class SharedBases {
         extractors: new Map(),
       };
       this.loaded.set(key, base);
-      this.errors.delete(key);
+      for (const k of this.errors.keys()) if (k.startsWith(`${key}@`)) this.errors.delete(k);
       return base;
     } catch (e) {
-      // Kept for /healthz; the error itself goes on to the head's slot (with its code, if it has one).
-      this.errors.set(key, { message: e instanceof Error ? e.message : String(e), at: Date.now() });
-      throw e;
+      // One back-off for the base, whatever number of heads wait for it; the head's slot gets the message (and code).
+      const at = this.now();
+      const errorKey = `${key}@${manifestSha256}`;
+      const failures = (this.errors.get(errorKey)?.failures ?? 0) + 1;
+      // As a head's version: 2–4 s, then 4–8 s, … up to 10 TTLs (a base is megabytes; jittered so isolates do not retry in step).
+      const retryAt = at + Math.min(10 * this.options.ttlMs, 1000 * 2 ** (failures + 1)) * (0.5 + 0.5 * Math.random());
+      const message = e instanceof Error ? e.message : String(e);
+      const code = e instanceof StoreAccessDeniedError ? e.code : undefined;
+      this.errors.delete(errorKey);
+      // Bounded like the registry's slots: heads naming made-up base.json files cannot grow memory.
+      if (this.errors.size >= 64) this.errors.delete(this.errors.keys().next().value as string);
+      this.errors.set(errorKey, { sha256, size, message, code, at, failures, retryAt });
+      throw new BaseUnavailableError(key, message, retryAt, code);
     }
   }
 }

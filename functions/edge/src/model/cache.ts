@@ -1,4 +1,4 @@
-import type { VerifiedBytesCache } from "../../../../shared/artifacts.ts";
+import type { VerifiedBytesCache } from "#shared/artifacts.ts";
 
 /**
  * Where verified model bytes are kept between isolates, keyed by their sha256 (versions are immutable;

@@ -1,6 +1,8 @@
 import { afterEach, describe, expect, it, vi } from "vitest";
-import { sha256Hex } from "../../../../shared/hash.ts";
-import { keys } from "../../../../shared/keys.ts";
+import { servedFiles } from "#shared/contracts/artifact.ts";
+import { validMetadata } from "#shared/contracts/fixtures.ts";
+import { sha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
 import { ModelRegistry, ModelUnavailableError } from "./registry.ts";
 import type { ConditionalResult, ModelSource } from "./source.ts";
 
@@ -11,7 +13,7 @@ vi.mock("../tf.ts", () => ({ tf: {}, initTf: async () => {} }));
 /** An in-memory bucket that counts GETs, and can fail every request like an S3 outage. */
 function fakeSource() {
   const objects = new Map<string, Uint8Array>();
-  const state = { gets: 0, down: false };
+  const state = { gets: 0, down: false, keys: [] as string[] };
   const source: ModelSource = {
     async *listFolders() {},
     async get(key) {
@@ -19,6 +21,7 @@ function fakeSource() {
     },
     async getIfChanged(key, etag): Promise<ConditionalResult> {
       state.gets++;
+      state.keys.push(key);
       if (state.down) throw new Error("S3 answered 500 InternalError");
       const bytes = objects.get(key);
       if (!bytes) return { status: 404 };
@@ -27,7 +30,8 @@ function fakeSource() {
     },
   };
   const put = (key: string, value: unknown) => objects.set(key, new TextEncoder().encode(JSON.stringify(value)));
-  return { source, state, put };
+  const getsOf = (key: string) => state.keys.filter((k) => k === key).length;
+  return { source, state, put, objects, getsOf };
 }
 
 /** A pointer to a version whose metadata does not match the pointer's sha256 (tampered or half-written). */
@@ -97,5 +101,68 @@ describe("model registry back-off", () => {
       await unavailable(registry);
       expect(state.gets).toBe(gets);
     }
+  });
+
+  it("backs off a broken shared base once for every head on it, and retries it for all of them", async () => {
+    vi.spyOn(Math, "random").mockReturnValue(0.999); // the longest jitter: the base's first back-off is ≈ 4 s
+    const { source, objects, getsOf } = fakeSource();
+    const baseSha = "b".repeat(64);
+    const manifest = keys.sharedBaseFile(baseSha, 128, "base.json");
+    // Two split versions (heads) naming one base whose base.json is missing: one with a pointer that lists
+    // what to fetch (`served`), one written before pointers did.
+    const headJson = new TextEncoder().encode(JSON.stringify({ modelTopology: {}, weightsManifest: [{ paths: ["head-shard1of1.bin"], weights: [] }] }));
+    const shard = new Uint8Array(8);
+    for (const [name, listed] of [
+      ["h1", true],
+      ["h2", false],
+    ] as const) {
+      const fixture = validMetadata();
+      const files = [
+        ...fixture.files,
+        { path: "head.json", sha256: await sha256Hex(headJson), bytes: headJson.byteLength },
+        { path: "head-shard1of1.bin", sha256: await sha256Hex(shard), bytes: shard.byteLength },
+      ];
+      const metadata = { ...fixture, name, base: { ...fixture.base, sha256: baseSha }, files, split: { baseManifestSha256: "c".repeat(64), features: 8 } };
+      const text = new TextEncoder().encode(JSON.stringify(metadata));
+      objects.set(keys.metadata(name, metadata.version), text);
+      objects.set(keys.versionFile(name, metadata.version, "head.json"), headJson);
+      objects.set(keys.versionFile(name, metadata.version, "head-shard1of1.bin"), shard);
+      const pointer = {
+        schemaVersion: 1,
+        version: metadata.version,
+        metadataSha256: await sha256Hex(text),
+        promotedAt: new Date(0).toISOString(),
+        previous: null,
+        reason: "test",
+        ...(listed ? { served: servedFiles(metadata) } : {}),
+      };
+      objects.set(keys.pointer(name), new TextEncoder().encode(JSON.stringify(pointer)));
+    }
+    let now = 9_000_000;
+    const registry = new ModelRegistry(source, { ttlMs: 30_000, memoryBudgetBytes: 64 * 1024 * 1024, now: () => now });
+    const acquire = (name: string) =>
+      registry
+        .acquire(name, () => {})
+        .then(
+          () => {
+            throw new Error(`${name} was served`);
+          },
+          (e: unknown) => e as ModelUnavailableError,
+        );
+    const first = await acquire("h1");
+    expect(first).toBeInstanceOf(ModelUnavailableError);
+    expect(first.message).toMatch(/shared base b+-128 cannot be loaded/);
+    expect(getsOf(manifest)).toBe(1);
+    // The other head, and both again: refused from what is known, the base not asked for again.
+    for (const name of ["h2", "h1", "h2"]) expect((await acquire(name)).message).toMatch(/shared base/);
+    expect(getsOf(manifest)).toBe(1);
+    const [failed] = registry.bases.status();
+    expect(failed).toMatchObject({ sha256: baseSha, size: 128, heads: 0, failures: 1 });
+    expect(failed?.problem).toMatch(/missing/);
+    // Past the base's back-off (≈ 4 s), the first head that asks tries the base again, once.
+    now += 4_100;
+    for (const name of ["h2", "h1"]) await acquire(name);
+    expect(getsOf(manifest)).toBe(2);
+    expect(registry.bases.status()[0]).toMatchObject({ failures: 2 });
   });
 });

@@ -1,12 +1,12 @@
 import * as tfl from "@tensorflow/tfjs-layers";
-import { readMetadata, readVerifiedFile, type VerifiedBytesCache } from "../../../../shared/artifacts.ts";
-import { concatBytes } from "../../../../shared/bytes.ts";
-import type { ArtifactMetadata, ModelPointer } from "../../../../shared/contracts/artifact.ts";
-import { pointerSchema, SPLIT_FILES } from "../../../../shared/contracts/artifact.ts";
-import { parseContractJson } from "../../../../shared/contracts/parse.ts";
-import { keys } from "../../../../shared/keys.ts";
+import { readListedFile, readMetadata, type VerifiedBytesCache } from "#shared/artifacts.ts";
+import { concatBytes } from "#shared/bytes.ts";
+import type { ArtifactMetadata, ModelPointer, Served } from "#shared/contracts/artifact.ts";
+import { ARTIFACT_FILES, pointerSchema, SPLIT_FILES, sameServed, servedFiles } from "#shared/contracts/artifact.ts";
+import { parseContractJson } from "#shared/contracts/parse.ts";
+import { keys } from "#shared/keys.ts";
 import { tf } from "../tf.ts";
-import { type LoadedBase, SharedBases, weightBytes } from "./bases.ts";
+import { BaseUnavailableError, type LoadedBase, SharedBases, weightBytes } from "./bases.ts";
 import { type ModelSource, StoreAccessDeniedError } from "./source.ts";
 
 /**
@@ -103,7 +103,7 @@ export class ModelRegistry {
   constructor(source: ModelSource, options: RegistryOptions) {
     this.source = source;
     this.options = options;
-    this.bases = new SharedBases(source);
+    this.bases = new SharedBases(source, { ttlMs: options.ttlMs, now: options.now });
   }
 
   private now(): number {
@@ -234,8 +234,10 @@ export class ModelRegistry {
       try {
         loaded = await this.load(name, pointer, waitUntil);
       } catch (e) {
-        // Twice the pointer's back-off: the pointer is cheap to ask for, the version is megabytes.
-        slot.failed = { etag: res.etag, retryAt: started + this.backoff(slot.failures + 2, 10 * this.options.ttlMs) };
+        // Twice the pointer's back-off: the pointer is cheap to ask for, the version is megabytes. A
+        // version that failed for its base is tried again when its base is (the base backs off once for all).
+        const retryAt = e instanceof BaseUnavailableError ? e.retryAt : started + this.backoff(slot.failures + 2, 10 * this.options.ttlMs);
+        slot.failed = { etag: res.etag, retryAt };
         throw e;
       }
       const old = slot.current;
@@ -250,7 +252,7 @@ export class ModelRegistry {
     } catch (e) {
       // Keep serving what we have; say what went wrong in /healthz; try again after a back-off.
       slot.checkedAt = started;
-      const code = e instanceof StoreAccessDeniedError ? e.code : undefined;
+      const code = e instanceof StoreAccessDeniedError || e instanceof BaseUnavailableError ? e.code : undefined;
       slot.lastError = { message: e instanceof Error ? e.message : String(e), at: started, code };
       slot.failures++;
       slot.nextCheckAt = started + this.backoff(slot.failures, this.options.ttlMs);
@@ -277,20 +279,33 @@ export class ModelRegistry {
       get: (sha: string) => shared.get(sha),
       put: async (sha: string, bytes: Uint8Array) => waitUntil(shared.put(sha, bytes).catch(() => {})),
     };
-    const metadata = await readMetadata(this.source, name, pointer.version, pointer.metadataSha256, cache);
-    const split = metadata.split;
-    const size = metadata.input.size;
-    // A split version fetches its head (KB) while it takes hold of its base (fetched only by the first head on it).
-    const [held, read] = await Promise.allSettled([
-      split ? this.bases.hold(metadata.base.sha256, size, split.baseManifestSha256, cache) : Promise.resolve(undefined),
-      this.readModelFiles(metadata, split ? SPLIT_FILES.head : "model.json", split ? [SPLIT_FILES.headWeights] : undefined, cache),
+    const { version } = pointer;
+    const metadataRead = readMetadata(this.source, name, version, pointer.metadataSha256, cache);
+    // A pointer that says what to fetch (`served`) lets the files and the base come beside the metadata:
+    // one round trip after the pointer, not two. They are used only if the metadata, which the pointer's
+    // sha256 vouches for, says exactly the same. Older pointers: the metadata first, then what it lists.
+    const plan = pointer.served ? Promise.resolve(pointer.served) : metadataRead.then(servedFiles);
+    const checked = metadataRead.then((metadata) => {
+      if (pointer.served && !sameServed(pointer.served, servedFiles(metadata)))
+        throw new Error(`its pointer (current.json) does not list the files ${version}'s metadata does; refused, not served`);
+      return metadata;
+    });
+    const [meta, held, read] = await Promise.allSettled([
+      checked,
+      // A split version takes hold of its base (fetched only by the first head on it) while it fetches its head (KB).
+      plan.then((p) => (p.form === "split" ? this.bases.hold(p.base.sha256, p.base.size, p.base.manifestSha256, cache) : undefined)),
+      plan.then((p) => this.readModelFiles(name, version, p, cache)),
     ]);
     const base = held.status === "fulfilled" ? held.value : undefined;
     try {
+      if (meta.status === "rejected") throw meta.reason;
       if (held.status === "rejected") throw held.reason;
       if (read.status === "rejected") throw read.reason;
+      const metadata = meta.value;
+      const split = metadata.split;
+      const size = metadata.input.size;
       if (base && base.featureLayer !== metadata.base.featureLayer)
-        throw new Error(`model ${name} ${pointer.version} pools ${metadata.base.featureLayer}, but its shared base is cut at ${base.featureLayer}`);
+        throw new Error(`model ${name} ${version} pools ${metadata.base.featureLayer}, but its shared base is cut at ${base.featureLayer}`);
       const t1 = performance.now();
       const model = await tfl.loadLayersModel(tf.io.fromMemory(read.value));
       const t2 = performance.now();
@@ -309,11 +324,11 @@ export class ModelRegistry {
         x.dispose();
       } catch (e) {
         model.dispose();
-        throw new Error(`model ${name} ${pointer.version} does not run${base ? " on its shared base" : ""}: ${e instanceof Error ? e.message : e}`);
+        throw new Error(`model ${name} ${version} does not run${base ? " on its shared base" : ""}: ${e instanceof Error ? e.message : e}`);
       }
       if (outputs !== metadata.labels.length) {
         model.dispose();
-        throw new Error(`model ${name} ${pointer.version} has ${outputs} outputs but ${metadata.labels.length} labels`);
+        throw new Error(`model ${name} ${version} has ${outputs} outputs but ${metadata.labels.length} labels`);
       }
       const t3 = performance.now();
       return {
@@ -337,28 +352,24 @@ export class ModelRegistry {
   }
 
   /**
-   * A model file and its weights, verified. `shards`: the weight files when the metadata already names
-   * them (a head's), fetched beside the model file instead of after it; they must be the ones it lists.
+   * The model file (a split version's head.json, else model.json) and its weights, all fetched at once,
+   * each verified against the sha256 `served` lists; model.json must name weight files that are among them.
    */
-  private async readModelFiles(
-    metadata: ArtifactMetadata,
-    path: string,
-    shards: string[] | undefined,
-    cache?: VerifiedBytesCache,
-  ): Promise<tf.io.ModelArtifacts> {
-    const read = (p: string) => readVerifiedFile(this.source, metadata, p, cache);
-    const [jsonBytes, ...early] = await Promise.all([read(path), ...(shards ?? []).map(read)]);
-    const json = JSON.parse(new TextDecoder().decode(jsonBytes)) as {
+  private async readModelFiles(name: string, version: string, served: Served, cache?: VerifiedBytesCache): Promise<tf.io.ModelArtifacts> {
+    const path = served.form === "split" ? SPLIT_FILES.head : ARTIFACT_FILES.model;
+    if (!served.files.some((f) => f.path === path)) throw new Error(`${version} lists no ${path}`);
+    const fetched = new Map(await Promise.all(served.files.map(async (f) => [f.path, await readListedFile(this.source, name, version, f, cache)] as const)));
+    const json = JSON.parse(new TextDecoder().decode(fetched.get(path))) as {
       modelTopology: object;
       weightsManifest: { paths: string[]; weights: tf.io.WeightsManifestEntry[] }[];
     };
     const paths = json.weightsManifest.flatMap((g) => g.paths);
-    if (shards && paths.join("\n") !== shards.join("\n")) throw new Error(`${path} names weight files ${paths.join(", ")}, not ${shards.join(", ")}`);
-    const bytes = shards ? early : await Promise.all(paths.map(read));
+    const missing = paths.filter((p) => p === path || !fetched.has(p));
+    if (missing.length > 0) throw new Error(`${path} names weight files ${missing.join(", ")} that ${version} does not list`);
     return {
       modelTopology: json.modelTopology,
       weightSpecs: json.weightsManifest.flatMap((g) => g.weights),
-      weightData: concatBytes(bytes as Uint8Array[]).buffer,
+      weightData: concatBytes(paths.map((p) => fetched.get(p) as Uint8Array)).buffer,
     };
   }
 

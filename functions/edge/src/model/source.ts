@@ -1,5 +1,5 @@
 import { AwsClient } from "aws4fetch";
-import type { FolderLister } from "../../../../shared/catalog.ts";
+import type { FolderLister } from "#shared/catalog.ts";
 
 /**
  * Where the worker reads models from: the training job's S3 bucket, signed with SigV4 using

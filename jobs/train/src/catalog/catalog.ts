@@ -1,10 +1,10 @@
-import { HISTORY, historyOf, readMetadata, readPointerBasis, writePointerIf } from "../../../../shared/artifacts.ts";
-import { listModels, listVersions as listModelVersions, type VersionSummary } from "../../../../shared/catalog.ts";
-import type { ModelPointer } from "../../../../shared/contracts/artifact.ts";
-import { EdgetuneError, NotFoundError } from "../../../../shared/errors.ts";
-import { sha256Hex } from "../../../../shared/hash.ts";
-import { keys } from "../../../../shared/keys.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { HISTORY, historyOf, readMetadata, readPointerBasis, writePointerIf } from "#shared/artifacts.ts";
+import { listModels, listVersions as listModelVersions, type VersionSummary } from "#shared/catalog.ts";
+import { type ModelPointer, servedFiles } from "#shared/contracts/artifact.ts";
+import { EdgetuneError, NotFoundError } from "#shared/errors.ts";
+import { sha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { acquireLock, LockTimeoutError } from "../release/lock.ts";
 
 /**
@@ -90,6 +90,7 @@ async function moveBack(store: ObjectStore, name: string, to?: string): Promise<
       reason: `rollback from ${pointer.version}`,
       history: to ? [pointer.version, ...history].filter((v) => v !== target).slice(0, HISTORY) : history.slice(1),
       dataset: owner,
+      served: servedFiles(targetMetadata),
     },
     basis,
   );

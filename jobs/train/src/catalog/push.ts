@@ -1,19 +1,12 @@
 import { readdir, readFile, stat } from "node:fs/promises";
 import { join, relative, sep } from "node:path";
 import { pMapIterable } from "p-map";
-import { nameSchema } from "../../../../shared/contracts/common.ts";
-import {
-  classifyDatasetKeys,
-  type DatasetManifest,
-  IMAGE_EXTENSIONS,
-  JOB_FOLDER,
-  MANIFEST_FILE,
-  manifestSchema,
-} from "../../../../shared/contracts/dataset.ts";
-import { parseContract } from "../../../../shared/contracts/parse.ts";
-import { DatasetError, EdgetuneError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
-import { keys } from "../../../../shared/keys.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { nameSchema } from "#shared/contracts/common.ts";
+import { classifyDatasetKeys, type DatasetManifest, IMAGE_EXTENSIONS, JOB_FOLDER, MANIFEST_FILE, manifestSchema } from "#shared/contracts/dataset.ts";
+import { parseContract } from "#shared/contracts/parse.ts";
+import { DatasetError, EdgetuneError, NotFoundError, userMessage } from "#shared/errors.ts";
+import { keys } from "#shared/keys.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import { assignSplits, checkTrainable, DEFAULT_VAL_FRACTION } from "../dataset/read.ts";
 import { acquireLock, LockTimeoutError } from "../release/lock.ts";
@@ -112,7 +105,8 @@ async function staleFiles(store: ObjectStore, name: string, wanted: ReadonlySet<
 async function checkFolder(dir: string, name: string, images: string[], manifest: Partial<DatasetManifest>, decodeAll = false) {
   const relativeOf = (f: string) => relative(dir, f).split(sep).join("/");
   const { entries } = classifyDatasetKeys(images.map(relativeOf));
-  const ignored = new Set(manifest.ignoreLabels ?? []);
+  // The out-of-distribution folder is not a label (readDataset sets it aside).
+  const ignored = new Set([...(manifest.ignoreLabels ?? []), ...(manifest.oodFolder ? [manifest.oodFolder] : [])]);
   const found = entries.flatMap((e) => (e.kind === "image" && !ignored.has(e.label) ? [{ key: e.key, id: e.key, label: e.label, split: e.split }] : []));
   // Named as the user knows it: the local folder, not the S3 keys it would become.
   if (found.length === 0)

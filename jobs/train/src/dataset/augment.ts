@@ -1,4 +1,4 @@
-import type { Pixels, PreprocessOptions } from "../../../../shared/preprocess.ts";
+import type { Pixels, PreprocessOptions } from "#shared/preprocess.ts";
 
 /**
  * Augmented views for the frozen-feature strategy. View 0 is the image as served; views 1… are

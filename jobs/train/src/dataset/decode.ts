@@ -1,9 +1,9 @@
 import sharp from "sharp";
-import { EdgetuneError } from "../../../../shared/errors.ts";
-import { sniffFormat } from "../../../../shared/image/format.ts";
-import { inspectGif } from "../../../../shared/image/gif.ts";
-import { inspectJpeg, JpegStructureError, JpegTooManyScansError } from "../../../../shared/image/jpeg.ts";
-import type { Pixels } from "../../../../shared/preprocess.ts";
+import { EdgetuneError } from "#shared/errors.ts";
+import { sniffFormat } from "#shared/image/format.ts";
+import { inspectGif } from "#shared/image/gif.ts";
+import { inspectJpeg, JpegStructureError, JpegTooManyScansError } from "#shared/image/jpeg.ts";
+import type { Pixels } from "#shared/preprocess.ts";
 
 /**
  * Image decoding for training: JPEG, PNG, WebP and the first frame of GIF, with EXIF orientation

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { hashDistance } from "../../../../shared/image/input-hash.ts";
+import { hashDistance } from "#shared/image/input-hash.ts";
 import { NEAR_DUPLICATE_BITS, nearDuplicatesByHash, separateNearDuplicates } from "./near-duplicates.ts";
 
 function rng(seed: number) {

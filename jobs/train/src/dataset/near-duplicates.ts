@@ -1,4 +1,4 @@
-import { hashDistance } from "../../../../shared/image/input-hash.ts";
+import { hashDistance } from "#shared/image/input-hash.ts";
 
 /**
  * Near-identical images across the split: a held-out image that is a resized copy or a re-encode of a

@@ -1,17 +1,9 @@
-import {
-  classifyDatasetKeys,
-  type DatasetManifest,
-  labelProblem,
-  labelSchema,
-  lookAlikes,
-  manifestSchema,
-  type Split,
-} from "../../../../shared/contracts/dataset.ts";
-import { parseContractJson } from "../../../../shared/contracts/parse.ts";
-import { DatasetError, NotFoundError } from "../../../../shared/errors.ts";
-import { sha256Hex } from "../../../../shared/hash.ts";
-import { keys } from "../../../../shared/keys.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { classifyDatasetKeys, type DatasetManifest, labelProblem, labelSchema, lookAlikes, manifestSchema, type Split } from "#shared/contracts/dataset.ts";
+import { parseContractJson } from "#shared/contracts/parse.ts";
+import { DatasetError, NotFoundError } from "#shared/errors.ts";
+import { sha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 
 /**
  * Reading a dataset's listing from S3 and turning it into deterministic train/val/test splits.
@@ -33,6 +25,8 @@ export interface Dataset {
   layout: "flat" | "split";
   labels: string[];
   images: DatasetImage[];
+  /** The manifest's `oodFolder`: images that are none of the labels, for evaluation only (never trained on). */
+  ood: DatasetImage[];
   ignored: { key: string; reason: string }[];
   /** sha256 of the listing and manifest: same fingerprint, same training data. */
   fingerprint: string;
@@ -56,6 +50,7 @@ export async function readDataset(store: ObjectStore, name: string, options: { s
   const ignoredLabels = new Set(manifest.ignoreLabels);
   const ignored: { key: string; reason: string }[] = [];
   const raw: { key: string; id: string; label: string; split?: Split }[] = [];
+  const ood: DatasetImage[] = [];
   for (const e of entries) {
     if (e.kind === "ignored") {
       ignored.push({ key: prefix + e.key, reason: e.reason });
@@ -67,6 +62,10 @@ export async function readDataset(store: ObjectStore, name: string, options: { s
       continue;
     }
     if (ignoredLabels.has(e.label)) continue;
+    if (e.label === manifest.oodFolder) {
+      ood.push({ key: prefix + e.key, id: `${o.etag.replaceAll('"', "")}-${o.size}`, label: e.label, split: e.split ?? "val" });
+      continue;
+    }
     raw.push({ key: prefix + e.key, id: `${o.etag.replaceAll('"', "")}-${o.size}`, label: e.label, split: e.split });
   }
   if (manifest.imageCount !== undefined && raw.length + ignored.length < manifest.imageCount) {
@@ -77,11 +76,20 @@ export async function readDataset(store: ObjectStore, name: string, options: { s
 
   const labels = [...new Set(raw.map((r) => r.label))].sort();
   const images = await assignSplits(raw, options.seed, options.valFraction ?? DEFAULT_VAL_FRACTION);
+  if (manifest.oodFolder !== undefined && manifest.oodFolder === manifest.noneLabel)
+    throw new DatasetError(
+      `Dataset ${name}: the manifest names "${manifest.oodFolder}" both as the none-of-these folder (trained on) and as the out-of-distribution folder (never trained on); use two folders.`,
+    );
   const warnings = checkTrainable(name, labels, images);
-  const fingerprint = await sha256Hex(
-    JSON.stringify({ manifest, images: images.map((i) => [i.key, i.id, i.label, i.split]).sort((a, b) => (a[0] as string).localeCompare(b[0] as string)) }),
-  );
-  return { name, manifest, layout, labels, images, ignored, fingerprint, warnings };
+  if (manifest.oodFolder !== undefined && ood.length === 0)
+    warnings.push(
+      `The manifest names "${manifest.oodFolder}" as the out-of-distribution folder, but it holds no images: the report has no out-of-distribution evaluation.`,
+    );
+  const sorted = (list: DatasetImage[]) => list.map((i) => [i.key, i.id, i.label, i.split]).sort((a, b) => (a[0] as string).localeCompare(b[0] as string));
+  // The out-of-distribution images change the report, so the version; listed only when there are some,
+  // so every dataset without them keeps its fingerprint (and its trained versions).
+  const fingerprint = await sha256Hex(JSON.stringify({ manifest, images: sorted(images), ...(ood.length > 0 ? { ood: sorted(ood) } : {}) }));
+  return { name, manifest, layout, labels, images, ood, ignored, fingerprint, warnings };
 }
 
 /**

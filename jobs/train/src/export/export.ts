@@ -1,9 +1,9 @@
 import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { readMetadata, readPointer, readVerifiedFile } from "../../../../shared/artifacts.ts";
-import { ARTIFACT_FILES, type ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
-import { EdgetuneError, NotFoundError } from "../../../../shared/errors.ts";
-import type { ObjectReader } from "../../../../shared/s3/store.ts";
+import { readMetadata, readPointer, readVerifiedFile } from "#shared/artifacts.ts";
+import { ARTIFACT_FILES, type ArtifactMetadata } from "#shared/contracts/artifact.ts";
+import { EdgetuneError, NotFoundError } from "#shared/errors.ts";
+import type { ObjectReader } from "#shared/s3/store.ts";
 import { loadModel } from "../model/io.ts";
 import { OPSET, UnsupportedLayerError } from "../model/onnx.ts";
 import { classifierToOnnx } from "./onnx.ts";

@@ -1,4 +1,4 @@
-import { type Pixels, type PreprocessingSpec, preprocess } from "../../../../shared/preprocess.ts";
+import { type Pixels, type PreprocessingSpec, preprocess } from "#shared/preprocess.ts";
 
 /**
  * The exported model's input for decoded pixels: shared/preprocess.ts up to its rounding to 8 bits

@@ -1,6 +1,6 @@
 import type * as tf from "@tensorflow/tfjs";
-import type { ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
-import { NORMALIZATIONS } from "../../../../shared/preprocess.ts";
+import type { ArtifactMetadata } from "#shared/contracts/artifact.ts";
+import { NORMALIZATIONS } from "#shared/preprocess.ts";
 import { OPSET, toOnnx } from "../model/onnx.ts";
 
 /** Graph input and output of an exported classifier (what the README's snippets feed and read). */

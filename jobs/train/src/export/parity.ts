@@ -1,7 +1,7 @@
 import * as tf from "@tensorflow/tfjs";
 import type { InferenceSession, Tensor } from "onnxruntime-node";
-import type { ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
-import { type Pixels, preprocess } from "../../../../shared/preprocess.ts";
+import type { ArtifactMetadata } from "#shared/contracts/artifact.ts";
+import { type Pixels, preprocess } from "#shared/preprocess.ts";
 import { ONNX_INPUT, ONNX_OUTPUT } from "./onnx.ts";
 
 /** Probabilities of one uint8 NHWC image ([size, size, 3] bytes) from an exported model. */

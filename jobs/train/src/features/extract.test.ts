@@ -1,7 +1,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
 import type { DatasetImage } from "../dataset/read.ts";
 import { sampleDataset } from "../dataset/sample.ts";
 import { initBackend } from "../model/backend.ts";

@@ -1,11 +1,11 @@
 import * as tf from "@tensorflow/tfjs";
 import { pMapIterable } from "p-map";
-import type { BaseMetadata } from "../../../../shared/contracts/base.ts";
-import { sha256Hex } from "../../../../shared/hash.ts";
-import { inputHash } from "../../../../shared/image/input-hash.ts";
-import { keys } from "../../../../shared/keys.ts";
-import { LATEST_PREPROCESSING, type Pixels, type PreprocessingSpec, preprocess } from "../../../../shared/preprocess.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import type { BaseMetadata } from "#shared/contracts/base.ts";
+import { sha256Hex } from "#shared/hash.ts";
+import { inputHash } from "#shared/image/input-hash.ts";
+import { keys } from "#shared/keys.ts";
+import { LATEST_PREPROCESSING, type Pixels, type PreprocessingSpec, preprocess } from "#shared/preprocess.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import type { TrainOptions } from "../config.ts";
 import { augmentation } from "../dataset/augment.ts";
 import { decodeImage } from "../dataset/decode.ts";
@@ -13,8 +13,9 @@ import type { DatasetImage } from "../dataset/read.ts";
 import { poolsOf } from "../model/bases.ts";
 import { poolMaps } from "../model/graph.ts";
 import { roundToHalf } from "../model/weights.ts";
-import { createForwardPool, type ForwardPool, lazyForwardPool } from "./forward-pool.ts";
+import { createForwardPool, lazyForwardPool } from "./forward-pool.ts";
 import { decodePack, decodePackHeader, encodePack, type Pack, type PackHeader } from "./packs.ts";
+import type { ForwardPool } from "./worker-pool.ts";
 
 /**
  * Features of every image, computed once. The cache key covers everything that changes the numbers

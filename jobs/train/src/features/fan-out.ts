@@ -1,5 +1,5 @@
 import { BatchClient, DescribeJobsCommand, SubmitJobCommand } from "@aws-sdk/client-batch";
-import { EdgetuneError } from "../../../../shared/errors.ts";
+import { EdgetuneError } from "#shared/errors.ts";
 import type { Logger } from "../log.ts";
 
 /**

@@ -2,7 +2,8 @@ import { Worker } from "node:worker_threads";
 import * as tf from "@tensorflow/tfjs";
 import { beforeAll, describe, expect, it } from "vitest";
 import { initBackend } from "../model/backend.ts";
-import { createForwardPool, forwardLocal, workerPool } from "./forward-pool.ts";
+import { createForwardPool, forwardLocal } from "./forward-pool.ts";
+import { workerPool } from "./worker-pool.ts";
 
 let model: tf.LayersModel;
 beforeAll(async () => {

@@ -2,7 +2,7 @@ import { availableParallelism } from "node:os";
 import { Worker } from "node:worker_threads";
 import type * as tf from "@tensorflow/tfjs";
 import { toOnnx } from "../model/onnx.ts";
-import { type ForwardPool, type ForwardPoolOptions, workerPool } from "./forward-pool.ts";
+import { type ForwardPool, type ForwardPoolOptions, workerPool } from "./worker-pool.ts";
 
 /**
  * The frozen base's forward pass on ONNX Runtime's native CPU kernels (onnxruntime-node, whose CPU

@@ -1,6 +1,6 @@
 import type * as tf from "@tensorflow/tfjs";
-import { DatasetError } from "../../../../shared/errors.ts";
-import { keys } from "../../../../shared/keys.ts";
+import { DatasetError } from "#shared/errors.ts";
+import { keys } from "#shared/keys.ts";
 import { type NearDuplicate, separateNearDuplicates } from "../dataset/near-duplicates.ts";
 import type { DatasetImage } from "../dataset/read.ts";
 import type { RunPlan } from "../plan.ts";

@@ -1,5 +1,5 @@
-import { sha256Hex } from "../../../../shared/hash.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { sha256Hex } from "#shared/hash.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import type { TrainInput } from "../config.ts";
 import type { DatasetImage } from "../dataset/read.ts";
 import type { Logger } from "../log.ts";

@@ -1,6 +1,6 @@
 import * as tf from "@tensorflow/tfjs";
-import { keys } from "../../../../shared/keys.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { keys } from "#shared/keys.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import type { Checkpointer, EpochLog, TrainingState } from "./head.ts";
 
 /**

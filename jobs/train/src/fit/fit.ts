@@ -1,5 +1,5 @@
 import * as tf from "@tensorflow/tfjs";
-import { EdgetuneError } from "../../../../shared/errors.ts";
+import { EdgetuneError } from "#shared/errors.ts";
 import type { DatasetImage } from "../dataset/read.ts";
 import { type ExtractorSpec, extractSplits, type Features } from "../features/extract.ts";
 import type { PooledFeatures } from "../features/pooled.ts";

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { mulberry32 } from "../dataset/augment.ts";
 import { decodePackHeader, encodePack, type Pack } from "../features/packs.ts";
 import { packRows, type RowSource } from "./rows.ts";

@@ -1,5 +1,5 @@
 import { pMapIterable } from "p-map";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { decodePack } from "../features/packs.ts";
 
 /**

@@ -2,8 +2,8 @@ import { readFile } from "node:fs/promises";
 import { createRequire } from "node:module";
 import { join } from "node:path";
 import * as tf from "@tensorflow/tfjs";
-import { EdgetuneError, NotFoundError } from "../../../../shared/errors.ts";
-import { sha256Hex } from "../../../../shared/hash.ts";
+import { EdgetuneError, NotFoundError } from "#shared/errors.ts";
+import { sha256Hex } from "#shared/hash.ts";
 import { loadModel } from "./io.ts";
 
 /**

@@ -1,13 +1,13 @@
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import * as tf from "@tensorflow/tfjs";
-import { type BaseMetadata, baseMetadataSchema } from "../../../../shared/contracts/base.ts";
-import { parseContract, parseContractJson } from "../../../../shared/contracts/parse.ts";
-import { IntegrityError, InvalidOptionError, NotFoundError } from "../../../../shared/errors.ts";
-import { sha256Hex } from "../../../../shared/hash.ts";
-import { keys } from "../../../../shared/keys.ts";
-import type { Normalization } from "../../../../shared/preprocess.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { type BaseMetadata, baseMetadataSchema } from "#shared/contracts/base.ts";
+import { parseContract, parseContractJson } from "#shared/contracts/parse.ts";
+import { IntegrityError, InvalidOptionError, NotFoundError } from "#shared/errors.ts";
+import { sha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
+import type { Normalization } from "#shared/preprocess.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { type BaseSource, fetchSource, ML5_ORIGIN, offline, SourceUnavailable, TM_ORIGIN } from "./base-sources.ts";
 import { loadModel, modelToFiles, WEIGHTS_FILE } from "./io.ts";
 import { roundWeightsToHalf } from "./weights.ts";
@@ -109,6 +109,8 @@ export function poolsOf(base: Pick<BaseMetadata, "id">): readonly string[] {
 
 /** The default: the first of `AUTO_ORDER` the run can get (bench/RESULTS.md, "Which base by default"). */
 export const AUTO_BASE = "auto";
+/** Chosen per dataset by cross-validating every candidate base (model/choose-base.ts). */
+export const BEST_BASE = "best";
 /**
  * What `auto` prefers: the clean ImageNet MobileNetV2s (the slim weights first: the measured ones), then
  * Tiny Darknet, then the nsfwjs MobileNetV2, which installs with the project and so is always there.

@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readMetadata } from "#shared/artifacts.ts";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
-import { readMetadata } from "../../../../shared/artifacts.ts";
 import { uploadSample } from "../../../../test/support/datasets.ts";
 import { mulberry32 } from "../dataset/augment.ts";
 import { memoryLogger } from "../log.ts";

@@ -1,11 +1,3 @@
-import * as tf from "@tensorflow/tfjs";
-import type { BaseMetadata } from "../../../../shared/contracts/base.ts";
-import { mulberry32 } from "../dataset/augment.ts";
-import { extractFeatures, extractorFor, featureSpec } from "../features/extract.ts";
-import type { RunPlan } from "../plan.ts";
-import type { RunContext } from "../run.ts";
-import { loadBase } from "./bases.ts";
-
 /**
  * `--base best`: the base chosen per dataset by measurement. Every candidate (the bases that install with
  * the project, and the ImageNet MobileNetV2 where it is already in the bucket) embeds the training split
@@ -15,7 +7,14 @@ import { loadBase } from "./bases.ts";
  * ties to the earlier candidate. Every score is in the version's `base.choice` (report and metadata).
  * The held-out split is not looked at: it stays the evaluation of the trained model.
  */
-export const BEST_BASE = "best";
+import * as tf from "@tensorflow/tfjs";
+import type { BaseMetadata } from "#shared/contracts/base.ts";
+import { mulberry32 } from "../dataset/augment.ts";
+import { extractFeatures, extractorFor, featureSpec } from "../features/extract.ts";
+import type { RunPlan } from "../plan.ts";
+import type { RunContext } from "../run.ts";
+import { BEST_BASE, loadBase } from "./bases.ts";
+
 const FOLDS = 3;
 
 export interface BaseScore {

@@ -1,6 +1,6 @@
 import * as tf from "@tensorflow/tfjs";
-import { type PreprocessingSpec, preprocess } from "../../../../shared/preprocess.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { type PreprocessingSpec, preprocess } from "#shared/preprocess.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import type { DatasetImage } from "../dataset/read.ts";
 import { type ExtractorSpec, pooledLayersOf } from "../features/extract.ts";

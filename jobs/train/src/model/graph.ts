@@ -1,5 +1,5 @@
 import * as tf from "@tensorflow/tfjs";
-import { EdgetuneError } from "../../../../shared/errors.ts";
+import { EdgetuneError } from "#shared/errors.ts";
 
 /**
  * Graph surgery on functional LayersModels: run a contiguous part of a model on a new input, reusing

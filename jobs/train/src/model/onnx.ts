@@ -1,6 +1,6 @@
 import * as tf from "@tensorflow/tfjs";
 import onnxProto, { type onnx } from "onnx-proto";
-import { EdgetuneError } from "../../../../shared/errors.ts";
+import { EdgetuneError } from "#shared/errors.ts";
 
 /**
  * The frozen part of a base as an ONNX model, for ONNX Runtime (features/onnx-pool.ts). tfjs has no

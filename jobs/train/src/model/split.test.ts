@@ -1,10 +1,10 @@
 import * as tf from "@tensorflow/tfjs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPromotedModel, readSharedBase } from "#shared/artifacts.ts";
+import { SPLIT_FILES } from "#shared/contracts/artifact.ts";
+import { keys } from "#shared/keys.ts";
+import { preprocess } from "#shared/preprocess.ts";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
-import { readPromotedModel, readSharedBase } from "../../../../shared/artifacts.ts";
-import { SPLIT_FILES } from "../../../../shared/contracts/artifact.ts";
-import { keys } from "../../../../shared/keys.ts";
-import { preprocess } from "../../../../shared/preprocess.ts";
 import { uploadSample } from "../../../../test/support/datasets.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import { pooledLayersOf } from "../features/extract.ts";

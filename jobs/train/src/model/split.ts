@@ -1,6 +1,6 @@
 import * as tf from "@tensorflow/tfjs";
-import { SPLIT_FILES } from "../../../../shared/contracts/artifact.ts";
-import { EdgetuneError } from "../../../../shared/errors.ts";
+import { SPLIT_FILES } from "#shared/contracts/artifact.ts";
+import { EdgetuneError } from "#shared/errors.ts";
 import { type ExtractorSpec, pooledLayersOf } from "../features/extract.ts";
 import { applyLayers, LAYER_NAMES } from "../fit/head.ts";
 import { applyBetween } from "./graph.ts";

@@ -1,5 +1,5 @@
 import * as tf from "@tensorflow/tfjs";
-import { concatBytes } from "../../../../shared/bytes.ts";
+import { concatBytes } from "#shared/bytes.ts";
 
 /**
  * Weight (de)serialisation: tfjs writes only float32 weights; edgetune exports float16 (half the

@@ -1,4 +1,4 @@
-import { DatasetError } from "../../../../shared/errors.ts";
+import { DatasetError } from "#shared/errors.ts";
 import { CALIBRATION_FOLDS, type Calibration, calibrate, foldTemperature, withTemperature } from "../fit/calibrate.ts";
 import type { Fitted } from "../fit/fit.ts";
 import type { RunPlan } from "../plan.ts";

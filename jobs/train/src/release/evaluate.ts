@@ -1,5 +1,5 @@
-import type { Metrics } from "../../../../shared/contracts/artifact.ts";
-import { CONFIDENCE_BINS, confidenceBin } from "../../../../shared/contracts/capture.ts";
+import type { Metrics } from "#shared/contracts/artifact.ts";
+import { CONFIDENCE_BINS, confidenceBin } from "#shared/contracts/capture.ts";
 
 /**
  * Classification metrics on the held-out split: accuracy, per-class precision/recall/F1, the

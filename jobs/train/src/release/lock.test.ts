@@ -1,7 +1,7 @@
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { keys } from "#shared/keys.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
-import { keys } from "../../../../shared/keys.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
 import { acquireLock, LockTimeoutError, releaseLocksOfJob } from "./lock.ts";
 
 let s3: LocalS3;

@@ -1,7 +1,7 @@
 import { randomUUID } from "node:crypto";
-import { EdgetuneError } from "../../../../shared/errors.ts";
-import { keys } from "../../../../shared/keys.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { EdgetuneError } from "#shared/errors.ts";
+import { keys } from "#shared/keys.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { jobIdFromEnv } from "../status.ts";
 
 /**

@@ -1,8 +1,8 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import type { ModelPointer } from "#shared/contracts/artifact.ts";
+import { validMetadata } from "#shared/contracts/fixtures.ts";
+import { keys } from "#shared/keys.ts";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
-import type { ModelPointer } from "../../../../shared/contracts/artifact.ts";
-import { validMetadata } from "../../../../shared/contracts/fixtures.ts";
-import { keys } from "../../../../shared/keys.ts";
 import type { RunPlan } from "../plan.ts";
 import { checkOwnership, OwnershipError } from "./ownership.ts";
 

@@ -1,8 +1,8 @@
-import { readMetadata } from "../../../../shared/artifacts.ts";
-import type { ArtifactMetadata, ModelPointer } from "../../../../shared/contracts/artifact.ts";
-import { EdgetuneError } from "../../../../shared/errors.ts";
-import { keys } from "../../../../shared/keys.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { readMetadata } from "#shared/artifacts.ts";
+import type { ArtifactMetadata, ModelPointer } from "#shared/contracts/artifact.ts";
+import { EdgetuneError } from "#shared/errors.ts";
+import { keys } from "#shared/keys.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import type { RunPlan } from "../plan.ts";
 
 /** A run that would change which dataset a model serves, or its labels, without the operator saying so. */

@@ -1,7 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readMetadata, readPointer } from "#shared/artifacts.ts";
+import { servedFiles } from "#shared/contracts/artifact.ts";
+import { keys } from "#shared/keys.ts";
 import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
-import { readPointer } from "../../../../shared/artifacts.ts";
-import { keys } from "../../../../shared/keys.ts";
 import { uploadSample } from "../../../../test/support/datasets.ts";
 import { aroundWrites } from "../../../../test/support/store.ts";
 import { rollback } from "../catalog/catalog.ts";
@@ -78,7 +79,10 @@ describe("the pointer moves by compare-and-swap", () => {
     expect(run.reason).toBe(
       `not promoted: the served version changed while it trained (rolled back to ${back}); serve this one with edgetune rollback shared --to ${run.version}`,
     );
-    expect((await readPointer(s3.store, "shared"))?.version).toBe(back);
+    const now = await readPointer(s3.store, "shared");
+    expect(now?.version).toBe(back);
+    // The rolled-back pointer lists the files of the version it names, not of the one it left.
+    expect(now?.served).toEqual(servedFiles(await readMetadata(s3.store, "shared", back)));
   }, 120_000);
 
   it("a rollback --to the version already served changes nothing", async () => {

@@ -1,8 +1,8 @@
 import * as tf from "@tensorflow/tfjs";
-import { readPointer, readPromotedModel } from "../../../../shared/artifacts.ts";
-import type { ArtifactMetadata, ModelPointer } from "../../../../shared/contracts/artifact.ts";
-import { preprocess } from "../../../../shared/preprocess.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { readPointer, readPromotedModel } from "#shared/artifacts.ts";
+import type { ArtifactMetadata, ModelPointer } from "#shared/contracts/artifact.ts";
+import { preprocess } from "#shared/preprocess.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import type { DatasetImage } from "../dataset/read.ts";
 import type { PooledFeatures } from "../features/pooled.ts";
@@ -10,11 +10,11 @@ import { concatRows, LAYER_NAMES, predictRows } from "../fit/head.ts";
 import { memoryRows } from "../fit/rows.ts";
 import { applyBetween } from "../model/graph.ts";
 import { loadModel, WEIGHTS_FILE } from "../model/io.ts";
+import { percent as pct } from "../output.ts";
 import type { RunPlan } from "../plan.ts";
 import type { RunContext } from "../run.ts";
 import type { Evaluation } from "./evaluate.ts";
 import { argmax } from "./evaluate.ts";
-import { pct } from "./report.ts";
 
 /**
  * The currently promoted version, read (every byte verified) and loaded once per training run: it

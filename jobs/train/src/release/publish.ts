@@ -10,9 +10,9 @@ import {
   writeArtifact,
   writePointerIf,
   writeSharedBase,
-} from "../../../../shared/artifacts.ts";
-import { type ArtifactMetadata, SPLIT_FILES } from "../../../../shared/contracts/artifact.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+} from "#shared/artifacts.ts";
+import { type ArtifactMetadata, SPLIT_FILES, servedFiles } from "#shared/contracts/artifact.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import type { Dataset } from "../dataset/read.ts";
 import type { PooledFeatures } from "../features/pooled.ts";
 import { s3Checkpointer } from "../fit/checkpoint.ts";
@@ -24,6 +24,7 @@ import type { RunPlan } from "../plan.ts";
 import type { RunContext } from "../run.ts";
 import type { Answers } from "./answers.ts";
 import type { Evaluation } from "./evaluate.ts";
+import type { OodEvaluation } from "./ood.ts";
 import type { Promotion } from "./promote.ts";
 import { renderReportHtml, type TrainingReport } from "./report.ts";
 import { thresholdValues } from "./thresholds.ts";
@@ -50,6 +51,8 @@ export interface RunOutcome {
   promotion: Promotion;
   /** The pointer as the run read it before comparing itself with the served version. */
   served: PointerBasis;
+  /** The manifest's out-of-distribution folder, scored (absent: the dataset has none). */
+  ood?: OodEvaluation;
 }
 
 const LIBRARIES = { "@tensorflow/tfjs": tf.version.tfjs, edgetune: "0.1.0" };
@@ -97,6 +100,7 @@ export async function publishVersion(ctx: RunContext, plan: RunPlan, outcome: Ru
         reason: promotion.reason,
         history: was ? [was.version, ...historyOf(was)].slice(0, HISTORY) : [],
         dataset: plan.dataset.name,
+        served: servedFiles(written.metadata),
       },
       served,
     ));
@@ -189,6 +193,7 @@ async function buildReport(ctx: RunContext, plan: RunPlan, outcome: RunOutcome):
     calibration: { temperature: c.temperature, folds: c.folds, eceBefore: c.eceBefore, eceAfter: c.eceAfter, reliability: c.reliability },
     thresholds: { policy: answers.policy, byLabel: answers.thresholds, ...answers.answered },
     ...(answers.none ? { noneLabel: answers.none.label } : {}),
+    ...(outcome.ood ? { ood: outcome.ood } : {}),
   };
 }
 

@@ -1,5 +1,6 @@
 import type { ReliabilityBin } from "../fit/calibrate.ts";
 import type { EpochLog } from "../fit/head.ts";
+import type { OodEvaluation } from "./ood.ts";
 import { lineChart } from "./report-chart.ts";
 import type { AnsweredMetrics, LabelThreshold } from "./thresholds.ts";
 
@@ -38,6 +39,8 @@ export interface TrainingReport {
   /** Per-label thresholds and their cross-fitted effect (release/thresholds.ts). */
   thresholds?: { policy: string; byLabel: Record<string, LabelThreshold> } & AnsweredMetrics;
   noneLabel?: string;
+  /** The manifest's out-of-distribution folder, scored end to end (release/ood.ts); absent without one. */
+  ood?: OodEvaluation;
 }
 
 const esc = (s: string) => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
@@ -170,5 +173,13 @@ function answersHtml(r: TrainingReport): string {
   return `<h2>Calibration</h2><p>Scores divided in logit space by a temperature of <b>${c.temperature.toFixed(3)}</b> (folded into the model: its scores are the calibrated ones). Expected calibration error on the held-out images: <b>${pct(c.eceBefore)}</b> before, <b>${pct(c.eceAfter)}</b> after (after: each image scored with a temperature fitted on the other ${c.folds - 1} of ${c.folds} folds).</p>
 ${reliabilitySvg(c.reliability.before, "before")} ${reliabilitySvg(c.reliability.after, "after (out of fold)")}
 <h2>Answers: thresholds${r.noneLabel ? " and none of these" : ""}</h2><p>Policy <b>${esc(t.policy)}</b>: below its label's threshold an answer is <i>unsure</i>${r.noneLabel ? `; an answer of <b>${esc(r.noneLabel)}</b> is <i>none of these</i>` : ""}. On the held-out images of the labels (thresholds cross-fitted): <b>${pct(t.answered)}</b> answered with a label, ${pct(t.answeredAccuracy)} of them right (top-1 over all: ${pct(r.metrics.accuracy)}); ${pct(t.unsure)} unsure${r.noneLabel ? `, ${pct(t.none)} wrongly none of these; of the none-of-these folder's held-out images, ${pct(t.negativesRejected ?? 0)} given no label` : ""}.</p>
-<table><tr><th>label</th><th>threshold</th><th>precision</th><th>recall</th><th></th></tr>${rows}</table>`;
+<table><tr><th>label</th><th>threshold</th><th>precision</th><th>recall</th><th></th></tr>${rows}</table>${oodHtml(r.ood)}`;
+}
+
+/** The out-of-distribution folder's result, or where to get one. */
+function oodHtml(o: OodEvaluation | undefined): string {
+  if (!o)
+    return '<h2>Out of distribution</h2><p>Not measured: the dataset has no out-of-distribution folder (images that are none of the labels, never trained on; name it in the manifest as <code>"oodFolder"</code>).</p>';
+  const undecodable = o.undecodable > 0 ? ` (${o.undecodable} could not be decoded)` : "";
+  return `<h2>Out of distribution</h2><p>The <b>${esc(o.folder)}</b> folder's ${o.images} images${undecodable}, scored by the exported model and never trained on: <b>${pct(o.rejected)}</b> given no label (${pct(o.unsure)} unsure, ${pct(o.none)} none of these). AUROC of the rejection score (1 − the best label's score) against the ${o.heldOut} held-out images of the labels: <b>${Number.isFinite(o.auroc) ? o.auroc.toFixed(3) : "–"}</b> (1: every one of these images scores above every held-out image; 0.5: no better than chance).</p>`;
 }

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
-import { decide } from "../../../../shared/answer.ts";
-import { EdgetuneError } from "../../../../shared/errors.ts";
+import { decide } from "#shared/answer.ts";
+import { EdgetuneError } from "#shared/errors.ts";
 import { answeredMetrics, labelThresholds, parseThresholdPolicy } from "./thresholds.ts";
 
 const p = (...v: number[]) => Float32Array.from(v);

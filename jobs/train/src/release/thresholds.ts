@@ -1,5 +1,5 @@
-import { decide } from "../../../../shared/answer.ts";
-import { InvalidOptionError } from "../../../../shared/errors.ts";
+import { decide } from "#shared/answer.ts";
+import { InvalidOptionError } from "#shared/errors.ts";
 import { crossFitted, stratifiedFolds } from "../fit/folds.ts";
 import { argmax } from "./evaluate.ts";
 

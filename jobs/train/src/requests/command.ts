@@ -1,6 +1,6 @@
-import { requestOfKey } from "../../../../shared/contracts/request.ts";
-import { EdgetuneError } from "../../../../shared/errors.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+import { requestOfKey } from "#shared/contracts/request.ts";
+import { EdgetuneError } from "#shared/errors.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import type { TrainInput } from "../config.ts";
 import type { Logger } from "../log.ts";
 import { dispatchNightly, type SubmitTraining } from "../nightly.ts";

@@ -1,10 +1,8 @@
 import * as ort from "onnxruntime-node";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { Dispatcher } from "../../../../infra/local/dispatcher.ts";
-import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
-import { readPointer } from "../../../../shared/artifacts.ts";
-import { type CaptureRecord, captureDecisionSchema, decisionMessage } from "../../../../shared/contracts/capture.ts";
+import { readPointer } from "#shared/artifacts.ts";
+import { type CaptureRecord, captureDecisionSchema, decisionMessage } from "#shared/contracts/capture.ts";
 import {
   MAX_REQUEST_AGE_MS,
   type OperatorRequest,
@@ -12,9 +10,11 @@ import {
   type RequestKind,
   requestMessage,
   requestOutcomeSchema,
-} from "../../../../shared/contracts/request.ts";
-import { hmacSha256Hex, sha256Hex } from "../../../../shared/hash.ts";
-import { keys } from "../../../../shared/keys.ts";
+} from "#shared/contracts/request.ts";
+import { hmacSha256Hex, sha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
+import { Dispatcher } from "../../../../infra/local/dispatcher.ts";
+import { type LocalS3, startLocalS3 } from "../../../../infra/local/s3-server.ts";
 import { barePng } from "../../../../test/support/crafted-images.ts";
 import { uploadSample } from "../../../../test/support/datasets.ts";
 import { rollback } from "../catalog/catalog.ts";

@@ -1,7 +1,7 @@
-import { readMetadata, readPointer } from "../../../../shared/artifacts.ts";
-import { listModels } from "../../../../shared/catalog.ts";
-import { manifestSchema } from "../../../../shared/contracts/dataset.ts";
-import { tryParseContractJson } from "../../../../shared/contracts/parse.ts";
+import { readMetadata, readPointer } from "#shared/artifacts.ts";
+import { listModels } from "#shared/catalog.ts";
+import { manifestSchema } from "#shared/contracts/dataset.ts";
+import { tryParseContractJson } from "#shared/contracts/parse.ts";
 import {
   MAX_REQUEST_AGE_MS,
   MAX_REQUEST_BYTES,
@@ -12,11 +12,11 @@ import {
   type RequestOutcome,
   requestMessage,
   requestOfKey,
-} from "../../../../shared/contracts/request.ts";
-import { EdgetuneError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
-import { sha256Hex } from "../../../../shared/hash.ts";
-import { keys } from "../../../../shared/keys.ts";
-import type { ObjectStore } from "../../../../shared/s3/store.ts";
+} from "#shared/contracts/request.ts";
+import { EdgetuneError, NotFoundError, userMessage } from "#shared/errors.ts";
+import { sha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
 import { PointerMovedError, rollback, unknownModel } from "../catalog/catalog.ts";
 import { onnxOf, readVersion } from "../export/export.ts";
 import type { Logger } from "../log.ts";

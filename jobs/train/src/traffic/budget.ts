@@ -1,5 +1,5 @@
-import { EdgetuneError } from "../../../../shared/errors.ts";
-import { type ObjectStore, ObjectTooLargeError } from "../../../../shared/s3/store.ts";
+import { EdgetuneError } from "#shared/errors.ts";
+import { type ObjectStore, ObjectTooLargeError } from "#shared/s3/store.ts";
 
 /**
  * One night's allowance for reading `captures/`, which the edge's key may fill with anything: every GET,

@@ -1,8 +1,8 @@
 import { timingSafeEqual } from "node:crypto";
 import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { readMetadata, readPointer } from "../../../../shared/artifacts.ts";
-import type { ArtifactMetadata } from "../../../../shared/contracts/artifact.ts";
+import { readMetadata, readPointer } from "#shared/artifacts.ts";
+import type { ArtifactMetadata } from "#shared/contracts/artifact.ts";
 import {
   type CaptureDecision,
   type CaptureRecord,
@@ -10,14 +10,14 @@ import {
   captureIdSchema,
   decisionMessage,
   parseCaptureRecord,
-} from "../../../../shared/contracts/capture.ts";
-import { classifyDatasetKeys, labelProblem, newLabelSchema } from "../../../../shared/contracts/dataset.ts";
-import { parseContract, tryParseContractJson } from "../../../../shared/contracts/parse.ts";
-import { DatasetError, InvalidOptionError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
-import { hmacSha256Hex, sha256Hex } from "../../../../shared/hash.ts";
-import { isBarePng } from "../../../../shared/image/png.ts";
-import { keys } from "../../../../shared/keys.ts";
-import { type ObjectStore, ObjectTooLargeError } from "../../../../shared/s3/store.ts";
+} from "#shared/contracts/capture.ts";
+import { classifyDatasetKeys, labelProblem, newLabelSchema } from "#shared/contracts/dataset.ts";
+import { parseContract, tryParseContractJson } from "#shared/contracts/parse.ts";
+import { DatasetError, InvalidOptionError, NotFoundError, userMessage } from "#shared/errors.ts";
+import { hmacSha256Hex, sha256Hex } from "#shared/hash.ts";
+import { isBarePng } from "#shared/image/png.ts";
+import { keys } from "#shared/keys.ts";
+import { type ObjectStore, ObjectTooLargeError } from "#shared/s3/store.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import type { Logger } from "../log.ts";
 import { safeText } from "../output.ts";

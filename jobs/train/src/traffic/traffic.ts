@@ -1,21 +1,24 @@
 import { z } from "zod";
-import { readMetadata, readPointer, readVerifiedFile } from "../../../../shared/artifacts.ts";
-import { listModels } from "../../../../shared/catalog.ts";
-import { ARTIFACT_FILES } from "../../../../shared/contracts/artifact.ts";
+import { readMetadata, readPointer, readVerifiedFile } from "#shared/artifacts.ts";
+import { listModels } from "#shared/catalog.ts";
+import { ARTIFACT_FILES } from "#shared/contracts/artifact.ts";
 import {
   CAPTURE_OFF,
   type CaptureConfig,
   type Counters,
   captureConfigSchema,
+  captureRule,
+  DEFAULT_BELOW,
+  lowConfidenceThreshold,
   mergeCounters,
   noCounts,
   withinDeltaCaps,
-} from "../../../../shared/contracts/capture.ts";
-import { parseContract, tryParseContractJson } from "../../../../shared/contracts/parse.ts";
-import { InvalidOptionError, NotFoundError, userMessage } from "../../../../shared/errors.ts";
-import { keys } from "../../../../shared/keys.ts";
-import { type MonitorSummary, parseCounters, referenceOf, summarize } from "../../../../shared/monitor.ts";
-import { getText, type ObjectStore } from "../../../../shared/s3/store.ts";
+} from "#shared/contracts/capture.ts";
+import { parseContract, tryParseContractJson } from "#shared/contracts/parse.ts";
+import { InvalidOptionError, NotFoundError, userMessage } from "#shared/errors.ts";
+import { keys } from "#shared/keys.ts";
+import { type MonitorSummary, parseCounters, referenceOf, summarize } from "#shared/monitor.ts";
+import { getText, type ObjectStore } from "#shared/s3/store.ts";
 import type { Logger } from "../log.ts";
 import { budgeted, ReadBudget, ReadBudgetExhausted } from "./budget.ts";
 import { type ApplyResult, applyDecisions, getCapped, operatorKeysFromEnv, servedMetadata } from "./review.ts";
@@ -97,11 +100,11 @@ export async function monitor(
     if (options.rollUp && day < cutoff) await rollUpDay(store, model, day, counted);
   }
   let reference = null;
-  let threshold = CAPTURE_OFF.belowConfidence;
+  let threshold = DEFAULT_BELOW;
   try {
     const served = await servedMetadata(store, model);
     const config = await readCaptureConfig(store, model);
-    threshold = config.enabled ? config.belowConfidence : CAPTURE_OFF.belowConfidence;
+    threshold = lowConfidenceThreshold(config);
     // The confusion matrix gives the held-out predicted-label shares; without a readable report, the
     // true-label shares (per-class support) stand in.
     const report = await readVerifiedFile(store, served, ARTIFACT_FILES.report)
@@ -327,6 +330,24 @@ export async function processTraffic(
     }
   }
   return out;
+}
+
+/** `--below`: "unsure" (unset: classify's own notion) or a score; undefined clears the operator's number. */
+export function parseBelow(value: string): number | undefined {
+  if (value.trim().toLowerCase() === "unsure") return undefined;
+  try {
+    return parseRate(value, "--below");
+  } catch {
+    throw new InvalidOptionError("--below", value, ["unsure (the served version's per-label thresholds)", "a number from 0 to 1", "a percentage such as 5%"]);
+  }
+}
+
+/** Which inputs capture stores for being unsure, in words (CLI; the console says the same). */
+export function captureRuleText(config: Pick<CaptureConfig, "belowConfidence">): string {
+  const rule = captureRule(config);
+  return rule.kind === "below"
+    ? `inputs scored below ${rule.score} (a set number; --below unsure follows the answers' own thresholds)`
+    : `inputs the served version answers unsure (below their label's threshold; under ${DEFAULT_BELOW} for a version trained before thresholds)`;
 }
 
 export function parseRate(value: string, what: string): number {

@@ -1,10 +1,10 @@
 import { type Command, Option } from "commander";
-import type { ObjectReader } from "../../../../shared/s3/store.ts";
+import { EXPORT_FORMATS, type ExportFormat, exportModel } from "../export/export.ts";
 import { emit } from "../output.ts";
-import { EXPORT_FORMATS, type ExportFormat, exportModel } from "./export.ts";
+import { storeFrom } from "./options.ts";
 
-/** `edgetune export`: kept out of cli.ts (one block wires it in), so the CLI can be split by command. */
-export function addExportCommand(program: Command, storeFrom: (opts: { bucket?: string; endpoint?: string }) => ObjectReader): void {
+/** `edgetune export`: a version as one ONNX file or as tfjs files, to run outside the edge. */
+export function addExportCommand(program: Command): void {
   program
     .command("export <model> [version]")
     .description(
