@@ -10,8 +10,16 @@ import type { ObjectReader } from "./s3/store.ts";
  * delimiter listing), so the cost is one LIST per level plus one small GET per version.
  */
 export interface FolderLister extends ObjectReader {
-  /** The immediate sub-folders of `prefix` (which ends in "/"), as full prefixes ending in "/". */
-  listFolders(prefix: string): AsyncIterable<string>;
+  /**
+   * The immediate sub-folders of `prefix` (which ends in "/"), as full prefixes ending in "/", in the
+   * store's (byte) order; `startAfter`: only those after that key. Pages are fetched as they are
+   * consumed, so a caller that stops early pays for the pages it read.
+   */
+  listFolders(prefix: string, options?: FolderListing): AsyncIterable<string>;
+}
+
+export interface FolderListing {
+  startAfter?: string;
 }
 
 export interface VersionSummary {
@@ -60,6 +68,24 @@ export async function listVersions(
     }))
     .sort((a, b) => a.createdAt.localeCompare(b.createdAt));
   return { pointer, versions, truncated: folders.length < ordered.length };
+}
+
+/**
+ * One page of model names after `after`, in the store's order of their folders (`<name>/`): S3 lists by
+ * bytes, so `a-b` and `a.b` come before `a` ('-' and '.' sort before '/'). One LIST per 1000 folders read,
+ * never the whole bucket: the next page starts after `models/<after>0` ('0' is the byte after '/', so no
+ * key of `after`'s own folder is listed again).
+ */
+export async function listModelsPage(store: FolderLister, limit: number, after?: string): Promise<{ names: string[]; more: boolean }> {
+  const names: string[] = [];
+  const startAfter = after === undefined ? undefined : `${keys.model(after).slice(0, -1)}0`;
+  for await (const prefix of store.listFolders(keys.modelsRoot, { startAfter })) {
+    const name = prefix.slice(keys.modelsRoot.length, -1);
+    if (!nameSchema.safeParse(name).success) continue;
+    if (names.length === limit) return { names, more: true };
+    names.push(name);
+  }
+  return { names, more: false };
 }
 
 /** Model names (folders under `models/`), sorted. */

@@ -61,7 +61,8 @@ describe("version comparison and the models list (worker in workerd)", () => {
     expect(body.versions.map((x) => [x.version, x.current, x.accuracy, x.evaluatedOn, x.perClass, x.labels])).toEqual(
       [v.same, v.grown].map((m) => [m.version, m === v.same, m.metrics.accuracy, m.metrics.evaluatedOn, m.metrics.perClass, m.labels]),
     );
-    // The report's confusion matrix: a row per label, as many answers as held-out images, the diagonal the right ones.
+    // The confusion matrix as recorded in the metadata: a row per label, as many answers as held-out images, the diagonal the right ones.
+    expect(body.versions.map((x) => x.confusion)).toEqual([v.same.metrics.confusion, v.grown.metrics.confusion]);
     body.versions.forEach((x) => {
       expect(x.confusion.length).toBe(x.labels.length);
       expect(x.confusion.flat().reduce((a, b) => a + b, 0)).toBe(x.evaluatedOn);
@@ -121,6 +122,61 @@ describe("version comparison and the models list (worker in workerd)", () => {
       expect([bad.status, ((await bad.json()) as { error: { code: string } }).error.code]).toEqual([422, "invalid_after"]);
     } finally {
       await s3.store.delete(extra.map((n) => `${keys.model(n)}placeholder.txt`));
+    }
+  });
+
+  it("compares from the metadata alone: with both reports gone the answer is the same", async () => {
+    const path = `/v1/models/emoji/versions/${v.same.version}/compare/${v.grown.version}`;
+    const before = await (await get(path)).json();
+    const reports = [v.same, v.grown].map((m) => keys.versionFile("emoji", m.version, "report.json"));
+    const saved = await Promise.all(reports.map((k) => s3.store.get(k)));
+    await s3.store.delete(reports);
+    try {
+      const res = await get(path);
+      expect(res.status).toBe(200);
+      expect(await res.json()).toEqual(before);
+    } finally {
+      await Promise.all(reports.map((k, i) => s3.store.put(k, saved[i] as Uint8Array)));
+    }
+  });
+
+  it("reads an older version's matrix from its report; a report missing, too large or replaced costs that matrix only, with a note", async () => {
+    const key = keys.metadata("emoji", v.tuned.version);
+    const original = (await s3.store.get(key)) as Uint8Array;
+    const { confusion, ...older } = v.tuned.metrics;
+    const report = keys.versionFile("emoji", v.tuned.version, "report.json");
+    const reportBytes = (await s3.store.get(report)) as Uint8Array;
+    /** Metadata as a version trained before the matrix was recorded there, its report listed with `bytes`. */
+    const olderWith = (bytes: number) =>
+      s3.store.put(key, JSON.stringify({ ...v.tuned, metrics: older, files: v.tuned.files.map((f) => (f.path === "report.json" ? { ...f, bytes } : f)) }));
+    const compare = async () => {
+      const res = await get(`/v1/models/emoji/versions/${v.same.version}/compare/${v.tuned.version}`);
+      expect(res.status).toBe(200);
+      const [same, tuned] = ((await res.json()) as { versions: { confusion: number[][]; note?: string }[] }).versions;
+      expect(same).toMatchObject({ confusion: v.same.metrics.confusion });
+      expect(same?.note).toBeUndefined();
+      return tuned as { confusion: number[][]; note?: string };
+    };
+    expect(confusion?.length).toBe(v.tuned.labels.length);
+    try {
+      await olderWith(reportBytes.length);
+      expect(await compare()).toEqual(expect.objectContaining({ confusion }));
+      await olderWith(9 * 2 ** 20);
+      expect(await compare()).toMatchObject({ confusion: [], note: expect.stringContaining("9.0 MB, more than the 8 MB the worker reads") });
+      // Listed smaller than it is: refused while it is read (it is not the file the metadata names).
+      await olderWith(100);
+      expect(await compare()).toMatchObject({
+        confusion: [],
+        note: `The report of emoji ${v.tuned.version} is not the one its metadata lists (corrupt or replaced).`,
+      });
+      const refused = await get(`/v1/models/emoji/versions/${v.tuned.version}/report`);
+      expect([refused.status, ((await refused.json()) as { error: { code: string } }).error.code]).toEqual([422, "report_corrupt"]);
+      await olderWith(reportBytes.length);
+      await s3.store.delete([report]);
+      expect(await compare()).toMatchObject({ confusion: [], note: `The report of emoji ${v.tuned.version} is missing from the bucket.` });
+    } finally {
+      await s3.store.put(key, original);
+      await s3.store.put(report, reportBytes);
     }
   });
 
@@ -222,6 +278,39 @@ describe.skipIf(!haveBrowser)("version comparison and the models list (console i
     expect(await page.getAttribute("#held-out", "class")).toContain("same");
     expect(problems).toEqual([]);
     await page.close();
+  });
+
+  it("shows a label named like a built-in property as any other, and why a matrix is missing", async () => {
+    const key = keys.metadata("emoji", v.tuned.version);
+    const original = (await s3.store.get(key)) as Uint8Array;
+    const report = keys.versionFile("emoji", v.tuned.version, "report.json");
+    const reportBytes = (await s3.store.get(report)) as Uint8Array;
+    // tuned as an older version (no matrix in its metadata, no report) whose first label is named "constructor".
+    const [first, ...rest] = v.tuned.labels as [string, ...string[]];
+    const perClass = Object.fromEntries(Object.entries(v.tuned.metrics.perClass).map(([l, m]) => [l === first ? "constructor" : l, m]));
+    const { confusion: _, ...older } = v.tuned.metrics;
+    await s3.store.put(key, JSON.stringify({ ...v.tuned, labels: ["constructor", ...rest], metrics: { ...older, perClass } }));
+    await s3.store.delete([report]);
+    try {
+      const { page, problems } = await open(1280);
+      await page.goto(`${edge.url}/#/compare/emoji/${v.same.version}/${v.tuned.version}`);
+      await page.waitForSelector("#compare-per-label");
+      const row = (label: string) => page.locator(`#compare-per-label tr[data-label="${label}"] td`).allTextContents();
+      const [a, b] = [v.same.metrics.perClass[first], v.tuned.metrics.perClass[first]] as { precision: number; recall: number; support: number }[];
+      // Only tuned has "constructor", only same has the first label: the other's cells are empty, not NaN.
+      expect(await row("constructor")).toEqual(["constructor", "–", pct(b?.precision as number), "–", "–", pct(b?.recall as number), "–", `– / ${b?.support}`]);
+      expect(await row(first)).toEqual([first, pct(a?.precision as number), "–", "–", pct(a?.recall as number), "–", "–", `${a?.support} / –`]);
+      expect(await page.textContent(`#compare-confusion figure[data-version="${v.tuned.version}"] p`)).toBe(
+        `The report of emoji ${v.tuned.version} is missing from the bucket.`,
+      );
+      expect(await page.locator(`#compare-confusion figure[data-version="${v.same.version}"] tbody td`).count()).toBe(v.same.labels.length ** 2);
+      expect(await page.textContent("#view")).not.toMatch(/null|undefined|NaN/);
+      expect(problems).toEqual([]);
+      await page.close();
+    } finally {
+      await s3.store.put(key, original);
+      await s3.store.put(report, reportBytes);
+    }
   });
 
   it("finds what breaks a narrow page: a page wider than the screen, a wrapped percentage, a cut header", async () => {

@@ -46,7 +46,15 @@ export const metricsSchema = z.object({
    * measured on the same images with the same labels. Absent in versions trained before it was recorded.
    */
   heldOutSha256: sha256Schema.optional(),
+  /**
+   * Held-out answers, rows: true label, columns: predicted, in the order of `labels`: what the console's
+   * comparison shows without reading two reports. Absent in versions trained before it was recorded and for
+   * models of more than MAX_CONFUSION_LABELS labels (the worker holds every loaded model's metadata).
+   */
+  confusion: z.array(z.array(z.number().int().min(0))).optional(),
 });
+/** Up to this many labels the confusion matrix (labels² counts, ≤ 1024) is recorded in the metadata too. */
+export const MAX_CONFUSION_LABELS = 32;
 export type Metrics = z.output<typeof metricsSchema>;
 
 export const artifactMetadataSchema = z

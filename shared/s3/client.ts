@@ -166,12 +166,14 @@ export class S3ObjectStore implements ObjectStore {
     } while (token);
   }
 
-  async *listFolders(prefix: string): AsyncIterable<string> {
+  async *listFolders(prefix: string, options: { startAfter?: string } = {}): AsyncIterable<string> {
     let token: string | undefined;
     do {
       let res: ListObjectsV2CommandOutput;
       try {
-        res = await this.client.send(new ListObjectsV2Command({ Bucket: this.bucket, Prefix: prefix, Delimiter: "/", ContinuationToken: token }));
+        res = await this.client.send(
+          new ListObjectsV2Command({ Bucket: this.bucket, Prefix: prefix, Delimiter: "/", ContinuationToken: token, StartAfter: options.startAfter }),
+        );
       } catch (e) {
         throw new StorageError("LIST", prefix, e);
       }

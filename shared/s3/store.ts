@@ -30,8 +30,8 @@ export interface ObjectStore extends ObjectReader {
   head(key: string): Promise<{ etag: string; size: number; metadata?: Record<string, string> } | null>;
   /** Every key under `prefix`, in lexical order, with its ETag, size and (where the server says) last write. */
   list(prefix: string): AsyncIterable<{ key: string; etag: string; size: number; modified?: string }>;
-  /** The immediate sub-folders of `prefix`, as full prefixes ending in "/" (a delimiter listing). */
-  listFolders(prefix: string): AsyncIterable<string>;
+  /** The immediate sub-folders of `prefix`, as full prefixes ending in "/" (a delimiter listing), after `startAfter` if given. */
+  listFolders(prefix: string, options?: { startAfter?: string }): AsyncIterable<string>;
   delete(keys: string[]): Promise<void>;
   /** Deletes only if the key still has ETag `etag` (S3 `If-Match` on DeleteObject); false if it changed or is gone. */
   deleteIfMatch(key: string, etag: string): Promise<boolean>;

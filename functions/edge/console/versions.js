@@ -137,8 +137,10 @@ export async function comparePage(ui, show, name, a, b) {
   );
   // Labels of both (a relabelled model may differ): the first version's order, then the second's new ones.
   const labels = [...new Set([...x.labels, ...y.labels])];
-  const metric = (v, label, key) => (v.perClass[label] ? pct(v.perClass[label][key]) : "–");
-  const delta = (label, key) => (x.perClass[label] && y.perClass[label] ? change(x.perClass[label][key], y.perClass[label][key]) : "–");
+  // Own keys only: a label may be named like a built-in property ("constructor", "toString").
+  const of = (v, label) => (Object.hasOwn(v.perClass, label) ? v.perClass[label] : undefined);
+  const metric = (v, label, key) => (of(v, label) ? pct(of(v, label)[key]) : "–");
+  const delta = (label, key) => (of(x, label) && of(y, label) ? change(of(x, label)[key], of(y, label)[key]) : "–");
   // Two header rows: the metric over its three columns, then the versions and the change under each.
   const sub = [
     [x.version, true],
@@ -182,7 +184,7 @@ export async function comparePage(ui, show, name, a, b) {
           el(
             "td",
             { class: "num", title: `held-out images of ${label}: ${x.version} / ${y.version}` },
-            `${x.perClass[label]?.support ?? "–"} / ${y.perClass[label]?.support ?? "–"}`,
+            `${of(x, label)?.support ?? "–"} / ${of(y, label)?.support ?? "–"}`,
           ),
         ),
       ),
@@ -224,7 +226,7 @@ export async function comparePage(ui, show, name, a, b) {
               ),
             ),
           )
-        : el("p", { class: "muted" }, "The report has no confusion matrix for these labels."),
+        : el("p", { class: "muted" }, v.note ?? "The report has no confusion matrix for these labels."),
     );
   show(
     el("p", {}, el("a", { href: route("models", name) }, `← ${name}`)),

@@ -4,7 +4,7 @@ import { cors } from "hono/cors";
 import { HTTPException } from "hono/http-exception";
 import { answer, versionUnsure } from "#shared/answer.ts";
 import { readMetadata, readPointer } from "#shared/artifacts.ts";
-import { listModels, listVersions } from "#shared/catalog.ts";
+import { listModelsPage, listVersions } from "#shared/catalog.ts";
 import {
   CAPTURE_OFF,
   type CaptureConfig,
@@ -234,11 +234,10 @@ const MODELS_PAGE = CATALOG_READS / 2;
 app.openapi(modelsRoute, async (c) => {
   const { after } = c.req.valid("query");
   const source = catalogFor(c.env);
-  const names = (await listModels(source)).filter((n) => after === undefined || n > after);
-  const shown = names.slice(0, MODELS_PAGE);
-  const models = await Promise.all(shown.map((name) => servedSummary(source, name)));
-  const more = shown.length < names.length;
-  return c.json({ models, next: more ? (shown.at(-1) ?? null) : null, truncated: more }, 200);
+  // One page of names from the listing (not every model of the bucket): within the subrequest budget however many there are.
+  const { names, more } = await listModelsPage(source, MODELS_PAGE, after);
+  const models = await Promise.all(names.map((name) => servedSummary(source, name)));
+  return c.json({ models, next: more ? (names.at(-1) ?? null) : null, truncated: more }, 200);
 });
 
 /** A model's served version and its held-out accuracy; what cannot be read is null (the list still shows the model). */

@@ -147,7 +147,7 @@ export const modelsRoute = createRoute({
   },
   responses: {
     200: {
-      description: "Models, by name",
+      description: "Models in the bucket's order of their folders (by bytes of `<name>/`: `a-b` comes before `a`)",
       content: {
         "application/json": {
           schema: z.object({
@@ -231,7 +231,8 @@ const comparedVersionSchema = z.object({
   accuracy: z.number(),
   evaluatedOn: z.number().int(),
   perClass: metricsSchema.shape.perClass,
-  confusion: z.array(z.array(z.number().int())).describe("Rows: true label, columns: predicted"),
+  confusion: z.array(z.array(z.number().int())).describe("Rows: true label, columns: predicted; empty when it could not be read (see note)"),
+  note: z.string().optional().describe("Why `confusion` is empty: an older version whose report is missing or too large to read here"),
   heldOutSha256: sha256Schema.nullable().describe("The held-out set's identity (null: not recorded, an older version)"),
   dataset: z.object({ name: nameSchema, fingerprint: sha256Schema, images: z.number().int() }),
   strategy: z.string(),

@@ -1,5 +1,7 @@
 import { AwsClient } from "aws4fetch";
-import type { FolderLister } from "#shared/catalog.ts";
+import { concatBytes } from "#shared/bytes.ts";
+import type { FolderLister, FolderListing } from "#shared/catalog.ts";
+import { ObjectTooLargeError } from "#shared/s3/store.ts";
 
 /**
  * Where the worker reads models from: the training job's S3 bucket, signed with SigV4 using
@@ -100,11 +102,12 @@ class HttpSource implements ModelSource {
   }
 
   /** ListObjectsV2 with delimiter "/"; only prefixes under `models/` are ever asked for (catalog.ts). */
-  async *listFolders(prefix: string): AsyncIterable<string> {
+  async *listFolders(prefix: string, options: FolderListing = {}): AsyncIterable<string> {
     if (!this.bucketUrl) throw new ListingUnavailableError("listing models needs the S3 API (S3_BUCKET); MODELS_BASE_URL serves files only");
     let token: string | undefined;
     do {
       const query = new URLSearchParams({ "list-type": "2", prefix, delimiter: "/" });
+      if (options.startAfter) query.set("start-after", options.startAfter);
       if (token) query.set("continuation-token", token);
       let res: Response;
       try {
@@ -141,12 +144,16 @@ class HttpSource implements ModelSource {
     return !parseListing(await res.text()).keys.includes(key);
   }
 
-  async get(key: string): Promise<Uint8Array | null> {
-    const r = await this.getIfChanged(key);
+  async get(key: string, options?: { maxBytes?: number }): Promise<Uint8Array | null> {
+    const r = await this.read(key, undefined, options?.maxBytes);
     return r.status === 200 ? (r.bytes as Uint8Array) : null;
   }
 
-  async getIfChanged(key: string, etag?: string): Promise<ConditionalResult> {
+  getIfChanged(key: string, etag?: string): Promise<ConditionalResult> {
+    return this.read(key, etag);
+  }
+
+  private async read(key: string, etag?: string, maxBytes?: number): Promise<ConditionalResult> {
     const headers: Record<string, string> = {};
     if (etag) headers["if-none-match"] = etag;
     let res: Response;
@@ -177,7 +184,33 @@ class HttpSource implements ModelSource {
       await res.body?.cancel();
       throw new SourceError(`model storage answered HTTP ${res.status} for ${key}`, res.status);
     }
-    return { status: 200, bytes: new Uint8Array(await res.arrayBuffer()), etag: res.headers.get("etag") ?? undefined };
+    const bytes = maxBytes === undefined ? new Uint8Array(await res.arrayBuffer()) : await readBounded(res, key, maxBytes);
+    return { status: 200, bytes, etag: res.headers.get("etag") ?? undefined };
+  }
+}
+
+/**
+ * A body of at most `maxBytes`: refused by its Content-Length when it says more, else cut off as soon as
+ * the stream passes it, so the isolate (which holds the loaded models) never holds more than was asked.
+ */
+async function readBounded(res: Response, key: string, maxBytes: number): Promise<Uint8Array> {
+  if (Number(res.headers.get("content-length") ?? 0) > maxBytes) {
+    await res.body?.cancel();
+    throw new ObjectTooLargeError(key, maxBytes);
+  }
+  if (!res.body) return new Uint8Array(0);
+  const chunks: Uint8Array[] = [];
+  let total = 0;
+  const reader = res.body.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) return concatBytes(chunks);
+    total += value.length;
+    if (total > maxBytes) {
+      await reader.cancel();
+      throw new ObjectTooLargeError(key, maxBytes);
+    }
+    chunks.push(value);
   }
 }
 

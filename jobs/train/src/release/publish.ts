@@ -11,7 +11,7 @@ import {
   writePointerIf,
   writeSharedBase,
 } from "#shared/artifacts.ts";
-import { type ArtifactMetadata, SPLIT_FILES, servedFiles } from "#shared/contracts/artifact.ts";
+import { type ArtifactMetadata, MAX_CONFUSION_LABELS, SPLIT_FILES, servedFiles } from "#shared/contracts/artifact.ts";
 import type { ObjectStore } from "#shared/s3/store.ts";
 import type { Dataset } from "../dataset/read.ts";
 import type { PooledFeatures } from "../features/pooled.ts";
@@ -26,7 +26,7 @@ import type { Answers } from "./answers.ts";
 import type { Evaluation } from "./evaluate.ts";
 import type { OodEvaluation } from "./ood.ts";
 import type { Promotion } from "./promote.ts";
-import { renderReportHtml, type TrainingReport } from "./report.ts";
+import { cappedLists, renderReportHtml, type TrainingReport } from "./report.ts";
 import { thresholdValues } from "./thresholds.ts";
 
 /** What a training run ends with; the CLI prints it, the dispatcher logs it. */
@@ -175,9 +175,11 @@ async function buildReport(ctx: RunContext, plan: RunPlan, outcome: RunOutcome):
     name: plan.name,
     version: plan.version,
     dataset: { name: dataset.name, layout: dataset.layout, fingerprint: dataset.fingerprint, labels: dataset.labels, counts: countSplits(dataset) },
-    skipped: pooled.skipped,
-    nearDuplicates: pooled.nearDuplicates.map((d) => ({ heldOut: d.valKey, training: d.trainKey, bits: d.bits })),
-    ignored: dataset.ignored,
+    ...cappedLists({
+      skipped: pooled.skipped,
+      nearDuplicates: pooled.nearDuplicates.map((d) => ({ heldOut: d.valKey, training: d.trainKey, bits: d.bits })),
+      ignored: dataset.ignored,
+    }),
     warnings: dataset.warnings,
     backend: { name: backend.name, reason: backend.reason },
     base: { id: base.id, featureLayer: base.featureLayer, ...pooledLayersOf(plan), sha256: base.sha256, choice: plan.baseChoice },
@@ -239,11 +241,16 @@ function metadataOf(plan: RunPlan, outcome: RunOutcome): Omit<ArtifactMetadata, 
       images: outcome.pooled.train.length + outcome.pooled.val.length,
       skipped: outcome.pooled.skipped.length,
     },
-    metrics: outcome.evaluation.metrics,
+    metrics: { ...outcome.evaluation.metrics, ...confusionOf(dataset.labels, outcome.evaluation.confusion) },
     ...answerMetadata(outcome.answers),
     weights: { dtype: outcome.exported.dtype, bytes: outcome.exported.files.weights.byteLength },
     libraries: LIBRARIES,
   };
+}
+
+/** The confusion matrix for the metadata, where it stays small: the console compares versions from their metadata alone. */
+function confusionOf(labels: readonly string[], confusion: number[][]): { confusion?: number[][] } {
+  return labels.length <= MAX_CONFUSION_LABELS ? { confusion } : {};
 }
 
 /** The version's answer rules as the edge reads them (shared/contracts/artifact.ts answerRules). */

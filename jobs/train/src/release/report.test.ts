@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { renderReportHtml, type TrainingReport } from "./report.ts";
+import { cappedLists, renderReportHtml, type TrainingReport } from "./report.ts";
 
 /** A report as a run writes it: a long label, a head and a fine-tuning phase, phases with nested details. */
 function report(): TrainingReport {
@@ -62,5 +62,18 @@ describe("the HTML report", () => {
     for (const tick of ["1", "2", "3", "4", "5"]) expect(html).toContain(`text-anchor="middle">${tick}</text>`);
     for (const tick of ["0", "50", "100", "0.00"]) expect(html).toContain(`text-anchor="end">${tick}</text>`);
     expect(html).toContain("5 epochs (2 training the head, then 3 fine-tuning)");
+  });
+
+  it("lists at most a set number of files per list, and says how many more there were", () => {
+    const files = (n: number, what: string) => Array.from({ length: n }, (_, i) => ({ key: `pets/cat/${what}${i}`, reason: "not an image" }));
+    const lists = cappedLists({ skipped: files(7, "s"), nearDuplicates: [{ heldOut: "v", training: "t", bits: 1 }], ignored: files(60_000, "i") }, 5);
+    expect([lists.skipped.length, lists.nearDuplicates.length, lists.ignored.length]).toEqual([5, 1, 5]);
+    expect(lists.omitted).toEqual({ skipped: 2, nearDuplicates: 0, ignored: 59_995 });
+    expect(lists.ignored.at(-1)?.key).toBe("pets/cat/i4");
+    const html = renderReportHtml({ ...report(), ...lists });
+    // The heading counts every skipped file; the list ends with the count of those left out.
+    expect(html).toContain("<h2>Skipped files (7)</h2>");
+    expect(html).toContain("pets/cat/s4: not an image</li><li>… and 2 more, not listed in the report</li></ul>");
+    expect(html).not.toContain("pets/cat/s5");
   });
 });

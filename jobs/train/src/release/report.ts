@@ -16,6 +16,8 @@ export interface TrainingReport {
   /** Held-out images left out of the evaluation as near-identical to a training image. */
   nearDuplicates: { heldOut: string; training: string; bits: number }[];
   ignored: { key: string; reason: string }[];
+  /** How many entries of each list above were left out of it (cappedLists); absent in older reports. */
+  omitted?: FileLists<number>;
   warnings: string[];
   backend: { name: string; reason: string };
   base: { id: string; featureLayer: string; pooledLayers?: string[]; sha256: string; choice?: { requested: string; reason: string } };
@@ -43,6 +45,29 @@ export interface TrainingReport {
   ood?: OodEvaluation;
 }
 
+type FileLists<T> = { skipped: T; nearDuplicates: T; ignored: T };
+/**
+ * Entries kept per file list of a report. Every non-image file of a dataset is listed (ignored): 60k
+ * sidecar files would make report.json megabytes, more than the console reads. 1000 entries are ~100 KB.
+ */
+export const MAX_LISTED_FILES = 1000;
+
+/** The report's file lists, each cut to its first `max` entries, and how many were left out of each. */
+export function cappedLists(
+  lists: Pick<TrainingReport, "skipped" | "nearDuplicates" | "ignored">,
+  max = MAX_LISTED_FILES,
+): Pick<TrainingReport, "skipped" | "nearDuplicates" | "ignored"> & { omitted: FileLists<number> } {
+  const left = (l: readonly unknown[]) => Math.max(0, l.length - max);
+  return {
+    skipped: lists.skipped.slice(0, max),
+    nearDuplicates: lists.nearDuplicates.slice(0, max),
+    ignored: lists.ignored.slice(0, max),
+    omitted: { skipped: left(lists.skipped), nearDuplicates: left(lists.nearDuplicates), ignored: left(lists.ignored) },
+  };
+}
+
+/** The last line of a cut list: how many entries the report left out. */
+const more = (n = 0) => (n > 0 ? `<li>… and ${n} more, not listed in the report</li>` : "");
 const esc = (s: string) => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 /** A share as a percentage with one decimal, the way reports and log lines show accuracy. */
 export const pct = (v: number) => `${(v * 100).toFixed(1)} %`;
@@ -132,8 +157,8 @@ ${answersHtml(r)}
 <h2>Per class</h2><table><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>${perClass}</table>
 <h2>Confusion matrix</h2><p>rows: true label · columns: predicted</p>${confusion}
 <h2>Most confidently wrong</h2>${mistakes || "<p>none</p>"}
-${r.nearDuplicates.length ? `<h2>Held-out images left out as near-duplicates of training images (${r.nearDuplicates.length})</h2><ul>${r.nearDuplicates.map((d) => `<li>${esc(d.heldOut)} ≈ ${esc(d.training)} (input hashes ${d.bits} bits apart)</li>`).join("")}</ul>` : ""}
-<h2>Skipped files (${r.skipped.length})</h2><ul>${r.skipped.map((s) => `<li>${esc(s.key)}: ${esc(s.reason)}</li>`).join("")}</ul>
+${r.nearDuplicates.length ? `<h2>Held-out images left out as near-duplicates of training images (${r.nearDuplicates.length + (r.omitted?.nearDuplicates ?? 0)})</h2><ul>${r.nearDuplicates.map((d) => `<li>${esc(d.heldOut)} ≈ ${esc(d.training)} (input hashes ${d.bits} bits apart)</li>`).join("")}${more(r.omitted?.nearDuplicates)}</ul>` : ""}
+<h2>Skipped files (${r.skipped.length + (r.omitted?.skipped ?? 0)})</h2><ul>${r.skipped.map((s) => `<li>${esc(s.key)}: ${esc(s.reason)}</li>`).join("")}${more(r.omitted?.skipped)}</ul>
 <h2>Phases</h2><table><tr><th>phase</th><th class="num">time</th><th>details</th></tr>${r.phases.map((p) => `<tr><td>${esc(p.name)}</td><td class="num">${p.seconds.toFixed(1)} s</td><td>${details(p.detail)}</td></tr>`).join("")}</table>
 </html>
 `;

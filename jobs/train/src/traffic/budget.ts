@@ -83,7 +83,7 @@ export function budgeted(store: ObjectStore, budget: ReadBudget): ObjectStore {
       return store.head(key);
     },
     list: (prefix) => pages(store.list(prefix)),
-    listFolders: (prefix) => pages(store.listFolders(prefix)),
+    listFolders: (prefix, options) => pages(store.listFolders(prefix, options)),
     put: (k, b, t, m) => store.put(k, b, t, m),
     putIfAbsent: (k, b, t) => store.putIfAbsent(k, b, t),
     putIfMatch: (k, b, e, t) => store.putIfMatch(k, b, e, t),
