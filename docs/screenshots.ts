@@ -4,7 +4,8 @@
  * console's tests: Debian's `chromium` or EDGETUNE_CHROMIUM). It trains two small versions of the sample
  * dataset (the second after images were added, so their held-out images differ) in a local S3 server,
  * starts the worker in workerd, and shoots in headless Chromium:
- *   docs/console.png          a model's page at 1280 px: a classified image, the versions, Compare;
+ *   docs/console.png          a model's page at 1280 px: a classified image, the actions with an export
+ *                             done (applied here as the dispatcher would), the versions, Compare;
  *   docs/console-compare.png  two versions side by side at 1280 px;
  *   docs/console-phone.png    the comparison at 360 px (a phone).
  * Each page is checked with the tests' layout check first (nothing wider than the screen, no wrapped
@@ -17,6 +18,7 @@ import sharp from "sharp";
 import { startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { memoryLogger } from "../jobs/train/src/log.ts";
+import { applyRequests } from "../jobs/train/src/requests/requests.ts";
 import { train } from "../jobs/train/src/train.ts";
 import { haveBrowser, launchChromium, layoutProblems } from "../test/support/browser.ts";
 import { uploadSample } from "../test/support/datasets.ts";
@@ -64,9 +66,14 @@ try {
   };
 
   const image = images.find((i) => i.file.endsWith(".png"));
-  await shoot(1280, 900, "#/models/emoji", "console.png", async (page) => {
+  await shoot(1280, 1150, "#/models/emoji", "console.png", async (page) => {
     await page.setInputFiles("#classify-file", { name: "emoji.png", mimeType: "image/png", buffer: Buffer.from(image?.bytes ?? []) });
     await page.waitForSelector("#classify-result .bar", { timeout: 90_000 });
+    // An action and its outcome: Export ONNX on the served version, applied as the dispatcher applies it.
+    await page.locator(`#versions tr[data-version="${second.version}"] button.export`).click();
+    await page.waitForSelector("#requests-table tr[data-state=pending]");
+    await applyRequests(s3.store, "emoji", { log: memoryLogger(), operatorKeys: [OPERATOR], train: async () => "" });
+    await page.waitForSelector(`#versions tr[data-version="${second.version}"] a.download`, { timeout: 30_000 });
   });
   const compare = `#/compare/emoji/${first.version}/${second.version}`;
   await shoot(1280, 1000, compare, "console-compare.png", (page) => page.waitForSelector("#compare-confusion").then(() => {}));

@@ -68,6 +68,27 @@ export function acknowledgeNagFindings(stack: Stack): void {
     "AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/status/*]",
     "A finetune run the dispatcher cannot submit (no GPU path, no G quota) is closed in its upload's status record.",
   );
+  // Console requests (jobs/train/src/requests/): the dispatcher applies them with these, the worker never.
+  ack(
+    nightlyRole,
+    "AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/models/*/current.json]",
+    "A console rollback or promotion (a signed request) moves a model's pointer, as edgetune rollback does; never a version's files.",
+  );
+  ack(
+    nightlyRole,
+    "AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/models/*/export/*]",
+    "A console export (a signed request) stores the version's ONNX file and its description under models/<name>/<version>/export/.",
+  );
+  ack(
+    nightlyRole,
+    "AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/locks/*]",
+    "A console rollback takes the model's lock when it is free, as edgetune rollback does (read, write, delete of locks/<model>.json).",
+  );
+  ack(
+    nightlyRole,
+    "AwsSolutions-IAM5[Resource::<Data178AD3D0.Arn>/requests/*]",
+    "Each console request is claimed once under requests/<model>/<id>.json, where the edge's key cannot write: a replayed request is refused.",
+  );
   ack(
     nightlyRole,
     gpuDefinitions,

@@ -83,6 +83,8 @@ describe("data bucket", () => {
       ExpirationInDays: 30,
       NoncurrentVersionExpiration: { NoncurrentDays: 1 },
     });
+    // A request's claim must outlive the 30 minutes a request is valid (MAX_REQUEST_AGE_MS), not more.
+    expect(rules.find((r) => r.Id === "request-claims")).toMatchObject({ Prefix: "requests/", ExpirationInDays: 2 });
     for (const r of rules)
       expect(r.Prefix === "models/" || r.Prefix === "datasets/" || (r.Prefix === undefined && r.ExpirationInDays !== undefined)).toBe(false);
   });
@@ -286,6 +288,23 @@ describe("triggers", () => {
     });
   });
 
+  it("submits the same dispatcher when the console writes a request, with its key as parameter (not for the outcomes it writes back)", () => {
+    template.hasResourceProperties("AWS::Events::Rule", {
+      EventPattern: { source: ["aws.s3"], "detail-type": ["Object Created"], detail: { object: { key: [{ wildcard: "captures/*/requests/*.json" }] } } },
+      Targets: [
+        Match.objectLike({
+          Arn: { "Fn::GetAtt": [Match.stringLikeRegexp("^TrainingCpuQueue"), "JobQueueArn"] },
+          BatchParameters: Match.objectLike({ JobName: "edgetune-console-request", JobDefinition: { Ref: Match.stringLikeRegexp("^TrainingNightly") } }),
+          InputTransformer: Match.objectLike({ InputPathsMap: { "detail-object-key": "$.detail.object.key" } }),
+          RetryPolicy: Match.objectLike({ MaximumRetryAttempts: 3 }),
+          DeadLetterConfig: Match.anyValue(),
+        }),
+      ],
+    });
+    const rules = JSON.stringify(template.findResources("AWS::Events::Rule"));
+    expect(rules).not.toContain("captures/*/outcomes");
+  });
+
   it("nightly, submits a small CPU job that submits one training job per changed dataset", () => {
     template.hasResourceProperties("AWS::Scheduler::Schedule", {
       ScheduleExpression: "cron(0 3 * * ? *)",
@@ -335,7 +354,14 @@ describe("triggers", () => {
     const puts = nightly.filter((st) => actions(st).some((a) => a.startsWith("s3:PutObject")));
     expect(JSON.stringify(puts)).toContain("/bases/*");
     // status/: it closes the upload's record of a finetune run it cannot submit (no GPU path, no quota).
-    expect(JSON.stringify(puts)).not.toMatch(/\/(models|cache|runs)\//);
+    expect(JSON.stringify(puts)).not.toMatch(/\/(cache|runs)\//);
+    // Console requests: under models/ only the pointer (rollback, promote) and a version's export, never its files.
+    expect(
+      JSON.stringify(puts)
+        .match(/\/models\/[^"]*/g)
+        ?.sort(),
+    ).toEqual(["/models/*/current.json", "/models/*/export/*"]);
+    expect(JSON.stringify(puts)).toContain("/requests/*");
     expect(JSON.stringify(puts).match(/\/datasets\/[^"]*/g)).toEqual(["/datasets/*/captured-*"]);
   });
 });

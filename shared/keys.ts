@@ -18,6 +18,11 @@
  *   datasets/<name>/.edgetune/captured-applied/<model>/<id>.json
  *                                              a review decision applied to the dataset (at most once)
  *   locks/datasets/<name>.json                 one push into a dataset at a time
+ *   captures/<model>/requests/<id>.json        an operator's request from the console (written by the worker)
+ *   captures/<model>/outcomes/<id>.json        what became of it (written by the dispatcher; the console reads it)
+ *   requests/<model>/<id>.json                 a request the dispatcher applied (at most once; outside captures/)
+ *   models/<name>/<version>/export/model.onnx  the version as one ONNX file (an export-onnx request), and
+ *   models/<name>/<version>/export/onnx.json   its size and sha256 (written last); not part of metadata.json
  */
 
 import { ARTIFACT_FILES, POINTER_FILE } from "./contracts/artifact.ts";
@@ -68,6 +73,19 @@ export const keys = {
    */
   capturedApplied: (dataset: string, model: string, id: string) => `datasets/${dataset}/.edgetune/captured-applied/${model}/${id}.json`,
   pushLock: (dataset: string) => `locks/datasets/${dataset}.json`,
+  /** Operator requests (contracts/request.ts): written by the worker, so under captures/. */
+  captureRequests: (model: string) => `captures/${model}/requests/`,
+  captureRequest: (model: string, id: string) => `captures/${model}/requests/${id}.json`,
+  captureOutcomes: (model: string) => `captures/${model}/outcomes/`,
+  captureOutcome: (model: string, id: string) => `captures/${model}/outcomes/${id}.json`,
+  /** The dispatcher's claim on a request, where the worker cannot write: a copy replayed under captures/ finds it. */
+  requestApplied: (model: string, id: string) => `requests/${model}/${id}.json`,
+  /**
+   * A version's ONNX export: beside its files (the worker may read models/, never write it), but not in
+   * its metadata.json (versions are immutable; the export is derived from them, on request).
+   */
+  versionOnnx: (name: string, version: string) => `models/${name}/${version}/export/model.onnx`,
+  versionOnnxInfo: (name: string, version: string) => `models/${name}/${version}/export/onnx.json`,
 } as const;
 
 /** The UTC day a capture id names ("20261129T101500-…" → "2026-11-29"): the folder its files are in. */
@@ -89,12 +107,12 @@ export function isCaptureKey(key: string, prefix = false): boolean {
   const kind = s[2];
   if (prefix) {
     // captures/<model>/<kind>/, or one day of it: captures/<model>/<images|counters>/<day>/
-    if (s.length === 4) return s[3] === "" && (kind === "images" || kind === "decisions" || kind === "counters");
+    if (s.length === 4) return s[3] === "" && (kind === "images" || kind === "decisions" || kind === "counters" || kind === "requests" || kind === "outcomes");
     return s.length === 5 && s[4] === "" && (kind === "images" || kind === "counters") && day(s[3]);
   }
   if (kind === "images" || kind === "counters") return s.length === 5 && day(s[3]) && file(s[4]);
   if (kind === "quota") return s.length === 4 && day(s[3]?.replace(/\.json$/, "")) && s[3]?.endsWith(".json") === true;
-  if (kind === "decisions") return s.length === 4 && file(s[3]);
+  if (kind === "decisions" || kind === "requests" || kind === "outcomes") return s.length === 4 && file(s[3]);
   return s.length === 3 && kind === "monitor.json";
 }
 

@@ -46,6 +46,9 @@ export class DataBucket extends Construct {
           expiration: Duration.days(config.captureRetentionDays),
           noncurrentVersionExpiration: Duration.days(1),
         },
+        // Console requests' claims (jobs/train/src/requests/): a request older than 30 minutes is refused
+        // for its age anyway, so a claim needs to outlive that, not to be kept for ever.
+        { id: "request-claims", prefix: "requests/", expiration: Duration.days(2) },
         // The training lock's heartbeats (one object version a minute while a run holds it).
         { id: "lock-heartbeats", prefix: "locks/", noncurrentVersionExpiration: Duration.days(1) },
         // No age-based expiry under models/ or datasets/: the promoted version may be old, and

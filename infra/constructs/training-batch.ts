@@ -205,6 +205,19 @@ export class TrainingBatch extends Construct {
       }),
     );
     nightlyRole.addToPolicy(new iam.PolicyStatement({ actions: ["s3:DeleteObject"], resources: objects("captures/*") }));
+    // Console requests (jobs/train/src/requests/requests.ts), the console's only way to change anything:
+    // a rollback or promotion writes the pointer (current.json, never a version's files) under the model's
+    // lock; an export writes one file beside a version (…/export/); each request is claimed once under
+    // requests/, where the edge's key cannot write. IAM's * spans slashes: models/*/export/* is
+    // models/<name>/<version>/export/<file>.
+    nightlyRole.addToPolicy(new iam.PolicyStatement({ actions: ["s3:GetObject"], resources: objects("locks/*", "requests/*") }));
+    nightlyRole.addToPolicy(
+      new iam.PolicyStatement({
+        actions: ["s3:PutObject", "s3:AbortMultipartUpload"],
+        resources: objects("models/*/current.json", "models/*/export/*", "locks/*", "requests/*"),
+      }),
+    );
+    nightlyRole.addToPolicy(new iam.PolicyStatement({ actions: ["s3:DeleteObject"], resources: objects("locks/*") }));
     // Unconditional, for the same 404-vs-403 reason as the job role's.
     nightlyRole.addToPolicy(new iam.PolicyStatement({ actions: ["s3:ListBucket"], resources: [props.bucket.bucketArn] }));
     nightlyRole.addToPolicy(

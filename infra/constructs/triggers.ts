@@ -17,16 +17,23 @@ import { Construct } from "constructs";
  *    idempotent (same data + options → same version id → nothing to do);
  *  - the nightly schedule (EventBridge Scheduler: cron + time zone) submits the same dispatcher for
  *    every dataset, which submits one training job per dataset that changed (cached features: each
- *    costs what its new images cost).
+ *    costs what its new images cost);
+ *  - a console request: "Object Created" for `captures/<model>/requests/<id>.json` (written by the
+ *    worker, signed with an operator's key) submits the same dispatcher with that key; it applies the
+ *    model's waiting requests (jobs/train/src/requests/) and writes their outcomes under
+ *    `captures/<model>/outcomes/`, which this rule does not match. Whoever holds the edge's key can
+ *    start dispatcher jobs this way (each finds nothing signed to apply): the DLQ and job alerts see a flood.
  * A trigger that cannot submit its job (Batch throttling, a deleted queue, missing permissions) is not
  * lost: after its retries it lands in a dead-letter queue, which the alerts watch.
  * The local stand-in (infra/local/dispatcher.ts) implements the same two rules, running the training
  * itself where AWS has the dispatcher submit it (one record per run either way: the run closes it).
  */
 export const MANIFEST_KEY_PATTERN = "datasets/*/manifest.json";
+export const REQUEST_KEY_PATTERN = "captures/*/requests/*.json";
 
 export class TrainingTriggers extends Construct {
   readonly manifestRule: events.Rule;
+  readonly requestRule: events.Rule;
   readonly nightly: scheduler.Schedule;
   readonly deadLetters: sqs.Queue;
 
@@ -60,6 +67,23 @@ export class TrainingTriggers extends Construct {
     this.manifestRule.addTarget(
       new targets.BatchJob(props.cpuQueue.jobQueueArn, props.cpuQueue, props.nightlyJobDefinition.jobDefinitionArn, props.nightlyJobDefinition, {
         jobName: "edgetune-dataset-complete",
+        event: events.RuleTargetInput.fromObject({ Parameters: { dataset: events.EventField.fromPath("$.detail.object.key") } }),
+        retryAttempts: 3,
+        deadLetterQueue: this.deadLetters,
+      }),
+    );
+
+    this.requestRule = new events.Rule(this, "ConsoleRequest", {
+      description: "An operator asked for something in the console: the dispatcher applies that model's requests",
+      eventPattern: {
+        source: ["aws.s3"],
+        detailType: ["Object Created"],
+        detail: { bucket: { name: [props.bucket.bucketName] }, object: { key: [{ wildcard: REQUEST_KEY_PATTERN }] } },
+      },
+    });
+    this.requestRule.addTarget(
+      new targets.BatchJob(props.cpuQueue.jobQueueArn, props.cpuQueue, props.nightlyJobDefinition.jobDefinitionArn, props.nightlyJobDefinition, {
+        jobName: "edgetune-console-request",
         event: events.RuleTargetInput.fromObject({ Parameters: { dataset: events.EventField.fromPath("$.detail.object.key") } }),
         retryAttempts: 3,
         deadLetterQueue: this.deadLetters,

@@ -100,11 +100,18 @@ try {
     trainArgs: [],
     output: "pretty",
     onJob: (job) => {
+      if (job.reason === "console-request") {
+        for (const r of job.outcomes ?? []) say(`console request: ${r.model} ${r.kind}${r.version ? ` ${r.version}` : ""}: ${r.state}: ${r.message}`);
+        return;
+      }
       if (job.status === "running") say(`training job started for ${job.dataset} (${job.reason})`);
       if (job.status === "succeeded")
         for (const r of job.results)
           say(
-            `job done: ${r.model} ${r.version} ${r.promoted ? "promoted" : "not promoted"}, accuracy ${((r.accuracy ?? 0) * 100).toFixed(1)} % (${r.reason})`,
+            // A version that exists was not evaluated again: no accuracy to print ("Train now" on unchanged data).
+            r.status === "exists"
+              ? `job done: ${r.model} ${r.version}: ${r.reason}`
+              : `job done: ${r.model} ${r.version} ${r.promoted ? "promoted" : "not promoted"}, accuracy ${((r.accuracy ?? 0) * 100).toFixed(1)} % (${r.reason})`,
           );
       if (job.status === "failed") say(`training job for ${job.dataset} failed: ${job.failure ?? `exit ${job.exitCode}`}`);
     },

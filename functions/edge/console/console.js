@@ -3,6 +3,7 @@
 // (this tab only, gone when it closes). Every text from the API goes into the page through
 // textContent, never as HTML: labels and model names are user data.
 
+import { actionsPanel, versionActions } from "./actions.js";
 import { compareForm, comparePage, modelsList } from "./versions.js";
 
 const KEY = "edgetune.apiKey";
@@ -46,6 +47,11 @@ async function api(path, init = {}) {
   return body;
 }
 
+/** A raw response from the API with the session's key (a download), for actions.js. */
+const fetchWithKey = (path) => fetch(path, { headers: { authorization: `Bearer ${sessionStorage.getItem(KEY)}` } });
+/** What actions.js (the model's actions: requests the dispatcher applies) borrows from this file. */
+const actionsUi = { ...ui, fetchWithKey };
+
 /** An image from the API (it needs the key, so not a plain <img src>) as a blob: URL. */
 async function apiImage(path) {
   const res = await fetch(path, { headers: { authorization: `Bearer ${sessionStorage.getItem(KEY)}` } });
@@ -84,6 +90,7 @@ async function modelsPage(show) {
 async function modelPage(show, name) {
   const data = await api(`/v1/models/${encodeURIComponent(name)}/versions`);
   const newestFirst = [...data.versions].reverse();
+  const actions = actionsPanel(actionsUi, name, data, () => render());
   show(
     el("h2", {}, name),
     el(
@@ -94,6 +101,7 @@ async function modelPage(show, name) {
       el("a", { href: route("monitor", name), id: "monitor-link" }, "Monitor"),
     ),
     classifyPanel(name, data.current),
+    actions.panel,
     el("h3", {}, "Versions"),
     el(
       "table",
@@ -104,7 +112,7 @@ async function modelPage(show, name) {
         el(
           "tr",
           {},
-          ["Version", "Trained", "Accuracy", "Held-out images", "Strategy", "Base", "Images", ""].map((h, i) =>
+          ["Version", "Trained", "Accuracy", "Held-out images", "Strategy", "Base", "Images", "", ""].map((h, i) =>
             el("th", { class: i >= 2 && i <= 3 ? "num" : null }, h),
           ),
         ),
@@ -124,6 +132,7 @@ async function modelPage(show, name) {
             el("td", {}, v.base),
             el("td", { class: "num" }, String(v.images)),
             el("td", {}, el("a", { href: route("models", name, v.version) }, "report")),
+            el("td", {}, versionActions(actionsUi, name, v, actions)),
           ),
         ),
       ),
@@ -151,9 +160,15 @@ async function reportPage(show, name, version) {
         { class: "muted" },
         `Base ${r.base.id}${r.base.choice ? ` (${r.base.choice.requested}: ${r.base.choice.reason})` : ""} · ${r.options.strategy ?? ""} · backend ${r.backend.name} · ${r.export.dtype} weights`,
       ),
-      // The worker has no Node to convert with, and the export takes under a second from the stored files:
-      // the command, not a stored copy of every version (ARCHITECTURE.md, "Export").
-      el("p", { id: "export" }, "To run it anywhere (ONNX; add --format tfjs for the tfjs files): ", el("code", {}, `npx edgetune export ${name} ${version}`)),
+      // The worker has no Node to convert with: the dispatcher stores an export when asked (the model's
+      // page, actions.js), not one for every version (ARCHITECTURE.md, "Export").
+      el(
+        "p",
+        { id: "export" },
+        "To run it anywhere: Export ONNX on the model's page, or ",
+        el("code", {}, `npx edgetune export ${name} ${version}`),
+        " (add --format tfjs for the tfjs files).",
+      ),
       r.warnings.length
         ? el(
             "ul",

@@ -53,6 +53,7 @@ import {
   serveOpenApi,
   versionsRoute,
 } from "./openapi.ts";
+import { registerRequestRoutes } from "./requests.ts";
 import { initTf, tf } from "./tf.ts";
 
 /**
@@ -109,6 +110,14 @@ export const app = new OpenAPIHono<AppEnv>({
     const nameOk = name === undefined || modelParams.safeParse({ name }).success;
     if (!nameOk) throw new ApiError(404, "model_not_found", "No model with that name.");
     if (result.target === "param" && c.req.param("id") !== undefined) throw new ApiError(404, "capture_not_found", "No capture with that id.");
+    if (result.target === "json" && c.req.path.endsWith("/requests")) {
+      const issue = result.error.issues[0];
+      throw new ApiError(
+        422,
+        "invalid_request",
+        `A request is {"kind": "rollback" | "train" | "apply-reviewed"} or {"kind": "promote" | "export-onnx", "version": "v0123456789ab"} (${issue?.path.join(".") || "body"}: ${issue?.message}).`,
+      );
+    }
     if (result.target === "json") {
       const issue = result.error.issues[0];
       throw new ApiError(
@@ -181,6 +190,7 @@ for (const path of [
   "/v1/models/:name/captures",
   "/v1/models/:name/captures/*",
   "/v1/models/:name/monitor",
+  "/v1/models/:name/requests",
 ])
   app.use(path, consoleAuth());
 
@@ -382,6 +392,9 @@ app.openapi(decisionRoute, async (c) => {
   return c.json({ id, action: decision.action, label: decision.label ?? null }, 200);
 });
 
+// Rollback, promote, train now, apply reviewed, export: signed requests the dispatcher applies (requests.ts).
+registerRequestRoutes(app, { catalogFor, captureStoreFor });
+
 /** A summary of 30 days of a model with 1000 labels is under 1 MB. */
 const MAX_SUMMARY_BYTES = 2 * 1024 * 1024;
 app.openapi(monitorRoute, async (c) => {
@@ -554,6 +567,9 @@ app.notFound((c) => c.json(errorBody("not_found", `No route for ${c.req.method} 
 
 app.onError((err, c) => {
   // Thrown by bearerAuth with the finished 401 response (see http/auth.ts).
+  // Hono's validator on a body that is not JSON (a plain-text 400 otherwise).
+  if (err instanceof HTTPException && err.status === 400 && !err.res && /JSON/i.test(err.message))
+    return c.json(errorBody("invalid_json", "The body is not valid JSON: send one JSON object."), 400);
   if (err instanceof HTTPException) return err.getResponse();
   if (err instanceof ApiError) {
     for (const [k, v] of Object.entries(err.headers)) c.header(k, v);

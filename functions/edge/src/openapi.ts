@@ -3,6 +3,7 @@ import { artifactMetadataSchema, metricsSchema } from "#shared/contracts/artifac
 import { captureConfigSchema, captureIdSchema, captureRecordSchema } from "#shared/contracts/capture.ts";
 import { nameSchema, sha256Schema } from "#shared/contracts/common.ts";
 import { newLabelSchema } from "#shared/contracts/dataset.ts";
+import { onnxExportSchema, REQUEST_KINDS, REQUEST_STATES, requestIdSchema } from "#shared/contracts/request.ts";
 import { monitorSummarySchema } from "#shared/monitor.ts";
 import { RAW_TYPES } from "./http/body.ts";
 
@@ -344,6 +345,92 @@ export const monitorRoute = createRoute({
     ...consoleErrors,
     404: errorResponse("No summary yet"),
     422: errorResponse("The summary is larger than any the nightly job writes: not read (`stored_file_too_large`)"),
+  },
+});
+
+/** What the console asks the dispatcher to do (shared/contracts/request.ts); `version` for promote and export-onnx only. */
+export const requestBodySchema = z
+  .object({
+    kind: z.enum(REQUEST_KINDS),
+    version: versionSchema.optional(),
+  })
+  .refine((r) => (r.kind === "promote" || r.kind === "export-onnx") === (r.version !== undefined), {
+    message: "promote and export-onnx name a version; rollback, train and apply-reviewed do not",
+    path: ["version"],
+  });
+
+const requestStateSchema = z
+  .object({
+    id: requestIdSchema,
+    kind: z.enum(REQUEST_KINDS),
+    version: versionSchema.nullable(),
+    issuedAt: z.iso.datetime(),
+    state: z.enum(["pending", ...REQUEST_STATES]),
+    message: z.string().nullable().describe("What the dispatcher did, or why not, in one sentence; null while pending"),
+    at: z.iso.datetime().nullable(),
+  })
+  .openapi("OperatorRequest");
+
+export const requestRoute = createRoute({
+  method: "post",
+  path: "/v1/models/{name}/requests",
+  summary:
+    "Ask the dispatcher to roll back, promote a version, train now, apply reviewed captures now or export a version as ONNX (operators; signed with the key, applied once)",
+  request: { params: modelParams, body: { required: true, content: { "application/json": { schema: requestBodySchema } } } },
+  responses: {
+    202: {
+      description: "Recorded; the dispatcher applies it and writes its outcome (GET …/requests)",
+      content: { "application/json": { schema: requestStateSchema } },
+    },
+    ...consoleErrors,
+    404: errorResponse("Unknown model or version"),
+    422: errorResponse("Invalid request"),
+    501: errorResponse("Requests need the S3 API (not available with MODELS_BASE_URL)"),
+  },
+});
+
+export const requestsRoute = createRoute({
+  method: "get",
+  path: "/v1/models/{name}/requests",
+  summary: "The model's recent console requests, newest first: pending, or done / refused / failed with the reason (operators)",
+  request: { params: modelParams },
+  responses: {
+    200: {
+      description: "Requests",
+      content: { "application/json": { schema: z.object({ model: nameSchema, requests: z.array(requestStateSchema), truncated: z.boolean() }) } },
+    },
+    ...consoleErrors,
+    501: errorResponse("Requests need the S3 API (not available with MODELS_BASE_URL)"),
+  },
+});
+
+export const exportInfoRoute = createRoute({
+  method: "get",
+  path: "/v1/models/{name}/versions/{version}/export",
+  summary: "The version's stored ONNX export: size, sha256, opset, or null while there is none (operators; made by an export-onnx request)",
+  request: { params: versionParams },
+  responses: {
+    200: {
+      description: "The export, or null (a page asks for every version it lists: none yet is no error)",
+      content: { "application/json": { schema: z.object({ model: nameSchema, version: versionSchema, onnx: onnxExportSchema.nullable() }) } },
+    },
+    ...consoleErrors,
+  },
+});
+
+export const exportFileRoute = createRoute({
+  method: "get",
+  path: "/v1/models/{name}/versions/{version}/export/model.onnx",
+  summary: "Download the version's ONNX file, streamed from the bucket (operators)",
+  request: { params: versionParams },
+  responses: {
+    200: {
+      description: "The ONNX file (uint8 RGB NHWC in, probabilities out; see the README's Export section)",
+      content: { "application/octet-stream": binary },
+    },
+    ...consoleErrors,
+    404: errorResponse("No export of this version (yet)"),
+    501: errorResponse("Downloads need the S3 API (not available with MODELS_BASE_URL)"),
   },
 });
 

@@ -1,5 +1,8 @@
 import { DescribeJobQueuesCommand, type SubmitJobCommand } from "@aws-sdk/client-batch";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { requestMessage } from "#shared/contracts/request.ts";
+import { hmacSha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
 import { fakeQuotas, UNREADABLE_NEW_ACCOUNT } from "../../../test/support/quotas.ts";
@@ -11,6 +14,7 @@ import { followRun, listRunStatuses, newRunId } from "./status.ts";
 import { train } from "./train.ts";
 
 let s3: LocalS3;
+const OPERATOR = "operator-key-nightly-sweep";
 beforeAll(async () => {
   await initBackend();
   s3 = await startLocalS3({ bucket: "nightly" });
@@ -55,6 +59,24 @@ describe("nightly dispatch", () => {
       { dataset: "one-label", jobId: "job-one-label-head" },
     ]);
     expect(one.failed).toEqual([]);
+  });
+
+  it("answers console requests whose trigger was lost: a request left waiting gets its outcome at night", async () => {
+    await uploadSample(s3.store, "swept", { perLabel: 8 });
+    await train(s3.store, { dataset: "swept", imageSize: 96, views: 1, head: { epochs: 3 }, promote: "always" }, memoryLogger());
+    const issuedAt = new Date(Date.now() - 6 * 60 * 60 * 1000).toISOString(); // made six hours ago; its event went to the DLQ
+    const unsigned = { id: `${issuedAt.slice(0, 19).replace(/[-:]/g, "")}-5eed0001`, model: "swept", kind: "rollback" as const, issuedAt };
+    const request = { schemaVersion: 1, ...unsigned, by: "console", signature: await hmacSha256Hex(OPERATOR, requestMessage(unsigned)) };
+    await s3.store.put(keys.captureRequest("swept", request.id), JSON.stringify(request));
+    process.env.EDGETUNE_CONSOLE_KEYS = OPERATOR;
+    try {
+      await dispatchNightly(s3.store, { imageSize: 96, views: 1 }, async (dataset) => `job-${dataset}`, memoryLogger());
+    } finally {
+      delete process.env.EDGETUNE_CONSOLE_KEYS;
+    }
+    expect(await s3.store.head(keys.captureRequest("swept", request.id))).toBeNull();
+    const outcome = JSON.parse(new TextDecoder().decode((await s3.store.get(keys.captureOutcome("swept", request.id))) as Uint8Array));
+    expect(outcome).toMatchObject({ state: "refused", message: expect.stringContaining("minutes a request stays valid") });
   });
 
   it("submits tonight's training before it reads anything under captures/ (the edge's key may fill it)", async () => {

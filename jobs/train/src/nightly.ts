@@ -7,6 +7,7 @@ import type { TrainInput } from "./config.ts";
 import { describeQuota, gpuJobFits, type QuotaClient, quotaRequest, readGpuQuotas } from "./gpu-quota.ts";
 import type { Logger } from "./log.ts";
 import { planRun, versionExists } from "./plan.ts";
+import { applyRequests, modelsWithRequests } from "./requests/requests.ts";
 import { runContext } from "./run.ts";
 import { adoptQueued, StatusRecorder } from "./status.ts";
 import { processTraffic } from "./traffic/traffic.ts";
@@ -54,7 +55,19 @@ export async function dispatchNightly(
     result.unchanged = result.unchanged.filter((d) => d !== name);
     await planAndSubmit(store, input, submit, log, name, false, result);
   }
+  await sweepRequests(store, input, submit, log).catch((e) => log.warn(`console requests not swept: ${userMessage(e)}`));
   return result;
+}
+
+/** Console requests whose trigger was lost (requests/requests.ts): answered tonight, a "train now" submitted as an upload's run. */
+async function sweepRequests(store: ObjectStore, input: Omit<TrainInput, "dataset">, submit: SubmitTraining, log: Logger): Promise<void> {
+  const train = async (dataset: string) => {
+    const r: NightlyResult = { submitted: [], unchanged: [], failed: [] };
+    await planAndSubmit(store, input, submit, log, dataset, true, r);
+    if (r.failed[0]) throw new EdgetuneError("submit_failed", r.failed[0].reason);
+    return `A training run of dataset ${dataset} is submitted (job ${r.submitted[0]?.jobId}); follow it with edgetune status ${dataset}.`;
+  };
+  for (const model of await modelsWithRequests(store)) await applyRequests(store, model, { log, train });
 }
 
 /** Plans one dataset and submits its training job when it changed (an upload's always), recording the outcome in `result`. */

@@ -131,11 +131,16 @@ export function operatorKeysFromEnv(env: NodeJS.ProcessEnv = process.env): strin
 
 /** True when the decision's signature was made with one of `operatorKeys` (see contracts/capture.ts; the worker signs with the same `hmacSha256Hex`). */
 export async function signedByOperator(model: string, decision: CaptureDecision, operatorKeys: readonly string[]): Promise<boolean> {
-  if (!decision.signature) return false;
-  const presented = Buffer.from(decision.signature, "hex");
+  return signedWithAny(decision.signature, decisionMessage(model, decision), operatorKeys);
+}
+
+/** True when `signature` (hex) is the HMAC of `message` under one of `operatorKeys`; compared in constant time, every key tried. */
+export async function signedWithAny(signature: string | undefined, message: string, operatorKeys: readonly string[]): Promise<boolean> {
+  if (!signature) return false;
+  const presented = Buffer.from(signature, "hex");
   let ok = false;
   for (const k of operatorKeys) {
-    const expected = Buffer.from(await hmacSha256Hex(k, decisionMessage(model, decision)), "hex");
+    const expected = Buffer.from(await hmacSha256Hex(k, message), "hex");
     if (expected.length === presented.length && timingSafeEqual(expected, presented)) ok = true;
   }
   return ok;

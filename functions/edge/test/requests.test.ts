@@ -1,0 +1,122 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPointer } from "#shared/artifacts.ts";
+import { operatorRequestSchema, requestMessage } from "#shared/contracts/request.ts";
+import { sha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
+import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-worker.ts";
+import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
+import { memoryLogger } from "../../../jobs/train/src/log.ts";
+import { applyRequests } from "../../../jobs/train/src/requests/requests.ts";
+import { signedWithAny } from "../../../jobs/train/src/traffic/review.ts";
+import { train } from "../../../jobs/train/src/train.ts";
+import { uploadSample } from "../../../test/support/datasets.ts";
+
+/**
+ * The console's request routes in real workerd against the local S3 server and a really trained model:
+ * only operator keys may ask, bad bodies and unknown versions are answered plainly, what is written is a
+ * request signed with the operator's key (which the dispatcher's check accepts), its outcome is read
+ * back, and an export is streamed to operator keys only.
+ */
+const OPERATOR = "operator-key-edge-requests-01";
+let s3: LocalS3;
+let edge: EdgeWorker;
+let version: string;
+
+beforeAll(async () => {
+  s3 = await startLocalS3();
+  await uploadSample(s3.store, "emoji", { perLabel: 8, size: 96 });
+  version = (await train(s3.store, { dataset: "emoji", imageSize: 96, views: 1, head: { epochs: 5 }, promote: "always" }, memoryLogger())).version;
+  edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, pointerTtlSeconds: 1, vars: { CONSOLE_API_KEYS: OPERATOR } });
+});
+afterAll(async () => {
+  await edge?.stop();
+  await s3?.stop();
+});
+
+const ask = (body: unknown, key = OPERATOR, model = "emoji") =>
+  fetch(`${edge.url}/v1/models/${model}/requests`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+    body: typeof body === "string" ? body : JSON.stringify(body),
+  });
+const get = (path: string, key = OPERATOR) => fetch(`${edge.url}${path}`, { headers: { authorization: `Bearer ${key}` } });
+const errorOf = async (r: Response) => [r.status, ((await r.json()) as { error: { code: string; message: string } }).error] as const;
+const waiting = async () => {
+  const found: string[] = [];
+  for await (const o of s3.store.list(keys.captureRequests("emoji"))) found.push(o.key);
+  return found;
+};
+const dispatch = () => applyRequests(s3.store, "emoji", { log: memoryLogger(), operatorKeys: [OPERATOR], train: async (d) => `queued ${d}` });
+
+describe("console requests at the edge", () => {
+  it("are for operator keys only", async () => {
+    expect(await errorOf(await ask({ kind: "rollback" }, edge.apiKey))).toEqual([403, expect.objectContaining({ code: "forbidden" })]);
+    expect((await ask({ kind: "rollback" }, "")).status).toBe(401);
+    expect((await get("/v1/models/emoji/requests", edge.apiKey)).status).toBe(403);
+    expect((await get(`/v1/models/emoji/versions/${version}/export/model.onnx`, edge.apiKey)).status).toBe(403);
+    expect(await waiting()).toEqual([]);
+  });
+
+  it("answer bad bodies, unknown models and unknown versions plainly, and record nothing", async () => {
+    for (const body of [{ kind: "promote" }, { kind: "rollback", version }, { kind: "delete-everything" }, { kind: "promote", version: "v1" }]) {
+      const r = await ask(body);
+      expect(r.status, JSON.stringify(body)).toBe(422);
+      expect(((await r.json()) as { error: unknown }).error).toMatchObject({
+        code: "invalid_request",
+        message: expect.stringContaining('{"kind": "rollback"'),
+      });
+    }
+    expect(await errorOf(await ask("{not json"))).toEqual([400, { code: "invalid_json", message: "The body is not valid JSON: send one JSON object." }]);
+    expect(await errorOf(await ask({ kind: "promote", version: "v0000000000ff" }))).toEqual([404, expect.objectContaining({ code: "version_not_found" })]);
+    expect(await errorOf(await ask({ kind: "train" }, OPERATOR, "no-such-model"))).toEqual([404, expect.objectContaining({ code: "model_not_found" })]);
+    expect(await waiting()).toEqual([]);
+  });
+
+  it("record a request signed with the operator's key; its state reads pending, then the dispatcher's outcome", async () => {
+    const r = await ask({ kind: "promote", version });
+    expect(r.status).toBe(202);
+    const answered = (await r.json()) as { id: string; state: string };
+    expect(answered).toMatchObject({ kind: "promote", version, state: "pending", message: null });
+    const stored = operatorRequestSchema.parse(
+      JSON.parse(new TextDecoder().decode((await s3.store.get(keys.captureRequest("emoji", answered.id))) as Uint8Array)),
+    );
+    expect(stored).toMatchObject({ model: "emoji", kind: "promote", version, by: "console" });
+    expect(await signedWithAny(stored.signature, requestMessage(stored), [OPERATOR])).toBe(true);
+    expect(await signedWithAny(stored.signature, requestMessage(stored), [edge.apiKey])).toBe(false);
+    const before = (await (await get("/v1/models/emoji/requests")).json()) as { requests: { id: string; state: string }[] };
+    expect(before.requests.find((q) => q.id === answered.id)?.state).toBe("pending");
+    const [outcome] = await dispatch();
+    expect(outcome?.state).toBe("done");
+    const after = (await (await get("/v1/models/emoji/requests")).json()) as { requests: { id: string; state: string; message: string }[] };
+    expect(after.requests.find((q) => q.id === answered.id)).toMatchObject({ state: "done", message: outcome?.message });
+    expect((await readPointer(s3.store, "emoji"))?.version).toBe(version);
+  });
+
+  it("streams a version's ONNX export to operator keys once the dispatcher made it, and says plainly when there is none", async () => {
+    expect(await errorOf(await get(`/v1/models/emoji/versions/${version}/export/model.onnx`))).toEqual([
+      404,
+      expect.objectContaining({ code: "export_not_found" }),
+    ]);
+    expect(await (await get(`/v1/models/emoji/versions/${version}/export`)).json()).toEqual({ model: "emoji", version, onnx: null });
+    expect((await ask({ kind: "export-onnx", version })).status).toBe(202);
+    expect((await dispatch())[0]?.state).toBe("done");
+    const { onnx: info } = (await (await get(`/v1/models/emoji/versions/${version}/export`)).json()) as { onnx: { bytes: number; sha256: string } };
+    const r = await get(`/v1/models/emoji/versions/${version}/export/model.onnx`);
+    expect(r.status).toBe(200);
+    expect(r.headers.get("content-disposition")).toBe(`attachment; filename="emoji-${version}.onnx"`);
+    const bytes = new Uint8Array(await r.arrayBuffer());
+    // By hash: a deep comparison of megabytes of bytes takes vitest half a minute.
+    expect(await sha256Hex(bytes)).toBe(await sha256Hex((await s3.store.get(keys.versionOnnx("emoji", version))) as Uint8Array));
+    expect(info).toMatchObject({ bytes: bytes.byteLength, sha256: await sha256Hex(bytes) });
+    expect(await errorOf(await get("/v1/models/emoji/versions/v0000000000ff/export/model.onnx"))).toEqual([
+      404,
+      expect.objectContaining({ code: "export_not_found" }),
+    ]);
+  });
+
+  it("are in the OpenAPI document", async () => {
+    const doc = (await (await fetch(`${edge.url}/openapi.json`)).json()) as { paths: Record<string, Record<string, unknown>> };
+    expect(Object.keys(doc.paths["/v1/models/{name}/requests"] ?? {}).sort()).toEqual(["get", "post"]);
+    expect(doc.paths["/v1/models/{name}/versions/{version}/export/model.onnx"]?.get).toBeDefined();
+  });
+});

@@ -1,0 +1,40 @@
+import { requestOfKey } from "#shared/contracts/request.ts";
+import { EdgetuneError } from "#shared/errors.ts";
+import type { ObjectStore } from "#shared/s3/store.ts";
+import type { TrainInput } from "../config.ts";
+import type { Logger } from "../log.ts";
+import { dispatchNightly, type SubmitTraining } from "../nightly.ts";
+import { emit } from "../output.ts";
+import { applyRequests } from "./requests.ts";
+
+/**
+ * `edgetune train --dataset captures/<model>/requests/<id>.json`: what the dispatcher runs when a console
+ * request is created (the S3 event's key is its `dataset` parameter, as a manifest's is; locally the
+ * dispatcher polls and runs the same command). Applies every waiting request of that model and prints
+ * one JSON line per outcome. "Train now" goes the way of a push: in AWS Batch the dataset's training job
+ * is submitted (nightly.ts); locally a `{"status":"train-requested"}` line asks the local dispatcher, which
+ * runs its jobs one at a time, to queue it.
+ */
+export const isRequestKey = (value: string) => requestOfKey(value) !== null;
+
+export async function runRequests(store: ObjectStore, input: TrainInput, log: Logger, options: { json: boolean; submit?: SubmitTraining }): Promise<void> {
+  // The other options (a local dispatcher's small training flags) go to the runs "train now" submits.
+  const { dataset: key, ...trainOptions } = input;
+  const { model } = requestOfKey(key) as { model: string };
+  // tfjs for an export, and for planning a run (a base not yet in the bucket is imported then).
+  const { initBackend } = await import("../model/backend.ts");
+  await initBackend();
+  const train = async (dataset: string): Promise<string> => {
+    if (!options.submit) {
+      emit({ json: true }, { status: "train-requested", dataset }, "");
+      return `A training run of dataset ${dataset} is queued (edgetune status ${dataset}).`;
+    }
+    const r = await dispatchNightly(store, trainOptions, options.submit, log, [dataset]);
+    const failed = r.failed[0];
+    if (failed) throw new EdgetuneError("submit_failed", failed.reason);
+    return `A training run of dataset ${dataset} is submitted (job ${r.submitted[0]?.jobId}); follow it with edgetune status ${dataset}.`;
+  };
+  const outcomes = await applyRequests(store, model, { log, train });
+  for (const o of outcomes)
+    emit(options, { status: "request", model, ...o }, `${model} ${o.kind}${o.version ? ` ${o.version}` : ""}: ${o.state}: ${o.message}`);
+}
