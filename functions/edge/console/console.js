@@ -83,7 +83,15 @@ function say(message, isError = false) {
 
 async function modelsPage(show) {
   const list = await modelsList(ui);
-  if (!list) return show(el("h2", {}, "Models"), el("p", {}, "No models yet: push a dataset (edgetune push <folder> --name <model>)."));
+  if (!list)
+    return show(
+      el("h2", {}, "Models"),
+      el(
+        "p",
+        {},
+        "No models yet: push a dataset (npx edgetune push <folder> --dataset <name>; the model takes the dataset's name unless its manifest names another).",
+      ),
+    );
   show(el("h2", {}, "Models"), list);
 }
 
