@@ -8,6 +8,7 @@ import * as scheduler from "aws-cdk-lib/aws-scheduler";
 import * as schedulerTargets from "aws-cdk-lib/aws-scheduler-targets";
 import * as sqs from "aws-cdk-lib/aws-sqs";
 import { Construct } from "constructs";
+import { MAX_REQUEST_BYTES } from "#shared/contracts/request.ts";
 
 /**
  * What starts training:
@@ -78,7 +79,12 @@ export class TrainingTriggers extends Construct {
       eventPattern: {
         source: ["aws.s3"],
         detailType: ["Object Created"],
-        detail: { bucket: { name: [props.bucket.bucketName] }, object: { key: [{ wildcard: REQUEST_KEY_PATTERN }] } },
+        // EventBridge's * spans slashes: the dispatcher checks the name again (requests/command.ts). The size
+        // filter drops what the worker never writes (a request is under 1 KB) before it costs a job.
+        detail: {
+          bucket: { name: [props.bucket.bucketName] },
+          object: { key: [{ wildcard: REQUEST_KEY_PATTERN }], size: [{ numeric: ["<=", MAX_REQUEST_BYTES] }] },
+        },
       },
     });
     this.requestRule.addTarget(

@@ -1,5 +1,6 @@
 import { BatchClient, DescribeJobQueuesCommand, SubmitJobCommand } from "@aws-sdk/client-batch";
 import { ServiceQuotasClient } from "@aws-sdk/client-service-quotas";
+import { nameSchema } from "#shared/contracts/common.ts";
 import { EdgetuneError, userMessage } from "#shared/errors.ts";
 import type { ObjectStore } from "#shared/s3/store.ts";
 import { listDatasets } from "./catalog/catalog.ts";
@@ -80,6 +81,15 @@ async function planAndSubmit(
   upload: boolean,
   result: NightlyResult,
 ): Promise<void> {
+  // Before anything is submitted or recorded: an upload's name comes from an S3 event, and a name no dataset
+  // can have would still get a training job (failing at once) and a status record under it.
+  const valid = nameSchema.safeParse(name);
+  if (!valid.success) {
+    const reason = `"${name.slice(0, 200)}" is not a dataset name (${valid.error.issues[0]?.message}): nothing submitted.`;
+    log.warn(reason);
+    result.failed.push({ dataset: name, reason });
+    return;
+  }
   let strategy: "head" | "finetune" = "head";
   try {
     const plan = await planRun(runContext(store, log), { ...input, dataset: name });

@@ -8,7 +8,7 @@ import { createLogger } from "../log.ts";
 import { AUTO_DESCRIPTION, KNOWN_BASES } from "../model/bases.ts";
 import { batchSubmitter, dispatchNightly } from "../nightly.ts";
 import { emit, percent } from "../output.ts";
-import { isRequestKey, runRequests } from "../requests/command.ts";
+import { isCapturesKey, runRequests } from "../requests/command.ts";
 import { processTraffic } from "../traffic/traffic.ts";
 import { clean, datasetRef, type Globals, int, num, storeFrom } from "./options.ts";
 
@@ -116,8 +116,9 @@ export function addTrainCommands(program: Command): void {
       // job per changed dataset to the CPU or GPU queue. Elsewhere "*" trains every complete dataset here,
       // one after the other.
       const submit = process.env.EDGETUNE_DISPATCH === "1" ? batchSubmitter() : undefined;
-      // A console request's key (requests/command.ts): apply that model's waiting requests.
-      if (isRequestKey(input.dataset)) return runRequests(store, clean(input), log, { json: o.json === true, submit });
+      // A console request's key (requests/command.ts): apply that model's waiting requests. Anything
+      // else under captures/ is ignored there, never planned as a dataset upload.
+      if (isCapturesKey(input.dataset)) return runRequests(store, clean(input), log, { json: o.json === true, submit });
       if (submit) {
         const { initBackend } = await import("../model/backend.ts");
         await initBackend(); // a base not yet in the bucket is imported while planning

@@ -8,6 +8,13 @@ import { emit } from "../output.ts";
 import { applyRequests } from "./requests.ts";
 
 /**
+ * Whether the dispatcher was started for a key under `captures/` (a console request's trigger). Any such
+ * key goes to runRequests, never to a dataset upload: the edge's key writes there, and a name the trigger
+ * matches but no request has (EventBridge's * spans slashes) must not become a training job.
+ */
+export const isCapturesKey = (value: string) => value.startsWith("captures/");
+
+/**
  * `edgetune train --dataset captures/<model>/requests/<id>.json`: what the dispatcher runs when a console
  * request is created (the S3 event's key is its `dataset` parameter, as a manifest's is; locally the
  * dispatcher polls and runs the same command). Applies every waiting request of that model and prints
@@ -15,12 +22,16 @@ import { applyRequests } from "./requests.ts";
  * is submitted (nightly.ts); locally a `{"status":"train-requested"}` line asks the local dispatcher, which
  * runs its jobs one at a time, to queue it.
  */
-export const isRequestKey = (value: string) => requestOfKey(value) !== null;
-
 export async function runRequests(store: ObjectStore, input: TrainInput, log: Logger, options: { json: boolean; submit?: SubmitTraining }): Promise<void> {
   // The other options (a local dispatcher's small training flags) go to the runs "train now" submits.
   const { dataset: key, ...trainOptions } = input;
-  const { model } = requestOfKey(key) as { model: string };
+  const named = requestOfKey(key);
+  if (!named) {
+    // Written with the edge's key alone (the worker names every request it writes): nothing to do, and no failure to alert on.
+    log.warn(`${key} is under captures/ but is not named as a console request: ignored (the edge's S3 credentials may have leaked)`);
+    return;
+  }
+  const { model } = named;
   // tfjs for an export, and for planning a run (a base not yet in the bucket is imported then).
   const { initBackend } = await import("../model/backend.ts");
   await initBackend();

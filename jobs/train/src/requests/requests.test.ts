@@ -19,7 +19,9 @@ import { barePng } from "../../../../test/support/crafted-images.ts";
 import { uploadSample } from "../../../../test/support/datasets.ts";
 import { rollback } from "../catalog/catalog.ts";
 import { memoryLogger } from "../log.ts";
+import { dispatchNightly } from "../nightly.ts";
 import { train } from "../train.ts";
+import { isCapturesKey, runRequests } from "./command.ts";
 import { applyRequests } from "./requests.ts";
 
 /**
@@ -135,6 +137,31 @@ describe("console requests, applied by the dispatcher", () => {
     const left: string[] = [];
     for await (const o of s3.store.list(keys.captureRequests("emoji"))) left.push(o.key);
     expect(left).toEqual([]);
+  });
+
+  it("a key under captures/ that is no request's name starts no training job, and an upload's bad name is never submitted", async () => {
+    const submitted: string[] = [];
+    const submit = async (dataset: string) => {
+      submitted.push(dataset);
+      return "job-1";
+    };
+    // What the trigger matches (EventBridge's * spans slashes) but no request is named: an extra level, a bad id, an uppercase model.
+    const misnamed = ["captures/emoji/requests/x.json", "captures/emoji/requests/a/b.json", `captures/Emoji/requests/20261206T051500-abcd1234.json`];
+    for (const key of misnamed) {
+      await s3.store.put(key, "{}");
+      expect(isCapturesKey(key)).toBe(true); // the dispatcher's entry (commands/train.ts) sends it to runRequests, not to an upload's planning
+      const log = memoryLogger();
+      await runRequests(s3.store, { dataset: key }, log, { json: true, submit });
+      expect(log.lines).toContainEqual(expect.objectContaining({ level: "warn", message: expect.stringContaining("not named as a console request") }));
+      await s3.store.delete([key]);
+    }
+    // The upload path itself refuses such a name before submitting, and records no status under it.
+    const r = await dispatchNightly(s3.store, {}, submit, memoryLogger(), ["captures/emoji/requests/x.json"]);
+    expect(r.failed).toEqual([{ dataset: "captures/emoji/requests/x.json", reason: expect.stringContaining("not a dataset name") }]);
+    expect(submitted).toEqual([]);
+    const status: string[] = [];
+    for await (const o of s3.store.list("status/captures")) status.push(o.key);
+    expect(status).toEqual([]);
   });
 
   it("train now starts a run of the model's own dataset; a dataset that now trains another model is refused", async () => {
