@@ -2,6 +2,7 @@ import { readFile } from "node:fs/promises";
 import type { Browser, Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { readPointer } from "#shared/artifacts.ts";
+import type { ModelPointer } from "#shared/contracts/artifact.ts";
 import { type OperatorRequest, requestMessage } from "#shared/contracts/request.ts";
 import { hmacSha256Hex, sha256Hex } from "#shared/hash.ts";
 import { keys } from "#shared/keys.ts";
@@ -112,7 +113,16 @@ describe.skipIf(!haveBrowser)("console actions (headless Chromium, the local dis
 
   it("shows a refused request with its reason (one written with the edge's S3 key alone, unsigned by an operator)", async () => {
     const issuedAt = new Date().toISOString();
-    const unsigned = { id: `${issuedAt.slice(0, 19).replace(/[-:]/g, "")}-0badc0de`, model: "emoji", kind: "promote" as const, version: v1, issuedAt };
+    const pointer = (await readPointer(s3.store, "emoji")) as ModelPointer;
+    const unsigned = {
+      id: `${issuedAt.slice(0, 19).replace(/[-:]/g, "")}-0badc0de`,
+      model: "emoji",
+      kind: "promote" as const,
+      version: v1,
+      from: pointer.version,
+      fromPromotedAt: pointer.promotedAt,
+      issuedAt,
+    };
     const forged: OperatorRequest = {
       schemaVersion: 1,
       ...unsigned,

@@ -20,6 +20,8 @@ export const REQUEST_KINDS = ["rollback", "promote", "train", "apply-reviewed", 
 export type RequestKind = (typeof REQUEST_KINDS)[number];
 /** Kinds that act on one version (the others on the model). */
 export const VERSION_KINDS: readonly RequestKind[] = ["promote", "export-onnx"];
+/** Kinds that move the pointer: applied only while it still serves the version it served when asked. */
+export const POINTER_KINDS: readonly RequestKind[] = ["rollback", "promote"];
 
 /** Ids sort by time (the worker makes them from the issue time), so a listing is oldest first. */
 export const requestIdSchema = z.string().regex(/^[0-9]{8}T[0-9]{6}-[0-9a-f]{8,16}$/, "must look like 20261206T051500-abcd1234");
@@ -44,6 +46,16 @@ export const operatorRequestSchema = z
     kind: z.enum(REQUEST_KINDS),
     /** Required by `promote` and `export-onnx`; absent otherwise. */
     version: versionSchema.optional(),
+    /**
+     * `rollback` and `promote`: the version served when the operator asked (the worker reads the pointer).
+     * Signed, so a request withheld and written back later, after the served version moved, is refused
+     * instead of moving it again (a second step back, or undoing a newer decision).
+     */
+    from: versionSchema.optional(),
+    /** With `from`: that pointer's promotedAt, so a pointer moved away and back (v1 → v2 → v1) is not taken for the one asked against. */
+    fromPromotedAt: z.iso.datetime().optional(),
+    /** `rollback`: the version it goes back to (the pointer's history[0] when asked); signed for the same reason. */
+    to: versionSchema.optional(),
     issuedAt: z.iso.datetime(),
     by: z.literal("console"),
     /** HMAC-SHA256 of `requestMessage` keyed with the operator key that asked (as a console decision is signed). */
@@ -52,12 +64,17 @@ export const operatorRequestSchema = z
   .refine((r) => VERSION_KINDS.includes(r.kind) === (r.version !== undefined), {
     message: "promote and export-onnx name a version; the other kinds do not",
     path: ["version"],
-  });
+  })
+  .refine((r) => POINTER_KINDS.includes(r.kind) === (r.from !== undefined) && (r.from !== undefined) === (r.fromPromotedAt !== undefined), {
+    message: "rollback and promote name the version served when asked; the other kinds do not",
+    path: ["from"],
+  })
+  .refine((r) => (r.kind === "rollback") === (r.to !== undefined), { message: "rollback names the version it goes back to", path: ["to"] });
 export type OperatorRequest = z.output<typeof operatorRequestSchema>;
 
-/** What a request's signature covers: every field that changes what the dispatcher does. */
-export const requestMessage = (r: Pick<OperatorRequest, "id" | "model" | "kind" | "version" | "issuedAt">) =>
-  ["edgetune-request-v1", r.model, r.id, r.kind, r.version ?? "", r.issuedAt].join("\n");
+/** What a request's signature covers: every field that changes what the dispatcher does (v2: with `from` and `to`). */
+export const requestMessage = (r: Pick<OperatorRequest, "id" | "model" | "kind" | "version" | "from" | "fromPromotedAt" | "to" | "issuedAt">) =>
+  ["edgetune-request-v2", r.model, r.id, r.kind, r.version ?? "", r.from ?? "", r.fromPromotedAt ?? "", r.to ?? "", r.issuedAt].join("\n");
 
 export const REQUEST_STATES = ["done", "refused", "failed"] as const;
 
@@ -70,7 +87,8 @@ export const REQUEST_STATES = ["done", "refused", "failed"] as const;
 export const requestOutcomeSchema = z.object({
   schemaVersion: z.literal(1).default(1),
   id: requestIdSchema,
-  kind: z.enum(REQUEST_KINDS),
+  /** Absent when the request file could not be read (replaced by something else): its kind is unknown. */
+  kind: z.enum(REQUEST_KINDS).optional(),
   version: versionSchema.optional(),
   issuedAt: z.iso.datetime(),
   state: z.enum(REQUEST_STATES),
@@ -90,6 +108,12 @@ export const onnxExportSchema = z.object({
   createdAt: z.iso.datetime(),
 });
 export type OnnxExport = z.output<typeof onnxExportSchema>;
+
+/** The time a request id was made from (ids are `<UTC yyyymmddThhmmss>-<random>`), as an ISO date. */
+export function issuedAtOfId(id: string): string {
+  const d = id.slice(0, 15);
+  return `${d.slice(0, 4)}-${d.slice(4, 6)}-${d.slice(6, 8)}T${d.slice(9, 11)}:${d.slice(11, 13)}:${d.slice(13, 15)}.000Z`;
+}
 
 /** `captures/<model>/requests/<id>.json` → { model, id }, else null (outcomes and other files are not requests). */
 export function requestOfKey(key: string): { model: string; id: string } | null {

@@ -124,7 +124,7 @@ function requestTracker(ui, name, list, onDone) {
   const settled = new Set(); // ids seen done/refused/failed: onDone runs once per request
   let timer;
   let first = true;
-  const describe = (r) => `${KIND_WORDS[r.kind] ?? r.kind}${r.version ? ` ${r.version}` : ""}`;
+  const describe = (r) => `${r.kind ? (KIND_WORDS[r.kind] ?? r.kind) : "A request"}${r.version ? ` ${r.version}` : ""}`;
   const stateText = (r) => (r.state === "pending" ? "waiting for the dispatcher…" : `${r.state}: ${r.message}`);
   async function refresh() {
     clearTimeout(timer);

@@ -362,7 +362,7 @@ export const requestBodySchema = z
 const requestStateSchema = z
   .object({
     id: requestIdSchema,
-    kind: z.enum(REQUEST_KINDS),
+    kind: z.enum(REQUEST_KINDS).nullable().describe("null when the request file was replaced by something unreadable (its outcome says so)"),
     version: versionSchema.nullable(),
     issuedAt: z.iso.datetime(),
     state: z.enum(["pending", ...REQUEST_STATES]),
@@ -384,6 +384,7 @@ export const requestRoute = createRoute({
     },
     ...consoleErrors,
     404: errorResponse("Unknown model or version"),
+    409: errorResponse("A rollback with no earlier served version"),
     422: errorResponse("Invalid request"),
     501: errorResponse("Requests need the S3 API (not available with MODELS_BASE_URL)"),
   },

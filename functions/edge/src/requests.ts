@@ -1,12 +1,12 @@
 import type { OpenAPIHono } from "@hono/zod-openapi";
-import { readMetadata, readPointer } from "#shared/artifacts.ts";
+import { historyOf, readMetadata, readPointer } from "#shared/artifacts.ts";
 import { tryParseContractJson } from "#shared/contracts/parse.ts";
 import {
   MAX_OUTCOME_BYTES,
   MAX_REQUEST_BYTES,
-  type OperatorRequest,
   onnxExportSchema,
   operatorRequestSchema,
+  POINTER_KINDS,
   type RequestOutcome,
   requestMessage,
   requestOfKey,
@@ -48,11 +48,25 @@ export function registerRequestRoutes(
         if (e instanceof NotFoundError) throw new ApiError(404, "version_not_found", `Model ${name} has no version ${body.version}.`);
         throw e;
       });
-    } else if (!(await readPointer(source, name))) {
-      throw new ApiError(404, "model_not_found", `No model named ${name} with a served version.`);
     }
+    const movesPointer = POINTER_KINDS.includes(body.kind);
+    const pointer = body.version && !movesPointer ? null : await readPointer(source, name);
+    if (!pointer && (movesPointer || !body.version)) throw new ApiError(404, "model_not_found", `No model named ${name} with a served version.`);
+    // A rollback or promotion applies only while the model serves what it serves now (signed `from`, and
+    // a rollback's target): one written back later by whoever holds the edge's key finds it moved.
+    const to = body.kind === "rollback" && pointer ? historyOf(pointer)[0] : undefined;
+    if (body.kind === "rollback" && !to)
+      throw new ApiError(409, "no_earlier_version", `Model ${name} has no earlier served version to roll back to; serve a version by name instead.`);
     const issuedAt = new Date().toISOString();
-    const unsigned = { id: newRequestId(issuedAt), model: name, kind: body.kind, ...(body.version ? { version: body.version } : {}), issuedAt };
+    const unsigned = {
+      id: newRequestId(issuedAt),
+      model: name,
+      kind: body.kind,
+      ...(body.version ? { version: body.version } : {}),
+      ...(pointer && movesPointer ? { from: pointer.version, fromPromotedAt: pointer.promotedAt } : {}),
+      ...(to ? { to } : {}),
+      issuedAt,
+    };
     // Signed with the operator's own key (consoleAuth checked it); the dispatcher verifies it with the operators' keys.
     const operatorKey = (c.req.header("authorization") ?? "").replace(/^Bearer\s+/i, "");
     const request = operatorRequestSchema.parse({ ...unsigned, by: "console", signature: await hmacSha256Hex(operatorKey, requestMessage(unsigned)) });
@@ -120,10 +134,10 @@ function newRequestId(issuedAt: string): string {
   return `${issuedAt.slice(0, 19).replace(/[-:]/g, "")}-${hex(crypto.getRandomValues(new Uint8Array(4)))}`;
 }
 
-function stateOf(r: Pick<OperatorRequest, "id" | "kind" | "version" | "issuedAt">, outcome: RequestOutcome | null) {
+function stateOf(r: Pick<RequestOutcome, "id" | "kind" | "version" | "issuedAt">, outcome: RequestOutcome | null) {
   return {
     id: r.id,
-    kind: r.kind,
+    kind: r.kind ?? null,
     version: r.version ?? null,
     issuedAt: r.issuedAt,
     state: outcome?.state ?? ("pending" as const),

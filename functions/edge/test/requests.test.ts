@@ -69,6 +69,8 @@ describe("console requests at the edge", () => {
     expect(await errorOf(await ask("{not json"))).toEqual([400, { code: "invalid_json", message: "The body is not valid JSON: send one JSON object." }]);
     expect(await errorOf(await ask({ kind: "promote", version: "v0000000000ff" }))).toEqual([404, expect.objectContaining({ code: "version_not_found" })]);
     expect(await errorOf(await ask({ kind: "train" }, OPERATOR, "no-such-model"))).toEqual([404, expect.objectContaining({ code: "model_not_found" })]);
+    // One version served, none before it: a rollback has no target to sign.
+    expect(await errorOf(await ask({ kind: "rollback" }))).toEqual([409, expect.objectContaining({ code: "no_earlier_version" })]);
     expect(await waiting()).toEqual([]);
   });
 
@@ -80,7 +82,9 @@ describe("console requests at the edge", () => {
     const stored = operatorRequestSchema.parse(
       JSON.parse(new TextDecoder().decode((await s3.store.get(keys.captureRequest("emoji", answered.id))) as Uint8Array)),
     );
-    expect(stored).toMatchObject({ model: "emoji", kind: "promote", version, by: "console" });
+    // Signed with the pointer it was asked against: the dispatcher applies it only while the pointer is still that one.
+    const pointer = await readPointer(s3.store, "emoji");
+    expect(stored).toMatchObject({ model: "emoji", kind: "promote", version, from: pointer?.version, fromPromotedAt: pointer?.promotedAt, by: "console" });
     expect(await signedWithAny(stored.signature, requestMessage(stored), [OPERATOR])).toBe(true);
     expect(await signedWithAny(stored.signature, requestMessage(stored), [edge.apiKey])).toBe(false);
     const before = (await (await get("/v1/models/emoji/requests")).json()) as { requests: { id: string; state: string }[] };

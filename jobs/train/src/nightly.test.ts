@@ -1,5 +1,7 @@
 import { DescribeJobQueuesCommand, type SubmitJobCommand } from "@aws-sdk/client-batch";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { readPointer } from "#shared/artifacts.ts";
+import type { ModelPointer } from "#shared/contracts/artifact.ts";
 import { requestMessage } from "#shared/contracts/request.ts";
 import { hmacSha256Hex } from "#shared/hash.ts";
 import { keys } from "#shared/keys.ts";
@@ -65,7 +67,16 @@ describe("nightly dispatch", () => {
     await uploadSample(s3.store, "swept", { perLabel: 8 });
     await train(s3.store, { dataset: "swept", imageSize: 96, views: 1, head: { epochs: 3 }, promote: "always" }, memoryLogger());
     const issuedAt = new Date(Date.now() - 6 * 60 * 60 * 1000).toISOString(); // made six hours ago; its event went to the DLQ
-    const unsigned = { id: `${issuedAt.slice(0, 19).replace(/[-:]/g, "")}-5eed0001`, model: "swept", kind: "rollback" as const, issuedAt };
+    const pointer = (await readPointer(s3.store, "swept")) as ModelPointer;
+    const unsigned = {
+      id: `${issuedAt.slice(0, 19).replace(/[-:]/g, "")}-5eed0001`,
+      model: "swept",
+      kind: "rollback" as const,
+      from: pointer.version,
+      fromPromotedAt: pointer.promotedAt,
+      to: "v0123456789ab",
+      issuedAt,
+    };
     const request = { schemaVersion: 1, ...unsigned, by: "console", signature: await hmacSha256Hex(OPERATOR, requestMessage(unsigned)) };
     await s3.store.put(keys.captureRequest("swept", request.id), JSON.stringify(request));
     process.env.EDGETUNE_CONSOLE_KEYS = OPERATOR;

@@ -54,24 +54,56 @@ export async function listVersions(store: ObjectStore, name: string): ReturnType
  * run ends not promoted). The model keeps its dataset (owner). `changed: false` when `to` is already
  * served: nothing is written.
  */
-export async function rollback(store: ObjectStore, name: string, to?: string): Promise<{ pointer: ModelPointer; changed: boolean; duringRun: boolean }> {
+export async function rollback(
+  store: ObjectStore,
+  name: string,
+  to?: string,
+  expected?: ExpectedPointer,
+): Promise<{ pointer: ModelPointer; changed: boolean; duringRun: boolean }> {
   const lock = await acquireLock(store, name, { waitMs: 0 }).catch((e: unknown) => {
     if (e instanceof LockTimeoutError) return null;
     throw e;
   });
   try {
-    return { ...(await moveBack(store, name, to)), duringRun: lock === null };
+    return { ...(await moveBack(store, name, to, expected)), duringRun: lock === null };
   } finally {
     await lock?.release();
   }
 }
 
-async function moveBack(store: ObjectStore, name: string, to?: string): Promise<{ pointer: ModelPointer; changed: boolean }> {
+/** What a console request saw when it was asked (requests/requests.ts): the pointer must still look so. */
+export interface ExpectedPointer {
+  /** The version served then, and its pointer's promotedAt (a pointer moved away and back is another one). */
+  from: string;
+  promotedAt: string;
+  /** Where a plain rollback went then (history[0]). */
+  target?: string;
+}
+
+/** The served version is no longer what the request was asked against: nothing is changed. */
+export class ServedVersionChangedError extends EdgetuneError {
+  constructor(name: string, expected: string, now: string) {
+    super(
+      "served_version_changed",
+      `${name} served ${expected} when this was asked and serves ${now === expected ? `${now} again (served anew since)` : now} now: nothing was changed (asked twice, or replayed). Ask again if it is still wanted.`,
+    );
+  }
+}
+
+async function moveBack(store: ObjectStore, name: string, to?: string, expected?: ExpectedPointer): Promise<{ pointer: ModelPointer; changed: boolean }> {
   const basis = await readPointerBasis(store, name);
   const pointer = basis.pointer;
   if (!pointer) throw await unknownModel(store, name, "has no promoted version to roll back from");
-  if (to === pointer.version) return { pointer, changed: false };
   const history = historyOf(pointer);
+  // Checked on the pointer the compare-and-swap below writes against: no window in between.
+  if (
+    expected &&
+    (pointer.version !== expected.from ||
+      pointer.promotedAt !== expected.promotedAt ||
+      (expected.target !== undefined && (to ?? history[0]) !== expected.target))
+  )
+    throw new ServedVersionChangedError(name, expected.from, pointer.version);
+  if (to === pointer.version) return { pointer, changed: false };
   const target = to ?? history[0];
   if (!target) throw new NotFoundError(`Model ${name} has no earlier served version to roll back to; name one with --to (see edgetune models ${name}).`);
   const metaKey = keys.metadata(name, target);

@@ -47,5 +47,5 @@ export async function runRequests(store: ObjectStore, input: TrainInput, log: Lo
   };
   const outcomes = await applyRequests(store, model, { log, train });
   for (const o of outcomes)
-    emit(options, { status: "request", model, ...o }, `${model} ${o.kind}${o.version ? ` ${o.version}` : ""}: ${o.state}: ${o.message}`);
+    emit(options, { status: "request", model, ...o }, `${model} ${o.kind ?? "request"}${o.version ? ` ${o.version}` : ""}: ${o.state}: ${o.message}`);
 }

@@ -1,7 +1,7 @@
 import * as ort from "onnxruntime-node";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { readPointer } from "#shared/artifacts.ts";
+import { historyOf, readPointer } from "#shared/artifacts.ts";
 import { type CaptureRecord, captureDecisionSchema, decisionMessage } from "#shared/contracts/capture.ts";
 import {
   MAX_REQUEST_AGE_MS,
@@ -47,11 +47,20 @@ afterAll(async () => {
   await s3?.stop();
 });
 
-/** A request as the worker writes it: signed with `key`, issued `ageMs` ago. */
+/** A request as the worker writes it: signed with `key`, issued `ageMs` ago; a rollback or promotion names the served version (and a rollback its target) as the worker reads them. */
 async function request(kind: RequestKind, options: { version?: string; key?: string; ageMs?: number; model?: string } = {}): Promise<OperatorRequest> {
   const issuedAt = new Date(Date.now() - (options.ageMs ?? 0)).toISOString();
   const id = `${issuedAt.slice(0, 19).replace(/[-:]/g, "")}-${(0xabc00000 + n++).toString(16)}`;
-  const unsigned = { id, model: options.model ?? "emoji", kind, ...(options.version ? { version: options.version } : {}), issuedAt };
+  const pointer = kind === "rollback" || kind === "promote" ? await readPointer(s3.store, "emoji") : null;
+  const unsigned = {
+    id,
+    model: options.model ?? "emoji",
+    kind,
+    ...(options.version ? { version: options.version } : {}),
+    ...(pointer ? { from: pointer.version, fromPromotedAt: pointer.promotedAt } : {}),
+    ...(pointer && kind === "rollback" ? { to: historyOf(pointer)[0] } : {}),
+    issuedAt,
+  };
   const r: OperatorRequest = {
     schemaVersion: 1,
     ...unsigned,
@@ -129,14 +138,51 @@ describe("console requests, applied by the dispatcher", () => {
     expect(await s3.store.head(keys.requestApplied("emoji", promote.id))).not.toBeNull();
   });
 
-  it("deletes files under requests/ that are not requests of the model, without an outcome", async () => {
+  it("deletes files under requests/ not named as requests without an outcome; one named as a request but not one is answered", async () => {
     await s3.store.put(`${keys.captureRequests("emoji")}junk.json`, "{}");
     const misfiled = await request("rollback", { model: "other" });
     await s3.store.put(keys.captureRequest("emoji", misfiled.id), JSON.stringify(misfiled));
-    expect(await apply()).toEqual([]);
+    const outcomes = await apply();
+    expect(outcomes).toEqual([expect.objectContaining({ id: misfiled.id, state: "refused", message: expect.stringContaining("was replaced") })]);
+    expect(await served()).toBe(v2);
     const left: string[] = [];
     for await (const o of s3.store.list(keys.captureRequests("emoji"))) left.push(o.key);
     expect(left).toEqual([]);
+  });
+
+  it("refuses a withheld request written back after the served version moved, and answers a request file replaced by junk", async () => {
+    expect(await served()).toBe(v2);
+    // The edge's key reads a rollback and replaces it with junk: it is answered (not lost), and nothing moves.
+    const withheld = await request("rollback");
+    await s3.store.put(keys.captureRequest("emoji", withheld.id), "not a request");
+    expect((await apply())[0]).toMatchObject({ id: withheld.id, state: "refused", message: expect.stringContaining("was replaced") });
+    expect(await served()).toBe(v2);
+    // The operator asks again: one step back. The withheld copy, written back fresh and unclaimed, finds the pointer moved.
+    await request("rollback");
+    expect((await apply())[0]?.state).toBe("done");
+    expect(await served()).toBe(v1);
+    await s3.store.put(keys.captureRequest("emoji", withheld.id), JSON.stringify(withheld));
+    expect((await apply())[0]).toMatchObject({
+      id: withheld.id,
+      state: "refused",
+      message: expect.stringContaining(`served ${v2} when this was asked and serves ${v1} now`),
+    });
+    expect(await served()).toBe(v1);
+    // The same for a withheld "serve v2" once other decisions moved the pointer away and back (v1 → v2 → v1).
+    const promote = await request("promote", { version: v2 });
+    await s3.store.delete([keys.captureRequest("emoji", promote.id)]);
+    await rollback(s3.store, "emoji", v2);
+    await rollback(s3.store, "emoji", v1);
+    await s3.store.put(keys.captureRequest("emoji", promote.id), JSON.stringify(promote));
+    expect((await apply())[0]).toMatchObject({ id: promote.id, state: "refused", message: expect.stringContaining("served anew since") });
+    expect(await served()).toBe(v1);
+    // Junk written where a request was applied does not replace its outcome.
+    const done = await request("promote", { version: v2 });
+    expect((await apply())[0]?.state).toBe("done");
+    await s3.store.put(keys.captureRequest("emoji", done.id), "junk");
+    await apply();
+    expect(await stored(done)).toMatchObject({ state: "done" });
+    expect(await served()).toBe(v2);
   });
 
   it("a key under captures/ that is no request's name starts no training job, and an upload's bad name is never submitted", async () => {

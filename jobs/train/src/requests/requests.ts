@@ -3,6 +3,7 @@ import { listModels } from "#shared/catalog.ts";
 import { manifestSchema } from "#shared/contracts/dataset.ts";
 import { tryParseContractJson } from "#shared/contracts/parse.ts";
 import {
+  issuedAtOfId,
   MAX_REQUEST_AGE_MS,
   MAX_REQUEST_BYTES,
   MAX_REQUEST_SKEW_MS,
@@ -17,7 +18,7 @@ import { EdgetuneError, NotFoundError, userMessage } from "#shared/errors.ts";
 import { sha256Hex } from "#shared/hash.ts";
 import { keys } from "#shared/keys.ts";
 import type { ObjectStore } from "#shared/s3/store.ts";
-import { PointerMovedError, rollback, unknownModel } from "../catalog/catalog.ts";
+import { PointerMovedError, rollback, ServedVersionChangedError, unknownModel } from "../catalog/catalog.ts";
 import { onnxOf, readVersion } from "../export/export.ts";
 import type { Logger } from "../log.ts";
 import { OPSET } from "../model/onnx.ts";
@@ -64,10 +65,21 @@ export async function applyRequests(store: ObjectStore, model: string, deps: Req
     if (found.length >= MAX_REQUESTS_PER_RUN) break;
   }
   for (const { key, size } of found) {
-    const request = size > MAX_REQUEST_BYTES ? null : await readRequest(store, model, key);
-    if (!request) {
-      deps.log.warn(`${key} is not a request of the console (unreadable, too large or misfiled): deleted`);
+    const named = requestOfKey(key);
+    if (!named || named.model !== model) {
+      deps.log.warn(`${key} is not named as a request of ${model}: deleted (the edge's S3 credentials may have leaked)`);
       await store.delete([key]);
+      continue;
+    }
+    const request = size > MAX_REQUEST_BYTES ? null : await readRequest(store, model, key, named.id);
+    if (!request) {
+      // Named as the worker names a request, but not one: a request replaced (say, read and withheld to be
+      // replayed later). Answered, so the console shows it instead of it vanishing; never over an outcome it had.
+      const outcome = replacedOutcome(named.id, (deps.now ?? (() => new Date()))());
+      deps.log.warn(`${key}: ${outcome.message}`);
+      await store.putIfAbsent(keys.captureOutcome(model, named.id), JSON.stringify(outcome), "application/json");
+      await store.delete([key]);
+      outcomes.push(outcome);
       continue;
     }
     const { outcome, replayed } = await applyOne(store, request, deps);
@@ -99,13 +111,21 @@ export async function modelsWithRequests(store: ObjectStore): Promise<string[]> 
   return found;
 }
 
-async function readRequest(store: ObjectStore, model: string, key: string): Promise<OperatorRequest | null> {
-  const named = requestOfKey(key);
-  if (!named || named.model !== model) return null;
+async function readRequest(store: ObjectStore, model: string, key: string, id: string): Promise<OperatorRequest | null> {
   const bytes = await getCapped(store, key, MAX_REQUEST_BYTES);
   const parsed = bytes === null ? null : tryParseContractJson(operatorRequestSchema, bytes);
-  return parsed?.success && parsed.data.id === named.id && parsed.data.model === model ? parsed.data : null;
+  return parsed?.success && parsed.data.id === id && parsed.data.model === model ? parsed.data : null;
 }
+
+const replacedOutcome = (id: string, now: Date): RequestOutcome => ({
+  schemaVersion: 1,
+  id,
+  issuedAt: issuedAtOfId(id),
+  state: "refused",
+  message:
+    "The request file was replaced by something that is not a request (the edge's S3 credentials may have leaked): nothing was done. Ask again if it is still wanted.",
+  at: now.toISOString(),
+});
 
 /** One request checked (signature, age, claim) and applied; never throws: what went wrong is its outcome. */
 async function applyOne(store: ObjectStore, request: OperatorRequest, deps: RequestDeps): Promise<{ outcome: RequestOutcome; replayed: boolean }> {
@@ -161,7 +181,11 @@ async function perform(store: ObjectStore, request: OperatorRequest, deps: Reque
     case "rollback":
     case "promote": {
       // `edgetune rollback [--to]`: the same compare-and-swap on the pointer, the same lock rules.
-      const { pointer, changed, duringRun } = await rollback(store, model, request.version).catch((e: unknown) => {
+      // Only from the pointer the operator saw (signed `from`, and a rollback's `to`): a withheld request
+      // written back later finds it moved and is refused.
+      const expected = { from: request.from as string, promotedAt: request.fromPromotedAt as string, ...(request.to ? { target: request.to } : {}) };
+      const { pointer, changed, duringRun } = await rollback(store, model, request.version, expected).catch((e: unknown) => {
+        if (e instanceof ServedVersionChangedError) throw new RequestRefused(e.message);
         if (e instanceof PointerMovedError)
           throw new EdgetuneError(e.code, "The served version changed while this was written; nothing was changed. Ask again.");
         throw e;
