@@ -94,6 +94,11 @@ export const requestOutcomeSchema = z.object({
   state: z.enum(REQUEST_STATES),
   message: z.string().max(2000),
   at: z.iso.datetime(),
+  /**
+   * Set on a refusal that may be replaced: the request was claimed by a job that left no outcome yet (it
+   * may still finish and write its own). The console keeps polling instead of taking it as the answer.
+   */
+  provisional: z.literal(true).optional(),
 });
 export type RequestOutcome = z.output<typeof requestOutcomeSchema>;
 

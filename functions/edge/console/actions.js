@@ -5,6 +5,8 @@
 // Kept apart from console.js (which passes in its helpers) so pages and actions change independently.
 
 const POLL_MS = 1500;
+/** How long a provisional refusal is polled for: the dispatcher's CLAIM_IN_PROGRESS_MS. */
+const PROVISIONAL_MS = 15 * 60 * 1000;
 const KIND_WORDS = {
   rollback: "Roll back",
   promote: "Serve",
@@ -138,7 +140,9 @@ function requestTracker(ui, name, list, onDone) {
       return;
     }
     const changed = body.requests.filter((r) => r.state === "done" && !settled.has(r.id) && r.kind !== "train" && r.kind !== "apply-reviewed");
-    for (const r of body.requests) if (r.state !== "pending") settled.add(r.id);
+    // A provisional refusal (a job that claimed it has not answered yet) is not the answer: it may still be replaced.
+    const open = (r) => r.state === "pending" || (r.provisional && Date.now() - Date.parse(r.at) < PROVISIONAL_MS);
+    for (const r of body.requests) if (!open(r)) settled.add(r.id);
     list.replaceChildren(
       body.requests.length
         ? el(
@@ -161,7 +165,7 @@ function requestTracker(ui, name, list, onDone) {
           )
         : el("p", { class: "muted", id: "requests-empty" }, "No requests yet."),
     );
-    if (body.requests.some((r) => r.state === "pending")) timer = setTimeout(refresh, POLL_MS);
+    if (body.requests.some(open)) timer = setTimeout(refresh, POLL_MS);
     // Seen pending on this page, now done: the served version or an export changed.
     for (const r of changed) if (pendingHere.has(r.id)) onDone(r);
   }

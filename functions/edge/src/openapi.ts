@@ -368,6 +368,7 @@ const requestStateSchema = z
     state: z.enum(["pending", ...REQUEST_STATES]),
     message: z.string().nullable().describe("What the dispatcher did, or why not, in one sentence; null while pending"),
     at: z.iso.datetime().nullable(),
+    provisional: z.boolean().describe("A refusal another dispatcher job may still replace with its own outcome (the console keeps polling)"),
   })
   .openapi("OperatorRequest");
 

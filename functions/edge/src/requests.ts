@@ -143,6 +143,7 @@ function stateOf(r: Pick<RequestOutcome, "id" | "kind" | "version" | "issuedAt">
     state: outcome?.state ?? ("pending" as const),
     message: outcome?.message ?? null,
     at: outcome?.at ?? null,
+    provisional: outcome?.provisional === true,
   };
 }
 

@@ -92,7 +92,22 @@ describe("console requests at the edge", () => {
     const [outcome] = await dispatch();
     expect(outcome?.state).toBe("done");
     const after = (await (await get("/v1/models/emoji/requests")).json()) as { requests: { id: string; state: string; message: string }[] };
-    expect(after.requests.find((q) => q.id === answered.id)).toMatchObject({ state: "done", message: outcome?.message });
+    expect(after.requests.find((q) => q.id === answered.id)).toMatchObject({ state: "done", message: outcome?.message, provisional: false });
+    // A refusal another job may still replace (a claim without an outcome) says so: the console keeps polling it.
+    const id = answered.id.replace(/-[0-9a-f]+$/, "-0000fade");
+    const provisional = {
+      schemaVersion: 1,
+      id,
+      kind: "rollback",
+      issuedAt: outcome?.issuedAt,
+      state: "refused",
+      message: "may or may not",
+      at: outcome?.at,
+      provisional: true,
+    };
+    await s3.store.put(keys.captureOutcome("emoji", id), JSON.stringify(provisional));
+    const listed = (await (await get("/v1/models/emoji/requests")).json()) as { requests: { id: string; provisional: boolean }[] };
+    expect(listed.requests.find((q) => q.id === id)).toMatchObject({ state: "refused", provisional: true });
     expect((await readPointer(s3.store, "emoji"))?.version).toBe(version);
   });
 

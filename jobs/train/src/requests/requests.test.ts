@@ -138,6 +138,24 @@ describe("console requests, applied by the dispatcher", () => {
     expect(await s3.store.head(keys.requestApplied("emoji", promote.id))).not.toBeNull();
   });
 
+  it("leaves a request another dispatcher job claimed moments ago to it; one claimed long ago without an outcome is answered provisionally", async () => {
+    const r = await request("promote", { version: v1 });
+    const claimedAt = Date.now() - 60_000;
+    await s3.store.put(keys.requestApplied("emoji", r.id), JSON.stringify({ ...r, appliedAt: new Date(claimedAt).toISOString() }));
+    // Job A claimed it and is applying it: job B writes no outcome ("applied before" would be false) and leaves the file.
+    expect(await apply()).toEqual([]);
+    expect(await stored(r)).toBeNull();
+    expect(await s3.store.head(keys.captureRequest("emoji", r.id))).not.toBeNull();
+    // Twenty minutes on, still no outcome: A stopped (or is still running). Said so, marked as replaceable.
+    const later = await applyRequests(s3.store, "emoji", { ...deps(), now: () => new Date(claimedAt + 20 * 60_000) });
+    expect(later).toEqual([
+      expect.objectContaining({ id: r.id, state: "refused", provisional: true, message: expect.stringContaining("may or may not have been applied") }),
+    ]);
+    expect(await stored(r)).toMatchObject({ provisional: true });
+    expect(await s3.store.head(keys.captureRequest("emoji", r.id))).toBeNull();
+    expect(await served()).toBe(v2);
+  });
+
   it("deletes files under requests/ not named as requests without an outcome; one named as a request but not one is answered", async () => {
     await s3.store.put(`${keys.captureRequests("emoji")}junk.json`, "{}");
     const misfiled = await request("rollback", { model: "other" });

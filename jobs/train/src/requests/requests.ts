@@ -82,7 +82,13 @@ export async function applyRequests(store: ObjectStore, model: string, deps: Req
       outcomes.push(outcome);
       continue;
     }
-    const { outcome, replayed } = await applyOne(store, request, deps);
+    const applied = await applyOne(store, request, deps);
+    if (!applied) {
+      // Another job claimed it moments ago and is applying it: its outcome is the one to show.
+      deps.log.info(`request ${request.id} of ${model} is being applied by another dispatcher job: left to it`);
+      continue;
+    }
+    const { outcome, replayed } = applied;
     outcomes.push(outcome);
     // The outcome first: a request deleted without one would look lost in the console. A replay's refusal
     // does not replace the outcome of the run that applied it (two dispatcher jobs started by one request).
@@ -127,15 +133,37 @@ const replacedOutcome = (id: string, now: Date): RequestOutcome => ({
   at: now.toISOString(),
 });
 
-/** One request checked (signature, age, claim) and applied; never throws: what went wrong is its outcome. */
-async function applyOne(store: ObjectStore, request: OperatorRequest, deps: RequestDeps): Promise<{ outcome: RequestOutcome; replayed: boolean }> {
+/**
+ * One request checked (signature, age, claim) and applied; never throws: what went wrong is its outcome.
+ * Null when another job holds a fresh claim on it and has not answered yet: that job's outcome is the one.
+ */
+async function applyOne(store: ObjectStore, request: OperatorRequest, deps: RequestDeps): Promise<{ outcome: RequestOutcome; replayed: boolean } | null> {
   const outcome = await checkAndPerform(store, request, deps);
-  return { outcome, replayed: outcome.state === "refused" && outcome.message === APPLIED_BEFORE };
+  if (outcome === IN_PROGRESS) return null;
+  return { outcome, replayed: outcome.state === "refused" && (outcome.message === APPLIED_BEFORE || outcome.provisional === true) };
 }
 
 const APPLIED_BEFORE = "It was applied before (a request is applied once); ask again to repeat it.";
+const IN_PROGRESS = Symbol("in progress");
+/**
+ * A claim younger than this without an outcome belongs to a job still applying it: two dispatcher jobs
+ * started within a Fargate start-up, or Batch retrying one. Longer than any request takes (an export is
+ * well under a minute), short enough that one whose job died is answered by the next job or the nightly sweep.
+ */
+export const CLAIM_IN_PROGRESS_MS = 15 * 60 * 1000;
 
-async function checkAndPerform(store: ObjectStore, request: OperatorRequest, deps: RequestDeps): Promise<RequestOutcome> {
+/** When the request's claim was written (requests/, the dispatcher's own), or null if unreadable. */
+async function claimedAt(store: ObjectStore, request: OperatorRequest): Promise<number | null> {
+  const bytes = await store.get(keys.requestApplied(request.model, request.id));
+  try {
+    const at = Date.parse((JSON.parse(new TextDecoder().decode(bytes ?? new Uint8Array())) as { appliedAt?: string }).appliedAt ?? "");
+    return Number.isNaN(at) ? null : at;
+  } catch {
+    return null;
+  }
+}
+
+async function checkAndPerform(store: ObjectStore, request: OperatorRequest, deps: RequestDeps): Promise<RequestOutcome | typeof IN_PROGRESS> {
   const now = (deps.now ?? (() => new Date()))();
   const outcome = (state: RequestOutcome["state"], message: string): RequestOutcome => ({
     schemaVersion: 1,
@@ -160,8 +188,20 @@ async function checkAndPerform(store: ObjectStore, request: OperatorRequest, dep
   // The claim, where the worker's key cannot write: a signed request copied back under captures/ finds it.
   if (
     !(await store.putIfAbsent(keys.requestApplied(request.model, request.id), JSON.stringify({ ...request, appliedAt: now.toISOString() }), "application/json"))
-  )
-    return outcome("refused", APPLIED_BEFORE);
+  ) {
+    // Claimed before: answered already (a replay), being applied by another job right now, or claimed by
+    // a job that stopped before answering. Only the first is surely "applied before".
+    if (await store.head(keys.captureOutcome(request.model, request.id))) return outcome("refused", APPLIED_BEFORE);
+    const at = await claimedAt(store, request);
+    if (at !== null && now.getTime() - at < CLAIM_IN_PROGRESS_MS) return IN_PROGRESS;
+    return {
+      ...outcome(
+        "refused",
+        `A dispatcher job took it ${at === null ? "earlier" : `${Math.round((now.getTime() - at) / 60_000)} minutes ago`} and left no outcome (stopped, or still running): it may or may not have been applied. Check the model's served version before asking again.`,
+      ),
+      provisional: true,
+    };
+  }
   try {
     return outcome("done", await perform(store, request, deps));
   } catch (e) {
