@@ -112,9 +112,20 @@ describe("console requests, applied by the dispatcher", () => {
     const stale = await request("promote", { version: v1, ageMs: MAX_REQUEST_AGE_MS + 60_000 });
     const future = await request("promote", { version: v1, ageMs: -10 * 60_000 });
     const unknown = await request("promote", { version: "v0000000000ff" });
-    const outcomes = await apply();
+    const log = memoryLogger();
+    const outcomes = await applyRequests(s3.store, "emoji", { ...deps(), log });
     const byId = new Map(outcomes.map((o) => [o.id, o]));
-    expect(byId.get(forged.id)).toMatchObject({ state: "refused", message: expect.stringContaining("not signed by a current operator key") });
+    expect(byId.get(forged.id)).toMatchObject({
+      state: "refused",
+      message: expect.stringContaining("not signed by a current operator key (CONSOLE_API_KEYS): possibly forged"),
+    });
+    // A forgery is a warning in the dispatcher's log (someone holds the edge's key), not an info line among outcomes.
+    expect(log.lines).toContainEqual(
+      expect.objectContaining({
+        level: "warn",
+        message: expect.stringContaining(`${forged.id} of emoji is not signed by a current operator key: possibly forged`),
+      }),
+    );
     expect(byId.get(stale.id)).toMatchObject({ state: "refused", message: expect.stringContaining("minutes a request stays valid") });
     expect(byId.get(future.id)).toMatchObject({ state: "refused", message: expect.stringContaining("in the future") });
     expect(byId.get(unknown.id)).toMatchObject({ state: "refused", message: expect.stringContaining("v0000000000ff") });

@@ -176,8 +176,16 @@ async function checkAndPerform(store: ObjectStore, request: OperatorRequest, dep
     at: now.toISOString(),
   });
   // Written with the worker's S3 key alone, or signed with a key that is no longer an operator's.
-  if (!(await signedWithAny(request.signature, requestMessage(request), deps.operatorKeys ?? operatorKeysFromEnv())))
-    return outcome("refused", "It is not signed by a current operator key (CONSOLE_API_KEYS): ask again from the console.");
+  if (!(await signedWithAny(request.signature, requestMessage(request), deps.operatorKeys ?? operatorKeysFromEnv()))) {
+    // Not the worker's doing (it signs every request with the asking operator's key): someone wrote under captures/.
+    deps.log.warn(
+      `request ${request.id} of ${request.model} is not signed by a current operator key: possibly forged (the edge's S3 credentials may have leaked)`,
+    );
+    return outcome(
+      "refused",
+      "It is not signed by a current operator key (CONSOLE_API_KEYS): possibly forged (the edge's S3 credentials may have leaked), or signed with a key since removed. Nothing was done; ask again from the console if you asked for it.",
+    );
+  }
   const age = now.getTime() - Date.parse(request.issuedAt);
   if (age > MAX_REQUEST_AGE_MS)
     return outcome(
