@@ -262,7 +262,7 @@ describe("GPU batch job", () => {
   });
 
   it("gives the job read-only access to datasets and no delete there; only reviewed captures may be added", () => {
-    const datasetStatements = statements().filter((s) => JSON.stringify(s.Resource).includes("/datasets/"));
+    const datasetStatements = statements().filter((s) => s.Effect === "Allow" && JSON.stringify(s.Resource).includes("/datasets/"));
     expect(datasetStatements.length).toBeGreaterThan(0);
     for (const s of datasetStatements) {
       // The one write under datasets/: the dispatcher adding reviewed captures as captured-* files.
@@ -353,10 +353,10 @@ describe("triggers", () => {
       }),
     });
     // Deletes only what the traffic loop reviewed or rolled up, under captures/.
-    const deletes = nightly.filter((st) => actions(st).some((a) => a.startsWith("s3:DeleteObject")));
+    const deletes = nightly.filter((st) => st.Effect === "Allow" && actions(st).some((a) => a.startsWith("s3:DeleteObject")));
     expect(JSON.stringify(deletes)).toContain("/captures/*");
     expect(JSON.stringify(deletes)).not.toMatch(/\/(models|cache|datasets|bases|runs|status)\//);
-    const puts = nightly.filter((st) => actions(st).some((a) => a.startsWith("s3:PutObject")));
+    const puts = nightly.filter((st) => st.Effect === "Allow" && actions(st).some((a) => a.startsWith("s3:PutObject")));
     expect(JSON.stringify(puts)).toContain("/bases/*");
     // status/: it closes the upload's record of a finetune run it cannot submit (no GPU path, no quota).
     expect(JSON.stringify(puts)).not.toMatch(/\/(cache|runs)\//);
@@ -368,6 +368,10 @@ describe("triggers", () => {
     ).toEqual(["/models/*/current.json", "/models/*/export/*"]);
     expect(JSON.stringify(puts)).toContain("/requests/*");
     expect(JSON.stringify(puts).match(/\/datasets\/[^"]*/g)).toEqual(["/datasets/*/captured-*"]);
+    // Its locks/* grant (a model's lock, for rollbacks) must not reach the push locks under locks/datasets/.
+    const denied = nightly.filter((st) => st.Effect === "Deny");
+    expect(denied).toEqual([expect.objectContaining({ Action: ["s3:PutObject", "s3:DeleteObject"] })]);
+    expect(JSON.stringify(denied[0]?.Resource)).toContain('"/locks/datasets/*"');
   });
 });
 

@@ -218,6 +218,11 @@ export class TrainingBatch extends Construct {
       }),
     );
     nightlyRole.addToPolicy(new iam.PolicyStatement({ actions: ["s3:DeleteObject"], resources: objects("locks/*") }));
+    // locks/* also covers the push locks (locks/datasets/<name>.json), which only `edgetune push` takes:
+    // the dispatcher needs a model's lock (locks/<model>.json) and never a dataset's.
+    nightlyRole.addToPolicy(
+      new iam.PolicyStatement({ effect: iam.Effect.DENY, actions: ["s3:PutObject", "s3:DeleteObject"], resources: objects("locks/datasets/*") }),
+    );
     // Unconditional, for the same 404-vs-403 reason as the job role's.
     nightlyRole.addToPolicy(new iam.PolicyStatement({ actions: ["s3:ListBucket"], resources: [props.bucket.bucketArn] }));
     nightlyRole.addToPolicy(
