@@ -22,7 +22,7 @@ import { memoryLogger } from "../log.ts";
 import { dispatchNightly } from "../nightly.ts";
 import { train } from "../train.ts";
 import { isCapturesKey, runRequests } from "./command.ts";
-import { applyRequests } from "./requests.ts";
+import { applyRequests, modelsWithRequests } from "./requests.ts";
 
 /**
  * Console requests applied by the dispatcher, against the local S3 server and a really trained model
@@ -165,6 +165,16 @@ describe("console requests, applied by the dispatcher", () => {
     expect(await stored(r)).toMatchObject({ provisional: true });
     expect(await s3.store.head(keys.captureRequest("emoji", r.id))).toBeNull();
     expect(await served()).toBe(v2);
+  });
+
+  it("the nightly sweep finds a model's waiting request behind junk that sorts first", async () => {
+    expect(await modelsWithRequests(s3.store)).toEqual([]);
+    await s3.store.put(`${keys.captureRequests("emoji")}!.json`, "{}");
+    const waiting = await request("train");
+    expect(await modelsWithRequests(s3.store)).toEqual(["emoji"]);
+    const outcomes = await apply();
+    expect(outcomes.map((o) => o.id)).toEqual([waiting.id]);
+    expect(await modelsWithRequests(s3.store)).toEqual([]);
   });
 
   it("deletes files under requests/ not named as requests without an outcome; one named as a request but not one is answered", async () => {

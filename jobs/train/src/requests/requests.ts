@@ -109,13 +109,25 @@ export async function applyRequests(store: ObjectStore, model: string, deps: Req
 export async function modelsWithRequests(store: ObjectStore): Promise<string[]> {
   const found: string[] = [];
   for (const model of await listModels(store)) {
+    // Up to the first key named as a request: junk sorting first (say `!.json`) must not hide the real ones.
+    let seen = 0;
     for await (const o of store.list(keys.captureRequests(model))) {
-      if (requestOfKey(o.key)) found.push(model);
-      break;
+      if (requestOfKey(o.key)) {
+        found.push(model);
+        break;
+      }
+      if (++seen >= SWEEP_LOOKAHEAD) {
+        // As many non-requests as a run applies: one run clears them (it deletes what is not a request).
+        found.push(model);
+        break;
+      }
     }
   }
   return found;
 }
+
+/** Keys looked at per model by the nightly sweep before it runs that model's requests anyway. */
+const SWEEP_LOOKAHEAD = MAX_REQUESTS_PER_RUN;
 
 async function readRequest(store: ObjectStore, model: string, key: string, id: string): Promise<OperatorRequest | null> {
   const bytes = await getCapped(store, key, MAX_REQUEST_BYTES);
