@@ -105,7 +105,12 @@ function downloadLink(ui, name, version, info) {
         const body = await res.json().catch(() => null);
         throw new Error(body?.error?.message ?? `The download failed (HTTP ${res.status}).`);
       }
-      const url = URL.createObjectURL(await res.blob());
+      const blob = await res.blob();
+      // Checked against the export's description before it is saved: a file replaced in storage is not handed on.
+      const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", await blob.arrayBuffer()));
+      const sha256 = Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
+      if (sha256 !== info.sha256) throw new Error("The downloaded file does not match its export (sha256): not saved. Export it again.");
+      const url = URL.createObjectURL(blob);
       const save = el("a", { href: url, download: `${name}-${version}.onnx`, hidden: true });
       document.body.append(save);
       save.click();

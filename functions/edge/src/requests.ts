@@ -4,6 +4,7 @@ import { tryParseContractJson } from "#shared/contracts/parse.ts";
 import {
   MAX_OUTCOME_BYTES,
   MAX_REQUEST_BYTES,
+  type OnnxExport,
   onnxExportSchema,
   operatorRequestSchema,
   POINTER_KINDS,
@@ -95,16 +96,16 @@ export function registerRequestRoutes(
 
   app.openapi(exportInfoRoute, async (c) => {
     const { name, version } = c.req.valid("param");
-    const r = await deps.catalogFor(c.env).getIfChanged(keys.versionOnnxInfo(name, version));
-    const parsed = r.status === 200 ? tryParseContractJson(onnxExportSchema, r.bytes as Uint8Array) : null;
-    const onnx = parsed?.success && parsed.data.model === name && parsed.data.version === version ? parsed.data : null;
-    return c.json({ model: name, version, onnx }, 200);
+    return c.json({ model: name, version, onnx: await readExportInfo(deps.catalogFor(c.env), name, version) }, 200);
   });
 
   // Streamed, never held: a MobileNetV2 export is some 9–14 MB, an isolate has 128 MB and the model it serves in it.
   app.openapi(exportFileRoute, async (c) => {
     const { name, version } = c.req.valid("param");
     deps.captureStoreFor(c.env); // 501 without the S3 API, as every console listing
+    // Only a finished export: its description is written last (a half-written or stray file is not one).
+    const info = await readExportInfo(deps.catalogFor(c.env), name, version);
+    if (!info) throw noExport(name, version);
     const { bucketUrl, send } = signedBucket(c.env);
     const res = await send(new Request(`${bucketUrl}/${encodeKey(keys.versionOnnx(name, version))}`));
     if (!res.ok || !res.body) {
@@ -120,6 +121,13 @@ export function registerRequestRoutes(
     if (length) c.header("content-length", length); // the browser shows the download's progress
     return c.body(res.body, 200);
   });
+}
+
+/** A version's onnx.json, if there is a valid one for it. */
+async function readExportInfo(source: ModelSource, name: string, version: string): Promise<OnnxExport | null> {
+  const r = await source.getIfChanged(keys.versionOnnxInfo(name, version));
+  const parsed = r.status === 200 ? tryParseContractJson(onnxExportSchema, r.bytes as Uint8Array) : null;
+  return parsed?.success && parsed.data.model === name && parsed.data.version === version ? parsed.data : null;
 }
 
 const noExport = (name: string, version: string) =>

@@ -131,6 +131,18 @@ describe("console requests at the edge", () => {
       404,
       expect.objectContaining({ code: "export_not_found" }),
     ]);
+    // Without its description (written last, checked by the console's hash) the file is no export: not served.
+    const infoKey = keys.versionOnnxInfo("emoji", version);
+    const infoBytes = (await s3.store.get(infoKey)) as Uint8Array;
+    await s3.store.delete([infoKey]);
+    try {
+      expect(await errorOf(await get(`/v1/models/emoji/versions/${version}/export/model.onnx`))).toEqual([
+        404,
+        expect.objectContaining({ code: "export_not_found" }),
+      ]);
+    } finally {
+      await s3.store.put(infoKey, infoBytes, "application/json");
+    }
   });
 
   it("are in the OpenAPI document", async () => {
