@@ -32,14 +32,14 @@ export async function runRequests(store: ObjectStore, input: TrainInput, log: Lo
     return;
   }
   const { model } = named;
-  // tfjs for an export, and for planning a run (a base not yet in the bucket is imported then).
-  const { initBackend } = await import("../model/backend.ts");
-  await initBackend();
   const train = async (dataset: string): Promise<string> => {
     if (!options.submit) {
       emit({ json: true }, { status: "train-requested", dataset }, "");
       return `A training run of dataset ${dataset} is queued (edgetune status ${dataset}).`;
     }
+    // tfjs only now, for planning the run (a base not yet in the bucket is imported then); an export starts it itself.
+    const { initBackend } = await import("../model/backend.ts");
+    await initBackend();
     const r = await dispatchNightly(store, trainOptions, options.submit, log, [dataset]);
     const failed = r.failed[0];
     if (failed) throw new EdgetuneError("submit_failed", failed.reason);

@@ -298,8 +298,16 @@ describe("console requests, applied by the dispatcher", () => {
   });
 
   it("exports a version as ONNX beside it: the file runs in onnxruntime-node and its description matches it", async () => {
+    // tfjs is started only for an export that passed its checks: not for a forged one, nor an unknown version.
+    let tfStarts = 0;
+    const counting = { ...deps(), loadTf: async () => tfStarts++ };
+    await request("export-onnx", { version: v1, key: "the-edge-s3-key-is-not-an-operator" });
+    await request("export-onnx", { version: "v0000000000ff" });
+    expect((await applyRequests(s3.store, "emoji", counting)).map((o) => o.state)).toEqual(["refused", "refused"]);
+    expect(tfStarts).toBe(0);
     const r = await request("export-onnx", { version: v1 });
-    const [out] = await apply();
+    const [out] = await applyRequests(s3.store, "emoji", counting);
+    expect(tfStarts).toBe(1);
     expect(out).toMatchObject({ id: r.id, state: "done", message: expect.stringContaining("exported as ONNX") });
     const bytes = (await s3.store.get(keys.versionOnnx("emoji", v1))) as Uint8Array;
     const info = onnxExportSchema.parse(JSON.parse(new TextDecoder().decode((await s3.store.get(keys.versionOnnxInfo("emoji", v1))) as Uint8Array)));

@@ -46,8 +46,12 @@ export interface RequestDeps {
   operatorKeys?: readonly string[];
   /** Starts a training run of `dataset` the way a push does (AWS: submits it to Batch; locally: the dispatcher queues it); a sentence saying what happened. */
   train: (dataset: string) => Promise<string>;
+  /** Readies tfjs (initBackend by default): only once an export has passed its checks, so junk and forgeries cost no tfjs start. */
+  loadTf?: () => Promise<unknown>;
   now?: () => Date;
 }
+
+const initBackendLazily = async () => (await import("../model/backend.ts")).initBackend();
 
 /** At most this many requests per call (the rest wait for the next): a flood of forged files cannot hold the dispatcher. */
 const MAX_REQUESTS_PER_RUN = 100;
@@ -264,7 +268,7 @@ async function perform(store: ObjectStore, request: OperatorRequest, deps: Reque
       return `${parts.join(", ")}.${dataset ? ` Train now to use the added images (dataset ${dataset}).` : ""}`;
     }
     case "export-onnx":
-      return exportOnnx(store, model, request.version as string);
+      return exportOnnx(store, model, request.version as string, deps.loadTf ?? initBackendLazily);
   }
 }
 
@@ -289,9 +293,11 @@ async function ownDataset(store: ObjectStore, model: string): Promise<string> {
 }
 
 /** `edgetune export --format onnx`, stored beside the version: the file, then its description (last: the console's "exists"). */
-async function exportOnnx(store: ObjectStore, model: string, version: string): Promise<string> {
+async function exportOnnx(store: ObjectStore, model: string, version: string, loadTf: () => Promise<unknown>): Promise<string> {
   const started = performance.now();
-  const bytes = await onnxOf(await readVersion(store, model, version));
+  const files = await readVersion(store, model, version); // an unknown version is refused before tfjs starts
+  await loadTf();
+  const bytes = await onnxOf(files);
   await store.put(keys.versionOnnx(model, version), bytes, "application/octet-stream");
   const info = onnxExportSchema.parse({
     model,
