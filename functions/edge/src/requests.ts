@@ -9,6 +9,7 @@ import {
   operatorRequestSchema,
   POINTER_KINDS,
   type RequestOutcome,
+  requestIdSchema,
   requestMessage,
   requestOfKey,
   requestOutcomeSchema,
@@ -34,6 +35,8 @@ type AppEnv = { Bindings: Env };
 /** Requests shown per model: the newest outcomes and pending requests, within one request's subrequests. */
 const SHOWN_OUTCOMES = 20;
 const SHOWN_PENDING = 10;
+/** Requests listed from this many days back (a pending one is dead after MAX_REQUEST_AGE_MS anyway). */
+const LISTED_DAYS = 31;
 
 export function registerRequestRoutes(
   app: OpenAPIHono<AppEnv>,
@@ -78,7 +81,12 @@ export function registerRequestRoutes(
   app.openapi(requestsRoute, async (c) => {
     const { name } = c.req.valid("param");
     const store = deps.captureStoreFor(c.env);
-    const [outcomeKeys, requestKeys] = await Promise.all([store.list(keys.captureOutcomes(name), 1000), store.list(keys.captureRequests(name), 1000)]);
+    // Ids sort by time: listed from a month ago, so keys sorting first ("0….json", written with the edge's
+    // key) cannot fill the listing and hide the newest; only keys named as ids count.
+    const since = newRequestId(new Date(Date.now() - LISTED_DAYS * 86_400_000).toISOString()).slice(0, 15);
+    const listed = async (prefix: string) =>
+      (await store.list(prefix, 1000, `${prefix}${since}`)).filter((k) => requestIdSchema.safeParse(k.slice(prefix.length, -".json".length)).success);
+    const [outcomeKeys, requestKeys] = await Promise.all([listed(keys.captureOutcomes(name)), listed(keys.captureRequests(name))]);
     // Ids sort by time: the newest last. Under captures/, so each read is bounded and anything unreadable skipped.
     const outcomes = (await Promise.all(outcomeKeys.slice(-SHOWN_OUTCOMES).map((k) => readBounded(store, k, MAX_OUTCOME_BYTES)))).flatMap((bytes) => {
       const parsed = bytes ? tryParseContractJson(requestOutcomeSchema, bytes) : null;

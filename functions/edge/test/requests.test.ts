@@ -145,6 +145,20 @@ describe("console requests at the edge", () => {
     }
   });
 
+  it("list the newest outcomes even behind a thousand junk keys that sort first (written with the edge's key)", async () => {
+    const junk = Array.from({ length: 1000 }, (_, i) => `${keys.captureOutcomes("emoji")}0-${String(i).padStart(4, "0")}.json`);
+    for (let i = 0; i < junk.length; i += 100) await Promise.all(junk.slice(i, i + 100).map((k) => s3.store.put(k, "{}")));
+    try {
+      const r = await ask({ kind: "train" });
+      const { id } = (await r.json()) as { id: string };
+      expect((await dispatch())[0]?.state).toBe("done");
+      const listed = (await (await get("/v1/models/emoji/requests")).json()) as { requests: { id: string; state: string }[] };
+      expect(listed.requests.find((q) => q.id === id)).toMatchObject({ state: "done" });
+    } finally {
+      await s3.store.delete(junk);
+    }
+  });
+
   it("are in the OpenAPI document", async () => {
     const doc = (await (await fetch(`${edge.url}/openapi.json`)).json()) as { paths: Record<string, Record<string, unknown>> };
     expect(Object.keys(doc.paths["/v1/models/{name}/requests"] ?? {}).sort()).toEqual(["get", "post"]);

@@ -22,8 +22,8 @@ export interface CaptureStore {
    * captures/ may have been written by whoever holds the edge's key: nothing read from there is held unbounded.
    */
   get(key: string, signal?: AbortSignal, maxBytes?: number): Promise<{ bytes: Uint8Array; etag: string; contentType: string } | null>;
-  /** Keys under a prefix, in lexical order, at most `limit`. */
-  list(prefix: string, limit: number): Promise<string[]>;
+  /** Keys under a prefix, in lexical order, at most `limit`; only those after `startAfter` when given. */
+  list(prefix: string, limit: number, startAfter?: string): Promise<string[]>;
   /** The sub-folders of a prefix (a delimiter listing), e.g. the days under captures/<model>/images/. */
   listFolders(prefix: string): Promise<string[]>;
 }
@@ -92,11 +92,14 @@ export function createCaptureStore(env: SourceConfig): CaptureStore | null {
         contentType: res.headers.get("content-type") ?? "application/octet-stream",
       };
     },
-    async list(prefix, limit) {
+    async list(prefix, limit, startAfter) {
       const out: string[] = [];
       let token: string | undefined;
       do {
-        const page = await listPage(prefix, { "max-keys": String(Math.min(1000, limit - out.length)), ...(token ? { "continuation-token": token } : {}) });
+        const page = await listPage(prefix, {
+          "max-keys": String(Math.min(1000, limit - out.length)),
+          ...(token ? { "continuation-token": token } : startAfter ? { "start-after": startAfter } : {}),
+        });
         out.push(...page.keys);
         token = page.next;
       } while (token && out.length < limit);
