@@ -23,7 +23,8 @@ import { MAX_REQUEST_BYTES } from "#shared/contracts/request.ts";
  *    worker, signed with an operator's key) submits the same dispatcher with that key; it applies the
  *    model's waiting requests (jobs/train/src/requests/) and writes their outcomes under
  *    `captures/<model>/outcomes/`, which this rule does not match. Whoever holds the edge's key can
- *    start dispatcher jobs this way (each finds nothing signed to apply): the DLQ and job alerts see a flood.
+ *    start dispatcher jobs this way (each finds nothing signed to apply; no coalescing: the cost is bounded
+ *    by the CPU queue's max vCPUs): the DLQ and job alerts see a flood.
  * A trigger that cannot submit its job (Batch throttling, a deleted queue, missing permissions) is not
  * lost: after its retries it lands in a dead-letter queue, which the alerts watch.
  * The local stand-in (infra/local/dispatcher.ts) implements the same two rules, running the training
