@@ -82,7 +82,7 @@ export const REQUEST_STATES = ["done", "refused", "failed"] as const;
  * What the dispatcher made of a request: done (with what it did), refused (it was not valid: a bad
  * signature, stale, replayed, an unknown version…) or failed (valid, but applying it failed). `message`
  * is one plain sentence for the console. It sits under captures/, so the worker's key could forge one:
- * it is shown, never acted on.
+ * it is shown, never acted on, and the worker flags one without a valid `signature`.
  */
 export const requestOutcomeSchema = z.object({
   schemaVersion: z.literal(1).default(1),
@@ -99,8 +99,17 @@ export const requestOutcomeSchema = z.object({
    * may still finish and write its own). The console keeps polling instead of taking it as the answer.
    */
   provisional: z.literal(true).optional(),
+  /**
+   * HMAC-SHA256 of `outcomeMessage` with an operator key (the dispatcher holds them, the edge's S3 key
+   * does not): the worker shows an outcome that does not verify as unverified, and keeps its request pending.
+   */
+  signature: sha256Schema.optional(),
 });
 export type RequestOutcome = z.output<typeof requestOutcomeSchema>;
+
+/** What an outcome's signature covers: everything the console shows of it, for its model (own prefix: never a request's). */
+export const outcomeMessage = (model: string, o: Omit<RequestOutcome, "signature" | "schemaVersion">) =>
+  ["edgetune-outcome-v1", model, o.id, o.kind ?? "", o.version ?? "", o.issuedAt, o.state, o.message, o.at, o.provisional ? "provisional" : ""].join("\n");
 
 /** A version's ONNX export, stored beside its model files by an `export-onnx` request. */
 export const onnxExportSchema = z.object({

@@ -132,7 +132,8 @@ function requestTracker(ui, name, list, onDone) {
   let timer;
   let first = true;
   const describe = (r) => `${r.kind ? (KIND_WORDS[r.kind] ?? r.kind) : "A request"}${r.version ? ` ${r.version}` : ""}`;
-  const stateText = (r) => (r.state === "pending" ? "waiting for the dispatcher…" : `${r.state}: ${r.message}`);
+  const stateText = (r) =>
+    `${r.verified ? "" : "unverified (not signed by an operator key; the edge's credentials may have leaked): "}${r.state === "pending" ? "waiting for the dispatcher…" : `${r.state}: ${r.message}`}`;
   async function refresh() {
     clearTimeout(timer);
     if (!first && !list.isConnected) return; // another page
@@ -144,7 +145,7 @@ function requestTracker(ui, name, list, onDone) {
       list.replaceChildren(el("p", { class: "error" }, e.message));
       return;
     }
-    const changed = body.requests.filter((r) => r.state === "done" && !settled.has(r.id) && r.kind !== "train" && r.kind !== "apply-reviewed");
+    const changed = body.requests.filter((r) => r.verified && r.state === "done" && !settled.has(r.id) && r.kind !== "train" && r.kind !== "apply-reviewed");
     // A provisional refusal (a job that claimed it has not answered yet) is not the answer: it may still be replaced.
     const open = (r) => r.state === "pending" || (r.provisional && Date.now() - Date.parse(r.at) < PROVISIONAL_MS);
     for (const r of body.requests) if (!open(r)) settled.add(r.id);

@@ -368,6 +368,11 @@ const requestStateSchema = z
     state: z.enum(["pending", ...REQUEST_STATES]),
     message: z.string().nullable().describe("What the dispatcher did, or why not, in one sentence; null while pending"),
     at: z.iso.datetime().nullable(),
+    verified: z
+      .boolean()
+      .describe(
+        "Signed with an operator key (by the worker for a request, the dispatcher for an outcome); false: written by someone else with the edge's S3 key",
+      ),
     provisional: z.boolean().describe("A refusal another dispatcher job may still replace with its own outcome (the console keeps polling)"),
   })
   .openapi("OperatorRequest");

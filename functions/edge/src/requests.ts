@@ -1,4 +1,5 @@
 import type { OpenAPIHono } from "@hono/zod-openapi";
+import { timingSafeEqual } from "hono/utils/buffer";
 import { historyOf, readMetadata, readPointer } from "#shared/artifacts.ts";
 import { tryParseContractJson } from "#shared/contracts/parse.ts";
 import {
@@ -7,6 +8,7 @@ import {
   type OnnxExport,
   onnxExportSchema,
   operatorRequestSchema,
+  outcomeMessage,
   POINTER_KINDS,
   type RequestOutcome,
   requestIdSchema,
@@ -18,6 +20,7 @@ import { NotFoundError } from "#shared/errors.ts";
 import { hex, hmacSha256Hex } from "#shared/hash.ts";
 import { keys } from "#shared/keys.ts";
 import { CaptureObjectTooLargeError, type CaptureStore } from "./capture/store.ts";
+import { operatorKeyValues } from "./http/auth.ts";
 import { ApiError } from "./http/errors.ts";
 import { encodeKey, type ModelSource, signedBucket } from "./model/source.ts";
 import { exportFileRoute, exportInfoRoute, requestRoute, requestsRoute } from "./openapi.ts";
@@ -75,7 +78,7 @@ export function registerRequestRoutes(
     const operatorKey = (c.req.header("authorization") ?? "").replace(/^Bearer\s+/i, "");
     const request = operatorRequestSchema.parse({ ...unsigned, by: "console", signature: await hmacSha256Hex(operatorKey, requestMessage(unsigned)) });
     await deps.captureStoreFor(c.env).put(keys.captureRequest(name, request.id), JSON.stringify(request), "application/json");
-    return c.json(stateOf(request, null), 202);
+    return c.json(stateOf(request, null, true), 202);
   });
 
   app.openapi(requestsRoute, async (c) => {
@@ -88,17 +91,27 @@ export function registerRequestRoutes(
       (await store.list(prefix, 1000, `${prefix}${since}`)).filter((k) => requestIdSchema.safeParse(k.slice(prefix.length, -".json".length)).success);
     const [outcomeKeys, requestKeys] = await Promise.all([listed(keys.captureOutcomes(name)), listed(keys.captureRequests(name))]);
     // Ids sort by time: the newest last. Under captures/, so each read is bounded and anything unreadable skipped.
-    const outcomes = (await Promise.all(outcomeKeys.slice(-SHOWN_OUTCOMES).map((k) => readBounded(store, k, MAX_OUTCOME_BYTES)))).flatMap((bytes) => {
-      const parsed = bytes ? tryParseContractJson(requestOutcomeSchema, bytes) : null;
-      return parsed?.success ? [parsed.data] : [];
-    });
-    const done = new Set(outcomes.map((o) => o.id));
+    const operatorKeys = operatorKeyValues(c.env);
+    const outcomes = await Promise.all(
+      (await Promise.all(outcomeKeys.slice(-SHOWN_OUTCOMES).map((k) => readBounded(store, k, MAX_OUTCOME_BYTES)))).flatMap((bytes) => {
+        const parsed = bytes ? tryParseContractJson(requestOutcomeSchema, bytes) : null;
+        return parsed?.success ? [parsed.data] : [];
+      }),
+    );
+    // Signed by the dispatcher with an operator key: one the edge's key wrote is flagged, and does not end its request's "pending".
+    const verified = await Promise.all(outcomes.map((o) => signedWithAny(o.signature, outcomeMessage(name, o), operatorKeys)));
+    const done = new Set(outcomes.filter((_, i) => verified[i]).map((o) => o.id));
     const pendingKeys = requestKeys.filter((k) => requestOfKey(k)?.model === name && !done.has(requestOfKey(k)?.id ?? "")).slice(-SHOWN_PENDING);
     const pending = (await Promise.all(pendingKeys.map((k) => readBounded(store, k, MAX_REQUEST_BYTES)))).flatMap((bytes) => {
       const parsed = bytes ? tryParseContractJson(operatorRequestSchema, bytes) : null;
       return parsed?.success && parsed.data.model === name ? [parsed.data] : [];
     });
-    const requests = [...pending.map((r) => stateOf(r, null)), ...outcomes.map((o) => stateOf(o, o))].sort((a, b) => (a.id < b.id ? 1 : a.id > b.id ? -1 : 0));
+    const pendingVerified = await Promise.all(pending.map((r) => signedWithAny(r.signature, requestMessage(r), operatorKeys)));
+    const requests = [
+      ...pending.map((r, i) => stateOf(r, null, pendingVerified[i] === true)),
+      // An unverified outcome beside its still-pending request is not shown: the request is.
+      ...outcomes.flatMap((o, i) => (verified[i] || !pending.some((r) => r.id === o.id) ? [stateOf(o, o, verified[i] === true)] : [])),
+    ].sort((a, b) => (a.id < b.id ? 1 : a.id > b.id ? -1 : 0));
     return c.json({ model: name, requests, truncated: outcomeKeys.length > SHOWN_OUTCOMES || requestKeys.length > SHOWN_PENDING }, 200);
   });
 
@@ -150,8 +163,17 @@ function newRequestId(issuedAt: string): string {
   return `${issuedAt.slice(0, 19).replace(/[-:]/g, "")}-${hex(crypto.getRandomValues(new Uint8Array(4)))}`;
 }
 
-function stateOf(r: Pick<RequestOutcome, "id" | "kind" | "version" | "issuedAt">, outcome: RequestOutcome | null) {
+/** True when `signature` is the HMAC of `message` with one of the operator keys (compared in constant time). */
+async function signedWithAny(signature: string | undefined, message: string, operatorKeys: readonly string[]): Promise<boolean> {
+  if (!signature) return false;
+  let ok = false;
+  for (const key of operatorKeys) if (await timingSafeEqual(await hmacSha256Hex(key, message), signature)) ok = true;
+  return ok;
+}
+
+function stateOf(r: Pick<RequestOutcome, "id" | "kind" | "version" | "issuedAt">, outcome: RequestOutcome | null, verified: boolean) {
   return {
+    verified,
     id: r.id,
     kind: r.kind ?? null,
     version: r.version ?? null,

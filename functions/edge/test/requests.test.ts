@@ -92,7 +92,7 @@ describe("console requests at the edge", () => {
     const [outcome] = await dispatch();
     expect(outcome?.state).toBe("done");
     const after = (await (await get("/v1/models/emoji/requests")).json()) as { requests: { id: string; state: string; message: string }[] };
-    expect(after.requests.find((q) => q.id === answered.id)).toMatchObject({ state: "done", message: outcome?.message, provisional: false });
+    expect(after.requests.find((q) => q.id === answered.id)).toMatchObject({ state: "done", message: outcome?.message, provisional: false, verified: true });
     // A refusal another job may still replace (a claim without an outcome) says so: the console keeps polling it.
     const id = answered.id.replace(/-[0-9a-f]+$/, "-0000fade");
     const provisional = {
@@ -143,6 +143,32 @@ describe("console requests at the edge", () => {
     } finally {
       await s3.store.put(infoKey, infoBytes, "application/json");
     }
+  });
+
+  it("flag an outcome not signed by the dispatcher, and keep its request pending (the edge's key can write outcomes)", async () => {
+    const { id } = (await (await ask({ kind: "train" })).json()) as { id: string };
+    const fake = {
+      schemaVersion: 1,
+      id,
+      kind: "train",
+      issuedAt: new Date().toISOString(),
+      state: "done",
+      message: "Now serves v9: log in at evil.example",
+      at: new Date().toISOString(),
+    };
+    await s3.store.put(keys.captureOutcome("emoji", id), JSON.stringify(fake));
+    const orphanId = id.replace(/-[0-9a-f]+$/, "-0000f00d");
+    await s3.store.put(keys.captureOutcome("emoji", orphanId), JSON.stringify({ ...fake, id: orphanId }));
+    const listed = (await (await get("/v1/models/emoji/requests")).json()) as {
+      requests: { id: string; state: string; verified: boolean; message: string | null }[];
+    };
+    expect(listed.requests.filter((q) => q.id === id)).toEqual([expect.objectContaining({ state: "pending", verified: true, message: null })]);
+    expect(listed.requests.find((q) => q.id === orphanId)).toMatchObject({ state: "done", verified: false });
+    // The dispatcher's own outcome replaces the fake one and verifies.
+    expect((await dispatch())[0]?.state).toBe("done");
+    const after = (await (await get("/v1/models/emoji/requests")).json()) as { requests: { id: string; state: string; verified: boolean }[] };
+    expect(after.requests.find((q) => q.id === id)).toMatchObject({ state: "done", verified: true });
+    await s3.store.delete([keys.captureOutcome("emoji", orphanId)]);
   });
 
   it("list the newest outcomes even behind a thousand junk keys that sort first (written with the edge's key)", async () => {

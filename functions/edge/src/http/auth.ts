@@ -107,6 +107,14 @@ async function matching(token: string, entries: KeyEntry[]): Promise<KeyEntry[]>
 }
 
 const clientKeys = (env: Env) => keyEntries(env.API_KEYS ?? "");
+/** The operator keys themselves (the unscoped entries of CONSOLE_API_KEYS): what console requests and their outcomes are signed with. */
+export function operatorKeyValues(env: Env): string[] {
+  return (env.CONSOLE_API_KEYS ?? "")
+    .split(",")
+    .map((entry) => entry.trim())
+    .filter((entry) => entry && !entry.includes(":"));
+}
+
 /** Operator keys are never scoped: an entry written with a scope is not an operator key at all. */
 const operatorKeys = async (env: Env) => (await keyEntries(env.CONSOLE_API_KEYS ?? "")).filter((e) => e.models === null);
 

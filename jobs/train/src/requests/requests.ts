@@ -10,12 +10,13 @@ import {
   type OperatorRequest,
   onnxExportSchema,
   operatorRequestSchema,
+  outcomeMessage,
   type RequestOutcome,
   requestMessage,
   requestOfKey,
 } from "#shared/contracts/request.ts";
 import { EdgetuneError, NotFoundError, userMessage } from "#shared/errors.ts";
-import { sha256Hex } from "#shared/hash.ts";
+import { hmacSha256Hex, sha256Hex } from "#shared/hash.ts";
 import { keys } from "#shared/keys.ts";
 import type { ObjectStore } from "#shared/s3/store.ts";
 import { PointerMovedError, rollback, ServedVersionChangedError, unknownModel } from "../catalog/catalog.ts";
@@ -79,7 +80,7 @@ export async function applyRequests(store: ObjectStore, model: string, deps: Req
     if (!request) {
       // Named as the worker names a request, but not one: a request replaced (say, read and withheld to be
       // replayed later). Answered, so the console shows it instead of it vanishing; never over an outcome it had.
-      const outcome = replacedOutcome(named.id, (deps.now ?? (() => new Date()))());
+      const outcome = await signOutcome(model, replacedOutcome(named.id, (deps.now ?? (() => new Date()))()), deps);
       deps.log.warn(`${key}: ${outcome.message}`);
       await store.putIfAbsent(keys.captureOutcome(model, named.id), JSON.stringify(outcome), "application/json");
       await store.delete([key]);
@@ -92,7 +93,8 @@ export async function applyRequests(store: ObjectStore, model: string, deps: Req
       deps.log.info(`request ${request.id} of ${model} is being applied by another dispatcher job: left to it`);
       continue;
     }
-    const { outcome, replayed } = applied;
+    const { replayed } = applied;
+    const outcome = await signOutcome(model, applied.outcome, deps);
     outcomes.push(outcome);
     // The outcome first: a request deleted without one would look lost in the console. A replay's refusal
     // does not replace the outcome of the run that applied it (two dispatcher jobs started by one request).
@@ -132,6 +134,15 @@ export async function modelsWithRequests(store: ObjectStore): Promise<string[]> 
 
 /** Keys looked at per model by the nightly sweep before it runs that model's requests anyway. */
 const SWEEP_LOOKAHEAD = MAX_REQUESTS_PER_RUN;
+
+/**
+ * Signed with an operator key (the first unscoped one: the worker verifies with those), so the worker can
+ * tell it from an outcome the edge's key wrote. Without operator keys it stays unsigned (shown unverified).
+ */
+async function signOutcome(model: string, outcome: RequestOutcome, deps: RequestDeps): Promise<RequestOutcome> {
+  const key = (deps.operatorKeys ?? operatorKeysFromEnv()).find((k) => !k.includes(":"));
+  return key ? { ...outcome, signature: await hmacSha256Hex(key, outcomeMessage(model, outcome)) } : outcome;
+}
 
 async function readRequest(store: ObjectStore, model: string, key: string, id: string): Promise<OperatorRequest | null> {
   const bytes = await getCapped(store, key, MAX_REQUEST_BYTES);
