@@ -11,7 +11,7 @@ import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts"
 import { type LocalS3, startLocalS3 } from "../infra/local/s3-server.ts";
 import { memoryLogger } from "../jobs/train/src/log.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { haveBrowser, launchChromium, layoutProblems } from "./support/browser.ts";
+import { haveBrowser, launchChromium, layoutProblems, openPage } from "./support/browser.ts";
 import { uploadSample } from "./support/datasets.ts";
 
 /**
@@ -55,15 +55,7 @@ describe.skipIf(!haveBrowser)("console actions (headless Chromium, the local dis
   });
 
   async function modelPage(): Promise<{ page: Page; problems: string[] }> {
-    const page = await browser.newPage();
-    const problems: string[] = [];
-    page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
-    page.on("console", (m) => {
-      if (m.type() === "error") problems.push(`console: ${m.text()}`);
-    });
-    await page.goto(`${edge.url}/`);
-    await page.fill("#api-key", OPERATOR);
-    await page.click("#key-form button[type=submit]");
+    const { page, problems } = await openPage(browser, `${edge.url}/`, { key: OPERATOR });
     await page.goto(`${edge.url}/#/models/emoji`);
     await page.waitForSelector("#actions #requests :is(table, p)");
     return { page, problems };

@@ -1,4 +1,4 @@
-import type { Browser, Page } from "playwright-core";
+import type { Browser } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { readMetadata } from "#shared/artifacts.ts";
 import type { ArtifactMetadata } from "#shared/contracts/artifact.ts";
@@ -7,7 +7,7 @@ import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts"
 import { type LocalS3, startLocalS3 } from "../infra/local/s3-server.ts";
 import { memoryLogger } from "../jobs/train/src/log.ts";
 import { train } from "../jobs/train/src/train.ts";
-import { haveBrowser, launchChromium, layoutProblems } from "./support/browser.ts";
+import { haveBrowser, launchChromium, layoutProblems, openPage } from "./support/browser.ts";
 import { uploadSample } from "./support/datasets.ts";
 
 /**
@@ -206,18 +206,7 @@ describe.skipIf(!haveBrowser)("version comparison and the models list (console i
     await browser?.close();
   });
 
-  async function open(width: number): Promise<{ page: Page; problems: string[] }> {
-    const page = await browser.newPage({ viewport: { width, height: 800 } });
-    const problems: string[] = [];
-    page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
-    page.on("console", (m) => {
-      if (m.type() === "error") problems.push(`console: ${m.text()}`);
-    });
-    await page.goto(`${edge.url}/`);
-    await page.fill("#api-key", OPERATOR);
-    await page.click("#key-form button[type=submit]");
-    return { page, problems };
-  }
+  const open = (width: number) => openPage(browser, `${edge.url}/`, { width, key: OPERATOR });
 
   for (const width of [1280, 360]) {
     it(`at ${width} px: the models list shows the served version and its accuracy, the page fits`, async () => {

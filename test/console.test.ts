@@ -1,5 +1,4 @@
-import { existsSync } from "node:fs";
-import { type Browser, chromium, type Page } from "playwright-core";
+import type { Browser, Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { sha256Hex } from "#shared/hash.ts";
 import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts";
@@ -7,6 +6,7 @@ import { type LocalS3, startLocalS3 } from "../infra/local/s3-server.ts";
 import { memoryLogger } from "../jobs/train/src/log.ts";
 import { applyDecisions, listCaptures, processTraffic, writeCaptureConfig } from "../jobs/train/src/traffic/traffic.ts";
 import { train } from "../jobs/train/src/train.ts";
+import { haveBrowser, launchChromium, openPage } from "./support/browser.ts";
 import { uploadSample } from "./support/datasets.ts";
 import { postClassify } from "./support/edge.ts";
 
@@ -15,9 +15,6 @@ import { postClassify } from "./support/edge.ts";
  * against the worker in workerd and a really trained model in the local S3 server. `.ci/run` installs
  * Chromium and sets EDGETUNE_REQUIRE_BROWSER=1, so in CI a missing browser fails instead of skipping.
  */
-const CHROMIUM = process.env.EDGETUNE_CHROMIUM ?? "/usr/bin/chromium";
-const haveBrowser = existsSync(CHROMIUM);
-if (!haveBrowser && process.env.EDGETUNE_REQUIRE_BROWSER === "1") throw new Error(`Chromium not found at ${CHROMIUM} (apt-get install chromium)`);
 
 let s3: LocalS3;
 let edge: EdgeWorker;
@@ -39,20 +36,7 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
       pointerTtlSeconds: 1,
       vars: { CONSOLE_API_KEYS: OPERATOR, COUNTERS_FLUSH_SECONDS: "0" },
     });
-    // The flags the machine notes ask for: no sandbox as root, and no background connections that a
-    // closed network would refuse.
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      args: [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-      ],
-    });
+    browser = await launchChromium();
   });
   afterAll(async () => {
     await browser?.close();
@@ -61,16 +45,7 @@ describe.skipIf(!haveBrowser)("web console (headless Chromium)", () => {
   });
 
   /** A fresh page (own session storage) that records CSP violations and script errors. */
-  async function open(): Promise<{ page: Page; problems: string[] }> {
-    const page = await browser.newPage();
-    const problems: string[] = [];
-    page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
-    page.on("console", (m) => {
-      if (m.type() === "error") problems.push(`console: ${m.text()}`);
-    });
-    await page.goto(`${edge.url}/`);
-    return { page, problems };
-  }
+  const open = () => openPage(browser, `${edge.url}/`);
 
   async function withKey(page: Page, key = OPERATOR) {
     await page.fill("#api-key", key);

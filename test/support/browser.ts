@@ -27,6 +27,25 @@ export function launchChromium(): Promise<Browser> {
 }
 
 /**
+ * A fresh page (own session storage) at `url` that records script errors and console errors, so a test
+ * can assert the page ran clean; `key` is typed into the console's key form first, as a user does.
+ */
+export async function openPage(browser: Browser, url: string, options: { width?: number; key?: string } = {}): Promise<{ page: Page; problems: string[] }> {
+  const page = await browser.newPage(options.width ? { viewport: { width: options.width, height: 800 } } : {});
+  const problems: string[] = [];
+  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  page.on("console", (m) => {
+    if (m.type() === "error") problems.push(`console: ${m.text()}`);
+  });
+  await page.goto(url);
+  if (options.key) {
+    await page.fill("#api-key", options.key);
+    await page.click("#key-form button[type=submit]");
+  }
+  return { page, problems };
+}
+
+/**
  * What breaks a narrow layout, measured in the page: the page wider than the viewport (horizontal
  * scrolling of the whole page), the header cut at the right edge, and a percentage ("100.0 %") or a
  * version id broken over two lines. Empty when the page fits.
