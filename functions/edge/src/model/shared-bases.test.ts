@@ -15,6 +15,7 @@ vi.mock("../tf.ts", async () => {
   const tf = await import("@tensorflow/tfjs-core");
   await import("@tensorflow/tfjs-backend-cpu");
   await tf.setBackend("cpu");
+  tf.env().set("IS_TEST", true); // no "install the node backend" banner in the test output
   return { tf, initTf: async () => {} };
 });
 
