@@ -164,6 +164,7 @@ try {
 
   let first = true;
   let correct = 0;
+  let unsure = 0;
   const rows: string[][] = [];
   for (const img of heldOut) {
     const res = await fetch(`${edge.url}/v1/models/${DATASET}/classify?top_k=2`, {
@@ -171,17 +172,26 @@ try {
       headers: { authorization: `Bearer ${edge.apiKey}`, "content-type": img.file.endsWith(".jpg") ? "image/jpeg" : "image/png" },
       body: img.bytes as BodyInit,
     });
-    const body = (await res.json()) as { predictions?: { label: string; score: number }[]; timings?: { totalMs: number }; error?: { message: string } };
+    const body = (await res.json()) as {
+      predictions?: { label: string; score: number }[];
+      unsure?: boolean;
+      none?: boolean;
+      timings?: { totalMs: number };
+      error?: { message: string };
+    };
     if (first) {
       say(`first classification from the edge (time from start: ${elapsed()})`);
       first = false;
     }
     const top = body.predictions?.[0];
     if (top?.label === img.label) correct++;
+    if (body.unsure) unsure++;
+    // As the API answers: below its label's threshold the top label is a guess, not an answer (#29).
+    const predicted = !top ? (body.error?.message ?? "") : body.none ? "none of these" : body.unsure ? `unsure (${top.label}?)` : top.label;
     rows.push([
       img.file,
       String(res.status),
-      top?.label ?? body.error?.message ?? "",
+      predicted,
       top ? percent(top.score) : "",
       top?.label === img.label ? "✓" : "✗",
       `${body.timings?.totalMs ?? "-"} ms`,
@@ -189,7 +199,9 @@ try {
   }
   const heldOutTable = table(["IMAGE", "HTTP", "PREDICTED", "SCORE", "", "WORKER"], rows).replace(/^/gm, "  ");
   // Not the training run's held-out split (its accuracy is in the report): images the dataset never had.
-  process.stdout.write(`\nImages not in the dataset, classified by the edge worker (${correct}/${heldOut.length} correct):\n${heldOutTable}\n`);
+  process.stdout.write(
+    `\nImages not in the dataset, classified by the edge worker (top label right for ${correct}/${heldOut.length}; ${unsure} answered unsure, the top score below its label's threshold):\n${heldOutTable}\n`,
+  );
   await promoted([SECOND]);
   say(`model ${SECOND} promoted`);
   await showSharedBase(edge, heldOut[1] ?? (heldOut[0] as (typeof heldOut)[number]));
