@@ -1,5 +1,5 @@
-import { concatBytes } from "#shared/bytes.ts";
 import { isCaptureKey } from "#shared/keys.ts";
+import { readCappedBody } from "../http/capped-body.ts";
 import { encodeKey, parseListing, type SourceConfig, signedBucket } from "../model/source.ts";
 
 /**
@@ -87,7 +87,7 @@ export function createCaptureStore(env: SourceConfig): CaptureStore | null {
         throw new CaptureStoreError(`capture storage answered HTTP ${res.status} to a read`);
       }
       return {
-        bytes: await readCapped(res, key, maxBytes),
+        bytes: await readCappedBody(res, maxBytes, () => new CaptureObjectTooLargeError(`${key} is larger than the ${maxBytes} bytes allowed for it`)),
         etag: res.headers.get("etag") ?? "",
         contentType: res.headers.get("content-type") ?? "application/octet-stream",
       };
@@ -109,28 +109,4 @@ export function createCaptureStore(env: SourceConfig): CaptureStore | null {
       return (await listPage(prefix, { delimiter: "/" })).folders;
     },
   };
-}
-
-/** A response body of at most `maxBytes`: refused by its Content-Length when it says more, else cut off while it streams. */
-async function readCapped(res: Response, key: string, maxBytes: number): Promise<Uint8Array> {
-  const tooLarge = () => new CaptureObjectTooLargeError(`${key} is larger than the ${maxBytes} bytes allowed for it`);
-  if (Number(res.headers.get("content-length") ?? 0) > maxBytes) {
-    await res.body?.cancel();
-    throw tooLarge();
-  }
-  if (!res.body) return new Uint8Array(0);
-  const chunks: Uint8Array[] = [];
-  let total = 0;
-  const reader = res.body.getReader();
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    total += value.length;
-    if (total > maxBytes) {
-      await reader.cancel();
-      throw tooLarge();
-    }
-    chunks.push(value);
-  }
-  return concatBytes(chunks);
 }

@@ -1,7 +1,7 @@
 import { AwsClient } from "aws4fetch";
-import { concatBytes } from "#shared/bytes.ts";
 import type { FolderLister, FolderListing } from "#shared/catalog.ts";
 import { ObjectTooLargeError } from "#shared/s3/store.ts";
+import { readCappedBody } from "../http/capped-body.ts";
 
 /**
  * Where the worker reads models from: the training job's S3 bucket, signed with SigV4 using
@@ -184,28 +184,10 @@ class HttpSource implements ModelSource {
   }
 }
 
-/**
- * A response's body, refused (ObjectTooLargeError) past `maxBytes`: by its Content-Length before reading,
- * else while it streams in, so an object larger than its listing says is never held whole.
- */
-async function readBody(res: Response, key: string, maxBytes: number | undefined): Promise<Uint8Array> {
-  if (maxBytes === undefined || !res.body) return new Uint8Array(await res.arrayBuffer());
-  if (Number(res.headers.get("content-length") ?? 0) > maxBytes) {
-    await res.body.cancel();
-    throw new ObjectTooLargeError(key, maxBytes);
-  }
-  const chunks: Uint8Array[] = [];
-  let total = 0;
-  const reader = res.body.getReader();
-  for (let r = await reader.read(); !r.done; r = await reader.read()) {
-    total += r.value.byteLength;
-    if (total > maxBytes) {
-      await reader.cancel();
-      throw new ObjectTooLargeError(key, maxBytes);
-    }
-    chunks.push(r.value);
-  }
-  return concatBytes(chunks);
+/** A response's body, bounded by `maxBytes` when given (an object larger than its listing says is never held whole). */
+function readBody(res: Response, key: string, maxBytes: number | undefined): Promise<Uint8Array> {
+  if (maxBytes === undefined) return res.arrayBuffer().then((b) => new Uint8Array(b));
+  return readCappedBody(res, maxBytes, () => new ObjectTooLargeError(key, maxBytes));
 }
 
 /** One page of a ListObjectsV2 answer: its keys, its folders (CommonPrefixes, with a delimiter), and the token of the next page. */

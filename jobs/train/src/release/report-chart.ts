@@ -28,7 +28,8 @@ const LEFT = 56;
 const RIGHT = 16;
 const TOP = 28;
 const BOTTOM = 44;
-const esc = (s: string) => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+/** Text for HTML: the report and its charts escape the same way. */
+export const esc = (s: string) => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 
 export function lineChart(c: LineChart): string {
   const epochs = Math.max(1, ...c.series.map((s) => s.values.length));

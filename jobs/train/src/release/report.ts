@@ -1,7 +1,7 @@
 import type { ReliabilityBin } from "../fit/calibrate.ts";
 import type { EpochLog } from "../fit/head.ts";
 import type { OodEvaluation } from "./ood.ts";
-import { lineChart } from "./report-chart.ts";
+import { esc, lineChart } from "./report-chart.ts";
 import type { AnsweredMetrics, LabelThreshold } from "./thresholds.ts";
 
 /**
@@ -68,7 +68,6 @@ export function cappedLists(
 
 /** The last line of a cut list: how many entries the report left out. */
 const more = (n = 0) => (n > 0 ? `<li>… and ${n} more, not listed in the report</li>` : "");
-const esc = (s: string) => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 /** A share as a percentage with one decimal, the way reports and log lines show accuracy. */
 export const pct = (v: number) => `${(v * 100).toFixed(1)} %`;
 
