@@ -1,5 +1,4 @@
 import type { OpenAPIHono } from "@hono/zod-openapi";
-import { timingSafeEqual } from "hono/utils/buffer";
 import { historyOf, readMetadata, readPointer } from "#shared/artifacts.ts";
 import { tryParseContractJson } from "#shared/contracts/parse.ts";
 import {
@@ -17,7 +16,7 @@ import {
   requestOutcomeSchema,
 } from "#shared/contracts/request.ts";
 import { NotFoundError } from "#shared/errors.ts";
-import { hex, hmacSha256Hex } from "#shared/hash.ts";
+import { hex, hmacSha256Hex, signedWithAny } from "#shared/hash.ts";
 import { keys } from "#shared/keys.ts";
 import { CaptureObjectTooLargeError, type CaptureStore } from "./capture/store.ts";
 import { operatorKeyValues } from "./http/auth.ts";
@@ -161,14 +160,6 @@ const noExport = (name: string, version: string) =>
 /** `20261206T051500-<8 random hex>`: sorts by time, unique per request (the signature covers it, so a replay cannot take another id). */
 function newRequestId(issuedAt: string): string {
   return `${issuedAt.slice(0, 19).replace(/[-:]/g, "")}-${hex(crypto.getRandomValues(new Uint8Array(4)))}`;
-}
-
-/** True when `signature` is the HMAC of `message` with one of the operator keys (compared in constant time). */
-async function signedWithAny(signature: string | undefined, message: string, operatorKeys: readonly string[]): Promise<boolean> {
-  if (!signature) return false;
-  let ok = false;
-  for (const key of operatorKeys) if (await timingSafeEqual(await hmacSha256Hex(key, message), signature)) ok = true;
-  return ok;
 }
 
 function stateOf(r: Pick<RequestOutcome, "id" | "kind" | "version" | "issuedAt">, outcome: RequestOutcome | null, verified: boolean) {

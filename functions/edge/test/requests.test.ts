@@ -1,13 +1,12 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { readPointer } from "#shared/artifacts.ts";
 import { operatorRequestSchema, requestMessage } from "#shared/contracts/request.ts";
-import { sha256Hex } from "#shared/hash.ts";
+import { sha256Hex, signedWithAny } from "#shared/hash.ts";
 import { keys } from "#shared/keys.ts";
 import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 import { memoryLogger } from "../../../jobs/train/src/log.ts";
 import { applyRequests } from "../../../jobs/train/src/requests/requests.ts";
-import { signedWithAny } from "../../../jobs/train/src/traffic/review.ts";
 import { train } from "../../../jobs/train/src/train.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
 

@@ -16,14 +16,14 @@ import {
   requestOfKey,
 } from "#shared/contracts/request.ts";
 import { EdgetuneError, NotFoundError, userMessage } from "#shared/errors.ts";
-import { hmacSha256Hex, sha256Hex } from "#shared/hash.ts";
+import { hmacSha256Hex, sha256Hex, signedWithAny } from "#shared/hash.ts";
 import { keys } from "#shared/keys.ts";
 import type { ObjectStore } from "#shared/s3/store.ts";
 import { PointerMovedError, rollback, ServedVersionChangedError, unknownModel } from "../catalog/catalog.ts";
 import { onnxOf, readVersion } from "../export/export.ts";
 import type { Logger } from "../log.ts";
 import { OPSET } from "../model/onnx.ts";
-import { applyDecisions, getCapped, operatorKeysFromEnv, signedWithAny } from "../traffic/review.ts";
+import { applyDecisions, getCapped, operatorKeysFromEnv } from "../traffic/review.ts";
 
 /**
  * The dispatcher's half of operator requests (shared/contracts/request.ts): the console's worker writes a

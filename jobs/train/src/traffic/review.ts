@@ -1,4 +1,3 @@
-import { timingSafeEqual } from "node:crypto";
 import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { readMetadata, readPointer } from "#shared/artifacts.ts";
@@ -14,7 +13,7 @@ import {
 import { classifyDatasetKeys, labelProblem, newLabelSchema } from "#shared/contracts/dataset.ts";
 import { parseContract, tryParseContractJson } from "#shared/contracts/parse.ts";
 import { DatasetError, InvalidOptionError, NotFoundError, userMessage } from "#shared/errors.ts";
-import { hmacSha256Hex, sha256Hex } from "#shared/hash.ts";
+import { sha256Hex, signedWithAny } from "#shared/hash.ts";
 import { isBarePng } from "#shared/image/png.ts";
 import { keys } from "#shared/keys.ts";
 import { type ObjectStore, ObjectTooLargeError } from "#shared/s3/store.ts";
@@ -132,18 +131,6 @@ export function operatorKeysFromEnv(env: NodeJS.ProcessEnv = process.env): strin
 /** True when the decision's signature was made with one of `operatorKeys` (see contracts/capture.ts; the worker signs with the same `hmacSha256Hex`). */
 export async function signedByOperator(model: string, decision: CaptureDecision, operatorKeys: readonly string[]): Promise<boolean> {
   return signedWithAny(decision.signature, decisionMessage(model, decision), operatorKeys);
-}
-
-/** True when `signature` (hex) is the HMAC of `message` under one of `operatorKeys`; compared in constant time, every key tried. */
-export async function signedWithAny(signature: string | undefined, message: string, operatorKeys: readonly string[]): Promise<boolean> {
-  if (!signature) return false;
-  const presented = Buffer.from(signature, "hex");
-  let ok = false;
-  for (const k of operatorKeys) {
-    const expected = Buffer.from(await hmacSha256Hex(k, message), "hex");
-    if (expected.length === presented.length && timingSafeEqual(expected, presented)) ok = true;
-  }
-  return ok;
 }
 
 /** Where accepted captures of `model` go: the served version's dataset, its layout and labels. */
