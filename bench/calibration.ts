@@ -25,6 +25,7 @@ import sharp from "sharp";
 import { answer } from "#shared/answer.ts";
 import { readPromotedModel } from "#shared/artifacts.ts";
 import type { ArtifactMetadata } from "#shared/contracts/artifact.ts";
+import { CLASS_MEANS_FILE, readClassMeans, similarity } from "#shared/novelty.ts";
 import { preprocess } from "#shared/preprocess.ts";
 import type { ObjectStore } from "#shared/s3/store.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
@@ -152,6 +153,8 @@ async function measure(
 ): Promise<Measured> {
   const { metadata, files } = await readPromotedModel(store, name);
   const model = await loadModel(files.get("model.json") as Uint8Array, files);
+  const meansFile = files.get(CLASS_MEANS_FILE);
+  const means = metadata.novelty && meansFile ? readClassMeans(meansFile, metadata.novelty.rows, metadata.novelty.features) : undefined;
   const d = await readDataset(store, name, { seed: 42, valFraction: 0.2 });
   const heldOut = sample(
     d.images.filter((i) => i.split === "val" && i.label !== NONE),
@@ -188,13 +191,16 @@ async function measure(
   const noneIndex = metadata.noneLabel === undefined ? -1 : metadata.labels.indexOf(metadata.noneLabel);
   // Rejection score: what the labels do not claim (with a none class, its score is part of it).
   const rejection = (p: Float32Array) => 1 - Math.max(...Array.from(p).filter((_, c) => c !== noneIndex));
-  const rejected = (p: Float32Array) => answer(p, metadata, { topK: 1 }).label === null;
-  const share = (ps: Float32Array[]) => ps.filter(rejected).length / Math.max(1, ps.length);
+  // The version's own answer: its thresholds, its rejection class, its novelty floor on the features.
+  const rejected = (s: Scored) =>
+    answer({ scores: s.probs, ...(means ? { similarity: similarity(s.features, means) } : {}) }, metadata, { topK: 1 }).label === null;
+  const share = (ss: Scored[]) => ss.filter(rejected).length / Math.max(1, ss.length);
   const real = metadata.labels.map((_, c) => c).filter((c) => c !== noneIndex);
   const candidate = fitScores(
     fitOn,
     trainImages.map((i) => metadata.labels.indexOf(i.label)),
     real,
+    means,
   );
   const idCandidates = idScored.map(candidate);
   const oodCandidates = oodScored.map(candidate);
@@ -259,8 +265,8 @@ async function measure(
     scores,
     bySource,
     eceEndToEnd,
-    oodRejected: share(ood),
-    idRejected: share(id),
+    oodRejected: share(oodScored),
+    idRejected: share(idScored),
     seconds: trainSeconds,
   };
 }
@@ -285,7 +291,7 @@ for (const dataset of datasets) {
   // Datasets with given split folders get their negatives split the same way (a fifth held out).
   const split = (await readdir(dir)).includes("train");
   const valFolder = (await readdir(dir)).find((f) => f === "val" || f === "validation") ?? "val";
-  for (const withNone of [false, true]) {
+  for (const withNone of arg("none") === "no" ? [false] : [false, true]) {
     const name = withNone ? `${base}-none` : base;
     await pushDataset(s3.store, dir, name, withNone ? { noneLabel: NONE } : {}, undefined, {
       beforeManifest: withNone
@@ -316,10 +322,10 @@ for (const dataset of datasets) {
 await s3.stop();
 const pct = (v: number) => `${(v * 100).toFixed(1)} %`;
 console.log(
-  `\n| dataset | none folder | top-1 (n) | T | ECE before → after (floor) | answered · accuracy on answered | OOD AUROC (n) | foreign rejected · held-out rejected |\n|---|---|---|---|---|---|---|---|\n${results
+  `\n| dataset | none folder | top-1 (n) | T | ECE before → after (floor) | answered · accuracy on answered | OOD AUROC: max-softmax · novelty (n) | foreign rejected · held-out rejected (the version's answer) |\n|---|---|---|---|---|---|---|---|\n${results
     .map(
       (r) =>
-        `| ${r.dataset} | ${r.none ? `yes (${nonePer} × 2)` : "no"} | ${pct(r.accuracy)} (${r.evaluatedOn}) | ${r.temperature.toFixed(2)} | ${r.eceBefore.toFixed(3)} → **${r.eceAfter.toFixed(3)}** (floor ${r.eceFloor.toFixed(3)}, 95th pct ${r.eceFloor95.toFixed(3)}) | ${pct(r.answered)} · ${pct(r.answeredAccuracy)} | **${r.auroc.toFixed(3)}** (${r.oodScored} vs ${r.heldOutScored}) | ${pct(r.oodRejected)} · ${pct(r.idRejected)} |`,
+        `| ${r.dataset} | ${r.none ? `yes (${nonePer} × 2)` : "no"} | ${pct(r.accuracy)} (${r.evaluatedOn}) | ${r.temperature.toFixed(2)} | ${r.eceBefore.toFixed(3)} → **${r.eceAfter.toFixed(3)}** (floor ${r.eceFloor.toFixed(3)}, 95th pct ${r.eceFloor95.toFixed(3)}) | ${pct(r.answered)} · ${pct(r.answeredAccuracy)} | ${r.auroc.toFixed(3)} · **${r.scores.novelty.auroc.toFixed(3)}** (${r.oodScored} vs ${r.heldOutScored}) | ${pct(r.oodRejected)} · ${pct(r.idRejected)} |`,
     )
     .join("\n")}`,
 );

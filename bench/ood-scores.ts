@@ -1,4 +1,5 @@
 import * as tf from "@tensorflow/tfjs";
+import { similarity } from "#shared/novelty.ts";
 import { mulberry32 } from "../jobs/train/src/dataset/augment.ts";
 
 /**
@@ -12,12 +13,17 @@ import { mulberry32 } from "../jobs/train/src/dataset/augment.ts";
  *    class mean (a nearest-class-mean classifier's confidence; C × D numbers);
  *  - `pca`: the Mahalanobis distance to the nearest class mean in the top-k principal components of the
  *    standardised training features, with one shared covariance (Lee et al. 2018, made low-rank: the full
- *    D × D covariance is too big for a head; k × D numbers).
+ *    D × D covariance is too big for a head; k × D numbers);
+ *  - `knn5`: 1 − the cosine similarity to the 5th nearest training image's standardised features (Sun et
+ *    al. 2022): for comparison only, as it needs every training image's features at the edge;
+ *  - `novelty`: what the version itself answers with (shared/novelty.ts): 1 − the cosine of the raw pooled
+ *    features, L2-normalised, to the nearest label's mean direction, with the directions the training
+ *    job fitted on every training image (its class-means.bin).
  * Fitted on the training split's features only; measured by the benchmark (calibration.ts).
  */
 type Vec = Float64Array<ArrayBufferLike>;
 
-export const SCORES = ["msp", "energy", "cosine", "pca"] as const;
+export const SCORES = ["msp", "energy", "cosine", "pca", "knn5", "novelty"] as const;
 export type ScoreName = (typeof SCORES)[number];
 
 export interface Scored {
@@ -51,7 +57,13 @@ export function probeModel(model: tf.LayersModel): (x: tf.Tensor4D) => Promise<S
 }
 
 /** A fitted set of scores: `score(x)` for each candidate, `real` the label indices that count (not the rejection class). */
-export function fitScores(train: readonly Scored[], truth: readonly number[], real: readonly number[], k = 32): (s: Scored) => Record<ScoreName, number> {
+export function fitScores(
+  train: readonly Scored[],
+  truth: readonly number[],
+  real: readonly number[],
+  versionMeans: Float32Array | undefined,
+  k = 32,
+): (s: Scored) => Record<ScoreName, number> {
   const dim = (train[0] as Scored).features.length;
   // Standardisation per feature over the training rows (as the head's).
   const mean = new Float64Array(dim);
@@ -73,6 +85,7 @@ export function fitScores(train: readonly Scored[], truth: readonly number[], re
     return v.map((x) => x / n);
   };
   const unitMeans = means.map(unit);
+  const unitTrain = zs.map(unit);
   // Low-rank Mahalanobis: the top-k principal directions of the training features (subspace iteration).
   const kk = Math.min(k, zs.length - 1, dim);
   const basis = principalDirections(zs, kk);
@@ -114,7 +127,15 @@ export function fitScores(train: readonly Scored[], truth: readonly number[], re
         return q;
       }),
     );
-    return { msp: 1 - maxP, energy: -lse, cosine: 1 - cos, pca: maha };
+    const sims = unitTrain.map((t) => t.reduce((a, x, i) => a + x * (u[i] as number), 0)).sort((a, b) => b - a);
+    return {
+      msp: 1 - maxP,
+      energy: -lse,
+      cosine: 1 - cos,
+      pca: maha,
+      knn5: 1 - (sims[Math.min(4, sims.length - 1)] as number),
+      novelty: versionMeans ? 1 - similarity(s.features, versionMeans) : Number.NaN,
+    };
   };
 }
 

@@ -39,7 +39,9 @@ export default {
       input.dispose();
       // Where the time goes: per-kernel totals of one inference.
       const zeros = tf.zeros([1, size, size, 3]) as tf.Tensor4D;
-      const profile = await tf.profile(() => predictAll([model], zeros));
+      const profile = await tf.profile(() => {
+        predictAll([model], zeros);
+      });
       zeros.dispose();
       const byKernel = new Map<string, number>();
       for (const k of profile.kernels) byKernel.set(k.name, (byKernel.get(k.name) ?? 0) + Number(k.kernelTimeMs));

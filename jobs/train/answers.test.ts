@@ -4,6 +4,7 @@ import { answer } from "#shared/answer.ts";
 import { readPromotedModel } from "#shared/artifacts.ts";
 import { DatasetError } from "#shared/errors.ts";
 import { keys } from "#shared/keys.ts";
+import { CLASS_MEANS_FILE, readClassMeans, similarity, similarityFloor } from "#shared/novelty.ts";
 import { preprocess } from "#shared/preprocess.ts";
 import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
 import { uploadSample } from "../../test/support/datasets.ts";
@@ -30,20 +31,31 @@ afterAll(async () => {
 // A head stopped after a few epochs: a few held-out mistakes and under-confident scores, so there is a temperature to fit.
 const quick = { imageSize: 96, views: 1, head: { epochs: 6, learningRate: 1e-3 } } as const;
 
-async function heldOutScores(name: string, version: string): Promise<{ probs: Float32Array[]; truth: number[] }> {
+/** The stored version's held-out answers as a client computes them: the stock loader, its pooled features, the listed class-means file. */
+async function heldOutScores(name: string, version: string): Promise<{ probs: Float32Array[]; truth: number[]; similarities: number[] }> {
   const { metadata } = await readPromotedModel(s3.store, name);
   const url = `${s3.endpoint}/${s3.config.bucket}/${keys.versionFile(name, version, "model.json")}`;
   const model = await tf.loadLayersModel(tf.io.http(url, { fetchFunc: fetch }));
+  const probe = tf.model({
+    inputs: model.inputs,
+    outputs: [model.getLayer("edgetune_pool").output as tf.SymbolicTensor, model.outputs[0] as tf.SymbolicTensor],
+  });
+  const means = metadata.novelty
+    ? readClassMeans((await s3.store.get(keys.versionFile(name, version, CLASS_MEANS_FILE))) as Uint8Array, metadata.novelty.rows, metadata.novelty.features)
+    : undefined;
   const d = await readDataset(s3.store, name, { seed: 42, valFraction: 0.2 });
   const probs: Float32Array[] = [];
   const truth: number[] = [];
+  const similarities: number[] = [];
   for (const img of d.images.filter((i) => i.split === "val")) {
     const input = preprocess(await decodeImage((await s3.store.get(img.key)) as Uint8Array), 96, metadata.preprocessing);
-    probs.push(tf.tidy(() => (model.predict(tf.tensor4d(input, [1, 96, 96, 3])) as tf.Tensor).dataSync() as Float32Array));
+    const [f, p] = tf.tidy(() => (probe.predict(tf.tensor4d(input, [1, 96, 96, 3])) as tf.Tensor[]).map((t) => t.dataSync() as Float32Array));
+    probs.push(p as Float32Array);
+    if (means) similarities.push(similarity(f as Float32Array, means));
     truth.push(metadata.labels.indexOf(img.label));
   }
   model.dispose();
-  return { probs, truth };
+  return { probs, truth, similarities };
 }
 
 describe("answers a client can act on", () => {
@@ -56,8 +68,17 @@ describe("answers a client can act on", () => {
     expect(Math.abs(Math.log(t))).toBeGreaterThan(0.1);
     // T was fitted on these held-out scores: if it is folded into the exported model, fitting again on
     // what the model now says finds nothing left to correct (1); unfolded it would find T again.
-    const { probs, truth } = await heldOutScores("emoji", result.version);
+    const { probs, truth, similarities } = await heldOutScores("emoji", result.version);
     expect(Math.abs(Math.log(fitTemperature(probs, truth)))).toBeLessThan(0.05);
+
+    // The novelty rule: one direction per label in the listed file; its floor is where 5 % of the labels'
+    // held-out images fall, as the stored model and file give their similarities.
+    expect(metadata.novelty).toMatchObject({ method: "cosine-class-mean", rows: metadata.labels.length });
+    expect(metadata.files.map((f) => f.path)).toContain(CLASS_MEANS_FILE);
+    expect(similarities).toHaveLength(truth.length);
+    expect(metadata.novelty?.floor).toBeCloseTo(similarityFloor(similarities, 0.05), 3);
+    expect(metadata.novelty?.floor).toBeGreaterThan(0); // same-kind images: far more like their labels than orthogonal
+    expect(result.report?.novelty).toMatchObject({ floor: metadata.novelty?.floor, reject: 0.05 });
 
     expect(Object.keys(metadata.thresholds?.byLabel ?? {})).toEqual(metadata.labels);
     expect(metadata.thresholds?.policy).toBe("f1");
@@ -65,7 +86,19 @@ describe("answers a client can act on", () => {
     const html = new TextDecoder().decode((await s3.store.get(keys.versionFile("emoji", result.version, "report.html"))) as Uint8Array);
     expect(html).toContain("reliability diagram before");
     expect(html).toContain("Policy <b>f1</b>");
+    expect(html).toContain(`cosine similarity of <b>${metadata.novelty?.floor.toFixed(3)}</b>`);
     expect(result.report?.calibration?.eceBefore).toBeCloseTo(metadata.calibration?.eceBefore as number, 9);
+  });
+
+  it("--novelty-reject 0 turns the novelty rule off: no floor, no class-means file, every answer by its scores alone", async () => {
+    const result = await train(s3.store, { dataset: "emoji", ...quick, noveltyReject: 0, promote: "always" }, memoryLogger());
+    const { metadata } = await readPromotedModel(s3.store, "emoji");
+    expect(metadata.version).toBe(result.version);
+    expect(metadata.novelty).toBeUndefined();
+    expect(metadata.files.map((f) => f.path)).not.toContain(CLASS_MEANS_FILE);
+    const p = new Float32Array(metadata.labels.map((_, i) => (i === 0 ? 0.99 : 0.01 / (metadata.labels.length - 1))));
+    // A similarity far below any floor changes nothing for a version without one.
+    expect(answer({ scores: p, similarity: -1 }, metadata, { topK: 1 })).toMatchObject({ label: metadata.labels[0], none: false });
   });
 
   it("a precision target sets each label's threshold where the held-out precision reaches it, or says it cannot", async () => {
@@ -111,16 +144,28 @@ describe("answers a client can act on", () => {
     // The share given no label, again from the stored model as the stock loader reads it, with the shipped thresholds.
     const url = `${s3.endpoint}/${s3.config.bucket}/${keys.versionFile("withood", result.version, "model.json")}`;
     const model = await tf.loadLayersModel(tf.io.http(url, { fetchFunc: fetch }));
+    // The novelty rule's directions as a worker reads them: the listed file.
+    const means = readClassMeans(
+      (await s3.store.get(keys.versionFile("withood", result.version, CLASS_MEANS_FILE))) as Uint8Array,
+      metadata.novelty?.rows as number,
+      metadata.novelty?.features as number,
+    );
+    const probe = tf.model({
+      inputs: model.inputs,
+      outputs: [model.getLayer("edgetune_pool").output as tf.SymbolicTensor, model.outputs[0] as tf.SymbolicTensor],
+    });
     let rejected = 0;
     for (const img of images.filter((i) => i.label === "travel")) {
       const input = preprocess(await decodeImage(img.bytes), 96, metadata.preprocessing);
-      const p = tf.tidy(() => (model.predict(tf.tensor4d(input, [1, 96, 96, 3])) as tf.Tensor).dataSync() as Float32Array);
-      if (answer(p, metadata, { topK: 1 }).label === null) rejected++;
+      const [f, p] = tf.tidy(() => (probe.predict(tf.tensor4d(input, [1, 96, 96, 3])) as tf.Tensor[]).map((t) => t.dataSync() as Float32Array));
+      if (answer({ scores: p as Float32Array, similarity: similarity(f as Float32Array, means) }, metadata, { topK: 1 }).label === null) rejected++;
     }
     model.dispose();
     expect(ood?.rejected).toBeCloseTo(rejected / 8, 9);
     expect(ood?.auroc).toBeGreaterThanOrEqual(0);
     expect(ood?.auroc).toBeLessThanOrEqual(1);
+    expect(ood?.similarityAuroc).toBeGreaterThanOrEqual(0);
+    expect(ood?.similarityAuroc).toBeLessThanOrEqual(1);
     const html = new TextDecoder().decode((await s3.store.get(keys.versionFile("withood", result.version, "report.html"))) as Uint8Array);
     expect(html).toContain("The <b>_ood</b> folder's 8 images (1 could not be decoded)");
   });

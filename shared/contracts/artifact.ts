@@ -1,5 +1,6 @@
 import { z } from "zod";
 import { ContractError } from "../errors.ts";
+import { CLASS_MEANS_FILE } from "../novelty.ts";
 import { preprocessingSchema } from "../preprocess.ts";
 import { baseIdSchema } from "./base.ts";
 import { imageSizeSchema, nameSchema, sha256Schema, strategySchema, versionSchema } from "./common.ts";
@@ -112,6 +113,22 @@ export const artifactMetadataSchema = z
       .optional(),
     /** The rejection class ("none of these"): a label of the model that is reported as no label. */
     noneLabel: labelSchema.optional(),
+    /**
+     * "None of these" by the image's features (shared/novelty.ts): below `floor`, the cosine of its pooled
+     * features to the nearest label's mean direction (`class-means.bin`, one row per label but `noneLabel`),
+     * the answer is none of these. Absent: versions trained before it, or turned off (`--novelty-reject 0`).
+     */
+    novelty: z
+      .object({
+        method: z.literal("cosine-class-mean"),
+        /** Rows (labels but the rejection class) and width (the pooled features) of the file. */
+        rows: z.number().int().min(1),
+        features: z.number().int().min(1),
+        floor: z.number().min(-1).max(1),
+        /** Share of the labels' held-out images below the floor (what the floor was fitted to reject). */
+        heldOutRejected: z.number().min(0).max(1),
+      })
+      .optional(),
     /** How the weights are stored, for people and the size budget. */
     weights: z.object({ dtype: z.enum(["float32", "float16", "uint8"]), bytes: z.number().int().min(0) }),
     libraries: z.record(z.string(), z.string()),
@@ -140,6 +157,10 @@ export const artifactMetadataSchema = z
     if (!m.files.some((f) => f.path === ARTIFACT_FILES.model)) {
       ctx.addIssue({ code: "custom", path: ["files"], message: "must include model.json" });
     }
+    if (m.novelty && !m.files.some((f) => f.path === CLASS_MEANS_FILE))
+      ctx.addIssue({ code: "custom", path: ["files"], message: `must include ${CLASS_MEANS_FILE} when the version has a novelty floor` });
+    if (m.novelty && m.novelty.rows !== m.labels.length - (m.noneLabel === undefined ? 0 : 1))
+      ctx.addIssue({ code: "custom", path: ["novelty", "rows"], message: "must be the number of labels but the rejection class" });
     if (m.split && !m.files.some((f) => f.path === SPLIT_FILES.head)) {
       ctx.addIssue({ code: "custom", path: ["files"], message: `must include ${SPLIT_FILES.head} when the version names a shared base` });
     }
@@ -220,7 +241,7 @@ export function servedFiles(metadata: ArtifactMetadata): Served {
   if (metadata.split)
     return {
       form: "split",
-      files: pick((p) => p === SPLIT_FILES.head || p === SPLIT_FILES.headWeights),
+      files: pick((p) => p === SPLIT_FILES.head || p === SPLIT_FILES.headWeights || p === CLASS_MEANS_FILE),
       base: { sha256: metadata.base.sha256, size: metadata.input.size, manifestSha256: metadata.split.baseManifestSha256 },
     };
   const skip = new Set<string>([ARTIFACT_FILES.report, ARTIFACT_FILES.reportHtml, ...Object.values(SPLIT_FILES)]);

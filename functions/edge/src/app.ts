@@ -2,7 +2,7 @@ import { OpenAPIHono } from "@hono/zod-openapi";
 import type { Context } from "hono";
 import { cors } from "hono/cors";
 import { HTTPException } from "hono/http-exception";
-import { answer, versionUnsure } from "#shared/answer.ts";
+import { answer, type Prediction, versionUnsure } from "#shared/answer.ts";
 import { readMetadata, readPointer } from "#shared/artifacts.ts";
 import { listModelsPage, listVersions } from "#shared/catalog.ts";
 import {
@@ -419,7 +419,7 @@ app.openapi(classifyRoute, async (c) => {
     const bytes = await readBody(c);
     const { model, release } = await acquire(c.env, name, (p) => c.executionCtx.waitUntil(p));
     try {
-      const { t1, t2, t3, scores, pixels } = await places.exclusive(async () => {
+      const { t1, t2, t3, prediction, pixels } = await places.exclusive(async () => {
         const t1 = performance.now();
         const { pixels } = await decodeImage(bytes, maxPixels);
         const t2 = performance.now();
@@ -427,23 +427,23 @@ app.openapi(classifyRoute, async (c) => {
         const input = preprocess(pixels, size, model.metadata.preprocessing);
         const t3 = performance.now();
         const x = tf.tensor4d(input, [1, size, size, 3]);
-        const [scores] = predictAll([model], x) as [Float32Array];
+        const [prediction] = predictAll([model], x) as [Prediction];
         x.dispose();
-        return { t1, t2, t3, scores, pixels };
+        return { t1, t2, t3, prediction, pixels };
       });
       const t4 = performance.now();
       const labels = model.metadata.labels;
       // Calibrated scores (the training job folded the temperature into the model); the version's
       // per-label thresholds or the caller's one number decide unsure, its rejection class none of these.
-      const { predictions, ...decision } = answer(scores, model.metadata, { topK, ...(threshold === undefined ? {} : { threshold }) });
+      const { predictions, ...decision } = answer(prediction, model.metadata, { topK, ...(threshold === undefined ? {} : { threshold }) });
       const timings = { decodeMs: round(t2 - t1), preprocessMs: round(t3 - t2), inferenceMs: round(t4 - t3), totalMs: round(t4 - t0) };
       // The traffic loop (capture/capture.ts): after the answer, never in its way.
       const after = capturerFor(c.env).observe({
         model: name,
         version: model.metadata.version,
         labels,
-        scores,
-        unsure: versionUnsure(scores, model.metadata),
+        scores: prediction.scores,
+        unsure: versionUnsure(prediction, model.metadata),
         pixels,
         optOut: isOptOut(c.req.raw.headers),
       });
@@ -506,7 +506,7 @@ app.openapi(multiClassifyRoute, async (c) => {
           return { group, x: tf.tensor4d(preprocess(pixels, input.size, preprocessing), [1, input.size, input.size, 3]) };
         });
         const t3 = performance.now();
-        const scores = new Map<LoadedModel, Float32Array>();
+        const scores = new Map<LoadedModel, Prediction>();
         for (const { group, x } of inputs) {
           predictAll(group, x).forEach((s, i) => {
             scores.set(group[i] as LoadedModel, s);
@@ -519,12 +519,12 @@ app.openapi(multiClassifyRoute, async (c) => {
       const results = leases.map((l) => {
         if (!("lease" in l) || !l.lease) return { model: l.name, error: (l as { error: { code: string; message: string } }).error };
         const m = l.lease.model;
-        const s = scores.get(m) as Float32Array;
+        const s = scores.get(m) as Prediction;
         const after = capturerFor(c.env).observe({
           model: l.name,
           version: m.metadata.version,
           labels: m.metadata.labels,
-          scores: s,
+          scores: s.scores,
           unsure: versionUnsure(s, m.metadata),
           pixels,
           optOut: isOptOut(c.req.raw.headers),

@@ -1,11 +1,18 @@
+import * as tf from "@tensorflow/tfjs";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { readPromotedModel } from "#shared/artifacts.ts";
-import type { ArtifactMetadata } from "#shared/contracts/artifact.ts";
+import { readPromotedModel, writePointer } from "#shared/artifacts.ts";
+import { type ArtifactMetadata, SPLIT_FILES, servedFiles } from "#shared/contracts/artifact.ts";
+import { sha256Hex } from "#shared/hash.ts";
+import { keys } from "#shared/keys.ts";
+import { CLASS_MEANS_FILE, POOL_LAYER, readClassMeans, similarity } from "#shared/novelty.ts";
+import { preprocess } from "#shared/preprocess.ts";
 import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
+import { decodeImage } from "../../../jobs/train/src/dataset/decode.ts";
 import { type SampleImage, sampleDataset } from "../../../jobs/train/src/dataset/sample.ts";
 import { memoryLogger } from "../../../jobs/train/src/log.ts";
+import { loadModel } from "../../../jobs/train/src/model/io.ts";
 import { listCaptures, writeCaptureConfig } from "../../../jobs/train/src/traffic/traffic.ts";
 import { train } from "../../../jobs/train/src/train.ts";
 
@@ -25,7 +32,20 @@ beforeAll(async () => {
   await Promise.all(images.map((i) => s3.store.put(`datasets/pets/${folder(i.label)}/${i.file.split("/").pop()}`, i.bytes)));
   await s3.store.put("datasets/pets/manifest.json", JSON.stringify({ noneLabel: "_none" }));
   await train(s3.store, { dataset: "pets", base: "nsfwjs-mobilenet-v2", imageSize: 96, views: 2, head: { epochs: 20 }, promote: "always" }, memoryLogger());
-  metadata = (await readPromotedModel(s3.store, "pets")).metadata;
+  const trained = await readPromotedModel(s3.store, "pets");
+  metadata = trained.metadata;
+  // The same version as a whole model only ("pets-whole": its metadata without the split form), so the
+  // worker's other path — the whole classifier's pooled features through a view — answers the same images.
+  const { split: _split, ...whole } = { ...metadata, name: "pets-whole" };
+  const headFiles = new Set<string>(Object.values(SPLIT_FILES));
+  const wholeMeta = { ...whole, files: whole.files.filter((f) => !headFiles.has(f.path)) };
+  for (const f of wholeMeta.files) {
+    const bytes = trained.files.get(f.path) ?? (await s3.store.get(keys.versionFile("pets", metadata.version, f.path))); // the reports are not read with the model
+    await s3.store.put(keys.versionFile("pets-whole", metadata.version, f.path), bytes as Uint8Array);
+  }
+  const text = `${JSON.stringify(wholeMeta, null, 2)}\n`;
+  await s3.store.put(keys.metadata("pets-whole", metadata.version), text, "application/json");
+  await writePointer(s3.store, "pets-whole", { ...trained.pointer, metadataSha256: await sha256Hex(text), previous: null, served: servedFiles(wholeMeta) });
   edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, pointerTtlSeconds: 1 });
 });
 afterAll(async () => {
@@ -54,9 +74,17 @@ async function blends(): Promise<SampleImage[]> {
   return out;
 }
 
-type Answer = { label: string | null; unsure: boolean; none: boolean; threshold: number | null; predictions: { label: string; score: number }[] };
-async function classify(img: SampleImage, query = ""): Promise<Answer> {
-  const res = await fetch(`${edge.url}/v1/models/pets/classify${query}`, {
+type Answer = {
+  label: string | null;
+  unsure: boolean;
+  none: boolean;
+  threshold: number | null;
+  similarity?: number;
+  similarityFloor?: number;
+  predictions: { label: string; score: number }[];
+};
+async function classify(img: SampleImage, query = "", model = "pets"): Promise<Answer> {
+  const res = await fetch(`${edge.url}/v1/models/${model}/classify${query}`, {
     method: "POST",
     headers: { authorization: `Bearer ${edge.apiKey}`, "content-type": img.file.endsWith(".jpg") ? "image/jpeg" : "image/png" },
     body: img.bytes as BodyInit,
@@ -124,6 +152,49 @@ describe("classify answers", () => {
       unknown
     >;
     expect(model).toMatchObject({ noneLabel: "_none", thresholds: { policy: "f1" }, calibration: { method: "temperature" } });
+  });
+
+  it("the novelty rule: split head and whole model give the similarity the training side computes; below its floor, none of these", async () => {
+    const n = metadata.novelty;
+    if (!n) throw new Error("the version has no novelty floor");
+    // The training side's computation: the stock loader's whole model, its pooled features, the listed directions.
+    const { files } = await readPromotedModel(s3.store, "pets");
+    const model = await loadModel(files.get("model.json") as Uint8Array, files);
+    const probe = tf.model({ inputs: model.inputs, outputs: model.getLayer(POOL_LAYER).output as tf.SymbolicTensor });
+    const means = readClassMeans(files.get(CLASS_MEANS_FILE) as Uint8Array, n.rows, n.features);
+    // Images of the labels, negatives, and two that are nothing the model knows: flat grey and noise.
+    const grey = new Uint8Array(
+      await sharp({ create: { width: 96, height: 96, channels: 3, background: "#808080" } })
+        .png()
+        .toBuffer(),
+    );
+    const noise = new Uint8Array(
+      await sharp(Buffer.from(Array.from({ length: 96 * 96 * 3 }, (_, i) => (i * 7919) % 251)), { raw: { width: 96, height: 96, channels: 3 } })
+        .png()
+        .toBuffer(),
+    );
+    const probes: SampleImage[] = [
+      ...images.filter((i) => i.label !== "travel").slice(0, 4),
+      ...images.filter((i) => i.label === "travel").slice(0, 2),
+      { ...(images[0] as SampleImage), file: "grey.png", bytes: grey },
+      { ...(images[0] as SampleImage), file: "noise.png", bytes: noise },
+    ];
+    const similarities: number[] = [];
+    for (const img of probes) {
+      const [split, whole] = [await classify(img), await classify(img, "", "pets-whole")];
+      const input = preprocess(await decodeImage(img.bytes), 96, metadata.preprocessing);
+      const features = tf.tidy(() => (probe.predict(tf.tensor4d(input, [1, 96, 96, 3])) as tf.Tensor).dataSync() as Float32Array);
+      expect(split.similarity).toBeCloseTo(similarity(features, means), 3);
+      expect(whole.similarity).toBeCloseTo(split.similarity as number, 3);
+      expect(split.similarityFloor).toBeCloseTo(n.floor, 4);
+      if ((split.similarity as number) < n.floor) expect(split).toMatchObject({ none: true, label: null, unsure: false, threshold: null });
+      if (split.label !== null) expect(split.similarity).toBeGreaterThanOrEqual(n.floor);
+      similarities.push(split.similarity as number);
+    }
+    model.dispose();
+    // The rule is shown at work, not only consistent: grey and noise fall below the floor, the labels' own images above it.
+    expect(similarities.slice(0, 4).every((v) => v >= n.floor)).toBe(true);
+    expect(similarities.slice(-2).every((v) => v < n.floor)).toBe(true);
   });
 
   it("capture with no number set stores what the version answers unsure (not what ?threshold= says); a set number keeps its meaning", async () => {

@@ -75,6 +75,11 @@ export const trainOptionsSchema = z.object({
     .string()
     .default("f1")
     .refine((s) => s === "f1" || /^precision:(0(\.\d+)?|1(\.0+)?)$/.test(s), "must be f1 or precision:<target in (0, 1]>, e.g. precision:0.95"),
+  /**
+   * Share of the labels' held-out images the novelty rule may answer "none of these" (shared/novelty.ts):
+   * its floor is the similarity below which that share of them falls. 0 turns the rule off.
+   */
+  noveltyReject: z.number().min(0).max(0.5).default(0.05),
   /** The dataset's rejection class (the manifest's `noneLabel`): answered as "none of these". */
   noneLabel: z.string().min(1).optional(),
   /** Train even if this exact version exists. */

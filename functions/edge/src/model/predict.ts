@@ -1,4 +1,6 @@
 import * as tfl from "@tensorflow/tfjs-layers";
+import type { Prediction } from "#shared/answer.ts";
+import { similarity } from "#shared/novelty.ts";
 import { tf } from "../tf.ts";
 import type { LoadedBase } from "./bases.ts";
 
@@ -11,15 +13,19 @@ export interface Runnable {
   /** Set for a head: its base, and the layers whose pooled outputs it takes, in order. */
   base?: LoadedBase;
   layers?: readonly string[];
+  /** Set for a version with a novelty floor: the labels' directions, and for a whole model the view giving [features, scores]. */
+  classMeans?: Float32Array;
+  probe?: tfl.LayersModel;
 }
 
 /**
- * Scores of every model for one image `x` (preprocessed for all of them). Heads on the same base share
- * one pass of it: the base computes the union of the layers they pool, once, and each head reads the
- * pooled vectors it needs. Features are computed as training's split export checks them
+ * Scores of every model for one image `x` (preprocessed for all of them), and the similarity of its
+ * features to the labels' where the version has a novelty floor (shared/novelty.ts). Heads on the same
+ * base share one pass of it: the base computes the union of the layers they pool, once, and each head
+ * reads the pooled vectors it needs. Features are computed as training's split export checks them
  * (jobs/train/src/model/split.ts): each layer averaged over space, concatenated in the head's order.
  */
-export function predictAll(models: readonly Runnable[], x: tf.Tensor4D): Float32Array[] {
+export function predictAll(models: readonly Runnable[], x: tf.Tensor4D): Prediction[] {
   const outputs = tf.tidy(() => {
     const pooledByBase = new Map<LoadedBase, Map<string, tf.Tensor2D>>();
     for (const m of models) {
@@ -29,18 +35,25 @@ export function predictAll(models: readonly Runnable[], x: tf.Tensor4D): Float32
       const maps = Array.isArray(out) ? out : [out];
       pooledByBase.set(m.base, new Map(wanted.map((l, i) => [l, tf.mean(maps[i] as tf.Tensor, [1, 2]) as tf.Tensor2D])));
     }
-    return models.map((m) => {
-      if (!m.base) return m.model.predict(x) as tf.Tensor;
+    return models.map((m): { scores: tf.Tensor; features?: tf.Tensor } => {
+      if (!m.base) {
+        if (!m.probe) return { scores: m.model.predict(x) as tf.Tensor };
+        const [features, scores] = m.probe.predict(x) as tf.Tensor[];
+        return { scores: scores as tf.Tensor, features: features as tf.Tensor };
+      }
       const pooled = pooledByBase.get(m.base) as Map<string, tf.Tensor2D>;
       const parts = (m.layers ?? []).map((l) => pooled.get(l) as tf.Tensor2D);
-      return m.model.predict(parts.length === 1 ? (parts[0] as tf.Tensor2D) : tf.concat2d(parts, 1)) as tf.Tensor;
+      const features = parts.length === 1 ? (parts[0] as tf.Tensor2D) : tf.concat2d(parts, 1);
+      return { scores: m.model.predict(features) as tf.Tensor, ...(m.classMeans ? { features } : {}) };
     });
   });
   // The tensors tf.tidy returns are kept alive by design: read them, then dispose them.
-  return outputs.map((t) => {
-    const scores = t.dataSync() as Float32Array;
-    t.dispose();
-    return scores;
+  return outputs.map((o, i) => {
+    const scores = o.scores.dataSync() as Float32Array;
+    const features = o.features?.dataSync() as Float32Array | undefined;
+    tf.dispose([o.scores, ...(o.features ? [o.features] : [])]);
+    const means = models[i]?.classMeans;
+    return { scores, ...(features && means ? { similarity: similarity(features, means) } : {}) };
   });
 }
 

@@ -5,6 +5,7 @@ import type { ArtifactMetadata, ModelPointer, Served } from "#shared/contracts/a
 import { ARTIFACT_FILES, pointerSchema, SPLIT_FILES, sameServed, servedFiles } from "#shared/contracts/artifact.ts";
 import { parseContractJson } from "#shared/contracts/parse.ts";
 import { keys } from "#shared/keys.ts";
+import { CLASS_MEANS_FILE, POOL_LAYER, readClassMeans } from "#shared/novelty.ts";
 import { tf } from "../tf.ts";
 import { BASE_PROBLEM, BaseUnavailableError, type LoadedBase, SharedBaseError, SharedBases, weightBytes } from "./bases.ts";
 import { type ModelSource, StoreAccessDeniedError } from "./source.ts";
@@ -33,6 +34,9 @@ export interface LoadedModel {
   /** Split versions: the shared base the head runs on, and the layers whose pooled outputs it takes. */
   base?: LoadedBase;
   layers?: readonly string[];
+  /** Versions with a novelty floor: the labels' mean directions (shared/novelty.ts) and, for a whole model, a view giving its pooled features too. */
+  classMeans?: Float32Array;
+  probe?: tfl.LayersModel;
   /** Bytes of this model's own weights in tfjs memory (a head's, without its base). */
   bytes: number;
   lastUsed: number;
@@ -162,7 +166,7 @@ export class ModelRegistry {
 
   /** Frees a model's weights, and lets go of its base (freed with its last holder). */
   private dispose(model: LoadedModel): void {
-    model.model.dispose();
+    model.model.dispose(); // a probe is a view on the same weights: nothing of its own to free
     if (model.base) this.bases.release(model.base);
   }
 
@@ -332,7 +336,7 @@ export class ModelRegistry {
       if (base && base.featureLayer !== metadata.base.featureLayer)
         throw new Error(`model ${name} ${version} pools ${metadata.base.featureLayer}, but its shared base is cut at ${base.featureLayer}`);
       const t1 = performance.now();
-      const model = await tfl.loadLayersModel(tf.io.fromMemory(read.value));
+      const model = await tfl.loadLayersModel(tf.io.fromMemory(read.value.artifacts));
       const t2 = performance.now();
       const layers = base ? [...(metadata.base.pooledLayers ?? []), base.featureLayer] : undefined;
       let outputs: number;
@@ -355,6 +359,13 @@ export class ModelRegistry {
         model.dispose();
         throw new Error(`model ${name} ${version} has ${outputs} outputs but ${metadata.labels.length} labels`);
       }
+      let novelty: Pick<LoadedModel, "classMeans" | "probe"> = {};
+      try {
+        novelty = noveltyOf(metadata, model, read.value.classMeans, base ? split?.features : undefined);
+      } catch (e) {
+        model.dispose();
+        throw new Error(`model ${name} ${version}'s novelty rule cannot be used: ${e instanceof Error ? e.message : e}`);
+      }
       const t3 = performance.now();
       return {
         name,
@@ -363,6 +374,7 @@ export class ModelRegistry {
         model,
         base,
         layers,
+        ...novelty,
         bytes: weightBytes(model),
         lastUsed: this.now(),
         loadedAt: Date.now(),
@@ -389,13 +401,16 @@ export class ModelRegistry {
     served: Served,
     cache: VerifiedBytesCache | undefined,
     beside: boolean,
-  ): Promise<tf.io.ModelArtifacts> {
+  ): Promise<{ artifacts: tf.io.ModelArtifacts; classMeans?: Uint8Array }> {
     const path = served.form === "split" ? SPLIT_FILES.head : ARTIFACT_FILES.model;
     const listing = new Map(served.files.map((f) => [f.path, f]));
     const modelFile = listing.get(path);
     if (!modelFile) throw new Error(`${version} lists no ${path}`);
     const read = (f: Served["files"][number]) => readListedFile(this.source, name, version, f, cache);
     const early = new Map(beside ? served.files.filter((f) => f !== modelFile).map((f) => [f.path, read(f)] as const) : []);
+    // The novelty rule's file is not named by the model file: it is read at once, beside it.
+    const means = listing.get(CLASS_MEANS_FILE);
+    if (means && !early.has(CLASS_MEANS_FILE)) early.set(CLASS_MEANS_FILE, read(means));
     for (const p of early.values()) p.catch(() => {}); // each awaited below if the model file names it
     const json = JSON.parse(new TextDecoder().decode(await read(modelFile))) as {
       modelTopology: object;
@@ -405,7 +420,11 @@ export class ModelRegistry {
     const missing = paths.filter((p) => p === path || !listing.has(p));
     if (missing.length > 0) throw new Error(`${path} names weight files ${missing.join(", ")} that ${version} does not list`);
     const shards = await Promise.all(paths.map((p) => early.get(p) ?? read(listing.get(p) as Served["files"][number])));
-    return { modelTopology: json.modelTopology, weightSpecs: json.weightsManifest.flatMap((g) => g.weights), weightData: concatBytes(shards).buffer };
+    const classMeans = await early.get(CLASS_MEANS_FILE);
+    return {
+      artifacts: { modelTopology: json.modelTopology, weightSpecs: json.weightsManifest.flatMap((g) => g.weights), weightData: concatBytes(shards).buffer },
+      ...(classMeans ? { classMeans } : {}),
+    };
   }
 
   /**
@@ -427,6 +446,30 @@ export class ModelRegistry {
       if (model.users === 0) this.dispose(model);
     }
   }
+}
+
+/**
+ * What the novelty rule needs of a loaded version (none for a version without one): its directions,
+ * checked against the metadata and the features the model gives (a split head's input width, else the
+ * whole model's pooling layer, through a view that outputs it beside the scores).
+ */
+function noveltyOf(
+  metadata: ArtifactMetadata,
+  model: tfl.LayersModel,
+  bytes: Uint8Array | undefined,
+  headWidth: number | undefined,
+): Pick<LoadedModel, "classMeans" | "probe"> {
+  const n = metadata.novelty;
+  if (!n) return {};
+  if (!bytes) throw new Error(`it lists no ${CLASS_MEANS_FILE}`);
+  const classMeans = readClassMeans(bytes, n.rows, n.features);
+  if (headWidth !== undefined) {
+    if (headWidth !== n.features) throw new Error(`its head takes ${headWidth} features, its directions have ${n.features}`);
+    return { classMeans };
+  }
+  const pool = model.getLayer(POOL_LAYER).output as tfl.SymbolicTensor;
+  if (pool.shape.at(-1) !== n.features) throw new Error(`its pooled features are ${pool.shape.at(-1)} wide, its directions ${n.features}`);
+  return { classMeans, probe: tfl.model({ inputs: model.inputs, outputs: [pool, model.outputs[0] as tfl.SymbolicTensor] }) };
 }
 
 /** Length of the feature vector `layers` of the base give: their channels, each pooled over space. */

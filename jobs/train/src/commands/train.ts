@@ -70,6 +70,11 @@ export function addTrainCommands(program: Command): void {
       "--threshold-policy <policy>",
       "per-label score thresholds below which an answer is unsure: f1 (each label's best F1 on held-out images) or precision:<target>, e.g. precision:0.95 (default f1)",
     )
+    .option(
+      "--novelty-reject <share>",
+      `share of the labels' held-out images the novelty rule may answer "none of these" (its features unlike every label's training images); 0 turns it off (default ${DEFAULT_OPTIONS.noveltyReject})`,
+      num("novelty-reject"),
+    )
     .option("--force", "train even if this dataset + config was already trained")
     .option("--take-over", "train into a model another dataset created: it then belongs to this dataset (its labels may change too)")
     .option("--relabel", "change the label set of this dataset's model (its clients get the new labels)")
@@ -91,6 +96,7 @@ export function addTrainCommands(program: Command): void {
         minHeldOutPerLabel: o.minHeldOutPerLabel as number | undefined,
         promote: o.promote as TrainInput["promote"],
         thresholdPolicy: o.thresholdPolicy as string | undefined,
+        noveltyReject: o.noveltyReject as number | undefined,
         force: o.force === true ? true : undefined,
         takeOver: o.takeOver === true ? true : undefined,
         relabel: o.relabel === true ? true : undefined,

@@ -8,7 +8,8 @@ import { type CurrentModel, currentHeadWeights, isComparable } from "../release/
 import type { RunContext } from "../run.ts";
 import { s3Checkpointer } from "./checkpoint.ts";
 import { buildTop } from "./finetune.ts";
-import { applyLayers, type EpochLog, headLayers, predictRows, trainModel } from "./head.ts";
+import { applyLayers, type EpochLog, headLayers, LAYER_NAMES, predictRows, trainModel } from "./head.ts";
+import { fitNovelty, type NoveltyFit } from "./novelty.ts";
 import { memoryRows, packRows, type RowSource } from "./rows.ts";
 import { foldStandardization, identityStandardizer, standardizedLayerName, standardizedRows, standardizerOf, unfoldStandardization } from "./standardize.ts";
 
@@ -25,6 +26,8 @@ export interface Fitted {
   /** Class probabilities of every held-out image (`pooled.val`, in order) and their true classes. */
   valProbs: Float32Array[];
   yVal: Int32Array;
+  /** The labels' mean directions in the served features and the held-out images' similarity to them (`pooled.val` order). */
+  novelty: NoveltyFit;
 }
 
 export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: tf.LayersModel, pooled: PooledFeatures, current: CurrentModel): Promise<Fitted> {
@@ -41,6 +44,8 @@ export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: t
     );
   };
   const hasVal = pooled.val.length > 0;
+  // Every label but the rejection class gets a mean direction (shared/novelty.ts).
+  const real = dataset.labels.map((_, i) => i).filter((i) => dataset.labels[i] !== options.noneLabel);
   // A head alone learns on standardised features; the scaling is folded into it afterwards
   // (standardize.ts). Fine-tuning keeps raw features (one layer): the head it goes on training there,
   // with its dropout and L2 penalty, keeps meaning what it meant when it was fitted.
@@ -76,7 +81,10 @@ export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: t
   );
   const headValProbs = options.strategy !== "finetune" ? await predictRows(headModel, valData) : [];
   foldStandardization(head, scaler); // from here on the head takes raw pooled features
-  if (options.strategy !== "finetune") return { head, history, valProbs: headValProbs, yVal: valData.y };
+  if (options.strategy !== "finetune") {
+    const novelty = await ctx.stage("class means", () => fitNovelty(rowsOf(pooled.features, pooled.train, 1), rowsOf(pooled.features, pooled.val, 1), real));
+    return { head, history, valProbs: headValProbs, yVal: valData.y, novelty };
+  }
 
   const from = options.fineTune.from ?? base.fineTuneFrom;
   if (!from) throw new EdgetuneError("invalid_option", `Base ${base.id} names no fine-tuning cut; pass --fine-tune-from <layer>.`);
@@ -94,10 +102,11 @@ export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: t
     (f) => ({ ...f.stats, shape: f.shape.join("×") }),
   );
   const classOf = (images: readonly DatasetImage[]) => new Map(images.map((i) => [i.id, labelIndex.get(i.label) as number]));
-  const [mapsTrain, mapsVal] = packRows(ctx.store, maps.packs, maps.shape, [
+  const [mapsTrain, mapsVal, mapsServed] = packRows(ctx.store, maps.packs, maps.shape, [
     { classOf: classOf(pooled.train), views: options.views },
     { classOf: classOf(pooled.val), views: 1 },
-  ]) as [RowSource, RowSource];
+    { classOf: classOf(pooled.train), views: 1 },
+  ]) as [RowSource, RowSource, RowSource];
   const top = buildTop(baseModel, from, base.featureLayer, head);
   history.fineTune = await ctx.stage("fine-tune", () =>
     trainModel(
@@ -112,11 +121,16 @@ export async function fitClassifier(ctx: RunContext, plan: RunPlan, baseModel: t
   );
   // Held-out rows come in pack order; the evaluation wants them in the order of pooled.val.
   const probs = await predictRows(top, mapsVal);
-  const byId = new Map((mapsVal.ids ?? []).map((id, row) => [id, probs[row] as Float32Array]));
-  const valProbs = pooled.val.map((img) => {
-    const p = byId.get(img.id);
-    if (!p) throw new EdgetuneError("cache_incomplete", `The cached bottom map of ${img.key} is missing; run the training again.`);
-    return p;
+  // The tuned top changed the features: the mean directions come from it, up to its pooling.
+  const toFeatures = tf.model({ inputs: top.inputs, outputs: top.getLayer(`${LAYER_NAMES.pool}_top`).output as tf.SymbolicTensor });
+  const tuned = await ctx.stage("class means", () => fitNovelty(mapsServed, mapsVal, real, toFeatures));
+  const rowOf = new Map((mapsVal.ids ?? []).map((id, row) => [id, row]));
+  const inValOrder = pooled.val.map((img) => {
+    const row = rowOf.get(img.id);
+    if (row === undefined) throw new EdgetuneError("cache_incomplete", `The cached bottom map of ${img.key} is missing; run the training again.`);
+    return row;
   });
-  return { head, history, valProbs, yVal: valData.y };
+  const valProbs = inValOrder.map((row) => probs[row] as Float32Array);
+  const novelty = { ...tuned, valSimilarity: Float32Array.from(inValOrder, (row) => tuned.valSimilarity[row] as number) };
+  return { head, history, valProbs, yVal: valData.y, novelty };
 }

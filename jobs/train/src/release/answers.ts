@@ -1,4 +1,5 @@
 import { DatasetError } from "#shared/errors.ts";
+import { similarityFloor } from "#shared/novelty.ts";
 import { CALIBRATION_FOLDS, type Calibration, calibrate, foldTemperature, withTemperature } from "../fit/calibrate.ts";
 import type { Fitted } from "../fit/fit.ts";
 import type { RunPlan } from "../plan.ts";
@@ -9,7 +10,8 @@ import { type AnsweredMetrics, answeredMetrics, type LabelThreshold, labelThresh
  * The stage between fitting and evaluating: what an answer of this version means. The scores are
  * calibrated (a temperature, folded into the head, so the exported model gives calibrated scores),
  * each label gets a threshold below which the answer is "unsure", and the dataset's rejection class,
- * if it has one, is named. All of it fitted on the held-out split and measured there cross-fitted.
+ * if it has one, is named; below a floor of similarity to the labels' training images (shared/novelty.ts)
+ * an image is none of these too. All of it fitted on the held-out split and measured there cross-fitted.
  */
 export interface Answers {
   calibration: Calibration;
@@ -18,6 +20,8 @@ export interface Answers {
   answered: AnsweredMetrics;
   /** The label answered as "none of these", and its output index. */
   none?: { label: string; index: number };
+  /** The novelty rule (shared/novelty.ts): its floor and the share of the labels' held-out images below it. Absent: turned off. */
+  novelty?: { floor: number; heldOutRejected: number; means: Float32Array; features: number };
 }
 
 /** The rejection class's output index; checked right after planning, before any features are computed. */
@@ -49,7 +53,30 @@ export async function answerRules(ctx: RunContext, plan: RunPlan, fitted: Fitted
       // effect is measured cross-fitted on the out-of-fold scores.
       const shipped = fitted.valProbs.map((p) => withTemperature(p, calibration.temperature));
       const thresholds = labelThresholds(labels, shipped, truth, policy, noneIndex);
-      const answered = answeredMetrics(labels, calibration.probs, truth, policy, noneIndex, seed, CALIBRATION_FOLDS);
+      // The novelty floor: the similarity below which `noveltyReject` of the labels' held-out images fall.
+      const reject = plan.options.noveltyReject;
+      const similarities = fitted.novelty.valSimilarity;
+      const ofLabels = Array.from(similarities).filter((_, i) => truth[i] !== noneIndex);
+      const floor = reject > 0 ? similarityFloor(ofLabels, reject) : undefined;
+      const novelty =
+        floor === undefined
+          ? undefined
+          : {
+              floor,
+              heldOutRejected: ofLabels.filter((v) => v < floor).length / Math.max(1, ofLabels.length),
+              means: fitted.novelty.means,
+              features: fitted.novelty.features,
+            };
+      const answered = answeredMetrics(
+        labels,
+        calibration.probs,
+        truth,
+        policy,
+        noneIndex,
+        seed,
+        CALIBRATION_FOLDS,
+        novelty ? { similarity: similarities, reject } : undefined,
+      );
       for (const [label, t] of Object.entries(thresholds))
         if (!t.reached) ctx.log.warn(`label ${label} does not reach the precision target on the held-out images; its threshold is that of its best precision`);
       return {
@@ -58,6 +85,7 @@ export async function answerRules(ctx: RunContext, plan: RunPlan, fitted: Fitted
         thresholds,
         answered,
         ...(noneLabel !== undefined && noneIndex !== undefined ? { none: { label: noneLabel, index: noneIndex } } : {}),
+        ...(novelty ? { novelty } : {}),
       };
     },
     (a) => ({

@@ -1,8 +1,10 @@
 import * as tf from "@tensorflow/tfjs";
 import { decide } from "#shared/answer.ts";
+import { similarity } from "#shared/novelty.ts";
 import { preprocess } from "#shared/preprocess.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import type { Fitted } from "../fit/fit.ts";
+import { LAYER_NAMES } from "../fit/head.ts";
 import type { Exported } from "../model/export.ts";
 import { loadModel, WEIGHTS_FILE } from "../model/io.ts";
 import type { RunPlan } from "../plan.ts";
@@ -13,7 +15,8 @@ import type { Answers } from "./answers.ts";
  * Out-of-distribution evaluation (the manifest's `oodFolder`): images that are none of the labels,
  * never trained on, scored end to end by the exported model (decode, preprocess, the model the edge
  * loads) and answered with the version's rules. The report gives the share given no label (unsure or
- * none of these) and the AUROC of the rejection score (1 − the best real label's score) against the
+ * none of these, by the rejection class or the novelty rule) and the AUROC of the rejection score (1 − the
+ * best real label's score; and of the novelty rule's, 1 − the similarity) against the
  * held-out images of the labels (their cross-fitted calibrated scores, as the rest of the report).
  * Only the operator knows what "out of distribution" means for a model, so only their folder can say
  * it: a run without one reports nothing here (bench/calibration.ts measures the reference datasets).
@@ -29,6 +32,8 @@ export interface OodEvaluation {
   rejected: number;
   /** Chance that an out-of-distribution image has a higher rejection score than a held-out image of a label (ties half). */
   auroc: number;
+  /** The same for the novelty rule's score (1 − similarity to the nearest label's training images); absent when the rule is off. */
+  similarityAuroc?: number;
   /** Held-out images of the labels on the other side of the AUROC. */
   heldOut: number;
 }
@@ -49,7 +54,14 @@ export async function evaluateOod(ctx: RunContext, plan: RunPlan, exported: Expo
       const thresholds = Object.fromEntries(Object.entries(answers.thresholds).map(([l, t]) => [l, t.threshold]));
       const size = plan.options.imageSize;
       const model = await loadModel(exported.files.modelJson, new Map([[WEIGHTS_FILE, exported.files.weights]]));
+      // The pooled features beside the scores, as the edge reads them for the novelty rule.
+      const probe = tf.model({
+        inputs: model.inputs,
+        outputs: [model.getLayer(LAYER_NAMES.pool).output as tf.SymbolicTensor, model.outputs[0] as tf.SymbolicTensor],
+      });
+      const novelty = answers.novelty;
       const scores: Float32Array[] = [];
+      const similarities: number[] = [];
       let undecodable = 0;
       try {
         for (let i = 0; i < images.length; i += BATCH) {
@@ -66,15 +78,25 @@ export async function evaluateOod(ctx: RunContext, plan: RunPlan, exported: Expo
           if (inputs.length === 0) continue;
           const flat = new Float32Array(inputs.length * size * size * 3);
           for (const [k, x] of inputs.entries()) flat.set(x, k * x.length);
-          const probs = tf.tidy(() => model.predict(tf.tensor4d(flat, [inputs.length, size, size, 3])) as tf.Tensor2D);
+          const [features, probs] = tf.tidy(() => probe.predict(tf.tensor4d(flat, [inputs.length, size, size, 3])) as tf.Tensor2D[]) as [
+            tf.Tensor2D,
+            tf.Tensor2D,
+          ];
           const data = (await probs.data()) as Float32Array;
-          probs.dispose();
-          for (let r = 0; r < inputs.length; r++) scores.push(data.slice(r * labels.length, (r + 1) * labels.length));
+          const f = (await features.data()) as Float32Array;
+          const dim = features.shape[1];
+          tf.dispose([features, probs]);
+          for (let r = 0; r < inputs.length; r++) {
+            scores.push(data.slice(r * labels.length, (r + 1) * labels.length));
+            if (novelty) similarities.push(similarity(f.subarray(r * dim, (r + 1) * dim), novelty.means));
+          }
         }
       } finally {
         model.dispose();
       }
-      const kinds = scores.map((p) => decide(p, labels, thresholds, noneIndex).kind);
+      const kinds = scores.map(
+        (p, i) => decide(p, labels, thresholds, noneIndex, novelty ? { similarity: similarities[i] as number, floor: novelty.floor } : undefined).kind,
+      );
       const share = (kind: string) => kinds.filter((k) => k === kind).length / Math.max(1, kinds.length);
       const rejection = (p: Float32Array) => 1 - Math.max(...Array.from(p).filter((_, c) => c !== noneIndex));
       const truth = Array.from(fitted.yVal);
@@ -87,10 +109,25 @@ export async function evaluateOod(ctx: RunContext, plan: RunPlan, exported: Expo
         none: share("none"),
         rejected: share("unsure") + share("none"),
         auroc: auroc(scores.map(rejection), heldOut.map(rejection)),
+        ...(novelty
+          ? {
+              similarityAuroc: auroc(
+                similarities.map((v) => -v),
+                Array.from(fitted.novelty.valSimilarity)
+                  .filter((_, i) => truth[i] !== noneIndex)
+                  .map((v) => -v),
+              ),
+            }
+          : {}),
         heldOut: heldOut.length,
       };
     },
-    (o) => ({ images: o.images, rejected: Number(o.rejected.toFixed(3)), auroc: Number(o.auroc.toFixed(3)) }),
+    (o) => ({
+      images: o.images,
+      rejected: Number(o.rejected.toFixed(3)),
+      auroc: Number(o.auroc.toFixed(3)),
+      ...(o.similarityAuroc === undefined ? {} : { similarityAuroc: Number(o.similarityAuroc.toFixed(3)) }),
+    }),
   );
 }
 

@@ -12,6 +12,7 @@ import {
   writeSharedBase,
 } from "#shared/artifacts.ts";
 import { type ArtifactMetadata, MAX_CONFUSION_LABELS, SPLIT_FILES, servedFiles } from "#shared/contracts/artifact.ts";
+import { CLASS_MEANS_FILE, classMeansBytes } from "#shared/novelty.ts";
 import type { ObjectStore } from "#shared/s3/store.ts";
 import type { Dataset } from "../dataset/read.ts";
 import type { PooledFeatures } from "../features/pooled.ts";
@@ -75,6 +76,7 @@ export async function publishVersion(ctx: RunContext, plan: RunPlan, outcome: Ru
         { path: "model.json", bytes: exported.files.modelJson },
         { path: WEIGHTS_FILE, bytes: exported.files.weights },
         ...(split?.files ?? []),
+        ...(outcome.answers.novelty ? [{ path: CLASS_MEANS_FILE, bytes: classMeansBytes(outcome.answers.novelty.means) }] : []),
         { path: "report.json", bytes: new TextEncoder().encode(JSON.stringify(report, null, 2)) },
         { path: "report.html", bytes: new TextEncoder().encode(renderReportHtml(report)) },
       ]),
@@ -195,6 +197,7 @@ async function buildReport(ctx: RunContext, plan: RunPlan, outcome: RunOutcome):
     calibration: { temperature: c.temperature, folds: c.folds, eceBefore: c.eceBefore, eceAfter: c.eceAfter, reliability: c.reliability },
     thresholds: { policy: answers.policy, byLabel: answers.thresholds, ...answers.answered },
     ...(answers.none ? { noneLabel: answers.none.label } : {}),
+    ...(answers.novelty ? { novelty: { floor: answers.novelty.floor, heldOutRejected: answers.novelty.heldOutRejected, reject: options.noveltyReject } } : {}),
     ...(outcome.ood ? { ood: outcome.ood } : {}),
   };
 }
@@ -254,7 +257,7 @@ function confusionOf(labels: readonly string[], confusion: number[][]): { confus
 }
 
 /** The version's answer rules as the edge reads them (shared/contracts/artifact.ts answerRules). */
-function answerMetadata(a: Answers): Pick<ArtifactMetadata, "calibration" | "thresholds" | "noneLabel"> {
+function answerMetadata(a: Answers): Pick<ArtifactMetadata, "calibration" | "thresholds" | "noneLabel" | "novelty"> {
   const { calibration: c, answered } = a;
   return {
     calibration: { method: "temperature", temperature: c.temperature, folds: c.folds, eceBefore: c.eceBefore, eceAfter: c.eceAfter },
@@ -266,6 +269,17 @@ function answerMetadata(a: Answers): Pick<ArtifactMetadata, "calibration" | "thr
       ...(answered.negativesRejected === undefined ? {} : { negativesRejected: answered.negativesRejected }),
     },
     ...(a.none ? { noneLabel: a.none.label } : {}),
+    ...(a.novelty
+      ? {
+          novelty: {
+            method: "cosine-class-mean",
+            rows: a.novelty.means.length / a.novelty.features,
+            features: a.novelty.features,
+            floor: a.novelty.floor,
+            heldOutRejected: a.novelty.heldOutRejected,
+          },
+        }
+      : {}),
   };
 }
 

@@ -41,6 +41,8 @@ export interface TrainingReport {
   /** Per-label thresholds and their cross-fitted effect (release/thresholds.ts). */
   thresholds?: { policy: string; byLabel: Record<string, LabelThreshold> } & AnsweredMetrics;
   noneLabel?: string;
+  /** The novelty rule (shared/novelty.ts): its similarity floor, the share of the labels' held-out images below it, the share asked for. */
+  novelty?: { floor: number; heldOutRejected: number; reject: number };
   /** The manifest's out-of-distribution folder, scored end to end (release/ood.ts); absent without one. */
   ood?: OodEvaluation;
 }
@@ -196,8 +198,14 @@ function answersHtml(r: TrainingReport): string {
     .join("");
   return `<h2>Calibration</h2><p>Scores divided in logit space by a temperature of <b>${c.temperature.toFixed(3)}</b> (folded into the model: its scores are the calibrated ones). Expected calibration error on the held-out images: <b>${pct(c.eceBefore)}</b> before, <b>${pct(c.eceAfter)}</b> after (after: each image scored with a temperature fitted on the other ${c.folds - 1} of ${c.folds} folds).</p>
 ${reliabilitySvg(c.reliability.before, "before")} ${reliabilitySvg(c.reliability.after, "after (out of fold)")}
-<h2>Answers: thresholds${r.noneLabel ? " and none of these" : ""}</h2><p>Policy <b>${esc(t.policy)}</b>: below its label's threshold an answer is <i>unsure</i>${r.noneLabel ? `; an answer of <b>${esc(r.noneLabel)}</b> is <i>none of these</i>` : ""}. On the held-out images of the labels (thresholds cross-fitted): <b>${pct(t.answered)}</b> answered with a label, ${pct(t.answeredAccuracy)} of them right (top-1 over all: ${pct(r.metrics.accuracy)}); ${pct(t.unsure)} unsure${r.noneLabel ? `, ${pct(t.none)} wrongly none of these; of the none-of-these folder's held-out images, ${pct(t.negativesRejected ?? 0)} given no label` : ""}.</p>
+<h2>Answers: thresholds${r.noneLabel || r.novelty ? " and none of these" : ""}</h2><p>Policy <b>${esc(t.policy)}</b>: below its label's threshold an answer is <i>unsure</i>${r.noneLabel ? `; an answer of <b>${esc(r.noneLabel)}</b> is <i>none of these</i>` : ""}${noveltyHtml(r.novelty)}. On the held-out images of the labels (thresholds${r.novelty ? " and similarity floor" : ""} cross-fitted): <b>${pct(t.answered)}</b> answered with a label, ${pct(t.answeredAccuracy)} of them right (top-1 over all: ${pct(r.metrics.accuracy)}); ${pct(t.unsure)} unsure${r.noneLabel || r.novelty ? `, ${pct(t.none)} wrongly none of these` : ""}${r.noneLabel ? `; of the none-of-these folder's held-out images, ${pct(t.negativesRejected ?? 0)} given no label` : ""}.</p>
 <table><tr><th>label</th><th>threshold</th><th>precision</th><th>recall</th><th></th></tr>${rows}</table>${oodHtml(r.ood)}`;
+}
+
+/** The novelty rule's sentence: what it is and where its floor sits. */
+function noveltyHtml(n: TrainingReport["novelty"]): string {
+  if (!n) return "";
+  return `; an image whose features are less like every label's training images than a cosine similarity of <b>${n.floor.toFixed(3)}</b> is <i>none of these</i> (the floor below which ${pct(n.reject)} of the labels' held-out images fall; measured: ${pct(n.heldOutRejected)})`;
 }
 
 /** The out-of-distribution folder's result, or where to get one. */
@@ -205,5 +213,5 @@ function oodHtml(o: OodEvaluation | undefined): string {
   if (!o)
     return '<h2>Out of distribution</h2><p>Not measured: the dataset has no out-of-distribution folder (images that are none of the labels, never trained on; name it in the manifest as <code>"oodFolder"</code>).</p>';
   const undecodable = o.undecodable > 0 ? ` (${o.undecodable} could not be decoded)` : "";
-  return `<h2>Out of distribution</h2><p>The <b>${esc(o.folder)}</b> folder's ${o.images} images${undecodable}, scored by the exported model and never trained on: <b>${pct(o.rejected)}</b> given no label (${pct(o.unsure)} unsure, ${pct(o.none)} none of these). AUROC of the rejection score (1 − the best label's score) against the ${o.heldOut} held-out images of the labels: <b>${Number.isFinite(o.auroc) ? o.auroc.toFixed(3) : "–"}</b> (1: every one of these images scores above every held-out image; 0.5: no better than chance).</p>`;
+  return `<h2>Out of distribution</h2><p>The <b>${esc(o.folder)}</b> folder's ${o.images} images${undecodable}, scored by the exported model and never trained on: <b>${pct(o.rejected)}</b> given no label (${pct(o.unsure)} unsure, ${pct(o.none)} none of these). AUROC of the rejection score (1 − the best label's score) against the ${o.heldOut} held-out images of the labels: <b>${Number.isFinite(o.auroc) ? o.auroc.toFixed(3) : "–"}</b> (1: every one of these images scores above every held-out image; 0.5: no better than chance)${o.similarityAuroc === undefined ? "" : `; of the novelty rule's score (1 − the similarity to the nearest label's training images): <b>${Number.isFinite(o.similarityAuroc) ? o.similarityAuroc.toFixed(3) : "–"}</b>`}.</p>`;
 }

@@ -1,5 +1,6 @@
 import { decide } from "#shared/answer.ts";
 import { InvalidOptionError } from "#shared/errors.ts";
+import { similarityFloor } from "#shared/novelty.ts";
 import { crossFitted, stratifiedFolds } from "../fit/folds.ts";
 import { argmax } from "./evaluate.ts";
 
@@ -106,13 +107,29 @@ export function answeredMetrics(
   noneIndex: number | undefined,
   seed: number,
   k: number,
+  novelty?: { similarity: ArrayLike<number>; reject: number },
 ): AnsweredMetrics {
   const split = stratifiedFolds(truth, k, seed);
+  // The novelty floor is fitted like the thresholds: on the other folds' images of the labels.
+  const floorOf = (rows: readonly number[]) =>
+    novelty
+      ? similarityFloor(
+          rows.filter((i) => truth[i] !== noneIndex).map((i) => novelty.similarity[i] as number),
+          novelty.reject,
+        )
+      : undefined;
   const decisions = crossFitted(
     probs.length,
     split,
-    (rows) => thresholdValues(labelThresholds(labels, probs, truth, policy, noneIndex, rows)),
-    (t, i) => decide(probs[i] as Float32Array, labels, t, noneIndex),
+    (rows) => ({ thresholds: thresholdValues(labelThresholds(labels, probs, truth, policy, noneIndex, rows)), floor: floorOf(rows) }),
+    (t, i) =>
+      decide(
+        probs[i] as Float32Array,
+        labels,
+        t.thresholds,
+        noneIndex,
+        novelty && t.floor !== undefined ? { similarity: novelty.similarity[i] as number, floor: t.floor } : undefined,
+      ),
   );
   let answered = 0;
   let right = 0;
