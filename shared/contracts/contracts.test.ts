@@ -50,6 +50,16 @@ describe("artifact metadata", () => {
     expect(fieldOf(() => parseContract(artifactMetadataSchema, traversal, "metadata"))).toBe("files.1.path");
   });
 
+  it("a novelty floor needs its class-means file and one row per label but the rejection class", () => {
+    const novelty = { method: "cosine-class-mean", rows: 2, features: 8, floor: 0.4, heldOutRejected: 0.05 } as const;
+    const withFile = { ...validMetadata(), novelty, files: [...validMetadata().files, { path: "class-means.bin", sha256: sha, bytes: 64 }] };
+    expect(parseContract(artifactMetadataSchema, withFile, "metadata").novelty).toEqual(novelty);
+    expect(fieldOf(() => parseContract(artifactMetadataSchema, { ...withFile, files: validMetadata().files }, "metadata"))).toBe("files");
+    const withNone = { ...withFile, labels: ["_none", "cat", "dog"], noneLabel: "_none" };
+    expect(parseContract(artifactMetadataSchema, withNone, "metadata").novelty?.rows).toBe(2);
+    expect(fieldOf(() => parseContract(artifactMetadataSchema, { ...withNone, novelty: { ...novelty, rows: 3 } }, "metadata"))).toBe("novelty.rows");
+  });
+
   it("says which field in its message", () => {
     expect(() => parseContract(artifactMetadataSchema, { ...validMetadata(), input: { size: 100, channels: 3 } }, "model metadata")).toThrow(
       /model metadata: field "input.size"/,

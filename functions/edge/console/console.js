@@ -422,7 +422,9 @@ function answersSummary(r) {
     { id: "answers-summary" },
     `Scores calibrated (temperature ${c.temperature.toFixed(2)}): calibration error ${pct(c.eceBefore)} before, ${pct(c.eceAfter)} after. ` +
       `Thresholds (${t.policy}): ${pct(t.answered)} of held-out images answered with a label, ${pct(t.answeredAccuracy)} of those right; ${pct(t.unsure)} unsure` +
-      (r.noneLabel ? `, ${pct(t.none)} none of these (class ${r.noneLabel}).` : "."),
+      (r.noneLabel || r.novelty ? `, ${pct(t.none)} none of these` : "") +
+      (r.noneLabel ? ` (class ${r.noneLabel})` : "") +
+      (r.novelty ? `. None of these also below a similarity of ${r.novelty.floor.toFixed(3)} to every label's training images.` : "."),
   );
 }
 
@@ -432,7 +434,9 @@ function answerLine(body) {
     return el(
       "p",
       { class: "answer", id: "classify-answer" },
-      "None of these: the image is none of the labels (the model's none-of-these class scored highest).",
+      body.similarity !== undefined && body.similarity < body.similarityFloor
+        ? `None of these: the image is unlike every label's training images (similarity ${body.similarity.toFixed(3)}, below ${body.similarityFloor.toFixed(3)}).`
+        : "None of these: the image is none of the labels (the model's none-of-these class scored highest).",
     );
   const top = body.predictions[0];
   if (body.unsure && top)

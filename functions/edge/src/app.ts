@@ -217,6 +217,7 @@ app.openapi(modelRoute, async (c) => {
         ...(m.calibration ? { calibration: m.calibration } : {}),
         ...(m.thresholds ? { thresholds: m.thresholds } : {}),
         ...(m.noneLabel ? { noneLabel: m.noneLabel } : {}),
+        ...(m.novelty ? { novelty: m.novelty } : {}),
         trainedAt: m.createdAt,
         promotedAt: model.pointer.promotedAt,
         // How this isolate loaded it (cold-start breakdown).

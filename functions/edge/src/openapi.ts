@@ -47,6 +47,7 @@ const modelDetailSchema = z.object({
   calibration: metadata.calibration,
   thresholds: metadata.thresholds,
   noneLabel: metadata.noneLabel,
+  novelty: metadata.novelty,
   trainedAt: metadata.createdAt,
   promotedAt: z.iso.datetime(),
   load: z
@@ -90,8 +91,17 @@ export const classifyRoute = createRoute({
             version: z.string(),
             label: z.string().nullable().describe("The answer: the top label when its score clears its threshold; null when unsure or none of these"),
             unsure: z.boolean().describe("No label cleared its threshold (the version's per-label thresholds, or ?threshold=)"),
-            none: z.boolean().describe("The model's none-of-these class scored highest: the image is none of the labels"),
+            none: z
+              .boolean()
+              .describe(
+                "The image is none of the labels: the model's none-of-these class scored highest, or its features are less similar to every label's training images than the version's floor",
+              ),
             threshold: z.number().nullable().describe("The threshold the top label was held to (null: none of these)"),
+            similarity: z
+              .number()
+              .optional()
+              .describe("Cosine similarity of the image's features to the nearest label's training images (versions with a novelty floor)"),
+            similarityFloor: z.number().optional().describe("Below this similarity the answer is none of these (the version's, fitted at training)"),
             predictions: z.array(predictionSchema).describe("Calibrated scores, best first; the none-of-these class is not listed"),
             timings: z.object({ decodeMs: z.number(), preprocessMs: z.number(), inferenceMs: z.number(), totalMs: z.number() }),
           }),
