@@ -16,6 +16,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { readPointer } from "#shared/artifacts.ts";
 import { ARTIFACT_FILES } from "#shared/contracts/artifact.ts";
 import { sha256Hex } from "#shared/hash.ts";
+import { CLASS_MEANS_FILE, POOL_LAYER, readClassMeans, similarity } from "#shared/novelty.ts";
 import { type Pixels, preprocess } from "#shared/preprocess.ts";
 import { startEdgeWorker } from "../../../../infra/local/edge-worker.ts";
 import { jobEnvironment } from "../../../../infra/local/job-env.ts";
@@ -29,6 +30,7 @@ import { loadModel, modelToFiles, WEIGHTS_FILE } from "../model/io.ts";
 import { train } from "../train.ts";
 import { ExportUnsupportedError, exportModel, onnxOf, readVersion, type VersionFiles } from "./export.ts";
 import { modelInput } from "./input.ts";
+import { ONNX_INPUT, ONNX_SIMILARITY } from "./onnx.ts";
 import { checkParity, type ExportedClassifier, ortClassifier, type ParityImage } from "./parity.ts";
 
 /**
@@ -125,6 +127,31 @@ describe("edgetune export --format onnx", () => {
     );
     console.info(`parity (onnxruntime-node vs tfjs) on ${parity.images} images: max |Δp| ${parity.maxDelta.toExponential(2)}`);
     expect(parity).toMatchObject({ ok: true, top1Differs: [], images: images.length });
+    await session.release();
+    model.dispose();
+  });
+
+  it("a version with a novelty floor exports its similarity as a second output: the edge's number within 1e-3, the floor in metadata_props", async () => {
+    const n = version.metadata.novelty;
+    if (!n) throw new Error("the trained version has no novelty floor");
+    const props = Object.fromEntries(onnxProto.onnx.ModelProto.decode(onnxBytes).metadataProps.map((p) => [p.key, p.value]));
+    expect(JSON.parse(props.novelty as string)).toMatchObject({ output: ONNX_SIMILARITY, floor: n.floor });
+    const model = await served();
+    const probe = tf.model({ inputs: model.inputs, outputs: model.getLayer(POOL_LAYER).output as tf.SymbolicTensor });
+    const means = readClassMeans(version.files.get(CLASS_MEANS_FILE) as Uint8Array, n.rows, n.features);
+    const session = await nodeSession();
+    let maxDelta = 0;
+    for (const image of images) {
+      const x = preprocess(image.pixels, size(), version.metadata.preprocessing);
+      const features = tf.tidy(() => (probe.predict(tf.tensor4d(x, [1, size(), size(), 3])) as tf.Tensor).dataSync() as Float32Array);
+      const input = modelInput(image.pixels, size(), version.metadata.preprocessing);
+      const out = await session.run({ [ONNX_INPUT]: new ortNode.Tensor("uint8", input, [1, size(), size(), 3]) });
+      const got = (out[ONNX_SIMILARITY] as { data: Float32Array }).data;
+      expect(got).toHaveLength(1);
+      maxDelta = Math.max(maxDelta, Math.abs((got[0] as number) - similarity(features, means)));
+    }
+    console.info(`similarity (onnxruntime-node vs the edge's computation) on ${images.length} images: max |Δ| ${maxDelta.toExponential(2)}`);
+    expect(maxDelta).toBeLessThan(1e-3);
     await session.release();
     model.dispose();
   });

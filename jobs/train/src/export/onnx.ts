@@ -1,11 +1,14 @@
 import type * as tf from "@tensorflow/tfjs";
 import type { ArtifactMetadata } from "#shared/contracts/artifact.ts";
+import { POOL_LAYER } from "#shared/novelty.ts";
 import { NORMALIZATIONS } from "#shared/preprocess.ts";
 import { OPSET, toOnnx } from "../model/onnx.ts";
 
 /** Graph input and output of an exported classifier (what the README's snippets feed and read). */
 export const ONNX_INPUT = "image";
 export const ONNX_OUTPUT = "probabilities";
+/** The second output of a version with a novelty floor: below the floor (metadata_props "novelty"), none of these. */
+export const ONNX_SIMILARITY = "similarity";
 
 /**
  * What the caller does before the model, in words (also in the file's metadata): the graph starts at
@@ -26,17 +29,20 @@ export function callerSteps(metadata: ArtifactMetadata): string {
 
 /**
  * The served classifier as one ONNX file: uint8 RGB pixels → the base's normalisation → base → pooled
- * layers → head → softmax, with labels and preprocessing in its metadata_props. `model` is the version's
+ * layers → head → softmax, with labels and preprocessing in its metadata_props; for a version with a
+ * novelty floor, a second output, the features' similarity to the labels (shared/novelty.ts), and the floor. `model` is the version's
  * tfjs model as the edge loads it (float16 weights widened to float32), so its numbers are the edge's.
  */
-export function classifierToOnnx(model: tf.LayersModel, metadata: ArtifactMetadata): Uint8Array {
+export function classifierToOnnx(model: tf.LayersModel, metadata: ArtifactMetadata, classMeans?: Float32Array): Uint8Array {
   const normalization = NORMALIZATIONS[metadata.preprocessing.normalization];
   const size = metadata.input.size;
+  const novelty = metadata.novelty && classMeans ? metadata.novelty : undefined;
   return toOnnx(model, {
     size,
     pooled: true,
     uint8: normalization,
     names: { input: ONNX_INPUT, output: ONNX_OUTPUT },
+    ...(novelty && classMeans ? { similarity: { layer: POOL_LAYER, means: classMeans, output: ONNX_SIMILARITY } } : {}),
     docString: `edgetune model ${metadata.name} ${metadata.version}: ${metadata.labels.length} labels. Before the model: ${callerSteps(metadata)}.`,
     metadata: {
       "edgetune.model": metadata.name,
@@ -47,6 +53,15 @@ export function classifierToOnnx(model: tf.LayersModel, metadata: ArtifactMetada
       preprocessing: JSON.stringify({ ...metadata.preprocessing, scale: normalization.scale, offset: normalization.offset }),
       "preprocessing.caller": callerSteps(metadata),
       "preprocessing.in_graph": `x * ${normalization.scale} + ${normalization.offset} (${metadata.preprocessing.normalization}) on the uint8 pixels`,
+      ...(novelty
+        ? {
+            novelty: JSON.stringify({
+              output: ONNX_SIMILARITY,
+              floor: novelty.floor,
+              meaning: "cosine of the image's pooled features to the nearest label's training images; below floor: none of these",
+            }),
+          }
+        : {}),
       base: metadata.base.id,
       opset: String(OPSET),
     },

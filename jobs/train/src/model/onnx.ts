@@ -43,6 +43,11 @@ export interface OnnxOptions {
   uint8?: { scale: number; offset: number };
   /** Graph input and output names (default "input" and "features"). */
   names?: { input: string; output: string };
+  /**
+   * A second output: the cosine of `layer`'s output (pooled features, [N, D]) to the nearest row of
+   * `means` (unit rows, R × D), as shared/novelty.ts computes it: L2-normalise, MatMul, ReduceMax.
+   */
+  similarity?: { layer: string; means: Float32Array; output: string };
   /** The model's metadata_props (ONNX's key–value strings) and doc string. */
   metadata?: Record<string, string>;
   docString?: string;
@@ -86,6 +91,18 @@ export function toOnnx(model: tf.LayersModel, options: OnnxOptions): Uint8Array 
     node(out, "Identity", [last], [outputName]); // pooled in the graph already
   else if (options.pooled) node(out, "ReduceMean", [last], [outputName], { axes: [2, 3], keepdims: 0 });
   else node(out, "Transpose", [last], [outputName], { perm: [0, 2, 3, 1] });
+  const outputs = [{ name: outputName, dims: ["N", ...outputDims(model, options.pooled)] as (number | string)[] }];
+  if (options.similarity) {
+    const { layer, means, output } = options.similarity;
+    const dim = model.getLayer(layer).outputShape.at(-1) as number;
+    if (means.length % dim !== 0) throw new Error(`${means.length} numbers are not rows of the ${dim} features ${layer} gives`);
+    const transposed = tf.tidy(() => tf.transpose(tf.tensor2d(means, [means.length / dim, dim])));
+    node(out, "LpNormalization", [tensor(layer)], ["similarity:unit"], { axis: 1, p: 2 });
+    node(out, "MatMul", ["similarity:unit", constant(out, "similarity/means", transposed)], ["similarity:cosines"]);
+    node(out, "ReduceMax", ["similarity:cosines"], [output], { axes: [1], keepdims: 0 });
+    transposed.dispose();
+    outputs.push({ name: output, dims: ["N"] });
+  }
 
   const shapeOf = (dims: (number | string)[], elemType: number = proto.TensorProto.DataType.FLOAT) => ({
     tensorType: {
@@ -104,7 +121,7 @@ export function toOnnx(model: tf.LayersModel, options: OnnxOptions): Uint8Array 
       node: out.nodes,
       initializer: out.initializers,
       input: [{ name: inputName, type: shapeOf(["N", options.size, options.size, 3], options.uint8 ? proto.TensorProto.DataType.UINT8 : undefined) }],
-      output: [{ name: outputName, type: shapeOf(["N", ...outputDims(model, options.pooled)]) }],
+      output: outputs.map((o) => ({ name: o.name, type: shapeOf(o.dims) })),
     },
   };
   return proto.ModelProto.encode(modelProto).finish();
