@@ -12,6 +12,7 @@ import { decodeImage } from "./src/dataset/decode.ts";
 import { sampleDataset } from "./src/dataset/sample.ts";
 import { memoryLogger } from "./src/log.ts";
 import { KNOWN_BASES } from "./src/model/bases.ts";
+import { loadModel } from "./src/model/io.ts";
 import { argmax } from "./src/release/evaluate.ts";
 import { train } from "./src/train.ts";
 
@@ -47,6 +48,7 @@ describe("train (head strategy)", () => {
     expect(metadata.labels).toEqual(["animals", "food", "travel"]);
     expect(metadata.weights.dtype).toBe("float16");
     expect(metadata.files.map((f) => f.path).sort()).toEqual([
+      "class-means.bin",
       "group1-shard1of1.bin",
       "head-shard1of1.bin",
       "head.json",
@@ -125,7 +127,9 @@ describe("train (fine-tune strategy)", () => {
     expect(files.has("head.json")).toBe(false);
     const served = (await readPointer(s3.store, "emoji-ft"))?.served;
     expect(served?.form).toBe("whole");
-    expect(served?.files.map((f) => f.path).sort()).toEqual(["group1-shard1of1.bin", "model.json"]);
+    expect(served?.files.map((f) => f.path).sort()).toEqual(["class-means.bin", "group1-shard1of1.bin", "model.json"]);
+    // The labels' directions come from the tuned top's features: as wide as the whole model's pooling.
+    expect(metadata.novelty?.features).toBe((await loadModel(files.get("model.json") as Uint8Array, files)).getLayer("edgetune_pool").outputShape.at(-1));
     // The cut of the base the suite runs on (darknet-tiny from ../shared/models, else nsfwjs).
     expect(metadata.hyperparameters.fineTuneFrom).toBe(KNOWN_BASES.find((b) => b.id === metadata.base.id)?.fineTuneFrom);
     expect(files.get("model.json")?.byteLength).toBeGreaterThan(1000);
