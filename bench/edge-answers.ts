@@ -1,9 +1,10 @@
 /**
  * `npm run bench:edge -- --answers` — what the calibrated answer costs at the edge (issue #29), side by
  * side in one worker in local workerd: the trained version as it is (temperature folded into its last
- * layer, per-label thresholds in its metadata: classify decides label / unsure / none of these, capture
- * asks the version's own "unsure") against the same head published as a second model whose metadata
- * has no calibration and no thresholds (what a version trained before #29 gives: top-k scores only).
+ * layer, per-label thresholds and a novelty floor in its metadata: classify reads the features' similarity
+ * to the labels and decides label / unsure / none of these, capture asks the version's own "unsure")
+ * against the same head published as a second model whose metadata has no calibration, thresholds or
+ * novelty floor (what a version trained before #29 gives: top-k scores only).
  * Requests alternate between the two (the order swapped every round), so both meet the same contention;
  * besides each side's percentiles, the median of the rounds' paired ratios (less moved by load that drifts).
  * The folded temperature changes weight values, not operations, so the weights are shared as they are.
@@ -11,9 +12,10 @@
 import { loadavg } from "node:os";
 import sharp from "sharp";
 import { readPromotedModel, writePointer } from "#shared/artifacts.ts";
-import { SPLIT_FILES } from "#shared/contracts/artifact.ts";
+import { SPLIT_FILES, servedFiles } from "#shared/contracts/artifact.ts";
 import { sha256Hex } from "#shared/hash.ts";
 import { keys } from "#shared/keys.ts";
+import { CLASS_MEANS_FILE } from "#shared/novelty.ts";
 import { startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
@@ -31,15 +33,17 @@ await s3.store.put("datasets/bench/manifest.json", "{}");
 await train(s3.store, { dataset: "bench", model: "calibrated", base, imageSize: size, views: 1, head: { epochs: 5 }, promote: "always" }, log);
 const trained = await readPromotedModel(s3.store, "calibrated");
 if (!trained.metadata.split) throw new Error("the trained model has no split form: nothing to benchmark");
-if (!trained.metadata.thresholds || !trained.metadata.calibration) throw new Error("the trained version has no thresholds or calibration: nothing to compare");
+if (!trained.metadata.thresholds || !trained.metadata.calibration || !trained.metadata.novelty)
+  throw new Error("the trained version has no thresholds, calibration or novelty floor: nothing to compare");
 
-// The same head as model "plain", its metadata without the answer rules.
-const { calibration: _c, thresholds: _t, noneLabel: _n, ...plain } = trained.metadata;
+// The same head as model "plain", its metadata without the answer rules (and without the novelty rule's file).
+const { calibration: _c, thresholds: _t, noneLabel: _n, novelty: _v, ...rules } = trained.metadata;
+const plain = { ...rules, name: "plain", files: rules.files.filter((f) => f.path !== CLASS_MEANS_FILE) };
 for (const f of [SPLIT_FILES.head, SPLIT_FILES.headWeights])
   await s3.store.put(keys.versionFile("plain", plain.version, f), trained.files.get(f) as Uint8Array);
-const text = `${JSON.stringify({ ...plain, name: "plain" }, null, 2)}\n`;
+const text = `${JSON.stringify(plain, null, 2)}\n`;
 await s3.store.put(keys.metadata("plain", plain.version), text, "application/json");
-await writePointer(s3.store, "plain", { ...trained.pointer, metadataSha256: await sha256Hex(text), previous: null });
+await writePointer(s3.store, "plain", { ...trained.pointer, metadataSha256: await sha256Hex(text), previous: null, served: servedFiles(plain) });
 
 const sample = (await sampleDataset({ perLabel: 1, size: 512 }))[0]?.bytes as Uint8Array;
 const jpeg = new Uint8Array(await sharp(sample).resize(size, size, { fit: "cover" }).jpeg({ quality: 90 }).toBuffer());

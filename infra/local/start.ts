@@ -165,6 +165,7 @@ try {
   let first = true;
   let correct = 0;
   let unsure = 0;
+  let none = 0;
   const rows: string[][] = [];
   for (const img of heldOut) {
     const res = await fetch(`${edge.url}/v1/models/${DATASET}/classify?top_k=2`, {
@@ -186,6 +187,7 @@ try {
     const top = body.predictions?.[0];
     if (top?.label === img.label) correct++;
     if (body.unsure) unsure++;
+    if (body.none) none++;
     // As the API answers: below its label's threshold the top label is a guess, not an answer (#29).
     const predicted = !top ? (body.error?.message ?? "") : body.none ? "none of these" : body.unsure ? `unsure (${top.label}?)` : top.label;
     rows.push([
@@ -200,7 +202,7 @@ try {
   const heldOutTable = table(["IMAGE", "HTTP", "PREDICTED", "SCORE", "", "WORKER"], rows).replace(/^/gm, "  ");
   // Not the training run's held-out split (its accuracy is in the report): images the dataset never had.
   process.stdout.write(
-    `\nImages not in the dataset, classified by the edge worker (top label right for ${correct}/${heldOut.length}; ${unsure} answered unsure, the top score below its label's threshold):\n${heldOutTable}\n`,
+    `\nImages not in the dataset, classified by the edge worker (top label right for ${correct}/${heldOut.length}; ${unsure} answered unsure, the top score below its label's threshold; ${none} none of these, unlike every label's training images):\n${heldOutTable}\n`,
   );
   await promoted([SECOND]);
   say(`model ${SECOND} promoted`);

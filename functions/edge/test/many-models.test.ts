@@ -31,9 +31,9 @@ beforeAll(async () => {
   const quick = { dataset: "emoji", imageSize: 96, views: 1, head: { epochs: 5 }, promote: "always" } as const;
   await train(s3.store, { ...quick, model: "head-a" }, memoryLogger());
   await train(s3.store, { ...quick, model: "head-b", seed: 7 }, memoryLogger());
-  // A version as published before the split form: the same whole model, no head, no `split`.
+  // A version as published before the split form (and the novelty rule): the same whole model, no head, no `split`.
   const a = await readPromotedModel(s3.store, "head-a");
-  const { split: _split, files: _files, ...metadata } = a.metadata;
+  const { split: _split, files: _files, novelty: _novelty, ...metadata } = a.metadata;
   const whole = await writeArtifact(s3.store, { ...metadata, name: "whole", version: WHOLE_VERSION }, [
     { path: "model.json", bytes: a.files.get("model.json") as Uint8Array },
     { path: "group1-shard1of1.bin", bytes: a.files.get("group1-shard1of1.bin") as Uint8Array },
@@ -202,7 +202,7 @@ describe("one base, many models", () => {
     // What training writes now: the pointer says the version is split, its head files and its base.
     const pointer = await readPointer(s3.store, "head-a");
     expect(pointer?.served?.form).toBe("split");
-    expect(pointer?.served?.files.map((f) => f.path).sort()).toEqual(["head-shard1of1.bin", "head.json"]);
+    expect(pointer?.served?.files.map((f) => f.path).sort()).toEqual(["class-means.bin", "head-shard1of1.bin", "head.json"]);
     await republish("listed", (m) => servedFiles(m));
     await republish("unlisted", () => undefined);
     const img = images[3] as (typeof images)[number];

@@ -5,7 +5,7 @@ import { join } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { readPromotedModel, readSharedBase } from "#shared/artifacts.ts";
-import { SPLIT_FILES } from "#shared/contracts/artifact.ts";
+import { SPLIT_FILES, servedFiles } from "#shared/contracts/artifact.ts";
 import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
 import type { SampleImage } from "../../../jobs/train/src/dataset/sample.ts";
@@ -42,7 +42,7 @@ beforeAll(async () => {
   const split = metadata.split as NonNullable<typeof metadata.split>;
   const shared = await readSharedBase(s3.store, metadata.base.sha256, metadata.input.size, split.baseManifestSha256);
   cachedFiles = [
-    ...metadata.files.filter((f) => f.path === SPLIT_FILES.head || f.path === SPLIT_FILES.headWeights),
+    ...servedFiles(metadata).files, // the head, its shard and the labels' directions
     ...shared.manifest.files,
     { path: SPLIT_FILES.baseManifest, sha256: split.baseManifestSha256 },
   ];
