@@ -322,7 +322,7 @@ for (const dataset of datasets) {
 await s3.stop();
 const pct = (v: number) => `${(v * 100).toFixed(1)} %`;
 console.log(
-  `\n| dataset | none folder | top-1 (n) | T | ECE before → after (floor) | answered · accuracy on answered | OOD AUROC: max-softmax · novelty (n) | foreign rejected · held-out rejected (the version's answer) |\n|---|---|---|---|---|---|---|---|\n${results
+  `\n| dataset | none folder | top-1 (n) | T | ECE before → after (ECE noise floor) | answered · accuracy on answered | OOD AUROC: max-softmax · novelty (n) | foreign rejected · held-out rejected (the version's answer) |\n|---|---|---|---|---|---|---|---|\n${results
     .map(
       (r) =>
         `| ${r.dataset} | ${r.none ? `yes (${nonePer} × 2)` : "no"} | ${pct(r.accuracy)} (${r.evaluatedOn}) | ${r.temperature.toFixed(2)} | ${r.eceBefore.toFixed(3)} → **${r.eceAfter.toFixed(3)}** (floor ${r.eceFloor.toFixed(3)}, 95th pct ${r.eceFloor95.toFixed(3)}) | ${pct(r.answered)} · ${pct(r.answeredAccuracy)} | ${r.auroc.toFixed(3)} · **${r.scores.novelty.auroc.toFixed(3)}** (${r.oodScored} vs ${r.heldOutScored}) | ${pct(r.oodRejected)} · ${pct(r.idRejected)} |`,

@@ -79,7 +79,9 @@ console.log(
   `Calibrated answer vs none, one worker in local workerd, base ${base} at ${size} px, ${requests} requests each, alternating (${machine()}; load average ${loadBefore.toFixed(2)} → ${(loadavg()[0] as number).toFixed(2)})\n`,
 );
 console.log("| model | end-to-end p50 / p95 / p99 | inside the worker (Server-Timing total) p50 / p95 / p99 |\n|---|---|---|");
-console.log(`| calibrated: temperature folded, per-label thresholds, novelty floor (features read back, similarity), unsure / none answer | ${fmt(runs.calibrated.e2e)} | ${fmt(runs.calibrated.total)} |`);
+console.log(
+  `| calibrated: temperature folded, per-label thresholds, novelty floor (features read back, similarity), unsure / none answer | ${fmt(runs.calibrated.e2e)} | ${fmt(runs.calibrated.total)} |`,
+);
 console.log(`| plain: same weights, no calibration, thresholds or novelty floor in its metadata | ${fmt(runs.plain.e2e)} | ${fmt(runs.plain.total)} |`);
 const paired = (a: number[], b: number[]) => percentile(sorted(a.map((v, i) => v / (b[i] as number))), 50);
 console.log(

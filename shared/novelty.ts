@@ -4,8 +4,9 @@
  * the pooled features the head reads do. Each real label keeps one direction, the mean of its training
  * images' L2-normalised pooled features (normalised again); an image's similarity is the cosine of its
  * own features to the nearest of them (a nearest-class-mean rule, Mensink et al. 2013, used as a
- * rejection score). Below the version's floor (fitted at training on the held-out images of the labels,
- * jobs/train/src/release/novelty.ts) the answer is "none of these".
+ * rejection score). Below the version's floor (fitted at training on the held-out images of the labels:
+ * the directions in jobs/train/src/fit/novelty.ts, the floor in jobs/train/src/release/answers.ts) the
+ * answer is "none of these".
  *
  * Chosen by measurement (bench/RESULTS.md, "Rejection scores side by side"): on the three reference
  * datasets, foreign images against held-out images, its AUROC is 0.94 / 0.94 / 1.00 where max-softmax
@@ -29,18 +30,23 @@ function norm(v: ArrayLike<number>): number {
   return Math.sqrt(s);
 }
 
-/** Cosine of `features` to the nearest row of `means` (rows of unit length, `features.length` wide); −1 for a zero vector. */
+/**
+ * Cosine of `features` to the nearest row of `means` (rows of unit length, `features.length` wide), at most 1
+ * (float32 rounding could say 1 + 1e-7). A zero vector is orthogonal to everything: 0, as the ONNX export's
+ * LpNormalization gives; features that are not numbers are like nothing: −1 (never a label by accident).
+ */
 export function similarity(features: ArrayLike<number>, means: Float32Array): number {
   const dim = features.length;
   const n = norm(features);
-  if (dim === 0 || n === 0 || means.length % dim !== 0) return -1;
+  if (dim === 0 || means.length % dim !== 0 || Number.isNaN(n)) return -1;
+  if (n === 0) return 0;
   let best = -1;
   for (let offset = 0; offset < means.length; offset += dim) {
     let dot = 0;
     for (let i = 0; i < dim; i++) dot += (features[i] as number) * (means[offset + i] as number);
     best = Math.max(best, dot / n);
   }
-  return best;
+  return Number.isNaN(best) ? -1 : Math.min(1, best);
 }
 
 /**

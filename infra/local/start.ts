@@ -202,7 +202,7 @@ try {
   const heldOutTable = table(["IMAGE", "HTTP", "PREDICTED", "SCORE", "", "WORKER"], rows).replace(/^/gm, "  ");
   // Not the training run's held-out split (its accuracy is in the report): images the dataset never had.
   process.stdout.write(
-    `\nImages not in the dataset, classified by the edge worker (top label right for ${correct}/${heldOut.length}; ${unsure} answered unsure, the top score below its label's threshold; ${none} none of these, unlike every label's training images):\n${heldOutTable}\n`,
+    `\nImages not in the dataset, classified by the edge worker (top label right for ${correct}/${heldOut.length}; ${unsure} answered unsure, the top score below its label's threshold; ${none} none of these):\n${heldOutTable}\n`,
   );
   await promoted([SECOND]);
   say(`model ${SECOND} promoted`);

@@ -46,6 +46,15 @@ beforeAll(async () => {
   const text = `${JSON.stringify(wholeMeta, null, 2)}\n`;
   await s3.store.put(keys.metadata("pets-whole", metadata.version), text, "application/json");
   await writePointer(s3.store, "pets-whole", { ...trained.pointer, metadataSha256: await sha256Hex(text), previous: null, served: servedFiles(wholeMeta) });
+  // And as a second split head on the same base ("pets-twin"): a request to both shares one pass of the base.
+  const twin = { ...metadata, name: "pets-twin" };
+  for (const f of twin.files) {
+    const bytes = trained.files.get(f.path) ?? (await s3.store.get(keys.versionFile("pets", metadata.version, f.path)));
+    await s3.store.put(keys.versionFile("pets-twin", metadata.version, f.path), bytes as Uint8Array);
+  }
+  const twinText = `${JSON.stringify(twin, null, 2)}\n`;
+  await s3.store.put(keys.metadata("pets-twin", metadata.version), twinText, "application/json");
+  await writePointer(s3.store, "pets-twin", { ...trained.pointer, metadataSha256: await sha256Hex(twinText), previous: null, served: servedFiles(twin) });
   edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, pointerTtlSeconds: 1 });
 });
 afterAll(async () => {
@@ -195,6 +204,60 @@ describe("classify answers", () => {
     // The rule is shown at work, not only consistent: grey and noise fall below the floor, the labels' own images above it.
     expect(similarities.slice(0, 4).every((v) => v >= n.floor)).toBe(true);
     expect(similarities.slice(-2).every((v) => v < n.floor)).toBe(true);
+  });
+
+  it("one request to two heads of one base and a whole model: each answers with its similarity, and no tensor is left behind", async () => {
+    const img = images.find((i) => i.label === "food") as SampleImage;
+    const single = await classify(img);
+    const multi = async () => {
+      const res = await fetch(`${edge.url}/v1/classify?models=pets,pets-twin,pets-whole`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${edge.apiKey}`, "content-type": "image/png" },
+        body: img.bytes as BodyInit,
+      });
+      expect(res.status).toBe(200);
+      return ((await res.json()) as { results: (Answer & { model: string })[] }).results;
+    };
+    const tensors = async () =>
+      ((await (await fetch(`${edge.url}/healthz`, { headers: { authorization: `Bearer ${edge.apiKey}` } })).json()) as { memory: { tensors: number } }).memory
+        .tensors;
+    const results = await multi(); // loads pets-twin (new tensors): counted from here
+    expect(results.map((r) => r.model)).toEqual(["pets", "pets-twin", "pets-whole"]);
+    for (const r of results) {
+      expect(r.similarity).toBeCloseTo(single.similarity as number, 3);
+      expect(r.label).toBe(single.label);
+    }
+    const before = await tensors();
+    for (let i = 0; i < 3; i++) await multi();
+    expect(await tensors()).toBe(before);
+  });
+
+  it("a version whose directions do not fit its features is not served: 503 model_unavailable, the reason in /healthz", async () => {
+    const n = metadata.novelty as NonNullable<ArtifactMetadata["novelty"]>;
+    const { files } = await readPromotedModel(s3.store, "pets");
+    // A writer's fault: the metadata says one feature more than the head takes (the file then has the wrong size too).
+    const bad = { ...metadata, name: "pets-bad", novelty: { ...n, features: n.features + 1 } };
+    for (const f of bad.files) {
+      const bytes = files.get(f.path) ?? (await s3.store.get(keys.versionFile("pets", metadata.version, f.path)));
+      await s3.store.put(keys.versionFile("pets-bad", metadata.version, f.path), bytes as Uint8Array);
+    }
+    const text = `${JSON.stringify(bad, null, 2)}\n`;
+    await s3.store.put(keys.metadata("pets-bad", metadata.version), text, "application/json");
+    const pointer = (await readPromotedModel(s3.store, "pets")).pointer;
+    await writePointer(s3.store, "pets-bad", { ...pointer, metadataSha256: await sha256Hex(text), previous: null, served: servedFiles(bad) });
+    const res = await fetch(`${edge.url}/v1/models/pets-bad/classify`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${edge.apiKey}`, "content-type": "image/png" },
+      body: (images[0] as SampleImage).bytes as BodyInit,
+    });
+    expect(res.status).toBe(503);
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe("model_unavailable");
+    const health = (await (await fetch(`${edge.url}/healthz`, { headers: { authorization: `Bearer ${edge.apiKey}` } })).json()) as {
+      models: { name: string; problem: string | null }[];
+    };
+    expect(health.models.find((m) => m.name === "pets-bad")?.problem).toMatch(/novelty rule cannot be used/);
+    // The other models are untouched.
+    expect((await classify(images[0] as SampleImage)).predictions.length).toBeGreaterThan(0);
   });
 
   it("capture with no number set stores what the version answers unsure (not what ?threshold= says); a set number keeps its meaning", async () => {

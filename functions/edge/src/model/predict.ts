@@ -47,14 +47,17 @@ export function predictAll(models: readonly Runnable[], x: tf.Tensor4D): Predict
       return { scores: m.model.predict(features) as tf.Tensor, ...(m.classMeans ? { features } : {}) };
     });
   });
-  // The tensors tf.tidy returns are kept alive by design: read them, then dispose them.
-  return outputs.map((o, i) => {
-    const scores = o.scores.dataSync() as Float32Array;
-    const features = o.features?.dataSync() as Float32Array | undefined;
-    tf.dispose([o.scores, ...(o.features ? [o.features] : [])]);
-    const means = models[i]?.classMeans;
-    return { scores, ...(features && means ? { similarity: similarity(features, means) } : {}) };
-  });
+  // The tensors tf.tidy returns are kept alive by design: read them all, then dispose each once (heads
+  // pooling one layer of the same base share one features tensor).
+  try {
+    return outputs.map((o, i) => {
+      const scores = o.scores.dataSync() as Float32Array;
+      const means = models[i]?.classMeans;
+      return { scores, ...(o.features && means ? { similarity: similarity(o.features.dataSync(), means) } : {}) };
+    });
+  } finally {
+    tf.dispose([...new Set(outputs.flatMap((o) => (o.features ? [o.scores, o.features] : [o.scores])))]);
+  }
 }
 
 const MAX_VIEWS = 32;

@@ -339,6 +339,13 @@ export class ModelRegistry {
       const model = await tfl.loadLayersModel(tf.io.fromMemory(read.value.artifacts));
       const t2 = performance.now();
       const layers = base ? [...(metadata.base.pooledLayers ?? []), base.featureLayer] : undefined;
+      let novelty: Pick<LoadedModel, "classMeans" | "probe"> = {};
+      try {
+        novelty = noveltyOf(metadata, model, read.value.classMeans, base ? split?.features : undefined);
+      } catch (e) {
+        model.dispose();
+        throw new Error(`model ${name} ${version}'s novelty rule cannot be used: ${e instanceof Error ? e.message : e}`);
+      }
       let outputs: number;
       try {
         // A head is checked on features of the width its base gives, not by running the base: a new
@@ -346,7 +353,8 @@ export class ModelRegistry {
         const width = base ? featureWidth(base, layers as string[]) : 0;
         if (base && width !== split?.features) throw new Error(`its shared base gives ${width} features, the head takes ${split?.features}`);
         const x = base ? tf.zeros([1, width]) : tf.zeros([1, size, size, 3]);
-        const out = tf.tidy(() => model.predict(x) as tf.Tensor);
+        // Through the probe where there is one: what requests run is what gets warmed up.
+        const out = tf.tidy(() => (novelty.probe ? (novelty.probe.predict(x) as tf.Tensor[])[1] : model.predict(x)) as tf.Tensor);
         outputs = out.shape[1] ?? 0;
         out.dataSync();
         out.dispose();
@@ -359,13 +367,6 @@ export class ModelRegistry {
         model.dispose();
         throw new Error(`model ${name} ${version} has ${outputs} outputs but ${metadata.labels.length} labels`);
       }
-      let novelty: Pick<LoadedModel, "classMeans" | "probe"> = {};
-      try {
-        novelty = noveltyOf(metadata, model, read.value.classMeans, base ? split?.features : undefined);
-      } catch (e) {
-        model.dispose();
-        throw new Error(`model ${name} ${version}'s novelty rule cannot be used: ${e instanceof Error ? e.message : e}`);
-      }
       const t3 = performance.now();
       return {
         name,
@@ -375,7 +376,8 @@ export class ModelRegistry {
         base,
         layers,
         ...novelty,
-        bytes: weightBytes(model),
+        // The directions live on the JS heap, beside the tensors: counted with them.
+        bytes: weightBytes(model) + (novelty.classMeans?.byteLength ?? 0),
         lastUsed: this.now(),
         loadedAt: Date.now(),
         timings: { fetchMs: t1 - t0, parseMs: t2 - t1, warmupMs: t3 - t2 },
@@ -393,7 +395,8 @@ export class ModelRegistry {
    * The model file (a split version's head.json, else model.json) and the weights it names, each verified
    * against the sha256 and size `served` lists. `beside`: the other listed files are fetched at once with
    * the model file (one round trip; for a pointer's listing, capped by its schema, and a split version's
-   * single head shard); else only once the model file names them, so nothing it does not name is fetched.
+   * single head shard); else only once the model file names them, so nothing it does not name is fetched —
+   * but the novelty rule's class-means.bin, which no model file names: it is fetched beside the model file when listed.
    */
   private async readModelFiles(
     name: string,
@@ -433,7 +436,9 @@ export class ModelRegistry {
    * frees is its weights, and its base's when it was the base's last holder.
    */
   private fitBudget(keep: LoadedModel): void {
-    let excess = tf.memory().numBytes - this.options.memoryBudgetBytes;
+    // Tensors, and the novelty rule's directions (JS arrays beside them: about a head's size each).
+    const directions = [...this.slots.values()].reduce((n, s) => n + (s.current?.classMeans?.byteLength ?? 0), 0);
+    let excess = tf.memory().numBytes + directions - this.options.memoryBudgetBytes;
     if (excess <= 0) return;
     const byAge = [...this.slots.values()]
       .flatMap((s) => (s.current && s.current !== keep ? [{ slot: s, model: s.current }] : []))
