@@ -285,7 +285,7 @@ for (const dataset of datasets) {
   // Datasets with given split folders get their negatives split the same way (a fifth held out).
   const split = (await readdir(dir)).includes("train");
   const valFolder = (await readdir(dir)).find((f) => f === "val" || f === "validation") ?? "val";
-  for (const withNone of [false, true]) {
+  for (const withNone of arg("none") === "no" ? [false] : [false, true]) {
     const name = withNone ? `${base}-none` : base;
     await pushDataset(s3.store, dir, name, withNone ? { noneLabel: NONE } : {}, undefined, {
       beforeManifest: withNone
