@@ -1,6 +1,7 @@
 import * as tf from "@tensorflow/tfjs";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { Answer } from "#shared/answer.ts";
 import { readPromotedModel, writePointer } from "#shared/artifacts.ts";
 import { type ArtifactMetadata, SPLIT_FILES, servedFiles } from "#shared/contracts/artifact.ts";
 import { sha256Hex } from "#shared/hash.ts";
@@ -83,15 +84,6 @@ async function blends(): Promise<SampleImage[]> {
   return out;
 }
 
-type Answer = {
-  label: string | null;
-  unsure: boolean;
-  none: boolean;
-  threshold: number | null;
-  similarity?: number;
-  similarityFloor?: number;
-  predictions: { label: string; score: number }[];
-};
 async function classify(img: SampleImage, query = "", model = "pets"): Promise<Answer> {
   const res = await fetch(`${edge.url}/v1/models/${model}/classify${query}`, {
     method: "POST",
