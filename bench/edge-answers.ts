@@ -36,14 +36,33 @@ if (!trained.metadata.split) throw new Error("the trained model has no split for
 if (!trained.metadata.thresholds || !trained.metadata.calibration || !trained.metadata.novelty)
   throw new Error("the trained version has no thresholds, calibration or novelty floor: nothing to compare");
 
+/**
+ * `--whole`: both sides served as whole models (the form of a fine-tuned version: no split, so the worker
+ * runs the whole classifier — through a two-output view for the novelty rule), else as split heads.
+ */
+const whole = process.argv.includes("--whole");
+type Metadata = typeof trained.metadata;
+/** Publishes `metadata`'s version under `name` with the files it lists (copied from the trained version). */
+async function publish(name: string, metadata: Metadata): Promise<void> {
+  for (const f of metadata.files) {
+    const bytes = trained.files.get(f.path) ?? (await s3.store.get(keys.versionFile("calibrated", metadata.version, f.path)));
+    await s3.store.put(keys.versionFile(name, metadata.version, f.path), bytes as Uint8Array);
+  }
+  const text = `${JSON.stringify({ ...metadata, name }, null, 2)}\n`;
+  await s3.store.put(keys.metadata(name, metadata.version), text, "application/json");
+  await writePointer(s3.store, name, { ...trained.pointer, metadataSha256: await sha256Hex(text), previous: null, served: servedFiles({ ...metadata, name }) });
+}
+const withoutFiles = (m: Metadata, paths: readonly string[]): Metadata => ({ ...m, files: m.files.filter((f) => !paths.includes(f.path)) });
 // The same head as model "plain", its metadata without the answer rules (and without the novelty rule's file).
 const { calibration: _c, thresholds: _t, noneLabel: _n, novelty: _v, ...rules } = trained.metadata;
-const plain = { ...rules, name: "plain", files: rules.files.filter((f) => f.path !== CLASS_MEANS_FILE) };
-for (const f of [SPLIT_FILES.head, SPLIT_FILES.headWeights])
-  await s3.store.put(keys.versionFile("plain", plain.version, f), trained.files.get(f) as Uint8Array);
-const text = `${JSON.stringify(plain, null, 2)}\n`;
-await s3.store.put(keys.metadata("plain", plain.version), text, "application/json");
-await writePointer(s3.store, "plain", { ...trained.pointer, metadataSha256: await sha256Hex(text), previous: null, served: servedFiles(plain) });
+const headFiles = Object.values(SPLIT_FILES) as string[];
+const { split: _s, ...calibratedWhole } = trained.metadata;
+const [A, B] = whole ? (["calibrated-whole", "plain-whole"] as const) : (["calibrated", "plain"] as const);
+if (whole) {
+  await publish(A, withoutFiles(calibratedWhole, headFiles));
+  const { split: _s2, ...plainWhole } = rules;
+  await publish(B, withoutFiles(plainWhole, [...headFiles, CLASS_MEANS_FILE]));
+} else await publish(B, withoutFiles(rules, [CLASS_MEANS_FILE]));
 
 const sample = (await sampleDataset({ perLabel: 1, size: 512 }))[0]?.bytes as Uint8Array;
 const jpeg = new Uint8Array(await sharp(sample).resize(size, size, { fit: "cover" }).jpeg({ quality: 90 }).toBuffer());
@@ -55,18 +74,21 @@ const classify = async (name: string) => {
     headers: { authorization: `Bearer ${edge.apiKey}`, "content-type": "image/jpeg" },
     body: jpeg as BodyInit,
   });
-  const json = (await res.json()) as { timings?: { totalMs: number }; unsure?: boolean };
+  const json = (await res.json()) as { timings?: { totalMs: number }; unsure?: boolean; similarity?: number };
   if (res.status !== 200) throw new Error(`${name}: ${res.status} ${JSON.stringify(json)}`);
+  // Each side must be what it claims: the rule applied on one, absent on the other.
+  if ((name === A) !== (json.similarity !== undefined)) throw new Error(`${name} answered ${json.similarity === undefined ? "without" : "with"} a similarity`);
   return { e2e: performance.now() - t, total: (json.timings as { totalMs: number }).totalMs, answered: json.unsure !== undefined };
 };
 const runs = { calibrated: { e2e: [] as number[], total: [] as number[] }, plain: { e2e: [] as number[], total: [] as number[] } };
-for (let i = 0; i < 10; i++) for (const name of ["calibrated", "plain"] as const) await classify(name);
+const served = { calibrated: A, plain: B } as const;
+for (let i = 0; i < 10; i++) for (const name of [A, B]) await classify(name);
 const loadBefore = loadavg()[0] as number;
 for (let i = 0; i < requests; i++) {
-  for (const name of i % 2 === 0 ? (["calibrated", "plain"] as const) : (["plain", "calibrated"] as const)) {
-    const r = await classify(name);
-    runs[name].e2e.push(r.e2e);
-    runs[name].total.push(r.total);
+  for (const side of i % 2 === 0 ? (["calibrated", "plain"] as const) : (["plain", "calibrated"] as const)) {
+    const r = await classify(served[side]);
+    runs[side].e2e.push(r.e2e);
+    runs[side].total.push(r.total);
   }
 }
 await edge.stop();
@@ -76,7 +98,7 @@ const sorted = (a: number[]) => [...a].sort((x, y) => x - y);
 const p = (a: number[], q: number) => percentile(sorted(a), q);
 const fmt = (a: number[]) => `${p(a, 50).toFixed(2)} / ${p(a, 95).toFixed(2)} / ${p(a, 99).toFixed(2)} ms`;
 console.log(
-  `Calibrated answer vs none, one worker in local workerd, base ${base} at ${size} px, ${requests} requests each, alternating (${machine()}; load average ${loadBefore.toFixed(2)} → ${(loadavg()[0] as number).toFixed(2)})\n`,
+  `Calibrated answer vs none, one worker in local workerd, base ${base} at ${size} px, ${whole ? "whole models" : "split heads"}, ${requests} requests each, alternating (${machine()}; load average ${loadBefore.toFixed(2)} → ${(loadavg()[0] as number).toFixed(2)})\n`,
 );
 console.log("| model | end-to-end p50 / p95 / p99 | inside the worker (Server-Timing total) p50 / p95 / p99 |\n|---|---|---|");
 console.log(

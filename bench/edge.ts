@@ -8,7 +8,7 @@
  * again with traffic capture storing every answer (capture/capture.ts), side by side.
  * `--size 160` benchmarks a model trained at 160 px, `--base darknet-tiny` one on another base, `--cold 5`
  * sets the number of fresh isolates. `--many` benchmarks one base serving many models instead (bench/edge-many.ts),
- * `--answers` the calibrated answer against none (bench/edge-answers.ts).
+ * `--answers` the calibrated answer against none (bench/edge-answers.ts; `--whole`: both as whole models).
  */
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { loadavg, tmpdir } from "node:os";
