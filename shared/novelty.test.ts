@@ -52,6 +52,11 @@ describe("novelty rule", () => {
     const floor = similarityFloor(heldOut, 0.05);
     expect(heldOut.filter((v) => v < floor)).toHaveLength(5);
     expect(similarityFloor(heldOut, 0)).toBe(-1);
+    // Fewer than 1 / reject images: the floor is the least similar held-out image, which it keeps (nothing
+    // of the labels' own is refused; only what is less like them than all of it).
+    const few = [0.7, 0.4, 0.9, 0.55];
+    expect(similarityFloor(few, 0.05)).toBe(0.4);
+    expect(few.filter((v) => v < similarityFloor(few, 0.05))).toEqual([]);
     expect(similarityFloor([], 0.05)).toBe(-1);
   });
 
