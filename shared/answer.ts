@@ -7,7 +7,11 @@ import type { ArtifactMetadata } from "./contracts/artifact.ts";
  * every label's: shared/novelty.ts). Thresholds are per label, from the version's metadata (computed at
  * training) or one number for every label (`?threshold=`).
  */
-export type Decision = { kind: "label"; index: number } | { kind: "unsure"; index: number } | { kind: "none"; index: number };
+export type Decision =
+  | { kind: "label"; index: number }
+  | { kind: "unsure"; index: number }
+  /** `by`: the rejection class scored highest, or the features fell below the novelty floor. */
+  | { kind: "none"; index: number; by: "class" | "novelty" };
 
 /** An image's similarity to the labels' training images and the version's floor for it (shared/novelty.ts). */
 export interface NoveltyCheck {
@@ -24,7 +28,8 @@ export function decide(
 ): Decision {
   let top = 0;
   for (let i = 1; i < scores.length; i++) if ((scores[i] as number) > (scores[top] as number)) top = i;
-  if (top === noneIndex || (novelty && novelty.similarity < novelty.floor)) return { kind: "none", index: top };
+  if (top === noneIndex) return { kind: "none", index: top, by: "class" };
+  if (novelty && novelty.similarity < novelty.floor) return { kind: "none", index: top, by: "novelty" };
   const threshold = typeof thresholds === "number" ? thresholds : (thresholds[labels[top] as string] ?? 0);
   return (scores[top] as number) >= threshold ? { kind: "label", index: top } : { kind: "unsure", index: top };
 }
@@ -60,6 +65,8 @@ export interface Answer {
   none: boolean;
   /** The threshold the top label was held to (null: none of these). */
   threshold: number | null;
+  /** Why none of these: the rejection class won (`class`) or the image is unlike every label's training images (`novelty`). */
+  noneBy?: "class" | "novelty";
   /** The image's similarity to the nearest label's training images and the floor below which it is none of these (versions with one). */
   similarity?: number;
   similarityFloor?: number;
@@ -84,6 +91,7 @@ export function answer(prediction: Prediction, metadata: Rules, options: { topK:
     unsure: d.kind === "unsure",
     none: d.kind === "none",
     threshold: d.kind === "none" ? null : (options.threshold ?? rules.thresholds[top] ?? 0),
+    ...(d.kind === "none" ? { noneBy: d.by } : {}),
     ...(novelty ? { similarity: round(novelty.similarity), similarityFloor: round(novelty.floor) } : {}),
   };
 }

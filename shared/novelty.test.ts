@@ -1,5 +1,6 @@
 import { describe, expect, it } from "vitest";
-import { decide } from "./answer.ts";
+import { answer, decide } from "./answer.ts";
+import { validMetadata } from "./contracts/fixtures.ts";
 import { ClassMeans, classMeansBytes, readClassMeans, similarity, similarityFloor } from "./novelty.ts";
 
 /** Reference: cosine similarity in float64, the textbook way. */
@@ -67,10 +68,32 @@ describe("novelty rule", () => {
     expect(() => readClassMeans(classMeansBytes(Float32Array.from([Number.NaN, 0, 0, 1])), 2, 2)).toThrow(/not a finite number/);
   });
 
+  it("answer: says which rule made it none of these, and gives the similarity and the floor", () => {
+    const m = {
+      ...validMetadata(),
+      thresholds: { policy: "f1", byLabel: { cat: 0.5, dog: 0.5 } },
+      novelty: { method: "cosine-class-mean", rows: 2, features: 3, floor: 0.3, heldOutRejected: 0.05 } as const,
+    };
+    const scores = Float32Array.of(0.9, 0.1);
+    expect(answer({ scores, similarity: 0.1 }, m, { topK: 2 })).toMatchObject({
+      label: null,
+      none: true,
+      noneBy: "novelty",
+      similarity: 0.1,
+      similarityFloor: 0.3,
+    });
+    const sure = answer({ scores, similarity: 0.8 }, m, { topK: 2 });
+    expect(sure).toMatchObject({ label: "cat", none: false, similarity: 0.8 });
+    expect(sure.noneBy).toBeUndefined();
+    // The rejection class is checked first.
+    const withNone = { ...m, labels: ["_none", "cat", "dog"], noneLabel: "_none" };
+    expect(answer({ scores: Float32Array.of(0.8, 0.1, 0.1), similarity: 0.1 }, withNone, { topK: 2 })).toMatchObject({ none: true, noneBy: "class" });
+  });
+
   it("decide: below the floor is none of these even for a confident label; at or above it the scores decide", () => {
     const labels = ["cat", "dog"];
     const scores = [0.97, 0.03];
-    expect(decide(scores, labels, { cat: 0.5, dog: 0.5 }, undefined, { similarity: 0.2, floor: 0.3 })).toEqual({ kind: "none", index: 0 });
+    expect(decide(scores, labels, { cat: 0.5, dog: 0.5 }, undefined, { similarity: 0.2, floor: 0.3 })).toEqual({ kind: "none", index: 0, by: "novelty" });
     expect(decide(scores, labels, { cat: 0.5, dog: 0.5 }, undefined, { similarity: 0.3, floor: 0.3 })).toEqual({ kind: "label", index: 0 });
     expect(decide(scores, labels, { cat: 0.99, dog: 0.5 }, undefined, { similarity: 0.9, floor: 0.3 })).toEqual({ kind: "unsure", index: 0 });
   });

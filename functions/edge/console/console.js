@@ -434,7 +434,7 @@ function answerLine(body) {
     return el(
       "p",
       { class: "answer", id: "classify-answer" },
-      body.similarity !== undefined && body.similarity < body.similarityFloor
+      body.noneBy === "novelty"
         ? `None of these: the image is unlike every label's training images (similarity ${body.similarity.toFixed(3)}, below ${body.similarityFloor.toFixed(3)}).`
         : "None of these: the image is none of the labels (the model's none-of-these class scored highest).",
     );

@@ -97,6 +97,10 @@ export const classifyRoute = createRoute({
                 "The image is none of the labels: the model's none-of-these class scored highest, or its features are less similar to every label's training images than the version's floor",
               ),
             threshold: z.number().nullable().describe("The threshold the top label was held to (null: none of these)"),
+            noneBy: z
+              .enum(["class", "novelty"])
+              .optional()
+              .describe("With none of these: the none-of-these class won (class), or the image's similarity is below the floor (novelty)"),
             similarity: z
               .number()
               .optional()

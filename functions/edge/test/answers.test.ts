@@ -101,7 +101,8 @@ describe("classify answers", () => {
     expect(answers.filter((a) => a.none).length).toBeGreaterThan(answers.length / 2);
     for (const a of answers) {
       expect(a.predictions.map((p) => p.label).sort()).toEqual(["animals", "food"]);
-      if (a.none) expect(a).toMatchObject({ label: null, unsure: false, threshold: null });
+      if (a.none) expect(a).toMatchObject({ label: null, unsure: false, threshold: null, noneBy: expect.stringMatching(/^(class|novelty)$/) });
+      else expect(a.noneBy).toBeUndefined();
     }
   });
 
@@ -188,7 +189,9 @@ describe("classify answers", () => {
       expect(split.similarity).toBeCloseTo(similarity(features, means), 3);
       expect(whole.similarity).toBeCloseTo(split.similarity as number, 3);
       expect(split.similarityFloor).toBeCloseTo(n.floor, 4);
-      if ((split.similarity as number) < n.floor) expect(split).toMatchObject({ none: true, label: null, unsure: false, threshold: null });
+      // Below the floor: none of these, by the floor unless the none class won anyway (it is checked first).
+      if ((split.similarity as number) < n.floor)
+        expect(split).toMatchObject({ none: true, noneBy: expect.stringMatching(/^(class|novelty)$/), label: null, unsure: false, threshold: null });
       if (split.label !== null) expect(split.similarity).toBeGreaterThanOrEqual(n.floor);
       similarities.push(split.similarity as number);
     }

@@ -19,11 +19,12 @@ describe("answerText", () => {
   });
   it("says why an answer is none of these: the novelty floor or the none-of-these class", () => {
     const none = { predictions, label: null, unsure: false, none: true, threshold: null, similarityFloor: 0.4 };
-    expect(answerText({ ...none, similarity: 0.123 })).toBe(
+    expect(answerText({ ...none, noneBy: "novelty", similarity: 0.123 })).toBe(
       "none of these (unlike every label's training images: similarity 0.123, below 0.400); labels: cat 55.0 %, dog 30.0 %",
     );
-    // Similar enough: it was the class.
-    expect(answerText({ ...none, similarity: 0.6 })).toBe("none of these (the model's none-of-these class won); labels: cat 55.0 %, dog 30.0 %");
+    expect(answerText({ ...none, noneBy: "class", similarity: 0.6 })).toBe(
+      "none of these (the model's none-of-these class won); labels: cat 55.0 %, dog 30.0 %",
+    );
   });
   it("shows only the scores from a worker that predates the answer fields", () => {
     expect(answerText({ predictions })).toBe("cat 55.0 %, dog 30.0 %");

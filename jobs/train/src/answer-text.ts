@@ -17,9 +17,9 @@ export function answerText(a: Partial<Omit<Answer, "predictions">> & Pick<Answer
   return scores;
 }
 
-/** Why an answer is none of these: its features unlike every label's training images (the novelty floor), else the none-of-these class. */
-function noneReason(a: Partial<Pick<Answer, "similarity" | "similarityFloor">>): string {
-  if (a.similarity !== undefined && a.similarityFloor !== undefined && a.similarity < a.similarityFloor)
-    return `unlike every label's training images: similarity ${a.similarity.toFixed(3)}, below ${a.similarityFloor.toFixed(3)}`;
+/** Why an answer is none of these: its features unlike every label's training images (the novelty floor), or the none-of-these class. */
+function noneReason(a: Partial<Pick<Answer, "noneBy" | "similarity" | "similarityFloor">>): string {
+  if (a.noneBy === "novelty")
+    return `unlike every label's training images: similarity ${a.similarity?.toFixed(3) ?? "?"}, below ${a.similarityFloor?.toFixed(3) ?? "its floor"}`;
   return "the model's none-of-these class won";
 }

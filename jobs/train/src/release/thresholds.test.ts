@@ -53,7 +53,7 @@ describe("decide", () => {
   it("answers a label at or above its threshold, unsure below, none when the rejection class wins", () => {
     expect(decide([0.7, 0.2, 0.1], labels, { cat: 0.7, dog: 0.5 }, 2)).toEqual({ kind: "label", index: 0 });
     expect(decide([0.6, 0.3, 0.1], labels, { cat: 0.7, dog: 0.5 }, 2)).toEqual({ kind: "unsure", index: 0 });
-    expect(decide([0.3, 0.2, 0.5], labels, { cat: 0.7, dog: 0.5 }, 2)).toEqual({ kind: "none", index: 2 });
+    expect(decide([0.3, 0.2, 0.5], labels, { cat: 0.7, dog: 0.5 }, 2)).toEqual({ kind: "none", index: 2, by: "class" });
     // One number for every label (the API's ?threshold=) overrides the per-label ones.
     expect(decide([0.6, 0.3, 0.1], labels, 0.5, 2)).toEqual({ kind: "label", index: 0 });
     // Without thresholds (versions trained before them) every answer is a label.
