@@ -1,10 +1,9 @@
 import { DatasetError } from "#shared/errors.ts";
-import { similarityFloor } from "#shared/novelty.ts";
 import { CALIBRATION_FOLDS, type Calibration, calibrate, foldTemperature, withTemperature } from "../fit/calibrate.ts";
 import type { Fitted } from "../fit/fit.ts";
 import type { RunPlan } from "../plan.ts";
 import type { RunContext } from "../run.ts";
-import { type AnsweredMetrics, answeredMetrics, type LabelThreshold, labelThresholds, parseThresholdPolicy, policyText } from "./thresholds.ts";
+import { type AnsweredMetrics, answeredMetrics, type LabelThreshold, labelThresholds, noveltyFloor, parseThresholdPolicy, policyText } from "./thresholds.ts";
 
 /**
  * The stage between fitting and evaluating: what an answer of this version means. The scores are
@@ -56,8 +55,8 @@ export async function answerRules(ctx: RunContext, plan: RunPlan, fitted: Fitted
       // The novelty floor: the similarity below which `noveltyReject` of the labels' held-out images fall.
       const reject = plan.options.noveltyReject;
       const similarities = fitted.novelty.valSimilarity;
+      const floor = reject > 0 ? noveltyFloor(similarities, truth, noneIndex, reject) : undefined;
       const ofLabels = Array.from(similarities).filter((_, i) => truth[i] !== noneIndex);
-      const floor = reject > 0 ? similarityFloor(ofLabels, reject) : undefined;
       const novelty =
         floor === undefined
           ? undefined

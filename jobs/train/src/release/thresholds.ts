@@ -96,6 +96,23 @@ export interface AnsweredMetrics {
 }
 
 /**
+ * The novelty floor (shared/novelty.ts) fitted on `rows` (default: all): the similarity below which `reject`
+ * of those rows' images of the labels fall; the rejection class's images have no say.
+ */
+export function noveltyFloor(
+  similarity: ArrayLike<number>,
+  truth: readonly number[],
+  noneIndex: number | undefined,
+  reject: number,
+  rows: readonly number[] = truth.map((_, i) => i),
+): number {
+  return similarityFloor(
+    rows.filter((i) => truth[i] !== noneIndex).map((i) => similarity[i] as number),
+    reject,
+  );
+}
+
+/**
  * The thresholds' effect, measured honestly: each fold's rows are decided with thresholds computed on
  * the other folds (the same folds as the calibration), so no image is judged by a threshold it set.
  */
@@ -111,13 +128,7 @@ export function answeredMetrics(
 ): AnsweredMetrics {
   const split = stratifiedFolds(truth, k, seed);
   // The novelty floor is fitted like the thresholds: on the other folds' images of the labels.
-  const floorOf = (rows: readonly number[]) =>
-    novelty
-      ? similarityFloor(
-          rows.filter((i) => truth[i] !== noneIndex).map((i) => novelty.similarity[i] as number),
-          novelty.reject,
-        )
-      : undefined;
+  const floorOf = (rows: readonly number[]) => (novelty ? noveltyFloor(novelty.similarity, truth, noneIndex, novelty.reject, rows) : undefined);
   const decisions = crossFitted(
     probs.length,
     split,
