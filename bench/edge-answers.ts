@@ -11,16 +11,15 @@
  */
 import { loadavg } from "node:os";
 import sharp from "sharp";
-import { readPromotedModel, writePointer } from "#shared/artifacts.ts";
-import { SPLIT_FILES, servedFiles } from "#shared/contracts/artifact.ts";
-import { sha256Hex } from "#shared/hash.ts";
-import { keys } from "#shared/keys.ts";
+import { readPromotedModel } from "#shared/artifacts.ts";
+import { type ArtifactMetadata, SPLIT_FILES } from "#shared/contracts/artifact.ts";
 import { CLASS_MEANS_FILE } from "#shared/novelty.ts";
 import { startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
 import { createLogger } from "../jobs/train/src/log.ts";
 import { train } from "../jobs/train/src/train.ts";
+import { publishCopy } from "../test/support/versions.ts";
 import { arg, BENCH_BASE, machine, percentile } from "./common.ts";
 
 const size = Number(arg("size", "160")) as 160;
@@ -41,28 +40,16 @@ if (!trained.metadata.thresholds || !trained.metadata.calibration || !trained.me
  * runs the whole classifier — through a two-output view for the novelty rule), else as split heads.
  */
 const whole = process.argv.includes("--whole");
-type Metadata = typeof trained.metadata;
-/** Publishes `metadata`'s version under `name` with the files it lists (copied from the trained version). */
-async function publish(name: string, metadata: Metadata): Promise<void> {
-  for (const f of metadata.files) {
-    const bytes = trained.files.get(f.path) ?? (await s3.store.get(keys.versionFile("calibrated", metadata.version, f.path)));
-    await s3.store.put(keys.versionFile(name, metadata.version, f.path), bytes as Uint8Array);
-  }
-  const text = `${JSON.stringify({ ...metadata, name }, null, 2)}\n`;
-  await s3.store.put(keys.metadata(name, metadata.version), text, "application/json");
-  await writePointer(s3.store, name, { ...trained.pointer, metadataSha256: await sha256Hex(text), previous: null, served: servedFiles({ ...metadata, name }) });
-}
-const withoutFiles = (m: Metadata, paths: readonly string[]): Metadata => ({ ...m, files: m.files.filter((f) => !paths.includes(f.path)) });
-// The same head as model "plain", its metadata without the answer rules (and without the novelty rule's file).
-const { calibration: _c, thresholds: _t, noneLabel: _n, novelty: _v, ...rules } = trained.metadata;
 const headFiles = Object.values(SPLIT_FILES) as string[];
-const { split: _s, ...calibratedWhole } = trained.metadata;
+type Metadata = Omit<ArtifactMetadata, "files">;
+// "plain": the same weights, its metadata without the answer rules (and without the novelty rule's file).
+const plain = ({ calibration: _c, thresholds: _t, noneLabel: _n, novelty: _v, ...rules }: Metadata): Metadata => rules;
+const wholeOnly = ({ split: _s, ...m }: Metadata): Metadata => m;
 const [A, B] = whole ? (["calibrated-whole", "plain-whole"] as const) : (["calibrated", "plain"] as const);
 if (whole) {
-  await publish(A, withoutFiles(calibratedWhole, headFiles));
-  const { split: _s2, ...plainWhole } = rules;
-  await publish(B, withoutFiles(plainWhole, [...headFiles, CLASS_MEANS_FILE]));
-} else await publish(B, withoutFiles(rules, [CLASS_MEANS_FILE]));
+  await publishCopy(s3.store, "calibrated", A, { edit: wholeOnly, drop: headFiles });
+  await publishCopy(s3.store, "calibrated", B, { edit: (m) => plain(wholeOnly(m)), drop: [...headFiles, CLASS_MEANS_FILE] });
+} else await publishCopy(s3.store, "calibrated", B, { edit: plain, drop: [CLASS_MEANS_FILE] });
 
 const sample = (await sampleDataset({ perLabel: 1, size: 512 }))[0]?.bytes as Uint8Array;
 const jpeg = new Uint8Array(await sharp(sample).resize(size, size, { fit: "cover" }).jpeg({ quality: 90 }).toBuffer());

@@ -2,10 +2,8 @@ import * as tf from "@tensorflow/tfjs";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Answer } from "#shared/answer.ts";
-import { readPromotedModel, writePointer } from "#shared/artifacts.ts";
-import { type ArtifactMetadata, SPLIT_FILES, servedFiles } from "#shared/contracts/artifact.ts";
-import { sha256Hex } from "#shared/hash.ts";
-import { keys } from "#shared/keys.ts";
+import { readPromotedModel } from "#shared/artifacts.ts";
+import { type ArtifactMetadata, SPLIT_FILES } from "#shared/contracts/artifact.ts";
 import { CLASS_MEANS_FILE, POOL_LAYER, readClassMeans, similarity } from "#shared/novelty.ts";
 import { preprocess } from "#shared/preprocess.ts";
 import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-worker.ts";
@@ -16,6 +14,7 @@ import { memoryLogger } from "../../../jobs/train/src/log.ts";
 import { loadModel } from "../../../jobs/train/src/model/io.ts";
 import { listCaptures, writeCaptureConfig } from "../../../jobs/train/src/traffic/traffic.ts";
 import { train } from "../../../jobs/train/src/train.ts";
+import { publishCopy } from "../../../test/support/versions.ts";
 
 /**
  * The classify API's answer fields in real workerd, against a model really trained with a
@@ -33,29 +32,12 @@ beforeAll(async () => {
   await Promise.all(images.map((i) => s3.store.put(`datasets/pets/${folder(i.label)}/${i.file.split("/").pop()}`, i.bytes)));
   await s3.store.put("datasets/pets/manifest.json", JSON.stringify({ noneLabel: "_none" }));
   await train(s3.store, { dataset: "pets", base: "nsfwjs-mobilenet-v2", imageSize: 96, views: 2, head: { epochs: 20 }, promote: "always" }, memoryLogger());
-  const trained = await readPromotedModel(s3.store, "pets");
-  metadata = trained.metadata;
+  metadata = (await readPromotedModel(s3.store, "pets")).metadata;
   // The same version as a whole model only ("pets-whole": its metadata without the split form), so the
   // worker's other path — the whole classifier's pooled features through a view — answers the same images.
-  const { split: _split, ...whole } = { ...metadata, name: "pets-whole" };
-  const headFiles = new Set<string>(Object.values(SPLIT_FILES));
-  const wholeMeta = { ...whole, files: whole.files.filter((f) => !headFiles.has(f.path)) };
-  for (const f of wholeMeta.files) {
-    const bytes = trained.files.get(f.path) ?? (await s3.store.get(keys.versionFile("pets", metadata.version, f.path))); // the reports are not read with the model
-    await s3.store.put(keys.versionFile("pets-whole", metadata.version, f.path), bytes as Uint8Array);
-  }
-  const text = `${JSON.stringify(wholeMeta, null, 2)}\n`;
-  await s3.store.put(keys.metadata("pets-whole", metadata.version), text, "application/json");
-  await writePointer(s3.store, "pets-whole", { ...trained.pointer, metadataSha256: await sha256Hex(text), previous: null, served: servedFiles(wholeMeta) });
+  await publishCopy(s3.store, "pets", "pets-whole", { edit: ({ split: _split, ...m }) => m, drop: Object.values(SPLIT_FILES) });
   // And as a second split head on the same base ("pets-twin"): a request to both shares one pass of the base.
-  const twin = { ...metadata, name: "pets-twin" };
-  for (const f of twin.files) {
-    const bytes = trained.files.get(f.path) ?? (await s3.store.get(keys.versionFile("pets", metadata.version, f.path)));
-    await s3.store.put(keys.versionFile("pets-twin", metadata.version, f.path), bytes as Uint8Array);
-  }
-  const twinText = `${JSON.stringify(twin, null, 2)}\n`;
-  await s3.store.put(keys.metadata("pets-twin", metadata.version), twinText, "application/json");
-  await writePointer(s3.store, "pets-twin", { ...trained.pointer, metadataSha256: await sha256Hex(twinText), previous: null, served: servedFiles(twin) });
+  await publishCopy(s3.store, "pets", "pets-twin");
   edge = await startEdgeWorker({ s3Endpoint: s3.endpoint, bucket: s3.config.bucket, pointerTtlSeconds: 1 });
 });
 afterAll(async () => {
@@ -229,17 +211,8 @@ describe("classify answers", () => {
 
   it("a version whose directions do not fit its features is not served: 503 model_unavailable, the reason in /healthz", async () => {
     const n = metadata.novelty as NonNullable<ArtifactMetadata["novelty"]>;
-    const { files } = await readPromotedModel(s3.store, "pets");
     // A writer's fault: the metadata says one feature more than the head takes (the file then has the wrong size too).
-    const bad = { ...metadata, name: "pets-bad", novelty: { ...n, features: n.features + 1 } };
-    for (const f of bad.files) {
-      const bytes = files.get(f.path) ?? (await s3.store.get(keys.versionFile("pets", metadata.version, f.path)));
-      await s3.store.put(keys.versionFile("pets-bad", metadata.version, f.path), bytes as Uint8Array);
-    }
-    const text = `${JSON.stringify(bad, null, 2)}\n`;
-    await s3.store.put(keys.metadata("pets-bad", metadata.version), text, "application/json");
-    const pointer = (await readPromotedModel(s3.store, "pets")).pointer;
-    await writePointer(s3.store, "pets-bad", { ...pointer, metadataSha256: await sha256Hex(text), previous: null, served: servedFiles(bad) });
+    await publishCopy(s3.store, "pets", "pets-bad", { edit: (m) => ({ ...m, novelty: { ...n, features: n.features + 1 } }) });
     const res = await fetch(`${edge.url}/v1/models/pets-bad/classify`, {
       method: "POST",
       headers: { authorization: `Bearer ${edge.apiKey}`, "content-type": "image/png" },

@@ -1,7 +1,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { readPointer, readPromotedModel, writeArtifact, writePointer } from "#shared/artifacts.ts";
-import { type ModelPointer, type Served, servedFiles } from "#shared/contracts/artifact.ts";
+import { type Served, servedFiles } from "#shared/contracts/artifact.ts";
 import { keys } from "#shared/keys.ts";
 import { preprocess } from "#shared/preprocess.ts";
 import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-worker.ts";
@@ -12,6 +12,7 @@ import { loadModel } from "../../../jobs/train/src/model/io.ts";
 import { train } from "../../../jobs/train/src/train.ts";
 import { uploadSample } from "../../../test/support/datasets.ts";
 import { postClassify } from "../../../test/support/edge.ts";
+import { publishCopy } from "../../../test/support/versions.ts";
 
 /**
  * One base, many models, in real workerd (`wrangler dev`, production config and bundle) against a real
@@ -171,31 +172,12 @@ describe("one base, many models", () => {
     expect((await postClassify(edge, "head-a", img)).status).toBe(200);
   });
 
-  /** head-a's version published again as `name` (its own metadata naming it), pointed at by `pointer` (`served` from `serve`). */
-  async function republish(
+  /** head-a's version published again as `name` (its own metadata naming it), its pointer's `served` from `serve`. */
+  const republish = (
     name: string,
     serve: (metadata: Awaited<ReturnType<typeof readPromotedModel>>["metadata"]) => Served | undefined,
     change: Partial<Awaited<ReturnType<typeof readPromotedModel>>["metadata"]> = {},
-  ) {
-    const a = await readPromotedModel(s3.store, "head-a");
-    const { files: _files, ...metadata } = a.metadata;
-    const written = await writeArtifact(
-      s3.store,
-      { ...metadata, ...change, name },
-      [...a.files.entries()].map(([path, bytes]) => ({ path, bytes })),
-    );
-    const served = serve(written.metadata);
-    const pointer: Omit<ModelPointer, "schemaVersion"> = {
-      version: a.metadata.version,
-      metadataSha256: written.metadataSha256,
-      promotedAt: new Date().toISOString(),
-      previous: null,
-      reason: "test",
-      ...(served ? { served } : {}),
-    };
-    await writePointer(s3.store, name, pointer);
-    return written.metadata;
-  }
+  ) => publishCopy(s3.store, "head-a", name, { edit: (m) => ({ ...m, ...change }), serve });
   const problemOf = async (name: string) => (await health(edge)).models.find((m) => m.name === name) as { problem: string | null } | undefined;
 
   it("serves a pointer that lists the files to fetch beside the metadata, and one written before pointers did", async () => {
