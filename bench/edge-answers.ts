@@ -17,19 +17,15 @@ import { CLASS_MEANS_FILE } from "#shared/novelty.ts";
 import { startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
-import { createLogger } from "../jobs/train/src/log.ts";
-import { train } from "../jobs/train/src/train.ts";
 import { publishCopy } from "../test/support/versions.ts";
 import { arg, BENCH_BASE, machine, percentile } from "./common.ts";
+import { trainSampleModel } from "./sample-model.ts";
 
 const size = Number(arg("size", "160")) as 160;
 const base = arg("base", BENCH_BASE) as string;
 const requests = Number(arg("requests", "300"));
 const s3 = await startLocalS3();
-const log = createLogger({ json: true, quiet: true, stream: { write: () => true } as unknown as NodeJS.WriteStream });
-for (const i of await sampleDataset({ perLabel: 12, size: 128 })) await s3.store.put(`datasets/bench/${i.file}`, i.bytes);
-await s3.store.put("datasets/bench/manifest.json", "{}");
-await train(s3.store, { dataset: "bench", model: "calibrated", base, imageSize: size, views: 1, head: { epochs: 5 }, promote: "always" }, log);
+await trainSampleModel(s3.store, { base, imageSize: size, model: "calibrated" });
 const trained = await readPromotedModel(s3.store, "calibrated");
 if (!trained.metadata.split) throw new Error("the trained model has no split form: nothing to benchmark");
 if (!trained.metadata.thresholds || !trained.metadata.calibration || !trained.metadata.novelty)

@@ -17,10 +17,9 @@ import sharp from "sharp";
 import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
-import { createLogger } from "../jobs/train/src/log.ts";
 import { writeCaptureConfig } from "../jobs/train/src/traffic/traffic.ts";
-import { train } from "../jobs/train/src/train.ts";
 import { arg, BENCH_BASE, hasShared, machine, percentile, SHARED } from "./common.ts";
+import { trainSampleModel } from "./sample-model.ts";
 
 if (process.argv.includes("--many")) {
   await import("./edge-many.ts");
@@ -35,10 +34,7 @@ const coldRuns = Number(arg("cold", "5"));
 const base = arg("base", BENCH_BASE) as string;
 const requests = Number(arg("requests", "200"));
 const s3 = await startLocalS3();
-const log = createLogger({ json: true, quiet: true, stream: { write: () => true } as unknown as NodeJS.WriteStream });
-for (const i of await sampleDataset({ perLabel: 12, size: 128 })) await s3.store.put(`datasets/bench/${i.file}`, i.bytes);
-await s3.store.put("datasets/bench/manifest.json", "{}");
-await train(s3.store, { dataset: "bench", base, imageSize: size, views: 1, head: { epochs: 5 }, promote: "always" }, log);
+await trainSampleModel(s3.store, { base, imageSize: size });
 
 // A real photo at the model's size, as a client that resizes before upload would send it.
 const photo = hasShared("photos", "tfjs-models", "mobilenet_demo_coffee.jpg")

@@ -16,19 +16,15 @@ import sharp from "sharp";
 import { type EdgeWorker, startEdgeWorker } from "../infra/local/edge-worker.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
 import { sampleDataset } from "../jobs/train/src/dataset/sample.ts";
-import { createLogger } from "../jobs/train/src/log.ts";
-import { train } from "../jobs/train/src/train.ts";
 import { arg, BENCH_BASE, hasShared, machine, SHARED } from "./common.ts";
+import { trainSampleModel } from "./sample-model.ts";
 
 const size = Number(arg("size", "224")) as 224;
 const base = arg("base", BENCH_BASE) as string;
 const limits = (arg("pixels", "1000000,2100000,8000000") as string).split(",").map(Number);
 const burst = 50;
 const s3 = await startLocalS3();
-const log = createLogger({ json: true, quiet: true, stream: { write: () => true } as unknown as NodeJS.WriteStream });
-for (const i of await sampleDataset({ perLabel: 12, size: 128 })) await s3.store.put(`datasets/bench/${i.file}`, i.bytes);
-await s3.store.put("datasets/bench/manifest.json", "{}");
-await train(s3.store, { dataset: "bench", base, imageSize: size, views: 1, head: { epochs: 5 }, promote: "always" }, log);
+await trainSampleModel(s3.store, { base, imageSize: size });
 
 const photoPath = join(SHARED, "photos", "tfjs-models", "mobilenet_demo_coffee.jpg");
 const photo = hasShared("photos", "tfjs-models", "mobilenet_demo_coffee.jpg")
