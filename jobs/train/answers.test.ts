@@ -13,6 +13,7 @@ import { readDataset } from "./src/dataset/read.ts";
 import { sampleDataset } from "./src/dataset/sample.ts";
 import { fitTemperature } from "./src/fit/calibrate.ts";
 import { memoryLogger } from "./src/log.ts";
+import { withPooledFeatures } from "./src/model/io.ts";
 import { train } from "./src/train.ts";
 
 /**
@@ -36,10 +37,7 @@ async function heldOutScores(name: string, version: string): Promise<{ probs: Fl
   const { metadata } = await readPromotedModel(s3.store, name);
   const url = `${s3.endpoint}/${s3.config.bucket}/${keys.versionFile(name, version, "model.json")}`;
   const model = await tf.loadLayersModel(tf.io.http(url, { fetchFunc: fetch }));
-  const probe = tf.model({
-    inputs: model.inputs,
-    outputs: [model.getLayer("edgetune_pool").output as tf.SymbolicTensor, model.outputs[0] as tf.SymbolicTensor],
-  });
+  const probe = withPooledFeatures(model);
   const means = metadata.novelty
     ? readClassMeans((await s3.store.get(keys.versionFile(name, version, CLASS_MEANS_FILE))) as Uint8Array, metadata.novelty.rows, metadata.novelty.features)
     : undefined;
@@ -150,10 +148,7 @@ describe("answers a client can act on", () => {
       metadata.novelty?.rows as number,
       metadata.novelty?.features as number,
     );
-    const probe = tf.model({
-      inputs: model.inputs,
-      outputs: [model.getLayer("edgetune_pool").output as tf.SymbolicTensor, model.outputs[0] as tf.SymbolicTensor],
-    });
+    const probe = withPooledFeatures(model);
     let rejected = 0;
     for (const img of images.filter((i) => i.label === "travel")) {
       const input = preprocess(await decodeImage(img.bytes), 96, metadata.preprocessing);

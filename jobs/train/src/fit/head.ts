@@ -1,4 +1,5 @@
 import * as tf from "@tensorflow/tfjs";
+import { POOL_LAYER } from "#shared/novelty.ts";
 import { mulberry32 } from "../dataset/augment.ts";
 import type { RowSource } from "./rows.ts";
 
@@ -22,7 +23,8 @@ export interface HeadConfig {
 export const DEFAULT_HEAD: HeadConfig = { units: 0, dropout: 0.2, learningRate: 1e-3, epochs: 30, batchSize: 32, l2: 1e-4, seed: 42 };
 
 export const LAYER_NAMES = {
-  pool: "edgetune_pool",
+  /** The pooled features' layer: the name the edge's novelty rule reads them by (shared/novelty.ts). */
+  pool: POOL_LAYER,
   dropout: "edgetune_dropout",
   hidden: "edgetune_hidden",
   hiddenDropout: "edgetune_hidden_dropout",

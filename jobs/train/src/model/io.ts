@@ -1,4 +1,5 @@
 import * as tf from "@tensorflow/tfjs";
+import { POOL_LAYER } from "#shared/novelty.ts";
 import { foldBatchNorm } from "./fold.ts";
 import { encodeWeights, type SavedModel, saveToMemory, type WeightDtype } from "./weights.ts";
 
@@ -44,6 +45,14 @@ export function savedToFiles(saved: SavedModel, dtype: WeightDtype, keepFloat32?
     weightsManifest: [{ paths: [shard], weights: specs }],
   };
   return { modelJson: new TextEncoder().encode(JSON.stringify(json)), weights: new Uint8Array(data) };
+}
+
+/**
+ * A view of an exported classifier that gives its pooled features (the `edgetune_pool` layer, what the
+ * novelty rule reads) beside its scores, in one pass; it shares the model's weights (dispose the model only).
+ */
+export function withPooledFeatures(model: tf.LayersModel): tf.LayersModel {
+  return tf.model({ inputs: model.inputs, outputs: [model.getLayer(POOL_LAYER).output as tf.SymbolicTensor, model.outputs[0] as tf.SymbolicTensor] });
 }
 
 /**

@@ -4,9 +4,8 @@ import { similarity } from "#shared/novelty.ts";
 import { preprocess } from "#shared/preprocess.ts";
 import { decodeImage } from "../dataset/decode.ts";
 import type { Fitted } from "../fit/fit.ts";
-import { LAYER_NAMES } from "../fit/head.ts";
 import type { Exported } from "../model/export.ts";
-import { loadModel, WEIGHTS_FILE } from "../model/io.ts";
+import { loadModel, WEIGHTS_FILE, withPooledFeatures } from "../model/io.ts";
 import type { RunPlan } from "../plan.ts";
 import type { RunContext } from "../run.ts";
 import type { Answers } from "./answers.ts";
@@ -55,10 +54,7 @@ export async function evaluateOod(ctx: RunContext, plan: RunPlan, exported: Expo
       const size = plan.options.imageSize;
       const model = await loadModel(exported.files.modelJson, new Map([[WEIGHTS_FILE, exported.files.weights]]));
       // The pooled features beside the scores, as the edge reads them for the novelty rule.
-      const probe = tf.model({
-        inputs: model.inputs,
-        outputs: [model.getLayer(LAYER_NAMES.pool).output as tf.SymbolicTensor, model.outputs[0] as tf.SymbolicTensor],
-      });
+      const probe = withPooledFeatures(model);
       const novelty = answers.novelty;
       const scores: Float32Array[] = [];
       const similarities: number[] = [];
