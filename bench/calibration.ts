@@ -25,7 +25,7 @@ import sharp from "sharp";
 import { answer } from "#shared/answer.ts";
 import { readPromotedModel } from "#shared/artifacts.ts";
 import type { ArtifactMetadata } from "#shared/contracts/artifact.ts";
-import { CLASS_MEANS_FILE, readClassMeans, similarity } from "#shared/novelty.ts";
+import { similarity, versionClassMeans } from "#shared/novelty.ts";
 import { preprocess } from "#shared/preprocess.ts";
 import type { ObjectStore } from "#shared/s3/store.ts";
 import { startLocalS3 } from "../infra/local/s3-server.ts";
@@ -153,8 +153,7 @@ async function measure(
 ): Promise<Measured> {
   const { metadata, files } = await readPromotedModel(store, name);
   const model = await loadModel(files.get("model.json") as Uint8Array, files);
-  const meansFile = files.get(CLASS_MEANS_FILE);
-  const means = metadata.novelty && meansFile ? readClassMeans(meansFile, metadata.novelty.rows, metadata.novelty.features) : undefined;
+  const means = versionClassMeans(metadata, files);
   const d = await readDataset(store, name, { seed: 42, valFraction: 0.2 });
   const heldOut = sample(
     d.images.filter((i) => i.split === "val" && i.label !== NONE),

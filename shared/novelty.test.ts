@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { answer, decide } from "./answer.ts";
 import { validMetadata } from "./contracts/fixtures.ts";
-import { ClassMeans, classMeansBytes, readClassMeans, similarity, similarityFloor } from "./novelty.ts";
+import { ClassMeans, classMeansBytes, readClassMeans, similarity, similarityFloor, versionClassMeans } from "./novelty.ts";
 
 /** Reference: cosine similarity in float64, the textbook way. */
 const cosine = (a: number[], b: number[]) => {
@@ -66,6 +66,11 @@ describe("novelty rule", () => {
     expect(Array.from(readClassMeans(classMeansBytes(means), 2, 2))).toEqual(Array.from(means));
     expect(() => readClassMeans(classMeansBytes(means), 2, 3)).toThrow(/16 bytes, not the 2 × 3 float32/);
     expect(() => readClassMeans(classMeansBytes(Float32Array.from([Number.NaN, 0, 0, 1])), 2, 2)).toThrow(/not a finite number/);
+    // From a version's files: nothing without a floor; a floor without its file is refused, not ignored.
+    const novelty = { rows: 2, features: 2 };
+    expect(versionClassMeans({}, new Map())).toBeUndefined();
+    expect(Array.from(versionClassMeans({ novelty }, new Map([["class-means.bin", classMeansBytes(means)]])) ?? [])).toEqual(Array.from(means));
+    expect(() => versionClassMeans({ novelty }, new Map())).toThrow(/no class-means.bin/);
   });
 
   it("answer: says which rule made it none of these, and gives the similarity and the floor", () => {

@@ -107,6 +107,21 @@ export function readClassMeans(bytes: Uint8Array, rows: number, features: number
   return out;
 }
 
+/**
+ * A version's directions from its files (as read and verified against its metadata), checked against what
+ * its metadata says; undefined for a version without a novelty floor.
+ */
+export function versionClassMeans(
+  metadata: { novelty?: { rows: number; features: number } | undefined },
+  files: ReadonlyMap<string, Uint8Array>,
+): Float32Array | undefined {
+  const n = metadata.novelty;
+  if (!n) return undefined;
+  const bytes = files.get(CLASS_MEANS_FILE);
+  if (!bytes) throw new Error(`the version has a novelty floor but no ${CLASS_MEANS_FILE}`);
+  return readClassMeans(bytes, n.rows, n.features);
+}
+
 /** The similarity below which the share `reject` of `heldOut` falls (the in-distribution images' own similarities). */
 export function similarityFloor(heldOut: readonly number[], reject: number): number {
   if (heldOut.length === 0 || reject <= 0) return -1;

@@ -4,7 +4,7 @@ import { answer } from "#shared/answer.ts";
 import { readPromotedModel } from "#shared/artifacts.ts";
 import { DatasetError } from "#shared/errors.ts";
 import { keys } from "#shared/keys.ts";
-import { CLASS_MEANS_FILE, readClassMeans, similarity, similarityFloor } from "#shared/novelty.ts";
+import { CLASS_MEANS_FILE, similarity, similarityFloor, versionClassMeans } from "#shared/novelty.ts";
 import { preprocess } from "#shared/preprocess.ts";
 import { type LocalS3, startLocalS3 } from "../../infra/local/s3-server.ts";
 import { uploadSample } from "../../test/support/datasets.ts";
@@ -34,13 +34,11 @@ const quick = { imageSize: 96, views: 1, head: { epochs: 6, learningRate: 1e-3 }
 
 /** The stored version's held-out answers as a client computes them: the stock loader, its pooled features, the listed class-means file. */
 async function heldOutScores(name: string, version: string): Promise<{ probs: Float32Array[]; truth: number[]; similarities: number[] }> {
-  const { metadata } = await readPromotedModel(s3.store, name);
+  const { metadata, files } = await readPromotedModel(s3.store, name);
   const url = `${s3.endpoint}/${s3.config.bucket}/${keys.versionFile(name, version, "model.json")}`;
   const model = await tf.loadLayersModel(tf.io.http(url, { fetchFunc: fetch }));
   const probe = withPooledFeatures(model);
-  const means = metadata.novelty
-    ? readClassMeans((await s3.store.get(keys.versionFile(name, version, CLASS_MEANS_FILE))) as Uint8Array, metadata.novelty.rows, metadata.novelty.features)
-    : undefined;
+  const means = versionClassMeans(metadata, files);
   const d = await readDataset(s3.store, name, { seed: 42, valFraction: 0.2 });
   const probs: Float32Array[] = [];
   const truth: number[] = [];
@@ -135,7 +133,7 @@ describe("answers a client can act on", () => {
     await s3.store.put("datasets/withood/_ood/broken.jpg", new TextEncoder().encode("not an image"));
     await s3.store.put("datasets/withood/manifest.json", JSON.stringify({ oodFolder: "_ood" }));
     const result = await train(s3.store, { dataset: "withood", ...quick, promote: "always" }, memoryLogger());
-    const { metadata } = await readPromotedModel(s3.store, "withood");
+    const { metadata, files } = await readPromotedModel(s3.store, "withood");
     expect(metadata.labels).toEqual(["animals", "food"]);
     const ood = result.report?.ood;
     expect(ood).toMatchObject({ folder: "_ood", images: 8, undecodable: 1, heldOut: result.report?.metrics.evaluatedOn });
@@ -143,11 +141,7 @@ describe("answers a client can act on", () => {
     const url = `${s3.endpoint}/${s3.config.bucket}/${keys.versionFile("withood", result.version, "model.json")}`;
     const model = await tf.loadLayersModel(tf.io.http(url, { fetchFunc: fetch }));
     // The novelty rule's directions as a worker reads them: the listed file.
-    const means = readClassMeans(
-      (await s3.store.get(keys.versionFile("withood", result.version, CLASS_MEANS_FILE))) as Uint8Array,
-      metadata.novelty?.rows as number,
-      metadata.novelty?.features as number,
-    );
+    const means = versionClassMeans(metadata, files) as Float32Array;
     const probe = withPooledFeatures(model);
     let rejected = 0;
     for (const img of images.filter((i) => i.label === "travel")) {

@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Answer } from "#shared/answer.ts";
 import { readPromotedModel } from "#shared/artifacts.ts";
 import { type ArtifactMetadata, SPLIT_FILES } from "#shared/contracts/artifact.ts";
-import { CLASS_MEANS_FILE, POOL_LAYER, readClassMeans, similarity } from "#shared/novelty.ts";
+import { POOL_LAYER, similarity, versionClassMeans } from "#shared/novelty.ts";
 import { preprocess } from "#shared/preprocess.ts";
 import { type EdgeWorker, startEdgeWorker } from "../../../infra/local/edge-worker.ts";
 import { type LocalS3, startLocalS3 } from "../../../infra/local/s3-server.ts";
@@ -145,7 +145,7 @@ describe("classify answers", () => {
     const { files } = await readPromotedModel(s3.store, "pets");
     const model = await loadModel(files.get("model.json") as Uint8Array, files);
     const probe = tf.model({ inputs: model.inputs, outputs: model.getLayer(POOL_LAYER).output as tf.SymbolicTensor });
-    const means = readClassMeans(files.get(CLASS_MEANS_FILE) as Uint8Array, n.rows, n.features);
+    const means = versionClassMeans(metadata, files) as Float32Array;
     // Images of the labels, negatives, and two that are nothing the model knows: flat grey and noise.
     const grey = new Uint8Array(
       await sharp({ create: { width: 96, height: 96, channels: 3, background: "#808080" } })

@@ -16,7 +16,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { readPointer } from "#shared/artifacts.ts";
 import { ARTIFACT_FILES } from "#shared/contracts/artifact.ts";
 import { sha256Hex } from "#shared/hash.ts";
-import { CLASS_MEANS_FILE, POOL_LAYER, readClassMeans, similarity } from "#shared/novelty.ts";
+import { POOL_LAYER, similarity, versionClassMeans } from "#shared/novelty.ts";
 import { type Pixels, preprocess } from "#shared/preprocess.ts";
 import { startEdgeWorker } from "../../../../infra/local/edge-worker.ts";
 import { jobEnvironment } from "../../../../infra/local/job-env.ts";
@@ -138,7 +138,7 @@ describe("edgetune export --format onnx", () => {
     expect(JSON.parse(props.novelty as string)).toMatchObject({ output: ONNX_SIMILARITY, floor: n.floor });
     const model = await served();
     const probe = tf.model({ inputs: model.inputs, outputs: model.getLayer(POOL_LAYER).output as tf.SymbolicTensor });
-    const means = readClassMeans(version.files.get(CLASS_MEANS_FILE) as Uint8Array, n.rows, n.features);
+    const means = versionClassMeans(version.metadata, version.files) as Float32Array;
     const session = await nodeSession();
     let maxDelta = 0;
     for (const image of images) {

@@ -3,7 +3,7 @@ import { join } from "node:path";
 import { readMetadata, readPointer, readVerifiedFile } from "#shared/artifacts.ts";
 import { ARTIFACT_FILES, type ArtifactMetadata } from "#shared/contracts/artifact.ts";
 import { EdgetuneError, NotFoundError } from "#shared/errors.ts";
-import { CLASS_MEANS_FILE, readClassMeans } from "#shared/novelty.ts";
+import { CLASS_MEANS_FILE, versionClassMeans } from "#shared/novelty.ts";
 import type { ObjectReader } from "#shared/s3/store.ts";
 import { loadModel } from "../model/io.ts";
 import { OPSET, UnsupportedLayerError } from "../model/onnx.ts";
@@ -55,9 +55,9 @@ export async function readVersion(store: ObjectReader, name: string, version?: s
 export async function onnxOf(version: VersionFiles): Promise<Uint8Array> {
   const model = await loadModel(version.files.get(ARTIFACT_FILES.model) as Uint8Array, version.files);
   try {
-    const n = version.metadata.novelty;
-    const bytes = version.files.get(CLASS_MEANS_FILE);
-    return classifierToOnnx(model, version.metadata, n && bytes ? readClassMeans(bytes, n.rows, n.features) : undefined);
+    // Without its file (only a hand-made version lacks it: readVersion verifies every listed file) the export has no similarity output.
+    const means = version.files.has(CLASS_MEANS_FILE) ? versionClassMeans(version.metadata, version.files) : undefined;
+    return classifierToOnnx(model, version.metadata, means);
   } catch (e) {
     if (e instanceof UnsupportedLayerError) throw new ExportUnsupportedError(version.metadata.name, version.metadata.version, e);
     throw e;
